@@ -1,0 +1,38 @@
+//! vlmatch's core: the traits every plugin implements, the batch and output
+//! types that flow between them, and the error type.
+//!
+//! The five plugin traits mirror the roles of VL-Match (`shared/method.md`):
+//!
+//! | trait | role in VL-Match |
+//! |---|---|
+//! | [`Encoder`] | the image encoder `E_v`, the text encoder `E_t`, the multimodal (fusion) encoder `E_m` |
+//! | [`Generator`] | the MLM head: corrupts text for VL-RTD, fills masks for NegGen, predicts masked tokens for MLM |
+//! | [`Discriminator`] | per-token (RTD) and per-pair (ITM) matching heads on fused states |
+//! | [`NegativeSampler`] | negatives for a batch: in-batch hard negatives, generated captions |
+//! | [`Objective`] | turns a batch and the model's outputs into named losses |
+//!
+//! `core` knows nothing of plugins, configuration files, the file system or
+//! dynamic loading: those live in `vlmatch-registry` and the `vlmatch` crate.
+
+mod batch;
+mod error;
+mod forward;
+mod traits;
+
+pub use batch::{Batch, Encoded, TextBatch};
+pub use error::{Error, Result};
+pub use forward::{ContrastiveHead, Forward, Similarity, VlModel};
+pub use traits::{
+    Discriminator, Encoder, EncoderInput, FillOptions, Generator, Modality, NegativeSampler,
+    Negatives, Objective, ObjectiveOutput, SamplerInput,
+};
+
+/// Special token ids of the text vocabulary, needed by masking and sampling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpecialTokens {
+    pub pad: i64,
+    pub unk: i64,
+    pub cls: i64,
+    pub sep: i64,
+    pub mask: i64,
+}

@@ -1,0 +1,166 @@
+//! The plugin traits. Each documents its contract: inputs and outputs with
+//! their shapes, what `train` changes, and where tensors live.
+//!
+//! Device: every plugin builds its parameters under the `tch::nn::Path` it is
+//! given, so they live on that path's device; inputs arrive on the same device
+//! and outputs stay there. Plugins never move tensors between devices.
+
+use crate::{Encoded, Forward, Result, TextBatch};
+use tch::Tensor;
+
+/// What an [`Encoder`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Modality {
+    /// Pixels to patch tokens: the image encoder `E_v`.
+    Image,
+    /// Token ids to token states, reading the text alone: `E_t`.
+    Text,
+    /// Text states attending to image states: the fusion encoder `E_m`.
+    Multimodal,
+}
+
+/// The input of an [`Encoder`], one variant per [`Modality`].
+#[derive(Debug, Clone, Copy)]
+pub enum EncoderInput<'a> {
+    /// `[B, 3, H, W]` f32 normalised pixels.
+    Image(&'a Tensor),
+    Text(&'a TextBatch),
+    /// Text states (`[B, L, Dt]`, their mask) and image states (`[B, N, Dv]`).
+    Fused {
+        text: &'a Encoded,
+        image: &'a Encoded,
+    },
+}
+
+/// An encoder: image (`E_v`), text (`E_t`) or multimodal fusion (`E_m`).
+///
+/// Output: [`Encoded`] with `hidden` `[B, N, hidden_size()]`, position 0 the
+/// sequence's `[CLS]` state. For `Text` and `Multimodal` encoders `N` is the
+/// text length and the mask is the text mask; for `Image` encoders the mask
+/// is all ones. `train = true` enables dropout; gradients flow unless the
+/// caller runs under `tch::no_grad`.
+pub trait Encoder {
+    fn modality(&self) -> Modality;
+    /// Width `D` of the states this encoder returns.
+    fn hidden_size(&self) -> i64;
+    /// An input of the wrong [`Modality`] is an [`crate::Error::Plugin`].
+    fn forward_t(&self, input: EncoderInput<'_>, train: bool) -> Result<Encoded>;
+    /// Text encoders: the word-embedding matrix `[V, D]`, which MLM heads tie
+    /// their decoder to. `None` for other encoders.
+    fn word_embeddings(&self) -> Option<Tensor> {
+        None
+    }
+}
+
+/// Options for [`Generator::fill`].
+#[derive(Debug, Clone, Copy)]
+pub struct FillOptions {
+    /// Softmax temperature; 1.0 samples from the model's distribution.
+    pub temperature: f64,
+    /// Never put back the token that was there before masking (NegGen).
+    pub forbid_original: bool,
+}
+
+impl Default for FillOptions {
+    fn default() -> Self {
+        FillOptions {
+            temperature: 1.0,
+            forbid_original: false,
+        }
+    }
+}
+
+/// A masked-language-model generator: an MLM head over token states.
+///
+/// Used by MLM (predict masked tokens from fused states), VL-RTD (corrupt
+/// text by sampling, reading the text alone) and NegGen (refill masked nouns
+/// and adjectives).
+pub trait Generator {
+    /// Vocabulary logits `[B, L, V]` for token states `[B, L, D]`.
+    fn logits(&self, states: &Encoded, train: bool) -> Result<Tensor>;
+
+    /// Sample replacements at `positions` (`[B, L]` bool) from `logits`
+    /// (`[B, L, V]`), without gradient. Returns new ids `[B, L]`: `original`
+    /// where `positions` is false. Draws from libtorch's global generator.
+    fn fill(
+        &self,
+        logits: &Tensor,
+        original: &Tensor,
+        positions: &Tensor,
+        opts: FillOptions,
+    ) -> Result<Tensor> {
+        tch::no_grad(|| {
+            let (b, l, v) = logits.size3()?;
+            let mut scaled = logits.to_kind(tch::Kind::Float) / opts.temperature.max(1e-6);
+            if opts.forbid_original {
+                let onehot = original.one_hot(v).to_kind(tch::Kind::Bool);
+                scaled = scaled.masked_fill(&onehot, f64::NEG_INFINITY);
+            }
+            let probs = scaled.softmax(-1, tch::Kind::Float).view([b * l, v]);
+            let drawn = probs.multinomial(1, true).view([b, l]);
+            Ok(original.where_self(&positions.logical_not(), &drawn))
+        })
+    }
+}
+
+/// Matching heads on fused states.
+pub trait Discriminator {
+    /// Per-token logits `[B, L]` that each text token was replaced (VL-RTD):
+    /// sigmoid gives the probability that the token does not match.
+    fn token_logits(&self, fused: &Encoded) -> Result<Tensor>;
+    /// Pair logits `[B, 2]` from the fused `[CLS]` (ITM): index 1 is "match".
+    fn pair_logits(&self, fused: &Encoded) -> Result<Tensor>;
+}
+
+/// What a [`NegativeSampler`] sees: the batch, the forward cache (image and
+/// text states, ITC similarities) and the training step.
+pub struct SamplerInput<'a, 'b> {
+    pub forward: &'a Forward<'b>,
+    pub step: i64,
+}
+
+/// Negatives for a batch of `B` positive pairs.
+#[derive(Debug)]
+pub enum Negatives {
+    /// Negatives drawn from the batch itself: for each image `i` the index of
+    /// a text `text_for_image[i]`, and for each text `j` the index of an image
+    /// `image_for_text[j]` (both `[B]` i64); never a pair with equal image
+    /// ids. -1 where the batch holds no negative for that row.
+    InBatch {
+        text_for_image: Tensor,
+        image_for_text: Tensor,
+    },
+    /// New texts `[K, L]`, each paired with the batch image
+    /// `image_index[k]` (`[K]` i64). `K` may be 0.
+    Texts {
+        image_index: Tensor,
+        text: TextBatch,
+    },
+}
+
+/// Yields negatives for a batch.
+///
+/// Sampling never back-propagates: implementations run under `no_grad`.
+/// Randomness comes from libtorch's global generator, which the trainer seeds
+/// per step, so sampling is reproducible.
+pub trait NegativeSampler {
+    fn sample(&self, input: &SamplerInput<'_, '_>) -> Result<Negatives>;
+}
+
+/// Named losses (scalar tensors carrying gradient, unweighted) and named
+/// metrics (scalar tensors, detached) of one objective on one batch.
+#[derive(Debug, Default)]
+pub struct ObjectiveOutput {
+    pub losses: Vec<(String, Tensor)>,
+    pub metrics: Vec<(String, Tensor)>,
+}
+
+/// A training objective: a batch and the model's outputs in, named losses out.
+///
+/// Objectives read the model through the [`Forward`] cache so that encoders
+/// shared between objectives run once per batch. The trainer weights each
+/// loss by its config weight and sums them; loss names appear as keys in
+/// `metrics.jsonl`, so they must be unique across objectives.
+pub trait Objective {
+    fn forward(&self, forward: &Forward<'_>, step: i64) -> Result<ObjectiveOutput>;
+}

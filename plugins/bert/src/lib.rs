@@ -1,0 +1,180 @@
+//! BERT text encoder (Devlin et al., NAACL 2019), laid out as HuggingFace
+//! `transformers`' `BertModel` (embeddings, post-LN layers), parameter names
+//! included, so its checkpoints load by name. In ALBEF's split this is `E_t`:
+//! the lower layers, reading the text alone.
+//!
+//! Registered as encoder `bert`. The vocabulary size comes from the
+//! tokenizer, the maximum length from `data.max_len`.
+
+use serde::Deserialize;
+use std::rc::Rc;
+use tch::{nn, Kind, Tensor};
+use vlmatch_core::{Encoded, Encoder, EncoderInput, Error, Modality, Result};
+use vlmatch_layers::{BertLayer, BertLayerConfig, LayerNorm};
+use vlmatch_registry::BuildContext;
+
+vlmatch_registry::register!(encoder "bert" => build);
+
+/// Keys of `[model.text]` for `plugin = "bert"`; names follow HuggingFace
+/// `BertConfig`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BertConfig {
+    pub hidden_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub intermediate_size: i64,
+    #[serde(default)]
+    pub hidden_dropout_prob: f64,
+    #[serde(default)]
+    pub attention_probs_dropout_prob: f64,
+    #[serde(default = "eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "max_pos")]
+    pub max_position_embeddings: i64,
+    #[serde(default = "type_vocab")]
+    pub type_vocab_size: i64,
+}
+
+fn eps() -> f64 {
+    1e-12
+}
+fn max_pos() -> i64 {
+    512
+}
+fn type_vocab() -> i64 {
+    2
+}
+
+/// The BERT encoder.
+pub struct Bert {
+    cfg: BertConfig,
+    word_embeddings: Tensor,
+    position_embeddings: Tensor,
+    token_type_embeddings: Tensor,
+    embeddings_ln: LayerNorm,
+    layers: Vec<BertLayer>,
+}
+
+impl Bert {
+    pub fn new(
+        p: &nn::Path,
+        cfg: &BertConfig,
+        vocab_size: i64,
+        max_len: i64,
+        compute: Kind,
+    ) -> Result<Self> {
+        if cfg.hidden_size % cfg.num_attention_heads != 0 {
+            return Err(Error::plugin(
+                "bert",
+                format!(
+                    "hidden_size {} is not divisible by num_attention_heads {}",
+                    cfg.hidden_size, cfg.num_attention_heads
+                ),
+            ));
+        }
+        if max_len > cfg.max_position_embeddings {
+            return Err(Error::plugin(
+                "bert",
+                format!(
+                    "data.max_len {max_len} exceeds max_position_embeddings {}",
+                    cfg.max_position_embeddings
+                ),
+            ));
+        }
+        let h = cfg.hidden_size;
+        let emb = p / "embeddings";
+        let layer_cfg = BertLayerConfig {
+            hidden: h,
+            heads: cfg.num_attention_heads,
+            intermediate: cfg.intermediate_size,
+            hidden_dropout: cfg.hidden_dropout_prob,
+            attention_dropout: cfg.attention_probs_dropout_prob,
+            layer_norm_eps: cfg.layer_norm_eps,
+            cross_width: None,
+            compute,
+        };
+        Ok(Bert {
+            cfg: cfg.clone(),
+            word_embeddings: (&emb / "word_embeddings").var(
+                "weight",
+                &[vocab_size, h],
+                vlmatch_layers::hf_init(),
+            ),
+            position_embeddings: (&emb / "position_embeddings").var(
+                "weight",
+                &[cfg.max_position_embeddings, h],
+                vlmatch_layers::hf_init(),
+            ),
+            token_type_embeddings: (&emb / "token_type_embeddings").var(
+                "weight",
+                &[cfg.type_vocab_size, h],
+                vlmatch_layers::hf_init(),
+            ),
+            embeddings_ln: LayerNorm::new(&(&emb / "LayerNorm"), h, cfg.layer_norm_eps),
+            layers: (0..cfg.num_hidden_layers)
+                .map(|i| BertLayer::new(&(p / "encoder" / "layer" / i), &layer_cfg))
+                .collect(),
+        })
+    }
+
+    /// `ids`, `mask` `[B, L]` -> `[B, L, H]`.
+    pub fn forward(&self, ids: &Tensor, mask: &Tensor, train: bool) -> Tensor {
+        let l = ids.size()[1];
+        let positions = Tensor::arange(l, (Kind::Int64, ids.device()));
+        let xs = ids.embedding(&self.word_embeddings)
+            + positions.embedding(&self.position_embeddings).unsqueeze(0)
+            + self.token_type_embeddings.get(0);
+        let mut xs = self
+            .embeddings_ln
+            .forward(&xs)
+            .dropout(self.cfg.hidden_dropout_prob, train);
+        for layer in &self.layers {
+            xs = layer.forward(&xs, mask, None, train);
+        }
+        xs
+    }
+}
+
+trait EmbeddingExt {
+    fn embedding(&self, weight: &Tensor) -> Tensor;
+}
+
+impl EmbeddingExt for Tensor {
+    fn embedding(&self, weight: &Tensor) -> Tensor {
+        Tensor::embedding(weight, self, -1, false, false)
+    }
+}
+
+impl Encoder for Bert {
+    fn modality(&self) -> Modality {
+        Modality::Text
+    }
+    fn hidden_size(&self) -> i64 {
+        self.cfg.hidden_size
+    }
+    fn forward_t(&self, input: EncoderInput<'_>, train: bool) -> Result<Encoded> {
+        let _span = tracing::trace_span!("bert").entered();
+        let EncoderInput::Text(text) = input else {
+            return Err(Error::plugin("bert", "a text encoder takes token ids"));
+        };
+        Ok(Encoded {
+            hidden: self.forward(&text.ids, &text.mask, train),
+            mask: text.mask.shallow_clone(),
+        })
+    }
+    fn word_embeddings(&self) -> Option<Tensor> {
+        Some(self.word_embeddings.shallow_clone())
+    }
+}
+
+fn build(ctx: &BuildContext<'_>) -> Result<Rc<dyn Encoder>> {
+    let cfg: BertConfig = ctx.params()?;
+    Ok(Rc::new(Bert::new(
+        &ctx.path,
+        &cfg,
+        ctx.env.vocab_size,
+        ctx.env.max_text_len,
+        ctx.env.compute,
+    )?))
+}

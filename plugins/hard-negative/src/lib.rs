@@ -1,0 +1,52 @@
+//! In-batch hard negatives (ALBEF, Li et al. 2021, section 3.2): for each
+//! image a text drawn with probability `softmax(s(I, .))` and for each text an
+//! image drawn from `softmax(s(., T))`, with every pair sharing an image id
+//! masked out. Sampling runs without gradient from the ITC similarities.
+//!
+//! Registered as negative sampler `hard_negative`.
+
+use serde::Deserialize;
+use tch::{Kind, Tensor};
+use vlmatch_core::{NegativeSampler, Negatives, Result, SamplerInput};
+use vlmatch_registry::BuildContext;
+
+vlmatch_registry::register!(negative_sampler "hard_negative" => build);
+
+/// `[samplers.<name>]` for `plugin = "hard_negative"`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HardNegativeConfig {}
+
+pub struct HardNegative;
+
+/// For each row of `sim` `[B, B]`, the index of a column drawn with
+/// probability `softmax(row)` over columns that are not `positives`
+/// (`[B, B]` bool). A row whose columns are all positive gets -1.
+pub fn sample_hard_negatives(sim: &Tensor, positives: &Tensor) -> Tensor {
+    tch::no_grad(|| {
+        // ALBEF adds 1e-5 so a column whose softmax underflows can still be drawn.
+        let weights = sim.to_kind(Kind::Float).softmax(1, Kind::Float) + 1e-5;
+        let weights = weights.masked_fill(positives, 0.0);
+        let has_negative = positives.logical_not().any_dim(1, false);
+        // Rows without a negative draw from uniform weights, then become -1.
+        let safe = weights.where_self(&has_negative.unsqueeze(1), &weights.ones_like());
+        let drawn = safe.multinomial(1, false).squeeze_dim(1);
+        drawn.where_self(&has_negative, &drawn.full_like(-1))
+    })
+}
+
+impl NegativeSampler for HardNegative {
+    fn sample(&self, input: &SamplerInput<'_, '_>) -> Result<Negatives> {
+        let sim = input.forward.similarity()?;
+        let positives = input.forward.batch.positives();
+        Ok(Negatives::InBatch {
+            text_for_image: sample_hard_negatives(&sim.i2t, &positives),
+            image_for_text: sample_hard_negatives(&sim.t2i, &positives),
+        })
+    }
+}
+
+fn build(ctx: &BuildContext<'_>) -> Result<Box<dyn NegativeSampler>> {
+    let _: HardNegativeConfig = ctx.params()?;
+    Ok(Box::new(HardNegative))
+}

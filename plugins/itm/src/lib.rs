@@ -1,0 +1,157 @@
+//! ITM, image-text matching (ALBEF; FG-ITM in `shared/method.md` when a
+//! NegGen sampler is configured too): a 2-way classification of fused
+//! `[CLS]` states, label 1 for the batch's positive pairs and 0 for every
+//! negative that the configured samplers return.
+//!
+//! Registered as objective `itm`. Keys: `samplers = ["name", ...]`, each a
+//! `[samplers.<name>]` section. Loss key: the section name; metrics:
+//! `<name>_acc` and `<name>_acc_<source>` per source of pairs.
+
+use serde::Deserialize;
+use tch::{Kind, Tensor};
+use vlmatch_core::{
+    Encoded, EncoderInput, Error, Forward, NegativeSampler, Negatives, Objective, ObjectiveOutput,
+    Result, SamplerInput,
+};
+use vlmatch_registry::BuildContext;
+
+vlmatch_registry::register!(objective "itm" => build);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ItmConfig {
+    /// Names of `[samplers.*]` sections whose negatives the loss sees.
+    pub samplers: Vec<String>,
+}
+
+pub struct Itm {
+    name: String,
+    samplers: Vec<(String, Box<dyn NegativeSampler>)>,
+}
+
+/// Pairs of one source: fused states, label, and a weight per pair (0 marks
+/// a slot with no negative available, so no host sync is needed to drop it).
+struct Group {
+    source: String,
+    fused: Encoded,
+    label: i64,
+    weight: Tensor,
+}
+
+impl Itm {
+    fn groups(&self, fwd: &Forward<'_>, step: i64) -> Result<Vec<Group>> {
+        let model = fwd.model;
+        let image = fwd.image()?;
+        let text = fwd.text()?;
+        let b = fwd.batch.len();
+        let device = image.hidden.device();
+        let mut groups = vec![Group {
+            source: "pos".into(),
+            fused: fwd.fuse_positive()?,
+            label: 1,
+            weight: Tensor::ones([b], (Kind::Float, device)),
+        }];
+        let input = SamplerInput { forward: fwd, step };
+        for (source, sampler) in &self.samplers {
+            match sampler.sample(&input)? {
+                Negatives::InBatch {
+                    text_for_image,
+                    image_for_text,
+                } => {
+                    // Image i with a negative text; text j with a negative image.
+                    let t_idx = text_for_image.clamp_min(0);
+                    let i_idx = image_for_text.clamp_min(0);
+                    let texts = text.select(&t_idx).cat(text);
+                    let images = image.cat(&image.select(&i_idx));
+                    let weight = Tensor::cat(&[text_for_image.ge(0), image_for_text.ge(0)], 0)
+                        .to_kind(Kind::Float);
+                    groups.push(Group {
+                        source: source.clone(),
+                        fused: model.fuse(&texts, &images, fwd.train)?,
+                        label: 0,
+                        weight,
+                    });
+                }
+                Negatives::Texts { image_index, text } => {
+                    let k = image_index.size()[0];
+                    if k == 0 {
+                        continue;
+                    }
+                    let states = model.text.forward_t(EncoderInput::Text(&text), fwd.train)?;
+                    groups.push(Group {
+                        source: source.clone(),
+                        fused: model.fuse(&states, &image.select(&image_index), fwd.train)?,
+                        label: 0,
+                        weight: Tensor::ones([k], (Kind::Float, device)),
+                    });
+                }
+            }
+        }
+        Ok(groups)
+    }
+}
+
+impl Objective for Itm {
+    fn forward(&self, fwd: &Forward<'_>, step: i64) -> Result<ObjectiveOutput> {
+        let _span = tracing::trace_span!("itm").entered();
+        let groups = self.groups(fwd, step)?;
+        let disc = &fwd.model.discriminator;
+        let mut logits = Vec::new();
+        let mut labels = Vec::new();
+        let mut weights = Vec::new();
+        let mut metrics = Vec::new();
+        for g in &groups {
+            let l = disc.pair_logits(&g.fused)?;
+            let label = Tensor::full([l.size()[0]], g.label, (Kind::Int64, l.device()));
+            tch::no_grad(|| {
+                let hit = l.argmax(1, false).eq_tensor(&label).to_kind(Kind::Float);
+                let acc =
+                    (hit * &g.weight).sum(Kind::Float) / g.weight.sum(Kind::Float).clamp_min(1.0);
+                metrics.push((format!("{}_acc_{}", self.name, g.source), acc));
+            });
+            logits.push(l);
+            labels.push(label);
+            weights.push(g.weight.shallow_clone());
+        }
+        let logits = Tensor::cat(&logits, 0);
+        let labels = Tensor::cat(&labels, 0);
+        let weights = Tensor::cat(&weights, 0);
+        let per_pair =
+            logits.cross_entropy_loss::<Tensor>(&labels, None, tch::Reduction::None, -100, 0.0);
+        let total = weights.sum(Kind::Float).clamp_min(1.0);
+        let loss = (per_pair * &weights).sum(Kind::Float) / &total;
+        let acc = tch::no_grad(|| {
+            (logits
+                .argmax(1, false)
+                .eq_tensor(&labels)
+                .to_kind(Kind::Float)
+                * &weights)
+                .sum(Kind::Float)
+                / &total
+        });
+        metrics.insert(0, (format!("{}_acc", self.name), acc));
+        Ok(ObjectiveOutput {
+            losses: vec![(self.name.clone(), loss)],
+            metrics,
+        })
+    }
+}
+
+fn build(ctx: &BuildContext<'_>) -> Result<Box<dyn Objective>> {
+    let cfg: ItmConfig = ctx.params()?;
+    if cfg.samplers.is_empty() {
+        return Err(Error::Config(format!(
+            "config key `{}.samplers`: list at least one negative sampler, e.g. [\"hard_negative\"]",
+            ctx.key
+        )));
+    }
+    let samplers = cfg
+        .samplers
+        .iter()
+        .map(|name| Ok((name.clone(), ctx.negative_sampler(name)?)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Box::new(Itm {
+        name: ctx.section_name().to_string(),
+        samplers,
+    }))
+}

@@ -1,0 +1,235 @@
+//! Transformer building blocks with HuggingFace parameter names and
+//! initialisation, shared by the encoder plugins.
+//!
+//! Mixed precision: [`Linear`] and attention compute in the `compute` dtype
+//! given at construction (bf16 on CUDA) from fp32 master weights; layer norms
+//! and residual sums stay fp32. Tensors between blocks are fp32.
+
+use tch::{nn, Kind, Tensor};
+
+/// HuggingFace's initialiser: normal(0, 0.02) weights, zero biases.
+pub fn hf_init() -> nn::Init {
+    nn::Init::Randn {
+        mean: 0.0,
+        stdev: 0.02,
+    }
+}
+
+/// A linear layer (`weight` `[out, in]`, `bias` `[out]`) computing in
+/// `compute` precision.
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    compute: Kind,
+}
+
+impl Linear {
+    pub fn new(p: &nn::Path, in_dim: i64, out_dim: i64, bias: bool, compute: Kind) -> Self {
+        Linear {
+            weight: p.var("weight", &[out_dim, in_dim], hf_init()),
+            bias: bias.then(|| p.var("bias", &[out_dim], nn::Init::Const(0.0))),
+            compute,
+        }
+    }
+
+    /// `[.., in]` -> `[.., out]` in the compute dtype.
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        if self.compute == Kind::Float {
+            xs.to_kind(Kind::Float)
+                .linear(&self.weight, self.bias.as_ref())
+        } else {
+            let w = self.weight.to_kind(self.compute);
+            let b = self.bias.as_ref().map(|b| b.to_kind(self.compute));
+            xs.to_kind(self.compute).linear(&w, b.as_ref())
+        }
+    }
+}
+
+/// Layer norm (`weight`, `bias`) in fp32 with a configurable epsilon
+/// (HuggingFace BERT and ViT use 1e-12; tch's default is 1e-5).
+#[derive(Debug)]
+pub struct LayerNorm {
+    ln: nn::LayerNorm,
+}
+
+impl LayerNorm {
+    pub fn new(p: &nn::Path, dim: i64, eps: f64) -> Self {
+        let cfg = nn::LayerNormConfig {
+            eps,
+            ..Default::default()
+        };
+        LayerNorm {
+            ln: nn::layer_norm(p, vec![dim], cfg),
+        }
+    }
+    pub fn forward(&self, xs: &Tensor) -> Tensor {
+        xs.to_kind(Kind::Float).apply(&self.ln)
+    }
+}
+
+/// Multi-head attention projections `query`, `key`, `value` under one path
+/// (BERT `attention.self`, ViT `attention.attention`); the output projection
+/// is the caller's, as the two families name it differently.
+#[derive(Debug)]
+pub struct Attention {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    heads: i64,
+    dropout: f64,
+}
+
+impl Attention {
+    /// `q_dim`: width of the attending states; `kv_dim`: of the attended
+    /// ones (differ for cross-attention); `dim`: the attention width.
+    pub fn new(
+        p: &nn::Path,
+        q_dim: i64,
+        kv_dim: i64,
+        dim: i64,
+        heads: i64,
+        dropout: f64,
+        compute: Kind,
+    ) -> Self {
+        assert!(
+            dim % heads == 0,
+            "attention width {dim} is not divisible by {heads} heads"
+        );
+        Attention {
+            query: Linear::new(&(p / "query"), q_dim, dim, true, compute),
+            key: Linear::new(&(p / "key"), kv_dim, dim, true, compute),
+            value: Linear::new(&(p / "value"), kv_dim, dim, true, compute),
+            heads,
+            dropout,
+        }
+    }
+
+    /// `xs` `[B, Lq, q_dim]` attends to `kv` `[B, Lk, kv_dim]`; `kv_mask`
+    /// `[B, Lk]` (1 = attend), `None` for all. Returns `[B, Lq, dim]`.
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        kv: &Tensor,
+        kv_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Tensor {
+        let (b, lq, _) = xs.size3().expect("attention input is [B, L, D]");
+        let lk = kv.size()[1];
+        let split = |t: Tensor, l: i64| {
+            let d = t.size()[2];
+            t.view([b, l, self.heads, d / self.heads]).transpose(1, 2)
+        };
+        let q = split(self.query.forward(xs), lq);
+        let k = split(self.key.forward(kv), lk);
+        let v = split(self.value.forward(kv), lk);
+        let mask = kv_mask.map(|m| m.to_kind(Kind::Bool).view([b, 1, 1, lk]));
+        let dropout = if train { self.dropout } else { 0.0 };
+        let out = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            mask.as_ref(),
+            dropout,
+            false,
+            None::<f64>,
+            false,
+        );
+        out.transpose(1, 2).contiguous().view([b, lq, -1])
+    }
+}
+
+/// Hyper-parameters of a post-LN BERT layer (HuggingFace `BertLayer`).
+#[derive(Debug, Clone, Copy)]
+pub struct BertLayerConfig {
+    pub hidden: i64,
+    pub heads: i64,
+    pub intermediate: i64,
+    pub hidden_dropout: f64,
+    pub attention_dropout: f64,
+    pub layer_norm_eps: f64,
+    /// Width of the states cross-attended to; `None` for a text-only layer.
+    pub cross_width: Option<i64>,
+    pub compute: Kind,
+}
+
+/// Self-attention, then (fusion layers) cross-attention to the image, then a
+/// feed-forward block; each sub-layer residual + LayerNorm. Parameter names
+/// follow HuggingFace `BertLayer` and ALBEF's `crossattention`.
+#[derive(Debug)]
+pub struct BertLayer {
+    attention: Attention,
+    attention_out: Linear,
+    attention_ln: LayerNorm,
+    cross: Option<(Attention, Linear, LayerNorm)>,
+    intermediate: Linear,
+    output: Linear,
+    output_ln: LayerNorm,
+    dropout: f64,
+}
+
+impl BertLayer {
+    pub fn new(p: &nn::Path, cfg: &BertLayerConfig) -> Self {
+        let h = cfg.hidden;
+        let attn = |p: nn::Path, kv: i64| {
+            (
+                Attention::new(
+                    &(&p / "self"),
+                    h,
+                    kv,
+                    h,
+                    cfg.heads,
+                    cfg.attention_dropout,
+                    cfg.compute,
+                ),
+                Linear::new(&(&p / "output" / "dense"), h, h, true, cfg.compute),
+                LayerNorm::new(&(&p / "output" / "LayerNorm"), h, cfg.layer_norm_eps),
+            )
+        };
+        let (attention, attention_out, attention_ln) = attn(p / "attention", h);
+        BertLayer {
+            attention,
+            attention_out,
+            attention_ln,
+            cross: cfg.cross_width.map(|w| attn(p / "crossattention", w)),
+            intermediate: Linear::new(
+                &(p / "intermediate" / "dense"),
+                h,
+                cfg.intermediate,
+                true,
+                cfg.compute,
+            ),
+            output: Linear::new(
+                &(p / "output" / "dense"),
+                cfg.intermediate,
+                h,
+                true,
+                cfg.compute,
+            ),
+            output_ln: LayerNorm::new(&(p / "output" / "LayerNorm"), h, cfg.layer_norm_eps),
+            dropout: cfg.hidden_dropout,
+        }
+    }
+
+    /// `xs` `[B, L, H]` with `mask` `[B, L]`; `image` `[B, N, W]` with its
+    /// mask for fusion layers. Returns `[B, L, H]` fp32.
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        mask: &Tensor,
+        image: Option<(&Tensor, &Tensor)>,
+        train: bool,
+    ) -> Tensor {
+        let a = self.attention.forward(xs, xs, Some(mask), train);
+        let a = self.attention_out.forward(&a).dropout(self.dropout, train);
+        let mut xs = self.attention_ln.forward(&(a + xs));
+        if let (Some((attn, out, ln)), Some((img, img_mask))) = (&self.cross, image) {
+            let c = attn.forward(&xs, img, Some(img_mask), train);
+            let c = out.forward(&c).dropout(self.dropout, train);
+            xs = ln.forward(&(c + &xs));
+        }
+        let h = self.intermediate.forward(&xs).gelu("none");
+        let h = self.output.forward(&h).dropout(self.dropout, train);
+        self.output_ln.forward(&(h + xs))
+    }
+}

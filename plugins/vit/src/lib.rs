@@ -1,0 +1,234 @@
+//! ViT image encoder (Dosovitskiy et al., "An Image is Worth 16x16 Words",
+//! ICLR 2021), laid out as HuggingFace `transformers`' `ViTModel`: pre-LN
+//! layers, `[CLS]` token, learned position embeddings, final `layernorm`.
+//! Parameter names match `ViTModel`'s so its checkpoints load by name.
+//!
+//! Registered as encoder `vit`. Input resolution comes from `data.image_size`.
+
+use serde::Deserialize;
+use std::rc::Rc;
+use tch::{nn, Kind, Tensor};
+use vlmatch_core::{Encoded, Encoder, EncoderInput, Error, Modality, Result};
+use vlmatch_layers::{Attention, LayerNorm, Linear};
+use vlmatch_registry::BuildContext;
+
+vlmatch_registry::register!(encoder "vit" => build);
+
+/// Keys of `[model.image]` for `plugin = "vit"`; names follow HuggingFace
+/// `ViTConfig`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VitConfig {
+    pub hidden_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub intermediate_size: i64,
+    pub patch_size: i64,
+    #[serde(default)]
+    pub hidden_dropout_prob: f64,
+    #[serde(default)]
+    pub attention_probs_dropout_prob: f64,
+    #[serde(default = "eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "yes")]
+    pub qkv_bias: bool,
+}
+
+fn eps() -> f64 {
+    1e-12
+}
+fn yes() -> bool {
+    true
+}
+
+struct VitLayer {
+    layernorm_before: LayerNorm,
+    attention: Attention,
+    attention_out: Linear,
+    layernorm_after: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    dropout: f64,
+}
+
+impl VitLayer {
+    fn new(p: &nn::Path, cfg: &VitConfig, compute: Kind) -> Self {
+        let h = cfg.hidden_size;
+        VitLayer {
+            layernorm_before: LayerNorm::new(&(p / "layernorm_before"), h, cfg.layer_norm_eps),
+            attention: Attention::new(
+                &(p / "attention" / "attention"),
+                h,
+                h,
+                h,
+                cfg.num_attention_heads,
+                cfg.attention_probs_dropout_prob,
+                compute,
+            ),
+            attention_out: Linear::new(
+                &(p / "attention" / "output" / "dense"),
+                h,
+                h,
+                true,
+                compute,
+            ),
+            layernorm_after: LayerNorm::new(&(p / "layernorm_after"), h, cfg.layer_norm_eps),
+            intermediate: Linear::new(
+                &(p / "intermediate" / "dense"),
+                h,
+                cfg.intermediate_size,
+                true,
+                compute,
+            ),
+            output: Linear::new(
+                &(p / "output" / "dense"),
+                cfg.intermediate_size,
+                h,
+                true,
+                compute,
+            ),
+            dropout: cfg.hidden_dropout_prob,
+        }
+    }
+
+    /// `[B, N, H]` -> `[B, N, H]`.
+    fn forward(&self, xs: &Tensor, train: bool) -> Tensor {
+        let h = self.layernorm_before.forward(xs);
+        let a = self.attention.forward(&h, &h, None, train);
+        let xs = self.attention_out.forward(&a).dropout(self.dropout, train) + xs;
+        let h = self.layernorm_after.forward(&xs);
+        let h = self.intermediate.forward(&h).gelu("none");
+        self.output.forward(&h).dropout(self.dropout, train) + xs
+    }
+}
+
+/// The ViT encoder.
+pub struct Vit {
+    cfg: VitConfig,
+    image_size: i64,
+    patch_weight: Tensor,
+    patch_bias: Tensor,
+    cls_token: Tensor,
+    position_embeddings: Tensor,
+    layers: Vec<VitLayer>,
+    layernorm: LayerNorm,
+    compute: Kind,
+}
+
+impl Vit {
+    /// Build under `p` (`embeddings.*`, `encoder.layer.N.*`, `layernorm.*`).
+    pub fn new(p: &nn::Path, cfg: &VitConfig, image_size: i64, compute: Kind) -> Result<Self> {
+        let invalid = |m: String| Error::plugin("vit", m);
+        if cfg.hidden_size % cfg.num_attention_heads != 0 {
+            return Err(invalid(format!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                cfg.hidden_size, cfg.num_attention_heads
+            )));
+        }
+        if cfg.patch_size <= 0 || image_size % cfg.patch_size != 0 {
+            return Err(invalid(format!(
+                "data.image_size {image_size} is not a multiple of patch_size {}",
+                cfg.patch_size
+            )));
+        }
+        let h = cfg.hidden_size;
+        let n = (image_size / cfg.patch_size).pow(2);
+        let emb = p / "embeddings";
+        let proj = &emb / "patch_embeddings" / "projection";
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| VitLayer::new(&(p / "encoder" / "layer" / i), cfg, compute))
+            .collect();
+        Ok(Vit {
+            cfg: cfg.clone(),
+            image_size,
+            patch_weight: proj.var(
+                "weight",
+                &[h, 3, cfg.patch_size, cfg.patch_size],
+                vlmatch_layers::hf_init(),
+            ),
+            patch_bias: proj.var("bias", &[h], nn::Init::Const(0.0)),
+            cls_token: emb.var("cls_token", &[1, 1, h], vlmatch_layers::hf_init()),
+            position_embeddings: emb.var(
+                "position_embeddings",
+                &[1, n + 1, h],
+                vlmatch_layers::hf_init(),
+            ),
+            layers,
+            layernorm: LayerNorm::new(&(p / "layernorm"), h, cfg.layer_norm_eps),
+            compute,
+        })
+    }
+
+    /// `[B, 3, S, S]` -> `[B, 1 + (S/P)^2, H]`.
+    pub fn forward(&self, images: &Tensor, train: bool) -> Result<Tensor> {
+        let size = images.size();
+        if size.len() != 4
+            || size[1] != 3
+            || size[2] != self.image_size
+            || size[3] != self.image_size
+        {
+            return Err(Error::plugin(
+                "vit",
+                format!(
+                    "expected images [B, 3, {s}, {s}], got {size:?}",
+                    s = self.image_size
+                ),
+            ));
+        }
+        let b = size[0];
+        let (w, bias) = if self.compute == Kind::Float {
+            (
+                self.patch_weight.shallow_clone(),
+                self.patch_bias.shallow_clone(),
+            )
+        } else {
+            (
+                self.patch_weight.to_kind(self.compute),
+                self.patch_bias.to_kind(self.compute),
+            )
+        };
+        let p = self.cfg.patch_size;
+        let patches = images
+            .to_kind(self.compute)
+            .conv2d(&w, Some(&bias), [p, p], [0, 0], [1, 1], 1)
+            .flatten(2, 3)
+            .transpose(1, 2)
+            .to_kind(Kind::Float);
+        let cls = self.cls_token.expand([b, 1, self.cfg.hidden_size], false);
+        let mut xs = Tensor::cat(&[cls, patches], 1) + &self.position_embeddings;
+        xs = xs.dropout(self.cfg.hidden_dropout_prob, train);
+        for layer in &self.layers {
+            xs = layer.forward(&xs, train);
+        }
+        Ok(self.layernorm.forward(&xs))
+    }
+}
+
+impl Encoder for Vit {
+    fn modality(&self) -> Modality {
+        Modality::Image
+    }
+    fn hidden_size(&self) -> i64 {
+        self.cfg.hidden_size
+    }
+    fn forward_t(&self, input: EncoderInput<'_>, train: bool) -> Result<Encoded> {
+        let _span = tracing::trace_span!("vit").entered();
+        let EncoderInput::Image(images) = input else {
+            return Err(Error::plugin("vit", "an image encoder takes images"));
+        };
+        let hidden = self.forward(images, train)?;
+        let (b, n) = (hidden.size()[0], hidden.size()[1]);
+        let mask = Tensor::ones([b, n], (Kind::Int64, hidden.device()));
+        Ok(Encoded { hidden, mask })
+    }
+}
+
+fn build(ctx: &BuildContext<'_>) -> Result<Rc<dyn Encoder>> {
+    let cfg: VitConfig = ctx.params()?;
+    Ok(Rc::new(Vit::new(
+        &ctx.path,
+        &cfg,
+        ctx.env.image_size,
+        ctx.env.compute,
+    )?))
+}

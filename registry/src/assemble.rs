@@ -1,0 +1,308 @@
+//! Building a model and its objectives from configuration.
+
+use crate::config::LoadedConfig;
+use crate::{Factory, Kind, Registry};
+use std::rc::Rc;
+use tch::{nn, Device, Kind as DType};
+use vlmatch_core::{
+    ContrastiveHead, Discriminator, Encoder, Error, Generator, Modality, NegativeSampler,
+    Objective, Result, SpecialTokens, VlModel,
+};
+
+/// Facts about the run that plugins build against, fixed before assembly.
+#[derive(Debug, Clone)]
+pub struct ModelEnv {
+    pub vocab_size: i64,
+    pub special: SpecialTokens,
+    /// Square input resolution (`data.image_size`).
+    pub image_size: i64,
+    /// Maximum text length (`data.max_len`).
+    pub max_text_len: i64,
+    pub device: Device,
+    /// dtype of matmuls and attention: `Float`, or `BFloat16` on CUDA.
+    pub compute: DType,
+}
+
+/// Widths of the encoders built so far, for the components that read them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Widths {
+    pub image: Option<i64>,
+    pub text: Option<i64>,
+    pub fusion: Option<i64>,
+}
+
+/// What a plugin factory gets: where to put its parameters, its own config
+/// section, the run facts, and access to other plugins (objectives build
+/// their negative samplers through it).
+pub struct BuildContext<'a> {
+    /// The plugin's parameters go under this path (and so on its device).
+    pub path: nn::Path<'a>,
+    /// The plugin's registered name.
+    pub plugin: &'a str,
+    /// The dotted config key of its section (`model.image`).
+    pub key: String,
+    pub env: &'a ModelEnv,
+    pub widths: Widths,
+    registry: &'a Registry,
+    config: &'a LoadedConfig,
+    /// The model, for objectives and samplers (built after it).
+    pub model: Option<&'a VlModel>,
+}
+
+impl<'a> BuildContext<'a> {
+    /// This plugin's config section as `T` (use `#[serde(deny_unknown_fields)]`
+    /// so a typo is an error naming the key and file).
+    pub fn params<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
+        self.config.section(&self.key)
+    }
+
+    /// The last component of the section key: an objective's loss name.
+    pub fn section_name(&self) -> &str {
+        self.key.rsplit('.').next().unwrap_or(&self.key)
+    }
+
+    /// The width of states from a role, or an error saying it is missing.
+    pub fn width(&self, role: &str) -> Result<i64> {
+        let w = match role {
+            "image" => self.widths.image,
+            "text" => self.widths.text,
+            "fusion" => self.widths.fusion,
+            _ => None,
+        };
+        w.ok_or_else(|| {
+            Error::plugin(
+                self.plugin,
+                format!("needs the {role} encoder's width, which is not built yet"),
+            )
+        })
+    }
+
+    /// Build the negative sampler configured as `[samplers.<name>]`.
+    pub fn negative_sampler(&self, name: &str) -> Result<Box<dyn NegativeSampler>> {
+        let section = self.config.config.samplers.get(name).ok_or_else(|| {
+            let known: Vec<&String> = self.config.config.samplers.keys().collect();
+            Error::Config(format!(
+                "config key `{}`: sampler `{name}` has no `[samplers.{name}]` section (configured samplers: {known:?})",
+                self.key
+            ))
+        })?;
+        let key = format!("samplers.{name}");
+        let entry = self.registry.get(
+            Kind::NegativeSampler,
+            &section.plugin,
+            &format!("{key}.plugin"),
+        )?;
+        let Factory::NegativeSampler(build) = entry.factory else {
+            unreachable!("kind checked")
+        };
+        let ctx = BuildContext {
+            path: &self.path / "samplers" / name,
+            plugin: &entry.name,
+            key,
+            env: self.env,
+            widths: self.widths,
+            registry: self.registry,
+            config: self.config,
+            model: self.model,
+        };
+        build(&ctx)
+    }
+}
+
+/// An objective with its name (the config section) and loss weight.
+pub struct WeightedObjective {
+    pub name: String,
+    pub weight: f64,
+    pub objective: Box<dyn Objective>,
+}
+
+/// A built model: its variables, the model, and the objectives to train.
+pub struct Assembly {
+    pub vs: nn::VarStore,
+    pub model: VlModel,
+    pub objectives: Vec<WeightedObjective>,
+}
+
+fn context<'a>(
+    registry: &'a Registry,
+    config: &'a LoadedConfig,
+    env: &'a ModelEnv,
+    root: &nn::Path<'a>,
+    key: &str,
+    plugin: &'a str,
+    widths: Widths,
+) -> BuildContext<'a> {
+    BuildContext {
+        path: root.clone(),
+        plugin,
+        key: key.to_string(),
+        env,
+        widths,
+        registry,
+        config,
+        model: None,
+    }
+}
+
+fn encoder(
+    registry: &Registry,
+    config: &LoadedConfig,
+    env: &ModelEnv,
+    root: &nn::Path<'_>,
+    role: &str,
+    expected: Modality,
+    widths: Widths,
+) -> Result<Rc<dyn Encoder>> {
+    let key = format!("model.{role}");
+    let section = match role {
+        "image" => &config.config.model.image,
+        "text" => &config.config.model.text,
+        _ => &config.config.model.fusion,
+    };
+    let entry = registry.get(Kind::Encoder, &section.plugin, &format!("{key}.plugin"))?;
+    let Factory::Encoder(build) = entry.factory else {
+        unreachable!("kind checked")
+    };
+    let prefix = match role {
+        "image" => "vision_encoder",
+        "text" => "text_encoder",
+        _ => "fusion",
+    };
+    let ctx = context(
+        registry,
+        config,
+        env,
+        &(root / prefix),
+        &key,
+        &entry.name,
+        widths,
+    );
+    let enc = build(&ctx)?;
+    if enc.modality() != expected {
+        return Err(Error::Config(format!(
+            "config key `{key}.plugin`: `{}` is a {:?} encoder, but the {role} role needs a {expected:?} encoder",
+            entry.name,
+            enc.modality()
+        )));
+    }
+    Ok(enc)
+}
+
+/// Build the model and objectives that `config` names, on `env.device`.
+pub fn assemble(registry: &Registry, config: &LoadedConfig, env: &ModelEnv) -> Result<Assembly> {
+    let vs = nn::VarStore::new(env.device);
+    let root = vs.root();
+    let mut widths = Widths::default();
+    let image = encoder(
+        registry,
+        config,
+        env,
+        &root,
+        "image",
+        Modality::Image,
+        widths,
+    )?;
+    widths.image = Some(image.hidden_size());
+    let text = encoder(registry, config, env, &root, "text", Modality::Text, widths)?;
+    widths.text = Some(text.hidden_size());
+    let fusion = encoder(
+        registry,
+        config,
+        env,
+        &root,
+        "fusion",
+        Modality::Multimodal,
+        widths,
+    )?;
+    widths.fusion = Some(fusion.hidden_size());
+
+    let model_cfg = &config.config.model;
+    let disc_entry = registry.get(
+        Kind::Discriminator,
+        &model_cfg.discriminator.plugin,
+        "model.discriminator.plugin",
+    )?;
+    let Factory::Discriminator(build) = disc_entry.factory else {
+        unreachable!()
+    };
+    let discriminator: Rc<dyn Discriminator> = build(&context(
+        registry,
+        config,
+        env,
+        &root,
+        "model.discriminator",
+        &disc_entry.name,
+        widths,
+    ))?;
+
+    let generator: Option<Rc<dyn Generator>> = match &model_cfg.generator {
+        None => None,
+        Some(section) => {
+            let entry = registry.get(Kind::Generator, &section.plugin, "model.generator.plugin")?;
+            let Factory::Generator(build) = entry.factory else {
+                unreachable!()
+            };
+            let mut ctx = context(
+                registry,
+                config,
+                env,
+                &root,
+                "model.generator",
+                &entry.name,
+                widths,
+            );
+            ctx.path = &root / "generator";
+            Some(build(&ctx)?)
+        }
+    };
+    if model_cfg.embed_dim <= 0 {
+        return Err(Error::Config(format!(
+            "config key `model.embed_dim`: must be positive, got {}",
+            model_cfg.embed_dim
+        )));
+    }
+    let contrastive = ContrastiveHead::new(
+        &root,
+        image.hidden_size(),
+        text.hidden_size(),
+        model_cfg.embed_dim,
+    );
+    let model = VlModel {
+        image,
+        text,
+        fusion,
+        contrastive,
+        discriminator,
+        generator,
+        device: env.device,
+    };
+
+    let mut objectives = Vec::new();
+    for (name, section) in &config.config.objectives {
+        let plugin = section.plugin.clone().unwrap_or_else(|| name.clone());
+        let key = format!("objectives.{name}");
+        let entry = registry.get(Kind::Objective, &plugin, &format!("{key}.plugin"))?;
+        let Factory::Objective(build) = entry.factory else {
+            unreachable!()
+        };
+        let mut ctx = context(registry, config, env, &root, &key, &entry.name, widths);
+        ctx.path = &root / "objectives" / name.as_str();
+        ctx.model = Some(&model);
+        let objective = build(&ctx)?;
+        objectives.push(WeightedObjective {
+            name: name.clone(),
+            weight: section.weight,
+            objective,
+        });
+    }
+    if objectives.is_empty() {
+        return Err(Error::Config(
+            "config: no `[objectives.*]` section; add at least one, e.g. `[objectives.itc]`".into(),
+        ));
+    }
+    Ok(Assembly {
+        vs,
+        model,
+        objectives,
+    })
+}

@@ -1,0 +1,470 @@
+//! Layered configuration, lowest layer first:
+//!
+//! 1. a preset (`configs/<name>.toml`, or a run directory's saved `config.toml`),
+//! 2. each `--config FILE`, in order,
+//! 3. environment variables `VLMATCH_<SECTION>__<KEY>` (`VLMATCH_TRAIN__STEPS=10`),
+//! 4. each `--set dotted.key=value` (values parse as TOML, else as strings).
+//!
+//! Unknown keys and wrong types are errors naming the key and the layer it
+//! came from. Typed sections (`train`, `data`, `eval`) are checked here;
+//! plugin sections (`model.*`, `objectives.*`, `samplers.*`) name their
+//! plugin and are checked by that plugin's own config type through
+//! [`crate::BuildContext::params`], with the same error format.
+
+use figment::providers::{Env, Format, Toml};
+use figment::value::{Dict, Map, Tag, Value};
+use figment::{Figment, Metadata, Profile, Provider};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use vlmatch_core::{Error, Result};
+
+/// The whole configuration. Every key has one home and one default here or in
+/// a plugin's config type.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelConfig,
+    /// Objectives by name; the section's `plugin` defaults to its name.
+    #[serde(default)]
+    pub objectives: BTreeMap<String, ObjectiveSection>,
+    /// Negative samplers by name, referred to by objectives.
+    #[serde(default)]
+    pub samplers: BTreeMap<String, PluginSection>,
+    pub train: TrainConfig,
+    pub data: DataConfig,
+    #[serde(default)]
+    pub eval: EvalConfig,
+}
+
+/// Which plugin fills each model role, and the plugins' own keys.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Width of the ITC embedding space (ALBEF: 256).
+    pub embed_dim: i64,
+    pub image: PluginSection,
+    pub text: PluginSection,
+    pub fusion: PluginSection,
+    pub discriminator: PluginSection,
+    #[serde(default)]
+    pub generator: Option<PluginSection>,
+}
+
+/// A plugin section: `plugin = "name"` plus that plugin's own keys.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PluginSection {
+    pub plugin: String,
+    #[serde(flatten)]
+    pub params: BTreeMap<String, Value>,
+}
+
+/// An objective section: its plugin (default: the section name), its loss
+/// weight, and the plugin's own keys.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ObjectiveSection {
+    #[serde(default)]
+    pub plugin: Option<String>,
+    #[serde(default = "one")]
+    pub weight: f64,
+    #[serde(flatten)]
+    pub params: BTreeMap<String, Value>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Number of optimizer steps.
+    pub steps: i64,
+    /// Pairs per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step (gradient accumulation).
+    #[serde(default = "one_usize")]
+    pub accum_steps: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Learning rate at the end of the cosine decay.
+    #[serde(default)]
+    pub min_lr: f64,
+    /// Linear warm-up steps from 0 to `lr`.
+    #[serde(default)]
+    pub warmup_steps: i64,
+    /// AdamW weight decay; never applied to biases, norms or scalars.
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "default_betas")]
+    pub betas: (f64, f64),
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Clip the global gradient norm to this value (0 disables).
+    #[serde(default)]
+    pub grad_clip: f64,
+    pub seed: u64,
+    /// Checkpoint interval in steps (0: only the final checkpoint).
+    #[serde(default)]
+    pub checkpoint_every: i64,
+    /// Checkpoints kept on disk (the newest ones).
+    #[serde(default = "default_keep")]
+    pub keep_checkpoints: usize,
+    /// Metrics interval in steps.
+    #[serde(default = "one_i64")]
+    pub log_every: i64,
+    /// `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// `auto` (bf16 on CUDA, fp32 on CPU), `fp32` or `bf16`.
+    #[serde(default = "default_auto")]
+    pub precision: String,
+    /// libtorch intra-op threads (0: all cores less the data workers).
+    #[serde(default)]
+    pub threads: usize,
+}
+
+fn one_usize() -> usize {
+    1
+}
+fn one_i64() -> i64 {
+    1
+}
+fn default_betas() -> (f64, f64) {
+    (0.9, 0.999)
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_keep() -> usize {
+    2
+}
+fn default_device() -> String {
+    "auto".into()
+}
+fn default_auto() -> String {
+    "auto".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// `synthetic` (built in, no download) or `annotations` (ALBEF/BLIP JSON).
+    pub source: String,
+    /// Input resolution (square); the image encoder is built for it.
+    pub image_size: i64,
+    /// Maximum text length in tokens, `[CLS]` and `[SEP]` included.
+    pub max_len: i64,
+    /// `builtin` (the synthetic captions' words plus characters) or a
+    /// `vocab.txt` path.
+    #[serde(default = "default_vocab")]
+    pub vocab: String,
+    #[serde(default = "yes")]
+    pub lowercase: bool,
+    /// ALBEF/BLIP annotation file (JSON array or JSONL) for `annotations`.
+    #[serde(default)]
+    pub annotations: Option<PathBuf>,
+    /// Held-out annotation file for the end-of-training evaluation.
+    #[serde(default)]
+    pub heldout_annotations: Option<PathBuf>,
+    /// Directory the annotations' `image` paths are relative to.
+    #[serde(default)]
+    pub image_root: Option<PathBuf>,
+    /// Image decoding and tokenising threads.
+    #[serde(default = "one_usize")]
+    pub workers: usize,
+    /// Batches prepared ahead of the training step.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: usize,
+    /// Per-channel normalisation (CLIP's, as ALBEF uses).
+    #[serde(default = "default_mean")]
+    pub mean: [f32; 3],
+    #[serde(default = "default_std")]
+    pub std: [f32; 3],
+    #[serde(default)]
+    pub synthetic: SyntheticConfig,
+}
+
+fn default_vocab() -> String {
+    "builtin".into()
+}
+fn yes() -> bool {
+    true
+}
+fn default_prefetch() -> usize {
+    4
+}
+fn default_mean() -> [f32; 3] {
+    [0.481_454_66, 0.457_827_5, 0.408_210_73]
+}
+fn default_std() -> [f32; 3] {
+    [0.268_629_54, 0.261_302_58, 0.275_777_11]
+}
+
+/// The built-in procedurally generated dataset.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyntheticConfig {
+    /// Scenes in the training split.
+    pub train_scenes: usize,
+    /// Scenes in the held-out split (disjoint seeds).
+    pub heldout_scenes: usize,
+    /// Different phrasings generated per scene.
+    pub captions_per_scene: usize,
+    /// Seed of the scene generator (independent of `train.seed`).
+    pub seed: u64,
+}
+
+impl Default for SyntheticConfig {
+    fn default() -> Self {
+        SyntheticConfig {
+            train_scenes: 4000,
+            heldout_scenes: 200,
+            captions_per_scene: 3,
+            seed: 1234,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Pairs per evaluation batch.
+    pub batch_size: usize,
+    /// Run the held-out retrieval evaluation at the end of training.
+    pub at_end: bool,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig {
+            batch_size: 64,
+            at_end: true,
+        }
+    }
+}
+
+/// A named TOML text, used for presets and saved run configs.
+struct NamedToml {
+    name: String,
+    path: Option<PathBuf>,
+    text: String,
+}
+
+impl Provider for NamedToml {
+    fn metadata(&self) -> Metadata {
+        let m = Metadata::named(self.name.clone());
+        match &self.path {
+            Some(p) => m.source(p.as_path()),
+            None => m,
+        }
+    }
+    fn data(&self) -> figment::Result<Map<Profile, Dict>> {
+        Toml::string(&self.text).data()
+    }
+}
+
+/// `--set key=value` pairs, as their own layer so errors name them.
+struct SetOverrides(Vec<(String, String)>);
+
+impl Provider for SetOverrides {
+    fn metadata(&self) -> Metadata {
+        Metadata::named("command line").interpolater(|_, keys| format!("--set {}", keys.join(".")))
+    }
+    fn data(&self) -> figment::Result<Map<Profile, Dict>> {
+        let mut root = Dict::new();
+        for (key, raw) in &self.0 {
+            let value = parse_value(raw);
+            insert_dotted(&mut root, key, value);
+        }
+        let mut map = Map::new();
+        map.insert(Profile::Global, root);
+        Ok(map)
+    }
+}
+
+fn parse_value(raw: &str) -> Value {
+    match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(table) => {
+            let v = table.get("v").cloned().expect("parsed key");
+            Value::serialize(v).unwrap_or_else(|_| Value::from(raw.to_string()))
+        }
+        Err(_) => Value::from(raw.to_string()),
+    }
+}
+
+fn insert_dotted(root: &mut Dict, key: &str, value: Value) {
+    let mut parts = key.split('.').peekable();
+    let mut dict = root;
+    while let Some(part) = parts.next() {
+        if parts.peek().is_none() {
+            dict.insert(part.to_string(), value);
+            return;
+        }
+        let entry = dict
+            .entry(part.to_string())
+            .or_insert_with(|| Value::Dict(Tag::Default, Dict::new()));
+        if !matches!(entry, Value::Dict(..)) {
+            *entry = Value::Dict(Tag::Default, Dict::new());
+        }
+        let Value::Dict(_, next) = entry else {
+            unreachable!()
+        };
+        dict = next;
+    }
+}
+
+/// What to layer, in order. Built by the CLI from its arguments.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigLayers {
+    /// The bottom layer: `(display name, path if a file, TOML text)`.
+    pub base: Option<(String, Option<PathBuf>, String)>,
+    /// `--config` files, lowest first.
+    pub files: Vec<PathBuf>,
+    /// Read `VLMATCH_*` environment variables.
+    pub env: bool,
+    /// `--set` pairs as given (`a.b=c`).
+    pub sets: Vec<String>,
+}
+
+/// The merged configuration, typed, with the figment that produced it (for
+/// plugin sections and error sources).
+pub struct LoadedConfig {
+    pub figment: Figment,
+    pub config: Config,
+}
+
+impl ConfigLayers {
+    pub fn load(&self) -> Result<LoadedConfig> {
+        let mut figment = Figment::new();
+        if let Some((name, path, text)) = &self.base {
+            check_toml(name, text)?;
+            figment = figment.merge(NamedToml {
+                name: name.clone(),
+                path: path.clone(),
+                text: text.clone(),
+            });
+        }
+        for file in &self.files {
+            let text = std::fs::read_to_string(file).map_err(|e| {
+                Error::Config(format!("cannot read config file {}: {e}", file.display()))
+            })?;
+            let name = format!("file {}", file.display());
+            check_toml(&name, &text)?;
+            figment = figment.merge(NamedToml {
+                name,
+                path: Some(file.clone()),
+                text,
+            });
+        }
+        if self.env {
+            figment = figment.merge(Env::prefixed("VLMATCH_").split("__").global());
+        }
+        let mut sets = Vec::new();
+        for s in &self.sets {
+            let Some((k, v)) = s.split_once('=') else {
+                return Err(Error::Config(format!(
+                    "--set `{s}`: expected `dotted.key=value`, e.g. `--set train.steps=100`"
+                )));
+            };
+            if k.trim().is_empty() || k.split('.').any(|p| p.trim().is_empty()) {
+                return Err(Error::Config(format!(
+                    "--set `{s}`: the key `{k}` is not a dotted key"
+                )));
+            }
+            sets.push((k.trim().to_string(), v.trim().to_string()));
+        }
+        if !sets.is_empty() {
+            figment = figment.merge(SetOverrides(sets));
+        }
+        let config: Config = figment
+            .extract()
+            .map_err(|e| Error::Config(describe_error(e, &figment, &[])))?;
+        Ok(LoadedConfig { figment, config })
+    }
+}
+
+/// Reject a syntactically broken TOML layer with its line.
+fn check_toml(name: &str, text: &str) -> Result<()> {
+    text.parse::<toml::Table>()
+        .map(|_| ())
+        .map_err(|e| Error::Config(format!("{name}: invalid TOML: {}", e.to_string().trim())))
+}
+
+impl LoadedConfig {
+    /// The merged configuration as TOML, defaults filled in.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(&self.config).expect("the config serialises to TOML")
+    }
+
+    /// Deserialize the plugin section at `key` (dotted) into `T`, ignoring
+    /// the role keys (`plugin`, `weight`) that the registry itself reads.
+    pub fn section<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<T> {
+        let value = self
+            .figment
+            .find_value(key)
+            .map_err(|e| Error::Config(format!("config key `{key}`: {}", e.kind)))?;
+        let Value::Dict(tag, mut dict) = value else {
+            return Err(Error::Config(format!(
+                "config key `{key}`: expected a table"
+            )));
+        };
+        dict.remove("plugin");
+        dict.remove("weight");
+        let prefix: Vec<&str> = key.split('.').collect();
+        Value::Dict(tag, dict)
+            .deserialize::<T>()
+            .map_err(|e| Error::Config(describe_error(e, &self.figment, &prefix)))
+    }
+}
+
+/// One line naming the key, the layer it came from, and what is wrong.
+pub fn describe_error(err: figment::Error, figment: &Figment, prefix: &[&str]) -> String {
+    let err = err
+        .into_iter()
+        .next()
+        .expect("an error has at least one entry");
+    let mut path: Vec<String> = prefix.iter().map(|s| s.to_string()).collect();
+    path.extend(err.path.iter().cloned());
+    if let figment::error::Kind::UnknownField(field, _) = &err.kind {
+        if path.last() != Some(field) {
+            path.push(field.clone());
+        }
+    }
+    if let figment::error::Kind::MissingField(field) = &err.kind {
+        path.push(field.to_string());
+    }
+    let key = path.join(".");
+    let metadata = figment.find_metadata(&key).or(err.metadata.as_ref());
+    let source = metadata
+        .map(|m| {
+            let keys: Vec<&str> = path.iter().map(String::as_str).collect();
+            let shown = m.interpolate(&Profile::Default, &keys);
+            match &m.source {
+                Some(figment::Source::File(p)) => format!(" (in {})", p.display()),
+                _ if m.name == "command line" => format!(" (from `{shown}`)"),
+                _ if m.name.contains("environment") => {
+                    format!(" (from environment variable {shown})")
+                }
+                _ => format!(" (from {})", m.name),
+            }
+        })
+        .unwrap_or_default();
+    let what = if key.is_empty() {
+        "config".to_string()
+    } else {
+        format!("config key `{key}`")
+    };
+    format!("{what}{source}: {}", err.kind)
+}
+
+/// Read a TOML preset file as the base layer.
+pub fn base_from_file(path: &Path) -> Result<(String, Option<PathBuf>, String)> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Config(format!("cannot read config file {}: {e}", path.display())))?;
+    Ok((
+        format!("file {}", path.display()),
+        Some(path.to_path_buf()),
+        text,
+    ))
+}

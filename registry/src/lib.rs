@@ -1,0 +1,55 @@
+//! The plugin registry: every plugin crate registers its factories here with
+//! [`register!`]; a [`Registry`] collects them (rejecting a name registered
+//! twice), looks them up by kind and name, and [`assemble`]s a model and its
+//! objectives from a layered [`config`].
+//!
+//! Only this crate collects `inventory` entries (ARCHITECTURE.md).
+
+pub mod assemble;
+pub mod config;
+mod registration;
+
+pub use assemble::{assemble, Assembly, BuildContext, ModelEnv, WeightedObjective};
+pub use config::{Config, ConfigLayers, LoadedConfig, PluginSection};
+pub use registration::{Factory, Kind, Registration, Registry, RegistryError};
+
+#[doc(hidden)]
+pub use inventory;
+
+/// Register a plugin factory under a kind and a name:
+///
+/// ```ignore
+/// vlmatch_registry::register!(encoder "vit" => build);
+/// ```
+///
+/// where `build: fn(&BuildContext) -> vlmatch_core::Result<Rc<dyn Encoder>>`
+/// (`Box<dyn ...>` for negative samplers and objectives). Kinds: `encoder`,
+/// `generator`, `discriminator`, `negative_sampler`, `objective`. The crate
+/// name is recorded as the plugin's origin.
+#[macro_export]
+macro_rules! register {
+    (encoder $name:literal => $f:expr) => {
+        $crate::register!(@submit Encoder $name $f);
+    };
+    (generator $name:literal => $f:expr) => {
+        $crate::register!(@submit Generator $name $f);
+    };
+    (discriminator $name:literal => $f:expr) => {
+        $crate::register!(@submit Discriminator $name $f);
+    };
+    (negative_sampler $name:literal => $f:expr) => {
+        $crate::register!(@submit NegativeSampler $name $f);
+    };
+    (objective $name:literal => $f:expr) => {
+        $crate::register!(@submit Objective $name $f);
+    };
+    (@submit $variant:ident $name:literal $f:expr) => {
+        $crate::inventory::submit! {
+            $crate::Registration {
+                name: $name,
+                origin: env!("CARGO_PKG_NAME"),
+                factory: $crate::Factory::$variant($f),
+            }
+        }
+    };
+}

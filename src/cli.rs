@@ -1,0 +1,165 @@
+//! The `vlmatch` command line.
+
+use crate::train::{train, TrainOptions};
+use crate::PRESETS;
+use clap::{Args, Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use vlmatch_core::{Error, Result};
+use vlmatch_registry::{ConfigLayers, Kind, Registry};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vlmatch",
+    version,
+    about = "VL-Match vision-language pretraining"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Train a model (default: the tiny preset on the built-in dataset).
+    Train {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Run directory (default: runs/<preset>-<UTC time>).
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+        /// Continue a run directory from its newest checkpoint.
+        #[arg(long, conflicts_with = "run_dir")]
+        resume: Option<PathBuf>,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// List registered plugins by kind, with the crate each comes from.
+    Plugins,
+    /// Print the merged configuration that `train` would use.
+    Config {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct ConfigArgs {
+    /// Preset (configs/<name>.toml) at the bottom of the layers.
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    /// Config files layered over the preset, in order.
+    #[arg(long = "config", value_name = "FILE")]
+    pub configs: Vec<PathBuf>,
+    /// Overrides `dotted.key=value`, applied last (values parse as TOML).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+}
+
+impl ConfigArgs {
+    pub fn layers(&self) -> Result<ConfigLayers> {
+        Ok(ConfigLayers {
+            base: Some(preset(&self.preset)?),
+            files: self.configs.clone(),
+            env: true,
+            sets: self.sets.clone(),
+        })
+    }
+}
+
+/// A preset by name: `configs/<name>.toml` in the working directory if
+/// present, else the copy built into the binary; or a path to a TOML file.
+pub fn preset(name: &str) -> Result<(String, Option<PathBuf>, String)> {
+    let file = Path::new("configs").join(format!("{name}.toml"));
+    if file.is_file() {
+        return vlmatch_registry::config::base_from_file(&file);
+    }
+    if let Some((_, text)) = PRESETS.iter().find(|(n, _)| *n == name) {
+        return Ok((format!("preset {name} (built in)"), None, text.to_string()));
+    }
+    if name.ends_with(".toml") && Path::new(name).is_file() {
+        return vlmatch_registry::config::base_from_file(Path::new(name));
+    }
+    let known: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
+    Err(Error::Config(format!(
+        "unknown preset `{name}`; presets: {} (or give a path to a .toml file)",
+        known.join(", ")
+    )))
+}
+
+/// `vlmatch plugins` output.
+pub fn plugin_listing() -> Result<String> {
+    let registry = Registry::from_inventory().map_err(|e| Error::Config(e.to_string()))?;
+    let mut out = String::new();
+    for kind in Kind::ALL {
+        out.push_str(&format!("{kind}:\n"));
+        for e in registry.entries().filter(|e| e.factory.kind() == kind) {
+            out.push_str(&format!("  {:<20} built-in ({})\n", e.name, e.origin));
+        }
+    }
+    Ok(out)
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train {
+            config,
+            run_dir,
+            resume,
+            quiet,
+        } => {
+            let mut layers = config.layers()?;
+            if resume.is_some() {
+                // The run's own saved config replaces the preset.
+                layers.base = None;
+            }
+            let summary = train(TrainOptions {
+                layers,
+                run_dir,
+                resume,
+                halt_after: None,
+                progress: !quiet,
+            })?;
+            let first = summary
+                .logged
+                .first()
+                .and_then(|m| m.get("loss"))
+                .and_then(|v| v.as_f64());
+            let last = summary
+                .logged
+                .last()
+                .and_then(|m| m.get("loss"))
+                .and_then(|v| v.as_f64());
+            if let (Some(a), Some(b)) = (first, last) {
+                println!(
+                    "loss {a:.4} -> {b:.4} over steps {}..{}",
+                    summary.start_step, summary.last_step
+                );
+            }
+            if let Some(r) = &summary.eval {
+                println!(
+                    "held-out ITC retrieval ({} images, {} captions): image->text R@1 {:.1}% R@5 {:.1}% | \
+                     text->image R@1 {:.1}% R@5 {:.1}% (chance R@1 {:.1}%)",
+                    r.images,
+                    r.captions,
+                    100.0 * r.i2t_r1,
+                    100.0 * r.i2t_r5,
+                    100.0 * r.t2i_r1,
+                    100.0 * r.t2i_r5,
+                    100.0 * r.t2i_chance
+                );
+            }
+            println!("run directory: {}", summary.run_dir.display());
+            Ok(())
+        }
+        Command::Plugins => {
+            print!("{}", plugin_listing()?);
+            Ok(())
+        }
+        Command::Config { config } => {
+            let loaded = config.layers()?.load()?;
+            print!("{}", loaded.to_toml());
+            Ok(())
+        }
+    }
+}

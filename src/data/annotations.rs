@@ -1,0 +1,116 @@
+//! ALBEF/BLIP annotation files: a JSON array, or JSON lines, of
+//! `{"image": path relative to the image root, "caption": string or list of
+//! strings, "image_id": optional number or string}`. Pairs without an
+//! `image_id` share an id with the other pairs of the same image path.
+
+use super::{Dataset, ImageRef, Pair};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::Path;
+use vlmatch_core::{Error, Result};
+
+fn bad(path: &Path, line: Option<usize>, message: String) -> Error {
+    Error::Data {
+        path: path.to_path_buf(),
+        line,
+        message,
+    }
+}
+
+/// Read `path`; image paths resolve against `image_root` (default: the
+/// annotation file's directory). A missing image file is an error naming the
+/// annotation line and the path looked for.
+pub fn load(path: &Path, image_root: Option<&Path>) -> Result<Dataset> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let root = image_root
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| path.parent().map(Path::to_path_buf).unwrap_or_default());
+    let entries: Vec<(Option<usize>, Value)> = if text.trim_start().starts_with('[') {
+        let values: Vec<Value> = serde_json::from_str(&text)
+            .map_err(|e| bad(path, Some(e.line()), format!("invalid JSON: {e}")))?;
+        values.into_iter().map(|v| (None, v)).collect()
+    } else {
+        let mut out = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: Value = serde_json::from_str(line)
+                .map_err(|e| bad(path, Some(i + 1), format!("invalid JSON line: {e}")))?;
+            out.push((Some(i + 1), v));
+        }
+        out
+    };
+    let mut ds = Dataset {
+        name: path.display().to_string(),
+        images: Vec::new(),
+        image_ids: Vec::new(),
+        pairs: Vec::new(),
+    };
+    let mut by_path: HashMap<String, usize> = HashMap::new();
+    let mut named_ids: HashMap<String, i64> = HashMap::new();
+    for (n, (line, entry)) in entries.iter().enumerate() {
+        let at = |m: String| match line {
+            Some(_) => bad(path, *line, m),
+            None => bad(path, None, format!("entry {n}: {m}")),
+        };
+        let Some(image) = entry.get("image").and_then(Value::as_str) else {
+            return Err(at(
+                "expected a string field `image` (path relative to data.image_root)".into(),
+            ));
+        };
+        let captions: Vec<String> = match entry.get("caption") {
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(list)) => list
+                .iter()
+                .map(|c| c.as_str().map(str::to_string))
+                .collect::<Option<_>>()
+                .ok_or_else(|| at("`caption` list must hold strings".into()))?,
+            _ => {
+                return Err(at(
+                    "expected `caption`: a string or a list of strings".into()
+                ))
+            }
+        };
+        let idx = match by_path.get(image) {
+            Some(&i) => i,
+            None => {
+                let file = root.join(image);
+                if !file.is_file() {
+                    return Err(at(format!(
+                        "image file {} not found (check data.image_root, now {})",
+                        file.display(),
+                        root.display()
+                    )));
+                }
+                let origin = match line {
+                    Some(l) => format!("{}:{l}", path.display()),
+                    None => format!("{} entry {n}", path.display()),
+                };
+                ds.images.push(ImageRef::File { path: file, origin });
+                let next = named_ids.len() as i64;
+                let id = match entry.get("image_id") {
+                    Some(Value::Number(num)) => num
+                        .as_i64()
+                        .ok_or_else(|| at("`image_id` must be an integer or a string".into()))?,
+                    Some(Value::String(s)) => *named_ids.entry(s.clone()).or_insert(next),
+                    None => *named_ids.entry(image.to_string()).or_insert(next),
+                    Some(_) => return Err(at("`image_id` must be an integer or a string".into())),
+                };
+                ds.image_ids.push(id);
+                by_path.insert(image.to_string(), ds.images.len() - 1);
+                ds.images.len() - 1
+            }
+        };
+        for caption in captions {
+            ds.pairs.push(Pair {
+                image: idx,
+                caption,
+            });
+        }
+    }
+    if ds.pairs.is_empty() {
+        return Err(bad(path, None, "no image-caption pairs".into()));
+    }
+    Ok(ds)
+}

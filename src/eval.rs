@@ -1,0 +1,104 @@
+//! Held-out evaluation: ITC retrieval recall (image-to-text and
+//! text-to-image R@1/R@5). Every caption of an image is a correct text for
+//! it; an image's text query is correct when its own image ranks in the top k.
+
+use crate::data::Dataset;
+use crate::tokenizer::Tokenizer;
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+use vlmatch_core::{EncoderInput, Result, TextBatch, VlModel};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Retrieval {
+    pub images: usize,
+    pub captions: usize,
+    pub i2t_r1: f64,
+    pub i2t_r5: f64,
+    pub t2i_r1: f64,
+    pub t2i_r5: f64,
+    /// R@1 of a random ranking (image-to-text: captions per image / captions;
+    /// text-to-image: 1 / images).
+    pub t2i_chance: f64,
+}
+
+pub struct EvalInputs<'a> {
+    pub image_size: usize,
+    pub max_len: usize,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    pub batch_size: usize,
+    pub tokenizer: &'a Tokenizer,
+}
+
+/// Unit-norm ITC embeddings of every image and every caption.
+fn embeddings(model: &VlModel, ds: &Dataset, inp: &EvalInputs<'_>) -> Result<(Tensor, Tensor)> {
+    let device: Device = model.device;
+    let s = inp.image_size as i64;
+    let mut image_embeds = Vec::new();
+    let all: Vec<usize> = (0..ds.images.len()).collect();
+    for chunk in all.chunks(inp.batch_size.max(1)) {
+        let mut pixels = Vec::with_capacity(chunk.len() * 3 * inp.image_size * inp.image_size);
+        for &i in chunk {
+            pixels.extend(ds.load_image(i, inp.image_size, inp.mean, inp.std)?);
+        }
+        let images = Tensor::from_slice(&pixels)
+            .view([chunk.len() as i64, 3, s, s])
+            .to_device(device);
+        let enc = model.image.forward_t(EncoderInput::Image(&images), false)?;
+        image_embeds.push(model.contrastive.embed_image(&enc));
+    }
+    let mut text_embeds = Vec::new();
+    for chunk in ds.pairs.chunks(inp.batch_size.max(1)) {
+        let texts: Vec<&str> = chunk.iter().map(|p| p.caption.as_str()).collect();
+        let (ids, mask, l) = inp.tokenizer.encode_batch(&texts, inp.max_len);
+        let b = texts.len() as i64;
+        let text = TextBatch::new(
+            Tensor::from_slice(&ids)
+                .view([b, l as i64])
+                .to_device(device),
+            Tensor::from_slice(&mask)
+                .view([b, l as i64])
+                .to_device(device),
+        );
+        let enc = model.text.forward_t(EncoderInput::Text(&text), false)?;
+        text_embeds.push(model.contrastive.embed_text(&enc));
+    }
+    Ok((Tensor::cat(&image_embeds, 0), Tensor::cat(&text_embeds, 0)))
+}
+
+pub fn retrieval(model: &VlModel, ds: &Dataset, inp: &EvalInputs<'_>) -> Result<Retrieval> {
+    tch::no_grad(|| {
+        let (img, txt) = embeddings(model, ds, inp)?;
+        let sims = img.matmul(&txt.tr()).to_device(Device::Cpu);
+        let owner: Vec<i64> = ds.pairs.iter().map(|p| p.image as i64).collect();
+        let owner = Tensor::from_slice(&owner);
+        let ni = ds.images.len() as i64;
+        let nt = ds.pairs.len() as i64;
+        let k = 5.min(nt).min(ni);
+        // Image to text: does a caption of image i rank within the top k?
+        let (_, top_t) = sims.topk(k, 1, true, true);
+        let hit_t = owner
+            .index_select(0, &top_t.flatten(0, 1))
+            .view([ni, k])
+            .eq_tensor(&Tensor::arange(ni, (Kind::Int64, Device::Cpu)).unsqueeze(1));
+        // Text to image: does caption j's own image rank within the top k?
+        let (_, top_i) = sims.tr().topk(k, 1, true, true);
+        let hit_i = top_i.eq_tensor(&owner.unsqueeze(1));
+        let recall = |hits: &Tensor, upto: i64| {
+            hits.narrow(1, 0, upto)
+                .any_dim(1, false)
+                .to_kind(Kind::Float)
+                .mean(Kind::Float)
+                .double_value(&[])
+        };
+        Ok(Retrieval {
+            images: ni as usize,
+            captions: nt as usize,
+            i2t_r1: recall(&hit_t, 1),
+            i2t_r5: recall(&hit_t, k),
+            t2i_r1: recall(&hit_i, 1),
+            t2i_r5: recall(&hit_i, k),
+            t2i_chance: 1.0 / ni as f64,
+        })
+    })
+}

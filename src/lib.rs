@@ -1,0 +1,33 @@
+//! vlmatch: VL-Match vision-language pretraining (ITC, VL-RTD, FG-ITM,
+//! NegGen) as a plugin toolkit on libtorch. This crate holds the trainer,
+//! the data pipeline, evaluation and the `vlmatch` CLI; the model pieces
+//! are plugins (`plugins/`) found through `vlmatch-registry`.
+//!
+//! See README.md for use and ARCHITECTURE.md for the map.
+
+pub mod checkpoint;
+pub mod cli;
+pub mod data;
+pub mod eval;
+pub mod optim;
+pub mod rng;
+pub mod setup;
+pub mod tokenizer;
+pub mod train;
+
+// Link every built-in plugin so its `inventory` registration is present; a
+// crate nothing references is dropped by the linker with its plugins.
+use bert as _;
+use cross_attention as _;
+use discriminator as _;
+use hard_negative as _;
+use itc as _;
+use itm as _;
+use vit as _;
+
+/// The presets shipped in `configs/`, embedded so the binary works from any
+/// directory; a `configs/<name>.toml` file in the working directory wins.
+pub const PRESETS: &[(&str, &str)] = &[
+    ("tiny", include_str!("../configs/tiny.toml")),
+    ("base", include_str!("../configs/base.toml")),
+];

@@ -1,0 +1,117 @@
+//! From a loaded configuration to the pieces a run needs: device, precision,
+//! tokenizer, datasets, and the assembled model.
+
+use crate::data::{annotations, Dataset};
+use crate::tokenizer::Tokenizer;
+use std::path::Path;
+use tch::{Device, Kind};
+use vlmatch_core::{Error, Result};
+use vlmatch_registry::{assemble, Assembly, LoadedConfig, ModelEnv, Registry};
+
+pub fn device(name: &str) -> Result<Device> {
+    Ok(match name {
+        "auto" => Device::cuda_if_available(),
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => Device::Cuda(n),
+            None => {
+                return Err(Error::Config(format!(
+                    "config key `train.device`: expected auto, cpu, cuda or cuda:N, got `{other}`"
+                )))
+            }
+        },
+    })
+}
+
+pub fn compute_kind(precision: &str, device: Device) -> Result<Kind> {
+    match (precision, device) {
+        ("auto", Device::Cuda(_)) | ("bf16", _) => Ok(Kind::BFloat16),
+        ("auto", _) | ("fp32", _) => Ok(Kind::Float),
+        (other, _) => Err(Error::Config(format!(
+            "config key `train.precision`: expected auto, fp32 or bf16, got `{other}`"
+        ))),
+    }
+}
+
+pub fn tokenizer(cfg: &LoadedConfig) -> Result<Tokenizer> {
+    let data = &cfg.config.data;
+    if data.vocab == "builtin" {
+        Ok(Tokenizer::builtin())
+    } else {
+        Tokenizer::from_vocab_file(Path::new(&data.vocab), data.lowercase)
+    }
+}
+
+/// First scene index of the held-out split: far from the training scenes.
+const HELDOUT_FIRST_SCENE: u64 = 1 << 40;
+
+/// The training and (optional) held-out datasets.
+pub fn datasets(cfg: &LoadedConfig) -> Result<(Dataset, Option<Dataset>)> {
+    let data = &cfg.config.data;
+    match data.source.as_str() {
+        "synthetic" => {
+            let s = &data.synthetic;
+            let train = Dataset::synthetic(
+                "synthetic-train",
+                s.seed,
+                0,
+                s.train_scenes,
+                s.captions_per_scene,
+            );
+            let heldout = (s.heldout_scenes > 0).then(|| {
+                Dataset::synthetic(
+                    "synthetic-heldout",
+                    s.seed,
+                    HELDOUT_FIRST_SCENE,
+                    s.heldout_scenes,
+                    s.captions_per_scene,
+                )
+            });
+            Ok((train, heldout))
+        }
+        "annotations" => {
+            let path = data.annotations.as_ref().ok_or_else(|| {
+                Error::Config(
+                    "config key `data.annotations`: required when data.source = \"annotations\""
+                        .into(),
+                )
+            })?;
+            let root = data.image_root.as_deref();
+            let train = annotations::load(path, root)?;
+            let heldout = match &data.heldout_annotations {
+                Some(p) => Some(annotations::load(p, root)?),
+                None => None,
+            };
+            Ok((train, heldout))
+        }
+        other => Err(Error::Config(format!(
+            "config key `data.source`: expected \"synthetic\" or \"annotations\", got \"{other}\""
+        ))),
+    }
+}
+
+/// Assemble the model for `cfg` on its device.
+pub fn model(cfg: &LoadedConfig, tok: &Tokenizer) -> Result<(Assembly, ModelEnv)> {
+    let registry = Registry::from_inventory().map_err(|e| Error::Config(e.to_string()))?;
+    let train = &cfg.config.train;
+    let device = device(&train.device)?;
+    if let Device::Cuda(n) = device {
+        if !tch::Cuda::is_available() || n >= tch::Cuda::device_count() as usize {
+            return Err(Error::Config(format!(
+                "config key `train.device`: CUDA device {n} is not available (devices: {}); use `auto` or `cpu`",
+                tch::Cuda::device_count()
+            )));
+        }
+    }
+    let env = ModelEnv {
+        vocab_size: tok.vocab_size(),
+        special: tok.special,
+        image_size: cfg.config.data.image_size,
+        max_text_len: cfg.config.data.max_len,
+        device,
+        compute: compute_kind(&train.precision, device)?,
+    };
+    let assembly = assemble(&registry, cfg, &env)?;
+    Ok((assembly, env))
+}

@@ -1,0 +1,337 @@
+//! The trainer: AdamW with warm-up and cosine decay, gradient clipping and
+//! accumulation, atomic checkpoints, exact resume, `metrics.jsonl`, a
+//! progress bar, and a held-out evaluation at the end.
+//!
+//! Determinism: libtorch's generator is reseeded from `(train.seed, step)`
+//! before every step, and batch `g` of the loader is a function of the seed
+//! and `g`; so a run resumed from a checkpoint continues exactly as if it had
+//! never stopped (bit-exact on CPU).
+
+use crate::checkpoint::{self, TrainerState};
+use crate::data::loader::{Loader, LoaderConfig};
+use crate::eval::{self, EvalInputs, Retrieval};
+use crate::optim::{lr_at, AdamW};
+use crate::rng::mix;
+use crate::setup;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tch::{Kind, Tensor};
+use vlmatch_core::{Error, Forward, Result};
+use vlmatch_registry::config::base_from_file;
+use vlmatch_registry::ConfigLayers;
+
+pub struct TrainOptions {
+    pub layers: ConfigLayers,
+    /// Where to write; default `runs/<name>-<UTC time>`.
+    pub run_dir: Option<PathBuf>,
+    /// Continue this run directory from its newest checkpoint.
+    pub resume: Option<PathBuf>,
+    /// Stop abruptly after this step, without a final checkpoint, as a kill
+    /// would (used by the resume tests).
+    pub halt_after: Option<i64>,
+    pub progress: bool,
+}
+
+#[derive(Debug)]
+pub struct TrainSummary {
+    pub run_dir: PathBuf,
+    /// Step at which this invocation started (0 unless resumed).
+    pub start_step: i64,
+    pub last_step: i64,
+    /// The logged metrics of this invocation, one object per logged step.
+    pub logged: Vec<Map<String, Value>>,
+    pub eval: Option<Retrieval>,
+}
+
+fn default_run_dir(preset: &str) -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0) as i64;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    PathBuf::from("runs").join(format!(
+        "{preset}-{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    ))
+}
+
+/// Keep the lines of `metrics.jsonl` up to `step`, dropping what a killed run
+/// logged after its last checkpoint.
+fn truncate_metrics(path: &Path, step: i64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(Value::as_i64))
+                .is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, kept).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+fn step_seed(seed: u64, step: i64) -> i64 {
+    (mix(&[seed, step as u64, 0x5EED]) >> 1) as i64
+}
+
+pub fn train(mut opts: TrainOptions) -> Result<TrainSummary> {
+    let run_dir = if let Some(dir) = &opts.resume {
+        opts.layers.base = Some(base_from_file(&dir.join("config.toml"))?);
+        dir.clone()
+    } else {
+        let preset = opts
+            .layers
+            .base
+            .as_ref()
+            .map(|b| {
+                b.0.rsplit(['/', ' '])
+                    .next()
+                    .unwrap_or("run")
+                    .trim_end_matches(".toml")
+                    .to_string()
+            })
+            .unwrap_or_else(|| "run".into());
+        opts.run_dir
+            .clone()
+            .unwrap_or_else(|| default_run_dir(&preset))
+    };
+    let loaded = opts.layers.load()?;
+    let cfg = loaded.config.clone();
+    let tc = &cfg.train;
+    if tc.steps <= 0 || tc.batch_size == 0 || tc.accum_steps == 0 || tc.log_every <= 0 {
+        return Err(Error::Config(format!(
+            "config keys `train.steps` ({}), `train.batch_size` ({}), `train.accum_steps` ({}) and \
+             `train.log_every` ({}) must be positive",
+            tc.steps, tc.batch_size, tc.accum_steps, tc.log_every
+        )));
+    }
+    let threads = if tc.threads > 0 {
+        tc.threads
+    } else {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    };
+    tch::set_num_threads(threads as i32);
+    tch::manual_seed(step_seed(tc.seed, -1));
+
+    let tok = Arc::new(setup::tokenizer(&loaded)?);
+    let (mut asm, env) = setup::model(&loaded, &tok)?;
+    let (train_ds, heldout) = setup::datasets(&loaded)?;
+    let train_ds = Arc::new(train_ds);
+
+    std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
+    let config_path = run_dir.join("config.toml");
+    std::fs::write(&config_path, loaded.to_toml()).map_err(|e| Error::io(&config_path, e))?;
+
+    let mut optim = AdamW::new(&asm.vs, tc.betas, tc.eps, tc.weight_decay);
+    let mut state = TrainerState {
+        step: 0,
+        batches: 0,
+        seed: tc.seed as i64,
+    };
+    let metrics_path = run_dir.join("metrics.jsonl");
+    if opts.resume.is_some() {
+        let path = checkpoint::latest(&run_dir)?;
+        let (optim_state, st) = checkpoint::load(&path, &mut asm.vs)?;
+        optim.load_state(&optim_state).map_err(|m| Error::Data {
+            path: path.clone(),
+            line: None,
+            message: m,
+        })?;
+        state = st;
+        truncate_metrics(&metrics_path, state.step)?;
+        tracing::info!(checkpoint = %path.display(), step = state.step, "resuming");
+    } else {
+        let _ = std::fs::remove_file(&metrics_path);
+    }
+    let start_step = state.step;
+    let n_params: i64 = asm
+        .vs
+        .trainable_variables()
+        .iter()
+        .map(|t| t.numel() as i64)
+        .sum();
+    tracing::info!(
+        run_dir = %run_dir.display(),
+        device = ?env.device,
+        compute = ?env.compute,
+        parameters = n_params,
+        pairs = train_ds.len(),
+        "training"
+    );
+
+    let loader_cfg = LoaderConfig {
+        batch_size: tc.batch_size,
+        workers: cfg.data.workers,
+        prefetch: cfg.data.prefetch,
+        image_size: cfg.data.image_size as usize,
+        max_len: cfg.data.max_len as usize,
+        mean: cfg.data.mean,
+        std: cfg.data.std,
+        shuffle_seed: Some(tc.seed),
+    };
+    let mut loader = Loader::new(
+        train_ds.clone(),
+        tok.clone(),
+        loader_cfg,
+        state.batches as u64,
+    )?;
+    let mut metrics_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(|e| Error::io(&metrics_path, e))?;
+
+    let bar = if opts.progress {
+        ProgressBar::new(tc.steps as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps {msg} ({per_sec})",
+        )
+        .expect("valid template"),
+    );
+    bar.set_position(start_step as u64);
+
+    let device = env.device;
+    let mut logged = Vec::new();
+    let mut last_saved = -1;
+    for step in start_step..tc.steps {
+        tch::manual_seed(step_seed(tc.seed, step));
+        let lr = lr_at(step, tc.steps, tc.warmup_steps, tc.lr, tc.min_lr);
+        let mut values: BTreeMap<String, Tensor> = BTreeMap::new();
+        let mut add = |k: String, v: Tensor| {
+            let v = v.detach().to_kind(Kind::Float) / tc.accum_steps as f64;
+            match values.remove(&k) {
+                Some(old) => values.insert(k, old + v),
+                None => values.insert(k, v),
+            };
+        };
+        for _ in 0..tc.accum_steps {
+            let batch = loader.next_batch()?.to_device(device);
+            state.batches += 1;
+            let fwd = Forward::new(&asm.model, &batch, true);
+            let mut total: Option<Tensor> = None;
+            for o in &asm.objectives {
+                let _span = tracing::trace_span!("objective", name = %o.name).entered();
+                let out = o.objective.forward(&fwd, step)?;
+                for (k, l) in out.losses {
+                    let weighted = &l * o.weight;
+                    add(k, l);
+                    total = Some(match total {
+                        Some(t) => t + weighted,
+                        None => weighted,
+                    });
+                }
+                for (k, m) in out.metrics {
+                    add(k, m);
+                }
+            }
+            let total =
+                total.ok_or_else(|| Error::Config("no objective produced a loss".into()))?;
+            add("loss".into(), total.shallow_clone());
+            (total / tc.accum_steps as f64).backward();
+        }
+        let grad_norm = optim.clip_grad_norm(tc.grad_clip);
+        optim.step(lr);
+        optim.zero_grad();
+        state.step = step + 1;
+
+        if state.step % tc.log_every == 0 || state.step == tc.steps {
+            let mut line = Map::new();
+            line.insert("step".into(), json!(state.step));
+            line.insert("lr".into(), json!(lr));
+            line.insert("grad_norm".into(), json!(grad_norm.double_value(&[])));
+            for (k, v) in &values {
+                let x = v.double_value(&[]);
+                if !x.is_finite() {
+                    return Err(Error::Config(format!(
+                        "`{k}` became {x} at step {}; lower train.lr or raise train.warmup_steps",
+                        state.step
+                    )));
+                }
+                line.insert(k.clone(), json!(x));
+            }
+            writeln!(metrics_file, "{}", Value::Object(line.clone()))
+                .map_err(|e| Error::io(&metrics_path, e))?;
+            let loss = line.get("loss").and_then(Value::as_f64).unwrap_or(f64::NAN);
+            bar.set_message(format!("loss {loss:.4} lr {lr:.2e}"));
+            logged.push(line);
+        }
+        bar.set_position(state.step as u64);
+        if tc.checkpoint_every > 0 && state.step % tc.checkpoint_every == 0 {
+            let path =
+                checkpoint::save(&run_dir, &asm.vs, optim.state(), state, tc.keep_checkpoints)?;
+            tracing::debug!(path = %path.display(), "checkpoint");
+            last_saved = state.step;
+        }
+        if opts.halt_after == Some(state.step) {
+            bar.abandon();
+            return Ok(TrainSummary {
+                run_dir,
+                start_step,
+                last_step: state.step,
+                logged,
+                eval: None,
+            });
+        }
+    }
+    if last_saved != state.step {
+        checkpoint::save(&run_dir, &asm.vs, optim.state(), state, tc.keep_checkpoints)?;
+    }
+    bar.finish();
+
+    let eval = match (&heldout, cfg.eval.at_end) {
+        (Some(ds), true) => {
+            let r = eval::retrieval(
+                &asm.model,
+                ds,
+                &EvalInputs {
+                    image_size: cfg.data.image_size as usize,
+                    max_len: cfg.data.max_len as usize,
+                    mean: cfg.data.mean,
+                    std: cfg.data.std,
+                    batch_size: cfg.eval.batch_size,
+                    tokenizer: &tok,
+                },
+            )?;
+            let path = run_dir.join("eval-heldout.json");
+            let text = serde_json::to_string_pretty(&r).expect("serialisable");
+            std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+            Some(r)
+        }
+        _ => None,
+    };
+    Ok(TrainSummary {
+        run_dir,
+        start_step,
+        last_step: state.step,
+        logged,
+        eval,
+    })
+}

@@ -1,0 +1,101 @@
+//! `cargo xtask`: the project's entry points for people and CI.
+//!
+//! xtask has no dependencies and never links libtorch. It provisions libtorch
+//! (see [`setup`]), then runs cargo with the right package and arguments.
+
+mod setup;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+const USAGE: &str = "\
+usage: cargo xtask <command> [args]
+
+commands:
+  train [--config F]... [--set k=v]... [--run-dir D] [--resume D]
+                 train a model (default: the tiny preset on the built-in data)
+  test [args]    run the whole test suite (extra args go to `cargo test`)
+  plugins        list registered plugins by kind
+  setup          provision libtorch 2.11.0 and print where it is
+  vlmatch ARGS   run the vlmatch CLI with any arguments";
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let Some(cmd) = args.next() else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let rest: Vec<String> = args.collect();
+    let root = project_root();
+    let result = match cmd.as_str() {
+        "setup" => setup::ensure_libtorch(&root).map(|p| println!("libtorch: {}", p.display())),
+        "train" => run_cli(&root, "train", &rest),
+        "plugins" => run_cli(&root, "plugins", &rest),
+        "vlmatch" => run_cli(&root, "", &rest),
+        "test" => run_tests(&root, &rest),
+        "help" | "--help" | "-h" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => Err(format!("unknown command `{other}`\n\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("xtask: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root: xtask lives one level below it.
+pub fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits inside the workspace")
+        .to_path_buf()
+}
+
+/// A `cargo` command running in the workspace root with libtorch provisioned.
+pub fn cargo(root: &Path) -> Result<Command, String> {
+    let libtorch = setup::ensure_libtorch(root)?;
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root).env("LIBTORCH", libtorch);
+    Ok(cmd)
+}
+
+pub fn run_status(mut cmd: Command) -> Result<(), String> {
+    let shown = format!("{cmd:?}");
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot start {shown}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("command failed ({status}): {shown}"))
+    }
+}
+
+fn run_cli(root: &Path, sub: &str, rest: &[String]) -> Result<(), String> {
+    let mut cmd = cargo(root)?;
+    cmd.args([
+        "run",
+        "--quiet",
+        "--package",
+        "vlmatch",
+        "--bin",
+        "vlmatch",
+        "--",
+    ]);
+    if !sub.is_empty() {
+        cmd.arg(sub);
+    }
+    cmd.args(rest);
+    run_status(cmd)
+}
+
+fn run_tests(root: &Path, rest: &[String]) -> Result<(), String> {
+    let mut cmd = cargo(root)?;
+    cmd.args(["test", "--workspace"]).args(rest);
+    run_status(cmd)
+}

@@ -1,0 +1,131 @@
+//! Provisioning libtorch 2.11.0, the version `tch =0.24.0` binds.
+//!
+//! Order of preference, first hit wins:
+//! 1. a `LIBTORCH` the user set themselves;
+//! 2. the project link `.vlmatch/libtorch`, if it still points at a libtorch;
+//! 3. an importable Python `torch` 2.11.0 (`python3` on `PATH`);
+//! 4. a venv in the per-user cache (`$XDG_CACHE_HOME/vlmatch/torch-2.11.0`,
+//!    else `~/.cache/...`), created once with `pip install torch==2.11.0` and
+//!    shared by every clone.
+//!
+//! Cases 3 and 4 refresh the `.vlmatch/libtorch` link, which
+//! `.cargo/config.toml` hands to torch-sys, so a plain `cargo build` works
+//! afterwards too.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub const TORCH_VERSION: &str = "2.11.0";
+
+fn is_libtorch(dir: &Path) -> bool {
+    dir.join("lib").join("libtorch_cpu.so").exists() && dir.join("include").exists()
+}
+
+pub fn ensure_libtorch(root: &Path) -> Result<PathBuf, String> {
+    let link = root.join(".vlmatch").join("libtorch");
+    if let Some(user) = std::env::var_os("LIBTORCH").map(PathBuf::from) {
+        // cargo's `[env]` table also sets LIBTORCH (to our link) for xtask
+        // itself; only a different value is the user's own choice.
+        if user != link {
+            if is_libtorch(&user) {
+                return Ok(user);
+            }
+            return Err(format!(
+                "LIBTORCH={} is not a libtorch directory (no lib/libtorch_cpu.so); \
+                 unset it to let xtask provision torch {TORCH_VERSION}",
+                user.display()
+            ));
+        }
+    }
+    if is_libtorch(&link) {
+        return Ok(link);
+    }
+    let torch_dir = match python_torch(Path::new("python3")) {
+        Some(dir) => dir,
+        None => cached_venv_torch()?,
+    };
+    std::fs::create_dir_all(link.parent().unwrap())
+        .map_err(|e| format!("cannot create {}: {e}", link.parent().unwrap().display()))?;
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&torch_dir, &link).map_err(|e| {
+        format!(
+            "cannot link {} -> {}: {e}",
+            link.display(),
+            torch_dir.display()
+        )
+    })?;
+    eprintln!("xtask: libtorch {TORCH_VERSION} at {}", torch_dir.display());
+    Ok(link)
+}
+
+/// The torch package directory of `python`, if it imports torch 2.11.0.
+fn python_torch(python: &Path) -> Option<PathBuf> {
+    let out = Command::new(python)
+        .args([
+            "-c",
+            "import torch, os; print(torch.__version__); print(os.path.dirname(torch.__file__))",
+        ])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    let version = lines.next()?.trim();
+    let dir = PathBuf::from(lines.next()?.trim());
+    let matches = version == TORCH_VERSION || version.starts_with(&format!("{TORCH_VERSION}+"));
+    (matches && is_libtorch(&dir)).then_some(dir)
+}
+
+fn cache_dir() -> Result<PathBuf, String> {
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(dir).join("vlmatch"));
+    }
+    let home = std::env::var_os("HOME").ok_or("neither XDG_CACHE_HOME nor HOME is set")?;
+    Ok(PathBuf::from(home).join(".cache").join("vlmatch"))
+}
+
+/// The per-user venv's torch directory, creating the venv on first use. The
+/// venv is built under a `.partial` name and renamed when complete, so an
+/// interrupted install is redone rather than half-used.
+fn cached_venv_torch() -> Result<PathBuf, String> {
+    let cache = cache_dir()?;
+    let venv = cache.join(format!("torch-{TORCH_VERSION}"));
+    let python = venv.join("bin").join("python");
+    if let Some(dir) = python_torch(&python) {
+        return Ok(dir);
+    }
+    let partial = cache.join(format!("torch-{TORCH_VERSION}.partial"));
+    std::fs::create_dir_all(&cache)
+        .map_err(|e| format!("cannot create {}: {e}", cache.display()))?;
+    let _ = std::fs::remove_dir_all(&partial);
+    eprintln!(
+        "xtask: installing torch=={TORCH_VERSION} from PyPI into {} (once; about 5 GB, a few minutes)",
+        venv.display()
+    );
+    let status = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&partial)
+        .status()
+        .map_err(|e| format!("cannot run python3 -m venv (is Python 3 installed?): {e}"))?;
+    if !status.success() {
+        return Err(format!("python3 -m venv {} failed", partial.display()));
+    }
+    let status = Command::new(partial.join("bin").join("pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .arg(format!("torch=={TORCH_VERSION}"))
+        .status()
+        .map_err(|e| format!("cannot run pip: {e}"))?;
+    if !status.success() {
+        return Err(format!(
+            "pip install torch=={TORCH_VERSION} failed; check network access to PyPI, \
+             or set LIBTORCH to an existing libtorch {TORCH_VERSION}"
+        ));
+    }
+    let _ = std::fs::remove_dir_all(&venv);
+    std::fs::rename(&partial, &venv)
+        .map_err(|e| format!("cannot move the venv into place: {e}"))?;
+    python_torch(&python)
+        .ok_or_else(|| format!("torch is not importable from {}", python.display()))
+}
