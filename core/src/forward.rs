@@ -103,7 +103,7 @@ pub struct Forward<'a> {
     similarity: OnceCell<Similarity>,
 }
 
-fn cached<'c, T>(cell: &'c OnceCell<T>, init: impl FnOnce() -> Result<T>) -> Result<&'c T> {
+fn cached<T>(cell: &OnceCell<T>, init: impl FnOnce() -> Result<T>) -> Result<&T> {
     if cell.get().is_none() {
         let value = init()?;
         let _ = cell.set(value);

@@ -198,7 +198,7 @@ fn default_mean() -> [f32; 3] {
     [0.481_454_66, 0.457_827_5, 0.408_210_73]
 }
 fn default_std() -> [f32; 3] {
-    [0.268_629_54, 0.261_302_58, 0.275_777_11]
+    [0.268_629_54, 0.261_302_6, 0.275_777_1]
 }
 
 /// The built-in procedurally generated dataset.
@@ -386,9 +386,12 @@ impl ConfigLayers {
 
 /// Reject a syntactically broken TOML layer with its line.
 fn check_toml(name: &str, text: &str) -> Result<()> {
-    text.parse::<toml::Table>()
-        .map(|_| ())
-        .map_err(|e| Error::Config(format!("{name}: invalid TOML: {}", e.to_string().trim())))
+    text.parse::<toml::Table>().map(|_| ()).map_err(|e| {
+        let line = e.span().map(|s| text[..s.start].matches('\n').count() + 1);
+        let at = line.map(|l| format!(" line {l}")).unwrap_or_default();
+        let message = e.message().trim().replace('\n', "; ");
+        Error::Config(format!("{name}{at}: invalid TOML: {message}"))
+    })
 }
 
 impl LoadedConfig {
@@ -435,6 +438,19 @@ pub fn describe_error(err: figment::Error, figment: &Figment, prefix: &[&str]) -
         path.push(field.to_string());
     }
     let key = path.join(".");
+    let problem = match &err.kind {
+        figment::error::Kind::UnknownField(field, expected) => {
+            let hint = closest(field, expected)
+                .map(|c| format!(" (did you mean `{c}`?)"))
+                .unwrap_or_default();
+            format!(
+                "unknown key `{field}`{hint}; expected one of: {}",
+                expected.join(", ")
+            )
+        }
+        figment::error::Kind::MissingField(field) => format!("missing required key `{field}`"),
+        other => other.to_string(),
+    };
     let metadata = figment.find_metadata(&key).or(err.metadata.as_ref());
     let source = metadata
         .map(|m| {
@@ -444,7 +460,10 @@ pub fn describe_error(err: figment::Error, figment: &Figment, prefix: &[&str]) -
                 Some(figment::Source::File(p)) => format!(" (in {})", p.display()),
                 _ if m.name == "command line" => format!(" (from `{shown}`)"),
                 _ if m.name.contains("environment") => {
-                    format!(" (from environment variable {shown})")
+                    format!(
+                        " (from environment variable VLMATCH_{})",
+                        keys.join("__").to_uppercase()
+                    )
                 }
                 _ => format!(" (from {})", m.name),
             }
@@ -455,7 +474,31 @@ pub fn describe_error(err: figment::Error, figment: &Figment, prefix: &[&str]) -
     } else {
         format!("config key `{key}`")
     };
-    format!("{what}{source}: {}", err.kind)
+    format!("{what}{source}: {problem}")
+}
+
+/// The expected name nearest to a misspelt one, if it is close.
+fn closest<'e>(name: &str, expected: &[&'e str]) -> Option<&'e str> {
+    fn distance(a: &str, b: &str) -> usize {
+        let b: Vec<char> = b.chars().collect();
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut prev = row[0];
+            row[0] = i + 1;
+            for (j, cb) in b.iter().enumerate() {
+                let cur = row[j + 1];
+                row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+                prev = cur;
+            }
+        }
+        row[b.len()]
+    }
+    expected
+        .iter()
+        .map(|e| (distance(name, e), *e))
+        .filter(|(d, e)| *d <= (e.len() / 3).max(2))
+        .min()
+        .map(|(_, e)| e)
 }
 
 /// Read a TOML preset file as the base layer.

@@ -7,7 +7,7 @@
 
 pub mod assemble;
 pub mod config;
-mod registration;
+pub mod registration;
 
 pub use assemble::{assemble, Assembly, BuildContext, ModelEnv, WeightedObjective};
 pub use config::{Config, ConfigLayers, LoadedConfig, PluginSection};

@@ -150,7 +150,7 @@ impl Scene {
                     let inside = match SHAPES[o.shape] {
                         "circle" => dx * dx + dy * dy <= 1.0,
                         "square" => dx.abs() <= 0.8 && dy.abs() <= 0.8,
-                        "triangle" => dy <= 0.8 && dy >= -0.9 && dx.abs() <= (dy + 0.9) * 0.55,
+                        "triangle" => (-0.9..=0.8).contains(&dy) && dx.abs() <= (dy + 0.9) * 0.55,
                         _ => dx.abs() + dy.abs() <= 1.0,
                     };
                     if inside {
@@ -236,12 +236,6 @@ impl Scene {
         let mut out = vec![self.describe_all(false)];
         let nouns: Vec<String> = self.objects.iter().map(|o| Self::noun(o, true)).collect();
         out.push(format!("{} on a {bg} background", Self::list(&nouns)));
-        out.push(format!(
-            "there {} {} {} on a {bg} background",
-            if n == 1 { "is" } else { "are" },
-            COUNTS[n - 1],
-            if n == 1 { "shape" } else { "shapes" }
-        ));
         for o in &self.objects {
             out.push(format!("{} {}", Self::noun(o, true), Self::place(o)));
         }
