@@ -36,6 +36,8 @@ pub enum Command {
     },
     /// List registered plugins by kind, with the crate each comes from.
     Plugins,
+    /// Print what libtorch sees: CUDA, devices, cuDNN, threads.
+    Env,
     /// Print the merged configuration that `train` would use.
     Config {
         #[command(flatten)]
@@ -150,6 +152,13 @@ pub fn run(cli: Cli) -> Result<()> {
                 );
             }
             println!("run directory: {}", summary.run_dir.display());
+            Ok(())
+        }
+        Command::Env => {
+            println!("cuda available: {}", tch::Cuda::is_available());
+            println!("cuda devices: {}", tch::Cuda::device_count());
+            println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
+            println!("intra-op threads: {}", tch::get_num_threads());
             Ok(())
         }
         Command::Plugins => {

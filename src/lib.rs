@@ -23,7 +23,11 @@ use discriminator as _;
 use hard_negative as _;
 use itc as _;
 use itm as _;
+use mlm as _;
+use mlm_head as _;
+use rtd as _;
 use vit as _;
+use word_swap as _;
 
 /// The presets shipped in `configs/`, embedded so the binary works from any
 /// directory; a `configs/<name>.toml` file in the working directory wins.

@@ -2,8 +2,10 @@
 //! tokenizer, datasets, and the assembled model.
 
 use crate::data::{annotations, Dataset};
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{Codec, Tokenizer};
 use std::path::Path;
+use std::rc::Rc;
+use std::sync::Arc;
 use tch::{Device, Kind};
 use vlmatch_core::{Error, Result};
 use vlmatch_registry::{assemble, Assembly, LoadedConfig, ModelEnv, Registry};
@@ -92,7 +94,7 @@ pub fn datasets(cfg: &LoadedConfig) -> Result<(Dataset, Option<Dataset>)> {
 }
 
 /// Assemble the model for `cfg` on its device.
-pub fn model(cfg: &LoadedConfig, tok: &Tokenizer) -> Result<(Assembly, ModelEnv)> {
+pub fn model(cfg: &LoadedConfig, tok: &Arc<Tokenizer>) -> Result<(Assembly, ModelEnv)> {
     let registry = Registry::from_inventory().map_err(|e| Error::Config(e.to_string()))?;
     let train = &cfg.config.train;
     let device = device(&train.device)?;
@@ -107,6 +109,10 @@ pub fn model(cfg: &LoadedConfig, tok: &Tokenizer) -> Result<(Assembly, ModelEnv)
     let env = ModelEnv {
         vocab_size: tok.vocab_size(),
         special: tok.special,
+        text: Rc::new(Codec {
+            tokenizer: tok.clone(),
+            max_len: cfg.config.data.max_len as usize,
+        }),
         image_size: cfg.config.data.image_size,
         max_text_len: cfg.config.data.max_len,
         device,

@@ -178,6 +178,36 @@ impl Tokenizer {
     }
 }
 
+/// The tokenizer with the run's maximum length, as plugins see it.
+pub struct Codec {
+    pub tokenizer: std::sync::Arc<Tokenizer>,
+    pub max_len: usize,
+}
+
+impl vlmatch_core::TextCodec for Codec {
+    fn special(&self) -> SpecialTokens {
+        self.tokenizer.special
+    }
+    fn vocab_size(&self) -> i64 {
+        self.tokenizer.vocab_size()
+    }
+    fn encode(&self, texts: &[&str], device: tch::Device) -> vlmatch_core::TextBatch {
+        let (ids, mask, l) = self.tokenizer.encode_batch(texts, self.max_len);
+        let b = texts.len() as i64;
+        vlmatch_core::TextBatch::new(
+            tch::Tensor::from_slice(&ids)
+                .view([b, l as i64])
+                .to_device(device),
+            tch::Tensor::from_slice(&mask)
+                .view([b, l as i64])
+                .to_device(device),
+        )
+    }
+    fn token(&self, id: i64) -> String {
+        self.tokenizer.token(id).to_string()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

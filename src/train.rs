@@ -219,6 +219,7 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainSummary> {
     bar.set_position(start_step as u64);
 
     let device = env.device;
+    let started = std::time::Instant::now();
     let mut logged = Vec::new();
     let mut last_saved = -1;
     for step in start_step..tc.steps {
@@ -277,6 +278,9 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainSummary> {
                 }
                 line.insert(k.clone(), json!(x));
             }
+            // Wall time since this invocation started (after the values
+            // above synchronised the device); excluded from exactness checks.
+            line.insert("time_s".into(), json!(started.elapsed().as_secs_f64()));
             writeln!(metrics_file, "{}", Value::Object(line.clone()))
                 .map_err(|e| Error::io(&metrics_path, e))?;
             let loss = line.get("loss").and_then(Value::as_f64).unwrap_or(f64::NAN);

@@ -12,10 +12,13 @@ use vlmatch as _;
 fn every_builtin_plugin_is_registered() {
     let r = Registry::from_inventory().unwrap();
     assert_eq!(r.names(Kind::Encoder), ["bert", "cross_attention", "vit"]);
-    assert_eq!(r.names(Kind::Generator), Vec::<&str>::new());
+    assert_eq!(r.names(Kind::Generator), ["mlm_head"]);
     assert_eq!(r.names(Kind::Discriminator), ["linear"]);
-    assert_eq!(r.names(Kind::NegativeSampler), ["hard_negative"]);
-    assert_eq!(r.names(Kind::Objective), ["itc", "itm"]);
+    assert_eq!(
+        r.names(Kind::NegativeSampler),
+        ["hard_negative", "word_swap"]
+    );
+    assert_eq!(r.names(Kind::Objective), ["itc", "itm", "mlm", "rtd"]);
     let listing = vlmatch::cli::plugin_listing().unwrap();
     assert!(
         listing.contains("vit") && listing.contains("vlmatch-vit"),
@@ -59,13 +62,13 @@ fn a_name_registered_twice_is_an_error_naming_both_crates() {
 fn an_unknown_name_lists_the_names_of_its_kind() {
     let r = Registry::from_inventory().unwrap();
     let err = r
-        .get(Kind::Objective, "mlm", "objectives.mlm.plugin")
+        .get(Kind::Objective, "mlm2", "objectives.mlm2.plugin")
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("unknown objective plugin `mlm`"), "{err}");
+    assert!(err.contains("unknown objective plugin `mlm2`"), "{err}");
     assert!(
-        err.contains("registered objective plugins: itc, itm"),
+        err.contains("registered objective plugins: itc, itm, mlm, rtd"),
         "{err}"
     );
 }

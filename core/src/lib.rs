@@ -27,6 +27,17 @@ pub use traits::{
     Negatives, Objective, ObjectiveOutput, SamplerInput,
 };
 
+/// The run's tokenizer as plugins see it: samplers that write new captions
+/// (NegGen, word swaps) encode them with the same vocabulary as the batch.
+pub trait TextCodec {
+    fn special(&self) -> SpecialTokens;
+    fn vocab_size(&self) -> i64;
+    /// Encode `texts` into a batch padded to its longest row, on `device`.
+    fn encode(&self, texts: &[&str], device: tch::Device) -> TextBatch;
+    /// The vocabulary entry of `id`.
+    fn token(&self, id: i64) -> String;
+}
+
 /// Special token ids of the text vocabulary, needed by masking and sampling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpecialTokens {

@@ -6,14 +6,16 @@ use std::rc::Rc;
 use tch::{nn, Device, Kind as DType};
 use vlmatch_core::{
     ContrastiveHead, Discriminator, Encoder, Error, Generator, Modality, NegativeSampler,
-    Objective, Result, SpecialTokens, VlModel,
+    Objective, Result, SpecialTokens, TextCodec, VlModel,
 };
 
 /// Facts about the run that plugins build against, fixed before assembly.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ModelEnv {
     pub vocab_size: i64,
     pub special: SpecialTokens,
+    /// The tokenizer, for plugins that write text.
+    pub text: Rc<dyn TextCodec>,
     /// Square input resolution (`data.image_size`).
     pub image_size: i64,
     /// Maximum text length (`data.max_len`).
@@ -45,6 +47,9 @@ pub struct BuildContext<'a> {
     pub widths: Widths,
     registry: &'a Registry,
     config: &'a LoadedConfig,
+    /// The text encoder, once built (generators tie their decoder to its
+    /// word embeddings).
+    pub text_encoder: Option<Rc<dyn Encoder>>,
     /// The model, for objectives and samplers (built after it).
     pub model: Option<&'a VlModel>,
 }
@@ -103,6 +108,7 @@ impl<'a> BuildContext<'a> {
             widths: self.widths,
             registry: self.registry,
             config: self.config,
+            text_encoder: self.text_encoder.clone(),
             model: self.model,
         };
         build(&ctx)
@@ -140,6 +146,7 @@ fn context<'a>(
         widths,
         registry,
         config,
+        text_encoder: None,
         model: None,
     }
 }
@@ -252,6 +259,7 @@ pub fn assemble(registry: &Registry, config: &LoadedConfig, env: &ModelEnv) -> R
                 widths,
             );
             ctx.path = &root / "generator";
+            ctx.text_encoder = Some(text.clone());
             Some(build(&ctx)?)
         }
     };
@@ -279,6 +287,9 @@ pub fn assemble(registry: &Registry, config: &LoadedConfig, env: &ModelEnv) -> R
 
     let mut objectives = Vec::new();
     for (name, section) in &config.config.objectives {
+        if !section.enabled {
+            continue;
+        }
         let plugin = section.plugin.clone().unwrap_or_else(|| name.clone());
         let key = format!("objectives.{name}");
         let entry = registry.get(Kind::Objective, &plugin, &format!("{key}.plugin"))?;
@@ -288,6 +299,7 @@ pub fn assemble(registry: &Registry, config: &LoadedConfig, env: &ModelEnv) -> R
         let mut ctx = context(registry, config, env, &root, &key, &entry.name, widths);
         ctx.path = &root / "objectives" / name.as_str();
         ctx.model = Some(&model);
+        ctx.text_encoder = Some(model.text.clone());
         let objective = build(&ctx)?;
         objectives.push(WeightedObjective {
             name: name.clone(),

@@ -60,11 +60,14 @@ pub struct PluginSection {
 }
 
 /// An objective section: its plugin (default: the section name), its loss
-/// weight, and the plugin's own keys.
+/// weight, whether it runs, and the plugin's own keys. `enabled = false`
+/// lets a layer switch off an objective that a lower layer configured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ObjectiveSection {
     #[serde(default)]
     pub plugin: Option<String>,
+    #[serde(default = "yes")]
+    pub enabled: bool,
     #[serde(default = "one")]
     pub weight: f64,
     #[serde(flatten)]
@@ -401,7 +404,8 @@ impl LoadedConfig {
     }
 
     /// Deserialize the plugin section at `key` (dotted) into `T`, ignoring
-    /// the role keys (`plugin`, `weight`) that the registry itself reads.
+    /// the role keys (`plugin`; `weight`, `enabled` of objectives) that the
+    /// registry itself reads.
     pub fn section<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<T> {
         let value = self
             .figment
@@ -413,7 +417,10 @@ impl LoadedConfig {
             )));
         };
         dict.remove("plugin");
-        dict.remove("weight");
+        if key.starts_with("objectives.") {
+            dict.remove("weight");
+            dict.remove("enabled");
+        }
         let prefix: Vec<&str> = key.split('.').collect();
         Value::Dict(tag, dict)
             .deserialize::<T>()

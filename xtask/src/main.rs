@@ -3,6 +3,7 @@
 //! xtask has no dependencies and never links libtorch. It provisions libtorch
 //! (see [`setup`]), then runs cargo with the right package and arguments.
 
+mod gpu_bundle;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ commands:
   test [args]    run the whole test suite (extra args go to `cargo test`)
   plugins        list registered plugins by kind
   setup          provision libtorch 2.11.0 and print where it is
+  gpu-bundle     build a stripped release binary into gpu-bundle/ for a GPU machine
   vlmatch ARGS   run the vlmatch CLI with any arguments";
 
 fn main() -> ExitCode {
@@ -33,6 +35,7 @@ fn main() -> ExitCode {
         "plugins" => run_cli(&root, "plugins", &rest),
         "vlmatch" => run_cli(&root, "", &rest),
         "test" => run_tests(&root, &rest),
+        "gpu-bundle" => gpu_bundle::build(&root),
         "help" | "--help" | "-h" => {
             println!("{USAGE}");
             Ok(())

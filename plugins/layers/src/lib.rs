@@ -5,6 +5,8 @@
 //! given at construction (bf16 on CUDA) from fp32 master weights; layer norms
 //! and residual sums stay fp32. Tensors between blocks are fp32.
 
+pub mod masking;
+
 use tch::{nn, Kind, Tensor};
 
 /// HuggingFace's initialiser: normal(0, 0.02) weights, zero biases.

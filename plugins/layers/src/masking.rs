@@ -1,0 +1,87 @@
+//! Token masking shared by MLM, VL-RTD and NegGen (BERT, Devlin et al. 2019;
+//! ELECTRA, Clark et al. 2020). All functions work on `[B, L]` tensors on any
+//! device and draw from libtorch's global generator.
+
+use tch::{Kind, Tensor};
+use vlmatch_core::SpecialTokens;
+
+/// `[B, L]` bool: real tokens that are not `[CLS]`, `[SEP]` or `[PAD]`.
+pub fn maskable(ids: &Tensor, attention: &Tensor, special: SpecialTokens) -> Tensor {
+    attention
+        .to_kind(Kind::Bool)
+        .logical_and(&ids.ne(special.cls))
+        .logical_and(&ids.ne(special.sep))
+        .logical_and(&ids.ne(special.pad))
+}
+
+/// Choose each maskable position independently with probability `ratio`.
+pub fn choose_positions(
+    ids: &Tensor,
+    attention: &Tensor,
+    special: SpecialTokens,
+    ratio: f64,
+) -> Tensor {
+    let draw = Tensor::rand(ids.size(), (Kind::Float, ids.device())).lt(ratio);
+    draw.logical_and(&maskable(ids, attention, special))
+}
+
+/// BERT's corruption of chosen `positions`: `[MASK]` with probability
+/// `mask_prob`, a uniformly random non-special token with probability
+/// `random_prob`, the original token otherwise.
+pub fn corrupt(
+    ids: &Tensor,
+    positions: &Tensor,
+    special: SpecialTokens,
+    vocab_size: i64,
+    mask_prob: f64,
+    random_prob: f64,
+) -> Tensor {
+    let r = Tensor::rand(ids.size(), (Kind::Float, ids.device()));
+    let to_mask = positions.logical_and(&r.lt(mask_prob));
+    let to_random = positions
+        .logical_and(&r.ge(mask_prob))
+        .logical_and(&r.lt(mask_prob + random_prob));
+    let random = Tensor::randint(vocab_size, ids.size(), (Kind::Int64, ids.device()));
+    // A random draw that lands on a special token keeps the original instead.
+    let is_special = random
+        .eq(special.pad)
+        .logical_or(&random.eq(special.cls))
+        .logical_or(&random.eq(special.sep))
+        .logical_or(&random.eq(special.mask))
+        .logical_or(&random.eq(special.unk));
+    let random = random.where_self(&is_special.logical_not(), ids);
+    let out = ids.where_self(&to_random.logical_not(), &random);
+    out.masked_fill(&to_mask, special.mask)
+}
+
+/// VL-RTD labels: 1.0 where `corrupted` differs from `original` on a real
+/// token, 0.0 elsewhere (a sampled token equal to the original is original).
+pub fn replaced_labels(original: &Tensor, corrupted: &Tensor, attention: &Tensor) -> Tensor {
+    corrupted
+        .ne_tensor(original)
+        .logical_and(&attention.to_kind(Kind::Bool))
+        .to_kind(Kind::Float)
+}
+
+/// Cross-entropy of `logits` `[B, L, V]` against `targets` `[B, L]` at
+/// `positions` only, averaged over them (0 when there are none, without a
+/// host sync).
+pub fn masked_lm_loss(logits: &Tensor, targets: &Tensor, positions: &Tensor) -> Tensor {
+    let v = logits.size()[2];
+    let per_token = logits
+        .to_kind(Kind::Float)
+        .view([-1, v])
+        .cross_entropy_loss::<Tensor>(&targets.view([-1]), None, tch::Reduction::None, -100, 0.0);
+    let w = positions.view([-1]).to_kind(Kind::Float);
+    (per_token * &w).sum(Kind::Float) / w.sum(Kind::Float).clamp_min(1.0)
+}
+
+/// Binary cross-entropy of per-token `logits` `[B, L]` against `labels`,
+/// averaged over real tokens (`attention` = 1).
+pub fn token_bce_loss(logits: &Tensor, labels: &Tensor, attention: &Tensor) -> Tensor {
+    let per_token = logits
+        .to_kind(Kind::Float)
+        .binary_cross_entropy_with_logits::<Tensor>(labels, None, None, tch::Reduction::None);
+    let w = attention.to_kind(Kind::Float);
+    (per_token * &w).sum(Kind::Float) / w.sum(Kind::Float).clamp_min(1.0)
+}

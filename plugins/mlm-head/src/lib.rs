@@ -1,0 +1,84 @@
+//! BERT's masked-language-model head (`BertForMaskedLM`'s
+//! `cls.predictions`): dense + GELU + LayerNorm, then a decoder whose weights
+//! are the text encoder's word embeddings (tied) plus a bias. Parameter names
+//! match HuggingFace so a checkpoint's MLM head loads by name.
+//!
+//! Registered as generator `mlm_head`. It serves MLM (on fused states),
+//! VL-RTD's generator (on text-only states) and NegGen's mask filling.
+
+use serde::Deserialize;
+use std::rc::Rc;
+use tch::{nn, Kind, Tensor};
+use vlmatch_core::{Encoded, Error, Generator, Result};
+use vlmatch_layers::{LayerNorm, Linear};
+use vlmatch_registry::BuildContext;
+
+vlmatch_registry::register!(generator "mlm_head" => build);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MlmHeadConfig {
+    #[serde(default = "eps")]
+    pub layer_norm_eps: f64,
+}
+
+fn eps() -> f64 {
+    1e-12
+}
+
+pub struct MlmHead {
+    dense: Linear,
+    layer_norm: LayerNorm,
+    bias: Tensor,
+    word_embeddings: Tensor,
+    compute: Kind,
+}
+
+impl MlmHead {
+    /// `word_embeddings` `[V, H]`: the tied decoder weight.
+    pub fn new(p: &nn::Path, word_embeddings: Tensor, eps: f64, compute: Kind) -> Self {
+        let (v, h) = word_embeddings.size2().expect("word embeddings are [V, H]");
+        let t = p / "cls" / "predictions";
+        MlmHead {
+            dense: Linear::new(&(&t / "transform" / "dense"), h, h, true, compute),
+            layer_norm: LayerNorm::new(&(&t / "transform" / "LayerNorm"), h, eps),
+            bias: t.var("bias", &[v], nn::Init::Const(0.0)),
+            word_embeddings,
+            compute,
+        }
+    }
+}
+
+impl Generator for MlmHead {
+    fn logits(&self, states: &Encoded, _train: bool) -> Result<Tensor> {
+        let h = self.dense.forward(&states.hidden).gelu("none");
+        let h = self.layer_norm.forward(&h);
+        let logits = if self.compute == Kind::Float {
+            h.matmul(&self.word_embeddings.tr())
+        } else {
+            h.to_kind(self.compute)
+                .matmul(&self.word_embeddings.to_kind(self.compute).tr())
+        };
+        Ok(logits.to_kind(Kind::Float) + &self.bias)
+    }
+}
+
+fn build(ctx: &BuildContext<'_>) -> Result<Rc<dyn Generator>> {
+    let cfg: MlmHeadConfig = ctx.params()?;
+    let emb = ctx
+        .text_encoder
+        .as_ref()
+        .and_then(|e| e.word_embeddings())
+        .ok_or_else(|| {
+            Error::plugin(
+                "mlm_head",
+                "the text encoder exposes no word embeddings to tie to",
+            )
+        })?;
+    Ok(Rc::new(MlmHead::new(
+        &ctx.path,
+        emb,
+        cfg.layer_norm_eps,
+        ctx.env.compute,
+    )))
+}

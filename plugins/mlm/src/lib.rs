@@ -1,0 +1,108 @@
+//! Image-conditioned masked language modelling, the baseline's third loss
+//! (ALBEF; `shared/method.md`, Total): 15% of the non-special tokens are
+//! chosen, 80/10/10 masked/randomised/kept, and predicted from the fusion
+//! encoder's states (text encoder, then cross-attention to the image) by the
+//! model's generator head.
+//!
+//! Registered as objective `mlm`. Loss key: the section name; metric
+//! `<name>_acc` (accuracy on the chosen positions).
+
+use serde::Deserialize;
+use tch::Kind;
+use vlmatch_core::{
+    EncoderInput, Forward, Objective, ObjectiveOutput, Result, SpecialTokens, TextBatch,
+};
+use vlmatch_layers::masking;
+use vlmatch_registry::BuildContext;
+
+vlmatch_registry::register!(objective "mlm" => build);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MlmConfig {
+    #[serde(default = "ratio")]
+    pub mask_ratio: f64,
+    #[serde(default = "mask_prob")]
+    pub mask_prob: f64,
+    #[serde(default = "random_prob")]
+    pub random_prob: f64,
+}
+
+fn ratio() -> f64 {
+    0.15
+}
+fn mask_prob() -> f64 {
+    0.8
+}
+fn random_prob() -> f64 {
+    0.1
+}
+
+pub struct Mlm {
+    name: String,
+    cfg: MlmConfig,
+    special: SpecialTokens,
+    vocab_size: i64,
+}
+
+impl Objective for Mlm {
+    fn forward(&self, fwd: &Forward<'_>, _step: i64) -> Result<ObjectiveOutput> {
+        let _span = tracing::trace_span!("mlm").entered();
+        let generator = fwd.generator(&self.name)?;
+        let text = &fwd.batch.text;
+        let (positions, corrupted) = tch::no_grad(|| {
+            let positions =
+                masking::choose_positions(&text.ids, &text.mask, self.special, self.cfg.mask_ratio);
+            let corrupted = masking::corrupt(
+                &text.ids,
+                &positions,
+                self.special,
+                self.vocab_size,
+                self.cfg.mask_prob,
+                self.cfg.random_prob,
+            );
+            (positions, corrupted)
+        });
+        let masked = TextBatch::new(corrupted, text.mask.shallow_clone());
+        let states = fwd
+            .model
+            .text
+            .forward_t(EncoderInput::Text(&masked), fwd.train)?;
+        let fused = fwd.model.fuse(&states, fwd.image()?, fwd.train)?;
+        let logits = generator.logits(&fused, fwd.train)?;
+        let loss = masking::masked_lm_loss(&logits, &text.ids, &positions);
+        let acc = tch::no_grad(|| {
+            let w = positions.to_kind(Kind::Float);
+            let hit = logits
+                .argmax(-1, false)
+                .eq_tensor(&text.ids)
+                .to_kind(Kind::Float);
+            (hit * &w).sum(Kind::Float) / w.sum(Kind::Float).clamp_min(1.0)
+        });
+        Ok(ObjectiveOutput {
+            losses: vec![(self.name.clone(), loss)],
+            metrics: vec![(format!("{}_acc", self.name), acc)],
+        })
+    }
+}
+
+fn build(ctx: &BuildContext<'_>) -> Result<Box<dyn Objective>> {
+    let cfg: MlmConfig = ctx.params()?;
+    check_probabilities(&ctx.key, cfg.mask_ratio, cfg.mask_prob, cfg.random_prob)?;
+    Ok(Box::new(Mlm {
+        name: ctx.section_name().to_string(),
+        cfg,
+        special: ctx.env.special,
+        vocab_size: ctx.env.vocab_size,
+    }))
+}
+
+fn check_probabilities(key: &str, ratio: f64, mask: f64, random: f64) -> Result<()> {
+    if !(0.0..=1.0).contains(&ratio) || mask < 0.0 || random < 0.0 || mask + random > 1.0 {
+        return Err(vlmatch_core::Error::Config(format!(
+            "config key `{key}`: mask_ratio must be in [0, 1] and mask_prob + random_prob at most 1 \
+             (got {ratio}, {mask}, {random})"
+        )));
+    }
+    Ok(())
+}

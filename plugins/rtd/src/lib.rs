@@ -1,0 +1,164 @@
+//! VL-RTD, vision-language replaced token detection (`shared/method.md`;
+//! ELECTRA's generator/discriminator, Clark et al. 2020, with the image in
+//! the discriminator):
+//!
+//! 1. choose 15% of the non-special tokens and replace them by `[MASK]`;
+//! 2. the generator (text encoder + MLM head, text alone) predicts them:
+//!    `L_gen`, cross-entropy on the chosen positions;
+//! 3. sample replacements from it without gradient (temperature
+//!    configurable); a sample equal to the original counts as original;
+//! 4. the discriminator (text encoder on the corrupted text, fusion with the
+//!    image, per-token head) says which tokens were replaced: `L_disc`,
+//!    binary cross-entropy over all non-pad tokens;
+//! 5. `L_rtd = L_gen + lambda * L_disc` (lambda 50 as in ELECTRA).
+//!
+//! The generator shares the text encoder with the discriminator.
+//!
+//! Registered as objective `rtd`. Loss keys: `gen` (`L_gen`) and the section
+//! name (`lambda * L_disc`), so the two sum to `L_rtd`. Metrics:
+//! `<name>_disc` (`L_disc`), `<name>_acc` (token accuracy),
+//! `<name>_replaced` (share of real tokens replaced).
+
+use serde::Deserialize;
+use tch::{Kind, Tensor};
+use vlmatch_core::{
+    EncoderInput, Error, FillOptions, Forward, Objective, ObjectiveOutput, Result, SpecialTokens,
+    TextBatch,
+};
+use vlmatch_layers::masking;
+use vlmatch_registry::BuildContext;
+
+vlmatch_registry::register!(objective "rtd" => build);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RtdConfig {
+    #[serde(default = "ratio")]
+    pub mask_ratio: f64,
+    /// Sampling temperature of the generator.
+    #[serde(default = "one")]
+    pub temperature: f64,
+    /// Weight of the discriminator loss within `L_rtd`.
+    #[serde(default = "lambda")]
+    pub lambda: f64,
+}
+
+fn ratio() -> f64 {
+    0.15
+}
+fn one() -> f64 {
+    1.0
+}
+fn lambda() -> f64 {
+    50.0
+}
+
+pub struct Rtd {
+    name: String,
+    cfg: RtdConfig,
+    special: SpecialTokens,
+}
+
+/// The corrupted ids and their labels, without gradient: `positions` of
+/// `ids` replaced by draws from `gen_logits`.
+pub fn corrupt_with_samples(
+    ids: &Tensor,
+    attention: &Tensor,
+    positions: &Tensor,
+    gen_logits: &Tensor,
+    temperature: f64,
+    generator: &dyn vlmatch_core::Generator,
+) -> Result<(Tensor, Tensor)> {
+    let sampled = generator.fill(
+        &gen_logits.detach(),
+        ids,
+        positions,
+        FillOptions {
+            temperature,
+            forbid_original: false,
+        },
+    )?;
+    let labels = masking::replaced_labels(ids, &sampled, attention);
+    Ok((sampled, labels))
+}
+
+impl Objective for Rtd {
+    fn forward(&self, fwd: &Forward<'_>, _step: i64) -> Result<ObjectiveOutput> {
+        let _span = tracing::trace_span!("rtd").entered();
+        let generator = fwd.generator(&self.name)?;
+        let text = &fwd.batch.text;
+        let positions = tch::no_grad(|| {
+            masking::choose_positions(&text.ids, &text.mask, self.special, self.cfg.mask_ratio)
+        });
+        let masked = TextBatch::new(
+            text.ids.masked_fill(&positions, self.special.mask),
+            text.mask.shallow_clone(),
+        );
+        let gen_states = fwd
+            .model
+            .text
+            .forward_t(EncoderInput::Text(&masked), fwd.train)?;
+        let gen_logits = generator.logits(&gen_states, fwd.train)?;
+        let l_gen = masking::masked_lm_loss(&gen_logits, &text.ids, &positions);
+
+        let (corrupted, labels) = corrupt_with_samples(
+            &text.ids,
+            &text.mask,
+            &positions,
+            &gen_logits,
+            self.cfg.temperature,
+            generator.as_ref(),
+        )?;
+        let corrupted = TextBatch::new(corrupted, text.mask.shallow_clone());
+        let states = fwd
+            .model
+            .text
+            .forward_t(EncoderInput::Text(&corrupted), fwd.train)?;
+        let fused = fwd.model.fuse(&states, fwd.image()?, fwd.train)?;
+        let logits = fwd.model.discriminator.token_logits(&fused)?;
+        let l_disc = masking::token_bce_loss(&logits, &labels, &text.mask);
+
+        let metrics = tch::no_grad(|| {
+            let real = text.mask.to_kind(Kind::Float);
+            let n = real.sum(Kind::Float).clamp_min(1.0);
+            let hit = logits
+                .gt(0.0)
+                .to_kind(Kind::Float)
+                .eq_tensor(&labels)
+                .to_kind(Kind::Float);
+            vec![
+                (format!("{}_disc", self.name), l_disc.detach()),
+                (
+                    format!("{}_acc", self.name),
+                    (hit * &real).sum(Kind::Float) / &n,
+                ),
+                (
+                    format!("{}_replaced", self.name),
+                    (&labels * &real).sum(Kind::Float) / &n,
+                ),
+            ]
+        });
+        Ok(ObjectiveOutput {
+            losses: vec![
+                ("gen".into(), l_gen),
+                (self.name.clone(), l_disc * self.cfg.lambda),
+            ],
+            metrics,
+        })
+    }
+}
+
+fn build(ctx: &BuildContext<'_>) -> Result<Box<dyn Objective>> {
+    let cfg: RtdConfig = ctx.params()?;
+    if !(0.0..=1.0).contains(&cfg.mask_ratio) || cfg.temperature <= 0.0 || cfg.lambda < 0.0 {
+        return Err(Error::Config(format!(
+            "config key `{}`: need 0 <= mask_ratio <= 1, temperature > 0, lambda >= 0 (got {}, {}, {})",
+            ctx.key, cfg.mask_ratio, cfg.temperature, cfg.lambda
+        )));
+    }
+    Ok(Box::new(Rtd {
+        name: ctx.section_name().to_string(),
+        cfg,
+        special: ctx.env.special,
+    }))
+}

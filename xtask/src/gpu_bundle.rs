@@ -1,0 +1,36 @@
+//! `cargo xtask gpu-bundle`: build what a GPU check needs on this machine and
+//! put it in `gpu-bundle/` (git-ignored), small enough to send to a GPU
+//! machine that has PyTorch but no Rust toolchain (see `bench/gpu-check.sh`).
+
+use crate::{cargo, run_status};
+use std::path::Path;
+use std::process::Command;
+
+pub fn build(root: &Path) -> Result<(), String> {
+    let mut cmd = cargo(root)?;
+    cmd.args([
+        "build",
+        "--release",
+        "--package",
+        "vlmatch",
+        "--bin",
+        "vlmatch",
+    ]);
+    run_status(cmd)?;
+    let out = root.join("gpu-bundle");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+    let bin = out.join("vlmatch");
+    std::fs::copy(root.join("target/release/vlmatch"), &bin)
+        .map_err(|e| format!("cannot copy the binary: {e}"))?;
+    let mut strip = Command::new("strip");
+    strip.arg(&bin);
+    run_status(strip)?;
+    let script = root.join("bench").join("gpu-check.sh");
+    std::fs::copy(&script, out.join("gpu-check.sh"))
+        .map_err(|e| format!("cannot copy {}: {e}", script.display()))?;
+    println!(
+        "gpu-bundle/ is ready. On the GPU machine, from the repository root:\n  bash gpu-bundle/gpu-check.sh"
+    );
+    Ok(())
+}
