@@ -116,10 +116,8 @@ impl Objective for Itm {
         let logits = Tensor::cat(&logits, 0);
         let labels = Tensor::cat(&labels, 0);
         let weights = Tensor::cat(&weights, 0);
-        let per_pair =
-            logits.cross_entropy_loss::<Tensor>(&labels, None, tch::Reduction::None, -100, 0.0);
+        let loss = itm_loss(&logits, &labels, &weights);
         let total = weights.sum(Kind::Float).clamp_min(1.0);
-        let loss = (per_pair * &weights).sum(Kind::Float) / &total;
         let acc = tch::no_grad(|| {
             (logits
                 .argmax(1, false)
@@ -135,6 +133,14 @@ impl Objective for Itm {
             metrics,
         })
     }
+}
+
+/// Cross-entropy of pair `logits` `[N, 2]` against `labels` `[N]`, averaged
+/// over the pairs with weight 1 (weight 0 marks an empty negative slot).
+pub fn itm_loss(logits: &Tensor, labels: &Tensor, weights: &Tensor) -> Tensor {
+    let per_pair =
+        logits.cross_entropy_loss::<Tensor>(labels, None, tch::Reduction::None, -100, 0.0);
+    (per_pair * weights).sum(Kind::Float) / weights.sum(Kind::Float).clamp_min(1.0)
 }
 
 fn build(ctx: &BuildContext<'_>) -> Result<Box<dyn Objective>> {
