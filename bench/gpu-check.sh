@@ -27,17 +27,20 @@ run() { # name, then vlmatch train arguments
 # 1. The default tiny run on CUDA (bf16 matmuls, fp32 weights).
 run tiny --preset tiny
 # 2. ALBEF-size model, short: step time and memory at batch 64.
-run base --preset base --set train.steps=60 --set train.log_every=10 --set train.warmup_steps=10 \
-  --set train.checkpoint_every=0 --set eval.at_end=false --set data.workers=12
+BASE=(--preset base --set train.steps=60 --set train.log_every=10 --set train.warmup_steps=10
+  --set train.checkpoint_every=0 --set eval.at_end=false --set data.workers=12)
+run base "${BASE[@]}"
+# 3. The full method (ITC + VL-RTD + FG-ITM) at the same size.
+run base-vlmatch "${BASE[@]}" --config configs/vlmatch.toml
 
 python3 - "$OUT" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
-print(f"{'run':<6} {'steps':>6} {'loss first->last':>18} {'s/step (after 20)':>18} {'peak GiB (smi)':>14}")
-for name in ["tiny", "base"]:
+print(f"{'run':<13} {'steps':>6} {'loss first->last':>18} {'s/step (after 20)':>18} {'peak GiB (smi)':>14}")
+for name in ["tiny", "base", "base-vlmatch"]:
     p = out / name / "metrics.jsonl"
     if not p.exists():
-        print(f"{name:<6} (no metrics)"); continue
+        print(f"{name:<13} (no metrics)"); continue
     rows = [json.loads(l) for l in p.read_text().splitlines()]
     late = [r for r in rows if r["step"] > 20]
     if len(late) >= 2:
@@ -47,5 +50,5 @@ for name in ["tiny", "base"]:
     mem = out / f"{name}.mem"
     used = [int(x) for x in mem.read_text().split() if x.isdigit()] if mem.exists() else [0]
     peak = max(used or [0]) / 1024
-    print(f"{name:<6} {rows[-1]['step']:>6} {rows[0]['loss']:>8.3f}->{rows[-1]['loss']:<8.3f} {dt:>18.4f} {peak:>14.2f}")
+    print(f"{name:<13} {rows[-1]['step']:>6} {rows[0]['loss']:>8.3f}->{rows[-1]['loss']:<8.3f} {dt:>18.4f} {peak:>14.2f}")
 PY
