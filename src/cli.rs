@@ -38,6 +38,17 @@ pub enum Command {
     Plugins,
     /// Print what libtorch sees: CUDA, devices, cuDNN, threads.
     Env,
+    /// Write the first training pairs as PNG files plus `captions.txt`, to
+    /// look at what the model sees.
+    Preview {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Number of images.
+        #[arg(long, default_value_t = 8)]
+        count: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Print the merged configuration that `train` would use.
     Config {
         #[command(flatten)]
@@ -161,6 +172,7 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("intra-op threads: {}", tch::get_num_threads());
             Ok(())
         }
+        Command::Preview { config, count, out } => preview(&config, count, &out),
         Command::Plugins => {
             print!("{}", plugin_listing()?);
             Ok(())
@@ -171,4 +183,42 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `vlmatch preview`: the first `count` images of the training data, at the
+/// configured resolution (before normalisation), with their captions.
+fn preview(config: &ConfigArgs, count: usize, out: &Path) -> Result<()> {
+    let loaded = config.layers()?.load()?;
+    let (train, _) = crate::setup::datasets(&loaded)?;
+    let size = loaded.config.data.image_size as usize;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let mut lines = String::new();
+    for i in 0..count.min(train.images.len()) {
+        let rgb = match &train.images[i] {
+            crate::data::ImageRef::Scene(scene) => scene.render(size),
+            crate::data::ImageRef::File { path, origin } => {
+                crate::data::loader::decode_resized(path, origin, size)?
+            }
+        };
+        let file = out.join(format!("{i:04}.png"));
+        image::RgbImage::from_raw(size as u32, size as u32, rgb)
+            .expect("buffer matches the size")
+            .save(&file)
+            .map_err(|e| Error::Data {
+                path: file.clone(),
+                line: None,
+                message: format!("cannot write PNG: {e}"),
+            })?;
+        for p in train.pairs.iter().filter(|p| p.image == i) {
+            lines.push_str(&format!("{i:04}.png\t{}\n", p.caption));
+        }
+    }
+    let captions = out.join("captions.txt");
+    std::fs::write(&captions, lines).map_err(|e| Error::io(&captions, e))?;
+    println!(
+        "wrote {} images and {}",
+        count.min(train.images.len()),
+        captions.display()
+    );
+    Ok(())
 }

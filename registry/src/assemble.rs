@@ -82,6 +82,81 @@ impl<'a> BuildContext<'a> {
         })
     }
 
+    /// Build an extra encoder from the plugin section at `key` (for example a
+    /// separate VL-RTD generator encoder), its parameters under `path`.
+    pub fn encoder(
+        &self,
+        key: &str,
+        expected: Modality,
+        path: nn::Path<'a>,
+    ) -> Result<Rc<dyn Encoder>> {
+        let plugin: String = self
+            .config
+            .figment
+            .extract_inner(&format!("{key}.plugin"))
+            .map_err(|e| {
+                Error::Config(crate::config::describe_error(e, &self.config.figment, &[]))
+            })?;
+        let entry = self
+            .registry
+            .get(Kind::Encoder, &plugin, &format!("{key}.plugin"))?;
+        let Factory::Encoder(build) = entry.factory else {
+            unreachable!("kind checked")
+        };
+        let ctx = BuildContext {
+            path,
+            plugin: &entry.name,
+            key: key.to_string(),
+            env: self.env,
+            widths: self.widths,
+            registry: self.registry,
+            config: self.config,
+            text_encoder: None,
+            model: None,
+        };
+        let enc = build(&ctx)?;
+        if enc.modality() != expected {
+            return Err(Error::Config(format!(
+                "config key `{key}.plugin`: `{plugin}` is a {:?} encoder, expected a {expected:?} encoder",
+                enc.modality()
+            )));
+        }
+        Ok(enc)
+    }
+
+    /// Build another instance of the model's generator (`[model.generator]`)
+    /// tied to `text`, its parameters under `path`.
+    pub fn generator(
+        &self,
+        text: Rc<dyn Encoder>,
+        path: nn::Path<'a>,
+    ) -> Result<Rc<dyn Generator>> {
+        let section = self.config.config.model.generator.as_ref().ok_or_else(|| {
+            Error::Config(format!(
+                "config key `{}`: needs `[model.generator]` (e.g. plugin = \"mlm_head\")",
+                self.key
+            ))
+        })?;
+        let entry =
+            self.registry
+                .get(Kind::Generator, &section.plugin, "model.generator.plugin")?;
+        let Factory::Generator(build) = entry.factory else {
+            unreachable!("kind checked")
+        };
+        let ctx = BuildContext {
+            path,
+            plugin: &entry.name,
+            key: "model.generator".to_string(),
+            env: self.env,
+            widths: self.widths,
+            registry: self.registry,
+            config: self.config,
+            text_encoder: Some(text),
+            model: None,
+        };
+        build(&ctx)
+    }
+
     /// Build the negative sampler configured as `[samplers.<name>]`.
     pub fn negative_sampler(&self, name: &str) -> Result<Box<dyn NegativeSampler>> {
         let section = self.config.config.samplers.get(name).ok_or_else(|| {

@@ -18,7 +18,7 @@ pub use inventory;
 
 /// Register a plugin factory under a kind and a name:
 ///
-/// ```ignore
+/// ```text
 /// vlmatch_registry::register!(encoder "vit" => build);
 /// ```
 ///

@@ -34,7 +34,7 @@ pub fn micro_layers(sets: &[&str]) -> ConfigLayers {
 /// libtorch's random generator is global to the process and the test harness
 /// runs tests on parallel threads: training runs in one test binary take
 /// turns, or their seeded draws would interleave.
-static TRAINING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+pub static TRAINING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 pub fn train_exclusive(opts: TrainOptions) -> vlmatch_core::Result<TrainSummary> {
     let _turn = TRAINING.lock().unwrap_or_else(|e| e.into_inner());

@@ -12,7 +12,10 @@
 //!    binary cross-entropy over all non-pad tokens;
 //! 5. `L_rtd = L_gen + lambda * L_disc` (lambda 50 as in ELECTRA).
 //!
-//! The generator shares the text encoder with the discriminator.
+//! By default the generator shares the text encoder with the discriminator
+//! (`share_text_encoder = true`). With `false`, `[objectives.<name>.generator_text]`
+//! configures its own text encoder (ELECTRA uses a narrower one) with its
+//! own MLM head of the `[model.generator]` plugin.
 //!
 //! Registered as objective `rtd`. Loss keys: `gen` (`L_gen`) and the section
 //! name (`lambda * L_disc`), so the two sum to `L_rtd`. Metrics:
@@ -20,10 +23,11 @@
 //! `<name>_replaced` (share of real tokens replaced).
 
 use serde::Deserialize;
+use std::rc::Rc;
 use tch::{Kind, Tensor};
 use vlmatch_core::{
-    EncoderInput, Error, FillOptions, Forward, Objective, ObjectiveOutput, Result, SpecialTokens,
-    TextBatch,
+    Encoder, EncoderInput, Error, FillOptions, Forward, Generator, Modality, Objective,
+    ObjectiveOutput, Result, SpecialTokens, TextBatch,
 };
 use vlmatch_layers::masking;
 use vlmatch_registry::BuildContext;
@@ -41,6 +45,17 @@ pub struct RtdConfig {
     /// Weight of the discriminator loss within `L_rtd`.
     #[serde(default = "lambda")]
     pub lambda: f64,
+    /// Whether the generator reads the text with the model's text encoder.
+    #[serde(default = "yes")]
+    pub share_text_encoder: bool,
+    /// The generator's own text encoder section (when not shared); parsed by
+    /// that encoder plugin.
+    #[serde(default)]
+    pub generator_text: Option<serde::de::IgnoredAny>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn ratio() -> f64 {
@@ -57,6 +72,8 @@ pub struct Rtd {
     name: String,
     cfg: RtdConfig,
     special: SpecialTokens,
+    /// The generator's own text encoder and head, when not shared.
+    own_generator: Option<(Rc<dyn Encoder>, Rc<dyn Generator>)>,
 }
 
 /// The corrupted ids and their labels, without gradient: `positions` of
@@ -85,7 +102,10 @@ pub fn corrupt_with_samples(
 impl Objective for Rtd {
     fn forward(&self, fwd: &Forward<'_>, _step: i64) -> Result<ObjectiveOutput> {
         let _span = tracing::trace_span!("rtd").entered();
-        let generator = fwd.generator(&self.name)?;
+        let (gen_encoder, generator) = match &self.own_generator {
+            Some((e, g)) => (e, g),
+            None => (&fwd.model.text, fwd.generator(&self.name)?),
+        };
         let text = &fwd.batch.text;
         let positions = tch::no_grad(|| {
             masking::choose_positions(&text.ids, &text.mask, self.special, self.cfg.mask_ratio)
@@ -94,10 +114,7 @@ impl Objective for Rtd {
             text.ids.masked_fill(&positions, self.special.mask),
             text.mask.shallow_clone(),
         );
-        let gen_states = fwd
-            .model
-            .text
-            .forward_t(EncoderInput::Text(&masked), fwd.train)?;
+        let gen_states = gen_encoder.forward_t(EncoderInput::Text(&masked), fwd.train)?;
         let gen_logits = generator.logits(&gen_states, fwd.train)?;
         let l_gen = masking::masked_lm_loss(&gen_logits, &text.ids, &positions);
 
@@ -156,9 +173,35 @@ fn build(ctx: &BuildContext<'_>) -> Result<Box<dyn Objective>> {
             ctx.key, cfg.mask_ratio, cfg.temperature, cfg.lambda
         )));
     }
+    let own_generator = match (cfg.share_text_encoder, &cfg.generator_text) {
+        (true, None) => None,
+        (true, Some(_)) => {
+            return Err(Error::Config(format!(
+                "config key `{}.generator_text`: only used with share_text_encoder = false",
+                ctx.key
+            )))
+        }
+        (false, None) => {
+            return Err(Error::Config(format!(
+                "config key `{}`: share_text_encoder = false needs a `[{}.generator_text]` encoder section \
+                 (e.g. plugin = \"bert\" with a smaller hidden_size)",
+                ctx.key, ctx.key
+            )))
+        }
+        (false, Some(_)) => {
+            let encoder = ctx.encoder(
+                &format!("{}.generator_text", ctx.key),
+                Modality::Text,
+                &ctx.path / "generator_text",
+            )?;
+            let head = ctx.generator(encoder.clone(), &ctx.path / "generator_head")?;
+            Some((encoder, head))
+        }
+    };
     Ok(Box::new(Rtd {
         name: ctx.section_name().to_string(),
         cfg,
         special: ctx.env.special,
+        own_generator,
     }))
 }

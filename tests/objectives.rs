@@ -1,0 +1,121 @@
+//! Objective behaviour beyond the presets: finite losses for any batch,
+//! VL-RTD with its own generator encoder, and configuration errors.
+
+mod common;
+use common::*;
+use proptest::prelude::*;
+use std::sync::Arc;
+use vlmatch::data::loader::{make_batch, LoaderConfig};
+use vlmatch_core::Forward;
+
+fn vlmatch_layers_with(sets: &[&str]) -> vlmatch_registry::ConfigLayers {
+    let mut layers = micro_layers(sets);
+    layers.files.insert(
+        0,
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/vlmatch.toml"),
+    );
+    layers
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+    /// Every loss of the full method (ITC, VL-RTD, FG-ITM with hard and
+    /// swapped negatives, plus MLM) is finite for any batch of 2 or more,
+    /// including batches where every pair shares one image.
+    #[test]
+    fn losses_are_finite_for_any_batch_size(b in 2usize..10, same_image in any::<bool>(), seed in 0i64..1000) {
+        let loaded = vlmatch_layers_with(&["objectives.mlm.enabled=true"]).load().unwrap();
+        let tok = Arc::new(vlmatch::setup::tokenizer(&loaded).unwrap());
+        let _turn = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
+        tch::manual_seed(seed);
+        let (asm, _) = vlmatch::setup::model(&loaded, &tok).unwrap();
+        let (ds, _) = vlmatch::setup::datasets(&loaded).unwrap();
+        let cfg = LoaderConfig {
+            batch_size: b,
+            workers: 1,
+            prefetch: 1,
+            image_size: 16,
+            max_len: 24,
+            mean: loaded.config.data.mean,
+            std: loaded.config.data.std,
+            shuffle_seed: None,
+        };
+        // Captions of one image are consecutive pairs; `same_image` takes the
+        // first image's captions repeatedly so no in-batch negative exists.
+        let idx: Vec<usize> = if same_image { (0..b).map(|i| i % 3).collect() } else { (0..b).map(|i| i * 3).collect() };
+        let batch = make_batch(&ds, &tok, &cfg, &idx).unwrap();
+        let fwd = Forward::new(&asm.model, &batch, true);
+        let mut names = Vec::new();
+        for o in &asm.objectives {
+            let out = o.objective.forward(&fwd, 0).unwrap();
+            for (name, loss) in out.losses {
+                let v = loss.double_value(&[]);
+                prop_assert!(v.is_finite(), "{} = {} for batch {} (same image: {})", name, v, b, same_image);
+                names.push(name);
+            }
+        }
+        names.sort();
+        prop_assert_eq!(names, ["fgitm", "gen", "itc", "mlm", "rtd"]);
+    }
+}
+
+#[test]
+fn rtd_generator_can_have_its_own_text_encoder() {
+    let dir = scratch("rtd-own-generator");
+    let layers = vlmatch_layers_with(&[
+        "train.steps=6",
+        "train.checkpoint_every=0",
+        "eval.at_end=false",
+        "objectives.rtd.share_text_encoder=false",
+        "objectives.rtd.generator_text={plugin=\"bert\", hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32}",
+    ]);
+    let s = train_exclusive(vlmatch::train::TrainOptions {
+        layers,
+        run_dir: Some(dir.clone()),
+        resume: None,
+        halt_after: None,
+        progress: false,
+    })
+    .unwrap();
+    assert!(s
+        .logged
+        .iter()
+        .all(|m| m["gen"].as_f64().unwrap().is_finite()));
+    let ckpt =
+        tch::Tensor::read_safetensors(dir.join("checkpoints/step-00000006.safetensors")).unwrap();
+    let names: Vec<&str> = ckpt.iter().map(|(k, _)| k.as_str()).collect();
+    for expected in [
+        "model.objectives.rtd.generator_text.embeddings.word_embeddings.weight",
+        "model.objectives.rtd.generator_head.cls.predictions.bias",
+    ] {
+        assert!(
+            names.contains(&expected),
+            "no `{expected}` among {} tensors",
+            names.len()
+        );
+    }
+    let width = ckpt
+        .iter()
+        .find(|(k, _)| k == "model.objectives.rtd.generator_text.embeddings.word_embeddings.weight")
+        .unwrap()
+        .1
+        .size()[1];
+    assert_eq!(
+        width, 16,
+        "the generator encoder is the narrow one configured"
+    );
+}
+
+#[test]
+fn unshared_generator_without_its_section_is_a_config_error() {
+    let loaded = vlmatch_layers_with(&["objectives.rtd.share_text_encoder=false"])
+        .load()
+        .unwrap();
+    let tok = Arc::new(vlmatch::setup::tokenizer(&loaded).unwrap());
+    let err = vlmatch::setup::model(&loaded, &tok)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("config key `objectives.rtd`"), "{err}");
+    assert!(err.contains("generator_text"), "{err}");
+}
