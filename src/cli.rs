@@ -149,7 +149,8 @@ pub fn run(cli: Cli) -> Result<()> {
                     summary.start_step, summary.last_step
                 );
             }
-            if let Some(r) = &summary.eval {
+            if let Some(e) = &summary.eval {
+                let r = &e.retrieval;
                 println!(
                     "held-out ITC retrieval ({} images, {} captions): image->text R@1 {:.1}% R@5 {:.1}% | \
                      text->image R@1 {:.1}% R@5 {:.1}% (chance R@1 {:.1}%)",
@@ -160,6 +161,13 @@ pub fn run(cli: Cli) -> Result<()> {
                     100.0 * r.t2i_r1,
                     100.0 * r.t2i_r5,
                     100.0 * r.t2i_chance
+                );
+                let m = &e.matching;
+                println!(
+                    "held-out matching, caption vs one color/shape word swapped ({} pairs): ITM {:.1}% | ITC {:.1}% (chance 50%)",
+                    m.pairs,
+                    100.0 * m.itm_acc,
+                    100.0 * m.itc_acc
                 );
             }
             println!("run directory: {}", summary.run_dir.display());

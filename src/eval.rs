@@ -1,12 +1,19 @@
-//! Held-out evaluation: ITC retrieval recall (image-to-text and
-//! text-to-image R@1/R@5). Every caption of an image is a correct text for
-//! it; an image's text query is correct when its own image ranks in the top k.
+//! Held-out evaluation.
+//!
+//! - ITC retrieval recall (image-to-text and text-to-image R@1/R@5). Every
+//!   caption of an image is a correct text for it; a text query is correct
+//!   when its own image ranks in the top k.
+//! - Fine-grained matching (`shared/method.md`, Downstream): for each
+//!   held-out caption, the same caption with one color or shape word swapped;
+//!   the share of pairs where the image scores higher with the true caption,
+//!   by ITM probability and by ITC similarity.
 
 use crate::data::Dataset;
 use crate::tokenizer::Tokenizer;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 use vlmatch_core::{EncoderInput, Result, TextBatch, VlModel};
+use word_swap::WordSwap;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Retrieval {
@@ -100,5 +107,112 @@ pub fn retrieval(model: &VlModel, ds: &Dataset, inp: &EvalInputs<'_>) -> Result<
             t2i_r5: recall(&hit_i, k),
             t2i_chance: 1.0 / ni as f64,
         })
+    })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Matching {
+    /// Caption pairs compared (captions with a color or shape word).
+    pub pairs: usize,
+    pub itm_acc: f64,
+    pub itc_acc: f64,
+}
+
+/// The swaps the matching evaluation uses: colors and shapes.
+pub fn color_shape_swapper() -> WordSwap {
+    let groups = word_swap::default_groups().into_iter().take(2).collect();
+    WordSwap::new(groups, None).expect("the default groups are disjoint")
+}
+
+fn encode(model: &VlModel, inp: &EvalInputs<'_>, texts: &[&str]) -> Result<vlmatch_core::Encoded> {
+    let (ids, mask, l) = inp.tokenizer.encode_batch(texts, inp.max_len);
+    let b = texts.len() as i64;
+    let text = TextBatch::new(
+        Tensor::from_slice(&ids)
+            .view([b, l as i64])
+            .to_device(model.device),
+        Tensor::from_slice(&mask)
+            .view([b, l as i64])
+            .to_device(model.device),
+    );
+    model.text.forward_t(EncoderInput::Text(&text), false)
+}
+
+/// Fine-grained matching accuracy on `ds`: true caption against the same
+/// caption with one color or shape word swapped (a fixed, seeded choice, so
+/// every model sees the same negatives).
+pub fn matching(model: &VlModel, ds: &Dataset, inp: &EvalInputs<'_>) -> Result<Matching> {
+    let swapper = color_shape_swapper();
+    let mut rng = crate::rng::Rng::new(0x3A7C);
+    let cases: Vec<(usize, String, String)> = ds
+        .pairs
+        .iter()
+        .filter_map(|p| {
+            let swap = swapper.swap(&p.caption, |n| rng.below(n))?;
+            Some((p.image, p.caption.clone(), swap.text))
+        })
+        .collect();
+    let s = inp.image_size as i64;
+    let (mut itm_hits, mut itc_hits) = (0.0, 0.0);
+    tch::no_grad(|| -> Result<()> {
+        for chunk in cases.chunks(inp.batch_size.max(1)) {
+            let mut pixels = Vec::with_capacity(chunk.len() * 3 * inp.image_size * inp.image_size);
+            for (img, _, _) in chunk {
+                pixels.extend(ds.load_image(*img, inp.image_size, inp.mean, inp.std)?);
+            }
+            let images = Tensor::from_slice(&pixels)
+                .view([chunk.len() as i64, 3, s, s])
+                .to_device(model.device);
+            let image = model.image.forward_t(EncoderInput::Image(&images), false)?;
+            let pos: Vec<&str> = chunk.iter().map(|c| c.1.as_str()).collect();
+            let neg: Vec<&str> = chunk.iter().map(|c| c.2.as_str()).collect();
+            let (tp, tn) = (encode(model, inp, &pos)?, encode(model, inp, &neg)?);
+            let itm = |t: &vlmatch_core::Encoded| -> Result<Tensor> {
+                let fused = model.fuse(t, &image, false)?;
+                Ok(model
+                    .discriminator
+                    .pair_logits(&fused)?
+                    .softmax(1, Kind::Float)
+                    .select(1, 1))
+            };
+            itm_hits += itm(&tp)?
+                .gt_tensor(&itm(&tn)?)
+                .to_kind(Kind::Float)
+                .sum(Kind::Float)
+                .double_value(&[]);
+            let iv = model.contrastive.embed_image(&image);
+            let sp =
+                (&iv * model.contrastive.embed_text(&tp)).sum_dim_intlist(1, false, Kind::Float);
+            let sn =
+                (&iv * model.contrastive.embed_text(&tn)).sum_dim_intlist(1, false, Kind::Float);
+            itc_hits += sp
+                .gt_tensor(&sn)
+                .to_kind(Kind::Float)
+                .sum(Kind::Float)
+                .double_value(&[]);
+        }
+        Ok(())
+    })?;
+    let n = cases.len().max(1) as f64;
+    Ok(Matching {
+        pairs: cases.len(),
+        itm_acc: itm_hits / n,
+        itc_acc: itc_hits / n,
+    })
+}
+
+/// Retrieval and matching on one held-out set.
+#[derive(Debug, Clone, Serialize)]
+pub struct HeldOut {
+    pub step: i64,
+    pub retrieval: Retrieval,
+    pub matching: Matching,
+}
+
+pub fn held_out(model: &VlModel, ds: &Dataset, inp: &EvalInputs<'_>, step: i64) -> Result<HeldOut> {
+    Ok(HeldOut {
+        step,
+        retrieval: retrieval(model, ds, inp)?,
+        matching: matching(model, ds, inp)?,
     })
 }

@@ -9,7 +9,7 @@
 
 use crate::checkpoint::{self, TrainerState};
 use crate::data::loader::{Loader, LoaderConfig};
-use crate::eval::{self, EvalInputs, Retrieval};
+use crate::eval::{self, EvalInputs, HeldOut};
 use crate::optim::{lr_at, AdamW};
 use crate::rng::mix;
 use crate::setup;
@@ -44,7 +44,8 @@ pub struct TrainSummary {
     pub last_step: i64,
     /// The logged metrics of this invocation, one object per logged step.
     pub logged: Vec<Map<String, Value>>,
-    pub eval: Option<Retrieval>,
+    /// The held-out evaluation at the end (retrieval and matching).
+    pub eval: Option<HeldOut>,
 }
 
 fn default_run_dir(preset: &str) -> PathBuf {
@@ -163,9 +164,11 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainSummary> {
         })?;
         state = st;
         truncate_metrics(&metrics_path, state.step)?;
+        truncate_metrics(&run_dir.join("eval.jsonl"), state.step)?;
         tracing::info!(checkpoint = %path.display(), step = state.step, "resuming");
     } else {
         let _ = std::fs::remove_file(&metrics_path);
+        let _ = std::fs::remove_file(run_dir.join("eval.jsonl"));
     }
     let start_step = state.step;
     let n_params: i64 = asm
@@ -218,6 +221,15 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainSummary> {
     );
     bar.set_position(start_step as u64);
 
+    let eval_inputs = EvalInputs {
+        image_size: cfg.data.image_size as usize,
+        max_len: cfg.data.max_len as usize,
+        mean: cfg.data.mean,
+        std: cfg.data.std,
+        batch_size: cfg.eval.batch_size,
+        tokenizer: &tok,
+    };
+    let eval_path = run_dir.join("eval.jsonl");
     let device = env.device;
     let started = std::time::Instant::now();
     let mut logged = Vec::new();
@@ -294,6 +306,19 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainSummary> {
             tracing::debug!(path = %path.display(), "checkpoint");
             last_saved = state.step;
         }
+        if let (Some(ds), true) = (
+            &heldout,
+            cfg.eval.every > 0 && state.step % cfg.eval.every == 0,
+        ) {
+            let r = eval::held_out(&asm.model, ds, &eval_inputs, state.step)?;
+            let line = serde_json::to_string(&r).expect("serialisable");
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&eval_path)
+                .map_err(|e| Error::io(&eval_path, e))?;
+            writeln!(f, "{line}").map_err(|e| Error::io(&eval_path, e))?;
+        }
         if opts.halt_after == Some(state.step) {
             bar.abandon();
             return Ok(TrainSummary {
@@ -312,18 +337,7 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainSummary> {
 
     let eval = match (&heldout, cfg.eval.at_end) {
         (Some(ds), true) => {
-            let r = eval::retrieval(
-                &asm.model,
-                ds,
-                &EvalInputs {
-                    image_size: cfg.data.image_size as usize,
-                    max_len: cfg.data.max_len as usize,
-                    mean: cfg.data.mean,
-                    std: cfg.data.std,
-                    batch_size: cfg.eval.batch_size,
-                    tokenizer: &tok,
-                },
-            )?;
+            let r = eval::held_out(&asm.model, ds, &eval_inputs, state.step)?;
             let path = run_dir.join("eval-heldout.json");
             let text = serde_json::to_string_pretty(&r).expect("serialisable");
             std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;

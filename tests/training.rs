@@ -32,9 +32,13 @@ fn micro_training_lowers_the_loss_and_logs_every_objective() {
             s.logged[0]
         );
     }
-    let e = s.eval.expect("held-out evaluation at the end");
+    let held = s.eval.expect("held-out evaluation at the end");
+    let e = &held.retrieval;
     assert_eq!((e.images, e.captions), (16, 48));
     assert!((0.0..=1.0).contains(&e.i2t_r1) && (0.0..=1.0).contains(&e.t2i_r1));
+    // Every built-in caption names a color or a shape, so each gets a swap.
+    assert_eq!(held.matching.pairs, 48);
+    assert!((0.0..=1.0).contains(&held.matching.itm_acc));
     assert!(dir.join("eval-heldout.json").is_file());
 }
 
@@ -78,7 +82,8 @@ fn annotation_files_with_real_images_train_and_evaluate() {
     .unwrap();
     assert_eq!(s.last_step, 4);
     let e = s.eval.unwrap();
-    assert_eq!((e.images, e.captions), (4, 8));
+    assert_eq!((e.retrieval.images, e.retrieval.captions), (4, 8));
+    assert_eq!(e.matching.pairs, 8, "every caption names a color");
 }
 
 #[test]
@@ -99,4 +104,25 @@ fn gradient_accumulation_consumes_accum_steps_batches_per_step() {
         .1
         .int64_value(&[]);
     assert_eq!(batches, 6);
+}
+
+#[test]
+fn periodic_evaluation_writes_eval_jsonl() {
+    let dir = scratch("eval-every");
+    run(
+        &dir,
+        &["train.steps=6", "eval.every=3", "train.checkpoint_every=0"],
+        None,
+    )
+    .unwrap();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("eval.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let steps: Vec<i64> = lines.iter().map(|l| l["step"].as_i64().unwrap()).collect();
+    assert_eq!(steps, [3, 6]);
+    assert!(
+        lines[0]["matching"]["itm_acc"].is_number() && lines[0]["retrieval"]["i2t_r1"].is_number()
+    );
 }

@@ -236,6 +236,8 @@ pub struct EvalConfig {
     pub batch_size: usize,
     /// Run the held-out retrieval evaluation at the end of training.
     pub at_end: bool,
+    /// Also evaluate every this many steps into `eval.jsonl` (0: never).
+    pub every: i64,
 }
 
 impl Default for EvalConfig {
@@ -243,6 +245,7 @@ impl Default for EvalConfig {
         EvalConfig {
             batch_size: 64,
             at_end: true,
+            every: 0,
         }
     }
 }

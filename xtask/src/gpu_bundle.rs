@@ -26,9 +26,10 @@ pub fn build(root: &Path) -> Result<(), String> {
     let mut strip = Command::new("strip");
     strip.arg(&bin);
     run_status(strip)?;
-    let script = root.join("bench").join("gpu-check.sh");
-    std::fs::copy(&script, out.join("gpu-check.sh"))
-        .map_err(|e| format!("cannot copy {}: {e}", script.display()))?;
+    for script in ["gpu-check.sh", "curve.sh"] {
+        let src = root.join("bench").join(script);
+        std::fs::copy(&src, out.join(script)).map_err(|e| format!("cannot copy {}: {e}", src.display()))?;
+    }
     println!(
         "gpu-bundle/ is ready. On the GPU machine, from the repository root:\n  bash gpu-bundle/gpu-check.sh"
     );

@@ -10,7 +10,10 @@
 //! 4. the discriminator (text encoder on the corrupted text, fusion with the
 //!    image, per-token head) says which tokens were replaced: `L_disc`,
 //!    binary cross-entropy over all non-pad tokens;
-//! 5. `L_rtd = L_gen + lambda * L_disc` (lambda 50 as in ELECTRA).
+//! 5. `L_rtd = L_gen + lambda * L_disc` (default lambda 50 as in ELECTRA;
+//!    the experiment presets use 1: at 50 the token loss dominated the
+//!    encoders shared with ITC and ITM and VL-RTD fell far behind the
+//!    baseline, see `bench/ABLATION.md`).
 //!
 //! By default the generator shares the text encoder with the discriminator
 //! (`share_text_encoder = true`). With `false`, `[objectives.<name>.generator_text]`

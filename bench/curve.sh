@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The VL-Match ablation as a learning curve: the four experiment presets on
+# the tiny model and built-in data, several seeds, held-out evaluation every
+# EVERY steps (fine-grained matching: caption vs the same caption with one
+# color or shape word swapped; and ITC retrieval). Runs all jobs at once
+# (each one libtorch thread and one loader thread) and stops them after
+# LIMIT seconds, summarising whatever was evaluated by then.
+# Usage (GPU machine, from the repository root): bash gpu-bundle/curve.sh
+set -uo pipefail
+OUT=${OUT:-curve-out}
+STEPS=${STEPS:-1600}
+EVERY=${EVERY:-200}
+SEEDS=${SEEDS:-"1 2 3"}
+LIMIT=${LIMIT:-420}
+BIN=${BIN:-gpu-bundle/vlmatch}
+mkdir -p "$OUT"
+if python3 -c 'import torch' 2>/dev/null; then
+  export LD_LIBRARY_PATH="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+$BIN env | tee "$OUT/env.txt"
+# One job line per variant: a name, then `vlmatch train` arguments.
+VARIANTS=${VARIANTS:-"baseline --config configs/baseline.toml
+rtd --config configs/rtd.toml
+fgitm --config configs/fgitm.toml
+vlmatch --config configs/vlmatch.toml"}
+pids=()
+names=()
+for seed in $SEEDS; do
+  while read -r name args; do
+    [ -z "$name" ] && continue
+    [ "$seed" = "$(echo $SEEDS | cut -d' ' -f1)" ] && names+=("$name")
+    $BIN train --quiet $args --run-dir "$OUT/$name-s$seed" \
+      --set train.seed=$seed --set train.steps=$STEPS --set eval.every=$EVERY \
+      --set train.checkpoint_every=0 --set eval.at_end=false \
+      --set train.threads=1 --set data.workers=1 > "$OUT/$name-s$seed.log" 2>&1 &
+    pids+=($!)
+  done <<< "$VARIANTS"
+done
+start=$(date +%s)
+while [ $(( $(date +%s) - start )) -lt "$LIMIT" ]; do
+  alive=0
+  for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+  [ $alive = 0 ] && break
+  sleep 5
+done
+for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+echo "elapsed $(( $(date +%s) - start ))s"
+python3 - "$OUT" "${names[@]}" <<'PY' | tee "$OUT/table.md"
+import json, pathlib, statistics, sys
+out = pathlib.Path(sys.argv[1])
+rows = {}
+for f in sorted(out.glob("*/eval.jsonl")):
+    preset, seed = f.parent.name.rsplit("-s", 1)
+    for line in f.read_text().splitlines():
+        e = json.loads(line)
+        rows.setdefault((preset, e["step"]), []).append(e)
+def cell(es, get):
+    v = [get(e) * 100 for e in es]
+    sd = statistics.stdev(v) if len(v) > 1 else 0.0
+    return f"{statistics.mean(v):.1f} ± {sd:.1f} (n={len(v)})"
+print("| preset | step | matching ITM % | matching ITC % | retrieval i2t R@1 % | t2i R@1 % |")
+print("|---|---|---|---|---|---|")
+for preset in sys.argv[2:]:
+    for (p, step), es in sorted(rows.items(), key=lambda kv: kv[0][1]):
+        if p != preset:
+            continue
+        print(f"| {preset} | {step} | {cell(es, lambda e: e['matching']['itm_acc'])} | "
+              f"{cell(es, lambda e: e['matching']['itc_acc'])} | "
+              f"{cell(es, lambda e: e['retrieval']['i2t_r1'])} | {cell(es, lambda e: e['retrieval']['t2i_r1'])} |")
+PY
