@@ -12,7 +12,7 @@ use crate::data::Dataset;
 use crate::tokenizer::Tokenizer;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
-use vlmatch_core::{EncoderInput, Result, TextBatch, VlModel};
+use vlmatch_core::{Encoded, EncoderInput, Result, VlModel};
 use word_swap::WordSwap;
 
 #[derive(Debug, Clone, Serialize)]
@@ -37,38 +37,49 @@ pub struct EvalInputs<'a> {
     pub tokenizer: &'a Tokenizer,
 }
 
+/// `E_v` states of images `indices` of `ds`, in eval mode.
+fn image_states(
+    model: &VlModel,
+    ds: &Dataset,
+    inp: &EvalInputs<'_>,
+    indices: &[usize],
+) -> Result<Encoded> {
+    let s = inp.image_size as i64;
+    let mut pixels = Vec::with_capacity(indices.len() * 3 * inp.image_size * inp.image_size);
+    for &i in indices {
+        pixels.extend(ds.load_image(i, inp.image_size, inp.mean, inp.std)?);
+    }
+    let images = Tensor::from_slice(&pixels)
+        .view([indices.len() as i64, 3, s, s])
+        .to_device(model.device);
+    model.image.forward_t(EncoderInput::Image(&images), false)
+}
+
+/// `E_t` states of `texts`, in eval mode.
+fn text_states(model: &VlModel, inp: &EvalInputs<'_>, texts: &[&str]) -> Result<Encoded> {
+    let text = inp.tokenizer.text_batch(texts, inp.max_len, model.device);
+    model.text.forward_t(EncoderInput::Text(&text), false)
+}
+
 /// Unit-norm ITC embeddings of every image and every caption.
 fn embeddings(model: &VlModel, ds: &Dataset, inp: &EvalInputs<'_>) -> Result<(Tensor, Tensor)> {
-    let device: Device = model.device;
-    let s = inp.image_size as i64;
     let mut image_embeds = Vec::new();
     let all: Vec<usize> = (0..ds.images.len()).collect();
     for chunk in all.chunks(inp.batch_size.max(1)) {
-        let mut pixels = Vec::with_capacity(chunk.len() * 3 * inp.image_size * inp.image_size);
-        for &i in chunk {
-            pixels.extend(ds.load_image(i, inp.image_size, inp.mean, inp.std)?);
-        }
-        let images = Tensor::from_slice(&pixels)
-            .view([chunk.len() as i64, 3, s, s])
-            .to_device(device);
-        let enc = model.image.forward_t(EncoderInput::Image(&images), false)?;
-        image_embeds.push(model.contrastive.embed_image(&enc));
+        image_embeds.push(
+            model
+                .contrastive
+                .embed_image(&image_states(model, ds, inp, chunk)?),
+        );
     }
     let mut text_embeds = Vec::new();
     for chunk in ds.pairs.chunks(inp.batch_size.max(1)) {
         let texts: Vec<&str> = chunk.iter().map(|p| p.caption.as_str()).collect();
-        let (ids, mask, l) = inp.tokenizer.encode_batch(&texts, inp.max_len);
-        let b = texts.len() as i64;
-        let text = TextBatch::new(
-            Tensor::from_slice(&ids)
-                .view([b, l as i64])
-                .to_device(device),
-            Tensor::from_slice(&mask)
-                .view([b, l as i64])
-                .to_device(device),
+        text_embeds.push(
+            model
+                .contrastive
+                .embed_text(&text_states(model, inp, &texts)?),
         );
-        let enc = model.text.forward_t(EncoderInput::Text(&text), false)?;
-        text_embeds.push(model.contrastive.embed_text(&enc));
     }
     Ok((Tensor::cat(&image_embeds, 0), Tensor::cat(&text_embeds, 0)))
 }
@@ -124,20 +135,6 @@ pub fn color_shape_swapper() -> WordSwap {
     WordSwap::new(groups, None).expect("the default groups are disjoint")
 }
 
-fn encode(model: &VlModel, inp: &EvalInputs<'_>, texts: &[&str]) -> Result<vlmatch_core::Encoded> {
-    let (ids, mask, l) = inp.tokenizer.encode_batch(texts, inp.max_len);
-    let b = texts.len() as i64;
-    let text = TextBatch::new(
-        Tensor::from_slice(&ids)
-            .view([b, l as i64])
-            .to_device(model.device),
-        Tensor::from_slice(&mask)
-            .view([b, l as i64])
-            .to_device(model.device),
-    );
-    model.text.forward_t(EncoderInput::Text(&text), false)
-}
-
 /// Fine-grained matching accuracy on `ds`: true caption against the same
 /// caption with one color or shape word swapped (a fixed, seeded choice, so
 /// every model sees the same negatives).
@@ -152,22 +149,18 @@ pub fn matching(model: &VlModel, ds: &Dataset, inp: &EvalInputs<'_>) -> Result<M
             Some((p.image, p.caption.clone(), swap.text))
         })
         .collect();
-    let s = inp.image_size as i64;
     let (mut itm_hits, mut itc_hits) = (0.0, 0.0);
     tch::no_grad(|| -> Result<()> {
         for chunk in cases.chunks(inp.batch_size.max(1)) {
-            let mut pixels = Vec::with_capacity(chunk.len() * 3 * inp.image_size * inp.image_size);
-            for (img, _, _) in chunk {
-                pixels.extend(ds.load_image(*img, inp.image_size, inp.mean, inp.std)?);
-            }
-            let images = Tensor::from_slice(&pixels)
-                .view([chunk.len() as i64, 3, s, s])
-                .to_device(model.device);
-            let image = model.image.forward_t(EncoderInput::Image(&images), false)?;
+            let images: Vec<usize> = chunk.iter().map(|c| c.0).collect();
+            let image = image_states(model, ds, inp, &images)?;
             let pos: Vec<&str> = chunk.iter().map(|c| c.1.as_str()).collect();
             let neg: Vec<&str> = chunk.iter().map(|c| c.2.as_str()).collect();
-            let (tp, tn) = (encode(model, inp, &pos)?, encode(model, inp, &neg)?);
-            let itm = |t: &vlmatch_core::Encoded| -> Result<Tensor> {
+            let (tp, tn) = (
+                text_states(model, inp, &pos)?,
+                text_states(model, inp, &neg)?,
+            );
+            let itm = |t: &Encoded| -> Result<Tensor> {
                 let fused = model.fuse(t, &image, false)?;
                 Ok(model
                     .discriminator

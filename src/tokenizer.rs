@@ -8,7 +8,7 @@
 use crate::data::synthetic;
 use std::collections::HashMap;
 use std::path::Path;
-use vlmatch_core::{Error, Result, SpecialTokens};
+use vlmatch_core::{Error, Result, SpecialTokens, TextBatch};
 
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
@@ -161,6 +161,16 @@ impl Tokenizer {
         ids
     }
 
+    /// [`Tokenizer::encode_batch`] as a [`TextBatch`] on `device`.
+    pub fn text_batch(&self, texts: &[&str], max_len: usize, device: tch::Device) -> TextBatch {
+        let (ids, mask, l) = self.encode_batch(texts, max_len);
+        let shape = [texts.len() as i64, l as i64];
+        TextBatch::new(
+            tch::Tensor::from_slice(&ids).view(shape).to_device(device),
+            tch::Tensor::from_slice(&mask).view(shape).to_device(device),
+        )
+    }
+
     /// Encode and pad to the longest in the batch: `(ids, mask, L)`, each
     /// flattened row-major `[B, L]`.
     pub fn encode_batch(&self, texts: &[&str], max_len: usize) -> (Vec<i64>, Vec<i64>, usize) {
@@ -191,17 +201,8 @@ impl vlmatch_core::TextCodec for Codec {
     fn vocab_size(&self) -> i64 {
         self.tokenizer.vocab_size()
     }
-    fn encode(&self, texts: &[&str], device: tch::Device) -> vlmatch_core::TextBatch {
-        let (ids, mask, l) = self.tokenizer.encode_batch(texts, self.max_len);
-        let b = texts.len() as i64;
-        vlmatch_core::TextBatch::new(
-            tch::Tensor::from_slice(&ids)
-                .view([b, l as i64])
-                .to_device(device),
-            tch::Tensor::from_slice(&mask)
-                .view([b, l as i64])
-                .to_device(device),
-        )
+    fn encode(&self, texts: &[&str], device: tch::Device) -> TextBatch {
+        self.tokenizer.text_batch(texts, self.max_len, device)
     }
     fn token(&self, id: i64) -> String {
         self.tokenizer.token(id).to_string()

@@ -226,6 +226,8 @@ fn context<'a>(
     }
 }
 
+/// Build the encoder of a model role (`image`, `text`, `fusion`) under its
+/// parameter prefix (`vision_encoder`, `text_encoder`, `fusion`).
 fn encoder(
     registry: &Registry,
     config: &LoadedConfig,
@@ -235,39 +237,14 @@ fn encoder(
     expected: Modality,
     widths: Widths,
 ) -> Result<Rc<dyn Encoder>> {
-    let key = format!("model.{role}");
-    let section = match role {
-        "image" => &config.config.model.image,
-        "text" => &config.config.model.text,
-        _ => &config.config.model.fusion,
-    };
-    let entry = registry.get(Kind::Encoder, &section.plugin, &format!("{key}.plugin"))?;
-    let Factory::Encoder(build) = entry.factory else {
-        unreachable!("kind checked")
-    };
     let prefix = match role {
         "image" => "vision_encoder",
         "text" => "text_encoder",
         _ => "fusion",
     };
-    let ctx = context(
-        registry,
-        config,
-        env,
-        &(root / prefix),
-        &key,
-        &entry.name,
-        widths,
-    );
-    let enc = build(&ctx)?;
-    if enc.modality() != expected {
-        return Err(Error::Config(format!(
-            "config key `{key}.plugin`: `{}` is a {:?} encoder, but the {role} role needs a {expected:?} encoder",
-            entry.name,
-            enc.modality()
-        )));
-    }
-    Ok(enc)
+    let key = format!("model.{role}");
+    let ctx = context(registry, config, env, root, &key, "model", widths);
+    ctx.encoder(&key, expected, root / prefix)
 }
 
 /// Build the model and objectives that `config` names, on `env.device`.

@@ -28,7 +28,8 @@ pub fn build(root: &Path) -> Result<(), String> {
     run_status(strip)?;
     for script in ["gpu-check.sh", "curve.sh"] {
         let src = root.join("bench").join(script);
-        std::fs::copy(&src, out.join(script)).map_err(|e| format!("cannot copy {}: {e}", src.display()))?;
+        std::fs::copy(&src, out.join(script))
+            .map_err(|e| format!("cannot copy {}: {e}", src.display()))?;
     }
     println!(
         "gpu-bundle/ is ready. On the GPU machine, from the repository root:\n  bash gpu-bundle/gpu-check.sh"
