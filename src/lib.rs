@@ -10,6 +10,7 @@ pub mod cli;
 pub mod data;
 pub mod eval;
 pub mod optim;
+pub mod pretrained;
 pub mod rng;
 pub mod setup;
 pub mod tokenizer;

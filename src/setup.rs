@@ -38,8 +38,13 @@ pub fn compute_kind(precision: &str, device: Device) -> Result<Kind> {
 
 pub fn tokenizer(cfg: &LoadedConfig) -> Result<Tokenizer> {
     let data = &cfg.config.data;
+    let init: Option<std::path::PathBuf> = cfg.figment.extract_inner("model.text.init").ok();
     if data.vocab == "builtin" {
-        Ok(Tokenizer::builtin())
+        // A text encoder initialised from a checkpoint brings its vocabulary.
+        match init.map(|d| d.join("vocab.txt")).filter(|v| v.is_file()) {
+            Some(vocab) => Tokenizer::from_vocab_file(&vocab, data.lowercase),
+            None => Ok(Tokenizer::builtin()),
+        }
     } else {
         Tokenizer::from_vocab_file(Path::new(&data.vocab), data.lowercase)
     }

@@ -167,6 +167,9 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainSummary> {
         truncate_metrics(&run_dir.join("eval.jsonl"), state.step)?;
         tracing::info!(checkpoint = %path.display(), step = state.step, "resuming");
     } else {
+        for report in crate::pretrained::apply_inits(&loaded, &asm.vs.variables())? {
+            tracing::info!("loaded {report}");
+        }
         let _ = std::fs::remove_file(&metrics_path);
         let _ = std::fs::remove_file(run_dir.join("eval.jsonl"));
     }

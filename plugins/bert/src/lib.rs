@@ -6,19 +6,43 @@
 //! Registered as encoder `bert`. The vocabulary size comes from the
 //! tokenizer, the maximum length from `data.max_len`.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 use std::rc::Rc;
 use tch::{nn, Kind, Tensor};
 use vlmatch_core::{Encoded, Encoder, EncoderInput, Error, Modality, Result};
+use vlmatch_layers::hf::resolve_arch;
 use vlmatch_layers::{BertLayer, BertLayerConfig, LayerNorm};
 use vlmatch_registry::BuildContext;
 
 vlmatch_registry::register!(encoder "bert" => build);
 
-/// Keys of `[model.text]` for `plugin = "bert"`; names follow HuggingFace
-/// `BertConfig`.
-#[derive(Debug, Clone, Deserialize)]
+/// Keys of `[model.text]` for `plugin = "bert"`. Architecture keys follow
+/// HuggingFace `BertConfig`; with `init = "DIR"` (a hub-layout directory)
+/// they come from `DIR/config.json`, and a key set here must agree with it,
+/// except `num_hidden_layers`, which may take only the first layers.
+/// The weights of `DIR/model.safetensors` are applied by the trainer.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
+pub struct BertSection {
+    #[serde(default, skip_serializing)]
+    pub init: Option<PathBuf>,
+    /// Let `init` leave parameters missing (they keep their random init).
+    #[serde(default, skip_serializing)]
+    pub allow_partial_init: bool,
+    pub hidden_size: Option<i64>,
+    pub num_hidden_layers: Option<i64>,
+    pub num_attention_heads: Option<i64>,
+    pub intermediate_size: Option<i64>,
+    pub hidden_dropout_prob: Option<f64>,
+    pub attention_probs_dropout_prob: Option<f64>,
+    pub layer_norm_eps: Option<f64>,
+    pub max_position_embeddings: Option<i64>,
+    pub type_vocab_size: Option<i64>,
+}
+
+/// A resolved BERT architecture (also read from HuggingFace `config.json`).
+#[derive(Debug, Clone, Deserialize)]
 pub struct BertConfig {
     pub hidden_size: i64,
     pub num_hidden_layers: i64,
@@ -34,6 +58,11 @@ pub struct BertConfig {
     pub max_position_embeddings: i64,
     #[serde(default = "type_vocab")]
     pub type_vocab_size: i64,
+    /// From `config.json` only; checked against the tokenizer.
+    #[serde(default)]
+    pub vocab_size: Option<i64>,
+    #[serde(default = "gelu")]
+    pub hidden_act: String,
 }
 
 fn eps() -> f64 {
@@ -44,6 +73,47 @@ fn max_pos() -> i64 {
 }
 fn type_vocab() -> i64 {
     2
+}
+fn gelu() -> String {
+    "gelu".into()
+}
+
+impl BertSection {
+    /// The architecture this section describes (see [`BertSection`]).
+    pub fn resolve(&self, key: &str) -> Result<BertConfig> {
+        let mut keys = match serde_json::to_value(self).expect("serialisable") {
+            serde_json::Value::Object(m) => m,
+            _ => unreachable!("a struct serialises to an object"),
+        };
+        // With a checkpoint, fewer layers than it has is ALBEF's split: the
+        // first layers are the text encoder, the rest may feed the fusion.
+        let layers = if self.init.is_some() {
+            keys.remove("num_hidden_layers").and_then(|v| v.as_i64())
+        } else {
+            None
+        };
+        let mut cfg: BertConfig = resolve_arch(key, self.init.as_deref(), keys)?;
+        if let Some(n) = layers {
+            if n > cfg.num_hidden_layers || n < 1 {
+                return Err(Error::Config(format!(
+                    "config key `{key}.num_hidden_layers` = {n}: the checkpoint has {} layers; \
+                     use 1 to {} (the first layers are taken)",
+                    cfg.num_hidden_layers, cfg.num_hidden_layers
+                )));
+            }
+            cfg.num_hidden_layers = n;
+        }
+        if cfg.hidden_act != "gelu" {
+            return Err(Error::plugin(
+                "bert",
+                format!(
+                    "hidden_act `{}` is not supported (only `gelu`)",
+                    cfg.hidden_act
+                ),
+            ));
+        }
+        Ok(cfg)
+    }
 }
 
 /// The BERT encoder.
@@ -169,7 +239,15 @@ impl Encoder for Bert {
 }
 
 fn build(ctx: &BuildContext<'_>) -> Result<Rc<dyn Encoder>> {
-    let cfg: BertConfig = ctx.params()?;
+    let section: BertSection = ctx.params()?;
+    let cfg = section.resolve(&ctx.key)?;
+    if let Some(v) = cfg.vocab_size.filter(|&v| v != ctx.env.vocab_size) {
+        return Err(Error::Config(format!(
+            "config key `{}.init`: the checkpoint's vocab_size {v} differs from the tokenizer's {}; \
+             set data.vocab to the checkpoint's vocab.txt",
+            ctx.key, ctx.env.vocab_size
+        )));
+    }
     Ok(Rc::new(Bert::new(
         &ctx.path,
         &cfg,

@@ -6,19 +6,45 @@
 //!
 //! Registered as encoder `cross_attention`. Width: the text encoder's.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 use std::rc::Rc;
 use tch::nn;
 use vlmatch_core::{Encoded, Encoder, EncoderInput, Error, Modality, Result};
+use vlmatch_layers::hf::resolve_arch;
 use vlmatch_layers::{BertLayer, BertLayerConfig};
 use vlmatch_registry::BuildContext;
 
 vlmatch_registry::register!(encoder "cross_attention" => build);
 
-/// Keys of `[model.fusion]` for `plugin = "cross_attention"`.
-#[derive(Debug, Clone, Deserialize)]
+/// Keys of `[model.fusion]` for `plugin = "cross_attention"`. With
+/// `init = "DIR"` (a BERT checkpoint in hub layout) the attention heads,
+/// feed-forward width, epsilon and dropouts come from `DIR/config.json` (a
+/// key set here must agree), and the trainer initialises fusion layer `i`
+/// from the checkpoint's layer `i + init_layer_offset` (default: the number
+/// of text layers), ALBEF's split of one BERT into text and fusion layers.
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
+pub struct CrossAttentionSection {
+    #[serde(skip_serializing)]
+    pub num_hidden_layers: i64,
+    #[serde(default, skip_serializing)]
+    pub init: Option<PathBuf>,
+    #[serde(default, skip_serializing)]
+    pub init_layer_offset: Option<i64>,
+    #[serde(default, skip_serializing)]
+    pub allow_partial_init: bool,
+    pub num_attention_heads: Option<i64>,
+    pub intermediate_size: Option<i64>,
+    pub hidden_dropout_prob: Option<f64>,
+    pub attention_probs_dropout_prob: Option<f64>,
+    pub layer_norm_eps: Option<f64>,
+}
+
+/// The resolved per-layer architecture (also read from BERT's `config.json`).
+#[derive(Debug, Clone, Deserialize)]
 pub struct CrossAttentionConfig {
+    #[serde(default)]
     pub num_hidden_layers: i64,
     pub num_attention_heads: i64,
     pub intermediate_size: i64,
@@ -32,6 +58,20 @@ pub struct CrossAttentionConfig {
 
 fn eps() -> f64 {
     1e-12
+}
+
+impl CrossAttentionSection {
+    pub fn resolve(&self, key: &str) -> Result<CrossAttentionConfig> {
+        let keys = match serde_json::to_value(self).expect("serialisable") {
+            serde_json::Value::Object(m) => m,
+            _ => unreachable!("a struct serialises to an object"),
+        };
+        let mut cfg: CrossAttentionConfig = resolve_arch(key, self.init.as_deref(), keys)?;
+        // The checkpoint's layer count is the whole BERT's; the fusion's own
+        // depth is always this section's.
+        cfg.num_hidden_layers = self.num_hidden_layers;
+        Ok(cfg)
+    }
 }
 
 pub struct CrossAttentionFusion {
@@ -102,7 +142,8 @@ impl Encoder for CrossAttentionFusion {
 }
 
 fn build(ctx: &BuildContext<'_>) -> Result<Rc<dyn Encoder>> {
-    let cfg: CrossAttentionConfig = ctx.params()?;
+    let section: CrossAttentionSection = ctx.params()?;
+    let cfg = section.resolve(&ctx.key)?;
     Ok(Rc::new(CrossAttentionFusion::new(
         &ctx.path,
         &cfg,

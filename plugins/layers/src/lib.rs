@@ -5,6 +5,7 @@
 //! given at construction (bf16 on CUDA) from fp32 master weights; layer norms
 //! and residual sums stay fp32. Tensors between blocks are fp32.
 
+pub mod hf;
 pub mod masking;
 
 use tch::{nn, Kind, Tensor};
@@ -94,14 +95,29 @@ impl Attention {
         dropout: f64,
         compute: Kind,
     ) -> Self {
+        Self::with_bias(p, q_dim, kv_dim, dim, heads, dropout, true, compute)
+    }
+
+    /// [`Attention::new`] with or without `query`/`key`/`value` biases.
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_bias(
+        p: &nn::Path,
+        q_dim: i64,
+        kv_dim: i64,
+        dim: i64,
+        heads: i64,
+        dropout: f64,
+        bias: bool,
+        compute: Kind,
+    ) -> Self {
         assert!(
             dim % heads == 0,
             "attention width {dim} is not divisible by {heads} heads"
         );
         Attention {
-            query: Linear::new(&(p / "query"), q_dim, dim, true, compute),
-            key: Linear::new(&(p / "key"), kv_dim, dim, true, compute),
-            value: Linear::new(&(p / "value"), kv_dim, dim, true, compute),
+            query: Linear::new(&(p / "query"), q_dim, dim, bias, compute),
+            key: Linear::new(&(p / "key"), kv_dim, dim, bias, compute),
+            value: Linear::new(&(p / "value"), kv_dim, dim, bias, compute),
             heads,
             dropout,
         }

@@ -5,19 +5,42 @@
 //!
 //! Registered as encoder `vit`. Input resolution comes from `data.image_size`.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
 use std::rc::Rc;
 use tch::{nn, Kind, Tensor};
 use vlmatch_core::{Encoded, Encoder, EncoderInput, Error, Modality, Result};
+use vlmatch_layers::hf::resolve_arch;
 use vlmatch_layers::{Attention, LayerNorm, Linear};
 use vlmatch_registry::BuildContext;
 
 vlmatch_registry::register!(encoder "vit" => build);
 
-/// Keys of `[model.image]` for `plugin = "vit"`; names follow HuggingFace
-/// `ViTConfig`.
-#[derive(Debug, Clone, Deserialize)]
+/// Keys of `[model.image]` for `plugin = "vit"`. Architecture keys follow
+/// HuggingFace `ViTConfig`; with `init = "DIR"` (a hub-layout directory)
+/// they come from `DIR/config.json`, and a key set here must agree with it.
+/// The weights of `DIR/model.safetensors` are applied by the trainer.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
+pub struct VitSection {
+    #[serde(default, skip_serializing)]
+    pub init: Option<PathBuf>,
+    /// Let `init` leave parameters missing (they keep their random init).
+    #[serde(default, skip_serializing)]
+    pub allow_partial_init: bool,
+    pub hidden_size: Option<i64>,
+    pub num_hidden_layers: Option<i64>,
+    pub num_attention_heads: Option<i64>,
+    pub intermediate_size: Option<i64>,
+    pub patch_size: Option<i64>,
+    pub hidden_dropout_prob: Option<f64>,
+    pub attention_probs_dropout_prob: Option<f64>,
+    pub layer_norm_eps: Option<f64>,
+    pub qkv_bias: Option<bool>,
+}
+
+/// A resolved ViT architecture (also read from HuggingFace `config.json`).
+#[derive(Debug, Clone, Deserialize)]
 pub struct VitConfig {
     pub hidden_size: i64,
     pub num_hidden_layers: i64,
@@ -32,6 +55,11 @@ pub struct VitConfig {
     pub layer_norm_eps: f64,
     #[serde(default = "yes")]
     pub qkv_bias: bool,
+    /// From `config.json` only: the checkpoint's resolution.
+    #[serde(default)]
+    pub image_size: Option<i64>,
+    #[serde(default = "gelu")]
+    pub hidden_act: String,
 }
 
 fn eps() -> f64 {
@@ -39,6 +67,30 @@ fn eps() -> f64 {
 }
 fn yes() -> bool {
     true
+}
+fn gelu() -> String {
+    "gelu".into()
+}
+
+impl VitSection {
+    /// The architecture this section describes (see [`VitSection`]).
+    pub fn resolve(&self, key: &str) -> Result<VitConfig> {
+        let keys = match serde_json::to_value(self).expect("serialisable") {
+            serde_json::Value::Object(m) => m,
+            _ => unreachable!("a struct serialises to an object"),
+        };
+        let cfg: VitConfig = resolve_arch(key, self.init.as_deref(), keys)?;
+        if cfg.hidden_act != "gelu" {
+            return Err(Error::plugin(
+                "vit",
+                format!(
+                    "hidden_act `{}` is not supported (only `gelu`)",
+                    cfg.hidden_act
+                ),
+            ));
+        }
+        Ok(cfg)
+    }
 }
 
 struct VitLayer {
@@ -56,13 +108,14 @@ impl VitLayer {
         let h = cfg.hidden_size;
         VitLayer {
             layernorm_before: LayerNorm::new(&(p / "layernorm_before"), h, cfg.layer_norm_eps),
-            attention: Attention::new(
+            attention: Attention::with_bias(
                 &(p / "attention" / "attention"),
                 h,
                 h,
                 h,
                 cfg.num_attention_heads,
                 cfg.attention_probs_dropout_prob,
+                cfg.qkv_bias,
                 compute,
             ),
             attention_out: Linear::new(
@@ -224,7 +277,15 @@ impl Encoder for Vit {
 }
 
 fn build(ctx: &BuildContext<'_>) -> Result<Rc<dyn Encoder>> {
-    let cfg: VitConfig = ctx.params()?;
+    let section: VitSection = ctx.params()?;
+    let cfg = section.resolve(&ctx.key)?;
+    if let Some(s) = cfg.image_size.filter(|&s| s != ctx.env.image_size) {
+        return Err(Error::Config(format!(
+            "config key `{}.init`: the checkpoint is for {s} px images but data.image_size is {}; \
+             set data.image_size = {s} (position-embedding interpolation is not implemented yet)",
+            ctx.key, ctx.env.image_size
+        )));
+    }
     Ok(Rc::new(Vit::new(
         &ctx.path,
         &cfg,

@@ -1,0 +1,64 @@
+//! HuggingFace hub-layout directories (`config.json` + `model.safetensors`):
+//! resolving an architecture from `config.json` against vlmatch's config.
+
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+use std::path::Path;
+use vlmatch_core::{Error, Result};
+
+/// The architecture `T` for the config section `key`: from `init`'s
+/// `config.json` when given, with every key the section also sets required
+/// to agree; otherwise from the section's keys alone. `section` holds the
+/// section's architecture keys that were set (nulls are ignored).
+pub fn resolve_arch<T: DeserializeOwned>(
+    key: &str,
+    init: Option<&Path>,
+    section: Map<String, Value>,
+) -> Result<T> {
+    let section: Map<String, Value> = section.into_iter().filter(|(_, v)| !v.is_null()).collect();
+    let merged = match init {
+        None => section,
+        Some(dir) => {
+            let file = dir.join("config.json");
+            let text = std::fs::read_to_string(&file).map_err(|e| {
+                Error::Config(format!(
+                    "config key `{key}.init`: cannot read {}: {e}",
+                    file.display()
+                ))
+            })?;
+            let mut base: Map<String, Value> =
+                serde_json::from_str(&text).map_err(|e| Error::Data {
+                    path: file.clone(),
+                    line: Some(e.line()),
+                    message: format!("invalid config.json: {e}"),
+                })?;
+            for (k, v) in section {
+                match base.get(&k) {
+                    Some(b) if !same_number_or_value(b, &v) => {
+                        return Err(Error::Config(format!(
+                            "config key `{key}.{k}` = {v} contradicts {} ({k} = {b}); remove the key or the init",
+                            file.display()
+                        )))
+                    }
+                    _ => {
+                        base.insert(k, v);
+                    }
+                }
+            }
+            base
+        }
+    };
+    serde_json::from_value(Value::Object(merged)).map_err(|e| {
+        let from = init
+            .map(|d| format!(" with {}/config.json", d.display()))
+            .unwrap_or_default();
+        Error::Config(format!("config key `{key}`{from}: {e}"))
+    })
+}
+
+fn same_number_or_value(a: &Value, b: &Value) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => (x - y).abs() <= 1e-12 * x.abs().max(1.0),
+        _ => a == b,
+    }
+}

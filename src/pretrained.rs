@@ -1,0 +1,310 @@
+//! Applying HuggingFace hub-layout checkpoints (`model.safetensors`) to an
+//! assembled model, with a report of what was applied, missing, unused and
+//! mismatched.
+//!
+//! Roles and their name tables (checkpoint name, after dropping a `bert.` or
+//! `vit.` prefix and renaming old `LayerNorm.gamma/beta` to `weight/bias`):
+//!
+//! | config | checkpoint name | model parameter |
+//! |---|---|---|
+//! | `model.text.init` | `embeddings.*`, `encoder.layer.N.*` (N < text layers) | `text_encoder.*` |
+//! | `model.text.init` | `cls.predictions.*` (MLM head) | `generator.cls.predictions.*` |
+//! | `model.fusion.init` | `encoder.layer.N.*`, N >= `init_layer_offset` | `fusion.layer.(N - offset).*` |
+//! | `model.image.init` | `embeddings.*`, `encoder.layer.N.*`, `layernorm.*` | `vision_encoder.*` |
+//!
+//! `cls.predictions.decoder.weight` is the word-embedding matrix the head is
+//! tied to, so it is not loaded separately. ALBEF's fusion layers get their
+//! self-attention and feed-forward from the upper BERT layers; their
+//! `crossattention.*` is new and reported as such, not as missing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use tch::Tensor;
+use vlmatch_core::{Error, Result};
+
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub role: String,
+    pub source: PathBuf,
+    pub applied: usize,
+    /// Parameters of the role that the checkpoint did not provide.
+    pub missing: Vec<String>,
+    /// New by design (ALBEF's cross-attention), not an error.
+    pub new: Vec<String>,
+    /// Checkpoint tensors that matched no parameter.
+    pub unused: Vec<String>,
+    /// `(parameter, model shape, checkpoint shape)`.
+    pub mismatched: Vec<(String, Vec<i64>, Vec<i64>)>,
+}
+
+impl fmt::Display for LoadReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} from {}: {} applied, {} missing, {} new, {} unused, {} shape mismatches",
+            self.role,
+            self.source.display(),
+            self.applied,
+            self.missing.len(),
+            self.new.len(),
+            self.unused.len(),
+            self.mismatched.len()
+        )?;
+        let list = |v: &[String]| {
+            let shown: Vec<&str> = v.iter().take(6).map(String::as_str).collect();
+            let more = v.len().saturating_sub(6);
+            format!(
+                "{}{}",
+                shown.join(", "),
+                if more > 0 {
+                    format!(", ... {more} more")
+                } else {
+                    String::new()
+                }
+            )
+        };
+        if !self.missing.is_empty() {
+            write!(f, "\n  missing: {}", list(&self.missing))?;
+        }
+        if !self.unused.is_empty() {
+            write!(f, "\n  unused: {}", list(&self.unused))?;
+        }
+        for (name, ours, theirs) in &self.mismatched {
+            write!(
+                f,
+                "\n  shape mismatch: {name}: model {ours:?}, checkpoint {theirs:?}"
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A checkpoint tensor name without the model-class prefix, with old
+/// LayerNorm names updated.
+pub fn canonical(name: &str) -> String {
+    let name = name
+        .strip_prefix("bert.")
+        .or_else(|| name.strip_prefix("vit."))
+        .unwrap_or(name);
+    if let Some(stem) = name.strip_suffix(".gamma") {
+        format!("{stem}.weight")
+    } else if let Some(stem) = name.strip_suffix(".beta") {
+        format!("{stem}.bias")
+    } else {
+        name.to_string()
+    }
+}
+
+/// Read `DIR/model.safetensors` as canonical name -> tensor.
+pub fn read_checkpoint(dir: &Path) -> Result<BTreeMap<String, Tensor>> {
+    let file = dir.join("model.safetensors");
+    let tensors = Tensor::read_safetensors(&file).map_err(|e| Error::Data {
+        path: file.clone(),
+        line: None,
+        message: format!("cannot read safetensors: {e}"),
+    })?;
+    Ok(tensors
+        .into_iter()
+        .map(|(k, v)| (canonical(&k), v))
+        .collect())
+}
+
+/// Copy checkpoint tensors into `vars` by `target` (canonical checkpoint
+/// name -> model parameter name, `None` to skip). `role_prefix` selects the
+/// parameters counted as missing; `is_new` marks those that are new by design.
+pub fn apply(
+    role: &str,
+    source: &Path,
+    checkpoint: &BTreeMap<String, Tensor>,
+    vars: &HashMap<String, Tensor>,
+    role_prefix: &str,
+    target: impl Fn(&str) -> Option<String>,
+    is_new: impl Fn(&str) -> bool,
+) -> LoadReport {
+    let mut report = LoadReport {
+        role: role.to_string(),
+        source: source.to_path_buf(),
+        ..Default::default()
+    };
+    let mut applied = std::collections::HashSet::new();
+    tch::no_grad(|| {
+        for (name, t) in checkpoint {
+            let Some(local) = target(name) else { continue };
+            let Some(var) = vars.get(&local) else {
+                report.unused.push(name.clone());
+                continue;
+            };
+            if var.size() != t.size() {
+                report.mismatched.push((local, var.size(), t.size()));
+                continue;
+            }
+            var.shallow_clone()
+                .copy_(&t.to_kind(var.kind()).to_device(var.device()));
+            applied.insert(local);
+        }
+    });
+    report.applied = applied.len();
+    let mut locals: Vec<&String> = vars.keys().filter(|k| k.starts_with(role_prefix)).collect();
+    locals.sort();
+    for k in locals {
+        if !applied.contains(k) && !report.mismatched.iter().any(|m| &m.0 == k) {
+            if is_new(k) {
+                report.new.push(k.clone());
+            } else {
+                report.missing.push(k.clone());
+            }
+        }
+    }
+    report
+}
+
+/// The checkpoint directories a config names, read from the figment.
+fn init_dir(cfg: &vlmatch_registry::LoadedConfig, role: &str) -> Option<PathBuf> {
+    cfg.figment
+        .extract_inner::<PathBuf>(&format!("model.{role}.init"))
+        .ok()
+}
+
+fn allow_partial(cfg: &vlmatch_registry::LoadedConfig, role: &str) -> bool {
+    cfg.figment
+        .extract_inner::<bool>(&format!("model.{role}.allow_partial_init"))
+        .unwrap_or(false)
+}
+
+/// Number of `text_encoder.encoder.layer.N` blocks in `vars`.
+fn text_layers(vars: &HashMap<String, Tensor>) -> i64 {
+    vars.keys()
+        .filter_map(|k| {
+            k.strip_prefix("text_encoder.encoder.layer.")?
+                .split('.')
+                .next()?
+                .parse::<i64>()
+                .ok()
+        })
+        .map(|n| n + 1)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Apply every `model.<role>.init` of `cfg` to the model's variables.
+/// Missing or mismatched tensors are an error unless the role sets
+/// `allow_partial_init = true`.
+pub fn apply_inits(
+    cfg: &vlmatch_registry::LoadedConfig,
+    vars: &HashMap<String, Tensor>,
+) -> Result<Vec<LoadReport>> {
+    let mut reports = Vec::new();
+    if let Some(dir) = init_dir(cfg, "text") {
+        let ckpt = read_checkpoint(&dir)?;
+        let mut r = apply(
+            "text encoder",
+            &dir,
+            &ckpt,
+            vars,
+            "text_encoder.",
+            |n| {
+                (!n.starts_with("cls.")
+                    && !n.starts_with("pooler.")
+                    && n != "embeddings.position_ids")
+                    .then(|| format!("text_encoder.{n}"))
+            },
+            |_| false,
+        );
+        // Upper layers may feed the fusion encoder instead (ALBEF): not unused then.
+        if init_dir(cfg, "fusion").as_deref() == Some(dir.as_path()) {
+            r.unused.retain(|n| !n.starts_with("encoder.layer."));
+        }
+        check(&r, allow_partial(cfg, "text"))?;
+        reports.push(r);
+        if vars
+            .keys()
+            .any(|k| k.starts_with("generator.cls.predictions."))
+        {
+            let r = apply(
+                "MLM head",
+                &dir,
+                &ckpt,
+                vars,
+                "generator.",
+                |n| {
+                    (n.starts_with("cls.predictions.")
+                        && n != "cls.predictions.decoder.weight"
+                        && n != "cls.predictions.decoder.bias")
+                        .then(|| format!("generator.{n}"))
+                },
+                |_| false,
+            );
+            // A checkpoint without an MLM head (plain BertModel) leaves it new.
+            if r.applied > 0 {
+                check(&r, allow_partial(cfg, "text"))?;
+            }
+            reports.push(r);
+        }
+    }
+    if let Some(dir) = init_dir(cfg, "fusion") {
+        let ckpt = read_checkpoint(&dir)?;
+        let offset = cfg
+            .figment
+            .extract_inner::<i64>("model.fusion.init_layer_offset")
+            .unwrap_or_else(|_| text_layers(vars));
+        let r = apply(
+            "fusion encoder",
+            &dir,
+            &ckpt,
+            vars,
+            "fusion.",
+            |n| {
+                let rest = n.strip_prefix("encoder.layer.")?;
+                let (idx, tail) = rest.split_once('.')?;
+                let i = idx.parse::<i64>().ok()? - offset;
+                (i >= 0).then(|| format!("fusion.layer.{i}.{tail}"))
+            },
+            |k| k.contains(".crossattention."),
+        );
+        check(&r, allow_partial(cfg, "fusion"))?;
+        reports.push(r);
+    }
+    if let Some(dir) = init_dir(cfg, "image") {
+        let ckpt = read_checkpoint(&dir)?;
+        let r = apply(
+            "image encoder",
+            &dir,
+            &ckpt,
+            vars,
+            "vision_encoder.",
+            |n| {
+                (!n.starts_with("pooler.") && !n.starts_with("classifier."))
+                    .then(|| format!("vision_encoder.{n}"))
+            },
+            |_| false,
+        );
+        check(&r, allow_partial(cfg, "image"))?;
+        reports.push(r);
+    }
+    Ok(reports)
+}
+
+fn check(r: &LoadReport, allow_partial: bool) -> Result<()> {
+    if (!r.missing.is_empty() || !r.mismatched.is_empty()) && !allow_partial {
+        let first = r
+            .mismatched
+            .first()
+            .map(|(n, a, b)| format!("`{n}` is {a:?} in the model but {b:?} in the checkpoint"))
+            .or_else(|| {
+                r.missing
+                    .first()
+                    .map(|n| format!("`{n}` is not in the checkpoint"))
+            })
+            .unwrap_or_default();
+        return Err(Error::Config(format!(
+            "loading the {} from {}: {} missing and {} mismatched tensors ({first}); \
+             fix the config or set allow_partial_init = true",
+            r.role,
+            r.source.display(),
+            r.missing.len(),
+            r.mismatched.len()
+        )));
+    }
+    Ok(())
+}

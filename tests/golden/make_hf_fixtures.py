@@ -1,0 +1,141 @@
+"""Regenerate the HuggingFace parity fixtures under tests/fixtures/hf/.
+
+A fixture is a directory with `config.json` (its `model_type`, `bert` or
+`vit`, picks the plugin), `model.safetensors` (hub key names) and
+`expected.safetensors`: `input_ids`, `attention_mask` (int64) and
+`last_hidden_state` (float32) for a text model, or `pixel_values` and
+`last_hidden_state` for an image model. Text fixtures with a `vocab.txt` also
+get `texts.json`; tokenising those texts (padded to the longest) must give
+exactly `input_ids`.
+
+Needs torch, transformers and safetensors from PyPI, e.g. in the venv that
+`cargo xtask setup` creates:
+    ~/.cache/vlmatch/torch-2.11.0/bin/python -m pip install transformers safetensors
+    ~/.cache/vlmatch/torch-2.11.0/bin/python tests/golden/make_hf_fixtures.py
+"""
+import json
+import zlib
+import pathlib
+import shutil
+
+import torch
+from safetensors.torch import save_file
+from transformers import BertConfig, BertForMaskedLM, BertModel, ViTConfig, ViTForImageClassification, ViTModel
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent / "fixtures" / "hf"
+
+WORDS = ["a", "red", "blue", "circle", "square", "small", "large", "left", "of", "on", "the", "and", "dog", "runs"]
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + [c for c in "abcdefghijklmnopqrstuvwxyz.,"] + [
+    "##" + c for c in "abcdefghijklmnopqrstuvwxyz"
+]
+TEXTS = ["A red circle left of a blue square.", "the dog runs", "Large zebra, small circle"]
+
+
+def wordpiece(text):
+    """BERT's basic + WordPiece tokenisation over VOCAB (what the fixture checks)."""
+    out = [VOCAB.index("[CLS]")]
+    words = []
+    cur = ""
+    for ch in text.lower():
+        if ch.isspace():
+            if cur:
+                words.append(cur)
+            cur = ""
+        elif not ch.isalnum():
+            if cur:
+                words.append(cur)
+            cur = ""
+            words.append(ch)
+        else:
+            cur += ch
+    if cur:
+        words.append(cur)
+    for w in words:
+        start, pieces = 0, []
+        while start < len(w):
+            end = len(w)
+            while end > start:
+                piece = ("##" if start > 0 else "") + w[start:end]
+                if piece in VOCAB:
+                    pieces.append(VOCAB.index(piece))
+                    break
+                end -= 1
+            if end == start:
+                pieces = [VOCAB.index("[UNK]")]
+                break
+            start = end
+        out.extend(pieces)
+    out.append(VOCAB.index("[SEP]"))
+    return out
+
+
+def text_fixture(name, cfg, masked_lm, with_vocab):
+    torch.manual_seed(zlib.crc32(name.encode()))
+    model = (BertForMaskedLM if masked_lm else BertModel)(cfg).eval()
+    # Non-trivial LayerNorm and bias values, so a wrong mapping shows.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "LayerNorm" in n or n.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    d = ROOT / name
+    shutil.rmtree(d, ignore_errors=True)
+    model.save_pretrained(d, safe_serialization=True)
+    if with_vocab:
+        (d / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+        (d / "texts.json").write_text(json.dumps(TEXTS))
+        rows = [wordpiece(t) for t in TEXTS]
+    else:
+        rows = [torch.randint(5, cfg.vocab_size, (n,)).tolist() for n in (7, 4, 9)]
+        rows = [[2] + r + [3] for r in rows]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int64)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.int64)
+    bert = model.bert if masked_lm else model
+    with torch.no_grad():
+        out = bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    save_file({"input_ids": ids, "attention_mask": mask, "last_hidden_state": out.contiguous()}, d / "expected.safetensors")
+
+
+def image_fixture(name, cfg, classifier):
+    torch.manual_seed(zlib.crc32(name.encode()))
+    model = (ViTForImageClassification if classifier else ViTModel)(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "layernorm" in n or n.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    d = ROOT / name
+    shutil.rmtree(d, ignore_errors=True)
+    model.save_pretrained(d, safe_serialization=True)
+    pixels = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    vit = model.vit if classifier else model
+    with torch.no_grad():
+        out = vit(pixel_values=pixels).last_hidden_state
+    save_file({"pixel_values": pixels, "last_hidden_state": out.contiguous()}, d / "expected.safetensors")
+
+
+common = dict(hidden_act="gelu", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+# BertModel keys (no prefix), 3 heads, with a vocab.txt and texts.
+text_fixture(
+    "bert-h48-3heads-vocab",
+    BertConfig(vocab_size=len(VOCAB), hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
+               intermediate_size=80, max_position_embeddings=64, **common),
+    masked_lm=False, with_vocab=True)
+# BertForMaskedLM keys (`bert.` prefix, MLM head), 5 heads.
+text_fixture(
+    "bert-mlm-h40-5heads",
+    BertConfig(vocab_size=97, hidden_size=40, num_hidden_layers=3, num_attention_heads=5,
+               intermediate_size=72, max_position_embeddings=40, **common),
+    masked_lm=True, with_vocab=False)
+# ViTModel at 40 px, patch 8, 3 heads.
+image_fixture(
+    "vit-40px-p8-3heads",
+    ViTConfig(image_size=40, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
+              intermediate_size=96, **common),
+    classifier=False)
+# ViTForImageClassification keys (`vit.` prefix), 36 px, patch 6, 6 heads, no qkv bias.
+image_fixture(
+    "vit-cls-36px-p6-noqkvbias",
+    ViTConfig(image_size=36, patch_size=6, hidden_size=36, num_hidden_layers=2, num_attention_heads=6,
+              intermediate_size=64, qkv_bias=False, num_labels=3, **common),
+    classifier=True)
+print("wrote", sorted(p.name for p in ROOT.iterdir()))

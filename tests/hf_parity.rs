@@ -1,0 +1,207 @@
+//! HuggingFace parity: every fixture under tests/fixtures/hf/ (and under each
+//! directory listed in VLMATCH_HF_FIXTURES, colon-separated) loads into the
+//! `bert` or `vit` plugin and reproduces `transformers`' `last_hidden_state`
+//! within 1e-4. Fixtures: tests/golden/make_hf_fixtures.py.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tch::{nn, Device, Kind, Tensor};
+use vlmatch::pretrained::{apply, read_checkpoint};
+
+const TOLERANCE: f64 = 1e-4;
+
+fn fixtures() -> Vec<PathBuf> {
+    let mut roots = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf")];
+    if let Ok(extra) = std::env::var("VLMATCH_HF_FIXTURES") {
+        roots.extend(
+            extra
+                .split(':')
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from),
+        );
+    }
+    let mut out = Vec::new();
+    for root in roots {
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+            .unwrap_or_else(|e| panic!("fixture directory {}: {e}", root.display()))
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.join("config.json").is_file())
+            .collect();
+        dirs.sort();
+        out.extend(dirs);
+    }
+    out
+}
+
+/// Load `dir`'s weights into `vs` (parameters named as in the checkpoint).
+fn load(dir: &Path, vs: &nn::VarStore) -> Result<(), String> {
+    let ckpt = read_checkpoint(dir).map_err(|e| e.to_string())?;
+    let vars: HashMap<String, Tensor> = vs.variables();
+    let report = apply(
+        "fixture",
+        dir,
+        &ckpt,
+        &vars,
+        "",
+        |n| Some(n.to_string()),
+        |_| false,
+    );
+    if !report.missing.is_empty() || !report.mismatched.is_empty() {
+        return Err(format!("{report}"));
+    }
+    Ok(())
+}
+
+fn compare(dir: &Path, name: &str, got: &Tensor, expected: &Tensor) -> Result<(), String> {
+    if got.size() != expected.size() {
+        return Err(format!(
+            "{}: `{name}` has shape {:?}, expected {:?}",
+            dir.display(),
+            got.size(),
+            expected.size()
+        ));
+    }
+    let diff = (got - expected).abs().max().double_value(&[]);
+    if diff > TOLERANCE {
+        return Err(format!(
+            "{}: `{name}` differs by up to {diff:.3e} (tolerance {TOLERANCE:.0e})",
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Check one fixture; the error names the fixture, the tensor and the largest difference.
+fn check_fixture(dir: &Path) -> Result<(), String> {
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let expected: HashMap<String, Tensor> =
+        Tensor::read_safetensors(dir.join("expected.safetensors"))
+            .map_err(|e| format!("{}: {e}", dir.display()))?
+            .into_iter()
+            .collect();
+    let vs = nn::VarStore::new(Device::Cpu);
+    match config["model_type"].as_str() {
+        Some("bert") => {
+            let section = bert::BertSection {
+                init: Some(dir.to_path_buf()),
+                ..Default::default()
+            };
+            let cfg = section.resolve("fixture").map_err(|e| e.to_string())?;
+            let ids = &expected["input_ids"];
+            let mask = &expected["attention_mask"];
+            let model = bert::Bert::new(
+                &vs.root(),
+                &cfg,
+                cfg.vocab_size.unwrap(),
+                ids.size()[1],
+                Kind::Float,
+            )
+            .map_err(|e| e.to_string())?;
+            load(dir, &vs)?;
+            if dir.join("texts.json").is_file() {
+                let texts: Vec<String> =
+                    serde_json::from_str(&std::fs::read_to_string(dir.join("texts.json")).unwrap())
+                        .unwrap();
+                let tok =
+                    vlmatch::tokenizer::Tokenizer::from_vocab_file(&dir.join("vocab.txt"), true)
+                        .map_err(|e| e.to_string())?;
+                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                let batch = tok.text_batch(&refs, 512, Device::Cpu);
+                if !batch.ids.equal(ids) || !batch.mask.equal(mask) {
+                    return Err(format!(
+                        "{}: tokenising texts.json gives {:?}, expected input_ids {:?}",
+                        dir.display(),
+                        Vec::<i64>::try_from(batch.ids.flatten(0, 1)).unwrap(),
+                        Vec::<i64>::try_from(ids.flatten(0, 1)).unwrap()
+                    ));
+                }
+            }
+            let out = tch::no_grad(|| model.forward(ids, mask, false));
+            compare(
+                dir,
+                "last_hidden_state",
+                &out,
+                &expected["last_hidden_state"],
+            )
+        }
+        Some("vit") => {
+            let section = vit::VitSection {
+                init: Some(dir.to_path_buf()),
+                ..Default::default()
+            };
+            let cfg = section.resolve("fixture").map_err(|e| e.to_string())?;
+            let model = vit::Vit::new(&vs.root(), &cfg, cfg.image_size.unwrap(), Kind::Float)
+                .map_err(|e| e.to_string())?;
+            load(dir, &vs)?;
+            let out = tch::no_grad(|| model.forward(&expected["pixel_values"], false))
+                .map_err(|e| e.to_string())?;
+            compare(
+                dir,
+                "last_hidden_state",
+                &out,
+                &expected["last_hidden_state"],
+            )
+        }
+        other => Err(format!(
+            "{}: unsupported model_type {other:?}",
+            dir.display()
+        )),
+    }
+}
+
+#[test]
+fn every_fixture_matches_transformers() {
+    let all = fixtures();
+    assert!(
+        all.len() >= 4,
+        "expected the committed fixtures, found {all:?}"
+    );
+    let failures: Vec<String> = all.iter().filter_map(|d| check_fixture(d).err()).collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} fixtures failed:\n{}",
+        failures.len(),
+        all.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn an_altered_expected_output_fails_naming_fixture_tensor_and_difference() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/vit-40px-p8-3heads");
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("altered-fixture-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let mut expected = Tensor::read_safetensors(src.join("expected.safetensors")).unwrap();
+    for (name, t) in &mut expected {
+        if name == "last_hidden_state" {
+            let bumped = t.copy();
+            let _ = bumped.get(0).get(3).get(5).g_add_scalar_(1e-3);
+            *t = bumped;
+        }
+    }
+    Tensor::write_safetensors(&expected, dir.join("expected.safetensors")).unwrap();
+    let err = check_fixture(&dir).unwrap_err();
+    assert!(
+        err.contains("altered-fixture") && err.contains("last_hidden_state"),
+        "{err}"
+    );
+    let diff: f64 = err
+        .split("differs by up to ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (9e-4..1.1e-3).contains(&diff),
+        "reports the largest difference: {err}"
+    );
+}
