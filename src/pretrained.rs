@@ -36,6 +36,8 @@ pub struct LoadReport {
     pub unused: Vec<String>,
     /// `(parameter, model shape, checkpoint shape)`.
     pub mismatched: Vec<(String, Vec<i64>, Vec<i64>)>,
+    /// ViT position embeddings resized to the model's resolution.
+    pub interpolated: Vec<String>,
 }
 
 impl fmt::Display for LoadReport {
@@ -70,6 +72,9 @@ impl fmt::Display for LoadReport {
         if !self.unused.is_empty() {
             write!(f, "\n  unused: {}", list(&self.unused))?;
         }
+        for i in &self.interpolated {
+            write!(f, "\n  interpolated (bicubic): {i}")?;
+        }
         for (name, ours, theirs) in &self.mismatched {
             write!(
                 f,
@@ -94,6 +99,38 @@ pub fn canonical(name: &str) -> String {
     } else {
         name.to_string()
     }
+}
+
+/// A ViT checkpoint's `embeddings.position_embeddings` `[1, 1 + g*g, D]`
+/// resized to the model's `[1, 1 + h*h, D]`: the `[CLS]` position kept, the
+/// patch grid resized bicubically (`align_corners = false`), as timm and
+/// ALBEF do to fine-tune at another resolution. `None` if nothing to do.
+pub fn interpolate_position_embeddings(name: &str, t: &Tensor, target: &[i64]) -> Option<Tensor> {
+    if !name.ends_with("embeddings.position_embeddings")
+        || t.size() == target
+        || t.dim() != 3
+        || target.len() != 3
+    {
+        return None;
+    }
+    let (n_old, d) = (t.size()[1] - 1, t.size()[2]);
+    let n_new = target[1] - 1;
+    let side = |n: i64| (1..=n).find(|s| s * s == n);
+    let (g, h) = (side(n_old)?, side(n_new)?);
+    if target[2] != d || target[0] != 1 || t.size()[0] != 1 {
+        return None;
+    }
+    let cls = t.narrow(1, 0, 1);
+    let grid = t
+        .narrow(1, 1, n_old)
+        .reshape([1, g, g, d])
+        .permute([0, 3, 1, 2]);
+    let grid = grid
+        .to_kind(tch::Kind::Float)
+        .upsample_bicubic2d([h, h], false, None, None)
+        .permute([0, 2, 3, 1])
+        .reshape([1, h * h, d]);
+    Some(Tensor::cat(&[cls.to_kind(tch::Kind::Float), grid], 1))
 }
 
 /// Read `DIR/model.safetensors` as canonical name -> tensor.
@@ -134,6 +171,15 @@ pub fn apply(
             let Some(var) = vars.get(&local) else {
                 report.unused.push(name.clone());
                 continue;
+            };
+            let t = match interpolate_position_embeddings(name, t, &var.size()) {
+                Some(resized) => {
+                    report
+                        .interpolated
+                        .push(format!("{name} {:?} -> {:?}", t.size(), var.size()));
+                    resized
+                }
+                None => t.shallow_clone(),
             };
             if var.size() != t.size() {
                 report.mismatched.push((local, var.size(), t.size()));

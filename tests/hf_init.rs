@@ -109,14 +109,32 @@ fn init_errors_name_key_and_checkpoint() {
         .unwrap()
         .to_string();
     assert!(err.contains("the checkpoint has 2 layers"), "{err}");
+}
 
-    let wrong_size = layers(&["data.image_size=48"]).load().unwrap();
-    let err = vlmatch::setup::model(&wrong_size, &tok)
-        .err()
-        .unwrap()
-        .to_string();
+#[test]
+fn vit_at_another_resolution_gets_bicubic_position_embeddings_like_pytorch() {
+    // The checkpoint is for 40 px (5x5 patches); train at 48 px (6x6).
+    let loaded = layers(&["data.image_size=48"]).load().unwrap();
+    let tok = Arc::new(vlmatch::setup::tokenizer(&loaded).unwrap());
+    let _turn = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
+    let (asm, _) = vlmatch::setup::model(&loaded, &tok).unwrap();
+    let vars = asm.vs.variables();
+    let reports = apply_inits(&loaded, &vars).unwrap();
+    let image = reports.iter().find(|r| r.role == "image encoder").unwrap();
+    assert_eq!(image.interpolated.len(), 1, "{image}");
     assert!(
-        err.contains("checkpoint is for 40 px images") && err.contains("data.image_size is 48"),
-        "{err}"
+        image.mismatched.is_empty() && image.missing.is_empty(),
+        "{image}"
+    );
+    let golden: std::collections::HashMap<String, tch::Tensor> =
+        tch::Tensor::read_safetensors(fixture("pos_embed_5x5_to_6x6.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    let ours = &vars["vision_encoder.embeddings.position_embeddings"];
+    let diff = (ours - &golden["output"]).abs().max().double_value(&[]);
+    assert!(
+        diff < 1e-5,
+        "differs from torch.nn.functional.interpolate(bicubic) by {diff}"
     );
 }

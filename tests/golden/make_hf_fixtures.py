@@ -139,3 +139,15 @@ image_fixture(
               intermediate_size=64, qkv_bias=False, num_labels=3, **common),
     classifier=True)
 print("wrote", sorted(p.name for p in ROOT.iterdir()))
+
+# Position-embedding interpolation (timm/ALBEF: bicubic, align_corners=False)
+# for a ViT loaded at another resolution: 40 px / patch 8 (5x5) -> 48 px (6x6).
+from safetensors.torch import load_file
+
+pos = load_file(ROOT / "vit-40px-p8-3heads" / "model.safetensors")["embeddings.position_embeddings"]
+cls, grid = pos[:, :1], pos[:, 1:]
+d = grid.shape[-1]
+grid = grid.reshape(1, 5, 5, d).permute(0, 3, 1, 2)
+grid = torch.nn.functional.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False)
+out = torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(1, 36, d)], dim=1)
+save_file({"input": pos.contiguous(), "output": out.contiguous()}, ROOT.parent / "pos_embed_5x5_to_6x6.safetensors")

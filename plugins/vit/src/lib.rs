@@ -279,13 +279,8 @@ impl Encoder for Vit {
 fn build(ctx: &BuildContext<'_>) -> Result<Rc<dyn Encoder>> {
     let section: VitSection = ctx.params()?;
     let cfg = section.resolve(&ctx.key)?;
-    if let Some(s) = cfg.image_size.filter(|&s| s != ctx.env.image_size) {
-        return Err(Error::Config(format!(
-            "config key `{}.init`: the checkpoint is for {s} px images but data.image_size is {}; \
-             set data.image_size = {s} (position-embedding interpolation is not implemented yet)",
-            ctx.key, ctx.env.image_size
-        )));
-    }
+    // A checkpoint at another resolution is fine: the trainer interpolates
+    // its position embeddings to `data.image_size` when loading.
     Ok(Rc::new(Vit::new(
         &ctx.path,
         &cfg,
