@@ -100,6 +100,21 @@ pub fn preset(name: &str) -> Result<(String, Option<PathBuf>, String)> {
     )))
 }
 
+/// The plugin crates of this repository; any other origin is a third-party crate.
+const BUILTIN_CRATES: &[&str] = &[
+    "vlmatch-vit",
+    "vlmatch-bert",
+    "vlmatch-cross-attention",
+    "vlmatch-discriminator",
+    "vlmatch-mlm-head",
+    "vlmatch-itc",
+    "vlmatch-itm",
+    "vlmatch-mlm",
+    "vlmatch-rtd",
+    "vlmatch-hard-negative",
+    "vlmatch-word-swap",
+];
+
 /// `vlmatch plugins` output.
 pub fn plugin_listing() -> Result<String> {
     let registry = Registry::from_inventory().map_err(|e| Error::Config(e.to_string()))?;
@@ -107,10 +122,36 @@ pub fn plugin_listing() -> Result<String> {
     for kind in Kind::ALL {
         out.push_str(&format!("{kind}:\n"));
         for e in registry.entries().filter(|e| e.factory.kind() == kind) {
-            out.push_str(&format!("  {:<20} built-in ({})\n", e.name, e.origin));
+            let from = if BUILTIN_CRATES.contains(&e.origin.as_str()) {
+                format!("built-in ({})", e.origin)
+            } else {
+                format!("crate {}", e.origin)
+            };
+            out.push_str(&format!("  {:<20} {from}\n", e.name));
         }
     }
     Ok(out)
+}
+
+/// The whole CLI: logging, argument parsing, one-line errors. A binary that
+/// links extra plugin crates calls this from its `main` (see PLUGINS.md).
+pub fn main() -> std::process::ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::from(match e {
+                Error::Config(_) | Error::Data { .. } => 2,
+                _ => 1,
+            })
+        }
+    }
 }
 
 pub fn run(cli: Cli) -> Result<()> {

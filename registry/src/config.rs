@@ -251,6 +251,7 @@ impl Default for EvalConfig {
 }
 
 /// A named TOML text, used for presets and saved run configs.
+#[derive(Clone)]
 struct NamedToml {
     name: String,
     path: Option<PathBuf>,
@@ -271,6 +272,7 @@ impl Provider for NamedToml {
 }
 
 /// `--set key=value` pairs, as their own layer so errors name them.
+#[derive(Clone)]
 struct SetOverrides(Vec<(String, String)>);
 
 impl Provider for SetOverrides {
@@ -338,18 +340,25 @@ pub struct ConfigLayers {
 pub struct LoadedConfig {
     pub figment: Figment,
     pub config: Config,
+    /// Plugin-section keys dropped because a higher layer switched the
+    /// section to another plugin (full dotted keys).
+    pub stale: std::collections::BTreeSet<String>,
 }
 
 impl ConfigLayers {
     pub fn load(&self) -> Result<LoadedConfig> {
         let mut figment = Figment::new();
+        // Each layer alone too, to tell which layer set a section's plugin.
+        let mut layers: Vec<(String, Figment)> = Vec::new();
         if let Some((name, path, text)) = &self.base {
             check_toml(name, text)?;
-            figment = figment.merge(NamedToml {
+            let layer = NamedToml {
                 name: name.clone(),
                 path: path.clone(),
                 text: text.clone(),
-            });
+            };
+            layers.push((name.clone(), Figment::from(layer.clone())));
+            figment = figment.merge(layer);
         }
         for file in &self.files {
             let text = std::fs::read_to_string(file).map_err(|e| {
@@ -357,14 +366,18 @@ impl ConfigLayers {
             })?;
             let name = format!("file {}", file.display());
             check_toml(&name, &text)?;
-            figment = figment.merge(NamedToml {
-                name,
+            let layer = NamedToml {
+                name: name.clone(),
                 path: Some(file.clone()),
                 text,
-            });
+            };
+            layers.push((name, Figment::from(layer.clone())));
+            figment = figment.merge(layer);
         }
         if self.env {
-            figment = figment.merge(Env::prefixed("VLMATCH_").split("__").global());
+            let env = || Env::prefixed("VLMATCH_").split("__").global();
+            layers.push((env().metadata().name.to_string(), Figment::from(env())));
+            figment = figment.merge(env());
         }
         let mut sets = Vec::new();
         for s in &self.sets {
@@ -381,13 +394,91 @@ impl ConfigLayers {
             sets.push((k.trim().to_string(), v.trim().to_string()));
         }
         if !sets.is_empty() {
-            figment = figment.merge(SetOverrides(sets));
+            let layer = SetOverrides(sets);
+            layers.push((
+                layer.metadata().name.to_string(),
+                Figment::from(layer.clone()),
+            ));
+            figment = figment.merge(layer);
         }
-        let config: Config = figment
+        let mut config: Config = figment
             .extract()
             .map_err(|e| Error::Config(describe_error(e, &figment, &[])))?;
-        Ok(LoadedConfig { figment, config })
+        let stale = drop_stale_keys(&mut config, &figment, &layers);
+        Ok(LoadedConfig {
+            figment,
+            config,
+            stale,
+        })
     }
+}
+
+/// Switching a section's plugin in a higher layer (`--config` with
+/// `[model.image] plugin = "conv_stem"` over a ViT preset) must not hand the
+/// new plugin the old one's keys. A plugin-section key is kept only if it
+/// was set in or above the lowest layer from which on the section's plugin
+/// has its final value; the others are dropped from the config.
+fn drop_stale_keys(
+    config: &mut Config,
+    figment: &Figment,
+    layers: &[(String, Figment)],
+) -> std::collections::BTreeSet<String> {
+    let layer_of = |name: &str| layers.iter().rposition(|(n, _)| n == name);
+    let first_layer = |key: &str, plugin: &str| -> usize {
+        let mut start = None;
+        for (i, (_, layer)) in layers.iter().enumerate() {
+            match layer.extract_inner::<String>(&format!("{key}.plugin")) {
+                Ok(p) if p == plugin => start = start.or(Some(i)),
+                Ok(_) => start = None,
+                Err(_) => {}
+            }
+        }
+        start.unwrap_or(0)
+    };
+    let mut stale = std::collections::BTreeSet::new();
+    let mut filter = |key: &str, plugin: &str, params: &mut BTreeMap<String, Value>| {
+        let start = first_layer(key, plugin);
+        if start == 0 {
+            return;
+        }
+        params.retain(|k, _| {
+            let full = format!("{key}.{k}");
+            let set_in = figment.find_metadata(&full).and_then(|m| layer_of(&m.name));
+            let keep = set_in.is_none_or(|i| i >= start);
+            if !keep {
+                stale.insert(full);
+            }
+            keep
+        });
+    };
+    let m = &mut config.model;
+    filter("model.image", &m.image.plugin.clone(), &mut m.image.params);
+    filter("model.text", &m.text.plugin.clone(), &mut m.text.params);
+    filter(
+        "model.fusion",
+        &m.fusion.plugin.clone(),
+        &mut m.fusion.params,
+    );
+    filter(
+        "model.discriminator",
+        &m.discriminator.plugin.clone(),
+        &mut m.discriminator.params,
+    );
+    if let Some(g) = &mut m.generator {
+        filter("model.generator", &g.plugin.clone(), &mut g.params);
+    }
+    for (name, o) in &mut config.objectives {
+        let plugin = o.plugin.clone().unwrap_or_else(|| name.clone());
+        filter(&format!("objectives.{name}"), &plugin, &mut o.params);
+    }
+    for (name, s) in &mut config.samplers {
+        filter(
+            &format!("samplers.{name}"),
+            &s.plugin.clone(),
+            &mut s.params,
+        );
+    }
+    stale
 }
 
 /// Reject a syntactically broken TOML layer with its line.
@@ -420,6 +511,7 @@ impl LoadedConfig {
             )));
         };
         dict.remove("plugin");
+        dict.retain(|k, _| !self.stale.contains(&format!("{key}.{k}")));
         if key.starts_with("objectives.") {
             dict.remove("weight");
             dict.remove("enabled");
