@@ -34,6 +34,25 @@ pub enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Evaluate a trained run: `retrieval` (ITC top-k re-ranked by ITM, on an
+    /// annotation file) or `matching` (lines {"image", "caption", "negative"}).
+    /// Prints one JSON object on the last line; writes RUN_DIR/eval-TASK.json.
+    Eval {
+        /// The run directory (its config.toml and newest checkpoint).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long)]
+        task: String,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        image_root: Option<PathBuf>,
+        /// Overrides over the run's config, e.g. `--set eval.k=64`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        #[arg(long)]
+        quiet: bool,
+    },
     /// List registered plugins by kind, with the crate each comes from.
     Plugins,
     /// Print what libtorch sees: CUDA, devices, cuDNN, threads.
@@ -222,6 +241,25 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Preview { config, count, out } => preview(&config, count, &out),
+        Command::Eval {
+            checkpoint,
+            task,
+            data,
+            image_root,
+            sets,
+            quiet,
+        } => {
+            let result = eval_task(
+                &checkpoint,
+                &task,
+                &data,
+                image_root.as_deref(),
+                &sets,
+                !quiet,
+            )?;
+            println!("{result}");
+            Ok(())
+        }
         Command::Plugins => {
             print!("{}", plugin_listing()?);
             Ok(())
@@ -270,4 +308,79 @@ fn preview(config: &ConfigArgs, count: usize, out: &Path) -> Result<()> {
         captions.display()
     );
     Ok(())
+}
+
+/// `vlmatch eval`: load a run's model and evaluate `task` on `data`; the
+/// result is also written to `RUN_DIR/eval-TASK.json`.
+pub fn eval_task(
+    run_dir: &Path,
+    task: &str,
+    data: &Path,
+    image_root: Option<&Path>,
+    sets: &[String],
+    progress: bool,
+) -> Result<serde_json::Value> {
+    let layers = ConfigLayers {
+        base: Some(vlmatch_registry::config::base_from_file(
+            &run_dir.join("config.toml"),
+        )?),
+        files: vec![],
+        env: true,
+        sets: sets.to_vec(),
+    };
+    let loaded = layers.load()?;
+    let tok = std::sync::Arc::new(crate::setup::tokenizer(&loaded)?);
+    let (mut asm, _) = crate::setup::model(&loaded, &tok)?;
+    let ckpt = crate::checkpoint::latest(run_dir)?;
+    let (_, state) = crate::checkpoint::load(&ckpt, &mut asm.vs)?;
+    let c = &loaded.config;
+    let inp = crate::eval::EvalInputs {
+        image_size: c.data.image_size as usize,
+        max_len: c.data.max_len as usize,
+        mean: c.data.mean,
+        std: c.data.std,
+        batch_size: c.eval.batch_size,
+        tokenizer: &tok,
+    };
+    let bar = if progress {
+        indicatif::ProgressBar::new(0)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut result = match task {
+        "retrieval" => {
+            let ds = crate::data::annotations::load(data, image_root)?;
+            let r = crate::eval::retrieval_reranked(
+                &asm.model,
+                &ds,
+                &inp,
+                c.eval.k,
+                &c.eval.rerank,
+                &bar,
+            )?;
+            serde_json::to_value(r).expect("serialisable")
+        }
+        "matching" => {
+            let (ds, negatives) =
+                crate::data::annotations::load_with(data, image_root, Some("negative"))?;
+            let m = crate::eval::matching_triples(&asm.model, &ds, &negatives, &inp)?;
+            serde_json::to_value(m).expect("serialisable")
+        }
+        other => {
+            return Err(Error::Config(format!(
+                "--task `{other}`: expected `retrieval` or `matching`"
+            )))
+        }
+    };
+    bar.finish_and_clear();
+    result["task"] = serde_json::json!(task);
+    result["step"] = serde_json::json!(state.step);
+    result["data"] = serde_json::json!(data.display().to_string());
+    let out = run_dir.join(format!("eval-{task}.json"));
+    std::fs::write(
+        &out,
+        serde_json::to_string_pretty(&result).expect("serialisable"),
+    )
+    .map_err(|e| Error::io(&out, e))?;
+    Ok(result)
 }

@@ -149,6 +149,16 @@ pub fn matching(model: &VlModel, ds: &Dataset, inp: &EvalInputs<'_>) -> Result<M
             Some((p.image, p.caption.clone(), swap.text))
         })
         .collect();
+    score_cases(model, ds, inp, &cases)
+}
+
+/// The matching accuracies of `(image, true caption, negative)` cases.
+fn score_cases(
+    model: &VlModel,
+    ds: &Dataset,
+    inp: &EvalInputs<'_>,
+    cases: &[(usize, String, String)],
+) -> Result<Matching> {
     let (mut itm_hits, mut itc_hits) = (0.0, 0.0);
     tch::no_grad(|| -> Result<()> {
         for chunk in cases.chunks(inp.batch_size.max(1)) {
@@ -208,4 +218,167 @@ pub fn held_out(model: &VlModel, ds: &Dataset, inp: &EvalInputs<'_>, step: i64) 
         retrieval: retrieval(model, ds, inp)?,
         matching: matching(model, ds, inp)?,
     })
+}
+
+/// Retrieval by the papers' protocol (ALBEF, BLIP): ITC similarities for all
+/// pairs, then each query's top `k` candidates re-ranked by the ITM score.
+/// `tr_*` is text retrieval (image queries: a hit if any caption of the
+/// image ranks within R), `ir_*` image retrieval (caption queries).
+#[derive(Debug, Clone, Serialize)]
+pub struct RerankedRetrieval {
+    pub images: usize,
+    pub captions: usize,
+    pub k: usize,
+    pub rerank: String,
+    pub tr_r1: f64,
+    pub tr_r5: f64,
+    pub tr_r10: f64,
+    pub ir_r1: f64,
+    pub ir_r5: f64,
+    pub ir_r10: f64,
+    /// Sum of the six recalls, in percent.
+    pub rsum: f64,
+}
+
+pub fn retrieval_reranked(
+    model: &VlModel,
+    ds: &Dataset,
+    inp: &EvalInputs<'_>,
+    k: usize,
+    rerank: &str,
+    progress: &indicatif::ProgressBar,
+) -> Result<RerankedRetrieval> {
+    if rerank != "itm" && rerank != "itm+itc" {
+        return Err(vlmatch_core::Error::Config(format!(
+            "config key `eval.rerank`: expected \"itm\" or \"itm+itc\", got \"{rerank}\""
+        )));
+    }
+    tch::no_grad(|| {
+        let bs = inp.batch_size.max(1);
+        let all: Vec<usize> = (0..ds.images.len()).collect();
+        let mut image_hidden = Vec::new();
+        for chunk in all.chunks(bs) {
+            image_hidden.push(image_states(model, ds, inp, chunk)?.hidden);
+        }
+        let images = Encoded {
+            hidden: Tensor::cat(&image_hidden, 0),
+            mask: Tensor::ones(
+                [ds.images.len() as i64, image_hidden[0].size()[1]],
+                (Kind::Int64, model.device),
+            ),
+        };
+        // One padding length for all captions, so their states concatenate.
+        let texts: Vec<&str> = ds.pairs.iter().map(|p| p.caption.as_str()).collect();
+        let all_text = inp.tokenizer.text_batch(&texts, inp.max_len, model.device);
+        let mut text_hidden = Vec::new();
+        for start in (0..texts.len()).step_by(bs) {
+            let n = bs.min(texts.len() - start) as i64;
+            let part = vlmatch_core::TextBatch::new(
+                all_text.ids.narrow(0, start as i64, n),
+                all_text.mask.narrow(0, start as i64, n),
+            );
+            text_hidden.push(
+                model
+                    .text
+                    .forward_t(EncoderInput::Text(&part), false)?
+                    .hidden,
+            );
+        }
+        let text = Encoded {
+            hidden: Tensor::cat(&text_hidden, 0),
+            mask: all_text.mask.shallow_clone(),
+        };
+        let sims = model
+            .contrastive
+            .embed_image(&images)
+            .matmul(&model.contrastive.embed_text(&text).tr());
+        let owner: Vec<usize> = ds.pairs.iter().map(|p| p.image).collect();
+        let (ni, nt) = (ds.images.len(), ds.pairs.len());
+        progress.set_length((ni + nt) as u64);
+
+        // Score pairs (image i, text j) for the candidates of one query.
+        let score = |img: &Tensor, txt: &Tensor, itc: &Tensor| -> Result<Vec<f64>> {
+            let fused = model.fuse(&text.select(txt), &images.select(img), false)?;
+            let p = model
+                .discriminator
+                .pair_logits(&fused)?
+                .softmax(1, Kind::Float)
+                .select(1, 1);
+            let s = if rerank == "itm+itc" { p + itc } else { p };
+            Ok(Vec::<f64>::try_from(
+                s.to_kind(Kind::Double).to_device(Device::Cpu),
+            )?)
+        };
+        let rank_of_first_hit =
+            |cands: &[i64], scores: &[f64], hit: &dyn Fn(i64) -> bool| -> usize {
+                let mut order: Vec<usize> = (0..cands.len()).collect();
+                order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+                order
+                    .iter()
+                    .position(|&o| hit(cands[o]))
+                    .unwrap_or(usize::MAX)
+            };
+        let kk = k.max(1);
+        let mut tr_ranks = Vec::with_capacity(ni);
+        for i in 0..ni {
+            let row = sims.get(i as i64);
+            let (top, idx) = row.topk(kk.min(nt) as i64, 0, true, true);
+            let img = Tensor::full([idx.size()[0]], i as i64, (Kind::Int64, model.device));
+            let scores = score(&img, &idx, &top)?;
+            let cands = Vec::<i64>::try_from(idx.to_device(Device::Cpu))?;
+            tr_ranks.push(rank_of_first_hit(&cands, &scores, &|j| {
+                owner[j as usize] == i
+            }));
+            progress.inc(1);
+        }
+        let sims_t = sims.tr();
+        let mut ir_ranks = Vec::with_capacity(nt);
+        for (j, &target) in owner.iter().enumerate() {
+            let row = sims_t.get(j as i64);
+            let (top, idx) = row.topk(kk.min(ni) as i64, 0, true, true);
+            let txt = Tensor::full([idx.size()[0]], j as i64, (Kind::Int64, model.device));
+            let scores = score(&idx, &txt, &top)?;
+            let cands = Vec::<i64>::try_from(idx.to_device(Device::Cpu))?;
+            ir_ranks.push(rank_of_first_hit(&cands, &scores, &|i| {
+                i as usize == target
+            }));
+            progress.inc(1);
+        }
+        let recall = |ranks: &[usize], r: usize| {
+            ranks.iter().filter(|&&x| x < r).count() as f64 / ranks.len().max(1) as f64
+        };
+        let out = RerankedRetrieval {
+            images: ni,
+            captions: nt,
+            k: kk,
+            rerank: rerank.to_string(),
+            tr_r1: recall(&tr_ranks, 1),
+            tr_r5: recall(&tr_ranks, 5),
+            tr_r10: recall(&tr_ranks, 10),
+            ir_r1: recall(&ir_ranks, 1),
+            ir_r5: recall(&ir_ranks, 5),
+            ir_r10: recall(&ir_ranks, 10),
+            rsum: 0.0,
+        };
+        let rsum =
+            100.0 * (out.tr_r1 + out.tr_r5 + out.tr_r10 + out.ir_r1 + out.ir_r5 + out.ir_r10);
+        Ok(RerankedRetrieval { rsum, ..out })
+    })
+}
+
+/// Matching accuracy on explicit triples: for each `(image, caption,
+/// negative)`, whether the image scores higher with `caption`, by ITM and ITC.
+pub fn matching_triples(
+    model: &VlModel,
+    ds: &Dataset,
+    negatives: &[String],
+    inp: &EvalInputs<'_>,
+) -> Result<Matching> {
+    let cases: Vec<(usize, String, String)> = ds
+        .pairs
+        .iter()
+        .zip(negatives)
+        .map(|(p, n)| (p.image, p.caption.clone(), n.clone()))
+        .collect();
+    score_cases(model, ds, inp, &cases)
 }

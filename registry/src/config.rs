@@ -238,6 +238,11 @@ pub struct EvalConfig {
     pub at_end: bool,
     /// Also evaluate every this many steps into `eval.jsonl` (0: never).
     pub every: i64,
+    /// `vlmatch eval --task retrieval`: candidates per query re-ranked by ITM.
+    pub k: usize,
+    /// Re-ranking score: `itm` (ITM match probability, as ALBEF) or
+    /// `itm+itc` (that plus the ITC similarity).
+    pub rerank: String,
 }
 
 impl Default for EvalConfig {
@@ -246,6 +251,8 @@ impl Default for EvalConfig {
             batch_size: 64,
             at_end: true,
             every: 0,
+            k: 128,
+            rerank: "itm".into(),
         }
     }
 }

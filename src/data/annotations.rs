@@ -21,6 +21,16 @@ fn bad(path: &Path, line: Option<usize>, message: String) -> Error {
 /// annotation file's directory). A missing image file is an error naming the
 /// annotation line and the path looked for.
 pub fn load(path: &Path, image_root: Option<&Path>) -> Result<Dataset> {
+    load_with(path, image_root, None).map(|(ds, _)| ds)
+}
+
+/// [`load`], also returning each pair's string field `extra` (for example
+/// `negative` in matching files), which is then required on every entry.
+pub fn load_with(
+    path: &Path,
+    image_root: Option<&Path>,
+    extra: Option<&str>,
+) -> Result<(Dataset, Vec<String>)> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let root = image_root
         .map(Path::to_path_buf)
@@ -47,6 +57,7 @@ pub fn load(path: &Path, image_root: Option<&Path>) -> Result<Dataset> {
         image_ids: Vec::new(),
         pairs: Vec::new(),
     };
+    let mut extras = Vec::new();
     let mut by_path: HashMap<String, usize> = HashMap::new();
     let mut named_ids: HashMap<String, i64> = HashMap::new();
     for (n, (line, entry)) in entries.iter().enumerate() {
@@ -102,6 +113,17 @@ pub fn load(path: &Path, image_root: Option<&Path>) -> Result<Dataset> {
                 ds.images.len() - 1
             }
         };
+        if let Some(field) = extra {
+            let Some(v) = entry.get(field).and_then(Value::as_str) else {
+                return Err(at(format!("expected a string field `{field}`")));
+            };
+            if captions.len() != 1 {
+                return Err(at(format!(
+                    "with `{field}`, `caption` must be a single string"
+                )));
+            }
+            extras.push(v.to_string());
+        }
         for caption in captions {
             ds.pairs.push(Pair {
                 image: idx,
@@ -112,5 +134,5 @@ pub fn load(path: &Path, image_root: Option<&Path>) -> Result<Dataset> {
     if ds.pairs.is_empty() {
         return Err(bad(path, None, "no image-caption pairs".into()));
     }
-    Ok(ds)
+    Ok((ds, extras))
 }

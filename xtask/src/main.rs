@@ -17,6 +17,8 @@ commands:
                  train a model (default: the tiny preset on the built-in data)
   test [args]    run the whole test suite (extra args go to `cargo test`)
   plugins        list registered plugins by kind
+  eval --checkpoint D --task retrieval|matching --data F [--image-root D] [--set k=v]...
+                 evaluate a trained run
   setup          provision libtorch 2.11.0 and print where it is
   gpu-bundle     build a stripped release binary into gpu-bundle/ for a GPU machine
   vlmatch ARGS   run the vlmatch CLI with any arguments";
@@ -33,6 +35,7 @@ fn main() -> ExitCode {
         "setup" => setup::ensure_libtorch(&root).map(|p| println!("libtorch: {}", p.display())),
         "train" => run_cli(&root, "train", &rest),
         "plugins" => run_cli(&root, "plugins", &rest),
+        "eval" => run_cli(&root, "eval", &rest),
         "vlmatch" => run_cli(&root, "", &rest),
         "test" => run_tests(&root, &rest),
         "gpu-bundle" => gpu_bundle::build(&root),
