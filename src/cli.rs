@@ -334,14 +334,7 @@ pub fn eval_task(
     let ckpt = crate::checkpoint::latest(run_dir)?;
     let (_, state) = crate::checkpoint::load(&ckpt, &mut asm.vs)?;
     let c = &loaded.config;
-    let inp = crate::eval::EvalInputs {
-        image_size: c.data.image_size as usize,
-        max_len: c.data.max_len as usize,
-        mean: c.data.mean,
-        std: c.data.std,
-        batch_size: c.eval.batch_size,
-        tokenizer: &tok,
-    };
+    let inp = crate::eval::EvalInputs::new(c, &tok);
     let bar = if progress {
         indicatif::ProgressBar::new(0)
     } else {

@@ -37,6 +37,20 @@ pub struct EvalInputs<'a> {
     pub tokenizer: &'a Tokenizer,
 }
 
+impl<'a> EvalInputs<'a> {
+    /// The data and eval settings of `cfg`.
+    pub fn new(cfg: &vlmatch_registry::Config, tokenizer: &'a Tokenizer) -> Self {
+        EvalInputs {
+            image_size: cfg.data.image_size as usize,
+            max_len: cfg.data.max_len as usize,
+            mean: cfg.data.mean,
+            std: cfg.data.std,
+            batch_size: cfg.eval.batch_size,
+            tokenizer,
+        }
+    }
+}
+
 /// `E_v` states of images `indices` of `ds`, in eval mode.
 fn image_states(
     model: &VlModel,

@@ -224,14 +224,7 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainSummary> {
     );
     bar.set_position(start_step as u64);
 
-    let eval_inputs = EvalInputs {
-        image_size: cfg.data.image_size as usize,
-        max_len: cfg.data.max_len as usize,
-        mean: cfg.data.mean,
-        std: cfg.data.std,
-        batch_size: cfg.eval.batch_size,
-        tokenizer: &tok,
-    };
+    let eval_inputs = EvalInputs::new(&cfg, &tok);
     let eval_path = run_dir.join("eval.jsonl");
     let device = env.device;
     let started = std::time::Instant::now();

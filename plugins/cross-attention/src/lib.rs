@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use tch::nn;
 use vlmatch_core::{Encoded, Encoder, EncoderInput, Error, Modality, Result};
-use vlmatch_layers::hf::resolve_arch;
+use vlmatch_layers::hf::resolve_section;
 use vlmatch_layers::{BertLayer, BertLayerConfig};
 use vlmatch_registry::BuildContext;
 
@@ -62,11 +62,7 @@ fn eps() -> f64 {
 
 impl CrossAttentionSection {
     pub fn resolve(&self, key: &str) -> Result<CrossAttentionConfig> {
-        let keys = match serde_json::to_value(self).expect("serialisable") {
-            serde_json::Value::Object(m) => m,
-            _ => unreachable!("a struct serialises to an object"),
-        };
-        let mut cfg: CrossAttentionConfig = resolve_arch(key, self.init.as_deref(), keys)?;
+        let mut cfg: CrossAttentionConfig = resolve_section(key, self.init.as_deref(), self)?;
         // The checkpoint's layer count is the whole BERT's; the fusion's own
         // depth is always this section's.
         cfg.num_hidden_layers = self.num_hidden_layers;

@@ -62,3 +62,17 @@ fn same_number_or_value(a: &Value, b: &Value) -> bool {
         _ => a == b,
     }
 }
+
+/// [`resolve_arch`] for a config section struct whose set architecture keys
+/// serialise as fields (unset ones as nulls, non-architecture ones skipped).
+pub fn resolve_section<T: DeserializeOwned, S: serde::Serialize>(
+    key: &str,
+    init: Option<&Path>,
+    section: &S,
+) -> Result<T> {
+    let Value::Object(keys) = serde_json::to_value(section).expect("a config section serialises")
+    else {
+        unreachable!("a struct serialises to an object")
+    };
+    resolve_arch(key, init, keys)
+}

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use tch::{nn, Kind, Tensor};
 use vlmatch_core::{Encoded, Encoder, EncoderInput, Error, Modality, Result};
-use vlmatch_layers::hf::resolve_arch;
+use vlmatch_layers::hf::resolve_section;
 use vlmatch_layers::{Attention, LayerNorm, Linear};
 use vlmatch_registry::BuildContext;
 
@@ -75,11 +75,7 @@ fn gelu() -> String {
 impl VitSection {
     /// The architecture this section describes (see [`VitSection`]).
     pub fn resolve(&self, key: &str) -> Result<VitConfig> {
-        let keys = match serde_json::to_value(self).expect("serialisable") {
-            serde_json::Value::Object(m) => m,
-            _ => unreachable!("a struct serialises to an object"),
-        };
-        let cfg: VitConfig = resolve_arch(key, self.init.as_deref(), keys)?;
+        let cfg: VitConfig = resolve_section(key, self.init.as_deref(), self)?;
         if cfg.hidden_act != "gelu" {
             return Err(Error::plugin(
                 "vit",
