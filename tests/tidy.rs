@@ -1,0 +1,95 @@
+//! Architecture invariants from ARCHITECTURE.md, checked on the source tree.
+
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() && p.file_name().is_some_and(|n| n != "target") {
+            rust_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+/// Workspace crates a manifest depends on (`vlmatch-*` names and path deps).
+fn workspace_deps(manifest: &str) -> Vec<String> {
+    let table: toml::Table = manifest.parse().unwrap();
+    let mut out = Vec::new();
+    for section in ["dependencies", "dev-dependencies"] {
+        if let Some(deps) = table.get(section).and_then(|d| d.as_table()) {
+            for (name, spec) in deps {
+                let package = spec.get("package").and_then(|p| p.as_str()).unwrap_or(name);
+                if package.starts_with("vlmatch") || spec.get("path").is_some() {
+                    out.push(package.to_string());
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn core_depends_on_no_plugin_config_or_loader() {
+    let manifest = read(&root().join("core/Cargo.toml"));
+    assert!(
+        workspace_deps(&manifest).is_empty(),
+        "core depends on {:?}",
+        workspace_deps(&manifest)
+    );
+    for dep in ["figment", "libloading", "inventory", "toml"] {
+        assert!(!manifest.contains(dep), "core must not depend on {dep}");
+    }
+}
+
+#[test]
+fn builtin_plugins_depend_only_on_core_registry_and_layers() {
+    let allowed = ["vlmatch-core", "vlmatch-registry", "vlmatch-layers"];
+    for e in std::fs::read_dir(root().join("plugins")).unwrap() {
+        let dir = e.unwrap().path();
+        let manifest = dir.join("Cargo.toml");
+        if !manifest.is_file() {
+            continue; // plugins/examples holds third-party examples
+        }
+        for dep in workspace_deps(&read(&manifest)) {
+            assert!(
+                allowed.contains(&dep.as_str()),
+                "{} depends on {dep}",
+                dir.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn only_the_registry_collects_inventory_entries() {
+    let mut files = Vec::new();
+    for dir in ["core", "registry", "plugins", "src", "xtask"] {
+        rust_files(&root().join(dir), &mut files);
+    }
+    let collectors: Vec<&PathBuf> = files
+        .iter()
+        .filter(|f| read(f).contains("inventory::collect!"))
+        .collect();
+    assert_eq!(collectors, [&root().join("registry/src/registration.rs")]);
+}
+
+#[test]
+fn xtask_has_no_dependencies() {
+    let table: toml::Table = read(&root().join("xtask/Cargo.toml")).parse().unwrap();
+    let deps = table
+        .get("dependencies")
+        .and_then(|d| d.as_table())
+        .map(|t| t.len())
+        .unwrap_or(0);
+    assert_eq!(deps, 0, "xtask must build in seconds without libtorch");
+}
