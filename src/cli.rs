@@ -53,8 +53,12 @@ pub enum Command {
         #[arg(long)]
         quiet: bool,
     },
-    /// List registered plugins by kind, with the crate each comes from.
-    Plugins,
+    /// List registered plugins by kind, with where each comes from (built
+    /// in, a linked crate, or a library from the config's `plugins.paths`).
+    Plugins {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
     /// Print what libtorch sees: CUDA, devices, cuDNN, threads.
     Env,
     /// Write the first training pairs as PNG files plus `captions.txt`, to
@@ -135,14 +139,19 @@ const BUILTIN_CRATES: &[&str] = &[
 ];
 
 /// `vlmatch plugins` output.
-pub fn plugin_listing() -> Result<String> {
-    let registry = Registry::from_inventory().map_err(|e| Error::Config(e.to_string()))?;
+pub fn plugin_listing(libraries: &[PathBuf]) -> Result<String> {
+    let mut registry = Registry::from_inventory().map_err(|e| Error::Config(e.to_string()))?;
+    for lib in libraries {
+        registry.load_library(lib)?;
+    }
     let mut out = String::new();
     for kind in Kind::ALL {
         out.push_str(&format!("{kind}:\n"));
         for e in registry.entries().filter(|e| e.factory.kind() == kind) {
             let from = if BUILTIN_CRATES.contains(&e.origin.as_str()) {
                 format!("built-in ({})", e.origin)
+            } else if e.origin.starts_with("library ") {
+                e.origin.clone()
             } else {
                 format!("crate {}", e.origin)
             };
@@ -260,8 +269,9 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{result}");
             Ok(())
         }
-        Command::Plugins => {
-            print!("{}", plugin_listing()?);
+        Command::Plugins { config } => {
+            let loaded = config.layers()?.load()?;
+            print!("{}", plugin_listing(&loaded.config.plugins.paths)?);
             Ok(())
         }
         Command::Config { config } => {

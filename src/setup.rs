@@ -100,7 +100,11 @@ pub fn datasets(cfg: &LoadedConfig) -> Result<(Dataset, Option<Dataset>)> {
 
 /// Assemble the model for `cfg` on its device.
 pub fn model(cfg: &LoadedConfig, tok: &Arc<Tokenizer>) -> Result<(Assembly, ModelEnv)> {
-    let registry = Registry::from_inventory().map_err(|e| Error::Config(e.to_string()))?;
+    let mut registry = Registry::from_inventory().map_err(|e| Error::Config(e.to_string()))?;
+    for path in &cfg.config.plugins.paths {
+        let names = registry.load_library(path)?;
+        tracing::info!(library = %path.display(), samplers = ?names, "loaded plugin library");
+    }
     let train = &cfg.config.train;
     let device = device(&train.device)?;
     if let Device::Cuda(n) = device {

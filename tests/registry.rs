@@ -19,7 +19,7 @@ fn every_builtin_plugin_is_registered() {
         ["hard_negative", "word_swap"]
     );
     assert_eq!(r.names(Kind::Objective), ["itc", "itm", "mlm", "rtd"]);
-    let listing = vlmatch::cli::plugin_listing().unwrap();
+    let listing = vlmatch::cli::plugin_listing(&[]).unwrap();
     assert!(
         listing.contains("vit") && listing.contains("vlmatch-vit"),
         "{listing}"

@@ -93,3 +93,23 @@ fn xtask_has_no_dependencies() {
         .unwrap_or(0);
     assert_eq!(deps, 0, "xtask must build in seconds without libtorch");
 }
+
+#[test]
+fn only_the_registry_loads_libraries() {
+    let mut manifests = vec![
+        root().join("Cargo.toml"),
+        root().join("core/Cargo.toml"),
+        root().join("xtask/Cargo.toml"),
+    ];
+    for e in std::fs::read_dir(root().join("plugins")).unwrap() {
+        manifests.push(e.unwrap().path().join("Cargo.toml"));
+    }
+    for m in manifests.iter().filter(|m| m.is_file()) {
+        assert!(
+            !read(m).contains("libloading"),
+            "{} depends on libloading",
+            m.display()
+        );
+    }
+    assert!(read(&root().join("registry/Cargo.toml")).contains("libloading"));
+}

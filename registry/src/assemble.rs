@@ -172,8 +172,24 @@ impl<'a> BuildContext<'a> {
             &section.plugin,
             &format!("{key}.plugin"),
         )?;
-        let Factory::NegativeSampler(build) = entry.factory else {
-            unreachable!("kind checked")
+        let build = match entry.factory {
+            Factory::NegativeSampler(build) => build,
+            Factory::DynamicSampler(spec) => {
+                let json = self
+                    .config
+                    .figment
+                    .find_value(&key)
+                    .ok()
+                    .and_then(|v| serde_json::to_string(&v).ok())
+                    .unwrap_or_else(|| "{}".into());
+                let instance =
+                    crate::dynamic::DynamicSamplerInstance::new(spec, &json, &entry.name)?;
+                return Ok(Box::new(crate::dynamic::HostSampler::new(
+                    instance,
+                    self.env.text.clone(),
+                )));
+            }
+            _ => unreachable!("kind checked"),
         };
         let ctx = BuildContext {
             path: &self.path / "samplers" / name,

@@ -35,6 +35,18 @@ pub struct Config {
     pub data: DataConfig,
     #[serde(default)]
     pub eval: EvalConfig,
+    #[serde(default)]
+    pub plugins: PluginsConfig,
+}
+
+/// Plugins beyond those linked into the binary.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginsConfig {
+    /// Dynamic plugin libraries (`cdylib`s exporting `vlmatch_plugin_table`)
+    /// to load at start-up, relative to the working directory.
+    #[serde(default)]
+    pub paths: Vec<PathBuf>,
 }
 
 /// Which plugin fills each model role, and the plugins' own keys.

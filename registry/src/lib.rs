@@ -7,6 +7,7 @@
 
 pub mod assemble;
 pub mod config;
+pub mod dynamic;
 pub mod registration;
 
 pub use assemble::{assemble, Assembly, BuildContext, ModelEnv, WeightedObjective};

@@ -47,6 +47,8 @@ pub enum Factory {
     Discriminator(fn(&BuildContext<'_>) -> Result<Rc<dyn Discriminator>>),
     NegativeSampler(fn(&BuildContext<'_>) -> Result<Box<dyn NegativeSampler>>),
     Objective(fn(&BuildContext<'_>) -> Result<Box<dyn Objective>>),
+    /// A negative sampler from a dynamic plugin library.
+    DynamicSampler(&'static crate::dynamic::DynamicSampler),
 }
 
 impl Factory {
@@ -55,7 +57,7 @@ impl Factory {
             Factory::Encoder(_) => Kind::Encoder,
             Factory::Generator(_) => Kind::Generator,
             Factory::Discriminator(_) => Kind::Discriminator,
-            Factory::NegativeSampler(_) => Kind::NegativeSampler,
+            Factory::NegativeSampler(_) | Factory::DynamicSampler(_) => Kind::NegativeSampler,
             Factory::Objective(_) => Kind::Objective,
         }
     }
