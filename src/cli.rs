@@ -136,6 +136,7 @@ const BUILTIN_CRATES: &[&str] = &[
     "vlmatch-rtd",
     "vlmatch-hard-negative",
     "vlmatch-word-swap",
+    "vlmatch-neggen",
 ];
 
 /// `vlmatch plugins` output.

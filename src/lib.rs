@@ -26,6 +26,7 @@ use itc as _;
 use itm as _;
 use mlm as _;
 use mlm_head as _;
+use neggen as _;
 use rtd as _;
 use vit as _;
 use word_swap as _;

@@ -207,6 +207,13 @@ impl vlmatch_core::TextCodec for Codec {
     fn token(&self, id: i64) -> String {
         self.tokenizer.token(id).to_string()
     }
+    fn pieces(&self, text: &str) -> Vec<i64> {
+        let mut ids = Vec::new();
+        for word in self.tokenizer.basic(text) {
+            self.tokenizer.wordpiece(&word, &mut ids);
+        }
+        ids
+    }
 }
 
 #[cfg(test)]

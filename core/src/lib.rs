@@ -36,6 +36,10 @@ pub trait TextCodec {
     fn encode(&self, texts: &[&str], device: tch::Device) -> TextBatch;
     /// The vocabulary entry of `id`.
     fn token(&self, id: i64) -> String;
+    /// Word-piece ids of `text`, without `[CLS]`/`[SEP]` or truncation.
+    /// Whitespace-separated words tokenise independently, so a caption's
+    /// pieces are the concatenation of its words' pieces.
+    fn pieces(&self, text: &str) -> Vec<i64>;
 }
 
 /// Special token ids of the text vocabulary, needed by masking and sampling.

@@ -1,0 +1,529 @@
+//! NegGen (`shared/method.md`): generated fine-grained negative captions.
+//!
+//! 1. POS-tag the caption ([`PosTagger`]; default [`BrillTagger`], offline);
+//!    candidates are the words tagged noun or adjective.
+//! 2. Mask `mask_ratio` of them (at least one), every word piece of a word.
+//! 3. Refill the masks with the model's generator (text encoder + MLM head,
+//!    reading the masked text alone), piece by piece from left to right; a
+//!    word's first piece never takes its original value, so the word always
+//!    changes; first pieces are whole-word tokens and later ones `##` pieces.
+//! 4. Filter: a candidate equal to a caption of the same image is dropped,
+//!    and, after `filter_after_steps`, one whose ITM match probability with
+//!    the image is above `filter_threshold` (it may describe the image).
+//!
+//! Registered as negative sampler `neggen`; FG-ITM lists it in `samplers`.
+//! Words are whitespace-separated; punctuation stays attached to its word.
+
+use serde::Deserialize;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use tch::{Device, Kind, Tensor};
+use vlmatch_core::{
+    EncoderInput, Error, Forward, NegativeSampler, Negatives, Result, SamplerInput, SpecialTokens,
+    TextBatch, TextCodec,
+};
+use vlmatch_registry::BuildContext;
+
+vlmatch_registry::register!(negative_sampler "neggen" => build);
+
+/// Tags whose words NegGen may replace: nouns and adjectives (Penn Treebank).
+pub const DEFAULT_TAGS: [&str; 5] = ["NN", "NNS", "JJ", "JJR", "JJS"];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NegGenConfig {
+    /// Share of the candidate words masked (at least one).
+    #[serde(default = "half")]
+    pub mask_ratio: f64,
+    #[serde(default = "one")]
+    pub temperature: f64,
+    /// Sample among the top k tokens only (0: all).
+    #[serde(default)]
+    pub top_k: i64,
+    /// Candidates generated per caption; the first that passes the filter is used.
+    #[serde(default = "one_usize")]
+    pub candidates: usize,
+    /// Drop candidates whose ITM match probability is above this.
+    #[serde(default = "half")]
+    pub filter_threshold: f64,
+    /// Training steps before the ITM filter applies (an untrained ITM head
+    /// says nothing).
+    #[serde(default)]
+    pub filter_after_steps: i64,
+    /// POS tags of replaceable words.
+    #[serde(default = "default_tags")]
+    pub tags: Vec<String>,
+}
+
+fn half() -> f64 {
+    0.5
+}
+fn one() -> f64 {
+    1.0
+}
+fn one_usize() -> usize {
+    1
+}
+/// [`DEFAULT_TAGS`] as owned strings.
+pub fn default_tags_vec() -> Vec<String> {
+    default_tags()
+}
+
+fn default_tags() -> Vec<String> {
+    DEFAULT_TAGS.iter().map(|t| t.to_string()).collect()
+}
+
+/// Part-of-speech tagging of whitespace-separated words.
+pub trait PosTagger {
+    /// One Penn Treebank tag per word (trailing punctuation already removed).
+    fn tag_words(&self, words: &[&str]) -> Vec<String>;
+}
+
+/// The default tagger: `english-pos-tagger`'s Brill-style lexicon and rules.
+pub struct BrillTagger(english_pos_tagger::Tagger);
+
+impl BrillTagger {
+    pub fn new() -> Self {
+        BrillTagger(english_pos_tagger::Tagger::new())
+    }
+}
+
+impl Default for BrillTagger {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PosTagger for BrillTagger {
+    fn tag_words(&self, words: &[&str]) -> Vec<String> {
+        self.0
+            .tag_raw_tokens(words)
+            .into_iter()
+            .map(|t| t.pos.unwrap_or_default())
+            .collect()
+    }
+}
+
+/// A word's text without trailing punctuation.
+pub fn core(word: &str) -> &str {
+    word.trim_end_matches(|c: char| c.is_ascii_punctuation())
+}
+
+/// Indices (into `caption.split(' ')`) of the words tagged with one of `tags`.
+pub fn candidate_words(caption: &str, tagger: &dyn PosTagger, tags: &[String]) -> Vec<usize> {
+    let words: Vec<&str> = caption.split(' ').collect();
+    let cores: Vec<&str> = words.iter().map(|w| core(w)).collect();
+    let nonempty: Vec<usize> = (0..cores.len())
+        .filter(|&i| cores[i].chars().any(char::is_alphabetic))
+        .collect();
+    let tagged = tagger.tag_words(&nonempty.iter().map(|&i| cores[i]).collect::<Vec<_>>());
+    nonempty
+        .into_iter()
+        .zip(tagged)
+        .filter(|(_, t)| tags.iter().any(|x| x == t))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// One caption prepared for filling: token ids with the chosen words'
+/// pieces masked, and where each chosen word's pieces sit.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub words: Vec<String>,
+    /// `(word index, first token position, piece count, original first piece)`.
+    pub spans: Vec<(usize, usize, usize, i64)>,
+    pub ids: Vec<i64>,
+}
+
+/// Mask the pieces of `chosen` words of `caption`.
+pub fn plan(caption: &str, chosen: &[usize], codec: &dyn TextCodec) -> Option<Plan> {
+    let special = codec.special();
+    let words: Vec<String> = caption.split(' ').map(str::to_string).collect();
+    let mut ids = vec![special.cls];
+    let mut spans = Vec::new();
+    for (i, w) in words.iter().enumerate() {
+        let c = core(w);
+        let core_pieces = codec.pieces(c);
+        if chosen.contains(&i) {
+            if core_pieces.is_empty() || core_pieces.contains(&special.unk) {
+                return None;
+            }
+            spans.push((i, ids.len(), core_pieces.len(), core_pieces[0]));
+            ids.extend(std::iter::repeat_n(special.mask, core_pieces.len()));
+            ids.extend(codec.pieces(&w[c.len()..]));
+        } else {
+            ids.extend(codec.pieces(w));
+        }
+    }
+    ids.push(special.sep);
+    Some(Plan { words, spans, ids })
+}
+
+/// The caption with each span's word core replaced by its filled pieces.
+pub fn realise(plan: &Plan, filled: &[i64], codec: &dyn TextCodec) -> String {
+    let mut words = plan.words.clone();
+    for &(w, start, n, _) in &plan.spans {
+        let mut text = String::new();
+        for &id in &filled[start..start + n] {
+            let t = codec.token(id);
+            text.push_str(t.strip_prefix("##").unwrap_or(&t));
+        }
+        let rest = &plan.words[w][core(&plan.words[w]).len()..];
+        words[w] = format!("{text}{rest}");
+    }
+    words.join(" ")
+}
+
+/// Vocabulary masks: `[V]` bool, whole-word alphabetic tokens and `##`
+/// alphabetic continuation pieces.
+pub fn piece_masks(codec: &dyn TextCodec, device: Device) -> (Tensor, Tensor) {
+    let special = codec.special();
+    let specials = [
+        special.pad,
+        special.unk,
+        special.cls,
+        special.sep,
+        special.mask,
+    ];
+    let (mut first, mut cont) = (Vec::new(), Vec::new());
+    for id in 0..codec.vocab_size() {
+        let t = codec.token(id);
+        let alpha = |s: &str| !s.is_empty() && s.chars().all(char::is_alphabetic);
+        let is_special = specials.contains(&id);
+        first.push(!is_special && alpha(&t));
+        cont.push(!is_special && t.strip_prefix("##").is_some_and(alpha));
+    }
+    (
+        Tensor::from_slice(&first).to_device(device),
+        Tensor::from_slice(&cont).to_device(device),
+    )
+}
+
+/// Fill the masked spans of `plans` left to right, one piece per step, with
+/// `logits_of(ids, mask)` giving `[K, L, V]` vocabulary logits. Returns the
+/// filled ids per plan. Draws from libtorch's generator.
+pub fn fill(
+    plans: &[Plan],
+    special: SpecialTokens,
+    masks: &(Tensor, Tensor),
+    temperature: f64,
+    top_k: i64,
+    device: Device,
+    mut logits_of: impl FnMut(&TextBatch) -> Result<Tensor>,
+) -> Result<Vec<Vec<i64>>> {
+    let k = plans.len();
+    let l = plans.iter().map(|p| p.ids.len()).max().unwrap_or(2);
+    let mut flat = Vec::with_capacity(k * l);
+    let mut attn = Vec::with_capacity(k * l);
+    for p in plans {
+        flat.extend(&p.ids);
+        flat.extend(std::iter::repeat_n(special.pad, l - p.ids.len()));
+        attn.extend(std::iter::repeat_n(1i64, p.ids.len()));
+        attn.extend(std::iter::repeat_n(0i64, l - p.ids.len()));
+    }
+    let mut ids = Tensor::from_slice(&flat)
+        .view([k as i64, l as i64])
+        .to_device(device);
+    let attn = Tensor::from_slice(&attn)
+        .view([k as i64, l as i64])
+        .to_device(device);
+    // Per plan, its masked positions in order: (position, is first piece, original first piece).
+    let steps: Vec<Vec<(usize, bool, i64)>> = plans
+        .iter()
+        .map(|p| {
+            p.spans
+                .iter()
+                .flat_map(|&(_, start, n, orig)| (0..n).map(move |j| (start + j, j == 0, orig)))
+                .collect()
+        })
+        .collect();
+    let depth = steps.iter().map(Vec::len).max().unwrap_or(0);
+    let (first_ok, cont_ok) = masks;
+    for t in 0..depth {
+        let rows: Vec<usize> = (0..k).filter(|&r| steps[r].len() > t).collect();
+        let row_t = Tensor::from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>())
+            .to_device(device);
+        let pos: Vec<i64> = rows.iter().map(|&r| steps[r][t].0 as i64).collect();
+        let pos_t = Tensor::from_slice(&pos).to_device(device);
+        let logits = logits_of(&TextBatch::new(ids.shallow_clone(), attn.shallow_clone()))?;
+        let v = logits.size()[2];
+        let at = logits
+            .index_select(0, &row_t)
+            .gather(
+                1,
+                &pos_t
+                    .view([-1, 1, 1])
+                    .expand([rows.len() as i64, 1, v], false),
+                false,
+            )
+            .squeeze_dim(1)
+            .to_kind(Kind::Float);
+        let is_first: Vec<bool> = rows.iter().map(|&r| steps[r][t].1).collect();
+        let is_first_t = Tensor::from_slice(&is_first).to_device(device).unsqueeze(1);
+        let mut allowed = first_ok
+            .unsqueeze(0)
+            .logical_and(&is_first_t)
+            .logical_or(&cont_ok.unsqueeze(0).logical_and(&is_first_t.logical_not()));
+        // The original word never comes back: its first piece is forbidden.
+        let orig: Vec<i64> = rows.iter().map(|&r| steps[r][t].2).collect();
+        let orig_t = Tensor::from_slice(&orig).to_device(device).view([-1, 1]);
+        let forbid = orig_t
+            .one_hot(v)
+            .squeeze_dim(1)
+            .to_kind(Kind::Bool)
+            .logical_and(&is_first_t);
+        allowed = allowed.logical_and(&forbid.logical_not());
+        let mut scores =
+            (at / temperature.max(1e-6)).masked_fill(&allowed.logical_not(), f64::NEG_INFINITY);
+        if top_k > 0 && top_k < v {
+            let (kth, _) = scores.topk(top_k, 1, true, true);
+            let floor = kth.narrow(1, top_k - 1, 1);
+            scores = scores.masked_fill(&scores.lt_tensor(&floor), f64::NEG_INFINITY);
+        }
+        let drawn = scores
+            .softmax(1, Kind::Float)
+            .multinomial(1, true)
+            .squeeze_dim(1);
+        let _ = ids.index_put_(&[Some(row_t), Some(pos_t)], &drawn, false);
+    }
+    let ids_v = Vec::<i64>::try_from(ids.to_device(Device::Cpu).flatten(0, 1))?;
+    Ok((0..k).map(|r| ids_v[r * l..(r + 1) * l].to_vec()).collect())
+}
+
+/// Whether `text` is a caption of image `image_id` in the batch (compared
+/// case- and whitespace-insensitively): such a "negative" is true of the
+/// image and is dropped.
+pub fn is_positive(text: &str, image_id: i64, captions: &[String], image_ids: &[i64]) -> bool {
+    let norm = |s: &str| {
+        s.to_lowercase()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let t = norm(text);
+    captions
+        .iter()
+        .zip(image_ids)
+        .any(|(c, &id)| id == image_id && norm(c) == t)
+}
+
+/// Run counts, for the log.
+#[derive(Debug, Default)]
+pub struct Counts {
+    pub captions: Cell<u64>,
+    pub produced: Cell<u64>,
+    pub no_candidate: Cell<u64>,
+    pub dropped_by_filter: Cell<u64>,
+}
+
+pub struct NegGen {
+    cfg: NegGenConfig,
+    tagger: Box<dyn PosTagger>,
+    codec: Rc<dyn TextCodec>,
+    masks: RefCell<Option<(Tensor, Tensor)>>,
+    /// Candidate words per caption, cached (tagging is the CPU cost).
+    tags: RefCell<HashMap<String, Vec<usize>>>,
+    pub counts: Counts,
+}
+
+impl NegGen {
+    pub fn new(cfg: NegGenConfig, tagger: Box<dyn PosTagger>, codec: Rc<dyn TextCodec>) -> Self {
+        NegGen {
+            cfg,
+            tagger,
+            codec,
+            masks: RefCell::new(None),
+            tags: RefCell::new(HashMap::new()),
+            counts: Counts::default(),
+        }
+    }
+
+    /// Words to mask in `caption`, drawn with `draw(n)` uniform in `0..n`.
+    pub fn choose(&self, caption: &str, mut draw: impl FnMut(usize) -> usize) -> Vec<usize> {
+        let mut cands = self
+            .tags
+            .borrow_mut()
+            .entry(caption.to_string())
+            .or_insert_with(|| candidate_words(caption, self.tagger.as_ref(), &self.cfg.tags))
+            .clone();
+        if cands.is_empty() {
+            return cands;
+        }
+        let n = ((cands.len() as f64 * self.cfg.mask_ratio).ceil() as usize).clamp(1, cands.len());
+        for i in 0..n {
+            let j = i + draw(cands.len() - i);
+            cands.swap(i, j);
+        }
+        let mut chosen = cands[..n].to_vec();
+        chosen.sort_unstable();
+        chosen
+    }
+
+    fn generate(&self, fwd: &Forward<'_>, step: i64) -> Result<(Vec<i64>, Vec<String>)> {
+        let batch = fwd.batch;
+        let model = fwd.model;
+        let generator = fwd.generator("neggen")?;
+        let device = batch.text.ids.device();
+        if self.masks.borrow().is_none() {
+            *self.masks.borrow_mut() = Some(piece_masks(self.codec.as_ref(), device));
+        }
+        let masks = self.masks.borrow();
+        let masks = masks.as_ref().expect("just set");
+        let seed =
+            Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]) as u64;
+        let mut rng = seed;
+        let mut draw = |n: usize| {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((rng >> 33) as usize) % n.max(1)
+        };
+        let mut owners = Vec::new();
+        let mut plans = Vec::new();
+        for (i, caption) in batch.captions.iter().enumerate() {
+            self.counts.captions.set(self.counts.captions.get() + 1);
+            let mut any = false;
+            for _ in 0..self.cfg.candidates.max(1) {
+                let chosen = self.choose(caption, &mut draw);
+                if let Some(p) = (!chosen.is_empty())
+                    .then(|| plan(caption, &chosen, self.codec.as_ref()))
+                    .flatten()
+                {
+                    owners.push(i);
+                    plans.push(p);
+                    any = true;
+                }
+            }
+            if !any {
+                self.counts
+                    .no_candidate
+                    .set(self.counts.no_candidate.get() + 1);
+            }
+        }
+        if plans.is_empty() {
+            return Ok((vec![], vec![]));
+        }
+        let filled = tch::no_grad(|| {
+            fill(
+                &plans,
+                self.codec.special(),
+                masks,
+                self.cfg.temperature,
+                self.cfg.top_k,
+                device,
+                |text| {
+                    let states = model.text.forward_t(EncoderInput::Text(text), false)?;
+                    generator.logits(&states, false)
+                },
+            )
+        })?;
+        let texts: Vec<String> = plans
+            .iter()
+            .zip(&filled)
+            .map(|(p, f)| realise(p, f, self.codec.as_ref()))
+            .collect();
+
+        // Filter: never a caption of the same image; then ITM, once trained.
+        let ids = Vec::<i64>::try_from(batch.image_ids.to_device(Device::Cpu))?;
+        let mut keep: Vec<bool> = owners
+            .iter()
+            .zip(&texts)
+            .map(|(&o, t)| !is_positive(t, ids[o], &batch.captions, &ids))
+            .collect();
+        if step >= self.cfg.filter_after_steps {
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            let probs = tch::no_grad(|| -> Result<Vec<f64>> {
+                let text = self.codec.encode(&refs, device);
+                let states = model.text.forward_t(EncoderInput::Text(&text), false)?;
+                let image = fwd.image()?;
+                let owner_t =
+                    Tensor::from_slice(&owners.iter().map(|&o| o as i64).collect::<Vec<_>>())
+                        .to_device(device);
+                let image = vlmatch_core::Encoded {
+                    hidden: image.hidden.detach().index_select(0, &owner_t),
+                    mask: image.mask.index_select(0, &owner_t),
+                };
+                let fused = model.fuse(&states, &image, false)?;
+                let p = model
+                    .discriminator
+                    .pair_logits(&fused)?
+                    .softmax(1, Kind::Float)
+                    .select(1, 1);
+                Ok(Vec::<f64>::try_from(
+                    p.to_kind(Kind::Double).to_device(Device::Cpu),
+                )?)
+            })?;
+            for (k, p) in keep.iter_mut().zip(probs) {
+                *k = *k && p <= self.cfg.filter_threshold;
+            }
+        }
+        // One negative per caption: its first candidate that survived.
+        let mut index = Vec::new();
+        let mut out = Vec::new();
+        let mut dropped_captions = std::collections::BTreeSet::new();
+        for ((o, t), k) in owners.iter().zip(texts).zip(keep) {
+            if k && !index.contains(&(*o as i64)) {
+                index.push(*o as i64);
+                out.push(t);
+            } else if !k {
+                dropped_captions.insert(*o);
+            }
+        }
+        let dropped = dropped_captions
+            .iter()
+            .filter(|o| !index.contains(&(**o as i64)))
+            .count() as u64;
+        self.counts
+            .dropped_by_filter
+            .set(self.counts.dropped_by_filter.get() + dropped);
+        self.counts
+            .produced
+            .set(self.counts.produced.get() + index.len() as u64);
+        Ok((index, out))
+    }
+}
+
+impl NegativeSampler for NegGen {
+    fn sample(&self, input: &SamplerInput<'_, '_>) -> Result<Negatives> {
+        let _span = tracing::trace_span!("neggen").entered();
+        let device = input.forward.batch.text.ids.device();
+        let (index, texts) = self.generate(input.forward, input.step)?;
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        if input.step % 100 == 0 {
+            let c = &self.counts;
+            tracing::debug!(
+                captions = c.captions.get(),
+                produced = c.produced.get(),
+                no_candidate = c.no_candidate.get(),
+                dropped_by_filter = c.dropped_by_filter.get(),
+                "neggen"
+            );
+        }
+        Ok(Negatives::Texts {
+            image_index: Tensor::from_slice(&index).to_device(device),
+            text: self.codec.encode(&refs, device),
+        })
+    }
+}
+
+fn build(ctx: &BuildContext<'_>) -> Result<Box<dyn NegativeSampler>> {
+    let cfg: NegGenConfig = ctx.params()?;
+    if !(cfg.mask_ratio > 0.0 && cfg.mask_ratio <= 1.0) || cfg.temperature <= 0.0 || cfg.top_k < 0 {
+        return Err(Error::Config(format!(
+            "config key `{}`: need 0 < mask_ratio <= 1, temperature > 0, top_k >= 0",
+            ctx.key
+        )));
+    }
+    if ctx.model.and_then(|m| m.generator.as_ref()).is_none() {
+        return Err(Error::Config(format!(
+            "config key `{}`: NegGen fills masks with the model's generator; set `[model.generator] plugin = \"mlm_head\"`",
+            ctx.key
+        )));
+    }
+    Ok(Box::new(NegGen::new(
+        cfg,
+        Box::new(BrillTagger::new()),
+        ctx.env.text.clone(),
+    )))
+}
