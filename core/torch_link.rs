@@ -9,7 +9,9 @@
 
 fn main() {
     // The compiler version, for the dynamic-plugin handshake (Rust has no
-    // stable ABI: a plugin library must come from the same rustc).
+    // stable ABI: a plugin library must come from the same rustc). Cargo
+    // also sets this variable when it runs tests and binaries, so its name
+    // must not start with VLMATCH_, the configuration's environment prefix.
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let version = std::process::Command::new(rustc)
         .arg("--version")
@@ -18,7 +20,7 @@ fn main() {
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|| "unknown".into());
-    println!("cargo:rustc-env=VLMATCH_RUSTC_VERSION={version}");
+    println!("cargo:rustc-env=BUILD_RUSTC_VERSION={version}");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         println!(

@@ -20,7 +20,7 @@ use vlmatch_core::{Error, Result};
 
 /// Bumped whenever [`PluginTable`] or [`SamplerVTable`] change.
 pub const ABI_VERSION: u32 = 1;
-pub const RUSTC_VERSION: &str = env!("VLMATCH_RUSTC_VERSION");
+pub const RUSTC_VERSION: &str = env!("BUILD_RUSTC_VERSION");
 pub const VLMATCH_VERSION: &str = env!("CARGO_PKG_VERSION");
 pub const TCH_VERSION: &str = "0.24.0";
 /// The symbol every dynamic plugin exports.

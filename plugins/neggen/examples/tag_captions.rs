@@ -1,7 +1,7 @@
 //! Print each caption of a file (one per line) with NegGen's noun/adjective
 //! candidates marked, as `tests/fixtures/tagging.txt` records them:
 //!     cargo run -p vlmatch-neggen --example tag_captions -- FILE
-use vlmatch_neggen::{candidate_words, default_tags_vec, BrillTagger};
+use vlmatch_neggen::{default_tags_vec, mark_candidates, BrillTagger};
 
 fn main() {
     let path = std::env::args().nth(1).expect("usage: tag_captions FILE");
@@ -11,18 +11,9 @@ fn main() {
         if caption.is_empty() {
             continue;
         }
-        let picked = candidate_words(caption, &tagger, &default_tags_vec());
-        let marked: Vec<String> = caption
-            .split(' ')
-            .enumerate()
-            .map(|(i, w)| {
-                if picked.contains(&i) {
-                    format!("[{w}]")
-                } else {
-                    w.to_string()
-                }
-            })
-            .collect();
-        println!("{caption}\t{}", marked.join(" "));
+        println!(
+            "{caption}\t{}",
+            mark_candidates(caption, &tagger, &default_tags_vec())
+        );
     }
 }

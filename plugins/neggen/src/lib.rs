@@ -126,6 +126,24 @@ pub fn candidate_words(caption: &str, tagger: &dyn PosTagger, tags: &[String]) -
         .collect()
 }
 
+/// `caption` with its candidate words in brackets (`A [red] [car].`), the
+/// form of the golden tagging file.
+pub fn mark_candidates(caption: &str, tagger: &dyn PosTagger, tags: &[String]) -> String {
+    let picked = candidate_words(caption, tagger, tags);
+    caption
+        .split(' ')
+        .enumerate()
+        .map(|(i, w)| {
+            if picked.contains(&i) {
+                format!("[{w}]")
+            } else {
+                w.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// One caption prepared for filling: token ids with the chosen words'
 /// pieces masked, and where each chosen word's pieces sit.
 #[derive(Debug, Clone)]
