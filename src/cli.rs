@@ -53,6 +53,24 @@ pub enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Generate NegGen negatives for an annotation file with a trained run's
+    /// generator and ITM filter, one JSON line per negative, with provenance.
+    /// NegGen keys come from the run's `[samplers.neggen]` if present, and
+    /// `--set samplers.neggen.KEY=...`.
+    Neggen {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        image_root: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        #[arg(long)]
+        quiet: bool,
+    },
     /// List registered plugins by kind, with where each comes from (built
     /// in, a linked crate, or a library from the config's `plugins.paths`).
     Plugins {
@@ -251,6 +269,25 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Preview { config, count, out } => preview(&config, count, &out),
+        Command::Neggen {
+            checkpoint,
+            data,
+            image_root,
+            out,
+            sets,
+            quiet,
+        } => {
+            let summary = neggen_offline(
+                &checkpoint,
+                &data,
+                image_root.as_deref(),
+                &out,
+                &sets,
+                !quiet,
+            )?;
+            println!("{summary}");
+            Ok(())
+        }
         Command::Eval {
             checkpoint,
             task,
@@ -387,4 +424,116 @@ pub fn eval_task(
     )
     .map_err(|e| Error::io(&out, e))?;
     Ok(result)
+}
+
+/// A trained run: its config (with `sets` on top), tokenizer, model with the
+/// newest checkpoint's weights, and that checkpoint's counters.
+type LoadedRun = (
+    vlmatch_registry::LoadedConfig,
+    std::sync::Arc<crate::tokenizer::Tokenizer>,
+    vlmatch_registry::Assembly,
+    crate::checkpoint::TrainerState,
+);
+
+fn load_run(run_dir: &Path, sets: &[String]) -> Result<LoadedRun> {
+    let layers = ConfigLayers {
+        base: Some(vlmatch_registry::config::base_from_file(
+            &run_dir.join("config.toml"),
+        )?),
+        files: vec![],
+        env: true,
+        sets: sets.to_vec(),
+    };
+    let loaded = layers.load()?;
+    let tok = std::sync::Arc::new(crate::setup::tokenizer(&loaded)?);
+    let (mut asm, _) = crate::setup::model(&loaded, &tok)?;
+    let ckpt = crate::checkpoint::latest(run_dir)?;
+    let (_, state) = crate::checkpoint::load(&ckpt, &mut asm.vs)?;
+    Ok((loaded, tok, asm, state))
+}
+
+/// `vlmatch neggen`: NegGen over a whole annotation file, written as JSON
+/// lines `{image, image_id, caption, negative, masked_words, itm_score}`
+/// (atomically); returns the summary line.
+pub fn neggen_offline(
+    run_dir: &Path,
+    data: &Path,
+    image_root: Option<&Path>,
+    out: &Path,
+    sets: &[String],
+    progress: bool,
+) -> Result<String> {
+    let (loaded, tok, asm, _) = load_run(run_dir, sets)?;
+    let c = &loaded.config;
+    tch::manual_seed(c.train.seed as i64);
+    let cfg: neggen::NegGenConfig = if c.samplers.contains_key("neggen") {
+        loaded.section("samplers.neggen")?
+    } else {
+        serde_json::from_str("{}").expect("every NegGen key has a default")
+    };
+    let codec = std::rc::Rc::new(crate::tokenizer::Codec {
+        tokenizer: tok.clone(),
+        max_len: c.data.max_len as usize,
+    });
+    let sampler = neggen::NegGen::new(cfg, Box::new(neggen::BrillTagger::new()), codec);
+    let ds = crate::data::annotations::load(data, image_root)?;
+    let loader_cfg = crate::data::loader::LoaderConfig {
+        batch_size: c.eval.batch_size,
+        workers: c.data.workers,
+        prefetch: 1,
+        image_size: c.data.image_size as usize,
+        max_len: c.data.max_len as usize,
+        mean: c.data.mean,
+        std: c.data.std,
+        shuffle_seed: None,
+    };
+    let all: Vec<usize> = (0..ds.len()).collect();
+    let bar = if progress {
+        indicatif::ProgressBar::new(ds.len() as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let started = std::time::Instant::now();
+    let mut lines = String::new();
+    let mut written = 0usize;
+    for (b, batch) in crate::data::loader::batches(&ds, &tok, &loader_cfg, &all).enumerate() {
+        let batch = batch?.to_device(asm.model.device);
+        let fwd = vlmatch_core::Forward::new(&asm.model, &batch, false);
+        for cand in sampler
+            .candidates(&fwd, i64::MAX)?
+            .into_iter()
+            .filter(|c| c.kept)
+        {
+            let pair = &ds.pairs[all[b * loader_cfg.batch_size + cand.owner]];
+            let image = match &ds.images[pair.image] {
+                crate::data::ImageRef::File { path, .. } => path.display().to_string(),
+                crate::data::ImageRef::Scene(_) => format!("scene:{}", ds.image_ids[pair.image]),
+            };
+            let line = serde_json::json!({
+                "image": image,
+                "image_id": ds.image_ids[pair.image],
+                "caption": pair.caption,
+                "negative": cand.text,
+                "masked_words": cand.masked,
+                "itm_score": cand.itm,
+            });
+            lines.push_str(&format!("{line}\n"));
+            written += 1;
+        }
+        bar.inc(batch.len() as u64);
+    }
+    bar.finish_and_clear();
+    let tmp = out.with_extension("tmp");
+    std::fs::write(&tmp, lines).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+    let n = &sampler.counts;
+    let secs = started.elapsed().as_secs_f64();
+    Ok(format!(
+        "neggen: {} captions, {written} negatives written to {}, {} dropped by the filter, {} without a noun/adjective, {:.1} negatives/s",
+        n.captions.get(),
+        out.display(),
+        n.dropped_by_filter.get(),
+        n.no_candidate.get(),
+        written as f64 / secs.max(1e-9)
+    ))
 }

@@ -134,3 +134,98 @@ fn fgitm_trains_with_neggen_negatives() {
         s.logged[0]
     );
 }
+
+#[test]
+fn offline_neggen_writes_provenance_and_training_reads_it_back() {
+    let dir = scratch("neggen-offline");
+    let run_dir = dir.join("run");
+    run(&run_dir, &["train.steps=3", "eval.at_end=false"], None).unwrap();
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let mut ann = String::new();
+    for (name, rgb) in [
+        ("red", [220u8, 40, 40]),
+        ("blue", [40, 80, 220]),
+        ("green", [40, 170, 60]),
+    ] {
+        image::RgbImage::from_pixel(16, 16, image::Rgb(rgb))
+            .save(images.join(format!("{name}.png")))
+            .unwrap();
+        ann.push_str(&format!(
+            "{{\"image\": \"{name}.png\", \"caption\": [\"a small {name} circle on the left\", \"one {name} square\", \"on it\"]}}\n"
+        ));
+    }
+    let data = dir.join("ann.jsonl");
+    std::fs::write(&data, ann).unwrap();
+    let out = dir.join("negatives.jsonl");
+    let _turn = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
+    // Threshold 1: the (untrained) ITM filter keeps everything, so each
+    // caption with a noun or adjective yields a line.
+    let summary = vlmatch::cli::neggen_offline(
+        &run_dir,
+        &data,
+        Some(&images),
+        &out,
+        &[
+            "samplers.neggen.plugin=\"neggen\"".into(),
+            "samplers.neggen.filter_threshold=1.0".into(),
+        ],
+        false,
+    )
+    .unwrap();
+    drop(_turn);
+    assert!(
+        summary.contains("9 captions") && summary.contains("3 without a noun/adjective"),
+        "{summary}"
+    );
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 6, "{lines:?}");
+    let tags = default_tags_vec();
+    for l in &lines {
+        let caption = l["caption"].as_str().unwrap();
+        let negative = l["negative"].as_str().unwrap();
+        assert_ne!(caption, negative);
+        assert!(l["image"].as_str().unwrap().ends_with(".png") && l["image_id"].is_number());
+        assert!(l["itm_score"]
+            .as_f64()
+            .is_some_and(|p| (0.0..=1.0).contains(&p)));
+        let words: Vec<&str> = negative.split(' ').collect();
+        for m in l["masked_words"].as_array().unwrap() {
+            let i = m["index"].as_u64().unwrap() as usize;
+            assert!(
+                tags.contains(&m["tag"].as_str().unwrap().to_string()),
+                "{m}"
+            );
+            assert_eq!(caption.split(' ').nth(i), m["original"].as_str());
+            assert_eq!(Some(words[i]), m["replacement"].as_str());
+        }
+    }
+
+    // The cache is a negative source for FG-ITM.
+    let path = format!("samplers.cache.path=\"{}\"", out.display());
+    let s = run(
+        &dir.join("from-cache"),
+        &[
+            "objectives.itm.samplers=[\"hard_negative\", \"cache\"]",
+            "samplers.cache.plugin=\"neggen_cache\"",
+            &path,
+            "data.source=\"annotations\"",
+            &format!("data.annotations=\"{}\"", data.display()),
+            &format!("data.image_root=\"{}\"", images.display()),
+            "train.batch_size=9",
+            "train.steps=2",
+            "eval.at_end=false",
+        ],
+        None,
+    )
+    .unwrap();
+    assert!(
+        s.logged[1]["itm_acc_cache"].is_number(),
+        "{:?}",
+        s.logged[1]
+    );
+}

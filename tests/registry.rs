@@ -16,7 +16,7 @@ fn every_builtin_plugin_is_registered() {
     assert_eq!(r.names(Kind::Discriminator), ["linear"]);
     assert_eq!(
         r.names(Kind::NegativeSampler),
-        ["hard_negative", "neggen", "word_swap"]
+        ["hard_negative", "neggen", "neggen_cache", "word_swap"]
     );
     assert_eq!(r.names(Kind::Objective), ["itc", "itm", "mlm", "rtd"]);
     let listing = vlmatch::cli::plugin_listing(&[]).unwrap();

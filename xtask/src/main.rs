@@ -19,6 +19,8 @@ commands:
   plugins        list registered plugins by kind
   eval --checkpoint D --task retrieval|matching --data F [--image-root D] [--set k=v]...
                  evaluate a trained run
+  neggen --checkpoint D --data F [--image-root D] --out FILE.jsonl
+                 write NegGen negatives for a dataset with a trained run
   setup          provision libtorch 2.11.0 and print where it is
   gpu-bundle     build a stripped release binary into gpu-bundle/ for a GPU machine
   vlmatch ARGS   run the vlmatch CLI with any arguments";
@@ -36,6 +38,7 @@ fn main() -> ExitCode {
         "train" => run_cli(&root, "train", &rest),
         "plugins" => run_cli(&root, "plugins", &rest),
         "eval" => run_cli(&root, "eval", &rest),
+        "neggen" => run_cli(&root, "neggen", &rest),
         "vlmatch" => run_cli(&root, "", &rest),
         "test" => run_tests(&root, &rest),
         "gpu-bundle" => gpu_bundle::build(&root),

@@ -112,6 +112,18 @@ pub fn core(word: &str) -> &str {
 
 /// Indices (into `caption.split(' ')`) of the words tagged with one of `tags`.
 pub fn candidate_words(caption: &str, tagger: &dyn PosTagger, tags: &[String]) -> Vec<usize> {
+    tagged_candidates(caption, tagger, tags)
+        .into_iter()
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// [`candidate_words`] with each word's tag.
+pub fn tagged_candidates(
+    caption: &str,
+    tagger: &dyn PosTagger,
+    tags: &[String],
+) -> Vec<(usize, String)> {
     let words: Vec<&str> = caption.split(' ').collect();
     let cores: Vec<&str> = words.iter().map(|w| core(w)).collect();
     let nonempty: Vec<usize> = (0..cores.len())
@@ -122,7 +134,6 @@ pub fn candidate_words(caption: &str, tagger: &dyn PosTagger, tags: &[String]) -
         .into_iter()
         .zip(tagged)
         .filter(|(_, t)| tags.iter().any(|x| x == t))
-        .map(|(i, _)| i)
         .collect()
 }
 
@@ -326,6 +337,29 @@ pub fn is_positive(text: &str, image_id: i64, captions: &[String], image_ids: &[
         .any(|(c, &id)| id == image_id && norm(c) == t)
 }
 
+/// A replaced word of a NegGen candidate.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MaskedWord {
+    /// Index among the caption's whitespace-separated words.
+    pub index: usize,
+    pub original: String,
+    pub replacement: String,
+    pub tag: String,
+}
+
+/// One generated candidate and its provenance.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    /// Index of the caption in the batch.
+    pub owner: usize,
+    pub text: String,
+    pub masked: Vec<MaskedWord>,
+    /// ITM match probability with the image, when the ITM filter ran.
+    pub itm: Option<f64>,
+    /// Whether it passed the filters.
+    pub kept: bool,
+}
+
 /// Run counts, for the log.
 #[derive(Debug, Default)]
 pub struct Counts {
@@ -341,7 +375,7 @@ pub struct NegGen {
     codec: Rc<dyn TextCodec>,
     masks: RefCell<Option<(Tensor, Tensor)>>,
     /// Candidate words per caption, cached (tagging is the CPU cost).
-    tags: RefCell<HashMap<String, Vec<usize>>>,
+    tags: RefCell<HashMap<String, Vec<(usize, String)>>>,
     pub counts: Counts,
 }
 
@@ -357,14 +391,18 @@ impl NegGen {
         }
     }
 
-    /// Words to mask in `caption`, drawn with `draw(n)` uniform in `0..n`.
-    pub fn choose(&self, caption: &str, mut draw: impl FnMut(usize) -> usize) -> Vec<usize> {
-        let mut cands = self
-            .tags
+    /// The caption's candidate words with their tags (cached).
+    fn tagged(&self, caption: &str) -> Vec<(usize, String)> {
+        self.tags
             .borrow_mut()
             .entry(caption.to_string())
-            .or_insert_with(|| candidate_words(caption, self.tagger.as_ref(), &self.cfg.tags))
-            .clone();
+            .or_insert_with(|| tagged_candidates(caption, self.tagger.as_ref(), &self.cfg.tags))
+            .clone()
+    }
+
+    /// Words to mask in `caption`, drawn with `draw(n)` uniform in `0..n`.
+    pub fn choose(&self, caption: &str, mut draw: impl FnMut(usize) -> usize) -> Vec<usize> {
+        let mut cands: Vec<usize> = self.tagged(caption).into_iter().map(|(i, _)| i).collect();
         if cands.is_empty() {
             return cands;
         }
@@ -378,7 +416,10 @@ impl NegGen {
         chosen
     }
 
-    fn generate(&self, fwd: &Forward<'_>, step: i64) -> Result<(Vec<i64>, Vec<String>)> {
+    /// Every candidate for the batch's captions, with its provenance and
+    /// whether it passed the filters (the ITM filter from
+    /// `filter_after_steps` on).
+    pub fn candidates(&self, fwd: &Forward<'_>, step: i64) -> Result<Vec<Candidate>> {
         let batch = fwd.batch;
         let model = fwd.model;
         let generator = fwd.generator("neggen")?;
@@ -420,7 +461,7 @@ impl NegGen {
             }
         }
         if plans.is_empty() {
-            return Ok((vec![], vec![]));
+            return Ok(vec![]);
         }
         let filled = tch::no_grad(|| {
             fill(
@@ -449,6 +490,7 @@ impl NegGen {
             .zip(&texts)
             .map(|(&o, t)| !is_positive(t, ids[o], &batch.captions, &ids))
             .collect();
+        let mut itm = vec![None; texts.len()];
         if step >= self.cfg.filter_after_steps {
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
             let probs = tch::no_grad(|| -> Result<Vec<f64>> {
@@ -472,29 +514,64 @@ impl NegGen {
                     p.to_kind(Kind::Double).to_device(Device::Cpu),
                 )?)
             })?;
-            for (k, p) in keep.iter_mut().zip(probs) {
+            for ((k, p), slot) in keep.iter_mut().zip(probs).zip(&mut itm) {
                 *k = *k && p <= self.cfg.filter_threshold;
+                *slot = Some(p);
             }
         }
+        let mut out = Vec::with_capacity(texts.len());
+        for ((((owner, text), kept), itm_score), plan) in
+            owners.into_iter().zip(texts).zip(keep).zip(itm).zip(&plans)
+        {
+            let caption = &batch.captions[owner];
+            let tags = self.tagged(caption);
+            let new_words: Vec<&str> = text.split(' ').collect();
+            let masked = plan
+                .spans
+                .iter()
+                .map(|&(w, ..)| MaskedWord {
+                    index: w,
+                    original: core(&plan.words[w]).to_string(),
+                    replacement: core(new_words[w]).to_string(),
+                    tag: tags
+                        .iter()
+                        .find(|(i, _)| *i == w)
+                        .map(|(_, t)| t.clone())
+                        .unwrap_or_default(),
+                })
+                .collect();
+            out.push(Candidate {
+                owner,
+                text,
+                masked,
+                itm: itm_score,
+                kept,
+            });
+        }
+        // Captions whose every candidate the filters dropped.
+        let owners: std::collections::BTreeSet<usize> = out.iter().map(|c| c.owner).collect();
+        let dropped = owners
+            .iter()
+            .filter(|&&o| !out.iter().any(|c| c.owner == o && c.kept))
+            .count();
+        self.counts
+            .dropped_by_filter
+            .set(self.counts.dropped_by_filter.get() + dropped as u64);
+        Ok(out)
+    }
+
+    fn generate(&self, fwd: &Forward<'_>, step: i64) -> Result<(Vec<i64>, Vec<String>)> {
+        let cands = self.candidates(fwd, step)?;
+
         // One negative per caption: its first candidate that survived.
         let mut index = Vec::new();
         let mut out = Vec::new();
-        let mut dropped_captions = std::collections::BTreeSet::new();
-        for ((o, t), k) in owners.iter().zip(texts).zip(keep) {
-            if k && !index.contains(&(*o as i64)) {
-                index.push(*o as i64);
-                out.push(t);
-            } else if !k {
-                dropped_captions.insert(*o);
+        for c in cands {
+            if c.kept && !index.contains(&(c.owner as i64)) {
+                index.push(c.owner as i64);
+                out.push(c.text);
             }
         }
-        let dropped = dropped_captions
-            .iter()
-            .filter(|o| !index.contains(&(**o as i64)))
-            .count() as u64;
-        self.counts
-            .dropped_by_filter
-            .set(self.counts.dropped_by_filter.get() + dropped);
         self.counts
             .produced
             .set(self.counts.produced.get() + index.len() as u64);
@@ -544,4 +621,84 @@ fn build(ctx: &BuildContext<'_>) -> Result<Box<dyn NegativeSampler>> {
         Box::new(BrillTagger::new()),
         ctx.env.text.clone(),
     )))
+}
+
+vlmatch_registry::register!(negative_sampler "neggen_cache" => build_cache);
+
+/// `[samplers.<name>]` for `plugin = "neggen_cache"`: negatives written by
+/// `vlmatch neggen` (JSON lines with at least `caption` and `negative`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NegGenCacheConfig {
+    pub path: std::path::PathBuf,
+}
+
+/// NegGen negatives read from a cache file instead of generated online.
+pub struct NegGenCache {
+    by_caption: HashMap<String, Vec<String>>,
+    codec: Rc<dyn TextCodec>,
+}
+
+impl NegGenCache {
+    pub fn load(path: &std::path::Path, codec: Rc<dyn TextCodec>) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let mut by_caption: HashMap<String, Vec<String>> = HashMap::new();
+        for (n, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let bad = |m: String| Error::Data {
+                path: path.to_path_buf(),
+                line: Some(n + 1),
+                message: m,
+            };
+            let v: serde_json::Value =
+                serde_json::from_str(line).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+            let field = |k: &str| {
+                v.get(k)
+                    .and_then(serde_json::Value::as_str)
+                    .map(str::to_string)
+                    .ok_or_else(|| bad(format!("expected a string field `{k}`")))
+            };
+            by_caption
+                .entry(field("caption")?)
+                .or_default()
+                .push(field("negative")?);
+        }
+        Ok(NegGenCache { by_caption, codec })
+    }
+}
+
+impl NegativeSampler for NegGenCache {
+    fn sample(&self, input: &SamplerInput<'_, '_>) -> Result<Negatives> {
+        let batch = input.forward.batch;
+        let device = batch.text.ids.device();
+        let draws = Vec::<i64>::try_from(Tensor::randint(
+            1 << 30,
+            [batch.captions.len() as i64],
+            (Kind::Int64, Device::Cpu),
+        ))?;
+        let (index, texts): (Vec<i64>, Vec<&str>) = batch
+            .captions
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                let negs = self.by_caption.get(c)?;
+                Some((i as i64, negs[draws[i] as usize % negs.len()].as_str()))
+            })
+            .unzip();
+        Ok(Negatives::Texts {
+            image_index: Tensor::from_slice(&index).to_device(device),
+            text: self.codec.encode(&texts, device),
+        })
+    }
+}
+
+fn build_cache(ctx: &BuildContext<'_>) -> Result<Box<dyn NegativeSampler>> {
+    let cfg: NegGenCacheConfig = ctx.params()?;
+    Ok(Box::new(NegGenCache::load(
+        &cfg.path,
+        ctx.env.text.clone(),
+    )?))
 }
