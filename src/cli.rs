@@ -47,6 +47,9 @@ pub enum Command {
         data: PathBuf,
         #[arg(long)]
         image_root: Option<PathBuf>,
+        /// Karpathy split(s) of a `dataset_coco.json`-style file, e.g. `test`.
+        #[arg(long)]
+        split: Option<String>,
         /// Overrides over the run's config, e.g. `--set eval.k=64`.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
@@ -293,17 +296,16 @@ pub fn run(cli: Cli) -> Result<()> {
             task,
             data,
             image_root,
+            split,
             sets,
             quiet,
         } => {
-            let result = eval_task(
-                &checkpoint,
-                &task,
-                &data,
-                image_root.as_deref(),
-                &sets,
-                !quiet,
-            )?;
+            let data = DataArg {
+                path: data,
+                image_root,
+                split,
+            };
+            let result = eval_task(&checkpoint, &task, &data, &sets, !quiet)?;
             println!("{result}");
             Ok(())
         }
@@ -360,14 +362,25 @@ fn preview(config: &ConfigArgs, count: usize, out: &Path) -> Result<()> {
 
 /// `vlmatch eval`: load a run's model and evaluate `task` on `data`; the
 /// result is also written to `RUN_DIR/eval-TASK.json`.
+/// An evaluation data file and how to read it.
+#[derive(Debug, Clone)]
+pub struct DataArg {
+    pub path: PathBuf,
+    pub image_root: Option<PathBuf>,
+    /// Karpathy split(s), comma-separated.
+    pub split: Option<String>,
+}
+
 pub fn eval_task(
     run_dir: &Path,
     task: &str,
-    data: &Path,
-    image_root: Option<&Path>,
+    data: &DataArg,
     sets: &[String],
     progress: bool,
 ) -> Result<serde_json::Value> {
+    let image_root = data.image_root.as_deref();
+    let split = data.split.as_deref();
+    let data = data.path.as_path();
     let layers = ConfigLayers {
         base: Some(vlmatch_registry::config::base_from_file(
             &run_dir.join("config.toml"),
@@ -390,7 +403,7 @@ pub fn eval_task(
     };
     let mut result = match task {
         "retrieval" => {
-            let ds = crate::data::annotations::load(data, image_root)?;
+            let ds = crate::data::annotations::load_split(data, image_root, split)?;
             let r = crate::eval::retrieval_reranked(
                 &asm.model,
                 &ds,
@@ -403,7 +416,7 @@ pub fn eval_task(
         }
         "matching" => {
             let (ds, negatives) =
-                crate::data::annotations::load_with(data, image_root, Some("negative"))?;
+                crate::data::annotations::load_with(data, image_root, Some("negative"), split)?;
             let m = crate::eval::matching_triples(&asm.model, &ds, &negatives, &inp)?;
             serde_json::to_value(m).expect("serialisable")
         }

@@ -85,9 +85,13 @@ pub fn datasets(cfg: &LoadedConfig) -> Result<(Dataset, Option<Dataset>)> {
                 )
             })?;
             let root = data.image_root.as_deref();
-            let train = annotations::load(path, root)?;
+            let train = annotations::load_split(path, root, data.split.as_deref())?;
             let heldout = match &data.heldout_annotations {
-                Some(p) => Some(annotations::load(p, root)?),
+                Some(p) => Some(annotations::load_split(
+                    p,
+                    root,
+                    data.heldout_split.as_deref(),
+                )?),
                 None => None,
             };
             Ok((train, heldout))

@@ -32,6 +32,14 @@ fn write_data(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf)
     (dir.join("ann.jsonl"), dir.join("triples.jsonl"))
 }
 
+fn data_arg(path: &std::path::Path, images: &std::path::Path) -> vlmatch::cli::DataArg {
+    vlmatch::cli::DataArg {
+        path: path.to_path_buf(),
+        image_root: Some(images.to_path_buf()),
+        split: None,
+    }
+}
+
 #[test]
 fn eval_reports_reranked_retrieval_and_matching() {
     let dir = scratch("eval-cli");
@@ -44,8 +52,7 @@ fn eval_reports_reranked_retrieval_and_matching() {
     let r = vlmatch::cli::eval_task(
         &run_dir,
         "retrieval",
-        &ann,
-        Some(&images),
+        &data_arg(&ann, &images),
         &["eval.k=3".into()],
         false,
     )
@@ -67,8 +74,7 @@ fn eval_reports_reranked_retrieval_and_matching() {
     let all = vlmatch::cli::eval_task(
         &run_dir,
         "retrieval",
-        &ann,
-        Some(&images),
+        &data_arg(&ann, &images),
         &["eval.k=8".into()],
         false,
     )
@@ -86,24 +92,107 @@ fn eval_reports_reranked_retrieval_and_matching() {
     assert_eq!(r["step"].as_i64(), Some(4));
     assert!(run_dir.join("eval-retrieval.json").is_file());
 
-    let m =
-        vlmatch::cli::eval_task(&run_dir, "matching", &triples, Some(&images), &[], false).unwrap();
+    let m = vlmatch::cli::eval_task(
+        &run_dir,
+        "matching",
+        &data_arg(&triples, &images),
+        &[],
+        false,
+    )
+    .unwrap();
     assert_eq!(m["pairs"].as_u64(), Some(4));
     assert!((0.0..=1.0).contains(&m["itm_acc"].as_f64().unwrap()));
     assert!(run_dir.join("eval-matching.json").is_file());
 
-    let err =
-        vlmatch::cli::eval_task(&run_dir, "matching", &ann, Some(&images), &[], false).unwrap_err();
+    let err = vlmatch::cli::eval_task(&run_dir, "matching", &data_arg(&ann, &images), &[], false)
+        .unwrap_err();
     assert!(
         err.to_string()
             .contains("expected a string field `negative`"),
         "{err}"
     );
     let err =
-        vlmatch::cli::eval_task(&run_dir, "vqa", &ann, Some(&images), &[], false).unwrap_err();
+        vlmatch::cli::eval_task(&run_dir, "vqa", &data_arg(&ann, &images), &[], false).unwrap_err();
     assert!(
         err.to_string()
             .contains("expected `retrieval` or `matching`"),
         "{err}"
     );
+}
+
+/// A Karpathy-format file (`dataset_coco.json` layout) with `--split`.
+#[test]
+fn karpathy_splits_select_images_for_training_and_evaluation() {
+    let dir = scratch("karpathy");
+    let images = dir.join("images");
+    std::fs::create_dir_all(images.join("val2014")).unwrap();
+    let mut entries = Vec::new();
+    for (i, (name, split)) in [
+        ("red", "train"),
+        ("blue", "restval"),
+        ("green", "test"),
+        ("yellow", "test"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        image::RgbImage::from_pixel(16, 16, image::Rgb([40 * i as u8, 90, 200]))
+            .save(images.join("val2014").join(format!("{name}.jpg")))
+            .unwrap();
+        entries.push(format!(
+            "{{\"filepath\": \"val2014\", \"filename\": \"{name}.jpg\", \"imgid\": {i}, \"split\": \"{split}\", \
+              \"sentences\": [{{\"raw\": \"A {name} square.\"}}, {{\"raw\": \"{name} \"}}]}}"
+        ));
+    }
+    let file = dir.join("dataset_coco.json");
+    std::fs::write(
+        &file,
+        format!(
+            "{{\"dataset\": \"coco\", \"images\": [{}]}}",
+            entries.join(", ")
+        ),
+    )
+    .unwrap();
+
+    let ds = vlmatch::data::annotations::load_split(&file, Some(&images), Some("train,restval"))
+        .unwrap();
+    assert_eq!((ds.images.len(), ds.pairs.len()), (2, 4));
+    assert_eq!(ds.pairs[0].caption, "A red square.");
+    let test = vlmatch::data::annotations::load_split(&file, Some(&images), Some("test")).unwrap();
+    assert_eq!(test.image_ids, [2, 3]);
+
+    let run_dir = dir.join("run");
+    let ann = format!("data.annotations=\"{}\"", file.display());
+    let root = format!("data.image_root=\"{}\"", images.display());
+    run(
+        &run_dir,
+        &[
+            "data.source=\"annotations\"",
+            &ann,
+            &root,
+            "data.split=\"train,restval\"",
+            "train.batch_size=4",
+            "train.steps=2",
+            "eval.at_end=false",
+        ],
+        None,
+    )
+    .unwrap();
+    let _turn = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
+    let mut arg = data_arg(&file, &images);
+    arg.split = Some("test".into());
+    let r = vlmatch::cli::eval_task(&run_dir, "retrieval", &arg, &[], false).unwrap();
+    assert_eq!(
+        (r["images"].as_u64(), r["captions"].as_u64()),
+        (Some(2), Some(4))
+    );
+
+    // A split on a file that is not Karpathy-format is a clear error.
+    let (ann_file, _) = write_data(&dir);
+    let mut arg = data_arg(&ann_file, &images);
+    arg.split = Some("test".into());
+    let err = vlmatch::cli::eval_task(&run_dir, "retrieval", &arg, &[], false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not a Karpathy-format file"), "{err}");
 }

@@ -179,9 +179,16 @@ pub struct DataConfig {
     /// ALBEF/BLIP annotation file (JSON array or JSONL) for `annotations`.
     #[serde(default)]
     pub annotations: Option<PathBuf>,
+    /// Karpathy split(s) of `annotations` to train on, e.g. `train,restval`
+    /// (Karpathy-format files only).
+    #[serde(default)]
+    pub split: Option<String>,
     /// Held-out annotation file for the end-of-training evaluation.
     #[serde(default)]
     pub heldout_annotations: Option<PathBuf>,
+    /// Karpathy split(s) of `heldout_annotations`, e.g. `val`.
+    #[serde(default)]
+    pub heldout_split: Option<String>,
     /// Directory the annotations' `image` paths are relative to.
     #[serde(default)]
     pub image_root: Option<PathBuf>,
