@@ -331,12 +331,7 @@ fn preview(config: &ConfigArgs, count: usize, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut lines = String::new();
     for i in 0..count.min(train.images.len()) {
-        let rgb = match &train.images[i] {
-            crate::data::ImageRef::Scene(scene) => scene.render(size),
-            crate::data::ImageRef::File { path, origin } => {
-                crate::data::loader::decode_resized(path, origin, size)?
-            }
-        };
+        let rgb = train.load_rgb(i, size)?;
         let file = out.join(format!("{i:04}.png"));
         image::RgbImage::from_raw(size as u32, size as u32, rgb)
             .expect("buffer matches the size")
@@ -381,19 +376,7 @@ pub fn eval_task(
     let image_root = data.image_root.as_deref();
     let split = data.split.as_deref();
     let data = data.path.as_path();
-    let layers = ConfigLayers {
-        base: Some(vlmatch_registry::config::base_from_file(
-            &run_dir.join("config.toml"),
-        )?),
-        files: vec![],
-        env: true,
-        sets: sets.to_vec(),
-    };
-    let loaded = layers.load()?;
-    let tok = std::sync::Arc::new(crate::setup::tokenizer(&loaded)?);
-    let (mut asm, _) = crate::setup::model(&loaded, &tok)?;
-    let ckpt = crate::checkpoint::latest(run_dir)?;
-    let (_, state) = crate::checkpoint::load(&ckpt, &mut asm.vs)?;
+    let (loaded, tok, asm, state) = load_run(run_dir, sets)?;
     let c = &loaded.config;
     let inp = crate::eval::EvalInputs::new(c, &tok);
     let bar = if progress {
@@ -490,16 +473,7 @@ pub fn neggen_offline(
     });
     let sampler = neggen::NegGen::new(cfg, Box::new(neggen::BrillTagger::new()), codec);
     let ds = crate::data::annotations::load(data, image_root)?;
-    let loader_cfg = crate::data::loader::LoaderConfig {
-        batch_size: c.eval.batch_size,
-        workers: c.data.workers,
-        prefetch: 1,
-        image_size: c.data.image_size as usize,
-        max_len: c.data.max_len as usize,
-        mean: c.data.mean,
-        std: c.data.std,
-        shuffle_seed: None,
-    };
+    let loader_cfg = crate::data::loader::LoaderConfig::new(&c.data, c.eval.batch_size, None);
     let all: Vec<usize> = (0..ds.len()).collect();
     let bar = if progress {
         indicatif::ProgressBar::new(ds.len() as u64)

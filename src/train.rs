@@ -189,16 +189,7 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainSummary> {
         "training"
     );
 
-    let loader_cfg = LoaderConfig {
-        batch_size: tc.batch_size,
-        workers: cfg.data.workers,
-        prefetch: cfg.data.prefetch,
-        image_size: cfg.data.image_size as usize,
-        max_len: cfg.data.max_len as usize,
-        mean: cfg.data.mean,
-        std: cfg.data.std,
-        shuffle_seed: Some(tc.seed),
-    };
+    let loader_cfg = LoaderConfig::new(&cfg.data, tc.batch_size, Some(tc.seed));
     let mut loader = Loader::new(
         train_ds.clone(),
         tok.clone(),

@@ -30,16 +30,7 @@ proptest! {
         tch::manual_seed(seed);
         let (asm, _) = vlmatch::setup::model(&loaded, &tok).unwrap();
         let (ds, _) = vlmatch::setup::datasets(&loaded).unwrap();
-        let cfg = LoaderConfig {
-            batch_size: b,
-            workers: 1,
-            prefetch: 1,
-            image_size: 16,
-            max_len: 24,
-            mean: loaded.config.data.mean,
-            std: loaded.config.data.std,
-            shuffle_seed: None,
-        };
+        let cfg = LoaderConfig::new(&loaded.config.data, b, None);
         // Captions of one image are consecutive pairs; `same_image` takes the
         // first image's captions repeatedly so no in-batch negative exists.
         let idx: Vec<usize> = if same_image { (0..b).map(|i| i % 3).collect() } else { (0..b).map(|i| i * 3).collect() };

@@ -138,6 +138,23 @@ pub enum Negatives {
     },
 }
 
+impl Negatives {
+    /// Text negatives: `texts[k]` pairs with batch image `index[k]`, encoded
+    /// with the run's `codec` on `device`.
+    pub fn from_texts<S: AsRef<str>>(
+        codec: &dyn crate::TextCodec,
+        index: &[i64],
+        texts: &[S],
+        device: tch::Device,
+    ) -> Negatives {
+        let refs: Vec<&str> = texts.iter().map(AsRef::as_ref).collect();
+        Negatives::Texts {
+            image_index: Tensor::from_slice(index).to_device(device),
+            text: codec.encode(&refs, device),
+        }
+    }
+}
+
 /// Yields negatives for a batch.
 ///
 /// Sampling never back-propagates: implementations run under `no_grad`.

@@ -172,11 +172,12 @@ impl vlmatch_core::NegativeSampler for HostSampler {
             .enumerate()
             .filter_map(|(i, n)| Some((i as i64, n?)))
             .unzip();
-        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        Ok(vlmatch_core::Negatives::Texts {
-            image_index: tch::Tensor::from_slice(&index).to_device(device),
-            text: self.codec.encode(&refs, device),
-        })
+        Ok(vlmatch_core::Negatives::from_texts(
+            self.codec.as_ref(),
+            &index,
+            &texts,
+            device,
+        ))
     }
 }
 

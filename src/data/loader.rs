@@ -27,6 +27,26 @@ pub struct LoaderConfig {
     pub shuffle_seed: Option<u64>,
 }
 
+impl LoaderConfig {
+    /// The `[data]` settings with a batch size and an optional shuffle seed.
+    pub fn new(
+        data: &vlmatch_registry::config::DataConfig,
+        batch_size: usize,
+        shuffle_seed: Option<u64>,
+    ) -> Self {
+        LoaderConfig {
+            batch_size,
+            workers: data.workers,
+            prefetch: data.prefetch,
+            image_size: data.image_size as usize,
+            max_len: data.max_len as usize,
+            mean: data.mean,
+            std: data.std,
+            shuffle_seed,
+        }
+    }
+}
+
 /// Decode an image file and resize it to `size` x `size` RGB.
 pub fn decode_resized(path: &Path, origin: &str, size: usize) -> Result<Vec<u8>> {
     let img = image::open(path).map_err(|e| Error::Data {

@@ -45,6 +45,14 @@ impl Dataset {
         self.pairs.is_empty()
     }
 
+    /// Image `i` as `size` x `size` RGB bytes, row-major (rendered or decoded).
+    pub fn load_rgb(&self, i: usize, size: usize) -> Result<Vec<u8>> {
+        match &self.images[i] {
+            ImageRef::Scene(scene) => Ok(scene.render(size)),
+            ImageRef::File { path, origin } => loader::decode_resized(path, origin, size),
+        }
+    }
+
     /// Image `i` as normalised `[3, size, size]` f32, channel-major.
     pub fn load_image(
         &self,
@@ -53,10 +61,7 @@ impl Dataset {
         mean: [f32; 3],
         std: [f32; 3],
     ) -> Result<Vec<f32>> {
-        let rgb = match &self.images[i] {
-            ImageRef::Scene(scene) => scene.render(size),
-            ImageRef::File { path, origin } => loader::decode_resized(path, origin, size)?,
-        };
+        let rgb = self.load_rgb(i, size)?;
         let plane = size * size;
         let mut out = vec![0f32; 3 * plane];
         for (p, px) in rgb.chunks_exact(3).enumerate() {

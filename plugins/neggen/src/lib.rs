@@ -584,7 +584,6 @@ impl NegativeSampler for NegGen {
         let _span = tracing::trace_span!("neggen").entered();
         let device = input.forward.batch.text.ids.device();
         let (index, texts) = self.generate(input.forward, input.step)?;
-        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         if input.step % 100 == 0 {
             let c = &self.counts;
             tracing::debug!(
@@ -595,10 +594,12 @@ impl NegativeSampler for NegGen {
                 "neggen"
             );
         }
-        Ok(Negatives::Texts {
-            image_index: Tensor::from_slice(&index).to_device(device),
-            text: self.codec.encode(&refs, device),
-        })
+        Ok(Negatives::from_texts(
+            self.codec.as_ref(),
+            &index,
+            &texts,
+            device,
+        ))
     }
 }
 
@@ -688,10 +689,12 @@ impl NegativeSampler for NegGenCache {
                 Some((i as i64, negs[draws[i] as usize % negs.len()].as_str()))
             })
             .unzip();
-        Ok(Negatives::Texts {
-            image_index: Tensor::from_slice(&index).to_device(device),
-            text: self.codec.encode(&texts, device),
-        })
+        Ok(Negatives::from_texts(
+            self.codec.as_ref(),
+            &index,
+            &texts,
+            device,
+        ))
     }
 }
 

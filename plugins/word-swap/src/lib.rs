@@ -141,16 +141,16 @@ impl NegativeSampler for WordSwap {
                 texts.push(s.text);
             }
         }
-        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let codec = self
             .codec
             .as_ref()
             .ok_or_else(|| Error::plugin("word_swap", "built without a tokenizer"))?;
-        let text = codec.encode(&refs, device);
-        Ok(Negatives::Texts {
-            image_index: Tensor::from_slice(&index).to_device(device),
-            text,
-        })
+        Ok(Negatives::from_texts(
+            codec.as_ref(),
+            &index,
+            &texts,
+            device,
+        ))
     }
 }
 

@@ -100,11 +100,12 @@ impl NegativeSampler for ShuffledWords {
             .enumerate()
             .filter_map(|(i, c)| Some((i as i64, reversed(c)?)))
             .unzip();
-        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        Ok(Negatives::Texts {
-            image_index: Tensor::from_slice(&index).to_device(device),
-            text: self.codec.encode(&refs, device),
-        })
+        Ok(Negatives::from_texts(
+            self.codec.as_ref(),
+            &index,
+            &texts,
+            device,
+        ))
     }
 }
 
