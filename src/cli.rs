@@ -93,6 +93,41 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Time training steps, the data pipeline and NegGen for a config, and
+    /// with `--reference`, the PyTorch yardstick on the same inputs; prints
+    /// a table of ratios and writes OUT/bench.json. `cargo xtask bench`
+    /// runs it with the reference.
+    Bench {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+        /// Timed steps per repeat.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+        /// Distinct fixed batches the steps cycle through.
+        #[arg(long, default_value_t = 4)]
+        batches: usize,
+        /// JPEG files for the data-pipeline comparison (0: skip it).
+        #[arg(long, default_value_t = 384)]
+        data_images: usize,
+        /// Side of those files (decoded and resized to data.image_size).
+        #[arg(long, default_value_t = 480)]
+        data_image_side: usize,
+        /// Skip the NegGen rate.
+        #[arg(long)]
+        no_neggen: bool,
+        /// The PyTorch reference script (e.g. bench/reference.py).
+        #[arg(long, requires = "python")]
+        reference: Option<PathBuf>,
+        /// The Python that runs it (torch 2.11.0, safetensors, transformers, pillow).
+        #[arg(long)]
+        python: Option<PathBuf>,
+    },
     /// Print the merged configuration that `train` would use.
     Config {
         #[command(flatten)]
@@ -314,6 +349,34 @@ pub fn run(cli: Cli) -> Result<()> {
             print!("{}", plugin_listing(&loaded.config.plugins.paths)?);
             Ok(())
         }
+        Command::Bench {
+            config,
+            out,
+            steps,
+            warmup,
+            repeats,
+            batches,
+            data_images,
+            data_image_side,
+            no_neggen,
+            reference,
+            python,
+        } => {
+            let result = crate::bench::bench(&crate::bench::BenchOptions {
+                layers: config.layers()?,
+                out,
+                steps: steps.max(1),
+                warmup,
+                repeats: repeats.max(1),
+                batches: batches.max(1),
+                data_images,
+                data_image_side,
+                neggen: !no_neggen,
+                reference: reference.zip(python).map(|(s, p)| (p, s)),
+            })?;
+            print!("{}", crate::bench::table(&result));
+            Ok(())
+        }
         Command::Config { config } => {
             let loaded = config.layers()?.load()?;
             print!("{}", loaded.to_toml());
@@ -448,6 +511,28 @@ fn load_run(run_dir: &Path, sets: &[String]) -> Result<LoadedRun> {
     Ok((loaded, tok, asm, state))
 }
 
+/// A NegGen sampler with the config's `[samplers.neggen]` keys (defaults
+/// where absent) and the default tagger, for use outside training.
+pub fn neggen_sampler(
+    loaded: &vlmatch_registry::LoadedConfig,
+    tok: &std::sync::Arc<crate::tokenizer::Tokenizer>,
+) -> Result<neggen::NegGen> {
+    let cfg: neggen::NegGenConfig = if loaded.config.samplers.contains_key("neggen") {
+        loaded.section("samplers.neggen")?
+    } else {
+        serde_json::from_str("{}").expect("every NegGen key has a default")
+    };
+    let codec = std::rc::Rc::new(crate::tokenizer::Codec {
+        tokenizer: tok.clone(),
+        max_len: loaded.config.data.max_len as usize,
+    });
+    Ok(neggen::NegGen::new(
+        cfg,
+        Box::new(neggen::BrillTagger::new()),
+        codec,
+    ))
+}
+
 /// `vlmatch neggen`: NegGen over a whole annotation file, written as JSON
 /// lines `{image, image_id, caption, negative, masked_words, itm_score}`
 /// (atomically); returns the summary line.
@@ -462,16 +547,7 @@ pub fn neggen_offline(
     let (loaded, tok, asm, _) = load_run(run_dir, sets)?;
     let c = &loaded.config;
     tch::manual_seed(c.train.seed as i64);
-    let cfg: neggen::NegGenConfig = if c.samplers.contains_key("neggen") {
-        loaded.section("samplers.neggen")?
-    } else {
-        serde_json::from_str("{}").expect("every NegGen key has a default")
-    };
-    let codec = std::rc::Rc::new(crate::tokenizer::Codec {
-        tokenizer: tok.clone(),
-        max_len: c.data.max_len as usize,
-    });
-    let sampler = neggen::NegGen::new(cfg, Box::new(neggen::BrillTagger::new()), codec);
+    let sampler = neggen_sampler(&loaded, &tok)?;
     let ds = crate::data::annotations::load(data, image_root)?;
     let loader_cfg = crate::data::loader::LoaderConfig::new(&c.data, c.eval.batch_size, None);
     let all: Vec<usize> = (0..ds.len()).collect();

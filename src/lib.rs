@@ -5,6 +5,7 @@
 //!
 //! See README.md for use and ARCHITECTURE.md for the map.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod data;

@@ -20,9 +20,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tch::{Kind, Tensor};
-use vlmatch_core::{Error, Forward, Result};
+use vlmatch_core::{Batch, Error, Forward, Result};
 use vlmatch_registry::config::base_from_file;
-use vlmatch_registry::ConfigLayers;
+use vlmatch_registry::config::TrainConfig;
+use vlmatch_registry::{Assembly, ConfigLayers};
 
 pub struct TrainOptions {
     pub layers: ConfigLayers,
@@ -95,6 +96,64 @@ fn truncate_metrics(path: &Path, step: i64) -> Result<()> {
 
 fn step_seed(seed: u64, step: i64) -> i64 {
     (mix(&[seed, step as u64, 0x5EED]) >> 1) as i64
+}
+
+/// What one optimiser step returns: every loss and metric averaged over the
+/// accumulated batches (still on the device: reading them syncs), and the
+/// gradient norm before clipping.
+pub struct StepOutput {
+    pub values: BTreeMap<String, Tensor>,
+    pub grad_norm: Tensor,
+}
+
+/// One optimiser step: `train.accum_steps` batches from `next_batch`, every
+/// objective's weighted losses summed and back-propagated, gradients
+/// clipped, AdamW at `lr`. No host synchronisation: the trainer and the
+/// benchmark (`vlmatch bench`) share this function, so what the benchmark
+/// times is what training runs.
+pub fn train_step(
+    asm: &Assembly,
+    optim: &mut AdamW,
+    tc: &TrainConfig,
+    step: i64,
+    lr: f64,
+    mut next_batch: impl FnMut() -> Result<Batch>,
+) -> Result<StepOutput> {
+    let mut values: BTreeMap<String, Tensor> = BTreeMap::new();
+    let mut add = |k: String, v: Tensor| {
+        let v = v.detach().to_kind(Kind::Float) / tc.accum_steps as f64;
+        match values.remove(&k) {
+            Some(old) => values.insert(k, old + v),
+            None => values.insert(k, v),
+        };
+    };
+    for _ in 0..tc.accum_steps {
+        let batch = next_batch()?;
+        let fwd = Forward::new(&asm.model, &batch, true);
+        let mut total: Option<Tensor> = None;
+        for o in &asm.objectives {
+            let _span = tracing::trace_span!("objective", name = %o.name).entered();
+            let out = o.objective.forward(&fwd, step)?;
+            for (k, l) in out.losses {
+                let weighted = &l * o.weight;
+                add(k, l);
+                total = Some(match total {
+                    Some(t) => t + weighted,
+                    None => weighted,
+                });
+            }
+            for (k, m) in out.metrics {
+                add(k, m);
+            }
+        }
+        let total = total.ok_or_else(|| Error::Config("no objective produced a loss".into()))?;
+        add("loss".into(), total.shallow_clone());
+        (total / tc.accum_steps as f64).backward();
+    }
+    let grad_norm = optim.clip_grad_norm(tc.grad_clip);
+    optim.step(lr);
+    optim.zero_grad();
+    Ok(StepOutput { values, grad_norm })
 }
 
 pub fn train(mut opts: TrainOptions) -> Result<TrainSummary> {
@@ -224,42 +283,11 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainSummary> {
     for step in start_step..tc.steps {
         tch::manual_seed(step_seed(tc.seed, step));
         let lr = lr_at(step, tc.steps, tc.warmup_steps, tc.lr, tc.min_lr);
-        let mut values: BTreeMap<String, Tensor> = BTreeMap::new();
-        let mut add = |k: String, v: Tensor| {
-            let v = v.detach().to_kind(Kind::Float) / tc.accum_steps as f64;
-            match values.remove(&k) {
-                Some(old) => values.insert(k, old + v),
-                None => values.insert(k, v),
-            };
-        };
-        for _ in 0..tc.accum_steps {
-            let batch = loader.next_batch()?.to_device(device);
+        let out = train_step(&asm, &mut optim, tc, step, lr, || {
             state.batches += 1;
-            let fwd = Forward::new(&asm.model, &batch, true);
-            let mut total: Option<Tensor> = None;
-            for o in &asm.objectives {
-                let _span = tracing::trace_span!("objective", name = %o.name).entered();
-                let out = o.objective.forward(&fwd, step)?;
-                for (k, l) in out.losses {
-                    let weighted = &l * o.weight;
-                    add(k, l);
-                    total = Some(match total {
-                        Some(t) => t + weighted,
-                        None => weighted,
-                    });
-                }
-                for (k, m) in out.metrics {
-                    add(k, m);
-                }
-            }
-            let total =
-                total.ok_or_else(|| Error::Config("no objective produced a loss".into()))?;
-            add("loss".into(), total.shallow_clone());
-            (total / tc.accum_steps as f64).backward();
-        }
-        let grad_norm = optim.clip_grad_norm(tc.grad_clip);
-        optim.step(lr);
-        optim.zero_grad();
+            Ok(loader.next_batch()?.to_device(device))
+        })?;
+        let (values, grad_norm) = (out.values, out.grad_norm);
         state.step = step + 1;
 
         if state.step % tc.log_every == 0 || state.step == tc.steps {

@@ -69,6 +69,15 @@ impl Batch {
             captions: self.captions.clone(),
         }
     }
+    /// The same tensors (no copy), for reusing a batch.
+    pub fn shallow_clone(&self) -> Batch {
+        Batch {
+            images: self.images.shallow_clone(),
+            text: self.text.shallow_clone(),
+            image_ids: self.image_ids.shallow_clone(),
+            captions: self.captions.clone(),
+        }
+    }
     /// `[B, B]` bool: `true` where row and column share an image id.
     pub fn positives(&self) -> Tensor {
         self.image_ids

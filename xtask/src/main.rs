@@ -21,6 +21,9 @@ commands:
                  evaluate a trained run
   neggen --checkpoint D --data F [--image-root D] --out FILE.jsonl
                  write NegGen negatives for a dataset with a trained run
+  bench [--preset P] [--config F]... [--set k=v]... [--out D] [--steps N] [--repeats R]
+                 time training steps, the data pipeline and NegGen against the
+                 PyTorch reference (bench/reference.py); prints ratios, writes D/bench.json
   setup          provision libtorch 2.11.0 and print where it is
   gpu-bundle     build a stripped release binary into gpu-bundle/ for a GPU machine
   vlmatch ARGS   run the vlmatch CLI with any arguments";
@@ -41,6 +44,7 @@ fn main() -> ExitCode {
         "neggen" => run_cli(&root, "neggen", &rest),
         "vlmatch" => run_cli(&root, "", &rest),
         "test" => run_tests(&root, &rest),
+        "bench" => bench(&root, &rest),
         "gpu-bundle" => gpu_bundle::build(&root),
         "help" | "--help" | "-h" => {
             println!("{USAGE}");
@@ -106,5 +110,31 @@ fn run_cli(root: &Path, sub: &str, rest: &[String]) -> Result<(), String> {
 fn run_tests(root: &Path, rest: &[String]) -> Result<(), String> {
     let mut cmd = cargo(root)?;
     cmd.args(["test", "--workspace"]).args(rest);
+    run_status(cmd)
+}
+
+/// `cargo xtask bench`: a release build of `vlmatch bench`, run with the
+/// PyTorch reference in the same call.
+fn bench(root: &Path, rest: &[String]) -> Result<(), String> {
+    let mut build = cargo(root)?;
+    build.args([
+        "build",
+        "--release",
+        "--quiet",
+        "--package",
+        "vlmatch",
+        "--bin",
+        "vlmatch",
+    ]);
+    run_status(build)?;
+    let python = setup::reference_python()?;
+    let mut cmd = Command::new(root.join("target/release/vlmatch"));
+    cmd.current_dir(root)
+        .arg("bench")
+        .arg("--reference")
+        .arg(root.join("bench/reference.py"))
+        .arg("--python")
+        .arg(python)
+        .args(rest);
     run_status(cmd)
 }

@@ -129,3 +129,48 @@ fn cached_venv_torch() -> Result<PathBuf, String> {
     python_torch(&python)
         .ok_or_else(|| format!("torch is not importable from {}", python.display()))
 }
+
+/// A Python that imports torch 2.11.0 (the one on `PATH`, else the per-user
+/// venv) and the benchmark reference's other packages, installing those into
+/// it when missing.
+pub fn reference_python() -> Result<PathBuf, String> {
+    let python = if python_torch(Path::new("python3")).is_some() {
+        PathBuf::from("python3")
+    } else {
+        cached_venv_torch()?;
+        cache_dir()?
+            .join(format!("torch-{TORCH_VERSION}"))
+            .join("bin")
+            .join("python")
+    };
+    let has = |python: &Path| {
+        Command::new(python)
+            .args(["-c", "import PIL, transformers, safetensors"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !has(&python) {
+        eprintln!(
+            "xtask: installing pillow, transformers, safetensors for {}",
+            python.display()
+        );
+        let status = Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(["pillow", "transformers", "safetensors"])
+            .status()
+            .map_err(|e| format!("cannot run {} -m pip: {e}", python.display()))?;
+        if !status.success() || !has(&python) {
+            return Err(format!(
+                "could not install pillow, transformers and safetensors for {}",
+                python.display()
+            ));
+        }
+    }
+    Ok(python)
+}

@@ -1,0 +1,657 @@
+"""The PyTorch yardstick for `vlmatch bench` (run by `cargo xtask bench`).
+
+An eager PyTorch implementation of the model and objectives that vlmatch
+builds from a config, written the way ALBEF and BLIP write theirs: ViT,
+BERT, BERT layers with cross-attention as fusion, ITC / ITM with in-batch
+hard negatives / image-conditioned MLM / VL-RTD, torch.optim.AdamW with
+PyTorch's own implementation choice, `clip_grad_norm_`. It reads what
+`vlmatch bench` wrote into DIR (config.toml, meta.json, init.safetensors,
+inputs.safetensors, vocab.txt, data/) and writes DIR/reference.json.
+
+Same model: the module tree mirrors vlmatch's parameter names and loads
+vlmatch's initial weights with `strict=True`, so a missing, extra or
+differently shaped tensor is an error; the ITC loss at initialisation on
+batch 0 is reported for comparison. Same inputs: the batches vlmatch used.
+Same timing: warm-up steps, then blocks of steps with a device
+synchronisation at each block's end, median seconds per step.
+
+Rule-based text negatives (`word_swap`) are emulated by replacing one
+random non-special token per caption: the same tensor work (one more text
+encoder pass and fusion over B pairs), not the same words.
+
+Usage: python bench/reference.py --dir target/bench
+"""
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import time
+import tomllib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+
+# --------------------------------------------------------------------------
+# Model (parameter names as vlmatch's)
+
+
+class Attention(nn.Module):
+    def __init__(self, q_dim, kv_dim, dim, heads, bias=True):
+        super().__init__()
+        self.heads = heads
+        self.query = nn.Linear(q_dim, dim, bias=bias)
+        self.key = nn.Linear(kv_dim, dim, bias=bias)
+        self.value = nn.Linear(kv_dim, dim, bias=bias)
+
+    def forward(self, x, kv, kv_mask=None):
+        b, lq, _ = x.shape
+        lk = kv.shape[1]
+        h = self.heads
+
+        def split(t, n):
+            return t.view(b, n, h, -1).transpose(1, 2)
+
+        q = split(self.query(x), lq)
+        k = split(self.key(kv), lk)
+        v = split(self.value(kv), lk)
+        mask = None if kv_mask is None else kv_mask.bool().view(b, 1, 1, lk)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return out.transpose(1, 2).reshape(b, lq, -1)
+
+
+class DenseLN(nn.Module):
+    def __init__(self, i, o, eps):
+        super().__init__()
+        self.dense = nn.Linear(i, o)
+        self.LayerNorm = nn.LayerNorm(o, eps=eps)
+
+
+class Dense(nn.Module):
+    def __init__(self, i, o):
+        super().__init__()
+        self.dense = nn.Linear(i, o)
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self, h, kv, heads, eps):
+        super().__init__()
+        self.self = Attention(h, kv, h, heads)
+        self.output = DenseLN(h, h, eps)
+
+    def forward(self, x, kv, kv_mask):
+        a = self.output.dense(self.self(x, kv, kv_mask))
+        return self.output.LayerNorm(a + x)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, h, heads, inter, eps, cross_width=None):
+        super().__init__()
+        self.attention = AttentionBlock(h, h, heads, eps)
+        if cross_width is not None:
+            self.crossattention = AttentionBlock(h, cross_width, heads, eps)
+        else:
+            self.crossattention = None
+        self.intermediate = Dense(h, inter)
+        self.output = DenseLN(inter, h, eps)
+
+    def forward(self, x, mask, image=None, image_mask=None):
+        x = self.attention(x, x, mask)
+        if self.crossattention is not None and image is not None:
+            x = self.crossattention(x, image, image_mask)
+        y = self.output.dense(F.gelu(self.intermediate.dense(x)))
+        return self.output.LayerNorm(y + x)
+
+
+class Layers(nn.Module):
+    def __init__(self, layers):
+        super().__init__()
+        self.layer = nn.ModuleList(layers)
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, vocab, h, max_pos, type_vocab, eps):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(vocab, h)
+        self.position_embeddings = nn.Embedding(max_pos, h)
+        self.token_type_embeddings = nn.Embedding(type_vocab, h)
+        self.LayerNorm = nn.LayerNorm(h, eps=eps)
+
+
+class Bert(nn.Module):
+    def __init__(self, c, vocab):
+        super().__init__()
+        h, eps = c["hidden_size"], c.get("layer_norm_eps", 1e-12)
+        self.embeddings = BertEmbeddings(
+            vocab, h, c.get("max_position_embeddings", 512), c.get("type_vocab_size", 2), eps
+        )
+        self.encoder = Layers(
+            [
+                BertLayer(h, c["num_attention_heads"], c["intermediate_size"], eps)
+                for _ in range(c["num_hidden_layers"])
+            ]
+        )
+
+    def forward(self, ids, mask):
+        e = self.embeddings
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        x = e.word_embeddings(ids) + e.position_embeddings(pos)[None] + e.token_type_embeddings.weight[0]
+        x = e.LayerNorm(x)
+        for layer in self.encoder.layer:
+            x = layer(x, mask)
+        return x
+
+
+class PatchEmbeddings(nn.Module):
+    def __init__(self, h, p):
+        super().__init__()
+        self.projection = nn.Conv2d(3, h, p, stride=p)
+
+
+class VitEmbeddings(nn.Module):
+    def __init__(self, h, p, n):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, h))
+        self.position_embeddings = nn.Parameter(torch.zeros(1, n + 1, h))
+        self.patch_embeddings = PatchEmbeddings(h, p)
+
+
+class VitAttention(nn.Module):
+    def __init__(self, h, heads, bias):
+        super().__init__()
+        self.attention = Attention(h, h, h, heads, bias)
+        self.output = Dense(h, h)
+
+
+class VitLayer(nn.Module):
+    def __init__(self, h, heads, inter, eps, bias):
+        super().__init__()
+        self.layernorm_before = nn.LayerNorm(h, eps=eps)
+        self.attention = VitAttention(h, heads, bias)
+        self.layernorm_after = nn.LayerNorm(h, eps=eps)
+        self.intermediate = Dense(h, inter)
+        self.output = Dense(inter, h)
+
+    def forward(self, x):
+        y = self.layernorm_before(x)
+        x = self.attention.output.dense(self.attention.attention(y, y)) + x
+        y = self.layernorm_after(x)
+        return self.output.dense(F.gelu(self.intermediate.dense(y))) + x
+
+
+class Vit(nn.Module):
+    def __init__(self, c, image_size):
+        super().__init__()
+        h, p, eps = c["hidden_size"], c["patch_size"], c.get("layer_norm_eps", 1e-12)
+        self.embeddings = VitEmbeddings(h, p, (image_size // p) ** 2)
+        self.encoder = Layers(
+            [
+                VitLayer(h, c["num_attention_heads"], c["intermediate_size"], eps, c.get("qkv_bias", True))
+                for _ in range(c["num_hidden_layers"])
+            ]
+        )
+        self.layernorm = nn.LayerNorm(h, eps=eps)
+
+    def forward(self, images):
+        e = self.embeddings
+        x = e.patch_embeddings.projection(images).flatten(2).transpose(1, 2)
+        x = torch.cat([e.cls_token.expand(x.shape[0], -1, -1), x], 1) + e.position_embeddings
+        for layer in self.encoder.layer:
+            x = layer(x)
+        return self.layernorm(x)
+
+
+class Fusion(nn.Module):
+    def __init__(self, c, text_width, image_width):
+        super().__init__()
+        eps = c.get("layer_norm_eps", 1e-12)
+        self.layer = nn.ModuleList(
+            [
+                BertLayer(text_width, c["num_attention_heads"], c["intermediate_size"], eps, image_width)
+                for _ in range(c["num_hidden_layers"])
+            ]
+        )
+
+    def forward(self, text, text_mask, image, image_mask):
+        x = text
+        for layer in self.layer:
+            x = layer(x, text_mask, image, image_mask)
+        return x
+
+
+class Transform(nn.Module):
+    def __init__(self, h, eps):
+        super().__init__()
+        self.dense = nn.Linear(h, h)
+        self.LayerNorm = nn.LayerNorm(h, eps=eps)
+
+
+class Predictions(nn.Module):
+    def __init__(self, h, vocab, eps):
+        super().__init__()
+        self.transform = Transform(h, eps)
+        self.bias = nn.Parameter(torch.zeros(vocab))
+
+
+class Cls(nn.Module):
+    def __init__(self, h, vocab, eps):
+        super().__init__()
+        self.predictions = Predictions(h, vocab, eps)
+
+
+class MlmHead(nn.Module):
+    """BERT's MLM head, its decoder tied to the text word embeddings."""
+
+    def __init__(self, h, vocab, eps):
+        super().__init__()
+        self.cls = Cls(h, vocab, eps)
+
+    def forward(self, x, word_embeddings):
+        t = self.cls.predictions.transform
+        x = t.LayerNorm(F.gelu(t.dense(x)))
+        return x @ word_embeddings.t() + self.cls.predictions.bias
+
+
+class RtdHead(nn.Module):
+    def __init__(self, h):
+        super().__init__()
+        self.dense = nn.Linear(h, h)
+        self.out = nn.Linear(h, 1)
+
+
+class Model(nn.Module):
+    def __init__(self, cfg, meta):
+        super().__init__()
+        m = cfg["model"]
+        for role, plugin in [("image", "vit"), ("text", "bert"), ("fusion", "cross_attention"),
+                             ("discriminator", "linear")]:
+            if m[role]["plugin"] != plugin:
+                raise SystemExit(f"reference: model.{role}.plugin = {m[role]['plugin']!r} is not "
+                                 f"implemented here (only {plugin!r})")
+        for role in ("image", "text"):
+            if m[role].get("init"):
+                raise SystemExit(f"reference: model.{role}.init is not supported (random init only)")
+        vocab = meta["vocab_size"]
+        image_size = cfg["data"]["image_size"]
+        hv, ht = m["image"]["hidden_size"], m["text"]["hidden_size"]
+        self.vision_encoder = Vit(m["image"], image_size)
+        self.text_encoder = Bert(m["text"], vocab)
+        self.fusion = Fusion(m["fusion"], ht, hv)
+        e = m.get("embed_dim", 256)
+        self.vision_proj = nn.Linear(hv, e)
+        self.text_proj = nn.Linear(ht, e)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+        self.itm_head = nn.Linear(ht, 2)
+        self.rtd_head = RtdHead(ht)
+        gen = m.get("generator")
+        if gen is not None:
+            if gen["plugin"] != "mlm_head":
+                raise SystemExit(f"reference: generator {gen['plugin']!r} is not implemented here")
+            self.generator = MlmHead(ht, vocab, gen.get("layer_norm_eps", 1e-12))
+        else:
+            self.generator = None
+
+    def fuse(self, text, text_mask, image):
+        image_mask = torch.ones(image.shape[:2], dtype=torch.long, device=image.device)
+        return self.fusion(text, text_mask, image, image_mask)
+
+    def mlm_logits(self, states):
+        return self.generator(states, self.text_encoder.embeddings.word_embeddings.weight)
+
+
+# --------------------------------------------------------------------------
+# Objectives (shared/method.md; the same formulas as vlmatch's plugins)
+
+
+def maskable(ids, mask, sp):
+    return mask.bool() & (ids != sp["cls"]) & (ids != sp["sep"]) & (ids != sp["pad"])
+
+
+def masked_ce(logits, targets, positions):
+    per = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    w = positions.flatten().float()
+    return (per * w).sum() / w.sum().clamp_min(1.0)
+
+
+def hard_negatives(sim, positives):
+    with torch.no_grad():
+        w = F.softmax(sim.float(), 1) + 1e-5
+        w = w.masked_fill(positives, 0.0)
+        has = (~positives).any(1)
+        w = torch.where(has[:, None], w, torch.ones_like(w))
+        drawn = torch.multinomial(w, 1).squeeze(1)
+        return torch.where(has, drawn, torch.full_like(drawn, -1))
+
+
+class Step:
+    def __init__(self, model, cfg, meta):
+        self.model = model
+        self.sp = meta["special"]
+        self.vocab = meta["vocab_size"]
+        self.objectives = []
+        for name, sec in cfg.get("objectives", {}).items():
+            if not sec.get("enabled", True):
+                continue
+            plugin = sec.get("plugin") or name
+            if plugin not in ("itc", "itm", "mlm", "rtd"):
+                raise SystemExit(f"reference: objective plugin {plugin!r} is not implemented here")
+            if plugin == "rtd" and not sec.get("share_text_encoder", True):
+                raise SystemExit("reference: rtd with share_text_encoder = false is not implemented here")
+            self.objectives.append((name, plugin, sec.get("weight", 1.0), sec))
+        self.samplers = {k: v.get("plugin") for k, v in cfg.get("samplers", {}).items()}
+        self.emulated = set()
+
+    def __call__(self, images, ids, mask, image_ids):
+        m = self.model
+        image = m.vision_encoder(images)
+        text = m.text_encoder(ids, mask)
+        with torch.no_grad():
+            m.temp.clamp_(0.001, 0.5)
+        ie = F.normalize(m.vision_proj(image[:, 0]), dim=-1)
+        te = F.normalize(m.text_proj(text[:, 0]), dim=-1)
+        i2t = ie @ te.t() / m.temp
+        positives = image_ids[:, None] == image_ids[None, :]
+        total = 0.0
+        for name, plugin, weight, sec in self.objectives:
+            if plugin == "itc":
+                loss = self.itc(i2t, positives)
+            elif plugin == "itm":
+                loss = self.itm(sec, image, text, ids, mask, i2t, positives)
+            elif plugin == "mlm":
+                loss = self.mlm(sec, image, ids, mask)
+            else:
+                loss = self.rtd(sec, image, ids, mask)
+            total = total + weight * loss
+        return total
+
+    @staticmethod
+    def itc(i2t, positives):
+        targets = positives.float() / positives.float().sum(1, keepdim=True)
+        a = -(F.log_softmax(i2t, 1) * targets).sum(1).mean()
+        b = -(F.log_softmax(i2t.t(), 1) * targets.t()).sum(1).mean()
+        return (a + b) / 2
+
+    def itm(self, sec, image, text, ids, mask, i2t, positives):
+        m = self.model
+        b = ids.shape[0]
+        logits = [m.itm_head(m.fuse(text, mask, image)[:, 0])]
+        labels = [torch.ones(b, dtype=torch.long, device=ids.device)]
+        weights = [torch.ones(b, device=ids.device)]
+        for s in sec.get("samplers", []):
+            plugin = self.samplers.get(s)
+            if plugin == "hard_negative":
+                t_for_i = hard_negatives(i2t, positives)
+                i_for_t = hard_negatives(i2t.t(), positives)
+                texts = torch.cat([text[t_for_i.clamp_min(0)], text])
+                tmask = torch.cat([mask[t_for_i.clamp_min(0)], mask])
+                imgs = torch.cat([image, image[i_for_t.clamp_min(0)]])
+                w = torch.cat([t_for_i >= 0, i_for_t >= 0]).float()
+                logits.append(m.itm_head(m.fuse(texts, tmask, imgs)[:, 0]))
+            elif plugin == "word_swap":
+                self.emulated.add("word_swap")
+                swap = torch.rand(ids.shape, device=ids.device) * maskable(ids, mask, self.sp)
+                pos = swap.argmax(1, keepdim=True)
+                neg = ids.scatter(1, pos, torch.randint(5, self.vocab, (b, 1), device=ids.device))
+                states = m.text_encoder(neg, mask)
+                logits.append(m.itm_head(m.fuse(states, mask, image)[:, 0]))
+                w = torch.ones(b, device=ids.device)
+            else:
+                raise SystemExit(f"reference: sampler {s!r} ({plugin}) is not implemented here")
+            labels.append(torch.zeros(w.shape[0], dtype=torch.long, device=ids.device))
+            weights.append(w)
+        logits, labels, weights = torch.cat(logits), torch.cat(labels), torch.cat(weights)
+        per = F.cross_entropy(logits.float(), labels, reduction="none")
+        return (per * weights).sum() / weights.sum().clamp_min(1.0)
+
+    def mlm(self, sec, image, ids, mask):
+        m, sp = self.model, self.sp
+        ratio = sec.get("mask_ratio", 0.15)
+        p_mask, p_rand = sec.get("mask_prob", 0.8), sec.get("random_prob", 0.1)
+        with torch.no_grad():
+            positions = (torch.rand(ids.shape, device=ids.device) < ratio) & maskable(ids, mask, sp)
+            r = torch.rand(ids.shape, device=ids.device)
+            to_mask = positions & (r < p_mask)
+            to_rand = positions & (r >= p_mask) & (r < p_mask + p_rand)
+            rand = torch.randint(self.vocab, ids.shape, device=ids.device)
+            special = sum(rand == sp[k] for k in ("pad", "cls", "sep", "mask", "unk")).bool()
+            rand = torch.where(special, ids, rand)
+            corrupted = torch.where(to_rand, rand, ids).masked_fill(to_mask, sp["mask"])
+        states = m.text_encoder(corrupted, mask)
+        fused = m.fuse(states, mask, image)
+        return masked_ce(m.mlm_logits(fused), ids, positions)
+
+    def rtd(self, sec, image, ids, mask):
+        m, sp = self.model, self.sp
+        ratio, temp, lam = sec.get("mask_ratio", 0.15), sec.get("temperature", 1.0), sec.get("lambda", 50.0)
+        with torch.no_grad():
+            positions = (torch.rand(ids.shape, device=ids.device) < ratio) & maskable(ids, mask, sp)
+        gen_states = m.text_encoder(ids.masked_fill(positions, sp["mask"]), mask)
+        gen_logits = m.mlm_logits(gen_states)
+        l_gen = masked_ce(gen_logits, ids, positions)
+        with torch.no_grad():
+            b, l, v = gen_logits.shape
+            probs = F.softmax(gen_logits.float() / max(temp, 1e-6), -1).view(b * l, v)
+            drawn = torch.multinomial(probs, 1, replacement=True).view(b, l)
+            corrupted = torch.where(positions, drawn, ids)
+            labels = ((corrupted != ids) & mask.bool()).float()
+        states = m.text_encoder(corrupted, mask)
+        fused = m.fuse(states, mask, image)
+        h = m.rtd_head
+        logits = h.out(F.gelu(h.dense(fused))).squeeze(-1)
+        per = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none")
+        w = mask.float()
+        l_disc = (per * w).sum() / w.sum().clamp_min(1.0)
+        return l_gen + lam * l_disc
+
+
+# --------------------------------------------------------------------------
+# Measurements
+
+
+def gpu_used_mib():
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    for line in out.splitlines():
+        pid, _, mib = line.partition(",")
+        if pid.strip() == str(os.getpid()):
+            return float(mib)
+    return None
+
+
+# Dense bf16 tensor-core peaks (TFLOP/s) of the cards these runs use.
+PEAK_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_blocks(device, warmup, repeats, per_block, f):
+    for _ in range(warmup):
+        f()
+    sync(device)
+    blocks = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(per_block):
+            f()
+        sync(device)
+        blocks.append((time.perf_counter() - t) / per_block)
+    return statistics.median(blocks), blocks
+
+
+def param_groups(model, weight_decay):
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def data_pipeline(d, cfg, meta, repeats):
+    """PIL decode + bicubic resize + normalise, BertTokenizerFast, a
+    torch DataLoader with as many workers as vlmatch's data.workers."""
+    from PIL import Image
+    from transformers import BertTokenizerFast
+
+    data = cfg["data"]
+    size = data["image_size"]
+    mean = torch.tensor(data.get("mean", [0.48145466, 0.4578275, 0.40821073])).view(3, 1, 1)
+    std = torch.tensor(data.get("std", [0.26862954, 0.26130258, 0.27577711])).view(3, 1, 1)
+    root = os.path.join(d, "data")
+    with open(os.path.join(root, "annotations.json")) as f:
+        ann = json.load(f)
+    tok = BertTokenizerFast(vocab_file=os.path.join(d, "vocab.txt"), do_lower_case=True)
+    max_len = data.get("max_len", 40)
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(ann)
+
+        def __getitem__(self, i):
+            img = Image.open(os.path.join(root, ann[i]["image"])).convert("RGB")
+            img = img.resize((size, size), Image.BICUBIC)
+            x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+            x = x.view(size, size, 3).permute(2, 0, 1).float() / 255.0
+            return (x - mean) / std, ann[i]["caption"]
+
+    def collate(items):
+        images = torch.stack([x for x, _ in items])
+        t = tok([c for _, c in items], padding="longest", truncation=True, max_length=max_len,
+                return_tensors="pt")
+        return images, t["input_ids"], t["attention_mask"]
+
+    b = min(meta["batch_size"], len(ann))
+    workers = data.get("workers", 1)
+    loader = torch.utils.data.DataLoader(
+        Images(), batch_size=b, shuffle=True, drop_last=True, num_workers=workers,
+        collate_fn=collate, persistent_workers=workers > 0,
+    )
+    per_pass = len(ann) // b
+
+    def passes():
+        while True:
+            yield from loader
+
+    it = passes()
+    s, _ = time_blocks(torch.device("cpu"), per_pass, repeats, per_pass, lambda: next(it))
+    return {"images_per_s": b / s, "workers": workers, "batch_size": b}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", required=True)
+    args = ap.parse_args()
+    d = args.dir
+    with open(os.path.join(d, "config.toml"), "rb") as f:
+        cfg = tomllib.load(f)
+    with open(os.path.join(d, "meta.json")) as f:
+        meta = json.load(f)
+    torch.set_num_threads(meta["threads"])
+    torch.manual_seed(cfg["train"].get("seed", 42))
+    device = torch.device("cuda" if meta["cuda"] else "cpu")
+    if meta["cuda"]:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    bf16 = meta["compute"] == "BFloat16"
+
+    model = Model(cfg, meta)
+    state = load_file(os.path.join(d, "init.safetensors"))
+    model.load_state_dict(state, strict=True)
+    model.to(device).train()
+    n_params = sum(p.numel() for p in model.parameters())
+
+    raw = load_file(os.path.join(d, "inputs.safetensors"))
+    batches = [
+        tuple(raw[f"{k}.{i}"].to(device) for k in ("images", "ids", "mask", "image_ids"))
+        for i in range(meta["batches"])
+    ]
+    step_fn = Step(model, cfg, meta)
+
+    with torch.no_grad():
+        images, ids, mask, image_ids = batches[0]
+        image = model.vision_encoder(images)
+        text = model.text_encoder(ids, mask)
+        ie = F.normalize(model.vision_proj(image[:, 0]), dim=-1)
+        te = F.normalize(model.text_proj(text[:, 0]), dim=-1)
+        init_itc = Step.itc(ie @ te.t() / model.temp, image_ids[:, None] == image_ids[None, :]).item()
+
+    tc = cfg["train"]
+    opt = torch.optim.AdamW(
+        param_groups(model, tc.get("weight_decay", 0.02)), lr=tc["lr"],
+        betas=tuple(tc.get("betas", (0.9, 0.999))), eps=tc.get("eps", 1e-8),
+    )
+    clip = tc.get("grad_clip", 0.0)
+    k = [0]
+    last = [None]
+
+    def step():
+        b = batches[k[0] % len(batches)]
+        k[0] += 1
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = step_fn(*b)
+        loss.backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        last[0] = loss.detach()
+
+    if meta["cuda"]:
+        torch.cuda.reset_peak_memory_stats(device)
+    step_s, blocks = time_blocks(device, meta["warmup"], meta["repeats"], meta["steps"], step)
+    peak = {"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    if meta["cuda"]:
+        peak["gpu_mib"] = gpu_used_mib()
+        peak["torch_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    last_loss = last[0].item()
+
+    # Model FLOPs of one training step (forward + backward), counted by
+    # PyTorch on this same model (matmuls, convolutions, attention).
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    flops = counter.get_total_flops()
+
+    result = {
+        "parameters": n_params,
+        "init_itc_loss": init_itc,
+        "step_s": step_s,
+        "step_s_blocks": blocks,
+        "images_per_s": meta["batch_size"] / step_s,
+        "last_loss": last_loss,
+        "peak_memory": peak,
+        "flops_per_step": flops,
+        "torch": torch.__version__,
+        "optimizer": "torch.optim.AdamW (default implementation for the device)",
+    }
+    if meta["cuda"]:
+        name = torch.cuda.get_device_name(device)
+        result["device_name"] = name
+        for key, peak_tflops in PEAK_BF16.items():
+            if key in name and bf16:
+                result["peak_tflops"] = peak_tflops
+    if step_fn.emulated:
+        result["note"] = ("emulated: " + ", ".join(sorted(step_fn.emulated))
+                          + " (random one-token swaps: same tensor work, not the same words)")
+    if os.path.exists(os.path.join(d, "data", "annotations.json")):
+        result["data"] = data_pipeline(d, cfg, meta, meta["repeats"])
+    with open(os.path.join(d, "reference.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"reference: {step_s * 1e3:.2f} ms/step, last loss {last_loss:.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
