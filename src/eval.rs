@@ -185,7 +185,7 @@ fn score_cases(
                 text_states(model, inp, &neg)?,
             );
             let itm = |t: &Encoded| -> Result<Tensor> {
-                let fused = model.fuse(t, &image, false)?;
+                let fused = model.fuse_cls(t, &image, false)?;
                 Ok(model
                     .discriminator
                     .pair_logits(&fused)?
@@ -312,7 +312,7 @@ pub fn retrieval_reranked(
 
         // Score pairs (image i, text j) for the candidates of one query.
         let score = |img: &Tensor, txt: &Tensor, itc: &Tensor| -> Result<Vec<f64>> {
-            let fused = model.fuse(&text.select(txt), &images.select(img), false)?;
+            let fused = model.fuse_cls(&text.select(txt), &images.select(img), false)?;
             let p = model
                 .discriminator
                 .pair_logits(&fused)?

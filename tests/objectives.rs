@@ -110,3 +110,47 @@ fn unshared_generator_without_its_section_is_a_config_error() {
     assert!(err.contains("config key `objectives.rtd`"), "{err}");
     assert!(err.contains("generator_text"), "{err}");
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(8))]
+    /// ITM reads only the fused `[CLS]`; the cross-attention fusion then
+    /// skips the other positions in its last layer. The shortcut must give
+    /// exactly position 0 of the full fusion, for any batch, fusion depth and
+    /// padding, and the same gradients.
+    #[test]
+    fn fused_cls_equals_position_zero_of_full_fusion(b in 1usize..7, layers in 1i64..4, seed in 0i64..1000) {
+        let loaded = micro_layers(&[&format!("model.fusion.num_hidden_layers={layers}")]).load().unwrap();
+        let tok = Arc::new(vlmatch::setup::tokenizer(&loaded).unwrap());
+        let _turn = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
+        tch::manual_seed(seed);
+        let (asm, _) = vlmatch::setup::model(&loaded, &tok).unwrap();
+        let (ds, _) = vlmatch::setup::datasets(&loaded).unwrap();
+        let cfg = LoaderConfig::new(&loaded.config.data, b, None);
+        let idx: Vec<usize> = (0..b).map(|i| (i * 7 + seed as usize) % ds.len()).collect();
+        let batch = make_batch(&ds, &tok, &cfg, &idx).unwrap();
+        let fwd = Forward::new(&asm.model, &batch, true);
+        let (text, image) = (fwd.text().unwrap(), fwd.image().unwrap());
+        let full = asm.model.fuse(text, image, true).unwrap();
+        let cls = asm.model.fuse_cls(text, image, true).unwrap();
+        prop_assert_eq!(cls.hidden.size(), vec![b as i64, 1, full.hidden.size()[2]]);
+        let diff = (cls.hidden.squeeze_dim(1) - full.cls()).abs().max().double_value(&[]);
+        prop_assert!(diff < 1e-5, "fused [CLS] differs by {}", diff);
+        // Gradients of a pair-level loss agree as well.
+        let grads = |x: &tch::Tensor| {
+            let vars = asm.vs.trainable_variables();
+            let g = tch::Tensor::run_backward(&[x.sum(tch::Kind::Float)], &vars, true, false);
+            g.into_iter().map(|t| if t.defined() { t.flatten(0, -1) } else { t }).collect::<Vec<_>>()
+        };
+        let (a, c) = (grads(&full.cls()), grads(&cls.hidden));
+        let mut compared = 0;
+        for (x, y) in a.iter().zip(&c) {
+            prop_assert_eq!(x.defined(), y.defined());
+            if x.defined() {
+                let d = (x - y).abs().max().double_value(&[]);
+                prop_assert!(d < 1e-4, "gradient differs by {}", d);
+                compared += 1;
+            }
+        }
+        prop_assert!(compared > 10, "only {} gradients compared", compared);
+    }
+}

@@ -80,6 +80,13 @@ impl VlModel {
         self.fusion
             .forward_t(EncoderInput::Fused { text, image }, train)
     }
+
+    /// [`VlModel::fuse`] for pair-level heads: only the fused `[CLS]`,
+    /// `[B, 1, D]` (see [`Encoder::forward_cls`]).
+    pub fn fuse_cls(&self, text: &Encoded, image: &Encoded, train: bool) -> Result<Encoded> {
+        self.fusion
+            .forward_cls(EncoderInput::Fused { text, image }, train)
+    }
 }
 
 /// ITC similarities of a batch: `i2t` `[B, B]` is `s(I_i, T_j)` (already
@@ -158,9 +165,9 @@ impl<'a> Forward<'a> {
         })
     }
 
-    /// `E_m` over the batch's positive pairs.
-    pub fn fuse_positive(&self) -> Result<Encoded> {
-        self.model.fuse(self.text()?, self.image()?, self.train)
+    /// The fused `[CLS]` of the batch's positive pairs (for ITM).
+    pub fn fuse_positive_cls(&self) -> Result<Encoded> {
+        self.model.fuse_cls(self.text()?, self.image()?, self.train)
     }
 
     /// The generator, or an error naming who needed it.

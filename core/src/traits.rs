@@ -45,6 +45,18 @@ pub trait Encoder {
     fn hidden_size(&self) -> i64;
     /// An input of the wrong [`Modality`] is an [`crate::Error::Plugin`].
     fn forward_t(&self, input: EncoderInput<'_>, train: bool) -> Result<Encoded>;
+    /// [`Encoder::forward_t`] when only position 0 (`[CLS]`) is needed, as
+    /// for ITM: `hidden` `[B, 1, D]`, `mask` `[B, 1]`, equal to position 0
+    /// of `forward_t`. The default runs `forward_t` and keeps that position;
+    /// a fusion encoder overrides it to skip the other positions' work in
+    /// its last layer, where nothing reads them.
+    fn forward_cls(&self, input: EncoderInput<'_>, train: bool) -> Result<Encoded> {
+        let full = self.forward_t(input, train)?;
+        Ok(Encoded {
+            hidden: full.hidden.narrow(1, 0, 1),
+            mask: full.mask.narrow(1, 0, 1),
+        })
+    }
     /// Text encoders: the word-embedding matrix `[V, D]`, which MLM heads tie
     /// their decoder to. `None` for other encoders.
     fn word_embeddings(&self) -> Option<Tensor> {

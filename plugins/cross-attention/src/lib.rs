@@ -120,19 +120,45 @@ impl Encoder for CrossAttentionFusion {
     }
     fn forward_t(&self, input: EncoderInput<'_>, train: bool) -> Result<Encoded> {
         let _span = tracing::trace_span!("cross_attention").entered();
+        self.run(input, false, train)
+    }
+
+    fn forward_cls(&self, input: EncoderInput<'_>, train: bool) -> Result<Encoded> {
+        let _span = tracing::trace_span!("cross_attention_cls").entered();
+        self.run(input, true, train)
+    }
+}
+
+impl CrossAttentionFusion {
+    /// Every layer over all text positions, except that with `cls_only` the
+    /// last layer computes position 0 alone (its other outputs are unread).
+    fn run(&self, input: EncoderInput<'_>, cls_only: bool, train: bool) -> Result<Encoded> {
         let EncoderInput::Fused { text, image } = input else {
             return Err(Error::plugin(
                 "cross_attention",
                 "a fusion encoder takes text and image states",
             ));
         };
+        let img = Some((&image.hidden, &image.mask));
         let mut xs = text.hidden.shallow_clone();
-        for layer in &self.layers {
-            xs = layer.forward(&xs, &text.mask, Some((&image.hidden, &image.mask)), train);
+        let last = self.layers.len().saturating_sub(1);
+        for (i, layer) in self.layers.iter().enumerate() {
+            xs = if cls_only && i == last {
+                layer.forward_rows(&xs.narrow(1, 0, 1), &xs, &text.mask, img, train)
+            } else {
+                layer.forward(&xs, &text.mask, img, train)
+            };
         }
-        Ok(Encoded {
-            hidden: xs,
-            mask: text.mask.shallow_clone(),
+        Ok(if cls_only {
+            Encoded {
+                hidden: xs.narrow(1, 0, 1),
+                mask: text.mask.narrow(1, 0, 1),
+            }
+        } else {
+            Encoded {
+                hidden: xs,
+                mask: text.mask.shallow_clone(),
+            }
         })
     }
 }

@@ -47,7 +47,7 @@ impl Itm {
         let device = image.hidden.device();
         let mut groups = vec![Group {
             source: "pos".into(),
-            fused: fwd.fuse_positive()?,
+            fused: fwd.fuse_positive_cls()?,
             label: 1,
             weight: Tensor::ones([b], (Kind::Float, device)),
         }];
@@ -67,7 +67,7 @@ impl Itm {
                         .to_kind(Kind::Float);
                     groups.push(Group {
                         source: source.clone(),
-                        fused: model.fuse(&texts, &images, fwd.train)?,
+                        fused: model.fuse_cls(&texts, &images, fwd.train)?,
                         label: 0,
                         weight,
                     });
@@ -80,7 +80,7 @@ impl Itm {
                     let states = model.text.forward_t(EncoderInput::Text(&text), fwd.train)?;
                     groups.push(Group {
                         source: source.clone(),
-                        fused: model.fuse(&states, &image.select(&image_index), fwd.train)?,
+                        fused: model.fuse_cls(&states, &image.select(&image_index), fwd.train)?,
                         label: 0,
                         weight: Tensor::ones([k], (Kind::Float, device)),
                     });

@@ -238,9 +238,24 @@ impl BertLayer {
         image: Option<(&Tensor, &Tensor)>,
         train: bool,
     ) -> Tensor {
-        let a = self.attention.forward(xs, xs, Some(mask), train);
+        self.forward_rows(xs, xs, mask, image, train)
+    }
+
+    /// The layer's output at the positions `rows` only (`[B, R, D]`, a slice
+    /// of `xs` along dimension 1): self-attention still reads every position
+    /// of `xs` as keys and values, so each returned row equals that row of
+    /// [`BertLayer::forward`]; the others are not computed.
+    pub fn forward_rows(
+        &self,
+        rows: &Tensor,
+        xs: &Tensor,
+        mask: &Tensor,
+        image: Option<(&Tensor, &Tensor)>,
+        train: bool,
+    ) -> Tensor {
+        let a = self.attention.forward(rows, xs, Some(mask), train);
         let a = self.attention_out.forward(&a).dropout(self.dropout, train);
-        let mut xs = self.attention_ln.forward(&(a + xs));
+        let mut xs = self.attention_ln.forward(&(a + rows));
         if let (Some((attn, out, ln)), Some((img, img_mask))) = (&self.cross, image) {
             let c = attn.forward(&xs, img, Some(img_mask), train);
             let c = out.forward(&c).dropout(self.dropout, train);

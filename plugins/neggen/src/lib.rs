@@ -504,7 +504,7 @@ impl NegGen {
                     hidden: image.hidden.detach().index_select(0, &owner_t),
                     mask: image.mask.index_select(0, &owner_t),
                 };
-                let fused = model.fuse(&states, &image, false)?;
+                let fused = model.fuse_cls(&states, &image, false)?;
                 let p = model
                     .discriminator
                     .pair_logits(&fused)?
