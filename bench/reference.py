@@ -35,7 +35,28 @@ import tomllib
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file
+
+
+def load_file(path):
+    """A safetensors file as a dict of tensors, read without the
+    `safetensors` package (GPU machines have torch and nothing else): an
+    8-byte little-endian header length, a JSON header, then the raw data."""
+    dtypes = {"F32": torch.float32, "F64": torch.float64, "I64": torch.int64,
+              "I32": torch.int32, "BF16": torch.bfloat16, "F16": torch.float16,
+              "U8": torch.uint8, "BOOL": torch.bool}
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        data = bytearray(f.read())
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = info["data_offsets"]
+        t = torch.frombuffer(data, dtype=dtypes[info["dtype"]], count=(b - a) // dtypes[info["dtype"]].itemsize,
+                             offset=a) if b > a else torch.empty(0, dtype=dtypes[info["dtype"]])
+        out[name] = t.reshape(info["shape"]).clone()
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -647,7 +668,13 @@ def main():
         result["note"] = ("emulated: " + ", ".join(sorted(step_fn.emulated))
                           + " (random one-token swaps: same tensor work, not the same words)")
     if os.path.exists(os.path.join(d, "data", "annotations.json")):
-        result["data"] = data_pipeline(d, cfg, meta, meta["repeats"])
+        try:
+            import PIL  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError as e:
+            result["data_skipped"] = f"data pipeline not measured: {e}"
+        else:
+            result["data"] = data_pipeline(d, cfg, meta, meta["repeats"])
     with open(os.path.join(d, "reference.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(f"reference: {step_s * 1e3:.2f} ms/step, last loss {last_loss:.4f}", flush=True)

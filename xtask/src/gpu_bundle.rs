@@ -26,13 +26,13 @@ pub fn build(root: &Path) -> Result<(), String> {
     let mut strip = Command::new("strip");
     strip.arg(&bin);
     run_status(strip)?;
-    for script in ["gpu-check.sh", "curve.sh"] {
+    for script in ["gpu-check.sh", "curve.sh", "gpu-bench.sh", "reference.py"] {
         let src = root.join("bench").join(script);
         std::fs::copy(&src, out.join(script))
             .map_err(|e| format!("cannot copy {}: {e}", src.display()))?;
     }
     println!(
-        "gpu-bundle/ is ready. On the GPU machine, from the repository root:\n  bash gpu-bundle/gpu-check.sh"
+        "gpu-bundle/ is ready. On the GPU machine, from the repository root:\n  bash gpu-bundle/gpu-check.sh   (training smoke test)\n  bash gpu-bundle/gpu-bench.sh   (vlmatch against the PyTorch reference)"
     );
     Ok(())
 }

@@ -109,6 +109,10 @@ fn run_cli(root: &Path, sub: &str, rest: &[String]) -> Result<(), String> {
 
 fn run_tests(root: &Path, rest: &[String]) -> Result<(), String> {
     let mut cmd = cargo(root)?;
+    // The benchmark's PyTorch reference is checked against vlmatch's model
+    // (tests/bench.rs) with this Python.
+    let python = setup::reference_python()?;
+    cmd.env("BENCH_REFERENCE_PYTHON", python);
     cmd.args(["test", "--workspace"]).args(rest);
     run_status(cmd)
 }

@@ -131,7 +131,8 @@ fn cached_venv_torch() -> Result<PathBuf, String> {
 }
 
 /// A Python that imports torch 2.11.0 (the one on `PATH`, else the per-user
-/// venv) and the benchmark reference's other packages, installing those into
+/// venv) and the benchmark reference's data-pipeline packages (pillow,
+/// transformers), installing those into
 /// it when missing.
 pub fn reference_python() -> Result<PathBuf, String> {
     let python = if python_torch(Path::new("python3")).is_some() {
@@ -145,13 +146,13 @@ pub fn reference_python() -> Result<PathBuf, String> {
     };
     let has = |python: &Path| {
         Command::new(python)
-            .args(["-c", "import PIL, transformers, safetensors"])
+            .args(["-c", "import PIL, transformers"])
             .output()
             .is_ok_and(|o| o.status.success())
     };
     if !has(&python) {
         eprintln!(
-            "xtask: installing pillow, transformers, safetensors for {}",
+            "xtask: installing pillow and transformers (the benchmark reference's data pipeline) for {}",
             python.display()
         );
         let status = Command::new(&python)
@@ -162,12 +163,12 @@ pub fn reference_python() -> Result<PathBuf, String> {
                 "--quiet",
                 "--disable-pip-version-check",
             ])
-            .args(["pillow", "transformers", "safetensors"])
+            .args(["pillow", "transformers"])
             .status()
             .map_err(|e| format!("cannot run {} -m pip: {e}", python.display()))?;
         if !status.success() || !has(&python) {
             return Err(format!(
-                "could not install pillow, transformers and safetensors for {}",
+                "could not install pillow and transformers for {}",
                 python.display()
             ));
         }

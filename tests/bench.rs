@@ -1,0 +1,122 @@
+//! `vlmatch bench` runs end to end and its PyTorch reference builds the same
+//! model. These tests check what the benchmark reports, never how fast
+//! anything is.
+
+mod common;
+use common::*;
+use std::path::PathBuf;
+use vlmatch::bench::{bench, table, BenchOptions};
+
+fn options(out: PathBuf, reference: Option<(PathBuf, PathBuf)>, sets: &[&str]) -> BenchOptions {
+    BenchOptions {
+        layers: micro_layers(sets),
+        out,
+        steps: 2,
+        warmup: 1,
+        repeats: 2,
+        batches: 2,
+        data_images: 16,
+        data_image_side: 64,
+        neggen: true,
+        reference,
+    }
+}
+
+fn positive(v: &serde_json::Value, what: &str) -> f64 {
+    let x = v.as_f64().unwrap_or_else(|| panic!("{what} missing: {v}"));
+    assert!(x.is_finite() && x > 0.0, "{what} = {x}");
+    x
+}
+
+#[test]
+fn bench_reports_steps_data_and_neggen() {
+    let out = scratch("bench-vlmatch-only");
+    let r = {
+        let _turn = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
+        bench(&options(out.clone(), None, &[])).unwrap()
+    };
+    positive(&r["step_s"], "step_s");
+    assert_eq!(r["step_s_blocks"].as_array().unwrap().len(), 2);
+    positive(&r["images_per_s"], "images_per_s");
+    positive(&r["data"]["images_per_s"], "data images/s");
+    assert_eq!(r["data"]["images"], 16);
+    assert!(r["neggen"]["negatives_per_s"].as_f64().unwrap() >= 0.0);
+    assert!(r["last_loss"].as_f64().unwrap().is_finite());
+    // What a reference needs is on disk, and the JSON matches the return.
+    for f in [
+        "config.toml",
+        "meta.json",
+        "init.safetensors",
+        "inputs.safetensors",
+        "vocab.txt",
+        "data/annotations.json",
+    ] {
+        assert!(out.join(f).exists(), "{f} not written");
+    }
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("bench.json")).unwrap()).unwrap();
+    assert_eq!(saved["step_s"], r["step_s"]);
+    let t = table(&r);
+    assert!(
+        t.contains("train step (ms)") && t.contains("data pipeline"),
+        "{t}"
+    );
+}
+
+/// The PyTorch reference (bench/reference.py) builds the same model: it loads
+/// vlmatch's initial weights by name with `strict=True`, has the same number
+/// of parameters, and gives the same ITC loss on the same batch. Runs under
+/// `cargo xtask test`, which installs the reference's packages and passes
+/// their Python as BENCH_REFERENCE_PYTHON; plain `cargo test` skips it.
+#[test]
+fn pytorch_reference_builds_the_same_model() {
+    let Some(python) = std::env::var_os("BENCH_REFERENCE_PYTHON") else {
+        eprintln!("skipped: BENCH_REFERENCE_PYTHON is not set (cargo xtask test sets it)");
+        return;
+    };
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/reference.py");
+    // The full method's objectives: ITC, ITM with hard and word-swap
+    // negatives (the reference emulates word_swap), VL-RTD, and MLM.
+    for (name, sets) in [
+        ("baseline", vec![]),
+        (
+            "full",
+            vec![
+                "objectives.rtd.plugin=\"rtd\"",
+                "objectives.rtd.lambda=1.0",
+                "objectives.itm.samplers=[\"hard_negative\", \"word_swap\"]",
+                "samplers.word_swap.plugin=\"word_swap\"",
+            ],
+        ),
+    ] {
+        let out = scratch(&format!("bench-reference-{name}"));
+        let r = {
+            let _turn = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
+            bench(&options(
+                out,
+                Some((PathBuf::from(&python), script.clone())),
+                &sets,
+            ))
+            .unwrap()
+        };
+        let rf = &r["reference"];
+        assert_eq!(rf["parameters"], r["meta"]["parameters"], "{name}");
+        let (a, b) = (
+            r["init_itc_loss"].as_f64().unwrap(),
+            rf["init_itc_loss"].as_f64().unwrap(),
+        );
+        assert!((a - b).abs() < 1e-5, "{name}: ITC at init {a} vs {b}");
+        positive(&rf["step_s"], "reference step_s");
+        positive(&rf["flops_per_step"], "reference FLOPs");
+        positive(&rf["data"]["images_per_s"], "reference data images/s");
+        assert!(rf["last_loss"].as_f64().unwrap().is_finite());
+        let t = table(&r);
+        assert!(
+            t.contains("x (vlmatch better)") || t.contains("x (PyTorch better)"),
+            "{t}"
+        );
+        if name == "full" {
+            assert!(rf["note"].as_str().unwrap().contains("word_swap"), "{rf}");
+        }
+    }
+}
