@@ -1,7 +1,9 @@
 //! From a loaded configuration to the pieces a run needs: device, precision,
 //! tokenizer, datasets, and the assembled model.
 
-use crate::data::{annotations, Dataset};
+use crate::data::loader::Source;
+use crate::data::webdataset::Shards;
+use crate::data::{annotations, load_any_with, Dataset};
 use crate::tokenizer::{Codec, Tokenizer};
 use std::path::Path;
 use std::rc::Rc;
@@ -85,21 +87,57 @@ pub fn datasets(cfg: &LoadedConfig) -> Result<(Dataset, Option<Dataset>)> {
                 )
             })?;
             let root = data.image_root.as_deref();
-            let train = annotations::load_split(path, root, data.split.as_deref())?;
-            let heldout = match &data.heldout_annotations {
-                Some(p) => Some(annotations::load_split(
-                    p,
-                    root,
-                    data.heldout_split.as_deref(),
-                )?),
-                None => None,
-            };
-            Ok((train, heldout))
+            let train =
+                annotations::load_checked(path, root, data.split.as_deref(), data.on_error)?;
+            Ok((train, heldout(cfg)?))
         }
+        "webdataset" => Err(Error::Config(
+            "config key `data.source`: \"webdataset\" shards are streamed for training; this \
+             command needs an in-memory dataset (data.source = \"annotations\")"
+                .into(),
+        )),
         other => Err(Error::Config(format!(
-            "config key `data.source`: expected \"synthetic\" or \"annotations\", got \"{other}\""
+            "config key `data.source`: expected \"synthetic\", \"annotations\" or \
+             \"webdataset\", got \"{other}\""
         ))),
     }
+}
+
+/// The held-out set `data.heldout_annotations` names: an annotation file, or
+/// tar shards (a `.tar` path or a brace pattern).
+fn heldout(cfg: &LoadedConfig) -> Result<Option<Dataset>> {
+    let data = &cfg.config.data;
+    let Some(p) = &data.heldout_annotations else {
+        return Ok(None);
+    };
+    let text = p.to_str().ok_or_else(|| {
+        Error::Config(format!(
+            "config key `data.heldout_annotations`: not UTF-8: {}",
+            p.display()
+        ))
+    })?;
+    load_any_with(
+        text,
+        data.image_root.as_deref(),
+        data.heldout_split.as_deref(),
+        data.on_error,
+    )
+    .map(Some)
+}
+
+/// What training reads: an in-memory dataset, or for `webdataset` the
+/// resolved shards; and the held-out set, if any.
+pub fn train_source(cfg: &LoadedConfig) -> Result<(Source, Option<Dataset>)> {
+    let data = &cfg.config.data;
+    if data.source != "webdataset" {
+        let (train, heldout) = datasets(cfg)?;
+        return Ok((Source::Pairs(Arc::new(train)), heldout));
+    }
+    let pattern = data.shards.as_deref().ok_or_else(|| {
+        Error::Config("config key `data.shards`: required when data.source = \"webdataset\"".into())
+    })?;
+    let shards = Shards::resolve(pattern, "config key `data.shards`", data.shuffle_buffer)?;
+    Ok((Source::Shards(shards), heldout(cfg)?))
 }
 
 /// Assemble the model for `cfg` on its device.

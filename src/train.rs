@@ -8,7 +8,7 @@
 //! never stopped (bit-exact on CPU).
 
 use crate::checkpoint::{self, TrainerState};
-use crate::data::loader::{Loader, LoaderConfig};
+use crate::data::loader::{Loader, LoaderConfig, Source};
 use crate::eval::{self, EvalInputs, HeldOut};
 use crate::optim::{lr_at, AdamW};
 use crate::rng::mix;
@@ -199,8 +199,12 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainSummary> {
 
     let tok = Arc::new(setup::tokenizer(&loaded)?);
     let (mut asm, env) = setup::model(&loaded, &tok)?;
-    let (train_ds, heldout) = setup::datasets(&loaded)?;
-    let train_ds = Arc::new(train_ds);
+    let (train_source, heldout) = setup::train_source(&loaded)?;
+    // Entries dropped while loading (data.on_error = "skip").
+    let load_skipped = match &train_source {
+        Source::Pairs(ds) => ds.skipped,
+        Source::Shards(_) => 0,
+    };
 
     std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
     let config_path = run_dir.join("config.toml");
@@ -244,17 +248,13 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainSummary> {
         device = ?env.device,
         compute = ?env.compute,
         parameters = n_params,
-        pairs = train_ds.len(),
+        data = %train_source,
         "training"
     );
 
     let loader_cfg = LoaderConfig::new(&cfg.data, tc.batch_size, Some(tc.seed));
-    let mut loader = Loader::new(
-        train_ds.clone(),
-        tok.clone(),
-        loader_cfg,
-        state.batches as u64,
-    )?;
+    let mut loader =
+        Loader::from_source(train_source, tok.clone(), loader_cfg, state.batches as u64)?;
     let mut metrics_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -295,6 +295,12 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainSummary> {
             line.insert("step".into(), json!(state.step));
             line.insert("lr".into(), json!(lr));
             line.insert("grad_norm".into(), json!(grad_norm.double_value(&[])));
+            // Pairs skipped under data.on_error = "skip": dropped at load
+            // time, and replaced or skipped by the loader in this invocation.
+            line.insert(
+                "data_skipped".into(),
+                json!(load_skipped + loader.skipped()),
+            );
             for (k, v) in &values {
                 let x = v.double_value(&[]);
                 if !x.is_finite() {

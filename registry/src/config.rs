@@ -164,7 +164,8 @@ fn default_auto() -> String {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// `synthetic` (built in, no download) or `annotations` (ALBEF/BLIP JSON).
+    /// `synthetic` (built in, no download), `annotations` (ALBEF/BLIP JSON)
+    /// or `webdataset` (tar shards, streamed).
     pub source: String,
     /// Input resolution (square); the image encoder is built for it.
     pub image_size: i64,
@@ -192,6 +193,18 @@ pub struct DataConfig {
     /// Directory the annotations' `image` paths are relative to.
     #[serde(default)]
     pub image_root: Option<PathBuf>,
+    /// Tar shards for `webdataset`, relative to the working directory; brace
+    /// ranges and lists expand: `shards/train-{000000..000012}.tar`, `{a,b}`.
+    #[serde(default)]
+    pub shards: Option<String>,
+    /// Samples in the `webdataset` shuffle buffer.
+    #[serde(default = "default_shuffle_buffer")]
+    pub shuffle_buffer: usize,
+    /// A bad annotation entry or shard sample, a missing image file or an
+    /// image that does not decode: `fail` (an error naming file and line or
+    /// member) or `skip` (a warning; the pair is dropped or replaced).
+    #[serde(default)]
+    pub on_error: OnError,
     /// Image decoding and tokenising threads.
     #[serde(default = "one_usize")]
     pub workers: usize,
@@ -207,6 +220,18 @@ pub struct DataConfig {
     pub synthetic: SyntheticConfig,
 }
 
+/// What the data pipeline does with a bad entry or image (`data.on_error`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    #[default]
+    Fail,
+    Skip,
+}
+
+fn default_shuffle_buffer() -> usize {
+    1000
+}
 fn default_vocab() -> String {
     "builtin".into()
 }

@@ -8,8 +8,12 @@
 //!   with `images[]`, each with `filename`, optional `filepath`, `split`
 //!   (`train`, `restval`, `val`, `test`), `sentences[].raw` and `imgid`;
 //!   `split` selects images (comma-separated, e.g. `train,restval`).
+//!
+//! A bad entry (unparsable line, missing field, missing image file) is an
+//! error naming the file and line, or with [`OnError::Skip`] a warning, and
+//! the entry is dropped.
 
-use super::{Dataset, ImageRef, Pair};
+use super::{Dataset, ImageRef, OnError, Pair};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::Path;
@@ -35,12 +39,50 @@ pub fn load_split(path: &Path, image_root: Option<&Path>, split: Option<&str>) -
     load_with(path, image_root, None, split).map(|(ds, _)| ds)
 }
 
-/// The images of a Karpathy-format file in `split`, as ALBEF-style entries.
-fn karpathy_entries(
+/// [`load_split`] with a `data.on_error` policy.
+pub fn load_checked(
     path: &Path,
-    doc: &Value,
+    image_root: Option<&Path>,
     split: Option<&str>,
-) -> Result<Vec<(Option<usize>, Value)>> {
+    on_error: OnError,
+) -> Result<Dataset> {
+    load_inner(path, image_root, "caption", None, split, on_error).map(|(ds, _, _)| ds)
+}
+
+/// Entries whose text is in the field `text_key` instead of `caption` (e.g.
+/// `question` for VQA, `label` for zero-shot classification), with each
+/// pair's whole entry for the caller's own fields.
+pub fn load_entries(
+    path: &Path,
+    image_root: Option<&Path>,
+    text_key: &str,
+    on_error: OnError,
+) -> Result<(Dataset, Vec<Value>)> {
+    load_inner(path, image_root, text_key, None, None, on_error).map(|(ds, _, raw)| (ds, raw))
+}
+
+/// `e` with the hint that `data.on_error = "skip"` drops such entries.
+fn with_skip_hint(e: Error) -> Error {
+    match e {
+        Error::Data {
+            path,
+            line,
+            message,
+        } => Error::Data {
+            path,
+            line,
+            message: format!("{message} (data.on_error = \"skip\" drops such entries)"),
+        },
+        other => other,
+    }
+}
+
+/// One entry: its line (JSON lines), its position, and the entry or why it
+/// is unusable.
+type Entry = (Option<usize>, Result<Value>);
+
+/// The images of a Karpathy-format file in `split`, as ALBEF-style entries.
+fn karpathy_entries(path: &Path, doc: &Value, split: Option<&str>) -> Result<Vec<Entry>> {
     let images = doc["images"].as_array().ok_or_else(|| {
         bad(
             path,
@@ -51,43 +93,44 @@ fn karpathy_entries(
     let wanted: Option<Vec<&str>> = split.map(|s| s.split(',').map(str::trim).collect());
     let mut out = Vec::new();
     for (n, img) in images.iter().enumerate() {
-        let at = |m: &str| bad(path, None, format!("images[{n}]: {m}"));
         let s = img["split"].as_str().unwrap_or("");
         if wanted.as_ref().is_some_and(|w| !w.contains(&s)) {
             continue;
         }
-        let file = img["filename"]
-            .as_str()
-            .ok_or_else(|| at("expected a string `filename`"))?;
-        let image = match img["filepath"].as_str() {
-            Some(dir) if !dir.is_empty() => format!("{dir}/{file}"),
-            _ => file.to_string(),
-        };
-        let captions: Vec<Value> = img["sentences"]
-            .as_array()
-            .ok_or_else(|| at("expected `sentences`, a list"))?
-            .iter()
-            .map(|s| {
-                s["raw"]
-                    .as_str()
-                    .map(|r| Value::from(r.trim()))
-                    .ok_or_else(|| at("a sentence without `raw`"))
-            })
-            .collect::<Result<_>>()?;
-        let id = img
-            .get("imgid")
-            .or_else(|| img.get("cocoid"))
-            .cloned()
-            .unwrap_or(Value::from(n as i64));
-        out.push((
-            None,
-            serde_json::json!({"image": image, "caption": captions, "image_id": id}),
-        ));
+        out.push((None, karpathy_entry(path, n, img)));
     }
     if out.is_empty() {
         return Err(bad(path, None, format!("no images in split {split:?}")));
     }
     Ok(out)
+}
+
+fn karpathy_entry(path: &Path, n: usize, img: &Value) -> Result<Value> {
+    let at = |m: &str| bad(path, None, format!("images[{n}]: {m}"));
+    let file = img["filename"]
+        .as_str()
+        .ok_or_else(|| at("expected a string `filename`"))?;
+    let image = match img["filepath"].as_str() {
+        Some(dir) if !dir.is_empty() => format!("{dir}/{file}"),
+        _ => file.to_string(),
+    };
+    let captions: Vec<Value> = img["sentences"]
+        .as_array()
+        .ok_or_else(|| at("expected `sentences`, a list"))?
+        .iter()
+        .map(|s| {
+            s["raw"]
+                .as_str()
+                .map(|r| Value::from(r.trim()))
+                .ok_or_else(|| at("a sentence without `raw`"))
+        })
+        .collect::<Result<_>>()?;
+    let id = img
+        .get("imgid")
+        .or_else(|| img.get("cocoid"))
+        .cloned()
+        .unwrap_or(Value::from(n as i64));
+    Ok(serde_json::json!({"image": image, "caption": captions, "image_id": id}))
 }
 
 /// [`load`], also returning each pair's string field `extra` (for example
@@ -98,6 +141,87 @@ pub fn load_with(
     extra: Option<&str>,
     split: Option<&str>,
 ) -> Result<(Dataset, Vec<String>)> {
+    load_inner(path, image_root, "caption", extra, split, OnError::Fail)
+        .map(|(ds, extras, _)| (ds, extras))
+}
+
+/// What one usable entry adds: its image path, captions, id and extra field.
+struct Parsed {
+    image: String,
+    captions: Vec<String>,
+    image_id: Option<Value>,
+    extra: Option<String>,
+    raw: Value,
+}
+
+fn parse_entry(
+    entry: &Value,
+    text_key: &str,
+    extra: Option<&str>,
+    at: &dyn Fn(String) -> Error,
+) -> Result<Parsed> {
+    let Some(image) = entry.get("image").and_then(Value::as_str) else {
+        return Err(at(
+            "expected a string field `image` (path relative to data.image_root)".into(),
+        ));
+    };
+    let captions: Vec<String> = match entry.get(text_key) {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(list)) => list
+            .iter()
+            .map(|c| c.as_str().map(str::to_string))
+            .collect::<Option<_>>()
+            .ok_or_else(|| at(format!("`{text_key}` list must hold strings")))?,
+        _ => {
+            return Err(at(format!(
+                "expected `{text_key}`: a string or a list of strings"
+            )))
+        }
+    };
+    let image_id = entry.get("image_id").cloned();
+    if !matches!(
+        image_id,
+        None | Some(Value::String(_)) | Some(Value::Number(_))
+    ) || image_id
+        .as_ref()
+        .is_some_and(|v| v.is_number() && v.as_i64().is_none())
+    {
+        return Err(at("`image_id` must be an integer or a string".into()));
+    }
+    let extra = match extra {
+        None => None,
+        Some(field) => {
+            let Some(v) = entry.get(field).and_then(Value::as_str) else {
+                return Err(at(format!("expected a string field `{field}`")));
+            };
+            if captions.len() != 1 {
+                return Err(at(format!(
+                    "with `{field}`, `{text_key}` must be a single string"
+                )));
+            }
+            Some(v.to_string())
+        }
+    };
+    Ok(Parsed {
+        image: image.to_string(),
+        captions,
+        image_id,
+        extra,
+        raw: entry.clone(),
+    })
+}
+
+/// The dataset, the `extra` field of each entry, and each pair's entry.
+type Loaded = (Dataset, Vec<String>, Vec<Value>);
+
+fn load_inner(
+    path: &Path,
+    image_root: Option<&Path>,
+    text_key: &str,
+    extra: Option<&str>,
+    split: Option<&str>,
+    on_error: OnError,
+) -> Result<Loaded> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let root = image_root
         .map(Path::to_path_buf)
@@ -116,106 +240,102 @@ pub fn load_with(
                 .into(),
         ));
     }
-    let entries: Vec<(Option<usize>, Value)> = if let Some(doc) = &karpathy {
+    let entries: Vec<Entry> = if let Some(doc) = &karpathy {
         karpathy_entries(path, doc, split)?
     } else if text.trim_start().starts_with('[') {
         let values: Vec<Value> = serde_json::from_str(&text)
             .map_err(|e| bad(path, Some(e.line()), format!("invalid JSON: {e}")))?;
-        values.into_iter().map(|v| (None, v)).collect()
+        values.into_iter().map(|v| (None, Ok(v))).collect()
     } else {
-        let mut out = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let v: Value = serde_json::from_str(line)
-                .map_err(|e| bad(path, Some(i + 1), format!("invalid JSON line: {e}")))?;
-            out.push((Some(i + 1), v));
-        }
-        out
+        text.lines()
+            .enumerate()
+            .filter(|(_, line)| !line.trim().is_empty())
+            .map(|(i, line)| {
+                let v = serde_json::from_str::<Value>(line)
+                    .map_err(|e| bad(path, Some(i + 1), format!("invalid JSON line: {e}")));
+                (Some(i + 1), v)
+            })
+            .collect()
     };
     let mut ds = Dataset {
         name: path.display().to_string(),
         images: Vec::new(),
         image_ids: Vec::new(),
         pairs: Vec::new(),
+        skipped: 0,
     };
     let mut extras = Vec::new();
+    let mut raws = Vec::new();
     let mut by_path: HashMap<String, usize> = HashMap::new();
     let mut named_ids: HashMap<String, i64> = HashMap::new();
-    for (n, (line, entry)) in entries.iter().enumerate() {
+    for (n, (line, entry)) in entries.into_iter().enumerate() {
         let at = |m: String| match line {
-            Some(_) => bad(path, *line, m),
+            Some(_) => bad(path, line, m),
             None => bad(path, None, format!("entry {n}: {m}")),
         };
-        let Some(image) = entry.get("image").and_then(Value::as_str) else {
-            return Err(at(
-                "expected a string field `image` (path relative to data.image_root)".into(),
-            ));
-        };
-        let captions: Vec<String> = match entry.get("caption") {
-            Some(Value::String(s)) => vec![s.clone()],
-            Some(Value::Array(list)) => list
-                .iter()
-                .map(|c| c.as_str().map(str::to_string))
-                .collect::<Option<_>>()
-                .ok_or_else(|| at("`caption` list must hold strings".into()))?,
-            _ => {
-                return Err(at(
-                    "expected `caption`: a string or a list of strings".into()
-                ))
-            }
-        };
-        let idx = match by_path.get(image) {
-            Some(&i) => i,
-            None => {
-                let file = root.join(image);
-                if !file.is_file() {
+        let parsed = entry
+            .and_then(|e| parse_entry(&e, text_key, extra, &at))
+            .and_then(|p| {
+                let file = root.join(&p.image);
+                if !by_path.contains_key(&p.image) && !file.is_file() {
                     return Err(at(format!(
                         "image file {} not found (check data.image_root, now {})",
                         file.display(),
                         root.display()
                     )));
                 }
+                Ok((p, file))
+            });
+        let (p, file) = match (parsed, on_error) {
+            (Ok(p), _) => p,
+            (Err(e), OnError::Fail) => return Err(with_skip_hint(e)),
+            (Err(e), OnError::Skip) => {
+                tracing::warn!("skipped: {e}");
+                ds.skipped += 1;
+                continue;
+            }
+        };
+        let idx = match by_path.get(&p.image) {
+            Some(&i) => i,
+            None => {
                 let origin = match line {
                     Some(l) => format!("{}:{l}", path.display()),
                     None => format!("{} entry {n}", path.display()),
                 };
-                ds.images.push(ImageRef::File { path: file, origin });
+                ds.images.push(ImageRef::File {
+                    path: file,
+                    origin,
+                    bytes: None,
+                });
                 let next = named_ids.len() as i64;
-                let id = match entry.get("image_id") {
-                    Some(Value::Number(num)) => num
-                        .as_i64()
-                        .ok_or_else(|| at("`image_id` must be an integer or a string".into()))?,
-                    Some(Value::String(s)) => *named_ids.entry(s.clone()).or_insert(next),
-                    None => *named_ids.entry(image.to_string()).or_insert(next),
-                    Some(_) => return Err(at("`image_id` must be an integer or a string".into())),
+                let id = match p.image_id {
+                    Some(Value::String(s)) => *named_ids.entry(s).or_insert(next),
+                    Some(num) => num.as_i64().expect("checked in parse_entry"),
+                    None => *named_ids.entry(p.image.clone()).or_insert(next),
                 };
                 ds.image_ids.push(id);
-                by_path.insert(image.to_string(), ds.images.len() - 1);
+                by_path.insert(p.image, ds.images.len() - 1);
                 ds.images.len() - 1
             }
         };
-        if let Some(field) = extra {
-            let Some(v) = entry.get(field).and_then(Value::as_str) else {
-                return Err(at(format!("expected a string field `{field}`")));
-            };
-            if captions.len() != 1 {
-                return Err(at(format!(
-                    "with `{field}`, `caption` must be a single string"
-                )));
-            }
-            extras.push(v.to_string());
-        }
-        for caption in captions {
+        extras.extend(p.extra);
+        for caption in p.captions {
             ds.pairs.push(Pair {
                 image: idx,
                 caption,
             });
+            raws.push(p.raw.clone());
         }
+    }
+    if ds.skipped > 0 {
+        tracing::warn!(
+            "{}: skipped {} bad entries (data.on_error = \"skip\")",
+            path.display(),
+            ds.skipped
+        );
     }
     if ds.pairs.is_empty() {
         return Err(bad(path, None, "no image-caption pairs".into()));
     }
-    Ok((ds, extras))
+    Ok((ds, extras, raws))
 }

@@ -3,12 +3,19 @@
 //! resize, normalise, tokenise). Batch `g` (counted from the start of
 //! training) always holds the same pairs: epoch `g / batches_per_epoch` is a
 //! permutation fixed by the seed and the epoch number. Resuming at batch `g`
-//! therefore needs only `g`.
+//! therefore needs only `g`. A shard stream ([`Source::Shards`]) is
+//! reproduced from the seed and the first `g * batch_size` pairs skipped.
+//!
+//! With `data.on_error = "skip"`, a pair whose image does not decode is
+//! replaced by the next pair of the same batch (cyclically) that decodes, so
+//! the batch keeps its size and resuming stays exact; the loader counts them.
 
-use super::Dataset;
+use super::webdataset::{PairStream, Shards};
+use super::{Dataset, OnError};
 use crate::rng::{mix, Rng};
 use crate::tokenizer::Tokenizer;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use tch::{Kind, Tensor};
@@ -25,6 +32,10 @@ pub struct LoaderConfig {
     pub std: [f32; 3],
     /// Shuffle seed; `None` keeps dataset order (evaluation).
     pub shuffle_seed: Option<u64>,
+    /// `data.on_error`: whether an image that does not decode fails the batch.
+    pub on_error: OnError,
+    /// Pairs replaced or dropped so far (shared by clones of this config).
+    pub skipped: Arc<AtomicUsize>,
 }
 
 impl LoaderConfig {
@@ -43,6 +54,8 @@ impl LoaderConfig {
             mean: data.mean,
             std: data.std,
             shuffle_seed,
+            on_error: data.on_error,
+            skipped: Arc::new(AtomicUsize::new(0)),
         }
     }
 }
@@ -54,6 +67,25 @@ pub fn decode_resized(path: &Path, origin: &str, size: usize) -> Result<Vec<u8>>
         line: None,
         message: format!("cannot decode image (named at {origin}): {e}"),
     })?;
+    Ok(resized(img, size))
+}
+
+/// Decode an in-memory image (named `path` for messages) and resize it.
+pub fn decode_bytes_resized(
+    bytes: &[u8],
+    path: &Path,
+    origin: &str,
+    size: usize,
+) -> Result<Vec<u8>> {
+    let img = image::load_from_memory(bytes).map_err(|e| Error::Data {
+        path: path.to_path_buf(),
+        line: None,
+        message: format!("cannot decode image (in {origin}): {e}"),
+    })?;
+    Ok(resized(img, size))
+}
+
+fn resized(img: image::DynamicImage, size: usize) -> Vec<u8> {
     let rgb = img.to_rgb8();
     let resized = image::imageops::resize(
         &rgb,
@@ -61,7 +93,7 @@ pub fn decode_resized(path: &Path, origin: &str, size: usize) -> Result<Vec<u8>>
         size as u32,
         image::imageops::FilterType::CatmullRom,
     );
-    Ok(resized.into_raw())
+    resized.into_raw()
 }
 
 /// Pair indices of batch `k` of an epoch, given that epoch's order.
@@ -78,7 +110,9 @@ pub fn epoch_order(len: usize, seed: Option<u64>, epoch: u64) -> Vec<usize> {
     order
 }
 
-/// Build one batch from pair indices, using `workers` threads.
+/// Build one batch from pair indices, using `workers` threads. An image
+/// that does not decode fails the batch, or with [`OnError::Skip`] its pair
+/// is replaced by the next pair of the batch that decodes.
 pub fn make_batch(
     ds: &Dataset,
     tok: &Tokenizer,
@@ -89,31 +123,64 @@ pub fn make_batch(
     let plane = 3 * s * s;
     let mut pixels = vec![0f32; idx.len() * plane];
     let workers = cfg.workers.max(1).min(idx.len().max(1));
-    let per = idx.len().div_ceil(workers);
-    std::thread::scope(|scope| -> Result<()> {
+    let per = idx.len().div_ceil(workers).max(1);
+    let mut failed: Vec<(usize, Error)> = std::thread::scope(|scope| {
         let handles: Vec<_> = pixels
             .chunks_mut(per * plane)
             .zip(idx.chunks(per))
-            .map(|(out, chunk)| {
-                scope.spawn(move || -> Result<()> {
-                    for (dst, &i) in out.chunks_mut(plane).zip(chunk) {
-                        let img = ds.load_image(ds.pairs[i].image, s, cfg.mean, cfg.std)?;
-                        dst.copy_from_slice(&img);
+            .enumerate()
+            .map(|(c, (out, chunk))| {
+                scope.spawn(move || {
+                    let mut failed = Vec::new();
+                    for (k, (dst, &i)) in out.chunks_mut(plane).zip(chunk).enumerate() {
+                        match ds.load_image(ds.pairs[i].image, s, cfg.mean, cfg.std) {
+                            Ok(img) => dst.copy_from_slice(&img),
+                            Err(e) if cfg.on_error == OnError::Skip => {
+                                failed.push((c * per + k, e))
+                            }
+                            Err(e) => return vec![(c * per + k, e)],
+                        }
                     }
-                    Ok(())
+                    failed
                 })
             })
             .collect();
-        for h in handles {
-            h.join().expect("loader worker panicked")?;
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("loader worker panicked"))
+            .collect()
+    });
+    // Which pair each slot finally holds.
+    let mut source: Vec<usize> = idx.to_vec();
+    if !failed.is_empty() {
+        if cfg.on_error == OnError::Fail {
+            return Err(with_skip_hint(failed.swap_remove(0).1));
         }
-        Ok(())
-    })?;
-    let captions: Vec<String> = idx.iter().map(|&i| ds.pairs[i].caption.clone()).collect();
+        let mut ok = vec![true; idx.len()];
+        for (k, _) in &failed {
+            ok[*k] = false;
+        }
+        for (k, e) in failed {
+            let Some(j) = (1..idx.len()).map(|d| (k + d) % idx.len()).find(|&j| ok[j]) else {
+                return Err(Error::Config(format!(
+                    "no image of a batch of {} decodes; the first error: {e}",
+                    idx.len()
+                )));
+            };
+            tracing::warn!("skipped (replaced by another pair of the batch): {e}");
+            cfg.skipped.fetch_add(1, Ordering::Relaxed);
+            pixels.copy_within(j * plane..(j + 1) * plane, k * plane);
+            source[k] = idx[j];
+        }
+    }
+    let captions: Vec<String> = source
+        .iter()
+        .map(|&i| ds.pairs[i].caption.clone())
+        .collect();
     let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
     let (ids, mask, l) = tok.encode_batch(&refs, cfg.max_len);
     let b = idx.len() as i64;
-    let image_ids: Vec<i64> = idx
+    let image_ids: Vec<i64> = source
         .iter()
         .map(|&i| ds.image_ids[ds.pairs[i].image])
         .collect();
@@ -128,13 +195,113 @@ pub fn make_batch(
     })
 }
 
+/// `e` with the hint that `data.on_error = "skip"` replaces such pairs.
+fn with_skip_hint(e: Error) -> Error {
+    match e {
+        Error::Data {
+            path,
+            line,
+            message,
+        } => Error::Data {
+            path,
+            line,
+            message: format!("{message} (data.on_error = \"skip\" replaces such pairs)"),
+        },
+        other => other,
+    }
+}
+
+/// What a training [`Loader`] reads: pairs in memory, or a shard stream.
+pub enum Source {
+    Pairs(Arc<Dataset>),
+    Shards(Shards),
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Pairs(ds) => write!(f, "{} ({} pairs)", ds.name, ds.len()),
+            Source::Shards(sh) => write!(f, "{} ({} shards)", sh.pattern, sh.paths.len()),
+        }
+    }
+}
+
 /// Endless training batches (complete batches only), prepared ahead.
 pub struct Loader {
-    rx: Receiver<Result<Batch>>,
+    /// Each batch with the pairs skipped while preparing it.
+    rx: Receiver<(Result<Batch>, usize)>,
+    /// Complete batches per epoch; 0 for a shard stream (not known ahead).
     pub batches_per_epoch: u64,
+    skipped: usize,
+}
+
+/// Prepare one batch with `make`, and count what it skipped.
+fn counted(cfg: &LoaderConfig, make: impl FnOnce() -> Result<Batch>) -> (Result<Batch>, usize) {
+    let before = cfg.skipped.load(Ordering::Relaxed);
+    let batch = make();
+    (batch, cfg.skipped.load(Ordering::Relaxed) - before)
 }
 
 impl Loader {
+    /// Batches from `source`, starting at global batch `start`.
+    pub fn from_source(
+        source: Source,
+        tok: Arc<Tokenizer>,
+        cfg: LoaderConfig,
+        start: u64,
+    ) -> Result<Loader> {
+        match source {
+            Source::Pairs(ds) => Loader::new(ds, tok, cfg, start),
+            Source::Shards(shards) => Loader::stream(shards, tok, cfg, start),
+        }
+    }
+
+    /// Pairs skipped in the batches handed out so far: bad shard samples
+    /// and images replaced because they did not decode
+    /// (`data.on_error = "skip"`).
+    pub fn skipped(&self) -> usize {
+        self.skipped
+    }
+
+    /// Batches of the shard stream: pairs `g * batch_size..` of the stream
+    /// that `shards` and the seed fix, decoded on the worker threads.
+    fn stream(
+        shards: Shards,
+        tok: Arc<Tokenizer>,
+        cfg: LoaderConfig,
+        start: u64,
+    ) -> Result<Loader> {
+        let (tx, rx) = sync_channel(cfg.prefetch.max(1));
+        let mut stream =
+            PairStream::new(shards, cfg.shuffle_seed, cfg.on_error, cfg.skipped.clone());
+        std::thread::Builder::new()
+            .name("vlmatch-loader".into())
+            .spawn(move || {
+                let bs = cfg.batch_size;
+                if let Err(e) = stream.skip(start * bs as u64) {
+                    let _ = tx.send((Err(e), 0));
+                    return;
+                }
+                let idx: Vec<usize> = (0..bs).collect();
+                loop {
+                    let batch = counted(&cfg, || {
+                        let ds = stream.next_dataset(bs)?;
+                        make_batch(&ds, &tok, &cfg, &idx)
+                    });
+                    let failed = batch.0.is_err();
+                    if tx.send(batch).is_err() || failed {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| Error::io("loader thread", e))?;
+        Ok(Loader {
+            rx,
+            batches_per_epoch: 0,
+            skipped: 0,
+        })
+    }
+
     /// Start at global batch `start` (0 for a fresh run).
     pub fn new(
         ds: Arc<Dataset>,
@@ -164,8 +331,8 @@ impl Loader {
                         order = epoch_order(ds.len(), cfg.shuffle_seed, e);
                     }
                     let idx = slice(&order, (g % bpe) as usize, cfg.batch_size);
-                    let batch = make_batch(&ds, &tok, &cfg, idx);
-                    let failed = batch.is_err();
+                    let batch = counted(&cfg, || make_batch(&ds, &tok, &cfg, idx));
+                    let failed = batch.0.is_err();
                     if tx.send(batch).is_err() || failed {
                         return;
                     }
@@ -175,13 +342,17 @@ impl Loader {
         Ok(Loader {
             rx,
             batches_per_epoch: bpe,
+            skipped: 0,
         })
     }
 
     pub fn next_batch(&mut self) -> Result<Batch> {
-        self.rx
+        let (batch, skipped) = self
+            .rx
             .recv()
-            .map_err(|_| Error::Config("the data loader stopped after an earlier error".into()))?
+            .map_err(|_| Error::Config("the data loader stopped after an earlier error".into()))?;
+        self.skipped += skipped;
+        batch
     }
 }
 

@@ -1,24 +1,45 @@
 //! Datasets and the batch loader.
 //!
 //! A [`Dataset`] is a list of image-caption pairs with image ids. The
-//! [`Loader`] prepares batches on worker threads (decode or render, resize,
-//! normalise, tokenise) ahead of the training step, in an order fixed by the
-//! seed and the epoch, so a resumed run sees the same batches.
+//! [`Loader`](loader::Loader) prepares batches on worker threads (decode or
+//! render, resize, normalise, tokenise) ahead of the training step, in an
+//! order fixed by the seed and the epoch, so a resumed run sees the same
+//! batches. WebDataset tar shards are streamed instead ([`webdataset`]).
 
 pub mod annotations;
 pub mod loader;
 pub mod synthetic;
+mod tar;
+pub mod webdataset;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use vlmatch_core::Result;
+pub use vlmatch_registry::config::OnError;
+
+/// An encoded image held in memory (a tar member).
+#[derive(Clone)]
+pub struct ImageBytes(pub Arc<Vec<u8>>);
+
+impl std::fmt::Debug for ImageBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<{} bytes>", self.0.len())
+    }
+}
 
 /// Where a pair's image comes from.
 #[derive(Debug, Clone)]
 pub enum ImageRef {
     /// A built-in scene, rendered on demand.
     Scene(synthetic::Scene),
-    /// A file to decode (JPEG or PNG), and where it was named.
-    File { path: PathBuf, origin: String },
+    /// An image to decode (JPEG or PNG), and where it was named. `bytes`
+    /// holds the encoded image when it came from a tar shard; `path` is then
+    /// `SHARD/MEMBER`, for messages only.
+    File {
+        path: PathBuf,
+        origin: String,
+        bytes: Option<ImageBytes>,
+    },
 }
 
 /// One image-caption pair.
@@ -35,6 +56,8 @@ pub struct Dataset {
     pub images: Vec<ImageRef>,
     pub image_ids: Vec<i64>,
     pub pairs: Vec<Pair>,
+    /// Entries dropped while loading (`data.on_error = "skip"`).
+    pub skipped: usize,
 }
 
 impl Dataset {
@@ -49,7 +72,16 @@ impl Dataset {
     pub fn load_rgb(&self, i: usize, size: usize) -> Result<Vec<u8>> {
         match &self.images[i] {
             ImageRef::Scene(scene) => Ok(scene.render(size)),
-            ImageRef::File { path, origin } => loader::decode_resized(path, origin, size),
+            ImageRef::File {
+                path,
+                origin,
+                bytes: None,
+            } => loader::decode_resized(path, origin, size),
+            ImageRef::File {
+                path,
+                origin,
+                bytes: Some(bytes),
+            } => loader::decode_bytes_resized(&bytes.0, path, origin, size),
         }
     }
 
@@ -92,6 +124,44 @@ impl Dataset {
             images,
             image_ids,
             pairs,
+            skipped: 0,
         }
+    }
+}
+
+/// Whether `--data`-style input names tar shards rather than an annotation
+/// file: it ends in `.tar` or holds a brace expression.
+pub fn is_shard_pattern(path_or_pattern: &str) -> bool {
+    path_or_pattern.ends_with(".tar") || path_or_pattern.contains('{')
+}
+
+/// An evaluation dataset from an annotation file
+/// ([`annotations::load_split`]) or from tar shards
+/// ([`webdataset::load_shards`], when [`is_shard_pattern`]); errors are fatal.
+pub fn load_any(
+    path_or_pattern: &str,
+    image_root: Option<&Path>,
+    split: Option<&str>,
+) -> Result<Dataset> {
+    load_any_with(path_or_pattern, image_root, split, OnError::Fail)
+}
+
+/// [`load_any`] with a `data.on_error` policy.
+pub fn load_any_with(
+    path_or_pattern: &str,
+    image_root: Option<&Path>,
+    split: Option<&str>,
+    on_error: OnError,
+) -> Result<Dataset> {
+    if is_shard_pattern(path_or_pattern) {
+        if let Some(split) = split {
+            return Err(vlmatch_core::Error::Config(format!(
+                "split `{split}` given for tar shards `{path_or_pattern}`; splits select \
+                 images of Karpathy-format annotation files"
+            )));
+        }
+        webdataset::load_shards(path_or_pattern, on_error)
+    } else {
+        annotations::load_checked(Path::new(path_or_pattern), image_root, split, on_error)
     }
 }

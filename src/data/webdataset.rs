@@ -1,0 +1,682 @@
+//! WebDataset tar shards (`data.source = "webdataset"`).
+//!
+//! A shard is a POSIX tar file; a sample is a run of consecutive members
+//! sharing a key (the member name up to the first dot of its file name,
+//! directory included): an image `KEY.jpg`, `KEY.jpeg` or `KEY.png` and a
+//! caption `KEY.txt` (the text) or `KEY.json` (an object with `caption`, a
+//! string or a list of strings, or `text`; optionally `image_id`). Other
+//! members are ignored. A sample gives one pair per caption; its image id is
+//! the JSON `image_id`, else a stable hash of the key.
+//!
+//! Training streams the shards ([`PairStream`]): each epoch reads them one
+//! after the other in an order drawn from the seed and the epoch, and emits
+//! pairs through a shuffle buffer, so only the buffer is in memory. The
+//! stream is a function of the seed; a resumed run replays it, skipping pairs
+//! without reading their images. [`load_shards`] reads a (small) shard set
+//! into an in-memory [`Dataset`] for evaluation.
+
+use super::tar::{read_at, Member, TarReader};
+use super::{Dataset, ImageBytes, ImageRef, OnError, Pair};
+use crate::rng::{mix, Rng};
+use serde_json::Value;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use vlmatch_core::{Error, Result};
+
+/// The most names one pattern may expand to.
+const MAX_EXPANSION: usize = 1_000_000;
+
+/// Expand brace expressions: ranges `{000..012}` (zero padding kept when a
+/// bound has a leading zero), descending ranges `{3..1}`, and lists `{a,b}`;
+/// several braces give every combination, in order.
+pub fn expand_braces(pattern: &str) -> std::result::Result<Vec<String>, String> {
+    let Some(open) = pattern.find('{') else {
+        if pattern.contains('}') {
+            return Err("unmatched `}`".into());
+        }
+        return Ok(vec![pattern.to_string()]);
+    };
+    let head = &pattern[..open];
+    if head.contains('}') {
+        return Err("unmatched `}`".into());
+    }
+    let close = pattern[open..]
+        .find('}')
+        .map(|c| open + c)
+        .ok_or("unmatched `{`")?;
+    let body = &pattern[open + 1..close];
+    if body.contains('{') {
+        return Err("nested braces are not supported".into());
+    }
+    let alternatives = alternatives(body)?;
+    let tails = expand_braces(&pattern[close + 1..])?;
+    if alternatives.len().saturating_mul(tails.len()) > MAX_EXPANSION {
+        return Err(format!("expands to more than {MAX_EXPANSION} names"));
+    }
+    let mut out = Vec::with_capacity(alternatives.len() * tails.len());
+    for a in &alternatives {
+        for t in &tails {
+            out.push(format!("{head}{a}{t}"));
+        }
+    }
+    Ok(out)
+}
+
+fn alternatives(body: &str) -> std::result::Result<Vec<String>, String> {
+    if let Some((a, b)) = body.split_once("..") {
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit());
+        if !digits(a) || !digits(b) {
+            return Err(format!(
+                "`{{{body}}}`: a range needs two non-negative integers"
+            ));
+        }
+        let (x, y): (u64, u64) = match (a.parse(), b.parse()) {
+            (Ok(x), Ok(y)) => (x, y),
+            _ => return Err(format!("`{{{body}}}`: bounds too large")),
+        };
+        if x.abs_diff(y) >= MAX_EXPANSION as u64 {
+            return Err(format!(
+                "`{{{body}}}` expands to more than {MAX_EXPANSION} names"
+            ));
+        }
+        let padded = |s: &str| s.len() > 1 && s.starts_with('0');
+        let width = if padded(a) || padded(b) {
+            a.len().max(b.len())
+        } else {
+            0
+        };
+        let values: Vec<u64> = if x <= y {
+            (x..=y).collect()
+        } else {
+            (y..=x).rev().collect()
+        };
+        return Ok(values.iter().map(|v| format!("{v:0width$}")).collect());
+    }
+    if body.contains(',') {
+        return Ok(body.split(',').map(str::to_string).collect());
+    }
+    Err(format!(
+        "`{{{body}}}` is neither a range `{{A..B}}` nor a list `{{a,b}}`"
+    ))
+}
+
+/// A resolved shard set and the stream's shuffle buffer size.
+#[derive(Debug, Clone)]
+pub struct Shards {
+    pub pattern: String,
+    pub paths: Vec<PathBuf>,
+    /// Pairs held in the shuffle buffer (`data.shuffle_buffer`).
+    pub shuffle_buffer: usize,
+}
+
+impl Shards {
+    /// Expand `pattern` (relative to the working directory); every name must
+    /// be a file. `what` names the input in errors, e.g. a config key.
+    pub fn resolve(pattern: &str, what: &str, shuffle_buffer: usize) -> Result<Shards> {
+        let names = expand_braces(pattern)
+            .map_err(|m| Error::Config(format!("{what}: pattern `{pattern}`: {m}")))?;
+        let paths: Vec<PathBuf> = names.into_iter().map(PathBuf::from).collect();
+        if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
+            let cwd = std::env::current_dir().unwrap_or_default();
+            return Err(Error::Config(format!(
+                "{what}: pattern `{pattern}`: shard {} not found (paths are relative to the \
+                 working directory, {})",
+                missing.display(),
+                cwd.display()
+            )));
+        }
+        Ok(Shards {
+            pattern: pattern.to_string(),
+            paths,
+            shuffle_buffer,
+        })
+    }
+}
+
+/// A member's data: read, or (an image) where to read it later.
+#[derive(Clone)]
+enum ImageData {
+    Bytes(Arc<Vec<u8>>),
+    At { offset: u64, len: u64 },
+}
+
+/// Members of one key, as read.
+struct Raw {
+    key: String,
+    image: Option<(String, ImageData)>,
+    txt: Option<(String, Arc<Vec<u8>>)>,
+    json: Option<(String, Arc<Vec<u8>>)>,
+}
+
+/// A complete sample.
+struct Sample {
+    /// The image member's name.
+    member: String,
+    image: ImageData,
+    captions: Vec<String>,
+    image_id: i64,
+}
+
+enum Kind {
+    Image,
+    Txt,
+    Json,
+}
+
+/// The key and kind of a member name, if it is one the samples use.
+fn classify(name: &str) -> Option<(&str, Kind)> {
+    let base = name.rfind('/').map_or(0, |i| i + 1);
+    let dot = base + name[base..].find('.')?;
+    let kind = match name[dot + 1..].to_ascii_lowercase().as_str() {
+        "jpg" | "jpeg" | "png" => Kind::Image,
+        "txt" => Kind::Txt,
+        "json" => Kind::Json,
+        _ => return None,
+    };
+    Some((&name[..dot], kind))
+}
+
+/// The image id of a sample without a JSON `image_id`, and of a string
+/// `image_id`: a stable hash (FNV-1a, non-negative) of the key or string.
+pub fn key_image_id(key: &str) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h >> 1) as i64
+}
+
+fn data_error(path: &Path, message: String) -> Error {
+    Error::Data {
+        path: path.to_path_buf(),
+        line: None,
+        message,
+    }
+}
+
+/// `e` with the hint that `data.on_error = "skip"` skips such samples.
+fn with_skip_hint(e: Error) -> Error {
+    match e {
+        Error::Data {
+            path,
+            line,
+            message,
+        } => Error::Data {
+            path,
+            line,
+            message: format!("{message} (data.on_error = \"skip\" skips such samples)"),
+        },
+        other => other,
+    }
+}
+
+impl Raw {
+    fn new(key: String) -> Raw {
+        Raw {
+            key,
+            image: None,
+            txt: None,
+            json: None,
+        }
+    }
+
+    fn finish(self, shard: &Path) -> Result<Sample> {
+        let key = &self.key;
+        let Some((member, image)) = self.image else {
+            return Err(data_error(
+                shard,
+                format!("sample `{key}` has no image member ({key}.jpg, .jpeg or .png)"),
+            ));
+        };
+        let mut captions = Vec::new();
+        let mut image_id = key_image_id(key);
+        if let Some((name, bytes)) = &self.json {
+            let bad = |m: &str| data_error(shard, format!("member {name}: {m}"));
+            let v: Value =
+                serde_json::from_slice(bytes).map_err(|e| bad(&format!("invalid JSON: {e}")))?;
+            if !v.is_object() {
+                return Err(bad("expected a JSON object"));
+            }
+            match v.get("caption").or_else(|| v.get("text")) {
+                None => {}
+                Some(Value::String(s)) => captions.push(s.clone()),
+                Some(Value::Array(list)) => {
+                    for c in list {
+                        let s = c
+                            .as_str()
+                            .ok_or_else(|| bad("`caption` list must hold strings"))?;
+                        captions.push(s.to_string());
+                    }
+                }
+                Some(_) => return Err(bad("`caption` must be a string or a list of strings")),
+            }
+            image_id = match v.get("image_id") {
+                None => image_id,
+                Some(Value::String(s)) => key_image_id(s),
+                Some(n) => n
+                    .as_i64()
+                    .ok_or_else(|| bad("`image_id` must be an integer or a string"))?,
+            };
+        }
+        if captions.is_empty() {
+            if let Some((_, bytes)) = &self.txt {
+                captions.push(String::from_utf8_lossy(bytes).into_owned());
+            }
+        }
+        let captions: Vec<String> = captions
+            .into_iter()
+            .map(|c| c.trim().to_string())
+            .filter(|c| !c.is_empty())
+            .collect();
+        if captions.is_empty() {
+            return Err(data_error(
+                shard,
+                format!(
+                    "sample `{key}` has no caption ({key}.txt, or {key}.json with `caption` or \
+                     `text`)"
+                ),
+            ));
+        }
+        Ok(Sample {
+            member,
+            image,
+            captions,
+            image_id,
+        })
+    }
+}
+
+/// Samples of one shard, in archive order.
+struct ShardReader {
+    path: PathBuf,
+    tar: TarReader<BufReader<File>>,
+    pending: Option<Raw>,
+}
+
+impl ShardReader {
+    fn open(path: &Path) -> Result<ShardReader> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        Ok(ShardReader {
+            path: path.to_path_buf(),
+            tar: TarReader::new(BufReader::with_capacity(1 << 16, file)),
+            pending: None,
+        })
+    }
+
+    fn read(&mut self, m: &Member) -> Result<Vec<u8>> {
+        self.tar
+            .read_data(m)
+            .map_err(|msg| data_error(&self.path, msg))
+    }
+
+    /// The next sample's members; images are read only when `load_images`
+    /// (else their place is kept).
+    fn next_raw(&mut self, load_images: bool) -> Result<Option<Raw>> {
+        loop {
+            let m = match self.tar.next_member() {
+                Ok(Some(m)) => m,
+                Ok(None) => return Ok(self.pending.take()),
+                Err(msg) => return Err(data_error(&self.path, format!("corrupt tar: {msg}"))),
+            };
+            let Some((key, kind)) = classify(&m.name) else {
+                continue;
+            };
+            let finished = match &self.pending {
+                Some(p) if p.key != key => self.pending.take(),
+                _ => None,
+            };
+            let key = key.to_string();
+            let data = match kind {
+                Kind::Image if !load_images => ImageData::At {
+                    offset: m.offset,
+                    len: m.size,
+                },
+                _ => ImageData::Bytes(Arc::new(self.read(&m)?)),
+            };
+            let raw = self.pending.get_or_insert_with(|| Raw::new(key));
+            match (kind, data) {
+                (Kind::Image, image) => raw.image = Some((m.name, image)),
+                (Kind::Txt, ImageData::Bytes(text)) => raw.txt = Some((m.name, text)),
+                (Kind::Json, ImageData::Bytes(text)) => raw.json = Some((m.name, text)),
+                _ => unreachable!("text members are read"),
+            }
+            if finished.is_some() {
+                return Ok(finished);
+            }
+        }
+    }
+}
+
+/// Read every shard of `pattern` (relative to the working directory) in
+/// order into memory, for evaluation. Bad samples fail, or are skipped with a
+/// warning under [`OnError::Skip`].
+pub fn load_shards(pattern: &str, on_error: OnError) -> Result<Dataset> {
+    let shards = Shards::resolve(pattern, "shards", 1)?;
+    let mut ds = Dataset {
+        name: pattern.to_string(),
+        images: Vec::new(),
+        image_ids: Vec::new(),
+        pairs: Vec::new(),
+        skipped: 0,
+    };
+    for path in &shards.paths {
+        let mut reader = ShardReader::open(path)?;
+        loop {
+            // An unreadable archive ends the shard; a bad sample only itself.
+            let (sample, end) = match reader.next_raw(true) {
+                Ok(None) => break,
+                Ok(Some(raw)) => (raw.finish(path), false),
+                Err(e) => (Err(e), true),
+            };
+            let sample = match (sample, on_error) {
+                (Ok(s), _) => s,
+                (Err(e), OnError::Fail) => return Err(with_skip_hint(e)),
+                (Err(e), OnError::Skip) => {
+                    tracing::warn!("skipped: {e}");
+                    ds.skipped += 1;
+                    if end {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let ImageData::Bytes(bytes) = sample.image else {
+                unreachable!("images are read when loading");
+            };
+            ds.images.push(ImageRef::File {
+                path: path.join(&sample.member),
+                origin: path.display().to_string(),
+                bytes: Some(ImageBytes(bytes)),
+            });
+            ds.image_ids.push(sample.image_id);
+            let image = ds.images.len() - 1;
+            for caption in sample.captions {
+                ds.pairs.push(Pair { image, caption });
+            }
+        }
+    }
+    if ds.skipped > 0 {
+        tracing::warn!(
+            "{pattern}: skipped {} bad samples (data.on_error = \"skip\")",
+            ds.skipped
+        );
+    }
+    if ds.pairs.is_empty() {
+        return Err(Error::Config(format!(
+            "shards `{pattern}`: no image-caption samples"
+        )));
+    }
+    Ok(ds)
+}
+
+/// One pair of the stream.
+struct StreamPair {
+    shard: usize,
+    member: String,
+    image: ImageData,
+    caption: String,
+    image_id: i64,
+}
+
+/// One epoch's reading state.
+struct Epoch {
+    order: Vec<usize>,
+    next_shard: usize,
+    reader: Option<(usize, ShardReader)>,
+    buffer: Vec<StreamPair>,
+    /// All shards read: the buffer drains.
+    exhausted: bool,
+    rng: Rng,
+    emitted: u64,
+}
+
+/// The endless pair stream of a shard set: epoch after epoch, each a shard
+/// order and a shuffle-buffer order drawn from the seed and the epoch.
+pub struct PairStream {
+    shards: Shards,
+    seed: Option<u64>,
+    on_error: OnError,
+    skipped: Arc<AtomicUsize>,
+    epoch: u64,
+    /// Pairs in an epoch, once one has been read through.
+    epoch_len: Option<u64>,
+    state: Option<Epoch>,
+}
+
+impl PairStream {
+    /// The stream of `shards`; `seed` `None` reads shards and samples in
+    /// order. Skipped samples are counted in `skipped`.
+    pub fn new(
+        shards: Shards,
+        seed: Option<u64>,
+        on_error: OnError,
+        skipped: Arc<AtomicUsize>,
+    ) -> Self {
+        PairStream {
+            shards,
+            seed,
+            on_error,
+            skipped,
+            epoch: 0,
+            epoch_len: None,
+            state: None,
+        }
+    }
+
+    fn start_epoch(&self) -> Epoch {
+        let mut order: Vec<usize> = (0..self.shards.paths.len()).collect();
+        let seed = self.seed.unwrap_or(0);
+        if self.seed.is_some() {
+            Rng::new(mix(&[seed, self.epoch, 0x5_4A2D])).shuffle(&mut order);
+        }
+        Epoch {
+            order,
+            next_shard: 0,
+            reader: None,
+            buffer: Vec::new(),
+            exhausted: false,
+            rng: Rng::new(mix(&[seed, self.epoch, 0xB_0FFE])),
+            emitted: 0,
+        }
+    }
+
+    /// A bad sample or shard: an error, or (skipping) a warning and a count.
+    fn bad(&self, e: Error, report: bool) -> Result<()> {
+        match self.on_error {
+            OnError::Fail => Err(with_skip_hint(e)),
+            OnError::Skip => {
+                if report {
+                    tracing::warn!("skipped: {e}");
+                    self.skipped.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Read the next sample of the epoch into the buffer; false when every
+    /// shard has been read.
+    fn fill(&mut self, load_images: bool) -> Result<bool> {
+        loop {
+            let st = self.state.as_mut().expect("epoch started");
+            if st.reader.is_none() {
+                let Some(&shard) = st.order.get(st.next_shard) else {
+                    return Ok(false);
+                };
+                st.next_shard += 1;
+                match ShardReader::open(&self.shards.paths[shard]) {
+                    Ok(r) => st.reader = Some((shard, r)),
+                    Err(e) => self.bad(e, load_images)?,
+                }
+                continue;
+            }
+            let (shard, reader) = st.reader.as_mut().expect("checked");
+            let shard = *shard;
+            let sample = match reader.next_raw(load_images) {
+                Ok(None) => {
+                    st.reader = None;
+                    continue;
+                }
+                Ok(Some(raw)) => raw.finish(&self.shards.paths[shard]),
+                Err(e) => {
+                    // The rest of a corrupt shard is unreadable.
+                    st.reader = None;
+                    Err(e)
+                }
+            };
+            match sample {
+                Ok(s) => {
+                    for caption in s.captions {
+                        st.buffer.push(StreamPair {
+                            shard,
+                            member: s.member.clone(),
+                            image: s.image.clone(),
+                            caption,
+                            image_id: s.image_id,
+                        });
+                    }
+                    return Ok(true);
+                }
+                Err(e) => self.bad(e, load_images)?,
+            }
+        }
+    }
+
+    /// The next pair; its image is read when `load_images`.
+    fn next_pair(&mut self, load_images: bool) -> Result<StreamPair> {
+        let cap = match self.seed {
+            Some(_) => self.shards.shuffle_buffer.max(1),
+            None => 1,
+        };
+        loop {
+            if self.state.is_none() {
+                self.state = Some(self.start_epoch());
+            }
+            let st = self.state.as_mut().expect("just started");
+            if !st.buffer.is_empty() && (st.exhausted || st.buffer.len() >= cap) {
+                let j = st.rng.below(st.buffer.len());
+                let mut pair = st.buffer.swap_remove(j);
+                st.emitted += 1;
+                if let (true, ImageData::At { offset, len }) = (load_images, &pair.image) {
+                    let path = &self.shards.paths[pair.shard];
+                    let bytes = read_at(path, *offset, *len)
+                        .map_err(|e| data_error(path, format!("member {}: {e}", pair.member)))?;
+                    pair.image = ImageData::Bytes(Arc::new(bytes));
+                }
+                return Ok(pair);
+            }
+            if st.exhausted {
+                if st.emitted == 0 {
+                    return Err(Error::Config(format!(
+                        "config key `data.shards`: `{}` holds no image-caption samples",
+                        self.shards.pattern
+                    )));
+                }
+                self.epoch_len = Some(st.emitted);
+                self.epoch += 1;
+                self.state = None;
+                continue;
+            }
+            if !self.fill(load_images)? {
+                self.state.as_mut().expect("started").exhausted = true;
+            }
+        }
+    }
+
+    /// Pass over the next `n` pairs without reading their images (whole
+    /// epochs at once once an epoch's length is known).
+    pub fn skip(&mut self, mut n: u64) -> Result<()> {
+        while n > 0 {
+            match self.epoch_len {
+                Some(len) if self.state.is_none() && n >= len => {
+                    n -= len;
+                    self.epoch += 1;
+                }
+                _ => {
+                    self.next_pair(false)?;
+                    n -= 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The next `n` pairs as a dataset of `n` images (not yet decoded).
+    pub fn next_dataset(&mut self, n: usize) -> Result<Dataset> {
+        let mut ds = Dataset {
+            name: self.shards.pattern.clone(),
+            images: Vec::with_capacity(n),
+            image_ids: Vec::with_capacity(n),
+            pairs: Vec::with_capacity(n),
+            skipped: 0,
+        };
+        for image in 0..n {
+            let p = self.next_pair(true)?;
+            let ImageData::Bytes(bytes) = p.image else {
+                unreachable!("read by next_pair");
+            };
+            let shard = &self.shards.paths[p.shard];
+            ds.images.push(ImageRef::File {
+                path: shard.join(&p.member),
+                origin: shard.display().to_string(),
+                bytes: Some(ImageBytes(bytes)),
+            });
+            ds.image_ids.push(p.image_id);
+            ds.pairs.push(Pair {
+                image,
+                caption: p.caption,
+            });
+        }
+        Ok(ds)
+    }
+
+    /// The next `n` pairs' (key-derived) image ids and captions, without
+    /// reading images: the stream's order, for tests and inspection.
+    pub fn peek_order(&mut self, n: usize) -> Result<Vec<(i64, String)>> {
+        (0..n)
+            .map(|_| self.next_pair(false).map(|p| (p.image_id, p.caption)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn braces_expand_ranges_lists_and_products() {
+        assert_eq!(expand_braces("a.tar").unwrap(), ["a.tar"]);
+        assert_eq!(
+            expand_braces("s/train-{000008..000011}.tar").unwrap(),
+            [
+                "s/train-000008.tar",
+                "s/train-000009.tar",
+                "s/train-000010.tar",
+                "s/train-000011.tar"
+            ]
+        );
+        assert_eq!(expand_braces("{8..10}").unwrap(), ["8", "9", "10"]);
+        assert_eq!(expand_braces("{3..1}").unwrap(), ["3", "2", "1"]);
+        assert_eq!(
+            expand_braces("{a,b}-{0..1}.tar").unwrap(),
+            ["a-0.tar", "a-1.tar", "b-0.tar", "b-1.tar"]
+        );
+        for bad in ["{", "}", "a{1..}", "{x}", "{{1..2}}", "a}{"] {
+            assert!(expand_braces(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn members_classify_by_the_first_dot_of_the_file_name() {
+        let key = |n: &str| classify(n).map(|(k, _)| k.to_string());
+        assert_eq!(key("d.x/0001.jpg").as_deref(), Some("d.x/0001"));
+        assert_eq!(key("0001.JSON").as_deref(), Some("0001"));
+        assert_eq!(key("0001.seg.png"), None);
+        assert_eq!(key("0001.cls"), None);
+        assert_eq!(key("README"), None);
+    }
+}
