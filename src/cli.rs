@@ -35,8 +35,11 @@ pub enum Command {
         quiet: bool,
     },
     /// Evaluate a trained run: `retrieval` (ITC top-k re-ranked by ITM, on an
-    /// annotation file) or `matching` (lines {"image", "caption", "negative"}).
-    /// Prints one JSON object on the last line; writes RUN_DIR/eval-TASK.json.
+    /// annotation file or tar shards), `matching` (lines {"image", "caption",
+    /// "negative"}), `zeroshot` (lines {"image", "label"} and `--labels`),
+    /// `vqa` (a run fine-tuned with `finetune --task vqa`; lines {"image",
+    /// "question", "answer"} or `--data builtin`). Prints one JSON object on
+    /// the last line; writes RUN_DIR/eval-TASK.json.
     Eval {
         /// The run directory (its config.toml and newest checkpoint).
         #[arg(long)]
@@ -50,6 +53,10 @@ pub enum Command {
         /// Karpathy split(s) of a `dataset_coco.json`-style file, e.g. `test`.
         #[arg(long)]
         split: Option<String>,
+        /// Candidate labels for `zeroshot`: a JSON list of strings, or one
+        /// label per line.
+        #[arg(long)]
+        labels: Option<PathBuf>,
         /// Overrides over the run's config, e.g. `--set eval.k=64`.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
@@ -92,6 +99,52 @@ pub enum Command {
         count: usize,
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Fine-tune a pretrained run on a downstream task (`vqa`: a classifier
+    /// over the training answers on the fused [CLS]). `--data builtin` uses
+    /// questions about the built-in scenes. Writes a run directory (default
+    /// CHECKPOINT/vqa) that `eval --task vqa` reads.
+    Finetune {
+        #[arg(long)]
+        task: String,
+        /// The pretrained run directory.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// JSON/JSONL lines {"image", "question", "answer"}, or `builtin`.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        image_root: Option<PathBuf>,
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, default_value_t = 1000)]
+        steps: i64,
+        #[arg(long, default_value_t = 1e-4)]
+        lr: f64,
+        /// Default: the run's train.batch_size.
+        #[arg(long)]
+        batch_size: Option<usize>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Show where a caption disagrees with an image: each word with the
+    /// VL-RTD discriminator's probability that it does not match, and the ITM
+    /// match probability. Prints a table, then one JSON object on the last
+    /// line; `--html` writes a page highlighting the suspicious words.
+    Explain {
+        /// A trained run directory.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long)]
+        image: PathBuf,
+        #[arg(long)]
+        text: String,
+        #[arg(long)]
+        html: Option<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
     },
     /// Time training steps, the data pipeline and NegGen for a config, and
     /// with `--reference`, the PyTorch yardstick on the same inputs; prints
@@ -332,6 +385,7 @@ pub fn run(cli: Cli) -> Result<()> {
             data,
             image_root,
             split,
+            labels,
             sets,
             quiet,
         } => {
@@ -339,6 +393,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 path: data,
                 image_root,
                 split,
+                labels,
             };
             let result = eval_task(&checkpoint, &task, &data, &sets, !quiet)?;
             println!("{result}");
@@ -347,6 +402,54 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Plugins { config } => {
             let loaded = config.layers()?.load()?;
             print!("{}", plugin_listing(&loaded.config.plugins.paths)?);
+            Ok(())
+        }
+        Command::Finetune {
+            task,
+            checkpoint,
+            data,
+            image_root,
+            out,
+            steps,
+            lr,
+            batch_size,
+            sets,
+            quiet,
+        } => {
+            if task != "vqa" {
+                return Err(Error::Config(format!(
+                    "--task `{task}`: the fine-tuning task is `vqa`"
+                )));
+            }
+            let out = crate::vqa::finetune(&crate::vqa::FinetuneOptions {
+                checkpoint,
+                data,
+                image_root,
+                out,
+                steps,
+                lr,
+                batch_size,
+                sets,
+                progress: !quiet,
+            })?;
+            println!("fine-tuned run: {}", out.display());
+            Ok(())
+        }
+        Command::Explain {
+            checkpoint,
+            image,
+            text,
+            html,
+            sets,
+        } => {
+            let e = explain_cmd(&checkpoint, &image, &text, &sets)?;
+            print!("{}", crate::explain::render_text(&e));
+            if let Some(path) = html {
+                let page = crate::explain::render_html(&e, &image)?;
+                std::fs::write(&path, page).map_err(|err| Error::io(&path, err))?;
+                println!("wrote {}", path.display());
+            }
+            println!("{}", serde_json::to_string(&e).expect("json"));
             Ok(())
         }
         Command::Bench {
@@ -427,6 +530,27 @@ pub struct DataArg {
     pub image_root: Option<PathBuf>,
     /// Karpathy split(s), comma-separated.
     pub split: Option<String>,
+    /// Zero-shot candidate labels.
+    pub labels: Option<PathBuf>,
+}
+
+/// Candidate labels: a JSON list of strings, or one label per line.
+fn read_labels(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    if text.trim_start().starts_with('[') {
+        serde_json::from_str(&text).map_err(|e| Error::Data {
+            path: path.to_path_buf(),
+            line: Some(e.line()),
+            message: format!("expected a JSON list of strings: {e}"),
+        })
+    } else {
+        Ok(text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect())
+    }
 }
 
 pub fn eval_task(
@@ -438,7 +562,15 @@ pub fn eval_task(
 ) -> Result<serde_json::Value> {
     let image_root = data.image_root.as_deref();
     let split = data.split.as_deref();
+    let labels = data.labels.as_deref();
     let data = data.path.as_path();
+    if task == "vqa" {
+        let r = crate::vqa::evaluate(run_dir, data, image_root, sets)?;
+        let mut result = serde_json::to_value(r).expect("serialisable");
+        result["task"] = serde_json::json!(task);
+        result["data"] = serde_json::json!(data.display().to_string());
+        return write_eval(run_dir, task, result);
+    }
     let (loaded, tok, asm, state) = load_run(run_dir, sets)?;
     let c = &loaded.config;
     let inp = crate::eval::EvalInputs::new(c, &tok);
@@ -449,7 +581,12 @@ pub fn eval_task(
     };
     let mut result = match task {
         "retrieval" => {
-            let ds = crate::data::annotations::load_split(data, image_root, split)?;
+            let ds = crate::data::load_any_with(
+                &data.display().to_string(),
+                image_root,
+                split,
+                c.data.on_error,
+            )?;
             let r = crate::eval::retrieval_reranked(
                 &asm.model,
                 &ds,
@@ -466,9 +603,19 @@ pub fn eval_task(
             let m = crate::eval::matching_triples(&asm.model, &ds, &negatives, &inp)?;
             serde_json::to_value(m).expect("serialisable")
         }
+        "zeroshot" => {
+            let labels = read_labels(labels.ok_or_else(|| {
+                Error::Config("--task zeroshot needs --labels FILE (the candidate labels)".into())
+            })?)?;
+            let (ds, _) =
+                crate::data::annotations::load_entries(data, image_root, "label", c.data.on_error)?;
+            let z =
+                crate::eval::zeroshot(&asm.model, &ds, &labels, &inp, c.eval.k, &c.eval.rerank)?;
+            serde_json::to_value(z).expect("serialisable")
+        }
         other => {
             return Err(Error::Config(format!(
-                "--task `{other}`: expected `retrieval` or `matching`"
+                "--task `{other}`: expected `retrieval`, `matching`, `zeroshot` or `vqa`"
             )))
         }
     };
@@ -476,6 +623,11 @@ pub fn eval_task(
     result["task"] = serde_json::json!(task);
     result["step"] = serde_json::json!(state.step);
     result["data"] = serde_json::json!(data.display().to_string());
+    write_eval(run_dir, task, result)
+}
+
+/// Write RUN_DIR/eval-TASK.json and return the result.
+fn write_eval(run_dir: &Path, task: &str, result: serde_json::Value) -> Result<serde_json::Value> {
     let out = run_dir.join(format!("eval-{task}.json"));
     std::fs::write(
         &out,
@@ -509,6 +661,19 @@ fn load_run(run_dir: &Path, sets: &[String]) -> Result<LoadedRun> {
     let ckpt = crate::checkpoint::latest(run_dir)?;
     let (_, state) = crate::checkpoint::load(&ckpt, &mut asm.vs)?;
     Ok((loaded, tok, asm, state))
+}
+
+/// `vlmatch explain` on a trained run.
+pub fn explain_cmd(
+    run_dir: &Path,
+    image: &Path,
+    text: &str,
+    sets: &[String],
+) -> Result<crate::explain::Explanation> {
+    let (loaded, tok, asm, _) = load_run(run_dir, sets)?;
+    let d = &loaded.config.data;
+    let pixels = crate::explain::image_tensor(image, d.image_size as usize, d.mean, d.std)?;
+    crate::explain::explain(&asm.model, &tok, d.max_len as usize, &pixels, text)
 }
 
 /// A NegGen sampler with the config's `[samplers.neggen]` keys (defaults
@@ -548,7 +713,12 @@ pub fn neggen_offline(
     let c = &loaded.config;
     tch::manual_seed(c.train.seed as i64);
     let sampler = neggen_sampler(&loaded, &tok)?;
-    let ds = crate::data::annotations::load(data, image_root)?;
+    let ds = crate::data::load_any_with(
+        &data.display().to_string(),
+        image_root,
+        None,
+        c.data.on_error,
+    )?;
     let loader_cfg = crate::data::loader::LoaderConfig::new(&c.data, c.eval.batch_size, None);
     let all: Vec<usize> = (0..ds.len()).collect();
     let bar = if progress {

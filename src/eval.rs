@@ -141,6 +141,30 @@ pub struct Matching {
     pub pairs: usize,
     pub itm_acc: f64,
     pub itc_acc: f64,
+    /// Token-level localisation (VL-RTD): of the negatives that differ from
+    /// their caption in single words at the same positions, the share whose
+    /// word with the highest replaced-probability is one of the changed
+    /// words, and that share for a random pick (mean changed / words).
+    pub rtd_top1: f64,
+    pub rtd_chance: f64,
+    pub rtd_pairs: usize,
+}
+
+/// Word indices where `negative` differs from `caption`, when both have the
+/// same number of words (else `None`).
+fn changed_words(
+    tok: &Tokenizer,
+    caption: &str,
+    negative: &str,
+    max_len: usize,
+) -> Option<(Vec<usize>, Vec<std::ops::Range<usize>>)> {
+    let (_, a) = tok.encode_words(caption, max_len);
+    let (_, b) = tok.encode_words(negative, max_len);
+    if a.len() != b.len() || b.is_empty() {
+        return None;
+    }
+    let changed: Vec<usize> = (0..a.len()).filter(|&i| a[i].0 != b[i].0).collect();
+    (!changed.is_empty()).then(|| (changed, b.into_iter().map(|(_, r)| r).collect()))
 }
 
 /// The swaps the matching evaluation uses: colors and shapes.
@@ -174,6 +198,7 @@ fn score_cases(
     cases: &[(usize, String, String)],
 ) -> Result<Matching> {
     let (mut itm_hits, mut itc_hits) = (0.0, 0.0);
+    let (mut rtd_hits, mut rtd_chance, mut rtd_pairs) = (0.0, 0.0, 0usize);
     tch::no_grad(|| -> Result<()> {
         for chunk in cases.chunks(inp.batch_size.max(1)) {
             let images: Vec<usize> = chunk.iter().map(|c| c.0).collect();
@@ -207,14 +232,37 @@ fn score_cases(
                 .to_kind(Kind::Float)
                 .sum(Kind::Float)
                 .double_value(&[]);
+            let token_p = model
+                .discriminator
+                .token_logits(&model.fuse(&tn, &image, false)?)?
+                .to_kind(Kind::Double)
+                .to_device(Device::Cpu);
+            for (b, c) in chunk.iter().enumerate() {
+                let Some((changed, spans)) = changed_words(inp.tokenizer, &c.1, &c.2, inp.max_len)
+                else {
+                    continue;
+                };
+                let row = Vec::<f64>::try_from(token_p.get(b as i64))?;
+                let word_p = crate::explain::word_max(&row, &spans);
+                let top = (0..word_p.len())
+                    .max_by(|&x, &y| word_p[x].total_cmp(&word_p[y]))
+                    .expect("non-empty");
+                rtd_hits += f64::from(u8::from(changed.contains(&top)));
+                rtd_chance += changed.len() as f64 / word_p.len() as f64;
+                rtd_pairs += 1;
+            }
         }
         Ok(())
     })?;
     let n = cases.len().max(1) as f64;
+    let m = rtd_pairs.max(1) as f64;
     Ok(Matching {
         pairs: cases.len(),
         itm_acc: itm_hits / n,
         itc_acc: itc_hits / n,
+        rtd_top1: rtd_hits / m,
+        rtd_chance: rtd_chance / m,
+        rtd_pairs,
     })
 }
 
@@ -262,11 +310,7 @@ pub fn retrieval_reranked(
     rerank: &str,
     progress: &indicatif::ProgressBar,
 ) -> Result<RerankedRetrieval> {
-    if rerank != "itm" && rerank != "itm+itc" {
-        return Err(vlmatch_core::Error::Config(format!(
-            "config key `eval.rerank`: expected \"itm\" or \"itm+itc\", got \"{rerank}\""
-        )));
-    }
+    check_rerank(rerank)?;
     tch::no_grad(|| {
         let bs = inp.batch_size.max(1);
         let all: Vec<usize> = (0..ds.images.len()).collect();
@@ -302,15 +346,13 @@ pub fn retrieval_reranked(
             hidden: Tensor::cat(&text_hidden, 0),
             mask: all_text.mask.shallow_clone(),
         };
-        let sims = model
-            .contrastive
-            .embed_image(&images)
-            .matmul(&model.contrastive.embed_text(&text).tr());
+        // Unit ITC embeddings; each query's similarity row is computed when
+        // it is ranked, so no images x captions matrix is ever held (COCO
+        // 5k test: 5,000 x 25,000).
+        let image_embeds = model.contrastive.embed_image(&images);
+        let text_embeds = model.contrastive.embed_text(&text);
         let owner: Vec<usize> = ds.pairs.iter().map(|p| p.image).collect();
-        let (ni, nt) = (ds.images.len(), ds.pairs.len());
-        progress.set_length((ni + nt) as u64);
-
-        // Score pairs (image i, text j) for the candidates of one query.
+        // ITM probability of pairs (image i, text j), plus ITC if asked.
         let score = |img: &Tensor, txt: &Tensor, itc: &Tensor| -> Result<Vec<f64>> {
             let fused = model.fuse_cls(&text.select(txt), &images.select(img), false)?;
             let p = model
@@ -323,60 +365,215 @@ pub fn retrieval_reranked(
                 s.to_kind(Kind::Double).to_device(Device::Cpu),
             )?)
         };
-        let rank_of_first_hit =
-            |cands: &[i64], scores: &[f64], hit: &dyn Fn(i64) -> bool| -> usize {
-                let mut order: Vec<usize> = (0..cands.len()).collect();
-                order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-                order
-                    .iter()
-                    .position(|&o| hit(cands[o]))
-                    .unwrap_or(usize::MAX)
-            };
-        let kk = k.max(1);
-        let mut tr_ranks = Vec::with_capacity(ni);
-        for i in 0..ni {
-            let row = sims.get(i as i64);
-            let (top, idx) = row.topk(kk.min(nt) as i64, 0, true, true);
-            let img = Tensor::full([idx.size()[0]], i as i64, (Kind::Int64, model.device));
-            let scores = score(&img, &idx, &top)?;
-            let cands = Vec::<i64>::try_from(idx.to_device(Device::Cpu))?;
-            tr_ranks.push(rank_of_first_hit(&cands, &scores, &|j| {
-                owner[j as usize] == i
-            }));
-            progress.inc(1);
+        reranked_recalls(
+            &image_embeds,
+            &text_embeds,
+            &owner,
+            k,
+            rerank,
+            score,
+            progress,
+        )
+    })
+}
+
+/// The retrieval protocol on given scores, apart from any model so that a
+/// hand-checked example can test it. ITC similarities are
+/// `image_embeds [ni, E] . text_embeds [nt, E]`; `owner[j]` is caption
+/// `j`'s image. Each query's top `k` candidates by ITC are re-ranked by
+/// `score(image indices, text indices, their ITC similarities)` (higher is
+/// better; ties keep the ITC order). Image-to-text counts a hit when any
+/// caption of the image ranks within R; text-to-image when its own image does.
+pub fn reranked_recalls(
+    image_embeds: &Tensor,
+    text_embeds: &Tensor,
+    owner: &[usize],
+    k: usize,
+    rerank: &str,
+    mut score: impl FnMut(&Tensor, &Tensor, &Tensor) -> Result<Vec<f64>>,
+    progress: &indicatif::ProgressBar,
+) -> Result<RerankedRetrieval> {
+    let (ni, nt) = (image_embeds.size()[0] as usize, owner.len());
+    let device = image_embeds.device();
+    progress.set_length((ni + nt) as u64);
+    let rank_of_first_hit = |cands: &[i64], scores: &[f64], hit: &dyn Fn(i64) -> bool| -> usize {
+        let mut order: Vec<usize> = (0..cands.len()).collect();
+        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+        order
+            .iter()
+            .position(|&o| hit(cands[o]))
+            .unwrap_or(usize::MAX)
+    };
+    let kk = k.max(1);
+    let mut tr_ranks = Vec::with_capacity(ni);
+    for i in 0..ni {
+        let row = text_embeds.matmul(&image_embeds.get(i as i64));
+        let (top, idx) = row.topk(kk.min(nt) as i64, 0, true, true);
+        let img = Tensor::full([idx.size()[0]], i as i64, (Kind::Int64, device));
+        let scores = score(&img, &idx, &top)?;
+        let cands = Vec::<i64>::try_from(idx.to_device(Device::Cpu))?;
+        tr_ranks.push(rank_of_first_hit(&cands, &scores, &|j| {
+            owner[j as usize] == i
+        }));
+        progress.inc(1);
+    }
+    let mut ir_ranks = Vec::with_capacity(nt);
+    for (j, &target) in owner.iter().enumerate() {
+        let row = image_embeds.matmul(&text_embeds.get(j as i64));
+        let (top, idx) = row.topk(kk.min(ni) as i64, 0, true, true);
+        let txt = Tensor::full([idx.size()[0]], j as i64, (Kind::Int64, device));
+        let scores = score(&idx, &txt, &top)?;
+        let cands = Vec::<i64>::try_from(idx.to_device(Device::Cpu))?;
+        ir_ranks.push(rank_of_first_hit(&cands, &scores, &|i| {
+            i as usize == target
+        }));
+        progress.inc(1);
+    }
+    let recall = |ranks: &[usize], r: usize| {
+        ranks.iter().filter(|&&x| x < r).count() as f64 / ranks.len().max(1) as f64
+    };
+    let out = RerankedRetrieval {
+        images: ni,
+        captions: nt,
+        k: kk,
+        rerank: rerank.to_string(),
+        tr_r1: recall(&tr_ranks, 1),
+        tr_r5: recall(&tr_ranks, 5),
+        tr_r10: recall(&tr_ranks, 10),
+        ir_r1: recall(&ir_ranks, 1),
+        ir_r5: recall(&ir_ranks, 5),
+        ir_r10: recall(&ir_ranks, 10),
+        rsum: 0.0,
+    };
+    let rsum = 100.0 * (out.tr_r1 + out.tr_r5 + out.tr_r10 + out.ir_r1 + out.ir_r5 + out.ir_r10);
+    Ok(RerankedRetrieval { rsum, ..out })
+}
+
+fn check_rerank(rerank: &str) -> Result<()> {
+    if rerank != "itm" && rerank != "itm+itc" {
+        return Err(vlmatch_core::Error::Config(format!(
+            "config key `eval.rerank`: expected \"itm\" or \"itm+itc\", got \"{rerank}\""
+        )));
+    }
+    Ok(())
+}
+
+/// Zero-shot classification: each image against every candidate label.
+#[derive(Debug, Clone, Serialize)]
+pub struct ZeroShot {
+    pub images: usize,
+    pub labels: usize,
+    /// Candidates re-ranked by ITM per image (the top `k` by ITC).
+    pub k: usize,
+    pub rerank: String,
+    pub itc_top1: f64,
+    pub itc_top5: f64,
+    pub itm_top1: f64,
+    pub itm_top5: f64,
+}
+
+/// Zero-shot accuracy: `ds.pairs[i]` is an image and its true label (the
+/// pair's caption, which must be one of `labels`). Top-1/top-5 by ITC
+/// similarity with every label, and after re-ranking each image's top `k`
+/// labels by ITM (or ITM + ITC, `rerank`).
+pub fn zeroshot(
+    model: &VlModel,
+    ds: &Dataset,
+    labels: &[String],
+    inp: &EvalInputs<'_>,
+    k: usize,
+    rerank: &str,
+) -> Result<ZeroShot> {
+    check_rerank(rerank)?;
+    if labels.is_empty() {
+        return Err(vlmatch_core::Error::Config(
+            "--labels: no candidate labels".into(),
+        ));
+    }
+    let index: std::collections::HashMap<&str, i64> = labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.as_str(), i as i64))
+        .collect();
+    let truth: Vec<i64> = ds
+        .pairs
+        .iter()
+        .map(|p| {
+            index.get(p.caption.as_str()).copied().ok_or_else(|| {
+                vlmatch_core::Error::Config(format!(
+                    "label {:?} of {} is not among the --labels candidates",
+                    p.caption, ds.name
+                ))
+            })
+        })
+        .collect::<Result<_>>()?;
+    let kk = k.clamp(1, labels.len());
+    let (mut itc1, mut itc5, mut itm1, mut itm5) = (0usize, 0usize, 0usize, 0usize);
+    tch::no_grad(|| -> Result<()> {
+        let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
+        let states = text_states(model, inp, &refs)?;
+        let label_embeds = model.contrastive.embed_text(&states);
+        for (chunk, truth) in ds
+            .pairs
+            .chunks(inp.batch_size.max(1))
+            .zip(truth.chunks(inp.batch_size.max(1)))
+        {
+            let images: Vec<usize> = chunk.iter().map(|p| p.image).collect();
+            let image = image_states(model, ds, inp, &images)?;
+            let sims = model
+                .contrastive
+                .embed_image(&image)
+                .matmul(&label_embeds.tr());
+            let order = Vec::<Vec<i64>>::try_from(sims.argsort(1, true).to_device(Device::Cpu))?;
+            for (b, &t) in truth.iter().enumerate() {
+                let rank = order[b].iter().position(|&l| l == t).unwrap_or(usize::MAX);
+                itc1 += usize::from(rank < 1);
+                itc5 += usize::from(rank < 5);
+                // Re-rank the top k by ITM.
+                let top: Vec<i64> = order[b][..kk].to_vec();
+                let idx = Tensor::from_slice(&top).to_device(model.device);
+                let img = Encoded {
+                    hidden: image
+                        .hidden
+                        .get(b as i64)
+                        .unsqueeze(0)
+                        .expand([kk as i64, -1, -1], false),
+                    mask: image
+                        .mask
+                        .get(b as i64)
+                        .unsqueeze(0)
+                        .expand([kk as i64, -1], false),
+                };
+                let p = model
+                    .discriminator
+                    .pair_logits(&model.fuse_cls(&states.select(&idx), &img, false)?)?
+                    .softmax(1, Kind::Float)
+                    .select(1, 1);
+                let s = if rerank == "itm+itc" {
+                    p + sims.get(b as i64).index_select(0, &idx)
+                } else {
+                    p
+                };
+                let s = Vec::<f64>::try_from(s.to_kind(Kind::Double).to_device(Device::Cpu))?;
+                let mut by: Vec<usize> = (0..kk).collect();
+                by.sort_by(|&x, &y| s[y].total_cmp(&s[x]));
+                let rank = by.iter().position(|&o| top[o] == t).unwrap_or(usize::MAX);
+                itm1 += usize::from(rank < 1);
+                itm5 += usize::from(rank < 5);
+            }
         }
-        let sims_t = sims.tr();
-        let mut ir_ranks = Vec::with_capacity(nt);
-        for (j, &target) in owner.iter().enumerate() {
-            let row = sims_t.get(j as i64);
-            let (top, idx) = row.topk(kk.min(ni) as i64, 0, true, true);
-            let txt = Tensor::full([idx.size()[0]], j as i64, (Kind::Int64, model.device));
-            let scores = score(&idx, &txt, &top)?;
-            let cands = Vec::<i64>::try_from(idx.to_device(Device::Cpu))?;
-            ir_ranks.push(rank_of_first_hit(&cands, &scores, &|i| {
-                i as usize == target
-            }));
-            progress.inc(1);
-        }
-        let recall = |ranks: &[usize], r: usize| {
-            ranks.iter().filter(|&&x| x < r).count() as f64 / ranks.len().max(1) as f64
-        };
-        let out = RerankedRetrieval {
-            images: ni,
-            captions: nt,
-            k: kk,
-            rerank: rerank.to_string(),
-            tr_r1: recall(&tr_ranks, 1),
-            tr_r5: recall(&tr_ranks, 5),
-            tr_r10: recall(&tr_ranks, 10),
-            ir_r1: recall(&ir_ranks, 1),
-            ir_r5: recall(&ir_ranks, 5),
-            ir_r10: recall(&ir_ranks, 10),
-            rsum: 0.0,
-        };
-        let rsum =
-            100.0 * (out.tr_r1 + out.tr_r5 + out.tr_r10 + out.ir_r1 + out.ir_r5 + out.ir_r10);
-        Ok(RerankedRetrieval { rsum, ..out })
+        Ok(())
+    })?;
+    let n = ds.pairs.len().max(1) as f64;
+    Ok(ZeroShot {
+        images: ds.pairs.len(),
+        labels: labels.len(),
+        k: kk,
+        rerank: rerank.to_string(),
+        itc_top1: itc1 as f64 / n,
+        itc_top5: itc5 as f64 / n,
+        itm_top1: itm1 as f64 / n,
+        itm_top5: itm5 as f64 / n,
     })
 }
 
@@ -395,4 +592,82 @@ pub fn matching_triples(
         .map(|(p, n)| (p.image, p.caption.clone(), n.clone()))
         .collect();
     score_cases(model, ds, inp, &cases)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Four images, two captions each (caption j belongs to image j / 2),
+    /// with ITC similarities S and ITM scores M chosen by hand; ranks worked
+    /// out on paper:
+    ///
+    /// image queries, k = 2 (top two captions by S, re-ranked by M):
+    ///   img0: {c2 .9, c0 .6} -> M .8, .4 -> own c0 second    rank 1
+    ///   img1: {c0 .7, c2 .6} -> M .2, .9 -> own c2 first     rank 0
+    ///   img2: {c1 .45, c6 .4} -> neither is its own           miss
+    ///   img3: {c7 .95, c6 .3} -> M .5, .6 -> own c6 first    rank 0
+    ///   => tr R@1 2/4, R@5 3/4, R@10 3/4
+    /// caption queries, k = 2 (top two images by S, re-ranked by M):
+    ///   c0: {i1, i0} -> M .2, .4 -> rank 0    c1: {i0, i2} -> .3, .6 -> rank 1
+    ///   c2: {i0, i1} -> .8, .9 -> rank 0      c3: {i1, i0} -> .7, .1 -> rank 0
+    ///   c4: {i2, i0} -> .1, .5 -> rank 1      c5: {i3, i2} -> .9, .3 -> rank 1
+    ///   c6: {i2, i3} -> .2, .6 -> rank 0      c7: {i3, i2} -> .5, .1 -> rank 0
+    ///   => ir R@1 5/8, R@5 8/8, R@10 8/8; rsum 462.5
+    #[test]
+    fn reranked_recalls_match_a_hand_checked_example() {
+        let s: [[f32; 8]; 4] = [
+            [0.6, 0.5, 0.9, 0.2, 0.05, 0.03, 0.01, 0.03],
+            [0.7, 0.1, 0.6, 0.5, 0.02, 0.02, 0.02, 0.04],
+            [0.0, 0.45, 0.0, 0.0, 0.2, 0.1, 0.4, 0.05],
+            [0.0, 0.0, 0.0, 0.0, 0.01, 0.15, 0.3, 0.95],
+        ];
+        let mut m = [[0.0f64; 8]; 4];
+        for (i, j, v) in [
+            (0, 0, 0.4),
+            (0, 1, 0.3),
+            (0, 2, 0.8),
+            (0, 3, 0.1),
+            (0, 4, 0.5),
+            (1, 0, 0.2),
+            (1, 2, 0.9),
+            (1, 3, 0.7),
+            (2, 1, 0.6),
+            (2, 4, 0.1),
+            (2, 5, 0.3),
+            (2, 6, 0.2),
+            (2, 7, 0.1),
+            (3, 5, 0.9),
+            (3, 6, 0.6),
+            (3, 7, 0.5),
+        ] {
+            m[i][j] = v;
+        }
+        // Images are the unit vectors, captions the columns of S.
+        let image_embeds = Tensor::eye(4, (Kind::Float, Device::Cpu));
+        let flat: Vec<f32> = s.iter().flatten().copied().collect();
+        let text_embeds = Tensor::from_slice(&flat).view([4, 8]).tr().contiguous();
+        let owner: Vec<usize> = (0..8).map(|j| j / 2).collect();
+        let score = |img: &Tensor, txt: &Tensor, _itc: &Tensor| -> Result<Vec<f64>> {
+            let (i, t) = (Vec::<i64>::try_from(img)?, Vec::<i64>::try_from(txt)?);
+            Ok(i.iter()
+                .zip(&t)
+                .map(|(&i, &j)| m[i as usize][j as usize])
+                .collect())
+        };
+        let bar = indicatif::ProgressBar::hidden();
+        let r =
+            reranked_recalls(&image_embeds, &text_embeds, &owner, 2, "itm", score, &bar).unwrap();
+        let got = [r.tr_r1, r.tr_r5, r.tr_r10, r.ir_r1, r.ir_r5, r.ir_r10];
+        assert_eq!(got, [0.5, 0.75, 0.75, 0.625, 1.0, 1.0]);
+        assert!((r.rsum - 462.5).abs() < 1e-9, "{}", r.rsum);
+        // k = 1 leaves ITC's first choice alone: of the images only img3
+        // (c7) hits; of the captions c1 (i0), c3 (i1), c4 (i2), c7 (i3).
+        let r1 =
+            reranked_recalls(&image_embeds, &text_embeds, &owner, 1, "itm", score, &bar).unwrap();
+        assert_eq!(
+            [r1.tr_r1, r1.tr_r10, r1.ir_r1, r1.ir_r10],
+            [0.25, 0.25, 0.5, 0.5]
+        );
+    }
 }

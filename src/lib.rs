@@ -10,12 +10,14 @@ pub mod checkpoint;
 pub mod cli;
 pub mod data;
 pub mod eval;
+pub mod explain;
 pub mod optim;
 pub mod pretrained;
 pub mod rng;
 pub mod setup;
 pub mod tokenizer;
 pub mod train;
+pub mod vqa;
 
 // Link every built-in plugin so its `inventory` registration is present; a
 // crate nothing references is dropped by the linker with its plugins.

@@ -161,6 +161,30 @@ impl Tokenizer {
         ids
     }
 
+    /// [`Tokenizer::encode`] with the words (after whitespace and
+    /// punctuation splitting) and the token positions each one became;
+    /// words cut off by truncation are left out.
+    pub fn encode_words(
+        &self,
+        text: &str,
+        max_len: usize,
+    ) -> (Vec<i64>, Vec<(String, std::ops::Range<usize>)>) {
+        let keep = max_len.saturating_sub(1).max(1);
+        let mut ids = vec![self.special.cls];
+        let mut words = Vec::new();
+        for word in self.basic(text) {
+            let start = ids.len();
+            self.wordpiece(&word, &mut ids);
+            if ids.len() > keep {
+                break;
+            }
+            words.push((word, start..ids.len()));
+        }
+        ids.truncate(keep);
+        ids.push(self.special.sep);
+        (ids, words)
+    }
+
     /// [`Tokenizer::encode_batch`] as a [`TextBatch`] on `device`.
     pub fn text_batch(&self, texts: &[&str], max_len: usize, device: tch::Device) -> TextBatch {
         let (ids, mask, l) = self.encode_batch(texts, max_len);
@@ -229,6 +253,23 @@ mod tests {
             toks,
             ["[CLS]", "a", "red", "circle", ",", "z", "##e", "##b", "##r", "##a", "!", "[SEP]"]
         );
+    }
+
+    #[test]
+    fn words_map_to_their_pieces_and_match_encode() {
+        let t = Tokenizer::builtin();
+        let (ids, words) = t.encode_words("A red zebra!", 32);
+        assert_eq!(ids, t.encode("A red zebra!", 32));
+        let spans: Vec<(&str, std::ops::Range<usize>)> =
+            words.iter().map(|(w, r)| (w.as_str(), r.clone())).collect();
+        assert_eq!(
+            spans,
+            [("a", 1..2), ("red", 2..3), ("zebra", 3..8), ("!", 8..9)]
+        );
+        // Truncation drops whole words that do not fit.
+        let (ids, words) = t.encode_words("A red zebra!", 6);
+        assert_eq!(ids.len(), 6);
+        assert_eq!(words.len(), 2);
     }
 
     #[test]

@@ -37,6 +37,7 @@ fn data_arg(path: &std::path::Path, images: &std::path::Path) -> vlmatch::cli::D
         path: path.to_path_buf(),
         image_root: Some(images.to_path_buf()),
         split: None,
+        labels: None,
     }
 }
 
@@ -103,6 +104,59 @@ fn eval_reports_reranked_retrieval_and_matching() {
     assert_eq!(m["pairs"].as_u64(), Some(4));
     assert!((0.0..=1.0).contains(&m["itm_acc"].as_f64().unwrap()));
     assert!(run_dir.join("eval-matching.json").is_file());
+    // Token-level localisation: every negative differs in one of 3 words.
+    assert_eq!(m["rtd_pairs"].as_u64(), Some(4), "{m}");
+    assert!(
+        (m["rtd_chance"].as_f64().unwrap() - 1.0 / 3.0).abs() < 1e-9,
+        "{m}"
+    );
+    let top1 = m["rtd_top1"].as_f64().unwrap();
+    assert!([0.0, 0.25, 0.5, 0.75, 1.0].contains(&top1), "{m}");
+
+    // Zero-shot: each image against the four color labels.
+    let labels = dir.join("labels.txt");
+    std::fs::write(
+        &labels,
+        "a red square\na green square\na blue square\na yellow square\n",
+    )
+    .unwrap();
+    let zs = dir.join("zeroshot.jsonl");
+    std::fs::write(
+        &zs,
+        ["red", "green", "blue", "yellow"]
+            .iter()
+            .map(|c| format!("{{\"image\": \"{c}.png\", \"label\": \"a {c} square\"}}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let mut arg = data_arg(&zs, &images);
+    arg.labels = Some(labels.clone());
+    let z =
+        vlmatch::cli::eval_task(&run_dir, "zeroshot", &arg, &["eval.k=4".into()], false).unwrap();
+    assert_eq!(
+        (z["images"].as_u64(), z["labels"].as_u64(), z["k"].as_u64()),
+        (Some(4), Some(4), Some(4))
+    );
+    // With four candidates, top-5 always holds the right one.
+    assert_eq!(
+        (z["itc_top5"].as_f64(), z["itm_top5"].as_f64()),
+        (Some(1.0), Some(1.0)),
+        "{z}"
+    );
+    for key in ["itc_top1", "itm_top1"] {
+        let v = z[key].as_f64().unwrap();
+        assert!([0.0, 0.25, 0.5, 0.75, 1.0].contains(&v), "{key} = {v}");
+    }
+    // k = 1: ITM re-ranks nothing, so its top-1 is ITC's.
+    let z1 =
+        vlmatch::cli::eval_task(&run_dir, "zeroshot", &arg, &["eval.k=1".into()], false).unwrap();
+    assert_eq!(z1["itm_top1"], z1["itc_top1"], "{z1}");
+    std::fs::write(&labels, "[\"a red square\"]").unwrap();
+    let err = vlmatch::cli::eval_task(&run_dir, "zeroshot", &arg, &[], false).unwrap_err();
+    assert!(err.to_string().contains("not among the --labels"), "{err}");
+    arg.labels = None;
+    let err = vlmatch::cli::eval_task(&run_dir, "zeroshot", &arg, &[], false).unwrap_err();
+    assert!(err.to_string().contains("needs --labels"), "{err}");
 
     let err = vlmatch::cli::eval_task(&run_dir, "matching", &data_arg(&ann, &images), &[], false)
         .unwrap_err();
@@ -111,13 +165,16 @@ fn eval_reports_reranked_retrieval_and_matching() {
             .contains("expected a string field `negative`"),
         "{err}"
     );
-    let err =
-        vlmatch::cli::eval_task(&run_dir, "vqa", &data_arg(&ann, &images), &[], false).unwrap_err();
+    let err = vlmatch::cli::eval_task(&run_dir, "bogus", &data_arg(&ann, &images), &[], false)
+        .unwrap_err();
     assert!(
         err.to_string()
-            .contains("expected `retrieval` or `matching`"),
+            .contains("expected `retrieval`, `matching`, `zeroshot` or `vqa`"),
         "{err}"
     );
+    let err =
+        vlmatch::cli::eval_task(&run_dir, "vqa", &data_arg(&ann, &images), &[], false).unwrap_err();
+    assert!(err.to_string().contains("finetune --task vqa"), "{err}");
 }
 
 /// A Karpathy-format file (`dataset_coco.json` layout) with `--split`.

@@ -17,8 +17,13 @@ commands:
                  train a model (default: the tiny preset on the built-in data)
   test [args]    run the whole test suite (extra args go to `cargo test`)
   plugins        list registered plugins by kind
-  eval --checkpoint D --task retrieval|matching --data F [--image-root D] [--set k=v]...
+  eval --checkpoint D --task retrieval|matching|zeroshot|vqa --data F [--image-root D]
+       [--labels F] [--split S] [--set k=v]...
                  evaluate a trained run
+  finetune --task vqa --checkpoint D --data F|builtin [--steps N] [--lr X]
+                 fine-tune a pretrained run for VQA
+  explain --checkpoint D --image IMG --text \"...\" [--html FILE]
+                 each caption word's probability of not matching the image
   neggen --checkpoint D --data F [--image-root D] --out FILE.jsonl
                  write NegGen negatives for a dataset with a trained run
   bench [--preset P] [--config F]... [--set k=v]... [--out D] [--steps N] [--repeats R]
@@ -42,6 +47,8 @@ fn main() -> ExitCode {
         "plugins" => run_cli(&root, "plugins", &rest),
         "eval" => run_cli(&root, "eval", &rest),
         "neggen" => run_cli(&root, "neggen", &rest),
+        "finetune" => run_cli(&root, "finetune", &rest),
+        "explain" => run_cli(&root, "explain", &rest),
         "vlmatch" => run_cli(&root, "", &rest),
         "test" => run_tests(&root, &rest),
         "bench" => bench(&root, &rest),

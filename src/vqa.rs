@@ -1,0 +1,493 @@
+//! VQA fine-tuning and evaluation on a pretrained run.
+//!
+//! A classifier over an answer vocabulary on the fused `[CLS]` of (image,
+//! question), METER-style: `Linear(D, 2D) -> GELU -> LayerNorm ->
+//! Linear(2D, answers)`, trained with binary cross-entropy on soft answer
+//! scores (VQA v2: an answer given by `n` of the annotators scores
+//! `min(1, n / 3)`). Accuracy is the score of the predicted answer.
+//!
+//! Data: JSON or JSON lines `{"image", "question", "answer"}` where `answer`
+//! is a string, a list of annotator answers, or an object of answer scores;
+//! or `builtin`, questions about the built-in scenes (colors, shapes, sizes,
+//! counts, backgrounds; training questions from the training scenes,
+//! evaluation questions from the held-out ones).
+//!
+//! A fine-tuned run directory holds `config.toml` (the pretrained run's),
+//! `answers.json` (the answer vocabulary) and checkpoints with the head
+//! (`vqa_head.*`), so `vlmatch eval --task vqa --checkpoint DIR` reloads it.
+
+use crate::checkpoint::{self, TrainerState};
+use crate::data::loader::{epoch_order, make_batch, LoaderConfig};
+use crate::data::synthetic::{Scene, BACKGROUNDS, COLORS, SHAPES, SIZES};
+use crate::data::{annotations, Dataset};
+use crate::optim::{lr_at, AdamW};
+use crate::tokenizer::Tokenizer;
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tch::{nn, Kind, Tensor};
+use vlmatch_core::{Error, Forward, Result};
+use vlmatch_layers::{LayerNorm, Linear};
+use vlmatch_registry::config::OnError;
+use vlmatch_registry::{Assembly, ConfigLayers, LoadedConfig};
+
+/// Questions: `ds.pairs[i]` holds question `i` (as its caption) and its
+/// image; `answers[i]` its answer scores; `kinds[i]` a question type if
+/// known (built-in data).
+pub struct VqaSet {
+    pub ds: Dataset,
+    pub answers: Vec<BTreeMap<String, f64>>,
+    pub kinds: Vec<Option<String>>,
+}
+
+const COUNT_WORDS: [&str; 3] = ["one", "two", "three"];
+
+/// Up to three questions about a scene, with their answers and types, each
+/// chosen so that the answer is unique (e.g. "what color is the circle?"
+/// only when the scene has one circle).
+pub fn scene_questions(scene: &Scene, seed: u64) -> Vec<(String, String, &'static str)> {
+    let objs = &scene.objects;
+    let unique = |f: &dyn Fn(&crate::data::synthetic::Object) -> usize, v: usize| {
+        objs.iter().filter(|o| f(o) == v).count() == 1
+    };
+    let mut candidates: Vec<(String, String, &'static str)> = Vec::new();
+    for o in objs {
+        if unique(&|x| x.shape, o.shape) {
+            candidates.push((
+                format!("what color is the {}?", SHAPES[o.shape]),
+                COLORS[o.color].0.into(),
+                "color",
+            ));
+        }
+        if unique(&|x| x.color, o.color) {
+            candidates.push((
+                format!("what shape is the {} one?", COLORS[o.color].0),
+                SHAPES[o.shape].into(),
+                "shape",
+            ));
+            candidates.push((
+                format!(
+                    "is the {} {} small or large?",
+                    COLORS[o.color].0, SHAPES[o.shape]
+                ),
+                SIZES[o.size].into(),
+                "size",
+            ));
+        }
+    }
+    let mut rng = crate::rng::Rng::new(seed);
+    rng.shuffle(&mut candidates);
+    let mut out: Vec<_> = candidates.into_iter().take(2).collect();
+    if rng.below(2) == 0 {
+        out.push((
+            "how many shapes are there?".into(),
+            COUNT_WORDS[objs.len() - 1].into(),
+            "count",
+        ));
+    } else {
+        out.push((
+            "what color is the background?".into(),
+            BACKGROUNDS[scene.background].0.into(),
+            "background",
+        ));
+    }
+    out
+}
+
+/// Questions about the built-in scenes `first..first + scenes`.
+fn builtin(seed: u64, first: u64, scenes: usize) -> VqaSet {
+    let mut ds = Dataset::synthetic("builtin VQA", seed, first, scenes, 1);
+    ds.pairs.clear();
+    let (mut answers, mut kinds) = (Vec::new(), Vec::new());
+    for (i, image) in ds.images.clone().iter().enumerate() {
+        let crate::data::ImageRef::Scene(scene) = image else {
+            unreachable!("synthetic images are scenes")
+        };
+        let qseed = crate::rng::mix(&[seed, first + i as u64, 0x0A5C]);
+        for (q, a, kind) in scene_questions(scene, qseed) {
+            ds.pairs.push(crate::data::Pair {
+                image: i,
+                caption: q,
+            });
+            answers.push(BTreeMap::from([(a, 1.0)]));
+            kinds.push(Some(kind.to_string()));
+        }
+    }
+    VqaSet { ds, answers, kinds }
+}
+
+fn bad(path: &Path, line: Option<usize>, message: String) -> Error {
+    Error::Data {
+        path: path.to_path_buf(),
+        line,
+        message,
+    }
+}
+
+/// Soft scores of one `answer` value (see the module docs).
+fn answer_scores(v: &Value) -> Option<BTreeMap<String, f64>> {
+    let norm = |s: &str| s.trim().to_lowercase();
+    match v {
+        Value::String(s) => Some(BTreeMap::from([(norm(s), 1.0)])),
+        Value::Array(list) => {
+            let mut counts: BTreeMap<String, f64> = BTreeMap::new();
+            for a in list {
+                let s = a
+                    .as_str()
+                    .or_else(|| a.get("answer").and_then(Value::as_str))?;
+                *counts.entry(norm(s)).or_default() += 1.0;
+            }
+            Some(
+                counts
+                    .into_iter()
+                    .map(|(a, n)| (a, (n / 3.0).min(1.0)))
+                    .collect(),
+            )
+        }
+        Value::Object(map) => map
+            .iter()
+            .map(|(a, s)| Some((norm(a), s.as_f64()?)))
+            .collect(),
+        _ => None,
+    }
+}
+
+/// A VQA file (see the module docs), images resolved against `image_root`
+/// (default: the file's directory).
+fn from_file(path: &Path, image_root: Option<&Path>, on_error: OnError) -> Result<VqaSet> {
+    let (ds, entries) = annotations::load_entries(path, image_root, "question", on_error)?;
+    let mut answers = Vec::with_capacity(entries.len());
+    let mut kinds = Vec::with_capacity(entries.len());
+    for (i, e) in entries.iter().enumerate() {
+        let scores = e
+            .get("answer")
+            .or_else(|| e.get("answers"))
+            .and_then(answer_scores)
+            .ok_or_else(|| {
+                bad(
+                    path,
+                    None,
+                    format!(
+                        "question {i} ({:?}): `answer` must be a string, a list of answers, \
+                         or an object of answer scores",
+                        ds.pairs[i].caption
+                    ),
+                )
+            })?;
+        answers.push(scores);
+        kinds.push(
+            e.get("question_type")
+                .and_then(Value::as_str)
+                .map(String::from),
+        );
+    }
+    Ok(VqaSet { ds, answers, kinds })
+}
+
+/// `builtin` (train or held-out scenes of the run's config) or a file.
+pub fn load(
+    data: &Path,
+    image_root: Option<&Path>,
+    cfg: &vlmatch_registry::Config,
+    train: bool,
+) -> Result<VqaSet> {
+    if data == Path::new("builtin") {
+        let s = &cfg.data.synthetic;
+        return Ok(if train {
+            builtin(s.seed, 0, s.train_scenes)
+        } else {
+            builtin(s.seed, s.train_scenes as u64, s.heldout_scenes)
+        });
+    }
+    from_file(data, image_root, cfg.data.on_error)
+}
+
+/// The classifier head.
+pub struct VqaHead {
+    dense: Linear,
+    ln: LayerNorm,
+    out: Linear,
+}
+
+impl VqaHead {
+    pub fn new(p: &nn::Path, width: i64, answers: i64, compute: Kind) -> Self {
+        VqaHead {
+            dense: Linear::new(&(p / "dense"), width, 2 * width, true, compute),
+            ln: LayerNorm::new(&(p / "LayerNorm"), 2 * width, 1e-12),
+            out: Linear::new(&(p / "out"), 2 * width, answers, true, compute),
+        }
+    }
+
+    /// Answer logits `[B, answers]` from fused `[CLS]` states `[B, D]`.
+    pub fn forward(&self, cls: &Tensor) -> Tensor {
+        let h = self.ln.forward(&self.dense.forward(cls).gelu("none"));
+        self.out.forward(&h).to_kind(Kind::Float)
+    }
+}
+
+/// A model with its VQA head.
+pub struct VqaModel {
+    pub loaded: LoadedConfig,
+    pub tok: Arc<Tokenizer>,
+    pub asm: Assembly,
+    pub head: VqaHead,
+    pub answers: Vec<String>,
+}
+
+impl VqaModel {
+    /// Answer logits for a batch.
+    fn logits(&self, batch: &vlmatch_core::Batch, train: bool) -> Result<Tensor> {
+        let fwd = Forward::new(&self.asm.model, batch, train);
+        let fused = self.asm.model.fuse_cls(fwd.text()?, fwd.image()?, train)?;
+        Ok(self.head.forward(&fused.cls()))
+    }
+}
+
+fn layers_of(run_dir: &Path, sets: &[String]) -> Result<LoadedConfig> {
+    ConfigLayers {
+        base: Some(vlmatch_registry::config::base_from_file(
+            &run_dir.join("config.toml"),
+        )?),
+        files: vec![],
+        env: true,
+        sets: sets.to_vec(),
+    }
+    .load()
+}
+
+/// Build the run's model plus a head for `answers`; load `weights` (a
+/// checkpoint path) after the head exists when `with_head`, before it
+/// otherwise (a pretrained run has no head yet).
+fn build(
+    run_dir: &Path,
+    sets: &[String],
+    answers: Vec<String>,
+    with_head: bool,
+) -> Result<VqaModel> {
+    let loaded = layers_of(run_dir, sets)?;
+    let tok = Arc::new(crate::setup::tokenizer(&loaded)?);
+    let (mut asm, env) = crate::setup::model(&loaded, &tok)?;
+    let ckpt = checkpoint::latest(run_dir)?;
+    if !with_head {
+        checkpoint::load(&ckpt, &mut asm.vs)?;
+    }
+    let width = asm.model.fusion.hidden_size();
+    let head = VqaHead::new(
+        &(asm.vs.root() / "vqa_head"),
+        width,
+        answers.len() as i64,
+        env.compute,
+    );
+    if with_head {
+        checkpoint::load(&ckpt, &mut asm.vs)?;
+    }
+    Ok(VqaModel {
+        loaded,
+        tok,
+        asm,
+        head,
+        answers,
+    })
+}
+
+pub struct FinetuneOptions {
+    pub checkpoint: PathBuf,
+    pub data: PathBuf,
+    pub image_root: Option<PathBuf>,
+    pub out: Option<PathBuf>,
+    pub steps: i64,
+    pub lr: f64,
+    pub batch_size: Option<usize>,
+    pub sets: Vec<String>,
+    pub progress: bool,
+}
+
+/// The answer vocabulary: training answers by frequency (ties by name).
+fn vocabulary(set: &VqaSet) -> Vec<String> {
+    let mut freq: HashMap<&str, f64> = HashMap::new();
+    for a in &set.answers {
+        for (ans, s) in a {
+            *freq.entry(ans.as_str()).or_default() += s;
+        }
+    }
+    let mut v: Vec<(&str, f64)> = freq.into_iter().collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(b.0)));
+    v.into_iter().map(|(a, _)| a.to_string()).collect()
+}
+
+/// `vlmatch finetune --task vqa`: train the head and the whole model on the
+/// training questions; returns the fine-tuned run directory.
+pub fn finetune(opts: &FinetuneOptions) -> Result<PathBuf> {
+    let pre = layers_of(&opts.checkpoint, &opts.sets)?;
+    let set = load(&opts.data, opts.image_root.as_deref(), &pre.config, true)?;
+    let answers = vocabulary(&set);
+    if answers.is_empty() {
+        return Err(bad(&opts.data, None, "no answers to learn".into()));
+    }
+    let out = opts
+        .out
+        .clone()
+        .unwrap_or_else(|| opts.checkpoint.join("vqa"));
+    let m = build(&opts.checkpoint, &opts.sets, answers.clone(), false)?;
+    let c = &m.loaded.config;
+    tch::manual_seed(c.train.seed as i64);
+    let index: HashMap<&str, usize> = answers
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (a.as_str(), i))
+        .collect();
+    let n = answers.len();
+    let mut targets = vec![0f32; set.answers.len() * n];
+    for (q, a) in set.answers.iter().enumerate() {
+        for (ans, s) in a {
+            if let Some(&k) = index.get(ans.as_str()) {
+                targets[q * n + k] = *s as f32;
+            }
+        }
+    }
+    let targets = Tensor::from_slice(&targets).view([set.answers.len() as i64, n as i64]);
+    let bs = opts
+        .batch_size
+        .unwrap_or(c.train.batch_size)
+        .min(set.ds.len())
+        .max(1);
+    let loader = LoaderConfig::new(&c.data, bs, Some(c.train.seed));
+    let mut optim = AdamW::new(&m.asm.vs, c.train.betas, c.train.eps, c.train.weight_decay);
+    let per_epoch = set.ds.len() / bs;
+    let bar = if opts.progress {
+        indicatif::ProgressBar::new(opts.steps as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let warmup = (opts.steps / 10).min(c.train.warmup_steps);
+    let mut last = f64::NAN;
+    for step in 0..opts.steps {
+        let epoch = step as u64 / per_epoch.max(1) as u64;
+        let order = epoch_order(set.ds.len(), Some(c.train.seed), epoch);
+        let k = step as usize % per_epoch.max(1);
+        let idx = &order[k * bs..(k + 1) * bs];
+        let batch = make_batch(&set.ds, &m.tok, &loader, idx)?.to_device(m.asm.model.device);
+        let t = targets
+            .index_select(
+                0,
+                &Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>()),
+            )
+            .to_device(m.asm.model.device);
+        let logits = m.logits(&batch, true)?;
+        let loss =
+            logits.binary_cross_entropy_with_logits::<Tensor>(&t, None, None, tch::Reduction::Sum)
+                / bs as f64;
+        loss.backward();
+        let _ = optim.clip_grad_norm(c.train.grad_clip);
+        optim.step(lr_at(step, opts.steps, warmup, opts.lr, opts.lr * 0.02));
+        optim.zero_grad();
+        if step % 20 == 0 || step + 1 == opts.steps {
+            last = loss.double_value(&[]);
+            if !last.is_finite() {
+                return Err(Error::Config(format!(
+                    "the VQA loss became {last} at step {step}; lower --lr"
+                )));
+            }
+            bar.set_message(format!("loss {last:.4}"));
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+    let cfg_path = out.join("config.toml");
+    std::fs::write(&cfg_path, m.loaded.to_toml()).map_err(|e| Error::io(&cfg_path, e))?;
+    let ans_path = out.join("answers.json");
+    std::fs::write(
+        &ans_path,
+        serde_json::to_string_pretty(&answers).expect("json"),
+    )
+    .map_err(|e| Error::io(&ans_path, e))?;
+    checkpoint::save(
+        &out,
+        &m.asm.vs,
+        optim.state(),
+        TrainerState {
+            step: opts.steps,
+            batches: opts.steps,
+            seed: c.train.seed as i64,
+        },
+        1,
+    )?;
+    tracing::info!(out = %out.display(), loss = last, answers = n, "fine-tuned");
+    Ok(out)
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VqaResult {
+    pub questions: usize,
+    pub answers: usize,
+    /// Mean score of the predicted answer.
+    pub accuracy: f64,
+    /// The same for always answering the most frequent training answer.
+    pub majority_answer: String,
+    pub majority_accuracy: f64,
+    /// Accuracy per question type, where the data names types.
+    pub by_type: BTreeMap<String, f64>,
+}
+
+/// `vlmatch eval --task vqa` on a fine-tuned run directory.
+pub fn evaluate(
+    run_dir: &Path,
+    data: &Path,
+    image_root: Option<&Path>,
+    sets: &[String],
+) -> Result<VqaResult> {
+    let ans_path = run_dir.join("answers.json");
+    let text = std::fs::read_to_string(&ans_path).map_err(|e| {
+        bad(
+            &ans_path,
+            None,
+            format!("{e}; is this a run fine-tuned with `vlmatch finetune --task vqa`?"),
+        )
+    })?;
+    let answers: Vec<String> = serde_json::from_str(&text)
+        .map_err(|e| bad(&ans_path, Some(e.line()), format!("not a JSON list: {e}")))?;
+    let m = build(run_dir, sets, answers, true)?;
+    let c = &m.loaded.config;
+    let set = load(data, image_root, c, false)?;
+    let loader = LoaderConfig::new(&c.data, c.eval.batch_size, None);
+    let all: Vec<usize> = (0..set.ds.len()).collect();
+    let mut predicted = Vec::with_capacity(all.len());
+    tch::no_grad(|| -> Result<()> {
+        for batch in crate::data::loader::batches(&set.ds, &m.tok, &loader, &all) {
+            let batch = batch?.to_device(m.asm.model.device);
+            let best = m.logits(&batch, false)?.argmax(1, false);
+            predicted.extend(Vec::<i64>::try_from(best.to_device(tch::Device::Cpu))?);
+        }
+        Ok(())
+    })?;
+    let score = |q: usize, a: &str| set.answers[q].get(a).copied().unwrap_or(0.0);
+    let majority = m.answers[0].clone();
+    let n = set.answers.len().max(1) as f64;
+    let acc: Vec<f64> = predicted
+        .iter()
+        .enumerate()
+        .map(|(q, &k)| score(q, &m.answers[k as usize]))
+        .collect();
+    let mut by: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for (q, kind) in set.kinds.iter().enumerate() {
+        if let Some(kind) = kind {
+            let e = by.entry(kind.clone()).or_default();
+            e.0 += acc[q];
+            e.1 += 1.0;
+        }
+    }
+    Ok(VqaResult {
+        questions: set.answers.len(),
+        answers: m.answers.len(),
+        accuracy: acc.iter().sum::<f64>() / n,
+        majority_accuracy: (0..set.answers.len())
+            .map(|q| score(q, &majority))
+            .sum::<f64>()
+            / n,
+        majority_answer: majority,
+        by_type: by.into_iter().map(|(k, (s, c))| (k, s / c)).collect(),
+    })
+}
