@@ -38,16 +38,19 @@ pub enum Command {
     /// annotation file or tar shards), `matching` (lines {"image", "caption",
     /// "negative"}), `zeroshot` (lines {"image", "label"} and `--labels`),
     /// `vqa` (a run fine-tuned with `finetune --task vqa`; lines {"image",
-    /// "question", "answer"} or `--data builtin`). Prints one JSON object on
-    /// the last line; writes RUN_DIR/eval-TASK.json.
+    /// "question", "answer"} or `--data builtin`), `heldout` (the run's own
+    /// held-out set: retrieval and color/shape-swap matching, as training
+    /// reports them). Prints one JSON object on the last line; writes
+    /// RUN_DIR/eval-TASK.json.
     Eval {
         /// The run directory (its config.toml and newest checkpoint).
         #[arg(long)]
         checkpoint: PathBuf,
         #[arg(long)]
         task: String,
+        /// The evaluation data (not used by `heldout`).
         #[arg(long)]
-        data: PathBuf,
+        data: Option<PathBuf>,
         #[arg(long)]
         image_root: Option<PathBuf>,
         /// Karpathy split(s) of a `dataset_coco.json`-style file, e.g. `test`.
@@ -390,7 +393,7 @@ pub fn run(cli: Cli) -> Result<()> {
             quiet,
         } => {
             let data = DataArg {
-                path: data,
+                path: data.unwrap_or_default(),
                 image_root,
                 split,
                 labels,
@@ -564,6 +567,11 @@ pub fn eval_task(
     let split = data.split.as_deref();
     let labels = data.labels.as_deref();
     let data = data.path.as_path();
+    if data.as_os_str().is_empty() && task != "heldout" {
+        return Err(Error::Config(format!(
+            "--task {task} needs --data FILE (the evaluation data)"
+        )));
+    }
     if task == "vqa" {
         let r = crate::vqa::evaluate(run_dir, data, image_root, sets)?;
         let mut result = serde_json::to_value(r).expect("serialisable");
@@ -603,6 +611,18 @@ pub fn eval_task(
             let m = crate::eval::matching_triples(&asm.model, &ds, &negatives, &inp)?;
             serde_json::to_value(m).expect("serialisable")
         }
+        "heldout" => {
+            let (_, heldout) = crate::setup::datasets(&loaded)?;
+            let ds = heldout.ok_or_else(|| {
+                Error::Config(
+                    "--task heldout: the run's config has no held-out set (built-in data, or \
+                     data.heldout_annotations)"
+                        .into(),
+                )
+            })?;
+            let r = crate::eval::held_out(&asm.model, &ds, &inp, state.step)?;
+            serde_json::to_value(r).expect("serialisable")
+        }
         "zeroshot" => {
             let labels = read_labels(labels.ok_or_else(|| {
                 Error::Config("--task zeroshot needs --labels FILE (the candidate labels)".into())
@@ -615,7 +635,7 @@ pub fn eval_task(
         }
         other => {
             return Err(Error::Config(format!(
-                "--task `{other}`: expected `retrieval`, `matching`, `zeroshot` or `vqa`"
+                "--task `{other}`: expected `retrieval`, `matching`, `zeroshot`, `vqa` or `heldout`"
             )))
         }
     };

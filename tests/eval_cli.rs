@@ -169,12 +169,32 @@ fn eval_reports_reranked_retrieval_and_matching() {
         .unwrap_err();
     assert!(
         err.to_string()
-            .contains("expected `retrieval`, `matching`, `zeroshot` or `vqa`"),
+            .contains("expected `retrieval`, `matching`, `zeroshot`, `vqa` or `heldout`"),
         "{err}"
     );
     let err =
         vlmatch::cli::eval_task(&run_dir, "vqa", &data_arg(&ann, &images), &[], false).unwrap_err();
     assert!(err.to_string().contains("finetune --task vqa"), "{err}");
+    // The run's own held-out set (built-in data), as training reports it.
+    let h = vlmatch::cli::eval_task(
+        &run_dir,
+        "heldout",
+        &data_arg(std::path::Path::new(""), &images),
+        &[],
+        false,
+    )
+    .unwrap();
+    assert!(h["matching"]["pairs"].as_u64().unwrap() > 0, "{h}");
+    assert!(h["retrieval"]["i2t_r1"].as_f64().is_some(), "{h}");
+    let err = vlmatch::cli::eval_task(
+        &run_dir,
+        "retrieval",
+        &data_arg(std::path::Path::new(""), &images),
+        &[],
+        false,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("needs --data"), "{err}");
 }
 
 /// A Karpathy-format file (`dataset_coco.json` layout) with `--split`.
