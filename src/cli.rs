@@ -132,6 +132,17 @@ pub enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Write a run's image and text encoders in the HuggingFace hub layout
+    /// (OUT/image: ViT; OUT/text: BERT with its vocab.txt) for
+    /// `transformers` `from_pretrained`.
+    Export {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
     /// Show where a caption disagrees with an image: each word with the
     /// VL-RTD discriminator's probability that it does not match, and the ITM
     /// match probability. Prints a table, then one JSON object on the last
@@ -438,6 +449,22 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("fine-tuned run: {}", out.display());
             Ok(())
         }
+        Command::Export {
+            checkpoint,
+            out,
+            sets,
+        } => {
+            let e = export_run(&checkpoint, &out, &sets)?;
+            for (role, dir) in [("image", &e.image), ("text", &e.text)] {
+                if let Some(d) = dir {
+                    println!("{role} encoder: {}", d.display());
+                }
+            }
+            for s in &e.skipped {
+                println!("not exported: {s}");
+            }
+            Ok(())
+        }
         Command::Explain {
             checkpoint,
             image,
@@ -681,6 +708,12 @@ fn load_run(run_dir: &Path, sets: &[String]) -> Result<LoadedRun> {
     let ckpt = crate::checkpoint::latest(run_dir)?;
     let (_, state) = crate::checkpoint::load(&ckpt, &mut asm.vs)?;
     Ok((loaded, tok, asm, state))
+}
+
+/// `vlmatch export` of a trained run's newest checkpoint.
+pub fn export_run(run_dir: &Path, out: &Path, sets: &[String]) -> Result<crate::export::Exported> {
+    let (loaded, tok, asm, _) = load_run(run_dir, sets)?;
+    crate::export::export(&loaded, &tok, &asm.vs, out)
 }
 
 /// `vlmatch explain` on a trained run.

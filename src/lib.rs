@@ -11,6 +11,7 @@ pub mod cli;
 pub mod data;
 pub mod eval;
 pub mod explain;
+pub mod export;
 pub mod optim;
 pub mod pretrained;
 pub mod rng;
@@ -22,6 +23,7 @@ pub mod vqa;
 // Link every built-in plugin so its `inventory` registration is present; a
 // crate nothing references is dropped by the linker with its plugins.
 use bert as _;
+use co_attention as _;
 use cross_attention as _;
 use discriminator as _;
 use hard_negative as _;

@@ -22,6 +22,8 @@ commands:
                  evaluate a trained run
   finetune --task vqa --checkpoint D --data F|builtin [--steps N] [--lr X]
                  fine-tune a pretrained run for VQA
+  export --checkpoint D --out DIR
+                 write the image and text encoders for transformers' from_pretrained
   explain --checkpoint D --image IMG --text \"...\" [--html FILE]
                  each caption word's probability of not matching the image
   neggen --checkpoint D --data F [--image-root D] --out FILE.jsonl
@@ -49,6 +51,7 @@ fn main() -> ExitCode {
         "neggen" => run_cli(&root, "neggen", &rest),
         "finetune" => run_cli(&root, "finetune", &rest),
         "explain" => run_cli(&root, "explain", &rest),
+        "export" => run_cli(&root, "export", &rest),
         "vlmatch" => run_cli(&root, "", &rest),
         "test" => run_tests(&root, &rest),
         "bench" => bench(&root, &rest),
