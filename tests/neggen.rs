@@ -133,6 +133,31 @@ fn fgitm_trains_with_neggen_negatives() {
         "{:?}",
         s.logged[0]
     );
+    // NegGen's counters per batch are in metrics.jsonl: every caption of a
+    // batch is seen, and what is produced, dropped or lacks a candidate adds
+    // up to no more than the candidates tried.
+    let batch = 8.0;
+    for m in &s.logged {
+        let get = |k: &str| {
+            m[format!("itm_neggen_{k}").as_str()]
+                .as_f64()
+                .unwrap_or(-1.0)
+        };
+        assert_eq!(get("captions"), batch, "{m:?}");
+        let (produced, none, dropped) = (
+            get("produced"),
+            get("no_candidate"),
+            get("dropped_by_filter"),
+        );
+        assert!(produced >= 0.0 && none >= 0.0 && dropped >= 0.0, "{m:?}");
+        assert!(produced + none <= batch, "{m:?}");
+    }
+    // Before filter_after_steps the ITM filter is off: only candidates
+    // equal to a positive caption are dropped.
+    assert!(s
+        .logged
+        .iter()
+        .any(|m| m["itm_neggen_produced"].as_f64().unwrap() > 0.0));
 }
 
 #[test]

@@ -174,6 +174,13 @@ impl Negatives {
 /// per step, so sampling is reproducible.
 pub trait NegativeSampler {
     fn sample(&self, input: &SamplerInput<'_, '_>) -> Result<Negatives>;
+    /// Counters of the last [`NegativeSampler::sample`] call (for example
+    /// captions seen, negatives produced, candidates dropped by a filter),
+    /// logged by the objective that uses the sampler as
+    /// `<objective>_<sampler>_<name>` in `metrics.jsonl`. Default: none.
+    fn stats(&self) -> Vec<(String, f64)> {
+        Vec::new()
+    }
 }
 
 /// Named losses (scalar tensors carrying gradient, unweighted) and named

@@ -39,7 +39,14 @@ struct Group {
 }
 
 impl Itm {
-    fn groups(&self, fwd: &Forward<'_>, step: i64) -> Result<Vec<Group>> {
+    /// The positive group and one group per sampler; the samplers' counters
+    /// go to `stats`.
+    fn groups(
+        &self,
+        fwd: &Forward<'_>,
+        step: i64,
+        stats: &mut Vec<(String, f64)>,
+    ) -> Result<Vec<Group>> {
         let model = fwd.model;
         let image = fwd.image()?;
         let text = fwd.text()?;
@@ -53,7 +60,11 @@ impl Itm {
         }];
         let input = SamplerInput { forward: fwd, step };
         for (source, sampler) in &self.samplers {
-            match sampler.sample(&input)? {
+            let negatives = sampler.sample(&input)?;
+            for (key, value) in sampler.stats() {
+                stats.push((format!("{}_{source}_{key}", self.name), value));
+            }
+            match negatives {
                 Negatives::InBatch {
                     text_for_image,
                     image_for_text,
@@ -94,7 +105,8 @@ impl Itm {
 impl Objective for Itm {
     fn forward(&self, fwd: &Forward<'_>, step: i64) -> Result<ObjectiveOutput> {
         let _span = tracing::trace_span!("itm").entered();
-        let groups = self.groups(fwd, step)?;
+        let mut stats = Vec::new();
+        let groups = self.groups(fwd, step, &mut stats)?;
         let disc = &fwd.model.discriminator;
         let mut logits = Vec::new();
         let mut labels = Vec::new();
@@ -128,6 +140,7 @@ impl Objective for Itm {
                 / &total
         });
         metrics.insert(0, (format!("{}_acc", self.name), acc));
+        metrics.extend(stats.into_iter().map(|(k, v)| (k, Tensor::from(v as f32))));
         Ok(ObjectiveOutput {
             losses: vec![(self.name.clone(), loss)],
             metrics,

@@ -369,6 +369,17 @@ pub struct Counts {
     pub dropped_by_filter: Cell<u64>,
 }
 
+impl Counts {
+    fn values(&self) -> [u64; 4] {
+        [
+            self.captions.get(),
+            self.produced.get(),
+            self.no_candidate.get(),
+            self.dropped_by_filter.get(),
+        ]
+    }
+}
+
 pub struct NegGen {
     cfg: NegGenConfig,
     tagger: Box<dyn PosTagger>,
@@ -377,6 +388,8 @@ pub struct NegGen {
     /// Candidate words per caption, cached (tagging is the CPU cost).
     tags: RefCell<HashMap<String, Vec<(usize, String)>>>,
     pub counts: Counts,
+    /// The counts of the last `sample` call.
+    last: Cell<[u64; 4]>,
 }
 
 impl NegGen {
@@ -388,6 +401,7 @@ impl NegGen {
             masks: RefCell::new(None),
             tags: RefCell::new(HashMap::new()),
             counts: Counts::default(),
+            last: Cell::new([0; 4]),
         }
     }
 
@@ -583,7 +597,10 @@ impl NegativeSampler for NegGen {
     fn sample(&self, input: &SamplerInput<'_, '_>) -> Result<Negatives> {
         let _span = tracing::trace_span!("neggen").entered();
         let device = input.forward.batch.text.ids.device();
+        let before = self.counts.values();
         let (index, texts) = self.generate(input.forward, input.step)?;
+        let after = self.counts.values();
+        self.last.set(std::array::from_fn(|i| after[i] - before[i]));
         if input.step % 100 == 0 {
             let c = &self.counts;
             tracing::debug!(
@@ -600,6 +617,19 @@ impl NegativeSampler for NegGen {
             &texts,
             device,
         ))
+    }
+
+    /// `captions`, `produced` (negatives used), `no_candidate` (captions
+    /// without a noun or adjective), `dropped_by_filter` (candidates the
+    /// ITM filter or the positive check removed), of the last batch.
+    fn stats(&self) -> Vec<(String, f64)> {
+        let [captions, produced, no_candidate, dropped] = self.last.get();
+        vec![
+            ("captions".into(), captions as f64),
+            ("produced".into(), produced as f64),
+            ("no_candidate".into(), no_candidate as f64),
+            ("dropped_by_filter".into(), dropped as f64),
+        ]
     }
 }
 
