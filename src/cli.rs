@@ -92,8 +92,9 @@ pub enum Command {
     },
     /// Print what libtorch sees: CUDA, devices, cuDNN, threads.
     Env,
-    /// Write the first training pairs as PNG files plus `captions.txt`, to
-    /// look at what the model sees.
+    /// Write the first training images as PNG files plus `captions.txt`, to
+    /// look at what the model sees, and `annotations.jsonl` (ALBEF format)
+    /// to evaluate on or run `neggen` over.
     Preview {
         #[command(flatten)]
         config: ConfigArgs,
@@ -526,6 +527,7 @@ fn preview(config: &ConfigArgs, count: usize, out: &Path) -> Result<()> {
     let size = loaded.config.data.image_size as usize;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut lines = String::new();
+    let mut ann = String::new();
     for i in 0..count.min(train.images.len()) {
         let rgb = train.load_rgb(i, size)?;
         let file = out.join(format!("{i:04}.png"));
@@ -537,22 +539,35 @@ fn preview(config: &ConfigArgs, count: usize, out: &Path) -> Result<()> {
                 line: None,
                 message: format!("cannot write PNG: {e}"),
             })?;
-        for p in train.pairs.iter().filter(|p| p.image == i) {
-            lines.push_str(&format!("{i:04}.png\t{}\n", p.caption));
+        let captions: Vec<&str> = train
+            .pairs
+            .iter()
+            .filter(|p| p.image == i)
+            .map(|p| p.caption.as_str())
+            .collect();
+        for c in &captions {
+            lines.push_str(&format!("{i:04}.png\t{c}\n"));
         }
+        let entry = serde_json::json!({
+            "image": format!("{i:04}.png"),
+            "caption": captions,
+            "image_id": train.image_ids[i],
+        });
+        ann.push_str(&format!("{entry}\n"));
     }
     let captions = out.join("captions.txt");
     std::fs::write(&captions, lines).map_err(|e| Error::io(&captions, e))?;
+    let annotations = out.join("annotations.jsonl");
+    std::fs::write(&annotations, ann).map_err(|e| Error::io(&annotations, e))?;
     println!(
-        "wrote {} images and {}",
+        "wrote {} images, {} and {} (ALBEF format, for eval and neggen)",
         count.min(train.images.len()),
-        captions.display()
+        captions.display(),
+        annotations.display()
     );
     Ok(())
 }
 
-/// `vlmatch eval`: load a run's model and evaluate `task` on `data`; the
-/// result is also written to `RUN_DIR/eval-TASK.json`.
 /// An evaluation data file and how to read it.
 #[derive(Debug, Clone)]
 pub struct DataArg {
@@ -583,6 +598,8 @@ fn read_labels(path: &Path) -> Result<Vec<String>> {
     }
 }
 
+/// `vlmatch eval`: load a run's model and evaluate `task` on `data`; the
+/// result is also written to `RUN_DIR/eval-TASK.json`.
 pub fn eval_task(
     run_dir: &Path,
     task: &str,

@@ -273,3 +273,27 @@ fn karpathy_splits_select_images_for_training_and_evaluation() {
         .to_string();
     assert!(err.contains("not a Karpathy-format file"), "{err}");
 }
+
+/// `vlmatch preview` writes images, captions and an annotation file that
+/// evaluation and NegGen read back.
+#[test]
+fn preview_writes_an_annotation_file_that_loads() {
+    use clap::Parser;
+    let dir = scratch("preview");
+    let out = dir.join("prev");
+    vlmatch::cli::run(vlmatch::cli::Cli::parse_from([
+        "vlmatch",
+        "preview",
+        "--count",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+    ]))
+    .unwrap();
+    let ds = vlmatch::data::annotations::load(&out.join("annotations.jsonl"), None).unwrap();
+    assert_eq!(ds.images.len(), 3);
+    assert_eq!(ds.image_ids, [0, 1, 2]);
+    let lines = std::fs::read_to_string(out.join("captions.txt")).unwrap();
+    assert_eq!(lines.lines().count(), ds.pairs.len());
+    assert!(lines.starts_with(&format!("0000.png\t{}", ds.pairs[0].caption)));
+}
