@@ -88,7 +88,10 @@ fn unknown_plugin_lists_registered_names() {
     let e = one_line_error(&["train", "--set", "model.image.plugin=vitt"], &[]);
     assert!(e.contains("`model.image.plugin`"), "{e}");
     assert!(e.contains("unknown encoder plugin `vitt`"), "{e}");
-    assert!(e.contains("bert, cross_attention, vit"), "{e}");
+    assert!(
+        e.contains("bert, co_attention, cross_attention, vit"),
+        "{e}"
+    );
 
     let e = one_line_error(
         &["train", "--set", "samplers.hard_negative.plugin=hardest"],

@@ -11,7 +11,10 @@ use vlmatch as _;
 #[test]
 fn every_builtin_plugin_is_registered() {
     let r = Registry::from_inventory().unwrap();
-    assert_eq!(r.names(Kind::Encoder), ["bert", "cross_attention", "vit"]);
+    assert_eq!(
+        r.names(Kind::Encoder),
+        ["bert", "co_attention", "cross_attention", "vit"]
+    );
     assert_eq!(r.names(Kind::Generator), ["mlm_head"]);
     assert_eq!(r.names(Kind::Discriminator), ["linear"]);
     assert_eq!(
