@@ -426,7 +426,14 @@ impl ConfigLayers {
             figment = figment.merge(layer);
         }
         if self.env {
-            let env = || Env::prefixed("VLMATCH_").split("__").global();
+            // VLMATCH_HF_FIXTURES names parity-fixture directories for the
+            // test suite; it is not a config key.
+            let env = || {
+                Env::prefixed("VLMATCH_")
+                    .ignore(&["HF_FIXTURES"])
+                    .split("__")
+                    .global()
+            };
             layers.push((env().metadata().name.to_string(), Figment::from(env())));
             figment = figment.merge(env());
         }
