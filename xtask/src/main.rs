@@ -122,6 +122,14 @@ fn run_tests(root: &Path, rest: &[String]) -> Result<(), String> {
     // The benchmark's PyTorch reference is checked against vlmatch's model
     // (tests/bench.rs) with this Python.
     let python = setup::reference_python()?;
+    // HuggingFace parity also runs on a real pretrained checkpoint
+    // (tests/hf_parity.rs reads every fixture under these directories).
+    let fixtures = setup::real_fixtures(root, &python)?;
+    let mut dirs = vec![fixtures.display().to_string()];
+    if let Ok(more) = std::env::var("VLMATCH_HF_FIXTURES") {
+        dirs.push(more);
+    }
+    cmd.env("VLMATCH_HF_FIXTURES", dirs.join(":"));
     cmd.env("BENCH_REFERENCE_PYTHON", python);
     cmd.args(["test", "--workspace"]).args(rest);
     run_status(cmd)

