@@ -162,14 +162,25 @@ pub fn export(
                 write_json(&tmp.join("config.json"), &config)?;
                 let vocab_path = tmp.join("vocab.txt");
                 std::fs::write(&vocab_path, &vocab).map_err(|e| Error::io(&vocab_path, e))?;
+                // A run that started from a tokenizer.json exports that
+                // tokenizer itself (BPE vocabularies have no vocab.txt form).
+                if let Some(hf) = tok.hf() {
+                    let path = tmp.join("tokenizer.json");
+                    hf.save(&path, true).map_err(|e| Error::Data {
+                        path: path.clone(),
+                        line: None,
+                        message: format!("cannot write the tokenizer: {e}"),
+                    })?;
+                }
                 write_json(
                     &tmp.join("tokenizer_config.json"),
                     &json!({
-                        "tokenizer_class": "BertTokenizer",
+                        "tokenizer_class": if tok.hf().is_some() { "PreTrainedTokenizerFast" } else { "BertTokenizer" },
                         "do_lower_case": data.lowercase,
                         "model_max_length": data.max_len,
-                        "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
-                        "cls_token": "[CLS]", "mask_token": "[MASK]",
+                        "unk_token": tok.token(tok.special.unk), "sep_token": tok.token(tok.special.sep),
+                        "pad_token": tok.token(tok.special.pad), "cls_token": tok.token(tok.special.cls),
+                        "mask_token": tok.token(tok.special.mask),
                     }),
                 )?;
                 Tensor::write_safetensors(&tensors, tmp.join("model.safetensors"))?;

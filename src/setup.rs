@@ -38,18 +38,28 @@ pub fn compute_kind(precision: &str, device: Device) -> Result<Kind> {
     }
 }
 
+/// The run's tokenizer: `data.vocab` (a `vocab.txt`, a HuggingFace
+/// `tokenizer.json`, or a directory holding either); with `builtin`, the
+/// text checkpoint's (`model.text.init`: its `tokenizer.json`, else its
+/// `vocab.txt`), else the built-in vocabulary.
 pub fn tokenizer(cfg: &LoadedConfig) -> Result<Tokenizer> {
     let data = &cfg.config.data;
     let init: Option<std::path::PathBuf> = cfg.figment.extract_inner("model.text.init").ok();
-    if data.vocab == "builtin" {
+    let tok = if data.vocab == "builtin" {
         // A text encoder initialised from a checkpoint brings its vocabulary.
-        match init.map(|d| d.join("vocab.txt")).filter(|v| v.is_file()) {
-            Some(vocab) => Tokenizer::from_vocab_file(&vocab, data.lowercase),
-            None => Ok(Tokenizer::builtin()),
+        match init.filter(|d| d.join("tokenizer.json").is_file() || d.join("vocab.txt").is_file()) {
+            Some(dir) => Tokenizer::from_path(&dir, data.lowercase)?,
+            None => return Ok(Tokenizer::builtin()),
         }
     } else {
-        Tokenizer::from_vocab_file(Path::new(&data.vocab), data.lowercase)
-    }
+        Tokenizer::from_path(Path::new(&data.vocab), data.lowercase)?
+    };
+    tracing::info!(
+        tokenizer = tok.origin(),
+        vocab_size = tok.vocab_size(),
+        "loaded the tokenizer"
+    );
+    Ok(tok)
 }
 
 /// First scene index of the held-out split: far from the training scenes.

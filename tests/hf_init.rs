@@ -21,10 +21,11 @@ fn layers(sets: &[&str]) -> ConfigLayers {
 fn albef_initialisation_loads_text_fusion_and_image_weights() {
     let loaded = layers(&[]).load().unwrap();
     let tok = Arc::new(vlmatch::setup::tokenizer(&loaded).unwrap());
-    assert_eq!(
-        tok.vocab_size(),
-        73,
-        "the tokenizer is the checkpoint's vocab.txt"
+    assert_eq!(tok.vocab_size(), 73, "the tokenizer is the checkpoint's");
+    assert!(
+        tok.origin().ends_with("tokenizer.json"),
+        "model.text.init's tokenizer.json is preferred to its vocab.txt: {}",
+        tok.origin()
     );
     let _turn = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
     let (asm, _) = vlmatch::setup::model(&loaded, &tok).unwrap();
@@ -137,4 +138,24 @@ fn vit_at_another_resolution_gets_bicubic_position_embeddings_like_pytorch() {
         diff < 1e-5,
         "differs from torch.nn.functional.interpolate(bicubic) by {diff}"
     );
+}
+
+#[test]
+fn data_vocab_names_a_tokenizer_json_a_vocab_txt_or_a_directory() {
+    let hf = fixture("hf/bert-h48-3heads-vocab");
+    let bpe = fixture("hf/tokenizer-roberta-bpe/tokenizer.json");
+    let tok = |vocab: &std::path::Path| {
+        let set = format!("data.vocab={}", vocab.display());
+        vlmatch::setup::tokenizer(&layers(&[&set]).load().unwrap())
+    };
+    let t = tok(&bpe).unwrap();
+    assert_eq!((t.origin(), t.vocab_size()), (bpe.to_str().unwrap(), 300));
+    assert_eq!(t.token(t.special.cls), "<s>");
+    let t = tok(&hf.join("vocab.txt")).unwrap();
+    assert!(t.hf().is_none() && t.origin().ends_with("vocab.txt"));
+    let t = tok(&hf).unwrap();
+    assert!(t.hf().is_some() && t.origin().ends_with("tokenizer.json"));
+    let missing = hf.join("no-such-tokenizer.json");
+    let err = tok(&missing).err().unwrap().to_string();
+    assert!(err.contains("no-such-tokenizer.json"), "{err}");
 }

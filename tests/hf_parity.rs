@@ -1,7 +1,12 @@
 //! HuggingFace parity: every fixture under tests/fixtures/hf/ (and under each
 //! directory listed in VLMATCH_HF_FIXTURES, colon-separated) loads into the
 //! `bert` or `vit` plugin and reproduces `transformers`' `last_hidden_state`
-//! within 1e-4. Fixtures: tests/golden/make_hf_fixtures.py.
+//! within 1e-4. A fixture with `texts.json` must tokenise those texts (padded
+//! to the longest) to exactly its `input_ids` and `attention_mask`, with its
+//! `tokenizer.json` and with its `vocab.txt`, whichever it has, and group the
+//! tokens into words as its `word_ids` do; a fixture with a `tokenizer.json`
+//! and no `config.json` checks only that. Fixtures:
+//! tests/golden/make_hf_fixtures.py.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -25,7 +30,7 @@ fn fixtures() -> Vec<PathBuf> {
         let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
             .unwrap_or_else(|e| panic!("fixture directory {}: {e}", root.display()))
             .map(|e| e.unwrap().path())
-            .filter(|p| p.join("config.json").is_file())
+            .filter(|p| p.join("config.json").is_file() || p.join("tokenizer.json").is_file())
             .collect();
         dirs.sort();
         out.extend(dirs);
@@ -71,15 +76,90 @@ fn compare(dir: &Path, name: &str, got: &Tensor, expected: &Tensor) -> Result<()
     Ok(())
 }
 
+/// Tokenise `texts.json` with the fixture's `tokenizer.json` and its
+/// `vocab.txt` (lowercased, as `transformers`' `BertTokenizer` does), each
+/// that it has: exactly `input_ids` and `attention_mask`, and, where the
+/// fixture has `word_ids`, the same grouping of tokens into words.
+fn check_tokenizers(dir: &Path, expected: &HashMap<String, Tensor>) -> Result<(), String> {
+    if !dir.join("texts.json").is_file() {
+        return Ok(());
+    }
+    let texts: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("texts.json")).unwrap()).unwrap();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let ids = &expected["input_ids"];
+    let mask = &expected["attention_mask"];
+    let files = ["tokenizer.json", "vocab.txt"].map(|f| dir.join(f));
+    let files: Vec<&PathBuf> = files.iter().filter(|f| f.is_file()).collect();
+    if files.is_empty() {
+        return Err(format!(
+            "{}: texts.json without tokenizer.json or vocab.txt",
+            dir.display()
+        ));
+    }
+    for file in files {
+        let tok =
+            vlmatch::tokenizer::Tokenizer::from_path(file, true).map_err(|e| e.to_string())?;
+        let batch = tok.text_batch(&refs, 512, Device::Cpu);
+        if !batch.ids.equal(ids) || !batch.mask.equal(mask) {
+            return Err(format!(
+                "{}: tokenising texts.json gives {:?}, expected input_ids {:?}",
+                file.display(),
+                Vec::<i64>::try_from(batch.ids.flatten(0, 1)).unwrap(),
+                Vec::<i64>::try_from(ids.flatten(0, 1)).unwrap()
+            ));
+        }
+        let Some(word_ids) = expected.get("word_ids") else {
+            continue;
+        };
+        for (row, text) in refs.iter().enumerate() {
+            // transformers' word index of each token, renumbered in order of
+            // appearance; vlmatch's is the index of the word span holding it.
+            let want: Vec<i64> = Vec::try_from(word_ids.get(row as i64)).unwrap();
+            let mut seen: Vec<i64> = Vec::new();
+            let want: Vec<i64> = want
+                .iter()
+                .map(|&w| {
+                    if w < 0 {
+                        return -1;
+                    }
+                    if !seen.contains(&w) {
+                        seen.push(w);
+                    }
+                    seen.iter().position(|&s| s == w).unwrap() as i64
+                })
+                .collect();
+            let (row_ids, words) = tok.encode_words(text, 512);
+            let mut got = vec![-1i64; want.len()];
+            for (i, (_, span)) in words.iter().enumerate() {
+                for p in span.clone() {
+                    got[p] = i as i64;
+                }
+            }
+            if row_ids != tok.encode(text, 512) || got != want {
+                return Err(format!(
+                    "{}: {text:?} groups tokens into words {got:?}, expected {want:?} ({words:?})",
+                    file.display()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Check one fixture; the error names the fixture, the tensor and the largest difference.
 fn check_fixture(dir: &Path) -> Result<(), String> {
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let expected: HashMap<String, Tensor> =
         Tensor::read_safetensors(dir.join("expected.safetensors"))
             .map_err(|e| format!("{}: {e}", dir.display()))?
             .into_iter()
             .collect();
+    check_tokenizers(dir, &expected)?;
+    if !dir.join("config.json").is_file() {
+        return Ok(());
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let vs = nn::VarStore::new(Device::Cpu);
     match config["model_type"].as_str() {
         Some("bert") => {
@@ -99,24 +179,6 @@ fn check_fixture(dir: &Path) -> Result<(), String> {
             )
             .map_err(|e| e.to_string())?;
             load(dir, &vs)?;
-            if dir.join("texts.json").is_file() {
-                let texts: Vec<String> =
-                    serde_json::from_str(&std::fs::read_to_string(dir.join("texts.json")).unwrap())
-                        .unwrap();
-                let tok =
-                    vlmatch::tokenizer::Tokenizer::from_vocab_file(&dir.join("vocab.txt"), true)
-                        .map_err(|e| e.to_string())?;
-                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-                let batch = tok.text_batch(&refs, 512, Device::Cpu);
-                if !batch.ids.equal(ids) || !batch.mask.equal(mask) {
-                    return Err(format!(
-                        "{}: tokenising texts.json gives {:?}, expected input_ids {:?}",
-                        dir.display(),
-                        Vec::<i64>::try_from(batch.ids.flatten(0, 1)).unwrap(),
-                        Vec::<i64>::try_from(ids.flatten(0, 1)).unwrap()
-                    ));
-                }
-            }
             let out = tch::no_grad(|| model.forward(ids, mask, false));
             compare(
                 dir,

@@ -171,10 +171,12 @@ pub struct DataConfig {
     pub image_size: i64,
     /// Maximum text length in tokens, `[CLS]` and `[SEP]` included.
     pub max_len: i64,
-    /// `builtin` (the synthetic captions' words plus characters) or a
-    /// `vocab.txt` path.
+    /// `builtin` (the synthetic captions' words plus characters, or the
+    /// tokenizer of `model.text.init`), a `vocab.txt` path, a HuggingFace
+    /// `tokenizer.json` path, or a directory holding either.
     #[serde(default = "default_vocab")]
     pub vocab: String,
+    /// Lowercase before WordPiece (a `tokenizer.json` has its own normaliser).
     #[serde(default = "yes")]
     pub lowercase: bool,
     /// ALBEF/BLIP annotation file (JSON array or JSONL) for `annotations`.

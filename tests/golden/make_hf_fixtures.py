@@ -5,8 +5,15 @@ A fixture is a directory with `config.json` (its `model_type`, `bert` or
 `expected.safetensors`: `input_ids`, `attention_mask` (int64) and
 `last_hidden_state` (float32) for a text model, or `pixel_values` and
 `last_hidden_state` for an image model. Text fixtures with a `vocab.txt` also
-get `texts.json`; tokenising those texts (padded to the longest) must give
-exactly `input_ids`.
+get the `tokenizer.json` transformers builds from it and `texts.json`;
+tokenising those texts (padded to the longest) with either file must give
+exactly `input_ids`, which come from transformers' tokenizer, and
+`word_ids` (-1 for none) is transformers' word index of every token.
+
+A tokenizer-only fixture (`tokenizer.json`, `texts.json`, `expected.safetensors`
+with `input_ids`, `attention_mask`, `word_ids`; no `config.json`) holds a
+RoBERTa-style byte-level BPE tokenizer (`<s>`, `</s>`, `<pad>`, ...) trained
+here on a few words.
 
 Needs torch, transformers and safetensors from PyPI, e.g. in the venv that
 `cargo xtask setup` creates:
@@ -20,7 +27,9 @@ import shutil
 
 import torch
 from safetensors.torch import save_file
-from transformers import BertConfig, BertForMaskedLM, BertModel, ViTConfig, ViTForImageClassification, ViTModel
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (BertConfig, BertForMaskedLM, BertModel, BertTokenizer, PreTrainedTokenizerFast, ViTConfig,
+                          ViTForImageClassification, ViTModel)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "fixtures" / "hf"
 
@@ -31,42 +40,16 @@ VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + [c for c in "ab
 TEXTS = ["A red circle left of a blue square.", "the dog runs", "Large zebra, small circle"]
 
 
-def wordpiece(text):
-    """BERT's basic + WordPiece tokenisation over VOCAB (what the fixture checks)."""
-    out = [VOCAB.index("[CLS]")]
-    words = []
-    cur = ""
-    for ch in text.lower():
-        if ch.isspace():
-            if cur:
-                words.append(cur)
-            cur = ""
-        elif not ch.isalnum():
-            if cur:
-                words.append(cur)
-            cur = ""
-            words.append(ch)
-        else:
-            cur += ch
-    if cur:
-        words.append(cur)
-    for w in words:
-        start, pieces = 0, []
-        while start < len(w):
-            end = len(w)
-            while end > start:
-                piece = ("##" if start > 0 else "") + w[start:end]
-                if piece in VOCAB:
-                    pieces.append(VOCAB.index(piece))
-                    break
-                end -= 1
-            if end == start:
-                pieces = [VOCAB.index("[UNK]")]
-                break
-            start = end
-        out.extend(pieces)
-    out.append(VOCAB.index("[SEP]"))
-    return out
+def hf_ids(tok, d):
+    """`tok`'s `input_ids`, `attention_mask` and `word_ids` (-1: none) for TEXTS, padded to the longest."""
+    enc = tok(TEXTS, padding="longest")
+    word_ids = [[-1 if w is None else w for w in enc.word_ids(i)] for i in range(len(TEXTS))]
+    (d / "texts.json").write_text(json.dumps(TEXTS))
+    return {
+        "input_ids": torch.tensor(enc["input_ids"], dtype=torch.int64),
+        "attention_mask": torch.tensor(enc["attention_mask"], dtype=torch.int64),
+        "word_ids": torch.tensor(word_ids, dtype=torch.int64),
+    }
 
 
 def text_fixture(name, cfg, masked_lm, with_vocab):
@@ -81,19 +64,44 @@ def text_fixture(name, cfg, masked_lm, with_vocab):
     shutil.rmtree(d, ignore_errors=True)
     model.save_pretrained(d, safe_serialization=True)
     if with_vocab:
+        # VOCAB has `a` twice (word and character): like BERT's vocab.txt
+        # loader, transformers keeps the last line's id.
         (d / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-        (d / "texts.json").write_text(json.dumps(TEXTS))
-        rows = [wordpiece(t) for t in TEXTS]
+        tok = BertTokenizer.from_pretrained(d)
+        tok.backend_tokenizer.save(str(d / "tokenizer.json"))
+        expected = hf_ids(tok, d)
     else:
         rows = [torch.randint(5, cfg.vocab_size, (n,)).tolist() for n in (7, 4, 9)]
         rows = [[2] + r + [3] for r in rows]
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int64)
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.int64)
+        width = max(len(r) for r in rows)
+        expected = {
+            "input_ids": torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int64),
+            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.int64),
+        }
     bert = model.bert if masked_lm else model
     with torch.no_grad():
-        out = bert(input_ids=ids, attention_mask=mask).last_hidden_state
-    save_file({"input_ids": ids, "attention_mask": mask, "last_hidden_state": out.contiguous()}, d / "expected.safetensors")
+        out = bert(input_ids=expected["input_ids"], attention_mask=expected["attention_mask"]).last_hidden_state
+    save_file({**expected, "last_hidden_state": out.contiguous()}, d / "expected.safetensors")
+
+
+def bpe_tokenizer_fixture(name):
+    """A RoBERTa-style tokenizer: byte-level BPE with <s> ... </s> added."""
+    special = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=special, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([" ".join(WORDS)] * 3 + TEXTS[:2], trainer)
+    bpe.post_processor = processors.RobertaProcessing(("</s>", bpe.token_to_id("</s>")), ("<s>", bpe.token_to_id("<s>")),
+                                                      trim_offsets=True, add_prefix_space=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<pad>", mask_token="<mask>", cls_token="<s>", sep_token="</s>")
+    d = ROOT / name
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    tok.backend_tokenizer.save(str(d / "tokenizer.json"))
+    save_file(hf_ids(tok, d), d / "expected.safetensors")
 
 
 def image_fixture(name, cfg, classifier):
@@ -138,6 +146,8 @@ image_fixture(
     ViTConfig(image_size=36, patch_size=6, hidden_size=36, num_hidden_layers=2, num_attention_heads=6,
               intermediate_size=64, qkv_bias=False, num_labels=3, **common),
     classifier=True)
+# Tokenizer only: RoBERTa-style byte-level BPE.
+bpe_tokenizer_fixture("tokenizer-roberta-bpe")
 print("wrote", sorted(p.name for p in ROOT.iterdir()))
 
 # Position-embedding interpolation (timm/ALBEF: bicubic, align_corners=False)
