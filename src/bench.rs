@@ -126,13 +126,7 @@ pub fn bench(opts: &BenchOptions) -> Result<Value> {
     let loaded = opts.layers.load()?;
     let cfg = loaded.config.clone();
     let tc = &cfg.train;
-    let threads = if tc.threads > 0 {
-        tc.threads
-    } else {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    };
+    let threads = setup::threads(tc);
     tch::set_num_threads(threads as i32);
     tch::manual_seed(tc.seed as i64);
     let out = &opts.out;

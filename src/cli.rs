@@ -710,16 +710,21 @@ type LoadedRun = (
     crate::checkpoint::TrainerState,
 );
 
-fn load_run(run_dir: &Path, sets: &[String]) -> Result<LoadedRun> {
-    let layers = ConfigLayers {
+/// A run directory's saved config with `sets` (and the environment) on top.
+pub fn run_config(run_dir: &Path, sets: &[String]) -> Result<vlmatch_registry::LoadedConfig> {
+    ConfigLayers {
         base: Some(vlmatch_registry::config::base_from_file(
             &run_dir.join("config.toml"),
         )?),
         files: vec![],
         env: true,
         sets: sets.to_vec(),
-    };
-    let loaded = layers.load()?;
+    }
+    .load()
+}
+
+fn load_run(run_dir: &Path, sets: &[String]) -> Result<LoadedRun> {
+    let loaded = run_config(run_dir, sets)?;
     let tok = std::sync::Arc::new(crate::setup::tokenizer(&loaded)?);
     let (mut asm, _) = crate::setup::model(&loaded, &tok)?;
     let ckpt = crate::checkpoint::latest(run_dir)?;

@@ -102,15 +102,8 @@ pub fn explain(
 /// Normalised `[3, size, size]` pixels of an image file.
 pub fn image_tensor(path: &Path, size: usize, mean: [f32; 3], std: [f32; 3]) -> Result<Tensor> {
     let rgb = crate::data::loader::decode_resized(path, "--image", size)?;
-    let plane = size * size;
-    let mut out = vec![0f32; 3 * plane];
-    for (p, px) in rgb.chunks_exact(3).enumerate() {
-        for c in 0..3 {
-            out[c * plane + p] = (px[c] as f32 / 255.0 - mean[c]) / std[c];
-        }
-    }
     let s = size as i64;
-    Ok(Tensor::from_slice(&out).view([3, s, s]))
+    Ok(Tensor::from_slice(&crate::data::normalize(&rgb, mean, std)).view([3, s, s]))
 }
 
 /// The report as text lines: each word with its probability and a bar.

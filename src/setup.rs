@@ -150,6 +150,17 @@ pub fn train_source(cfg: &LoadedConfig) -> Result<(Source, Option<Dataset>)> {
     Ok((Source::Shards(shards), heldout(cfg)?))
 }
 
+/// libtorch intra-op threads: `train.threads`, or every core when 0.
+pub fn threads(train: &vlmatch_registry::config::TrainConfig) -> usize {
+    if train.threads > 0 {
+        train.threads
+    } else {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    }
+}
+
 /// Assemble the model for `cfg` on its device.
 pub fn model(cfg: &LoadedConfig, tok: &Arc<Tokenizer>) -> Result<(Assembly, ModelEnv)> {
     let mut registry = Registry::from_inventory().map_err(|e| Error::Config(e.to_string()))?;

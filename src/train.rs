@@ -187,13 +187,7 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainSummary> {
             tc.steps, tc.batch_size, tc.accum_steps, tc.log_every
         )));
     }
-    let threads = if tc.threads > 0 {
-        tc.threads
-    } else {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    };
+    let threads = setup::threads(tc);
     tch::set_num_threads(threads as i32);
     tch::manual_seed(step_seed(tc.seed, -1));
 

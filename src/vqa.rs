@@ -31,7 +31,7 @@ use tch::{nn, Kind, Tensor};
 use vlmatch_core::{Error, Forward, Result};
 use vlmatch_layers::{LayerNorm, Linear};
 use vlmatch_registry::config::OnError;
-use vlmatch_registry::{Assembly, ConfigLayers, LoadedConfig};
+use vlmatch_registry::{Assembly, LoadedConfig};
 
 /// Questions: `ds.pairs[i]` holds question `i` (as its caption) and its
 /// image; `answers[i]` its answer scores; `kinds[i]` a question type if
@@ -245,18 +245,6 @@ impl VqaModel {
     }
 }
 
-fn layers_of(run_dir: &Path, sets: &[String]) -> Result<LoadedConfig> {
-    ConfigLayers {
-        base: Some(vlmatch_registry::config::base_from_file(
-            &run_dir.join("config.toml"),
-        )?),
-        files: vec![],
-        env: true,
-        sets: sets.to_vec(),
-    }
-    .load()
-}
-
 /// Build the run's model plus a head for `answers`; load `weights` (a
 /// checkpoint path) after the head exists when `with_head`, before it
 /// otherwise (a pretrained run has no head yet).
@@ -266,7 +254,7 @@ fn build(
     answers: Vec<String>,
     with_head: bool,
 ) -> Result<VqaModel> {
-    let loaded = layers_of(run_dir, sets)?;
+    let loaded = crate::cli::run_config(run_dir, sets)?;
     let tok = Arc::new(crate::setup::tokenizer(&loaded)?);
     let (mut asm, env) = crate::setup::model(&loaded, &tok)?;
     let ckpt = checkpoint::latest(run_dir)?;
@@ -320,7 +308,7 @@ fn vocabulary(set: &VqaSet) -> Vec<String> {
 /// `vlmatch finetune --task vqa`: train the head and the whole model on the
 /// training questions; returns the fine-tuned run directory.
 pub fn finetune(opts: &FinetuneOptions) -> Result<PathBuf> {
-    let pre = layers_of(&opts.checkpoint, &opts.sets)?;
+    let pre = crate::cli::run_config(&opts.checkpoint, &opts.sets)?;
     let set = load(&opts.data, opts.image_root.as_deref(), &pre.config, true)?;
     let answers = vocabulary(&set);
     if answers.is_empty() {

@@ -134,7 +134,7 @@ pub struct TrainConfig {
     /// `auto` (bf16 on CUDA, fp32 on CPU), `fp32` or `bf16`.
     #[serde(default = "default_auto")]
     pub precision: String,
-    /// libtorch intra-op threads (0: all cores less the data workers).
+    /// libtorch intra-op threads (0: all cores).
     #[serde(default)]
     pub threads: usize,
 }

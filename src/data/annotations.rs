@@ -61,22 +61,6 @@ pub fn load_entries(
     load_inner(path, image_root, text_key, None, None, on_error).map(|(ds, _, raw)| (ds, raw))
 }
 
-/// `e` with the hint that `data.on_error = "skip"` drops such entries.
-fn with_skip_hint(e: Error) -> Error {
-    match e {
-        Error::Data {
-            path,
-            line,
-            message,
-        } => Error::Data {
-            path,
-            line,
-            message: format!("{message} (data.on_error = \"skip\" drops such entries)"),
-        },
-        other => other,
-    }
-}
-
 /// One entry: its line (JSON lines), its position, and the entry or why it
 /// is unusable.
 type Entry = (Option<usize>, Result<Value>);
@@ -288,7 +272,7 @@ fn load_inner(
             });
         let (p, file) = match (parsed, on_error) {
             (Ok(p), _) => p,
-            (Err(e), OnError::Fail) => return Err(with_skip_hint(e)),
+            (Err(e), OnError::Fail) => return Err(super::with_skip_hint(e, "drops such entries")),
             (Err(e), OnError::Skip) => {
                 tracing::warn!("skipped: {e}");
                 ds.skipped += 1;

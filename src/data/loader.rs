@@ -154,7 +154,10 @@ pub fn make_batch(
     let mut source: Vec<usize> = idx.to_vec();
     if !failed.is_empty() {
         if cfg.on_error == OnError::Fail {
-            return Err(with_skip_hint(failed.swap_remove(0).1));
+            return Err(super::with_skip_hint(
+                failed.swap_remove(0).1,
+                "replaces such pairs",
+            ));
         }
         let mut ok = vec![true; idx.len()];
         for (k, _) in &failed {
@@ -193,22 +196,6 @@ pub fn make_batch(
         image_ids: Tensor::from_slice(&image_ids).to_kind(Kind::Int64),
         captions,
     })
-}
-
-/// `e` with the hint that `data.on_error = "skip"` replaces such pairs.
-fn with_skip_hint(e: Error) -> Error {
-    match e {
-        Error::Data {
-            path,
-            line,
-            message,
-        } => Error::Data {
-            path,
-            line,
-            message: format!("{message} (data.on_error = \"skip\" replaces such pairs)"),
-        },
-        other => other,
-    }
 }
 
 /// What a training [`Loader`] reads: pairs in memory, or a shard stream.

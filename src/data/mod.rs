@@ -14,7 +14,7 @@ pub mod webdataset;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use vlmatch_core::Result;
+use vlmatch_core::{Error, Result};
 pub use vlmatch_registry::config::OnError;
 
 /// An encoded image held in memory (a tar member).
@@ -93,15 +93,7 @@ impl Dataset {
         mean: [f32; 3],
         std: [f32; 3],
     ) -> Result<Vec<f32>> {
-        let rgb = self.load_rgb(i, size)?;
-        let plane = size * size;
-        let mut out = vec![0f32; 3 * plane];
-        for (p, px) in rgb.chunks_exact(3).enumerate() {
-            for c in 0..3 {
-                out[c * plane + p] = (px[c] as f32 / 255.0 - mean[c]) / std[c];
-            }
-        }
-        Ok(out)
+        Ok(normalize(&self.load_rgb(i, size)?, mean, std))
     }
 
     /// The built-in dataset: `scenes` scenes starting at scene `first`,
@@ -164,4 +156,34 @@ pub fn load_any_with(
     } else {
         annotations::load_checked(Path::new(path_or_pattern), image_root, split, on_error)
     }
+}
+
+/// `e` with the hint that `data.on_error = "skip"` would have handled it
+/// (`what`: "drops such entries", "replaces such pairs", ...).
+pub(crate) fn with_skip_hint(e: Error, what: &str) -> Error {
+    match e {
+        Error::Data {
+            path,
+            line,
+            message,
+        } => Error::Data {
+            path,
+            line,
+            message: format!("{message} (data.on_error = \"skip\" {what})"),
+        },
+        other => other,
+    }
+}
+
+/// Row-major RGB bytes to channel-major `[3, H, W]` f32, scaled to [0, 1]
+/// and normalised with `mean` and `std` per channel.
+pub fn normalize(rgb: &[u8], mean: [f32; 3], std: [f32; 3]) -> Vec<f32> {
+    let plane = rgb.len() / 3;
+    let mut out = vec![0f32; rgb.len()];
+    for (p, px) in rgb.chunks_exact(3).enumerate() {
+        for c in 0..3 {
+            out[c * plane + p] = (px[c] as f32 / 255.0 - mean[c]) / std[c];
+        }
+    }
+    out
 }

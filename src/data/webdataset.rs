@@ -198,22 +198,6 @@ fn data_error(path: &Path, message: String) -> Error {
     }
 }
 
-/// `e` with the hint that `data.on_error = "skip"` skips such samples.
-fn with_skip_hint(e: Error) -> Error {
-    match e {
-        Error::Data {
-            path,
-            line,
-            message,
-        } => Error::Data {
-            path,
-            line,
-            message: format!("{message} (data.on_error = \"skip\" skips such samples)"),
-        },
-        other => other,
-    }
-}
-
 impl Raw {
     fn new(key: String) -> Raw {
         Raw {
@@ -374,7 +358,9 @@ pub fn load_shards(pattern: &str, on_error: OnError) -> Result<Dataset> {
             };
             let sample = match (sample, on_error) {
                 (Ok(s), _) => s,
-                (Err(e), OnError::Fail) => return Err(with_skip_hint(e)),
+                (Err(e), OnError::Fail) => {
+                    return Err(super::with_skip_hint(e, "skips such samples"))
+                }
                 (Err(e), OnError::Skip) => {
                     tracing::warn!("skipped: {e}");
                     ds.skipped += 1;
@@ -487,7 +473,7 @@ impl PairStream {
     /// A bad sample or shard: an error, or (skipping) a warning and a count.
     fn bad(&self, e: Error, report: bool) -> Result<()> {
         match self.on_error {
-            OnError::Fail => Err(with_skip_hint(e)),
+            OnError::Fail => Err(super::with_skip_hint(e, "skips such samples")),
             OnError::Skip => {
                 if report {
                     tracing::warn!("skipped: {e}");
