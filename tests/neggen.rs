@@ -121,6 +121,9 @@ fn fgitm_trains_with_neggen_negatives() {
             "objectives.itm.samplers=[\"hard_negative\", \"neggen\"]",
             "samplers.neggen.plugin=\"neggen\"",
             "samplers.neggen.filter_after_steps=3",
+            // An untrained generator's fills are rarely nouns; this test is
+            // about the plumbing, so the fluency check is off.
+            "samplers.neggen.pos_check=false",
             "train.steps=5",
             "eval.at_end=false",
         ],
@@ -194,6 +197,7 @@ fn offline_neggen_writes_provenance_and_training_reads_it_back() {
         &[
             "samplers.neggen.plugin=\"neggen\"".into(),
             "samplers.neggen.filter_threshold=1.0".into(),
+            "samplers.neggen.pos_check=false".into(),
         ],
         false,
     )
@@ -253,4 +257,32 @@ fn offline_neggen_writes_provenance_and_training_reads_it_back() {
         "{:?}",
         s.logged[1]
     );
+}
+
+/// NegGen's fluency check: a candidate passes only when its replacements
+/// are still nouns or adjectives in the new caption.
+#[test]
+fn pos_check_rejects_fills_of_another_kind() {
+    use neggen::{default_tags_vec, replacements_keep_their_kind, BrillTagger};
+    let tagger = BrillTagger::new();
+    let tags = default_tags_vec();
+    // "a red car on a black background": red (1) and background (6) masked.
+    assert!(replacements_keep_their_kind(
+        "a blue car on a black table",
+        &[1, 6],
+        &tagger,
+        &tags
+    ));
+    assert!(!replacements_keep_their_kind(
+        "a blue car on a black in",
+        &[1, 6],
+        &tagger,
+        &tags
+    ));
+    assert!(!replacements_keep_their_kind(
+        "a the car on a black table",
+        &[1, 6],
+        &tagger,
+        &tags
+    ));
 }

@@ -54,6 +54,15 @@ pub struct NegGenConfig {
     /// POS tags of replaceable words.
     #[serde(default = "default_tags")]
     pub tags: Vec<String>,
+    /// Drop a candidate unless every replacement is itself tagged with one
+    /// of `tags` in the new caption (a noun stays a noun): the fluency check
+    /// that keeps fills like "on a black in" out.
+    #[serde(default = "yes")]
+    pub pos_check: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn half() -> f64 {
@@ -135,6 +144,18 @@ pub fn tagged_candidates(
         .zip(tagged)
         .filter(|(_, t)| tags.iter().any(|x| x == t))
         .collect()
+}
+
+/// Whether every word index in `masked` is, in `text`, still tagged with one
+/// of `tags` (NegGen's `pos_check`: a noun stays a noun or adjective).
+pub fn replacements_keep_their_kind(
+    text: &str,
+    masked: &[usize],
+    tagger: &dyn PosTagger,
+    tags: &[String],
+) -> bool {
+    let tagged = tagged_candidates(text, tagger, tags);
+    masked.iter().all(|w| tagged.iter().any(|(i, _)| i == w))
 }
 
 /// `caption` with its candidate words in brackets (`A [red] [car].`), the
@@ -406,6 +427,11 @@ impl NegGen {
     }
 
     /// The caption's candidate words with their tags (cached).
+    fn replacements_keep_their_kind(&self, text: &str, plan: &Plan) -> bool {
+        let masked: Vec<usize> = plan.spans.iter().map(|&(w, ..)| w).collect();
+        replacements_keep_their_kind(text, &masked, self.tagger.as_ref(), &self.cfg.tags)
+    }
+
     fn tagged(&self, caption: &str) -> Vec<(usize, String)> {
         self.tags
             .borrow_mut()
@@ -497,12 +523,17 @@ impl NegGen {
             .map(|(p, f)| realise(p, f, self.codec.as_ref()))
             .collect();
 
-        // Filter: never a caption of the same image; then ITM, once trained.
+        // Filter: never a caption of the same image; replacements of the
+        // same kind of word (pos_check); then ITM, once trained.
         let ids = Vec::<i64>::try_from(batch.image_ids.to_device(Device::Cpu))?;
         let mut keep: Vec<bool> = owners
             .iter()
             .zip(&texts)
-            .map(|(&o, t)| !is_positive(t, ids[o], &batch.captions, &ids))
+            .zip(&plans)
+            .map(|((&o, t), p)| {
+                !is_positive(t, ids[o], &batch.captions, &ids)
+                    && (!self.cfg.pos_check || self.replacements_keep_their_kind(t, p))
+            })
             .collect();
         let mut itm = vec![None; texts.len()];
         if step >= self.cfg.filter_after_steps {
