@@ -244,16 +244,16 @@ pub fn bench(opts: &BenchOptions) -> Result<Value> {
     if opts.neggen {
         let sampler = cli::neggen_sampler(&loaded, &tok)?;
         let mut kept = 0usize;
+        let mut generated = 0usize;
         let mut captions = 0usize;
         let passes = opts.repeats.max(1);
         let t = Instant::now();
         for _ in 0..passes {
             for x in &inputs {
                 let fwd = Forward::new(&asm.model, x, false);
-                kept += tch::no_grad(|| sampler.candidates(&fwd, i64::MAX))?
-                    .iter()
-                    .filter(|c| c.kept)
-                    .count();
+                let cands = tch::no_grad(|| sampler.candidates(&fwd, i64::MAX))?;
+                generated += cands.len();
+                kept += cands.iter().filter(|c| c.kept).count();
                 captions += x.len() as usize;
             }
         }
@@ -262,9 +262,11 @@ pub fn bench(opts: &BenchOptions) -> Result<Value> {
         result["neggen"] = json!({
             "captions": captions,
             "negatives": kept,
+            "candidates": generated,
+            "candidates_per_s": generated as f64 / secs,
             "negatives_per_s": kept as f64 / secs,
             "captions_per_s": captions as f64 / secs,
-            "note": "untrained model: the rate, not the quality",
+            "note": "untrained model: the rate, not the quality; negatives are the candidates the filters kept",
         });
     }
 
@@ -464,11 +466,16 @@ pub fn table(r: &Value) -> String {
             false,
         );
     }
-    if let Some(n) = get(Some(r), &["neggen", "negatives_per_s"]) {
-        s += &format!(
-            "{:<34} {:>12.1} {:>12} {:>22}\n",
-            "NegGen negatives/s", n, "-", "(no PyTorch NegGen)"
-        );
+    for (name, key) in [
+        ("NegGen candidates/s", "candidates_per_s"),
+        ("NegGen negatives kept/s", "negatives_per_s"),
+    ] {
+        if let Some(n) = get(Some(r), &["neggen", key]) {
+            s += &format!(
+                "{:<34} {:>12.1} {:>12} {:>22}\n",
+                name, n, "-", "(no PyTorch NegGen)"
+            );
+        }
     }
     s
 }
