@@ -137,12 +137,7 @@ pub fn bench(opts: &BenchOptions) -> Result<Value> {
     let (train_ds, _) = setup::datasets(&loaded)?;
     let device = env.device;
     let b = tc.batch_size;
-    let n_params: i64 = asm
-        .vs
-        .trainable_variables()
-        .iter()
-        .map(|t| t.numel() as i64)
-        .sum();
+    let n_params = asm.trainable_parameters();
 
     // What the reference needs to build the same model on the same inputs.
     write_file(&out.join("config.toml"), loaded.to_toml())?;

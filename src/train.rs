@@ -231,12 +231,7 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainSummary> {
         let _ = std::fs::remove_file(run_dir.join("eval.jsonl"));
     }
     let start_step = state.step;
-    let n_params: i64 = asm
-        .vs
-        .trainable_variables()
-        .iter()
-        .map(|t| t.numel() as i64)
-        .sum();
+    let n_params = asm.trainable_parameters();
     tracing::info!(
         run_dir = %run_dir.display(),
         device = ?env.device,

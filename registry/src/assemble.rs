@@ -220,6 +220,17 @@ pub struct Assembly {
     pub objectives: Vec<WeightedObjective>,
 }
 
+impl Assembly {
+    /// The number of trainable parameters.
+    pub fn trainable_parameters(&self) -> i64 {
+        self.vs
+            .trainable_variables()
+            .iter()
+            .map(|t| t.numel() as i64)
+            .sum()
+    }
+}
+
 fn context<'a>(
     registry: &'a Registry,
     config: &'a LoadedConfig,
