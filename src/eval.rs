@@ -209,16 +209,18 @@ fn score_cases(
                 text_states(model, inp, &pos)?,
                 text_states(model, inp, &neg)?,
             );
-            let itm = |t: &Encoded| -> Result<Tensor> {
-                let fused = model.fuse_cls(t, &image, false)?;
+            // The negatives are fused in full once: ITM reads their [CLS],
+            // the RTD localisation every token.
+            let fused_neg = model.fuse(&tn, &image, false)?;
+            let itm = |fused: &Encoded| -> Result<Tensor> {
                 Ok(model
                     .discriminator
-                    .pair_logits(&fused)?
+                    .pair_logits(fused)?
                     .softmax(1, Kind::Float)
                     .select(1, 1))
             };
-            itm_hits += itm(&tp)?
-                .gt_tensor(&itm(&tn)?)
+            itm_hits += itm(&model.fuse_cls(&tp, &image, false)?)?
+                .gt_tensor(&itm(&fused_neg)?)
                 .to_kind(Kind::Float)
                 .sum(Kind::Float)
                 .double_value(&[]);
@@ -234,7 +236,7 @@ fn score_cases(
                 .double_value(&[]);
             let token_p = model
                 .discriminator
-                .token_logits(&model.fuse(&tn, &image, false)?)?
+                .token_logits(&fused_neg)?
                 .to_kind(Kind::Double)
                 .to_device(Device::Cpu);
             for (b, c) in chunk.iter().enumerate() {
@@ -396,14 +398,6 @@ pub fn reranked_recalls(
     let (ni, nt) = (image_embeds.size()[0] as usize, owner.len());
     let device = image_embeds.device();
     progress.set_length((ni + nt) as u64);
-    let rank_of_first_hit = |cands: &[i64], scores: &[f64], hit: &dyn Fn(i64) -> bool| -> usize {
-        let mut order: Vec<usize> = (0..cands.len()).collect();
-        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-        order
-            .iter()
-            .position(|&o| hit(cands[o]))
-            .unwrap_or(usize::MAX)
-    };
     let kk = k.max(1);
     let mut tr_ranks = Vec::with_capacity(ni);
     for i in 0..ni {
@@ -412,7 +406,7 @@ pub fn reranked_recalls(
         let img = Tensor::full([idx.size()[0]], i as i64, (Kind::Int64, device));
         let scores = score(&img, &idx, &top)?;
         let cands = Vec::<i64>::try_from(idx.to_device(Device::Cpu))?;
-        tr_ranks.push(rank_of_first_hit(&cands, &scores, &|j| {
+        tr_ranks.push(rank_of_first_hit(&cands, &scores, |j| {
             owner[j as usize] == i
         }));
         progress.inc(1);
@@ -424,9 +418,7 @@ pub fn reranked_recalls(
         let txt = Tensor::full([idx.size()[0]], j as i64, (Kind::Int64, device));
         let scores = score(&idx, &txt, &top)?;
         let cands = Vec::<i64>::try_from(idx.to_device(Device::Cpu))?;
-        ir_ranks.push(rank_of_first_hit(&cands, &scores, &|i| {
-            i as usize == target
-        }));
+        ir_ranks.push(rank_of_first_hit(&cands, &scores, |i| i as usize == target));
         progress.inc(1);
     }
     let recall = |ranks: &[usize], r: usize| {
@@ -447,6 +439,18 @@ pub fn reranked_recalls(
     };
     let rsum = 100.0 * (out.tr_r1 + out.tr_r5 + out.tr_r10 + out.ir_r1 + out.ir_r5 + out.ir_r10);
     Ok(RerankedRetrieval { rsum, ..out })
+}
+
+/// The rank of the first candidate satisfying `hit` once `cands` are sorted
+/// by `scores`, highest first (a stable sort: ties keep the given order);
+/// `usize::MAX` if none does.
+fn rank_of_first_hit(cands: &[i64], scores: &[f64], hit: impl Fn(i64) -> bool) -> usize {
+    let mut order: Vec<usize> = (0..cands.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    order
+        .iter()
+        .position(|&o| hit(cands[o]))
+        .unwrap_or(usize::MAX)
 }
 
 fn check_rerank(rerank: &str) -> Result<()> {
@@ -555,9 +559,7 @@ pub fn zeroshot(
                     p
                 };
                 let s = Vec::<f64>::try_from(s.to_kind(Kind::Double).to_device(Device::Cpu))?;
-                let mut by: Vec<usize> = (0..kk).collect();
-                by.sort_by(|&x, &y| s[y].total_cmp(&s[x]));
-                let rank = by.iter().position(|&o| top[o] == t).unwrap_or(usize::MAX);
+                let rank = rank_of_first_hit(&top, &s, |l| l == t);
                 itm1 += usize::from(rank < 1);
                 itm5 += usize::from(rank < 5);
             }

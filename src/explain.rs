@@ -66,6 +66,7 @@ pub fn explain(
             false,
         )?;
         let txt = model.text.forward_t(EncoderInput::Text(&batch), false)?;
+        // One full fusion: the RTD head reads every token, ITM the [CLS].
         let fused: Encoded = model.fuse(&txt, &img, false)?;
         let token_p = model
             .discriminator
@@ -77,7 +78,7 @@ pub fn explain(
         let token_p = Vec::<f64>::try_from(token_p)?;
         let itm = model
             .discriminator
-            .pair_logits(&model.fuse_cls(&txt, &img, false)?)?
+            .pair_logits(&fused)?
             .softmax(1, Kind::Float)
             .double_value(&[0, 1]);
         let spans: Vec<_> = words.iter().map(|(_, r)| r.clone()).collect();
