@@ -152,7 +152,9 @@ pub fn bench(opts: &BenchOptions) -> Result<Value> {
         .map(|(k, v)| (k, v.detach().to_device(Device::Cpu).contiguous()))
         .collect();
     Tensor::write_safetensors(&init, out.join("init.safetensors"))?;
-    let loader_cfg = LoaderConfig::new(&cfg.data, b, Some(tc.seed));
+    let mut loader_cfg = LoaderConfig::new(&cfg.data, b, Some(tc.seed));
+    // As in training: the samplers' caption work is the loader's.
+    loader_cfg.preps = crate::data::loader::CaptionPreps::new(asm.caption_preps());
     let order = crate::data::loader::epoch_order(train_ds.len(), Some(tc.seed), 0);
     let wanted = (opts.batches * b).min(order.len());
     let inputs: Vec<Batch> =

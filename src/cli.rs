@@ -766,11 +766,19 @@ pub fn neggen_sampler(
         tokenizer: tok.clone(),
         max_len: loaded.config.data.max_len as usize,
     });
-    Ok(neggen::NegGen::new(
-        cfg,
-        Box::new(neggen::BrillTagger::new()),
-        codec,
-    ))
+    let filler = match &cfg.fill_model {
+        Some(dir) => {
+            let device = crate::setup::device(&loaded.config.train.device)?;
+            let f =
+                crate::pretrained::load_masked_lm(dir, device, tch::Kind::Float).map_err(|e| {
+                    Error::Config(format!("config key `samplers.neggen.fill_model`: {e}"))
+                })?;
+            tracing::info!("NegGen fill model: {}", f.report);
+            Some(f)
+        }
+        None => None,
+    };
+    neggen::NegGen::configured(cfg, codec, filler, "samplers.neggen")
 }
 
 /// `vlmatch neggen`: NegGen over a whole annotation file, written as JSON
@@ -794,7 +802,10 @@ pub fn neggen_offline(
         None,
         c.data.on_error,
     )?;
-    let loader_cfg = crate::data::loader::LoaderConfig::new(&c.data, c.eval.batch_size, None);
+    let mut loader_cfg = crate::data::loader::LoaderConfig::new(&c.data, c.eval.batch_size, None);
+    loader_cfg.preps = crate::data::loader::CaptionPreps::new(
+        vlmatch_core::NegativeSampler::caption_prep(&sampler),
+    );
     let all: Vec<usize> = (0..ds.len()).collect();
     let bar = if progress {
         indicatif::ProgressBar::new(ds.len() as u64)

@@ -243,50 +243,16 @@ pub fn apply_inits(
     let mut reports = Vec::new();
     if let Some(dir) = init_dir(cfg, "text") {
         let ckpt = read_checkpoint(&dir)?;
-        let mut r = apply(
-            "text encoder",
+        // Upper layers may feed the fusion encoder instead (ALBEF): not unused then.
+        let feeds_fusion = init_dir(cfg, "fusion").as_deref() == Some(dir.as_path());
+        reports.extend(apply_text(
             &dir,
             &ckpt,
             vars,
-            "text_encoder.",
-            |n| {
-                (!n.starts_with("cls.")
-                    && !n.starts_with("pooler.")
-                    && n != "embeddings.position_ids")
-                    .then(|| format!("text_encoder.{n}"))
-            },
-            |_| false,
-        );
-        // Upper layers may feed the fusion encoder instead (ALBEF): not unused then.
-        if init_dir(cfg, "fusion").as_deref() == Some(dir.as_path()) {
-            r.unused.retain(|n| !n.starts_with("encoder.layer."));
-        }
-        check(&r, allow_partial(cfg, "text"))?;
-        reports.push(r);
-        if vars
-            .keys()
-            .any(|k| k.starts_with("generator.cls.predictions."))
-        {
-            let r = apply(
-                "MLM head",
-                &dir,
-                &ckpt,
-                vars,
-                "generator.",
-                |n| {
-                    (n.starts_with("cls.predictions.")
-                        && n != "cls.predictions.decoder.weight"
-                        && n != "cls.predictions.decoder.bias")
-                        .then(|| format!("generator.{n}"))
-                },
-                |_| false,
-            );
-            // A checkpoint without an MLM head (plain BertModel) leaves it new.
-            if r.applied > 0 {
-                check(&r, allow_partial(cfg, "text"))?;
-            }
-            reports.push(r);
-        }
+            feeds_fusion,
+            allow_partial(cfg, "text"),
+            false,
+        )?);
     }
     if let Some(dir) = init_dir(cfg, "fusion") {
         let ckpt = read_checkpoint(&dir)?;
@@ -329,6 +295,157 @@ pub fn apply_inits(
         reports.push(r);
     }
     Ok(reports)
+}
+
+/// Apply a BERT checkpoint to `text_encoder.*` and, where the model has
+/// one, its MLM head to `generator.cls.predictions.*`. A checkpoint without
+/// an MLM head leaves the head new unless `head_required`.
+fn apply_text(
+    dir: &Path,
+    ckpt: &BTreeMap<String, Tensor>,
+    vars: &HashMap<String, Tensor>,
+    feeds_fusion: bool,
+    allow_partial: bool,
+    head_required: bool,
+) -> Result<Vec<LoadReport>> {
+    let mut r = apply(
+        "text encoder",
+        dir,
+        ckpt,
+        vars,
+        "text_encoder.",
+        |n| {
+            (!n.starts_with("cls.") && !n.starts_with("pooler.") && n != "embeddings.position_ids")
+                .then(|| format!("text_encoder.{n}"))
+        },
+        |_| false,
+    );
+    if feeds_fusion {
+        r.unused.retain(|n| !n.starts_with("encoder.layer."));
+    }
+    check(&r, allow_partial)?;
+    let mut reports = vec![r];
+    if vars
+        .keys()
+        .any(|k| k.starts_with("generator.cls.predictions."))
+    {
+        let r = apply(
+            "MLM head",
+            dir,
+            ckpt,
+            vars,
+            "generator.",
+            |n| {
+                (n.starts_with("cls.predictions.")
+                    && n != "cls.predictions.decoder.weight"
+                    && n != "cls.predictions.decoder.bias")
+                    .then(|| format!("generator.{n}"))
+            },
+            |_| false,
+        );
+        if r.applied == 0 && head_required {
+            return Err(Error::Config(format!(
+                "{} has no MLM head (`cls.predictions.*`): a masked language model \
+                 (BertForMaskedLM) is needed to fill masks",
+                dir.join("model.safetensors").display()
+            )));
+        }
+        // A checkpoint without an MLM head (plain BertModel) leaves it new.
+        if r.applied > 0 {
+            check(&r, allow_partial)?;
+        }
+        reports.push(r);
+    }
+    Ok(reports)
+}
+
+/// A HuggingFace `BertForMaskedLM` directory (`config.json`,
+/// `model.safetensors` with `cls.predictions.*`, and `tokenizer.json` or
+/// `vocab.txt`) as a frozen [`MaskedLm`]: NegGen's `fill_model`. A
+/// `vocab.txt` is lowercased unless `tokenizer_config.json` says
+/// `"do_lower_case": false`. Every tensor must load.
+pub fn load_masked_lm(
+    dir: &Path,
+    device: tch::Device,
+    compute: tch::Kind,
+) -> Result<vlmatch_registry::MaskedLm> {
+    if !dir.is_dir() {
+        return Err(Error::Data {
+            path: dir.into(),
+            line: None,
+            message: "expected a directory with config.json, model.safetensors and \
+                      tokenizer.json or vocab.txt (a HuggingFace BertForMaskedLM)"
+                .into(),
+        });
+    }
+    let model_type = std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("model_type")?.as_str().map(str::to_string));
+    if let Some(t) = model_type.filter(|t| t != "bert") {
+        return Err(Error::Data {
+            path: dir.join("config.json"),
+            line: None,
+            message: format!(
+                "model_type `{t}`: a fill model must be a BERT masked LM (model_type `bert`)"
+            ),
+        });
+    }
+    let lowercase = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("do_lower_case").and_then(serde_json::Value::as_bool))
+        .unwrap_or(true);
+    let tok = std::sync::Arc::new(crate::tokenizer::Tokenizer::from_path(dir, lowercase)?);
+    let section = bert::BertSection {
+        init: Some(dir.to_path_buf()),
+        ..Default::default()
+    };
+    let arch = section.resolve(&format!("fill model {}", dir.display()))?;
+    if let Some(v) = arch.vocab_size.filter(|&v| v != tok.vocab_size()) {
+        return Err(Error::Config(format!(
+            "{}: vocab_size {v} differs from its tokenizer's {} ({})",
+            dir.join("config.json").display(),
+            tok.vocab_size(),
+            tok.origin()
+        )));
+    }
+    let max_len = arch.max_position_embeddings;
+    let mut store = tch::nn::VarStore::new(device);
+    let root = store.root();
+    let encoder = std::rc::Rc::new(bert::Bert::new(
+        &(&root / "text_encoder"),
+        &arch,
+        tok.vocab_size(),
+        max_len,
+        compute,
+    )?);
+    let emb = vlmatch_core::Encoder::word_embeddings(encoder.as_ref())
+        .expect("BERT exposes its word embeddings");
+    let head = std::rc::Rc::new(mlm_head::MlmHead::new(
+        &(&root / "generator"),
+        emb,
+        arch.layer_norm_eps,
+        compute,
+    ));
+    let ckpt = read_checkpoint(dir)?;
+    let reports = apply_text(dir, &ckpt, &store.variables(), false, false, true)?;
+    store.freeze();
+    Ok(vlmatch_registry::MaskedLm {
+        encoder,
+        head,
+        codec: std::rc::Rc::new(crate::tokenizer::Codec {
+            tokenizer: tok,
+            max_len: max_len as usize,
+        }),
+        max_len: max_len as usize,
+        report: reports
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n"),
+        store,
+    })
 }
 
 fn check(r: &LoadReport, allow_partial: bool) -> Result<()> {

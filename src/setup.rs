@@ -189,6 +189,7 @@ pub fn model(cfg: &LoadedConfig, tok: &Arc<Tokenizer>) -> Result<(Assembly, Mode
         max_text_len: cfg.config.data.max_len,
         device,
         compute: compute_kind(&train.precision, device)?,
+        masked_lm: Some(crate::pretrained::load_masked_lm),
     };
     let assembly = assemble(&registry, cfg, &env)?;
     Ok((assembly, env))

@@ -8,7 +8,7 @@
 //! never stopped (bit-exact on CPU).
 
 use crate::checkpoint::{self, TrainerState};
-use crate::data::loader::{Loader, LoaderConfig, Source};
+use crate::data::loader::{CaptionPreps, Loader, LoaderConfig, Source};
 use crate::eval::{self, EvalInputs, HeldOut};
 use crate::optim::{lr_at, AdamW};
 use crate::rng::mix;
@@ -241,7 +241,8 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainSummary> {
         "training"
     );
 
-    let loader_cfg = LoaderConfig::new(&cfg.data, tc.batch_size, Some(tc.seed));
+    let mut loader_cfg = LoaderConfig::new(&cfg.data, tc.batch_size, Some(tc.seed));
+    loader_cfg.preps = CaptionPreps::new(asm.caption_preps());
     let mut loader =
         Loader::from_source(train_source, tok.clone(), loader_cfg, state.batches as u64)?;
     let mut metrics_file = std::fs::OpenOptions::new()

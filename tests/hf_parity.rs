@@ -1,7 +1,8 @@
 //! HuggingFace parity: every fixture under tests/fixtures/hf/ (and under each
 //! directory listed in VLMATCH_HF_FIXTURES, colon-separated) loads into the
 //! `bert` or `vit` plugin and reproduces `transformers`' `last_hidden_state`
-//! within 1e-4. A fixture with `texts.json` must tokenise those texts (padded
+//! within 1e-4 (and, for a `BertForMaskedLM` fixture with `logits`, the
+//! `mlm_head` plugin its MLM logits). A fixture with `texts.json` must tokenise those texts (padded
 //! to the longest) to exactly its `input_ids` and `attention_mask`, with its
 //! `tokenizer.json` and with its `vocab.txt`, whichever it has, and group the
 //! tokens into words as its `word_ids` do; a fixture with a `tokenizer.json`
@@ -178,6 +179,12 @@ fn check_fixture(dir: &Path) -> Result<(), String> {
                 Kind::Float,
             )
             .map_err(|e| e.to_string())?;
+            // A BertForMaskedLM fixture (`logits`): the MLM head too, tied
+            // to the word embeddings as `mlm_head` is.
+            let head = expected.contains_key("logits").then(|| {
+                let emb = vlmatch_core::Encoder::word_embeddings(&model).unwrap();
+                mlm_head::MlmHead::new(&vs.root(), emb, cfg.layer_norm_eps, Kind::Float)
+            });
             load(dir, &vs)?;
             let out = tch::no_grad(|| model.forward(ids, mask, false));
             compare(
@@ -185,7 +192,15 @@ fn check_fixture(dir: &Path) -> Result<(), String> {
                 "last_hidden_state",
                 &out,
                 &expected["last_hidden_state"],
-            )
+            )?;
+            let Some(head) = head else { return Ok(()) };
+            let states = vlmatch_core::Encoded {
+                hidden: out,
+                mask: mask.shallow_clone(),
+            };
+            let logits = tch::no_grad(|| vlmatch_core::Generator::logits(&head, &states, false))
+                .map_err(|e| e.to_string())?;
+            compare(dir, "logits", &logits, &expected["logits"])
         }
         Some("vit") => {
             let section = vit::VitSection {

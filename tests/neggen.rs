@@ -9,6 +9,7 @@ use neggen::{
     realise, BrillTagger,
 };
 use proptest::prelude::*;
+use std::rc::Rc;
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 use vlmatch::tokenizer::{Codec, Tokenizer};
@@ -285,4 +286,230 @@ fn pos_check_rejects_fills_of_another_kind() {
         &tagger,
         &tags
     ));
+}
+
+/// A tagger that counts the words it tags, to see where tagging happens.
+struct CountingTagger(BrillTagger, std::sync::atomic::AtomicUsize);
+
+impl neggen::PosTagger for CountingTagger {
+    fn tag_words(&self, words: &[&str]) -> Vec<String> {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.tag_words(words)
+    }
+}
+
+/// Tagging is the loader's: with NegGen's `TagPrep` in the loader config,
+/// every caption of a batch arrives tagged (as `tagged_candidates` tags
+/// it) and NegGen tags nothing itself; a batch without it is tagged by
+/// NegGen with the same result.
+#[test]
+fn the_loader_tags_captions_for_neggen_on_its_worker_threads() {
+    use vlmatch::data::loader::{make_batch, CaptionPreps, LoaderConfig};
+    use vlmatch_core::NegativeSampler;
+    let loaded = micro_layers(&["model.generator.plugin=\"mlm_head\"", "data.workers=3"])
+        .load()
+        .unwrap();
+    let tok = Arc::new(vlmatch::setup::tokenizer(&loaded).unwrap());
+    let _turn = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
+    let (asm, _) = vlmatch::setup::model(&loaded, &tok).unwrap();
+    let (ds, _) = vlmatch::setup::datasets(&loaded).unwrap();
+    let tagger = Arc::new(CountingTagger(
+        BrillTagger::new(),
+        std::sync::atomic::AtomicUsize::new(0),
+    ));
+    let cfg: neggen::NegGenConfig = serde_json::from_str(r#"{"pos_check": false}"#).unwrap();
+    let sampler = neggen::NegGen::new(cfg, tagger.clone(), Rc::new(codec()));
+    let mut lc = LoaderConfig::new(&loaded.config.data, 7, None);
+    lc.preps = CaptionPreps::new(sampler.caption_prep());
+    let idx: Vec<usize> = (0..7).map(|i| i * 2).collect();
+    let prepared = make_batch(&ds, &tok, &lc, &idx).unwrap();
+    let count = || tagger.1.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(count(), 7, "the loader tags each caption once");
+    let key = sampler.caption_prep().unwrap().key();
+    for (i, caption) in prepared.captions.iter().enumerate() {
+        let got = prepared.prepared::<neggen::Tagged>(&key, i).unwrap();
+        let want = neggen::tagged_candidates(caption, &BrillTagger::new(), &default_tags_vec());
+        assert_eq!(got, &want, "{caption}");
+    }
+    let fwd = vlmatch_core::Forward::new(&asm.model, &prepared, false);
+    tch::manual_seed(3);
+    let with_prep = sampler.candidates(&fwd, -1).unwrap();
+    assert_eq!(count(), 7, "NegGen tagged again what the loader tagged");
+    assert!(!with_prep.is_empty());
+
+    // The same batch without the loader's work: NegGen tags it, the same way.
+    lc.preps = CaptionPreps::default();
+    let plain = make_batch(&ds, &tok, &lc, &idx).unwrap();
+    assert!(plain.prepared.is_empty());
+    let fwd = vlmatch_core::Forward::new(&asm.model, &plain, false);
+    tch::manual_seed(3);
+    let without = sampler.candidates(&fwd, -1).unwrap();
+    assert_eq!(count(), 14);
+    let texts = |c: &[neggen::Candidate]| c.iter().map(|c| c.text.clone()).collect::<Vec<_>>();
+    assert_eq!(texts(&with_prep), texts(&without));
+}
+
+fn mlm_fixture() -> std::path::PathBuf {
+    fixture("hf/bert-mlm-h32-4heads-vocab")
+}
+
+/// NegGen's `fill_model`: a HuggingFace BertForMaskedLM directory loads
+/// with its own tokenizer and gives `transformers`' MLM logits.
+#[test]
+fn a_masked_lm_checkpoint_loads_with_its_tokenizer_and_matches_transformers() {
+    use vlmatch_core::EncoderInput;
+    let dir = mlm_fixture();
+    let lm = vlmatch::pretrained::load_masked_lm(&dir, Device::Cpu, Kind::Float).unwrap();
+    let expected: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(dir.join("expected.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    let texts: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("texts.json")).unwrap()).unwrap();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let batch = lm.codec.encode(&refs, Device::Cpu);
+    assert!(batch.ids.equal(&expected["input_ids"]));
+    let logits = tch::no_grad(|| {
+        let states = lm
+            .encoder
+            .forward_t(EncoderInput::Text(&batch), false)
+            .unwrap();
+        lm.head.logits(&states, false).unwrap()
+    });
+    let diff = (logits - &expected["logits"]).abs().max().double_value(&[]);
+    assert!(diff < 1e-4, "MLM logits differ by {diff}");
+    assert!(lm.report.contains("MLM head"), "{}", lm.report);
+    assert!(
+        lm.store.variables().values().all(|t| !t.requires_grad()),
+        "a fill model is frozen"
+    );
+
+    // A BertModel without an MLM head cannot fill masks: a clear error.
+    let Err(e) = vlmatch::pretrained::load_masked_lm(
+        &fixture("hf/bert-h48-3heads-vocab"),
+        Device::Cpu,
+        Kind::Float,
+    ) else {
+        panic!("a checkpoint without cls.predictions loaded as a masked LM")
+    };
+    assert!(e.to_string().contains("no MLM head"), "{e}");
+}
+
+/// The words of the fill model's vocabulary (its `vocab.txt`).
+fn fill_vocab() -> std::collections::HashSet<String> {
+    std::fs::read_to_string(mlm_fixture().join("vocab.txt"))
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// FG-ITM trains with NegGen filling from a separate checkpoint whose
+/// tokenizer is not the run's, with no generator in the model; offline,
+/// every replacement word comes from that checkpoint's vocabulary.
+#[test]
+fn neggen_fills_with_a_separate_masked_lm_online_and_offline() {
+    let dir = scratch("neggen-fill-model");
+    let fill = format!("samplers.neggen.fill_model=\"{}\"", mlm_fixture().display());
+    let sets = [
+        "objectives.itm.samplers=[\"hard_negative\", \"neggen\"]",
+        "samplers.neggen.plugin=\"neggen\"",
+        "samplers.neggen.filter_after_steps=1000",
+        // A random fill model's words are rarely nouns: plumbing only.
+        "samplers.neggen.pos_check=false",
+        fill.as_str(),
+        "train.steps=3",
+        "eval.at_end=false",
+    ];
+    let s = run(&dir.join("run"), &sets, None).unwrap();
+    assert_eq!(s.last_step, 3);
+    assert!(
+        s.logged
+            .iter()
+            .any(|m| m["itm_neggen_produced"].as_f64().unwrap() > 0.0),
+        "{:?}",
+        s.logged
+    );
+
+    let out = dir.join("negatives.jsonl");
+    let data = dir.join("ann.jsonl");
+    image::RgbImage::from_pixel(16, 16, image::Rgb([200u8, 30, 30]))
+        .save(dir.join("red.png"))
+        .unwrap();
+    std::fs::write(
+        &data,
+        "{\"image\": \"red.png\", \"caption\": [\"a small red circle left of a large blue square\", \"one green tree\"]}\n",
+    )
+    .unwrap();
+    let _turn = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
+    let sets: Vec<String> = sets[1..5]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["samplers.neggen.filter_threshold=1.0".to_string()])
+        .collect();
+    let summary =
+        vlmatch::cli::neggen_offline(&dir.join("run"), &data, Some(&dir), &out, &sets, false)
+            .unwrap();
+    drop(_turn);
+    let vocab = fill_vocab();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{summary}: {lines:?}");
+    for l in &lines {
+        for m in l["masked_words"].as_array().unwrap() {
+            let r = m["replacement"].as_str().unwrap();
+            // Whole words of the fill vocabulary, or a first piece followed
+            // by `##` pieces, all of that vocabulary.
+            let mut pieces = vec![];
+            let mut rest = r;
+            while !rest.is_empty() {
+                let (n, piece) = (1..=rest.len())
+                    .rev()
+                    .filter(|&n| rest.is_char_boundary(n))
+                    .map(|n| {
+                        let p = &rest[..n];
+                        (
+                            n,
+                            if pieces.is_empty() {
+                                p.to_string()
+                            } else {
+                                format!("##{p}")
+                            },
+                        )
+                    })
+                    .find(|(_, p)| vocab.contains(p))
+                    .unwrap_or_else(|| panic!("`{r}` is not made of the fill model's pieces"));
+                pieces.push(piece);
+                rest = &rest[n..];
+            }
+        }
+    }
+}
+
+/// NegGen fills WordPiece vocabularies; a byte-level BPE one (RoBERTa) is
+/// refused with an error that says so, rather than filling garbage.
+#[test]
+fn neggen_refuses_a_byte_level_bpe_vocabulary() {
+    let cfg = || -> neggen::NegGenConfig { serde_json::from_str("{}").unwrap() };
+    let bpe = Codec {
+        tokenizer: Arc::new(
+            Tokenizer::from_path(&fixture("hf/tokenizer-roberta-bpe/tokenizer.json"), false)
+                .unwrap(),
+        ),
+        max_len: 32,
+    };
+    assert!(!neggen::is_wordpiece(&bpe) && neggen::is_wordpiece(&codec()));
+    let Err(e) = neggen::NegGen::configured(cfg(), Rc::new(bpe), None, "samplers.neggen") else {
+        panic!("NegGen accepted a BPE vocabulary")
+    };
+    let e = e.to_string();
+    assert!(
+        e.contains("samplers.neggen") && e.contains("WordPiece") && e.contains("BPE"),
+        "{e}"
+    );
+    assert!(neggen::NegGen::configured(cfg(), Rc::new(codec()), None, "samplers.neggen").is_ok());
 }

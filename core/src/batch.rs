@@ -1,4 +1,10 @@
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
+
+/// One caption's result of a [`crate::CaptionPrep`].
+pub type Prepared = Arc<dyn Any + Send + Sync>;
 
 /// Tokenised text: `ids` `[B, L]` (i64) and `mask` `[B, L]` (i64, 1 on real
 /// tokens, 0 on padding). Position 0 is always `[CLS]`.
@@ -52,11 +58,20 @@ pub struct Batch {
     pub image_ids: Tensor,
     /// The captions as text, for samplers that rewrite them (NegGen).
     pub captions: Vec<String>,
+    /// Per-caption results of the [`crate::CaptionPrep`]s the loader ran on
+    /// its worker threads, by [`crate::CaptionPrep::key`]: one entry per
+    /// caption, in batch order. Empty where no loader prepared the batch.
+    pub prepared: BTreeMap<String, Vec<Prepared>>,
 }
 
 impl Batch {
     pub fn len(&self) -> i64 {
         self.images.size()[0]
+    }
+    /// Caption `i`'s result of the prep registered under `key`, if the
+    /// loader ran it and it has type `T`.
+    pub fn prepared<T: Any + Send + Sync>(&self, key: &str, i: usize) -> Option<&T> {
+        self.prepared.get(key)?.get(i)?.downcast_ref::<T>()
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -67,6 +82,7 @@ impl Batch {
             text: self.text.to_device(device),
             image_ids: self.image_ids.to_device(device),
             captions: self.captions.clone(),
+            prepared: self.prepared.clone(),
         }
     }
     /// The same tensors (no copy), for reusing a batch.
@@ -76,6 +92,7 @@ impl Batch {
             text: self.text.shallow_clone(),
             image_ids: self.image_ids.shallow_clone(),
             captions: self.captions.clone(),
+            prepared: self.prepared.clone(),
         }
     }
     /// `[B, B]` bool: `true` where row and column share an image id.

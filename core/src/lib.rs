@@ -19,12 +19,12 @@ mod error;
 mod forward;
 mod traits;
 
-pub use batch::{Batch, Encoded, TextBatch};
+pub use batch::{Batch, Encoded, Prepared, TextBatch};
 pub use error::{Error, Result};
 pub use forward::{ContrastiveHead, Forward, Similarity, VlModel};
 pub use traits::{
-    Discriminator, Encoder, EncoderInput, FillOptions, Generator, Modality, NegativeSampler,
-    Negatives, Objective, ObjectiveOutput, SamplerInput,
+    CaptionPrep, Discriminator, Encoder, EncoderInput, FillOptions, Generator, Modality,
+    NegativeSampler, Negatives, Objective, ObjectiveOutput, SamplerInput,
 };
 
 /// The run's tokenizer as plugins see it: samplers that write new captions

@@ -181,6 +181,23 @@ pub trait NegativeSampler {
     fn stats(&self) -> Vec<(String, f64)> {
         Vec::new()
     }
+    /// Per-caption CPU work (NegGen: POS tagging) that the data loader should
+    /// do on its worker threads ahead of the step; the results arrive in
+    /// [`crate::Batch::prepared`]. Default: none.
+    fn caption_prep(&self) -> Option<std::sync::Arc<dyn CaptionPrep>> {
+        None
+    }
+}
+
+/// CPU work on each caption, done by the data loader on its worker threads
+/// while the previous step trains, so the sampler that asked for it finds
+/// the result ready in [`crate::Batch::prepared`] (and computes it itself
+/// when a batch comes without).
+pub trait CaptionPrep: Send + Sync {
+    /// Where the results go in [`crate::Batch::prepared`]; preps with equal
+    /// keys compute the same thing, and run once.
+    fn key(&self) -> String;
+    fn prepare(&self, caption: &str) -> crate::batch::Prepared;
 }
 
 /// Named losses (scalar tensors carrying gradient, unweighted) and named
@@ -199,4 +216,9 @@ pub struct ObjectiveOutput {
 /// `metrics.jsonl`, so they must be unique across objectives.
 pub trait Objective {
     fn forward(&self, forward: &Forward<'_>, step: i64) -> Result<ObjectiveOutput>;
+    /// The [`CaptionPrep`]s of the samplers this objective uses, for the
+    /// loader. Default: none.
+    fn caption_preps(&self) -> Vec<std::sync::Arc<dyn CaptionPrep>> {
+        Vec::new()
+    }
 }

@@ -23,6 +23,30 @@ pub struct ModelEnv {
     pub device: Device,
     /// dtype of matmuls and attention: `Float`, or `BFloat16` on CUDA.
     pub compute: DType,
+    /// Loads a HuggingFace masked language model (`BertForMaskedLM` layout,
+    /// with its own tokenizer) from a directory: the host's service for
+    /// plugins that fill text with a fixed model (NegGen's `fill_model`).
+    /// `None` where the host offers none.
+    pub masked_lm: Option<MaskedLmLoader>,
+}
+
+/// See [`ModelEnv::masked_lm`]: `(directory, device, compute dtype)`.
+pub type MaskedLmLoader = fn(&std::path::Path, Device, DType) -> Result<MaskedLm>;
+
+/// A frozen masked language model with its own tokenizer, loaded from a
+/// checkpoint directory. It is not part of the trained model: its weights
+/// live in their own `VarStore`, are never updated and never checkpointed.
+pub struct MaskedLm {
+    pub encoder: Rc<dyn Encoder>,
+    pub head: Rc<dyn Generator>,
+    /// Its tokenizer (which need not be the run's).
+    pub codec: Rc<dyn TextCodec>,
+    /// The longest input it takes, in tokens.
+    pub max_len: usize,
+    /// What was loaded, for the log.
+    pub report: String,
+    /// Owns the weights.
+    pub store: nn::VarStore,
 }
 
 /// Widths of the encoders built so far, for the components that read them.
@@ -228,6 +252,15 @@ impl Assembly {
             .iter()
             .map(|t| t.numel() as i64)
             .sum()
+    }
+
+    /// The per-caption CPU work the objectives' samplers want the data
+    /// loader to do (`NegativeSampler::caption_prep`).
+    pub fn caption_preps(&self) -> Vec<std::sync::Arc<dyn vlmatch_core::CaptionPrep>> {
+        self.objectives
+            .iter()
+            .flat_map(|o| o.objective.caption_preps())
+            .collect()
     }
 }
 

@@ -10,7 +10,9 @@ pub mod config;
 pub mod dynamic;
 pub mod registration;
 
-pub use assemble::{assemble, Assembly, BuildContext, ModelEnv, WeightedObjective};
+pub use assemble::{
+    assemble, Assembly, BuildContext, MaskedLm, MaskedLmLoader, ModelEnv, WeightedObjective,
+};
 pub use config::{Config, ConfigLayers, LoadedConfig, PluginSection};
 pub use registration::{Factory, Kind, Registration, Registry, RegistryError};
 

@@ -14,12 +14,67 @@ use super::webdataset::{PairStream, Shards};
 use super::{Dataset, OnError};
 use crate::rng::{mix, Rng};
 use crate::tokenizer::Tokenizer;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use tch::{Kind, Tensor};
-use vlmatch_core::{Batch, Error, Result, TextBatch};
+use vlmatch_core::{Batch, CaptionPrep, Error, Prepared, Result, TextBatch};
+
+/// The samplers' per-caption CPU work that batches are prepared with
+/// (`NegativeSampler::caption_prep`), one per key.
+#[derive(Clone, Default)]
+pub struct CaptionPreps(Vec<Arc<dyn CaptionPrep>>);
+
+impl CaptionPreps {
+    /// `preps` without repeated keys (equal keys compute the same thing).
+    pub fn new(preps: impl IntoIterator<Item = Arc<dyn CaptionPrep>>) -> Self {
+        let mut out: Vec<Arc<dyn CaptionPrep>> = Vec::new();
+        for p in preps {
+            if !out.iter().any(|q| q.key() == p.key()) {
+                out.push(p);
+            }
+        }
+        CaptionPreps(out)
+    }
+
+    /// Every prep over `captions`, split across `workers` threads.
+    pub fn run(&self, captions: &[String], workers: usize) -> BTreeMap<String, Vec<Prepared>> {
+        let mut out = BTreeMap::new();
+        if self.0.is_empty() || captions.is_empty() {
+            return out;
+        }
+        let per = captions.len().div_ceil(workers.max(1)).max(1);
+        for prep in &self.0 {
+            let prep = prep.as_ref();
+            let results: Vec<Prepared> = std::thread::scope(|scope| {
+                let handles: Vec<_> = captions
+                    .chunks(per)
+                    .map(|chunk| {
+                        scope.spawn(move || {
+                            chunk.iter().map(|c| prep.prepare(c)).collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .flat_map(|h| h.join().expect("caption prep panicked"))
+                    .collect()
+            });
+            out.insert(prep.key(), results);
+        }
+        out
+    }
+}
+
+impl std::fmt::Debug for CaptionPreps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|p| p.key()))
+            .finish()
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct LoaderConfig {
@@ -36,6 +91,8 @@ pub struct LoaderConfig {
     pub on_error: OnError,
     /// Pairs replaced or dropped so far (shared by clones of this config).
     pub skipped: Arc<AtomicUsize>,
+    /// Per-caption work for the samplers, done on the worker threads.
+    pub preps: CaptionPreps,
 }
 
 impl LoaderConfig {
@@ -56,6 +113,7 @@ impl LoaderConfig {
             shuffle_seed,
             on_error: data.on_error,
             skipped: Arc::new(AtomicUsize::new(0)),
+            preps: CaptionPreps::default(),
         }
     }
 }
@@ -180,6 +238,7 @@ pub fn make_batch(
         .iter()
         .map(|&i| ds.pairs[i].caption.clone())
         .collect();
+    let prepared = cfg.preps.run(&captions, cfg.workers);
     let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
     let (ids, mask, l) = tok.encode_batch(&refs, cfg.max_len);
     let b = idx.len() as i64;
@@ -195,6 +254,7 @@ pub fn make_batch(
         ),
         image_ids: Tensor::from_slice(&image_ids).to_kind(Kind::Int64),
         captions,
+        prepared,
     })
 }
 

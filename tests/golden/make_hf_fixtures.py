@@ -3,7 +3,8 @@
 A fixture is a directory with `config.json` (its `model_type`, `bert` or
 `vit`, picks the plugin), `model.safetensors` (hub key names) and
 `expected.safetensors`: `input_ids`, `attention_mask` (int64) and
-`last_hidden_state` (float32) for a text model, or `pixel_values` and
+`last_hidden_state` (float32) for a text model (a `BertForMaskedLM` also
+`logits`, its MLM head's vocabulary logits), or `pixel_values` and
 `last_hidden_state` for an image model. Text fixtures with a `vocab.txt` also
 get the `tokenizer.json` transformers builds from it and `texts.json`;
 tokenising those texts (padded to the longest) with either file must give
@@ -81,6 +82,10 @@ def text_fixture(name, cfg, masked_lm, with_vocab):
     bert = model.bert if masked_lm else model
     with torch.no_grad():
         out = bert(input_ids=expected["input_ids"], attention_mask=expected["attention_mask"]).last_hidden_state
+        if masked_lm:
+            # The MLM head's vocabulary logits, for NegGen's fill model.
+            expected["logits"] = model(input_ids=expected["input_ids"],
+                                       attention_mask=expected["attention_mask"]).logits.contiguous()
     save_file({**expected, "last_hidden_state": out.contiguous()}, d / "expected.safetensors")
 
 
@@ -134,6 +139,12 @@ text_fixture(
     BertConfig(vocab_size=97, hidden_size=40, num_hidden_layers=3, num_attention_heads=5,
                intermediate_size=72, max_position_embeddings=40, **common),
     masked_lm=True, with_vocab=False)
+# BertForMaskedLM with a vocab.txt: a fill model for NegGen (`fill_model`).
+text_fixture(
+    "bert-mlm-h32-4heads-vocab",
+    BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=64, max_position_embeddings=48, **common),
+    masked_lm=True, with_vocab=True)
 # ViTModel at 40 px, patch 8, 3 heads.
 image_fixture(
     "vit-40px-p8-3heads",

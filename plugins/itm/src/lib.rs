@@ -103,6 +103,13 @@ impl Itm {
 }
 
 impl Objective for Itm {
+    fn caption_preps(&self) -> Vec<std::sync::Arc<dyn vlmatch_core::CaptionPrep>> {
+        self.samplers
+            .iter()
+            .filter_map(|(_, s)| s.caption_prep())
+            .collect()
+    }
+
     fn forward(&self, fwd: &Forward<'_>, step: i64) -> Result<ObjectiveOutput> {
         let _span = tracing::trace_span!("itm").entered();
         let mut stats = Vec::new();

@@ -4,12 +4,17 @@
 //!    candidates are the words tagged noun or adjective.
 //! 2. Mask `mask_ratio` of them (at least one), every word piece of a word.
 //! 3. Refill the masks with the model's generator (text encoder + MLM head,
-//!    reading the masked text alone), piece by piece from left to right; a
+//!    reading the masked text alone), or with a fixed masked language model
+//!    from a checkpoint (`fill_model`, in its own tokenizer), piece by piece
+//!    from left to right; a
 //!    word's first piece never takes its original value, so the word always
 //!    changes; first pieces are whole-word tokens and later ones `##` pieces.
 //! 4. Filter: a candidate equal to a caption of the same image is dropped,
 //!    and, after `filter_after_steps`, one whose ITM match probability with
 //!    the image is above `filter_threshold` (it may describe the image).
+//!
+//! Tagging (step 1) is a [`TagPrep`] that the data loader runs on its
+//! worker threads while the previous step trains.
 //!
 //! Registered as negative sampler `neggen`; FG-ITM lists it in `samplers`.
 //! Words are whitespace-separated; punctuation stays attached to its word.
@@ -18,10 +23,11 @@ use serde::Deserialize;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 use vlmatch_core::{
-    EncoderInput, Error, Forward, NegativeSampler, Negatives, Result, SamplerInput, SpecialTokens,
-    TextBatch, TextCodec,
+    Batch, CaptionPrep, EncoderInput, Error, Forward, NegativeSampler, Negatives, Prepared, Result,
+    SamplerInput, SpecialTokens, TextBatch, TextCodec,
 };
 use vlmatch_registry::BuildContext;
 
@@ -59,6 +65,12 @@ pub struct NegGenConfig {
     /// that keeps fills like "on a black in" out.
     #[serde(default = "yes")]
     pub pos_check: bool,
+    /// Fill with this fixed masked language model instead of the model's
+    /// generator: a HuggingFace `BertForMaskedLM` directory (`config.json`,
+    /// `model.safetensors`, `tokenizer.json` or `vocab.txt`). Its tokenizer
+    /// may differ from the run's: negatives are re-tokenised as text.
+    #[serde(default)]
+    pub fill_model: Option<std::path::PathBuf>,
 }
 
 fn yes() -> bool {
@@ -83,8 +95,9 @@ fn default_tags() -> Vec<String> {
     DEFAULT_TAGS.iter().map(|t| t.to_string()).collect()
 }
 
-/// Part-of-speech tagging of whitespace-separated words.
-pub trait PosTagger {
+/// Part-of-speech tagging of whitespace-separated words. `Send + Sync`:
+/// the data loader's worker threads tag captions ahead of the step.
+pub trait PosTagger: Send + Sync {
     /// One Penn Treebank tag per word (trailing punctuation already removed).
     fn tag_words(&self, words: &[&str]) -> Vec<String>;
 }
@@ -223,6 +236,11 @@ pub fn realise(plan: &Plan, filled: &[i64], codec: &dyn TextCodec) -> String {
         words[w] = format!("{text}{rest}");
     }
     words.join(" ")
+}
+
+/// Whether `codec` is a WordPiece vocabulary: some entry is a `##` piece.
+pub fn is_wordpiece(codec: &dyn TextCodec) -> bool {
+    (0..codec.vocab_size()).any(|id| codec.token(id).starts_with("##"))
 }
 
 /// Vocabulary masks: `[V]` bool, whole-word alphabetic tokens and `##`
@@ -401,48 +419,128 @@ impl Counts {
     }
 }
 
+/// A caption's replaceable words with their tags, as [`tagged_candidates`]
+/// gives them.
+pub type Tagged = Vec<(usize, String)>;
+
+/// NegGen's per-caption CPU work, which the data loader does on its worker
+/// threads: POS tagging ([`tagged_candidates`]), result type [`Tagged`].
+pub struct TagPrep {
+    tagger: Arc<dyn PosTagger>,
+    tags: Vec<String>,
+}
+
+impl TagPrep {
+    pub fn new(tagger: Arc<dyn PosTagger>, tags: Vec<String>) -> Self {
+        TagPrep { tagger, tags }
+    }
+}
+
+impl CaptionPrep for TagPrep {
+    fn key(&self) -> String {
+        format!("neggen.pos_tags:{}", self.tags.join(","))
+    }
+    fn prepare(&self, caption: &str) -> Prepared {
+        Arc::new(tagged_candidates(caption, self.tagger.as_ref(), &self.tags))
+    }
+}
+
 pub struct NegGen {
     cfg: NegGenConfig,
-    tagger: Box<dyn PosTagger>,
+    tagger: Arc<dyn PosTagger>,
     codec: Rc<dyn TextCodec>,
     masks: RefCell<Option<(Tensor, Tensor)>>,
-    /// Candidate words per caption, cached (tagging is the CPU cost).
-    tags: RefCell<HashMap<String, Vec<(usize, String)>>>,
+    prep: Arc<TagPrep>,
+    /// `fill_model`, when configured; else the model's generator fills.
+    filler: Option<vlmatch_registry::MaskedLm>,
     pub counts: Counts,
     /// The counts of the last `sample` call.
     last: Cell<[u64; 4]>,
 }
 
 impl NegGen {
-    pub fn new(cfg: NegGenConfig, tagger: Box<dyn PosTagger>, codec: Rc<dyn TextCodec>) -> Self {
+    pub fn new(cfg: NegGenConfig, tagger: Arc<dyn PosTagger>, codec: Rc<dyn TextCodec>) -> Self {
         NegGen {
+            prep: Arc::new(TagPrep::new(tagger.clone(), cfg.tags.clone())),
             cfg,
             tagger,
             codec,
             masks: RefCell::new(None),
-            tags: RefCell::new(HashMap::new()),
+            filler: None,
             counts: Counts::default(),
             last: Cell::new([0; 4]),
         }
     }
 
-    /// The caption's candidate words with their tags (cached).
+    /// Fill with `filler` (NegGen's `fill_model`) instead of the model's
+    /// generator.
+    pub fn with_filler(mut self, filler: vlmatch_registry::MaskedLm) -> Self {
+        self.filler = Some(filler);
+        self.masks = RefCell::new(None);
+        self
+    }
+
+    /// NegGen as configured: `filler` fills when given, and the vocabulary
+    /// that fills must be a WordPiece one. `key` names the config section in
+    /// errors.
+    pub fn configured(
+        cfg: NegGenConfig,
+        codec: Rc<dyn TextCodec>,
+        filler: Option<vlmatch_registry::MaskedLm>,
+        key: &str,
+    ) -> Result<Self> {
+        let fill_codec = filler.as_ref().map_or(codec.as_ref(), |f| f.codec.as_ref());
+        if !is_wordpiece(fill_codec) {
+            let what = if filler.is_some() {
+                format!("`{key}.fill_model`'s tokenizer")
+            } else {
+                "the run's tokenizer (`data.vocab`)".to_string()
+            };
+            return Err(Error::Config(format!(
+                "config key `{key}`: NegGen fills whole words piece by piece in a WordPiece \
+                 vocabulary (`##` continuation pieces); {what} has none (byte-level BPE, as \
+                 RoBERTa's, is not supported yet): use a BERT-style vocabulary or `fill_model`"
+            )));
+        }
+        let sampler = NegGen::new(cfg, Arc::new(BrillTagger::new()), codec);
+        Ok(match filler {
+            Some(f) => sampler.with_filler(f),
+            None => sampler,
+        })
+    }
+
+    /// The tokenizer masks are planned and filled in: the fill model's.
+    fn fill_codec(&self) -> &dyn TextCodec {
+        match &self.filler {
+            Some(f) => f.codec.as_ref(),
+            None => self.codec.as_ref(),
+        }
+    }
+
     fn replacements_keep_their_kind(&self, text: &str, plan: &Plan) -> bool {
         let masked: Vec<usize> = plan.spans.iter().map(|&(w, ..)| w).collect();
         replacements_keep_their_kind(text, &masked, self.tagger.as_ref(), &self.cfg.tags)
     }
 
-    fn tagged(&self, caption: &str) -> Vec<(usize, String)> {
-        self.tags
-            .borrow_mut()
-            .entry(caption.to_string())
-            .or_insert_with(|| tagged_candidates(caption, self.tagger.as_ref(), &self.cfg.tags))
-            .clone()
+    /// Caption `i` of `batch`'s candidate words with their tags: the
+    /// loader's result when it ran [`TagPrep`], else tagged here.
+    fn tagged(&self, batch: &Batch, i: usize) -> Tagged {
+        let key = self.prep.key();
+        match batch.prepared::<Tagged>(&key, i) {
+            Some(t) => t.clone(),
+            None => tagged_candidates(&batch.captions[i], self.tagger.as_ref(), &self.cfg.tags),
+        }
     }
 
     /// Words to mask in `caption`, drawn with `draw(n)` uniform in `0..n`.
-    pub fn choose(&self, caption: &str, mut draw: impl FnMut(usize) -> usize) -> Vec<usize> {
-        let mut cands: Vec<usize> = self.tagged(caption).into_iter().map(|(i, _)| i).collect();
+    pub fn choose(&self, caption: &str, draw: impl FnMut(usize) -> usize) -> Vec<usize> {
+        let tagged = tagged_candidates(caption, self.tagger.as_ref(), &self.cfg.tags);
+        self.choose_among(&tagged, draw)
+    }
+
+    /// Words to mask among a caption's `tagged` candidates.
+    fn choose_among(&self, tagged: &Tagged, mut draw: impl FnMut(usize) -> usize) -> Vec<usize> {
+        let mut cands: Vec<usize> = tagged.iter().map(|(i, _)| *i).collect();
         if cands.is_empty() {
             return cands;
         }
@@ -462,10 +560,15 @@ impl NegGen {
     pub fn candidates(&self, fwd: &Forward<'_>, step: i64) -> Result<Vec<Candidate>> {
         let batch = fwd.batch;
         let model = fwd.model;
-        let generator = fwd.generator("neggen")?;
+        let generator = match self.filler {
+            Some(_) => None,
+            None => Some(fwd.generator("neggen")?),
+        };
+        let codec = self.fill_codec();
+        let max_len = self.filler.as_ref().map_or(usize::MAX, |f| f.max_len);
         let device = batch.text.ids.device();
         if self.masks.borrow().is_none() {
-            *self.masks.borrow_mut() = Some(piece_masks(self.codec.as_ref(), device));
+            *self.masks.borrow_mut() = Some(piece_masks(codec, device));
         }
         let masks = self.masks.borrow();
         let masks = masks.as_ref().expect("just set");
@@ -480,14 +583,18 @@ impl NegGen {
         };
         let mut owners = Vec::new();
         let mut plans = Vec::new();
+        let tagged: Vec<Tagged> = (0..batch.captions.len())
+            .map(|i| self.tagged(batch, i))
+            .collect();
         for (i, caption) in batch.captions.iter().enumerate() {
             self.counts.captions.set(self.counts.captions.get() + 1);
             let mut any = false;
             for _ in 0..self.cfg.candidates.max(1) {
-                let chosen = self.choose(caption, &mut draw);
+                let chosen = self.choose_among(&tagged[i], &mut draw);
                 if let Some(p) = (!chosen.is_empty())
-                    .then(|| plan(caption, &chosen, self.codec.as_ref()))
+                    .then(|| plan(caption, &chosen, codec))
                     .flatten()
+                    .filter(|p| p.ids.len() <= max_len)
                 {
                     owners.push(i);
                     plans.push(p);
@@ -506,21 +613,28 @@ impl NegGen {
         let filled = tch::no_grad(|| {
             fill(
                 &plans,
-                self.codec.special(),
+                codec.special(),
                 masks,
                 self.cfg.temperature,
                 self.cfg.top_k,
                 device,
-                |text| {
-                    let states = model.text.forward_t(EncoderInput::Text(text), false)?;
-                    generator.logits(&states, false)
+                |text| match (&self.filler, &generator) {
+                    (Some(f), _) => {
+                        let states = f.encoder.forward_t(EncoderInput::Text(text), false)?;
+                        f.head.logits(&states, false)
+                    }
+                    (None, Some(g)) => {
+                        let states = model.text.forward_t(EncoderInput::Text(text), false)?;
+                        g.logits(&states, false)
+                    }
+                    (None, None) => unreachable!("a generator when no fill model"),
                 },
             )
         })?;
         let texts: Vec<String> = plans
             .iter()
             .zip(&filled)
-            .map(|(p, f)| realise(p, f, self.codec.as_ref()))
+            .map(|(p, f)| realise(p, f, codec))
             .collect();
 
         // Filter: never a caption of the same image; replacements of the
@@ -568,8 +682,7 @@ impl NegGen {
         for ((((owner, text), kept), itm_score), plan) in
             owners.into_iter().zip(texts).zip(keep).zip(itm).zip(&plans)
         {
-            let caption = &batch.captions[owner];
-            let tags = self.tagged(caption);
+            let tags = &tagged[owner];
             let new_words: Vec<&str> = text.split(' ').collect();
             let masked = plan
                 .spans
@@ -653,6 +766,10 @@ impl NegativeSampler for NegGen {
     /// `captions`, `produced` (negatives used), `no_candidate` (captions
     /// without a noun or adjective), `dropped_by_filter` (candidates the
     /// ITM filter or the positive check removed), of the last batch.
+    fn caption_prep(&self) -> Option<Arc<dyn CaptionPrep>> {
+        Some(self.prep.clone())
+    }
+
     fn stats(&self) -> Vec<(String, f64)> {
         let [captions, produced, no_candidate, dropped] = self.last.get();
         vec![
@@ -672,17 +789,33 @@ fn build(ctx: &BuildContext<'_>) -> Result<Box<dyn NegativeSampler>> {
             ctx.key
         )));
     }
-    if ctx.model.and_then(|m| m.generator.as_ref()).is_none() {
+    let filler = match &cfg.fill_model {
+        Some(dir) => {
+            let load = ctx.env.masked_lm.ok_or_else(|| {
+                Error::Config(format!(
+                    "config key `{}.fill_model`: this program cannot load masked language models",
+                    ctx.key
+                ))
+            })?;
+            let f = load(dir, ctx.env.device, ctx.env.compute)
+                .map_err(|e| Error::Config(format!("config key `{}.fill_model`: {e}", ctx.key)))?;
+            tracing::info!("NegGen fill model: {}", f.report);
+            Some(f)
+        }
+        None => None,
+    };
+    if filler.is_none() && ctx.model.and_then(|m| m.generator.as_ref()).is_none() {
         return Err(Error::Config(format!(
-            "config key `{}`: NegGen fills masks with the model's generator; set `[model.generator] plugin = \"mlm_head\"`",
-            ctx.key
+            "config key `{}`: NegGen fills masks with the model's generator; set `[model.generator] plugin = \"mlm_head\"` or `{}.fill_model = \"DIR\"` (a BertForMaskedLM)",
+            ctx.key, ctx.key
         )));
     }
-    Ok(Box::new(NegGen::new(
+    Ok(Box::new(NegGen::configured(
         cfg,
-        Box::new(BrillTagger::new()),
         ctx.env.text.clone(),
-    )))
+        filler,
+        &ctx.key,
+    )?))
 }
 
 vlmatch_registry::register!(negative_sampler "neggen_cache" => build_cache);
