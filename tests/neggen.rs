@@ -513,3 +513,31 @@ fn neggen_refuses_a_byte_level_bpe_vocabulary() {
     );
     assert!(neggen::NegGen::configured(cfg(), Rc::new(codec()), None, "samplers.neggen").is_ok());
 }
+
+/// The committed `configs/neggen.toml` layer puts NegGen into the full
+/// method's FG-ITM (filling with its VL-RTD generator) and trains.
+#[test]
+fn the_neggen_layer_trains_with_the_vlmatch_preset() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut layers = micro_layers(&[
+        "train.steps=3",
+        "eval.at_end=false",
+        "train.checkpoint_every=0",
+    ]);
+    layers.files.insert(0, root.join("configs/neggen.toml"));
+    layers.files.insert(0, root.join("configs/vlmatch.toml"));
+    let s = train_exclusive(vlmatch::train::TrainOptions {
+        layers,
+        run_dir: Some(scratch("neggen-layer")),
+        resume: None,
+        halt_after: None,
+        progress: false,
+    })
+    .unwrap();
+    assert_eq!(s.last_step, 3);
+    for m in &s.logged {
+        assert!(m["fgitm_acc_neggen"].is_number(), "{m:?}");
+        assert!(m["fgitm_neggen_captions"].as_f64().unwrap() > 0.0, "{m:?}");
+        assert!(m.get("fgitm_acc_word_swap").is_none(), "{m:?}");
+    }
+}
