@@ -23,7 +23,9 @@ bench() { # name, then extra arguments
   local name=$1; shift
   timeout 280 $BIN bench --out "$OUT/$name" "${COMMON[@]}" "$@" 2>&1 | tee "$OUT/$name.txt"
 }
-# 1. The ALBEF baseline objectives (ITC + ITM hard negatives + MLM).
-bench base --preset base
+# 1. The ALBEF baseline objectives (ITC + ITM hard negatives + MLM): the
+# base model preset with the ablation's baseline layer (the preset alone is
+# ITC + ITM, with no MLM head).
+bench base --preset base --config configs/baseline.toml
 # 2. The full method (ITC + VL-RTD + FG-ITM with word-swap negatives).
 bench base-vlmatch --preset base --config configs/vlmatch.toml --no-neggen

@@ -238,7 +238,18 @@ pub fn bench(opts: &BenchOptions) -> Result<Value> {
         b as f64 / step_s
     );
 
-    if opts.neggen {
+    let neggen_fills = asm.model.generator.is_some()
+        || cfg
+            .samplers
+            .get("neggen")
+            .is_some_and(|_| loaded.figment.contains("samplers.neggen.fill_model"));
+    if opts.neggen && !neggen_fills {
+        // A preset without an MLM head (base: ITC + ITM) has nothing to fill with.
+        println!(
+            "NegGen: skipped (no [model.generator] and no samplers.neggen.fill_model to fill with)"
+        );
+    }
+    if opts.neggen && neggen_fills {
         let sampler = cli::neggen_sampler(&loaded, &tok)?;
         // Tagging is the loader's work in training (on its worker threads):
         // timed apart, on one thread, and done before the step's part.
