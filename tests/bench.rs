@@ -43,6 +43,10 @@ fn bench_reports_steps_data_and_neggen() {
     assert!(r["neggen"]["negatives_per_s"].as_f64().unwrap() >= 0.0);
     positive(&r["neggen"]["candidates_per_s"], "NegGen candidates/s");
     assert!(r["neggen"]["candidates"].as_u64() >= r["neggen"]["negatives"].as_u64());
+    positive(
+        &r["neggen"]["tagging_captions_per_s"],
+        "NegGen tagging captions/s",
+    );
     assert!(r["last_loss"].as_f64().unwrap().is_finite());
     // What a reference needs is on disk, and the JSON matches the return.
     for f in [
@@ -126,4 +130,25 @@ fn pytorch_reference_builds_the_same_model() {
             assert!(rf["note"].as_str().unwrap().contains("word_swap"), "{rf}");
         }
     }
+}
+
+/// A model with no MLM head (the base preset alone is ITC + ITM) gives
+/// NegGen nothing to fill with: the benchmark runs and leaves NegGen out.
+#[test]
+fn bench_without_a_generator_skips_neggen() {
+    let out = scratch("bench-no-generator");
+    let mut o = options(out, None, &["objectives.mlm.enabled=false"]);
+    o.data_images = 0;
+    // The tiny preset without its `[model.generator]` section.
+    let (name, _, text) = o.layers.base.take().unwrap();
+    let (head, tail) = text.split_once("[model.generator]").unwrap();
+    let tail = &tail[tail.find("\n[").unwrap()..];
+    assert!(!tail.contains("[model.generator]"));
+    o.layers.base = Some((name, None, format!("{head}{tail}")));
+    let r = {
+        let _turn = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
+        bench(&o).unwrap()
+    };
+    positive(&r["step_s"], "step_s");
+    assert!(r.get("neggen").is_none(), "{r}");
 }
