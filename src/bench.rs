@@ -256,6 +256,8 @@ pub fn bench(opts: &BenchOptions) -> Result<Value> {
         let preps = crate::data::loader::CaptionPreps::new(
             vlmatch_core::NegativeSampler::caption_prep(&sampler),
         );
+        // Warm-up: the tagger compiles its patterns on first use.
+        preps.run(&inputs[0].captions[..1], 1);
         let t = Instant::now();
         let tagged: Vec<Batch> = inputs
             .iter()

@@ -359,6 +359,40 @@ pub fn fill(
     Ok((0..k).map(|r| ids_v[r * l..(r + 1) * l].to_vec()).collect())
 }
 
+/// `f(i, item)` for every item, in order, on up to 8 scoped threads (one
+/// when there are few items: a thread costs more than tagging a caption).
+fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(usize, &T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8)
+        .min(items.len().div_ceil(16))
+        .max(1);
+    if threads == 1 {
+        return items.iter().enumerate().map(|(i, x)| f(i, x)).collect();
+    }
+    let per = items.len().div_ceil(threads);
+    let f = &f;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = items
+            .chunks(per)
+            .enumerate()
+            .map(|(c, chunk)| {
+                scope.spawn(move || {
+                    chunk
+                        .iter()
+                        .enumerate()
+                        .map(|(k, x)| f(c * per + k, x))
+                        .collect::<Vec<R>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("NegGen worker panicked"))
+            .collect()
+    })
+}
+
 /// Whether `text` is a caption of image `image_id` in the batch (compared
 /// case- and whitespace-insensitively): such a "negative" is true of the
 /// image and is dropped.
@@ -517,11 +551,6 @@ impl NegGen {
         }
     }
 
-    fn replacements_keep_their_kind(&self, text: &str, plan: &Plan) -> bool {
-        let masked: Vec<usize> = plan.spans.iter().map(|&(w, ..)| w).collect();
-        replacements_keep_their_kind(text, &masked, self.tagger.as_ref(), &self.cfg.tags)
-    }
-
     /// Caption `i` of `batch`'s candidate words with their tags: the
     /// loader's result when it ran [`TagPrep`], else tagged here.
     fn tagged(&self, batch: &Batch, i: usize) -> Tagged {
@@ -640,14 +669,21 @@ impl NegGen {
         // Filter: never a caption of the same image; replacements of the
         // same kind of word (pos_check); then ITM, once trained.
         let ids = Vec::<i64>::try_from(batch.image_ids.to_device(Device::Cpu))?;
+        // The POS check tags every candidate: spread over threads.
+        let kinds_kept: Vec<bool> = if self.cfg.pos_check {
+            let (tagger, tags) = (self.tagger.as_ref(), &self.cfg.tags);
+            par_map(&plans, |i, p| {
+                let masked: Vec<usize> = p.spans.iter().map(|&(w, ..)| w).collect();
+                replacements_keep_their_kind(&texts[i], &masked, tagger, tags)
+            })
+        } else {
+            vec![true; plans.len()]
+        };
         let mut keep: Vec<bool> = owners
             .iter()
             .zip(&texts)
-            .zip(&plans)
-            .map(|((&o, t), p)| {
-                !is_positive(t, ids[o], &batch.captions, &ids)
-                    && (!self.cfg.pos_check || self.replacements_keep_their_kind(t, p))
-            })
+            .zip(kinds_kept)
+            .map(|((&o, t), kind_kept)| kind_kept && !is_positive(t, ids[o], &batch.captions, &ids))
             .collect();
         let mut itm = vec![None; texts.len()];
         if step >= self.cfg.filter_after_steps {
