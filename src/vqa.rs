@@ -17,7 +17,7 @@
 //! (`vqa_head.*`), so `vlmatch eval --task vqa --checkpoint DIR` reloads it.
 
 use crate::checkpoint::{self, TrainerState};
-use crate::data::loader::{epoch_order, make_batch, LoaderConfig};
+use crate::data::loader::{Loader, LoaderConfig};
 use crate::data::synthetic::{Scene, BACKGROUNDS, COLORS, SHAPES, SIZES};
 use crate::data::{annotations, Dataset};
 use crate::optim::{lr_at, AdamW};
@@ -37,7 +37,7 @@ use vlmatch_registry::{Assembly, LoadedConfig};
 /// image; `answers[i]` its answer scores; `kinds[i]` a question type if
 /// known (built-in data).
 pub struct VqaSet {
-    pub ds: Dataset,
+    pub ds: std::sync::Arc<Dataset>,
     pub answers: Vec<BTreeMap<String, f64>>,
     pub kinds: Vec<Option<String>>,
 }
@@ -115,7 +115,11 @@ fn builtin(seed: u64, first: u64, scenes: usize) -> VqaSet {
             kinds.push(Some(kind.to_string()));
         }
     }
-    VqaSet { ds, answers, kinds }
+    VqaSet {
+        ds: std::sync::Arc::new(ds),
+        answers,
+        kinds,
+    }
 }
 
 fn bad(path: &Path, line: Option<usize>, message: String) -> Error {
@@ -183,7 +187,11 @@ fn from_file(path: &Path, image_root: Option<&Path>, on_error: OnError) -> Resul
                 .map(String::from),
         );
     }
-    Ok(VqaSet { ds, answers, kinds })
+    Ok(VqaSet {
+        ds: std::sync::Arc::new(ds),
+        answers,
+        kinds,
+    })
 }
 
 /// `builtin` (train or held-out scenes of the run's config) or a file.
@@ -341,9 +349,15 @@ pub fn finetune(opts: &FinetuneOptions) -> Result<PathBuf> {
         .unwrap_or(c.train.batch_size)
         .min(set.ds.len())
         .max(1);
-    let loader = LoaderConfig::new(&c.data, bs, Some(c.train.seed));
+    // The training loader: batches prepared ahead on its threads; each
+    // row's target is its pair's (a replaced pair's under on_error = skip).
+    let mut loader = Loader::new(
+        set.ds.clone(),
+        m.tok.clone(),
+        LoaderConfig::new(&c.data, bs, Some(c.train.seed)),
+        0,
+    )?;
     let mut optim = AdamW::new(&m.asm.vs, c.train.betas, c.train.eps, c.train.weight_decay);
-    let per_epoch = set.ds.len() / bs;
     let bar = if opts.progress {
         indicatif::ProgressBar::new(opts.steps as u64)
     } else {
@@ -352,16 +366,10 @@ pub fn finetune(opts: &FinetuneOptions) -> Result<PathBuf> {
     let warmup = (opts.steps / 10).min(c.train.warmup_steps);
     let mut last = f64::NAN;
     for step in 0..opts.steps {
-        let epoch = step as u64 / per_epoch.max(1) as u64;
-        let order = epoch_order(set.ds.len(), Some(c.train.seed), epoch);
-        let k = step as usize % per_epoch.max(1);
-        let idx = &order[k * bs..(k + 1) * bs];
-        let batch = make_batch(&set.ds, &m.tok, &loader, idx)?.to_device(m.asm.model.device);
+        let batch = loader.next_batch()?.to_device(m.asm.model.device);
+        let rows: Vec<i64> = batch.pairs.iter().map(|&i| i as i64).collect();
         let t = targets
-            .index_select(
-                0,
-                &Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>()),
-            )
+            .index_select(0, &Tensor::from_slice(&rows))
             .to_device(m.asm.model.device);
         let logits = m.logits(&batch, true)?;
         let loss =
@@ -418,6 +426,9 @@ pub struct VqaResult {
     pub majority_accuracy: f64,
     /// Accuracy per question type, where the data names types.
     pub by_type: BTreeMap<String, f64>,
+    /// Questions left out because their image did not decode
+    /// (`data.on_error = "skip"`); the accuracies are over the others.
+    pub skipped: usize,
 }
 
 /// `vlmatch eval --task vqa` on a fine-tuned run directory.
@@ -442,26 +453,30 @@ pub fn evaluate(
     let set = load(data, image_root, c, false)?;
     let loader = LoaderConfig::new(&c.data, c.eval.batch_size, None);
     let all: Vec<usize> = (0..set.ds.len()).collect();
-    let mut predicted = Vec::with_capacity(all.len());
+    // The predicted answer of each question, by the pair a row holds: under
+    // on_error = skip a row whose image failed holds another question.
+    let mut predicted: Vec<Option<i64>> = vec![None; all.len()];
     tch::no_grad(|| -> Result<()> {
         for batch in crate::data::loader::batches(&set.ds, &m.tok, &loader, &all) {
             let batch = batch?.to_device(m.asm.model.device);
             let best = m.logits(&batch, false)?.argmax(1, false);
-            predicted.extend(Vec::<i64>::try_from(best.to_device(tch::Device::Cpu))?);
+            let best = Vec::<i64>::try_from(best.to_device(tch::Device::Cpu))?;
+            for (&q, k) in batch.pairs.iter().zip(best) {
+                predicted[q].get_or_insert(k);
+            }
         }
         Ok(())
     })?;
     let score = |q: usize, a: &str| set.answers[q].get(a).copied().unwrap_or(0.0);
     let majority = m.answers[0].clone();
-    let n = set.answers.len().max(1) as f64;
-    let acc: Vec<f64> = predicted
-        .iter()
-        .enumerate()
-        .map(|(q, &k)| score(q, &m.answers[k as usize]))
+    let answered: Vec<usize> = (0..all.len()).filter(|&q| predicted[q].is_some()).collect();
+    let n = answered.len().max(1) as f64;
+    let acc: Vec<f64> = (0..all.len())
+        .map(|q| predicted[q].map_or(0.0, |k| score(q, &m.answers[k as usize])))
         .collect();
     let mut by: BTreeMap<String, (f64, f64)> = BTreeMap::new();
-    for (q, kind) in set.kinds.iter().enumerate() {
-        if let Some(kind) = kind {
+    for &q in &answered {
+        if let Some(kind) = &set.kinds[q] {
             let e = by.entry(kind.clone()).or_default();
             e.0 += acc[q];
             e.1 += 1.0;
@@ -470,11 +485,9 @@ pub fn evaluate(
     Ok(VqaResult {
         questions: set.answers.len(),
         answers: m.answers.len(),
-        accuracy: acc.iter().sum::<f64>() / n,
-        majority_accuracy: (0..set.answers.len())
-            .map(|q| score(q, &majority))
-            .sum::<f64>()
-            / n,
+        skipped: all.len() - answered.len(),
+        accuracy: answered.iter().map(|&q| acc[q]).sum::<f64>() / n,
+        majority_accuracy: answered.iter().map(|&q| score(q, &majority)).sum::<f64>() / n,
         majority_answer: majority,
         by_type: by.into_iter().map(|(k, (s, c))| (k, s / c)).collect(),
     })

@@ -125,3 +125,40 @@ fn vqa_files_with_answer_lists() {
         "{err}"
     );
 }
+
+/// With `data.on_error = "skip"`, a question whose image does not decode is
+/// replaced in its training batch by another pair with that pair's answer,
+/// and left out of evaluation (counted as skipped), not scored as another.
+#[test]
+fn vqa_skips_questions_whose_image_does_not_decode() {
+    let dir = scratch("vqa-skip");
+    let pre = dir.join("pre");
+    run(&pre, &["train.steps=2", "eval.at_end=false"], None).unwrap();
+    let mut lines = String::new();
+    for (name, rgb) in [("red", [220u8, 40, 40]), ("blue", [40, 80, 220])] {
+        image::RgbImage::from_pixel(16, 16, image::Rgb(rgb))
+            .save(dir.join(format!("{name}.png")))
+            .unwrap();
+        lines += &format!(
+            "{{\"image\": \"{name}.png\", \"question\": \"what color is it?\", \"answer\": \"{name}\"}}\n"
+        );
+    }
+    std::fs::write(dir.join("broken.png"), b"not a png").unwrap();
+    lines +=
+        "{\"image\": \"broken.png\", \"question\": \"what color is it?\", \"answer\": \"green\"}\n";
+    let file = dir.join("vqa.jsonl");
+    std::fs::write(&file, &lines).unwrap();
+    let skip = ["data.on_error=\"skip\""];
+    let _turn = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
+    let out = finetune(&options(&pre, file.to_str().unwrap(), 10, &skip)).unwrap();
+    let sets: Vec<String> = skip.iter().map(|s| s.to_string()).collect();
+    let r = evaluate(&out, &file, None, &sets).unwrap();
+    assert_eq!((r.questions, r.skipped), (3, 1), "{r:?}");
+    // Over the two answered questions, each scoring 0 or 1.
+    assert!([0.0, 0.5, 1.0].contains(&r.accuracy), "{r:?}");
+    // The fine-tuned run keeps the setting; with `fail` the broken image is
+    // an error naming it.
+    let fail = ["data.on_error=\"fail\"".to_string()];
+    let err = evaluate(&out, &file, None, &fail).unwrap_err().to_string();
+    assert!(err.contains("broken.png"), "{err}");
+}

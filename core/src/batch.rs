@@ -58,6 +58,10 @@ pub struct Batch {
     pub image_ids: Tensor,
     /// The captions as text, for samplers that rewrite them (NegGen).
     pub captions: Vec<String>,
+    /// The dataset pair each row holds, by index into the dataset the batch
+    /// was made from (a replacement's under `data.on_error = "skip"`), for
+    /// targets kept beside the pairs (VQA answers). Empty where unknown.
+    pub pairs: Vec<usize>,
     /// Per-caption results of the [`crate::CaptionPrep`]s the loader ran on
     /// its worker threads, by [`crate::CaptionPrep::key`]: one entry per
     /// caption, in batch order. Empty where no loader prepared the batch.
@@ -82,6 +86,7 @@ impl Batch {
             text: self.text.to_device(device),
             image_ids: self.image_ids.to_device(device),
             captions: self.captions.clone(),
+            pairs: self.pairs.clone(),
             prepared: self.prepared.clone(),
         }
     }
@@ -92,6 +97,7 @@ impl Batch {
             text: self.text.shallow_clone(),
             image_ids: self.image_ids.shallow_clone(),
             captions: self.captions.clone(),
+            pairs: self.pairs.clone(),
             prepared: self.prepared.clone(),
         }
     }

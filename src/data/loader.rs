@@ -254,6 +254,7 @@ pub fn make_batch(
         ),
         image_ids: Tensor::from_slice(&image_ids).to_kind(Kind::Int64),
         captions,
+        pairs: source,
         prepared,
     })
 }
