@@ -269,8 +269,9 @@ pub fn piece_masks(codec: &dyn TextCodec, device: Device) -> (Tensor, Tensor) {
 }
 
 /// Fill the masked spans of `plans` left to right, one piece per step, with
-/// `logits_of(ids, mask)` giving `[K, L, V]` vocabulary logits. Returns the
-/// filled ids per plan. Draws from libtorch's generator.
+/// `logits_at(text, pos)` giving the `[R, V]` vocabulary logits of row `r`
+/// of `text` (`[R, L]`: the plans still filling) at position `pos[r]`.
+/// Returns the filled ids per plan. Draws from libtorch's generator.
 pub fn fill(
     plans: &[Plan],
     special: SpecialTokens,
@@ -278,7 +279,7 @@ pub fn fill(
     temperature: f64,
     top_k: i64,
     device: Device,
-    mut logits_of: impl FnMut(&TextBatch) -> Result<Tensor>,
+    mut logits_at: impl FnMut(&TextBatch, &Tensor) -> Result<Tensor>,
 ) -> Result<Vec<Vec<i64>>> {
     let k = plans.len();
     let l = plans.iter().map(|p| p.ids.len()).max().unwrap_or(2);
@@ -314,19 +315,11 @@ pub fn fill(
             .to_device(device);
         let pos: Vec<i64> = rows.iter().map(|&r| steps[r][t].0 as i64).collect();
         let pos_t = Tensor::from_slice(&pos).to_device(device);
-        let logits = logits_of(&TextBatch::new(ids.shallow_clone(), attn.shallow_clone()))?;
-        let v = logits.size()[2];
-        let at = logits
-            .index_select(0, &row_t)
-            .gather(
-                1,
-                &pos_t
-                    .view([-1, 1, 1])
-                    .expand([rows.len() as i64, 1, v], false),
-                false,
-            )
-            .squeeze_dim(1)
-            .to_kind(Kind::Float);
+        // Only the plans still filling, and the head only where it is read:
+        // `[R, V]`, not `[K, L, V]` (with a 30k vocabulary that is gigabytes).
+        let active = TextBatch::new(ids.index_select(0, &row_t), attn.index_select(0, &row_t));
+        let at = logits_at(&active, &pos_t)?.to_kind(Kind::Float);
+        let v = at.size()[1];
         let is_first: Vec<bool> = rows.iter().map(|&r| steps[r][t].1).collect();
         let is_first_t = Tensor::from_slice(&is_first).to_device(device).unsqueeze(1);
         let mut allowed = first_ok
@@ -647,16 +640,23 @@ impl NegGen {
                 self.cfg.temperature,
                 self.cfg.top_k,
                 device,
-                |text| match (&self.filler, &generator) {
-                    (Some(f), _) => {
-                        let states = f.encoder.forward_t(EncoderInput::Text(text), false)?;
-                        f.head.logits(&states, false)
-                    }
-                    (None, Some(g)) => {
-                        let states = model.text.forward_t(EncoderInput::Text(text), false)?;
-                        g.logits(&states, false)
-                    }
-                    (None, None) => unreachable!("a generator when no fill model"),
+                |text, pos| {
+                    let (encoder, head) = match (&self.filler, &generator) {
+                        (Some(f), _) => (&f.encoder, &f.head),
+                        (None, Some(g)) => (&model.text, *g),
+                        (None, None) => unreachable!("a generator when no fill model"),
+                    };
+                    let states = encoder.forward_t(EncoderInput::Text(text), false)?;
+                    let d = states.hidden.size()[2];
+                    let at = vlmatch_core::Encoded {
+                        hidden: states.hidden.gather(
+                            1,
+                            &pos.view([-1, 1, 1]).expand([-1, 1, d], false),
+                            false,
+                        ),
+                        mask: states.mask.gather(1, &pos.view([-1, 1]), false),
+                    };
+                    Ok(head.logits(&at, false)?.squeeze_dim(1))
                 },
             )
         })?;
