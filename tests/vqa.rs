@@ -83,18 +83,29 @@ fn vqa_finetuning_beats_the_majority_answer() {
     assert!(out.join("eval-vqa.json").is_file());
 }
 
+const COLOURS: [&str; 2] = ["red", "blue"];
+
+/// A scratch directory with a 2-step pretraining run in `pre/` and one
+/// plain-coloured 16x16 PNG per colour of [`COLOURS`] (`red.png`, ...).
+fn pretrained_with_colour_images(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = scratch(name);
+    let pre = dir.join("pre");
+    run(&pre, &["train.steps=2", "eval.at_end=false"], None).unwrap();
+    for (name, rgb) in COLOURS.into_iter().zip([[220u8, 40, 40], [40, 80, 220]]) {
+        image::RgbImage::from_pixel(16, 16, image::Rgb(rgb))
+            .save(dir.join(format!("{name}.png")))
+            .unwrap();
+    }
+    (dir, pre)
+}
+
 /// A question file with answer lists scores answers VQA-style
 /// (min(1, annotators / 3)), and a bad answer names the file.
 #[test]
 fn vqa_files_with_answer_lists() {
-    let dir = scratch("vqa-file");
-    let pre = dir.join("pre");
-    run(&pre, &["train.steps=2", "eval.at_end=false"], None).unwrap();
+    let (dir, pre) = pretrained_with_colour_images("vqa-file");
     let mut lines = String::new();
-    for (name, rgb) in [("red", [220u8, 40, 40]), ("blue", [40, 80, 220])] {
-        image::RgbImage::from_pixel(16, 16, image::Rgb(rgb))
-            .save(dir.join(format!("{name}.png")))
-            .unwrap();
+    for name in COLOURS {
         lines += &format!(
             "{{\"image\": \"{name}.png\", \"question\": \"what color is it?\", \
               \"answer\": [\"{name}\", \"{name}\", \"dark {name}\"]}}\n"
@@ -131,14 +142,9 @@ fn vqa_files_with_answer_lists() {
 /// and left out of evaluation (counted as skipped), not scored as another.
 #[test]
 fn vqa_skips_questions_whose_image_does_not_decode() {
-    let dir = scratch("vqa-skip");
-    let pre = dir.join("pre");
-    run(&pre, &["train.steps=2", "eval.at_end=false"], None).unwrap();
+    let (dir, pre) = pretrained_with_colour_images("vqa-skip");
     let mut lines = String::new();
-    for (name, rgb) in [("red", [220u8, 40, 40]), ("blue", [40, 80, 220])] {
-        image::RgbImage::from_pixel(16, 16, image::Rgb(rgb))
-            .save(dir.join(format!("{name}.png")))
-            .unwrap();
+    for name in COLOURS {
         lines += &format!(
             "{{\"image\": \"{name}.png\", \"question\": \"what color is it?\", \"answer\": \"{name}\"}}\n"
         );
