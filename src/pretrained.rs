@@ -361,7 +361,8 @@ fn apply_text(
 
 /// A HuggingFace `BertForMaskedLM` directory (`config.json`,
 /// `model.safetensors` with `cls.predictions.*`, and `tokenizer.json` or
-/// `vocab.txt`) as a frozen [`MaskedLm`]: NegGen's `fill_model`. A
+/// `vocab.txt`) as a frozen [`vlmatch_registry::MaskedLm`]: NegGen's
+/// `fill_model`. A
 /// `vocab.txt` is lowercased unless `tokenizer_config.json` says
 /// `"do_lower_case": false`. Every tensor must load.
 pub fn load_masked_lm(

@@ -6,9 +6,9 @@
 //! 3. Refill the masks with the model's generator (text encoder + MLM head,
 //!    reading the masked text alone), or with a fixed masked language model
 //!    from a checkpoint (`fill_model`, in its own tokenizer), piece by piece
-//!    from left to right; a
-//!    word's first piece never takes its original value, so the word always
-//!    changes; first pieces are whole-word tokens and later ones `##` pieces.
+//!    from left to right; a word's first piece never takes its original
+//!    value, so the word always changes; first pieces are whole-word tokens
+//!    and later ones `##` pieces (WordPiece vocabularies only).
 //! 4. Filter: a candidate equal to a caption of the same image is dropped,
 //!    and, after `filter_after_steps`, one whose ITM match probability with
 //!    the image is above `filter_threshold` (it may describe the image).
@@ -545,10 +545,10 @@ impl NegGen {
     }
 
     /// Caption `i` of `batch`'s candidate words with their tags: the
-    /// loader's result when it ran [`TagPrep`], else tagged here.
-    fn tagged(&self, batch: &Batch, i: usize) -> Tagged {
-        let key = self.prep.key();
-        match batch.prepared::<Tagged>(&key, i) {
+    /// loader's result when it ran [`TagPrep`] (under `key`), else tagged
+    /// here.
+    fn tagged(&self, batch: &Batch, key: &str, i: usize) -> Tagged {
+        match batch.prepared::<Tagged>(key, i) {
             Some(t) => t.clone(),
             None => tagged_candidates(&batch.captions[i], self.tagger.as_ref(), &self.cfg.tags),
         }
@@ -605,8 +605,9 @@ impl NegGen {
         };
         let mut owners = Vec::new();
         let mut plans = Vec::new();
+        let key = self.prep.key();
         let tagged: Vec<Tagged> = (0..batch.captions.len())
-            .map(|i| self.tagged(batch, i))
+            .map(|i| self.tagged(batch, &key, i))
             .collect();
         for (i, caption) in batch.captions.iter().enumerate() {
             self.counts.captions.set(self.counts.captions.get() + 1);
@@ -799,13 +800,14 @@ impl NegativeSampler for NegGen {
         ))
     }
 
-    /// `captions`, `produced` (negatives used), `no_candidate` (captions
-    /// without a noun or adjective), `dropped_by_filter` (candidates the
-    /// ITM filter or the positive check removed), of the last batch.
+    /// POS tagging, for the loader's worker threads.
     fn caption_prep(&self) -> Option<Arc<dyn CaptionPrep>> {
         Some(self.prep.clone())
     }
 
+    /// `captions`, `produced` (negatives used), `no_candidate` (captions
+    /// without a noun or adjective), `dropped_by_filter` (candidates the
+    /// ITM filter or the positive check removed), of the last batch.
     fn stats(&self) -> Vec<(String, f64)> {
         let [captions, produced, no_candidate, dropped] = self.last.get();
         vec![
