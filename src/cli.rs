@@ -766,19 +766,14 @@ pub fn neggen_sampler(
         tokenizer: tok.clone(),
         max_len: loaded.config.data.max_len as usize,
     });
-    let filler = match &cfg.fill_model {
-        Some(dir) => {
-            let device = crate::setup::device(&loaded.config.train.device)?;
-            let f =
-                crate::pretrained::load_masked_lm(dir, device, tch::Kind::Float).map_err(|e| {
-                    Error::Config(format!("config key `samplers.neggen.fill_model`: {e}"))
-                })?;
-            tracing::info!("NegGen fill model: {}", f.report);
-            Some(f)
-        }
-        None => None,
-    };
-    neggen::NegGen::configured(cfg, codec, filler, "samplers.neggen")
+    neggen::NegGen::load(
+        cfg,
+        codec,
+        Some(crate::pretrained::load_masked_lm),
+        crate::setup::device(&loaded.config.train.device)?,
+        tch::Kind::Float,
+        "samplers.neggen",
+    )
 }
 
 /// `vlmatch neggen`: NegGen over a whole annotation file, written as JSON

@@ -507,6 +507,33 @@ impl NegGen {
         self
     }
 
+    /// NegGen as configured, loading `fill_model` (if set) with the host's
+    /// `masked_lm` loader on `device` in `compute`; see [`NegGen::configured`].
+    pub fn load(
+        cfg: NegGenConfig,
+        codec: Rc<dyn TextCodec>,
+        masked_lm: Option<vlmatch_registry::MaskedLmLoader>,
+        device: Device,
+        compute: Kind,
+        key: &str,
+    ) -> Result<Self> {
+        let filler = match &cfg.fill_model {
+            Some(dir) => {
+                let load = masked_lm.ok_or_else(|| {
+                    Error::Config(format!(
+                        "config key `{key}.fill_model`: this program cannot load masked language models"
+                    ))
+                })?;
+                let f = load(dir, device, compute)
+                    .map_err(|e| Error::Config(format!("config key `{key}.fill_model`: {e}")))?;
+                tracing::info!("NegGen fill model: {}", f.report);
+                Some(f)
+            }
+            None => None,
+        };
+        Self::configured(cfg, codec, filler, key)
+    }
+
     /// NegGen as configured: `filler` fills when given, and the vocabulary
     /// that fills must be a WordPiece one. `key` names the config section in
     /// errors.
@@ -582,9 +609,10 @@ impl NegGen {
     pub fn candidates(&self, fwd: &Forward<'_>, step: i64) -> Result<Vec<Candidate>> {
         let batch = fwd.batch;
         let model = fwd.model;
-        let generator = match self.filler {
-            Some(_) => None,
-            None => Some(fwd.generator("neggen")?),
+        // What fills: the fill model, or the model's text encoder and generator.
+        let (encoder, head) = match &self.filler {
+            Some(f) => (&f.encoder, &f.head),
+            None => (&model.text, fwd.generator("neggen")?),
         };
         let codec = self.fill_codec();
         let max_len = self.filler.as_ref().map_or(usize::MAX, |f| f.max_len);
@@ -642,11 +670,6 @@ impl NegGen {
                 self.cfg.top_k,
                 device,
                 |text, pos| {
-                    let (encoder, head) = match (&self.filler, &generator) {
-                        (Some(f), _) => (&f.encoder, &f.head),
-                        (None, Some(g)) => (&model.text, *g),
-                        (None, None) => unreachable!("a generator when no fill model"),
-                    };
                     let states = encoder.forward_t(EncoderInput::Text(text), false)?;
                     let d = states.hidden.size()[2];
                     let at = vlmatch_core::Encoded {
@@ -827,31 +850,18 @@ fn build(ctx: &BuildContext<'_>) -> Result<Box<dyn NegativeSampler>> {
             ctx.key
         )));
     }
-    let filler = match &cfg.fill_model {
-        Some(dir) => {
-            let load = ctx.env.masked_lm.ok_or_else(|| {
-                Error::Config(format!(
-                    "config key `{}.fill_model`: this program cannot load masked language models",
-                    ctx.key
-                ))
-            })?;
-            let f = load(dir, ctx.env.device, ctx.env.compute)
-                .map_err(|e| Error::Config(format!("config key `{}.fill_model`: {e}", ctx.key)))?;
-            tracing::info!("NegGen fill model: {}", f.report);
-            Some(f)
-        }
-        None => None,
-    };
-    if filler.is_none() && ctx.model.and_then(|m| m.generator.as_ref()).is_none() {
+    if cfg.fill_model.is_none() && ctx.model.and_then(|m| m.generator.as_ref()).is_none() {
         return Err(Error::Config(format!(
             "config key `{}`: NegGen fills masks with the model's generator; set `[model.generator] plugin = \"mlm_head\"` or `{}.fill_model = \"DIR\"` (a BertForMaskedLM)",
             ctx.key, ctx.key
         )));
     }
-    Ok(Box::new(NegGen::configured(
+    Ok(Box::new(NegGen::load(
         cfg,
         ctx.env.text.clone(),
-        filler,
+        ctx.env.masked_lm,
+        ctx.env.device,
+        ctx.env.compute,
         &ctx.key,
     )?))
 }
