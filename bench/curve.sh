@@ -2,10 +2,11 @@
 # The VL-Match ablation as a learning curve: the four experiment presets on
 # the tiny model and built-in data, several seeds, held-out evaluation every
 # EVERY steps (fine-grained matching: caption vs the same caption with one
-# color or shape word swapped; and ITC retrieval). Runs all jobs at once
-# (each one libtorch thread and one loader thread) and stops them after
-# LIMIT seconds, summarising whatever was evaluated by then.
+# color or shape word swapped; and ITC retrieval). Runs JOBS jobs at a time
+# (default: all at once; each one libtorch thread and one loader thread) and
+# stops them after LIMIT seconds, summarising whatever was evaluated by then.
 # Usage (GPU machine, from the repository root): bash gpu-bundle/curve.sh
+# On a 2-core CPU: BIN=target/release/vlmatch JOBS=2 LIMIT=100000 bash bench/curve.sh
 set -uo pipefail
 OUT=${OUT:-curve-out}
 STEPS=${STEPS:-1600}
@@ -13,6 +14,7 @@ EVERY=${EVERY:-200}
 SEEDS=${SEEDS:-"1 2 3"}
 LIMIT=${LIMIT:-420}
 BIN=${BIN:-gpu-bundle/vlmatch}
+JOBS=${JOBS:-1000}
 mkdir -p "$OUT"
 if python3 -c 'import torch' 2>/dev/null; then
   export LD_LIBRARY_PATH="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -29,6 +31,7 @@ for seed in $SEEDS; do
   while read -r name args; do
     [ -z "$name" ] && continue
     [ "$seed" = "$(echo $SEEDS | cut -d' ' -f1)" ] && names+=("$name")
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
     $BIN train --quiet $args --run-dir "$OUT/$name-s$seed" \
       --set train.seed=$seed --set train.steps=$STEPS --set eval.every=$EVERY \
       --set train.checkpoint_every=0 --set eval.at_end=false \

@@ -113,3 +113,28 @@ fn only_the_registry_loads_libraries() {
     }
     assert!(read(&root().join("registry/Cargo.toml")).contains("libloading"));
 }
+
+/// The positive relation has one definition (`core/src/positives.rs`):
+/// nothing else compares image ids pairwise to decide who is a negative.
+#[test]
+fn only_core_positives_defines_which_pairs_are_positives() {
+    let mut files = Vec::new();
+    for dir in ["core", "registry", "plugins", "src"] {
+        rust_files(&root().join(dir), &mut files);
+    }
+    let own = root().join("core/src/positives.rs");
+    for f in files.iter().filter(|f| **f != own) {
+        let text = read(f).replace(char::is_whitespace, "");
+        for pattern in [
+            "image_ids.unsqueeze(",
+            "image_ids.eq_tensor(",
+            "image_ids.eq(",
+        ] {
+            assert!(
+                !text.contains(pattern),
+                "{} compares image ids ({pattern}); use Batch::positives or PairKeys::relation",
+                f.display()
+            );
+        }
+    }
+}

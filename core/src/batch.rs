@@ -1,7 +1,8 @@
+use crate::positives::{text_keys, PairKeys, PositiveRule};
 use std::any::Any;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 /// One caption's result of a [`crate::CaptionPrep`].
 pub type Prepared = Arc<dyn Any + Send + Sync>;
@@ -56,6 +57,11 @@ pub struct Batch {
     /// `[B]` i64. Pairs with equal ids share an image: each is a positive of
     /// the other's image, never a negative.
     pub image_ids: Tensor,
+    /// `[B]` i64: a hash of each pair's decoded image, equal for identical
+    /// images under different ids ([`crate::positives`]).
+    pub image_keys: Tensor,
+    /// Which pairs count as positives of each other ([`Batch::positives`]).
+    pub positive_rule: PositiveRule,
     /// The captions as text, for samplers that rewrite them (NegGen).
     pub captions: Vec<String>,
     /// The dataset pair each row holds, by index into the dataset the batch
@@ -85,6 +91,8 @@ impl Batch {
             images: self.images.to_device(device),
             text: self.text.to_device(device),
             image_ids: self.image_ids.to_device(device),
+            image_keys: self.image_keys.to_device(device),
+            positive_rule: self.positive_rule,
             captions: self.captions.clone(),
             pairs: self.pairs.clone(),
             prepared: self.prepared.clone(),
@@ -96,17 +104,36 @@ impl Batch {
             images: self.images.shallow_clone(),
             text: self.text.shallow_clone(),
             image_ids: self.image_ids.shallow_clone(),
+            image_keys: self.image_keys.shallow_clone(),
+            positive_rule: self.positive_rule,
             captions: self.captions.clone(),
             pairs: self.pairs.clone(),
             prepared: self.prepared.clone(),
         }
     }
-    /// `[B, B]` bool: `true` where row and column share an image id.
+    /// The identity keys of the batch's pairs (image ids, image hashes,
+    /// caption hashes), for relating them to pairs of other batches.
+    pub fn keys(&self) -> PairKeys {
+        PairKeys {
+            image_ids: self.image_ids.shallow_clone(),
+            image_keys: self.image_keys.shallow_clone(),
+            text_keys: text_keys(&self.text),
+        }
+    }
+    /// `[B, B]` bool: `true` where row and column pairs are positives of each
+    /// other under the batch's [`PositiveRule`] (same image id, and by
+    /// default also identical caption or identical image;
+    /// [`crate::positives`]). The diagonal is always `true`.
     pub fn positives(&self) -> Tensor {
-        self.image_ids
-            .unsqueeze(1)
-            .eq_tensor(&self.image_ids.unsqueeze(0))
-            .to_kind(Kind::Bool)
+        let keys = self.keys();
+        keys.relation(&keys, self.positive_rule)
+    }
+    /// `[K]` bool: whether `text` row `k` paired with batch image
+    /// `image_index[k]` is a true match (the text is identical to a caption
+    /// of a positive of that pair), so not a negative.
+    pub fn text_is_positive(&self, image_index: &Tensor, text: &TextBatch) -> Tensor {
+        self.keys()
+            .text_is_positive(image_index, &text_keys(text), self.positive_rule)
     }
 }
 

@@ -17,11 +17,13 @@
 mod batch;
 mod error;
 mod forward;
+pub mod positives;
 mod traits;
 
 pub use batch::{Batch, Encoded, Prepared, TextBatch};
 pub use error::{Error, Result};
 pub use forward::{ContrastiveHead, Forward, Similarity, VlModel};
+pub use positives::{PairKeys, PositiveRule};
 pub use traits::{
     CaptionPrep, Discriminator, Encoder, EncoderInput, FillOptions, Generator, Modality,
     NegativeSampler, Negatives, Objective, ObjectiveOutput, SamplerInput,

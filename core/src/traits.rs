@@ -136,14 +136,17 @@ pub struct SamplerInput<'a, 'b> {
 pub enum Negatives {
     /// Negatives drawn from the batch itself: for each image `i` the index of
     /// a text `text_for_image[i]`, and for each text `j` the index of an image
-    /// `image_for_text[j]` (both `[B]` i64); never a pair with equal image
-    /// ids. -1 where the batch holds no negative for that row.
+    /// `image_for_text[j]` (both `[B]` i64); never a positive of the row
+    /// ([`crate::Batch::positives`]). -1 where the batch holds no negative
+    /// for that row.
     InBatch {
         text_for_image: Tensor,
         image_for_text: Tensor,
     },
     /// New texts `[K, L]`, each paired with the batch image
-    /// `image_index[k]` (`[K]` i64). `K` may be 0.
+    /// `image_index[k]` (`[K]` i64). `K` may be 0. A text identical to a
+    /// caption of one of the image's positives is not a negative: the ITM
+    /// objective gives it no weight ([`crate::Batch::text_is_positive`]).
     Texts {
         image_index: Tensor,
         text: TextBatch,

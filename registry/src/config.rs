@@ -207,6 +207,13 @@ pub struct DataConfig {
     /// member) or `skip` (a warning; the pair is dropped or replaced).
     #[serde(default)]
     pub on_error: OnError,
+    /// Which pairs of a batch are positives of each other (ITC targets,
+    /// never drawn as negatives): `identical` (default: same image id, or
+    /// identical tokenised caption, or identical decoded image) or
+    /// `image_id` (same image id only, exactly ALBEF). See
+    /// `vlmatch_core::positives`.
+    #[serde(default)]
+    pub positives: Positives,
     /// Image decoding and tokenising threads.
     #[serde(default = "one_usize")]
     pub workers: usize,
@@ -229,6 +236,24 @@ pub enum OnError {
     #[default]
     Fail,
     Skip,
+}
+
+/// `data.positives`: see [`vlmatch_core::positives`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Positives {
+    #[default]
+    Identical,
+    ImageId,
+}
+
+impl From<Positives> for vlmatch_core::PositiveRule {
+    fn from(p: Positives) -> Self {
+        match p {
+            Positives::Identical => vlmatch_core::PositiveRule::Identical,
+            Positives::ImageId => vlmatch_core::PositiveRule::ImageId,
+        }
+    }
 }
 
 fn default_shuffle_buffer() -> usize {

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use tch::{Kind, Tensor};
-use vlmatch_core::{Batch, CaptionPrep, Error, Prepared, Result, TextBatch};
+use vlmatch_core::{Batch, CaptionPrep, Error, PositiveRule, Prepared, Result, TextBatch};
 
 /// The samplers' per-caption CPU work that batches are prepared with
 /// (`NegativeSampler::caption_prep`), one per key.
@@ -89,6 +89,8 @@ pub struct LoaderConfig {
     pub shuffle_seed: Option<u64>,
     /// `data.on_error`: whether an image that does not decode fails the batch.
     pub on_error: OnError,
+    /// `data.positives`, carried by every batch.
+    pub positive_rule: PositiveRule,
     /// Pairs replaced or dropped so far (shared by clones of this config).
     pub skipped: Arc<AtomicUsize>,
     /// Per-caption work for the samplers, done on the worker threads.
@@ -112,6 +114,7 @@ impl LoaderConfig {
             std: data.std,
             shuffle_seed,
             on_error: data.on_error,
+            positive_rule: data.positives.into(),
             skipped: Arc::new(AtomicUsize::new(0)),
             preps: CaptionPreps::default(),
         }
@@ -154,6 +157,11 @@ fn resized(img: image::DynamicImage, size: usize) -> Vec<u8> {
     resized.into_raw()
 }
 
+/// A hash of a decoded, normalised image: equal for identical pixels.
+pub fn image_content_key(pixels: &[f32]) -> i64 {
+    vlmatch_core::positives::content_key(pixels.iter().map(|x| x.to_bits()))
+}
+
 /// Pair indices of batch `k` of an epoch, given that epoch's order.
 fn slice(order: &[usize], k: usize, bs: usize) -> &[usize] {
     &order[k * bs..((k + 1) * bs).min(order.len())]
@@ -182,17 +190,26 @@ pub fn make_batch(
     let mut pixels = vec![0f32; idx.len() * plane];
     let workers = cfg.workers.max(1).min(idx.len().max(1));
     let per = idx.len().div_ceil(workers).max(1);
+    // Each image's content hash, so identical images under different ids
+    // are positives of each other (`vlmatch_core::positives`).
+    let mut image_keys = vec![0i64; idx.len()];
     let mut failed: Vec<(usize, Error)> = std::thread::scope(|scope| {
         let handles: Vec<_> = pixels
             .chunks_mut(per * plane)
+            .zip(image_keys.chunks_mut(per))
             .zip(idx.chunks(per))
             .enumerate()
-            .map(|(c, (out, chunk))| {
+            .map(|(c, ((out, keys), chunk))| {
                 scope.spawn(move || {
                     let mut failed = Vec::new();
-                    for (k, (dst, &i)) in out.chunks_mut(plane).zip(chunk).enumerate() {
+                    for (k, ((dst, key), &i)) in
+                        out.chunks_mut(plane).zip(keys).zip(chunk).enumerate()
+                    {
                         match ds.load_image(ds.pairs[i].image, s, cfg.mean, cfg.std) {
-                            Ok(img) => dst.copy_from_slice(&img),
+                            Ok(img) => {
+                                *key = image_content_key(&img);
+                                dst.copy_from_slice(&img)
+                            }
                             Err(e) if cfg.on_error == OnError::Skip => {
                                 failed.push((c * per + k, e))
                             }
@@ -231,6 +248,7 @@ pub fn make_batch(
             tracing::warn!("skipped (replaced by another pair of the batch): {e}");
             cfg.skipped.fetch_add(1, Ordering::Relaxed);
             pixels.copy_within(j * plane..(j + 1) * plane, k * plane);
+            image_keys[k] = image_keys[j];
             source[k] = idx[j];
         }
     }
@@ -253,6 +271,8 @@ pub fn make_batch(
             Tensor::from_slice(&mask).view([b, l as i64]),
         ),
         image_ids: Tensor::from_slice(&image_ids).to_kind(Kind::Int64),
+        image_keys: Tensor::from_slice(&image_keys),
+        positive_rule: cfg.positive_rule,
         captions,
         pairs: source,
         prepared,

@@ -1,7 +1,9 @@
 //! In-batch hard negatives (ALBEF, Li et al. 2021, section 3.2): for each
 //! image a text drawn with probability `softmax(s(I, .))` and for each text an
-//! image drawn from `softmax(s(., T))`, with every pair sharing an image id
-//! masked out. Sampling runs without gradient from the ITC similarities.
+//! image drawn from `softmax(s(., T))`, with every positive of the pair
+//! masked out (`Batch::positives`: same image id, and by default identical
+//! captions and identical images too, so a duplicate caption, the most
+//! similar text there is, is never drawn as a negative). Sampling runs without gradient from the ITC similarities.
 //!
 //! Registered as negative sampler `hard_negative`.
 

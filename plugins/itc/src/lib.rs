@@ -1,7 +1,8 @@
 //! ITC, the image-text contrastive loss (`shared/method.md`, ITC; ALBEF and
 //! CLIP): symmetric cross-entropy over the batch's similarity matrix, where
-//! every caption sharing the image id is a positive and the target mass is
-//! spread evenly over them.
+//! every positive of a pair (`Batch::positives`: same image id, identical
+//! caption or identical image) is a target and the target mass is spread
+//! evenly over them.
 //!
 //! Registered as objective `itc`. Loss key: the section name (`itc`).
 
@@ -21,18 +22,20 @@ pub struct Itc {
     name: String,
 }
 
-/// The ITC loss for similarities `i2t` `[B, B]` and `positives` `[B, B]` bool.
+/// The ITC loss for similarities `i2t` `[B, B]` and `positives` `[B, B]`
+/// bool (row: image, column: text). Each direction spreads a row's target
+/// evenly over that row's positives. (Normalising once and transposing, as
+/// ALBEF does, is the same only when positives form groups; the pairwise
+/// relation of `vlmatch_core::positives` need not.)
 pub fn itc_loss(i2t: &Tensor, positives: &Tensor) -> Tensor {
-    let pos = positives.to_kind(Kind::Float);
-    let targets = &pos / pos.sum_dim_intlist(1, true, Kind::Float);
-    let i2t_loss = -(i2t.log_softmax(1, Kind::Float) * &targets)
-        .sum_dim_intlist(1, false, Kind::Float)
-        .mean(Kind::Float);
-    let t2i = i2t.tr();
-    let t2i_loss = -(t2i.log_softmax(1, Kind::Float) * targets.tr())
-        .sum_dim_intlist(1, false, Kind::Float)
-        .mean(Kind::Float);
-    (i2t_loss + t2i_loss) / 2.0
+    let direction = |sim: &Tensor, pos: &Tensor| {
+        let pos = pos.to_kind(Kind::Float);
+        let targets = &pos / pos.sum_dim_intlist(1, true, Kind::Float);
+        -(sim.log_softmax(1, Kind::Float) * targets)
+            .sum_dim_intlist(1, false, Kind::Float)
+            .mean(Kind::Float)
+    };
+    (direction(i2t, positives) + direction(&i2t.tr(), &positives.tr())) / 2.0
 }
 
 impl Objective for Itc {

@@ -1,7 +1,9 @@
 //! ITM, image-text matching (ALBEF; FG-ITM in `shared/method.md` when a
 //! NegGen sampler is configured too): a 2-way classification of fused
 //! `[CLS]` states, label 1 for the batch's positive pairs and 0 for every
-//! negative that the configured samplers return.
+//! negative that the configured samplers return, except generated texts
+//! identical to a caption of the image's positives
+//! (`Batch::text_is_positive`), which get weight 0.
 //!
 //! Registered as objective `itm`. Keys: `samplers = ["name", ...]`, each a
 //! `[samplers.<name>]` section. Loss key: the section name; metrics:
@@ -88,12 +90,20 @@ impl Itm {
                     if k == 0 {
                         continue;
                     }
+                    // A generated text identical to a caption of one of the
+                    // image's positives is a match, not a negative: weight 0.
+                    let weight = tch::no_grad(|| {
+                        fwd.batch
+                            .text_is_positive(&image_index, &text)
+                            .logical_not()
+                            .to_kind(Kind::Float)
+                    });
                     let states = model.text.forward_t(EncoderInput::Text(&text), fwd.train)?;
                     groups.push(Group {
                         source: source.clone(),
                         fused: model.fuse_cls(&states, &image.select(&image_index), fwd.train)?,
                         label: 0,
-                        weight: Tensor::ones([k], (Kind::Float, device)),
+                        weight,
                     });
                 }
             }

@@ -386,23 +386,6 @@ fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(usize, &T) -> R + Sync) -> 
     })
 }
 
-/// Whether `text` is a caption of image `image_id` in the batch (compared
-/// case- and whitespace-insensitively): such a "negative" is true of the
-/// image and is dropped.
-pub fn is_positive(text: &str, image_id: i64, captions: &[String], image_ids: &[i64]) -> bool {
-    let norm = |s: &str| {
-        s.to_lowercase()
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
-    let t = norm(text);
-    captions
-        .iter()
-        .zip(image_ids)
-        .any(|(c, &id)| id == image_id && norm(c) == t)
-}
-
 /// A replaced word of a NegGen candidate.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct MaskedWord {
@@ -690,9 +673,18 @@ impl NegGen {
             .map(|(p, f)| realise(p, f, codec))
             .collect();
 
-        // Filter: never a caption of the same image; replacements of the
+        // Filter: never a caption of a positive of the image (the batch's
+        // positive relation, `vlmatch_core::positives`); replacements of the
         // same kind of word (pos_check); then ITM, once trained.
-        let ids = Vec::<i64>::try_from(batch.image_ids.to_device(Device::Cpu))?;
+        let owner_index = Tensor::from_slice(&owners.iter().map(|&o| o as i64).collect::<Vec<_>>())
+            .to_device(device);
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let encoded = self.codec.encode(&refs, device);
+        let true_of_image = Vec::<bool>::try_from(
+            batch
+                .text_is_positive(&owner_index, &encoded)
+                .to_device(Device::Cpu),
+        )?;
         // The POS check tags every candidate: spread over threads.
         let kinds_kept: Vec<bool> = if self.cfg.pos_check {
             let (tagger, tags) = (self.tagger.as_ref(), &self.cfg.tags);
@@ -703,25 +695,19 @@ impl NegGen {
         } else {
             vec![true; plans.len()]
         };
-        let mut keep: Vec<bool> = owners
+        let mut keep: Vec<bool> = true_of_image
             .iter()
-            .zip(&texts)
             .zip(kinds_kept)
-            .map(|((&o, t), kind_kept)| kind_kept && !is_positive(t, ids[o], &batch.captions, &ids))
+            .map(|(&positive, kind_kept)| kind_kept && !positive)
             .collect();
         let mut itm = vec![None; texts.len()];
         if step >= self.cfg.filter_after_steps {
-            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
             let probs = tch::no_grad(|| -> Result<Vec<f64>> {
-                let text = self.codec.encode(&refs, device);
-                let states = model.text.forward_t(EncoderInput::Text(&text), false)?;
+                let states = model.text.forward_t(EncoderInput::Text(&encoded), false)?;
                 let image = fwd.image()?;
-                let owner_t =
-                    Tensor::from_slice(&owners.iter().map(|&o| o as i64).collect::<Vec<_>>())
-                        .to_device(device);
                 let image = vlmatch_core::Encoded {
-                    hidden: image.hidden.detach().index_select(0, &owner_t),
-                    mask: image.mask.index_select(0, &owner_t),
+                    hidden: image.hidden.detach().index_select(0, &owner_index),
+                    mask: image.mask.index_select(0, &owner_index),
                 };
                 let fused = model.fuse_cls(&states, &image, false)?;
                 let p = model
