@@ -11,11 +11,21 @@
 //! Cases 3 and 4 refresh the `.vlmatch/libtorch` link, which
 //! `.cargo/config.toml` hands to torch-sys, so a plain `cargo build` works
 //! afterwards too.
+//!
+//! In cases 2 to 4, the CUDA headers that vlmatch-dist's NCCL backend needs
+//! beside the wheel's own (see [`CUDA_HEADER_PACKAGES`]) are installed into
+//! the per-user venv when missing; see [`ensure_cuda_headers`].
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 pub const TORCH_VERSION: &str = "2.11.0";
+
+/// PyPI packages with the CUDA headers that `ProcessGroupNCCL.hpp` includes
+/// and the torch wheel's own dependencies lack: `nv/target` (CCCL) and
+/// `crt/host_config.h`. Versions of the CUDA 13.0 the wheel is built for.
+pub const CUDA_HEADER_PACKAGES: [&str; 2] =
+    ["nvidia-cuda-cccl==13.0.85", "nvidia-cuda-crt==13.0.88"];
 
 fn is_libtorch(dir: &Path) -> bool {
     dir.join("lib").join("libtorch_cpu.so").exists() && dir.join("include").exists()
@@ -38,6 +48,7 @@ pub fn ensure_libtorch(root: &Path) -> Result<PathBuf, String> {
         }
     }
     if is_libtorch(&link) {
+        ensure_cuda_headers(&link);
         return Ok(link);
     }
     let torch_dir = match python_torch(Path::new("python3")) {
@@ -55,7 +66,72 @@ pub fn ensure_libtorch(root: &Path) -> Result<PathBuf, String> {
         )
     })?;
     eprintln!("xtask: libtorch {TORCH_VERSION} at {}", torch_dir.display());
+    ensure_cuda_headers(&link);
     Ok(link)
+}
+
+/// Installs [`CUDA_HEADER_PACKAGES`] into the per-user venv, after torch,
+/// when the torch at `libtorch` is that venv's and lacks them. A torch from
+/// elsewhere is left alone, with a hint. Never fatal: without the headers
+/// vlmatch-dist builds without its NCCL backend, and its build says so.
+fn ensure_cuda_headers(libtorch: &Path) {
+    let Ok(torch) = libtorch.canonicalize() else {
+        return;
+    };
+    let Some(site) = torch.parent() else {
+        return;
+    };
+    let include = site.join("nvidia").join("cu13").join("include");
+    if include.join("nv").join("target").exists()
+        && include.join("crt").join("host_config.h").exists()
+    {
+        return;
+    }
+    // Only a CUDA build of torch (it brings nccl.h) can use them.
+    if !site
+        .join("nvidia")
+        .join("nccl")
+        .join("include")
+        .join("nccl.h")
+        .exists()
+    {
+        return;
+    }
+    let venv = cache_dir()
+        .ok()
+        .map(|cache| cache.join(format!("torch-{TORCH_VERSION}")))
+        .filter(|venv| venv.canonicalize().is_ok_and(|v| torch.starts_with(v)));
+    let Some(venv) = venv else {
+        eprintln!(
+            "xtask: the torch at {} lacks the CUDA headers of the NCCL backend; \
+             to build it, install {} with that torch's pip",
+            torch.display(),
+            CUDA_HEADER_PACKAGES.join(" ")
+        );
+        return;
+    };
+    eprintln!(
+        "xtask: installing {} (CUDA headers for the NCCL backend) into {}",
+        CUDA_HEADER_PACKAGES.join(" "),
+        venv.display()
+    );
+    let status = Command::new(venv.join("bin").join("python"))
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(CUDA_HEADER_PACKAGES)
+        .status();
+    if !status.is_ok_and(|s| s.success()) {
+        eprintln!(
+            "xtask: could not install {}; vlmatch builds without the NCCL backend \
+             until they are installed",
+            CUDA_HEADER_PACKAGES.join(" ")
+        );
+    }
 }
 
 /// The torch package directory of `python`, if it imports torch 2.11.0.
