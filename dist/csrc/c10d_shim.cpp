@@ -1,0 +1,558 @@
+// C ABI over libtorch's c10d: TCPStore, ProcessGroupGloo, ProcessGroupNCCL,
+// and the collectives vlmatch needs, for the Rust crate `vlmatch-dist`.
+//
+// Every function here is `extern "C"`, catches every C++ exception and turns
+// it into a status code plus a malloc'd message (see `Status` below); no
+// exception ever crosses into Rust. Handles are heap boxes around c10's
+// intrusive pointers, freed by the matching `*_free` function.
+//
+// ---------------------------------------------------------------------------
+// Why ProcessGroupGloo is declared by hand
+// ---------------------------------------------------------------------------
+// Gloo (the CPU backend) is compiled into libtorch_cpu.so, and the PyPI wheel
+// ships torch/csrc/distributed/c10d/ProcessGroupGloo.hpp, but not gloo's own
+// headers (gloo/context.h, gloo/transport/device.h, ...), which that header
+// includes. So the real header does not compile here. We only need three
+// things from the class: its constructor, its destructor and
+// `Options::create_default`. Everything else (allreduce, broadcast, ...) is
+// called through `c10d::Backend`'s virtual interface, whose header we do have.
+//
+// Why it works: `new ProcessGroupGloo(...)` allocates `sizeof` of *our*
+// declaration and calls the real constructor, whose symbol is resolved from
+// libtorch_cpu.so (the mangled names below match `nm -DC libtorch_cpu.so`).
+// That constructor initialises the `Backend` base (same header, same layout)
+// and its own members, and installs the real vtable. From then on every call
+// goes through that vtable into the library; our declaration only has to
+// (1) mangle to the same symbols and (2) make `new` allocate at least the
+// real object's size. Destruction also runs through the real vtable (the
+// library's deleting destructor), which frees with the global operator delete
+// (glibc free ignores the size hint, so the larger allocation is fine).
+//
+// Our declaration has no inline virtual functions and declares the
+// destructor out of line, so it is the key function: this file never emits a
+// vtable or typeinfo for ProcessGroupGloo. Nor does it construct or destroy
+// an `Options` (create_default builds it inside the library; the process
+// group owns it afterwards), so no vtable for Options is emitted either.
+// `nm -C` of the compiled object shows only undefined (U) symbols for both.
+//
+// Size: the real class (PyTorch 2.11.0, ProcessGroupGloo.hpp in the wheel)
+// adds to `Backend`: shared_ptr store_ (16), intrusive_ptr options_ (8),
+// vector contexts_ (24), vector<thread> threads_ (24), bool stop_ + uint32_t
+// collectiveCounter_ (8), deque workQueue_ (80), vector workInProgress_ (24),
+// mutex (40), two condition_variables (96), uint64_t seq_ (8), size_t
+// local_id_ (8), shared_ptr pgStatus_ (16): 352 bytes on x86-64, on top of
+// Backend's 136 (both measured with sizeof against the wheel's headers).
+// `GlooMembers211` below mirrors exactly those members, and a static_assert
+// keeps the reserve at least 8 times its size; we reserve 4 KiB, over 11
+// times, so `new` allocates 4240 bytes for a 488-byte object.
+//
+// What it is tied to: the exact libtorch build (2.11.0, which tch 0.24 pins
+// and xtask provisions). A libtorch that changes these constructor
+// signatures fails to link (undefined symbol), which is loud. One that grows
+// the object past 4 KiB, or reorders `Backend`, would not be caught at build
+// time; that is why the reserve is generous and why the crate's multi-process
+// tests (dist/tests/multiprocess.rs: 2 and 3 ranks over Gloo, exact results,
+// failures) run in every `cargo xtask test`. Re-read ProcessGroupGloo.hpp
+// and update GlooMembers211 whenever the libtorch version changes.
+//
+// ---------------------------------------------------------------------------
+// NCCL
+// ---------------------------------------------------------------------------
+// ProcessGroupNCCL.hpp compiles as is, given nccl.h and the CUDA headers that
+// PyPI ships (build.rs finds them and defines VLMATCH_WITH_NCCL and
+// USE_C10D_NCCL). Without them the NCCL entry point returns an error.
+
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/csrc/distributed/c10d/Work.hpp>
+
+#ifdef VLMATCH_WITH_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace gloo {
+class Context;
+namespace rendezvous {
+class Store;
+}
+namespace transport {
+class Device;
+}
+} // namespace gloo
+
+namespace c10d {
+
+// The members PyTorch 2.11.0's ProcessGroupGloo adds to Backend, in order,
+// with the same types where they are visible here (pointers to gloo types
+// and to the nested AsyncWork stand in with the same sizes). Only used to
+// size the reserve below; never instantiated.
+struct GlooMembers211 {
+  std::shared_ptr<::gloo::rendezvous::Store> store_;
+  c10::intrusive_ptr<Backend::Options> options_;
+  std::vector<std::shared_ptr<::gloo::Context>> contexts_;
+  std::vector<std::thread> threads_;
+  bool stop_;
+  uint32_t collectiveCounter_;
+  std::deque<c10::intrusive_ptr<Work>> workQueue_;
+  std::vector<c10::intrusive_ptr<Work>> workInProgress_;
+  std::mutex workMutex_;
+  std::condition_variable workProduceCV_;
+  std::condition_variable workConsumeCV_;
+  uint64_t seq_;
+  size_t local_id_;
+  std::shared_ptr<void> pgStatus_;
+};
+
+class TORCH_API ProcessGroupGloo : public Backend {
+ public:
+  struct TORCH_API Options : public Backend::Options {
+    explicit Options(
+        std::chrono::milliseconds timeout = kBackendDefaultTimeout);
+
+    // Builds the options with one transport device: the interfaces in
+    // GLOO_SOCKET_IFNAME if set, else this host's name if it resolves to a
+    // local address, else loopback. Defined in libtorch_cpu.so.
+    static c10::intrusive_ptr<Options> create_default(
+        std::chrono::milliseconds timeout = kBackendDefaultTimeout);
+
+    std::vector<std::shared_ptr<::gloo::transport::Device>> devices;
+    int threads{2};
+  };
+
+  explicit ProcessGroupGloo(
+      const c10::intrusive_ptr<Store>& store,
+      int rank,
+      int size,
+      c10::intrusive_ptr<Options> options);
+
+  ~ProcessGroupGloo() override;
+
+  static constexpr size_t kReservedBytes = 4096;
+
+ private:
+  // Space for the real members (see the comment at the top of the file).
+  alignas(16) unsigned char reserved_[kReservedBytes];
+};
+
+static_assert(
+    ProcessGroupGloo::kReservedBytes >= 8 * sizeof(GlooMembers211),
+    "keep the ProcessGroupGloo reserve at least 8x the real members");
+
+} // namespace c10d
+
+// ---------------------------------------------------------------------------
+// Handles and error reporting
+// ---------------------------------------------------------------------------
+
+struct vlm_store {
+  c10::intrusive_ptr<c10d::Store> store;
+};
+
+struct vlm_pg {
+  c10::intrusive_ptr<c10d::Backend> backend;
+};
+
+struct vlm_work {
+  c10::intrusive_ptr<c10d::Work> work;
+};
+
+// Status codes shared with dist/src/ffi.rs.
+enum : int32_t {
+  VLM_OK = 0,
+  VLM_TIMEOUT = 1,
+  VLM_ERROR = 2,
+};
+
+namespace {
+
+char* copy_string(const std::string& s) {
+  char* out = static_cast<char*>(std::malloc(s.size() + 1));
+  if (out != nullptr) {
+    std::memcpy(out, s.data(), s.size());
+    out[s.size()] = '\0';
+  }
+  return out;
+}
+
+// Runs `body`, turning any exception into VLM_ERROR plus its message in
+// `*err`. c10::Error's message is taken without the C++ backtrace.
+template <typename F>
+int32_t guarded(char** err, F&& body) {
+  if (err != nullptr) {
+    *err = nullptr;
+  }
+  try {
+    return body();
+  } catch (const c10::Error& e) {
+    if (err != nullptr) {
+      *err = copy_string(e.what_without_backtrace());
+    }
+  } catch (const std::exception& e) {
+    if (err != nullptr) {
+      *err = copy_string(e.what());
+    }
+  } catch (...) {
+    if (err != nullptr) {
+      *err = copy_string("unknown C++ exception");
+    }
+  }
+  return VLM_ERROR;
+}
+
+std::vector<std::string> key_list(const char* const* keys, size_t n) {
+  std::vector<std::string> out;
+  out.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    out.emplace_back(keys[i]);
+  }
+  return out;
+}
+
+std::vector<at::Tensor> tensor_list(at::Tensor* const* tensors, size_t n) {
+  std::vector<at::Tensor> out;
+  out.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    // A shallow copy: shares storage with the caller's tensor, so in-place
+    // collectives write into it.
+    out.push_back(*tensors[i]);
+  }
+  return out;
+}
+
+int32_t finish_work(c10::intrusive_ptr<c10d::Work> work, vlm_work** out) {
+  *out = new vlm_work{std::move(work)};
+  return VLM_OK;
+}
+
+} // namespace
+
+extern "C" {
+
+void vlm_string_free(char* s) {
+  std::free(s);
+}
+
+void vlm_bytes_free(uint8_t* b) {
+  std::free(b);
+}
+
+int32_t vlm_has_nccl(void) {
+#ifdef VLMATCH_WITH_NCCL
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// ---------------------------------------------------------------------------
+// Store
+// ---------------------------------------------------------------------------
+
+int32_t vlm_store_tcp_new(
+    const char* host,
+    uint16_t port,
+    int32_t world_size,
+    int32_t is_master,
+    int64_t timeout_ms,
+    vlm_store** out,
+    char** err) {
+  return guarded(err, [&] {
+    c10d::TCPStoreOptions opts;
+    opts.port = port;
+    opts.isServer = is_master != 0;
+    opts.numWorkers = static_cast<size_t>(world_size);
+    opts.waitWorkers = true;
+    opts.timeout = std::chrono::milliseconds(timeout_ms);
+    auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+    *out = new vlm_store{c10::static_intrusive_pointer_cast<c10d::Store>(
+        std::move(store))};
+    return VLM_OK;
+  });
+}
+
+void vlm_store_free(vlm_store* s) {
+  delete s;
+}
+
+int32_t vlm_store_set(
+    vlm_store* s,
+    const char* key,
+    const uint8_t* data,
+    size_t len,
+    char** err) {
+  return guarded(err, [&] {
+    std::vector<uint8_t> value(data, data + len);
+    s->store->set(std::string(key), value);
+    return VLM_OK;
+  });
+}
+
+// Waits up to `timeout_ms` for `key`, then reads it into a malloc'd buffer
+// (free with vlm_bytes_free).
+int32_t vlm_store_get(
+    vlm_store* s,
+    const char* key,
+    int64_t timeout_ms,
+    uint8_t** data,
+    size_t* len,
+    char** err) {
+  return guarded(err, [&] {
+    std::string k(key);
+    s->store->wait({k}, std::chrono::milliseconds(timeout_ms));
+    std::vector<uint8_t> value = s->store->get(k);
+    *len = value.size();
+    size_t bytes = value.empty() ? 1 : value.size();
+    *data = static_cast<uint8_t*>(std::malloc(bytes));
+    if (*data == nullptr) {
+      throw std::bad_alloc();
+    }
+    if (!value.empty()) {
+      std::memcpy(*data, value.data(), value.size());
+    }
+    return VLM_OK;
+  });
+}
+
+int32_t vlm_store_add(
+    vlm_store* s,
+    const char* key,
+    int64_t delta,
+    int64_t* out,
+    char** err) {
+  return guarded(err, [&] {
+    *out = s->store->add(std::string(key), delta);
+    return VLM_OK;
+  });
+}
+
+int32_t vlm_store_wait(
+    vlm_store* s,
+    const char* const* keys,
+    size_t n,
+    int64_t timeout_ms,
+    char** err) {
+  return guarded(err, [&] {
+    s->store->wait(key_list(keys, n), std::chrono::milliseconds(timeout_ms));
+    return VLM_OK;
+  });
+}
+
+// Whether all `keys` exist, without waiting.
+int32_t vlm_store_check(
+    vlm_store* s,
+    const char* const* keys,
+    size_t n,
+    int32_t* out,
+    char** err) {
+  return guarded(err, [&] {
+    *out = s->store->check(key_list(keys, n)) ? 1 : 0;
+    return VLM_OK;
+  });
+}
+
+int32_t vlm_store_delete(
+    vlm_store* s,
+    const char* key,
+    int32_t* out,
+    char** err) {
+  return guarded(err, [&] {
+    *out = s->store->deleteKey(std::string(key)) ? 1 : 0;
+    return VLM_OK;
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Process groups
+// ---------------------------------------------------------------------------
+
+// A Gloo process group over `prefix`-scoped keys of the store, so several
+// groups can share one store.
+int32_t vlm_pg_gloo_new(
+    vlm_store* s,
+    const char* prefix,
+    int32_t rank,
+    int32_t size,
+    int64_t timeout_ms,
+    vlm_pg** out,
+    char** err) {
+  return guarded(err, [&] {
+    auto store = c10::make_intrusive<c10d::PrefixStore>(
+        std::string(prefix), s->store);
+    auto opts = c10d::ProcessGroupGloo::Options::create_default(
+        std::chrono::milliseconds(timeout_ms));
+    auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(
+        c10::static_intrusive_pointer_cast<c10d::Store>(store),
+        rank,
+        size,
+        std::move(opts));
+    *out = new vlm_pg{
+        c10::static_intrusive_pointer_cast<c10d::Backend>(std::move(pg))};
+    return VLM_OK;
+  });
+}
+
+int32_t vlm_pg_nccl_new(
+    vlm_store* s,
+    const char* prefix,
+    int32_t rank,
+    int32_t size,
+    int64_t timeout_ms,
+    vlm_pg** out,
+    char** err) {
+#ifdef VLMATCH_WITH_NCCL
+  return guarded(err, [&] {
+    auto store = c10::make_intrusive<c10d::PrefixStore>(
+        std::string(prefix), s->store);
+    auto opts = c10d::ProcessGroupNCCL::Options::create();
+    opts->timeout = std::chrono::milliseconds(timeout_ms);
+    auto pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(
+        c10::static_intrusive_pointer_cast<c10d::Store>(store),
+        rank,
+        size,
+        std::move(opts));
+    *out = new vlm_pg{
+        c10::static_intrusive_pointer_cast<c10d::Backend>(std::move(pg))};
+    return VLM_OK;
+  });
+#else
+  (void)s;
+  (void)prefix;
+  (void)rank;
+  (void)size;
+  (void)timeout_ms;
+  (void)out;
+  if (err != nullptr) {
+    *err = copy_string(
+        "this build has no NCCL backend: nccl.h and the CUDA headers were "
+        "not found when vlmatch-dist was compiled");
+  }
+  return VLM_ERROR;
+#endif
+}
+
+void vlm_pg_free(vlm_pg* pg) {
+  delete pg;
+}
+
+// Releases the handle without destroying the backend. Used after a
+// collective failed or timed out: the backend's destructor joins its worker
+// threads, which may still be blocked in the failed operation.
+void vlm_pg_leak(vlm_pg* pg) {
+  if (pg != nullptr) {
+    (void)pg->backend.release();
+    delete pg;
+  }
+}
+
+// In-place SUM all-reduce of each of `n` tensors (any shapes; one dtype and
+// device). c10d's `allreduce` with several tensors would sum them into one
+// another (the list is meant for several devices of one rank), so more than
+// one tensor goes through `allreduce_coalesced`, which reduces each
+// separately in one operation.
+int32_t vlm_pg_allreduce_sum(
+    vlm_pg* pg,
+    at::Tensor* const* tensors,
+    size_t n,
+    vlm_work** out,
+    char** err) {
+  return guarded(err, [&] {
+    auto list = tensor_list(tensors, n);
+    if (list.size() == 1) {
+      c10d::AllreduceOptions opts;
+      opts.reduceOp = c10d::ReduceOp::SUM;
+      return finish_work(pg->backend->allreduce(list, opts), out);
+    }
+    c10d::AllreduceCoalescedOptions opts;
+    opts.reduceOp = c10d::ReduceOp::SUM;
+    return finish_work(pg->backend->allreduce_coalesced(list, opts), out);
+  });
+}
+
+// Gathers every rank's `input` into `output`, whose first dimension is
+// world_size times the input's, in rank order.
+int32_t vlm_pg_allgather_base(
+    vlm_pg* pg,
+    at::Tensor* output,
+    at::Tensor* input,
+    vlm_work** out,
+    char** err) {
+  return guarded(err, [&] {
+    at::Tensor o = *output;
+    at::Tensor i = *input;
+    return finish_work(pg->backend->_allgather_base(o, i), out);
+  });
+}
+
+// In-place broadcast of `tensor` from `root`.
+int32_t vlm_pg_broadcast(
+    vlm_pg* pg,
+    at::Tensor* tensor,
+    int64_t root,
+    vlm_work** out,
+    char** err) {
+  return guarded(err, [&] {
+    std::vector<at::Tensor> list{*tensor};
+    c10d::BroadcastOptions opts;
+    opts.rootRank = root;
+    opts.rootTensor = 0;
+    return finish_work(pg->backend->broadcast(list, opts), out);
+  });
+}
+
+int32_t vlm_pg_barrier(vlm_pg* pg, vlm_work** out, char** err) {
+  return guarded(err, [&] {
+    c10d::BarrierOptions opts;
+    return finish_work(pg->backend->barrier(opts), out);
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Work
+// ---------------------------------------------------------------------------
+
+// Waits up to `timeout_ms` for the work. VLM_TIMEOUT if it has not completed
+// by then (it stays in flight); VLM_ERROR with the backend's message if it
+// failed.
+int32_t vlm_work_wait(vlm_work* w, int64_t timeout_ms, char** err) {
+  int32_t status = guarded(err, [&] {
+    w->work->wait(std::chrono::milliseconds(timeout_ms));
+    return VLM_OK;
+  });
+  if (status != VLM_OK) {
+    bool completed = true;
+    try {
+      completed = w->work->isCompleted();
+    } catch (...) {
+    }
+    if (!completed) {
+      status = VLM_TIMEOUT;
+    }
+  }
+  return status;
+}
+
+int32_t vlm_work_is_completed(vlm_work* w, int32_t* out, char** err) {
+  return guarded(err, [&] {
+    *out = w->work->isCompleted() ? 1 : 0;
+    return VLM_OK;
+  });
+}
+
+void vlm_work_free(vlm_work* w) {
+  delete w;
+}
+
+} // extern "C"

@@ -1,0 +1,538 @@
+//! The only module with `unsafe`: the C ABI of `csrc/c10d_shim.cpp` and
+//! owning wrappers around its three handle types.
+//!
+//! Every shim function returns a status (`OK`, `TIMEOUT`, `ERROR`) and, on
+//! failure, a malloc'd message that [`take_message`] copies and frees. The
+//! shim catches every C++ exception, so none reaches Rust.
+
+use std::ffi::{c_char, CStr, CString};
+use std::ptr::{self, NonNull};
+use std::time::Duration;
+
+use tch::Tensor;
+use torch_sys::C_tensor;
+
+const OK: i32 = 0;
+const TIMEOUT: i32 = 1;
+
+#[repr(C)]
+pub(crate) struct RawStore {
+    _opaque: [u8; 0],
+}
+
+#[repr(C)]
+pub(crate) struct RawPg {
+    _opaque: [u8; 0],
+}
+
+#[repr(C)]
+pub(crate) struct RawWork {
+    _opaque: [u8; 0],
+}
+
+extern "C" {
+    fn vlm_string_free(s: *mut c_char);
+    fn vlm_bytes_free(b: *mut u8);
+    fn vlm_has_nccl() -> i32;
+
+    fn vlm_store_tcp_new(
+        host: *const c_char,
+        port: u16,
+        world_size: i32,
+        is_master: i32,
+        timeout_ms: i64,
+        out: *mut *mut RawStore,
+        err: *mut *mut c_char,
+    ) -> i32;
+    fn vlm_store_free(s: *mut RawStore);
+    fn vlm_store_set(
+        s: *mut RawStore,
+        key: *const c_char,
+        data: *const u8,
+        len: usize,
+        err: *mut *mut c_char,
+    ) -> i32;
+    fn vlm_store_get(
+        s: *mut RawStore,
+        key: *const c_char,
+        timeout_ms: i64,
+        data: *mut *mut u8,
+        len: *mut usize,
+        err: *mut *mut c_char,
+    ) -> i32;
+    fn vlm_store_add(
+        s: *mut RawStore,
+        key: *const c_char,
+        delta: i64,
+        out: *mut i64,
+        err: *mut *mut c_char,
+    ) -> i32;
+    fn vlm_store_wait(
+        s: *mut RawStore,
+        keys: *const *const c_char,
+        n: usize,
+        timeout_ms: i64,
+        err: *mut *mut c_char,
+    ) -> i32;
+    fn vlm_store_check(
+        s: *mut RawStore,
+        keys: *const *const c_char,
+        n: usize,
+        out: *mut i32,
+        err: *mut *mut c_char,
+    ) -> i32;
+    fn vlm_store_delete(
+        s: *mut RawStore,
+        key: *const c_char,
+        out: *mut i32,
+        err: *mut *mut c_char,
+    ) -> i32;
+
+    fn vlm_pg_gloo_new(
+        s: *mut RawStore,
+        prefix: *const c_char,
+        rank: i32,
+        size: i32,
+        timeout_ms: i64,
+        out: *mut *mut RawPg,
+        err: *mut *mut c_char,
+    ) -> i32;
+    fn vlm_pg_nccl_new(
+        s: *mut RawStore,
+        prefix: *const c_char,
+        rank: i32,
+        size: i32,
+        timeout_ms: i64,
+        out: *mut *mut RawPg,
+        err: *mut *mut c_char,
+    ) -> i32;
+    fn vlm_pg_free(pg: *mut RawPg);
+    fn vlm_pg_leak(pg: *mut RawPg);
+    fn vlm_pg_allreduce_sum(
+        pg: *mut RawPg,
+        tensors: *const *mut C_tensor,
+        n: usize,
+        out: *mut *mut RawWork,
+        err: *mut *mut c_char,
+    ) -> i32;
+    fn vlm_pg_allgather_base(
+        pg: *mut RawPg,
+        output: *mut C_tensor,
+        input: *mut C_tensor,
+        out: *mut *mut RawWork,
+        err: *mut *mut c_char,
+    ) -> i32;
+    fn vlm_pg_broadcast(
+        pg: *mut RawPg,
+        tensor: *mut C_tensor,
+        root: i64,
+        out: *mut *mut RawWork,
+        err: *mut *mut c_char,
+    ) -> i32;
+    fn vlm_pg_barrier(pg: *mut RawPg, out: *mut *mut RawWork, err: *mut *mut c_char) -> i32;
+
+    fn vlm_work_wait(w: *mut RawWork, timeout_ms: i64, err: *mut *mut c_char) -> i32;
+    fn vlm_work_is_completed(w: *mut RawWork, out: *mut i32, err: *mut *mut c_char) -> i32;
+    fn vlm_work_free(w: *mut RawWork);
+}
+
+/// Why a shim call failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// The deadline passed before the operation completed.
+    Timeout(String),
+    /// The operation failed (or could not start); the C++ message.
+    Error(String),
+}
+
+impl Failure {
+    pub(crate) fn message(&self) -> &str {
+        match self {
+            Failure::Timeout(m) | Failure::Error(m) => m,
+        }
+    }
+}
+
+pub(crate) type FfiResult<T> = Result<T, Failure>;
+
+/// Copies and frees a message the shim allocated.
+fn take_message(err: *mut c_char) -> String {
+    if err.is_null() {
+        return "unknown error (the C++ shim gave no message)".into();
+    }
+    // SAFETY: the shim only ever stores NUL-terminated strings from malloc
+    // in `err`; we read it once and free it once, right here.
+    let text = unsafe {
+        let text = CStr::from_ptr(err).to_string_lossy().into_owned();
+        vlm_string_free(err);
+        text
+    };
+    // Our messages add their own punctuation after the C++ one.
+    text.trim_end().trim_end_matches('.').to_string()
+}
+
+fn status(code: i32, err: *mut c_char) -> FfiResult<()> {
+    match code {
+        OK => Ok(()),
+        TIMEOUT => Err(Failure::Timeout(take_message(err))),
+        _ => Err(Failure::Error(take_message(err))),
+    }
+}
+
+fn c_string(what: &str, s: &str) -> FfiResult<CString> {
+    CString::new(s).map_err(|_| Failure::Error(format!("{what} `{s}` contains a NUL byte")))
+}
+
+/// Milliseconds for the C++ side, at least 1 (0 would mean "no wait" to
+/// some c10d calls and "forever" to others).
+pub(crate) fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
+}
+
+pub(crate) fn has_nccl() -> bool {
+    // SAFETY: takes no arguments and only returns a compile-time constant.
+    unsafe { vlm_has_nccl() != 0 }
+}
+
+/// An owned `c10::intrusive_ptr<c10d::Store>` (a TCPStore).
+pub(crate) struct StoreHandle(NonNull<RawStore>);
+
+// SAFETY: c10d::TCPStore serialises every client operation behind its own
+// mutex (`activeOpLock_`), and the handle is only freed by `Drop`, so it can
+// be used from any thread and shared between threads.
+unsafe impl Send for StoreHandle {}
+// SAFETY: see `Send` above.
+unsafe impl Sync for StoreHandle {}
+
+impl StoreHandle {
+    pub(crate) fn tcp(
+        host: &str,
+        port: u16,
+        world_size: i32,
+        is_master: bool,
+        timeout: Duration,
+    ) -> FfiResult<Self> {
+        let host = c_string("host", host)?;
+        let mut out = ptr::null_mut();
+        let mut err = ptr::null_mut();
+        // SAFETY: `host` is a valid C string for the call; `out` and `err`
+        // are valid out-pointers; the shim writes `out` only on success.
+        let code = unsafe {
+            vlm_store_tcp_new(
+                host.as_ptr(),
+                port,
+                world_size,
+                i32::from(is_master),
+                millis(timeout),
+                &mut out,
+                &mut err,
+            )
+        };
+        status(code, err)?;
+        NonNull::new(out)
+            .map(StoreHandle)
+            .ok_or_else(|| Failure::Error("the shim returned a null store".into()))
+    }
+
+    pub(crate) fn set(&self, key: &str, value: &[u8]) -> FfiResult<()> {
+        let key = c_string("key", key)?;
+        let mut err = ptr::null_mut();
+        // SAFETY: the handle is live (owned by self); `key` and `value` are
+        // valid for the call; the shim copies them.
+        let code = unsafe {
+            vlm_store_set(
+                self.0.as_ptr(),
+                key.as_ptr(),
+                value.as_ptr(),
+                value.len(),
+                &mut err,
+            )
+        };
+        status(code, err)
+    }
+
+    pub(crate) fn get(&self, key: &str, timeout: Duration) -> FfiResult<Vec<u8>> {
+        let key = c_string("key", key)?;
+        let mut data = ptr::null_mut();
+        let mut len = 0usize;
+        let mut err = ptr::null_mut();
+        // SAFETY: live handle, valid C string and out-pointers. On success
+        // the shim stores a malloc'd buffer of `len` bytes in `data`.
+        let code = unsafe {
+            vlm_store_get(
+                self.0.as_ptr(),
+                key.as_ptr(),
+                millis(timeout),
+                &mut data,
+                &mut len,
+                &mut err,
+            )
+        };
+        status(code, err)?;
+        if data.is_null() {
+            return Err(Failure::Error("the shim returned no buffer".into()));
+        }
+        // SAFETY: `data` points to `len` initialised bytes that we own; we
+        // copy them out and free the buffer exactly once.
+        let bytes = unsafe {
+            let bytes = std::slice::from_raw_parts(data, len).to_vec();
+            vlm_bytes_free(data);
+            bytes
+        };
+        Ok(bytes)
+    }
+
+    pub(crate) fn add(&self, key: &str, delta: i64) -> FfiResult<i64> {
+        let key = c_string("key", key)?;
+        let mut out = 0i64;
+        let mut err = ptr::null_mut();
+        // SAFETY: live handle, valid C string and out-pointers.
+        let code =
+            unsafe { vlm_store_add(self.0.as_ptr(), key.as_ptr(), delta, &mut out, &mut err) };
+        status(code, err)?;
+        Ok(out)
+    }
+
+    pub(crate) fn wait(&self, keys: &[&str], timeout: Duration) -> FfiResult<()> {
+        let owned = keys
+            .iter()
+            .map(|k| c_string("key", k))
+            .collect::<FfiResult<Vec<_>>>()?;
+        let ptrs: Vec<*const c_char> = owned.iter().map(|k| k.as_ptr()).collect();
+        let mut err = ptr::null_mut();
+        // SAFETY: live handle; `ptrs` holds `ptrs.len()` valid C strings
+        // (kept alive by `owned`) for the duration of the call.
+        let code = unsafe {
+            vlm_store_wait(
+                self.0.as_ptr(),
+                ptrs.as_ptr(),
+                ptrs.len(),
+                millis(timeout),
+                &mut err,
+            )
+        };
+        status(code, err)
+    }
+
+    pub(crate) fn check(&self, keys: &[&str]) -> FfiResult<bool> {
+        let owned = keys
+            .iter()
+            .map(|k| c_string("key", k))
+            .collect::<FfiResult<Vec<_>>>()?;
+        let ptrs: Vec<*const c_char> = owned.iter().map(|k| k.as_ptr()).collect();
+        let mut out = 0i32;
+        let mut err = ptr::null_mut();
+        // SAFETY: as in `wait`; `out` is a valid out-pointer.
+        let code = unsafe {
+            vlm_store_check(
+                self.0.as_ptr(),
+                ptrs.as_ptr(),
+                ptrs.len(),
+                &mut out,
+                &mut err,
+            )
+        };
+        status(code, err)?;
+        Ok(out != 0)
+    }
+
+    pub(crate) fn delete(&self, key: &str) -> FfiResult<bool> {
+        let key = c_string("key", key)?;
+        let mut out = 0i32;
+        let mut err = ptr::null_mut();
+        // SAFETY: live handle, valid C string and out-pointers.
+        let code = unsafe { vlm_store_delete(self.0.as_ptr(), key.as_ptr(), &mut out, &mut err) };
+        status(code, err)?;
+        Ok(out != 0)
+    }
+}
+
+impl Drop for StoreHandle {
+    fn drop(&mut self) {
+        // SAFETY: we own the handle and free it once. Process groups built
+        // on the store hold their own reference to it on the C++ side.
+        unsafe { vlm_store_free(self.0.as_ptr()) }
+    }
+}
+
+/// Which c10d backend to construct.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RawBackend {
+    Gloo,
+    Nccl,
+}
+
+/// An owned `c10::intrusive_ptr<c10d::Backend>`.
+pub(crate) struct PgHandle(Option<NonNull<RawPg>>);
+
+// SAFETY: a c10d backend may be used from another thread than the one that
+// created it (PyTorch's own reducer does). It is not `Sync`: Gloo hands out
+// collective tags from an unsynchronised counter, so two threads issuing
+// collectives at once would race, and every rank must issue them in the
+// same order anyway.
+unsafe impl Send for PgHandle {}
+
+impl PgHandle {
+    pub(crate) fn new(
+        backend: RawBackend,
+        store: &StoreHandle,
+        prefix: &str,
+        rank: i32,
+        size: i32,
+        timeout: Duration,
+    ) -> FfiResult<Self> {
+        let prefix = c_string("store prefix", prefix)?;
+        let mut out = ptr::null_mut();
+        let mut err = ptr::null_mut();
+        let ctor = match backend {
+            RawBackend::Gloo => vlm_pg_gloo_new,
+            RawBackend::Nccl => vlm_pg_nccl_new,
+        };
+        // SAFETY: the store handle is live for the call (the C++ group takes
+        // its own reference); `prefix` is a valid C string; `out`/`err` are
+        // valid out-pointers.
+        let code = unsafe {
+            ctor(
+                store.0.as_ptr(),
+                prefix.as_ptr(),
+                rank,
+                size,
+                millis(timeout),
+                &mut out,
+                &mut err,
+            )
+        };
+        status(code, err)?;
+        NonNull::new(out)
+            .map(|p| PgHandle(Some(p)))
+            .ok_or_else(|| Failure::Error("the shim returned a null process group".into()))
+    }
+
+    fn raw(&self) -> *mut RawPg {
+        self.0.map_or(ptr::null_mut(), NonNull::as_ptr)
+    }
+
+    /// Starts an in-place SUM all-reduce of `tensors`.
+    pub(crate) fn allreduce_sum(&self, tensors: &mut [Tensor]) -> FfiResult<WorkHandle> {
+        let ptrs: Vec<*mut C_tensor> = tensors.iter_mut().map(|t| t.as_mut_ptr()).collect();
+        let mut out = ptr::null_mut();
+        let mut err = ptr::null_mut();
+        // SAFETY: live handle; `ptrs` holds `ptrs.len()` live tensor handles
+        // (`at::Tensor*`, tch's `C_tensor`) borrowed mutably for the call.
+        // The shim copies each `at::Tensor` (a reference to the same
+        // storage), so the storage outlives the operation even if the Rust
+        // tensors are dropped before the work completes.
+        let code = unsafe {
+            vlm_pg_allreduce_sum(self.raw(), ptrs.as_ptr(), ptrs.len(), &mut out, &mut err)
+        };
+        status(code, err)?;
+        WorkHandle::from_raw(out)
+    }
+
+    /// Starts gathering every rank's `input` into `output` (dim 0).
+    pub(crate) fn allgather_base(
+        &self,
+        output: &mut Tensor,
+        input: &Tensor,
+    ) -> FfiResult<WorkHandle> {
+        let mut out = ptr::null_mut();
+        let mut err = ptr::null_mut();
+        // SAFETY: live handle and two live tensor handles. `input` is only
+        // read; the shim takes a `*mut` because c10d's signature does, and
+        // copies the `at::Tensor` before use, so the pointer is never
+        // written through.
+        let code = unsafe {
+            vlm_pg_allgather_base(
+                self.raw(),
+                output.as_mut_ptr(),
+                input.as_ptr() as *mut C_tensor,
+                &mut out,
+                &mut err,
+            )
+        };
+        status(code, err)?;
+        WorkHandle::from_raw(out)
+    }
+
+    /// Starts an in-place broadcast of `tensor` from `root`.
+    pub(crate) fn broadcast(&self, tensor: &mut Tensor, root: i64) -> FfiResult<WorkHandle> {
+        let mut out = ptr::null_mut();
+        let mut err = ptr::null_mut();
+        // SAFETY: live handle and a live, mutably borrowed tensor handle.
+        let code =
+            unsafe { vlm_pg_broadcast(self.raw(), tensor.as_mut_ptr(), root, &mut out, &mut err) };
+        status(code, err)?;
+        WorkHandle::from_raw(out)
+    }
+
+    pub(crate) fn barrier(&self) -> FfiResult<WorkHandle> {
+        let mut out = ptr::null_mut();
+        let mut err = ptr::null_mut();
+        // SAFETY: live handle; valid out-pointers.
+        let code = unsafe { vlm_pg_barrier(self.raw(), &mut out, &mut err) };
+        status(code, err)?;
+        WorkHandle::from_raw(out)
+    }
+
+    /// Gives up the handle without running the backend's destructor, which
+    /// joins worker threads that may be stuck in a failed collective. The
+    /// backend's memory and threads stay until the process exits.
+    pub(crate) fn leak(mut self) {
+        if let Some(p) = self.0.take() {
+            // SAFETY: we own the handle; the shim frees the box but keeps
+            // the backend's reference, so no destructor runs.
+            unsafe { vlm_pg_leak(p.as_ptr()) }
+        }
+    }
+}
+
+impl Drop for PgHandle {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            // SAFETY: we own the handle and free it once. The destructor
+            // drains queued work first (bounded by the group's timeout).
+            unsafe { vlm_pg_free(p.as_ptr()) }
+        }
+    }
+}
+
+/// An owned `c10::intrusive_ptr<c10d::Work>`: one collective in flight.
+pub(crate) struct WorkHandle(NonNull<RawWork>);
+
+// SAFETY: c10d::Work guards its state with its own mutex and condition
+// variable; waiting on it from another thread than the one that started it
+// is what PyTorch's reducer does.
+unsafe impl Send for WorkHandle {}
+
+impl WorkHandle {
+    fn from_raw(out: *mut RawWork) -> FfiResult<Self> {
+        NonNull::new(out)
+            .map(WorkHandle)
+            .ok_or_else(|| Failure::Error("the shim returned a null work handle".into()))
+    }
+
+    /// Waits up to `timeout`. `Failure::Timeout` leaves the work in flight.
+    pub(crate) fn wait(&self, timeout: Duration) -> FfiResult<()> {
+        let mut err = ptr::null_mut();
+        // SAFETY: live handle; valid out-pointer.
+        let code = unsafe { vlm_work_wait(self.0.as_ptr(), millis(timeout), &mut err) };
+        status(code, err)
+    }
+
+    pub(crate) fn is_completed(&self) -> FfiResult<bool> {
+        let mut out = 0i32;
+        let mut err = ptr::null_mut();
+        // SAFETY: live handle; valid out-pointers.
+        let code = unsafe { vlm_work_is_completed(self.0.as_ptr(), &mut out, &mut err) };
+        status(code, err)?;
+        Ok(out != 0)
+    }
+}
+
+impl Drop for WorkHandle {
+    fn drop(&mut self) {
+        // SAFETY: we own the handle and free it once; an unfinished
+        // collective keeps running, owned by its backend.
+        unsafe { vlm_work_free(self.0.as_ptr()) }
+    }
+}

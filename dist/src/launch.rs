@@ -1,0 +1,622 @@
+//! Who started this process, as which rank: `torchrun`'s or Slurm's
+//! environment, read into a [`LaunchEnv`].
+//!
+//! - torchrun (and launchers that mimic it) sets `RANK`, `WORLD_SIZE`,
+//!   `LOCAL_RANK`, `MASTER_ADDR` and `MASTER_PORT`. It wins when `RANK` or
+//!   `WORLD_SIZE` is set, also inside a Slurm job (`srun torchrun ...`).
+//! - Slurm's `srun` sets `SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID` and
+//!   the node list. Only a job *step* counts (`SLURM_STEP_ID` set): a batch
+//!   script or an `salloc` shell also carries `SLURM_PROCID=0` and the job's
+//!   `SLURM_NTASKS`, and a program run there directly is one process, not
+//!   rank 0 of many. The rendezvous host is `MASTER_ADDR` if set, else the
+//!   first host of `SLURM_STEP_NODELIST` (where task 0 of the step runs;
+//!   `SLURM_JOB_NODELIST` when that is unset). The port is `MASTER_PORT` if
+//!   set, else `15000 + SLURM_JOB_ID % 20000`, the same on every rank.
+//!
+//! The parsers take a lookup closure, so tests need no process environment.
+
+use std::fmt;
+
+/// Where the port comes from when Slurm starts us without `MASTER_PORT`.
+pub const SLURM_PORT_BASE: u16 = 15000;
+/// The span of ports derived from `SLURM_JOB_ID`.
+pub const SLURM_PORT_SPAN: u64 = 20000;
+
+/// The launcher that set the environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Launcher {
+    Torchrun,
+    Slurm,
+}
+
+impl fmt::Display for Launcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Launcher::Torchrun => "torchrun",
+            Launcher::Slurm => "slurm",
+        })
+    }
+}
+
+/// This process's place in a multi-process launch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchEnv {
+    /// Global rank, `0..world_size`.
+    pub rank: usize,
+    /// Number of processes in the job.
+    pub world_size: usize,
+    /// Index of this process on its machine (picks the GPU).
+    pub local_rank: usize,
+    /// Host of rank 0's rendezvous store.
+    pub master_addr: String,
+    /// Port of rank 0's rendezvous store.
+    pub master_port: u16,
+    /// Which launcher's variables these came from.
+    pub launcher: Launcher,
+}
+
+/// A launcher variable that is missing or malformed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LaunchError {
+    #[error("environment variable {var}={value:?} is invalid: {reason}")]
+    Invalid {
+        var: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("environment variable {var} is not set, but {context}; set {var} too, or unset them")]
+    Missing { var: &'static str, context: String },
+}
+
+impl LaunchEnv {
+    /// Reads the process environment; `Ok(None)` when neither torchrun nor
+    /// an srun job step started this process.
+    pub fn from_env() -> Result<Option<LaunchEnv>, LaunchError> {
+        LaunchEnv::from_lookup(|name| std::env::var_os(name).map(|v| v.to_string_lossy().into()))
+    }
+
+    /// Like [`LaunchEnv::from_env`], with `get(name)` giving each variable.
+    pub fn from_lookup<F>(get: F) -> Result<Option<LaunchEnv>, LaunchError>
+    where
+        F: Fn(&str) -> Option<String>,
+    {
+        if get("RANK").is_some() || get("WORLD_SIZE").is_some() {
+            return torchrun(&get).map(Some);
+        }
+        let slurm_step = get("SLURM_STEP_ID").is_some() || get("SLURM_STEPID").is_some();
+        if get("SLURM_PROCID").is_some() && slurm_step {
+            return slurm(&get).map(Some);
+        }
+        Ok(None)
+    }
+
+    /// Whether this is rank 0 (which serves the store and writes outputs).
+    pub fn is_master(&self) -> bool {
+        self.rank == 0
+    }
+}
+
+fn required<F>(get: &F, var: &'static str, context: &str) -> Result<String, LaunchError>
+where
+    F: Fn(&str) -> Option<String>,
+{
+    get(var).ok_or_else(|| LaunchError::Missing {
+        var,
+        context: context.to_string(),
+    })
+}
+
+fn parse_usize(var: &'static str, value: &str) -> Result<usize, LaunchError> {
+    value
+        .trim()
+        .parse::<usize>()
+        .map_err(|_| LaunchError::Invalid {
+            var,
+            value: value.to_string(),
+            reason: "expected a non-negative integer".into(),
+        })
+}
+
+fn parse_port(var: &'static str, value: &str) -> Result<u16, LaunchError> {
+    match value.trim().parse::<u16>() {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(LaunchError::Invalid {
+            var,
+            value: value.to_string(),
+            reason: "expected a TCP port in 1..=65535".into(),
+        }),
+    }
+}
+
+fn check_host(var: &'static str, value: &str) -> Result<String, LaunchError> {
+    let host = value.trim();
+    if host.is_empty() || host.chars().any(char::is_whitespace) {
+        return Err(LaunchError::Invalid {
+            var,
+            value: value.to_string(),
+            reason: "expected a host name or IP address".into(),
+        });
+    }
+    Ok(host.to_string())
+}
+
+/// Checks the ranks against the world size, naming the variables.
+fn check_ranks(
+    (rank_var, rank): (&'static str, usize),
+    (world_var, world): (&'static str, usize),
+    (local_var, local): (&'static str, usize),
+) -> Result<(), LaunchError> {
+    if world == 0 {
+        return Err(LaunchError::Invalid {
+            var: world_var,
+            value: "0".into(),
+            reason: "the world size must be at least 1".into(),
+        });
+    }
+    if rank >= world {
+        return Err(LaunchError::Invalid {
+            var: rank_var,
+            value: rank.to_string(),
+            reason: format!("must be below {world_var}={world}"),
+        });
+    }
+    if local >= world {
+        return Err(LaunchError::Invalid {
+            var: local_var,
+            value: local.to_string(),
+            reason: format!("must be below {world_var}={world}"),
+        });
+    }
+    Ok(())
+}
+
+fn torchrun<F>(get: &F) -> Result<LaunchEnv, LaunchError>
+where
+    F: Fn(&str) -> Option<String>,
+{
+    let context = "RANK or WORLD_SIZE is (a torchrun-style launch)";
+    let rank = parse_usize("RANK", &required(get, "RANK", context)?)?;
+    let world_size = parse_usize("WORLD_SIZE", &required(get, "WORLD_SIZE", context)?)?;
+    let local_rank = parse_usize("LOCAL_RANK", &required(get, "LOCAL_RANK", context)?)?;
+    check_ranks(
+        ("RANK", rank),
+        ("WORLD_SIZE", world_size),
+        ("LOCAL_RANK", local_rank),
+    )?;
+    let master_addr = check_host("MASTER_ADDR", &required(get, "MASTER_ADDR", context)?)?;
+    let master_port = parse_port("MASTER_PORT", &required(get, "MASTER_PORT", context)?)?;
+    Ok(LaunchEnv {
+        rank,
+        world_size,
+        local_rank,
+        master_addr,
+        master_port,
+        launcher: Launcher::Torchrun,
+    })
+}
+
+fn slurm<F>(get: &F) -> Result<LaunchEnv, LaunchError>
+where
+    F: Fn(&str) -> Option<String>,
+{
+    let context = "SLURM_PROCID and SLURM_STEP_ID are (an srun job step)";
+    let rank = parse_usize("SLURM_PROCID", &required(get, "SLURM_PROCID", context)?)?;
+    let world_size = parse_usize("SLURM_NTASKS", &required(get, "SLURM_NTASKS", context)?)?;
+    let local_rank = parse_usize("SLURM_LOCALID", &required(get, "SLURM_LOCALID", context)?)?;
+    check_ranks(
+        ("SLURM_PROCID", rank),
+        ("SLURM_NTASKS", world_size),
+        ("SLURM_LOCALID", local_rank),
+    )?;
+    let master_addr = match get("MASTER_ADDR") {
+        Some(addr) => check_host("MASTER_ADDR", &addr)?,
+        None => {
+            let (var, list) = [
+                "SLURM_STEP_NODELIST",
+                "SLURM_JOB_NODELIST",
+                "SLURM_NODELIST",
+            ]
+            .into_iter()
+            .find_map(|var| get(var).map(|v| (var, v)))
+            .ok_or_else(|| LaunchError::Missing {
+                var: "SLURM_JOB_NODELIST",
+                context: format!("{context} and MASTER_ADDR is not"),
+            })?;
+            first_host(&list).map_err(|reason| LaunchError::Invalid {
+                var,
+                value: list.clone(),
+                reason,
+            })?
+        }
+    };
+    let master_port = match get("MASTER_PORT") {
+        Some(port) => parse_port("MASTER_PORT", &port)?,
+        None => {
+            let job = required(
+                get,
+                "SLURM_JOB_ID",
+                &format!("{context} and MASTER_PORT is not (the port is derived from the job id)"),
+            )?;
+            let id = job
+                .trim()
+                .parse::<u64>()
+                .map_err(|_| LaunchError::Invalid {
+                    var: "SLURM_JOB_ID",
+                    value: job.clone(),
+                    reason: "expected a non-negative integer; or set MASTER_PORT".into(),
+                })?;
+            slurm_port(id)
+        }
+    };
+    Ok(LaunchEnv {
+        rank,
+        world_size,
+        local_rank,
+        master_addr,
+        master_port,
+        launcher: Launcher::Slurm,
+    })
+}
+
+/// The rendezvous port for a Slurm job without `MASTER_PORT`:
+/// `15000 + job_id % 20000`, so concurrent jobs on one node rarely collide.
+pub fn slurm_port(job_id: u64) -> u16 {
+    SLURM_PORT_BASE + (job_id % SLURM_PORT_SPAN) as u16
+}
+
+/// The first host of a Slurm host list such as `node[03-05,07],gpu1` (here
+/// `node03`). Bracket groups hold comma-separated numbers and `lo-hi`
+/// ranges, zero padding kept; a name may have several groups
+/// (`rack[1-2]-n[01-04]` gives `rack1-n01`). The error says what is wrong.
+pub fn first_host(nodelist: &str) -> Result<String, String> {
+    let list = nodelist.trim();
+    if list.is_empty() {
+        return Err("the host list is empty".into());
+    }
+    let mut host = String::new();
+    let mut chars = list.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            ',' => break,
+            '[' => {
+                let rest = &list[i + 1..];
+                let close = rest
+                    .find(']')
+                    .ok_or_else(|| format!("`[` at byte {i} is never closed"))?;
+                let group = &rest[..close];
+                host.push_str(&first_of_group(group)?);
+                // Skip past the group.
+                for _ in 0..group.chars().count() + 1 {
+                    chars.next();
+                }
+            }
+            ']' => return Err(format!("`]` at byte {i} has no matching `[`")),
+            c if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') => host.push(c),
+            c => return Err(format!("unexpected character {c:?} at byte {i}")),
+        }
+    }
+    if host.is_empty() {
+        return Err("the first entry of the host list is empty".into());
+    }
+    Ok(host)
+}
+
+/// The first number of a bracket group like `03-05,07`, validating all of
+/// it.
+fn first_of_group(group: &str) -> Result<String, String> {
+    if group.is_empty() {
+        return Err("empty `[]` in the host list".into());
+    }
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let mut first = None;
+    for item in group.split(',') {
+        let (lo, hi) = match item.split_once('-') {
+            Some((lo, hi)) => (lo, Some(hi)),
+            None => (item, None),
+        };
+        if !digits(lo) || hi.is_some_and(|h| !digits(h)) {
+            return Err(format!(
+                "`{item}` in `[{group}]` is not a number or a range like 01-04"
+            ));
+        }
+        if let Some(hi) = hi {
+            let (a, b) = (lo.parse::<u128>(), hi.parse::<u128>());
+            if let (Ok(a), Ok(b)) = (a, b) {
+                if a > b {
+                    return Err(format!("range `{item}` in `[{group}]` runs backwards"));
+                }
+            }
+        }
+        first.get_or_insert_with(|| lo.to_string());
+    }
+    first.ok_or_else(|| format!("empty `[{group}]` in the host list"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |name| map.get(name).cloned()
+    }
+
+    const TORCHRUN: &[(&str, &str)] = &[
+        ("RANK", "3"),
+        ("WORLD_SIZE", "8"),
+        ("LOCAL_RANK", "1"),
+        ("MASTER_ADDR", "10.0.0.1"),
+        ("MASTER_PORT", "29500"),
+    ];
+
+    #[test]
+    fn nothing_set_is_no_launch() {
+        assert_eq!(LaunchEnv::from_lookup(env(&[])), Ok(None));
+        // A batch script or salloc shell: no job step.
+        let batch = env(&[
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "4"),
+            ("SLURM_JOB_ID", "1"),
+        ]);
+        assert_eq!(LaunchEnv::from_lookup(batch), Ok(None));
+    }
+
+    #[test]
+    fn torchrun_is_read() {
+        let got = LaunchEnv::from_lookup(env(TORCHRUN)).unwrap().unwrap();
+        assert_eq!(
+            got,
+            LaunchEnv {
+                rank: 3,
+                world_size: 8,
+                local_rank: 1,
+                master_addr: "10.0.0.1".into(),
+                master_port: 29500,
+                launcher: Launcher::Torchrun,
+            }
+        );
+        assert!(!got.is_master());
+    }
+
+    #[test]
+    fn torchrun_wins_inside_slurm() {
+        let mut pairs = TORCHRUN.to_vec();
+        pairs.extend([
+            ("SLURM_PROCID", "0"),
+            ("SLURM_STEP_ID", "0"),
+            ("SLURM_NTASKS", "1"),
+        ]);
+        let got = LaunchEnv::from_lookup(env(&pairs)).unwrap().unwrap();
+        assert_eq!((got.launcher, got.rank), (Launcher::Torchrun, 3));
+    }
+
+    #[test]
+    fn torchrun_errors_name_the_variable() {
+        let mut pairs = TORCHRUN.to_vec();
+        pairs.retain(|(k, _)| *k != "MASTER_PORT");
+        let err = LaunchEnv::from_lookup(env(&pairs)).unwrap_err();
+        assert!(matches!(
+            err,
+            LaunchError::Missing {
+                var: "MASTER_PORT",
+                ..
+            }
+        ));
+        assert!(err.to_string().contains("MASTER_PORT is not set"), "{err}");
+
+        for (var, bad) in [
+            ("RANK", "x"),
+            ("RANK", "8"),
+            ("WORLD_SIZE", "0"),
+            ("LOCAL_RANK", "-1"),
+            ("MASTER_PORT", "0"),
+            ("MASTER_PORT", "70000"),
+            ("MASTER_ADDR", ""),
+        ] {
+            let mut pairs = TORCHRUN.to_vec();
+            for p in pairs.iter_mut() {
+                if p.0 == var {
+                    p.1 = bad;
+                }
+            }
+            let err = LaunchEnv::from_lookup(env(&pairs)).unwrap_err();
+            let msg = err.to_string();
+            // WORLD_SIZE=0 is reported on WORLD_SIZE; RANK=8 on RANK.
+            assert!(msg.contains(var), "{var}={bad}: {msg}");
+        }
+    }
+
+    const SLURM: &[(&str, &str)] = &[
+        ("SLURM_PROCID", "5"),
+        ("SLURM_STEP_ID", "0"),
+        ("SLURM_NTASKS", "8"),
+        ("SLURM_LOCALID", "1"),
+        ("SLURM_JOB_NODELIST", "gpu[03-05,07]"),
+        ("SLURM_JOB_ID", "123456"),
+    ];
+
+    #[test]
+    fn slurm_is_read() {
+        let got = LaunchEnv::from_lookup(env(SLURM)).unwrap().unwrap();
+        assert_eq!(
+            got,
+            LaunchEnv {
+                rank: 5,
+                world_size: 8,
+                local_rank: 1,
+                master_addr: "gpu03".into(),
+                master_port: 15000 + (123456 % 20000) as u16,
+                launcher: Launcher::Slurm,
+            }
+        );
+        // The old spelling of the step id counts too.
+        let mut pairs = SLURM.to_vec();
+        pairs.retain(|(k, _)| *k != "SLURM_STEP_ID");
+        pairs.push(("SLURM_STEPID", "2"));
+        assert!(LaunchEnv::from_lookup(env(&pairs)).unwrap().is_some());
+    }
+
+    #[test]
+    fn slurm_prefers_step_nodelist_and_master_vars() {
+        let mut pairs = SLURM.to_vec();
+        pairs.push(("SLURM_STEP_NODELIST", "gpu[05-07]"));
+        let got = LaunchEnv::from_lookup(env(&pairs)).unwrap().unwrap();
+        assert_eq!(got.master_addr, "gpu05");
+        pairs.extend([("MASTER_ADDR", "head"), ("MASTER_PORT", "29400")]);
+        let got = LaunchEnv::from_lookup(env(&pairs)).unwrap().unwrap();
+        assert_eq!((got.master_addr.as_str(), got.master_port), ("head", 29400));
+    }
+
+    #[test]
+    fn slurm_errors_name_the_variable() {
+        let mut pairs = SLURM.to_vec();
+        pairs.retain(|(k, _)| *k != "SLURM_JOB_ID");
+        let err = LaunchEnv::from_lookup(env(&pairs)).unwrap_err();
+        assert!(err.to_string().contains("SLURM_JOB_ID"), "{err}");
+        assert!(err.to_string().contains("MASTER_PORT"), "{err}");
+
+        let mut pairs = SLURM.to_vec();
+        pairs.retain(|(k, _)| *k != "SLURM_JOB_NODELIST");
+        let err = LaunchEnv::from_lookup(env(&pairs)).unwrap_err();
+        assert!(err.to_string().contains("SLURM_JOB_NODELIST"), "{err}");
+
+        let mut pairs = SLURM.to_vec();
+        for p in pairs.iter_mut() {
+            if p.0 == "SLURM_JOB_NODELIST" {
+                p.1 = "gpu[03-";
+            }
+        }
+        let err = LaunchEnv::from_lookup(env(&pairs)).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("SLURM_JOB_NODELIST") && msg.contains("never closed"),
+            "{msg}"
+        );
+
+        let mut pairs = SLURM.to_vec();
+        for p in pairs.iter_mut() {
+            if p.0 == "SLURM_PROCID" {
+                p.1 = "8";
+            }
+        }
+        let msg = LaunchEnv::from_lookup(env(&pairs)).unwrap_err().to_string();
+        assert!(
+            msg.contains("SLURM_PROCID") && msg.contains("SLURM_NTASKS=8"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn slurm_port_range() {
+        assert_eq!(slurm_port(0), 15000);
+        assert_eq!(slurm_port(19999), 34999);
+        assert_eq!(slurm_port(20000), 15000);
+        assert_eq!(slurm_port(u64::MAX), 15000 + (u64::MAX % 20000) as u16);
+    }
+
+    #[test]
+    fn first_host_examples() {
+        for (list, want) in [
+            ("node01", "node01"),
+            ("node[03-05,07]", "node03"),
+            ("node[07,03-05]", "node07"),
+            ("gpu1,gpu2", "gpu1"),
+            ("a[1-2],b[3-4]", "a1"),
+            ("rack[1-2]-n[01-04]", "rack1-n01"),
+            ("gpu-[001-004]-ib", "gpu-001-ib"),
+            ("  host.example.org ", "host.example.org"),
+            ("n[8-10]", "n8"),
+        ] {
+            assert_eq!(first_host(list).as_deref(), Ok(want), "{list}");
+        }
+        for bad in [
+            "",
+            " ",
+            ",a",
+            "node[",
+            "node]",
+            "node[]",
+            "node[a-b]",
+            "node[1-]",
+            "node[5-3]",
+            "node[1,,2]",
+            "no de",
+            "node[1-2",
+        ] {
+            assert!(first_host(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    /// A rendered host-list entry and its first host.
+    fn entry() -> impl Strategy<Value = (String, String)> {
+        let prefix = "[a-z][a-z0-9_.-]{0,8}";
+        let suffix = prop::option::of("-[a-z0-9]{1,4}");
+        let range = (0u32..1000, 0u32..50, 0usize..4).prop_map(|(lo, len, width)| {
+            let hi = lo + len;
+            let lo_s = format!("{lo:0width$}");
+            let text = if len == 0 {
+                lo_s.clone()
+            } else {
+                format!("{lo_s}-{hi:0width$}")
+            };
+            (text, lo_s)
+        });
+        let group = prop::option::of(prop::collection::vec(range, 1..4));
+        (prefix, group, suffix).prop_map(|(prefix, group, suffix)| {
+            let suffix = suffix.unwrap_or_default();
+            match group {
+                None => (format!("{prefix}{suffix}"), format!("{prefix}{suffix}")),
+                Some(ranges) => {
+                    let first = ranges[0].1.clone();
+                    let body: Vec<String> = ranges.into_iter().map(|r| r.0).collect();
+                    (
+                        format!("{prefix}[{}]{suffix}", body.join(",")),
+                        format!("{prefix}{first}{suffix}"),
+                    )
+                }
+            }
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn first_host_of_generated_lists(entries in prop::collection::vec(entry(), 1..5)) {
+            let list: Vec<&str> = entries.iter().map(|e| e.0.as_str()).collect();
+            let list = list.join(",");
+            prop_assert_eq!(first_host(&list), Ok(entries[0].1.clone()), "{}", list);
+        }
+
+        #[test]
+        fn first_host_never_panics(s in "\\PC{0,40}") {
+            let _ = first_host(&s);
+        }
+
+        #[test]
+        fn first_host_rejects_unbalanced(prefix in "[a-z]{1,6}", digits in "[0-9]{1,3}") {
+            let open = format!("{prefix}[{digits}");
+            let close = format!("{prefix}{digits}]");
+            prop_assert!(first_host(&open).is_err());
+            prop_assert!(first_host(&close).is_err());
+        }
+
+        #[test]
+        fn rank_beyond_world_is_rejected(world in 1usize..64, extra in 0usize..64) {
+            let rank = (world + extra).to_string();
+            let world = world.to_string();
+            let pairs = [
+                ("RANK", rank.as_str()),
+                ("WORLD_SIZE", world.as_str()),
+                ("LOCAL_RANK", "0"),
+                ("MASTER_ADDR", "h"),
+                ("MASTER_PORT", "1"),
+            ];
+            let err = LaunchEnv::from_lookup(env(&pairs)).unwrap_err();
+            prop_assert!(err.to_string().contains("RANK"));
+        }
+    }
+}

@@ -1,0 +1,616 @@
+//! vlmatch's distributed engine: libtorch's own c10d from Rust.
+//!
+//! - [`Store`]: a `c10d::TCPStore` (rank 0 serves, the others connect), for
+//!   rendezvous and small agreements (`set`/`get`/`add`/`wait`/`check`).
+//! - [`ProcessGroup`]: a `c10d::ProcessGroupGloo` (CPU) or
+//!   `c10d::ProcessGroupNCCL` (CUDA) over the store, with asynchronous
+//!   collectives: [`ProcessGroup::all_reduce_sum`] and
+//!   [`ProcessGroup::broadcast`] return a [`Work`] to wait on later, so a
+//!   trainer can start reducing one gradient bucket while computing the next.
+//! - [`LaunchEnv`]: rank, world size and rendezvous address from `torchrun`'s
+//!   or Slurm's environment.
+//!
+//! The C++ side is `csrc/c10d_shim.cpp`; all `unsafe` is in the `ffi` module.
+//! Collectives must be issued in the same order on every rank.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use vlmatch_dist::{LaunchEnv, ProcessGroup, Store};
+//!
+//! let env = LaunchEnv::from_env()?.expect("started by torchrun or srun");
+//! let timeout = Duration::from_secs(600);
+//! let store = Store::from_launch(&env, timeout)?;
+//! let pg = ProcessGroup::gloo(&store, env.rank, env.world_size, timeout)?;
+//! let mut grads = vec![tch::Tensor::ones([4], (tch::Kind::Float, tch::Device::Cpu))];
+//! let work = pg.all_reduce_sum(&mut grads)?; // runs in the background
+//! work.wait()?; // grads[0] now holds world_size everywhere
+//! # Ok(()) }
+//! ```
+
+mod error;
+mod ffi;
+pub mod launch;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tch::Tensor;
+
+pub use error::{Backend, DistError, Op, Result};
+pub use launch::{LaunchEnv, LaunchError, Launcher};
+
+use ffi::{Failure, PgHandle, RawBackend, StoreHandle, WorkHandle};
+
+/// Whether this build has the NCCL backend (nccl.h and the CUDA headers were
+/// found when the crate was compiled). Creating an NCCL group still needs a
+/// GPU at run time.
+pub fn has_nccl() -> bool {
+    ffi::has_nccl()
+}
+
+/// A c10d TCPStore shared by all ranks: rank 0 serves it, every rank
+/// (rank 0 included) is a client. Cheap to clone; all clones are one
+/// connection, safe to use from several threads.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<StoreHandle>,
+    rank: usize,
+}
+
+impl Store {
+    /// Serves (rank 0) or connects to (other ranks) the store at
+    /// `host:port`. Rank 0 waits up to `timeout` for all `world_size` ranks
+    /// to connect; the others retry connecting for up to `timeout`.
+    pub fn connect(
+        host: &str,
+        port: u16,
+        rank: usize,
+        world_size: usize,
+        timeout: Duration,
+    ) -> Result<Store> {
+        let invalid = |detail: String| DistError::InvalidArgument {
+            rank,
+            what: format!("store at {host}:{port}"),
+            detail,
+        };
+        let world = i32::try_from(world_size)
+            .ok()
+            .filter(|w| *w >= 1)
+            .ok_or_else(|| invalid(format!("world size {world_size} is not in 1..=i32::MAX")))?;
+        if rank >= world_size {
+            return Err(invalid(format!(
+                "rank {rank} is not below the world size {world_size}"
+            )));
+        }
+        let is_master = rank == 0;
+        let inner = StoreHandle::tcp(host, port, world, is_master, timeout).map_err(|f| {
+            DistError::Rendezvous {
+                rank,
+                action: if is_master { "serve" } else { "connect to" },
+                host: host.to_string(),
+                port,
+                timeout,
+                detail: f.message().to_string(),
+            }
+        })?;
+        Ok(Store {
+            inner: Arc::new(inner),
+            rank,
+        })
+    }
+
+    /// [`Store::connect`] with the address, port, rank and world size of a
+    /// launcher's environment.
+    pub fn from_launch(env: &LaunchEnv, timeout: Duration) -> Result<Store> {
+        Store::connect(
+            &env.master_addr,
+            env.master_port,
+            env.rank,
+            env.world_size,
+            timeout,
+        )
+    }
+
+    /// This process's rank, as given when connecting.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn store_error(&self, op: &'static str, key: &str, f: Failure) -> DistError {
+        DistError::Store {
+            rank: self.rank,
+            op,
+            key: key.to_string(),
+            detail: f.message().to_string(),
+        }
+    }
+
+    fn wait_error(&self, keys: &[&str], timeout: Duration, f: Failure) -> DistError {
+        let timed_out = matches!(f, Failure::Timeout(_))
+            || f.message().to_ascii_lowercase().contains("timeout")
+            || f.message().to_ascii_lowercase().contains("timed out");
+        if timed_out {
+            DistError::StoreTimeout {
+                rank: self.rank,
+                keys: keys.iter().map(|k| k.to_string()).collect(),
+                timeout,
+            }
+        } else {
+            self.store_error("wait", &keys.join(", "), f)
+        }
+    }
+
+    /// Sets `key` to `value` (overwriting).
+    pub fn set(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.inner
+            .set(key, value)
+            .map_err(|f| self.store_error("set", key, f))
+    }
+
+    /// Waits up to `timeout` for `key` to exist, then returns its value.
+    pub fn get(&self, key: &str, timeout: Duration) -> Result<Vec<u8>> {
+        self.inner
+            .get(key, timeout)
+            .map_err(|f| self.wait_error(&[key], timeout, f))
+    }
+
+    /// Adds `delta` to the integer at `key` (0 if absent) and returns the
+    /// new value: a counter every rank can bump.
+    pub fn add(&self, key: &str, delta: i64) -> Result<i64> {
+        self.inner
+            .add(key, delta)
+            .map_err(|f| self.store_error("add", key, f))
+    }
+
+    /// Waits up to `timeout` until all `keys` exist.
+    pub fn wait(&self, keys: &[&str], timeout: Duration) -> Result<()> {
+        self.inner
+            .wait(keys, timeout)
+            .map_err(|f| self.wait_error(keys, timeout, f))
+    }
+
+    /// Whether all `keys` exist now, without waiting (e.g. to find which
+    /// rank never checked in).
+    pub fn check(&self, keys: &[&str]) -> Result<bool> {
+        self.inner
+            .check(keys)
+            .map_err(|f| self.store_error("check", &keys.join(", "), f))
+    }
+
+    /// Deletes `key`; whether it existed.
+    pub fn delete(&self, key: &str) -> Result<bool> {
+        self.inner
+            .delete(key)
+            .map_err(|f| self.store_error("delete", key, f))
+    }
+}
+
+/// Numbers the process groups this process creates, so each one gets its
+/// own key prefix in the store. Every rank creates its groups in the same
+/// order, so the numbers agree.
+static GROUPS_CREATED: AtomicUsize = AtomicUsize::new(0);
+
+/// What a group and its works share: the first collective that failed.
+#[derive(Default)]
+struct GroupState {
+    failed: Mutex<Option<Op>>,
+}
+
+impl GroupState {
+    fn failed(&self) -> Option<Op> {
+        *self.failed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn fail(&self, op: Op) {
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        failed.get_or_insert(op);
+    }
+}
+
+/// The identity of a group, copied into each of its works for messages.
+#[derive(Debug, Clone, Copy)]
+struct GroupInfo {
+    backend: Backend,
+    rank: usize,
+    size: usize,
+    timeout: Duration,
+}
+
+/// A c10d process group (Gloo or NCCL) of `size` ranks.
+///
+/// Collectives are asynchronous: they return a [`Work`] as soon as the
+/// operation is queued. Until that work is waited on, the tensors passed in
+/// belong to the backend: do not read or write them.
+///
+/// After a collective fails or times out the group refuses further ones
+/// ([`DistError::GroupFailed`]), and dropping it does not wait for the stuck
+/// operation (its threads are left to process exit).
+pub struct ProcessGroup {
+    raw: Option<PgHandle>,
+    info: GroupInfo,
+    state: Arc<GroupState>,
+}
+
+impl ProcessGroup {
+    /// Creates a process group of `size` ranks over `store`, which must be
+    /// called on every rank (it connects them all). `timeout` bounds the
+    /// setup and is the default deadline of every collective.
+    pub fn new(
+        backend: Backend,
+        store: &Store,
+        rank: usize,
+        size: usize,
+        timeout: Duration,
+    ) -> Result<ProcessGroup> {
+        let info = GroupInfo {
+            backend,
+            rank,
+            size,
+            timeout,
+        };
+        let init_error = |detail: String| DistError::Init {
+            backend,
+            rank,
+            size,
+            timeout,
+            detail,
+        };
+        let size_i32 = i32::try_from(size)
+            .ok()
+            .filter(|s| *s >= 1)
+            .ok_or_else(|| init_error(format!("group size {size} is not in 1..=i32::MAX")))?;
+        if rank >= size {
+            return Err(init_error(format!(
+                "rank {rank} is not below the group size {size}"
+            )));
+        }
+        if timeout.is_zero() {
+            return Err(init_error("the timeout must be positive".into()));
+        }
+        if backend == Backend::Nccl && !has_nccl() {
+            return Err(init_error(
+                "this build of vlmatch has no NCCL backend (nccl.h and the CUDA headers were \
+                 not found when it was compiled; `cargo xtask setup` installs them)"
+                    .into(),
+            ));
+        }
+        let raw_backend = match backend {
+            Backend::Gloo => RawBackend::Gloo,
+            Backend::Nccl => RawBackend::Nccl,
+        };
+        let index = GROUPS_CREATED.fetch_add(1, Ordering::SeqCst);
+        let prefix = format!("vlmatch/pg{index}/{backend}");
+        let raw = PgHandle::new(
+            raw_backend,
+            &store.inner,
+            &prefix,
+            rank as i32,
+            size_i32,
+            timeout,
+        )
+        .map_err(|f| init_error(f.message().to_string()))?;
+        Ok(ProcessGroup {
+            raw: Some(raw),
+            info,
+            state: Arc::default(),
+        })
+    }
+
+    /// A Gloo (CPU) process group; see [`ProcessGroup::new`].
+    pub fn gloo(store: &Store, rank: usize, size: usize, timeout: Duration) -> Result<Self> {
+        ProcessGroup::new(Backend::Gloo, store, rank, size, timeout)
+    }
+
+    /// An NCCL (CUDA) process group; see [`ProcessGroup::new`]. Fails with
+    /// [`DistError::Init`] where there is no GPU or no NCCL in this build.
+    pub fn nccl(store: &Store, rank: usize, size: usize, timeout: Duration) -> Result<Self> {
+        ProcessGroup::new(Backend::Nccl, store, rank, size, timeout)
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.info.backend
+    }
+
+    pub fn rank(&self) -> usize {
+        self.info.rank
+    }
+
+    pub fn size(&self) -> usize {
+        self.info.size
+    }
+
+    /// The setup timeout and default deadline of [`Work::wait`].
+    pub fn timeout(&self) -> Duration {
+        self.info.timeout
+    }
+
+    fn handle(&self, op: Op) -> Result<&PgHandle> {
+        if let Some(failed) = self.state.failed() {
+            return Err(DistError::GroupFailed {
+                backend: self.info.backend,
+                rank: self.info.rank,
+                size: self.info.size,
+                op,
+                failed,
+            });
+        }
+        Ok(self.raw.as_ref().expect("the handle lives until drop"))
+    }
+
+    fn start_error(&self, op: Op, f: Failure) -> DistError {
+        self.state.fail(op);
+        work_error(self.info, op, self.info.timeout, f)
+    }
+
+    fn work(&self, op: Op, raw: WorkHandle) -> Work {
+        Work {
+            raw,
+            op,
+            info: self.info,
+            state: Arc::clone(&self.state),
+        }
+    }
+
+    fn invalid(&self, op: Op, detail: String) -> DistError {
+        DistError::InvalidArgument {
+            rank: self.info.rank,
+            what: op.to_string(),
+            detail,
+        }
+    }
+
+    /// Starts an in-place SUM all-reduce of each of `tensors`: afterwards
+    /// every tensor holds its element-wise sum over ranks. Several tensors
+    /// (a gradient bucket) may differ in shape but must share dtype and
+    /// device, and go as one coalesced operation. On Gloo, CPU tensors.
+    /// Returns at once; every rank must pass the same shapes in the same
+    /// order.
+    pub fn all_reduce_sum(&self, tensors: &mut [Tensor]) -> Result<Work> {
+        let op = Op::AllReduce;
+        if tensors.is_empty() {
+            return Err(self.invalid(op, "no tensors given".into()));
+        }
+        let raw = self
+            .handle(op)?
+            .allreduce_sum(tensors)
+            .map_err(|f| self.start_error(op, f))?;
+        Ok(self.work(op, raw))
+    }
+
+    /// Concatenates every rank's `tensor` along dim 0, in rank order, and
+    /// waits for the result (up to the group's timeout). All ranks must
+    /// pass tensors of the same shape and dtype; a 0-dim tensor counts as
+    /// shape `[1]`.
+    pub fn all_gather(&self, tensor: &Tensor) -> Result<Tensor> {
+        let op = Op::AllGather;
+        let input = if tensor.dim() == 0 {
+            tensor.reshape([1])
+        } else {
+            tensor.contiguous()
+        };
+        let mut shape = input.size();
+        shape[0] *= self.info.size as i64;
+        let mut output = Tensor::empty(shape.as_slice(), (input.kind(), input.device()));
+        let raw = self
+            .handle(op)?
+            .allgather_base(&mut output, &input)
+            .map_err(|f| self.start_error(op, f))?;
+        self.work(op, raw).wait()?;
+        Ok(output)
+    }
+
+    /// Starts an in-place broadcast of `tensor` from rank `root`: afterwards
+    /// every rank's tensor holds root's values. Returns at once.
+    pub fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<Work> {
+        let op = Op::Broadcast;
+        if root >= self.info.size {
+            return Err(self.invalid(
+                op,
+                format!("root {root} is not below the group size {}", self.info.size),
+            ));
+        }
+        let raw = self
+            .handle(op)?
+            .broadcast(tensor, root as i64)
+            .map_err(|f| self.start_error(op, f))?;
+        Ok(self.work(op, raw))
+    }
+
+    /// Blocks until every rank has reached this barrier (up to the group's
+    /// timeout), after this rank's earlier collectives have completed.
+    pub fn barrier(&self) -> Result<()> {
+        let op = Op::Barrier;
+        let raw = self
+            .handle(op)?
+            .barrier()
+            .map_err(|f| self.start_error(op, f))?;
+        self.work(op, raw).wait()
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        if let Some(raw) = self.raw.take() {
+            if self.state.failed().is_some() {
+                // Its worker threads may be blocked in the failed collective
+                // until the backend's own timeout; do not join them.
+                raw.leak();
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for ProcessGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessGroup")
+            .field("backend", &self.info.backend)
+            .field("rank", &self.info.rank)
+            .field("size", &self.info.size)
+            .field("timeout", &self.info.timeout)
+            .field("failed", &self.state.failed())
+            .finish()
+    }
+}
+
+fn work_error(info: GroupInfo, op: Op, timeout: Duration, f: Failure) -> DistError {
+    let GroupInfo {
+        backend,
+        rank,
+        size,
+        ..
+    } = info;
+    match f {
+        Failure::Timeout(detail) => DistError::Timeout {
+            backend,
+            rank,
+            size,
+            op,
+            timeout,
+            detail,
+        },
+        // Gloo's own deadline (the group's timeout) ends the operation with
+        // an error of its own rather than leaving it pending.
+        Failure::Error(detail) if detail.to_ascii_lowercase().contains("timed out") => {
+            DistError::Timeout {
+                backend,
+                rank,
+                size,
+                op,
+                timeout,
+                detail,
+            }
+        }
+        Failure::Error(detail) => DistError::Collective {
+            backend,
+            rank,
+            size,
+            op,
+            detail,
+        },
+    }
+}
+
+/// A collective in flight. Wait on it before touching its tensors.
+///
+/// Dropping a `Work` without waiting does not cancel the collective; it
+/// completes in the background, owned by the backend.
+#[must_use = "a collective's tensors are not ready until its Work is waited on"]
+pub struct Work {
+    raw: WorkHandle,
+    op: Op,
+    info: GroupInfo,
+    state: Arc<GroupState>,
+}
+
+impl Work {
+    /// Waits for completion, up to the group's timeout.
+    ///
+    /// On NCCL this returns once the current CUDA stream is ordered after
+    /// the collective (reading the tensor from the host synchronises).
+    pub fn wait(self) -> Result<()> {
+        let timeout = self.info.timeout;
+        self.wait_timeout(timeout)
+    }
+
+    /// Waits for completion, up to `timeout`. A failure or timeout marks the
+    /// group as failed (see [`ProcessGroup`]).
+    pub fn wait_timeout(self, timeout: Duration) -> Result<()> {
+        self.raw.wait(timeout).map_err(|f| {
+            self.state.fail(self.op);
+            work_error(self.info, self.op, timeout, f)
+        })
+    }
+
+    /// Whether the collective has finished (successfully or not), without
+    /// blocking.
+    pub fn is_completed(&self) -> bool {
+        self.raw.is_completed().unwrap_or(true)
+    }
+
+    /// The operation this work is for.
+    pub fn op(&self) -> Op {
+        self.op
+    }
+}
+
+impl std::fmt::Debug for Work {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Work")
+            .field("op", &self.op)
+            .field("rank", &self.info.rank)
+            .field("completed", &self.is_completed())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send<T: Send>() {}
+    fn sync<T: Sync>() {}
+
+    /// A trainer hands works to a communication thread and shares the store;
+    /// a group moves between threads but is used by one at a time.
+    #[test]
+    fn thread_safety_markers() {
+        send::<Store>();
+        sync::<Store>();
+        send::<ProcessGroup>();
+        send::<Work>();
+    }
+
+    #[test]
+    fn messages_name_rank_op_and_timeout() {
+        let info = GroupInfo {
+            backend: Backend::Gloo,
+            rank: 1,
+            size: 4,
+            timeout: Duration::from_secs(600),
+        };
+        let e = work_error(
+            info,
+            Op::AllReduce,
+            info.timeout,
+            Failure::Timeout("Operation timed out!".into()),
+        );
+        let msg = e.to_string();
+        assert!(msg.starts_with("rank 1 of 4: all_reduce"), "{msg}");
+        assert!(msg.contains("600s"), "{msg}");
+        // Gloo's own deadline reads as a timeout too.
+        let e = work_error(
+            info,
+            Op::Broadcast,
+            info.timeout,
+            Failure::Error("Timed out waiting 600000ms for recv operation to complete".into()),
+        );
+        assert!(
+            matches!(
+                e,
+                DistError::Timeout {
+                    op: Op::Broadcast,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let e = work_error(
+            info,
+            Op::Barrier,
+            info.timeout,
+            Failure::Error("Connection closed by peer".into()),
+        );
+        assert!(
+            matches!(
+                e,
+                DistError::Collective {
+                    op: Op::Barrier,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+    }
+}
