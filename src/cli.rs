@@ -94,13 +94,24 @@ pub enum Command {
     Env,
     /// Write the first training images as PNG files plus `captions.txt`, to
     /// look at what the model sees, and `annotations.jsonl` (ALBEF format)
-    /// to evaluate on or run `neggen` over.
+    /// to evaluate on or run `neggen` over. Also `pairs.jsonl` (each pair of
+    /// those images with its token ids), `vocab.txt` and `meta.json` (special
+    /// token ids, data settings), and for `--split heldout` `matching.jsonl`
+    /// (the held-out matching triples, tokenised): with `--all`, what an
+    /// outside implementation (bench/reference.py) needs to train and
+    /// evaluate on exactly vlmatch's data without a tokenizer of its own.
     Preview {
         #[command(flatten)]
         config: ConfigArgs,
         /// Number of images.
         #[arg(long, default_value_t = 8)]
         count: usize,
+        /// Every image of the split (instead of `--count`).
+        #[arg(long)]
+        all: bool,
+        /// `train`, or `heldout` (the set training evaluates on).
+        #[arg(long, default_value = "train")]
+        split: String,
         #[arg(long)]
         out: PathBuf,
     },
@@ -374,7 +385,13 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("intra-op threads: {}", tch::get_num_threads());
             Ok(())
         }
-        Command::Preview { config, count, out } => preview(&config, count, &out),
+        Command::Preview {
+            config,
+            count,
+            all,
+            split,
+            out,
+        } => preview(&config, &split, (!all).then_some(count), &out),
         Command::Neggen {
             checkpoint,
             data,
@@ -519,18 +536,45 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// `vlmatch preview`: the first `count` images of the training data, at the
-/// configured resolution (before normalisation), with their captions.
-fn preview(config: &ConfigArgs, count: usize, out: &Path) -> Result<()> {
+/// `vlmatch preview`: the first `count` images (all with `None`) of a split,
+/// at the configured resolution (before normalisation), with their captions,
+/// token ids and, for the held-out split, the matching triples.
+fn preview(config: &ConfigArgs, split: &str, count: Option<usize>, out: &Path) -> Result<()> {
     let loaded = config.layers()?.load()?;
-    let (train, _) = crate::setup::datasets(&loaded)?;
-    let size = loaded.config.data.image_size as usize;
+    let (train, heldout) = crate::setup::datasets(&loaded)?;
+    let ds = match split {
+        "train" => train,
+        "heldout" => heldout.ok_or_else(|| {
+            Error::Config(
+                "--split heldout: the config has no held-out set (built-in data, or \
+                 data.heldout_annotations)"
+                    .into(),
+            )
+        })?,
+        other => {
+            return Err(Error::Config(format!(
+                "--split `{other}`: expected `train` or `heldout`"
+            )))
+        }
+    };
+    let tok = crate::setup::tokenizer(&loaded)?;
+    let data = &loaded.config.data;
+    let size = data.image_size as usize;
+    let max_len = data.max_len as usize;
+    let n = count.unwrap_or(ds.images.len()).min(ds.images.len());
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let mut lines = String::new();
-    let mut ann = String::new();
-    for i in 0..count.min(train.images.len()) {
-        let rgb = train.load_rgb(i, size)?;
-        let file = out.join(format!("{i:04}.png"));
+    let file_name = |i: usize| format!("{i:04}.png");
+    let mut of_image: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (k, p) in ds.pairs.iter().enumerate() {
+        if p.image < n {
+            of_image[p.image].push(k);
+        }
+    }
+    let (mut lines, mut ann, mut pairs) = (String::new(), String::new(), String::new());
+    let mut n_pairs = 0usize;
+    for (i, ks) in of_image.iter().enumerate() {
+        let rgb = ds.load_rgb(i, size)?;
+        let file = out.join(file_name(i));
         image::RgbImage::from_raw(size as u32, size as u32, rgb)
             .expect("buffer matches the size")
             .save(&file)
@@ -539,31 +583,93 @@ fn preview(config: &ConfigArgs, count: usize, out: &Path) -> Result<()> {
                 line: None,
                 message: format!("cannot write PNG: {e}"),
             })?;
-        let captions: Vec<&str> = train
-            .pairs
-            .iter()
-            .filter(|p| p.image == i)
-            .map(|p| p.caption.as_str())
-            .collect();
+        let captions: Vec<&str> = ks.iter().map(|&k| ds.pairs[k].caption.as_str()).collect();
         for c in &captions {
-            lines.push_str(&format!("{i:04}.png\t{c}\n"));
+            lines.push_str(&format!("{}\t{c}\n", file_name(i)));
         }
         let entry = serde_json::json!({
-            "image": format!("{i:04}.png"),
+            "image": file_name(i),
             "caption": captions,
-            "image_id": train.image_ids[i],
+            "image_id": ds.image_ids[i],
         });
         ann.push_str(&format!("{entry}\n"));
+        for &k in ks {
+            let caption = &ds.pairs[k].caption;
+            let line = serde_json::json!({
+                "pair": k,
+                "image": file_name(i),
+                "image_index": i,
+                "image_id": ds.image_ids[i],
+                "caption": caption,
+                "ids": tok.encode(caption, max_len),
+            });
+            pairs.push_str(&format!("{line}\n"));
+            n_pairs += 1;
+        }
     }
-    let captions = out.join("captions.txt");
-    std::fs::write(&captions, lines).map_err(|e| Error::io(&captions, e))?;
-    let annotations = out.join("annotations.jsonl");
-    std::fs::write(&annotations, ann).map_err(|e| Error::io(&annotations, e))?;
+    let mut files = vec![
+        ("captions.txt", lines),
+        ("annotations.jsonl", ann),
+        ("pairs.jsonl", pairs),
+    ];
+    let vocab: String = (0..tok.vocab_size())
+        .map(|i| format!("{}\n", tok.token(i)))
+        .collect();
+    files.push(("vocab.txt", vocab));
+    let mut n_matching = None;
+    if split == "heldout" {
+        let mut triples = String::new();
+        let cases = crate::eval::matching_cases(&ds);
+        for (image, caption, negative) in cases.iter().filter(|c| c.0 < n) {
+            let line = serde_json::json!({
+                "image": file_name(*image),
+                "image_index": image,
+                "caption": caption,
+                "negative": negative,
+                "caption_ids": tok.encode(caption, max_len),
+                "negative_ids": tok.encode(negative, max_len),
+            });
+            triples.push_str(&format!("{line}\n"));
+        }
+        n_matching = Some(cases.iter().filter(|c| c.0 < n).count());
+        files.push(("matching.jsonl", triples));
+    }
+    let sp = tok.special;
+    let meta = serde_json::json!({
+        "split": split,
+        "dataset": ds.name,
+        "images": n,
+        "all_images": n == ds.images.len(),
+        "pairs": n_pairs,
+        "matching_triples": n_matching,
+        "image_size": size,
+        "max_len": max_len,
+        "mean": data.mean,
+        "std": data.std,
+        "lowercase": data.lowercase,
+        "tokenizer": tok.origin(),
+        "vocab_size": tok.vocab_size(),
+        "special": {"pad": sp.pad, "unk": sp.unk, "cls": sp.cls, "sep": sp.sep, "mask": sp.mask},
+        "word_swap_default_groups": word_swap::default_groups(),
+    });
+    files.push((
+        "meta.json",
+        serde_json::to_string_pretty(&meta).expect("serialisable"),
+    ));
+    for (name, text) in files {
+        let path = out.join(name);
+        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+    }
     println!(
-        "wrote {} images, {} and {} (ALBEF format, for eval and neggen)",
-        count.min(train.images.len()),
-        captions.display(),
-        annotations.display()
+        "wrote {n} images and {n_pairs} pairs of {} to {}: captions.txt, annotations.jsonl \
+         (ALBEF format, for eval and neggen), pairs.jsonl (token ids), vocab.txt, meta.json{}",
+        ds.name,
+        out.display(),
+        if n_matching.is_some() {
+            ", matching.jsonl"
+        } else {
+            ""
+        }
     );
     Ok(())
 }

@@ -173,21 +173,26 @@ pub fn color_shape_swapper() -> WordSwap {
     WordSwap::new(groups, None).expect("the default groups are disjoint")
 }
 
-/// Fine-grained matching accuracy on `ds`: true caption against the same
-/// caption with one color or shape word swapped (a fixed, seeded choice, so
-/// every model sees the same negatives).
-pub fn matching(model: &VlModel, ds: &Dataset, inp: &EvalInputs<'_>) -> Result<Matching> {
+/// The cases [`matching`] scores: `(image, caption, negative)` for every
+/// pair of `ds` with a color or shape word, the negative being the caption
+/// with one such word swapped by a fixed, seeded choice (so every model, and
+/// `vlmatch preview --split heldout` for an outside reference, sees the same).
+pub fn matching_cases(ds: &Dataset) -> Vec<(usize, String, String)> {
     let swapper = color_shape_swapper();
     let mut rng = crate::rng::Rng::new(0x3A7C);
-    let cases: Vec<(usize, String, String)> = ds
-        .pairs
+    ds.pairs
         .iter()
         .filter_map(|p| {
             let swap = swapper.swap(&p.caption, |n| rng.below(n))?;
             Some((p.image, p.caption.clone(), swap.text))
         })
-        .collect();
-    score_cases(model, ds, inp, &cases)
+        .collect()
+}
+
+/// Fine-grained matching accuracy on `ds`: true caption against the same
+/// caption with one color or shape word swapped ([`matching_cases`]).
+pub fn matching(model: &VlModel, ds: &Dataset, inp: &EvalInputs<'_>) -> Result<Matching> {
+    score_cases(model, ds, inp, &matching_cases(ds))
 }
 
 /// The matching accuracies of `(image, true caption, negative)` cases.
