@@ -15,11 +15,21 @@ batch 0 is reported for comparison. Same inputs: the batches vlmatch used.
 Same timing: warm-up steps, then blocks of steps with a device
 synchronisation at each block's end, median seconds per step.
 
-Rule-based text negatives (`word_swap`) are emulated by replacing one
+Rule-based text negatives (`word_swap`) are emulated here by replacing one
 random non-special token per caption: the same tensor work (one more text
-encoder pass and fusion over B pairs), not the same words.
+encoder pass and fusion over B pairs), not the same words. (The trainer,
+bench/reference_train.py, passes real word swaps instead.)
+
+Positives (`data.positives`, vlmatch_core::positives): pairs i and j of a
+batch are positives of each other when they share an image id, or (the
+default rule, `identical`) their token ids are identical or their images
+are identical, found here by exact comparison of the tensors
+(`batch_positives`), not by vlmatch's hashes.
 
 Usage: python bench/reference.py --dir target/bench
+
+The same model and objectives also train on their own data stream in
+bench/reference_train.py (training-dynamics parity, bench/parity.py).
 """
 
 import argparse
@@ -340,6 +350,37 @@ def masked_ce(logits, targets, positions):
     return (per * w).sum() / w.sum().clamp_min(1.0)
 
 
+def same_rows(x):
+    """[B, B] bool: whether rows of `x` ([B, ...]) are exactly equal."""
+    _, group = torch.unique(x.reshape(x.shape[0], -1), dim=0, return_inverse=True)
+    return group[:, None] == group[None, :]
+
+
+def batch_positives(images, ids, image_ids, rule="identical"):
+    """[B, B] bool: pairs that are positives of each other. `image_id`: same
+    image id (ALBEF); `identical`: also identical token ids (rows of `ids`,
+    padded alike within a batch) or identical images (normalised pixels)."""
+    same = image_ids[:, None] == image_ids[None, :]
+    if rule == "image_id":
+        return same
+    if rule != "identical":
+        raise SystemExit(f"reference: data.positives = {rule!r} is not implemented here")
+    return same | same_rows(ids) | same_rows(images)
+
+
+def pad_to(ids, length, pad):
+    return F.pad(ids, (0, length - ids.shape[1]), value=pad)
+
+
+def text_is_positive(rows, texts, ids, positives, pad):
+    """[K] bool: whether text k ([K, L'] ids) is identical to the caption of a
+    pair that is a positive of batch pair rows[k], i.e. a true match."""
+    n = max(ids.shape[1], texts.shape[1])
+    a, b = pad_to(texts, n, pad), pad_to(ids, n, pad)
+    same = (a[:, None, :] == b[None, :, :]).all(-1)
+    return (positives[rows] & same).any(1)
+
+
 def hard_negatives(sim, positives):
     with torch.no_grad():
         w = F.softmax(sim.float(), 1) + 1e-5
@@ -366,10 +407,18 @@ class Step:
                 raise SystemExit("reference: rtd with share_text_encoder = false is not implemented here")
             self.objectives.append((name, plugin, sec.get("weight", 1.0), sec))
         self.samplers = {k: v.get("plugin") for k, v in cfg.get("samplers", {}).items()}
+        self.rule = cfg.get("data", {}).get("positives", "identical")
         self.emulated = set()
+        # The last call's losses and metrics (detached), by vlmatch's names.
+        self.values = {}
 
-    def __call__(self, images, ids, mask, image_ids):
+    def __call__(self, images, ids, mask, image_ids, positives=None, swaps=None):
+        """The weighted sum of the objectives' losses on one batch.
+        `positives`: [B, B] bool (default: `batch_positives` under
+        data.positives). `swaps`: the `word_swap` sampler's negatives,
+        `(image_index [K], ids [K, L'], mask [K, L'])`; None emulates them."""
         m = self.model
+        self.values = {}
         image = m.vision_encoder(images)
         text = m.text_encoder(ids, mask)
         with torch.no_grad():
@@ -377,33 +426,39 @@ class Step:
         ie = F.normalize(m.vision_proj(image[:, 0]), dim=-1)
         te = F.normalize(m.text_proj(text[:, 0]), dim=-1)
         i2t = ie @ te.t() / m.temp
-        positives = image_ids[:, None] == image_ids[None, :]
+        if positives is None:
+            positives = batch_positives(images, ids, image_ids, self.rule)
         total = 0.0
         for name, plugin, weight, sec in self.objectives:
             if plugin == "itc":
                 loss = self.itc(i2t, positives)
             elif plugin == "itm":
-                loss = self.itm(sec, image, text, ids, mask, i2t, positives)
+                loss = self.itm(name, sec, image, text, ids, mask, i2t, positives, swaps)
             elif plugin == "mlm":
                 loss = self.mlm(sec, image, ids, mask)
             else:
                 loss = self.rtd(sec, image, ids, mask)
+            if plugin != "rtd":
+                self.values[name] = loss.detach()
             total = total + weight * loss
+        self.values["loss"] = total.detach()
         return total
 
     @staticmethod
     def itc(i2t, positives):
-        targets = positives.float() / positives.float().sum(1, keepdim=True)
-        a = -(F.log_softmax(i2t, 1) * targets).sum(1).mean()
-        b = -(F.log_softmax(i2t.t(), 1) * targets.t()).sum(1).mean()
+        # Each direction spreads a row's target over that row's positives.
+        pos = positives.float()
+        a = -(F.log_softmax(i2t, 1) * pos / pos.sum(1, keepdim=True)).sum(1).mean()
+        b = -(F.log_softmax(i2t.t(), 1) * pos.t() / pos.t().sum(1, keepdim=True)).sum(1).mean()
         return (a + b) / 2
 
-    def itm(self, sec, image, text, ids, mask, i2t, positives):
+    def itm(self, name, sec, image, text, ids, mask, i2t, positives, swaps=None):
         m = self.model
         b = ids.shape[0]
         logits = [m.itm_head(m.fuse(text, mask, image)[:, 0])]
         labels = [torch.ones(b, dtype=torch.long, device=ids.device)]
         weights = [torch.ones(b, device=ids.device)]
+        sources = ["pos"]
         for s in sec.get("samplers", []):
             plugin = self.samplers.get(s)
             if plugin == "hard_negative":
@@ -414,7 +469,7 @@ class Step:
                 imgs = torch.cat([image, image[i_for_t.clamp_min(0)]])
                 w = torch.cat([t_for_i >= 0, i_for_t >= 0]).float()
                 logits.append(m.itm_head(m.fuse(texts, tmask, imgs)[:, 0]))
-            elif plugin == "word_swap":
+            elif plugin == "word_swap" and swaps is None:
                 self.emulated.add("word_swap")
                 swap = torch.rand(ids.shape, device=ids.device) * maskable(ids, mask, self.sp)
                 pos = swap.argmax(1, keepdim=True)
@@ -422,11 +477,29 @@ class Step:
                 states = m.text_encoder(neg, mask)
                 logits.append(m.itm_head(m.fuse(states, mask, image)[:, 0]))
                 w = torch.ones(b, device=ids.device)
+            elif plugin == "word_swap":
+                rows, neg, neg_mask = swaps
+                if rows.numel() == 0:
+                    continue
+                # A swap identical to a caption of one of the image's
+                # positives is a match, not a negative: weight 0.
+                with torch.no_grad():
+                    w = (~text_is_positive(rows, neg, ids, positives, self.sp["pad"])).float()
+                states = m.text_encoder(neg, neg_mask)
+                logits.append(m.itm_head(m.fuse(states, neg_mask, image[rows])[:, 0]))
             else:
                 raise SystemExit(f"reference: sampler {s!r} ({plugin}) is not implemented here")
             labels.append(torch.zeros(w.shape[0], dtype=torch.long, device=ids.device))
             weights.append(w)
+            sources.append(s)
+        with torch.no_grad():
+            for src, l, y, w in zip(sources, logits, labels, weights):
+                hit = (l.argmax(1) == y).float()
+                self.values[f"{name}_acc_{src}"] = (hit * w).sum() / w.sum().clamp_min(1.0)
         logits, labels, weights = torch.cat(logits), torch.cat(labels), torch.cat(weights)
+        with torch.no_grad():
+            hit = (logits.argmax(1) == labels).float()
+            self.values[f"{name}_acc"] = (hit * weights).sum() / weights.sum().clamp_min(1.0)
         per = F.cross_entropy(logits.float(), labels, reduction="none")
         return (per * weights).sum() / weights.sum().clamp_min(1.0)
 
@@ -468,6 +541,9 @@ class Step:
         per = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none")
         w = mask.float()
         l_disc = (per * w).sum() / w.sum().clamp_min(1.0)
+        self.values["gen"] = l_gen.detach()
+        self.values["rtd"] = (lam * l_disc).detach()
+        self.values["rtd_disc"] = l_disc.detach()
         return l_gen + lam * l_disc
 
 
@@ -593,19 +669,21 @@ def main():
     n_params = sum(p.numel() for p in model.parameters())
 
     raw = load_file(os.path.join(d, "inputs.safetensors"))
-    batches = [
-        tuple(raw[f"{k}.{i}"].to(device) for k in ("images", "ids", "mask", "image_ids"))
-        for i in range(meta["batches"])
-    ]
     step_fn = Step(model, cfg, meta)
+    # Each fixed batch with its positives, found once (vlmatch's loader
+    # hashes images and captions off the step, too).
+    batches = []
+    for i in range(meta["batches"]):
+        images, ids, mask, image_ids = (raw[f"{k}.{i}"].to(device) for k in ("images", "ids", "mask", "image_ids"))
+        batches.append((images, ids, mask, image_ids, batch_positives(images, ids, image_ids, step_fn.rule)))
 
     with torch.no_grad():
-        images, ids, mask, image_ids = batches[0]
+        images, ids, mask, image_ids, positives = batches[0]
         image = model.vision_encoder(images)
         text = model.text_encoder(ids, mask)
         ie = F.normalize(model.vision_proj(image[:, 0]), dim=-1)
         te = F.normalize(model.text_proj(text[:, 0]), dim=-1)
-        init_itc = Step.itc(ie @ te.t() / model.temp, image_ids[:, None] == image_ids[None, :]).item()
+        init_itc = Step.itc(ie @ te.t() / model.temp, positives).item()
 
     tc = cfg["train"]
     opt = torch.optim.AdamW(
