@@ -51,10 +51,12 @@ import sys
 import time
 import tomllib
 import unicodedata
+import warnings
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from reference import Model, Step, batch_positives, param_groups  # noqa: E402
@@ -442,13 +444,20 @@ def main():
     clip = tc.get("grad_clip", 0.0)
     stream = Stream(train, tc["batch_size"], seed)
     os.makedirs(args.out, exist_ok=True)
+    # What this run was made from, so bench/parity.py can tell whether it
+    # answers for a vlmatch run (same config apart from the seed).
+    with open(args.config) as f, open(os.path.join(args.out, "config.toml"), "w") as g:
+        g.write(f.read())
+    info = {"seed": seed, "steps": steps, "eval_every": eval_every, "train": os.path.abspath(args.train),
+            "heldout": args.heldout and os.path.abspath(args.heldout), "torch": torch.__version__,
+            "threads": args.threads, "complete": False}
     metrics = open(os.path.join(args.out, "metrics.jsonl"), "w")
     evals = open(os.path.join(args.out, "eval.jsonl"), "w")
     print(f"reference: {len(train.pairs)} pairs, {checked} texts tokenised as vlmatch does, "
           f"{sum(p.numel() for p in params)} parameters, loaded in {time.perf_counter() - t0:.1f}s",
           flush=True)
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for step in range(steps):
         lr = lr_at(step, steps, tc.get("warmup_steps", 0), tc["lr"], tc.get("min_lr", 0.0))
         for g in opt.param_groups:
@@ -501,7 +510,11 @@ def main():
                   f"ITM {100 * m['itm_acc']:.1f}% ITC {100 * m['itc_acc']:.1f}%", flush=True)
     metrics.close()
     evals.close()
-    print(f"reference: {steps} steps in {time.perf_counter() - started:.0f}s; {args.out}", flush=True)
+    info.update(complete=True, wall_s=time.perf_counter() - started, cpu_s=time.process_time() - cpu)
+    with open(os.path.join(args.out, "run.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    print(f"reference: {steps} steps in {info['wall_s']:.0f}s ({info['cpu_s']:.0f}s CPU); {args.out}",
+          flush=True)
 
 
 if __name__ == "__main__":
