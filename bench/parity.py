@@ -168,6 +168,7 @@ def main():
 
     results = {}
     timing = {}
+    checks = {}
     for preset in args.presets:
         for seed in args.seeds:
             name = f"{preset}-s{seed}"
@@ -203,6 +204,11 @@ def main():
                 info = json.load(f)
             timing[name] = {"vlmatch_wall_s": read_jsonl(os.path.join(vdir, "metrics.jsonl"))[-1]["time_s"],
                             "reference_wall_s": info["wall_s"], "reference_cpu_s": info["cpu_s"]}
+            if os.path.exists(os.path.join(vdir, "checkpoints", "latest")):
+                out = subprocess.run(
+                    [args.python, os.path.join(ROOT, "bench", "reference_train.py"), "check-eval", vdir,
+                     "--heldout", held_dir], check=True, capture_output=True, text=True, cwd=ROOT).stdout
+                checks[name] = json.loads(out.strip().splitlines()[-1])
             key = itm_name(cfg)
             for side, d in (("vlmatch", vdir), ("reference", rdir)):
                 m = read_jsonl(os.path.join(d, "metrics.jsonl"))
@@ -255,6 +261,22 @@ def main():
                 f"{diff:+.3f} | {tol:.3f} | {'yes' if ok else '**no**'} | {per(v)} | {per(r)} |"
             )
         lines.append("")
+    if checks:
+        lines += ["Forward check: each vlmatch run's final checkpoint loaded into the reference model "
+                  "(strictly by name) and scored by the reference's held-out evaluation, against the "
+                  "run's own evaluation at that step:", "",
+                  "| run | step | ITM matching vlmatch / reference (%) | ITC matching vlmatch / reference (%) "
+                  "| ITC i2t R@1 vlmatch / reference (%) |", "|---|---|---|---|---|"]
+        for name, c in checks.items():
+            v, r = c["vlmatch"], c["reference"]
+            if v is None:
+                lines.append(f"| {name} | {c['step']} | (no vlmatch evaluation at this step) | | |")
+                continue
+            lines.append(f"| {name} | {c['step']} | {100 * v['matching']['itm_acc']:.2f} / "
+                         f"{100 * r['matching']['itm_acc']:.2f} | {100 * v['matching']['itc_acc']:.2f} / "
+                         f"{100 * r['matching']['itc_acc']:.2f} | {100 * v['retrieval']['i2t_r1']:.2f} / "
+                         f"{100 * r['retrieval']['i2t_r1']:.2f} |")
+        lines.append("")
     lines.append("Training time, s (vlmatch wall / reference wall / reference CPU; wall time depends on "
                  "what else ran): " + ", ".join(
                      f"{k} {t['vlmatch_wall_s']:.0f} / {t['reference_wall_s']:.0f} / {t['reference_cpu_s']:.0f}"
@@ -268,7 +290,8 @@ def main():
         f.write(text)
     with open(os.path.splitext(out)[0] + ".json", "w") as f:
         json.dump({"command": cmd, "commit": commit, "dirty": bool(dirty), "steps": args.steps,
-                   "seeds": args.seeds, "window": window, "results": results, "timing": timing}, f, indent=1)
+                   "seeds": args.seeds, "window": window, "results": results, "timing": timing,
+                   "forward_checks": checks}, f, indent=1)
     print(f"wrote {out}; {'all rows agree' if all_agree else 'some rows disagree'}")
 
 

@@ -33,6 +33,9 @@ with everything that makes a training run its own:
 Writes OUT/metrics.jsonl (every train.log_every steps, vlmatch's key names)
 and OUT/eval.jsonl (vlmatch's layout: {"step", "retrieval", "matching"}).
 
+`check-eval RUN --heldout D/heldout` scores a vlmatch run's newest
+checkpoint with this evaluation, to compare with the run's own eval.jsonl.
+
 Usage:
   vlmatch preview --all --out D/train
   vlmatch preview --all --split heldout --out D/heldout
@@ -59,7 +62,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from reference import Model, Step, batch_positives, param_groups  # noqa: E402
+from reference import Model, Step, batch_positives, load_file, param_groups  # noqa: E402
 
 
 # --------------------------------------------------------------------------
@@ -390,7 +393,40 @@ def check_matching_swaps(split, groups):
         assert swap.group_of.get(ca.lower()) == swap.group_of.get(cb.lower()) is not None, t
 
 
+def check_eval(run_dir, heldout, threads):
+    """Load a vlmatch run's newest checkpoint into the reference model
+    (strictly by name) and score the held-out set here: the result should
+    equal the run's own evaluation at that step (eval.jsonl), which checks
+    the fusion, the heads and the evaluation protocol on trained weights."""
+    torch.set_num_threads(threads)
+    with open(os.path.join(run_dir, "config.toml"), "rb") as f:
+        cfg = tomllib.load(f)
+    held = Split(heldout, cfg)
+    ckpt = os.path.join(run_dir, "checkpoints")
+    with open(os.path.join(ckpt, "latest")) as f:
+        name = f.read().strip()
+    tensors = load_file(os.path.join(ckpt, os.path.basename(name)))
+    step = int(tensors["state.step"].item())
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    model = Model(cfg, {"vocab_size": held.meta["vocab_size"]})
+    model.load_state_dict(state, strict=True)
+    ours = held_out(model, held, cfg.get("eval", {}).get("batch_size", 64), held.meta["special"]["pad"], step)
+    theirs = [e for e in read_jsonl(os.path.join(run_dir, "eval.jsonl")) if e["step"] == step]
+    out = {"run": run_dir, "step": step, "reference": ours,
+           "vlmatch": theirs[0] if theirs else None}
+    print(json.dumps(out))
+    return out
+
+
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "check-eval":
+        ap = argparse.ArgumentParser(prog="reference_train.py check-eval", description=check_eval.__doc__)
+        ap.add_argument("run_dir")
+        ap.add_argument("--heldout", required=True)
+        ap.add_argument("--threads", type=int, default=1)
+        a = ap.parse_args(sys.argv[2:])
+        check_eval(a.run_dir, a.heldout, a.threads)
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="merged config TOML (`vlmatch config ...` or a run's config.toml)")
     ap.add_argument("--train", required=True, help="`vlmatch preview --all` directory")
