@@ -137,6 +137,43 @@ pub struct TrainConfig {
     /// libtorch intra-op threads (0: all cores).
     #[serde(default)]
     pub threads: usize,
+    /// Data-parallel training, when a launcher (`torchrun`, `srun`) starts
+    /// several ranks; ignored on one process.
+    #[serde(default)]
+    pub dist: DistConfig,
+}
+
+/// `[train.dist]`: how the ranks of a data-parallel run work together.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistConfig {
+    /// Seconds a rank waits for the others (rendezvous, a collective, a
+    /// checkpoint) before it stops with an error naming the rank that did
+    /// not answer.
+    pub timeout: u64,
+    /// Size of the gradient all-reduce buckets in MiB.
+    pub bucket_mb: f64,
+    /// Where ITM's in-batch hard negatives are drawn from: `global` (every
+    /// rank's pairs, as BLIP) or `local` (the rank's own, as ALBEF; cheaper).
+    pub hard_negatives: HardNegatives,
+}
+
+impl Default for DistConfig {
+    fn default() -> Self {
+        DistConfig {
+            timeout: 600,
+            bucket_mb: 25.0,
+            hard_negatives: HardNegatives::Global,
+        }
+    }
+}
+
+/// `train.dist.hard_negatives`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HardNegatives {
+    Global,
+    Local,
 }
 
 fn one_usize() -> usize {
