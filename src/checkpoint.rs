@@ -7,6 +7,11 @@
 //! RNG state needs no saving: the trainer reseeds libtorch from
 //! `(train.seed, step)` at every step and data order depends on the seed and
 //! the batch count only.
+//!
+//! A training checkpoint also records how the run split its batches
+//! ([`Layout`]: `state.world_size`, `state.batch_size`), so that a resume
+//! with another rank count can check that the global batch is unchanged.
+//! In data-parallel training only rank 0 writes checkpoints.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -23,6 +28,63 @@ pub struct TrainerState {
     pub seed: i64,
 }
 
+/// How the run that wrote a checkpoint split each global batch: `world_size`
+/// ranks of `batch_size` pairs. Checkpoints from before data-parallel
+/// training have none (one process).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub world_size: i64,
+    pub batch_size: i64,
+}
+
+impl Layout {
+    pub fn global_batch(&self) -> i64 {
+        self.world_size * self.batch_size
+    }
+
+    /// Whether a run laid out as `self` may continue with `now`: the same
+    /// global batch (so loader position and schedule line up). The error
+    /// says what to set.
+    pub fn check_resume(&self, now: Layout) -> Result<()> {
+        if self.global_batch() == now.global_batch() {
+            return Ok(());
+        }
+        let g = self.global_batch();
+        let was = format!(
+            "this run used {} rank{} x train.batch_size {} = global batch {g}",
+            self.world_size,
+            if self.world_size == 1 { "" } else { "s" },
+            self.batch_size
+        );
+        let fix = if g % now.world_size == 0 {
+            format!(
+                "with {} rank{} set --set train.batch_size={}",
+                now.world_size,
+                if now.world_size == 1 { "" } else { "s" },
+                g / now.world_size
+            )
+        } else {
+            let fits: Vec<String> = (1..=g)
+                .filter(|w| g % w == 0)
+                .map(|w| w.to_string())
+                .collect();
+            format!(
+                "{} ranks cannot split it evenly; resume with a rank count that divides {g} \
+                 ({}) and train.batch_size = {g} / ranks",
+                now.world_size,
+                fits.join(", ")
+            )
+        };
+        Err(Error::Config(format!(
+            "cannot resume with {} rank{} x train.batch_size {} = global batch {}: {was}; {fix}",
+            now.world_size,
+            if now.world_size == 1 { "" } else { "s" },
+            now.batch_size,
+            now.global_batch()
+        )))
+    }
+}
+
 fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = path.with_extension("tmp");
     write(&tmp)?;
@@ -34,6 +96,18 @@ pub fn save(
     vs: &nn::VarStore,
     optim: Vec<(String, Tensor)>,
     state: TrainerState,
+    keep: usize,
+) -> Result<PathBuf> {
+    save_with_layout(dir, vs, optim, state, None, keep)
+}
+
+/// [`save`], recording the run's [`Layout`].
+pub fn save_with_layout(
+    dir: &Path,
+    vs: &nn::VarStore,
+    optim: Vec<(String, Tensor)>,
+    state: TrainerState,
+    layout: Option<Layout>,
     keep: usize,
 ) -> Result<PathBuf> {
     let ckpt_dir = dir.join("checkpoints");
@@ -56,6 +130,10 @@ pub fn save(
     tensors.push(("state.step".into(), Tensor::from(state.step)));
     tensors.push(("state.batches".into(), Tensor::from(state.batches)));
     tensors.push(("state.seed".into(), Tensor::from(state.seed)));
+    if let Some(l) = layout {
+        tensors.push(("state.world_size".into(), Tensor::from(l.world_size)));
+        tensors.push(("state.batch_size".into(), Tensor::from(l.batch_size)));
+    }
     write_atomic(&path, |tmp| {
         Tensor::write_safetensors(&tensors, tmp).map_err(Error::from)
     })?;
@@ -95,6 +173,14 @@ pub fn latest(run_dir: &Path) -> Result<PathBuf> {
 
 /// Load a checkpoint into `vs`; returns the optimizer state and counters.
 pub fn load(path: &Path, vs: &mut nn::VarStore) -> Result<(HashMap<String, Tensor>, TrainerState)> {
+    load_with_layout(path, vs).map(|(optim, state, _)| (optim, state))
+}
+
+/// [`load`], also returning the [`Layout`] the checkpoint records.
+pub fn load_with_layout(
+    path: &Path,
+    vs: &mut nn::VarStore,
+) -> Result<(HashMap<String, Tensor>, TrainerState, Option<Layout>)> {
     let tensors = Tensor::read_safetensors(path).map_err(|e| Error::Data {
         path: path.to_path_buf(),
         line: None,
@@ -146,5 +232,51 @@ pub fn load(path: &Path, vs: &mut nn::VarStore) -> Result<(HashMap<String, Tenso
         batches: get("batches")?,
         seed: get("seed")?,
     };
-    Ok((optim, st))
+    let layout = match (state.get("world_size"), state.get("batch_size")) {
+        (Some(&world_size), Some(&batch_size)) => Some(Layout {
+            world_size,
+            batch_size,
+        }),
+        _ => None,
+    };
+    Ok((optim, st, layout))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_needs_the_same_global_batch_and_says_what_to_set() {
+        let was = Layout {
+            world_size: 2,
+            batch_size: 8,
+        };
+        assert!(was.check_resume(was).is_ok());
+        let four = Layout {
+            world_size: 4,
+            batch_size: 4,
+        };
+        assert!(was.check_resume(four).is_ok());
+        let e = was
+            .check_resume(Layout {
+                world_size: 4,
+                batch_size: 8,
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("this run used 2 ranks x train.batch_size 8 = global batch 16")
+                && e.contains("with 4 ranks set --set train.batch_size=4"),
+            "{e}"
+        );
+        let e = was
+            .check_resume(Layout {
+                world_size: 3,
+                batch_size: 8,
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("divides 16 (1, 2, 4, 8, 16)"), "{e}");
+    }
 }
