@@ -28,6 +28,35 @@ pub fn device(name: &str) -> Result<Device> {
     })
 }
 
+/// The device of a data-parallel rank for `train.device = name`: `auto`
+/// and `cuda` give `cuda:LOCAL_RANK`, or `cuda:0` when the process sees a
+/// single GPU (`CUDA_VISIBLE_DEVICES` already picked it); `auto` is the CPU
+/// where there is no GPU. `cpu` and an explicit `cuda:N` are kept.
+pub fn rank_device(name: &str, local_rank: usize) -> Result<Device> {
+    let gpus = if tch::Cuda::is_available() {
+        tch::Cuda::device_count().max(0) as usize
+    } else {
+        0
+    };
+    match name {
+        "auto" | "cuda" if gpus > 0 => {
+            if gpus == 1 {
+                Ok(Device::Cuda(0))
+            } else if local_rank < gpus {
+                Ok(Device::Cuda(local_rank))
+            } else {
+                Err(Error::Config(format!(
+                    "config key `train.device`: local rank {local_rank} has no GPU of its own \
+                     ({gpus} visible); start at most {gpus} ranks per machine, or set \
+                     CUDA_VISIBLE_DEVICES per rank"
+                )))
+            }
+        }
+        "auto" => Ok(Device::Cpu),
+        other => device(other),
+    }
+}
+
 pub fn compute_kind(precision: &str, device: Device) -> Result<Kind> {
     match (precision, device) {
         ("auto", Device::Cuda(_)) | ("bf16", _) => Ok(Kind::BFloat16),
@@ -161,15 +190,39 @@ pub fn threads(train: &vlmatch_registry::config::TrainConfig) -> usize {
     }
 }
 
+/// [`threads`] for one of several ranks on a machine: with `train.threads
+/// = 0` the cores are shared among the machine's ranks (`LOCAL_WORLD_SIZE`,
+/// which torchrun sets; else `SLURM_NTASKS_PER_NODE`).
+pub fn rank_threads(train: &vlmatch_registry::config::TrainConfig) -> usize {
+    if train.threads > 0 {
+        return train.threads;
+    }
+    let local: usize = ["LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(1);
+    (threads(train) / local).max(1)
+}
+
 /// Assemble the model for `cfg` on its device.
 pub fn model(cfg: &LoadedConfig, tok: &Arc<Tokenizer>) -> Result<(Assembly, ModelEnv)> {
+    model_on(cfg, tok, device(&cfg.config.train.device)?)
+}
+
+/// Assemble the model for `cfg` on `device` (a data-parallel rank's,
+/// [`rank_device`]).
+pub fn model_on(
+    cfg: &LoadedConfig,
+    tok: &Arc<Tokenizer>,
+    device: Device,
+) -> Result<(Assembly, ModelEnv)> {
     let mut registry = Registry::from_inventory().map_err(|e| Error::Config(e.to_string()))?;
     for path in &cfg.config.plugins.paths {
         let names = registry.load_library(path)?;
         tracing::info!(library = %path.display(), samplers = ?names, "loaded plugin library");
     }
     let train = &cfg.config.train;
-    let device = device(&train.device)?;
     if let Device::Cuda(n) = device {
         if !tch::Cuda::is_available() || n >= tch::Cuda::device_count() as usize {
             return Err(Error::Config(format!(
