@@ -12,8 +12,13 @@
 //! after the other in an order drawn from the seed and the epoch, and emits
 //! pairs through a shuffle buffer, so only the buffer is in memory. The
 //! stream is a function of the seed; a resumed run replays it, skipping pairs
-//! without reading their images. [`load_shards`] reads a (small) shard set
-//! into an in-memory [`Dataset`] for evaluation.
+//! without reading their images. In data-parallel training every rank walks
+//! the same stream and reads the images of its own part of each global batch
+//! only ([`PairStream::next_part`]): exactly the pairs one process would
+//! train on, each image read by one rank. (Splitting the shards between
+//! ranks instead would read less but change the order, and with it what a
+//! run computes, whenever the rank count changes.) [`load_shards`] reads a
+//! (small) shard set into an in-memory [`Dataset`] for evaluation.
 
 use super::tar::{read_at, Member, TarReader};
 use super::{Dataset, ImageBytes, ImageRef, OnError, Pair};
@@ -593,19 +598,33 @@ impl PairStream {
 
     /// The next `n` pairs as a dataset of `n` images (not yet decoded).
     pub fn next_dataset(&mut self, n: usize) -> Result<Dataset> {
+        self.next_part(n, 0..n)
+    }
+
+    /// The next `n` pairs, of which `keep` (a range of `0..n`) become a
+    /// dataset of `keep.len()` images (not yet decoded); the images of the
+    /// others are not read. Data-parallel ranks each keep their part of a
+    /// global batch, so together they read every image of the stream once
+    /// and the stream is the one a single process reads.
+    pub fn next_part(&mut self, n: usize, keep: std::ops::Range<usize>) -> Result<Dataset> {
         let mut ds = Dataset {
             name: self.shards.pattern.clone(),
-            images: Vec::with_capacity(n),
-            image_ids: Vec::with_capacity(n),
-            pairs: Vec::with_capacity(n),
+            images: Vec::with_capacity(keep.len()),
+            image_ids: Vec::with_capacity(keep.len()),
+            pairs: Vec::with_capacity(keep.len()),
             skipped: 0,
         };
-        for image in 0..n {
+        for k in 0..n {
+            if !keep.contains(&k) {
+                self.next_pair(false)?;
+                continue;
+            }
             let p = self.next_pair(true)?;
             let ImageData::Bytes(bytes) = p.image else {
                 unreachable!("read by next_pair");
             };
             let shard = &self.shards.paths[p.shard];
+            let image = ds.images.len();
             ds.images.push(ImageRef::File {
                 path: shard.join(&p.member),
                 origin: shard.display().to_string(),
