@@ -71,6 +71,11 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/variable.h>
+
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -161,8 +166,32 @@ struct vlm_store {
   c10::intrusive_ptr<c10d::Store> store;
 };
 
-struct vlm_pg {
+// What every user of a process group shares: the backend, and a lock that
+// serialises the *launch* of collectives. Collectives are launched from the
+// Rust thread that owns the group and, during backward, from autograd's
+// threads (the backward of all_gather_with_grad). Gloo numbers its collectives from an unsynchronised counter, and
+// every rank must launch in the same order, so launches never overlap.
+// A capsule in an autograd graph holds its own reference, so the backend outlives the Rust handle when they need it.
+struct PgState : torch::CustomClassHolder {
   c10::intrusive_ptr<c10d::Backend> backend;
+  std::mutex launch;
+  std::chrono::milliseconds timeout{0};
+  int rank = 0;
+  int size = 1;
+  // The first collective that failed inside C++ (during backward), as a
+  // VLM_OP_* code; 0 while none has. Rust reads it so that
+  // the group refuses further work, as after a failure it saw itself.
+  std::atomic<int32_t> failed_op{0};
+
+  template <typename F>
+  c10::intrusive_ptr<c10d::Work> start(F&& launch_fn) {
+    std::lock_guard<std::mutex> guard(launch);
+    return launch_fn();
+  }
+};
+
+struct vlm_pg {
+  c10::intrusive_ptr<PgState> state;
 };
 
 struct vlm_work {
@@ -174,6 +203,13 @@ enum : int32_t {
   VLM_OK = 0,
   VLM_TIMEOUT = 1,
   VLM_ERROR = 2,
+};
+
+// Operation codes for PgState::failed_op, shared with dist/src/ffi.rs.
+enum : int32_t {
+  VLM_OP_NONE = 0,
+  VLM_OP_ALLREDUCE = 1,
+  VLM_OP_ALLGATHER = 2,
 };
 
 namespace {
@@ -236,6 +272,113 @@ int32_t finish_work(c10::intrusive_ptr<c10d::Work> work, vlm_work** out) {
   *out = new vlm_work{std::move(work)};
   return VLM_OK;
 }
+
+vlm_pg* new_pg(
+    c10::intrusive_ptr<c10d::Backend> backend,
+    int64_t timeout_ms,
+    int rank,
+    int size) {
+  auto state = c10::make_intrusive<PgState>();
+  state->backend = std::move(backend);
+  state->timeout = std::chrono::milliseconds(timeout_ms);
+  state->rank = rank;
+  state->size = size;
+  return new vlm_pg{std::move(state)};
+}
+
+} // namespace
+
+// ---------------------------------------------------------------------------
+// Collectives inside autograd
+// ---------------------------------------------------------------------------
+
+namespace {
+
+// Waits for `work` up to `timeout`. On failure records `op` as the group's
+// failed collective and rethrows; a work still pending after the deadline
+// becomes a c10::Error that says so (Rust classifies it as a timeout).
+void wait_or_fail(
+    PgState& pg,
+    const c10::intrusive_ptr<c10d::Work>& work,
+    std::chrono::milliseconds timeout,
+    int32_t op) {
+  try {
+    work->wait(timeout);
+  } catch (...) {
+    int32_t none = VLM_OP_NONE;
+    pg.failed_op.compare_exchange_strong(none, op);
+    bool completed = true;
+    try {
+      completed = work->isCompleted();
+    } catch (...) {
+    }
+    if (!completed) {
+      TORCH_CHECK(
+          false,
+          "timed out after ",
+          timeout.count(),
+          " ms waiting for the collective (rank ",
+          pg.rank,
+          " of ",
+          pg.size,
+          ")");
+    }
+    throw;
+  }
+}
+
+c10::intrusive_ptr<c10d::Work> start_allreduce_sum(
+    PgState& pg,
+    const at::Tensor& t) {
+  return pg.start([&] {
+    std::vector<at::Tensor> list{t};
+    c10d::AllreduceOptions opts;
+    opts.reduceOp = c10d::ReduceOp::SUM;
+    return pg.backend->allreduce(list, opts);
+  });
+}
+
+// torch.distributed.nn.functional.all_gather as a C++ autograd function.
+// Forward: every rank's `input` (equal shapes) concatenated along dim 0, in
+// rank order. Backward: the gradient of the whole gathered tensor is summed
+// over ranks (every rank's loss depends on every rank's rows) and this
+// rank's rows of the sum are its input's gradient. Both directions wait for
+// their collective: backward must hand a finished gradient to the engine.
+// (PyTorch's own version reduce-scatters in backward, moving 1/world of the
+// data; Gloo has no reduce-scatter, and these tensors are small.)
+struct GatherWithGrad : public torch::autograd::Function<GatherWithGrad> {
+  static at::Tensor forward(
+      torch::autograd::AutogradContext* ctx,
+      const at::Tensor& input,
+      const c10::intrusive_ptr<PgState>& pg) {
+    at::Tensor in = input.contiguous();
+    TORCH_CHECK(in.dim() >= 1, "all_gather_with_grad needs a tensor of 1+ dims");
+    auto sizes = in.sizes().vec();
+    sizes[0] *= pg->size;
+    at::Tensor out = at::empty(sizes, in.options());
+    auto work =
+        pg->start([&] { return pg->backend->_allgather_base(out, in); });
+    wait_or_fail(*pg, work, pg->timeout, VLM_OP_ALLGATHER);
+    ctx->saved_data["pg"] = c10::IValue::make_capsule(
+        c10::static_intrusive_pointer_cast<torch::CustomClassHolder>(pg));
+    ctx->saved_data["rows"] = in.size(0);
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(
+      torch::autograd::AutogradContext* ctx,
+      torch::autograd::variable_list grads) {
+    auto pg = c10::static_intrusive_pointer_cast<PgState>(
+        ctx->saved_data["pg"].toCapsule());
+    int64_t rows = ctx->saved_data["rows"].toInt();
+    // A private contiguous copy: the all-reduce writes in place, and the
+    // incoming gradient may be shared with other nodes.
+    at::Tensor g = grads[0].contiguous().clone();
+    auto work = start_allreduce_sum(*pg, g);
+    wait_or_fail(*pg, work, pg->timeout, VLM_OP_ALLREDUCE);
+    return {g.narrow(0, pg->rank * rows, rows), at::Tensor()};
+  }
+};
 
 } // namespace
 
@@ -398,8 +541,11 @@ int32_t vlm_pg_gloo_new(
         rank,
         size,
         std::move(opts));
-    *out = new vlm_pg{
-        c10::static_intrusive_pointer_cast<c10d::Backend>(std::move(pg))};
+    *out = new_pg(
+        c10::static_intrusive_pointer_cast<c10d::Backend>(std::move(pg)),
+        timeout_ms,
+        rank,
+        size);
     return VLM_OK;
   });
 }
@@ -423,8 +569,11 @@ int32_t vlm_pg_nccl_new(
         rank,
         size,
         std::move(opts));
-    *out = new vlm_pg{
-        c10::static_intrusive_pointer_cast<c10d::Backend>(std::move(pg))};
+    *out = new_pg(
+        c10::static_intrusive_pointer_cast<c10d::Backend>(std::move(pg)),
+        timeout_ms,
+        rank,
+        size);
     return VLM_OK;
   });
 #else
@@ -452,7 +601,7 @@ void vlm_pg_free(vlm_pg* pg) {
 // threads, which may still be blocked in the failed operation.
 void vlm_pg_leak(vlm_pg* pg) {
   if (pg != nullptr) {
-    (void)pg->backend.release();
+    (void)pg->state.release();
     delete pg;
   }
 }
@@ -473,11 +622,16 @@ int32_t vlm_pg_allreduce_sum(
     if (list.size() == 1) {
       c10d::AllreduceOptions opts;
       opts.reduceOp = c10d::ReduceOp::SUM;
-      return finish_work(pg->backend->allreduce(list, opts), out);
+      return finish_work(
+          pg->state->start([&] { return pg->state->backend->allreduce(list, opts); }),
+          out);
     }
     c10d::AllreduceCoalescedOptions opts;
     opts.reduceOp = c10d::ReduceOp::SUM;
-    return finish_work(pg->backend->allreduce_coalesced(list, opts), out);
+    return finish_work(
+        pg->state->start(
+            [&] { return pg->state->backend->allreduce_coalesced(list, opts); }),
+        out);
   });
 }
 
@@ -492,7 +646,10 @@ int32_t vlm_pg_allgather_base(
   return guarded(err, [&] {
     at::Tensor o = *output;
     at::Tensor i = *input;
-    return finish_work(pg->backend->_allgather_base(o, i), out);
+    return finish_work(
+        pg->state->start(
+            [&] { return pg->state->backend->_allgather_base(o, i); }),
+        out);
   });
 }
 
@@ -508,14 +665,38 @@ int32_t vlm_pg_broadcast(
     c10d::BroadcastOptions opts;
     opts.rootRank = root;
     opts.rootTensor = 0;
-    return finish_work(pg->backend->broadcast(list, opts), out);
+    return finish_work(
+        pg->state->start([&] { return pg->state->backend->broadcast(list, opts); }),
+        out);
   });
 }
 
 int32_t vlm_pg_barrier(vlm_pg* pg, vlm_work** out, char** err) {
   return guarded(err, [&] {
     c10d::BarrierOptions opts;
-    return finish_work(pg->backend->barrier(opts), out);
+    return finish_work(
+        pg->state->start([&] { return pg->state->backend->barrier(opts); }),
+        out);
+  });
+}
+
+// The collective (a VLM_OP_* code) that failed inside C++ on this group
+// (in backward), 0 if none.
+int32_t vlm_pg_failed_op(vlm_pg* pg) {
+  return pg->state->failed_op.load();
+}
+
+// Every rank's `input` concatenated along dim 0, differentiable (see
+// GatherWithGrad). Waits for the gather; `*out` receives a new tensor.
+int32_t vlm_pg_allgather_with_grad(
+    vlm_pg* pg,
+    at::Tensor* input,
+    at::Tensor** out,
+    char** err) {
+  return guarded(err, [&] {
+    at::Tensor result = GatherWithGrad::apply(*input, pg->state);
+    *out = new at::Tensor(std::move(result));
+    return VLM_OK;
   });
 }
 

@@ -30,6 +30,10 @@ pub(crate) struct RawWork {
     _opaque: [u8; 0],
 }
 
+/// `PgState::failed_op` codes of the shim.
+const OP_ALLREDUCE: i32 = 1;
+const OP_ALLGATHER: i32 = 2;
+
 extern "C" {
     fn vlm_string_free(s: *mut c_char);
     fn vlm_bytes_free(b: *mut u8);
@@ -130,6 +134,13 @@ extern "C" {
         err: *mut *mut c_char,
     ) -> i32;
     fn vlm_pg_barrier(pg: *mut RawPg, out: *mut *mut RawWork, err: *mut *mut c_char) -> i32;
+    fn vlm_pg_failed_op(pg: *mut RawPg) -> i32;
+    fn vlm_pg_allgather_with_grad(
+        pg: *mut RawPg,
+        input: *mut C_tensor,
+        out: *mut *mut C_tensor,
+        err: *mut *mut c_char,
+    ) -> i32;
 
     fn vlm_work_wait(w: *mut RawWork, timeout_ms: i64, err: *mut *mut c_char) -> i32;
     fn vlm_work_is_completed(w: *mut RawWork, out: *mut i32, err: *mut *mut c_char) -> i32;
@@ -472,6 +483,41 @@ impl PgHandle {
         let code = unsafe { vlm_pg_barrier(self.raw(), &mut out, &mut err) };
         status(code, err)?;
         WorkHandle::from_raw(out)
+    }
+
+    /// The collective that failed inside C++ (in a backward pass), if one
+    /// has.
+    pub(crate) fn failed_in_cpp(&self) -> Option<crate::Op> {
+        // SAFETY: live handle; the shim only loads an atomic.
+        match unsafe { vlm_pg_failed_op(self.raw()) } {
+            OP_ALLREDUCE => Some(crate::Op::AllReduce),
+            OP_ALLGATHER => Some(crate::Op::AllGather),
+            _ => None,
+        }
+    }
+
+    /// Every rank's `input` concatenated along dim 0, differentiable (the
+    /// backward all-reduces the gradient); waits for the gather.
+    pub(crate) fn allgather_with_grad(&self, input: &Tensor) -> FfiResult<Tensor> {
+        let mut out = ptr::null_mut();
+        let mut err = ptr::null_mut();
+        // SAFETY: live handle and a live tensor handle, only read (the shim
+        // copies the `at::Tensor`). On success `out` is a new `at::Tensor*`
+        // that we own.
+        let code = unsafe {
+            vlm_pg_allgather_with_grad(
+                self.raw(),
+                input.as_ptr() as *mut C_tensor,
+                &mut out,
+                &mut err,
+            )
+        };
+        status(code, err)?;
+        if out.is_null() {
+            return Err(Failure::Error("the shim returned a null tensor".into()));
+        }
+        // SAFETY: `out` is a fresh heap `at::Tensor` handed over to us.
+        Ok(unsafe { Tensor::from_ptr(out) })
     }
 
     /// Gives up the handle without running the backend's destructor, which

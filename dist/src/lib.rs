@@ -28,6 +28,7 @@
 //! # Ok(()) }
 //! ```
 
+mod collective;
 mod error;
 mod ffi;
 pub mod launch;
@@ -36,8 +37,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tch::Tensor;
+use tch::{Device, Tensor};
 
+pub use collective::{to_core_error, DistCollective};
 pub use error::{Backend, DistError, Op, Result};
 pub use launch::{LaunchEnv, LaunchError, Launcher};
 
@@ -231,6 +233,7 @@ pub struct ProcessGroup {
     raw: Option<PgHandle>,
     info: GroupInfo,
     state: Arc<GroupState>,
+    device: Device,
 }
 
 impl ProcessGroup {
@@ -295,6 +298,10 @@ impl ProcessGroup {
             raw: Some(raw),
             info,
             state: Arc::default(),
+            device: match backend {
+                Backend::Gloo => Device::Cpu,
+                Backend::Nccl => Device::Cuda(0),
+            },
         })
     }
 
@@ -326,7 +333,24 @@ impl ProcessGroup {
         self.info.timeout
     }
 
+    /// Where the group's own small tensors live: the CPU for Gloo; for NCCL `cuda:0` unless set with
+    /// [`ProcessGroup::set_device`] (right when each rank sees one GPU, as
+    /// with `CUDA_VISIBLE_DEVICES` per rank; else set `cuda:LOCAL_RANK`).
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Sets [`ProcessGroup::device`].
+    pub fn set_device(&mut self, device: Device) {
+        self.device = device;
+    }
+
     fn handle(&self, op: Op) -> Result<&PgHandle> {
+        let raw = self.raw.as_ref().expect("the handle lives until drop");
+        if let Some(failed) = raw.failed_in_cpp() {
+            // A collective inside backward (all_gather_with_grad) failed.
+            self.state.fail(failed);
+        }
         if let Some(failed) = self.state.failed() {
             return Err(DistError::GroupFailed {
                 backend: self.info.backend,
@@ -336,7 +360,7 @@ impl ProcessGroup {
                 failed,
             });
         }
-        Ok(self.raw.as_ref().expect("the handle lives until drop"))
+        Ok(raw)
     }
 
     fn start_error(&self, op: Op, f: Failure) -> DistError {
@@ -401,6 +425,29 @@ impl ProcessGroup {
         Ok(output)
     }
 
+    /// Every rank's `tensor` concatenated along dim 0, in rank order, *with
+    /// gradient*: what `torch.distributed.nn.functional.all_gather` computes.
+    /// Its backward all-reduces (sums) the gradient of the whole gathered
+    /// tensor over ranks and gives this rank's rows of the sum to `tensor`,
+    /// so every rank's loss on the gathered rows reaches the rank that owns
+    /// them. The backward pass therefore runs a collective and waits for it
+    /// (up to the group's timeout): every rank must run backward through the
+    /// same gathers in the same order. A failure there makes `backward`
+    /// fail (use tch's `f_backward` to get the error rather than a panic)
+    /// and this group refuse further work. Waits for the forward gather.
+    /// Shapes as in [`ProcessGroup::all_gather`].
+    pub fn all_gather_with_grad(&self, tensor: &Tensor) -> Result<Tensor> {
+        let op = Op::AllGather;
+        let input = if tensor.dim() == 0 {
+            tensor.reshape([1])
+        } else {
+            tensor.shallow_clone()
+        };
+        self.handle(op)?
+            .allgather_with_grad(&input)
+            .map_err(|f| self.start_error(op, f))
+    }
+
     /// Starts an in-place broadcast of `tensor` from rank `root`: afterwards
     /// every rank's tensor holds root's values. Returns at once.
     pub fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<Work> {
@@ -433,7 +480,7 @@ impl ProcessGroup {
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
         if let Some(raw) = self.raw.take() {
-            if self.state.failed().is_some() {
+            if self.state.failed().is_some() || raw.failed_in_cpp().is_some() {
                 // Its worker threads may be blocked in the failed collective
                 // until the backend's own timeout; do not join them.
                 raw.leak();

@@ -18,7 +18,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
-use vlmatch_dist::{DistError, LaunchEnv, Op, ProcessGroup, Store};
+use vlmatch_core::Collective;
+use vlmatch_dist::{DistCollective, DistError, LaunchEnv, Op, ProcessGroup, Store};
 
 const ROLE: &str = "DIST_TEST_ROLE";
 /// Kill a scenario's ranks after this long: a hang is a failure, not a
@@ -42,23 +43,27 @@ fn main() {
     }
 
     let args = Args::parse();
-    type Scenario = (&'static str, fn() -> Result<(), String>);
+    /// Name, body, and whether it is ignored (a measurement, run with
+    /// `--ignored` or `--include-ignored`).
+    type Scenario = (&'static str, fn() -> Result<(), String>, bool);
     let scenarios: &[Scenario] = &[
-        ("collectives_2_ranks", || collectives(2)),
-        ("collectives_3_ranks", || collectives(3)),
-        ("async_all_reduces_3_ranks", async_all_reduces),
-        ("dead_worker_fails_the_master_wait", || dead_rank(1)),
-        ("dead_master_fails_the_worker_wait", || dead_rank(0)),
-        ("hung_rank_times_out", hung_rank),
-        ("missing_rank_fails_rendezvous", missing_rank),
-        ("nccl_group", nccl_group),
+        ("collectives_2_ranks", || collectives(2), false),
+        ("collectives_3_ranks", || collectives(3), false),
+        ("async_all_reduces_3_ranks", async_all_reduces, false),
+        ("gather_with_grad_2_ranks", || gather_with_grad(2), false),
+        ("gather_with_grad_3_ranks", || gather_with_grad(3), false),
+        ("dead_worker_fails_the_master_wait", || dead_rank(1), false),
+        ("dead_master_fails_the_worker_wait", || dead_rank(0), false),
+        ("hung_rank_times_out", hung_rank, false),
+        ("missing_rank_fails_rendezvous", missing_rank, false),
+        ("nccl_group", nccl_group, false),
     ];
     let chosen: Vec<&Scenario> = scenarios
         .iter()
-        .filter(|(name, _)| args.selects(name))
+        .filter(|(name, _, ignored)| args.selects(name, *ignored))
         .collect();
     if args.list {
-        for (name, _) in &chosen {
+        for (name, _, _) in &chosen {
             println!("{name}: test");
         }
         return;
@@ -66,7 +71,7 @@ fn main() {
     println!("\nrunning {} multi-process scenarios", chosen.len());
     let mut failed = Vec::new();
     let all = Instant::now();
-    for (name, scenario) in chosen {
+    for (name, scenario, _) in chosen {
         let start = Instant::now();
         let result = scenario();
         let secs = start.elapsed().as_secs_f64();
@@ -95,9 +100,9 @@ fn main() {
 // ---------------------------------------------------------------------------
 
 /// The libtest arguments that matter here (`cargo test -- ...` passes them
-/// on): name filters, `--exact`, `--skip`, `--list`, `--ignored` (there are
-/// no ignored scenarios, so it selects none). Other flags are accepted and
-/// ignored, with their values.
+/// on): name filters, `--exact`, `--skip`, `--list`, `--ignored` (only the
+/// ignored scenarios: measurements) and `--include-ignored`. Other flags
+/// are accepted and ignored, with their values.
 #[derive(Default)]
 struct Args {
     filters: Vec<String>,
@@ -105,6 +110,7 @@ struct Args {
     exact: bool,
     list: bool,
     ignored_only: bool,
+    include_ignored: bool,
 }
 
 impl Args {
@@ -116,6 +122,7 @@ impl Args {
                 "--exact" => args.exact = true,
                 "--list" => args.list = true,
                 "--ignored" => args.ignored_only = true,
+                "--include-ignored" => args.include_ignored = true,
                 "--skip" => args.skip.extend(it.next()),
                 "--test-threads" | "--color" | "--format" | "--logfile" | "-Z"
                 | "--shuffle-seed" => {
@@ -128,7 +135,7 @@ impl Args {
         args
     }
 
-    fn selects(&self, name: &str) -> bool {
+    fn selects(&self, name: &str, ignored: bool) -> bool {
         let hit = |f: &String| {
             if self.exact {
                 name == f
@@ -136,8 +143,12 @@ impl Args {
                 name.contains(f.as_str())
             }
         };
-        !self.ignored_only
-            && (self.filters.is_empty() || self.filters.iter().any(hit))
+        let run = if self.ignored_only {
+            ignored
+        } else {
+            self.include_ignored || !ignored
+        };
+        run && (self.filters.is_empty() || self.filters.iter().any(hit))
             && !self.skip.iter().any(|s| name.contains(s.as_str()))
     }
 }
@@ -323,6 +334,17 @@ fn dead_rank(dead: usize) -> Result<(), String> {
     Ok(())
 }
 
+fn gather_with_grad(world: usize) -> Result<(), String> {
+    for f in run_all("gather", world)? {
+        println!(
+            "    rank {}: max |grad - single-process grad| = {}",
+            f.rank,
+            reported(&f, "max grad error:").unwrap_or("?")
+        );
+    }
+    Ok(())
+}
+
 /// Rank 1 stays alive but stops calling collectives: rank 0's wait must
 /// end with a timeout error after about the group's timeout.
 fn hung_rank() -> Result<(), String> {
@@ -391,6 +413,7 @@ fn run_role(role: &str) -> Result<(), String> {
         "hung" => role_hung(&env),
         "alone" => role_alone(&env),
         "nccl" => role_nccl(&env),
+        "gather" => role_gather(&env),
         other => Err(format!("unknown role {other}")),
     }
 }
@@ -716,5 +739,118 @@ fn role_nccl(env: &LaunchEnv) -> Result<(), String> {
     let g = pg.all_gather(&t[0]).map_err(|e| e.to_string())?;
     expect_eq("nccl all_gather shape", g.size(), vec![5])?;
     println!("nccl: one-rank all_reduce and all_gather on cuda:0 ok");
+    Ok(())
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+/// Rank q's input of the gather test: known to every rank, so each can
+/// compute the single-process reference.
+fn gather_input(q: usize, rows: i64, salt: f64) -> Tensor {
+    ((Tensor::arange(rows * 4, cpu(Kind::Float)) + (q as i64 * rows * 4) as f64) * 0.1 + salt)
+        .sin()
+        .reshape([rows, 4])
+}
+
+/// Rank q's loss on the gathered tensors: nonlinear in every row, with
+/// rank-dependent coefficients.
+fn gather_loss(q: usize, g: &Tensor, h: &Tensor) -> Tensor {
+    let n = g.size()[0];
+    let w = (Tensor::arange(n * 4, cpu(Kind::Float)) * (0.37 * (q + 1) as f64))
+        .cos()
+        .reshape([n, 4]);
+    let sim = g.matmul(&h.tr()) * (1.0 + q as f64);
+    (g.tanh() * w).sum(Kind::Float)
+        + (g.pow_tensor_scalar(2)
+            .sum_dim_intlist([1i64].as_slice(), false, Kind::Float)
+            * (0.5 + q as f64))
+            .log1p()
+            .sum(Kind::Float)
+        + sim.log_softmax(1, Kind::Float).diag(0).mean(Kind::Float) * -(q as f64 + 0.5)
+}
+
+fn role_gather(env: &LaunchEnv) -> Result<(), String> {
+    let (_store, pg) = setup(env, HEALTHY_TIMEOUT)?;
+    let coll = DistCollective::new(pg);
+    let err = |e: vlmatch_core::Error| e.to_string();
+    let (r, n) = (env.rank, env.world_size);
+    expect_eq("trait rank", coll.rank(), r)?;
+    expect_eq("trait world size", coll.world_size(), n)?;
+
+    // Two gathers in one graph (like image and text features for ITC):
+    // their backward collectives must run in the same order on every rank.
+    let x = gather_input(r, 3, 0.0).set_requires_grad(true);
+    let y = gather_input(r, 3, 1.3).set_requires_grad(true);
+    let gx = coll.all_gather_with_grad(&x).map_err(err)?;
+    let gy = coll.all_gather_with_grad(&y).map_err(err)?;
+    let want_x = Tensor::cat(
+        &(0..n).map(|q| gather_input(q, 3, 0.0)).collect::<Vec<_>>(),
+        0,
+    );
+    expect_eq("gathered shape", gx.size(), vec![3 * n as i64, 4])?;
+    expect_eq("gathered values", f32s(&gx), f32s(&want_x))?;
+    if !gx.requires_grad() {
+        return Err("the gathered tensor does not require grad".into());
+    }
+    gather_loss(r, &gx, &gy)
+        .f_backward()
+        .map_err(|e| e.to_string())?;
+
+    // The single-process reference: every rank's inputs as leaves, the sum
+    // of every rank's loss.
+    let xs: Vec<Tensor> = (0..n)
+        .map(|q| gather_input(q, 3, 0.0).set_requires_grad(true))
+        .collect();
+    let ys: Vec<Tensor> = (0..n)
+        .map(|q| gather_input(q, 3, 1.3).set_requires_grad(true))
+        .collect();
+    let (gx_ref, gy_ref) = (Tensor::cat(&xs, 0), Tensor::cat(&ys, 0));
+    let total = (0..n)
+        .map(|q| gather_loss(q, &gx_ref, &gy_ref))
+        .reduce(|a, b| a + b)
+        .expect("one rank at least");
+    total.backward();
+    let dx = max_abs_diff(&x.grad(), &xs[r].grad());
+    let dy = max_abs_diff(&y.grad(), &ys[r].grad());
+    println!("max grad error: x {dx:.2e}, y {dy:.2e}");
+    if dx > 1e-6 || dy > 1e-6 {
+        return Err(format!("gradients differ from one process: x {dx}, y {dy}"));
+    }
+    // Not trivially right: this rank's own loss alone gives another gradient.
+    let x_own = gather_input(r, 3, 0.0).set_requires_grad(true);
+    let mut parts: Vec<Tensor> = (0..n).map(|q| gather_input(q, 3, 0.0)).collect();
+    parts[r] = x_own.shallow_clone();
+    gather_loss(r, &Tensor::cat(&parts, 0), &gy_ref.detach()).backward();
+    if max_abs_diff(&x_own.grad(), &x.grad()) < 1e-3 {
+        return Err("the gradient equals the local loss's: no cross-rank sum".into());
+    }
+
+    // The trait's collectives without gradient.
+    let plain = coll.all_gather(&x).map_err(err)?;
+    if plain.requires_grad() {
+        return Err("all_gather (no grad) returned a tensor that requires grad".into());
+    }
+    expect_eq("all_gather values", f32s(&plain), f32s(&want_x))?;
+    let summed = coll.all_reduce_sum(&x).map_err(err)?;
+    let want_sum = (0..n)
+        .map(|q| gather_input(q, 3, 0.0))
+        .reduce(|a, b| a + b)
+        .expect("one rank at least");
+    if max_abs_diff(&summed, &want_sum) > 1e-6 || summed.requires_grad() {
+        return Err("all_reduce_sum through the trait is wrong".into());
+    }
+    expect_eq(
+        "all_reduce_sum leaves its input alone",
+        f32s(&x),
+        f32s(&gather_input(r, 3, 0.0)),
+    )?;
+    let scalar = coll.all_reduce_sum(&Tensor::from(r as f64)).map_err(err)?;
+    expect_eq(
+        "scalar all_reduce_sum",
+        scalar.double_value(&[]),
+        (n * (n - 1) / 2) as f64,
+    )?;
     Ok(())
 }
