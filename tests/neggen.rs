@@ -65,7 +65,7 @@ proptest! {
         let p = plan(&caption, &chosen, &codec).unwrap();
         let masks = piece_masks(&codec, Device::Cpu);
         let v = codec.vocab_size();
-        let filled = fill(std::slice::from_ref(&p), codec.special(), &masks, 1.0, 0, Device::Cpu, |t, pos| {
+        let filled = fill(std::slice::from_ref(&p), &[seed], codec.special(), &masks, 1.0, 0, Device::Cpu, |t, pos| {
             assert_eq!(pos.size(), [t.ids.size()[0]]);
             Ok(Tensor::randn([t.ids.size()[0], v], (Kind::Float, Device::Cpu)) * 3.0)
         })

@@ -39,6 +39,7 @@ fn batch(
         image_ids: Tensor::from_slice(ids),
         image_keys: Tensor::from_slice(keys),
         positive_rule: rule,
+        sample_keys: Tensor::arange(b, (Kind::Int64, tch::Device::Cpu)),
         captions: vec![String::new(); captions.len()],
         pairs: Vec::new(),
         prepared: BTreeMap::new(),

@@ -62,6 +62,10 @@ pub struct Batch {
     pub image_keys: Tensor,
     /// Which pairs count as positives of each other ([`Batch::positives`]).
     pub positive_rule: PositiveRule,
+    /// `[B]` i64: each row's place in the run's global sample order (global
+    /// batch `g`, row `k` of it: `g * global_batch + k`), whatever rank
+    /// holds it. Random choices are keyed by it ([`crate::random`]).
+    pub sample_keys: Tensor,
     /// The captions as text, for samplers that rewrite them (NegGen).
     pub captions: Vec<String>,
     /// The dataset pair each row holds, by index into the dataset the batch
@@ -93,6 +97,7 @@ impl Batch {
             image_ids: self.image_ids.to_device(device),
             image_keys: self.image_keys.to_device(device),
             positive_rule: self.positive_rule,
+            sample_keys: self.sample_keys.to_device(device),
             captions: self.captions.clone(),
             pairs: self.pairs.clone(),
             prepared: self.prepared.clone(),
@@ -106,6 +111,7 @@ impl Batch {
             image_ids: self.image_ids.shallow_clone(),
             image_keys: self.image_keys.shallow_clone(),
             positive_rule: self.positive_rule,
+            sample_keys: self.sample_keys.shallow_clone(),
             captions: self.captions.clone(),
             pairs: self.pairs.clone(),
             prepared: self.prepared.clone(),
@@ -153,6 +159,18 @@ impl Encoded {
         Encoded {
             hidden: self.hidden.index_select(0, index),
             mask: self.mask.index_select(0, index),
+        }
+    }
+    /// The same states padded along the sequence to `len` positions (zero
+    /// states, mask 0); unchanged when already that long.
+    pub fn pad_to(&self, len: i64) -> Encoded {
+        let pad = len - self.hidden.size()[1];
+        if pad <= 0 {
+            return self.shallow_clone();
+        }
+        Encoded {
+            hidden: self.hidden.constant_pad_nd([0, 0, 0, pad]),
+            mask: self.mask.constant_pad_nd([0, pad]),
         }
     }
     pub fn cat(&self, other: &Encoded) -> Encoded {

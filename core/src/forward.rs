@@ -1,5 +1,8 @@
-use crate::{Batch, Discriminator, Encoded, Encoder, EncoderInput, Error, Generator, Result};
-use std::cell::OnceCell;
+use crate::positives::PairKeys;
+use crate::{
+    Batch, Collective, Discriminator, Encoded, Encoder, EncoderInput, Error, Generator, Result,
+};
+use std::cell::{Cell, OnceCell};
 use std::rc::Rc;
 use tch::{nn, Device, Kind, Tensor};
 
@@ -89,8 +92,12 @@ impl VlModel {
     }
 }
 
-/// ITC similarities of a batch: `i2t` `[B, B]` is `s(I_i, T_j)` (already
-/// divided by the temperature), `t2i` its transpose.
+/// ITC similarities of a batch's rows against the global batch (every
+/// rank's pairs; the local batch when training on one process), already
+/// divided by the temperature: `i2t` `[B, G]` is `s(I_i, T_j)` for local
+/// image `i` and global text `j`, `t2i` `[B, G]` is `s(I_j, T_i)` for local
+/// text `i` and global image `j`. On one process `G = B` and `t2i` is the
+/// transpose of `i2t`.
 #[derive(Debug)]
 pub struct Similarity {
     pub image_embeds: Tensor,
@@ -101,13 +108,26 @@ pub struct Similarity {
 
 /// One batch's forward cache: encoders run once per batch, on first use, and
 /// every objective and sampler reads the same states.
+///
+/// In data-parallel training ([`Forward::with_collective`]) it also holds
+/// the global batch's keys, embeddings and states, gathered with gradient
+/// ([`crate::Collective`]), and normalises losses over the global batch
+/// ([`Forward::global_mean`]).
 pub struct Forward<'a> {
     pub model: &'a VlModel,
     pub batch: &'a Batch,
     pub train: bool,
+    collective: Option<Rc<dyn Collective>>,
+    /// Drawn once from libtorch's generator (which the trainer seeds per
+    /// step, equally on every rank); keys [`Forward::random_keys`].
+    draw_seed: i64,
+    draws: Cell<i64>,
     image: OnceCell<Encoded>,
     text: OnceCell<Encoded>,
     similarity: OnceCell<Similarity>,
+    global_keys: OnceCell<PairKeys>,
+    global_image: OnceCell<Encoded>,
+    global_text: OnceCell<Encoded>,
 }
 
 fn cached<T>(cell: &OnceCell<T>, init: impl FnOnce() -> Result<T>) -> Result<&T> {
@@ -120,13 +140,68 @@ fn cached<T>(cell: &OnceCell<T>, init: impl FnOnce() -> Result<T>) -> Result<&T>
 
 impl<'a> Forward<'a> {
     pub fn new(model: &'a VlModel, batch: &'a Batch, train: bool) -> Self {
+        let draw_seed =
+            Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]);
         Forward {
             model,
             batch,
             train,
+            collective: None,
+            draw_seed,
+            draws: Cell::new(0),
             image: OnceCell::new(),
             text: OnceCell::new(),
             similarity: OnceCell::new(),
+            global_keys: OnceCell::new(),
+            global_image: OnceCell::new(),
+            global_text: OnceCell::new(),
+        }
+    }
+
+    /// The same forward as one rank of a data-parallel group.
+    pub fn with_collective(mut self, collective: Rc<dyn Collective>) -> Self {
+        self.collective = Some(collective);
+        self
+    }
+
+    /// The process group, when training on several ranks.
+    pub fn collective(&self) -> Option<&dyn Collective> {
+        self.collective.as_deref()
+    }
+
+    /// Ranks holding a part of the global batch (1 on one process).
+    pub fn world_size(&self) -> usize {
+        self.collective.as_ref().map_or(1, |c| c.world_size())
+    }
+
+    /// `[B]` i64 keys for one random draw over the batch's rows: a function
+    /// of each row's [`Batch::sample_keys`], the step's seed and how many
+    /// draws this forward made before, so every call gives a fresh stream
+    /// and a row draws the same whichever rank holds it. Use with
+    /// [`crate::random::uniform`].
+    pub fn random_keys(&self) -> Tensor {
+        let n = self.draws.get();
+        self.draws.set(n + 1);
+        let salt = crate::random::combine_u64(self.draw_seed as u64, n as u64);
+        crate::random::combine(
+            &self.batch.sample_keys,
+            &Tensor::from(salt).to_device(self.batch.sample_keys.device()),
+        )
+    }
+
+    /// `sum / count` over the global batch: `sum` is this rank's part of a
+    /// loss's numerator (with gradient), `count` its part of the
+    /// denominator (masked tokens, weighted pairs; no gradient). On `R`
+    /// ranks this is `R * sum / (sum of every rank's count)`, so that the
+    /// trainer's average over ranks is the global mean.
+    pub fn global_mean(&self, sum: &Tensor, count: &Tensor) -> Result<Tensor> {
+        let count = count.detach().to_kind(Kind::Float);
+        match &self.collective {
+            None => Ok(sum / count.clamp_min(1.0)),
+            Some(c) => {
+                let total = c.all_reduce_sum(&count)?;
+                Ok(sum * c.world_size() as f64 / total.clamp_min(1.0))
+            }
         }
     }
 
@@ -148,14 +223,73 @@ impl<'a> Forward<'a> {
         })
     }
 
+    /// The identity keys of the global batch ([`crate::positives`]).
+    pub fn global_keys(&self) -> Result<&PairKeys> {
+        cached(&self.global_keys, || {
+            let keys = self.batch.keys();
+            match &self.collective {
+                None => Ok(keys),
+                Some(c) => Ok(PairKeys {
+                    image_ids: c.all_gather(&keys.image_ids)?,
+                    image_keys: c.all_gather(&keys.image_keys)?,
+                    text_keys: c.all_gather(&keys.text_keys)?,
+                }),
+            }
+        })
+    }
+
+    /// `[B, G]` bool: which pairs of the global batch are positives of each
+    /// local row (`[B, B]`, [`Batch::positives`], on one process).
+    pub fn positives(&self) -> Result<Tensor> {
+        Ok(self
+            .batch
+            .keys()
+            .relation(self.global_keys()?, self.batch.positive_rule))
+    }
+
+    /// `E_v` states of the global batch `[G, N, D]`, with gradient to each
+    /// rank's own part (this rank's [`Forward::image`] on one process).
+    pub fn global_image(&self) -> Result<&Encoded> {
+        match &self.collective {
+            None => self.image(),
+            Some(c) => cached(&self.global_image, || {
+                gather_encoded(c.as_ref(), self.image()?)
+            }),
+        }
+    }
+
+    /// `E_t` states of the global batch `[G, L, D]` (every rank's padded to
+    /// the longest), with gradient to each rank's own part.
+    pub fn global_text(&self) -> Result<&Encoded> {
+        match &self.collective {
+            None => self.text(),
+            Some(c) => cached(&self.global_text, || {
+                gather_encoded(c.as_ref(), self.text()?)
+            }),
+        }
+    }
+
     /// ITC similarities, with gradient.
     pub fn similarity(&self) -> Result<&Similarity> {
         cached(&self.similarity, || {
             let image_embeds = self.model.contrastive.embed_image(self.image()?);
             let text_embeds = self.model.contrastive.embed_text(self.text()?);
             let temp = self.model.contrastive.temperature();
-            let i2t = image_embeds.matmul(&text_embeds.tr()) / &temp;
-            let t2i = i2t.tr();
+            let (i2t, t2i) = match &self.collective {
+                None => {
+                    let i2t = image_embeds.matmul(&text_embeds.tr()) / &temp;
+                    let t2i = i2t.tr();
+                    (i2t, t2i)
+                }
+                Some(c) => {
+                    let all_images = c.all_gather_with_grad(&image_embeds)?;
+                    let all_texts = c.all_gather_with_grad(&text_embeds)?;
+                    (
+                        image_embeds.matmul(&all_texts.tr()) / &temp,
+                        text_embeds.matmul(&all_images.tr()) / &temp,
+                    )
+                }
+            };
             Ok(Similarity {
                 image_embeds,
                 text_embeds,
@@ -179,4 +313,16 @@ impl<'a> Forward<'a> {
             )
         })
     }
+}
+
+/// Every rank's states, padded along the sequence to the longest rank's
+/// length (padding masked out), gathered with gradient.
+fn gather_encoded(c: &dyn Collective, local: &Encoded) -> Result<Encoded> {
+    let len = local.hidden.size()[1];
+    let lens = c.all_gather(&Tensor::from_slice(&[len]).to_device(local.hidden.device()))?;
+    let padded = local.pad_to(lens.max().int64_value(&[]));
+    Ok(Encoded {
+        hidden: c.all_gather_with_grad(&padded.hidden)?,
+        mask: c.all_gather(&padded.mask)?,
+    })
 }

@@ -15,12 +15,15 @@
 //! dynamic loading: those live in `vlmatch-registry` and the `vlmatch` crate.
 
 mod batch;
+mod collective;
 mod error;
 mod forward;
 pub mod positives;
+pub mod random;
 mod traits;
 
 pub use batch::{Batch, Encoded, Prepared, TextBatch};
+pub use collective::Collective;
 pub use error::{Error, Result};
 pub use forward::{ContrastiveHead, Forward, Similarity, VlModel};
 pub use positives::{PairKeys, PositiveRule};

@@ -93,23 +93,28 @@ pub trait Generator {
 
     /// Sample replacements at `positions` (`[B, L]` bool) from `logits`
     /// (`[B, L, V]`), without gradient. Returns new ids `[B, L]`: `original`
-    /// where `positions` is false. Draws from libtorch's global generator.
+    /// where `positions` is false. The draw at row `b`, position `l` is keyed
+    /// by `keys[b]` (`[B]` i64, from `Forward::random_keys`) and `l`
+    /// ([`crate::random`]).
     fn fill(
         &self,
         logits: &Tensor,
         original: &Tensor,
         positions: &Tensor,
         opts: FillOptions,
+        keys: &Tensor,
     ) -> Result<Tensor> {
         tch::no_grad(|| {
             let (b, l, v) = logits.size3()?;
-            let mut scaled = logits.to_kind(tch::Kind::Float) / opts.temperature.max(1e-6);
+            let mut scaled = logits.to_kind(tch::Kind::Float);
             if opts.forbid_original {
                 let onehot = original.one_hot(v).to_kind(tch::Kind::Bool);
                 scaled = scaled.masked_fill(&onehot, f64::NEG_INFINITY);
             }
-            let probs = scaled.softmax(-1, tch::Kind::Float).view([b * l, v]);
-            let drawn = probs.multinomial(1, true).view([b, l]);
+            let u = crate::random::uniform(keys, l).view([b * l]);
+            let drawn =
+                crate::random::categorical_logits(&scaled.view([b * l, v]), opts.temperature, &u)
+                    .view([b, l]);
             Ok(original.where_self(&positions.logical_not(), &drawn))
         })
     }
@@ -134,11 +139,13 @@ pub struct SamplerInput<'a, 'b> {
 /// Negatives for a batch of `B` positive pairs.
 #[derive(Debug)]
 pub enum Negatives {
-    /// Negatives drawn from the batch itself: for each image `i` the index of
-    /// a text `text_for_image[i]`, and for each text `j` the index of an image
-    /// `image_for_text[j]` (both `[B]` i64); never a positive of the row
-    /// ([`crate::Batch::positives`]). -1 where the batch holds no negative
-    /// for that row.
+    /// Negatives drawn from the batch itself: for each local image `i` the
+    /// index of a text `text_for_image[i]`, and for each local text `j` the
+    /// index of an image `image_for_text[j]` (both `[B]` i64), indices into
+    /// the global batch ([`crate::Forward::global_text`],
+    /// [`crate::Forward::global_image`]; the batch itself on one process);
+    /// never a positive of the row ([`crate::Forward::positives`]). -1 where
+    /// the batch holds no negative for that row.
     InBatch {
         text_for_image: Tensor,
         image_for_text: Tensor,

@@ -28,6 +28,14 @@ pub struct Itc {
 /// ALBEF does, is the same only when positives form groups; the pairwise
 /// relation of `vlmatch_core::positives` need not.)
 pub fn itc_loss(i2t: &Tensor, positives: &Tensor) -> Tensor {
+    itc_loss_global(i2t, &i2t.tr(), positives, &positives.tr())
+}
+
+/// The ITC loss of local rows against the global batch: `i2t` `[B, G]`
+/// (local images, global texts), `t2i` `[B, G]` (local texts, global
+/// images) and their positives. Averaged over local rows: on `R` ranks of
+/// equal batches the mean over ranks is the loss of the global batch.
+pub fn itc_loss_global(i2t: &Tensor, t2i: &Tensor, i2t_pos: &Tensor, t2i_pos: &Tensor) -> Tensor {
     let direction = |sim: &Tensor, pos: &Tensor| {
         let pos = pos.to_kind(Kind::Float);
         let targets = &pos / pos.sum_dim_intlist(1, true, Kind::Float);
@@ -35,15 +43,17 @@ pub fn itc_loss(i2t: &Tensor, positives: &Tensor) -> Tensor {
             .sum_dim_intlist(1, false, Kind::Float)
             .mean(Kind::Float)
     };
-    (direction(i2t, positives) + direction(&i2t.tr(), &positives.tr())) / 2.0
+    (direction(i2t, i2t_pos) + direction(t2i, t2i_pos)) / 2.0
 }
 
 impl Objective for Itc {
     fn forward(&self, fwd: &Forward<'_>, _step: i64) -> Result<ObjectiveOutput> {
         let _span = tracing::trace_span!("itc").entered();
         let sim = fwd.similarity()?;
-        let positives = fwd.batch.positives();
-        let loss = itc_loss(&sim.i2t, &positives);
+        // Local rows against the global batch; the relation is symmetric,
+        // so texts' positives among the images are the same matrix.
+        let positives = fwd.positives()?;
+        let loss = itc_loss_global(&sim.i2t, &sim.t2i, &positives, &positives);
         let top1 = tch::no_grad(|| {
             let best = sim.i2t.argmax(1, true);
             positives

@@ -71,11 +71,14 @@ impl Itm {
                     text_for_image,
                     image_for_text,
                 } => {
-                    // Image i with a negative text; text j with a negative image.
+                    // Local image i with a negative text; local text j with a
+                    // negative image; both drawn from the global batch.
                     let t_idx = text_for_image.clamp_min(0);
                     let i_idx = image_for_text.clamp_min(0);
-                    let texts = text.select(&t_idx).cat(text);
-                    let images = image.cat(&image.select(&i_idx));
+                    let global_text = fwd.global_text()?;
+                    let len = global_text.hidden.size()[1];
+                    let texts = global_text.select(&t_idx).cat(&text.pad_to(len));
+                    let images = image.cat(&fwd.global_image()?.select(&i_idx));
                     let weight = Tensor::cat(&[text_for_image.ge(0), image_for_text.ge(0)], 0)
                         .to_kind(Kind::Float);
                     groups.push(Group {
@@ -145,7 +148,9 @@ impl Objective for Itm {
         let logits = Tensor::cat(&logits, 0);
         let labels = Tensor::cat(&labels, 0);
         let weights = Tensor::cat(&weights, 0);
-        let loss = itm_loss(&logits, &labels, &weights);
+        // Averaged over the weighted pairs of the global batch.
+        let (sum, count) = itm_loss_parts(&logits, &labels, &weights);
+        let loss = fwd.global_mean(&sum, &count)?;
         let total = weights.sum(Kind::Float).clamp_min(1.0);
         let acc = tch::no_grad(|| {
             (logits
@@ -168,9 +173,18 @@ impl Objective for Itm {
 /// Cross-entropy of pair `logits` `[N, 2]` against `labels` `[N]`, averaged
 /// over the pairs with weight 1 (weight 0 marks an empty negative slot).
 pub fn itm_loss(logits: &Tensor, labels: &Tensor, weights: &Tensor) -> Tensor {
+    let (sum, count) = itm_loss_parts(logits, labels, weights);
+    sum / count.clamp_min(1.0)
+}
+
+/// [`itm_loss`] as `(weighted sum, sum of weights)`.
+pub fn itm_loss_parts(logits: &Tensor, labels: &Tensor, weights: &Tensor) -> (Tensor, Tensor) {
     let per_pair =
         logits.cross_entropy_loss::<Tensor>(labels, None, tch::Reduction::None, -100, 0.0);
-    (per_pair * weights).sum(Kind::Float) / weights.sum(Kind::Float).clamp_min(1.0)
+    (
+        (per_pair * weights).sum(Kind::Float),
+        weights.sum(Kind::Float),
+    )
 }
 
 fn build(ctx: &BuildContext<'_>) -> Result<Box<dyn Objective>> {

@@ -1,8 +1,12 @@
 //! Token masking shared by MLM, VL-RTD and NegGen (BERT, Devlin et al. 2019;
 //! ELECTRA, Clark et al. 2020). All functions work on `[B, L]` tensors on any
-//! device and draw from libtorch's global generator.
+//! device. Random choices are keyed by row (`keys` `[B]` i64, from
+//! `Forward::random_keys`) and position, so they do not depend on the
+//! batch's split over ranks or its padding (`vlmatch_core::random`).
+//! Losses return their numerator and count, for `Forward::global_mean`.
 
 use tch::{Kind, Tensor};
+use vlmatch_core::random::{combine, uniform};
 use vlmatch_core::SpecialTokens;
 
 /// `[B, L]` bool: real tokens that are not `[CLS]`, `[SEP]` or `[PAD]`.
@@ -20,8 +24,9 @@ pub fn choose_positions(
     attention: &Tensor,
     special: SpecialTokens,
     ratio: f64,
+    keys: &Tensor,
 ) -> Tensor {
-    let draw = Tensor::rand(ids.size(), (Kind::Float, ids.device())).lt(ratio);
+    let draw = uniform(keys, ids.size()[1]).lt(ratio);
     draw.logical_and(&maskable(ids, attention, special))
 }
 
@@ -35,13 +40,18 @@ pub fn corrupt(
     vocab_size: i64,
     mask_prob: f64,
     random_prob: f64,
+    keys: &Tensor,
 ) -> Tensor {
-    let r = Tensor::rand(ids.size(), (Kind::Float, ids.device()));
+    let len = ids.size()[1];
+    let r = uniform(keys, len);
     let to_mask = positions.logical_and(&r.lt(mask_prob));
     let to_random = positions
         .logical_and(&r.ge(mask_prob))
         .logical_and(&r.lt(mask_prob + random_prob));
-    let random = Tensor::randint(vocab_size, ids.size(), (Kind::Int64, ids.device()));
+    let random = (uniform(&combine(keys, &Tensor::from(1i64)), len) * vocab_size as f64)
+        .floor()
+        .to_kind(Kind::Int64)
+        .clamp_max(vocab_size - 1);
     // A random draw that lands on a special token keeps the original instead.
     let is_special = random
         .eq(special.pad)
@@ -67,21 +77,41 @@ pub fn replaced_labels(original: &Tensor, corrupted: &Tensor, attention: &Tensor
 /// `positions` only, averaged over them (0 when there are none, without a
 /// host sync).
 pub fn masked_lm_loss(logits: &Tensor, targets: &Tensor, positions: &Tensor) -> Tensor {
+    let (sum, count) = masked_lm_loss_parts(logits, targets, positions);
+    sum / count.clamp_min(1.0)
+}
+
+/// [`masked_lm_loss`] as `(sum over positions, number of positions)`.
+pub fn masked_lm_loss_parts(
+    logits: &Tensor,
+    targets: &Tensor,
+    positions: &Tensor,
+) -> (Tensor, Tensor) {
     let v = logits.size()[2];
     let per_token = logits
         .to_kind(Kind::Float)
         .view([-1, v])
         .cross_entropy_loss::<Tensor>(&targets.view([-1]), None, tch::Reduction::None, -100, 0.0);
     let w = positions.view([-1]).to_kind(Kind::Float);
-    (per_token * &w).sum(Kind::Float) / w.sum(Kind::Float).clamp_min(1.0)
+    ((per_token * &w).sum(Kind::Float), w.sum(Kind::Float))
 }
 
 /// Binary cross-entropy of per-token `logits` `[B, L]` against `labels`,
 /// averaged over real tokens (`attention` = 1).
 pub fn token_bce_loss(logits: &Tensor, labels: &Tensor, attention: &Tensor) -> Tensor {
+    let (sum, count) = token_bce_loss_parts(logits, labels, attention);
+    sum / count.clamp_min(1.0)
+}
+
+/// [`token_bce_loss`] as `(sum over real tokens, number of real tokens)`.
+pub fn token_bce_loss_parts(
+    logits: &Tensor,
+    labels: &Tensor,
+    attention: &Tensor,
+) -> (Tensor, Tensor) {
     let per_token = logits
         .to_kind(Kind::Float)
         .binary_cross_entropy_with_logits::<Tensor>(labels, None, None, tch::Reduction::None);
     let w = attention.to_kind(Kind::Float);
-    (per_token * &w).sum(Kind::Float) / w.sum(Kind::Float).clamp_min(1.0)
+    ((per_token * &w).sum(Kind::Float), w.sum(Kind::Float))
 }

@@ -47,10 +47,11 @@ proptest! {
     fn masking_never_touches_cls_sep_or_pad(rows in rows(), ratio in 0.0f64..1.0, seed in 0i64..100_000) {
         tch::manual_seed(seed);
         let (ids, attn) = batch(&rows);
-        let pos = choose_positions(&ids, &attn, SPECIAL, ratio);
+        let keys = Tensor::arange(ids.size()[0], (Kind::Int64, tch::Device::Cpu)) + seed * 1000;
+        let pos = choose_positions(&ids, &attn, SPECIAL, ratio, &keys);
         let special = ids.eq(SPECIAL.cls).logical_or(&ids.eq(SPECIAL.sep)).logical_or(&ids.eq(SPECIAL.pad));
         prop_assert!(!bool::try_from(pos.logical_and(&special).any()).unwrap());
-        let out = corrupt(&ids, &pos, SPECIAL, VOCAB, 0.8, 0.1);
+        let out = corrupt(&ids, &pos, SPECIAL, VOCAB, 0.8, 0.1, &(keys + 7));
         // Only chosen positions change, and special tokens stay put.
         let changed = out.ne_tensor(&ids);
         prop_assert!(!bool::try_from(changed.logical_and(&pos.logical_not()).any()).unwrap());
@@ -65,7 +66,8 @@ proptest! {
         tch::manual_seed(seed);
         let (ids, attn) = batch(&rows);
         // Replace some real tokens, sometimes by themselves.
-        let pos = choose_positions(&ids, &attn, SPECIAL, 0.5);
+        let keys = Tensor::arange(ids.size()[0], (Kind::Int64, tch::Device::Cpu)) + seed * 1000;
+        let pos = choose_positions(&ids, &attn, SPECIAL, 0.5, &keys);
         let draws = Tensor::randint_low(5, VOCAB, ids.size(), (Kind::Int64, tch::Device::Cpu));
         let corrupted = ids.where_self(&pos.logical_not(), &draws);
         let labels = replaced_labels(&ids, &corrupted, &attn);

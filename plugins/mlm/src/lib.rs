@@ -50,9 +50,15 @@ impl Objective for Mlm {
         let _span = tracing::trace_span!("mlm").entered();
         let generator = fwd.generator(&self.name)?;
         let text = &fwd.batch.text;
+        let (choose_keys, corrupt_keys) = (fwd.random_keys(), fwd.random_keys());
         let (positions, corrupted) = tch::no_grad(|| {
-            let positions =
-                masking::choose_positions(&text.ids, &text.mask, self.special, self.cfg.mask_ratio);
+            let positions = masking::choose_positions(
+                &text.ids,
+                &text.mask,
+                self.special,
+                self.cfg.mask_ratio,
+                &choose_keys,
+            );
             let corrupted = masking::corrupt(
                 &text.ids,
                 &positions,
@@ -60,6 +66,7 @@ impl Objective for Mlm {
                 self.vocab_size,
                 self.cfg.mask_prob,
                 self.cfg.random_prob,
+                &corrupt_keys,
             );
             (positions, corrupted)
         });
@@ -70,7 +77,9 @@ impl Objective for Mlm {
             .forward_t(EncoderInput::Text(&masked), fwd.train)?;
         let fused = fwd.model.fuse(&states, fwd.image()?, fwd.train)?;
         let logits = generator.logits(&fused, fwd.train)?;
-        let loss = masking::masked_lm_loss(&logits, &text.ids, &positions);
+        // Averaged over the masked tokens of the global batch.
+        let (sum, count) = masking::masked_lm_loss_parts(&logits, &text.ids, &positions);
+        let loss = fwd.global_mean(&sum, &count)?;
         let acc = tch::no_grad(|| {
             let w = positions.to_kind(Kind::Float);
             let hit = logits

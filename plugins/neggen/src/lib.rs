@@ -25,6 +25,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
+use vlmatch_core::random;
 use vlmatch_core::{
     Batch, CaptionPrep, EncoderInput, Error, Forward, NegativeSampler, Negatives, Prepared, Result,
     SamplerInput, SpecialTokens, TextBatch, TextCodec,
@@ -271,9 +272,12 @@ pub fn piece_masks(codec: &dyn TextCodec, device: Device) -> (Tensor, Tensor) {
 /// Fill the masked spans of `plans` left to right, one piece per step, with
 /// `logits_at(text, pos)` giving the `[R, V]` vocabulary logits of row `r`
 /// of `text` (`[R, L]`: the plans still filling) at position `pos[r]`.
-/// Returns the filled ids per plan. Draws from libtorch's generator.
+/// Returns the filled ids per plan. Plan `r`'s draw at step `t` is keyed
+/// by `keys[r]` and `t` (`vlmatch_core::random`).
+#[allow(clippy::too_many_arguments)]
 pub fn fill(
     plans: &[Plan],
+    keys: &[i64],
     special: SpecialTokens,
     masks: &(Tensor, Tensor),
     temperature: f64,
@@ -342,10 +346,13 @@ pub fn fill(
             let floor = kth.narrow(1, top_k - 1, 1);
             scores = scores.masked_fill(&scores.lt_tensor(&floor), f64::NEG_INFINITY);
         }
-        let drawn = scores
-            .softmax(1, Kind::Float)
-            .multinomial(1, true)
-            .squeeze_dim(1);
+        let row_keys: Vec<i64> = rows.iter().map(|&r| keys[r]).collect();
+        let row_keys = random::combine(
+            &Tensor::from_slice(&row_keys).to_device(device),
+            &Tensor::from(t as i64).to_device(device),
+        );
+        let u = random::uniform(&row_keys, 1).squeeze_dim(1);
+        let drawn = random::categorical(&scores.softmax(1, Kind::Float), &u);
         let _ = ids.index_put_(&[Some(row_t), Some(pos_t)], &drawn, false);
     }
     let ids_v = Vec::<i64>::try_from(ids.to_device(Device::Cpu).flatten(0, 1))?;
@@ -605,17 +612,12 @@ impl NegGen {
         }
         let masks = self.masks.borrow();
         let masks = masks.as_ref().expect("just set");
-        let seed =
-            Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]) as u64;
-        let mut rng = seed;
-        let mut draw = |n: usize| {
-            rng = rng
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((rng >> 33) as usize) % n.max(1)
-        };
+        // Each caption's choices come from its own stream, keyed by sample
+        // (`vlmatch_core::random`), so they do not depend on the batch split.
+        let caption_keys = Vec::<i64>::try_from(fwd.random_keys().to_device(Device::Cpu))?;
         let mut owners = Vec::new();
         let mut plans = Vec::new();
+        let mut plan_keys = Vec::new();
         let key = self.prep.key();
         let tagged: Vec<Tagged> = (0..batch.captions.len())
             .map(|i| self.tagged(batch, &key, i))
@@ -623,7 +625,14 @@ impl NegGen {
         for (i, caption) in batch.captions.iter().enumerate() {
             self.counts.captions.set(self.counts.captions.get() + 1);
             let mut any = false;
-            for _ in 0..self.cfg.candidates.max(1) {
+            let mut rng = caption_keys[i] as u64;
+            let mut draw = |n: usize| {
+                rng = rng
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((rng >> 33) as usize) % n.max(1)
+            };
+            for c in 0..self.cfg.candidates.max(1) {
                 let chosen = self.choose_among(&tagged[i], &mut draw);
                 if let Some(p) = (!chosen.is_empty())
                     .then(|| plan(caption, &chosen, codec))
@@ -632,6 +641,7 @@ impl NegGen {
                 {
                     owners.push(i);
                     plans.push(p);
+                    plan_keys.push(caption_keys[i].wrapping_add(c as i64));
                     any = true;
                 }
             }
@@ -647,6 +657,7 @@ impl NegGen {
         let filled = tch::no_grad(|| {
             fill(
                 &plans,
+                &plan_keys,
                 codec.special(),
                 masks,
                 self.cfg.temperature,
@@ -903,11 +914,13 @@ impl NegativeSampler for NegGenCache {
     fn sample(&self, input: &SamplerInput<'_, '_>) -> Result<Negatives> {
         let batch = input.forward.batch;
         let device = batch.text.ids.device();
-        let draws = Vec::<i64>::try_from(Tensor::randint(
-            1 << 30,
-            [batch.captions.len() as i64],
-            (Kind::Int64, Device::Cpu),
-        ))?;
+        let u = random::uniform(&input.forward.random_keys(), 1);
+        let draws = Vec::<i64>::try_from(
+            (u * (1i64 << 30) as f64)
+                .to_kind(Kind::Int64)
+                .to_device(Device::Cpu)
+                .view([-1]),
+        )?;
         let (index, texts): (Vec<i64>, Vec<&str>) = batch
             .captions
             .iter()

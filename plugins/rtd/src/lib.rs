@@ -88,6 +88,7 @@ pub fn corrupt_with_samples(
     gen_logits: &Tensor,
     temperature: f64,
     generator: &dyn vlmatch_core::Generator,
+    keys: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
     let sampled = generator.fill(
         &gen_logits.detach(),
@@ -97,6 +98,7 @@ pub fn corrupt_with_samples(
             temperature,
             forbid_original: false,
         },
+        keys,
     )?;
     let labels = masking::replaced_labels(ids, &sampled, attention);
     Ok((sampled, labels))
@@ -110,8 +112,15 @@ impl Objective for Rtd {
             None => (&fwd.model.text, fwd.generator(&self.name)?),
         };
         let text = &fwd.batch.text;
+        let (choose_keys, fill_keys) = (fwd.random_keys(), fwd.random_keys());
         let positions = tch::no_grad(|| {
-            masking::choose_positions(&text.ids, &text.mask, self.special, self.cfg.mask_ratio)
+            masking::choose_positions(
+                &text.ids,
+                &text.mask,
+                self.special,
+                self.cfg.mask_ratio,
+                &choose_keys,
+            )
         });
         let masked = TextBatch::new(
             text.ids.masked_fill(&positions, self.special.mask),
@@ -119,7 +128,9 @@ impl Objective for Rtd {
         );
         let gen_states = gen_encoder.forward_t(EncoderInput::Text(&masked), fwd.train)?;
         let gen_logits = generator.logits(&gen_states, fwd.train)?;
-        let l_gen = masking::masked_lm_loss(&gen_logits, &text.ids, &positions);
+        // Both losses average over the global batch's tokens.
+        let (sum, count) = masking::masked_lm_loss_parts(&gen_logits, &text.ids, &positions);
+        let l_gen = fwd.global_mean(&sum, &count)?;
 
         let (corrupted, labels) = corrupt_with_samples(
             &text.ids,
@@ -128,6 +139,7 @@ impl Objective for Rtd {
             &gen_logits,
             self.cfg.temperature,
             generator.as_ref(),
+            &fill_keys,
         )?;
         let corrupted = TextBatch::new(corrupted, text.mask.shallow_clone());
         let states = fwd
@@ -136,7 +148,8 @@ impl Objective for Rtd {
             .forward_t(EncoderInput::Text(&corrupted), fwd.train)?;
         let fused = fwd.model.fuse(&states, fwd.image()?, fwd.train)?;
         let logits = fwd.model.discriminator.token_logits(&fused)?;
-        let l_disc = masking::token_bce_loss(&logits, &labels, &text.mask);
+        let (sum, count) = masking::token_bce_loss_parts(&logits, &labels, &text.mask);
+        let l_disc = fwd.global_mean(&sum, &count)?;
 
         let metrics = tch::no_grad(|| {
             let real = text.mask.to_kind(Kind::Float);

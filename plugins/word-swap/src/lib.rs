@@ -11,7 +11,7 @@
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::rc::Rc;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 use vlmatch_core::{Error, NegativeSampler, Negatives, Result, SamplerInput, TextCodec};
 use vlmatch_registry::BuildContext;
 
@@ -120,13 +120,14 @@ impl NegativeSampler for WordSwap {
     fn sample(&self, input: &SamplerInput<'_, '_>) -> Result<Negatives> {
         let batch = input.forward.batch;
         let device = batch.text.ids.device();
-        // Seeded from libtorch's generator, which the trainer reseeds per step.
-        let draws = Tensor::randint(
-            1 << 30,
-            [2 * batch.captions.len() as i64],
-            (Kind::Int64, Device::Cpu),
-        );
-        let draws: Vec<i64> = Vec::try_from(draws)?;
+        // Two draws per caption, keyed by sample (`vlmatch_core::random`).
+        let u = vlmatch_core::random::uniform(&input.forward.random_keys(), 2);
+        let draws: Vec<i64> = Vec::try_from(
+            (u * (1i64 << 30) as f64)
+                .to_kind(Kind::Int64)
+                .to_device(Device::Cpu)
+                .view([-1]),
+        )?;
         let mut index = Vec::new();
         let mut texts = Vec::new();
         for (i, caption) in batch.captions.iter().enumerate() {

@@ -1,0 +1,77 @@
+//! Random draws keyed by sample, not by batch layout.
+//!
+//! A draw for a row of a batch is a pure function of the row's key (its
+//! place in the run's global sample order, [`crate::Batch::sample_keys`]),
+//! the step and the column, computed on the device with an integer hash
+//! (SplitMix64's finaliser in wrapping 64-bit arithmetic). So a mask, a
+//! hard negative or a swapped word does not depend on how the global batch
+//! is split over ranks, nor on the padding of the local batch: two ranks
+//! holding 8 pairs each draw what one process holding all 16 draws.
+//!
+//! Categorical draws invert the cumulative weights at one keyed uniform per
+//! row, which samples exactly from `w / sum(w)`.
+
+use tch::{Kind, Tensor};
+
+/// SplitMix64's finaliser, element-wise on an i64 tensor.
+pub fn hash(x: &Tensor) -> Tensor {
+    // Logical right shift: arithmetic shift, then clear the sign-extended bits.
+    let shr = |z: &Tensor, s: i64| {
+        z.bitwise_right_shift_tensor_scalar(s)
+            .bitwise_and(((1u64 << (64 - s)) - 1) as i64)
+    };
+    let z = x + (0x9E37_79B9_7F4A_7C15u64 as i64);
+    let z = z.bitwise_xor_tensor(&shr(&z, 30)) * (0xBF58_476D_1CE4_E5B9u64 as i64);
+    let z = z.bitwise_xor_tensor(&shr(&z, 27)) * (0x94D0_49BB_1331_11EBu64 as i64);
+    z.bitwise_xor_tensor(&shr(&z, 31))
+}
+
+/// Element-wise combination of two i64 key tensors (broadcasting).
+pub fn combine(a: &Tensor, b: &Tensor) -> Tensor {
+    hash(&(hash(a) * 31 + b))
+}
+
+/// The same combination for plain integers, for keys built on the host.
+pub fn combine_u64(a: u64, b: u64) -> i64 {
+    let t = combine(&Tensor::from(a as i64), &Tensor::from(b as i64));
+    t.int64_value(&[])
+}
+
+/// `[N, cols]` f32 uniforms in the open interval (0, 1): entry `(n, c)` a
+/// function of `keys[n]` (`[N]` i64) and `c` only.
+pub fn uniform(keys: &Tensor, cols: i64) -> Tensor {
+    let c = Tensor::arange(cols, (Kind::Int64, keys.device())).unsqueeze(0);
+    let h = combine(&keys.unsqueeze(1), &c);
+    // The top 24 bits, centred in their cell so neither 0 nor 1 comes out.
+    let top = h
+        .bitwise_right_shift_tensor_scalar(40)
+        .bitwise_and((1i64 << 24) - 1);
+    (top.to_kind(Kind::Float) + 0.5) / (1u64 << 24) as f64
+}
+
+/// `[N]` i64: for each row of `weights` (`[N, C]`, non-negative, not all
+/// zero) a column drawn with probability proportional to its weight, by
+/// inverting the row's cumulative weights at `u` (`[N]`, in (0, 1)): one
+/// uniform per row, and a column of weight 0 is never drawn.
+pub fn categorical(weights: &Tensor, u: &Tensor) -> Tensor {
+    let w = weights.to_kind(Kind::Float);
+    let c = w.size()[1];
+    let cdf = w.cumsum(1, Kind::Float);
+    let total = cdf.narrow(1, c - 1, 1);
+    let x = u.to_kind(Kind::Float).unsqueeze(1) * &total;
+    // The first column whose cumulative weight exceeds x.
+    let drawn = x
+        .searchsorted(&cdf, false, true, "right", None::<Tensor>)
+        .squeeze_dim(1);
+    // Rounding can put x at the very top: stay on the last column that
+    // has weight.
+    let index = Tensor::arange(c, (Kind::Int64, w.device())).unsqueeze(0);
+    let last = (w.gt(0.0).to_kind(Kind::Int64) * index).amax(1, false);
+    drawn.minimum(&last)
+}
+
+/// [`categorical`] with probabilities `softmax(logits / temperature)`.
+pub fn categorical_logits(logits: &Tensor, temperature: f64, u: &Tensor) -> Tensor {
+    let probs = (logits.to_kind(Kind::Float) / temperature.max(1e-6)).softmax(1, Kind::Float);
+    categorical(&probs, u)
+}
