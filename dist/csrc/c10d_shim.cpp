@@ -73,6 +73,7 @@
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
 
 #include <atomic>
@@ -86,6 +87,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <unordered_set>
 #include <vector>
 
 namespace gloo {
@@ -169,17 +171,19 @@ struct vlm_store {
 // What every user of a process group shares: the backend, and a lock that
 // serialises the *launch* of collectives. Collectives are launched from the
 // Rust thread that owns the group and, during backward, from autograd's
-// threads (the backward of all_gather_with_grad). Gloo numbers its collectives from an unsynchronised counter, and
+// threads (the backward of all_gather_with_grad, the reducer's gradient
+// hooks). Gloo numbers its collectives from an unsynchronised counter, and
 // every rank must launch in the same order, so launches never overlap.
-// A capsule in an autograd graph holds its own reference, so the backend outlives the Rust handle when they need it.
+// A capsule in an autograd graph and the reducer's hooks hold their own
+// reference, so the backend outlives the Rust handle when they need it.
 struct PgState : torch::CustomClassHolder {
   c10::intrusive_ptr<c10d::Backend> backend;
   std::mutex launch;
   std::chrono::milliseconds timeout{0};
   int rank = 0;
   int size = 1;
-  // The first collective that failed inside C++ (during backward), as a
-  // VLM_OP_* code; 0 while none has. Rust reads it so that
+  // The first collective that failed inside C++ (during backward or in the
+  // reducer), as a VLM_OP_* code; 0 while none has. Rust reads it so that
   // the group refuses further work, as after a failure it saw itself.
   std::atomic<int32_t> failed_op{0};
 
@@ -289,7 +293,7 @@ vlm_pg* new_pg(
 } // namespace
 
 // ---------------------------------------------------------------------------
-// Collectives inside autograd
+// Collectives inside autograd, and the gradient reducer
 // ---------------------------------------------------------------------------
 
 namespace {
@@ -380,7 +384,233 @@ struct GatherWithGrad : public torch::autograd::Function<GatherWithGrad> {
   }
 };
 
+// The dtype of a bucket's flat buffer for a parameter: fp32 for every
+// floating type up to 32 bits (bf16 and fp16 gradients are reduced in fp32),
+// the parameter's own type otherwise (fp64 stays fp64).
+at::ScalarType buffer_type(const at::Tensor& p) {
+  if (at::isFloatingType(p.scalar_type()) && p.element_size() <= 4) {
+    return at::kFloat;
+  }
+  return p.scalar_type();
+}
+
+struct Reducer;
+
+// Registered on each parameter by Reducer::attach: runs after autograd has
+// accumulated the parameter's gradient of this backward into `.grad`.
+struct ReducerHook : torch::autograd::PostAccumulateGradHook {
+  ReducerHook(std::weak_ptr<Reducer> r, size_t i)
+      : reducer(std::move(r)), index(i) {}
+  void operator()(const torch::autograd::Variable& param) override;
+  std::weak_ptr<Reducer> reducer;
+  size_t index;
+};
+
+struct Bucket {
+  std::vector<size_t> params; // indices into Reducer::params
+  std::vector<int64_t> offsets; // each one's first element in `buffer`
+  int64_t numel = 0;
+  at::Tensor buffer; // flat, allocated on first use and reused
+  size_t pending = 0; // gradients not yet copied in this step
+  c10::intrusive_ptr<c10d::Work> work;
+};
+
+// Bucketed gradient all-reduce (the part of DDP's c10d::Reducer vlmatch
+// needs). Buckets are given by the caller, in launch order. Without hooks,
+// finish() flattens, launches, waits, averages and writes back every bucket.
+// With hooks attached, a parameter's gradient is copied into its bucket as
+// soon as autograd has accumulated it, and a bucket is launched once all its
+// parameters have arrived and every earlier bucket has been launched (so all
+// ranks launch in the same order whatever their timing); finish() then only
+// launches the buckets whose parameters got no gradient (zeros) and waits.
+struct Reducer : std::enable_shared_from_this<Reducer> {
+  std::vector<at::Tensor> params;
+  std::vector<size_t> bucket_of;
+  std::vector<size_t> slot_of;
+  std::vector<char> arrived;
+  std::vector<Bucket> buckets;
+  std::mutex mu;
+  c10::intrusive_ptr<PgState> attached; // the group of the hooks, if any
+  bool sync = true;
+  size_t next_launch = 0;
+  std::string error; // the first failure inside a hook
+  int32_t error_op = VLM_OP_NONE;
+  // Buckets the hooks had launched when the last finish() began.
+  size_t last_overlapped = 0;
+
+  void copy_in(size_t i) {
+    Bucket& b = buckets[bucket_of[i]];
+    const at::Tensor& p = params[i];
+    if (!b.buffer.defined()) {
+      b.buffer = at::empty(
+          {b.numel}, p.options().dtype(buffer_type(p)).requires_grad(false));
+    }
+    at::Tensor slot = b.buffer.narrow(0, b.offsets[slot_of[i]], p.numel());
+    at::Tensor g = p.grad();
+    if (g.defined()) {
+      TORCH_CHECK(
+          !g.is_sparse(), "parameter ", i, " has a sparse gradient");
+      slot.copy_(g.reshape({-1}));
+    } else {
+      slot.zero_();
+    }
+  }
+
+  void launch(PgState& pg, Bucket& b) {
+    b.work = start_allreduce_sum(pg, b.buffer);
+  }
+
+  // Launches, in order, the buckets whose gradients have all arrived.
+  void launch_ready(PgState& pg) {
+    while (next_launch < buckets.size() && buckets[next_launch].pending == 0) {
+      launch(pg, buckets[next_launch]);
+      ++next_launch;
+    }
+  }
+
+  void on_grad(size_t i) {
+    std::lock_guard<std::mutex> guard(mu);
+    if (!sync || !attached || !error.empty()) {
+      return;
+    }
+    try {
+      at::NoGradGuard no_grad;
+      Bucket& b = buckets[bucket_of[i]];
+      if (arrived[i]) {
+        // A second backward in the same step, before finish().
+        TORCH_CHECK(
+            !b.work,
+            "parameter ",
+            i,
+            " received a gradient after its bucket was already being "
+            "reduced (two backward passes before reduce: turn the sync "
+            "off for the micro-steps of gradient accumulation)");
+        copy_in(i);
+        return;
+      }
+      copy_in(i);
+      arrived[i] = 1;
+      --b.pending;
+      launch_ready(*attached);
+    } catch (const c10::Error& e) {
+      error = e.what_without_backtrace();
+      error_op = VLM_OP_ALLREDUCE;
+    } catch (const std::exception& e) {
+      error = e.what();
+      error_op = VLM_OP_ALLREDUCE;
+    }
+  }
+
+  void reset() {
+    std::fill(arrived.begin(), arrived.end(), 0);
+    for (Bucket& b : buckets) {
+      b.pending = b.params.size();
+      b.work.reset();
+    }
+    next_launch = 0;
+    error.clear();
+    error_op = VLM_OP_NONE;
+  }
+
+  // Completes the step's reduction on `pg`: launches what is not launched
+  // yet, waits for all, divides by the world size and writes the averages
+  // back into every parameter's `.grad` (defining missing ones).
+  void finish(const c10::intrusive_ptr<PgState>& pg, std::chrono::milliseconds timeout) {
+    std::lock_guard<std::mutex> guard(mu);
+    at::NoGradGuard no_grad;
+    struct Reset {
+      Reducer* r;
+      ~Reset() {
+        r->reset();
+      }
+    } reset_at_exit{this};
+    TORCH_CHECK(
+        !attached || attached.get() == pg.get(),
+        "the reducer's hooks are attached to another process group");
+    if (!error.empty()) {
+      int32_t none = VLM_OP_NONE;
+      pg->failed_op.compare_exchange_strong(none, error_op);
+      TORCH_CHECK(false, "during backward: ", error);
+    }
+    last_overlapped = next_launch;
+    for (; next_launch < buckets.size(); ++next_launch) {
+      Bucket& b = buckets[next_launch];
+      for (size_t i : b.params) {
+        if (!arrived[i]) {
+          copy_in(i);
+        }
+      }
+      launch(*pg, b);
+    }
+    for (Bucket& b : buckets) {
+      wait_or_fail(*pg, b.work, timeout, VLM_OP_ALLREDUCE);
+    }
+    for (Bucket& b : buckets) {
+      b.buffer.div_(pg->size);
+      for (size_t k = 0; k < b.params.size(); ++k) {
+        const at::Tensor& p = params[b.params[k]];
+        at::Tensor avg = b.buffer.narrow(0, b.offsets[k], p.numel()).view(p.sizes());
+        at::Tensor& g = p.mutable_grad();
+        if (g.defined()) {
+          g.copy_(avg);
+        } else {
+          g = avg.to(p.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+        }
+      }
+    }
+  }
+
+  void attach(const c10::intrusive_ptr<PgState>& pg) {
+    std::lock_guard<std::mutex> guard(mu);
+    TORCH_CHECK(!attached, "the reducer's hooks are already attached");
+    for (size_t i = 0; i < params.size(); ++i) {
+      const at::Tensor& p = params[i];
+      TORCH_CHECK(
+          p.is_leaf() && p.requires_grad(),
+          "parameter ",
+          i,
+          " is not a leaf tensor that requires grad; gradient hooks need one");
+      TORCH_CHECK(
+          !torch::autograd::impl::post_acc_grad_hooks(p),
+          "parameter ",
+          i,
+          " already has a post-accumulate-grad hook");
+    }
+    for (size_t i = 0; i < params.size(); ++i) {
+      torch::autograd::impl::set_post_acc_grad_hooks(
+          params[i], std::make_unique<ReducerHook>(weak_from_this(), i));
+    }
+    attached = pg;
+  }
+
+  void detach() {
+    std::lock_guard<std::mutex> guard(mu);
+    if (!attached) {
+      return;
+    }
+    for (const at::Tensor& p : params) {
+      auto& hook = torch::autograd::impl::post_acc_grad_hooks(p);
+      auto* ours = dynamic_cast<ReducerHook*>(hook.get());
+      if (ours != nullptr && ours->reducer.lock().get() == this) {
+        hook.reset();
+      }
+    }
+    attached.reset();
+    reset();
+  }
+};
+
+void ReducerHook::operator()(const torch::autograd::Variable& /*param*/) {
+  if (auto r = reducer.lock()) {
+    r->on_grad(index);
+  }
+}
+
 } // namespace
+
+struct vlm_reducer {
+  std::shared_ptr<Reducer> reducer;
+};
 
 extern "C" {
 
@@ -681,7 +911,7 @@ int32_t vlm_pg_barrier(vlm_pg* pg, vlm_work** out, char** err) {
 }
 
 // The collective (a VLM_OP_* code) that failed inside C++ on this group
-// (in backward), 0 if none.
+// (in backward or in the reducer), 0 if none.
 int32_t vlm_pg_failed_op(vlm_pg* pg) {
   return pg->state->failed_op.load();
 }
@@ -696,6 +926,117 @@ int32_t vlm_pg_allgather_with_grad(
   return guarded(err, [&] {
     at::Tensor result = GatherWithGrad::apply(*input, pg->state);
     *out = new at::Tensor(std::move(result));
+    return VLM_OK;
+  });
+}
+
+// Sets `param.grad` to `grad` (no copy), defining it where it was undefined.
+int32_t vlm_tensor_set_grad(at::Tensor* param, at::Tensor* grad, char** err) {
+  return guarded(err, [&] {
+    param->mutable_grad() = *grad;
+    return VLM_OK;
+  });
+}
+
+// A reducer over `n` parameters; `bucket_of[i]` is parameter i's bucket,
+// buckets numbered 0.. in launch order, each listing its parameters in the
+// order given. Every bucket's parameters must share device and buffer type.
+int32_t vlm_reducer_new(
+    at::Tensor* const* params,
+    const size_t* bucket_of,
+    size_t n,
+    vlm_reducer** out,
+    char** err) {
+  return guarded(err, [&] {
+    auto r = std::make_shared<Reducer>();
+    size_t nb = 0;
+    for (size_t i = 0; i < n; ++i) {
+      nb = std::max(nb, bucket_of[i] + 1);
+    }
+    r->buckets.resize(nb);
+    std::unordered_set<const void*> seen;
+    for (size_t i = 0; i < n; ++i) {
+      const at::Tensor& p = *params[i];
+      TORCH_CHECK(p.defined(), "parameter ", i, " is undefined");
+      TORCH_CHECK(
+          seen.insert(p.unsafeGetTensorImpl()).second,
+          "parameter ",
+          i,
+          " is listed twice");
+      Bucket& b = r->buckets[bucket_of[i]];
+      if (!b.params.empty()) {
+        const at::Tensor& first = r->params[b.params[0]];
+        TORCH_CHECK(
+            first.device() == p.device() && buffer_type(first) == buffer_type(p),
+            "parameter ",
+            i,
+            " differs in device or gradient type from the rest of its bucket");
+      }
+      r->params.push_back(p);
+      r->bucket_of.push_back(bucket_of[i]);
+      r->slot_of.push_back(b.params.size());
+      b.params.push_back(i);
+      b.offsets.push_back(b.numel);
+      b.numel += p.numel();
+    }
+    for (size_t k = 0; k < nb; ++k) {
+      TORCH_CHECK(!r->buckets[k].params.empty(), "bucket ", k, " is empty");
+    }
+    r->arrived.assign(n, 0);
+    r->reset();
+    *out = new vlm_reducer{std::move(r)};
+    return VLM_OK;
+  });
+}
+
+void vlm_reducer_free(vlm_reducer* r) {
+  if (r != nullptr) {
+    try {
+      r->reducer->detach();
+    } catch (...) {
+    }
+    delete r;
+  }
+}
+
+// Registers the gradient hooks: later backward passes launch each bucket's
+// all-reduce on `pg` as soon as its gradients are complete.
+int32_t vlm_reducer_attach(vlm_reducer* r, vlm_pg* pg, char** err) {
+  return guarded(err, [&] {
+    r->reducer->attach(pg->state);
+    return VLM_OK;
+  });
+}
+
+void vlm_reducer_detach(vlm_reducer* r) {
+  try {
+    r->reducer->detach();
+  } catch (...) {
+  }
+}
+
+// With the hooks attached: whether they copy and launch (1) or let the
+// gradients accumulate untouched (0, the micro-steps of accumulation).
+void vlm_reducer_set_sync(vlm_reducer* r, int32_t sync) {
+  std::lock_guard<std::mutex> guard(r->reducer->mu);
+  r->reducer->sync = sync != 0;
+}
+
+size_t vlm_reducer_last_overlapped(vlm_reducer* r) {
+  std::lock_guard<std::mutex> guard(r->reducer->mu);
+  return r->reducer->last_overlapped;
+}
+
+// After backward: completes the step's all-reduce on `pg` and writes every
+// parameter's averaged gradient back. A bucket still pending after
+// `timeout_ms` fails with a message saying "timed out".
+int32_t vlm_reducer_finish(
+    vlm_reducer* r,
+    vlm_pg* pg,
+    int64_t timeout_ms,
+    char** err) {
+  return guarded(err, [&] {
+    r->reducer->finish(pg->state, std::chrono::milliseconds(timeout_ms));
     return VLM_OK;
   });
 }

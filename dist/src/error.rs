@@ -136,6 +136,11 @@ pub enum DistError {
         failed: Op,
     },
 
+    /// Parameters a gradient reducer cannot work with (duplicates, no
+    /// gradient hooks possible, ...), caught before any rank communicates.
+    #[error("gradient reducer: {detail}")]
+    InvalidParameters { detail: String },
+
     /// A call with arguments that cannot work, caught before any rank
     /// communicates.
     #[error("rank {rank}: {what}: {detail}")]

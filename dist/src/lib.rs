@@ -32,6 +32,7 @@ mod collective;
 mod error;
 mod ffi;
 pub mod launch;
+pub mod reducer;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,6 +43,7 @@ use tch::{Device, Tensor};
 pub use collective::{to_core_error, DistCollective};
 pub use error::{Backend, DistError, Op, Result};
 pub use launch::{LaunchEnv, LaunchError, Launcher};
+pub use reducer::{agree_any, broadcast_parameters, set_grad, GradReducer, DEFAULT_BUCKET_MB};
 
 use ffi::{Failure, PgHandle, RawBackend, StoreHandle, WorkHandle};
 
@@ -333,7 +335,8 @@ impl ProcessGroup {
         self.info.timeout
     }
 
-    /// Where the group's own small tensors live: the CPU for Gloo; for NCCL `cuda:0` unless set with
+    /// Where the group's own small tensors live (the flag of
+    /// [`agree_any`]): the CPU for Gloo; for NCCL `cuda:0` unless set with
     /// [`ProcessGroup::set_device`] (right when each rank sees one GPU, as
     /// with `CUDA_VISIBLE_DEVICES` per rank; else set `cuda:LOCAL_RANK`).
     pub fn device(&self) -> Device {
@@ -348,7 +351,8 @@ impl ProcessGroup {
     fn handle(&self, op: Op) -> Result<&PgHandle> {
         let raw = self.raw.as_ref().expect("the handle lives until drop");
         if let Some(failed) = raw.failed_in_cpp() {
-            // A collective inside backward (all_gather_with_grad) failed.
+            // A collective inside backward (all_gather_with_grad) or the
+            // gradient reducer failed.
             self.state.fail(failed);
         }
         if let Some(failed) = self.state.failed() {

@@ -19,7 +19,10 @@ use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 use vlmatch_core::Collective;
-use vlmatch_dist::{DistCollective, DistError, LaunchEnv, Op, ProcessGroup, Store};
+use vlmatch_dist::{
+    agree_any, broadcast_parameters, DistCollective, DistError, GradReducer, LaunchEnv, Op,
+    ProcessGroup, Store,
+};
 
 const ROLE: &str = "DIST_TEST_ROLE";
 /// Kill a scenario's ranks after this long: a hang is a failure, not a
@@ -52,11 +55,19 @@ fn main() {
         ("async_all_reduces_3_ranks", async_all_reduces, false),
         ("gather_with_grad_2_ranks", || gather_with_grad(2), false),
         ("gather_with_grad_3_ranks", || gather_with_grad(3), false),
+        ("grad_reducer_2_ranks", || grad_reducer(2), false),
+        ("grad_reducer_3_ranks", || grad_reducer(3), false),
+        (
+            "broadcast_parameters_and_agree_any_3_ranks",
+            broadcast_and_agree,
+            false,
+        ),
         ("dead_worker_fails_the_master_wait", || dead_rank(1), false),
         ("dead_master_fails_the_worker_wait", || dead_rank(0), false),
         ("hung_rank_times_out", hung_rank, false),
         ("missing_rank_fails_rendezvous", missing_rank, false),
         ("nccl_group", nccl_group, false),
+        ("overlap_timing", overlap_timing, true),
     ];
     let chosen: Vec<&Scenario> = scenarios
         .iter()
@@ -345,6 +356,35 @@ fn gather_with_grad(world: usize) -> Result<(), String> {
     Ok(())
 }
 
+fn grad_reducer(world: usize) -> Result<(), String> {
+    for f in run_all("reducer", world)? {
+        if f.rank == 0 {
+            println!(
+                "    rank 0: {}",
+                reported(&f, "reducer:").unwrap_or("(no report)")
+            );
+        }
+    }
+    Ok(())
+}
+
+fn broadcast_and_agree() -> Result<(), String> {
+    run_all("broadcast", 3).map(|_| ())
+}
+
+/// A measurement, not a check: 2 ranks reduce ~10.5 M fp32 gradients of a
+/// chain of linear layers, after backward and overlapped with it.
+fn overlap_timing() -> Result<(), String> {
+    let finished = run_all("timing", 2)?;
+    for f in &finished {
+        println!("    --- rank {}", f.rank);
+        for line in f.stdout.lines().filter(|l| l.starts_with("timing")) {
+            println!("    {line}");
+        }
+    }
+    Ok(())
+}
+
 /// Rank 1 stays alive but stops calling collectives: rank 0's wait must
 /// end with a timeout error after about the group's timeout.
 fn hung_rank() -> Result<(), String> {
@@ -414,6 +454,9 @@ fn run_role(role: &str) -> Result<(), String> {
         "alone" => role_alone(&env),
         "nccl" => role_nccl(&env),
         "gather" => role_gather(&env),
+        "reducer" => role_reducer(&env),
+        "broadcast" => role_broadcast(&env),
+        "timing" => role_timing(&env),
         other => Err(format!("unknown role {other}")),
     }
 }
@@ -852,5 +895,314 @@ fn role_gather(env: &LaunchEnv) -> Result<(), String> {
         scalar.double_value(&[]),
         (n * (n - 1) / 2) as f64,
     )?;
+    Ok(())
+}
+
+/// The parameters of the reducer test: shapes, with parameter 2 unused on
+/// rank 0 and parameter 3 unused everywhere; parameter 5 is fp64.
+fn reducer_params() -> Vec<Tensor> {
+    let f = |shape: &[i64]| Tensor::zeros(shape, cpu(Kind::Float)).set_requires_grad(true);
+    vec![
+        f(&[5]),
+        f(&[3, 4]),
+        f(&[7]),
+        f(&[2]),
+        f(&[1000]),
+        Tensor::zeros([6], cpu(Kind::Double)).set_requires_grad(true),
+    ]
+}
+
+/// Rank r's gradient of parameter i at micro-step k: multiples of 1/4, so
+/// sums and halves are exact in fp32.
+fn reducer_coeff(r: usize, i: usize, k: usize, p: &Tensor) -> Tensor {
+    let base = ((r + 1) * (i + 1) + 3 * k) as f64;
+    (Tensor::arange(p.numel() as i64, (p.kind(), Device::Cpu)) * 0.25 + base)
+        .reshape(p.size().as_slice())
+}
+
+fn reducer_used(r: usize, i: usize) -> bool {
+    i != 3 && !(i == 2 && r == 0)
+}
+
+/// Backward of rank r's loss at micro-step k: gradient `reducer_coeff`.
+fn reducer_backward(r: usize, k: usize, params: &[Tensor]) -> Result<(), String> {
+    let loss = params
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| reducer_used(r, *i))
+        .map(|(i, p)| (p * reducer_coeff(r, i, k, p)).sum(Kind::Double))
+        .reduce(|a, b| a + b)
+        .expect("some parameter is used");
+    loss.f_backward().map_err(|e| e.to_string())
+}
+
+/// The average over ranks of the gradients of micro-steps `ks`.
+fn reducer_expected(n: usize, i: usize, ks: &[usize], p: &Tensor) -> Tensor {
+    let mut sum = p.zeros_like();
+    for q in 0..n {
+        for &k in ks {
+            if reducer_used(q, i) {
+                sum += reducer_coeff(q, i, k, p);
+            }
+        }
+    }
+    sum / n as f64
+}
+
+fn check_grads(what: &str, n: usize, ks: &[usize], params: &[Tensor]) -> Result<(), String> {
+    for (i, p) in params.iter().enumerate() {
+        let g = p.grad();
+        if !g.defined() {
+            return Err(format!("{what}: parameter {i} has no gradient"));
+        }
+        let want = reducer_expected(n, i, ks, p);
+        let d = max_abs_diff(&g, &want);
+        let exact = n == 2;
+        if (exact && d != 0.0) || d > 1e-5 {
+            return Err(format!(
+                "{what}: parameter {i}'s gradient is off by {d}: {g:?} vs {want:?}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn zero_grads(params: &mut [Tensor]) {
+    for p in params.iter_mut() {
+        p.zero_grad();
+    }
+}
+
+fn role_reducer(env: &LaunchEnv) -> Result<(), String> {
+    let (_store, pg) = setup(env, HEALTHY_TIMEOUT)?;
+    let err = |e: DistError| e.to_string();
+    let (r, n) = (env.rank, env.world_size);
+
+    // Reduce after backward, buckets of about 64 bytes: several buckets,
+    // one with the unused parameters.
+    let params = reducer_params();
+    let reducer = GradReducer::new(&params, 64.0 / (1024.0 * 1024.0)).map_err(err)?;
+    let buckets = reducer.buckets().to_vec();
+    if buckets.len() < 3 || buckets[0][0] != params.len() - 1 {
+        return Err(format!("unexpected buckets {buckets:?}"));
+    }
+    reducer_backward(r, 0, &params)?;
+    if params[3].grad().defined() {
+        return Err("an unused parameter has a gradient before reduce".into());
+    }
+    reducer.reduce(&pg).map_err(err)?;
+    check_grads("reduce after backward", n, &[0], &params)?;
+
+    // Overlapped with backward, on fresh parameters (undefined gradients
+    // again), for two steps, the second accumulating two micro-steps.
+    let mut params = reducer_params();
+    let mut reducer = GradReducer::new(&params, 64.0 / (1024.0 * 1024.0)).map_err(err)?;
+    reducer.overlap_with_backward(&pg).map_err(err)?;
+    reducer_backward(r, 0, &params)?;
+    reducer.reduce(&pg).map_err(err)?;
+    check_grads("overlapped, step 1", n, &[0], &params)?;
+    let overlapped = reducer.last_overlapped_buckets();
+    // Buckets up to the one holding parameter 2 (unused on rank 0) start
+    // during backward on every rank; that and later ones in reduce().
+    if overlapped == 0 {
+        return Err("no bucket started during backward".into());
+    }
+    zero_grads(&mut params);
+    reducer.set_sync(false);
+    reducer_backward(r, 1, &params)?;
+    reducer.set_sync(true);
+    reducer_backward(r, 2, &params)?;
+    reducer.reduce(&pg).map_err(err)?;
+    check_grads("overlapped, step 2 (2 micro-steps)", n, &[1, 2], &params)?;
+    // Without the hooks, the same reducer reduces after backward again.
+    reducer.stop_overlap();
+    zero_grads(&mut params);
+    reducer_backward(r, 4, &params)?;
+    reducer.reduce(&pg).map_err(err)?;
+    check_grads("after stop_overlap", n, &[4], &params)?;
+    if reducer.last_overlapped_buckets() != 0 {
+        return Err("buckets started without hooks".into());
+    }
+    println!(
+        "reducer: {} buckets {:?}; with hooks {} of them started during backward",
+        buckets.len(),
+        buckets,
+        overlapped
+    );
+    Ok(())
+}
+
+fn role_broadcast(env: &LaunchEnv) -> Result<(), String> {
+    let (_store, pg) = setup(env, HEALTHY_TIMEOUT)?;
+    let err = |e: DistError| e.to_string();
+    let r = env.rank as i64;
+    let a = Tensor::full([3, 4], r as f64, cpu(Kind::Float)).set_requires_grad(true);
+    let b = (Tensor::arange(5, cpu(Kind::Double)) * (r + 1) as f64).set_requires_grad(true);
+    let c = Tensor::from_slice(&[r, r, r]);
+    // A non-contiguous view (a transposed buffer).
+    let d_storage = Tensor::full([4, 3], r as f64, cpu(Kind::Float));
+    let d = d_storage.tr();
+    let params = [a.shallow_clone(), b.shallow_clone(), c.shallow_clone(), d];
+    broadcast_parameters(&pg, &params).map_err(err)?;
+    expect_eq("a from rank 0", f32s(&a), vec![0.0; 12])?;
+    expect_eq(
+        "b from rank 0",
+        Vec::<f64>::try_from(&b).expect("f64"),
+        vec![0.0, 1.0, 2.0, 3.0, 4.0],
+    )?;
+    expect_eq("c from rank 0", i64s(&c), vec![0, 0, 0])?;
+    expect_eq("d from rank 0", f32s(&d_storage), vec![0.0; 12])?;
+    if !a.requires_grad() || !a.is_leaf() || a.grad().defined() {
+        return Err("a is no longer a leaf parameter without gradient".into());
+    }
+
+    let me_only = agree_any(&pg, r == 1).map_err(err)?;
+    let nobody = agree_any(&pg, false).map_err(err)?;
+    let everyone = agree_any(&pg, true).map_err(err)?;
+    expect_eq("agree_any (rank 1 only)", me_only, true)?;
+    expect_eq("agree_any (nobody)", nobody, false)?;
+    expect_eq("agree_any (everyone)", everyone, true)?;
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn role_timing(env: &LaunchEnv) -> Result<(), String> {
+    let (_store, pg) = setup(env, Duration::from_secs(120))?;
+    let err = |e: DistError| e.to_string();
+    let (layers, width, batch) = (10i64, 1024i64, 16i64);
+    let env_or = |var: &str, default: f64| {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(default)
+    };
+    let reps = env_or("REPS", 5.0) as usize;
+    let bucket_mb = env_or("BUCKET_MB", 25.0);
+    tch::manual_seed(0);
+    let mut params = Vec::new();
+    for _ in 0..layers {
+        params
+            .push((Tensor::randn([width, width], cpu(Kind::Float)) * 0.03).set_requires_grad(true));
+        params.push(Tensor::zeros([width], cpu(Kind::Float)).set_requires_grad(true));
+    }
+    let numel: i64 = params.iter().map(|p| p.numel() as i64).sum();
+    let input = Tensor::randn([batch, width], cpu(Kind::Float));
+    let backward = |params: &[Tensor]| -> Result<(), String> {
+        let mut h = input.shallow_clone();
+        for l in 0..layers as usize {
+            h = (h.matmul(&params[2 * l]) + &params[2 * l + 1]).tanh();
+        }
+        h.sum(Kind::Float).f_backward().map_err(|e| e.to_string())
+    };
+    let mut reducer = GradReducer::new(&params, bucket_mb).map_err(err)?;
+    let secs = |t: Instant| t.elapsed().as_secs_f64();
+    let run = |reducer: &GradReducer, params: &mut [Tensor]| -> Result<(f64, f64), String> {
+        zero_grads(params);
+        pg.barrier().map_err(err)?;
+        let t = Instant::now();
+        backward(params)?;
+        let b = secs(t);
+        let t = Instant::now();
+        reducer.reduce(&pg).map_err(err)?;
+        Ok((b, secs(t)))
+    };
+    run(&reducer, &mut params)?; // warm-up
+    let (mut ab, mut ar) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        let (b, r) = run(&reducer, &mut params)?;
+        ab.push(b);
+        ar.push(r);
+    }
+    reducer.overlap_with_backward(&pg).map_err(err)?;
+    run(&reducer, &mut params)?; // warm-up
+    let (mut ob, mut or) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        let (b, r) = run(&reducer, &mut params)?;
+        ob.push(b);
+        or.push(r);
+    }
+    let overlapped = reducer.last_overlapped_buckets();
+    reducer.stop_overlap();
+    // Backward alone, with nothing reducing.
+    let mut bare = Vec::new();
+    for _ in 0..reps {
+        zero_grads(&mut params);
+        pg.barrier().map_err(err)?;
+        let t = Instant::now();
+        backward(&params)?;
+        bare.push(secs(t));
+    }
+    // A plain all-reduce of the same bytes in one buffer, and of the base
+    // preset's gradient bytes (BASE_PARAMS floats, if set).
+    let mut one = [Tensor::ones([numel], cpu(Kind::Float))];
+    let mut flat = Vec::new();
+    for _ in 0..reps {
+        pg.barrier().map_err(err)?;
+        let t = Instant::now();
+        pg.all_reduce_sum(&mut one)
+            .map_err(err)?
+            .wait()
+            .map_err(err)?;
+        flat.push(secs(t));
+    }
+    let ms = |v: f64| v * 1e3;
+    let mb = numel as f64 * 4.0 / 1e6;
+    println!(
+        "timing: {numel} fp32 gradients ({mb:.1} MB) in {} buckets of <= {bucket_mb} MiB, {} ranks, medians of {reps}",
+        reducer.buckets().len(),
+        env.world_size
+    );
+    let total = |b: &[f64], r: &[f64]| median(b.iter().zip(r).map(|(b, r)| b + r).collect());
+    println!(
+        "timing: backward alone                    {:8.1} ms",
+        ms(median(bare))
+    );
+    println!(
+        "timing: after backward:  backward {:8.1} ms + reduce {:8.1} ms = {:8.1} ms",
+        ms(median(ab.clone())),
+        ms(median(ar.clone())),
+        ms(total(&ab, &ar))
+    );
+    println!(
+        "timing: overlapped:      backward {:8.1} ms + finish {:8.1} ms = {:8.1} ms ({overlapped} of {} buckets started in backward)",
+        ms(median(ob.clone())),
+        ms(median(or.clone())),
+        ms(total(&ob, &or)),
+        reducer.buckets().len()
+    );
+    let fm = median(flat);
+    let n = env.world_size as f64;
+    println!(
+        "timing: one flat all_reduce of {mb:.1} MB  {:8.1} ms: bus bandwidth 2(n-1)/n x bytes / time = {:.2} GB/s",
+        ms(fm),
+        2.0 * (n - 1.0) / n * mb / 1e3 / fm
+    );
+    if let Some(base) = std::env::var("BASE_PARAMS")
+        .ok()
+        .and_then(|v| v.parse::<i64>().ok())
+    {
+        let mut big = [Tensor::ones([base], cpu(Kind::Float))];
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            pg.barrier().map_err(err)?;
+            let t = Instant::now();
+            pg.all_reduce_sum(&mut big)
+                .map_err(err)?
+                .wait()
+                .map_err(err)?;
+            v.push(secs(t));
+        }
+        let bm = median(v);
+        let bmb = base as f64 * 4.0 / 1e6;
+        println!(
+            "timing: one flat all_reduce of {bmb:.1} MB (BASE_PARAMS) {:8.1} ms: bus bandwidth {:.2} GB/s",
+            ms(bm),
+            2.0 * (n - 1.0) / n * bmb / 1e3 / bm
+        );
+    }
     Ok(())
 }
