@@ -4,11 +4,20 @@
 //! training) always holds the same pairs: epoch `g / batches_per_epoch` is a
 //! permutation fixed by the seed and the epoch number. Resuming at batch `g`
 //! therefore needs only `g`. A shard stream ([`Source::Shards`]) is
-//! reproduced from the seed and the first `g * batch_size` pairs skipped.
+//! reproduced from the seed and the first `g` global batches of pairs skipped.
+//!
+//! In data-parallel training ([`LoaderConfig::shard`]) `batch_size` is one
+//! rank's part: global batch `g` is drawn exactly as one process drawing
+//! `world * batch_size` pairs would, and rank `r` keeps its rows
+//! `r * batch_size..(r + 1) * batch_size` (`DistributedSampler`'s contract:
+//! the ranks' parts are disjoint and their union is the global batch). Each
+//! row's [`Batch::sample_keys`] is its place in the global order, so draws
+//! keyed by it do not depend on the split.
 //!
 //! With `data.on_error = "skip"`, a pair whose image does not decode is
 //! replaced by the next pair of the same batch (cyclically) that decodes, so
 //! the batch keeps its size and resuming stays exact; the loader counts them.
+//! (Under data parallelism the replacement comes from the rank's own part.)
 
 use super::webdataset::{PairStream, Shards};
 use super::{Dataset, OnError};
@@ -95,6 +104,10 @@ pub struct LoaderConfig {
     pub skipped: Arc<AtomicUsize>,
     /// Per-caption work for the samplers, done on the worker threads.
     pub preps: CaptionPreps,
+    /// This rank's index and the number of ranks sharing each batch
+    /// ([`LoaderConfig::shard`]); 0 and 1 on one process.
+    pub rank: usize,
+    pub world: usize,
 }
 
 impl LoaderConfig {
@@ -117,7 +130,31 @@ impl LoaderConfig {
             positive_rule: data.positives.into(),
             skipped: Arc::new(AtomicUsize::new(0)),
             preps: CaptionPreps::default(),
+            rank: 0,
+            world: 1,
         }
+    }
+
+    /// The loader of rank `rank` of `world`: `batch_size` becomes the
+    /// per-rank part of a global batch of `world * batch_size` pairs.
+    pub fn shard(mut self, rank: usize, world: usize) -> Self {
+        assert!(
+            rank < world,
+            "rank {rank} is not below the world size {world}"
+        );
+        self.rank = rank;
+        self.world = world;
+        self
+    }
+
+    /// Pairs per global batch: every rank's part together.
+    pub fn global_batch(&self) -> usize {
+        self.batch_size * self.world
+    }
+
+    /// This rank's rows of a global batch.
+    fn part(&self) -> std::ops::Range<usize> {
+        self.rank * self.batch_size..(self.rank + 1) * self.batch_size
     }
 }
 
@@ -273,10 +310,21 @@ pub fn make_batch(
         image_ids: Tensor::from_slice(&image_ids).to_kind(Kind::Int64),
         image_keys: Tensor::from_slice(&image_keys),
         positive_rule: cfg.positive_rule,
+        // The dataset's pair indices; a training loader replaces them with
+        // global sample positions (`with_sample_keys`).
+        sample_keys: Tensor::from_slice(&source.iter().map(|&i| i as i64).collect::<Vec<_>>()),
         captions,
         pairs: source,
         prepared,
     })
+}
+
+/// `batch` with sample keys `first..first + B`: its rows' places in the
+/// run's global sample order (random draws are keyed by them).
+fn with_sample_keys(mut batch: Batch, first: u64) -> Batch {
+    let b = batch.len();
+    batch.sample_keys = Tensor::arange(b, (Kind::Int64, tch::Device::Cpu)) + first as i64;
+    batch
 }
 
 /// What a training [`Loader`] reads: pairs in memory, or a shard stream.
@@ -331,8 +379,10 @@ impl Loader {
         self.skipped
     }
 
-    /// Batches of the shard stream: pairs `g * batch_size..` of the stream
-    /// that `shards` and the seed fix, decoded on the worker threads.
+    /// Batches of the shard stream: pairs `g * global_batch..` of the stream
+    /// that `shards` and the seed fix, decoded on the worker threads. Every
+    /// rank walks the whole stream (tar headers and captions) and reads the
+    /// images of its own part only.
     fn stream(
         shards: Shards,
         tok: Arc<Tokenizer>,
@@ -345,16 +395,20 @@ impl Loader {
         std::thread::Builder::new()
             .name("vlmatch-loader".into())
             .spawn(move || {
-                let bs = cfg.batch_size;
-                if let Err(e) = stream.skip(start * bs as u64) {
+                let (bs, global) = (cfg.batch_size, cfg.global_batch());
+                if let Err(e) = stream.skip(start * global as u64) {
                     let _ = tx.send((Err(e), 0));
                     return;
                 }
                 let idx: Vec<usize> = (0..bs).collect();
-                loop {
+                for g in start.. {
                     let batch = counted(&cfg, || {
-                        let ds = stream.next_dataset(bs)?;
-                        make_batch(&ds, &tok, &cfg, &idx)
+                        let ds = stream.next_part(global, cfg.part())?;
+                        let batch = make_batch(&ds, &tok, &cfg, &idx)?;
+                        Ok(with_sample_keys(
+                            batch,
+                            g * global as u64 + cfg.part().start as u64,
+                        ))
                     });
                     let failed = batch.0.is_err();
                     if tx.send(batch).is_err() || failed {
@@ -377,14 +431,26 @@ impl Loader {
         cfg: LoaderConfig,
         start: u64,
     ) -> Result<Loader> {
-        let bpe = (ds.len() / cfg.batch_size) as u64;
+        let global = cfg.global_batch();
+        let bpe = (ds.len() / global) as u64;
         if bpe == 0 {
-            return Err(Error::Config(format!(
-                "dataset {} has {} pairs, fewer than train.batch_size {}",
-                ds.name,
-                ds.len(),
-                cfg.batch_size
-            )));
+            return Err(Error::Config(if cfg.world > 1 {
+                format!(
+                    "dataset {} has {} pairs, fewer than one global batch of {} ranks x \
+                     train.batch_size {} = {global}",
+                    ds.name,
+                    ds.len(),
+                    cfg.world,
+                    cfg.batch_size
+                )
+            } else {
+                format!(
+                    "dataset {} has {} pairs, fewer than train.batch_size {}",
+                    ds.name,
+                    ds.len(),
+                    cfg.batch_size
+                )
+            }));
         }
         let (tx, rx) = sync_channel(cfg.prefetch.max(1));
         std::thread::Builder::new()
@@ -398,8 +464,14 @@ impl Loader {
                         epoch = e;
                         order = epoch_order(ds.len(), cfg.shuffle_seed, e);
                     }
-                    let idx = slice(&order, (g % bpe) as usize, cfg.batch_size);
-                    let batch = counted(&cfg, || make_batch(&ds, &tok, &cfg, idx));
+                    let idx = &slice(&order, (g % bpe) as usize, global)[cfg.part()];
+                    let batch = counted(&cfg, || {
+                        let batch = make_batch(&ds, &tok, &cfg, idx)?;
+                        Ok(with_sample_keys(
+                            batch,
+                            g * global as u64 + cfg.part().start as u64,
+                        ))
+                    });
                     let failed = batch.0.is_err();
                     if tx.send(batch).is_err() || failed {
                         return;
