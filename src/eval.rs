@@ -12,7 +12,7 @@ use crate::data::Dataset;
 use crate::tokenizer::Tokenizer;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
-use vlmatch_core::{Encoded, EncoderInput, Result, VlModel};
+use vlmatch_core::{Collective, Encoded, EncoderInput, Result, VlModel};
 use word_swap::WordSwap;
 
 #[derive(Debug, Clone, Serialize)]
@@ -317,6 +317,21 @@ pub fn retrieval_reranked(
     rerank: &str,
     progress: &indicatif::ProgressBar,
 ) -> Result<RerankedRetrieval> {
+    retrieval_reranked_sharded(model, ds, inp, k, rerank, None, progress)
+}
+
+/// [`retrieval_reranked`] with the ITM re-ranking, the costly part, shared
+/// among the ranks of `shard` ([`reranked_recalls_sharded`]); every rank
+/// gets the recalls one process computes.
+pub fn retrieval_reranked_sharded(
+    model: &VlModel,
+    ds: &Dataset,
+    inp: &EvalInputs<'_>,
+    k: usize,
+    rerank: &str,
+    shard: Option<&dyn Collective>,
+    progress: &indicatif::ProgressBar,
+) -> Result<RerankedRetrieval> {
     check_rerank(rerank)?;
     tch::no_grad(|| {
         let bs = inp.batch_size.max(1);
@@ -372,13 +387,14 @@ pub fn retrieval_reranked(
                 s.to_kind(Kind::Double).to_device(Device::Cpu),
             )?)
         };
-        reranked_recalls(
+        reranked_recalls_sharded(
             &image_embeds,
             &text_embeds,
             &owner,
             k,
             rerank,
             score,
+            shard,
             progress,
         )
     })
@@ -397,49 +413,98 @@ pub fn reranked_recalls(
     owner: &[usize],
     k: usize,
     rerank: &str,
+    score: impl FnMut(&Tensor, &Tensor, &Tensor) -> Result<Vec<f64>>,
+    progress: &indicatif::ProgressBar,
+) -> Result<RerankedRetrieval> {
+    reranked_recalls_sharded(
+        image_embeds,
+        text_embeds,
+        owner,
+        k,
+        rerank,
+        score,
+        None,
+        progress,
+    )
+}
+
+/// [`reranked_recalls`] with the queries (images, then captions) split into
+/// contiguous blocks, one per rank of `shard`: each rank re-ranks its own
+/// queries and the ranks of their first hits are gathered, so every rank
+/// computes the recalls one process would (the scores of a query do not
+/// depend on which rank computes them).
+#[allow(clippy::too_many_arguments)]
+pub fn reranked_recalls_sharded(
+    image_embeds: &Tensor,
+    text_embeds: &Tensor,
+    owner: &[usize],
+    k: usize,
+    rerank: &str,
     mut score: impl FnMut(&Tensor, &Tensor, &Tensor) -> Result<Vec<f64>>,
+    shard: Option<&dyn Collective>,
     progress: &indicatif::ProgressBar,
 ) -> Result<RerankedRetrieval> {
     let (ni, nt) = (image_embeds.size()[0] as usize, owner.len());
     let device = image_embeds.device();
-    progress.set_length((ni + nt) as u64);
+    let (rank, world) = shard.map_or((0, 1), |c| (c.rank(), c.world_size()));
+    let queries = ni + nt;
+    let per = queries.div_ceil(world);
+    let mine = (rank * per).min(queries)..((rank + 1) * per).min(queries);
+    progress.set_length(mine.len() as u64);
     let kk = k.max(1);
-    let mut tr_ranks = Vec::with_capacity(ni);
-    for i in 0..ni {
-        let row = text_embeds.matmul(&image_embeds.get(i as i64));
-        let (top, idx) = row.topk(kk.min(nt) as i64, 0, true, true);
-        let img = Tensor::full([idx.size()[0]], i as i64, (Kind::Int64, device));
-        let scores = score(&img, &idx, &top)?;
-        let cands = Vec::<i64>::try_from(idx.to_device(Device::Cpu))?;
-        tr_ranks.push(rank_of_first_hit(&cands, &scores, |j| {
-            owner[j as usize] == i
-        }));
+    // The rank of query q's first hit (-1: none within its k candidates).
+    let mut first_hits = Vec::with_capacity(per);
+    let hit_rank = |r: usize| if r == usize::MAX { -1 } else { r as i64 };
+    for q in mine {
+        let r = if q < ni {
+            // Image query i: is any of its captions among the candidates?
+            let i = q;
+            let row = text_embeds.matmul(&image_embeds.get(i as i64));
+            let (top, idx) = row.topk(kk.min(nt) as i64, 0, true, true);
+            let img = Tensor::full([idx.size()[0]], i as i64, (Kind::Int64, device));
+            let scores = score(&img, &idx, &top)?;
+            let cands = Vec::<i64>::try_from(idx.to_device(Device::Cpu))?;
+            rank_of_first_hit(&cands, &scores, |j| owner[j as usize] == i)
+        } else {
+            // Caption query j: is its own image among the candidates?
+            let j = q - ni;
+            let target = owner[j];
+            let row = image_embeds.matmul(&text_embeds.get(j as i64));
+            let (top, idx) = row.topk(kk.min(ni) as i64, 0, true, true);
+            let txt = Tensor::full([idx.size()[0]], j as i64, (Kind::Int64, device));
+            let scores = score(&idx, &txt, &top)?;
+            let cands = Vec::<i64>::try_from(idx.to_device(Device::Cpu))?;
+            rank_of_first_hit(&cands, &scores, |i| i as usize == target)
+        };
+        first_hits.push(hit_rank(r));
         progress.inc(1);
     }
-    let mut ir_ranks = Vec::with_capacity(nt);
-    for (j, &target) in owner.iter().enumerate() {
-        let row = image_embeds.matmul(&text_embeds.get(j as i64));
-        let (top, idx) = row.topk(kk.min(ni) as i64, 0, true, true);
-        let txt = Tensor::full([idx.size()[0]], j as i64, (Kind::Int64, device));
-        let scores = score(&idx, &txt, &top)?;
-        let cands = Vec::<i64>::try_from(idx.to_device(Device::Cpu))?;
-        ir_ranks.push(rank_of_first_hit(&cands, &scores, |i| i as usize == target));
-        progress.inc(1);
-    }
-    let recall = |ranks: &[usize], r: usize| {
-        ranks.iter().filter(|&&x| x < r).count() as f64 / ranks.len().max(1) as f64
+    let all: Vec<i64> = match shard {
+        None => first_hits,
+        Some(c) => {
+            // Equal shapes on every rank: pad the last block.
+            first_hits.resize(per, -1);
+            let gathered = c.all_gather(&Tensor::from_slice(&first_hits).to_device(device))?;
+            let mut all = Vec::<i64>::try_from(gathered.to_device(Device::Cpu))?;
+            all.truncate(queries);
+            all
+        }
+    };
+    let (tr_ranks, ir_ranks) = all.split_at(ni);
+    let recall = |ranks: &[i64], r: i64| {
+        ranks.iter().filter(|&&x| x >= 0 && x < r).count() as f64 / ranks.len().max(1) as f64
     };
     let out = RerankedRetrieval {
         images: ni,
         captions: nt,
         k: kk,
         rerank: rerank.to_string(),
-        tr_r1: recall(&tr_ranks, 1),
-        tr_r5: recall(&tr_ranks, 5),
-        tr_r10: recall(&tr_ranks, 10),
-        ir_r1: recall(&ir_ranks, 1),
-        ir_r5: recall(&ir_ranks, 5),
-        ir_r10: recall(&ir_ranks, 10),
+        tr_r1: recall(tr_ranks, 1),
+        tr_r5: recall(tr_ranks, 5),
+        tr_r10: recall(tr_ranks, 10),
+        ir_r1: recall(ir_ranks, 1),
+        ir_r5: recall(ir_ranks, 5),
+        ir_r10: recall(ir_ranks, 10),
         rsum: 0.0,
     };
     let rsum = 100.0 * (out.tr_r1 + out.tr_r5 + out.tr_r10 + out.ir_r1 + out.ir_r5 + out.ir_r10);
@@ -604,6 +669,7 @@ pub fn matching_triples(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::RefCell;
 
     /// Four images, two captions each (caption j belongs to image j / 2),
     /// with ITC similarities S and ITM scores M chosen by hand; ranks worked
@@ -676,5 +742,80 @@ mod tests {
             [r1.tr_r1, r1.tr_r10, r1.ir_r1, r1.ir_r10],
             [0.25, 0.25, 0.5, 0.5]
         );
+
+        // Split over 3 ranks (blocks of 4, 4 and 4 of the 12 queries), each
+        // rank's gather stood in for by the blocks the others computed: the
+        // recalls of one process.
+        let blocks: Vec<Tensor> = (0..3)
+            .map(|rank| {
+                let fake = Gather {
+                    rank,
+                    blocks: RefCell::new(None),
+                };
+                reranked_recalls_sharded(
+                    &image_embeds,
+                    &text_embeds,
+                    &owner,
+                    2,
+                    "itm",
+                    score,
+                    Some(&fake),
+                    &bar,
+                )
+                .unwrap();
+                fake.blocks.into_inner().unwrap()
+            })
+            .collect();
+        let all = Gather {
+            rank: 1,
+            blocks: RefCell::new(Some(Tensor::cat(&blocks, 0))),
+        };
+        let r2 = reranked_recalls_sharded(
+            &image_embeds,
+            &text_embeds,
+            &owner,
+            2,
+            "itm",
+            score,
+            Some(&all),
+            &bar,
+        )
+        .unwrap();
+        assert_eq!(
+            serde_json::to_value(&r2).unwrap(),
+            serde_json::to_value(&r).unwrap()
+        );
+    }
+
+    /// A stand-in for a process group of 3: records this rank's block, or
+    /// hands out every rank's blocks when it has them.
+    struct Gather {
+        rank: usize,
+        blocks: RefCell<Option<Tensor>>,
+    }
+
+    impl Collective for Gather {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn world_size(&self) -> usize {
+            3
+        }
+        fn all_gather_with_grad(&self, t: &Tensor) -> Result<Tensor> {
+            self.all_gather(t)
+        }
+        fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
+            let mut b = self.blocks.borrow_mut();
+            Ok(match &*b {
+                Some(all) => all.shallow_clone(),
+                None => {
+                    *b = Some(t.copy());
+                    Tensor::cat(&[t, t, t], 0)
+                }
+            })
+        }
+        fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+            Ok(t * 3)
+        }
     }
 }
