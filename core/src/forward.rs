@@ -118,6 +118,9 @@ pub struct Forward<'a> {
     pub batch: &'a Batch,
     pub train: bool,
     collective: Option<Rc<dyn Collective>>,
+    /// Whether in-batch negatives come from the global batch (BLIP) or
+    /// only from this rank's part (ALBEF, cheaper).
+    global_negatives: bool,
     /// Drawn once from libtorch's generator (which the trainer seeds per
     /// step, equally on every rank); keys [`Forward::random_keys`].
     draw_seed: i64,
@@ -147,6 +150,7 @@ impl<'a> Forward<'a> {
             batch,
             train,
             collective: None,
+            global_negatives: true,
             draw_seed,
             draws: Cell::new(0),
             image: OnceCell::new(),
@@ -162,6 +166,53 @@ impl<'a> Forward<'a> {
     pub fn with_collective(mut self, collective: Rc<dyn Collective>) -> Self {
         self.collective = Some(collective);
         self
+    }
+
+    /// In-batch negatives from this rank's own pairs only (ALBEF's choice:
+    /// no gathered encoder states; ITC stays global).
+    pub fn with_local_negatives(mut self) -> Self {
+        self.global_negatives = false;
+        self
+    }
+
+    /// Where in-batch negatives come from: local rows' ITC similarities
+    /// `(i2t, t2i)` against the candidates and the candidates' positives
+    /// (`[B, C]` each); `C` is the global batch, or the local one with
+    /// [`Forward::with_local_negatives`] (and on one process).
+    pub fn negative_candidates(&self) -> Result<(Tensor, Tensor, Tensor)> {
+        let sim = self.similarity()?;
+        let positives = self.positives()?;
+        match (&self.collective, self.global_negatives) {
+            (Some(c), false) => {
+                let b = self.batch.len();
+                let start = c.rank() as i64 * b;
+                Ok((
+                    sim.i2t.narrow(1, start, b),
+                    sim.t2i.narrow(1, start, b),
+                    positives.narrow(1, start, b),
+                ))
+            }
+            _ => Ok((sim.i2t.shallow_clone(), sim.t2i.shallow_clone(), positives)),
+        }
+    }
+
+    /// The text states that in-batch negative indices point into (see
+    /// [`Forward::negative_candidates`]).
+    pub fn negative_texts(&self) -> Result<&Encoded> {
+        if self.global_negatives {
+            self.global_text()
+        } else {
+            self.text()
+        }
+    }
+
+    /// The image states that in-batch negative indices point into.
+    pub fn negative_images(&self) -> Result<&Encoded> {
+        if self.global_negatives {
+            self.global_image()
+        } else {
+            self.image()
+        }
     }
 
     /// The process group, when training on several ranks.

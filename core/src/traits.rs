@@ -142,10 +142,9 @@ pub enum Negatives {
     /// Negatives drawn from the batch itself: for each local image `i` the
     /// index of a text `text_for_image[i]`, and for each local text `j` the
     /// index of an image `image_for_text[j]` (both `[B]` i64), indices into
-    /// the global batch ([`crate::Forward::global_text`],
-    /// [`crate::Forward::global_image`]; the batch itself on one process);
-    /// never a positive of the row ([`crate::Forward::positives`]). -1 where
-    /// the batch holds no negative for that row.
+    /// the candidates of [`crate::Forward::negative_candidates`] (the
+    /// global batch by default; the batch itself on one process); never a
+    /// positive of the row. -1 where there is no negative for that row.
     InBatch {
         text_for_image: Tensor,
         image_for_text: Tensor,

@@ -44,13 +44,12 @@ pub fn sample_hard_negatives(sim: &Tensor, positives: &Tensor, u: &Tensor) -> Te
 impl NegativeSampler for HardNegative {
     fn sample(&self, input: &SamplerInput<'_, '_>) -> Result<Negatives> {
         let fwd = input.forward;
-        let sim = fwd.similarity()?;
-        let positives = fwd.positives()?;
+        let (i2t, t2i, positives) = fwd.negative_candidates()?;
         let u_text = random::uniform(&fwd.random_keys(), 1).squeeze_dim(1);
         let u_image = random::uniform(&fwd.random_keys(), 1).squeeze_dim(1);
         Ok(Negatives::InBatch {
-            text_for_image: sample_hard_negatives(&sim.i2t, &positives, &u_text),
-            image_for_text: sample_hard_negatives(&sim.t2i, &positives, &u_image),
+            text_for_image: sample_hard_negatives(&i2t, &positives, &u_text),
+            image_for_text: sample_hard_negatives(&t2i, &positives, &u_image),
         })
     }
 }

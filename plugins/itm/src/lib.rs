@@ -75,10 +75,10 @@ impl Itm {
                     // negative image; both drawn from the global batch.
                     let t_idx = text_for_image.clamp_min(0);
                     let i_idx = image_for_text.clamp_min(0);
-                    let global_text = fwd.global_text()?;
-                    let len = global_text.hidden.size()[1];
-                    let texts = global_text.select(&t_idx).cat(&text.pad_to(len));
-                    let images = image.cat(&fwd.global_image()?.select(&i_idx));
+                    let pool = fwd.negative_texts()?;
+                    let len = pool.hidden.size()[1];
+                    let texts = pool.select(&t_idx).cat(&text.pad_to(len));
+                    let images = image.cat(&fwd.negative_images()?.select(&i_idx));
                     let weight = Tensor::cat(&[text_for_image.ge(0), image_for_text.ge(0)], 0)
                         .to_kind(Kind::Float);
                     groups.push(Group {
