@@ -656,6 +656,27 @@ int32_t vlm_store_tcp_new(
   });
 }
 
+// Another client connection to a running store (no rendezvous counting),
+// for a thread that must not queue behind the main connection's waits.
+int32_t vlm_store_tcp_client(
+    const char* host,
+    uint16_t port,
+    int64_t timeout_ms,
+    vlm_store** out,
+    char** err) {
+  return guarded(err, [&] {
+    c10d::TCPStoreOptions opts;
+    opts.port = port;
+    opts.isServer = false;
+    opts.waitWorkers = false;
+    opts.timeout = std::chrono::milliseconds(timeout_ms);
+    auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+    *out = new vlm_store{c10::static_intrusive_pointer_cast<c10d::Store>(
+        std::move(store))};
+    return VLM_OK;
+  });
+}
+
 void vlm_store_free(vlm_store* s) {
   delete s;
 }

@@ -53,6 +53,13 @@ extern "C" {
         out: *mut *mut RawStore,
         err: *mut *mut c_char,
     ) -> i32;
+    fn vlm_store_tcp_client(
+        host: *const c_char,
+        port: u16,
+        timeout_ms: i64,
+        out: *mut *mut RawStore,
+        err: *mut *mut c_char,
+    ) -> i32;
     fn vlm_store_free(s: *mut RawStore);
     fn vlm_store_set(
         s: *mut RawStore,
@@ -264,6 +271,21 @@ impl StoreHandle {
                 &mut out,
                 &mut err,
             )
+        };
+        status(code, err)?;
+        NonNull::new(out)
+            .map(StoreHandle)
+            .ok_or_else(|| Failure::Error("the shim returned a null store".into()))
+    }
+
+    /// Another client connection to the store served at `host:port`.
+    pub(crate) fn tcp_client(host: &str, port: u16, timeout: Duration) -> FfiResult<Self> {
+        let host = c_string("host", host)?;
+        let mut out = ptr::null_mut();
+        let mut err = ptr::null_mut();
+        // SAFETY: as in `tcp`.
+        let code = unsafe {
+            vlm_store_tcp_client(host.as_ptr(), port, millis(timeout), &mut out, &mut err)
         };
         status(code, err)?;
         NonNull::new(out)

@@ -31,6 +31,7 @@
 mod collective;
 mod error;
 mod ffi;
+pub mod health;
 pub mod launch;
 pub mod reducer;
 
@@ -42,6 +43,7 @@ use tch::{Device, Tensor};
 
 pub use collective::{to_core_error, DistCollective};
 pub use error::{Backend, DistError, Op, Result};
+pub use health::{diagnose, Heartbeat};
 pub use launch::{LaunchEnv, LaunchError, Launcher};
 pub use reducer::{agree_any, broadcast_parameters, set_grad, GradReducer, DEFAULT_BUCKET_MB};
 
@@ -61,6 +63,8 @@ pub fn has_nccl() -> bool {
 pub struct Store {
     inner: Arc<StoreHandle>,
     rank: usize,
+    host: String,
+    port: u16,
 }
 
 impl Store {
@@ -102,6 +106,31 @@ impl Store {
         Ok(Store {
             inner: Arc::new(inner),
             rank,
+            host: host.to_string(),
+            port,
+        })
+    }
+
+    /// A second client connection to the same store, for a thread whose
+    /// requests must not queue behind this connection's blocking waits
+    /// (the [`Heartbeat`]). Rank 0's connection still needs the server that
+    /// the original connection of rank 0 runs.
+    pub fn new_connection(&self, timeout: Duration) -> Result<Store> {
+        let inner = StoreHandle::tcp_client(&self.host, self.port, timeout).map_err(|f| {
+            DistError::Rendezvous {
+                rank: self.rank,
+                action: "connect to",
+                host: self.host.clone(),
+                port: self.port,
+                timeout,
+                detail: f.message().to_string(),
+            }
+        })?;
+        Ok(Store {
+            inner: Arc::new(inner),
+            rank: self.rank,
+            host: self.host.clone(),
+            port: self.port,
         })
     }
 

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 use vlmatch_core::Collective;
 use vlmatch_dist::{
-    agree_any, broadcast_parameters, DistCollective, DistError, GradReducer, LaunchEnv, Op,
-    ProcessGroup, Store,
+    agree_any, broadcast_parameters, diagnose, DistCollective, DistError, GradReducer, Heartbeat,
+    LaunchEnv, Op, ProcessGroup, Store,
 };
 
 const ROLE: &str = "DIST_TEST_ROLE";
@@ -64,6 +64,8 @@ fn main() {
         ),
         ("dead_worker_fails_the_master_wait", || dead_rank(1), false),
         ("dead_master_fails_the_worker_wait", || dead_rank(0), false),
+        ("diagnose_names_the_dead_worker", || diagnose_dead(1), false),
+        ("diagnose_names_the_dead_master", || diagnose_dead(0), false),
         ("hung_rank_times_out", hung_rank, false),
         ("missing_rank_fails_rendezvous", missing_rank, false),
         ("nccl_group", nccl_group, false),
@@ -372,6 +374,20 @@ fn broadcast_and_agree() -> Result<(), String> {
     run_all("broadcast", 3).map(|_| ())
 }
 
+/// Rank `dead` exits without a word after a good all-reduce; the survivor's
+/// collective fails and [`vlmatch_dist::diagnose`] must name the dead rank.
+fn diagnose_dead(dead: usize) -> Result<(), String> {
+    let finished = run_all(if dead == 0 { "hb_dead0" } else { "hb_dead1" }, 2)?;
+    let survivor = &finished[1 - dead];
+    let line = reported(survivor, "diagnosed:").ok_or_else(|| survivor.log())?;
+    println!(
+        "    survivor rank {} after {:.2} s: {line}",
+        survivor.rank,
+        survivor.elapsed.as_secs_f64()
+    );
+    Ok(())
+}
+
 /// A measurement, not a check: 2 ranks reduce ~10.5 M fp32 gradients of a
 /// chain of linear layers, after backward and overlapped with it.
 fn overlap_timing() -> Result<(), String> {
@@ -456,6 +472,8 @@ fn run_role(role: &str) -> Result<(), String> {
         "gather" => role_gather(&env),
         "reducer" => role_reducer(&env),
         "broadcast" => role_broadcast(&env),
+        "hb_dead0" => role_heartbeat_dead(&env, 0),
+        "hb_dead1" => role_heartbeat_dead(&env, 1),
         "timing" => role_timing(&env),
         other => Err(format!("unknown role {other}")),
     }
@@ -1063,6 +1081,56 @@ fn role_broadcast(env: &LaunchEnv) -> Result<(), String> {
     expect_eq("agree_any (nobody)", nobody, false)?;
     expect_eq("agree_any (everyone)", everyone, true)?;
     Ok(())
+}
+
+fn role_heartbeat_dead(env: &LaunchEnv, dead: usize) -> Result<(), String> {
+    let (store, pg) = setup(env, FAULT_TIMEOUT)?;
+    let err = |e: DistError| e.to_string();
+    let beat = Heartbeat::start(&store, env.rank, Duration::from_millis(100)).map_err(err)?;
+    beat.progress(7);
+    let mut t = [Tensor::ones([8], cpu(Kind::Float))];
+    pg.all_reduce_sum(&mut t)
+        .map_err(err)?
+        .wait()
+        .map_err(err)?;
+    // Both heartbeats are up before anyone leaves.
+    store
+        .wait(&["alive/0", "alive/1"], HEALTHY_TIMEOUT)
+        .map_err(err)?;
+    pg.barrier().map_err(err)?;
+    if env.rank == dead {
+        std::process::exit(0);
+    }
+    let failure = match pg.all_reduce_sum(&mut t).and_then(|w| w.wait()) {
+        Ok(()) => return Err("the all_reduce with a dead peer succeeded".into()),
+        Err(e) => e,
+    };
+    // A stale limit of 1 s: poll until the dead rank's beat is that old.
+    let start = Instant::now();
+    let stale = Duration::from_secs(1);
+    let want = if dead == 0 {
+        "rank 0 has probably exited"
+    } else {
+        "rank 1 stopped responding"
+    };
+    loop {
+        let diagnosis = diagnose(&store, 2, stale);
+        if diagnosis.contains(want) {
+            if dead == 1 && (diagnosis.contains("rank 0") || !diagnosis.contains("step 7")) {
+                return Err(format!(
+                    "the diagnosis also blames rank 0 or lacks the step: {diagnosis}"
+                ));
+            }
+            println!("diagnosed: {failure}; {diagnosis}");
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(8) {
+            return Err(format!(
+                "the diagnosis never named rank {dead}: {diagnosis}"
+            ));
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
