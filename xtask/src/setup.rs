@@ -32,6 +32,7 @@ fn is_libtorch(dir: &Path) -> bool {
 }
 
 pub fn ensure_libtorch(root: &Path) -> Result<PathBuf, String> {
+    repair_cached_venv();
     let link = root.join(".vlmatch").join("libtorch");
     if let Some(user) = std::env::var_os("LIBTORCH").map(PathBuf::from) {
         // cargo's `[env]` table also sets LIBTORCH (to our link) for xtask
@@ -202,8 +203,77 @@ fn cached_venv_torch() -> Result<PathBuf, String> {
     let _ = std::fs::remove_dir_all(&venv);
     std::fs::rename(&partial, &venv)
         .map_err(|e| format!("cannot move the venv into place: {e}"))?;
+    // The venv's scripts (pip, torchrun, activate) name the interpreter by
+    // the path it was created at: point them at the final one.
+    repair_venv_scripts(&venv, &partial)?;
     python_torch(&python)
         .ok_or_else(|| format!("torch is not importable from {}", python.display()))
+}
+
+/// Venvs created before the rename was followed by a repair have scripts
+/// whose first line names `torch-2.11.0.partial/bin/python3`, which no
+/// longer exists, so `bin/torchrun` and `bin/pip` do not run: repairs the
+/// per-user venv in place on every xtask call (a few small reads when
+/// nothing is left to do). Never fatal.
+fn repair_cached_venv() {
+    let Ok(cache) = cache_dir() else {
+        return;
+    };
+    let venv = cache.join(format!("torch-{TORCH_VERSION}"));
+    if !venv.join("bin").is_dir() {
+        return;
+    }
+    let partial = cache.join(format!("torch-{TORCH_VERSION}.partial"));
+    if let Err(e) = repair_venv_scripts(&venv, &partial) {
+        eprintln!("xtask: {e}");
+    }
+}
+
+/// Rewrites every mention of `old` (the path a venv was created at) as
+/// `venv` (where it is now) in the venv's `bin/` scripts (shebang lines,
+/// pip's `/bin/sh` exec trampoline for long paths, the `activate` scripts)
+/// and `pyvenv.cfg`. Symlinks (`bin/python`) and files without the old
+/// path are left alone, so running it again changes nothing. Returns how
+/// many files it rewrote.
+pub fn repair_venv_scripts(venv: &Path, old: &Path) -> Result<usize, String> {
+    let (Some(old_text), Some(new_text)) = (old.to_str(), venv.to_str()) else {
+        return Ok(0);
+    };
+    let mut files = vec![venv.join("pyvenv.cfg")];
+    if let Ok(entries) = std::fs::read_dir(venv.join("bin")) {
+        files.extend(entries.flatten().map(|e| e.path()));
+    }
+    let mut fixed = 0;
+    for file in files {
+        let Ok(meta) = std::fs::symlink_metadata(&file) else {
+            continue;
+        };
+        // Scripts are small; binaries and links are not ours to edit.
+        if !meta.is_file() || meta.len() > 1 << 20 {
+            continue;
+        }
+        let Ok(bytes) = std::fs::read(&file) else {
+            continue;
+        };
+        let Ok(text) = String::from_utf8(bytes) else {
+            continue;
+        };
+        if !text.contains(old_text) {
+            continue;
+        }
+        // `write` truncates the existing file, keeping its permissions.
+        std::fs::write(&file, text.replace(old_text, new_text))
+            .map_err(|e| format!("cannot repair {}: {e}", file.display()))?;
+        fixed += 1;
+    }
+    if fixed > 0 {
+        eprintln!(
+            "xtask: repaired {fixed} file(s) in {} that named its temporary path {}",
+            venv.display(),
+            old.display()
+        );
+    }
+    Ok(fixed)
 }
 
 /// A Python that imports torch 2.11.0 (the one on `PATH`, else the per-user
@@ -278,4 +348,67 @@ pub fn real_fixtures(root: &Path, python: &Path) -> Result<PathBuf, String> {
         return Err("tests/golden/make_real_fixture.py failed (it needs PyPI access once)".into());
     }
     Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn venv_scripts_are_repaired_in_place_once() {
+        let root = std::env::temp_dir().join(format!("xtask-venv-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let venv = root.join("torch-2.11.0");
+        let old = root.join("torch-2.11.0.partial");
+        let bin = venv.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let script = |py: &Path| {
+            format!(
+                "#!{}/bin/python3\nimport sys\nfrom torch.distributed.run import main\n",
+                py.display()
+            )
+        };
+        std::fs::write(bin.join("torchrun"), script(&old)).unwrap();
+        std::fs::set_permissions(bin.join("torchrun"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        std::fs::write(
+            bin.join("activate"),
+            format!("VIRTUAL_ENV=\"{}\"\nexport VIRTUAL_ENV\n", old.display()),
+        )
+        .unwrap();
+        std::fs::write(bin.join("ok"), script(&venv)).unwrap();
+        std::fs::write(bin.join("blob"), [0xffu8, 0xfe, 0x00]).unwrap();
+        std::os::unix::fs::symlink("/usr/bin/python3", bin.join("python3")).unwrap();
+        std::fs::write(
+            venv.join("pyvenv.cfg"),
+            format!(
+                "home = /usr/bin\ncommand = /usr/bin/python3 -m venv {}\n",
+                old.display()
+            ),
+        )
+        .unwrap();
+
+        assert_eq!(repair_venv_scripts(&venv, &old).unwrap(), 3);
+        let torchrun = std::fs::read_to_string(bin.join("torchrun")).unwrap();
+        assert_eq!(torchrun, script(&venv));
+        let mode = std::fs::metadata(bin.join("torchrun"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o755);
+        assert!(std::fs::read_to_string(bin.join("activate"))
+            .unwrap()
+            .contains(&format!("VIRTUAL_ENV=\"{}\"", venv.display())));
+        assert!(!std::fs::read_to_string(venv.join("pyvenv.cfg"))
+            .unwrap()
+            .contains(".partial"));
+        assert!(std::fs::symlink_metadata(bin.join("python3"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        // Idempotent.
+        assert_eq!(repair_venv_scripts(&venv, &old).unwrap(), 0);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }
