@@ -4,6 +4,7 @@
 //! (see [`setup`]), then runs cargo with the right package and arguments.
 
 mod gpu_bundle;
+mod launch;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -13,8 +14,11 @@ const USAGE: &str = "\
 usage: cargo xtask <command> [args]
 
 commands:
-  train [--config F]... [--set k=v]... [--run-dir D] [--resume D]
-                 train a model (default: the tiny preset on the built-in data)
+  train [--nproc-per-node N [--grace-secs S]] [--config F]... [--set k=v]... [--run-dir D] [--resume D]
+                 train a model (default: the tiny preset on the built-in data);
+                 with --nproc-per-node, N data-parallel ranks on this machine
+                 (torchrun's variables; stderr lines prefixed [rank r]; when
+                 a rank fails the others get S seconds, default 30, to stop)
   test [args]    run the whole test suite (extra args go to `cargo test`)
   plugins        list registered plugins by kind
   eval --checkpoint D --task retrieval|matching|zeroshot|vqa --data F [--image-root D]
@@ -45,7 +49,7 @@ fn main() -> ExitCode {
     let root = project_root();
     let result = match cmd.as_str() {
         "setup" => setup::ensure_libtorch(&root).map(|p| println!("libtorch: {}", p.display())),
-        "train" => run_cli(&root, "train", &rest),
+        "train" => train(&root, &rest),
         "plugins" => run_cli(&root, "plugins", &rest),
         "eval" => run_cli(&root, "eval", &rest),
         "neggen" => run_cli(&root, "neggen", &rest),
@@ -115,6 +119,47 @@ fn run_cli(root: &Path, sub: &str, rest: &[String]) -> Result<(), String> {
     }
     cmd.args(rest);
     run_status(cmd)
+}
+
+/// `cargo xtask train`: one process, or `--nproc-per-node N` local ranks of
+/// the built binary (see [`launch`]).
+fn train(root: &Path, rest: &[String]) -> Result<(), String> {
+    let args = launch::parse_args(rest)?;
+    let Some(nproc) = args.nproc else {
+        return run_cli(root, "train", rest);
+    };
+    let mut build = cargo(root)?;
+    build.args([
+        "build",
+        "--quiet",
+        "--package",
+        "vlmatch",
+        "--bin",
+        "vlmatch",
+    ]);
+    run_status(build)?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|d| if d.is_absolute() { d } else { root.join(d) })
+        .unwrap_or_else(|| root.join("target"));
+    let program = target.join("debug").join("vlmatch");
+    let libtorch = setup::ensure_libtorch(root)?;
+    let mut cli = vec!["train".to_string()];
+    cli.extend(args.rest);
+    eprintln!(
+        "xtask: starting {nproc} ranks of {} (grace period {:.0} s)",
+        program.display(),
+        args.grace.as_secs_f64()
+    );
+    let outcome = launch::run_local(
+        &program,
+        root,
+        &cli,
+        nproc,
+        args.grace,
+        &[("LIBTORCH".to_string(), libtorch.into_os_string())],
+    )?;
+    outcome.result()
 }
 
 fn run_tests(root: &Path, rest: &[String]) -> Result<(), String> {
