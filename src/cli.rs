@@ -1,6 +1,6 @@
 //! The `vlmatch` command line.
 
-use crate::train::{train, TrainOptions};
+use crate::train::{train_launched, TrainOptions};
 use crate::PRESETS;
 use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
@@ -33,6 +33,9 @@ pub enum Command {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Test hook: rank RANK kills itself (or hangs) right after step STEP.
+        #[arg(long, value_name = "RANK:STEP:kill|hang", hide = true)]
+        fault: Option<crate::parallel::Fault>,
     },
     /// Evaluate a trained run: `retrieval` (ITC top-k re-ranked by ITM, on an
     /// annotation file or tar shards), `matching` (lines {"image", "caption",
@@ -297,19 +300,61 @@ pub fn plugin_listing(libraries: &[PathBuf]) -> Result<String> {
     Ok(out)
 }
 
+/// Standard error with every line prefixed, for the ranks of a
+/// data-parallel run (`[rank 1] ...`).
+struct Prefixed(String);
+
+impl std::io::Write for Prefixed {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        let mut out = String::with_capacity(text.len() + self.0.len());
+        for line in text.split_inclusive('\n') {
+            out.push_str(&self.0);
+            out.push_str(line);
+        }
+        std::io::stderr().write_all(out.as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+/// This process's rank, when a launcher started several (`None` for one
+/// process or a malformed launcher environment, which `train` reports).
+fn launch_rank() -> Option<usize> {
+    vlmatch_dist::LaunchEnv::from_env()
+        .ok()
+        .flatten()
+        .filter(|l| l.world_size > 1)
+        .map(|l| l.rank)
+}
+
 /// The whole CLI: logging, argument parsing, one-line errors. A binary that
 /// links extra plugin crates calls this from its `main` (see PLUGINS.md).
+///
+/// Started as one of several ranks, every line a rank logs is prefixed
+/// with `[rank N]`; ranks other than 0 log warnings and errors only (unless
+/// `RUST_LOG` says otherwise).
 pub fn main() -> std::process::ExitCode {
+    let rank = launch_rank();
+    let default_level = match rank {
+        Some(r) if r > 0 => "warn",
+        _ => "info",
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let prefix = rank.map(|r| format!("[rank {r}] ")).unwrap_or_default();
+    let log_prefix = prefix.clone();
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(move || Prefixed(log_prefix.clone()))
         .init();
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("{prefix}error: {e}");
             std::process::ExitCode::from(match e {
                 Error::Config(_) | Error::Data { .. } => 2,
                 _ => 1,
@@ -325,19 +370,34 @@ pub fn run(cli: Cli) -> Result<()> {
             run_dir,
             resume,
             quiet,
+            fault,
         } => {
             let mut layers = config.layers()?;
             if resume.is_some() {
                 // The run's own saved config replaces the preset.
                 layers.base = None;
             }
-            let summary = train(TrainOptions {
-                layers,
-                run_dir,
-                resume,
-                halt_after: None,
-                progress: !quiet,
-            })?;
+            let launch = vlmatch_dist::LaunchEnv::from_env()
+                .map_err(|e| Error::Config(format!("launcher environment: {e}")))?;
+            let rank = launch
+                .as_ref()
+                .filter(|l| l.world_size > 1)
+                .map_or(0, |l| l.rank);
+            let summary = train_launched(
+                TrainOptions {
+                    layers,
+                    run_dir,
+                    resume,
+                    halt_after: None,
+                    progress: !quiet,
+                },
+                launch,
+                fault,
+            )?;
+            if rank > 0 {
+                // Rank 0 reports the run.
+                return Ok(());
+            }
             let first = summary
                 .logged
                 .first()
@@ -428,7 +488,9 @@ pub fn run(cli: Cli) -> Result<()> {
                 labels,
             };
             let result = eval_task(&checkpoint, &task, &data, &sets, !quiet)?;
-            println!("{result}");
+            if launch_rank().unwrap_or(0) == 0 {
+                println!("{result}");
+            }
             Ok(())
         }
         Command::Plugins { config } => {
@@ -706,12 +768,61 @@ fn read_labels(path: &Path) -> Result<Vec<String>> {
 
 /// `vlmatch eval`: load a run's model and evaluate `task` on `data`; the
 /// result is also written to `RUN_DIR/eval-TASK.json`.
+///
+/// Started by a launcher as several ranks, `retrieval` shares its ITM
+/// re-ranking among them (every rank gets the result; rank 0 writes it);
+/// the other tasks run on rank 0 alone and the other ranks return `null`.
 pub fn eval_task(
     run_dir: &Path,
     task: &str,
     data: &DataArg,
     sets: &[String],
     progress: bool,
+) -> Result<serde_json::Value> {
+    let launch = vlmatch_dist::LaunchEnv::from_env()
+        .map_err(|e| Error::Config(format!("launcher environment: {e}")))?
+        .filter(|l| l.world_size > 1);
+    let Some(launch) = launch else {
+        return eval_on(run_dir, task, data, sets, progress, None);
+    };
+    if task != "retrieval" {
+        if launch.rank > 0 {
+            return Ok(serde_json::Value::Null);
+        }
+        tracing::info!("--task {task} runs on rank 0 alone (only retrieval is shared)");
+        return eval_on(run_dir, task, data, sets, progress, None);
+    }
+    let loaded = run_config(run_dir, sets)?;
+    let train = &loaded.config.train;
+    let device = crate::setup::rank_device(&train.device, launch.local_rank)?;
+    let timeout = std::time::Duration::from_secs(train.dist.timeout.max(1));
+    let par = crate::parallel::Parallel::connect(&launch, device, timeout)?;
+    let result = eval_on(
+        run_dir,
+        task,
+        data,
+        sets,
+        progress && par.is_main(),
+        Some((&par, device)),
+    );
+    match result {
+        Ok(r) => {
+            par.leave();
+            Ok(r)
+        }
+        Err(e) if crate::parallel::Parallel::is_communication(&e) => Err(par.explain(e)),
+        Err(e) => Err(e),
+    }
+}
+
+/// [`eval_task`] on one process, or as one rank of `par` (on `device`).
+fn eval_on(
+    run_dir: &Path,
+    task: &str,
+    data: &DataArg,
+    sets: &[String],
+    progress: bool,
+    par: Option<(&crate::parallel::Parallel, tch::Device)>,
 ) -> Result<serde_json::Value> {
     let image_root = data.image_root.as_deref();
     let split = data.split.as_deref();
@@ -729,9 +840,10 @@ pub fn eval_task(
         result["data"] = serde_json::json!(data.display().to_string());
         return write_eval(run_dir, task, result);
     }
-    let (loaded, tok, asm, state) = load_run(run_dir, sets)?;
+    let (loaded, tok, asm, state) = load_run_on(run_dir, sets, par.map(|(_, d)| d))?;
     let c = &loaded.config;
     let inp = crate::eval::EvalInputs::new(c, &tok);
+    let collective = par.map(|(p, _)| p.collective());
     let bar = if progress {
         indicatif::ProgressBar::new(0)
     } else {
@@ -745,12 +857,13 @@ pub fn eval_task(
                 split,
                 c.data.on_error,
             )?;
-            let r = crate::eval::retrieval_reranked(
+            let r = crate::eval::retrieval_reranked_sharded(
                 &asm.model,
                 &ds,
                 &inp,
                 c.eval.k,
                 &c.eval.rerank,
+                collective.as_deref(),
                 &bar,
             )?;
             serde_json::to_value(r).expect("serialisable")
@@ -793,6 +906,10 @@ pub fn eval_task(
     result["task"] = serde_json::json!(task);
     result["step"] = serde_json::json!(state.step);
     result["data"] = serde_json::json!(data.display().to_string());
+    if par.is_some_and(|(p, _)| !p.is_main()) {
+        // Rank 0 writes the result.
+        return Ok(result);
+    }
     write_eval(run_dir, task, result)
 }
 
@@ -830,9 +947,18 @@ pub fn run_config(run_dir: &Path, sets: &[String]) -> Result<vlmatch_registry::L
 }
 
 fn load_run(run_dir: &Path, sets: &[String]) -> Result<LoadedRun> {
+    load_run_on(run_dir, sets, None)
+}
+
+/// [`load_run`] on `device` (default: the run's `train.device`).
+fn load_run_on(run_dir: &Path, sets: &[String], device: Option<tch::Device>) -> Result<LoadedRun> {
     let loaded = run_config(run_dir, sets)?;
     let tok = std::sync::Arc::new(crate::setup::tokenizer(&loaded)?);
-    let (mut asm, _) = crate::setup::model(&loaded, &tok)?;
+    let device = match device {
+        Some(d) => d,
+        None => crate::setup::device(&loaded.config.train.device)?,
+    };
+    let (mut asm, _) = crate::setup::model_on(&loaded, &tok, device)?;
     let ckpt = crate::checkpoint::latest(run_dir)?;
     let (_, state) = crate::checkpoint::load(&ckpt, &mut asm.vs)?;
     Ok((loaded, tok, asm, state))

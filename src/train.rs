@@ -6,11 +6,19 @@
 //! before every step, and batch `g` of the loader is a function of the seed
 //! and `g`; so a run resumed from a checkpoint continues exactly as if it had
 //! never stopped (bit-exact on CPU).
+//!
+//! Data parallelism: started by a launcher as one of several ranks
+//! (`vlmatch_dist::LaunchEnv`), [`train`] trains on `train.batch_size`
+//! pairs per rank of each global batch, with the global batch's losses and
+//! the ranks' averaged gradients ([`crate::parallel`]): the same steps one
+//! process holding the global batch takes. Rank 0 alone writes the run
+//! directory and shows progress; logged values are means over ranks.
 
-use crate::checkpoint::{self, TrainerState};
+use crate::checkpoint::{self, Layout, TrainerState};
 use crate::data::loader::{CaptionPreps, Loader, LoaderConfig, Source};
 use crate::eval::{self, EvalInputs, HeldOut};
 use crate::optim::{lr_at, AdamW};
+use crate::parallel::{Fault, Parallel};
 use crate::rng::mix;
 use crate::setup;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -19,10 +27,11 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 use vlmatch_core::{Batch, Error, Forward, Result};
+use vlmatch_dist::LaunchEnv;
 use vlmatch_registry::config::base_from_file;
-use vlmatch_registry::config::TrainConfig;
+use vlmatch_registry::config::{HardNegatives, TrainConfig};
 use vlmatch_registry::{Assembly, ConfigLayers};
 
 pub struct TrainOptions {
@@ -117,6 +126,22 @@ pub fn train_step(
     tc: &TrainConfig,
     step: i64,
     lr: f64,
+    next_batch: impl FnMut() -> Result<Batch>,
+) -> Result<StepOutput> {
+    train_step_with(asm, optim, tc, step, lr, None, next_batch)
+}
+
+/// [`train_step`] as one rank of a data-parallel run (`par`): the forward
+/// sees the global batch through the process group, and the gradients are
+/// averaged over ranks (in fp32) before they are clipped, so every rank
+/// takes the step one process holding the global batch would.
+pub fn train_step_with(
+    asm: &Assembly,
+    optim: &mut AdamW,
+    tc: &TrainConfig,
+    step: i64,
+    lr: f64,
+    par: Option<&Parallel>,
     mut next_batch: impl FnMut() -> Result<Batch>,
 ) -> Result<StepOutput> {
     let mut values: BTreeMap<String, Tensor> = BTreeMap::new();
@@ -127,9 +152,15 @@ pub fn train_step(
             None => values.insert(k, v),
         };
     };
-    for _ in 0..tc.accum_steps {
+    for micro in 0..tc.accum_steps {
         let batch = next_batch()?;
-        let fwd = Forward::new(&asm.model, &batch, true);
+        let mut fwd = Forward::new(&asm.model, &batch, true);
+        if let Some(p) = par {
+            fwd = fwd.with_collective(p.collective());
+            if tc.dist.hard_negatives == HardNegatives::Local {
+                fwd = fwd.with_local_negatives();
+            }
+        }
         let mut total: Option<Tensor> = None;
         for o in &asm.objectives {
             let _span = tracing::trace_span!("objective", name = %o.name).entered();
@@ -148,7 +179,16 @@ pub fn train_step(
         }
         let total = total.ok_or_else(|| Error::Config("no objective produced a loss".into()))?;
         add("loss".into(), total.shallow_clone());
-        (total / tc.accum_steps as f64).backward();
+        if let Some(p) = par {
+            // Only the last micro-batch's backward reduces (DDP's no_sync).
+            p.sync_gradients(micro + 1 == tc.accum_steps);
+        }
+        // A collective in backward (gathered ITC features) reports its
+        // failure as an error here rather than a panic.
+        (total / tc.accum_steps as f64).f_backward()?;
+    }
+    if let Some(p) = par {
+        p.reduce_gradients()?;
     }
     let grad_norm = optim.clip_grad_norm(tc.grad_clip);
     optim.step(lr);
@@ -156,7 +196,38 @@ pub fn train_step(
     Ok(StepOutput { values, grad_norm })
 }
 
-pub fn train(mut opts: TrainOptions) -> Result<TrainSummary> {
+/// Write `text` to `path` through a temporary file, so that a reader (a
+/// rank loading the run's config while rank 0 rewrites it) never sees it
+/// half written.
+fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Trains as [`TrainOptions`] say; as one rank of a data-parallel run when
+/// a launcher's environment (`torchrun`, `srun`) says so.
+pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
+    let launch =
+        LaunchEnv::from_env().map_err(|e| Error::Config(format!("launcher environment: {e}")))?;
+    train_launched(opts, launch, None)
+}
+
+/// [`train`] with the launch given: `launch` (several ranks when its world
+/// size is above 1), and for the fault tests, a failure to inject.
+pub fn train_launched(
+    opts: TrainOptions,
+    launch: Option<LaunchEnv>,
+    fault: Option<Fault>,
+) -> Result<TrainSummary> {
+    train_inner(opts, launch.as_ref(), fault)
+}
+
+fn train_inner(
+    mut opts: TrainOptions,
+    launch: Option<&LaunchEnv>,
+    fault: Option<Fault>,
+) -> Result<TrainSummary> {
     let run_dir = if let Some(dir) = &opts.resume {
         opts.layers.base = Some(base_from_file(&dir.join("config.toml"))?);
         dir.clone()
@@ -187,49 +258,155 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainSummary> {
             tc.steps, tc.batch_size, tc.accum_steps, tc.log_every
         )));
     }
-    let threads = setup::threads(tc);
+    // Several ranks: a launcher started this process as one of them.
+    let multi = launch.filter(|l| l.world_size > 1);
+    let device = match launch {
+        Some(l) => setup::rank_device(&tc.device, l.local_rank)?,
+        None => setup::device(&tc.device)?,
+    };
+    let threads = match multi {
+        Some(_) => setup::rank_threads(tc),
+        None => setup::threads(tc),
+    };
     tch::set_num_threads(threads as i32);
     tch::manual_seed(step_seed(tc.seed, -1));
 
-    let tok = Arc::new(setup::tokenizer(&loaded)?);
-    let (mut asm, env) = setup::model(&loaded, &tok)?;
-    let (train_source, heldout) = setup::train_source(&loaded)?;
+    let mut par = match multi {
+        Some(l) => Some(Parallel::connect(
+            l,
+            device,
+            std::time::Duration::from_secs(tc.dist.timeout.max(1)),
+        )?),
+        None => None,
+    };
+    let result = train_ranked(&opts, &run_dir, &loaded, device, par.as_mut(), fault);
+    match (result, par) {
+        (Ok(summary), Some(p)) => {
+            p.leave();
+            Ok(summary)
+        }
+        // A failed collective: what the heartbeats say about the other
+        // ranks. (This rank's heartbeat then stops, so the others learn
+        // that it left.) Its own errors (data, config) it reports as they are.
+        (Err(e), Some(p)) if Parallel::is_communication(&e) => Err(p.explain(e)),
+        (result, _) => result,
+    }
+}
+
+/// The training run proper, on one process or as rank `par.rank`.
+fn train_ranked(
+    opts: &TrainOptions,
+    run_dir: &Path,
+    loaded: &vlmatch_registry::LoadedConfig,
+    device: Device,
+    mut par: Option<&mut Parallel>,
+    fault: Option<Fault>,
+) -> Result<TrainSummary> {
+    let cfg = &loaded.config;
+    let tc = &cfg.train;
+    let (rank, world) = par.as_ref().map_or((0, 1), |p| (p.rank, p.world));
+    let main = rank == 0;
+    let tok = Arc::new(setup::tokenizer(loaded)?);
+    let (mut asm, env) = setup::model_on(loaded, &tok, device)?;
+    let (train_source, heldout) = setup::train_source(loaded)?;
     // Entries dropped while loading (data.on_error = "skip").
     let load_skipped = match &train_source {
         Source::Pairs(ds) => ds.skipped,
         Source::Shards(_) => 0,
     };
 
-    std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
-    let config_path = run_dir.join("config.toml");
-    std::fs::write(&config_path, loaded.to_toml()).map_err(|e| Error::io(&config_path, e))?;
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let eval_path = run_dir.join("eval.jsonl");
+    if main {
+        std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
+        write_atomic(&run_dir.join("config.toml"), &loaded.to_toml())?;
+    }
 
     let mut optim = AdamW::new(&asm.vs, tc.betas, tc.eps, tc.weight_decay);
+    let layout = Layout {
+        world_size: world as i64,
+        batch_size: tc.batch_size as i64,
+    };
     let mut state = TrainerState {
         step: 0,
         batches: 0,
         seed: tc.seed as i64,
     };
-    let metrics_path = run_dir.join("metrics.jsonl");
+    // Every variable in name order: the order ranks broadcast them in.
+    let mut variables: Vec<(String, Tensor)> = asm.vs.variables().into_iter().collect();
+    variables.sort_by(|a, b| a.0.cmp(&b.0));
+    let variables: Vec<Tensor> = variables.into_iter().map(|(_, t)| t).collect();
     if opts.resume.is_some() {
-        let path = checkpoint::latest(&run_dir)?;
-        let (optim_state, st) = checkpoint::load(&path, &mut asm.vs)?;
-        optim.load_state(&optim_state).map_err(|m| Error::Data {
-            path: path.clone(),
-            line: None,
-            message: m,
-        })?;
-        state = st;
-        truncate_metrics(&metrics_path, state.step)?;
-        truncate_metrics(&run_dir.join("eval.jsonl"), state.step)?;
-        tracing::info!(checkpoint = %path.display(), step = state.step, "resuming");
-    } else {
-        for report in crate::pretrained::apply_inits(&loaded, &asm.vs.variables())? {
-            tracing::info!("loaded {report}");
+        // Rank 0 reads the checkpoint; the others get its counters, then
+        // its weights and optimizer moments, by broadcast.
+        let mut header = [0i64; 6];
+        if main {
+            let path = checkpoint::latest(run_dir)?;
+            let (optim_state, st, saved) = checkpoint::load_with_layout(&path, &mut asm.vs)?;
+            optim.load_state(&optim_state).map_err(|m| Error::Data {
+                path: path.clone(),
+                line: None,
+                message: m,
+            })?;
+            // Checkpoints from before data parallelism: one process.
+            let saved = saved.unwrap_or(Layout {
+                world_size: 1,
+                batch_size: tc.batch_size as i64,
+            });
+            header = [
+                st.step,
+                st.batches,
+                st.seed,
+                optim.t,
+                saved.world_size,
+                saved.batch_size,
+            ];
+            tracing::info!(checkpoint = %path.display(), step = st.step, "resuming");
         }
-        let _ = std::fs::remove_file(&metrics_path);
-        let _ = std::fs::remove_file(run_dir.join("eval.jsonl"));
+        if let Some(p) = par.as_deref() {
+            let mut h = Tensor::from_slice(&header).to_device(device);
+            p.broadcast(std::slice::from_mut(&mut h))?;
+            header = Vec::<i64>::try_from(h.to_device(Device::Cpu))?
+                .try_into()
+                .expect("six counters");
+        }
+        let [step, batches, seed, t, saved_world, saved_batch] = header;
+        Layout {
+            world_size: saved_world,
+            batch_size: saved_batch,
+        }
+        .check_resume(layout)?;
+        state = TrainerState {
+            step,
+            batches,
+            seed,
+        };
+        if let Some(p) = par.as_deref() {
+            let moments: Vec<Tensor> = optim.state().into_iter().map(|(_, t)| t).collect();
+            p.broadcast(&variables)?;
+            p.broadcast(&moments[..moments.len() - 1])?;
+            optim.t = t;
+        }
+        if main {
+            truncate_metrics(&metrics_path, state.step)?;
+            truncate_metrics(&eval_path, state.step)?;
+        }
+    } else {
+        if main {
+            for report in crate::pretrained::apply_inits(loaded, &asm.vs.variables())? {
+                tracing::info!("loaded {report}");
+            }
+            let _ = std::fs::remove_file(&metrics_path);
+            let _ = std::fs::remove_file(&eval_path);
+        }
+        if let Some(p) = par.as_deref() {
+            p.broadcast(&variables)?;
+        }
     }
+    if let Some(p) = par.as_deref_mut() {
+        p.init_reducer(&asm.vs.trainable_variables(), tc.dist.bucket_mb)?;
+    }
+    let par = par.as_deref();
     let start_step = state.step;
     let n_params = asm.trainable_parameters();
     tracing::info!(
@@ -238,20 +415,29 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainSummary> {
         compute = ?env.compute,
         parameters = n_params,
         data = %train_source,
+        ranks = world,
+        global_batch = world * tc.batch_size,
         "training"
     );
 
-    let mut loader_cfg = LoaderConfig::new(&cfg.data, tc.batch_size, Some(tc.seed));
+    let mut loader_cfg =
+        LoaderConfig::new(&cfg.data, tc.batch_size, Some(tc.seed)).shard(rank, world);
     loader_cfg.preps = CaptionPreps::new(asm.caption_preps());
     let mut loader =
         Loader::from_source(train_source, tok.clone(), loader_cfg, state.batches as u64)?;
-    let mut metrics_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .map_err(|e| Error::io(&metrics_path, e))?;
+    let mut metrics_file = if main {
+        Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&metrics_path)
+                .map_err(|e| Error::io(&metrics_path, e))?,
+        )
+    } else {
+        None
+    };
 
-    let bar = if opts.progress {
+    let bar = if opts.progress && main {
         ProgressBar::new(tc.steps as u64)
     } else {
         ProgressBar::hidden()
@@ -264,16 +450,29 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainSummary> {
     );
     bar.set_position(start_step as u64);
 
-    let eval_inputs = EvalInputs::new(&cfg, &tok);
-    let eval_path = run_dir.join("eval.jsonl");
-    let device = env.device;
+    let eval_inputs = EvalInputs::new(cfg, &tok);
     let started = std::time::Instant::now();
     let mut logged = Vec::new();
     let mut last_saved = -1;
+    let save = |state: TrainerState, optim: &AdamW| -> Result<()> {
+        if main {
+            let path = checkpoint::save_with_layout(
+                run_dir,
+                &asm.vs,
+                optim.state(),
+                state,
+                Some(layout),
+                tc.keep_checkpoints,
+            )?;
+            tracing::debug!(path = %path.display(), "checkpoint");
+        }
+        // The others wait while rank 0 writes, so that nobody runs ahead.
+        par.map_or(Ok(()), Parallel::barrier)
+    };
     for step in start_step..tc.steps {
         tch::manual_seed(step_seed(tc.seed, step));
         let lr = lr_at(step, tc.steps, tc.warmup_steps, tc.lr, tc.min_lr);
-        let out = train_step(&asm, &mut optim, tc, step, lr, || {
+        let out = train_step_with(&asm, &mut optim, tc, step, lr, par, || {
             state.batches += 1;
             Ok(loader.next_batch()?.to_device(device))
         })?;
@@ -286,54 +485,81 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainSummary> {
             line.insert("lr".into(), json!(lr));
             line.insert("grad_norm".into(), json!(grad_norm.double_value(&[])));
             // Pairs skipped under data.on_error = "skip": dropped at load
-            // time, and replaced or skipped by the loader in this invocation.
-            line.insert(
-                "data_skipped".into(),
-                json!(load_skipped + loader.skipped()),
-            );
-            for (k, v) in &values {
-                let x = v.double_value(&[]);
-                if !x.is_finite() {
-                    return Err(Error::Config(format!(
-                        "`{k}` became {x} at step {}; lower train.lr or raise train.warmup_steps",
-                        state.step
-                    )));
+            // time, and replaced or skipped by the loader in this invocation
+            // (on every rank).
+            let (values, skipped) = match par {
+                Some(p) => {
+                    let (means, skipped) = p.mean_over_ranks(&values, loader.skipped())?;
+                    (means, load_skipped + skipped)
                 }
-                line.insert(k.clone(), json!(x));
+                None => (
+                    values
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.double_value(&[])))
+                        .collect(),
+                    load_skipped + loader.skipped(),
+                ),
+            };
+            line.insert("data_skipped".into(), json!(skipped));
+            let bad = values.iter().find(|(_, x)| !x.is_finite());
+            // Every rank holds the same means; agreeing still makes sure no
+            // rank stops while another goes on.
+            let stop = match par {
+                Some(p) => p.agree_any(bad.is_some())?,
+                None => bad.is_some(),
+            };
+            if stop {
+                let (k, x) = bad.map_or(("a value", f64::NAN), |(k, x)| (k.as_str(), *x));
+                return Err(Error::Config(format!(
+                    "`{k}` became {x} at step {}; lower train.lr or raise train.warmup_steps",
+                    state.step
+                )));
+            }
+            for (k, x) in values {
+                line.insert(k, json!(x));
             }
             // Wall time since this invocation started (after the values
             // above synchronised the device); excluded from exactness checks.
             line.insert("time_s".into(), json!(started.elapsed().as_secs_f64()));
-            writeln!(metrics_file, "{}", Value::Object(line.clone()))
-                .map_err(|e| Error::io(&metrics_path, e))?;
+            if let Some(f) = metrics_file.as_mut() {
+                writeln!(f, "{}", Value::Object(line.clone()))
+                    .map_err(|e| Error::io(&metrics_path, e))?;
+            }
             let loss = line.get("loss").and_then(Value::as_f64).unwrap_or(f64::NAN);
             bar.set_message(format!("loss {loss:.4} lr {lr:.2e}"));
             logged.push(line);
         }
         bar.set_position(state.step as u64);
         if tc.checkpoint_every > 0 && state.step % tc.checkpoint_every == 0 {
-            let path =
-                checkpoint::save(&run_dir, &asm.vs, optim.state(), state, tc.keep_checkpoints)?;
-            tracing::debug!(path = %path.display(), "checkpoint");
+            save(state, &optim)?;
             last_saved = state.step;
         }
         if let (Some(ds), true) = (
             &heldout,
             cfg.eval.every > 0 && state.step % cfg.eval.every == 0,
         ) {
-            let r = eval::held_out(&asm.model, ds, &eval_inputs, state.step)?;
-            let line = serde_json::to_string(&r).expect("serialisable");
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&eval_path)
-                .map_err(|e| Error::io(&eval_path, e))?;
-            writeln!(f, "{line}").map_err(|e| Error::io(&eval_path, e))?;
+            if main {
+                let r = eval::held_out(&asm.model, ds, &eval_inputs, state.step)?;
+                let line = serde_json::to_string(&r).expect("serialisable");
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&eval_path)
+                    .map_err(|e| Error::io(&eval_path, e))?;
+                writeln!(f, "{line}").map_err(|e| Error::io(&eval_path, e))?;
+            }
+            par.map_or(Ok(()), Parallel::barrier)?;
+        }
+        if let Some(p) = par {
+            p.progress(state.step);
+        }
+        if let Some(f) = fault {
+            f.strike(rank, state.step);
         }
         if opts.halt_after == Some(state.step) {
             bar.abandon();
             return Ok(TrainSummary {
-                run_dir,
+                run_dir: run_dir.to_path_buf(),
                 start_step,
                 last_step: state.step,
                 logged,
@@ -342,11 +568,11 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainSummary> {
         }
     }
     if last_saved != state.step {
-        checkpoint::save(&run_dir, &asm.vs, optim.state(), state, tc.keep_checkpoints)?;
+        save(state, &optim)?;
     }
     bar.finish();
 
-    let eval = match (&heldout, cfg.eval.at_end) {
+    let eval = match (&heldout, cfg.eval.at_end && main) {
         (Some(ds), true) => {
             let r = eval::held_out(&asm.model, ds, &eval_inputs, state.step)?;
             let path = run_dir.join("eval-heldout.json");
@@ -357,7 +583,7 @@ pub fn train(mut opts: TrainOptions) -> Result<TrainSummary> {
         _ => None,
     };
     Ok(TrainSummary {
-        run_dir,
+        run_dir: run_dir.to_path_buf(),
         start_step,
         last_step: state.step,
         logged,
