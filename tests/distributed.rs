@@ -1,0 +1,817 @@
+//! Data-parallel training and evaluation: several `vlmatch` processes on
+//! loopback (Gloo over a TCPStore rendezvous), started the way `torchrun`
+//! starts them (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
+//! `MASTER_PORT`), and by `torchrun` itself.
+//!
+//! Every launch has a hard deadline after which the test kills its
+//! processes and fails, so a hang is a failure, never a stuck CI job.
+
+mod common;
+use common::*;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tch::Tensor;
+use vlmatch::data::loader::{Loader, LoaderConfig, Source};
+use vlmatch::data::webdataset::Shards;
+use vlmatch::tokenizer::Tokenizer;
+use vlmatch_core::Batch;
+
+const BIN: &str = env!("CARGO_BIN_EXE_vlmatch");
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A port nobody listens on right now (the OS picks it).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Launcher variables that must not leak into a child from the test's own
+/// environment.
+const LAUNCH_VARS: &[&str] = &[
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "SLURM_PROCID",
+    "SLURM_STEP_ID",
+    "SLURM_STEPID",
+    "TORCHELASTIC_USE_AGENT_STORE",
+];
+
+/// Processes of one launch; killed when dropped (a failed assertion, a
+/// deadline), so none outlives its test.
+struct Launch {
+    name: String,
+    procs: Vec<(usize, Child)>,
+    logs: PathBuf,
+    started: Instant,
+}
+
+/// How one process ended.
+#[derive(Debug)]
+struct Ended {
+    status: ExitStatus,
+    /// Seconds after the launch started.
+    at: f64,
+    stdout: String,
+    stderr: String,
+}
+
+impl Drop for Launch {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.procs {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The `vlmatch` binary with `args` run from the repository root, output to
+/// files under `logs` named after `name` and the rank.
+fn command(args: &[String], logs: &Path, name: &str, rank: usize) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).current_dir(repo());
+    for v in LAUNCH_VARS {
+        cmd.env_remove(v);
+    }
+    let out = std::fs::File::create(logs.join(format!("{name}.rank{rank}.out"))).unwrap();
+    let err = std::fs::File::create(logs.join(format!("{name}.rank{rank}.err"))).unwrap();
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    cmd
+}
+
+/// `vlmatch ARGS` as `world` ranks on loopback (one plain process when
+/// `world` is 1), as torchrun would start them.
+fn launch(name: &str, world: usize, args: &[String], logs: &Path) -> Launch {
+    let port = free_port();
+    let procs = (0..world)
+        .map(|rank| {
+            let mut cmd = command(args, logs, name, rank);
+            if world > 1 {
+                cmd.env("RANK", rank.to_string())
+                    .env("WORLD_SIZE", world.to_string())
+                    .env("LOCAL_RANK", rank.to_string())
+                    .env("LOCAL_WORLD_SIZE", world.to_string())
+                    .env("MASTER_ADDR", "127.0.0.1")
+                    .env("MASTER_PORT", port.to_string());
+            }
+            (rank, cmd.spawn().expect("start vlmatch"))
+        })
+        .collect();
+    Launch {
+        name: name.to_string(),
+        procs,
+        logs: logs.to_path_buf(),
+        started: Instant::now(),
+    }
+}
+
+impl Launch {
+    fn read(&self, rank: usize, ext: &str) -> String {
+        std::fs::read_to_string(self.logs.join(format!("{}.rank{rank}.{ext}", self.name)))
+            .unwrap_or_default()
+    }
+
+    /// Every process's output, for failure messages.
+    fn report(&self) -> String {
+        (0..self.procs.len())
+            .map(|r| {
+                let err = self.read(r, "err");
+                let tail: Vec<&str> = err.lines().rev().take(25).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                format!(
+                    "--- {} rank {r} stderr (tail):\n{}",
+                    self.name,
+                    tail.join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Waits for the processes `ranks` to exit, at most `limit` after the
+    /// launch started; past it, kills every process and fails.
+    fn wait_for(&mut self, ranks: &[usize], limit: Duration) -> HashMap<usize, Ended> {
+        let mut ended = HashMap::new();
+        loop {
+            for (rank, child) in &mut self.procs {
+                if ended.contains_key(rank) || !ranks.contains(rank) {
+                    continue;
+                }
+                if let Some(status) = child.try_wait().unwrap() {
+                    ended.insert(
+                        *rank,
+                        Ended {
+                            status,
+                            at: self.started.elapsed().as_secs_f64(),
+                            stdout: String::new(),
+                            stderr: String::new(),
+                        },
+                    );
+                }
+            }
+            if ended.len() == ranks.len() {
+                break;
+            }
+            if self.started.elapsed() > limit {
+                for (_, c) in &mut self.procs {
+                    let _ = c.kill();
+                }
+                panic!(
+                    "{}: ranks {ranks:?} still running after {limit:?}; killed\n{}",
+                    self.name,
+                    self.report()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for (rank, e) in &mut ended {
+            e.stdout = self.read(*rank, "out");
+            e.stderr = self.read(*rank, "err");
+        }
+        ended
+    }
+
+    /// Waits for every process and requires each to succeed.
+    fn succeed(mut self, limit: Duration) -> Vec<Ended> {
+        let all: Vec<usize> = (0..self.procs.len()).collect();
+        let mut ended = self.wait_for(&all, limit);
+        if let Some((r, e)) = ended.iter().find(|(_, e)| !e.status.success()) {
+            panic!(
+                "{}: rank {r} failed ({})\n{}",
+                self.name,
+                e.status,
+                self.report()
+            );
+        }
+        all.iter().map(|r| ended.remove(r).unwrap()).collect()
+    }
+}
+
+/// `train` arguments for the micro model with `preset` (a config file
+/// layered over it, or none) and `sets`.
+fn train_args(run_dir: &Path, preset: Option<&str>, sets: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = ["train", "--quiet", "--preset", "tiny", "--config"]
+        .map(String::from)
+        .to_vec();
+    a.push(fixture("micro.toml").display().to_string());
+    if let Some(p) = preset {
+        a.push("--config".into());
+        a.push(repo().join(p).display().to_string());
+    }
+    a.push("--run-dir".into());
+    a.push(run_dir.display().to_string());
+    for s in ["eval.at_end=false"].iter().chain(sets) {
+        a.push("--set".into());
+        a.push(s.to_string());
+    }
+    a
+}
+
+/// metrics.jsonl without the wall time.
+fn metrics(dir: &Path) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let m = v.as_object_mut().unwrap();
+            m.remove("time_s");
+            m.clone()
+        })
+        .collect()
+}
+
+fn checkpoint(dir: &Path, step: i64) -> HashMap<String, Tensor> {
+    let path = dir.join(format!("checkpoints/step-{step:08}.safetensors"));
+    Tensor::read_safetensors(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
+        .collect()
+}
+
+/// Relative differences between two runs' model and optimizer tensors
+/// (per tensor: max |a - b| / max |a|), largest first, with the tensor.
+fn weight_differences(
+    a: &HashMap<String, Tensor>,
+    b: &HashMap<String, Tensor>,
+) -> Vec<(f64, String)> {
+    let mut out = Vec::new();
+    for (name, x) in a {
+        if !(name.starts_with("model.") || name.starts_with("optim.")) || name == "optim.t" {
+            continue;
+        }
+        let y = b
+            .get(name)
+            .unwrap_or_else(|| panic!("tensor {name} missing"));
+        assert_eq!(x.size(), y.size(), "{name}");
+        let (x, y) = (x.to_kind(tch::Kind::Double), y.to_kind(tch::Kind::Double));
+        let scale = x.abs().max().double_value(&[]).max(1e-12);
+        out.push((
+            (&x - &y).abs().max().double_value(&[]) / scale,
+            name.clone(),
+        ));
+    }
+    out.sort_by(|p, q| q.0.total_cmp(&p.0));
+    out
+}
+
+/// Whether two runs' final weights are the same, as far as floating point
+/// lets them be: `a` is the reference (one process).
+///
+/// - The relative L2 distance of all model weights, `|a - b| / |a|`, is at
+///   most `rel`. Single elements are no measure: AdamW divides each
+///   gradient element by its own running magnitude, so an element whose
+///   exact gradient is 0 (every attention key bias: softmax ignores a shift
+///   shared by all keys) or nearly 0 moves by up to the learning rate in a
+///   direction set by rounding, in either run.
+/// - A parameter the reference never updated (its AdamW second moment is
+///   all zero: no objective reached it) is bit-identical in `b`.
+///
+/// Returns what to report, or why they differ.
+fn same_weights(
+    a: &HashMap<String, Tensor>,
+    b: &HashMap<String, Tensor>,
+    rel: f64,
+) -> Result<String, String> {
+    let (mut diff2, mut norm2) = (0.0, 0.0);
+    let mut untouched_moved = Vec::new();
+    for (name, x) in a {
+        let Some(param) = name.strip_prefix("model.") else {
+            continue;
+        };
+        let y = b
+            .get(name)
+            .ok_or_else(|| format!("tensor {name} missing"))?;
+        let (xd, yd) = (x.to_kind(tch::Kind::Double), y.to_kind(tch::Kind::Double));
+        diff2 += (&xd - &yd)
+            .square()
+            .sum(tch::Kind::Double)
+            .double_value(&[]);
+        norm2 += xd.square().sum(tch::Kind::Double).double_value(&[]);
+        let untouched = a
+            .get(&format!("optim.v.{param}"))
+            .is_some_and(|v| v.abs().max().double_value(&[]) == 0.0);
+        if untouched && !x.equal(y) {
+            untouched_moved.push(param.to_string());
+        }
+    }
+    let global = (diff2 / norm2.max(1e-300)).sqrt();
+    let worst: Vec<String> = weight_differences(a, b)
+        .iter()
+        .take(3)
+        .map(|(d, t)| format!("{d:.2e} in {t}"))
+        .collect();
+    let report = format!(
+        "weights differ by {global:.2e} (relative L2 over the model); elementwise most: {}",
+        worst.join(", ")
+    );
+    if !untouched_moved.is_empty() {
+        return Err(format!(
+            "parameters the reference never updated changed: {} ({report})",
+            untouched_moved.join(", ")
+        ));
+    }
+    if global > rel {
+        return Err(format!("{report}: above {rel:e}"));
+    }
+    Ok(report)
+}
+
+/// The largest relative difference between two metrics.jsonl logs in
+/// `keys` (every key when empty), with where it is; the logs must have the
+/// same steps and keys.
+fn log_difference(
+    a: &[serde_json::Map<String, serde_json::Value>],
+    b: &[serde_json::Map<String, serde_json::Value>],
+    keys: &[&str],
+) -> (f64, String) {
+    assert_eq!(a.len(), b.len(), "logged steps");
+    let mut worst = (0.0f64, String::from("nothing"));
+    for (x, y) in a.iter().zip(b) {
+        let mut kx: Vec<_> = x.keys().collect();
+        let mut ky: Vec<_> = y.keys().collect();
+        kx.sort();
+        ky.sort();
+        assert_eq!(kx, ky, "logged keys at step {}", x["step"]);
+        for (k, v) in x {
+            if !keys.is_empty() && !keys.contains(&k.as_str()) {
+                continue;
+            }
+            let (p, q) = (v.as_f64().unwrap(), y[k].as_f64().unwrap());
+            let d = (p - q).abs() / p.abs().max(1e-6);
+            if d > worst.0 {
+                worst = (d, format!("`{k}` at step {}: {p} vs {q}", x["step"]));
+            }
+        }
+    }
+    worst
+}
+
+/// 2 ranks x 8 pairs train as 1 process x 16: the same losses and gradient
+/// norms at every step (the first step's from the same weights; a gradient
+/// norm equal to 1e-5 says the averaged gradients are), and the same
+/// weights after 4 steps ([`same_weights`]), for the baseline and the full
+/// VL-Match objectives (global ITC, global hard negatives, MLM, VL-RTD and
+/// FG-ITM keyed by the global sample). Metrics that are ratios (accuracies)
+/// are means of the ranks' ratios: reported, not compared.
+#[test]
+fn two_ranks_train_as_one_process_with_the_global_batch() {
+    let root = scratch("dist-equivalence");
+    let mut failures = Vec::new();
+    for (preset, losses) in [
+        (
+            "configs/baseline.toml",
+            &["loss", "itc", "itm", "mlm", "grad_norm", "lr"][..],
+        ),
+        (
+            "configs/vlmatch.toml",
+            &[
+                "loss",
+                "itc",
+                "fgitm",
+                "rtd",
+                "rtd_disc",
+                "gen",
+                "grad_norm",
+                "lr",
+            ][..],
+        ),
+    ] {
+        let name = Path::new(preset).file_stem().unwrap().to_str().unwrap();
+        let sets = [
+            "train.steps=4",
+            "train.checkpoint_every=0",
+            "train.dist.timeout=60",
+        ];
+        let one_dir = root.join(format!("{name}-1x16"));
+        let two_dir = root.join(format!("{name}-2x8"));
+        let mut one_args = train_args(&one_dir, Some(preset), &sets);
+        one_args.extend(["--set".into(), "train.batch_size=16".into()]);
+        let mut two_args = train_args(&two_dir, Some(preset), &sets);
+        two_args.extend(["--set".into(), "train.batch_size=8".into()]);
+        let one = launch(&format!("{name}-1x16"), 1, &one_args, &root);
+        let two = launch(&format!("{name}-2x8"), 2, &two_args, &root);
+        two.succeed(Duration::from_secs(240));
+        one.succeed(Duration::from_secs(240));
+
+        let (m1, m2) = (metrics(&one_dir), metrics(&two_dir));
+        assert_eq!(m1.len(), 4, "{name}: one line per step");
+        let first = log_difference(&m1[..1], &m2[..1], losses);
+        let all = log_difference(&m1, &m2, losses);
+        let other = log_difference(&m1, &m2, &[]);
+        let weights = same_weights(&checkpoint(&one_dir, 4), &checkpoint(&two_dir, 4), 1e-5);
+        eprintln!(
+            "{name}, 1x16 vs 2x8: losses at step 1 differ by {:.2e} ({}); over 4 steps by \
+             {:.2e} ({}); any logged value by {:.2e} ({}); after 4 steps {}",
+            first.0,
+            first.1,
+            all.0,
+            all.1,
+            other.0,
+            other.1,
+            match &weights {
+                Ok(r) | Err(r) => r,
+            }
+        );
+        if all.0 > 1e-5 {
+            failures.push(format!(
+                "{name}: losses differ by {:.3e} (relative) at {}, above 1e-5",
+                all.0, all.1
+            ));
+        }
+        if let Err(e) = weights {
+            failures.push(format!("{name}: after 4 steps {e}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The loader contract: with 2 ranks each global batch (drawn as one
+/// process drawing 16) is split into rank 0's first 8 rows and rank 1's
+/// last 8, with the rows' global positions as sample keys; for in-memory
+/// pairs and for a shard stream, from the start and from a resumed batch.
+#[test]
+fn ranks_load_disjoint_parts_of_the_global_batch() {
+    let loaded = micro_layers(&[]).load().unwrap();
+    let tok = Arc::new(Tokenizer::builtin());
+    let (train, _) = vlmatch::setup::datasets(&loaded).unwrap();
+    let train = Arc::new(train);
+    let shards = write_shards(&scratch("dist-shards"), 24);
+    let sources = |_: ()| {
+        [
+            ("pairs", Source::Pairs(train.clone())),
+            (
+                "shards",
+                Source::Shards(Shards::resolve(&shards, "test", 7).unwrap()),
+            ),
+        ]
+    };
+    let cfg = |b: usize| LoaderConfig::new(&loaded.config.data, b, Some(5));
+    for start in [0u64, 13] {
+        let whole = sources(());
+        let part0 = sources(());
+        let part1 = sources(());
+        for (((what, w), (_, p0)), (_, p1)) in whole.into_iter().zip(part0).zip(part1) {
+            let mut w = Loader::from_source(w, tok.clone(), cfg(16), start).unwrap();
+            let mut p0 = Loader::from_source(p0, tok.clone(), cfg(8).shard(0, 2), start).unwrap();
+            let mut p1 = Loader::from_source(p1, tok.clone(), cfg(8).shard(1, 2), start).unwrap();
+            for g in start..start + 3 {
+                let (w, a, b) = (
+                    w.next_batch().unwrap(),
+                    p0.next_batch().unwrap(),
+                    p1.next_batch().unwrap(),
+                );
+                let rows = |b: &Batch, r: std::ops::Range<i64>| {
+                    (
+                        b.captions[r.start as usize..r.end as usize].to_vec(),
+                        b.images.narrow(0, r.start, r.end - r.start),
+                        b.sample_keys.narrow(0, r.start, r.end - r.start),
+                    )
+                };
+                for (part, rows_of_whole) in [(&a, 0..8), (&b, 8..16)] {
+                    let (caps, images, keys) = rows(&w, rows_of_whole.clone());
+                    assert_eq!(
+                        part.captions, caps,
+                        "{what}: batch {g}, rows {rows_of_whole:?}"
+                    );
+                    assert!(part.images.equal(&images), "{what}: batch {g} images");
+                    assert!(part.sample_keys.equal(&keys), "{what}: batch {g} keys");
+                }
+                let expect = Tensor::arange_start(
+                    g as i64 * 16,
+                    g as i64 * 16 + 16,
+                    (tch::Kind::Int64, tch::Device::Cpu),
+                );
+                assert!(
+                    w.sample_keys.equal(&expect),
+                    "{what}: batch {g} global keys"
+                );
+            }
+        }
+    }
+}
+
+/// Append a regular file to a ustar archive.
+fn tar_entry(out: &mut Vec<u8>, name: &str, data: &[u8]) {
+    let mut h = [0u8; 512];
+    h[..name.len()].copy_from_slice(name.as_bytes());
+    h[100..108].copy_from_slice(b"0000644\0");
+    h[108..116].copy_from_slice(b"0000000\0");
+    h[116..124].copy_from_slice(b"0000000\0");
+    h[124..136].copy_from_slice(format!("{:011o}\0", data.len()).as_bytes());
+    h[136..148].copy_from_slice(b"00000000000\0");
+    h[156] = b'0';
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+}
+
+/// 3 shards of `per_shard` synthetic scenes (a PNG and a caption each);
+/// returns their brace pattern.
+fn write_shards(dir: &Path, per_shard: usize) -> String {
+    let scenes = vlmatch::data::Dataset::synthetic("scenes", 3, 0, 3 * per_shard, 1);
+    for shard in 0..3 {
+        let mut tar = Vec::new();
+        for i in 0..per_shard {
+            let s = shard * per_shard + i;
+            let mut png = std::io::Cursor::new(Vec::new());
+            image::RgbImage::from_raw(16, 16, scenes.load_rgb(s, 16).unwrap())
+                .unwrap()
+                .write_to(&mut png, image::ImageFormat::Png)
+                .unwrap();
+            tar_entry(&mut tar, &format!("{s:06}.png"), &png.into_inner());
+            let caption = &scenes.pairs.iter().find(|p| p.image == s).unwrap().caption;
+            tar_entry(&mut tar, &format!("{s:06}.txt"), caption.as_bytes());
+        }
+        tar.extend_from_slice(&[0u8; 1024]);
+        std::fs::write(dir.join(format!("train-{shard}.tar")), tar).unwrap();
+    }
+    format!("{}/train-{{0..2}}.tar", dir.display())
+}
+
+/// A rank killed mid-run makes the other stop, non-zero, with a message
+/// naming it, well within the test's 30 s; the run then resumes from its
+/// last checkpoint with 2 ranks and ends exactly as an uninterrupted 2-rank
+/// run.
+#[test]
+fn a_killed_rank_stops_the_other_and_the_run_resumes() {
+    let root = scratch("dist-kill");
+    let sets = [
+        "train.steps=12",
+        "train.checkpoint_every=4",
+        "train.dist.timeout=5",
+    ];
+    let full_dir = root.join("full");
+    let full = launch("full", 2, &train_args(&full_dir, None, &sets), &root);
+
+    let cut_dir = root.join("cut");
+    let mut args = train_args(&cut_dir, None, &sets);
+    args.extend(["--fault".into(), "1:6:kill".into()]);
+    let mut cut = launch("cut", 2, &args, &root);
+    let ended = cut.wait_for(&[0, 1], Duration::from_secs(90));
+    let (r0, r1) = (&ended[&0], &ended[&1]);
+    assert!(
+        !r1.status.success(),
+        "rank 1 was to kill itself: {:?}",
+        r1.status
+    );
+    assert!(
+        !r0.status.success(),
+        "rank 0 must fail when rank 1 dies\n{}",
+        cut.report()
+    );
+    let stopped_after = r0.at - r1.at;
+    eprintln!("rank 0 stopped {stopped_after:.1} s after rank 1 died");
+    assert!(
+        stopped_after < 30.0,
+        "rank 0 took {stopped_after:.1} s to stop"
+    );
+    assert!(
+        r0.stderr.contains("error:") && r0.stderr.contains("rank 1"),
+        "rank 0's error names rank 1:\n{}",
+        r0.stderr
+    );
+    assert_eq!(
+        std::fs::read_to_string(cut_dir.join("checkpoints/latest")).unwrap(),
+        "step-00000004.safetensors"
+    );
+
+    let resumed = launch(
+        "resumed",
+        2,
+        &[
+            "train".into(),
+            "--quiet".into(),
+            "--resume".into(),
+            cut_dir.display().to_string(),
+            "--set".into(),
+            "train.dist.timeout=30".into(),
+        ],
+        &root,
+    );
+    resumed.succeed(Duration::from_secs(240));
+    full.succeed(Duration::from_secs(240));
+    let (a, b) = (metrics(&full_dir), metrics(&cut_dir));
+    assert_eq!(b.len(), 12, "each step logged once after resuming");
+    // Bit-exact on CPU: every logged value.
+    assert_eq!(a, b, "2 ranks resumed vs uninterrupted");
+    let (a, b) = (checkpoint(&full_dir, 12), checkpoint(&cut_dir, 12));
+    assert_eq!(a.len(), b.len());
+    for (name, t) in &a {
+        assert!(t.equal(&b[name]), "tensor {name} differs after resuming");
+    }
+}
+
+/// A rank that hangs (alive, but stuck in its step) stops the other within
+/// `train.dist.timeout`, with an error that names it.
+#[test]
+fn a_hung_rank_stops_the_other_within_the_timeout() {
+    let root = scratch("dist-hang");
+    let mut args = train_args(
+        &root.join("run"),
+        None,
+        &["train.steps=12", "train.dist.timeout=4"],
+    );
+    args.extend(["--fault".into(), "1:3:hang".into()]);
+    let mut hung = launch("hang", 2, &args, &root);
+    let ended = hung.wait_for(&[0], Duration::from_secs(90));
+    let r0 = &ended[&0];
+    assert!(!r0.status.success(), "{}", hung.report());
+    assert!(
+        r0.stderr.contains("error:") && r0.stderr.contains("rank 1"),
+        "rank 0's error names rank 1:\n{}",
+        r0.stderr
+    );
+    eprintln!(
+        "rank 0 stopped at {:.1} s: {}",
+        r0.at,
+        r0.stderr.lines().last().unwrap_or("")
+    );
+    // Rank 1 is still stuck; dropping the launch kills it.
+}
+
+/// A run of 2 ranks x 8 resumes on 1 process only with the same global
+/// batch: with train.batch_size 8 it stops and says what to set; with 16 it
+/// continues, to the weights of the 2-rank run.
+#[test]
+fn resuming_with_another_rank_count_keeps_the_global_batch() {
+    let root = scratch("dist-regroup");
+    let sets = [
+        "train.steps=8",
+        "train.checkpoint_every=4",
+        "train.dist.timeout=30",
+    ];
+    let full_dir = root.join("full");
+    launch("full", 2, &train_args(&full_dir, None, &sets), &root).succeed(Duration::from_secs(240));
+    // The run as a kill after step 4 would have left it.
+    let cut_dir = root.join("cut");
+    std::fs::create_dir_all(cut_dir.join("checkpoints")).unwrap();
+    for f in [
+        "config.toml",
+        "metrics.jsonl",
+        "checkpoints/step-00000004.safetensors",
+    ] {
+        std::fs::copy(full_dir.join(f), cut_dir.join(f)).unwrap();
+    }
+    std::fs::write(
+        cut_dir.join("checkpoints/latest"),
+        "step-00000004.safetensors",
+    )
+    .unwrap();
+
+    let resume = |batch: usize| -> Vec<String> {
+        [
+            "train",
+            "--quiet",
+            "--resume",
+            &cut_dir.display().to_string(),
+            "--set",
+            &format!("train.batch_size={batch}"),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let mut wrong = launch("wrong", 1, &resume(8), &root);
+    let e = wrong
+        .wait_for(&[0], Duration::from_secs(120))
+        .remove(&0)
+        .unwrap();
+    assert!(!e.status.success());
+    assert!(
+        e.stderr
+            .contains("this run used 2 ranks x train.batch_size 8 = global batch 16")
+            && e.stderr
+                .contains("with 1 rank set --set train.batch_size=16"),
+        "{}",
+        e.stderr
+    );
+    launch("right", 1, &resume(16), &root).succeed(Duration::from_secs(240));
+    let same = same_weights(&checkpoint(&full_dir, 8), &checkpoint(&cut_dir, 8), 1e-5);
+    eprintln!("2 x 8 resumed as 1 x 16 vs 2 x 8: {same:?}");
+    same.unwrap();
+}
+
+/// `vlmatch eval --task retrieval` as 2 ranks shares the ITM re-ranking and
+/// reports the recalls of 1 process.
+#[test]
+fn retrieval_eval_on_two_ranks_gives_the_recalls_of_one() {
+    let root = scratch("dist-eval");
+    let run_dir = root.join("run");
+    run(&run_dir, &["train.steps=4", "eval.at_end=false"], None).unwrap();
+    let data = root.join("heldout");
+    let preview = Command::new(BIN)
+        .current_dir(repo())
+        .args(["preview", "--preset", "tiny", "--config"])
+        .arg(fixture("micro.toml"))
+        .args(["--split", "heldout", "--all", "--out"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(preview.status.success(), "{preview:?}");
+    let args: Vec<String> = [
+        "eval",
+        "--quiet",
+        "--task",
+        "retrieval",
+        "--checkpoint",
+        &run_dir.display().to_string(),
+        "--data",
+        &data.join("annotations.jsonl").display().to_string(),
+        "--image-root",
+        &data.display().to_string(),
+        "--set",
+        "eval.k=5",
+        "--set",
+        "eval.batch_size=7",
+    ]
+    .map(String::from)
+    .to_vec();
+    let last_json = |e: &Ended| -> serde_json::Value {
+        serde_json::from_str(e.stdout.lines().last().unwrap_or(""))
+            .unwrap_or_else(|err| panic!("{err}: {}\n{}", e.stdout, e.stderr))
+    };
+    let one = launch("eval-1", 1, &args, &root).succeed(Duration::from_secs(120));
+    let two = launch("eval-2", 2, &args, &root).succeed(Duration::from_secs(120));
+    let (a, b) = (last_json(&one[0]), last_json(&two[0]));
+    assert_eq!(a["captions"].as_u64(), Some(48), "{a}");
+    assert_eq!(a, b, "recalls of 1 process vs 2 ranks");
+    assert!(two[1].stdout.trim().is_empty(), "rank 1 prints nothing");
+    let written: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run_dir.join("eval-retrieval.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(written, a);
+}
+
+/// `torchrun --nproc-per-node 2 --no-python vlmatch train ...` (the venv's
+/// `python -m torch.distributed.run`) trains the tiny preset's objectives on
+/// the micro model to the weights of one process with the doubled batch.
+/// Needs BENCH_REFERENCE_PYTHON (`cargo xtask test` sets it).
+#[test]
+fn torchrun_launches_two_ranks() {
+    let Some(python) = std::env::var_os("BENCH_REFERENCE_PYTHON") else {
+        eprintln!("skipped: BENCH_REFERENCE_PYTHON is not set (cargo xtask test sets it)");
+        return;
+    };
+    let root = scratch("dist-torchrun");
+    let sets = [
+        "train.steps=3",
+        "train.checkpoint_every=0",
+        "train.dist.timeout=60",
+    ];
+    let one_dir = root.join("one");
+    let mut one_args = train_args(&one_dir, None, &sets);
+    one_args.extend(["--set".into(), "train.batch_size=16".into()]);
+    let one = launch("one", 1, &one_args, &root);
+
+    let two_dir = root.join("torchrun");
+    let port = free_port().to_string();
+    let mut cmd = Command::new(&python);
+    cmd.args(["-m", "torch.distributed.run", "--nproc-per-node", "2"])
+        .args(["--master-addr", "127.0.0.1", "--master-port", &port])
+        .args(["--no-python", BIN])
+        .args(train_args(&two_dir, None, &sets))
+        .args(["--set", "train.batch_size=8"])
+        .current_dir(repo());
+    for v in LAUNCH_VARS {
+        cmd.env_remove(v);
+    }
+    let out = std::fs::File::create(root.join("torchrun.rank0.out")).unwrap();
+    let err = std::fs::File::create(root.join("torchrun.rank0.err")).unwrap();
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    let tr = Launch {
+        name: "torchrun".into(),
+        procs: vec![(0, cmd.spawn().expect("start torchrun"))],
+        logs: root.clone(),
+        started: Instant::now(),
+    };
+    let ended = tr.succeed(Duration::from_secs(240));
+    one.succeed(Duration::from_secs(240));
+    assert!(
+        ended[0].stdout.contains("run directory"),
+        "rank 0 reports the run:\n{}",
+        ended[0].stdout
+    );
+    let same = same_weights(&checkpoint(&one_dir, 3), &checkpoint(&two_dir, 3), 1e-5);
+    eprintln!("torchrun 2 x 8 vs 1 x 16: {same:?}");
+    same.unwrap();
+}
