@@ -388,10 +388,16 @@ fn diagnose_dead(dead: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// A measurement, not a check: 2 ranks reduce ~10.5 M fp32 gradients of a
-/// chain of linear layers, after backward and overlapped with it.
+/// A measurement, not a check: 2 ranks (`TIMING_RANKS`) reduce ~10.5 M fp32
+/// gradients of a chain of linear layers, after backward and overlapped
+/// with it (`BUCKET_MB`, `REPS`), and count the bytes on loopback; with
+/// `BASE_PARAMS=N` also one all-reduce of N floats.
 fn overlap_timing() -> Result<(), String> {
-    let finished = run_all("timing", 2)?;
+    let ranks = std::env::var("TIMING_RANKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let finished = run_all("timing", ranks)?;
     for f in &finished {
         println!("    --- rank {}", f.rank);
         for line in f.stdout.lines().filter(|l| l.starts_with("timing")) {
@@ -1133,6 +1139,19 @@ fn role_heartbeat_dead(env: &LaunchEnv, dead: usize) -> Result<(), String> {
     }
 }
 
+/// Bytes received on the loopback interface so far (Linux), to count what
+/// the collectives really move.
+fn loopback_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/dev").ok()?;
+    let line = text.lines().find(|l| l.trim_start().starts_with("lo:"))?;
+    line.split_once(':')?
+        .1
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -1208,14 +1227,21 @@ fn role_timing(env: &LaunchEnv) -> Result<(), String> {
     // preset's gradient bytes (BASE_PARAMS floats, if set).
     let mut one = [Tensor::ones([numel], cpu(Kind::Float))];
     let mut flat = Vec::new();
+    let mut wire = Vec::new();
     for _ in 0..reps {
         pg.barrier().map_err(err)?;
+        let before = loopback_bytes();
         let t = Instant::now();
         pg.all_reduce_sum(&mut one)
             .map_err(err)?
             .wait()
             .map_err(err)?;
         flat.push(secs(t));
+        // Both ranks have finished sending once the next barrier passes.
+        pg.barrier().map_err(err)?;
+        if let (Some(a), Some(b)) = (before, loopback_bytes()) {
+            wire.push(b.saturating_sub(a) as f64);
+        }
     }
     let ms = |v: f64| v * 1e3;
     let mb = numel as f64 * 4.0 / 1e6;
@@ -1249,6 +1275,16 @@ fn role_timing(env: &LaunchEnv) -> Result<(), String> {
         ms(fm),
         2.0 * (n - 1.0) / n * mb / 1e3 / fm
     );
+    if !wire.is_empty() {
+        // Each rank sends 2(n-1)/n x bytes in a ring all-reduce; loopback
+        // carries every rank's traffic once (other processes' too).
+        let predicted = n * 2.0 * (n - 1.0) / n * mb;
+        println!(
+            "timing: loopback bytes per flat all_reduce: {:.1} MB measured (median; all processes), \
+             {predicted:.1} MB predicted (n x 2(n-1)/n x {mb:.1} MB)",
+            median(wire) / 1e6
+        );
+    }
     if let Some(base) = std::env::var("BASE_PARAMS")
         .ok()
         .and_then(|v| v.parse::<i64>().ok())
