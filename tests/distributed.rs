@@ -366,36 +366,37 @@ fn log_difference(
 /// norm equal to 1e-5 says the averaged gradients are), and the same
 /// weights after 4 steps ([`same_weights`]), for the baseline and the full
 /// VL-Match objectives (global ITC, global hard negatives, MLM, VL-RTD and
-/// FG-ITM keyed by the global sample). Metrics that are ratios (accuracies)
-/// are means of the ranks' ratios: reported, not compared.
+/// FG-ITM keyed by the global sample), and for the baseline with gradient
+/// accumulation. Metrics that are ratios (accuracies) are means of the
+/// ranks' ratios: reported, not compared.
 #[test]
 fn two_ranks_train_as_one_process_with_the_global_batch() {
     let root = scratch("dist-equivalence");
     let mut failures = Vec::new();
-    for (preset, losses) in [
-        (
-            "configs/baseline.toml",
-            &["loss", "itc", "itm", "mlm", "grad_norm", "lr"][..],
-        ),
-        (
-            "configs/vlmatch.toml",
-            &[
-                "loss",
-                "itc",
-                "fgitm",
-                "rtd",
-                "rtd_disc",
-                "gen",
-                "grad_norm",
-                "lr",
-            ][..],
-        ),
+    let baseline = &["loss", "itc", "itm", "mlm", "grad_norm", "lr"][..];
+    let vlmatch = &[
+        "loss",
+        "itc",
+        "fgitm",
+        "rtd",
+        "rtd_disc",
+        "gen",
+        "grad_norm",
+        "lr",
+    ][..];
+    // The third case accumulates 2 micro-batches per step: the first
+    // backward must not reduce gradients, the second reduces their sum.
+    for (name, preset, accum, losses) in [
+        ("baseline", "configs/baseline.toml", 1, baseline),
+        ("vlmatch", "configs/vlmatch.toml", 1, vlmatch),
+        ("baseline-accum2", "configs/baseline.toml", 2, baseline),
     ] {
-        let name = Path::new(preset).file_stem().unwrap().to_str().unwrap();
+        let accum = format!("train.accum_steps={accum}");
         let sets = [
             "train.steps=4",
             "train.checkpoint_every=0",
             "train.dist.timeout=60",
+            &accum,
         ];
         let one_dir = root.join(format!("{name}-1x16"));
         let two_dir = root.join(format!("{name}-2x8"));
