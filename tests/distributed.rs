@@ -622,6 +622,38 @@ fn a_killed_rank_stops_the_other_and_the_run_resumes() {
     }
 }
 
+/// Rank 0 serves the rendezvous store; when it dies the others cannot read
+/// its heartbeat, and say so.
+#[test]
+fn a_killed_rank_0_stops_the_other_and_is_named() {
+    let root = scratch("dist-kill0");
+    let mut args = train_args(
+        &root.join("run"),
+        None,
+        &["train.steps=12", "train.dist.timeout=5"],
+    );
+    args.extend(["--fault".into(), "0:3:kill".into()]);
+    let mut cut = launch("cut", 2, &args, &root);
+    let ended = cut.wait_for(&[0, 1], Duration::from_secs(90));
+    let (r0, r1) = (&ended[&0], &ended[&1]);
+    assert!(
+        !r0.status.success() && !r1.status.success(),
+        "{}",
+        cut.report()
+    );
+    let stopped_after = r1.at - r0.at;
+    eprintln!("rank 1 stopped {stopped_after:.1} s after rank 0 died");
+    assert!(
+        stopped_after < 30.0,
+        "rank 1 took {stopped_after:.1} s to stop"
+    );
+    assert!(
+        r1.stderr.contains("error:") && r1.stderr.contains("rank 0 has probably exited"),
+        "rank 1's error names rank 0:\n{}",
+        r1.stderr
+    );
+}
+
 /// A rank that hangs (alive, but stuck in its step) stops the other within
 /// `train.dist.timeout`, with an error that names it.
 #[test]
