@@ -84,9 +84,9 @@ pub fn free_port() -> Result<u16, String> {
         .map_err(|e| format!("cannot find a free port: {e}"))
 }
 
-/// Copies `input` to `out` line by line, each line prefixed with `prefix`.
-/// Bytes that are not UTF-8 pass through unchanged; a last line without a
-/// newline gets one.
+/// Copies `input` to `out` line by line, each line prefixed with `prefix`
+/// unless it starts with it already. Bytes that are not UTF-8 pass through
+/// unchanged; a last line without a newline gets one.
 pub fn prefix_lines(input: impl Read, prefix: &str, mut out: impl Write) {
     let mut reader = BufReader::new(input);
     let mut line = Vec::new();
@@ -99,7 +99,11 @@ pub fn prefix_lines(input: impl Read, prefix: &str, mut out: impl Write) {
                     line.push(b'\n');
                 }
                 let mut text = Vec::with_capacity(prefix.len() + line.len());
-                text.extend_from_slice(prefix.as_bytes());
+                // vlmatch's own log lines of a rank may carry the prefix
+                // already.
+                if !line.starts_with(prefix.as_bytes()) {
+                    text.extend_from_slice(prefix.as_bytes());
+                }
                 text.extend_from_slice(&line);
                 // One write per line, so lines of different ranks never mix.
                 let _ = out.write_all(&text);
@@ -302,10 +306,14 @@ mod tests {
     #[test]
     fn lines_get_their_prefix() {
         let mut out = Vec::new();
-        prefix_lines(&b"one\ntwo\n\nlast"[..], "[rank 3] ", &mut out);
+        prefix_lines(
+            &b"one\n[rank 3] two\n\n[rank 1] x\nlast"[..],
+            "[rank 3] ",
+            &mut out,
+        );
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "[rank 3] one\n[rank 3] two\n[rank 3] \n[rank 3] last\n"
+            "[rank 3] one\n[rank 3] two\n[rank 3] \n[rank 3] [rank 1] x\n[rank 3] last\n"
         );
     }
 
