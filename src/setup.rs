@@ -199,7 +199,16 @@ pub fn rank_threads(train: &vlmatch_registry::config::TrainConfig) -> usize {
     }
     let local: usize = ["LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"]
         .iter()
-        .find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
+        // Slurm may write `8(x4)`: 8 tasks on each of 4 nodes.
+        .find_map(|v| {
+            let text = std::env::var(v).ok()?;
+            let digits: String = text
+                .trim()
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse().ok()
+        })
         .filter(|n| *n > 0)
         .unwrap_or(1);
     (threads(train) / local).max(1)
