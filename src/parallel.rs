@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 use vlmatch_core::{Collective, Error, Result};
 use vlmatch_dist::{
-    agree_any, broadcast_parameters, diagnose, to_core_error, Backend, DistCollective, DistError,
-    GradReducer, Heartbeat, LaunchEnv, ProcessGroup, Store,
+    agree_any, broadcast_parameters, diagnose, to_core_error, Backend, DistCollective, GradReducer,
+    Heartbeat, LaunchEnv, ProcessGroup, Store,
 };
 
 /// How often a rank publishes its heartbeat for a collective timeout of
@@ -238,11 +238,6 @@ impl Parallel {
         self.reducer = None;
         self.heartbeat = None;
     }
-}
-
-/// A [`DistError`] as the trainer's error.
-pub fn dist_error(e: DistError) -> Error {
-    to_core_error(e)
 }
 
 /// A failure injected for the fault tests (`vlmatch train --fault
