@@ -140,8 +140,9 @@ impl DynamicSamplerInstance {
 
 /// A dynamic sampler as a [`vlmatch_core::NegativeSampler`]: the batch's
 /// captions go to the library, its negatives come back as text and are
-/// tokenised here. The seed is drawn from libtorch's generator, which the
-/// trainer reseeds every step, so runs stay reproducible.
+/// tokenised here. Each caption goes with its own seed, keyed by its sample
+/// (`Forward::random_keys`), so runs stay reproducible and a caption's
+/// negative does not depend on how the batch is split over ranks.
 pub struct HostSampler {
     instance: DynamicSamplerInstance,
     codec: std::rc::Rc<dyn vlmatch_core::TextCodec>,
@@ -163,14 +164,19 @@ impl vlmatch_core::NegativeSampler for HostSampler {
     ) -> Result<vlmatch_core::Negatives> {
         let batch = input.forward.batch;
         let device = batch.text.ids.device();
-        let seed = tch::Tensor::randint(i64::MAX, [1], (tch::Kind::Int64, tch::Device::Cpu))
-            .int64_value(&[0]) as u64;
-        let (index, texts): (Vec<i64>, Vec<String>) = self
-            .instance
-            .negatives(&batch.captions, seed)
-            .into_iter()
+        let seeds = Vec::<i64>::try_from(input.forward.random_keys().to_device(tch::Device::Cpu))?;
+        let (index, texts): (Vec<i64>, Vec<String>) = batch
+            .captions
+            .iter()
+            .zip(seeds)
             .enumerate()
-            .filter_map(|(i, n)| Some((i as i64, n?)))
+            .filter_map(|(i, (caption, seed))| {
+                let negative = self
+                    .instance
+                    .negatives(std::slice::from_ref(caption), seed as u64)
+                    .pop()??;
+                Some((i as i64, negative))
+            })
             .unzip();
         Ok(vlmatch_core::Negatives::from_texts(
             self.codec.as_ref(),
