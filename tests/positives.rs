@@ -99,10 +99,12 @@ proptest! {
         tch::manual_seed(seed);
         let mut sim = Tensor::randn([n as i64, n as i64], (Kind::Float, tch::Device::Cpu));
         sim += identical.positives().to_kind(Kind::Float) * 30.0;
-        for _ in 0..4 {
+        for draw in 0..4i64 {
             for (s, name) in [(&sim, "i2t"), (&sim.tr(), "t2i")] {
+                let keys = Tensor::arange(n as i64, (Kind::Int64, tch::Device::Cpu)) + (seed * 8 + draw) * 1000;
+                let u = vlmatch_core::random::uniform(&keys, 1).squeeze_dim(1);
                 let drawn = Vec::<i64>::try_from(
-                    hard_negative::sample_hard_negatives(s, &identical.positives()),
+                    hard_negative::sample_hard_negatives(s, &identical.positives(), &u),
                 ).unwrap();
                 for (i, &j) in drawn.iter().enumerate() {
                     let any_negative = (0..n).any(|j| !pos[i][j]);
