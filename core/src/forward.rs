@@ -196,6 +196,17 @@ impl<'a> Forward<'a> {
         }
     }
 
+    /// `[B]` i64: each local row's own pair among the candidates of
+    /// [`Forward::negative_candidates`].
+    pub fn own_candidates(&self) -> Tensor {
+        let b = self.batch.len();
+        let offset = match (&self.collective, self.global_negatives) {
+            (Some(c), true) => c.rank() as i64 * b,
+            _ => 0,
+        };
+        Tensor::arange(b, (Kind::Int64, self.batch.images.device())) + offset
+    }
+
     /// The text states that in-batch negative indices point into (see
     /// [`Forward::negative_candidates`]).
     pub fn negative_texts(&self) -> Result<&Encoded> {

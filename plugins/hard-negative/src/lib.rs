@@ -19,9 +19,18 @@ vlmatch_registry::register!(negative_sampler "hard_negative" => build);
 /// `[samplers.<name>]` for `plugin = "hard_negative"`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct HardNegativeConfig {}
+pub struct HardNegativeConfig {
+    /// Also never draw a candidate that ITC finds at least as similar as
+    /// the row's own pair (a guard against captions that differ from the
+    /// positive's but are still true of the image, which the positive
+    /// relation cannot see). Off by default, as in ALBEF.
+    #[serde(default)]
+    pub similarity_guard: bool,
+}
 
-pub struct HardNegative;
+pub struct HardNegative {
+    cfg: HardNegativeConfig,
+}
 
 /// For each row of `sim` `[B, G]` (local rows against the global batch), the
 /// index of a column drawn with probability `softmax(row)` over columns that
@@ -45,16 +54,28 @@ impl NegativeSampler for HardNegative {
     fn sample(&self, input: &SamplerInput<'_, '_>) -> Result<Negatives> {
         let fwd = input.forward;
         let (i2t, t2i, positives) = fwd.negative_candidates()?;
+        let (i2t_excluded, t2i_excluded) = if self.cfg.similarity_guard {
+            let own = fwd.own_candidates().unsqueeze(1);
+            let guard = |sim: &Tensor| {
+                tch::no_grad(|| {
+                    sim.ge_tensor(&sim.gather(1, &own, false))
+                        .logical_or(&positives)
+                })
+            };
+            (guard(&i2t), guard(&t2i))
+        } else {
+            (positives.shallow_clone(), positives.shallow_clone())
+        };
         let u_text = random::uniform(&fwd.random_keys(), 1).squeeze_dim(1);
         let u_image = random::uniform(&fwd.random_keys(), 1).squeeze_dim(1);
         Ok(Negatives::InBatch {
-            text_for_image: sample_hard_negatives(&i2t, &positives, &u_text),
-            image_for_text: sample_hard_negatives(&t2i, &positives, &u_image),
+            text_for_image: sample_hard_negatives(&i2t, &i2t_excluded, &u_text),
+            image_for_text: sample_hard_negatives(&t2i, &t2i_excluded, &u_image),
         })
     }
 }
 
 fn build(ctx: &BuildContext<'_>) -> Result<Box<dyn NegativeSampler>> {
-    let _: HardNegativeConfig = ctx.params()?;
-    Ok(Box::new(HardNegative))
+    let cfg: HardNegativeConfig = ctx.params()?;
+    Ok(Box::new(HardNegative { cfg }))
 }
