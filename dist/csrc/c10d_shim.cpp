@@ -409,10 +409,22 @@ struct ReducerHook : torch::autograd::PostAccumulateGradHook {
 struct Bucket {
   std::vector<size_t> params; // indices into Reducer::params
   std::vector<int64_t> offsets; // each one's first element in `buffer`
-  int64_t numel = 0;
-  at::Tensor buffer; // flat, allocated on first use and reused
+  int64_t numel = 0; // gradient elements; the flags follow them
+  // Flat, allocated on first use and reused: the gradients (`numel`
+  // elements), then one flag per parameter, 1 where this rank has a
+  // gradient for it and 0 where not. Summed over ranks, a flag says how
+  // many ranks had one (DDP's "global unused parameters" map, reduced with
+  // the gradients instead of as an extra collective).
+  at::Tensor buffer;
   size_t pending = 0; // gradients not yet copied in this step
   c10::intrusive_ptr<c10d::Work> work;
+
+  int64_t flag_offset() const {
+    return numel;
+  }
+  int64_t buffer_numel() const {
+    return numel + static_cast<int64_t>(params.size());
+  }
 };
 
 // Bucketed gradient all-reduce (the part of DDP's c10d::Reducer vlmatch
@@ -422,7 +434,14 @@ struct Bucket {
 // soon as autograd has accumulated it, and a bucket is launched once all its
 // parameters have arrived and every earlier bucket has been launched (so all
 // ranks launch in the same order whatever their timing); finish() then only
-// launches the buckets whose parameters got no gradient (zeros) and waits.
+// launches the buckets whose parameters got no gradient (no hook fires for
+// those) and waits.
+//
+// Unused parameters, as DDP treats them: a parameter without a gradient on
+// this rank contributes zeros and a 0 flag. After the reduction, where no
+// rank had a gradient its `.grad` stays undefined (so the optimizer skips it,
+// as it would in one process); where some had one, the missing ones count as
+// zeros and the average is defined on every rank.
 struct Reducer : std::enable_shared_from_this<Reducer> {
   std::vector<at::Tensor> params;
   std::vector<size_t> bucket_of;
@@ -443,16 +462,21 @@ struct Reducer : std::enable_shared_from_this<Reducer> {
     const at::Tensor& p = params[i];
     if (!b.buffer.defined()) {
       b.buffer = at::empty(
-          {b.numel}, p.options().dtype(buffer_type(p)).requires_grad(false));
+          {b.buffer_numel()},
+          p.options().dtype(buffer_type(p)).requires_grad(false));
     }
     at::Tensor slot = b.buffer.narrow(0, b.offsets[slot_of[i]], p.numel());
+    at::Tensor flag = b.buffer.narrow(
+        0, b.flag_offset() + static_cast<int64_t>(slot_of[i]), 1);
     at::Tensor g = p.grad();
     if (g.defined()) {
       TORCH_CHECK(
           !g.is_sparse(), "parameter ", i, " has a sparse gradient");
       slot.copy_(g.reshape({-1}));
+      flag.fill_(1);
     } else {
       slot.zero_();
+      flag.zero_();
     }
   }
 
@@ -546,16 +570,28 @@ struct Reducer : std::enable_shared_from_this<Reducer> {
       wait_or_fail(*pg, b.work, timeout, VLM_OP_ALLREDUCE);
     }
     for (Bucket& b : buckets) {
-      b.buffer.div_(pg->size);
+      // How many ranks had a gradient for each parameter; read (a device
+      // sync on CUDA) only for buckets where this rank lacks one.
+      at::Tensor counts;
+      for (size_t i : b.params) {
+        if (!params[i].grad().defined()) {
+          counts = b.buffer.narrow(0, b.flag_offset(), b.params.size())
+                       .to(at::kCPU, at::kDouble);
+          break;
+        }
+      }
+      b.buffer.narrow(0, 0, b.numel).div_(pg->size);
       for (size_t k = 0; k < b.params.size(); ++k) {
         const at::Tensor& p = params[b.params[k]];
         at::Tensor avg = b.buffer.narrow(0, b.offsets[k], p.numel()).view(p.sizes());
         at::Tensor& g = p.mutable_grad();
         if (g.defined()) {
           g.copy_(avg);
-        } else {
+        } else if (counts.data_ptr<double>()[k] > 0.5) {
+          // Another rank used it: this rank's zeros are in the average.
           g = avg.to(p.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
         }
+        // Else no rank used it: the gradient stays undefined everywhere.
       }
     }
   }

@@ -11,10 +11,18 @@
 //! ```
 //!
 //! flattens each bucket's gradients into one contiguous fp32 buffer
-//! (bf16/fp16 gradients are reduced in fp32; fp64 stays fp64; an undefined
-//! gradient counts as zeros and is defined afterwards), starts its SUM
-//! all-reduce as soon as it is flattened, waits for all, divides by the
+//! (bf16/fp16 gradients are reduced in fp32; fp64 stays fp64), starts its
+//! SUM all-reduce as soon as it is flattened, waits for all, divides by the
 //! world size and copies the averages back.
+//!
+//! Unused parameters are treated as DDP treats them: each bucket's buffer
+//! ends with one flag per parameter, 1 where this rank has a gradient and 0
+//! where its `.grad` is undefined (no objective used the parameter), summed
+//! with the gradients. Where no rank had a gradient the `.grad` stays
+//! undefined on every rank, so the optimizer leaves the parameter alone (no
+//! weight decay, no moment update), exactly as one process would. Where
+//! some ranks had one, the others count as zeros: the average is defined
+//! everywhere.
 //!
 //! [`GradReducer::overlap_with_backward`] instead registers a C++
 //! post-accumulate-grad hook on every parameter
@@ -24,8 +32,8 @@
 //! accumulated it, and a complete bucket's all-reduce starts while backward
 //! still computes the earlier layers. Buckets start strictly in order, so
 //! every rank launches the same collectives in the same order whatever its
-//! timing. [`GradReducer::reduce`] then only launches the buckets whose
-//! parameters received no gradient, and waits.
+//! timing. [`GradReducer::reduce`] then only launches the buckets holding a
+//! parameter that received no gradient (its hook never fires), and waits.
 
 use std::collections::HashSet;
 
@@ -121,7 +129,10 @@ impl GradReducer {
         let mut order_of_bucket = Vec::with_capacity(params.len());
         let mut bucket_bytes = Vec::with_capacity(buckets.len());
         for (b, members) in buckets.iter().enumerate() {
-            bucket_bytes.push(members.iter().map(|&i| described[i].2).sum());
+            // The gradients, then one "has a gradient" flag per parameter
+            // in the bucket's type.
+            let flags = members.len() * described[members[0]].1.elt_size_in_bytes();
+            bucket_bytes.push(members.iter().map(|&i| described[i].2).sum::<usize>() + flags);
             for &i in members {
                 ordered.push(params[i].shallow_clone());
                 order_of_bucket.push(b);
@@ -143,7 +154,8 @@ impl GradReducer {
         &self.buckets
     }
 
-    /// Each bucket's size in bytes of its reduction buffer.
+    /// Each bucket's size in bytes of its reduction buffer: its gradients
+    /// plus one flag element per parameter.
     pub fn bucket_bytes(&self) -> &[usize] {
         &self.bucket_bytes
     }
@@ -154,7 +166,8 @@ impl GradReducer {
     }
 
     /// After backward: averages every parameter's gradient over the ranks
-    /// of `group` in place (see the module documentation). Waits up to the
+    /// of `group` in place, leaving undefined the gradients no rank has
+    /// (see the module documentation). Waits up to the
     /// group's timeout. On every rank, once per step, with the same
     /// parameters. With hooks attached ([`GradReducer::overlap_with_backward`])
     /// `group` must be the group given there.
@@ -338,7 +351,8 @@ mod tests {
         assert!(e.to_string().contains("twice"), "{e}");
         let r = GradReducer::new(&[p.shallow_clone()], 25.0).unwrap();
         assert_eq!(r.buckets(), &[vec![0]]);
-        assert_eq!(r.total_bytes(), 12);
+        // 3 fp32 gradients and the parameter's flag.
+        assert_eq!(r.total_bytes(), 16);
     }
 
     #[test]

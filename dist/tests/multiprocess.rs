@@ -57,6 +57,7 @@ fn main() {
         ("gather_with_grad_3_ranks", || gather_with_grad(3), false),
         ("grad_reducer_2_ranks", || grad_reducer(2), false),
         ("grad_reducer_3_ranks", || grad_reducer(3), false),
+        ("unused_parameters_2_ranks", unused_parameters, false),
         (
             "broadcast_parameters_and_agree_any_3_ranks",
             broadcast_and_agree,
@@ -370,6 +371,17 @@ fn grad_reducer(world: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// Parameters no rank used keep no gradient; one used on one rank only
+/// gets (g + 0) / 2 on both.
+fn unused_parameters() -> Result<(), String> {
+    for f in run_all("unused", 2)? {
+        if f.rank == 0 {
+            println!("    rank 0: {}", reported(&f, "unused:").unwrap_or("?"));
+        }
+    }
+    Ok(())
+}
+
 fn broadcast_and_agree() -> Result<(), String> {
     run_all("broadcast", 3).map(|_| ())
 }
@@ -477,6 +489,7 @@ fn run_role(role: &str) -> Result<(), String> {
         "nccl" => role_nccl(&env),
         "gather" => role_gather(&env),
         "reducer" => role_reducer(&env),
+        "unused" => role_unused(&env),
         "broadcast" => role_broadcast(&env),
         "hb_dead0" => role_heartbeat_dead(&env, 0),
         "hb_dead1" => role_heartbeat_dead(&env, 1),
@@ -973,9 +986,20 @@ fn reducer_expected(n: usize, i: usize, ks: &[usize], p: &Tensor) -> Tensor {
     sum / n as f64
 }
 
+/// Every gradient is the average over ranks, except parameter 3's, which no
+/// rank used: it stays undefined on every rank.
 fn check_grads(what: &str, n: usize, ks: &[usize], params: &[Tensor]) -> Result<(), String> {
     for (i, p) in params.iter().enumerate() {
         let g = p.grad();
+        let used_somewhere = (0..n).any(|q| reducer_used(q, i));
+        if !used_somewhere {
+            if g.defined() {
+                return Err(format!(
+                    "{what}: parameter {i}, unused on every rank, got a gradient {g:?}"
+                ));
+            }
+            continue;
+        }
         if !g.defined() {
             return Err(format!("{what}: parameter {i} has no gradient"));
         }
@@ -1052,6 +1076,74 @@ fn role_reducer(env: &LaunchEnv) -> Result<(), String> {
         buckets.len(),
         buckets,
         overlapped
+    );
+    Ok(())
+}
+
+/// Three parameters: `a` used on both ranks, `b` on none, `c` on rank 1
+/// only. In each mode (after backward, overlapped), with a bucket per
+/// parameter and with one bucket for all, for two steps: `b` keeps an
+/// undefined gradient on both ranks, `c` gets rank 1's gradient over 2 on
+/// both (rank 0's missing one counts as zeros), `a` the plain average.
+fn role_unused(env: &LaunchEnv) -> Result<(), String> {
+    let (_store, pg) = setup(env, HEALTHY_TIMEOUT)?;
+    let err = |e: DistError| e.to_string();
+    let r = env.rank;
+    if env.world_size != 2 {
+        return Err("the unused-parameter role runs on 2 ranks".into());
+    }
+    let ga = |q: usize| Tensor::from_slice(&[1f32, 2.0, 3.0, 4.0]) * (q + 1) as f64;
+    let gc = Tensor::from_slice(&[5f32, 7.0]);
+    let mut modes = Vec::new();
+    for (overlap, bucket_mb) in [(false, 1e-9), (false, 25.0), (true, 1e-9), (true, 25.0)] {
+        let f = |len: i64| Tensor::zeros([len], cpu(Kind::Float)).set_requires_grad(true);
+        let mut params = vec![f(4), f(3), f(2)];
+        let mut reducer = GradReducer::new(&params, bucket_mb).map_err(err)?;
+        if overlap {
+            reducer.overlap_with_backward(&pg).map_err(err)?;
+        }
+        let what = format!(
+            "{}, {} bucket(s)",
+            if overlap {
+                "overlapped"
+            } else {
+                "after backward"
+            },
+            reducer.buckets().len()
+        );
+        for step in 1..=2 {
+            zero_grads(&mut params);
+            let mut loss = (&params[0] * ga(r)).sum(Kind::Float);
+            if r == 1 {
+                loss += (&params[2] * &gc).sum(Kind::Float);
+            }
+            loss.f_backward().map_err(|e| e.to_string())?;
+            if r == 0 && params[2].grad().defined() && step == 1 {
+                return Err(format!("{what}: rank 0 has c's gradient before reduce"));
+            }
+            reducer.reduce(&pg).map_err(err)?;
+            let at = format!("{what}, step {step}");
+            let (a, b, c) = (params[0].grad(), params[1].grad(), params[2].grad());
+            if b.defined() {
+                return Err(format!(
+                    "{at}: b, unused on both ranks, got a gradient {b:?}"
+                ));
+            }
+            if !a.defined() || !c.defined() {
+                return Err(format!("{at}: a or c has no gradient"));
+            }
+            expect_eq(
+                &format!("{at}: a"),
+                f32s(&a),
+                f32s(&((ga(0) + ga(1)) / 2.0)),
+            )?;
+            expect_eq(&format!("{at}: c = (0 + g) / 2"), f32s(&c), vec![2.5, 3.5])?;
+        }
+        modes.push(what);
+    }
+    println!(
+        "unused: b stays undefined, c = (0 + g) / 2 in {}",
+        modes.join("; ")
     );
     Ok(())
 }
