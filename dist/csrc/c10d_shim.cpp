@@ -176,6 +176,59 @@ struct vlm_store {
 // every rank must launch in the same order, so launches never overlap.
 // A capsule in an autograd graph and the reducer's hooks hold their own
 // reference, so the backend outlives the Rust handle when they need it.
+// Milliseconds since the Unix epoch (the heartbeat's clock).
+static int64_t now_ms() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// What a process group has done, for the heartbeat to publish (Rust's
+// `Activity`, dist/src/health.rs): how many collectives this rank has
+// entered, the latest one, and the one it waits for. A rank that has entered
+// fewer collectives than the others is the one they wait for. Only atomics,
+// read from the heartbeat thread while the group works; the fields are read
+// one by one, which is fine for a diagnosis. Shared with Rust by its own
+// handle, so it outlives a group that is leaked after a failure.
+struct Activity {
+  std::atomic<uint64_t> entered{0}; // collectives launched, numbered from 1
+  std::atomic<int32_t> last_op{0}; // VLM_OP_* of collective `entered`
+  std::atomic<int64_t> last_ms{0}; // when it was launched
+  // The collective a wait is blocked on (0: none), its VLM_OP_* and since
+  // when. A wait that fails or times out leaves it set: it never completed.
+  std::atomic<uint64_t> waiting{0};
+  std::atomic<int32_t> waiting_op{0};
+  std::atomic<int64_t> waiting_ms{0};
+};
+
+// A collective as launched: its work, its number on the group and its op.
+struct Launched {
+  c10::intrusive_ptr<c10d::Work> work;
+  uint64_t seq = 0;
+  int32_t op = 0;
+};
+
+// Marks `seq` as waited for in `activity` while alive; completed() clears
+// the mark (a failed wait leaves it).
+class WaitMark {
+ public:
+  WaitMark(Activity& a, uint64_t seq, int32_t op) : a_(a), seq_(seq) {
+    if (seq_ != 0) {
+      a_.waiting_op.store(op);
+      a_.waiting_ms.store(now_ms());
+      a_.waiting.store(seq_);
+    }
+  }
+  void completed() {
+    uint64_t mine = seq_;
+    a_.waiting.compare_exchange_strong(mine, 0);
+  }
+
+ private:
+  Activity& a_;
+  uint64_t seq_;
+};
+
 struct PgState : torch::CustomClassHolder {
   c10::intrusive_ptr<c10d::Backend> backend;
   std::mutex launch;
@@ -186,11 +239,21 @@ struct PgState : torch::CustomClassHolder {
   // reducer), as a VLM_OP_* code; 0 while none has. Rust reads it so that
   // the group refuses further work, as after a failure it saw itself.
   std::atomic<int32_t> failed_op{0};
+  std::shared_ptr<Activity> activity = std::make_shared<Activity>();
 
+  // Launches a collective (a VLM_OP_* `op`) under the launch lock and
+  // counts it as entered once the backend has accepted it.
   template <typename F>
-  c10::intrusive_ptr<c10d::Work> start(F&& launch_fn) {
+  Launched start(int32_t op, F&& launch_fn) {
     std::lock_guard<std::mutex> guard(launch);
-    return launch_fn();
+    Launched l;
+    l.work = launch_fn();
+    l.op = op;
+    l.seq = activity->entered.load() + 1;
+    activity->last_op.store(op);
+    activity->last_ms.store(now_ms());
+    activity->entered.store(l.seq);
+    return l;
   }
 };
 
@@ -200,6 +263,13 @@ struct vlm_pg {
 
 struct vlm_work {
   c10::intrusive_ptr<c10d::Work> work;
+  std::shared_ptr<Activity> activity;
+  uint64_t seq = 0;
+  int32_t op = 0;
+};
+
+struct vlm_activity {
+  std::shared_ptr<Activity> activity;
 };
 
 // Status codes shared with dist/src/ffi.rs.
@@ -209,11 +279,14 @@ enum : int32_t {
   VLM_ERROR = 2,
 };
 
-// Operation codes for PgState::failed_op, shared with dist/src/ffi.rs.
+// Operation codes for PgState::failed_op and Activity, shared with
+// dist/src/ffi.rs.
 enum : int32_t {
   VLM_OP_NONE = 0,
   VLM_OP_ALLREDUCE = 1,
   VLM_OP_ALLGATHER = 2,
+  VLM_OP_BROADCAST = 3,
+  VLM_OP_BARRIER = 4,
 };
 
 namespace {
@@ -272,8 +345,9 @@ std::vector<at::Tensor> tensor_list(at::Tensor* const* tensors, size_t n) {
   return out;
 }
 
-int32_t finish_work(c10::intrusive_ptr<c10d::Work> work, vlm_work** out) {
-  *out = new vlm_work{std::move(work)};
+int32_t finish_work(const PgState& pg, Launched launched, vlm_work** out) {
+  *out = new vlm_work{
+      std::move(launched.work), pg.activity, launched.seq, launched.op};
   return VLM_OK;
 }
 
@@ -303,11 +377,14 @@ namespace {
 // becomes a c10::Error that says so (Rust classifies it as a timeout).
 void wait_or_fail(
     PgState& pg,
-    const c10::intrusive_ptr<c10d::Work>& work,
-    std::chrono::milliseconds timeout,
-    int32_t op) {
+    const Launched& launched,
+    std::chrono::milliseconds timeout) {
+  const c10::intrusive_ptr<c10d::Work>& work = launched.work;
+  int32_t op = launched.op;
+  WaitMark mark(*pg.activity, launched.seq, op);
   try {
     work->wait(timeout);
+    mark.completed();
   } catch (...) {
     int32_t none = VLM_OP_NONE;
     pg.failed_op.compare_exchange_strong(none, op);
@@ -331,10 +408,8 @@ void wait_or_fail(
   }
 }
 
-c10::intrusive_ptr<c10d::Work> start_allreduce_sum(
-    PgState& pg,
-    const at::Tensor& t) {
-  return pg.start([&] {
+Launched start_allreduce_sum(PgState& pg, const at::Tensor& t) {
+  return pg.start(VLM_OP_ALLREDUCE, [&] {
     std::vector<at::Tensor> list{t};
     c10d::AllreduceOptions opts;
     opts.reduceOp = c10d::ReduceOp::SUM;
@@ -360,9 +435,9 @@ struct GatherWithGrad : public torch::autograd::Function<GatherWithGrad> {
     auto sizes = in.sizes().vec();
     sizes[0] *= pg->size;
     at::Tensor out = at::empty(sizes, in.options());
-    auto work =
-        pg->start([&] { return pg->backend->_allgather_base(out, in); });
-    wait_or_fail(*pg, work, pg->timeout, VLM_OP_ALLGATHER);
+    auto launched = pg->start(
+        VLM_OP_ALLGATHER, [&] { return pg->backend->_allgather_base(out, in); });
+    wait_or_fail(*pg, launched, pg->timeout);
     ctx->saved_data["pg"] = c10::IValue::make_capsule(
         c10::static_intrusive_pointer_cast<torch::CustomClassHolder>(pg));
     ctx->saved_data["rows"] = in.size(0);
@@ -378,8 +453,8 @@ struct GatherWithGrad : public torch::autograd::Function<GatherWithGrad> {
     // A private contiguous copy: the all-reduce writes in place, and the
     // incoming gradient may be shared with other nodes.
     at::Tensor g = grads[0].contiguous().clone();
-    auto work = start_allreduce_sum(*pg, g);
-    wait_or_fail(*pg, work, pg->timeout, VLM_OP_ALLREDUCE);
+    auto launched = start_allreduce_sum(*pg, g);
+    wait_or_fail(*pg, launched, pg->timeout);
     return {g.narrow(0, pg->rank * rows, rows), at::Tensor()};
   }
 };
@@ -417,7 +492,7 @@ struct Bucket {
   // the gradients instead of as an extra collective).
   at::Tensor buffer;
   size_t pending = 0; // gradients not yet copied in this step
-  c10::intrusive_ptr<c10d::Work> work;
+  Launched launched; // this step's all-reduce, once launched
 
   int64_t flag_offset() const {
     return numel;
@@ -481,7 +556,7 @@ struct Reducer : std::enable_shared_from_this<Reducer> {
   }
 
   void launch(PgState& pg, Bucket& b) {
-    b.work = start_allreduce_sum(pg, b.buffer);
+    b.launched = start_allreduce_sum(pg, b.buffer);
   }
 
   // Launches, in order, the buckets whose gradients have all arrived.
@@ -503,7 +578,7 @@ struct Reducer : std::enable_shared_from_this<Reducer> {
       if (arrived[i]) {
         // A second backward in the same step, before finish().
         TORCH_CHECK(
-            !b.work,
+            !b.launched.work,
             "parameter ",
             i,
             " received a gradient after its bucket was already being "
@@ -529,7 +604,7 @@ struct Reducer : std::enable_shared_from_this<Reducer> {
     std::fill(arrived.begin(), arrived.end(), 0);
     for (Bucket& b : buckets) {
       b.pending = b.params.size();
-      b.work.reset();
+      b.launched = Launched{};
     }
     next_launch = 0;
     error.clear();
@@ -567,7 +642,7 @@ struct Reducer : std::enable_shared_from_this<Reducer> {
       launch(*pg, b);
     }
     for (Bucket& b : buckets) {
-      wait_or_fail(*pg, b.work, timeout, VLM_OP_ALLREDUCE);
+      wait_or_fail(*pg, b.launched, timeout);
     }
     for (Bucket& b : buckets) {
       // How many ranks had a gradient for each parameter; read (a device
@@ -910,13 +985,18 @@ int32_t vlm_pg_allreduce_sum(
       c10d::AllreduceOptions opts;
       opts.reduceOp = c10d::ReduceOp::SUM;
       return finish_work(
-          pg->state->start([&] { return pg->state->backend->allreduce(list, opts); }),
+          *pg->state,
+          pg->state->start(
+              VLM_OP_ALLREDUCE,
+              [&] { return pg->state->backend->allreduce(list, opts); }),
           out);
     }
     c10d::AllreduceCoalescedOptions opts;
     opts.reduceOp = c10d::ReduceOp::SUM;
     return finish_work(
+        *pg->state,
         pg->state->start(
+            VLM_OP_ALLREDUCE,
             [&] { return pg->state->backend->allreduce_coalesced(list, opts); }),
         out);
   });
@@ -934,7 +1014,9 @@ int32_t vlm_pg_allgather_base(
     at::Tensor o = *output;
     at::Tensor i = *input;
     return finish_work(
+        *pg->state,
         pg->state->start(
+            VLM_OP_ALLGATHER,
             [&] { return pg->state->backend->_allgather_base(o, i); }),
         out);
   });
@@ -953,7 +1035,10 @@ int32_t vlm_pg_broadcast(
     opts.rootRank = root;
     opts.rootTensor = 0;
     return finish_work(
-        pg->state->start([&] { return pg->state->backend->broadcast(list, opts); }),
+        *pg->state,
+        pg->state->start(
+            VLM_OP_BROADCAST,
+            [&] { return pg->state->backend->broadcast(list, opts); }),
         out);
   });
 }
@@ -962,7 +1047,9 @@ int32_t vlm_pg_barrier(vlm_pg* pg, vlm_work** out, char** err) {
   return guarded(err, [&] {
     c10d::BarrierOptions opts;
     return finish_work(
-        pg->state->start([&] { return pg->state->backend->barrier(opts); }),
+        *pg->state,
+        pg->state->start(
+            VLM_OP_BARRIER, [&] { return pg->state->backend->barrier(opts); }),
         out);
   });
 }
@@ -971,6 +1058,28 @@ int32_t vlm_pg_barrier(vlm_pg* pg, vlm_work** out, char** err) {
 // (in backward or in the reducer), 0 if none.
 int32_t vlm_pg_failed_op(vlm_pg* pg) {
   return pg->state->failed_op.load();
+}
+
+// A handle on the group's Activity (free with vlm_activity_free), readable
+// from any thread, also after the group is gone.
+vlm_activity* vlm_pg_activity(vlm_pg* pg) {
+  return new vlm_activity{pg->state->activity};
+}
+
+// Reads the activity into out[0..6]: entered, last_op, last_ms, waiting,
+// waiting_op, waiting_ms.
+void vlm_activity_read(vlm_activity* a, int64_t* out) {
+  const Activity& x = *a->activity;
+  out[0] = static_cast<int64_t>(x.entered.load());
+  out[1] = x.last_op.load();
+  out[2] = x.last_ms.load();
+  out[3] = static_cast<int64_t>(x.waiting.load());
+  out[4] = x.waiting_op.load();
+  out[5] = x.waiting_ms.load();
+}
+
+void vlm_activity_free(vlm_activity* a) {
+  delete a;
 }
 
 // Every rank's `input` concatenated along dim 0, differentiable (see
@@ -1107,7 +1216,9 @@ int32_t vlm_reducer_finish(
 // failed.
 int32_t vlm_work_wait(vlm_work* w, int64_t timeout_ms, char** err) {
   int32_t status = guarded(err, [&] {
+    WaitMark mark(*w->activity, w->seq, w->op);
     w->work->wait(std::chrono::milliseconds(timeout_ms));
+    mark.completed();
     return VLM_OK;
   });
   if (status != VLM_OK) {

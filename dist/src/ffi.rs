@@ -35,9 +35,26 @@ pub(crate) struct RawReducer {
     _opaque: [u8; 0],
 }
 
-/// `PgState::failed_op` codes of the shim.
+#[repr(C)]
+pub(crate) struct RawActivity {
+    _opaque: [u8; 0],
+}
+
+/// The shim's `VLM_OP_*` codes (`PgState::failed_op`, `Activity`).
 const OP_ALLREDUCE: i32 = 1;
 const OP_ALLGATHER: i32 = 2;
+const OP_BROADCAST: i32 = 3;
+const OP_BARRIER: i32 = 4;
+
+fn op_of_code(code: i32) -> Option<crate::Op> {
+    match code {
+        OP_ALLREDUCE => Some(crate::Op::AllReduce),
+        OP_ALLGATHER => Some(crate::Op::AllGather),
+        OP_BROADCAST => Some(crate::Op::Broadcast),
+        OP_BARRIER => Some(crate::Op::Barrier),
+        _ => None,
+    }
+}
 
 extern "C" {
     fn vlm_string_free(s: *mut c_char);
@@ -147,6 +164,9 @@ extern "C" {
     ) -> i32;
     fn vlm_pg_barrier(pg: *mut RawPg, out: *mut *mut RawWork, err: *mut *mut c_char) -> i32;
     fn vlm_pg_failed_op(pg: *mut RawPg) -> i32;
+    fn vlm_pg_activity(pg: *mut RawPg) -> *mut RawActivity;
+    fn vlm_activity_read(a: *mut RawActivity, out: *mut i64);
+    fn vlm_activity_free(a: *mut RawActivity);
     fn vlm_pg_allgather_with_grad(
         pg: *mut RawPg,
         input: *mut C_tensor,
@@ -537,11 +557,14 @@ impl PgHandle {
     /// reducer), if one has.
     pub(crate) fn failed_in_cpp(&self) -> Option<crate::Op> {
         // SAFETY: live handle; the shim only loads an atomic.
-        match unsafe { vlm_pg_failed_op(self.raw()) } {
-            OP_ALLREDUCE => Some(crate::Op::AllReduce),
-            OP_ALLGATHER => Some(crate::Op::AllGather),
-            _ => None,
-        }
+        op_of_code(unsafe { vlm_pg_failed_op(self.raw()) })
+    }
+
+    /// A handle on the group's collective counters.
+    pub(crate) fn activity(&self) -> ActivityHandle {
+        // SAFETY: live handle; the shim returns a new box that we own.
+        let raw = unsafe { vlm_pg_activity(self.raw()) };
+        ActivityHandle(NonNull::new(raw).expect("the shim returned a null activity"))
     }
 
     /// Every rank's `input` concatenated along dim 0, differentiable (the
@@ -587,6 +610,51 @@ impl Drop for PgHandle {
             // drains queued work first (bounded by the group's timeout).
             unsafe { vlm_pg_free(p.as_ptr()) }
         }
+    }
+}
+
+/// An owned `std::shared_ptr<Activity>` (csrc/c10d_shim.cpp): a group's
+/// collective counters, valid after the group is gone.
+pub(crate) struct ActivityHandle(NonNull<RawActivity>);
+
+// SAFETY: the C++ `Activity` holds only atomics, and the handle is only
+// freed by `Drop`.
+unsafe impl Send for ActivityHandle {}
+// SAFETY: see `Send` above.
+unsafe impl Sync for ActivityHandle {}
+
+/// One reading of a group's `Activity`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ActivityReading {
+    pub(crate) entered: u64,
+    pub(crate) last_op: Option<crate::Op>,
+    pub(crate) last_ms: u64,
+    pub(crate) waiting: u64,
+    pub(crate) waiting_op: Option<crate::Op>,
+    pub(crate) waiting_ms: u64,
+}
+
+impl ActivityHandle {
+    pub(crate) fn read(&self) -> ActivityReading {
+        let mut out = [0i64; 6];
+        // SAFETY: live handle; `out` has the 6 slots the shim writes.
+        unsafe { vlm_activity_read(self.0.as_ptr(), out.as_mut_ptr()) };
+        let u = |v: i64| u64::try_from(v).unwrap_or(0);
+        ActivityReading {
+            entered: u(out[0]),
+            last_op: op_of_code(out[1] as i32),
+            last_ms: u(out[2]),
+            waiting: u(out[3]),
+            waiting_op: op_of_code(out[4] as i32),
+            waiting_ms: u(out[5]),
+        }
+    }
+}
+
+impl Drop for ActivityHandle {
+    fn drop(&mut self) {
+        // SAFETY: we own the box and free it once.
+        unsafe { vlm_activity_free(self.0.as_ptr()) }
     }
 }
 

@@ -6,17 +6,24 @@
 //! The heartbeat thread has its own store connection, so it never queues
 //! behind the main thread's blocking store calls. It goes on beating while
 //! the main thread is stuck, so it tells a dead (or frozen) *process* from a
-//! live one; a live rank stuck inside its step shows as alive with an old
-//! [`Heartbeat::progress`] step. Ages compare each rank's wall clock with
-//! the diagnosing rank's (hosts are assumed NTP-synchronised to well under
-//! the staleness limit).
+//! live one. A live rank stuck inside its step (in compute, in a data
+//! loader) is told by its collectives: each beat also carries the
+//! [`Activity`] of every process group of the process (how many
+//! collectives the rank has entered, the latest, the one it waits in), so
+//! when the others time out waiting in all_reduce #57, the rank that has
+//! entered only 56 is the one they wait for: "rank 1 is alive but has not
+//! joined all_reduce #57 that rank 0 is waiting in (...)". Ages compare each
+//! rank's wall clock with the diagnosing rank's (hosts are assumed
+//! NTP-synchronised to well under the staleness limit).
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::{Result, Store};
+use crate::ffi::ActivityHandle;
+use crate::{Op, Result, Store};
 
 /// The store key of `rank`'s heartbeat.
 pub fn heartbeat_key(rank: usize) -> String {
@@ -28,6 +35,124 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// A collective as one rank entered (or waits in) it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entered {
+    /// Its number on the group, counting from 1; the same collective has
+    /// the same number on every rank.
+    pub seq: u64,
+    pub op: Op,
+    /// When the rank entered it (for [`Activity::waiting`]: since when it
+    /// waits), ms since the Unix epoch.
+    pub at_ms: u64,
+}
+
+/// What one rank has done on one process group: [`crate::ProcessGroup::activity`],
+/// and what its [`Heartbeat`] publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Activity {
+    /// The group's number among the process's groups, in creation order
+    /// (the same on every rank).
+    pub group: usize,
+    /// Collectives the rank has entered on the group (launched, whether or
+    /// not they completed).
+    pub entered: u64,
+    /// The latest of them.
+    pub last: Option<Entered>,
+    /// The collective the rank is blocked waiting for; still set after that
+    /// wait failed or timed out (the collective never completed).
+    pub waiting: Option<Entered>,
+}
+
+/// The process groups alive in this process, for the heartbeat.
+static GROUPS: Mutex<Vec<(usize, Weak<ActivityHandle>)>> = Mutex::new(Vec::new());
+
+/// Lists a new process group's counters for every [`Heartbeat`] of the
+/// process (dropped groups fall out by themselves).
+pub(crate) fn register_group(index: usize, handle: &Arc<ActivityHandle>) {
+    let mut groups = GROUPS.lock().unwrap_or_else(|e| e.into_inner());
+    groups.retain(|(_, w)| w.strong_count() > 0);
+    groups.push((index, Arc::downgrade(handle)));
+}
+
+pub(crate) fn activity_of(group: usize, handle: &ActivityHandle) -> Activity {
+    let r = handle.read();
+    let entered = |seq: u64, op: Option<Op>, at_ms: u64| {
+        op.filter(|_| seq > 0).map(|op| Entered { seq, op, at_ms })
+    };
+    Activity {
+        group,
+        entered: r.entered,
+        last: entered(r.entered, r.last_op, r.last_ms),
+        waiting: entered(r.waiting, r.waiting_op, r.waiting_ms),
+    }
+}
+
+/// The [`Activity`] of every process group alive in this process, in
+/// creation order.
+pub fn activities() -> Vec<Activity> {
+    let groups = GROUPS.lock().unwrap_or_else(|e| e.into_inner());
+    groups
+        .iter()
+        .filter_map(|(index, w)| w.upgrade().map(|h| activity_of(*index, &h)))
+        .collect()
+}
+
+fn op_named(name: &str) -> Option<Op> {
+    [Op::AllReduce, Op::AllGather, Op::Broadcast, Op::Barrier]
+        .into_iter()
+        .find(|op| op.to_string() == name)
+}
+
+impl Activity {
+    /// `pg<group>=<entered>,<last op>,<last ms>,<waiting seq>,<waiting op>,<waiting ms>`
+    /// (`-` for no op, 0 for no collective).
+    fn encode(&self) -> String {
+        let part = |e: Option<Entered>| match e {
+            Some(e) => format!("{},{},{}", e.seq, e.op, e.at_ms),
+            None => "0,-,0".to_string(),
+        };
+        let last = match self.last {
+            Some(l) => format!("{},{}", l.op, l.at_ms),
+            None => "-,0".to_string(),
+        };
+        format!(
+            "pg{}={},{last},{}",
+            self.group,
+            self.entered,
+            part(self.waiting)
+        )
+    }
+
+    fn decode(key: &str, value: &str) -> Option<Activity> {
+        let group = key.strip_prefix("pg")?.parse().ok()?;
+        let f: Vec<&str> = value.split(',').collect();
+        let [entered, last_op, last_ms, wait_seq, wait_op, wait_ms] = f[..] else {
+            return None;
+        };
+        let entered: u64 = entered.parse().ok()?;
+        let last_ms: u64 = last_ms.parse().ok()?;
+        let wait_seq: u64 = wait_seq.parse().ok()?;
+        let wait_ms: u64 = wait_ms.parse().ok()?;
+        Some(Activity {
+            group,
+            entered,
+            last: op_named(last_op).filter(|_| entered > 0).map(|op| Entered {
+                seq: entered,
+                op,
+                at_ms: last_ms,
+            }),
+            waiting: op_named(wait_op)
+                .filter(|_| wait_seq > 0)
+                .map(|op| Entered {
+                    seq: wait_seq,
+                    op,
+                    at_ms: wait_ms,
+                }),
+        })
+    }
 }
 
 /// One rank's last published state, as stored under [`heartbeat_key`].
@@ -43,18 +168,25 @@ pub struct Beat {
     pub step_time_ms: u64,
     /// The heartbeat was stopped on purpose (the rank left cleanly).
     pub stopped: bool,
+    /// The process's groups at this beat ([`activities`]).
+    pub groups: Vec<Activity>,
 }
 
 impl Beat {
     fn encode(&self) -> String {
-        format!(
+        let mut text = format!(
             "count={} time_ms={} step={} step_time_ms={} state={}",
             self.count,
             self.time_ms,
             self.step.map_or_else(|| "-".to_string(), |s| s.to_string()),
             self.step_time_ms,
             if self.stopped { "stopped" } else { "running" }
-        )
+        );
+        for g in &self.groups {
+            text.push(' ');
+            text.push_str(&g.encode());
+        }
+        text
     }
 
     fn decode(text: &str) -> Option<Beat> {
@@ -64,6 +196,7 @@ impl Beat {
             step: None,
             step_time_ms: 0,
             stopped: false,
+            groups: Vec::new(),
         };
         let mut have_time = false;
         for field in text.split_whitespace() {
@@ -83,6 +216,7 @@ impl Beat {
                 }
                 "step_time_ms" => beat.step_time_ms = v.parse().ok()?,
                 "state" => beat.stopped = v == "stopped",
+                k if k.starts_with("pg") => beat.groups.extend(Activity::decode(k, v)),
                 _ => {}
             }
         }
@@ -128,6 +262,7 @@ impl Heartbeat {
                 step: (step != NO_STEP).then_some(step),
                 step_time_ms: shared.step_time_ms.load(Ordering::Relaxed),
                 stopped,
+                groups: activities(),
             }
             .encode()
         };
@@ -196,11 +331,16 @@ fn secs(ms: u64) -> String {
 }
 
 /// Reads every rank's heartbeat and says which ranks are dead or hung: a
-/// heartbeat older than `stale` (or missing, or stopped) names the rank.
-/// Meant for the message of a failed collective, e.g.
+/// heartbeat older than `stale` (or missing, or stopped) names the rank as
+/// dead; a rank alive but behind the others in the collectives of a process
+/// group (it has entered fewer than the rank that waits) is named as the
+/// one they wait for. Meant for the message of a failed collective, e.g.
 /// `format!("{err}; {}", diagnose(&store, world, Duration::from_secs(10)))`.
-/// Never fails: an unreachable store is itself the diagnosis (rank 0 serves
-/// it). Pass a `stale` of a few heartbeat intervals.
+/// Never fails: an unreachable store is itself the diagnosis (rank 0
+/// serves it). Pass a `stale` of a few heartbeat
+/// intervals. When it names nobody the text starts with "every rank's
+/// heartbeat is fresh" (a rank that just died may still look alive: ask
+/// again after `stale`).
 pub fn diagnose(store: &Store, world: usize, stale: Duration) -> String {
     let now = now_ms();
     let stale_ms = stale.as_millis() as u64;
@@ -210,12 +350,7 @@ pub fn diagnose(store: &Store, world: usize, stale: Duration) -> String {
         let key = heartbeat_key(rank);
         let present = match store.check(&[key.as_str()]) {
             Ok(p) => p,
-            Err(e) => {
-                return format!(
-                    "the rendezvous store served by rank 0 is unreachable, so rank 0 has \
-                     probably exited or crashed ({e})"
-                )
-            }
+            Err(e) => return unreachable_store(&e.to_string()),
         };
         if !present {
             dead.push(format!("rank {rank} never sent a heartbeat"));
@@ -248,44 +383,256 @@ pub fn diagnose(store: &Store, world: usize, stale: Duration) -> String {
                 secs(age)
             ));
         } else {
-            alive.push(match beat.step {
-                Some(s) => format!("{rank} (step {s})"),
-                None => rank.to_string(),
-            });
+            alive.push((rank, beat));
         }
     }
-    if dead.is_empty() {
-        format!(
-            "every rank's heartbeat is fresh (ranks {}), so no process died; one may be \
-             stuck inside its step, or the network between them failed",
-            alive.join(", ")
-        )
-    } else {
-        dead.join("; ")
+    let mut named = dead;
+    named.extend(behind(&alive, now));
+    if !named.is_empty() {
+        return named.join("; ");
     }
+    let ranks: Vec<String> = alive
+        .iter()
+        .map(|(rank, beat)| {
+            let mut about = Vec::new();
+            if let Some(s) = beat.step {
+                about.push(format!("step {s}"));
+            }
+            if let Some(g) = beat.groups.first() {
+                about.push(format!("{} collectives", g.entered));
+            }
+            if about.is_empty() {
+                rank.to_string()
+            } else {
+                format!("{rank} ({})", about.join(", "))
+            }
+        })
+        .collect();
+    format!(
+        "every rank's heartbeat is fresh (ranks {}), so no process died and none is behind the \
+         others in collectives; one may be stuck inside its step, or the network between them \
+         failed",
+        ranks.join(", ")
+    )
+}
+
+/// The diagnosis when the store cannot be read.
+fn unreachable_store(error: &str) -> String {
+    format!(
+        "the rendezvous store served by rank 0 is unreachable, so rank 0 has probably exited \
+         or crashed ({error})"
+    )
+}
+
+/// "rank 1 is alive but has not joined all_reduce #57 that rank 0 is waiting
+/// in (...)" for each alive rank that has entered fewer collectives on a
+/// process group than the most any alive rank has entered there.
+fn behind(alive: &[(usize, Beat)], now: u64) -> Vec<String> {
+    let ago = |ms: u64| secs(now.saturating_sub(ms));
+    let groups: BTreeSet<usize> = alive
+        .iter()
+        .flat_map(|(_, b)| b.groups.iter().map(|g| g.group))
+        .collect();
+    let mut out = Vec::new();
+    for group in groups {
+        let acts: Vec<(usize, &Beat, &Activity)> = alive
+            .iter()
+            .filter_map(|(r, b)| {
+                b.groups
+                    .iter()
+                    .find(|g| g.group == group)
+                    .map(|g| (*r, b, g))
+            })
+            .collect();
+        let Some(most) = acts.iter().map(|(_, _, a)| a.entered).max() else {
+            continue;
+        };
+        let ahead: Vec<&(usize, &Beat, &Activity)> =
+            acts.iter().filter(|(_, _, a)| a.entered == most).collect();
+        for (rank, beat, a) in acts.iter().filter(|(_, _, a)| a.entered < most) {
+            let missed = a.entered + 1;
+            // What the others know of collective #missed: they wait in it,
+            // or it is the latest they entered.
+            let waits: Vec<Entered> = ahead
+                .iter()
+                .filter_map(|(_, _, x)| x.waiting.filter(|w| w.seq == missed))
+                .collect();
+            let known = waits.first().copied().or_else(|| {
+                ahead
+                    .iter()
+                    .find_map(|(_, _, x)| x.last.filter(|l| l.seq == missed))
+            });
+            let mut what = match known {
+                Some(e) => format!("{} #{missed}", e.op),
+                None => format!("collective #{missed}"),
+            };
+            if group > 0 {
+                what.push_str(&format!(" of process group {group}"));
+            }
+            let others = acts.len() - 1;
+            let who = if ahead.len() == 1 {
+                format!("rank {}", ahead[0].0)
+            } else if ahead.len() == others {
+                "the other ranks".to_string()
+            } else {
+                let list: Vec<String> = ahead.iter().map(|(r, _, _)| r.to_string()).collect();
+                format!("ranks {}", list.join(", "))
+            };
+            let plural = ahead.len() > 1;
+            let (verb, how_long) = match waits.iter().map(|w| w.at_ms).min() {
+                Some(since) => (
+                    format!("{} waiting in", if plural { "are" } else { "is" }),
+                    format!("waiting for {}; ", ago(since)),
+                ),
+                None => (
+                    format!("{} entered", if plural { "have" } else { "has" }),
+                    String::new(),
+                ),
+            };
+            let gap = most - a.entered;
+            let mut details = vec![format!(
+                "{how_long}it is {gap} collective{} behind",
+                if gap == 1 { "" } else { "s" }
+            )];
+            if let Some(l) = a.last {
+                details.push(format!(
+                    "its last was {} #{} {} ago",
+                    l.op,
+                    l.seq,
+                    ago(l.at_ms)
+                ));
+            }
+            if let Some(s) = beat.step {
+                details.push(format!(
+                    "last finished step {s} {} ago",
+                    ago(beat.step_time_ms)
+                ));
+            }
+            out.push(format!(
+                "rank {rank} is alive but has not joined {what} that {who} {verb} ({})",
+                details.join("; ")
+            ));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn beats_round_trip() {
-        let b = Beat {
+    fn activity(group: usize, entered: u64, waiting: Option<(u64, Op)>) -> Activity {
+        Activity {
+            group,
+            entered,
+            last: (entered > 0).then_some(Entered {
+                seq: entered,
+                op: Op::AllGather,
+                at_ms: 1_000,
+            }),
+            waiting: waiting.map(|(seq, op)| Entered {
+                seq,
+                op,
+                at_ms: 2_000,
+            }),
+        }
+    }
+
+    fn beat(step: Option<u64>, groups: Vec<Activity>) -> Beat {
+        Beat {
             count: 7,
             time_ms: 1_700_000_000_123,
-            step: Some(41),
+            step,
             step_time_ms: 1_700_000_000_000,
             stopped: false,
-        };
+            groups,
+        }
+    }
+
+    #[test]
+    fn beats_round_trip() {
+        let b = beat(Some(41), vec![]);
         assert_eq!(Beat::decode(&b.encode()), Some(b.clone()));
         let none = Beat {
             step: None,
             stopped: true,
-            ..b
+            ..b.clone()
         };
         assert_eq!(Beat::decode(&none.encode()), Some(none));
+        let busy = beat(
+            Some(3),
+            vec![
+                activity(0, 57, Some((57, Op::AllReduce))),
+                activity(1, 0, None),
+                activity(2, 4, None),
+            ],
+        );
+        assert_eq!(Beat::decode(&busy.encode()), Some(busy));
         assert_eq!(Beat::decode("garbage"), None);
         assert_eq!(Beat::decode("count=1"), None);
+        // A beat of an older build, without groups, still reads.
+        assert_eq!(
+            Beat::decode("count=1 time_ms=5 step=- step_time_ms=0 state=running").map(|b| b.groups),
+            Some(vec![])
+        );
+    }
+
+    #[test]
+    fn the_rank_behind_in_collectives_is_named() {
+        let now = 6_000;
+        let waiting = activity(0, 57, Some((57, Op::AllReduce)));
+        let stuck = activity(0, 56, None);
+        let alive = vec![
+            (0, beat(Some(3), vec![waiting])),
+            (1, beat(Some(3), vec![stuck])),
+        ];
+        let named = behind(&alive, now);
+        assert_eq!(named.len(), 1, "{named:?}");
+        assert!(
+            named[0].starts_with(
+                "rank 1 is alive but has not joined all_reduce #57 that rank 0 is waiting in \
+                 (waiting for 4.0 s; it is 1 collective behind; its last was all_gather #56"
+            ),
+            "{}",
+            named[0]
+        );
+        assert!(named[0].contains("last finished step 3"), "{}", named[0]);
+
+        // Three ranks: two wait, the third is 3 behind; the op of the
+        // collective it missed is not known to the others.
+        let alive = vec![
+            (
+                0,
+                beat(None, vec![activity(0, 57, Some((57, Op::Barrier)))]),
+            ),
+            (1, beat(None, vec![activity(0, 54, None)])),
+            (
+                2,
+                beat(None, vec![activity(0, 57, Some((57, Op::Barrier)))]),
+            ),
+        ];
+        let named = behind(&alive, now);
+        assert_eq!(named.len(), 1, "{named:?}");
+        assert!(
+            named[0].starts_with(
+                "rank 1 is alive but has not joined collective #55 that the other ranks have \
+                 entered (it is 3 collectives behind"
+            ),
+            "{}",
+            named[0]
+        );
+
+        // In step: nobody is named.
+        let even = vec![
+            (
+                0,
+                beat(None, vec![activity(0, 9, Some((9, Op::AllReduce)))]),
+            ),
+            (
+                1,
+                beat(None, vec![activity(0, 9, Some((9, Op::AllReduce)))]),
+            ),
+        ];
+        assert!(behind(&even, now).is_empty());
     }
 }

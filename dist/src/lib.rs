@@ -43,11 +43,11 @@ use tch::{Device, Tensor};
 
 pub use collective::{to_core_error, DistCollective};
 pub use error::{Backend, DistError, Op, Result};
-pub use health::{diagnose, Heartbeat};
+pub use health::{diagnose, Activity, Entered, Heartbeat};
 pub use launch::{LaunchEnv, LaunchError, Launcher};
 pub use reducer::{agree_any, broadcast_parameters, set_grad, GradReducer, DEFAULT_BUCKET_MB};
 
-use ffi::{Failure, PgHandle, RawBackend, StoreHandle, WorkHandle};
+use ffi::{ActivityHandle, Failure, PgHandle, RawBackend, StoreHandle, WorkHandle};
 
 /// Whether this build has the NCCL backend (nccl.h and the CUDA headers were
 /// found when the crate was compiled). Creating an NCCL group still needs a
@@ -265,6 +265,10 @@ pub struct ProcessGroup {
     info: GroupInfo,
     state: Arc<GroupState>,
     device: Device,
+    /// The number of this group among the process's groups.
+    index: usize,
+    /// Its collective counters, also listed for the [`Heartbeat`].
+    activity: Arc<ActivityHandle>,
 }
 
 impl ProcessGroup {
@@ -325,6 +329,8 @@ impl ProcessGroup {
             timeout,
         )
         .map_err(|f| init_error(f.message().to_string()))?;
+        let activity = Arc::new(raw.activity());
+        health::register_group(index, &activity);
         Ok(ProcessGroup {
             raw: Some(raw),
             info,
@@ -333,6 +339,8 @@ impl ProcessGroup {
                 Backend::Gloo => Device::Cpu,
                 Backend::Nccl => Device::Cuda(0),
             },
+            index,
+            activity,
         })
     }
 
@@ -375,6 +383,15 @@ impl ProcessGroup {
     /// Sets [`ProcessGroup::device`].
     pub fn set_device(&mut self, device: Device) {
         self.device = device;
+    }
+
+    /// How many collectives this rank has entered on the group, the latest,
+    /// and the one it is waiting for: what its [`Heartbeat`] publishes, so
+    /// that [`diagnose`] can name a rank that has fallen behind the others.
+    /// Counts every collective, also those run by backward and by the
+    /// gradient reducer.
+    pub fn activity(&self) -> Activity {
+        health::activity_of(self.index, &self.activity)
     }
 
     fn handle(&self, op: Op) -> Result<&PgHandle> {

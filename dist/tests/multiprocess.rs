@@ -68,6 +68,7 @@ fn main() {
         ("diagnose_names_the_dead_worker", || diagnose_dead(1), false),
         ("diagnose_names_the_dead_master", || diagnose_dead(0), false),
         ("hung_rank_times_out", hung_rank, false),
+        ("diagnose_names_the_hung_rank_3_ranks", diagnose_hung, false),
         ("missing_rank_fails_rendezvous", missing_rank, false),
         ("nccl_group", nccl_group, false),
         ("overlap_timing", overlap_timing, true),
@@ -400,6 +401,23 @@ fn diagnose_dead(dead: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// Rank 2 of 3 stays alive but stops calling collectives (stuck in its
+/// step); ranks 0 and 1 time out in the next all_reduce, and
+/// [`vlmatch_dist::diagnose`] on both must name rank 2 as the rank behind,
+/// with the collective it has not joined.
+fn diagnose_hung() -> Result<(), String> {
+    let finished = run_all("hb_hung", 3)?;
+    for f in finished.iter().filter(|f| f.rank < 2) {
+        let line = reported(f, "diagnosed:").ok_or_else(|| f.log())?;
+        println!(
+            "    rank {} after {:.2} s: {line}",
+            f.rank,
+            f.elapsed.as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
 /// A measurement, not a check: 2 ranks (`TIMING_RANKS`) reduce ~10.5 M fp32
 /// gradients of a chain of linear layers, after backward and overlapped
 /// with it (`BUCKET_MB`, `REPS`), and count the bytes on loopback; with
@@ -493,6 +511,7 @@ fn run_role(role: &str) -> Result<(), String> {
         "broadcast" => role_broadcast(&env),
         "hb_dead0" => role_heartbeat_dead(&env, 0),
         "hb_dead1" => role_heartbeat_dead(&env, 1),
+        "hb_hung" => role_heartbeat_hung(&env),
         "timing" => role_timing(&env),
         other => Err(format!("unknown role {other}")),
     }
@@ -1229,6 +1248,67 @@ fn role_heartbeat_dead(env: &LaunchEnv, dead: usize) -> Result<(), String> {
         }
         thread::sleep(Duration::from_millis(200));
     }
+}
+
+fn role_heartbeat_hung(env: &LaunchEnv) -> Result<(), String> {
+    let (store, pg) = setup(env, FAULT_TIMEOUT)?;
+    let err = |e: DistError| e.to_string();
+    let beat = Heartbeat::start(&store, env.rank, Duration::from_millis(100)).map_err(err)?;
+    beat.progress(7);
+    let mut t = [Tensor::ones([8], cpu(Kind::Float))];
+    // Collectives #1 and #2.
+    pg.all_reduce_sum(&mut t)
+        .map_err(err)?
+        .wait()
+        .map_err(err)?;
+    pg.barrier().map_err(err)?;
+    let act = pg.activity();
+    if act.entered != 2 || act.waiting.is_some() || act.last.map(|l| l.op) != Some(Op::Barrier) {
+        return Err(format!("activity after a barrier: {act:?}"));
+    }
+    if env.rank == 2 {
+        // Alive, beating, and stuck "in compute" (no collective) until the
+        // others have diagnosed.
+        let _ = store.wait(&["diagnosed/0", "diagnosed/1"], HEALTHY_TIMEOUT);
+        std::process::exit(0);
+    }
+    // #3, which rank 2 never joins.
+    let failure = match pg.all_reduce_sum(&mut t).and_then(|w| w.wait()) {
+        Ok(()) => return Err("the all_reduce with a hung peer succeeded".into()),
+        Err(e) => e,
+    };
+    let act = pg.activity();
+    match act.waiting {
+        Some(w) if w.seq == 3 && w.op == Op::AllReduce && act.entered == 3 => {}
+        _ => return Err(format!("activity after the timeout: {act:?}")),
+    }
+    // The heartbeats publish the counts within one interval.
+    thread::sleep(Duration::from_millis(300));
+    let diagnosis = diagnose(&store, 3, Duration::from_secs(1));
+    let want = "rank 2 is alive but has not joined all_reduce #3 that the other ranks are \
+                waiting in (waiting for ";
+    if !diagnosis.starts_with(want)
+        || !diagnosis.contains("it is 1 collective behind; its last was barrier #2")
+        || !diagnosis.contains("last finished step 7")
+        || diagnosis.contains("rank 0 ")
+        || diagnosis.contains("rank 1 ")
+    {
+        return Err(format!("unexpected diagnosis: {diagnosis}"));
+    }
+    println!("diagnosed: {failure}; {diagnosis}");
+    // Both keep beating until both have diagnosed (a stopped heartbeat
+    // reads as "has left"); rank 0, which serves the store, leaves last.
+    store
+        .set(&format!("diagnosed/{}", env.rank), b"1")
+        .map_err(err)?;
+    store
+        .wait(&["diagnosed/0", "diagnosed/1"], HEALTHY_TIMEOUT)
+        .map_err(err)?;
+    if env.rank == 0 {
+        thread::sleep(Duration::from_millis(300));
+    }
+    drop(beat);
+    Ok(())
 }
 
 /// Bytes received on the loopback interface so far (Linux), to count what
