@@ -325,6 +325,53 @@ int32_t guarded(char** err, F&& body) {
   return VLM_ERROR;
 }
 
+// c10d's TCPStore client logs a warning with a C++ backtrace ("[W ...
+// TCPStore.cpp] [c10d] recvValue failed on SocketImpl(...)") for every
+// socket operation that fails, and then throws; we report the exception
+// ourselves, in one line. While one of these guards lives, c10's log level
+// is at least ERROR. Used only around store calls that do not block (set,
+// add, check, delete), so other threads' warnings are held back for a
+// moment at most. Nested and concurrent guards share one saved level. A
+// TORCH_CPP_LOG_LEVEL set by the user is left alone.
+constexpr int kC10LogError = 2; // c10's ERROR severity (GLOG_ERROR)
+std::mutex quiet_mu;
+int quiet_depth = 0;
+int quiet_saved = 0;
+
+class QuietStoreWarnings {
+ public:
+  QuietStoreWarnings() : on_(allowed()) {
+    if (!on_) {
+      return;
+    }
+    std::lock_guard<std::mutex> guard(quiet_mu);
+    if (quiet_depth++ == 0) {
+      quiet_saved = FLAGS_caffe2_log_level;
+      if (FLAGS_caffe2_log_level < kC10LogError) {
+        FLAGS_caffe2_log_level = kC10LogError;
+      }
+    }
+  }
+  ~QuietStoreWarnings() {
+    if (!on_) {
+      return;
+    }
+    std::lock_guard<std::mutex> guard(quiet_mu);
+    if (--quiet_depth == 0) {
+      FLAGS_caffe2_log_level = quiet_saved;
+    }
+  }
+  QuietStoreWarnings(const QuietStoreWarnings&) = delete;
+  QuietStoreWarnings& operator=(const QuietStoreWarnings&) = delete;
+
+ private:
+  static bool allowed() {
+    static const bool yes = std::getenv("TORCH_CPP_LOG_LEVEL") == nullptr;
+    return yes;
+  }
+  bool on_;
+};
+
 std::vector<std::string> key_list(const char* const* keys, size_t n) {
   std::vector<std::string> out;
   out.reserve(n);
@@ -788,6 +835,22 @@ int32_t vlm_store_tcp_client(
   });
 }
 
+// The same store seen through c10d's PrefixStore: every key becomes
+// `prefix/key`. Shares the connection of `s`.
+int32_t vlm_store_prefixed(
+    vlm_store* s,
+    const char* prefix,
+    vlm_store** out,
+    char** err) {
+  return guarded(err, [&] {
+    auto store = c10::make_intrusive<c10d::PrefixStore>(
+        std::string(prefix), s->store);
+    *out = new vlm_store{c10::static_intrusive_pointer_cast<c10d::Store>(
+        std::move(store))};
+    return VLM_OK;
+  });
+}
+
 void vlm_store_free(vlm_store* s) {
   delete s;
 }
@@ -799,6 +862,7 @@ int32_t vlm_store_set(
     size_t len,
     char** err) {
   return guarded(err, [&] {
+    QuietStoreWarnings quiet;
     std::vector<uint8_t> value(data, data + len);
     s->store->set(std::string(key), value);
     return VLM_OK;
@@ -838,6 +902,7 @@ int32_t vlm_store_add(
     int64_t* out,
     char** err) {
   return guarded(err, [&] {
+    QuietStoreWarnings quiet;
     *out = s->store->add(std::string(key), delta);
     return VLM_OK;
   });
@@ -863,6 +928,7 @@ int32_t vlm_store_check(
     int32_t* out,
     char** err) {
   return guarded(err, [&] {
+    QuietStoreWarnings quiet;
     *out = s->store->check(key_list(keys, n)) ? 1 : 0;
     return VLM_OK;
   });
@@ -874,6 +940,7 @@ int32_t vlm_store_delete(
     int32_t* out,
     char** err) {
   return guarded(err, [&] {
+    QuietStoreWarnings quiet;
     *out = s->store->deleteKey(std::string(key)) ? 1 : 0;
     return VLM_OK;
   });

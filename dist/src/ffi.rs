@@ -77,6 +77,12 @@ extern "C" {
         out: *mut *mut RawStore,
         err: *mut *mut c_char,
     ) -> i32;
+    fn vlm_store_prefixed(
+        s: *mut RawStore,
+        prefix: *const c_char,
+        out: *mut *mut RawStore,
+        err: *mut *mut c_char,
+    ) -> i32;
     fn vlm_store_free(s: *mut RawStore);
     fn vlm_store_set(
         s: *mut RawStore,
@@ -307,6 +313,21 @@ impl StoreHandle {
         let code = unsafe {
             vlm_store_tcp_client(host.as_ptr(), port, millis(timeout), &mut out, &mut err)
         };
+        status(code, err)?;
+        NonNull::new(out)
+            .map(StoreHandle)
+            .ok_or_else(|| Failure::Error("the shim returned a null store".into()))
+    }
+
+    /// The same store (and connection) with every key under `prefix/`.
+    pub(crate) fn prefixed(&self, prefix: &str) -> FfiResult<Self> {
+        let prefix = c_string("store prefix", prefix)?;
+        let mut out = ptr::null_mut();
+        let mut err = ptr::null_mut();
+        // SAFETY: live handle (the new one takes its own reference to the
+        // store); valid C string and out-pointers.
+        let code =
+            unsafe { vlm_store_prefixed(self.0.as_ptr(), prefix.as_ptr(), &mut out, &mut err) };
         status(code, err)?;
         NonNull::new(out)
             .map(StoreHandle)

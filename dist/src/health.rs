@@ -23,7 +23,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::ffi::ActivityHandle;
-use crate::{Op, Result, Store};
+use crate::{Op, Result, Store, StoreServer};
 
 /// The store key of `rank`'s heartbeat.
 pub fn heartbeat_key(rank: usize) -> String {
@@ -336,8 +336,8 @@ fn secs(ms: u64) -> String {
 /// group (it has entered fewer than the rank that waits) is named as the
 /// one they wait for. Meant for the message of a failed collective, e.g.
 /// `format!("{err}; {}", diagnose(&store, world, Duration::from_secs(10)))`.
-/// Never fails: an unreachable store is itself the diagnosis (rank 0
-/// serves it). Pass a `stale` of a few heartbeat
+/// Never fails: an unreachable store is itself the diagnosis (rank 0, or
+/// the launcher's agent, serves it). Pass a `stale` of a few heartbeat
 /// intervals. When it names nobody the text starts with "every rank's
 /// heartbeat is fresh" (a rank that just died may still look alive: ask
 /// again after `stale`).
@@ -350,7 +350,7 @@ pub fn diagnose(store: &Store, world: usize, stale: Duration) -> String {
         let key = heartbeat_key(rank);
         let present = match store.check(&[key.as_str()]) {
             Ok(p) => p,
-            Err(e) => return unreachable_store(&e.to_string()),
+            Err(e) => return unreachable_store(store, &e.to_string()),
         };
         if !present {
             dead.push(format!("rank {rank} never sent a heartbeat"));
@@ -417,11 +417,21 @@ pub fn diagnose(store: &Store, world: usize, stale: Duration) -> String {
 }
 
 /// The diagnosis when the store cannot be read.
-fn unreachable_store(error: &str) -> String {
-    format!(
-        "the rendezvous store served by rank 0 is unreachable, so rank 0 has probably exited \
-         or crashed ({error})"
-    )
+fn unreachable_store(store: &Store, error: &str) -> String {
+    match store.server() {
+        StoreServer::Rank0 => format!(
+            "the rendezvous store served by rank 0 is unreachable, so rank 0 has probably \
+             exited or crashed ({error})"
+        ),
+        StoreServer::External => {
+            let (host, port) = store.address();
+            format!(
+                "the rendezvous store at {host}:{port} (served by the launcher's agent) is \
+                 unreachable, so the agent, and with it the ranks it started there, has \
+                 probably exited or crashed ({error})"
+            )
+        }
+    }
 }
 
 /// "rank 1 is alive but has not joined all_reduce #57 that rank 0 is waiting

@@ -4,6 +4,10 @@
 //! - torchrun (and launchers that mimic it) sets `RANK`, `WORLD_SIZE`,
 //!   `LOCAL_RANK`, `MASTER_ADDR` and `MASTER_PORT`. It wins when `RANK` or
 //!   `WORLD_SIZE` is set, also inside a Slurm job (`srun torchrun ...`).
+//!   torchrun's agent also sets `TORCHELASTIC_USE_AGENT_STORE=True` when it
+//!   serves the store at `MASTER_ADDR:MASTER_PORT` itself (every rank then
+//!   connects as a client), and `TORCHELASTIC_RESTART_COUNT`, the attempt
+//!   number after failures, which scopes the store keys.
 //! - Slurm's `srun` sets `SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID` and
 //!   the node list. Only a job *step* counts (`SLURM_STEP_ID` set): a batch
 //!   script or an `salloc` shell also carries `SLURM_PROCID=0` and the job's
@@ -53,6 +57,13 @@ pub struct LaunchEnv {
     pub master_port: u16,
     /// Which launcher's variables these came from.
     pub launcher: Launcher,
+    /// The launcher's agent serves the store (torchrun's
+    /// `TORCHELASTIC_USE_AGENT_STORE=True`): rank 0 connects to it rather
+    /// than serving one.
+    pub agent_store: bool,
+    /// torchrun's `TORCHELASTIC_RESTART_COUNT`: how many times the agent
+    /// has restarted the ranks.
+    pub restart_count: Option<u64>,
 }
 
 /// A launcher variable that is missing or malformed.
@@ -185,6 +196,12 @@ where
     )?;
     let master_addr = check_host("MASTER_ADDR", &required(get, "MASTER_ADDR", context)?)?;
     let master_port = parse_port("MASTER_PORT", &required(get, "MASTER_PORT", context)?)?;
+    // Python's torch.distributed compares with str(True).
+    let agent_store = get("TORCHELASTIC_USE_AGENT_STORE")
+        .is_some_and(|v| matches!(v.trim(), "True" | "true" | "1"));
+    let restart_count = get("TORCHELASTIC_RESTART_COUNT")
+        .map(|v| parse_usize("TORCHELASTIC_RESTART_COUNT", &v).map(|n| n as u64))
+        .transpose()?;
     Ok(LaunchEnv {
         rank,
         world_size,
@@ -192,6 +209,8 @@ where
         master_addr,
         master_port,
         launcher: Launcher::Torchrun,
+        agent_store,
+        restart_count,
     })
 }
 
@@ -255,6 +274,8 @@ where
         master_addr,
         master_port,
         launcher: Launcher::Slurm,
+        agent_store: false,
+        restart_count: None,
     })
 }
 
@@ -378,9 +399,38 @@ mod tests {
                 master_addr: "10.0.0.1".into(),
                 master_port: 29500,
                 launcher: Launcher::Torchrun,
+                agent_store: false,
+                restart_count: None,
             }
         );
         assert!(!got.is_master());
+    }
+
+    #[test]
+    fn torchrun_agent_store_and_restart_count_are_read() {
+        let mut pairs = TORCHRUN.to_vec();
+        pairs.extend([
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+            ("TORCHELASTIC_RESTART_COUNT", "2"),
+        ]);
+        let got = LaunchEnv::from_lookup(env(&pairs)).unwrap().unwrap();
+        assert!(got.agent_store);
+        assert_eq!(got.restart_count, Some(2));
+        let mut pairs = TORCHRUN.to_vec();
+        pairs.push(("TORCHELASTIC_USE_AGENT_STORE", "False"));
+        assert!(
+            !LaunchEnv::from_lookup(env(&pairs))
+                .unwrap()
+                .unwrap()
+                .agent_store
+        );
+        let mut pairs = TORCHRUN.to_vec();
+        pairs.push(("TORCHELASTIC_RESTART_COUNT", "x"));
+        let err = LaunchEnv::from_lookup(env(&pairs)).unwrap_err();
+        assert!(
+            err.to_string().contains("TORCHELASTIC_RESTART_COUNT"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -452,6 +502,8 @@ mod tests {
                 master_addr: "gpu03".into(),
                 master_port: 15000 + (123456 % 20000) as u16,
                 launcher: Launcher::Slurm,
+                agent_store: false,
+                restart_count: None,
             }
         );
         // The old spelling of the step id counts too.

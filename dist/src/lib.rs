@@ -1,6 +1,7 @@
 //! vlmatch's distributed engine: libtorch's own c10d from Rust.
 //!
-//! - [`Store`]: a `c10d::TCPStore` (rank 0 serves, the others connect), for
+//! - [`Store`]: a `c10d::TCPStore` (rank 0 serves, the others connect; or,
+//!   under torchrun's agent store, every rank connects to the agent's), for
 //!   rendezvous and small agreements (`set`/`get`/`add`/`wait`/`check`).
 //! - [`ProcessGroup`]: a `c10d::ProcessGroupGloo` (CPU) or
 //!   `c10d::ProcessGroupNCCL` (CUDA) over the store, with asynchronous
@@ -56,15 +57,29 @@ pub fn has_nccl() -> bool {
     ffi::has_nccl()
 }
 
-/// A c10d TCPStore shared by all ranks: rank 0 serves it, every rank
-/// (rank 0 included) is a client. Cheap to clone; all clones are one
-/// connection, safe to use from several threads.
+/// Who serves a [`Store`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreServer {
+    /// Rank 0 (its process runs the server): [`Store::connect`].
+    Rank0,
+    /// Someone else, such as torchrun's agent (`TORCHELASTIC_USE_AGENT_STORE`):
+    /// [`Store::connect_client`].
+    External,
+}
+
+/// A c10d TCPStore shared by all ranks: rank 0 serves it (or a launcher
+/// does), every rank (rank 0 included) is a client. Cheap to clone; all
+/// clones are one connection, safe to use from several threads.
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<StoreHandle>,
     rank: usize,
     host: String,
     port: u16,
+    server: StoreServer,
+    /// The key prefix of [`Store::prefixed`], reapplied by
+    /// [`Store::new_connection`].
+    prefix: Option<String>,
 }
 
 impl Store {
@@ -92,11 +107,44 @@ impl Store {
                 "rank {rank} is not below the world size {world_size}"
             )));
         }
-        let is_master = rank == 0;
-        let inner = StoreHandle::tcp(host, port, world, is_master, timeout).map_err(|f| {
+        Store::open(host, port, rank, world, StoreServer::Rank0, timeout)
+    }
+
+    /// Connects every rank, rank 0 included, as a client to a store that
+    /// someone else serves at `host:port`: torchrun's agent when it sets
+    /// `TORCHELASTIC_USE_AGENT_STORE=True` (then rank 0 cannot serve: the
+    /// agent holds the port). Retries for up to `timeout`.
+    pub fn connect_client(
+        host: &str,
+        port: u16,
+        rank: usize,
+        world_size: usize,
+        timeout: Duration,
+    ) -> Result<Store> {
+        let world = i32::try_from(world_size)
+            .ok()
+            .filter(|w| *w >= 1 && rank < world_size)
+            .ok_or_else(|| DistError::InvalidArgument {
+                rank,
+                what: format!("store at {host}:{port}"),
+                detail: format!("rank {rank} is not below the world size {world_size}"),
+            })?;
+        Store::open(host, port, rank, world, StoreServer::External, timeout)
+    }
+
+    fn open(
+        host: &str,
+        port: u16,
+        rank: usize,
+        world: i32,
+        server: StoreServer,
+        timeout: Duration,
+    ) -> Result<Store> {
+        let serve = server == StoreServer::Rank0 && rank == 0;
+        let inner = StoreHandle::tcp(host, port, world, serve, timeout).map_err(|f| {
             DistError::Rendezvous {
                 rank,
-                action: if is_master { "serve" } else { "connect to" },
+                action: if serve { "serve" } else { "connect to" },
                 host: host.to_string(),
                 port,
                 timeout,
@@ -108,7 +156,39 @@ impl Store {
             rank,
             host: host.to_string(),
             port,
+            server,
+            prefix: None,
         })
+    }
+
+    /// This store with every key put under `prefix/` (c10d's PrefixStore),
+    /// sharing the connection; connections opened from it later get the
+    /// same prefix. Under torchrun the attempt number
+    /// (`TORCHELASTIC_RESTART_COUNT`) keeps a restarted run from reading
+    /// the keys of the attempt before it.
+    pub fn prefixed(&self, prefix: &str) -> Result<Store> {
+        let inner = self
+            .inner
+            .prefixed(prefix)
+            .map_err(|f| self.store_error("prefix", prefix, f))?;
+        Ok(Store {
+            inner: Arc::new(inner),
+            prefix: Some(match &self.prefix {
+                Some(outer) => format!("{outer}/{prefix}"),
+                None => prefix.to_string(),
+            }),
+            ..self.clone()
+        })
+    }
+
+    /// Who serves this store.
+    pub fn server(&self) -> StoreServer {
+        self.server
+    }
+
+    /// The address of the store's server.
+    pub fn address(&self) -> (&str, u16) {
+        (&self.host, self.port)
     }
 
     /// A second client connection to the same store, for a thread whose
@@ -126,24 +206,32 @@ impl Store {
                 detail: f.message().to_string(),
             }
         })?;
+        let inner = match &self.prefix {
+            Some(prefix) => inner
+                .prefixed(prefix)
+                .map_err(|f| self.store_error("prefix", prefix, f))?,
+            None => inner,
+        };
         Ok(Store {
             inner: Arc::new(inner),
-            rank: self.rank,
-            host: self.host.clone(),
-            port: self.port,
+            ..self.clone()
         })
     }
 
-    /// [`Store::connect`] with the address, port, rank and world size of a
-    /// launcher's environment.
+    /// The store of a launcher's environment: [`Store::connect`] (rank 0
+    /// serves), or [`Store::connect_client`] under torchrun's agent store;
+    /// its keys under `attempt_N/` when torchrun says this is restart N.
     pub fn from_launch(env: &LaunchEnv, timeout: Duration) -> Result<Store> {
-        Store::connect(
-            &env.master_addr,
-            env.master_port,
-            env.rank,
-            env.world_size,
-            timeout,
-        )
+        let (host, port) = (&env.master_addr, env.master_port);
+        let store = if env.agent_store {
+            Store::connect_client(host, port, env.rank, env.world_size, timeout)?
+        } else {
+            Store::connect(host, port, env.rank, env.world_size, timeout)?
+        };
+        match env.restart_count {
+            Some(n) => store.prefixed(&format!("attempt_{n}")),
+            None => Ok(store),
+        }
     }
 
     /// This process's rank, as given when connecting.

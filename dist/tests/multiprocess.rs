@@ -21,7 +21,7 @@ use tch::{Device, Kind, Tensor};
 use vlmatch_core::Collective;
 use vlmatch_dist::{
     agree_any, broadcast_parameters, diagnose, DistCollective, DistError, GradReducer, Heartbeat,
-    LaunchEnv, Op, ProcessGroup, Store,
+    LaunchEnv, Op, ProcessGroup, Store, StoreServer,
 };
 
 const ROLE: &str = "DIST_TEST_ROLE";
@@ -69,6 +69,7 @@ fn main() {
         ("diagnose_names_the_dead_master", || diagnose_dead(0), false),
         ("hung_rank_times_out", hung_rank, false),
         ("diagnose_names_the_hung_rank_3_ranks", diagnose_hung, false),
+        ("agent_store_and_restart_prefix", agent_store, false),
         ("missing_rank_fails_rendezvous", missing_rank, false),
         ("nccl_group", nccl_group, false),
         ("overlap_timing", overlap_timing, true),
@@ -213,11 +214,23 @@ fn drain(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
 
 /// Starts `ranks` of a `world`-rank job in `role`, the way torchrun would.
 fn spawn(role: &str, world: usize, ranks: &[usize], port: u16) -> Result<Vec<Rank>, String> {
+    spawn_with(role, world, ranks, port, &[])
+}
+
+/// [`spawn`] with more environment variables.
+fn spawn_with(
+    role: &str,
+    world: usize,
+    ranks: &[usize],
+    port: u16,
+    env: &[(&str, &str)],
+) -> Result<Vec<Rank>, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     ranks
         .iter()
         .map(|&rank| {
             let mut child = Command::new(&exe)
+                .envs(env.iter().copied())
                 .env(ROLE, role)
                 .env("RANK", rank.to_string())
                 .env("WORLD_SIZE", world.to_string())
@@ -393,6 +406,11 @@ fn diagnose_dead(dead: usize) -> Result<(), String> {
     let finished = run_all(if dead == 0 { "hb_dead0" } else { "hb_dead1" }, 2)?;
     let survivor = &finished[1 - dead];
     let line = reported(survivor, "diagnosed:").ok_or_else(|| survivor.log())?;
+    // The store calls that fail once rank 0 is gone report it in our error,
+    // not in c10d warnings with C++ backtraces.
+    if survivor.stderr.contains("TCPStore.cpp") || survivor.stderr.contains("frame #") {
+        return Err(format!("c10d warnings on stderr\n{}", survivor.log()));
+    }
     println!(
         "    survivor rank {} after {:.2} s: {line}",
         survivor.rank,
@@ -415,6 +433,55 @@ fn diagnose_hung() -> Result<(), String> {
             f.elapsed.as_secs_f64()
         );
     }
+    Ok(())
+}
+
+/// torchrun's agent store: this process serves the store, as torchrun's
+/// agent does, holding keys of a failed attempt 0; 2 ranks started with
+/// `TORCHELASTIC_USE_AGENT_STORE=True` and `TORCHELASTIC_RESTART_COUNT=1`
+/// must all connect as clients (rank 0 serving would fail to bind), keep
+/// their keys under `attempt_1/`, and not see attempt 0's.
+fn agent_store() -> Result<(), String> {
+    let port = free_port();
+    let agent =
+        Store::connect("127.0.0.1", port, 0, 1, HEALTHY_TIMEOUT).map_err(|e| e.to_string())?;
+    let err = |e: DistError| e.to_string();
+    // Attempt 0 left rank 1 "stopped" and a stale rendezvous key.
+    agent
+        .set(
+            "attempt_0/alive/1",
+            b"count=3 time_ms=1 step=2 step_time_ms=1 state=stopped",
+        )
+        .map_err(err)?;
+    agent.set("attempt_0/stale", b"1").map_err(err)?;
+    let ranks = spawn_with(
+        "agent",
+        2,
+        &[0, 1],
+        port,
+        &[
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+            ("TORCHELASTIC_RESTART_COUNT", "1"),
+        ],
+    )?;
+    let finished = finish(ranks)?;
+    if finished.iter().any(|f| !f.status.success()) {
+        let logs: Vec<String> = finished.iter().map(Finished::log).collect();
+        return Err(logs.join("\n"));
+    }
+    for f in &finished {
+        if f.stderr.contains("[E") || f.stderr.contains("failed to bind") {
+            return Err(format!("a rank tried to serve the store\n{}", f.log()));
+        }
+    }
+    let keys = ["attempt_1/alive/0", "attempt_1/alive/1", "attempt_1/done/0"];
+    if !agent.check(&keys).map_err(err)? || agent.check(&["alive/0"]).map_err(err)? {
+        return Err("the ranks' keys are not (only) under attempt_1/".into());
+    }
+    println!(
+        "    rank 0: {}",
+        reported(&finished[0], "agent:").unwrap_or("?")
+    );
     Ok(())
 }
 
@@ -512,6 +579,7 @@ fn run_role(role: &str) -> Result<(), String> {
         "hb_dead0" => role_heartbeat_dead(&env, 0),
         "hb_dead1" => role_heartbeat_dead(&env, 1),
         "hb_hung" => role_heartbeat_hung(&env),
+        "agent" => role_agent(&env),
         "timing" => role_timing(&env),
         other => Err(format!("unknown role {other}")),
     }
@@ -1308,6 +1376,47 @@ fn role_heartbeat_hung(env: &LaunchEnv) -> Result<(), String> {
         thread::sleep(Duration::from_millis(300));
     }
     drop(beat);
+    Ok(())
+}
+
+fn role_agent(env: &LaunchEnv) -> Result<(), String> {
+    let err = |e: DistError| e.to_string();
+    if !env.agent_store || env.restart_count != Some(1) {
+        return Err(format!(
+            "the launch environment misses the agent store: {env:?}"
+        ));
+    }
+    let store = Store::from_launch(env, HEALTHY_TIMEOUT).map_err(err)?;
+    if store.server() != StoreServer::External {
+        return Err("rank connected as if rank 0 served the store".into());
+    }
+    if store.check(&["stale"]).map_err(err)? {
+        return Err("attempt 0's keys are visible".into());
+    }
+    let pg = ProcessGroup::gloo(&store, env.rank, env.world_size, HEALTHY_TIMEOUT).map_err(err)?;
+    let beat = Heartbeat::start(&store, env.rank, Duration::from_millis(100)).map_err(err)?;
+    let mut t = [Tensor::ones([4], cpu(Kind::Float))];
+    pg.all_reduce_sum(&mut t)
+        .map_err(err)?
+        .wait()
+        .map_err(err)?;
+    expect_eq("all_reduce", f32s(&t[0]), vec![2.0; 4])?;
+    // Both heartbeats of this attempt are up: nobody has "left".
+    store
+        .wait(&["alive/0", "alive/1"], HEALTHY_TIMEOUT)
+        .map_err(err)?;
+    let diagnosis = diagnose(&store, 2, Duration::from_secs(5));
+    if !diagnosis.starts_with("every rank's heartbeat is fresh") {
+        return Err(format!(
+            "attempt 0's keys leak into the diagnosis: {diagnosis}"
+        ));
+    }
+    pg.barrier().map_err(err)?;
+    store
+        .set(&format!("done/{}", env.rank), b"1")
+        .map_err(err)?;
+    drop(beat);
+    println!("agent: {diagnosis}");
     Ok(())
 }
 
