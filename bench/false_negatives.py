@@ -18,7 +18,11 @@ Reports, over random training batches of the dumped data:
 - with a checkpoint (a vlmatch run directory, loaded into the reference
   model): the share of ALBEF hard negatives (text drawn for each image
   from softmax of the ITC similarities, positives masked) that are true of
-  their image.
+  their image; and what hard_negative's `similarity_guard` would do there:
+  the share of candidates it excludes (ITC at least as similar as the
+  image's own caption) and of hard-negative draws (softmax mass) it
+  changes, how many of those are true of the image, and the
+  share of images it leaves without a negative.
 
 Usage:
   python bench/false_negatives.py --train DUMP/train [--run RUN_DIR] [--batches 50]
@@ -174,6 +178,8 @@ def main():
     negatives = true_negatives = 0
     drawn = drawn_true = 0
     batches_with_false = 0
+    guard_candidates = guard_excluded = guard_excluded_true = guard_rows_empty = 0
+    guard_mass = 0.0
     for _ in range(args.batches):
         batch = rng.sample(train.pairs, args.batch_size)
         images = train.pixels(torch.tensor([p["image_index"] for p in batch]))
@@ -188,7 +194,17 @@ def main():
             with torch.no_grad():
                 ie = F.normalize(model.vision_proj(model.vision_encoder(images)[:, 0]), dim=-1)
                 te = F.normalize(model.text_proj(model.text_encoder(ids, mask)[:, 0]), dim=-1)
-                t_for_i = hard_negatives(ie @ te.t() / model.temp.clamp(0.001, 0.5), positives)
+                sim = ie @ te.t() / model.temp.clamp(0.001, 0.5)
+                t_for_i = hard_negatives(sim, positives)
+                # What hard_negative's similarity_guard would exclude: a
+                # candidate at least as similar as the row's own pair.
+                guarded = (sim >= sim.diagonal()[:, None]) & neg
+                w = (F.softmax(sim, 1) + 1e-5).masked_fill(positives, 0.0)
+                guard_mass += ((w * guarded).sum(1) / w.sum(1)).sum().item()
+            guard_candidates += neg.sum().item()
+            guard_excluded += guarded.sum().item()
+            guard_excluded_true += (guarded & truth).sum().item()
+            guard_rows_empty += (neg & ~guarded).sum(1).eq(0).sum().item()
             ok = t_for_i >= 0
             rows = torch.arange(len(batch))[ok]
             drawn += ok.sum().item()
@@ -203,7 +219,11 @@ def main():
     }
     if model is not None:
         out.update(run=args.run, step=step, hard_negatives_drawn=drawn,
-                   hard_negatives_true_of_the_image=drawn_true / max(drawn, 1))
+                   hard_negatives_true_of_the_image=drawn_true / max(drawn, 1),
+                   similarity_guard_excludes=guard_excluded / max(guard_candidates, 1),
+                   similarity_guard_draws_changed=guard_mass / (args.batches * args.batch_size),
+                   similarity_guard_excluded_true_of_the_image=guard_excluded_true / max(guard_excluded, 1),
+                   similarity_guard_rows_left_without_negative=guard_rows_empty / (args.batches * args.batch_size))
     print(json.dumps(out, indent=1))
 
 
