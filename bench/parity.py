@@ -72,15 +72,30 @@ def complete(run_dir, steps, eval_every):
     return bool(m) and m[-1]["step"] >= steps and want <= {x["step"] for x in e}
 
 
-def without_seed(cfg):
+# Keys that change nothing the reference computes (seed: compared apart;
+# threads, checkpoints, devices, loader threads, distributed settings, the
+# end-of-run and retrieval evaluation settings).
+IGNORED = {"train": ["seed", "threads", "checkpoint_every", "keep_checkpoints", "device", "dist"],
+           "data": ["workers", "prefetch"], "eval": ["at_end", "k", "rerank"]}
+
+
+def relevant(cfg):
+    """`cfg` without IGNORED keys and without keys at their default value
+    that older configs lack (samplers' similarity_guard = false)."""
     c = json.loads(json.dumps(cfg))
-    c["train"].pop("seed", None)
+    for sec, keys in IGNORED.items():
+        for k in keys:
+            c.get(sec, {}).pop(k, None)
+    c.pop("plugins", None)
+    for sec in c.get("samplers", {}).values():
+        if sec.get("similarity_guard") is False:
+            del sec["similarity_guard"]
     return c
 
 
 def answers_for(rdir, cfg, seed, steps, eval_every):
     """Whether the reference run in `rdir` is complete and was made from
-    `cfg` (apart from train.seed) with `seed`."""
+    `cfg` (apart from keys that change nothing it computes) with `seed`."""
     try:
         with open(os.path.join(rdir, "run.json")) as f:
             info = json.load(f)
@@ -89,7 +104,7 @@ def answers_for(rdir, cfg, seed, steps, eval_every):
     except OSError:
         return False
     return (info.get("complete") and info["seed"] == seed and info["steps"] == steps
-            and info["eval_every"] == eval_every and without_seed(used) == without_seed(cfg))
+            and info["eval_every"] == eval_every and relevant(used) == relevant(cfg))
 
 
 def itm_name(cfg):
@@ -151,7 +166,9 @@ def main():
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--window", type=int, help="steps averaged for the training rows (default: --eval-every)")
-    ap.add_argument("--vlmatch-runs", help="reuse DIR/<preset>-s<seed> instead of training vlmatch")
+    ap.add_argument("--vlmatch-runs", help="reuse DIR/<name> instead of training vlmatch")
+    ap.add_argument("--name", default="{preset}-s{seed}",
+                    help="run directory name, a pattern of {preset} and {seed} (default: %(default)s)")
     ap.add_argument("--work", default=os.path.join(ROOT, "target", "parity"))
     ap.add_argument("--vlmatch", default=os.path.join(ROOT, "target", "release", "vlmatch"))
     ap.add_argument("--python", default=sys.executable)
@@ -171,7 +188,7 @@ def main():
     checks = {}
     for preset in args.presets:
         for seed in args.seeds:
-            name = f"{preset}-s{seed}"
+            name = args.name.format(preset=preset, seed=seed)
             if args.vlmatch_runs:
                 vdir = os.path.join(args.vlmatch_runs, name)
                 if not complete(vdir, args.steps, args.eval_every):
@@ -195,7 +212,9 @@ def main():
             if cfg["train"]["steps"] != args.steps or cfg["train"]["seed"] != seed:
                 raise SystemExit(f"{config_toml}: steps {cfg['train']['steps']}, seed {cfg['train']['seed']}")
             train_dir, held_dir = data_dump(args, config_toml, cfg)
-            rdir = os.path.join(args.work, "reference", name)
+            # One reference run per (preset, seed, config that matters).
+            digest = hashlib.sha256(json.dumps(relevant(cfg), sort_keys=True).encode()).hexdigest()[:8]
+            rdir = os.path.join(args.work, "reference", f"{preset}-s{seed}-{digest}")
             if args.force or not answers_for(rdir, cfg, seed, args.steps, args.eval_every):
                 run([args.python, os.path.join(ROOT, "bench", "reference_train.py"), "--config", config_toml,
                      "--train", train_dir, "--heldout", held_dir, "--seed", seed,

@@ -381,8 +381,14 @@ def text_is_positive(rows, texts, ids, positives, pad):
     return (positives[rows] & same).any(1)
 
 
-def hard_negatives(sim, positives):
+def hard_negatives(sim, positives, guard=False):
+    """ALBEF's in-batch hard negatives: per row, a column drawn from
+    softmax(row) + 1e-5 over non-positives; -1 where there is none. With
+    `guard` (hard_negative's similarity_guard), also never a column at
+    least as similar as the row's own pair (the diagonal)."""
     with torch.no_grad():
+        if guard:
+            positives = positives | (sim >= sim.diagonal()[:, None])
         w = F.softmax(sim.float(), 1) + 1e-5
         w = w.masked_fill(positives, 0.0)
         has = (~positives).any(1)
@@ -407,6 +413,7 @@ class Step:
                 raise SystemExit("reference: rtd with share_text_encoder = false is not implemented here")
             self.objectives.append((name, plugin, sec.get("weight", 1.0), sec))
         self.samplers = {k: v.get("plugin") for k, v in cfg.get("samplers", {}).items()}
+        self.guard = {k: v.get("similarity_guard", False) for k, v in cfg.get("samplers", {}).items()}
         self.rule = cfg.get("data", {}).get("positives", "identical")
         self.emulated = set()
         # The last call's losses and metrics (detached), by vlmatch's names.
@@ -462,8 +469,8 @@ class Step:
         for s in sec.get("samplers", []):
             plugin = self.samplers.get(s)
             if plugin == "hard_negative":
-                t_for_i = hard_negatives(i2t, positives)
-                i_for_t = hard_negatives(i2t.t(), positives)
+                t_for_i = hard_negatives(i2t, positives, self.guard[s])
+                i_for_t = hard_negatives(i2t.t(), positives.t(), self.guard[s])
                 texts = torch.cat([text[t_for_i.clamp_min(0)], text])
                 tmask = torch.cat([mask[t_for_i.clamp_min(0)], mask])
                 imgs = torch.cat([image, image[i_for_t.clamp_min(0)]])
