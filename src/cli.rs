@@ -357,6 +357,8 @@ pub fn main() -> std::process::ExitCode {
             eprintln!("{prefix}error: {e}");
             std::process::ExitCode::from(match e {
                 Error::Config(_) | Error::Data { .. } => 2,
+                // 128 + SIGTERM, as a process the signal ended; its state is saved.
+                Error::Stopped(_) => 143,
                 _ => 1,
             })
         }

@@ -241,21 +241,31 @@ impl Parallel {
 }
 
 /// A failure injected for the fault tests (`vlmatch train --fault
-/// RANK:STEP:kill|hang`, hidden): rank `rank` kills itself (SIGKILL, as the
-/// out-of-memory killer or a failed node would), or stops progressing
-/// while staying alive, right after finishing step `step`.
+/// RANK:STEP:kill|hang|term`, hidden): right after finishing step `step`,
+/// rank `rank` kills itself (SIGKILL, as the out-of-memory killer or a
+/// failed node would), stops progressing while staying alive, or sends
+/// itself SIGTERM (as Slurm or Kubernetes do before a kill). Also without a
+/// launcher, as rank 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fault {
     pub rank: usize,
     pub step: i64,
-    pub hang: bool,
+    pub kind: FaultKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    Kill,
+    Hang,
+    Term,
 }
 
 impl std::str::FromStr for Fault {
     type Err = String;
 
     fn from_str(s: &str) -> std::result::Result<Fault, String> {
-        let bad = || format!("--fault `{s}`: expected RANK:STEP:kill or RANK:STEP:hang");
+        let bad =
+            || format!("--fault `{s}`: expected RANK:STEP:kill, RANK:STEP:hang or RANK:STEP:term");
         let mut it = s.split(':');
         let (Some(rank), Some(step), Some(kind), None) =
             (it.next(), it.next(), it.next(), it.next())
@@ -265,9 +275,10 @@ impl std::str::FromStr for Fault {
         Ok(Fault {
             rank: rank.parse().map_err(|_| bad())?,
             step: step.parse().map_err(|_| bad())?,
-            hang: match kind {
-                "kill" => false,
-                "hang" => true,
+            kind: match kind {
+                "kill" => FaultKind::Kill,
+                "hang" => FaultKind::Hang,
+                "term" => FaultKind::Term,
                 _ => return Err(bad()),
             },
         })
@@ -280,11 +291,23 @@ impl Fault {
         if rank != self.rank || step != self.step {
             return;
         }
-        if self.hang {
-            tracing::warn!(rank, step, "fault injection: hanging");
-            loop {
-                std::thread::sleep(Duration::from_secs(3600));
+        match self.kind {
+            FaultKind::Hang => {
+                tracing::warn!(rank, step, "fault injection: hanging");
+                loop {
+                    std::thread::sleep(Duration::from_secs(3600));
+                }
             }
+            FaultKind::Term => {
+                tracing::warn!(rank, step, "fault injection: SIGTERM");
+                // SAFETY: kill(2) on our own pid; the trainer's handler sets
+                // its stop flag and training goes on to the agreed stop.
+                unsafe {
+                    libc::kill(libc::getpid(), libc::SIGTERM);
+                }
+                return;
+            }
+            FaultKind::Kill => {}
         }
         tracing::warn!(rank, step, "fault injection: SIGKILL");
         // SAFETY: kill(2) on our own pid; nothing runs after it.
@@ -306,10 +329,11 @@ mod tests {
             Ok(Fault {
                 rank: 1,
                 step: 6,
-                hang: false
+                kind: FaultKind::Kill
             })
         );
-        assert!("1:6:hang".parse::<Fault>().unwrap().hang);
+        assert_eq!("1:6:hang".parse::<Fault>().unwrap().kind, FaultKind::Hang);
+        assert_eq!("0:3:term".parse::<Fault>().unwrap().kind, FaultKind::Term);
         assert!("1:6".parse::<Fault>().is_err());
         assert!("1:6:explode".parse::<Fault>().is_err());
     }

@@ -26,7 +26,8 @@ use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use tch::{Device, Kind, Tensor};
 use vlmatch_core::{Batch, Error, Forward, Result};
 use vlmatch_dist::LaunchEnv;
@@ -194,6 +195,26 @@ pub fn train_step_with(
     optim.step(lr);
     optim.zero_grad();
     Ok(StepOutput { values, grad_norm })
+}
+
+/// Set when SIGTERM (what Slurm and Kubernetes send before they kill a job)
+/// or SIGINT arrives: training then saves a checkpoint at the next step
+/// boundary (agreed among ranks) and stops with [`Error::Stopped`]. A second
+/// signal of the same kind ends the process at once.
+fn stop_requested() -> Result<Arc<AtomicBool>> {
+    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    if let Some(flag) = FLAG.get() {
+        return Ok(flag.clone());
+    }
+    let flag = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        // The conditional shutdown is registered first, so it sees the flag
+        // as it was before this signal set it.
+        signal_hook::flag::register_conditional_shutdown(signal, 128 + signal as i32, flag.clone())
+            .and_then(|_| signal_hook::flag::register(signal, flag.clone()))
+            .map_err(|e| Error::io("signal handler", e))?;
+    }
+    Ok(FLAG.get_or_init(|| flag).clone())
 }
 
 /// Write `text` to `path` through a temporary file, so that a reader (a
@@ -452,6 +473,8 @@ fn train_ranked(
 
     let eval_inputs = EvalInputs::new(cfg, &tok);
     let started = std::time::Instant::now();
+    let stop = stop_requested()?;
+    stop.store(false, Ordering::Relaxed);
     let mut logged = Vec::new();
     let mut last_saved = -1;
     let save = |state: TrainerState, optim: &AdamW| -> Result<()> {
@@ -549,6 +572,27 @@ fn train_ranked(
                 writeln!(f, "{line}").map_err(|e| Error::io(&eval_path, e))?;
             }
             par.map_or(Ok(()), Parallel::barrier)?;
+        }
+        // A stop signal: one process acts at once; ranks agree at logging
+        // steps (where they synchronise anyway), so that all stop together.
+        let requested = stop.load(Ordering::Relaxed);
+        let stop_now = match par {
+            None => requested,
+            Some(p) if state.step % tc.log_every == 0 => p.agree_any(requested)?,
+            Some(_) => false,
+        };
+        if stop_now && state.step < tc.steps {
+            if last_saved != state.step {
+                save(state, &optim)?;
+            }
+            bar.abandon();
+            return Err(Error::Stopped(format!(
+                "stopped by a signal after step {} of {}; the checkpoint is written: continue \
+                 with `vlmatch train --resume {}`",
+                state.step,
+                tc.steps,
+                run_dir.display()
+            )));
         }
         if let Some(p) = par {
             p.progress(state.step);

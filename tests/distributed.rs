@@ -848,3 +848,67 @@ fn torchrun_launches_two_ranks() {
     eprintln!("torchrun 2 x 8 vs 1 x 16: {same:?}");
     same.unwrap();
 }
+
+/// SIGTERM (what Slurm and Kubernetes send before a kill) on one rank: the
+/// ranks agree at the next logging step, rank 0 writes a checkpoint, every
+/// rank exits with 143, and resuming ends where an uninterrupted run does.
+/// On one process the same, without the agreement.
+#[test]
+fn sigterm_on_one_rank_stops_every_rank_with_a_checkpoint() {
+    let root = scratch("dist-term");
+    let sets = [
+        "train.steps=12",
+        "train.checkpoint_every=0",
+        "train.dist.timeout=20",
+    ];
+    for (world, rank) in [(2usize, 1usize), (1, 0)] {
+        let name = format!("w{world}");
+        let full_dir = root.join(format!("{name}-full"));
+        let full = launch(
+            &format!("{name}-full"),
+            world,
+            &train_args(&full_dir, None, &sets),
+            &root,
+        );
+        let cut_dir = root.join(format!("{name}-cut"));
+        let mut args = train_args(&cut_dir, None, &sets);
+        args.extend(["--fault".into(), format!("{rank}:5:term")]);
+        let mut cut = launch(&format!("{name}-cut"), world, &args, &root);
+        let all: Vec<usize> = (0..world).collect();
+        let ended = cut.wait_for(&all, Duration::from_secs(90));
+        for r in &all {
+            let e = &ended[r];
+            assert_eq!(
+                e.status.code(),
+                Some(143),
+                "rank {r} of {world}\n{}",
+                cut.report()
+            );
+            assert!(
+                e.stderr.contains("stopped by a signal after step 6"),
+                "rank {r}: {}",
+                e.stderr
+            );
+        }
+        assert_eq!(
+            std::fs::read_to_string(cut_dir.join("checkpoints/latest")).unwrap(),
+            "step-00000006.safetensors"
+        );
+        let mut resume = vec!["train".to_string(), "--quiet".into(), "--resume".into()];
+        resume.push(cut_dir.display().to_string());
+        launch(&format!("{name}-resumed"), world, &resume, &root).succeed(Duration::from_secs(240));
+        full.succeed(Duration::from_secs(240));
+        assert_eq!(
+            metrics(&full_dir),
+            metrics(&cut_dir),
+            "{world} ranks: stopped and resumed vs uninterrupted"
+        );
+        let (a, b) = (checkpoint(&full_dir, 12), checkpoint(&cut_dir, 12));
+        for (n, t) in &a {
+            assert!(
+                t.equal(&b[n]),
+                "{world} ranks: tensor {n} differs after resuming"
+            );
+        }
+    }
+}

@@ -26,6 +26,9 @@ pub enum Error {
     },
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// The run stopped on request (SIGTERM, SIGINT) after saving its state.
+    #[error("{0}")]
+    Stopped(String),
 }
 
 impl Error {
