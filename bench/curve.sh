@@ -48,26 +48,4 @@ while [ $(( $(date +%s) - start )) -lt "$LIMIT" ]; do
 done
 for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
 echo "elapsed $(( $(date +%s) - start ))s"
-python3 - "$OUT" "${names[@]}" <<'PY' | tee "$OUT/table.md"
-import json, pathlib, statistics, sys
-out = pathlib.Path(sys.argv[1])
-rows = {}
-for f in sorted(out.glob("*/eval.jsonl")):
-    preset, seed = f.parent.name.rsplit("-s", 1)
-    for line in f.read_text().splitlines():
-        e = json.loads(line)
-        rows.setdefault((preset, e["step"]), []).append(e)
-def cell(es, get):
-    v = [get(e) * 100 for e in es]
-    sd = statistics.stdev(v) if len(v) > 1 else 0.0
-    return f"{statistics.mean(v):.1f} ± {sd:.1f} (n={len(v)})"
-print("| preset | step | matching ITM % | matching ITC % | retrieval i2t R@1 % | t2i R@1 % |")
-print("|---|---|---|---|---|---|")
-for preset in sys.argv[2:]:
-    for (p, step), es in sorted(rows.items(), key=lambda kv: kv[0][1]):
-        if p != preset:
-            continue
-        print(f"| {preset} | {step} | {cell(es, lambda e: e['matching']['itm_acc'])} | "
-              f"{cell(es, lambda e: e['matching']['itc_acc'])} | "
-              f"{cell(es, lambda e: e['retrieval']['i2t_r1'])} | {cell(es, lambda e: e['retrieval']['t2i_r1'])} |")
-PY
+python3 "$(dirname "$0")/curve_table.py" "$OUT" "${names[@]}" | tee "$OUT/table.md"
