@@ -62,3 +62,28 @@ pub fn losses(summary: &TrainSummary) -> Vec<(i64, f64)> {
         .map(|m| (m["step"].as_i64().unwrap(), m["loss"].as_f64().unwrap()))
         .collect()
 }
+
+/// Append a regular file to a ustar archive.
+pub fn tar_entry(out: &mut Vec<u8>, name: &str, data: &[u8]) {
+    let mut h = [0u8; 512];
+    h[..name.len()].copy_from_slice(name.as_bytes());
+    h[100..108].copy_from_slice(b"0000644\0");
+    h[108..116].copy_from_slice(b"0000000\0");
+    h[116..124].copy_from_slice(b"0000000\0");
+    h[124..136].copy_from_slice(format!("{:011o}\0", data.len()).as_bytes());
+    h[136..148].copy_from_slice(b"00000000000\0");
+    h[156] = b'0';
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+}
+
+/// The two zero blocks that end a ustar archive.
+pub fn tar_end(out: &mut Vec<u8>) {
+    out.extend_from_slice(&[0u8; 1024]);
+}
