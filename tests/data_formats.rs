@@ -15,7 +15,6 @@ use vlmatch_core::Batch;
 /// `data.image_size` of the micro config.
 const SIZE: usize = 16;
 
-
 fn png(rgb: Vec<u8>) -> Vec<u8> {
     let mut out = std::io::Cursor::new(Vec::new());
     image::RgbImage::from_raw(SIZE as u32, SIZE as u32, rgb)

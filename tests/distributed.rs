@@ -506,7 +506,6 @@ fn ranks_load_disjoint_parts_of_the_global_batch() {
     }
 }
 
-
 /// 3 shards of `per_shard` synthetic scenes (a PNG and a caption each);
 /// returns their brace pattern.
 fn write_shards(dir: &Path, per_shard: usize) -> String {

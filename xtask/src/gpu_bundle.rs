@@ -26,7 +26,13 @@ pub fn build(root: &Path) -> Result<(), String> {
     let mut strip = Command::new("strip");
     strip.arg(&bin);
     run_status(strip)?;
-    for script in ["gpu-check.sh", "curve.sh", "curve_table.py", "gpu-bench.sh", "reference.py"] {
+    for script in [
+        "gpu-check.sh",
+        "curve.sh",
+        "curve_table.py",
+        "gpu-bench.sh",
+        "reference.py",
+    ] {
         let src = root.join("bench").join(script);
         std::fs::copy(&src, out.join(script))
             .map_err(|e| format!("cannot copy {}: {e}", src.display()))?;
