@@ -210,7 +210,7 @@ fn stop_requested() -> Result<Arc<AtomicBool>> {
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         // The conditional shutdown is registered first, so it sees the flag
         // as it was before this signal set it.
-        signal_hook::flag::register_conditional_shutdown(signal, 128 + signal as i32, flag.clone())
+        signal_hook::flag::register_conditional_shutdown(signal, 128 + signal, flag.clone())
             .and_then(|_| signal_hook::flag::register(signal, flag.clone()))
             .map_err(|e| Error::io("signal handler", e))?;
     }

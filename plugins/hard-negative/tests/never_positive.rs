@@ -21,7 +21,9 @@ proptest! {
         // Extreme similarities favour the positives, so masking must work.
         let sim = Tensor::randn([b, b], (Kind::Float, tch::Device::Cpu)) * scale
             + positives.to_kind(Kind::Float) * 1e4;
-        let drawn = Vec::<i64>::try_from(sample_hard_negatives(&sim, &positives)).unwrap();
+        let keys = Tensor::arange(b, (Kind::Int64, tch::Device::Cpu)) + seed * 16;
+        let u = vlmatch_core::random::uniform(&keys, 1).squeeze_dim(1);
+        let drawn = Vec::<i64>::try_from(sample_hard_negatives(&sim, &positives, &u)).unwrap();
         for (i, &j) in drawn.iter().enumerate() {
             let has_negative = ids.iter().any(|&other| other != ids[i]);
             if has_negative {
