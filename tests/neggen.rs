@@ -302,8 +302,10 @@ fn the_loader_tags_captions_for_neggen_on_its_worker_threads() {
         let want = neggen::tagged_candidates(caption, &BrillTagger::new(), &default_tags_vec());
         assert_eq!(got, &want, "{caption}");
     }
-    let fwd = vlmatch_core::Forward::new(&asm.model, &prepared, false);
+    // A forward's draws are keyed by a seed it takes from libtorch's
+    // generator when it is made.
     tch::manual_seed(3);
+    let fwd = vlmatch_core::Forward::new(&asm.model, &prepared, false);
     let with_prep = sampler.candidates(&fwd, -1).unwrap();
     assert_eq!(count(), 7, "NegGen tagged again what the loader tagged");
     assert!(!with_prep.is_empty());
@@ -312,8 +314,8 @@ fn the_loader_tags_captions_for_neggen_on_its_worker_threads() {
     lc.preps = CaptionPreps::default();
     let plain = make_batch(&ds, &tok, &lc, &idx).unwrap();
     assert!(plain.prepared.is_empty());
-    let fwd = vlmatch_core::Forward::new(&asm.model, &plain, false);
     tch::manual_seed(3);
+    let fwd = vlmatch_core::Forward::new(&asm.model, &plain, false);
     let without = sampler.candidates(&fwd, -1).unwrap();
     assert_eq!(count(), 14);
     let texts = |c: &[neggen::Candidate]| c.iter().map(|c| c.text.clone()).collect::<Vec<_>>();
