@@ -435,6 +435,7 @@ def main():
     ap.add_argument("--steps", type=int, help="default: train.steps (also the schedule's length)")
     ap.add_argument("--eval-every", type=int, help="default: eval.every")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--stop-after", type=int, help="stop after this step (the schedule keeps --steps)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -494,7 +495,7 @@ def main():
           flush=True)
 
     started, cpu = time.perf_counter(), time.process_time()
-    for step in range(steps):
+    for step in range(min(steps, args.stop_after or steps)):
         lr = lr_at(step, steps, tc.get("warmup_steps", 0), tc["lr"], tc.get("min_lr", 0.0))
         for g in opt.param_groups:
             g["lr"] = lr
@@ -546,7 +547,10 @@ def main():
                   f"ITM {100 * m['itm_acc']:.1f}% ITC {100 * m['itc_acc']:.1f}%", flush=True)
     metrics.close()
     evals.close()
-    info.update(complete=True, wall_s=time.perf_counter() - started, cpu_s=time.process_time() - cpu)
+    # The final weights, by vlmatch's parameter names (model.<name>), for
+    # check-eval-style analyses.
+    torch.save({f"model.{k}": v for k, v in model.state_dict().items()}, os.path.join(args.out, "model.pt"))
+    info.update(complete=args.stop_after is None or args.stop_after >= steps, stopped_after=args.stop_after, wall_s=time.perf_counter() - started, cpu_s=time.process_time() - cpu)
     with open(os.path.join(args.out, "run.json"), "w") as f:
         json.dump(info, f, indent=1)
     print(f"reference: {steps} steps in {info['wall_s']:.0f}s ({info['cpu_s']:.0f}s CPU); {args.out}",
