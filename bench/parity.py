@@ -103,7 +103,8 @@ def answers_for(rdir, cfg, seed, steps, eval_every):
             used = tomllib.load(f)
     except OSError:
         return False
-    return (info.get("complete") and info["seed"] == seed and info["steps"] == steps
+    return (info.get("complete") and info.get("swap_draws", "uniform") == "uniform"
+            and info["seed"] == seed and info["steps"] == steps
             and info["eval_every"] == eval_every and relevant(used) == relevant(cfg))
 
 

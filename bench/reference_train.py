@@ -436,6 +436,10 @@ def main():
     ap.add_argument("--eval-every", type=int, help="default: eval.every")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--stop-after", type=int, help="stop after this step (the schedule keeps --steps)")
+    ap.add_argument("--swap-draws", choices=["uniform", "keyed-mod"], default="uniform",
+                    help="word-swap choices: uniform in 0..n (word_swap's contract), or as vlmatch's keyed "
+                         "draws compute them since bd3303b, (floor(u * 2^30) mod n) with u carrying 24 bits, "
+                         "which is never odd for even n (a diagnostic)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -467,6 +471,12 @@ def main():
         check_matching_swaps(held, meta["word_swap_default_groups"])
     swapper = WordSwap(groups) if groups is not None else None
     swap_rng = random.Random(f"reference-word-swap:{seed}")
+    if args.swap_draws == "uniform":
+        swap_draw = swap_rng.randrange
+    else:
+        def swap_draw(n):
+            u = (swap_rng.randrange(1 << 24) + 0.5) / (1 << 24)  # vlmatch_core::random::uniform
+            return int(u * (1 << 30)) % n
     encoded = {}
 
     model = Model(cfg, {"vocab_size": tok.size})
@@ -487,7 +497,7 @@ def main():
         g.write(f.read())
     info = {"seed": seed, "steps": steps, "eval_every": eval_every, "train": os.path.abspath(args.train),
             "heldout": args.heldout and os.path.abspath(args.heldout), "torch": torch.__version__,
-            "threads": args.threads, "complete": False}
+            "threads": args.threads, "swap_draws": args.swap_draws, "complete": False}
     metrics = open(os.path.join(args.out, "metrics.jsonl"), "w")
     evals = open(os.path.join(args.out, "eval.jsonl"), "w")
     print(f"reference: {len(train.pairs)} pairs, {checked} texts tokenised as vlmatch does, "
@@ -508,7 +518,7 @@ def main():
         if swapper is not None:
             rows, texts = [], []
             for i, p in enumerate(pairs):
-                s = swapper.swap(p["caption"], swap_rng.randrange)
+                s = swapper.swap(p["caption"], swap_draw)
                 if s is not None:
                     if s not in encoded:
                         encoded[s] = tok.encode(s, cfg["data"]["max_len"])
