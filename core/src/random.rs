@@ -49,6 +49,17 @@ pub fn uniform(keys: &Tensor, cols: i64) -> Tensor {
     (top.to_kind(Kind::Float) + 0.5) / (1u64 << 24) as f64
 }
 
+/// An index in `0..n` from a uniform `u` in (0, 1), each with probability
+/// `1/n` up to the 24-bit resolution of [`uniform`]: `floor(u * n)`.
+///
+/// Do not scale `u` to a large integer and take it modulo `n`: `u` carries
+/// 24 bits, so `floor(u * 2^30)` is always a multiple of 64 (plus 32), and
+/// `mod n` then never lands on most indices (always 0 for n = 2, 4, 8).
+pub fn below(u: f32, n: usize) -> usize {
+    assert!(n > 0, "random::below needs at least one choice");
+    ((u as f64 * n as f64) as usize).min(n - 1)
+}
+
 /// `[N]` i64: for each row of `weights` (`[N, C]`, non-negative, not all
 /// zero) a column drawn with probability proportional to its weight, by
 /// inverting the row's cumulative weights at `u` (`[N]`, in (0, 1)): one

@@ -81,3 +81,29 @@ fn categorical_frequencies_follow_the_weights() {
         );
     }
 }
+
+#[test]
+fn below_draws_every_index_equally_often() {
+    // The word-swap and NegGen-cache choices: one keyed uniform per row,
+    // turned into an index below n. Each index must come out ~1/n of the
+    // time (a scale-then-modulo draw once gave index 0 for every n = 2).
+    let rows = 60_000i64;
+    let u = Vec::<f32>::try_from(
+        uniform(&Tensor::arange(rows, (Kind::Int64, tch::Device::Cpu)), 1).view([-1]),
+    )
+    .unwrap();
+    for n in 1..=12usize {
+        let mut counts = vec![0usize; n];
+        for &x in &u {
+            counts[vlmatch_core::random::below(x, n)] += 1;
+        }
+        let expected = rows as f64 / n as f64;
+        for (i, &c) in counts.iter().enumerate() {
+            // Binomial sd is at most ~122 here; 6 sd of slack.
+            assert!(
+                (c as f64 - expected).abs() < 6.0 * expected.sqrt().max(1.0),
+                "n = {n}: index {i} drawn {c} times, expected {expected:.0}"
+            );
+        }
+    }
+}

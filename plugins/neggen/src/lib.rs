@@ -915,19 +915,14 @@ impl NegativeSampler for NegGenCache {
         let batch = input.forward.batch;
         let device = batch.text.ids.device();
         let u = random::uniform(&input.forward.random_keys(), 1);
-        let draws = Vec::<i64>::try_from(
-            (u * (1i64 << 30) as f64)
-                .to_kind(Kind::Int64)
-                .to_device(Device::Cpu)
-                .view([-1]),
-        )?;
+        let draws = Vec::<f32>::try_from(u.to_device(Device::Cpu).view([-1]))?;
         let (index, texts): (Vec<i64>, Vec<&str>) = batch
             .captions
             .iter()
             .enumerate()
             .filter_map(|(i, c)| {
                 let negs = self.by_caption.get(c)?;
-                Some((i as i64, negs[draws[i] as usize % negs.len()].as_str()))
+                Some((i as i64, negs[random::below(draws[i], negs.len())].as_str()))
             })
             .unzip();
         Ok(Negatives::from_texts(

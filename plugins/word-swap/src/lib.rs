@@ -11,7 +11,7 @@
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::rc::Rc;
-use tch::{Device, Kind};
+use tch::Device;
 use vlmatch_core::{Error, NegativeSampler, Negatives, Result, SamplerInput, TextCodec};
 use vlmatch_registry::BuildContext;
 
@@ -122,18 +122,13 @@ impl NegativeSampler for WordSwap {
         let device = batch.text.ids.device();
         // Two draws per caption, keyed by sample (`vlmatch_core::random`).
         let u = vlmatch_core::random::uniform(&input.forward.random_keys(), 2);
-        let draws: Vec<i64> = Vec::try_from(
-            (u * (1i64 << 30) as f64)
-                .to_kind(Kind::Int64)
-                .to_device(Device::Cpu)
-                .view([-1]),
-        )?;
+        let draws: Vec<f32> = Vec::try_from(u.to_device(Device::Cpu).view([-1]))?;
         let mut index = Vec::new();
         let mut texts = Vec::new();
         for (i, caption) in batch.captions.iter().enumerate() {
             let mut k = 0;
             let swap = self.swap(caption, |n| {
-                let d = draws[2 * i + k] as usize % n;
+                let d = vlmatch_core::random::below(draws[2 * i + k], n);
                 k += 1;
                 d
             });
