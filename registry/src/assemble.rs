@@ -308,7 +308,14 @@ fn encoder(
 }
 
 /// Build the model and objectives that `config` names, on `env.device`.
+/// A plugin's error about one of its keys (`config key `K`: ...`) gains the
+/// layer that set the key.
 pub fn assemble(registry: &Registry, config: &LoadedConfig, env: &ModelEnv) -> Result<Assembly> {
+    assemble_inner(registry, config, env)
+        .map_err(|e| crate::config::with_key_source(e, &config.figment))
+}
+
+fn assemble_inner(registry: &Registry, config: &LoadedConfig, env: &ModelEnv) -> Result<Assembly> {
     let vs = nn::VarStore::new(env.device);
     let root = vs.root();
     let mut widths = Widths::default();

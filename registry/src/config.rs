@@ -2,7 +2,8 @@
 //!
 //! 1. a preset (`configs/<name>.toml`, or a run directory's saved `config.toml`),
 //! 2. each `--config FILE`, in order,
-//! 3. environment variables `VLMATCH_<SECTION>__<KEY>` (`VLMATCH_TRAIN__STEPS=10`),
+//! 3. environment variables `VLMATCH_<SECTION>__<KEY>` (`VLMATCH_TRAIN__STEPS=10`;
+//!    `VLMATCH_HF_FIXTURES` and `VLMATCH_TEST_*`, the tests' settings, are not keys),
 //! 4. each `--set dotted.key=value` (values parse as TOML, else as strings).
 //!
 //! Unknown keys and wrong types are errors naming the key and the layer it
@@ -137,10 +138,34 @@ pub struct TrainConfig {
     /// libtorch intra-op threads (0: all cores).
     #[serde(default)]
     pub threads: usize,
+    /// What a step whose loss or gradient norm is not finite does: it is
+    /// never applied; `stop` ends the run, `skip` goes on.
+    #[serde(default)]
+    pub on_nonfinite: OnNonFinite,
+    /// With `on_nonfinite = "skip"`: stop after this many non-finite steps
+    /// in a row.
+    #[serde(default = "default_max_skipped")]
+    pub max_skipped: u32,
     /// Data-parallel training, when a launcher (`torchrun`, `srun`) starts
     /// several ranks; ignored on one process.
     #[serde(default)]
     pub dist: DistConfig,
+}
+
+/// `train.on_nonfinite`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnNonFinite {
+    /// End the run, naming the step, each loss, the gradient norm and the
+    /// last good checkpoint.
+    #[default]
+    Stop,
+    /// Drop the step with a warning; stop after `train.max_skipped` in a row.
+    Skip,
+}
+
+fn default_max_skipped() -> u32 {
+    5
 }
 
 /// `[train.dist]`: how the ranks of a data-parallel run work together.
@@ -365,6 +390,133 @@ impl Default for EvalConfig {
     }
 }
 
+/// The fewest tokens `data.max_len` may allow: `[CLS]`, `[SEP]` and one word.
+pub const MIN_MAX_LEN: i64 = 3;
+
+impl Config {
+    /// Check the values of the typed sections (`train`, `data`, `eval`, the
+    /// objectives' weights) beyond their types: counts positive, rates
+    /// finite and in range, room for a word in `data.max_len`. Returns the
+    /// first offending dotted key and what is wrong with it. Run by
+    /// [`ConfigLayers::load`]; plugin sections are checked by their plugins.
+    pub fn check_values(&self) -> std::result::Result<(), (String, String)> {
+        use crate::check;
+        let at = |key: &str, r: Result<()>| {
+            r.map_err(|e| {
+                let msg = e.to_string();
+                let prefix = format!("config key `{key}`: ");
+                let problem = msg.strip_prefix(&prefix).unwrap_or(&msg).to_string();
+                (key.to_string(), problem)
+            })
+        };
+        let count = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        let t = &self.train;
+        at("train.steps", check::positive("train.steps", t.steps))?;
+        at(
+            "train.batch_size",
+            check::positive("train.batch_size", count(t.batch_size)),
+        )?;
+        at(
+            "train.accum_steps",
+            check::positive("train.accum_steps", count(t.accum_steps)),
+        )?;
+        at("train.lr", check::positive_f64("train.lr", t.lr))?;
+        at(
+            "train.min_lr",
+            check::non_negative_f64("train.min_lr", t.min_lr),
+        )?;
+        if t.min_lr > t.lr {
+            return Err((
+                "train.min_lr".into(),
+                format!(
+                    "must not exceed train.lr {} (the cosine decays from lr to min_lr), got {}",
+                    t.lr, t.min_lr
+                ),
+            ));
+        }
+        at(
+            "train.warmup_steps",
+            check::at_least("train.warmup_steps", t.warmup_steps, 0),
+        )?;
+        at(
+            "train.weight_decay",
+            check::non_negative_f64("train.weight_decay", t.weight_decay),
+        )?;
+        for (i, beta) in [t.betas.0, t.betas.1].into_iter().enumerate() {
+            if !(0.0..1.0).contains(&beta) {
+                return Err((
+                    "train.betas".into(),
+                    format!("beta{} must be in [0, 1), got {beta}", i + 1),
+                ));
+            }
+        }
+        at("train.eps", check::positive_f64("train.eps", t.eps))?;
+        at(
+            "train.grad_clip",
+            check::non_negative_f64("train.grad_clip", t.grad_clip),
+        )?;
+        at(
+            "train.checkpoint_every",
+            check::at_least("train.checkpoint_every", t.checkpoint_every, 0),
+        )?;
+        at(
+            "train.log_every",
+            check::positive("train.log_every", t.log_every),
+        )?;
+        at(
+            "train.dist.bucket_mb",
+            check::positive_f64("train.dist.bucket_mb", t.dist.bucket_mb),
+        )?;
+
+        let d = &self.data;
+        at(
+            "data.image_size",
+            check::positive("data.image_size", d.image_size),
+        )?;
+        if d.max_len < MIN_MAX_LEN {
+            return Err((
+                "data.max_len".into(),
+                format!(
+                    "must be at least {MIN_MAX_LEN} ([CLS], [SEP] and room for one word), got {}",
+                    d.max_len
+                ),
+            ));
+        }
+        for (i, (m, s)) in d.mean.iter().zip(&d.std).enumerate() {
+            at("data.mean", check::finite("data.mean", f64::from(*m)))
+                .map_err(|(k, p)| (k, format!("channel {i}: {p}")))?;
+            at("data.std", check::positive_f64("data.std", f64::from(*s)))
+                .map_err(|(k, p)| (k, format!("channel {i}: {p}")))?;
+        }
+        at(
+            "data.synthetic.captions_per_scene",
+            check::positive(
+                "data.synthetic.captions_per_scene",
+                count(d.synthetic.captions_per_scene),
+            ),
+        )?;
+
+        let e = &self.eval;
+        at(
+            "eval.batch_size",
+            check::positive("eval.batch_size", count(e.batch_size)),
+        )?;
+        at("eval.every", check::at_least("eval.every", e.every, 0))?;
+        at("eval.k", check::positive("eval.k", count(e.k)))?;
+        if e.rerank != "itm" && e.rerank != "itm+itc" {
+            return Err((
+                "eval.rerank".into(),
+                format!("expected \"itm\" or \"itm+itc\", got \"{}\"", e.rerank),
+            ));
+        }
+        for (name, o) in &self.objectives {
+            let key = format!("objectives.{name}.weight");
+            at(&key, check::non_negative_f64(&key, o.weight))?;
+        }
+        Ok(())
+    }
+}
+
 /// A named TOML text, used for presets and saved run configs.
 #[derive(Clone)]
 struct NamedToml {
@@ -491,10 +643,12 @@ impl ConfigLayers {
         }
         if self.env {
             // VLMATCH_HF_FIXTURES names parity-fixture directories for the
-            // test suite; it is not a config key.
+            // test suite, VLMATCH_TEST_* are the tests' fault points; they
+            // are not config keys.
             let env = || {
                 Env::prefixed("VLMATCH_")
                     .ignore(&["HF_FIXTURES"])
+                    .filter(|key| !key.as_str().to_ascii_lowercase().starts_with("test_"))
                     .split("__")
                     .global()
             };
@@ -526,6 +680,12 @@ impl ConfigLayers {
         let mut config: Config = figment
             .extract()
             .map_err(|e| Error::Config(describe_error(e, &figment, &[])))?;
+        if let Err((key, problem)) = config.check_values() {
+            let source = key_source(&figment, &key, None);
+            return Err(Error::Config(format!(
+                "config key `{key}`{source}: {problem}"
+            )));
+        }
         let stale = drop_stale_keys(&mut config, &figment, &layers);
         Ok(LoadedConfig {
             figment,
@@ -675,10 +835,43 @@ pub fn describe_error(err: figment::Error, figment: &Figment, prefix: &[&str]) -
         figment::error::Kind::MissingField(field) => format!("missing required key `{field}`"),
         other => other.to_string(),
     };
-    let metadata = figment.find_metadata(&key).or(err.metadata.as_ref());
-    let source = metadata
+    let source = key_source(figment, &key, err.metadata.as_ref());
+    let what = if key.is_empty() {
+        "config".to_string()
+    } else {
+        format!("config key `{key}`")
+    };
+    format!("{what}{source}: {problem}")
+}
+
+/// `config key `K`: problem` (as [`crate::check`] words it) with the layer
+/// that set `K` added: `config key `K` (from `--set K`): problem`. Other
+/// errors, and keys no layer set, are returned as they are.
+pub fn with_key_source(err: Error, figment: &Figment) -> Error {
+    let Error::Config(message) = &err else {
+        return err;
+    };
+    let Some((key, problem)) = message
+        .strip_prefix("config key `")
+        .and_then(|rest| rest.split_once("`: "))
+    else {
+        return err;
+    };
+    let source = key_source(figment, key, None);
+    if source.is_empty() {
+        return err;
+    }
+    Error::Config(format!("config key `{key}`{source}: {problem}"))
+}
+
+/// Where the value of the dotted `key` came from, as ` (in FILE)`, ` (from
+/// `--set KEY`)`, ` (from environment variable VLMATCH_...)` or ` (from
+/// LAYER)`; `fallback` when no layer set the key; empty if neither says.
+fn key_source(figment: &Figment, key: &str, fallback: Option<&Metadata>) -> String {
+    let metadata = figment.find_metadata(key).or(fallback);
+    metadata
         .map(|m| {
-            let keys: Vec<&str> = path.iter().map(String::as_str).collect();
+            let keys: Vec<&str> = key.split('.').filter(|k| !k.is_empty()).collect();
             let shown = m.interpolate(&Profile::Default, &keys);
             match &m.source {
                 Some(figment::Source::File(p)) => format!(" (in {})", p.display()),
@@ -692,13 +885,7 @@ pub fn describe_error(err: figment::Error, figment: &Figment, prefix: &[&str]) -
                 _ => format!(" (from {})", m.name),
             }
         })
-        .unwrap_or_default();
-    let what = if key.is_empty() {
-        "config".to_string()
-    } else {
-        format!("config key `{key}`")
-    };
-    format!("{what}{source}: {problem}")
+        .unwrap_or_default()
 }
 
 /// The expected name nearest to a misspelt one, if it is close.

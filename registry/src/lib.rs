@@ -6,6 +6,7 @@
 //! Only this crate collects `inventory` entries (ARCHITECTURE.md).
 
 pub mod assemble;
+pub mod check;
 pub mod config;
 pub mod dynamic;
 pub mod registration;

@@ -1,0 +1,131 @@
+//! Range checks of config values, where each value is defined. Every error
+//! names the full dotted key, the value and what was expected:
+//!
+//! ```text
+//! config key `model.image.num_attention_heads`: must be at least 1, got 0
+//! ```
+//!
+//! The typed sections (`train`, `data`, `eval`) are checked when the config
+//! is loaded ([`crate::ConfigLayers::load`], which also names the layer a bad
+//! value came from); plugin sections by their plugin, right after
+//! [`crate::BuildContext::params`], with these helpers. A value that passes
+//! is one the code using it can take without a panic or a silent nonsense
+//! run (zero heads, a NaN learning rate, a caption length with no room for
+//! words).
+
+use std::fmt::Display;
+use vlmatch_core::{Error, Result};
+
+/// `config key `{key}`: {problem}`.
+pub fn invalid(key: &str, problem: impl Display) -> Error {
+    Error::Config(format!("config key `{key}`: {problem}"))
+}
+
+/// `value >= min` (integers).
+pub fn at_least(key: &str, value: i64, min: i64) -> Result<()> {
+    if value < min {
+        return Err(invalid(key, format!("must be at least {min}, got {value}")));
+    }
+    Ok(())
+}
+
+/// `value >= 1` (integers): layer counts, head counts, widths.
+pub fn positive(key: &str, value: i64) -> Result<()> {
+    at_least(key, value, 1)
+}
+
+/// A finite number.
+pub fn finite(key: &str, value: f64) -> Result<()> {
+    if !value.is_finite() {
+        return Err(invalid(
+            key,
+            format!("must be a finite number, got {value}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A finite number `> 0` (learning rates, epsilons, temperatures).
+pub fn positive_f64(key: &str, value: f64) -> Result<()> {
+    if !(value.is_finite() && value > 0.0) {
+        return Err(invalid(
+            key,
+            format!("must be a finite number > 0, got {value}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A finite number `>= 0` (weights, clipping norms).
+pub fn non_negative_f64(key: &str, value: f64) -> Result<()> {
+    if !(value.is_finite() && value >= 0.0) {
+        return Err(invalid(
+            key,
+            format!("must be a finite number >= 0, got {value}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A probability or ratio in `[0, 1]`.
+pub fn probability(key: &str, value: f64) -> Result<()> {
+    if !(0.0..=1.0).contains(&value) {
+        return Err(invalid(key, format!("must be in [0, 1], got {value}")));
+    }
+    Ok(())
+}
+
+/// A dropout probability, in `[0, 1)` (1 would zero every activation).
+pub fn dropout(key: &str, value: f64) -> Result<()> {
+    if !(0.0..1.0).contains(&value) {
+        return Err(invalid(key, format!("must be in [0, 1), got {value}")));
+    }
+    Ok(())
+}
+
+/// `heads` (at `heads_key`) is at least 1 and divides `width` (described by
+/// `width_what`, e.g. "`model.image.hidden_size` 96").
+pub fn heads_divide(heads_key: &str, heads: i64, width_what: &str, width: i64) -> Result<()> {
+    positive(heads_key, heads)?;
+    if width % heads != 0 {
+        return Err(invalid(
+            heads_key,
+            format!("{heads} heads do not divide {width_what} {width}; use a divisor of {width}"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_key_value_and_expectation() {
+        let e = positive("model.image.num_attention_heads", 0).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "config key `model.image.num_attention_heads`: must be at least 1, got 0"
+        );
+        let e = positive_f64("train.lr", f64::NAN).unwrap_err().to_string();
+        assert!(e.contains("`train.lr`") && e.contains("NaN"), "{e}");
+        assert!(positive_f64("train.lr", -1.0).is_err());
+        assert!(positive_f64("train.lr", f64::INFINITY).is_err());
+        assert!(positive_f64("train.lr", 1e-4).is_ok());
+        assert!(non_negative_f64("train.grad_clip", 0.0).is_ok());
+        assert!(non_negative_f64("train.grad_clip", f64::NAN).is_err());
+        assert!(probability("p", f64::NAN).is_err());
+        assert!(probability("p", 1.0).is_ok());
+        assert!(dropout("p", 1.0).is_err());
+        let e = heads_divide("k.heads", 5, "`k.hidden_size`", 96)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("5 heads do not divide `k.hidden_size` 96"),
+            "{e}"
+        );
+        assert!(heads_divide("k.heads", 0, "`k.hidden_size`", 96).is_err());
+        assert!(heads_divide("k.heads", -2, "`k.hidden_size`", 96).is_err());
+        assert!(heads_divide("k.heads", 4, "`k.hidden_size`", 96).is_ok());
+    }
+}
