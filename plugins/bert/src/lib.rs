@@ -103,6 +103,10 @@ impl BertSection {
             }
             cfg.num_hidden_layers = n;
         }
+        cfg.check(key).map_err(|e| match &self.init {
+            Some(dir) => Error::Config(format!("{e} (with init {})", dir.display())),
+            None => e,
+        })?;
         if cfg.hidden_act != "gelu" {
             return Err(Error::plugin(
                 "bert",
@@ -113,6 +117,32 @@ impl BertSection {
             ));
         }
         Ok(cfg)
+    }
+}
+
+impl BertConfig {
+    /// Every size positive, the heads dividing `hidden_size`, dropouts in
+    /// [0, 1), a positive epsilon; errors name `{key}.<field>`.
+    pub fn check(&self, key: &str) -> Result<()> {
+        use vlmatch_registry::check;
+        let k = |field: &str| format!("{key}.{field}");
+        check::positive(&k("hidden_size"), self.hidden_size)?;
+        check::positive(&k("num_hidden_layers"), self.num_hidden_layers)?;
+        check::heads_divide(
+            &k("num_attention_heads"),
+            self.num_attention_heads,
+            &format!("`{}`", k("hidden_size")),
+            self.hidden_size,
+        )?;
+        check::positive(&k("intermediate_size"), self.intermediate_size)?;
+        check::dropout(&k("hidden_dropout_prob"), self.hidden_dropout_prob)?;
+        check::dropout(
+            &k("attention_probs_dropout_prob"),
+            self.attention_probs_dropout_prob,
+        )?;
+        check::positive_f64(&k("layer_norm_eps"), self.layer_norm_eps)?;
+        check::positive(&k("max_position_embeddings"), self.max_position_embeddings)?;
+        check::positive(&k("type_vocab_size"), self.type_vocab_size)
     }
 }
 
@@ -134,7 +164,7 @@ impl Bert {
         max_len: i64,
         compute: Kind,
     ) -> Result<Self> {
-        if cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads <= 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
             return Err(Error::plugin(
                 "bert",
                 format!(
@@ -241,6 +271,15 @@ impl Encoder for Bert {
 fn build(ctx: &BuildContext<'_>) -> Result<Rc<dyn Encoder>> {
     let section: BertSection = ctx.params()?;
     let cfg = section.resolve(&ctx.key)?;
+    if ctx.env.max_text_len > cfg.max_position_embeddings {
+        return Err(vlmatch_registry::check::invalid(
+            &format!("{}.max_position_embeddings", ctx.key),
+            format!(
+                "{} positions cannot hold data.max_len {} tokens; raise it or lower data.max_len",
+                cfg.max_position_embeddings, ctx.env.max_text_len
+            ),
+        ));
+    }
     if let Some(v) = cfg.vocab_size.filter(|&v| v != ctx.env.vocab_size) {
         return Err(Error::Config(format!(
             "config key `{}.init`: the checkpoint's vocab_size {v} differs from the tokenizer's {}; \

@@ -128,7 +128,7 @@ impl CoAttentionSection {
                 return bad(k, format!("must be in [0, 1), got {p}"));
             }
         }
-        if self.layer_norm_eps <= 0.0 {
+        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
             return bad(
                 "layer_norm_eps",
                 format!("must be positive, got {}", self.layer_norm_eps),

@@ -66,7 +66,30 @@ impl CrossAttentionSection {
         // The checkpoint's layer count is the whole BERT's; the fusion's own
         // depth is always this section's.
         cfg.num_hidden_layers = self.num_hidden_layers;
+        cfg.check(key).map_err(|e| match &self.init {
+            Some(dir) => Error::Config(format!("{e} (with init {})", dir.display())),
+            None => e,
+        })?;
         Ok(cfg)
+    }
+}
+
+impl CrossAttentionConfig {
+    /// At least one layer, positive sizes and epsilon, dropouts in [0, 1);
+    /// errors name `{key}.<field>`. That the heads divide the text width is
+    /// checked in [`CrossAttentionFusion::new`], which knows the width.
+    pub fn check(&self, key: &str) -> Result<()> {
+        use vlmatch_registry::check;
+        let k = |field: &str| format!("{key}.{field}");
+        check::positive(&k("num_hidden_layers"), self.num_hidden_layers)?;
+        check::positive(&k("num_attention_heads"), self.num_attention_heads)?;
+        check::positive(&k("intermediate_size"), self.intermediate_size)?;
+        check::dropout(&k("hidden_dropout_prob"), self.hidden_dropout_prob)?;
+        check::dropout(
+            &k("attention_probs_dropout_prob"),
+            self.attention_probs_dropout_prob,
+        )?;
+        check::positive_f64(&k("layer_norm_eps"), self.layer_norm_eps)
     }
 }
 
@@ -83,7 +106,7 @@ impl CrossAttentionFusion {
         image_width: i64,
         compute: tch::Kind,
     ) -> Result<Self> {
-        if text_width % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads <= 0 || text_width % cfg.num_attention_heads != 0 {
             return Err(Error::plugin(
                 "cross_attention",
                 format!(
@@ -166,10 +189,17 @@ impl CrossAttentionFusion {
 fn build(ctx: &BuildContext<'_>) -> Result<Rc<dyn Encoder>> {
     let section: CrossAttentionSection = ctx.params()?;
     let cfg = section.resolve(&ctx.key)?;
+    let text_width = ctx.width("text")?;
+    vlmatch_registry::check::heads_divide(
+        &format!("{}.num_attention_heads", ctx.key),
+        cfg.num_attention_heads,
+        "the text encoder's width",
+        text_width,
+    )?;
     Ok(Rc::new(CrossAttentionFusion::new(
         &ctx.path,
         &cfg,
-        ctx.width("text")?,
+        text_width,
         ctx.width("image")?,
         ctx.env.compute,
     )?))

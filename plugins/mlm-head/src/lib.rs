@@ -65,6 +65,10 @@ impl Generator for MlmHead {
 
 fn build(ctx: &BuildContext<'_>) -> Result<Rc<dyn Generator>> {
     let cfg: MlmHeadConfig = ctx.params()?;
+    vlmatch_registry::check::positive_f64(
+        &format!("{}.layer_norm_eps", ctx.key),
+        cfg.layer_norm_eps,
+    )?;
     let emb = ctx
         .text_encoder
         .as_ref()

@@ -107,11 +107,15 @@ fn build(ctx: &BuildContext<'_>) -> Result<Box<dyn Objective>> {
 }
 
 fn check_probabilities(key: &str, ratio: f64, mask: f64, random: f64) -> Result<()> {
-    if !(0.0..=1.0).contains(&ratio) || mask < 0.0 || random < 0.0 || mask + random > 1.0 {
-        return Err(vlmatch_core::Error::Config(format!(
-            "config key `{key}`: mask_ratio must be in [0, 1] and mask_prob + random_prob at most 1 \
-             (got {ratio}, {mask}, {random})"
-        )));
+    use vlmatch_registry::check;
+    check::probability(&format!("{key}.mask_ratio"), ratio)?;
+    check::probability(&format!("{key}.mask_prob"), mask)?;
+    check::probability(&format!("{key}.random_prob"), random)?;
+    if mask + random > 1.0 {
+        return Err(check::invalid(
+            &format!("{key}.random_prob"),
+            format!("mask_prob + random_prob must be at most 1, got {mask} + {random}"),
+        ));
     }
     Ok(())
 }

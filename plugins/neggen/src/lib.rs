@@ -841,11 +841,23 @@ impl NegativeSampler for NegGen {
 
 fn build(ctx: &BuildContext<'_>) -> Result<Box<dyn NegativeSampler>> {
     let cfg: NegGenConfig = ctx.params()?;
-    if !(cfg.mask_ratio > 0.0 && cfg.mask_ratio <= 1.0) || cfg.temperature <= 0.0 || cfg.top_k < 0 {
-        return Err(Error::Config(format!(
-            "config key `{}`: need 0 < mask_ratio <= 1, temperature > 0, top_k >= 0",
-            ctx.key
-        )));
+    {
+        use vlmatch_registry::check;
+        let k = |field: &str| format!("{}.{field}", ctx.key);
+        if !(cfg.mask_ratio > 0.0 && cfg.mask_ratio <= 1.0) {
+            return Err(check::invalid(
+                &k("mask_ratio"),
+                format!("must be in (0, 1], got {}", cfg.mask_ratio),
+            ));
+        }
+        check::positive_f64(&k("temperature"), cfg.temperature)?;
+        check::at_least(&k("top_k"), cfg.top_k, 0)?;
+        check::positive(
+            &k("candidates"),
+            i64::try_from(cfg.candidates).unwrap_or(i64::MAX),
+        )?;
+        check::probability(&k("filter_threshold"), cfg.filter_threshold)?;
+        check::at_least(&k("filter_after_steps"), cfg.filter_after_steps, 0)?;
     }
     if cfg.fill_model.is_none() && ctx.model.and_then(|m| m.generator.as_ref()).is_none() {
         return Err(Error::Config(format!(

@@ -183,11 +183,12 @@ impl Objective for Rtd {
 
 fn build(ctx: &BuildContext<'_>) -> Result<Box<dyn Objective>> {
     let cfg: RtdConfig = ctx.params()?;
-    if !(0.0..=1.0).contains(&cfg.mask_ratio) || cfg.temperature <= 0.0 || cfg.lambda < 0.0 {
-        return Err(Error::Config(format!(
-            "config key `{}`: need 0 <= mask_ratio <= 1, temperature > 0, lambda >= 0 (got {}, {}, {})",
-            ctx.key, cfg.mask_ratio, cfg.temperature, cfg.lambda
-        )));
+    {
+        use vlmatch_registry::check;
+        let k = |field: &str| format!("{}.{field}", ctx.key);
+        check::probability(&k("mask_ratio"), cfg.mask_ratio)?;
+        check::positive_f64(&k("temperature"), cfg.temperature)?;
+        check::non_negative_f64(&k("lambda"), cfg.lambda)?;
     }
     let own_generator = match (cfg.share_text_encoder, &cfg.generator_text) {
         (true, None) => None,

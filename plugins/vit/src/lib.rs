@@ -76,6 +76,10 @@ impl VitSection {
     /// The architecture this section describes (see [`VitSection`]).
     pub fn resolve(&self, key: &str) -> Result<VitConfig> {
         let cfg: VitConfig = resolve_section(key, self.init.as_deref(), self)?;
+        cfg.check(key).map_err(|e| match &self.init {
+            Some(dir) => Error::Config(format!("{e} (with init {})", dir.display())),
+            None => e,
+        })?;
         if cfg.hidden_act != "gelu" {
             return Err(Error::plugin(
                 "vit",
@@ -86,6 +90,31 @@ impl VitSection {
             ));
         }
         Ok(cfg)
+    }
+}
+
+impl VitConfig {
+    /// Every size positive, the heads dividing `hidden_size`, dropouts in
+    /// [0, 1), a positive epsilon; errors name `{key}.<field>`.
+    pub fn check(&self, key: &str) -> Result<()> {
+        use vlmatch_registry::check;
+        let k = |field: &str| format!("{key}.{field}");
+        check::positive(&k("hidden_size"), self.hidden_size)?;
+        check::positive(&k("num_hidden_layers"), self.num_hidden_layers)?;
+        check::heads_divide(
+            &k("num_attention_heads"),
+            self.num_attention_heads,
+            &format!("`{}`", k("hidden_size")),
+            self.hidden_size,
+        )?;
+        check::positive(&k("intermediate_size"), self.intermediate_size)?;
+        check::positive(&k("patch_size"), self.patch_size)?;
+        check::dropout(&k("hidden_dropout_prob"), self.hidden_dropout_prob)?;
+        check::dropout(
+            &k("attention_probs_dropout_prob"),
+            self.attention_probs_dropout_prob,
+        )?;
+        check::positive_f64(&k("layer_norm_eps"), self.layer_norm_eps)
     }
 }
 
@@ -168,7 +197,7 @@ impl Vit {
     /// Build under `p` (`embeddings.*`, `encoder.layer.N.*`, `layernorm.*`).
     pub fn new(p: &nn::Path, cfg: &VitConfig, image_size: i64, compute: Kind) -> Result<Self> {
         let invalid = |m: String| Error::plugin("vit", m);
-        if cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads <= 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
             return Err(invalid(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 cfg.hidden_size, cfg.num_attention_heads

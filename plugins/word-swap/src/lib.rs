@@ -67,11 +67,13 @@ impl WordSwap {
         for (g, words) in groups.iter().enumerate() {
             for w in words {
                 if let Some(prev) = group_of.insert(w.to_lowercase(), g) {
-                    if prev != g {
-                        return Err(Error::Config(format!(
-                            "word_swap groups: `{w}` is in two groups ({prev} and {g})"
-                        )));
-                    }
+                    // Twice in one group, it would leave a group of one
+                    // distinct word to draw a replacement from.
+                    return Err(Error::Config(if prev != g {
+                        format!("word_swap groups: `{w}` is in two groups ({prev} and {g})")
+                    } else {
+                        format!("word_swap groups: `{w}` is listed twice in group {g}")
+                    }));
                 }
             }
         }
@@ -152,8 +154,10 @@ impl NegativeSampler for WordSwap {
 
 fn build(ctx: &BuildContext<'_>) -> Result<Box<dyn NegativeSampler>> {
     let cfg: WordSwapConfig = ctx.params()?;
-    Ok(Box::new(WordSwap::new(
-        cfg.groups,
-        Some(ctx.env.text.clone()),
-    )?))
+    let sampler = WordSwap::new(cfg.groups, Some(ctx.env.text.clone())).map_err(|e| {
+        let why = e.to_string();
+        let why = why.strip_prefix("word_swap groups: ").unwrap_or(&why);
+        vlmatch_registry::check::invalid(&format!("{}.groups", ctx.key), why)
+    })?;
+    Ok(Box::new(sampler))
 }
