@@ -9,9 +9,11 @@
 //!   (`train`, `restval`, `val`, `test`), `sentences[].raw` and `imgid`;
 //!   `split` selects images (comma-separated, e.g. `train,restval`).
 //!
-//! A bad entry (unparsable line, missing field, missing image file) is an
-//! error naming the file and line, or with [`OnError::Skip`] a warning, and
-//! the entry is dropped.
+//! Files are UTF-8 (a leading byte-order mark is allowed). A bad entry
+//! (unparsable line, a line that is not UTF-8, missing field, missing image
+//! file) is an error naming the file and line, or with [`OnError::Skip`] a
+//! warning, and the entry is dropped. Invalid UTF-8 in a whole-file JSON
+//! document (array or Karpathy) is an error naming its line and byte offset.
 
 use super::{Dataset, ImageRef, OnError, Pair};
 use serde_json::Value;
@@ -195,6 +197,34 @@ fn parse_entry(
     })
 }
 
+/// The entries of a JSON-lines file, each line decoded on its own: invalid
+/// UTF-8 or JSON is an error of that line alone (which `data.on_error =
+/// "skip"` drops), naming the line and the byte where the bad sequence starts.
+fn json_lines(path: &Path, bytes: &[u8]) -> Vec<Entry> {
+    bytes
+        .split(|&b| b == b'\n')
+        .enumerate()
+        .filter_map(|(i, line)| {
+            let n = i + 1;
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let v = match std::str::from_utf8(line) {
+                Ok(text) if text.trim().is_empty() => return None,
+                Ok(text) => serde_json::from_str::<Value>(text)
+                    .map_err(|e| bad(path, Some(n), format!("invalid JSON line: {e}"))),
+                Err(e) => Err(bad(
+                    path,
+                    Some(n),
+                    format!(
+                        "invalid UTF-8 at byte {} of the line (annotation files must be UTF-8)",
+                        e.valid_up_to() + 1
+                    ),
+                )),
+            };
+            Some((Some(n), v))
+        })
+        .collect()
+}
+
 /// The dataset, the `extra` field of each entry, and each pair's entry.
 type Loaded = (Dataset, Vec<String>, Vec<Value>);
 
@@ -206,15 +236,36 @@ fn load_inner(
     split: Option<&str>,
     on_error: OnError,
 ) -> Result<Loaded> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&bytes);
     let root = image_root
         .map(Path::to_path_buf)
         .unwrap_or_else(|| path.parent().map(Path::to_path_buf).unwrap_or_default());
-    let karpathy = text
-        .trim_start()
-        .starts_with('{')
-        .then(|| serde_json::from_str::<Value>(&text).ok())
+    let first = bytes.iter().copied().find(|b| !b.is_ascii_whitespace());
+    // A whole-file JSON document must be UTF-8 throughout; JSON lines are
+    // decoded line by line below, so one bad line is one bad entry.
+    let document = || {
+        std::str::from_utf8(bytes).map_err(|e| {
+            let line = bytes[..e.valid_up_to()]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+                + 1;
+            bad(
+                path,
+                Some(line),
+                format!(
+                    "invalid UTF-8 at byte {} of the file; a JSON document must be UTF-8 \
+                     throughout (re-encode it, e.g. `iconv -t utf-8`)",
+                    e.valid_up_to()
+                ),
+            )
+        })
+    };
+    let karpathy = (first == Some(b'{'))
+        .then(|| document().ok())
         .flatten()
+        .and_then(|text| serde_json::from_str::<Value>(text).ok())
         .filter(|v| v.get("images").is_some());
     if karpathy.is_none() && split.is_some() {
         return Err(bad(
@@ -226,20 +277,12 @@ fn load_inner(
     }
     let entries: Vec<Entry> = if let Some(doc) = &karpathy {
         karpathy_entries(path, doc, split)?
-    } else if text.trim_start().starts_with('[') {
-        let values: Vec<Value> = serde_json::from_str(&text)
+    } else if first == Some(b'[') {
+        let values: Vec<Value> = serde_json::from_str(document()?)
             .map_err(|e| bad(path, Some(e.line()), format!("invalid JSON: {e}")))?;
         values.into_iter().map(|v| (None, Ok(v))).collect()
     } else {
-        text.lines()
-            .enumerate()
-            .filter(|(_, line)| !line.trim().is_empty())
-            .map(|(i, line)| {
-                let v = serde_json::from_str::<Value>(line)
-                    .map_err(|e| bad(path, Some(i + 1), format!("invalid JSON line: {e}")));
-                (Some(i + 1), v)
-            })
-            .collect()
+        json_lines(path, bytes)
     };
     let mut ds = Dataset {
         name: path.display().to_string(),

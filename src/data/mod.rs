@@ -9,7 +9,7 @@
 pub mod annotations;
 pub mod loader;
 pub mod synthetic;
-mod tar;
+pub mod tar;
 pub mod webdataset;
 
 use std::path::{Path, PathBuf};

@@ -2,6 +2,10 @@
 //! only, with GNU long names (`L`) and pax `path` records; other entries
 //! (directories, links, global headers) are passed over. Member data is read
 //! on request or skipped, so a reader can walk an archive without loading it.
+//!
+//! Any bytes are safe to read: a corrupt or truncated archive is an `Err`
+//! naming the byte or member, never a panic or an allocation its size fields
+//! ask for (`tests/parsers_props.rs` feeds it random bytes).
 
 use std::io::{self, Read, Seek, SeekFrom};
 
@@ -15,6 +19,8 @@ pub struct Member {
     pub offset: u64,
 }
 
+/// Walks the members of an archive in order: [`TarReader::next_member`],
+/// then optionally [`TarReader::read_data`] for that member.
 pub struct TarReader<R> {
     inner: R,
     /// Bytes consumed so far.
@@ -22,6 +28,9 @@ pub struct TarReader<R> {
     /// Bytes of the current member (data and padding) not yet consumed.
     pending: u64,
     done: bool,
+    /// Length of the stream, learnt on the first seek (a seek past the end
+    /// succeeds, so a truncated archive is caught by comparing with it).
+    len: Option<u64>,
 }
 
 fn cstr(bytes: &[u8]) -> String {
@@ -76,7 +85,19 @@ impl<R: Read + Seek> TarReader<R> {
             pos: 0,
             pending: 0,
             done: false,
+            len: None,
         }
+    }
+
+    fn stream_len(&mut self) -> io::Result<u64> {
+        if let Some(len) = self.len {
+            return Ok(len);
+        }
+        let here = self.inner.stream_position()?;
+        let len = self.inner.seek(SeekFrom::End(0))?;
+        self.inner.seek(SeekFrom::Start(here))?;
+        self.len = Some(len);
+        Ok(len)
     }
 
     fn skip(&mut self, n: u64) -> io::Result<()> {
@@ -92,10 +113,23 @@ impl<R: Read + Seek> TarReader<R> {
                 ));
             }
         } else {
-            self.inner.seek(SeekFrom::Current(n as i64))?;
+            let here = self.inner.stream_position()?;
+            let to = here.checked_add(n).filter(|&to| to <= self.len_or_max());
+            let Some(to) = to else {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "truncated archive (a member runs past the end of the file)",
+                ));
+            };
+            self.inner.seek(SeekFrom::Start(to))?;
         }
         self.pos += n;
         Ok(())
+    }
+
+    /// The stream's length, or `u64::MAX` where it cannot be learnt.
+    fn len_or_max(&mut self) -> u64 {
+        self.stream_len().unwrap_or(u64::MAX)
     }
 
     fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
@@ -153,7 +187,9 @@ impl<R: Read + Seek> TarReader<R> {
             }
             let size = number(&h[124..136])
                 .ok_or_else(|| format!("bad size field in the header at byte {at}"))?;
-            let padded = size.div_ceil(BLOCK) * BLOCK;
+            let padded = size
+                .checked_next_multiple_of(BLOCK)
+                .ok_or_else(|| format!("bad size field in the header at byte {at}"))?;
             let mut name = cstr(&h[..100]);
             if &h[257..262] == b"ustar" {
                 let prefix = cstr(&h[345..500]);
@@ -193,22 +229,42 @@ impl<R: Read + Seek> TarReader<R> {
     /// The data of `member`, which must be the member last returned and not
     /// yet read.
     pub fn read_data(&mut self, member: &Member) -> Result<Vec<u8>, String> {
-        debug_assert_eq!(self.pos, member.offset, "read_data out of order");
-        let mut data = vec![0u8; member.size as usize];
-        self.read_exact(&mut data)
+        if self.pos != member.offset || self.pending < member.size {
+            return Err(format!(
+                "member {}: read out of order (at byte {}, its data starts at {})",
+                member.name, self.pos, member.offset
+            ));
+        }
+        let data = read_n(&mut self.inner, member.size)
             .map_err(|e| format!("member {}: {e}", member.name))?;
+        self.pos += member.size;
         self.pending -= member.size;
         Ok(data)
     }
+}
+
+/// Exactly `n` bytes of `r`, or `UnexpectedEof`; the buffer grows with what
+/// is read, so a corrupt size field cannot ask for a huge allocation.
+fn read_n(r: &mut impl Read, n: u64) -> io::Result<Vec<u8>> {
+    let mut data = Vec::with_capacity(n.min(1 << 20) as usize);
+    r.take(n).read_to_end(&mut data)?;
+    if (data.len() as u64) < n {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!(
+                "truncated archive ({} of {n} bytes of member data)",
+                data.len()
+            ),
+        ));
+    }
+    Ok(data)
 }
 
 /// `len` bytes at `offset` of the file at `path` (a member's data).
 pub fn read_at(path: &std::path::Path, offset: u64, len: u64) -> io::Result<Vec<u8>> {
     let mut f = std::fs::File::open(path)?;
     f.seek(SeekFrom::Start(offset))?;
-    let mut data = vec![0u8; len as usize];
-    f.read_exact(&mut data)?;
-    Ok(data)
+    read_n(&mut f, len)
 }
 
 #[cfg(test)]

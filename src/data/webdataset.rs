@@ -252,8 +252,17 @@ impl Raw {
             };
         }
         if captions.is_empty() {
-            if let Some((_, bytes)) = &self.txt {
-                captions.push(String::from_utf8_lossy(bytes).into_owned());
+            if let Some((name, bytes)) = &self.txt {
+                let text = std::str::from_utf8(bytes).map_err(|e| {
+                    data_error(
+                        shard,
+                        format!(
+                            "member {name}: invalid UTF-8 at byte {} (captions must be UTF-8)",
+                            e.valid_up_to() + 1
+                        ),
+                    )
+                })?;
+                captions.push(text.to_string());
             }
         }
         let captions: Vec<String> = captions
