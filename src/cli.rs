@@ -333,11 +333,15 @@ fn launch_rank() -> Option<usize> {
 
 /// The whole CLI: logging, argument parsing, one-line errors. A binary that
 /// links extra plugin crates calls this from its `main` (see PLUGINS.md).
+/// A panic is one line too (`error: internal error: ...`, exit status
+/// [`crate::panics::EXIT_STATUS`]), with a backtrace only under
+/// `RUST_BACKTRACE=1`.
 ///
 /// Started as one of several ranks, every line a rank logs is prefixed
 /// with `[rank N]`; ranks other than 0 log warnings and errors only (unless
 /// `RUST_LOG` says otherwise).
 pub fn main() -> std::process::ExitCode {
+    crate::panics::install_hook();
     let rank = launch_rank();
     let default_level = match rank {
         Some(r) if r > 0 => "warn",
@@ -351,9 +355,18 @@ pub fn main() -> std::process::ExitCode {
         .with_env_filter(filter)
         .with_writer(move || Prefixed(log_prefix.clone()))
         .init();
-    match run(Cli::parse()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
+    let outcome = crate::panics::catch(|| {
+        crate::panics::test_point("cli");
+        run(Cli::parse())
+    });
+    match outcome {
+        Ok(Ok(())) => std::process::ExitCode::SUCCESS,
+        // A panic: one line, no backtrace (unless RUST_BACKTRACE is set).
+        Err(panic) => {
+            eprintln!("{prefix}error: {panic}");
+            std::process::ExitCode::from(crate::panics::EXIT_STATUS)
+        }
+        Ok(Err(e)) => {
             eprintln!("{prefix}error: {e}");
             std::process::ExitCode::from(match e {
                 Error::Config(_) | Error::Data { .. } => 2,

@@ -13,6 +13,7 @@ pub mod eval;
 pub mod explain;
 pub mod export;
 pub mod optim;
+pub mod panics;
 pub mod parallel;
 pub mod pretrained;
 pub mod rng;

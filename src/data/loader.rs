@@ -456,6 +456,7 @@ impl Loader {
         std::thread::Builder::new()
             .name("vlmatch-loader".into())
             .spawn(move || {
+                crate::panics::test_point("loader");
                 let mut epoch = u64::MAX;
                 let mut order = Vec::new();
                 for g in start.. {
