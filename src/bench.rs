@@ -207,10 +207,11 @@ pub fn bench(opts: &BenchOptions) -> Result<Value> {
 
     // Training steps.
     let mut optim = AdamW::new(&asm.vs, tc.betas, tc.eps, tc.weight_decay);
+    let mut guard = crate::guard::Guard::new(tc, device);
     let mut k = 0usize;
     let mut last_loss = Tensor::from(f32::NAN);
     let (step_s, blocks) = time_blocks(device, opts.warmup, opts.repeats, opts.steps, || {
-        let outcome = train_step(&asm, &mut optim, tc, k as i64, tc.lr, || {
+        let outcome = train_step(&asm, &mut optim, tc, k as i64, tc.lr, &mut guard, || {
             k += 1;
             Ok(inputs[(k - 1) % inputs.len()].shallow_clone())
         })?;

@@ -1,8 +1,12 @@
 //! Checkpoints: one safetensors file per save holding the model
 //! (`model.<var>`), the optimizer (`optim.<state>`) and the trainer state
 //! (`state.step`, `state.batches`, `state.seed`). Written to a temporary
-//! file, then renamed; `checkpoints/latest` (also replaced atomically) names
-//! the newest. A run killed at any point leaves a complete checkpoint.
+//! file and synced, its CRC-32 and length recorded beside it
+//! (`step-N.safetensors.crc32`), then renamed; `checkpoints/latest` (also
+//! replaced atomically) names the newest. A run killed at any point leaves
+//! a complete checkpoint, and a failed write (a full disk) leaves the
+//! previous ones as they were. [`newest_intact`] verifies the checksum on
+//! resume and falls back to an older checkpoint when the newest is damaged.
 //!
 //! RNG state needs no saving: the trainer reseeds libtorch from
 //! `(train.seed, step)` at every step and data order depends on the seed and
@@ -13,7 +17,9 @@
 //! with another rank count can check that the global batch is unchanged.
 //! In data-parallel training only rank 0 writes checkpoints.
 
+use crate::fault::WriteFault;
 use std::collections::HashMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use tch::{nn, Device, Tensor};
 use vlmatch_core::{Error, Result};
@@ -98,7 +104,7 @@ pub fn save(
     state: TrainerState,
     keep: usize,
 ) -> Result<PathBuf> {
-    save_with_layout(dir, vs, optim, state, None, keep)
+    save_with_layout(dir, vs, optim, state, None, keep, None)
 }
 
 /// [`save`], recording the run's [`Layout`].
@@ -109,6 +115,7 @@ pub fn save_with_layout(
     state: TrainerState,
     layout: Option<Layout>,
     keep: usize,
+    fault: Option<WriteFault>,
 ) -> Result<PathBuf> {
     let ckpt_dir = dir.join("checkpoints");
     std::fs::create_dir_all(&ckpt_dir).map_err(|e| Error::io(&ckpt_dir, e))?;
@@ -134,9 +141,15 @@ pub fn save_with_layout(
         tensors.push(("state.world_size".into(), Tensor::from(l.world_size)));
         tensors.push(("state.batch_size".into(), Tensor::from(l.batch_size)));
     }
-    write_atomic(&path, |tmp| {
-        Tensor::write_safetensors(&tensors, tmp).map_err(Error::from)
-    })?;
+    let tmp = path.with_extension("tmp");
+    let written = write_verified(&tensors, &tmp, &path, fault);
+    if written.is_err() {
+        // Nothing half-written stays behind; the previous checkpoints and
+        // `latest` are untouched.
+        let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(check_path(&path));
+    }
+    written?;
     write_atomic(&ckpt_dir.join("latest"), |tmp| {
         std::fs::write(tmp, &name).map_err(|e| Error::io(tmp, e))
     })?;
@@ -144,18 +157,193 @@ pub fn save_with_layout(
     Ok(path)
 }
 
-fn prune(dir: &Path, keep: usize) -> Result<()> {
+/// The checksum file beside a checkpoint.
+fn check_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".crc32");
+    PathBuf::from(name)
+}
+
+/// CRC-32 and length of a file.
+fn crc32_of(path: &Path) -> std::io::Result<(u32, u64)> {
+    let mut f = std::fs::File::open(path)?;
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut len = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok((hasher.finalize(), len));
+        }
+        hasher.update(&buf[..n]);
+        len += n as u64;
+    }
+}
+
+/// Write `tensors` to `tmp`, sync it, record its checksum beside `path`,
+/// then rename it to `path`. `fault` (tests only) cuts the written file
+/// at a byte and fails or kills the process there.
+fn write_verified(
+    tensors: &[(String, Tensor)],
+    tmp: &Path,
+    path: &Path,
+    fault: Option<WriteFault>,
+) -> Result<()> {
+    Tensor::write_safetensors(tensors, tmp).map_err(|e| Error::Data {
+        path: tmp.to_path_buf(),
+        line: None,
+        message: format!("cannot write checkpoint: {e}"),
+    })?;
+    if let Some(f) = fault {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(tmp)
+            .map_err(|e| Error::io(tmp, e))?;
+        let len = file.metadata().map_err(|e| Error::io(tmp, e))?.len();
+        file.set_len(f.bytes.min(len))
+            .and_then(|_| file.sync_all())
+            .map_err(|e| Error::io(tmp, e))?;
+        if f.abort {
+            tracing::warn!(path = %tmp.display(), bytes = f.bytes, "fault injection: SIGKILL inside a checkpoint write");
+            // SAFETY: kill(2) on our own pid; nothing runs after it.
+            unsafe {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+        }
+        return Err(Error::io(
+            tmp,
+            std::io::Error::other(format!(
+                "write failed after {} bytes (injected fault)",
+                f.bytes
+            )),
+        ));
+    }
+    std::fs::File::open(tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(tmp, e))?;
+    let (crc, len) = crc32_of(tmp).map_err(|e| Error::io(tmp, e))?;
+    let check = check_path(path);
+    write_atomic(&check, |t| {
+        std::fs::write(t, format!("{crc:08x} {len}\n")).map_err(|e| Error::io(t, e))
+    })?;
+    std::fs::rename(tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Whether the checkpoint at `path` is whole: its length and CRC-32 match
+/// what was recorded when it was written. `Err` says what is wrong.
+/// Checkpoints written before checksums were recorded have none: they pass
+/// if their safetensors header and sizes read back.
+pub fn verify(path: &Path) -> std::result::Result<(), String> {
+    let check = check_path(path);
+    let (crc, len) = crc32_of(path).map_err(|e| format!("cannot read it: {e}"))?;
+    match std::fs::read_to_string(&check) {
+        Ok(text) => {
+            let mut it = text.split_whitespace();
+            let want_crc = it.next().and_then(|x| u32::from_str_radix(x, 16).ok());
+            let want_len = it.next().and_then(|x| x.parse::<u64>().ok());
+            match (want_crc, want_len) {
+                (Some(c), Some(l)) if (c, l) == (crc, len) => Ok(()),
+                (Some(c), Some(l)) => Err(format!(
+                    "{len} bytes with CRC-32 {crc:08x}, but {l} bytes with CRC-32 {c:08x} were \
+                     written ({})",
+                    check.display()
+                )),
+                _ => Err(format!("its checksum file {} is garbled", check.display())),
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Tensor::read_safetensors(path)
+            .map(|_| ())
+            .map_err(|e| format!("cannot read it: {e}")),
+        Err(e) => Err(format!("cannot read {}: {e}", check.display())),
+    }
+}
+
+/// The step of a checkpoint file name (`step-00000012.safetensors`).
+fn step_of(path: &Path) -> Option<i64> {
+    path.file_name()?
+        .to_str()?
+        .strip_prefix("step-")?
+        .strip_suffix(".safetensors")?
+        .parse()
+        .ok()
+}
+
+fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| Error::io(dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .filter(|p| step_of(p).is_some())
         .collect();
-    files.sort();
+    files.sort_by_key(|p| step_of(p));
+    Ok(files)
+}
+
+fn prune(dir: &Path, keep: usize) -> Result<()> {
+    let files = checkpoint_files(dir)?;
     let excess = files.len().saturating_sub(keep);
     for f in &files[..excess] {
         std::fs::remove_file(f).map_err(|e| Error::io(f, e))?;
+        let _ = std::fs::remove_file(check_path(f));
     }
     Ok(())
+}
+
+/// The newest checkpoint of a run directory that passes [`verify`]: the
+/// one `latest` names, or, if that one is damaged or missing, the newest
+/// intact one before it, with a warning naming both. Removes what a write
+/// cut short left behind (`*.tmp`).
+pub fn newest_intact(run_dir: &Path) -> Result<PathBuf> {
+    let dir = run_dir.join("checkpoints");
+    let named = latest(run_dir)?;
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries.flatten() {
+            if e.path().extension().is_some_and(|x| x == "tmp") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    let problem = if named.is_file() {
+        match verify(&named) {
+            Ok(()) => return Ok(named),
+            Err(why) => why,
+        }
+    } else {
+        "it does not exist".to_string()
+    };
+    let newest = step_of(&named).unwrap_or(i64::MAX);
+    let mut older: Vec<PathBuf> = checkpoint_files(&dir)?
+        .into_iter()
+        .filter(|p| step_of(p).is_some_and(|s| s < newest))
+        .collect();
+    older.reverse();
+    let mut also_damaged = Vec::new();
+    for p in older {
+        match verify(&p) {
+            Ok(()) => {
+                tracing::warn!(
+                    "the newest checkpoint {} is damaged ({problem}){}; resuming from {} instead",
+                    named.display(),
+                    if also_damaged.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", and so are {}", also_damaged.join(", "))
+                    },
+                    p.display()
+                );
+                return Ok(p);
+            }
+            Err(_) => also_damaged.push(p.display().to_string()),
+        }
+    }
+    Err(Error::Data {
+        path: named,
+        line: None,
+        message: format!(
+            "the newest checkpoint is damaged ({problem}) and no older intact checkpoint is left in \
+             {}; start the run again without --resume",
+            dir.display()
+        ),
+    })
 }
 
 /// The newest checkpoint of a run directory.

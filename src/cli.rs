@@ -33,9 +33,10 @@ pub enum Command {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
-        /// Test hook: rank RANK kills itself (or hangs) right after step STEP.
-        #[arg(long, value_name = "RANK:STEP:kill|hang", hide = true)]
-        fault: Option<crate::parallel::Fault>,
+        /// Test hook: rank RANK kills itself, hangs or is sent SIGTERM right after
+        /// step STEP, or has a NaN loss at step STEP.
+        #[arg(long, value_name = "RANK:STEP:kill|hang|term|nan", hide = true)]
+        fault: Option<crate::fault::Fault>,
     },
     /// Evaluate a trained run: `retrieval` (ITC top-k re-ranked by ITM, on an
     /// annotation file or tar shards), `matching` (lines {"image", "caption",
@@ -370,8 +371,9 @@ pub fn main() -> std::process::ExitCode {
             eprintln!("{prefix}error: {e}");
             std::process::ExitCode::from(match e {
                 Error::Config(_) | Error::Data { .. } => 2,
-                // 128 + SIGTERM, as a process the signal ended; its state is saved.
-                Error::Stopped(_) => 143,
+                // 128 + the signal (143 SIGTERM, 130 SIGINT), as a process the
+                // signal ended would; its state is saved.
+                Error::Stopped { signal, .. } => (128 + signal).clamp(129, 255) as u8,
                 _ => 1,
             })
         }

@@ -19,8 +19,13 @@ pub struct AdamW {
     betas: (f64, f64),
     eps: f64,
     weight_decay: f64,
-    /// Updates applied so far (bias correction uses it).
+    /// Steps taken so far, applied or masked out.
     pub t: i64,
+    /// Steps masked out by [`AdamW::step_masked`] (an i64 scalar on the
+    /// parameters' device, so that masking needs no host read). Bias
+    /// correction counts `t - skipped` updates, as if the masked steps had
+    /// not been taken.
+    skipped: Option<Tensor>,
 }
 
 impl AdamW {
@@ -44,6 +49,7 @@ impl AdamW {
             eps,
             weight_decay,
             t: 0,
+            skipped: None,
         }
     }
 
@@ -89,25 +95,62 @@ impl AdamW {
 
     /// One AdamW update at learning rate `lr`.
     pub fn step(&mut self, lr: f64) {
+        let Some(device) = self.params.first().map(|p| p.value.device()) else {
+            self.t += 1;
+            return;
+        };
+        self.step_masked(lr, &Tensor::from(true).to_device(device));
+    }
+
+    /// [`AdamW::step`] if `ok` (a bool scalar on the parameters' device) is
+    /// true; otherwise nothing changes, not the weights, not the moments,
+    /// not the bias correction, whatever the gradients hold (NaN and inf
+    /// included). Decided on the device: no host synchronisation.
+    pub fn step_masked(&mut self, lr: f64, ok: &Tensor) {
         self.t += 1;
+        let Some(device) = self.params.first().map(|p| p.value.device()) else {
+            return;
+        };
         let (b1, b2) = self.betas;
-        let bc1 = 1.0 - b1.powi(self.t as i32);
-        let bc2 = 1.0 - b2.powi(self.t as i32);
         tch::no_grad(|| {
+            let ok = ok.to_device(device);
+            let skipped = match self.skipped.take() {
+                Some(s) => s + ok.logical_not().to_kind(Kind::Int64),
+                None => ok.logical_not().to_kind(Kind::Int64),
+            };
+            // Updates applied including this one, at least 1 so that a
+            // masked first step divides by nothing of zero.
+            let applied = (-&skipped + self.t).clamp_min(1).to_kind(Kind::Double);
+            self.skipped = Some(skipped);
+            let bc1 = -Tensor::pow_scalar(b1, &applied) + 1.0;
+            let bc2_sqrt = (-Tensor::pow_scalar(b2, &applied) + 1.0).sqrt();
+            // Every factor in double on the device, as the host scalars they
+            // replace; a masked step turns each into the identity.
+            let pick = |yes: Tensor, no: f64| yes.where_scalarother(&ok, no);
+            let one = |x: f64| Tensor::from(x).to_device(device);
+            let keep_m = pick(one(b1), 1.0);
+            let take_m = pick(one(1.0 - b1), 0.0);
+            let keep_v = pick(one(b2), 1.0);
+            let take_v = pick(one(1.0 - b2), 0.0);
+            let step_size = pick(one(lr) / &bc1, 0.0);
+            let decay = pick(one(1.0 - lr * self.weight_decay), 1.0);
             for p in &mut self.params {
                 let g = p.value.grad();
                 if !g.defined() {
                     continue;
                 }
+                // Non-finite gradients of a masked step must not reach the
+                // moments (0 * NaN is NaN).
+                let g = g.where_scalarother(&ok, 0.0);
                 if p.decay && self.weight_decay > 0.0 {
-                    let _ = p.value.g_mul_scalar_(1.0 - lr * self.weight_decay);
+                    let _ = p.value.g_mul_(&decay);
                 }
-                let _ = p.m.g_mul_scalar_(b1);
-                let _ = p.m.g_add_(&(&g * (1.0 - b1)));
-                let _ = p.v.g_mul_scalar_(b2);
-                let _ = p.v.g_add_(&(g.square() * (1.0 - b2)));
-                let denom = p.v.sqrt() / bc2.sqrt() + self.eps;
-                let update = &p.m / denom * (lr / bc1);
+                let _ = p.m.g_mul_(&keep_m);
+                let _ = p.m.g_add_(&(&g * &take_m));
+                let _ = p.v.g_mul_(&keep_v);
+                let _ = p.v.g_add_(&(g.square() * &take_v));
+                let denom = p.v.sqrt() / &bc2_sqrt + self.eps;
+                let update = &p.m / denom * &step_size;
                 let _ = p.value.g_sub_(&update);
             }
         });
@@ -120,7 +163,10 @@ impl AdamW {
             out.push((format!("m.{}", p.name), p.m.shallow_clone()));
             out.push((format!("v.{}", p.name), p.v.shallow_clone()));
         }
-        out.push(("t".to_string(), Tensor::from(self.t)));
+        // Updates applied: masked steps do not count (reading the device
+        // counter synchronises, as saving a checkpoint does anyway).
+        let skipped = self.skipped.as_ref().map_or(0, |s| s.int64_value(&[]));
+        out.push(("t".to_string(), Tensor::from(self.t - skipped)));
         out
     }
 
@@ -145,6 +191,7 @@ impl AdamW {
             }
             let t = state.get("t").ok_or("optimizer state lacks `t`")?;
             self.t = t.int64_value(&[]);
+            self.skipped = None;
             Ok(())
         })
     }
@@ -196,5 +243,58 @@ mod tests {
         // b: no decay (1-d), g = 3.
         let expected_b = Tensor::from_slice(&[0.49f32, -0.51]);
         assert!(b.allclose(&expected_b, 1e-5, 1e-6, false));
+    }
+
+    fn two_params() -> (nn::VarStore, Tensor, Tensor) {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let w = vs.root().var_copy(
+            "w",
+            &Tensor::from_slice(&[1.0f32, -2.0, 0.5, 3.0]).view([2, 2]),
+        );
+        let b = vs
+            .root()
+            .var_copy("b", &Tensor::from_slice(&[0.5f32, -0.5]));
+        (vs, w, b)
+    }
+
+    fn backward(w: &Tensor, b: &Tensor, poison: f64) {
+        let loss = (w * w).sum(Kind::Float) + (b * 3.0).sum(Kind::Float) * poison;
+        loss.backward();
+    }
+
+    /// A masked step with NaN and inf gradients changes nothing, and the
+    /// next real step is the one a run without the masked step would take
+    /// (bias correction included); the saved `t` counts applied updates.
+    #[test]
+    fn a_masked_step_is_no_step_at_all() {
+        let (vs_a, wa, ba) = two_params();
+        let mut a = AdamW::new(&vs_a, (0.9, 0.999), 1e-8, 0.1);
+        backward(&wa, &ba, 1.0);
+        a.step(0.01);
+        a.zero_grad();
+        backward(&wa, &ba, 1.0);
+        a.step(0.02);
+
+        let (vs_b, wb, bb) = two_params();
+        let mut b = AdamW::new(&vs_b, (0.9, 0.999), 1e-8, 0.1);
+        backward(&wb, &bb, 1.0);
+        b.step(0.01);
+        b.zero_grad();
+        let before: Vec<Tensor> = [&wb, &bb].iter().map(|t| t.copy()).collect();
+        backward(&wb, &bb, f64::NAN);
+        let _ = wb.grad().get(0).get(0).fill_(f64::INFINITY);
+        b.step_masked(0.5, &Tensor::from(false));
+        assert!(wb.equal(&before[0]) && bb.equal(&before[1]));
+        let t: HashMap<String, Tensor> = b.state().into_iter().collect();
+        assert_eq!(t["t"].int64_value(&[]), 1);
+        b.zero_grad();
+        backward(&wb, &bb, 1.0);
+        b.step(0.02);
+        assert!(wa.equal(&wb) && ba.equal(&bb));
+        let sa: HashMap<String, Tensor> = a.state().into_iter().collect();
+        let sb: HashMap<String, Tensor> = b.state().into_iter().collect();
+        for (k, v) in &sa {
+            assert!(v.equal(&sb[k]), "optimizer state {k} differs");
+        }
     }
 }

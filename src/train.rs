@@ -17,8 +17,10 @@
 use crate::checkpoint::{self, Layout, TrainerState};
 use crate::data::loader::{CaptionPreps, Loader, LoaderConfig, Source};
 use crate::eval::{self, EvalInputs, HeldOut};
+use crate::fault::{Fault, WriteFault};
+use crate::guard::Guard;
 use crate::optim::{lr_at, AdamW};
-use crate::parallel::{Fault, Parallel};
+use crate::parallel::Parallel;
 use crate::rng::mix;
 use crate::setup;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -26,13 +28,12 @@ use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 use vlmatch_core::{Batch, Error, Forward, Result};
 use vlmatch_dist::LaunchEnv;
 use vlmatch_registry::config::base_from_file;
-use vlmatch_registry::config::{HardNegatives, TrainConfig};
+use vlmatch_registry::config::{HardNegatives, OnNonFinite, TrainConfig};
 use vlmatch_registry::{Assembly, ConfigLayers};
 
 pub struct TrainOptions {
@@ -114,11 +115,15 @@ fn step_seed(seed: u64, step: i64) -> i64 {
 pub struct StepOutput {
     pub values: BTreeMap<String, Tensor>,
     pub grad_norm: Tensor,
+    /// Whether the step was applied (a bool on the device; see
+    /// [`crate::guard`]).
+    pub applied: Tensor,
 }
 
 /// One optimiser step: `train.accum_steps` batches from `next_batch`, every
 /// objective's weighted losses summed and back-propagated, gradients
-/// clipped, AdamW at `lr`. No host synchronisation: the trainer and the
+/// clipped, AdamW at `lr`, unless the loss or the gradient norm is not
+/// finite (`guard`). No host synchronisation: the trainer and the
 /// benchmark (`vlmatch bench`) share this function, so what the benchmark
 /// times is what training runs.
 pub fn train_step(
@@ -127,9 +132,10 @@ pub fn train_step(
     tc: &TrainConfig,
     step: i64,
     lr: f64,
+    guard: &mut Guard,
     next_batch: impl FnMut() -> Result<Batch>,
 ) -> Result<StepOutput> {
-    train_step_with(asm, optim, tc, step, lr, None, next_batch)
+    train_step_with(asm, optim, tc, step, lr, None, guard, next_batch)
 }
 
 /// [`train_step`] as one rank of a data-parallel run (`par`): the forward
@@ -143,9 +149,11 @@ pub fn train_step_with(
     step: i64,
     lr: f64,
     par: Option<&Parallel>,
+    guard: &mut Guard,
     mut next_batch: impl FnMut() -> Result<Batch>,
 ) -> Result<StepOutput> {
     let mut values: BTreeMap<String, Tensor> = BTreeMap::new();
+    let mut loss_keys: Vec<String> = vec!["loss".into()];
     let mut add = |k: String, v: Tensor| {
         let v = v.detach().to_kind(Kind::Float) / tc.accum_steps as f64;
         match values.remove(&k) {
@@ -168,6 +176,9 @@ pub fn train_step_with(
             let out = o.objective.forward(&fwd, step)?;
             for (k, l) in out.losses {
                 let weighted = &l * o.weight;
+                if !loss_keys.contains(&k) {
+                    loss_keys.push(k.clone());
+                }
                 add(k, l);
                 total = Some(match total {
                     Some(t) => t + weighted,
@@ -179,6 +190,7 @@ pub fn train_step_with(
             }
         }
         let total = total.ok_or_else(|| Error::Config("no objective produced a loss".into()))?;
+        let total = guard.poison(total, step);
         add("loss".into(), total.shallow_clone());
         if let Some(p) = par {
             // Only the last micro-batch's backward reduces (DDP's no_sync).
@@ -186,35 +198,25 @@ pub fn train_step_with(
         }
         // A collective in backward (gathered ITC features) reports its
         // failure as an error here rather than a panic.
-        (total / tc.accum_steps as f64).f_backward()?;
+        guard.gate(&(total / tc.accum_steps as f64)).f_backward()?;
     }
     if let Some(p) = par {
         p.reduce_gradients()?;
     }
     let grad_norm = optim.clip_grad_norm(tc.grad_clip);
-    optim.step(lr);
+    let losses: BTreeMap<String, Tensor> = values
+        .iter()
+        .filter(|(k, _)| loss_keys.contains(k))
+        .map(|(k, v)| (k.clone(), v.shallow_clone()))
+        .collect();
+    let applied = guard.decide(step, &grad_norm, &losses);
+    optim.step_masked(lr, &applied);
     optim.zero_grad();
-    Ok(StepOutput { values, grad_norm })
-}
-
-/// Set when SIGTERM (what Slurm and Kubernetes send before they kill a job)
-/// or SIGINT arrives: training then saves a checkpoint at the next step
-/// boundary (agreed among ranks) and stops with [`Error::Stopped`]. A second
-/// signal of the same kind ends the process at once.
-fn stop_requested() -> Result<Arc<AtomicBool>> {
-    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
-    if let Some(flag) = FLAG.get() {
-        return Ok(flag.clone());
-    }
-    let flag = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        // The conditional shutdown is registered first, so it sees the flag
-        // as it was before this signal set it.
-        signal_hook::flag::register_conditional_shutdown(signal, 128 + signal, flag.clone())
-            .and_then(|_| signal_hook::flag::register(signal, flag.clone()))
-            .map_err(|e| Error::io("signal handler", e))?;
-    }
-    Ok(FLAG.get_or_init(|| flag).clone())
+    Ok(StepOutput {
+        values,
+        grad_norm,
+        applied,
+    })
 }
 
 /// Write `text` to `path` through a temporary file, so that a reader (a
@@ -357,12 +359,14 @@ fn train_ranked(
     let mut variables: Vec<(String, Tensor)> = asm.vs.variables().into_iter().collect();
     variables.sort_by(|a, b| a.0.cmp(&b.0));
     let variables: Vec<Tensor> = variables.into_iter().map(|(_, t)| t).collect();
+    let mut resumed_from: Option<PathBuf> = None;
     if opts.resume.is_some() {
         // Rank 0 reads the checkpoint; the others get its counters, then
         // its weights and optimizer moments, by broadcast.
         let mut header = [0i64; 6];
         if main {
-            let path = checkpoint::latest(run_dir)?;
+            let path = checkpoint::newest_intact(run_dir)?;
+            resumed_from = Some(path.clone());
             let (optim_state, st, saved) = checkpoint::load_with_layout(&path, &mut asm.vs)?;
             optim.load_state(&optim_state).map_err(|m| Error::Data {
                 path: path.clone(),
@@ -473,36 +477,58 @@ fn train_ranked(
 
     let eval_inputs = EvalInputs::new(cfg, &tok);
     let started = std::time::Instant::now();
-    let stop = stop_requested()?;
-    stop.store(false, Ordering::Relaxed);
+    let stop = crate::signals::StopSignal::install()?;
+    stop.clear();
+    let mut guard = Guard::new(tc, device).poison_at(fault.and_then(|f| f.nan_step(rank)));
+    // The newest checkpoint known good: the one resumed from, then each one
+    // written (named when a non-finite step stops the run).
+    let mut last_good: Option<PathBuf> = resumed_from.clone();
     let mut logged = Vec::new();
     let mut last_saved = -1;
-    let save = |state: TrainerState, optim: &AdamW| -> Result<()> {
-        if main {
-            let path = checkpoint::save_with_layout(
-                run_dir,
-                &asm.vs,
-                optim.state(),
-                state,
-                Some(layout),
-                tc.keep_checkpoints,
-            )?;
-            tracing::debug!(path = %path.display(), "checkpoint");
-        }
-        // The others wait while rank 0 writes, so that nobody runs ahead.
-        par.map_or(Ok(()), Parallel::barrier)
-    };
+    let mut nonfinite_skipped = 0i64;
+    let write_fault = WriteFault::from_env();
+    let save =
+        |state: TrainerState, optim: &AdamW, last_good: &mut Option<PathBuf>| -> Result<()> {
+            if main {
+                let path = checkpoint::save_with_layout(
+                    run_dir,
+                    &asm.vs,
+                    optim.state(),
+                    state,
+                    Some(layout),
+                    tc.keep_checkpoints,
+                    write_fault.filter(|f| f.step == state.step),
+                )?;
+                tracing::debug!(path = %path.display(), "checkpoint");
+                *last_good = Some(path);
+            }
+            // The others wait while rank 0 writes, so that nobody runs ahead.
+            par.map_or(Ok(()), Parallel::barrier)
+        };
     for step in start_step..tc.steps {
         tch::manual_seed(step_seed(tc.seed, step));
         let lr = lr_at(step, tc.steps, tc.warmup_steps, tc.lr, tc.min_lr);
-        let out = train_step_with(&asm, &mut optim, tc, step, lr, par, || {
+        let out = train_step_with(&asm, &mut optim, tc, step, lr, par, &mut guard, || {
             state.batches += 1;
             Ok(loader.next_batch()?.to_device(device))
         })?;
         let (values, grad_norm) = (out.values, out.grad_norm);
         state.step = step + 1;
 
-        if state.step % tc.log_every == 0 || state.step == tc.steps {
+        let log_now = state.step % tc.log_every == 0 || state.step == tc.steps;
+        let save_now = tc.checkpoint_every > 0 && state.step % tc.checkpoint_every == 0;
+        let eval_now = heldout.is_some() && cfg.eval.every > 0 && state.step % cfg.eval.every == 0;
+        let mut skipped_now = 0;
+        // The guard's counters are read where the step synchronises anyway,
+        // and before anything is saved or evaluated: a checkpoint never
+        // holds the state after a non-finite step under a later step's name.
+        if log_now || save_now || eval_now || stop.requested() {
+            let report = guard.read()?;
+            skipped_now = report.count;
+            crate::guard::act(&report, &guard, state.step, last_good.as_deref())?;
+        }
+
+        if log_now {
             let mut line = Map::new();
             line.insert("step".into(), json!(state.step));
             line.insert("lr".into(), json!(lr));
@@ -524,20 +550,12 @@ fn train_ranked(
                 ),
             };
             line.insert("data_skipped".into(), json!(skipped));
-            let bad = values.iter().find(|(_, x)| !x.is_finite());
-            // Every rank holds the same means; agreeing still makes sure no
-            // rank stops while another goes on.
-            let stop = match par {
-                Some(p) => p.agree_any(bad.is_some())?,
-                None => bad.is_some(),
-            };
-            if stop {
-                let (k, x) = bad.map_or(("a value", f64::NAN), |(k, x)| (k.as_str(), *x));
-                return Err(Error::Config(format!(
-                    "`{k}` became {x} at step {}; lower train.lr or raise train.warmup_steps",
-                    state.step
-                )));
+            if tc.on_nonfinite == OnNonFinite::Skip {
+                nonfinite_skipped += skipped_now;
+                line.insert("nonfinite_skipped".into(), json!(nonfinite_skipped));
             }
+            // A non-finite value is logged as null: the guard above has
+            // already stopped the run, or dropped that step under `skip`.
             for (k, x) in values {
                 line.insert(k, json!(x));
             }
@@ -553,14 +571,11 @@ fn train_ranked(
             logged.push(line);
         }
         bar.set_position(state.step as u64);
-        if tc.checkpoint_every > 0 && state.step % tc.checkpoint_every == 0 {
-            save(state, &optim)?;
+        if save_now {
+            save(state, &optim, &mut last_good)?;
             last_saved = state.step;
         }
-        if let (Some(ds), true) = (
-            &heldout,
-            cfg.eval.every > 0 && state.step % cfg.eval.every == 0,
-        ) {
+        if let (Some(ds), true) = (&heldout, eval_now) {
             if main {
                 let r = eval::held_out(&asm.model, ds, &eval_inputs, state.step)?;
                 let line = serde_json::to_string(&r).expect("serialisable");
@@ -575,7 +590,7 @@ fn train_ranked(
         }
         // A stop signal: one process acts at once; ranks agree at logging
         // steps (where they synchronise anyway), so that all stop together.
-        let requested = stop.load(Ordering::Relaxed);
+        let requested = stop.requested();
         let stop_now = match par {
             None => requested,
             Some(p) if state.step % tc.log_every == 0 => p.agree_any(requested)?,
@@ -583,16 +598,21 @@ fn train_ranked(
         };
         if stop_now && state.step < tc.steps {
             if last_saved != state.step {
-                save(state, &optim)?;
+                save(state, &optim, &mut last_good)?;
             }
             bar.abandon();
-            return Err(Error::Stopped(format!(
-                "stopped by a signal after step {} of {}; the checkpoint is written: continue \
-                 with `vlmatch train --resume {}`",
-                state.step,
-                tc.steps,
-                run_dir.display()
-            )));
+            let signal = stop.signal();
+            return Err(Error::Stopped {
+                signal,
+                message: format!(
+                    "stopped by {} after step {} of {}; the checkpoint is written: continue \
+                     with `vlmatch train --resume {}`",
+                    crate::signals::name(signal),
+                    state.step,
+                    tc.steps,
+                    run_dir.display()
+                ),
+            });
         }
         if let Some(p) = par {
             p.progress(state.step);
@@ -612,7 +632,7 @@ fn train_ranked(
         }
     }
     if last_saved != state.step {
-        save(state, &optim)?;
+        save(state, &optim, &mut last_good)?;
     }
     bar.finish();
 

@@ -865,7 +865,7 @@ fn sigterm_on_one_rank_stops_every_rank_with_a_checkpoint() {
                 cut.report()
             );
             assert!(
-                e.stderr.contains("stopped by a signal after step 6"),
+                e.stderr.contains("stopped by SIGTERM after step 6"),
                 "rank {r}: {}",
                 e.stderr
             );

@@ -85,7 +85,9 @@ fn checkpoints_are_pruned_and_latest_points_at_newest() {
         [
             "latest",
             "step-00000008.safetensors",
-            "step-00000012.safetensors"
+            "step-00000008.safetensors.crc32",
+            "step-00000012.safetensors",
+            "step-00000012.safetensors.crc32"
         ]
     );
     let latest = std::fs::read_to_string(dir.join("checkpoints/latest")).unwrap();

@@ -26,9 +26,13 @@ pub enum Error {
     },
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
-    /// The run stopped on request (SIGTERM, SIGINT) after saving its state.
+    /// The run stopped on request (SIGTERM, SIGINT: `signal`) after saving
+    /// its state.
+    #[error("{message}")]
+    Stopped { signal: i32, message: String },
+    /// Training met a non-finite loss or gradient norm.
     #[error("{0}")]
-    Stopped(String),
+    NonFinite(String),
 }
 
 impl Error {

@@ -36,11 +36,14 @@ pub struct HardNegative {
 /// index of a column drawn with probability `softmax(row)` over columns that
 /// are not `positives` (`[B, G]` bool), at the row's uniform `u` (`[B]`,
 /// keyed draws: `vlmatch_core::random`). A row whose columns are all
-/// positive gets -1.
+/// positive gets -1. Non-finite similarities (a diverging step, which the
+/// trainer will not apply) count as 0, so the draw stays a valid negative.
 pub fn sample_hard_negatives(sim: &Tensor, positives: &Tensor, u: &Tensor) -> Tensor {
     tch::no_grad(|| {
+        let sim = sim.to_kind(Kind::Float);
+        let sim = sim.where_scalarother(&sim.isfinite(), 0.0);
         // ALBEF adds 1e-5 so a column whose softmax underflows can still be drawn.
-        let weights = sim.to_kind(Kind::Float).softmax(1, Kind::Float) + 1e-5;
+        let weights = sim.softmax(1, Kind::Float) + 1e-5;
         let weights = weights.masked_fill(positives, 0.0);
         let has_negative = positives.logical_not().any_dim(1, false);
         // Rows without a negative draw from uniform weights, then become -1.
