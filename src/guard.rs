@@ -346,7 +346,7 @@ mod tests {
         let g = Guard::new(&config(OnNonFinite::Stop, 5), Device::Cpu);
         let w = Tensor::from_slice(&[1.0f32, 2.0]).set_requires_grad(true);
         // An infinite loss whose own gradient would be finite.
-        let loss = (&w).sum(Kind::Float) + Tensor::from(f32::INFINITY);
+        let loss = w.sum(Kind::Float) + Tensor::from(f32::INFINITY);
         g.gate(&loss).backward();
         assert!(bool::try_from(w.grad().isnan().all()).unwrap());
         let w = Tensor::from_slice(&[1.0f32, 2.0]).set_requires_grad(true);

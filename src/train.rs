@@ -120,6 +120,13 @@ pub struct StepOutput {
     pub applied: Tensor,
 }
 
+/// Which step (counted from 0) and at which learning rate.
+#[derive(Debug, Clone, Copy)]
+pub struct StepAt {
+    pub step: i64,
+    pub lr: f64,
+}
+
 /// One optimiser step: `train.accum_steps` batches from `next_batch`, every
 /// objective's weighted losses summed and back-propagated, gradients
 /// clipped, AdamW at `lr`, unless the loss or the gradient norm is not
@@ -135,7 +142,7 @@ pub fn train_step(
     guard: &mut Guard,
     next_batch: impl FnMut() -> Result<Batch>,
 ) -> Result<StepOutput> {
-    train_step_with(asm, optim, tc, step, lr, None, guard, next_batch)
+    train_step_with(asm, optim, tc, StepAt { step, lr }, None, guard, next_batch)
 }
 
 /// [`train_step`] as one rank of a data-parallel run (`par`): the forward
@@ -146,8 +153,7 @@ pub fn train_step_with(
     asm: &Assembly,
     optim: &mut AdamW,
     tc: &TrainConfig,
-    step: i64,
-    lr: f64,
+    StepAt { step, lr }: StepAt,
     par: Option<&Parallel>,
     guard: &mut Guard,
     mut next_batch: impl FnMut() -> Result<Batch>,
@@ -508,10 +514,18 @@ fn train_ranked(
     for step in start_step..tc.steps {
         tch::manual_seed(step_seed(tc.seed, step));
         let lr = lr_at(step, tc.steps, tc.warmup_steps, tc.lr, tc.min_lr);
-        let out = train_step_with(&asm, &mut optim, tc, step, lr, par, &mut guard, || {
-            state.batches += 1;
-            Ok(loader.next_batch()?.to_device(device))
-        })?;
+        let out = train_step_with(
+            &asm,
+            &mut optim,
+            tc,
+            StepAt { step, lr },
+            par,
+            &mut guard,
+            || {
+                state.batches += 1;
+                Ok(loader.next_batch()?.to_device(device))
+            },
+        )?;
         let (values, grad_norm) = (out.values, out.grad_norm);
         state.step = step + 1;
 
