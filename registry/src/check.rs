@@ -45,6 +45,18 @@ pub fn finite(key: &str, value: f64) -> Result<()> {
     Ok(())
 }
 
+/// Each `(field, value)` that is set is a finite number; errors name
+/// `{section}.{field}`. For optional keys checked before they are merged
+/// with other sources (a NaN serialises to JSON as null, that is as unset).
+pub fn finite_options(section: &str, values: &[(&str, Option<f64>)]) -> Result<()> {
+    for (field, value) in values {
+        if let Some(v) = value {
+            finite(&format!("{section}.{field}"), *v)?;
+        }
+    }
+    Ok(())
+}
+
 /// A finite number `> 0` (learning rates, epsilons, temperatures).
 pub fn positive_f64(key: &str, value: f64) -> Result<()> {
     if !(value.is_finite() && value > 0.0) {

@@ -163,7 +163,7 @@ pub fn decode_resized(path: &Path, origin: &str, size: usize) -> Result<Vec<u8>>
     let img = image::open(path).map_err(|e| Error::Data {
         path: path.to_path_buf(),
         line: None,
-        message: format!("cannot decode image (named at {origin}): {e}"),
+        message: format!("cannot decode image (named at {origin}): {}", one_line(&e)),
     })?;
     Ok(resized(img, size))
 }
@@ -178,9 +178,18 @@ pub fn decode_bytes_resized(
     let img = image::load_from_memory(bytes).map_err(|e| Error::Data {
         path: path.to_path_buf(),
         line: None,
-        message: format!("cannot decode image (in {origin}): {e}"),
+        message: format!("cannot decode image (in {origin}): {}", one_line(&e)),
     })?;
     Ok(resized(img, size))
+}
+
+/// A decoder's message on one line (some span several, e.g. JPEG's I/O
+/// errors), for the CLI's one-line errors.
+fn one_line(e: &dyn std::fmt::Display) -> String {
+    e.to_string()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn resized(img: image::DynamicImage, size: usize) -> Vec<u8> {

@@ -81,6 +81,19 @@ fn gelu() -> String {
 impl BertSection {
     /// The architecture this section describes (see [`BertSection`]).
     pub fn resolve(&self, key: &str) -> Result<BertConfig> {
+        // A NaN would serialise as null, that is as unset, on its way to
+        // the resolved architecture: reject it here.
+        vlmatch_registry::check::finite_options(
+            key,
+            &[
+                ("hidden_dropout_prob", self.hidden_dropout_prob),
+                (
+                    "attention_probs_dropout_prob",
+                    self.attention_probs_dropout_prob,
+                ),
+                ("layer_norm_eps", self.layer_norm_eps),
+            ],
+        )?;
         let mut keys = match serde_json::to_value(self).expect("serialisable") {
             serde_json::Value::Object(m) => m,
             _ => unreachable!("a struct serialises to an object"),

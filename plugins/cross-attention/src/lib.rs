@@ -62,6 +62,19 @@ fn eps() -> f64 {
 
 impl CrossAttentionSection {
     pub fn resolve(&self, key: &str) -> Result<CrossAttentionConfig> {
+        // A NaN would serialise as null, that is as unset, on its way to
+        // the resolved architecture: reject it here.
+        vlmatch_registry::check::finite_options(
+            key,
+            &[
+                ("hidden_dropout_prob", self.hidden_dropout_prob),
+                (
+                    "attention_probs_dropout_prob",
+                    self.attention_probs_dropout_prob,
+                ),
+                ("layer_norm_eps", self.layer_norm_eps),
+            ],
+        )?;
         let mut cfg: CrossAttentionConfig = resolve_section(key, self.init.as_deref(), self)?;
         // The checkpoint's layer count is the whole BERT's; the fusion's own
         // depth is always this section's.

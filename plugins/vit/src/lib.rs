@@ -75,6 +75,19 @@ fn gelu() -> String {
 impl VitSection {
     /// The architecture this section describes (see [`VitSection`]).
     pub fn resolve(&self, key: &str) -> Result<VitConfig> {
+        // A NaN would serialise as null, that is as unset, on its way to
+        // the resolved architecture: reject it here.
+        vlmatch_registry::check::finite_options(
+            key,
+            &[
+                ("hidden_dropout_prob", self.hidden_dropout_prob),
+                (
+                    "attention_probs_dropout_prob",
+                    self.attention_probs_dropout_prob,
+                ),
+                ("layer_norm_eps", self.layer_norm_eps),
+            ],
+        )?;
         let cfg: VitConfig = resolve_section(key, self.init.as_deref(), self)?;
         cfg.check(key).map_err(|e| match &self.init {
             Some(dir) => Error::Config(format!("{e} (with init {})", dir.display())),
@@ -304,6 +317,15 @@ impl Encoder for Vit {
 fn build(ctx: &BuildContext<'_>) -> Result<Rc<dyn Encoder>> {
     let section: VitSection = ctx.params()?;
     let cfg = section.resolve(&ctx.key)?;
+    if ctx.env.image_size % cfg.patch_size != 0 {
+        return Err(vlmatch_registry::check::invalid(
+            &format!("{}.patch_size", ctx.key),
+            format!(
+                "{} does not divide data.image_size {}; images are cut into whole patches",
+                cfg.patch_size, ctx.env.image_size
+            ),
+        ));
+    }
     // A checkpoint at another resolution is fine: the trainer interpolates
     // its position embeddings to `data.image_size` when loading.
     Ok(Rc::new(Vit::new(
