@@ -766,7 +766,7 @@ pub struct DataArg {
 
 /// Candidate labels: a JSON list of strings, or one label per line.
 fn read_labels(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = vlmatch_registry::check::read_utf8(path)?;
     if text.trim_start().starts_with('[') {
         serde_json::from_str(&text).map_err(|e| Error::Data {
             path: path.to_path_buf(),

@@ -76,7 +76,7 @@ impl Tokenizer {
 
     /// A BERT `vocab.txt`: one token per line, the line number its id.
     pub fn from_vocab_file(path: &Path, lowercase: bool) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = vlmatch_registry::check::read_utf8(path)?;
         let tokens = text
             .lines()
             .map(|l| l.trim_end_matches('\r').to_string())

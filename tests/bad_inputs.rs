@@ -22,6 +22,9 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::SystemTime;
 
+/// No `--set` beyond the micro model's.
+const NO_SETS: &[&str] = &[];
+
 /// [`Case::status`] for "1 or 2": an error, not a panic or a signal.
 const ANY_ERROR: i32 = -2;
 
@@ -41,7 +44,7 @@ struct Case {
 impl Case {
     /// `vlmatch train` on the micro model (2 steps, no final evaluation)
     /// with `sets`, into a fresh run directory; a config error by default.
-    fn train(name: &str, sets: &[&str]) -> Case {
+    fn train<S: AsRef<str>>(name: &str, sets: &[S]) -> Case {
         let run_dir = root().join("runs").join(name);
         let mut args = vec![
             "train".to_string(),
@@ -57,10 +60,11 @@ impl Case {
             "data.synthetic.train_scenes=16",
         ]
         .iter()
-        .chain(sets)
+        .map(|s| s.to_string())
+        .chain(sets.iter().map(|s| s.as_ref().to_string()))
         {
             args.push("--set".into());
-            args.push(s.to_string());
+            args.push(s);
         }
         Case {
             name: name.to_string(),
@@ -239,10 +243,29 @@ fn bad_config_values_name_their_key() {
     let heads = "model.image.num_attention_heads";
     let file = root().join("lr.toml");
     std::fs::write(&file, "[train]\nlr = -1.0\n").unwrap();
-    let with_file = Case::train("config-file-lr", &[])
+    let with_file = Case::train("config-file-lr", NO_SETS)
         .config_file(&file)
         .names(&["`train.lr`", "-1"])
         .names_path(&file);
+    let not_utf8 = root().join("latin1.toml");
+    std::fs::write(&not_utf8, b"[train]\n# caf\xe9\nsteps = 2\n").unwrap();
+    let vocab = root().join("vocab.txt");
+    std::fs::write(&vocab, b"[PAD]\n[UNK]\ncaf\xe9\n").unwrap();
+    let cache_utf8 = root().join("neggen-cache-latin1.jsonl");
+    std::fs::write(
+        &cache_utf8,
+        b"{\"caption\": \"a\", \"negative\": \"b\"}\n{\"caption\": \"caf\xe9\", \"negative\": \"b\"}\n",
+    )
+    .unwrap();
+    let cache_json = root().join("neggen-cache-fields.jsonl");
+    std::fs::write(&cache_json, b"{\"caption\": \"a\"}\n").unwrap();
+    let neggen_cache = |path: &Path| {
+        vec![
+            "samplers.cache.plugin=\"neggen_cache\"".to_string(),
+            format!("samplers.cache.path=\"{}\"", path.display()),
+            "objectives.itm.samplers=[\"hard_negative\", \"cache\"]".into(),
+        ]
+    };
     let word_swap = [
         "samplers.word_swap.plugin=\"word_swap\"",
         "samplers.word_swap.groups=[[\"red\", \"blue\", \"red\"]]",
@@ -286,7 +309,7 @@ fn bad_config_values_name_their_key() {
         Case::train("lr-nan", &["train.lr=nan"]).names(&["`train.lr`", "--set train.lr", "NaN"]),
         Case::train("lr-negative", &["train.lr=-1"]).names(&["`train.lr`", "> 0", "-1"]),
         Case::train("lr-infinite", &["train.lr=inf"]).names(&["`train.lr`", "inf"]),
-        Case::train("lr-from-environment", &[])
+        Case::train("lr-from-environment", NO_SETS)
             .env("VLMATCH_TRAIN__LR", "-1")
             .names(&["`train.lr`", "VLMATCH_TRAIN__LR"]),
         with_file,
@@ -313,7 +336,19 @@ fn bad_config_values_name_their_key() {
         Case::train("word-swap-group-repeats", &word_swap)
             .names(&["samplers.word_swap.groups", "`red`"]),
         Case::train("wrong-type", &["train.steps=\"two\""]).names(&["train.steps"]),
-        Case::train("missing-config-file", &[])
+        Case::train("config-file-not-utf8", NO_SETS)
+            .config_file(&not_utf8)
+            .names(&[&format!("{}:2", not_utf8.display()), "invalid UTF-8"]),
+        Case::train(
+            "vocab-not-utf8",
+            &[&format!("data.vocab=\"{}\"", vocab.display())],
+        )
+        .names(&[&format!("{}:3", vocab.display()), "invalid UTF-8"]),
+        Case::train("neggen-cache-not-utf8", &neggen_cache(&cache_utf8))
+            .names(&[&format!("{}:2", cache_utf8.display()), "invalid UTF-8"]),
+        Case::train("neggen-cache-bad-line", &neggen_cache(&cache_json))
+            .names(&[&format!("{}:1", cache_json.display()), "negative"]),
+        Case::train("missing-config-file", NO_SETS)
             .config_file(Path::new("no-such-config.toml"))
             .names(&["no-such-config.toml"]),
     ]);
@@ -839,11 +874,11 @@ fn bad_plugin_libraries_and_panics() {
         plugin("plugin-text-file", &text).names(&["cannot load it as a shared library"]),
         plugin("plugin-empty-file", &empty),
         plugin("plugin-not-vlmatch", &lib).names(&["vlmatch_plugin_table"]),
-        Case::train("panic-main-thread", &[])
+        Case::train("panic-main-thread", NO_SETS)
             .env("VLMATCH_TEST_PANIC", "cli")
             .status(70)
             .names(&["internal error", "RUST_BACKTRACE=1"]),
-        Case::train("panic-loader-thread", &[])
+        Case::train("panic-loader-thread", NO_SETS)
             .env("VLMATCH_TEST_PANIC", "loader")
             .status(70)
             .names(&["internal error", "vlmatch-loader"]),

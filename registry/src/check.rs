@@ -108,9 +108,45 @@ pub fn heads_divide(heads_key: &str, heads: i64, width_what: &str, width: i64) -
     Ok(())
 }
 
+/// A text file as a string. Invalid UTF-8 is a data error naming the file,
+/// the line and the byte of the line where the bad sequence starts (where
+/// `read_to_string` says only "stream did not contain valid UTF-8").
+pub fn read_utf8(path: &std::path::Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    String::from_utf8(bytes).map_err(|e| {
+        let bytes = e.as_bytes();
+        let at = e.utf8_error().valid_up_to();
+        let start = bytes[..at]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        let line = bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+        Error::Data {
+            path: path.to_path_buf(),
+            line: Some(line),
+            message: format!(
+                "invalid UTF-8 at byte {} of the line (the file must be UTF-8)",
+                at - start + 1
+            ),
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn invalid_utf8_names_line_and_byte() {
+        let path = std::env::temp_dir().join(format!("check-utf8-{}", std::process::id()));
+        std::fs::write(&path, b"ok\nab\xffc\n").unwrap();
+        let e = read_utf8(&path).unwrap_err().to_string();
+        let _ = std::fs::remove_file(&path);
+        assert!(
+            e.ends_with(":2: invalid UTF-8 at byte 3 of the line (the file must be UTF-8)"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn messages_name_key_value_and_expectation() {

@@ -628,8 +628,12 @@ impl ConfigLayers {
             figment = figment.merge(layer);
         }
         for file in &self.files {
-            let text = std::fs::read_to_string(file).map_err(|e| {
-                Error::Config(format!("cannot read config file {}: {e}", file.display()))
+            let text = crate::check::read_utf8(file).map_err(|e| match e {
+                Error::Io { source, .. } => Error::Config(format!(
+                    "cannot read config file {}: {source}",
+                    file.display()
+                )),
+                other => other,
             })?;
             let name = format!("file {}", file.display());
             check_toml(&name, &text)?;
@@ -914,8 +918,13 @@ fn closest<'e>(name: &str, expected: &[&'e str]) -> Option<&'e str> {
 
 /// Read a TOML preset file as the base layer.
 pub fn base_from_file(path: &Path) -> Result<(String, Option<PathBuf>, String)> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::Config(format!("cannot read config file {}: {e}", path.display())))?;
+    let text = crate::check::read_utf8(path).map_err(|e| match e {
+        Error::Io { source, .. } => Error::Config(format!(
+            "cannot read config file {}: {source}",
+            path.display()
+        )),
+        other => other,
+    })?;
     Ok((
         format!("file {}", path.display()),
         Some(path.to_path_buf()),

@@ -893,7 +893,7 @@ pub struct NegGenCache {
 
 impl NegGenCache {
     pub fn load(path: &std::path::Path, codec: Rc<dyn TextCodec>) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = vlmatch_registry::check::read_utf8(path)?;
         let mut by_caption: HashMap<String, Vec<String>> = HashMap::new();
         for (n, line) in text
             .lines()
