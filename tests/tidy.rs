@@ -138,3 +138,15 @@ fn only_core_positives_defines_which_pairs_are_positives() {
         }
     }
 }
+
+/// The training loop updates weights only through the non-finite guard:
+/// `AdamW::step_masked` with the guard's verdict, never a plain `step`.
+#[test]
+fn training_updates_only_through_the_nonfinite_guard() {
+    let text = read(&root().join("src/train.rs")).replace(char::is_whitespace, "");
+    assert!(
+        !text.contains("optim.step("),
+        "src/train.rs calls AdamW::step; use step_masked with the guard's verdict"
+    );
+    assert!(text.contains("guard.decide(") && text.contains("optim.step_masked(lr,&applied)"));
+}
