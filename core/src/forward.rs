@@ -90,6 +90,19 @@ impl VlModel {
         self.fusion
             .forward_cls(EncoderInput::Fused { text, image }, train)
     }
+
+    /// [`VlModel::fuse_cls`] with each distinct image once in `image` and
+    /// `image_index` naming each pair's ([`Encoder::forward_cls_indexed`]).
+    pub fn fuse_cls_indexed(
+        &self,
+        text: &Encoded,
+        image: &Encoded,
+        image_index: &Tensor,
+        train: bool,
+    ) -> Result<Encoded> {
+        self.fusion
+            .forward_cls_indexed(text, image, image_index, train)
+    }
 }
 
 /// ITC similarities of a batch's rows against the global batch (every

@@ -57,6 +57,29 @@ pub trait Encoder {
             mask: full.mask.narrow(1, 0, 1),
         })
     }
+    /// [`Encoder::forward_cls`] of a fusion encoder for pairs whose images
+    /// repeat: `image` holds each distinct image's states once (`[U, N, W]`)
+    /// and pair `b` fuses `text` row `b` with image `image_index[b]`. Equals
+    /// `forward_cls` on `image.select(image_index)`, which is what the
+    /// default runs; a fusion whose image states do not change from layer to
+    /// layer (cross-attention) overrides it to compute each image's keys and
+    /// values once.
+    fn forward_cls_indexed(
+        &self,
+        text: &Encoded,
+        image: &Encoded,
+        image_index: &Tensor,
+        train: bool,
+    ) -> Result<Encoded> {
+        let image = image.select(image_index);
+        self.forward_cls(
+            EncoderInput::Fused {
+                text,
+                image: &image,
+            },
+            train,
+        )
+    }
     /// Text encoders: the word-embedding matrix `[V, D]`, which MLM heads tie
     /// their decoder to. `None` for other encoders.
     fn word_embeddings(&self) -> Option<Tensor> {

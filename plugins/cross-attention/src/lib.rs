@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::rc::Rc;
-use tch::nn;
+use tch::{nn, Tensor};
 use vlmatch_core::{Encoded, Encoder, EncoderInput, Error, Modality, Result};
 use vlmatch_layers::hf::resolve_section;
 use vlmatch_layers::{BertLayer, BertLayerConfig};
@@ -156,19 +156,45 @@ impl Encoder for CrossAttentionFusion {
     }
     fn forward_t(&self, input: EncoderInput<'_>, train: bool) -> Result<Encoded> {
         let _span = tracing::trace_span!("cross_attention").entered();
-        self.run(input, false, train)
+        self.run(input, None, false, train)
     }
 
     fn forward_cls(&self, input: EncoderInput<'_>, train: bool) -> Result<Encoded> {
         let _span = tracing::trace_span!("cross_attention_cls").entered();
-        self.run(input, true, train)
+        self.run(input, None, true, train)
+    }
+
+    /// The image states are the same in every layer, so each image's
+    /// cross-attention keys and values are computed once per layer and
+    /// shared by all its pairs.
+    fn forward_cls_indexed(
+        &self,
+        text: &Encoded,
+        image: &Encoded,
+        image_index: &Tensor,
+        train: bool,
+    ) -> Result<Encoded> {
+        let _span = tracing::trace_span!("cross_attention_cls_indexed").entered();
+        self.run(
+            EncoderInput::Fused { text, image },
+            Some(image_index),
+            true,
+            train,
+        )
     }
 }
 
 impl CrossAttentionFusion {
     /// Every layer over all text positions, except that with `cls_only` the
     /// last layer computes position 0 alone (its other outputs are unread).
-    fn run(&self, input: EncoderInput<'_>, cls_only: bool, train: bool) -> Result<Encoded> {
+    /// With `image_index`, text row `b` attends to image `image_index[b]`.
+    fn run(
+        &self,
+        input: EncoderInput<'_>,
+        image_index: Option<&Tensor>,
+        cls_only: bool,
+        train: bool,
+    ) -> Result<Encoded> {
         let EncoderInput::Fused { text, image } = input else {
             return Err(Error::plugin(
                 "cross_attention",
@@ -179,11 +205,12 @@ impl CrossAttentionFusion {
         let mut xs = text.hidden.shallow_clone();
         let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
-            xs = if cls_only && i == last {
-                layer.forward_rows(&xs.narrow(1, 0, 1), &xs, &text.mask, img, train)
+            let rows = if cls_only && i == last {
+                xs.narrow(1, 0, 1)
             } else {
-                layer.forward(&xs, &text.mask, img, train)
+                xs.shallow_clone()
             };
+            xs = layer.forward_rows_indexed(&rows, &xs, &text.mask, img, image_index, train);
         }
         Ok(if cls_only {
             Encoded {

@@ -132,16 +132,38 @@ impl Attention {
         kv_mask: Option<&Tensor>,
         train: bool,
     ) -> Tensor {
+        self.forward_indexed(xs, kv, kv_mask, None, train)
+    }
+
+    /// [`Attention::forward`] where the attended states repeat: `kv`
+    /// `[U, Lk, kv_dim]` (and `kv_mask` `[U, Lk]`) hold each distinct one
+    /// once, and row `b` of `xs` attends to `kv[kv_index[b]]`. Keys and
+    /// values are projected once per distinct row, then gathered: the same
+    /// result as `forward` on `kv.index_select(0, kv_index)`, for a fraction
+    /// of the projections when rows repeat (an image re-ranked against many
+    /// captions). `kv_index` `None`: `kv` is per row already.
+    pub fn forward_indexed(
+        &self,
+        xs: &Tensor,
+        kv: &Tensor,
+        kv_mask: Option<&Tensor>,
+        kv_index: Option<&Tensor>,
+        train: bool,
+    ) -> Tensor {
         let (b, lq, _) = xs.size3().expect("attention input is [B, L, D]");
         let lk = kv.size()[1];
         let split = |t: Tensor, l: i64| {
             let d = t.size()[2];
             t.view([b, l, self.heads, d / self.heads]).transpose(1, 2)
         };
+        let per_row = |t: Tensor| match kv_index {
+            Some(i) => t.index_select(0, i),
+            None => t,
+        };
         let q = split(self.query.forward(xs), lq);
-        let k = split(self.key.forward(kv), lk);
-        let v = split(self.value.forward(kv), lk);
-        let mask = kv_mask.map(|m| m.to_kind(Kind::Bool).view([b, 1, 1, lk]));
+        let k = split(per_row(self.key.forward(kv)), lk);
+        let v = split(per_row(self.value.forward(kv)), lk);
+        let mask = kv_mask.map(|m| per_row(m.to_kind(Kind::Bool)).view([b, 1, 1, lk]));
         let dropout = if train { self.dropout } else { 0.0 };
         let out = Tensor::scaled_dot_product_attention(
             &q,
@@ -253,11 +275,27 @@ impl BertLayer {
         image: Option<(&Tensor, &Tensor)>,
         train: bool,
     ) -> Tensor {
+        self.forward_rows_indexed(rows, xs, mask, image, None, train)
+    }
+
+    /// [`BertLayer::forward_rows`] with `image` `[U, N, W]` holding each
+    /// distinct image once and `image_index` `[B]` naming row `b`'s
+    /// ([`Attention::forward_indexed`]): the cross-attention keys and values
+    /// are computed once per image.
+    pub fn forward_rows_indexed(
+        &self,
+        rows: &Tensor,
+        xs: &Tensor,
+        mask: &Tensor,
+        image: Option<(&Tensor, &Tensor)>,
+        image_index: Option<&Tensor>,
+        train: bool,
+    ) -> Tensor {
         let a = self.attention.forward(rows, xs, Some(mask), train);
         let a = self.attention_out.forward(&a).dropout(self.dropout, train);
         let mut xs = self.attention_ln.forward(&(a + rows));
         if let (Some((attn, out, ln)), Some((img, img_mask))) = (&self.cross, image) {
-            let c = attn.forward(&xs, img, Some(img_mask), train);
+            let c = attn.forward_indexed(&xs, img, Some(img_mask), image_index, train);
             let c = out.forward(&c).dropout(self.dropout, train);
             xs = ln.forward(&(c + &xs));
         }
