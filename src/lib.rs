@@ -22,6 +22,7 @@ pub mod rng;
 pub mod setup;
 pub mod signals;
 pub mod tokenizer;
+pub mod tracking;
 pub mod train;
 pub mod vqa;
 

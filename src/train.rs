@@ -23,7 +23,7 @@ use crate::optim::{lr_at, AdamW};
 use crate::parallel::Parallel;
 use crate::rng::mix;
 use crate::setup;
-use indicatif::{ProgressBar, ProgressStyle};
+use crate::tracking::{flatten, progress::Progress, tensorboard::EventWriter};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -468,18 +468,11 @@ fn train_ranked(
         None
     };
 
-    let bar = if opts.progress && main {
-        ProgressBar::new(tc.steps as u64)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps {msg} ({per_sec})",
-        )
-        .expect("valid template"),
-    );
-    bar.set_position(start_step as u64);
+    let mut bar = Progress::new(opts.progress && main, start_step, tc.steps);
+    let resumed_at = opts.resume.is_some().then_some(start_step);
+    let mut tb = (main && tc.tensorboard)
+        .then(|| EventWriter::create(&run_dir.join("tb"), resumed_at))
+        .transpose()?;
 
     let eval_inputs = EvalInputs::new(cfg, &tok);
     let started = std::time::Instant::now();
@@ -581,10 +574,13 @@ fn train_ranked(
                     .map_err(|e| Error::io(&metrics_path, e))?;
             }
             let loss = line.get("loss").and_then(Value::as_f64).unwrap_or(f64::NAN);
-            bar.set_message(format!("loss {loss:.4} lr {lr:.2e}"));
+            bar.logged(state.step, loss, lr);
+            if let Some(tb) = tb.as_mut() {
+                tb.scalars(state.step, "train", &flatten(&Value::Object(line.clone())))?;
+            }
             logged.push(line);
         }
-        bar.set_position(state.step as u64);
+        bar.set_position(state.step);
         if save_now {
             save(state, &optim, &mut last_good)?;
             last_saved = state.step;
@@ -599,6 +595,10 @@ fn train_ranked(
                     .open(&eval_path)
                     .map_err(|e| Error::io(&eval_path, e))?;
                 writeln!(f, "{line}").map_err(|e| Error::io(&eval_path, e))?;
+                bar.heldout(&r);
+                if let Some(tb) = tb.as_mut() {
+                    tb.scalars(state.step, "heldout", &flatten(&json!(r)))?;
+                }
             }
             par.map_or(Ok(()), Parallel::barrier)?;
         }
@@ -656,6 +656,11 @@ fn train_ranked(
             let path = run_dir.join("eval-heldout.json");
             let text = serde_json::to_string_pretty(&r).expect("serialisable");
             std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+            // TensorBoard has it already when `eval.jsonl` has this step.
+            let in_jsonl = cfg.eval.every > 0 && state.step % cfg.eval.every == 0;
+            if let (Some(tb), false) = (tb.as_mut(), in_jsonl) {
+                tb.scalars(state.step, "heldout", &flatten(&json!(r)))?;
+            }
             Some(r)
         }
         _ => None,

@@ -129,6 +129,9 @@ pub struct TrainConfig {
     /// Metrics interval in steps.
     #[serde(default = "one_i64")]
     pub log_every: i64,
+    /// Also write the metrics as TensorBoard event files under `RUN/tb/`.
+    #[serde(default = "yes")]
+    pub tensorboard: bool,
     /// `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`.
     #[serde(default = "default_device")]
     pub device: String,

@@ -277,9 +277,10 @@ pub fn repair_venv_scripts(venv: &Path, old: &Path) -> Result<usize, String> {
 }
 
 /// A Python that imports torch 2.11.0 (the one on `PATH`, else the per-user
-/// venv) and the benchmark reference's data-pipeline packages (pillow,
-/// transformers), installing those into
-/// it when missing.
+/// venv), the benchmark reference's data-pipeline packages (pillow,
+/// transformers) and `tensorboard` (whose event reader checks the files
+/// training writes, tests/tracking.rs), installing those into it when
+/// missing.
 pub fn reference_python() -> Result<PathBuf, String> {
     let python = if python_torch(Path::new("python3")).is_some() {
         PathBuf::from("python3")
@@ -292,13 +293,13 @@ pub fn reference_python() -> Result<PathBuf, String> {
     };
     let has = |python: &Path| {
         Command::new(python)
-            .args(["-c", "import PIL, transformers"])
+            .args(["-c", "import PIL, transformers, tensorboard"])
             .output()
             .is_ok_and(|o| o.status.success())
     };
     if !has(&python) {
         eprintln!(
-            "xtask: installing pillow and transformers (the benchmark reference's data pipeline) for {}",
+            "xtask: installing pillow and transformers (the benchmark reference's data pipeline) and tensorboard for {}",
             python.display()
         );
         let status = Command::new(&python)
@@ -309,12 +310,12 @@ pub fn reference_python() -> Result<PathBuf, String> {
                 "--quiet",
                 "--disable-pip-version-check",
             ])
-            .args(["pillow", "transformers"])
+            .args(["pillow", "transformers", "tensorboard"])
             .status()
             .map_err(|e| format!("cannot run {} -m pip: {e}", python.display()))?;
         if !status.success() || !has(&python) {
             return Err(format!(
-                "could not install pillow and transformers for {}",
+                "could not install pillow, transformers and tensorboard for {}",
                 python.display()
             ));
         }

@@ -1,0 +1,125 @@
+//! Experiment tracking: TensorBoard event files as TensorBoard's own reader
+//! sees them, after a kill and a resume.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use vlmatch::tracking::flatten;
+use vlmatch::train::TrainOptions;
+
+type Scalars = BTreeMap<String, Vec<(i64, Option<f32>)>>;
+
+/// `metrics.jsonl` and `eval.jsonl` as the tags the event files should
+/// hold: `train/KEY` and `heldout/DOTTED.KEY`, values rounded to f32 as
+/// TensorBoard stores them (NaN as `None`).
+fn expected(run: &Path) -> Scalars {
+    let mut out = Scalars::new();
+    for (file, group) in [("metrics.jsonl", "train"), ("eval.jsonl", "heldout")] {
+        let text = std::fs::read_to_string(run.join(file)).unwrap();
+        for line in text.lines() {
+            let v: Value = serde_json::from_str(line).unwrap();
+            let step = v["step"].as_i64().unwrap();
+            for (k, x) in flatten(&v) {
+                let x = (!x.is_nan()).then_some(x as f32);
+                out.entry(format!("{group}/{k}"))
+                    .or_default()
+                    .push((step, x));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn tensorboard_reads_what_metrics_jsonl_holds_after_a_resume() {
+    let dir = scratch("tensorboard");
+    // Killed after step 6: the newest checkpoint is step 4, so steps 5-6
+    // are logged twice, once by each invocation, and TensorBoard must show
+    // the second.
+    let cut = run(&dir, &["eval.every=4"], Some(6)).unwrap();
+    assert_eq!(cut.last_step, 6);
+    let resumed = train_exclusive(TrainOptions {
+        layers: vlmatch_registry::ConfigLayers::default(),
+        run_dir: None,
+        resume: Some(dir.clone()),
+        halt_after: None,
+        progress: false,
+    })
+    .unwrap();
+    assert_eq!(resumed.start_step, 4);
+
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join("tb"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 2, "one event file per invocation: {files:?}");
+
+    let want = expected(&dir);
+    assert_eq!(
+        want["train/loss"].len(),
+        12,
+        "metrics.jsonl: each step once"
+    );
+    assert_eq!(
+        want["heldout/matching.itm_acc"]
+            .iter()
+            .map(|p| p.0)
+            .collect::<Vec<_>>(),
+        [4, 8, 12]
+    );
+
+    let Some(python) = std::env::var_os("BENCH_REFERENCE_PYTHON") else {
+        eprintln!(
+            "skipped reading the event files with the tensorboard package: \
+             BENCH_REFERENCE_PYTHON is not set (cargo xtask test sets it)"
+        );
+        return;
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/read_tensorboard.py");
+    let o = Command::new(python)
+        .arg(script)
+        .arg(dir.join("tb"))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "read_tensorboard.py failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // Compared as f32, what the files hold (serde_json's decimal parsing
+    // is not always the nearest double).
+    let got: BTreeMap<String, Vec<(i64, Option<f64>)>> = serde_json::from_slice(&o.stdout).unwrap();
+    let got: Scalars = got
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k,
+                v.into_iter()
+                    .map(|(t, x)| (t, x.map(|x| x as f32)))
+                    .collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>(),
+        "the same scalars"
+    );
+    for (tag, points) in &want {
+        // Steps 5 and 6 once each: the SessionLog START event of the resumed
+        // invocation dropped the killed one's.
+        assert_eq!(&got[tag], points, "tag {tag}");
+    }
+}
+
+#[test]
+fn tensorboard_off_writes_no_event_files() {
+    let dir = scratch("tensorboard-off");
+    run(&dir, &["train.tensorboard=false"], Some(2)).unwrap();
+    assert!(dir.join("metrics.jsonl").is_file());
+    assert!(!dir.join("tb").exists());
+}
