@@ -653,9 +653,73 @@ def data_pipeline(d, cfg, meta, repeats):
     return {"images_per_s": b / s, "workers": workers, "batch_size": b}
 
 
+def first_hit_rank(cands, scores, hit):
+    """Rank of the first candidate satisfying `hit` once sorted by score,
+    highest first; Python's sort is stable, so ties keep the ITC order."""
+    order = sorted(range(len(cands)), key=lambda a: -scores[a])
+    for r, a in enumerate(order):
+        if hit(cands[a]):
+            return r
+    return -1
+
+
+def eval_main(d, cfg, meta):
+    """ALBEF's retrieval evaluation loop (its evaluation() in Retrieval.py):
+    ITC similarities of all images and captions, then per query its top k
+    by ITC, the fusion and the ITM head on those k pairs, the query's
+    ranking. Scores are the ITM match probability, as vlmatch's `itm`
+    re-ranking (ALBEF ranks by the match logit alone)."""
+    device = torch.device("cuda" if meta["cuda"] else "cpu")
+    model = Model(cfg, meta)
+    model.load_state_dict(load_file(os.path.join(d, "init.safetensors")), strict=True)
+    model.to(device).eval()
+    raw = load_file(os.path.join(d, "eval_inputs.safetensors"))
+    images, ids, mask = (raw[k].to(device) for k in ("images", "ids", "mask"))
+    per = meta["captions_per_image"]
+    k, bs = meta["k"], meta["batch_size"]
+    ni, nt = images.shape[0], ids.shape[0]
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        image = torch.cat([model.vision_encoder(images[s:s + bs]) for s in range(0, ni, bs)])
+        text = torch.cat([model.text_encoder(ids[s:s + bs], mask[s:s + bs]) for s in range(0, nt, bs)])
+        ie = F.normalize(model.vision_proj(image[:, 0]), dim=-1)
+        te = F.normalize(model.text_proj(text[:, 0]), dim=-1)
+        sims = ie @ te.t()
+        tr, ir = [], []
+        kt, ki = min(k, nt), min(k, ni)
+        for i in range(ni):
+            _, idx = sims[i].topk(kt)
+            out = model.fuse(text[idx], mask[idx], image[i].repeat(kt, 1, 1))
+            p = model.itm_head(out[:, 0]).softmax(-1)[:, 1].tolist()
+            tr.append(first_hit_rank(idx.tolist(), p, lambda j: j // per == i))
+        for j in range(nt):
+            _, idx = sims[:, j].topk(ki)
+            out = model.fuse(text[j].repeat(ki, 1, 1), mask[j].repeat(ki, 1), image[idx])
+            p = model.itm_head(out[:, 0]).softmax(-1)[:, 1].tolist()
+            ir.append(first_hit_rank(idx.tolist(), p, lambda i: i == j // per))
+    sync(device)
+    seconds = time.perf_counter() - t0
+
+    def recall(ranks, r):
+        return sum(1 for x in ranks if 0 <= x < r) / max(len(ranks), 1)
+
+    result = {
+        "images": ni, "captions": nt, "k": k, "seconds": seconds,
+        "fused_pairs": ni * kt + nt * ki,
+        "tr_r1": recall(tr, 1), "tr_r5": recall(tr, 5), "tr_r10": recall(tr, 10),
+        "ir_r1": recall(ir, 1), "ir_r5": recall(ir, 5), "ir_r10": recall(ir, 10),
+        "torch": torch.__version__,
+    }
+    with open(os.path.join(d, "reference-eval.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"reference (ALBEF's loop): {seconds:.2f} s", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", required=True)
+    ap.add_argument("--eval", action="store_true", help="time ALBEF's retrieval loop (vlmatch bench --eval)")
     args = ap.parse_args()
     d = args.dir
     with open(os.path.join(d, "config.toml"), "rb") as f:
@@ -663,6 +727,8 @@ def main():
     with open(os.path.join(d, "meta.json")) as f:
         meta = json.load(f)
     torch.set_num_threads(meta["threads"])
+    if args.eval:
+        return eval_main(d, cfg, meta)
     torch.manual_seed(cfg["train"].get("seed", 42))
     device = torch.device("cuda" if meta["cuda"] else "cpu")
     if meta["cuda"]:

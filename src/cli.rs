@@ -210,16 +210,25 @@ pub enum Command {
         /// The Python that runs it (torch 2.11.0, safetensors, transformers, pillow).
         #[arg(long)]
         python: Option<PathBuf>,
+        /// Time re-ranked retrieval instead of a training step: vlmatch's
+        /// protocol against ALBEF's loop in the reference, on a generated set.
+        #[arg(long)]
+        eval: bool,
+        /// With --eval: images in the generated set.
+        #[arg(long, default_value_t = 1000)]
+        eval_images: usize,
+        /// With --eval: captions per image.
+        #[arg(long, default_value_t = 5)]
+        eval_captions_per_image: usize,
+        /// With --eval: candidates per query re-ranked by ITM.
+        #[arg(long, default_value_t = 16)]
+        eval_k: usize,
     },
     /// Print the merged configuration that `train` would use.
     Config {
         #[command(flatten)]
         config: ConfigArgs,
     },
-    /// Draw metrics of one or more runs on shared axes into an SVG or PNG
-    /// (keys: `metrics.jsonl` fields such as `loss`, held-out values as
-    /// dotted paths such as `matching.itm_acc`).
-    Plot(crate::plot::PlotArgs),
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -595,7 +604,22 @@ pub fn run(cli: Cli) -> Result<()> {
             no_neggen,
             reference,
             python,
+            eval,
+            eval_images,
+            eval_captions_per_image,
+            eval_k,
         } => {
+            if eval {
+                crate::bench::eval::bench_eval(&crate::bench::eval::EvalBenchOptions {
+                    layers: config.layers()?,
+                    out,
+                    images: eval_images,
+                    captions_per_image: eval_captions_per_image,
+                    k: eval_k,
+                    reference: reference.zip(python).map(|(s, p)| (p, s)),
+                })?;
+                return Ok(());
+            }
             let result = crate::bench::bench(&crate::bench::BenchOptions {
                 layers: config.layers()?,
                 out,
@@ -616,7 +640,6 @@ pub fn run(cli: Cli) -> Result<()> {
             print!("{}", loaded.to_toml());
             Ok(())
         }
-        Command::Plot(args) => crate::plot::plot(&args.into()),
     }
 }
 

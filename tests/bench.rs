@@ -152,3 +152,48 @@ fn bench_without_a_generator_skips_neggen() {
     positive(&r["step_s"], "step_s");
     assert!(r.get("neggen").is_none(), "{r}");
 }
+
+/// `vlmatch bench --eval`: vlmatch's re-ranking (each pair fused once) and
+/// ALBEF's per-query loop in the reference rank the same generated set
+/// alike. The vlmatch side always runs; the reference under
+/// `cargo xtask test` (BENCH_REFERENCE_PYTHON).
+#[test]
+fn eval_bench_ranks_like_albefs_loop() {
+    use vlmatch::bench::eval::{bench_eval, EvalBenchOptions};
+    let python = std::env::var_os("BENCH_REFERENCE_PYTHON").map(PathBuf::from);
+    if python.is_none() {
+        eprintln!(
+            "reference part skipped: BENCH_REFERENCE_PYTHON is not set (cargo xtask test sets it)"
+        );
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/reference.py");
+    let out = scratch("bench-eval");
+    let r = {
+        let _turn = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
+        bench_eval(&EvalBenchOptions {
+            layers: micro_layers(&[]),
+            out: out.clone(),
+            images: 12,
+            captions_per_image: 3,
+            k: 5,
+            reference: python.map(|p| (p, script)),
+        })
+        .unwrap()
+    };
+    let v = &r["vlmatch"];
+    assert_eq!(
+        (v["images"].as_u64(), v["captions"].as_u64()),
+        (Some(12), Some(36))
+    );
+    assert_eq!(v["naive_pairs"].as_u64(), Some(12 * 5 + 36 * 5));
+    assert!(v["fused_pairs"].as_u64().unwrap() <= v["naive_pairs"].as_u64().unwrap());
+    positive(&r["vlmatch_seconds"], "vlmatch seconds");
+    if let Some(reference) = r.get("reference") {
+        positive(&reference["seconds"], "reference seconds");
+        positive(&r["ratio"], "ratio");
+        for k in ["tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10"] {
+            let (a, b) = (v[k].as_f64().unwrap(), reference[k].as_f64().unwrap());
+            assert!((a - b).abs() <= 0.002, "{k}: vlmatch {a}, reference {b}");
+        }
+    }
+}

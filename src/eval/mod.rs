@@ -17,8 +17,8 @@ use word_swap::WordSwap;
 
 mod rerank;
 pub use rerank::{
-    reranked_recalls, reranked_recalls_sharded, retrieval_reranked, retrieval_reranked_sharded,
-    RerankedRetrieval,
+    rerank_encoded, reranked_recalls, reranked_recalls_sharded, retrieval_reranked,
+    retrieval_reranked_sharded, RerankedRetrieval,
 };
 
 #[derive(Debug, Clone, Serialize)]

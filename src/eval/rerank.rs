@@ -108,9 +108,29 @@ pub fn retrieval_reranked_sharded(
             hidden: Tensor::cat(&text_hidden, 0),
             mask: all_text.mask.shallow_clone(),
         };
-        let image_embeds = model.contrastive.embed_image(&images);
-        let text_embeds = model.contrastive.embed_text(&text);
         let owner: Vec<usize> = ds.pairs.iter().map(|p| p.image).collect();
+        rerank_encoded(model, &images, &text, &owner, k, rerank, shard, progress)
+    })
+}
+
+/// The protocol on encoded images (`[ni, N, W]`) and captions (`[nt, L, D]`,
+/// one padding length): their ITC embeddings, then
+/// [`reranked_recalls_sharded`] with the fused ITM score.
+#[allow(clippy::too_many_arguments)]
+pub fn rerank_encoded(
+    model: &VlModel,
+    images: &Encoded,
+    text: &Encoded,
+    owner: &[usize],
+    k: usize,
+    rerank: &str,
+    shard: Option<&dyn Collective>,
+    progress: &indicatif::ProgressBar,
+) -> Result<RerankedRetrieval> {
+    check_rerank(rerank)?;
+    tch::no_grad(|| {
+        let image_embeds = model.contrastive.embed_image(images);
+        let text_embeds = model.contrastive.embed_text(text);
         // ITM probability of pairs (image i, text j), plus ITC if asked.
         // The pairs come sorted by image: each distinct image of the batch
         // goes through the fusion's cross-attention once.
@@ -135,7 +155,7 @@ pub fn retrieval_reranked_sharded(
         reranked_recalls_sharded(
             &image_embeds,
             &text_embeds,
-            &owner,
+            owner,
             k,
             rerank,
             score,

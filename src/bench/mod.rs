@@ -15,6 +15,8 @@
 //! `inputs.safetensors` (the fixed batches), `vocab.txt`, and `data/` (JPEG
 //! files + an annotation file for the data-pipeline comparison).
 
+pub mod eval;
+
 use crate::data::loader::{batches, Loader, LoaderConfig};
 use crate::data::{annotations, ImageRef};
 use crate::optim::AdamW;
