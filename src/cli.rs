@@ -229,6 +229,10 @@ pub enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// Draw metrics of one or more runs on shared axes into an SVG or PNG
+    /// (keys: `metrics.jsonl` fields such as `loss`, held-out values as
+    /// dotted paths such as `matching.itm_acc`).
+    Plot(crate::plot::PlotArgs),
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -640,6 +644,7 @@ pub fn run(cli: Cli) -> Result<()> {
             print!("{}", loaded.to_toml());
             Ok(())
         }
+        Command::Plot(args) => crate::plot::plot(&args.into()),
     }
 }
 

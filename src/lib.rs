@@ -17,6 +17,7 @@ pub mod guard;
 pub mod optim;
 pub mod panics;
 pub mod parallel;
+pub mod plot;
 pub mod pretrained;
 pub mod rng;
 pub mod setup;

@@ -1,5 +1,6 @@
 //! Experiment tracking: TensorBoard event files as TensorBoard's own reader
-//! sees them, after a kill and a resume.
+//! sees them, after a kill and a resume; `vlmatch plot` over the committed
+//! ablation runs.
 
 mod common;
 use common::*;
@@ -122,4 +123,81 @@ fn tensorboard_off_writes_no_event_files() {
     run(&dir, &["train.tensorboard=false"], Some(2)).unwrap();
     assert!(dir.join("metrics.jsonl").is_file());
     assert!(!dir.join("tb").exists());
+}
+
+fn curves_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/results/curves")
+}
+
+fn plot(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_vlmatch"))
+        .arg("plot")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn plot_draws_the_committed_ablation_runs_grouped_by_seed() {
+    let out = scratch("plot");
+    let runs: Vec<String> = ["baseline-s1", "baseline-s2", "baseline-s3"]
+        .iter()
+        .chain(&["vlmatch-s1", "vlmatch-s2", "vlmatch-s3"])
+        .map(|r| curves_dir().join(r).display().to_string())
+        .collect();
+    let svg = out.join("itm.svg");
+    let mut args: Vec<&str> = runs.iter().map(String::as_str).collect();
+    args.extend(["--metric", "matching.itm_acc", "--group-seeds"]);
+    args.extend(["--out", svg.to_str().unwrap()]);
+    let o = plot(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = std::fs::read_to_string(&svg).unwrap();
+    // One legend entry per group, not per seed.
+    assert!(text.contains("baseline (3 seeds: mean, min–max band)"), "{text}");
+    assert!(text.contains("vlmatch (3 seeds: mean, min–max band)"));
+    assert!(!text.contains("baseline-s1"));
+
+    // A PNG has its text drawn from the embedded font: pixels that are
+    // neither white nor a curve colour exist even without any system font.
+    let png = out.join("loss.png");
+    let o = plot(&[
+        &runs[0],
+        &runs[3],
+        "--metric",
+        "loss",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let img = image::open(&png).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), (960, 540));
+    let dark = img.pixels().filter(|p| p.0.iter().all(|&c| c < 80)).count();
+    assert!(
+        dark > 500,
+        "axis labels and text are drawn ({dark} dark pixels)"
+    );
+}
+
+#[test]
+fn plot_errors_name_the_run_and_the_keys_it_has() {
+    let run = curves_dir().join("baseline-s1");
+    let o = plot(&[
+        run.to_str().unwrap(),
+        "--metric",
+        "itm_accc",
+        "--out",
+        "x.svg",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("baseline-s1 has no metric `itm_accc`"),
+        "{err}"
+    );
+    assert!(err.contains("itm_acc, itm_acc_hard_negative"), "{err}");
+    assert!(err.contains("matching.itm_acc"), "{err}");
+
+    let o = plot(&["no/such/run", "--metric", "loss", "--out", "x.svg"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no/such/run does not exist"));
 }
