@@ -505,6 +505,8 @@ fn train_ranked(
             par.map_or(Ok(()), Parallel::barrier)
         };
     for step in start_step..tc.steps {
+        // Named by a panic's one-line report (counted from 1, as logged).
+        crate::panics::set_step(step + 1);
         tch::manual_seed(step_seed(tc.seed, step));
         let lr = lr_at(step, tc.steps, tc.warmup_steps, tc.lr, tc.min_lr);
         let out = train_step_with(
