@@ -125,6 +125,40 @@ fn tensorboard_off_writes_no_event_files() {
     assert!(!dir.join("tb").exists());
 }
 
+#[test]
+fn without_a_terminal_progress_is_one_plain_line_per_logging_step() {
+    let dir = scratch("plain-progress");
+    let o = Command::new(env!("CARGO_BIN_EXE_vlmatch"))
+        .args(["train", "--config"])
+        .arg(fixture("micro.toml"))
+        .args([
+            "--set",
+            "train.log_every=4",
+            "--set",
+            "eval.every=8",
+            "--run-dir",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("step ")).collect();
+    assert_eq!(lines.len(), 3, "steps 4, 8 and 12: {stderr}");
+    for (line, step) in lines.iter().zip(["4/12", "8/12", "12/12"]) {
+        assert!(line.starts_with(&format!("step {step} ")), "{line}");
+        for part in [" steps/s ETA ", " loss ", " lr "] {
+            assert!(line.contains(part), "{line}");
+        }
+    }
+    assert!(lines[2].contains("| held-out@8: i2t R@1 "), "{}", lines[2]);
+    // No bar redrawn in place.
+    assert!(
+        !stderr.contains('\r') && !stderr.contains("\x1b[2K"),
+        "{stderr}"
+    );
+}
+
 fn curves_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/results/curves")
 }
@@ -153,7 +187,10 @@ fn plot_draws_the_committed_ablation_runs_grouped_by_seed() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = std::fs::read_to_string(&svg).unwrap();
     // One legend entry per group, not per seed.
-    assert!(text.contains("baseline (3 seeds: mean, min–max band)"), "{text}");
+    assert!(
+        text.contains("baseline (3 seeds: mean, min–max band)"),
+        "{text}"
+    );
     assert!(text.contains("vlmatch (3 seeds: mean, min–max band)"));
     assert!(!text.contains("baseline-s1"));
 
