@@ -150,3 +150,35 @@ fn training_updates_only_through_the_nonfinite_guard() {
     );
     assert!(text.contains("guard.decide(") && text.contains("optim.step_masked(lr,&applied)"));
 }
+
+/// Plugins read device tensors back to the host only through
+/// `vlmatch_core::readback`, which counts the reads (`vlmatch bench`
+/// prints them per step): each one synchronises a GPU.
+#[test]
+fn plugins_read_back_only_through_the_counted_helper() {
+    let mut files = Vec::new();
+    rust_files(&root().join("plugins"), &mut files);
+    for f in files
+        .iter()
+        .filter(|f| f.components().any(|c| c.as_os_str() == "src"))
+    {
+        let text = read(f);
+        // Unit tests may read freely.
+        let code = text.split("#[cfg(test)]").next().unwrap_or("");
+        let code = code.replace(char::is_whitespace, "");
+        for pattern in [
+            "to_device(Device::Cpu)",
+            ".double_value(",
+            ".int64_value(",
+            "Vec::try_from(",
+            "::try_from(&",
+            "bool::try_from(",
+        ] {
+            assert!(
+                !code.contains(pattern),
+                "{} reads a tensor back with `{pattern}`; use vlmatch_core::readback::to_vec",
+                f.display()
+            );
+        }
+    }
+}

@@ -395,7 +395,7 @@ impl<'a> Forward<'a> {
 fn gather_encoded(c: &dyn Collective, local: &Encoded) -> Result<Encoded> {
     let len = local.hidden.size()[1];
     let lens = c.all_gather(&Tensor::from_slice(&[len]).to_device(local.hidden.device()))?;
-    let padded = local.pad_to(lens.max().int64_value(&[]));
+    let padded = local.pad_to(crate::readback::to_vec::<i64>(&lens.max())?[0]);
     Ok(Encoded {
         hidden: c.all_gather_with_grad(&padded.hidden)?,
         mask: c.all_gather(&padded.mask)?,

@@ -20,6 +20,7 @@ mod error;
 mod forward;
 pub mod positives;
 pub mod random;
+pub mod readback;
 mod traits;
 
 pub use batch::{Batch, Encoded, Prepared, TextBatch};

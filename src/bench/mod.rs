@@ -212,6 +212,7 @@ pub fn bench(opts: &BenchOptions) -> Result<Value> {
     let mut guard = crate::guard::Guard::new(tc, device);
     let mut k = 0usize;
     let mut last_loss = Tensor::from(f32::NAN);
+    let reads_before = vlmatch_core::readback::count();
     let (step_s, blocks) = time_blocks(device, opts.warmup, opts.repeats, opts.steps, || {
         let outcome = train_step(&asm, &mut optim, tc, k as i64, tc.lr, &mut guard, || {
             k += 1;
@@ -220,6 +221,10 @@ pub fn bench(opts: &BenchOptions) -> Result<Value> {
         last_loss = outcome.values["loss"].shallow_clone();
         Ok(())
     })?;
+    // Host read-backs inside the step (each a device synchronisation on a
+    // GPU), counted by vlmatch_core::readback.
+    let steps_run = (opts.warmup + opts.repeats * opts.steps).max(1) as f64;
+    let readbacks_per_step = (vlmatch_core::readback::count() - reads_before) as f64 / steps_run;
     let last_loss = last_loss.double_value(&[]);
     let peak = if matches!(device, Device::Cuda(_)) {
         json!({"gpu_mib": gpu_used_mib(), "rss_mib": peak_rss_mib()})
@@ -234,6 +239,7 @@ pub fn bench(opts: &BenchOptions) -> Result<Value> {
         "images_per_s": b as f64 / step_s,
         "last_loss": last_loss,
         "peak_memory": peak,
+        "readbacks_per_step": readbacks_per_step,
     });
     eprintln!(
         "vlmatch: {:.2} ms/step ({:.1} images/s), last loss {last_loss:.4}",
@@ -457,6 +463,12 @@ pub fn table(r: &Value) -> String {
     s += &row("train step (ms)", &["step_s"], 1e3, 2, true);
     s += &row("images/s", &["images_per_s"], 1.0, 1, false);
     s += &row("peak RSS (MiB)", &["peak_memory", "rss_mib"], 1.0, 0, true);
+    if let Some(n) = get(Some(r), &["readbacks_per_step"]) {
+        s += &format!(
+            "{:<34} {:>12.2}   (host reads inside the step; each syncs a GPU)\n",
+            "read-backs per step", n
+        );
+    }
     if get(Some(r), &["peak_memory", "gpu_mib"]).is_some() {
         s += &row(
             "peak GPU memory (MiB)",

@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
-use vlmatch_core::random;
+use vlmatch_core::{random, readback};
 use vlmatch_core::{
     Batch, CaptionPrep, EncoderInput, Error, Forward, NegativeSampler, Negatives, Prepared, Result,
     SamplerInput, SpecialTokens, TextBatch, TextCodec,
@@ -355,7 +355,7 @@ pub fn fill(
         let drawn = random::categorical(&scores.softmax(1, Kind::Float), &u);
         let _ = ids.index_put_(&[Some(row_t), Some(pos_t)], &drawn, false);
     }
-    let ids_v = Vec::<i64>::try_from(ids.to_device(Device::Cpu).flatten(0, 1))?;
+    let ids_v = readback::to_vec::<i64>(&ids)?;
     Ok((0..k).map(|r| ids_v[r * l..(r + 1) * l].to_vec()).collect())
 }
 
@@ -614,7 +614,7 @@ impl NegGen {
         let masks = masks.as_ref().expect("just set");
         // Each caption's choices come from its own stream, keyed by sample
         // (`vlmatch_core::random`), so they do not depend on the batch split.
-        let caption_keys = Vec::<i64>::try_from(fwd.random_keys().to_device(Device::Cpu))?;
+        let caption_keys = readback::to_vec::<i64>(&fwd.random_keys())?;
         let mut owners = Vec::new();
         let mut plans = Vec::new();
         let mut plan_keys = Vec::new();
@@ -691,11 +691,8 @@ impl NegGen {
             .to_device(device);
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let encoded = self.codec.encode(&refs, device);
-        let true_of_image = Vec::<bool>::try_from(
-            batch
-                .text_is_positive(&owner_index, &encoded)
-                .to_device(Device::Cpu),
-        )?;
+        let true_of_image =
+            readback::to_vec::<bool>(&batch.text_is_positive(&owner_index, &encoded))?;
         // The POS check tags every candidate: spread over threads.
         let kinds_kept: Vec<bool> = if self.cfg.pos_check {
             let (tagger, tags) = (self.tagger.as_ref(), &self.cfg.tags);
@@ -726,9 +723,7 @@ impl NegGen {
                     .pair_logits(&fused)?
                     .softmax(1, Kind::Float)
                     .select(1, 1);
-                Ok(Vec::<f64>::try_from(
-                    p.to_kind(Kind::Double).to_device(Device::Cpu),
-                )?)
+                readback::to_vec::<f64>(&p.to_kind(Kind::Double))
             })?;
             for ((k, p), slot) in keep.iter_mut().zip(probs).zip(&mut itm) {
                 *k = *k && p <= self.cfg.filter_threshold;
@@ -927,7 +922,7 @@ impl NegativeSampler for NegGenCache {
         let batch = input.forward.batch;
         let device = batch.text.ids.device();
         let u = random::uniform(&input.forward.random_keys(), 1);
-        let draws = Vec::<f32>::try_from(u.to_device(Device::Cpu).view([-1]))?;
+        let draws = readback::to_vec::<f32>(&u)?;
         let (index, texts): (Vec<i64>, Vec<&str>) = batch
             .captions
             .iter()

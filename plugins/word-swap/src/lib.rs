@@ -11,7 +11,6 @@
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::rc::Rc;
-use tch::Device;
 use vlmatch_core::{Error, NegativeSampler, Negatives, Result, SamplerInput, TextCodec};
 use vlmatch_registry::BuildContext;
 
@@ -124,7 +123,7 @@ impl NegativeSampler for WordSwap {
         let device = batch.text.ids.device();
         // Two draws per caption, keyed by sample (`vlmatch_core::random`).
         let u = vlmatch_core::random::uniform(&input.forward.random_keys(), 2);
-        let draws: Vec<f32> = Vec::try_from(u.to_device(Device::Cpu).view([-1]))?;
+        let draws: Vec<f32> = vlmatch_core::readback::to_vec(&u)?;
         let mut index = Vec::new();
         let mut texts = Vec::new();
         for (i, caption) in batch.captions.iter().enumerate() {
