@@ -30,6 +30,7 @@ pub mod vqa;
 // Link every built-in plugin so its `inventory` registration is present; a
 // crate nothing references is dropped by the linker with its plugins.
 use bert as _;
+use clip_vit as _;
 use co_attention as _;
 use cross_attention as _;
 use discriminator as _;

@@ -11,6 +11,7 @@
 //! | `model.text.init` | `cls.predictions.*` (MLM head) | `generator.cls.predictions.*` |
 //! | `model.fusion.init` | `encoder.layer.N.*`, N >= `init_layer_offset` | `fusion.layer.(N - offset).*` |
 //! | `model.image.init` | `embeddings.*`, `encoder.layer.N.*`, `layernorm.*` | `vision_encoder.*` |
+//! | `model.image.init` | CLIP: `vision_model.*` (text tower, projections skipped) | `vision_encoder.*` |
 //!
 //! `cls.predictions.decoder.weight` is the word-embedding matrix the head is
 //! tied to, so it is not loaded separately. ALBEF's fusion layers get their
@@ -105,7 +106,17 @@ pub fn canonical(name: &str) -> String {
 /// resized to the model's `[1, 1 + h*h, D]`: the `[CLS]` position kept, the
 /// patch grid resized bicubically (`align_corners = false`), as timm and
 /// ALBEF do to fine-tune at another resolution. `None` if nothing to do.
+/// CLIP's `embeddings.position_embedding.weight` `[1 + g*g, D]` likewise.
 pub fn interpolate_position_embeddings(name: &str, t: &Tensor, target: &[i64]) -> Option<Tensor> {
+    if name.ends_with("embeddings.position_embedding.weight") && t.dim() == 2 && target.len() == 2 {
+        let target = [1, target[0], target[1]];
+        return interpolate_position_embeddings(
+            "embeddings.position_embeddings",
+            &t.unsqueeze(0),
+            &target,
+        )
+        .map(|t| t.squeeze_dim(0));
+    }
     if !name.ends_with("embeddings.position_embeddings")
         || t.size() == target
         || t.dim() != 3
@@ -286,7 +297,18 @@ pub fn apply_inits(
             vars,
             "vision_encoder.",
             |n| {
-                (!n.starts_with("pooler.") && !n.starts_with("classifier."))
+                // A CLIP checkpoint: its vision tower, not its text tower,
+                // projections or temperature.
+                let n = n.strip_prefix("vision_model.").unwrap_or(n);
+                let skip = [
+                    "pooler.",
+                    "classifier.",
+                    "text_model.",
+                    "text_projection",
+                    "visual_projection",
+                    "logit_scale",
+                ];
+                (!skip.iter().any(|s| n.starts_with(s)) && n != "embeddings.position_ids")
                     .then(|| format!("vision_encoder.{n}"))
             },
             |_| false,

@@ -1,6 +1,7 @@
 //! HuggingFace parity: every fixture under tests/fixtures/hf/ (and under each
 //! directory listed in VLMATCH_HF_FIXTURES, colon-separated) loads into the
-//! `bert` or `vit` plugin and reproduces `transformers`' `last_hidden_state`
+//! plugin its `config.json`'s `model_type` names (`bert`, `vit`; `clip` or
+//! `clip_vision_model`: `clip_vit`) and reproduces `transformers`' `last_hidden_state`
 //! within 1e-4 (and, for a `BertForMaskedLM` fixture with `logits`, the
 //! `mlm_head` plugin its MLM logits). A fixture with `texts.json` must tokenise those texts (padded
 //! to the longest) to exactly its `input_ids` and `attention_mask`, with its
@@ -41,17 +42,18 @@ fn fixtures() -> Vec<PathBuf> {
 
 /// Load `dir`'s weights into `vs` (parameters named as in the checkpoint).
 fn load(dir: &Path, vs: &nn::VarStore) -> Result<(), String> {
+    load_mapped(dir, vs, |n| Some(n.to_string()))
+}
+
+/// [`load`] with checkpoint names mapped (`None`: not the model's).
+fn load_mapped(
+    dir: &Path,
+    vs: &nn::VarStore,
+    target: impl Fn(&str) -> Option<String>,
+) -> Result<(), String> {
     let ckpt = read_checkpoint(dir).map_err(|e| e.to_string())?;
     let vars: HashMap<String, Tensor> = vs.variables();
-    let report = apply(
-        "fixture",
-        dir,
-        &ckpt,
-        &vars,
-        "",
-        |n| Some(n.to_string()),
-        |_| false,
-    );
+    let report = apply("fixture", dir, &ckpt, &vars, "", target, |_| false);
     if !report.missing.is_empty() || !report.mismatched.is_empty() {
         return Err(format!("{report}"));
     }
@@ -218,6 +220,46 @@ fn check_fixture(dir: &Path) -> Result<(), String> {
                 "last_hidden_state",
                 &out,
                 &expected["last_hidden_state"],
+            )
+        }
+        // A CLIPVisionModel, or a CLIPModel's vision tower: the encoder's
+        // output before `post_layernorm` is `last_hidden_state`, and
+        // position 0 of `forward` (post_layernorm applied) `pooler_output`.
+        Some("clip_vision_model" | "clip") => {
+            let section = clip_vit::ClipVitSection {
+                init: Some(dir.to_path_buf()),
+                ..Default::default()
+            };
+            let cfg = section.resolve("fixture").map_err(|e| e.to_string())?;
+            let model =
+                clip_vit::ClipVit::new(&vs.root(), &cfg, cfg.image_size.unwrap(), Kind::Float)
+                    .map_err(|e| e.to_string())?;
+            load_mapped(dir, &vs, |n| {
+                let n = n.strip_prefix("vision_model.").unwrap_or(n);
+                let clip_only = [
+                    "text_model.",
+                    "text_projection.",
+                    "visual_projection.",
+                    "logit_scale",
+                ];
+                (!clip_only.iter().any(|p| n.starts_with(p)) && n != "embeddings.position_ids")
+                    .then(|| n.to_string())
+            })?;
+            let pixels = &expected["pixel_values"];
+            let hidden = tch::no_grad(|| model.forward_unnormed(pixels, false))
+                .map_err(|e| e.to_string())?;
+            compare(
+                dir,
+                "last_hidden_state",
+                &hidden,
+                &expected["last_hidden_state"],
+            )?;
+            let out = tch::no_grad(|| model.forward(pixels, false)).map_err(|e| e.to_string())?;
+            compare(
+                dir,
+                "pooler_output",
+                &out.select(1, 0),
+                &expected["pooler_output"],
             )
         }
         other => Err(format!(

@@ -13,7 +13,13 @@ fn every_builtin_plugin_is_registered() {
     let r = Registry::from_inventory().unwrap();
     assert_eq!(
         r.names(Kind::Encoder),
-        ["bert", "co_attention", "cross_attention", "vit"]
+        [
+            "bert",
+            "clip_vit",
+            "co_attention",
+            "cross_attention",
+            "vit"
+        ]
     );
     assert_eq!(r.names(Kind::Generator), ["mlm_head"]);
     assert_eq!(r.names(Kind::Discriminator), ["linear"]);

@@ -11,6 +11,10 @@ tokenising those texts (padded to the longest) with either file must give
 exactly `input_ids`, which come from transformers' tokenizer, and
 `word_ids` (-1 for none) is transformers' word index of every token.
 
+CLIP (`model_type` `clip_vision_model`, or `clip` with a `vision_config`)
+image fixtures also hold `pooler_output`, `post_layernorm` of the `[CLS]`
+state (`last_hidden_state` is the encoder's output before it).
+
 A tokenizer-only fixture (`tokenizer.json`, `texts.json`, `expected.safetensors`
 with `input_ids`, `attention_mask`, `word_ids`; no `config.json`) holds a
 RoBERTa-style byte-level BPE tokenizer (`<s>`, `</s>`, `<pad>`, ...) trained
@@ -29,8 +33,8 @@ import shutil
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (BertConfig, BertForMaskedLM, BertModel, BertTokenizer, PreTrainedTokenizerFast, ViTConfig,
-                          ViTForImageClassification, ViTModel)
+from transformers import (BertConfig, BertForMaskedLM, BertModel, BertTokenizer, CLIPConfig, CLIPModel,
+                          CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerFast, ViTConfig, ViTForImageClassification, ViTModel)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "fixtures" / "hf"
 
@@ -89,19 +93,23 @@ def text_fixture(name, cfg, masked_lm, with_vocab):
     save_file({**expected, "last_hidden_state": out.contiguous()}, d / "expected.safetensors")
 
 
-def bpe_tokenizer_fixture(name):
+def bpe_tokenizer(vocab_size=300):
     """A RoBERTa-style tokenizer: byte-level BPE with <s> ... </s> added."""
     special = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=special, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator([" ".join(WORDS)] * 3 + TEXTS[:2], trainer)
     bpe.post_processor = processors.RobertaProcessing(("</s>", bpe.token_to_id("</s>")), ("<s>", bpe.token_to_id("<s>")),
                                                       trim_offsets=True, add_prefix_space=False)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                  pad_token="<pad>", mask_token="<mask>", cls_token="<s>", sep_token="</s>")
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", mask_token="<mask>", cls_token="<s>", sep_token="</s>")
+
+
+def bpe_tokenizer_fixture(name):
+    tok = bpe_tokenizer()
     d = ROOT / name
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
@@ -124,6 +132,33 @@ def image_fixture(name, cfg, classifier):
     with torch.no_grad():
         out = vit(pixel_values=pixels).last_hidden_state
     save_file({"pixel_values": pixels, "last_hidden_state": out.contiguous()}, d / "expected.safetensors")
+
+
+def perturb(model, norm):
+    """Non-trivial LayerNorm and bias values, so a wrong mapping shows."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if norm in n or n.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+
+
+def clip_fixture(name, cfg, size):
+    """A CLIPVisionModel, or a CLIPModel (`vision_model.` keys, a text tower
+    vlmatch skips) for a CLIPConfig; `pooler_output` is post_layernorm(CLS)."""
+    torch.manual_seed(zlib.crc32(name.encode()))
+    model = (CLIPModel if isinstance(cfg, CLIPConfig) else CLIPVisionModel)(cfg).eval()
+    perturb(model, "layer")  # layer_norm1/2, pre_layrnorm, post_layernorm
+    d = ROOT / name
+    shutil.rmtree(d, ignore_errors=True)
+    model.save_pretrained(d, safe_serialization=True)
+    pixels = torch.randn(2, 3, size, size)
+    # transformers 5 keeps CLIPVisionModel's tower at its top level (no
+    # `vision_model.` prefix, which 4.x wrote); CLIPModel's is `vision_model`.
+    vision = model.vision_model if isinstance(model, CLIPModel) else model
+    with torch.no_grad():
+        out = vision(pixel_values=pixels)
+    save_file({"pixel_values": pixels, "last_hidden_state": out.last_hidden_state.contiguous(),
+               "pooler_output": out.pooler_output.contiguous()}, d / "expected.safetensors")
 
 
 common = dict(hidden_act="gelu", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -159,6 +194,22 @@ image_fixture(
     classifier=True)
 # Tokenizer only: RoBERTa-style byte-level BPE.
 bpe_tokenizer_fixture("tokenizer-roberta-bpe")
+# CLIPVisionModel at 30 px, patch 6, 3 heads, quick_gelu (CLIP's default).
+clip_fixture(
+    "clip-vision-30px-p6-3heads",
+    CLIPVisionConfig(image_size=30, patch_size=6, hidden_size=36, num_hidden_layers=2, num_attention_heads=3,
+                     intermediate_size=52, projection_dim=8),
+    size=30)
+# CLIPModel (vision_config, `vision_model.` keys, a text tower), 24 px, patch 8, gelu.
+clip_fixture(
+    "clip-model-24px-p8-gelu",
+    CLIPConfig(vision_config=dict(image_size=24, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=4, intermediate_size=40, hidden_act="gelu"),
+               text_config=dict(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=24, max_position_embeddings=16, pad_token_id=1,
+                                bos_token_id=0, eos_token_id=2),
+               projection_dim=8),
+    size=24)
 print("wrote", sorted(p.name for p in ROOT.iterdir()))
 
 # Position-embedding interpolation (timm/ALBEF: bicubic, align_corners=False)

@@ -15,6 +15,18 @@ pub fn resolve_arch<T: DeserializeOwned>(
     init: Option<&Path>,
     section: Map<String, Value>,
 ) -> Result<T> {
+    resolve_arch_nested(key, init, None, section)
+}
+
+/// [`resolve_arch`] where `config.json` may hold the architecture in an
+/// object under `nested` (CLIP's `vision_config` in a `CLIPModel`
+/// directory); without that object its top level is used.
+pub fn resolve_arch_nested<T: DeserializeOwned>(
+    key: &str,
+    init: Option<&Path>,
+    nested: Option<&str>,
+    section: Map<String, Value>,
+) -> Result<T> {
     let section: Map<String, Value> = section.into_iter().filter(|(_, v)| !v.is_null()).collect();
     let merged = match init {
         None => section,
@@ -32,6 +44,9 @@ pub fn resolve_arch<T: DeserializeOwned>(
                     line: Some(e.line()),
                     message: format!("invalid config.json: {e}"),
                 })?;
+            if let Some(Value::Object(inner)) = nested.and_then(|n| base.get(n)) {
+                base = inner.clone();
+            }
             for (k, v) in section {
                 match base.get(&k) {
                     Some(b) if !same_number_or_value(b, &v) => {
