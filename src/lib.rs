@@ -40,6 +40,7 @@ use itm as _;
 use mlm as _;
 use mlm_head as _;
 use neggen as _;
+use roberta as _;
 use rtd as _;
 use vit as _;
 use word_swap as _;

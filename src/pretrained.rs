@@ -2,13 +2,14 @@
 //! assembled model, with a report of what was applied, missing, unused and
 //! mismatched.
 //!
-//! Roles and their name tables (checkpoint name, after dropping a `bert.` or
-//! `vit.` prefix and renaming old `LayerNorm.gamma/beta` to `weight/bias`):
+//! Roles and their name tables (checkpoint name, after dropping a `bert.`,
+//! `roberta.` or `vit.` prefix and renaming old `LayerNorm.gamma/beta` to `weight/bias`):
 //!
 //! | config | checkpoint name | model parameter |
 //! |---|---|---|
 //! | `model.text.init` | `embeddings.*`, `encoder.layer.N.*` (N < text layers) | `text_encoder.*` |
 //! | `model.text.init` | `cls.predictions.*` (MLM head) | `generator.cls.predictions.*` |
+//! | `model.text.init` | RoBERTa: `lm_head.*` (MLM head) | `generator.lm_head.*` |
 //! | `model.fusion.init` | `encoder.layer.N.*`, N >= `init_layer_offset` | `fusion.layer.(N - offset).*` |
 //! | `model.image.init` | `embeddings.*`, `encoder.layer.N.*`, `layernorm.*` | `vision_encoder.*` |
 //! | `model.image.init` | CLIP: `vision_model.*` (text tower, projections skipped) | `vision_encoder.*` |
@@ -89,9 +90,9 @@ impl fmt::Display for LoadReport {
 /// A checkpoint tensor name without the model-class prefix, with old
 /// LayerNorm names updated.
 pub fn canonical(name: &str) -> String {
-    let name = name
-        .strip_prefix("bert.")
-        .or_else(|| name.strip_prefix("vit."))
+    let name = ["bert.", "roberta.", "vit."]
+        .iter()
+        .find_map(|p| name.strip_prefix(p))
         .unwrap_or(name);
     if let Some(stem) = name.strip_suffix(".gamma") {
         format!("{stem}.weight")
@@ -337,8 +338,9 @@ fn apply_text(
         vars,
         "text_encoder.",
         |n| {
-            (!n.starts_with("cls.") && !n.starts_with("pooler.") && n != "embeddings.position_ids")
-                .then(|| format!("text_encoder.{n}"))
+            let buffer = n == "embeddings.position_ids" || n == "embeddings.token_type_ids";
+            let head = n.starts_with("cls.") || n.starts_with("lm_head.");
+            (!head && !n.starts_with("pooler.") && !buffer).then(|| format!("text_encoder.{n}"))
         },
         |_| false,
     );
@@ -347,10 +349,13 @@ fn apply_text(
     }
     check(&r, allow_partial)?;
     let mut reports = vec![r];
-    if vars
-        .keys()
-        .any(|k| k.starts_with("generator.cls.predictions."))
-    {
+    // The generator's layout: BERT's `cls.predictions.*` (mlm_head) or
+    // RoBERTa's `lm_head.*` (roberta_lm_head); the decoder is tied.
+    let layout = ["cls.predictions.", "lm_head."].into_iter().find(|p| {
+        vars.keys()
+            .any(|k| k.starts_with(&format!("generator.{p}")))
+    });
+    if let Some(layout) = layout {
         let r = apply(
             "MLM head",
             dir,
@@ -358,16 +363,15 @@ fn apply_text(
             vars,
             "generator.",
             |n| {
-                (n.starts_with("cls.predictions.")
-                    && n != "cls.predictions.decoder.weight"
-                    && n != "cls.predictions.decoder.bias")
+                let tail = n.strip_prefix(layout)?;
+                (tail != "decoder.weight" && tail != "decoder.bias")
                     .then(|| format!("generator.{n}"))
             },
             |_| false,
         );
         if r.applied == 0 && head_required {
             return Err(Error::Config(format!(
-                "{} has no MLM head (`cls.predictions.*`): a masked language model \
+                "{} has no MLM head (`{layout}*`): a masked language model \
                  (BertForMaskedLM) is needed to fill masks",
                 dir.join("model.safetensors").display()
             )));

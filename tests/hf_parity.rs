@@ -1,9 +1,10 @@
 //! HuggingFace parity: every fixture under tests/fixtures/hf/ (and under each
 //! directory listed in VLMATCH_HF_FIXTURES, colon-separated) loads into the
-//! plugin its `config.json`'s `model_type` names (`bert`, `vit`; `clip` or
-//! `clip_vision_model`: `clip_vit`) and reproduces `transformers`' `last_hidden_state`
-//! within 1e-4 (and, for a `BertForMaskedLM` fixture with `logits`, the
-//! `mlm_head` plugin its MLM logits). A fixture with `texts.json` must tokenise those texts (padded
+//! plugin its `config.json`'s `model_type` names (`bert`, `vit`, `roberta`;
+//! `clip` or `clip_vision_model`: `clip_vit`) and reproduces `transformers`' `last_hidden_state`
+//! within 1e-4 (and, for a `BertForMaskedLM` or `RobertaForMaskedLM`
+//! fixture with `logits`, the `mlm_head` or `roberta_lm_head` plugin its MLM
+//! logits). A fixture with `texts.json` must tokenise those texts (padded
 //! to the longest) to exactly its `input_ids` and `attention_mask`, with its
 //! `tokenizer.json` and with its `vocab.txt`, whichever it has, and group the
 //! tokens into words as its `word_ids` do; a fixture with a `tokenizer.json`
@@ -221,6 +222,50 @@ fn check_fixture(dir: &Path) -> Result<(), String> {
                 &out,
                 &expected["last_hidden_state"],
             )
+        }
+        // RobertaModel or RobertaForMaskedLM (`logits`: `roberta_lm_head`).
+        Some("roberta") => {
+            let section = roberta::RobertaSection {
+                init: Some(dir.to_path_buf()),
+                ..Default::default()
+            };
+            let cfg = section.resolve("fixture").map_err(|e| e.to_string())?;
+            let ids = &expected["input_ids"];
+            let mask = &expected["attention_mask"];
+            let model = roberta::Roberta::new(
+                &vs.root(),
+                &cfg,
+                cfg.vocab_size.unwrap(),
+                ids.size()[1],
+                Kind::Float,
+            )
+            .map_err(|e| e.to_string())?;
+            let head = expected.contains_key("logits").then(|| {
+                let emb = vlmatch_core::Encoder::word_embeddings(&model).unwrap();
+                roberta::RobertaLmHead::new(&vs.root(), emb, cfg.layer_norm_eps, Kind::Float)
+            });
+            load_mapped(dir, &vs, |n| {
+                let skip = n.starts_with("pooler.")
+                    || n == "lm_head.decoder.weight"
+                    || n == "lm_head.decoder.bias"
+                    || n.starts_with("embeddings.token_type_ids");
+                (!skip).then(|| n.to_string())
+            })?;
+            let out = tch::no_grad(|| model.forward(ids, mask, false));
+            compare(
+                dir,
+                "last_hidden_state",
+                &out,
+                &expected["last_hidden_state"],
+            )?;
+            let Some(head) = head else { return Ok(()) };
+            let states = vlmatch_core::Encoded {
+                hidden: out,
+                mask: mask.shallow_clone(),
+            };
+            let logits = tch::no_grad(|| vlmatch_core::Generator::logits(&head, &states, false))
+                .map_err(|e| e.to_string())?;
+            compare(dir, "logits", &logits, &expected["logits"])
         }
         // A CLIPVisionModel, or a CLIPModel's vision tower: the encoder's
         // output before `post_layernorm` is `last_hidden_state`, and

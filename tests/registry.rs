@@ -18,10 +18,11 @@ fn every_builtin_plugin_is_registered() {
             "clip_vit",
             "co_attention",
             "cross_attention",
+            "roberta",
             "vit"
         ]
     );
-    assert_eq!(r.names(Kind::Generator), ["mlm_head"]);
+    assert_eq!(r.names(Kind::Generator), ["mlm_head", "roberta_lm_head"]);
     assert_eq!(r.names(Kind::Discriminator), ["linear"]);
     assert_eq!(
         r.names(Kind::NegativeSampler),

@@ -13,7 +13,9 @@ exactly `input_ids`, which come from transformers' tokenizer, and
 
 CLIP (`model_type` `clip_vision_model`, or `clip` with a `vision_config`)
 image fixtures also hold `pooler_output`, `post_layernorm` of the `[CLS]`
-state (`last_hidden_state` is the encoder's output before it).
+state (`last_hidden_state` is the encoder's output before it). RoBERTa
+(`roberta`) text fixtures are like BERT's, with a byte-level BPE
+`tokenizer.json` trained here and `texts.json`.
 
 A tokenizer-only fixture (`tokenizer.json`, `texts.json`, `expected.safetensors`
 with `input_ids`, `attention_mask`, `word_ids`; no `config.json`) holds a
@@ -34,7 +36,8 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (BertConfig, BertForMaskedLM, BertModel, BertTokenizer, CLIPConfig, CLIPModel,
-                          CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerFast, ViTConfig, ViTForImageClassification, ViTModel)
+                          CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerFast, RobertaConfig,
+                          RobertaForMaskedLM, RobertaModel, ViTConfig, ViTForImageClassification, ViTModel)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "fixtures" / "hf"
 
@@ -161,6 +164,29 @@ def clip_fixture(name, cfg, size):
                "pooler_output": out.pooler_output.contiguous()}, d / "expected.safetensors")
 
 
+def roberta_fixture(name, masked_lm, **arch):
+    """RobertaForMaskedLM (`roberta.` keys, `lm_head.*`) or RobertaModel (a
+    pooler), with a byte-level BPE trained here as its tokenizer.json."""
+    tok = bpe_tokenizer(vocab_size=arch.pop("bpe_vocab"))
+    cfg = RobertaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                        eos_token_id=tok.eos_token_id, type_vocab_size=1, **arch)
+    torch.manual_seed(zlib.crc32(name.encode()))
+    model = (RobertaForMaskedLM if masked_lm else RobertaModel)(cfg).eval()
+    perturb(model, "LayerNorm" if not masked_lm else "orm")  # lm_head.layer_norm too
+    d = ROOT / name
+    shutil.rmtree(d, ignore_errors=True)
+    model.save_pretrained(d, safe_serialization=True)
+    tok.backend_tokenizer.save(str(d / "tokenizer.json"))
+    expected = hf_ids(tok, d)
+    roberta = model.roberta if masked_lm else model
+    with torch.no_grad():
+        ids, mask = expected["input_ids"], expected["attention_mask"]
+        expected["last_hidden_state"] = roberta(input_ids=ids, attention_mask=mask).last_hidden_state.contiguous()
+        if masked_lm:
+            expected["logits"] = model(input_ids=ids, attention_mask=mask).logits.contiguous()
+    save_file(expected, d / "expected.safetensors")
+
+
 common = dict(hidden_act="gelu", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 # BertModel keys (no prefix), 3 heads, with a vocab.txt and texts.
 text_fixture(
@@ -210,6 +236,12 @@ clip_fixture(
                                 bos_token_id=0, eos_token_id=2),
                projection_dim=8),
     size=24)
+# RobertaForMaskedLM: `roberta.` keys, lm_head, 5 heads, positions past padding_idx.
+roberta_fixture("roberta-mlm-h40-5heads", masked_lm=True, bpe_vocab=300, hidden_size=40, num_hidden_layers=2,
+                num_attention_heads=5, intermediate_size=72, max_position_embeddings=34, layer_norm_eps=1e-5, **common)
+# RobertaModel (pooler, no prefix), 3 heads.
+roberta_fixture("roberta-h24-3heads", masked_lm=False, bpe_vocab=280, hidden_size=24, num_hidden_layers=1,
+                num_attention_heads=3, intermediate_size=40, max_position_embeddings=30, layer_norm_eps=1e-5, **common)
 print("wrote", sorted(p.name for p in ROOT.iterdir()))
 
 # Position-embedding interpolation (timm/ALBEF: bicubic, align_corners=False)
