@@ -3,7 +3,8 @@
 //! checkpoints by configuration alone: the parity fixtures of a
 //! CLIPVisionModel (at another resolution, so its position embeddings are
 //! interpolated) and a RobertaForMaskedLM (its tokenizer.json the run's
-//! tokenizer, its `lm_head` the generator).
+//! tokenizer, its `lm_head` the generator), and the image normalisation
+//! taken from the CLIP checkpoint's `preprocessor_config.json`.
 
 mod common;
 use common::*;
@@ -116,4 +117,39 @@ fn meter_preset_trains_from_clip_and_roberta_checkpoints() {
         recorded.contains("plugin = \"clip_vit\"") && recorded.contains("plugin = \"roberta\""),
         "{recorded}"
     );
+    // The image checkpoint's normalisation, recorded for the run.
+    let data: toml::Table = recorded.parse::<toml::Table>().unwrap()["data"]
+        .as_table()
+        .unwrap()
+        .clone();
+    assert_eq!(data["mean"].to_string(), "[0.25, 0.5, 0.75]");
+    assert_eq!(data["std"].to_string(), "[0.125, 0.25, 0.5]");
+}
+
+#[test]
+fn image_normalisation_comes_from_the_checkpoint_unless_set() {
+    let from_checkpoint = meter_layers(&[]).load().unwrap().config.data;
+    assert_eq!(
+        (from_checkpoint.mean, from_checkpoint.std),
+        ([0.25, 0.5, 0.75], [0.125, 0.25, 0.5]),
+        "preprocessor_config.json's image_mean and image_std"
+    );
+    let set = meter_layers(&["data.mean=[0.5, 0.5, 0.5]"])
+        .load()
+        .unwrap()
+        .config
+        .data;
+    assert_eq!(
+        (set.mean, set.std),
+        ([0.5; 3], [0.125, 0.25, 0.5]),
+        "an explicit data.mean wins; data.std still the checkpoint's"
+    );
+    // Without preprocessor_config.json (the ViT fixtures): the default, CLIP's.
+    let mut layers = micro_layers(&[]);
+    layers.sets.push(format!(
+        "model.image.init={}",
+        fixture("hf/vit-40px-p8-3heads").display()
+    ));
+    let default = layers.load().unwrap().config.data;
+    assert_eq!(default.mean, [0.481_454_66, 0.457_827_5, 0.408_210_73]);
 }

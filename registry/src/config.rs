@@ -285,7 +285,8 @@ pub struct DataConfig {
     /// Batches prepared ahead of the training step.
     #[serde(default = "default_prefetch")]
     pub prefetch: usize,
-    /// Per-channel normalisation (CLIP's, as ALBEF uses).
+    /// Per-channel normalisation (CLIP's, as ALBEF uses). Unset, each comes
+    /// from `model.image.init`'s `preprocessor_config.json` where it has one.
     #[serde(default = "default_mean")]
     pub mean: [f32; 3],
     #[serde(default = "default_std")]
@@ -693,6 +694,7 @@ impl ConfigLayers {
                 "config key `{key}`{source}: {problem}"
             )));
         }
+        checkpoint_normalisation(&mut config, &figment)?;
         let stale = drop_stale_keys(&mut config, &figment, &layers);
         Ok(LoadedConfig {
             figment,
@@ -700,6 +702,51 @@ impl ConfigLayers {
             stale,
         })
     }
+}
+
+/// `data.mean` and `data.std`, each where no layer sets it, from
+/// `model.image.init`'s `preprocessor_config.json` (`image_mean`,
+/// `image_std`): the normalisation the image checkpoint was trained with
+/// (CLIP's for CLIP, 0.5 for HuggingFace ViT). The values go into the
+/// config, so the run's `config.toml` records them (and a resume keeps them).
+fn checkpoint_normalisation(config: &mut Config, figment: &Figment) -> Result<()> {
+    let Ok(dir) = figment.extract_inner::<PathBuf>("model.image.init") else {
+        return Ok(());
+    };
+    let file = dir.join("preprocessor_config.json");
+    let Ok(text) = std::fs::read_to_string(&file) else {
+        return Ok(());
+    };
+    let bad = |message: String| Error::Data {
+        path: file.clone(),
+        line: None,
+        message,
+    };
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| bad(format!("invalid preprocessor_config.json: {e}")))?;
+    let data = &mut config.data;
+    for (key, field, target) in [
+        ("data.mean", "image_mean", &mut data.mean),
+        ("data.std", "image_std", &mut data.std),
+    ] {
+        let (Some(value), None) = (json.get(field), figment.find_metadata(key)) else {
+            continue;
+        };
+        let v: [f32; 3] = serde_json::from_value(value.clone()).map_err(|e| {
+            bad(format!(
+                "`{field}`: expected 3 numbers (one per RGB channel): {e}"
+            ))
+        })?;
+        let valid = v
+            .iter()
+            .all(|x| x.is_finite() && (field == "image_mean" || *x > 0.0));
+        if !valid {
+            return Err(bad(format!("`{field}` {v:?} cannot normalise images")));
+        }
+        tracing::info!(key, value = ?v, from = %file.display(), "image normalisation from the checkpoint");
+        *target = v;
+    }
+    Ok(())
 }
 
 /// Switching a section's plugin in a higher layer (`--config` with

@@ -13,7 +13,8 @@ exactly `input_ids`, which come from transformers' tokenizer, and
 
 CLIP (`model_type` `clip_vision_model`, or `clip` with a `vision_config`)
 image fixtures also hold `pooler_output`, `post_layernorm` of the `[CLS]`
-state (`last_hidden_state` is the encoder's output before it). RoBERTa
+state (`last_hidden_state` is the encoder's output before it), and a
+`preprocessor_config.json` whose `image_mean`/`image_std` a run takes. RoBERTa
 (`roberta`) text fixtures are like BERT's, with a byte-level BPE
 `tokenizer.json` trained here and `texts.json`.
 
@@ -35,7 +36,7 @@ import shutil
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (BertConfig, BertForMaskedLM, BertModel, BertTokenizer, CLIPConfig, CLIPModel,
+from transformers import (BertConfig, BertForMaskedLM, BertModel, BertTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel,
                           CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerFast, RobertaConfig,
                           RobertaForMaskedLM, RobertaModel, ViTConfig, ViTForImageClassification, ViTModel)
 
@@ -145,15 +146,17 @@ def perturb(model, norm):
                 p.add_(torch.randn_like(p) * 0.1)
 
 
-def clip_fixture(name, cfg, size):
+def clip_fixture(name, cfg, size, **processor):
     """A CLIPVisionModel, or a CLIPModel (`vision_model.` keys, a text tower
-    vlmatch skips) for a CLIPConfig; `pooler_output` is post_layernorm(CLS)."""
+    vlmatch skips) for a CLIPConfig; `pooler_output` is post_layernorm(CLS).
+    `preprocessor_config.json` is CLIPImageProcessor's with `processor`."""
     torch.manual_seed(zlib.crc32(name.encode()))
     model = (CLIPModel if isinstance(cfg, CLIPConfig) else CLIPVisionModel)(cfg).eval()
     perturb(model, "layer")  # layer_norm1/2, pre_layrnorm, post_layernorm
     d = ROOT / name
     shutil.rmtree(d, ignore_errors=True)
     model.save_pretrained(d, safe_serialization=True)
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size=size, **processor).save_pretrained(d)
     pixels = torch.randn(2, 3, size, size)
     # transformers 5 keeps CLIPVisionModel's tower at its top level (no
     # `vision_model.` prefix, which 4.x wrote); CLIPModel's is `vision_model`.
@@ -225,7 +228,7 @@ clip_fixture(
     "clip-vision-30px-p6-3heads",
     CLIPVisionConfig(image_size=30, patch_size=6, hidden_size=36, num_hidden_layers=2, num_attention_heads=3,
                      intermediate_size=52, projection_dim=8),
-    size=30)
+    size=30, image_mean=[0.25, 0.5, 0.75], image_std=[0.125, 0.25, 0.5])
 # CLIPModel (vision_config, `vision_model.` keys, a text tower), 24 px, patch 8, gelu.
 clip_fixture(
     "clip-model-24px-p8-gelu",
