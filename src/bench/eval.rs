@@ -12,11 +12,10 @@
 //! lengths. An untrained model scores them arbitrarily but not in ties,
 //! which is all a timing and agreement check needs.
 
-use super::{sync, write_file};
+use super::{run_reference, sync, write_file};
 use crate::setup;
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -197,7 +196,7 @@ pub fn bench_eval(opts: &EvalBenchOptions) -> Result<Value> {
     );
     let mut result = json!({"meta": meta, "vlmatch": mine, "vlmatch_seconds": seconds});
     if let Some((python, script)) = &opts.reference {
-        let reference = run_reference(python, script, out)?;
+        let reference = run_reference(python, script, out, &["--eval"], "reference-eval.json")?;
         let theirs = recalls(&reference);
         let worst = recalls(&mine)
             .iter()
@@ -224,25 +223,4 @@ pub fn bench_eval(opts: &EvalBenchOptions) -> Result<Value> {
     let path = out.join("bench-eval.json");
     write_file(&path, serde_json::to_string_pretty(&result).expect("json"))?;
     Ok(result)
-}
-
-fn run_reference(python: &Path, script: &Path, out: &Path) -> Result<Value> {
-    let mut cmd = Command::new(python);
-    cmd.arg(script).arg("--dir").arg(out).arg("--eval");
-    let shown = format!("{cmd:?}");
-    let status = cmd
-        .status()
-        .map_err(|e| Error::Config(format!("cannot start the reference {shown}: {e}")))?;
-    if !status.success() {
-        return Err(Error::Config(format!(
-            "the PyTorch reference failed ({status}): {shown}"
-        )));
-    }
-    let path = out.join("reference-eval.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::Data {
-        path: path.clone(),
-        line: Some(e.line()),
-        message: format!("not JSON: {e}"),
-    })
 }

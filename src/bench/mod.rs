@@ -308,28 +308,40 @@ pub fn bench(opts: &BenchOptions) -> Result<Value> {
     }
 
     if let Some((python, script)) = &opts.reference {
-        let mut cmd = Command::new(python);
-        cmd.arg(script).arg("--dir").arg(out);
-        let shown = format!("{cmd:?}");
-        let status = cmd
-            .status()
-            .map_err(|e| Error::Config(format!("cannot start the reference {shown}: {e}")))?;
-        if !status.success() {
-            return Err(Error::Config(format!(
-                "the PyTorch reference failed ({status}): {shown}"
-            )));
-        }
-        let path = out.join("reference.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        result["reference"] = serde_json::from_str(&text).map_err(|e| Error::Data {
-            path: path.clone(),
-            line: Some(e.line()),
-            message: format!("not JSON: {e}"),
-        })?;
+        result["reference"] = run_reference(python, script, out, &[], "reference.json")?;
     }
     let path = out.join("bench.json");
     write_file(&path, serde_json::to_string_pretty(&result).expect("json"))?;
     Ok(result)
+}
+
+/// Run the PyTorch reference `script` on the inputs in `out` (plus
+/// `args`) and read the JSON it writes there as `answer`.
+fn run_reference(
+    python: &Path,
+    script: &Path,
+    out: &Path,
+    args: &[&str],
+    answer: &str,
+) -> Result<Value> {
+    let mut cmd = Command::new(python);
+    cmd.arg(script).arg("--dir").arg(out).args(args);
+    let shown = format!("{cmd:?}");
+    let status = cmd
+        .status()
+        .map_err(|e| Error::Config(format!("cannot start the reference {shown}: {e}")))?;
+    if !status.success() {
+        return Err(Error::Config(format!(
+            "the PyTorch reference failed ({status}): {shown}"
+        )));
+    }
+    let path = out.join(answer);
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Data {
+        path: path.clone(),
+        line: Some(e.line()),
+        message: format!("not JSON: {e}"),
+    })
 }
 
 /// The data pipeline alone: JPEG files decoded, resized, normalised and
