@@ -153,3 +153,33 @@ fn image_normalisation_comes_from_the_checkpoint_unless_set() {
     let default = layers.load().unwrap().config.data;
     assert_eq!(default.mean, [0.481_454_66, 0.457_827_5, 0.408_210_73]);
 }
+
+#[test]
+fn a_checkpoint_of_another_family_is_an_error_naming_plugin_and_model_type() {
+    let roberta = fixture("hf/roberta-mlm-h40-5heads");
+    let mut layers = micro_layers(&[]);
+    layers
+        .sets
+        .push(format!("model.text.init={}", roberta.display()));
+    let loaded = layers.load().unwrap();
+    let tok = Arc::new(vlmatch::setup::tokenizer(&loaded).unwrap());
+    let err = vlmatch::setup::model(&loaded, &tok)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("`model.text.init`")
+            && err.contains("`roberta` checkpoint")
+            && err.contains("plugin `bert`"),
+        "{err}"
+    );
+    let section = clip_vit::ClipVitSection {
+        init: Some(fixture("hf/vit-40px-p8-3heads")),
+        ..Default::default()
+    };
+    let err = section.resolve("model.image").unwrap_err().to_string();
+    assert!(
+        err.contains("`vit` checkpoint") && err.contains("plugin `clip_vit`"),
+        "{err}"
+    );
+}

@@ -94,6 +94,7 @@ impl BertSection {
                 ("layer_norm_eps", self.layer_norm_eps),
             ],
         )?;
+        vlmatch_layers::hf::check_model_type(key, "bert", self.init.as_deref(), &["bert"])?;
         let mut keys = match serde_json::to_value(self).expect("serialisable") {
             serde_json::Value::Object(m) => m,
             _ => unreachable!("a struct serialises to an object"),

@@ -110,6 +110,12 @@ impl ClipVitSection {
                 ("layer_norm_eps", self.layer_norm_eps),
             ],
         )?;
+        vlmatch_layers::hf::check_model_type(
+            key,
+            "clip_vit",
+            self.init.as_deref(),
+            &["clip", "clip_vision_model"],
+        )?;
         let serde_json::Value::Object(keys) = serde_json::to_value(self).expect("serialisable")
         else {
             unreachable!("a struct serialises to an object")

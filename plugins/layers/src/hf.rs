@@ -91,3 +91,33 @@ pub fn resolve_section<T: DeserializeOwned, S: serde::Serialize>(
     };
     resolve_arch(key, init, keys)
 }
+
+/// With `init`, its `config.json`'s `model_type` must be one that `plugin`
+/// loads (`accepted`); one without a `model_type` is let through. The
+/// error names both, e.g. a RoBERTa directory given to `bert`.
+pub fn check_model_type(
+    key: &str,
+    plugin: &str,
+    init: Option<&Path>,
+    accepted: &[&str],
+) -> Result<()> {
+    let Some(dir) = init else { return Ok(()) };
+    let model_type = std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .and_then(|v| v.get("model_type")?.as_str().map(str::to_string));
+    match model_type {
+        Some(t) if !accepted.contains(&t.as_str()) => Err(Error::Config(format!(
+            "config key `{key}.init`: {} holds a `{t}` checkpoint (model_type), which \
+             plugin `{plugin}` does not load (it loads model_type {}); pick the plugin \
+             for `{t}` or another checkpoint",
+            dir.display(),
+            accepted
+                .iter()
+                .map(|a| format!("`{a}`"))
+                .collect::<Vec<_>>()
+                .join(" or ")
+        ))),
+        _ => Ok(()),
+    }
+}

@@ -130,6 +130,7 @@ impl RobertaSection {
                 ("layer_norm_eps", self.layer_norm_eps),
             ],
         )?;
+        vlmatch_layers::hf::check_model_type(key, "roberta", self.init.as_deref(), &["roberta"])?;
         let serde_json::Value::Object(mut keys) = serde_json::to_value(self).expect("serialisable")
         else {
             unreachable!("a struct serialises to an object")

@@ -88,6 +88,7 @@ impl VitSection {
                 ("layer_norm_eps", self.layer_norm_eps),
             ],
         )?;
+        vlmatch_layers::hf::check_model_type(key, "vit", self.init.as_deref(), &["vit"])?;
         let cfg: VitConfig = resolve_section(key, self.init.as_deref(), self)?;
         cfg.check(key).map_err(|e| match &self.init {
             Some(dir) => Error::Config(format!("{e} (with init {})", dir.display())),
