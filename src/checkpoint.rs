@@ -351,7 +351,8 @@ pub fn latest(run_dir: &Path) -> Result<PathBuf> {
     let pointer = run_dir.join("checkpoints").join("latest");
     let name = std::fs::read_to_string(&pointer).map_err(|e| {
         Error::Config(format!(
-            "cannot resume from {}: no checkpoint ({}: {e})",
+            "{} holds no checkpoint ({}: {e}); is it a run directory that trained at least \
+             to its first checkpoint?",
             run_dir.display(),
             pointer.display()
         ))

@@ -89,7 +89,7 @@ fn unknown_plugin_lists_registered_names() {
     assert!(e.contains("`model.image.plugin`"), "{e}");
     assert!(e.contains("unknown encoder plugin `vitt`"), "{e}");
     assert!(
-        e.contains("bert, co_attention, cross_attention, vit"),
+        e.contains("bert, clip_vit, co_attention, cross_attention, roberta, vit"),
         "{e}"
     );
 
