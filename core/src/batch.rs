@@ -152,6 +152,12 @@ pub struct Encoded {
 }
 
 impl Encoded {
+    /// States whose every position is attended to (an image's patches).
+    pub fn all_valid(hidden: Tensor) -> Encoded {
+        let (b, n) = (hidden.size()[0], hidden.size()[1]);
+        let mask = Tensor::ones([b, n], (tch::Kind::Int64, hidden.device()));
+        Encoded { hidden, mask }
+    }
     pub fn cls(&self) -> Tensor {
         self.hidden.select(1, 0)
     }

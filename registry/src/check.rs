@@ -21,6 +21,19 @@ pub fn invalid(key: &str, problem: impl Display) -> Error {
     Error::Config(format!("config key `{key}`: {problem}"))
 }
 
+/// An image encoder's `patch_size` divides `data.image_size`.
+pub fn patch_divides(key: &str, patch_size: i64, image_size: i64) -> Result<()> {
+    if patch_size > 0 && image_size % patch_size == 0 {
+        return Ok(());
+    }
+    Err(invalid(
+        key,
+        format!(
+            "{patch_size} does not divide data.image_size {image_size}; images are cut into whole patches"
+        ),
+    ))
+}
+
 /// `value >= min` (integers).
 pub fn at_least(key: &str, value: i64, min: i64) -> Result<()> {
     if value < min {

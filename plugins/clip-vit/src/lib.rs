@@ -362,25 +362,18 @@ impl Encoder for ClipVit {
         let EncoderInput::Image(images) = input else {
             return Err(Error::plugin("clip_vit", "an image encoder takes images"));
         };
-        let hidden = self.forward(images, train)?;
-        let (b, n) = (hidden.size()[0], hidden.size()[1]);
-        let mask = Tensor::ones([b, n], (Kind::Int64, hidden.device()));
-        Ok(Encoded { hidden, mask })
+        Ok(Encoded::all_valid(self.forward(images, train)?))
     }
 }
 
 fn build(ctx: &BuildContext<'_>) -> Result<Rc<dyn Encoder>> {
     let section: ClipVitSection = ctx.params()?;
     let cfg = section.resolve(&ctx.key)?;
-    if ctx.env.image_size % cfg.patch_size != 0 {
-        return Err(vlmatch_registry::check::invalid(
-            &format!("{}.patch_size", ctx.key),
-            format!(
-                "{} does not divide data.image_size {}; images are cut into whole patches",
-                cfg.patch_size, ctx.env.image_size
-            ),
-        ));
-    }
+    vlmatch_registry::check::patch_divides(
+        &format!("{}.patch_size", ctx.key),
+        cfg.patch_size,
+        ctx.env.image_size,
+    )?;
     Ok(Rc::new(ClipVit::new(
         &ctx.path,
         &cfg,
