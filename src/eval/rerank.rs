@@ -17,7 +17,7 @@ use crate::data::Dataset;
 use serde::Serialize;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
-use vlmatch_core::{Collective, Encoded, EncoderInput, Result, VlModel};
+use vlmatch_core::{readback, Collective, Encoded, EncoderInput, Result, VlModel};
 
 /// Candidate pairs fused per batch.
 pub const RERANK_BATCH: usize = 256;
@@ -131,17 +131,28 @@ pub fn rerank_encoded(
     tch::no_grad(|| {
         let image_embeds = model.contrastive.embed_image(images);
         let text_embeds = model.contrastive.embed_text(text);
+        // Tokens per caption (a mask's ones are its first positions).
+        let text_lens: Vec<i64> =
+            readback::to_vec(&text.mask.sum_dim_intlist(1, false, Kind::Int64))?;
         // ITM probability of pairs (image i, text j), plus ITC if asked.
-        // The pairs come sorted by image: each distinct image of the batch
-        // goes through the fusion's cross-attention once.
+        // Each distinct image of a batch goes through the fusion's
+        // cross-attention once, and the batch's captions, of about one
+        // length, lose the padding none of them needs.
         let score = |img: &Tensor, txt: &Tensor, itc: &Tensor| -> Result<Vec<f64>> {
-            let (distinct, index, _) = img.unique_consecutive(true, false, 0);
-            let fused = model.fuse_cls_indexed(
-                &text.select(txt),
-                &images.select(&distinct),
-                &index,
-                false,
-            )?;
+            let (distinct, index, _) = img.unique_dim(0, true, true, false);
+            let rows: Vec<i64> = readback::to_vec(txt)?;
+            let len = rows
+                .iter()
+                .map(|&j| text_lens[j as usize])
+                .max()
+                .unwrap_or(1)
+                .max(1);
+            let texts = text.select(txt);
+            let texts = Encoded {
+                hidden: texts.hidden.narrow(1, 0, len),
+                mask: texts.mask.narrow(1, 0, len),
+            };
+            let fused = model.fuse_cls_indexed(&texts, &images.select(&distinct), &index, false)?;
             let p = model
                 .discriminator
                 .pair_logits(&fused)?
@@ -159,6 +170,7 @@ pub fn rerank_encoded(
             k,
             rerank,
             score,
+            Some(&text_lens),
             shard,
             progress,
         )
@@ -190,6 +202,7 @@ pub fn reranked_recalls(
         rerank,
         score,
         None,
+        None,
         progress,
     )
 }
@@ -217,6 +230,9 @@ fn top_candidates(queries: &Tensor, keys: &Tensor, kk: usize) -> Result<(Vec<i64
 /// contiguous blocks, one per rank of `shard`: each rank fuses its block and
 /// the scores are gathered, so every rank computes the recalls one process
 /// would (a pair's score does not depend on which rank computes it).
+/// With `text_lens` (tokens per caption) the pairs are scored in order of
+/// caption length, then image, so that a batch's captions need about the
+/// same padding; without, in order of image.
 #[allow(clippy::too_many_arguments)]
 pub fn reranked_recalls_sharded(
     image_embeds: &Tensor,
@@ -225,6 +241,7 @@ pub fn reranked_recalls_sharded(
     k: usize,
     rerank: &str,
     mut score: impl FnMut(&Tensor, &Tensor, &Tensor) -> Result<Vec<f64>>,
+    text_lens: Option<&[i64]>,
     shard: Option<&dyn Collective>,
     progress: &indicatif::ProgressBar,
 ) -> Result<RerankedRetrieval> {
@@ -248,14 +265,26 @@ pub fn reranked_recalls_sharded(
     let naive_pairs = pairs.len();
     pairs.sort_unstable();
     pairs.dedup();
+    // The order pairs are scored in: `order[s]` is the position in `pairs`
+    // of the s-th pair scored.
+    let mut order: Vec<usize> = (0..pairs.len()).collect();
+    if let Some(lens) = text_lens {
+        order.sort_by_key(|&p| (lens[(pairs[p] % nt as u64) as usize], pairs[p]));
+    }
     // This rank's block of the distinct pairs.
     let per = pairs.len().div_ceil(world);
-    let mine = &pairs[(rank * per).min(pairs.len())..((rank + 1) * per).min(pairs.len())];
+    let mine = &order[(rank * per).min(order.len())..((rank + 1) * per).min(order.len())];
     progress.set_length(mine.len() as u64);
     let mut scores: Vec<f64> = Vec::with_capacity(per);
     for batch in mine.chunks(RERANK_BATCH) {
-        let img: Vec<i64> = batch.iter().map(|&c| (c / nt as u64) as i64).collect();
-        let txt: Vec<i64> = batch.iter().map(|&c| (c % nt as u64) as i64).collect();
+        let img: Vec<i64> = batch
+            .iter()
+            .map(|&p| (pairs[p] / nt as u64) as i64)
+            .collect();
+        let txt: Vec<i64> = batch
+            .iter()
+            .map(|&p| (pairs[p] % nt as u64) as i64)
+            .collect();
         let img = Tensor::from_slice(&img).to_device(device);
         let txt = Tensor::from_slice(&txt).to_device(device);
         let itc = (image_embeds.index_select(0, &img) * text_embeds.index_select(0, &txt))
@@ -263,7 +292,7 @@ pub fn reranked_recalls_sharded(
         scores.extend(score(&img, &txt, &itc)?);
         progress.inc(batch.len() as u64);
     }
-    let scores: Vec<f64> = match shard {
+    let in_order: Vec<f64> = match shard {
         None => scores,
         Some(c) => {
             // Equal shapes on every rank: pad the last block.
@@ -274,6 +303,11 @@ pub fn reranked_recalls_sharded(
             all
         }
     };
+    // Back from scoring order to the order of `pairs`.
+    let mut scores = vec![f64::NAN; pairs.len()];
+    for (s, &p) in order.iter().enumerate() {
+        scores[p] = in_order[s];
+    }
     let score_of = |i: usize, j: usize| {
         let at = pairs
             .binary_search(&code(i, j))
@@ -415,6 +449,7 @@ mod tests {
                     2,
                     "itm",
                     score,
+                    None,
                     Some(&fake),
                     &bar,
                 )
@@ -433,6 +468,7 @@ mod tests {
             2,
             "itm",
             score,
+            None,
             Some(&all),
             &bar,
         )
@@ -533,6 +569,13 @@ mod tests {
             let r = reranked_recalls(&image_embeds, &text_embeds, &owner, k, "itm", score, &bar).unwrap();
             let want = naive(&image_embeds, &text_embeds, &owner, k, &m);
             proptest::prop_assert_eq!(&recalls(&r)[..6], &want[..]);
+            // Scoring in order of caption length changes nothing either.
+            let lens: Vec<i64> = (0..nt as i64).map(|j| (j * 7 + seed) % 5).collect();
+            let by_len = reranked_recalls_sharded(
+                &image_embeds, &text_embeds, &owner, k, "itm", score, Some(&lens), None, &bar,
+            )
+            .unwrap();
+            proptest::prop_assert_eq!(&recalls(&by_len)[..6], &want[..]);
             proptest::prop_assert!(r.fused_pairs <= r.naive_pairs);
         }
     }
