@@ -531,7 +531,9 @@ fn train_ranked(
         // The guard's counters are read where the step synchronises anyway,
         // and before anything is saved or evaluated: a checkpoint never
         // holds the state after a non-finite step under a later step's name.
-        if log_now || save_now || eval_now || stop.requested() {
+        // (Every rank reads at the same steps: a stop signal is acted on
+        // at once by one process only; ranks agree on it at log steps.)
+        if log_now || save_now || eval_now || (par.is_none() && stop.requested()) {
             let report = guard.read()?;
             skipped_now = report.count;
             crate::guard::act(&report, &guard, state.step, last_good.as_deref())?;
