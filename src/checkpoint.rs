@@ -294,7 +294,15 @@ fn prune(dir: &Path, keep: usize) -> Result<()> {
 /// cut short left behind (`*.tmp`).
 pub fn newest_intact(run_dir: &Path) -> Result<PathBuf> {
     let dir = run_dir.join("checkpoints");
-    let named = latest(run_dir)?;
+    // Without a readable `latest` (a crash before the first one was
+    // written completes nothing; a damaged one can), the newest file.
+    let named = match latest(run_dir) {
+        Ok(p) => p,
+        Err(e) => match checkpoint_files(&dir).ok().and_then(|f| f.last().cloned()) {
+            Some(p) => p,
+            None => return Err(e),
+        },
+    };
     if let Ok(entries) = std::fs::read_dir(&dir) {
         for e in entries.flatten() {
             if e.path().extension().is_some_and(|x| x == "tmp") {

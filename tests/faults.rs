@@ -464,3 +464,23 @@ fn a_signal_at_a_random_moment_saves_at_the_next_step_and_resumes_exactly() {
         assert_matches_reference(&dir);
     }
 }
+
+/// A run whose `checkpoints/latest` is gone resumes from its newest intact
+/// checkpoint file.
+#[test]
+fn a_lost_latest_pointer_resumes_from_the_newest_checkpoint_file() {
+    let dir = scratch("faults-no-latest");
+    let o = command(&train_args(&dir, &["train.steps=8"]), &[])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::remove_file(dir.join("checkpoints/latest")).unwrap();
+    let o = command(&resume_args(&dir), &[])
+        .arg("--set")
+        .arg("train.steps=8")
+        .output()
+        .unwrap();
+    no_backtrace(&o);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(metrics(&dir).len(), 8, "nothing retrained, nothing lost");
+}
