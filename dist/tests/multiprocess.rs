@@ -1278,10 +1278,23 @@ fn role_heartbeat_dead(env: &LaunchEnv, dead: usize) -> Result<(), String> {
         .map_err(err)?
         .wait()
         .map_err(err)?;
-    // Both heartbeats are up before anyone leaves.
+    // Both heartbeats are up, and have published step 7 (the beat after
+    // `progress`, which a loaded machine may delay), before anyone leaves.
     store
         .wait(&["alive/0", "alive/1"], HEALTHY_TIMEOUT)
         .map_err(err)?;
+    let published = Instant::now();
+    for rank in 0..2 {
+        let key = format!("alive/{rank}");
+        while !String::from_utf8_lossy(&store.get(&key, HEALTHY_TIMEOUT).map_err(err)?)
+            .contains("step=7 ")
+        {
+            if published.elapsed() > HEALTHY_TIMEOUT {
+                return Err(format!("rank {rank}'s heartbeat never published step 7"));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
     pg.barrier().map_err(err)?;
     if env.rank == dead {
         std::process::exit(0);
