@@ -179,6 +179,53 @@ impl Attention {
     }
 }
 
+/// A masked-language-model head whose decoder is tied to the text
+/// encoder's word embeddings: dense + GELU + LayerNorm, then
+/// `states . word_embeddings^T + bias` (BERT's `cls.predictions`, RoBERTa's
+/// `lm_head`; the caller names the parameters as its checkpoints do).
+pub struct TiedLmHead {
+    dense: Linear,
+    layer_norm: LayerNorm,
+    bias: Tensor,
+    word_embeddings: Tensor,
+    compute: Kind,
+}
+
+impl TiedLmHead {
+    /// `dense` and `layer_norm` under the paths given, `bias` `[V]` under
+    /// `bias_at`; `word_embeddings` `[V, H]` is the tied decoder weight.
+    pub fn new(
+        dense: &nn::Path,
+        layer_norm: &nn::Path,
+        bias_at: &nn::Path,
+        word_embeddings: Tensor,
+        eps: f64,
+        compute: Kind,
+    ) -> Self {
+        let (v, h) = word_embeddings.size2().expect("word embeddings are [V, H]");
+        TiedLmHead {
+            dense: Linear::new(dense, h, h, true, compute),
+            layer_norm: LayerNorm::new(layer_norm, h, eps),
+            bias: bias_at.var("bias", &[v], nn::Init::Const(0.0)),
+            word_embeddings,
+            compute,
+        }
+    }
+
+    /// Vocabulary logits `[.., V]` (fp32) of states `[.., H]`.
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        let h = self.dense.forward(hidden).gelu("none");
+        let h = self.layer_norm.forward(&h);
+        let logits = if self.compute == Kind::Float {
+            h.matmul(&self.word_embeddings.tr())
+        } else {
+            h.to_kind(self.compute)
+                .matmul(&self.word_embeddings.to_kind(self.compute).tr())
+        };
+        logits.to_kind(Kind::Float) + &self.bias
+    }
+}
+
 /// Hyper-parameters of a post-LN BERT layer (HuggingFace `BertLayer`).
 #[derive(Debug, Clone, Copy)]
 pub struct BertLayerConfig {

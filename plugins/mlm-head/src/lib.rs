@@ -10,7 +10,7 @@ use serde::Deserialize;
 use std::rc::Rc;
 use tch::{nn, Kind, Tensor};
 use vlmatch_core::{Encoded, Error, Generator, Result};
-use vlmatch_layers::{LayerNorm, Linear};
+use vlmatch_layers::TiedLmHead;
 use vlmatch_registry::BuildContext;
 
 vlmatch_registry::register!(generator "mlm_head" => build);
@@ -26,40 +26,26 @@ fn eps() -> f64 {
     1e-12
 }
 
-pub struct MlmHead {
-    dense: Linear,
-    layer_norm: LayerNorm,
-    bias: Tensor,
-    word_embeddings: Tensor,
-    compute: Kind,
-}
+pub struct MlmHead(TiedLmHead);
 
 impl MlmHead {
     /// `word_embeddings` `[V, H]`: the tied decoder weight.
     pub fn new(p: &nn::Path, word_embeddings: Tensor, eps: f64, compute: Kind) -> Self {
-        let (v, h) = word_embeddings.size2().expect("word embeddings are [V, H]");
         let t = p / "cls" / "predictions";
-        MlmHead {
-            dense: Linear::new(&(&t / "transform" / "dense"), h, h, true, compute),
-            layer_norm: LayerNorm::new(&(&t / "transform" / "LayerNorm"), h, eps),
-            bias: t.var("bias", &[v], nn::Init::Const(0.0)),
+        MlmHead(TiedLmHead::new(
+            &(&t / "transform" / "dense"),
+            &(&t / "transform" / "LayerNorm"),
+            &t,
             word_embeddings,
+            eps,
             compute,
-        }
+        ))
     }
 }
 
 impl Generator for MlmHead {
     fn logits(&self, states: &Encoded, _train: bool) -> Result<Tensor> {
-        let h = self.dense.forward(&states.hidden).gelu("none");
-        let h = self.layer_norm.forward(&h);
-        let logits = if self.compute == Kind::Float {
-            h.matmul(&self.word_embeddings.tr())
-        } else {
-            h.to_kind(self.compute)
-                .matmul(&self.word_embeddings.to_kind(self.compute).tr())
-        };
-        Ok(logits.to_kind(Kind::Float) + &self.bias)
+        Ok(self.0.logits(&states.hidden))
     }
 }
 

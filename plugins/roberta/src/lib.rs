@@ -18,7 +18,7 @@ use std::rc::Rc;
 use tch::{nn, Kind, Tensor};
 use vlmatch_core::{Encoded, Encoder, EncoderInput, Error, Generator, Modality, Result};
 use vlmatch_layers::hf::resolve_arch;
-use vlmatch_layers::{hf_init, BertLayer, BertLayerConfig, LayerNorm, Linear};
+use vlmatch_layers::{hf_init, BertLayer, BertLayerConfig, LayerNorm, TiedLmHead};
 use vlmatch_registry::BuildContext;
 
 vlmatch_registry::register!(encoder "roberta" => build);
@@ -391,41 +391,27 @@ fn head_eps() -> f64 {
 /// `RobertaForMaskedLM`'s `lm_head`: dense + GELU + `layer_norm`, then a
 /// decoder whose weight is the text encoder's word embeddings (tied, as
 /// `lm_head.decoder.weight` is in the checkpoint) plus `lm_head.bias`.
-pub struct RobertaLmHead {
-    dense: Linear,
-    layer_norm: LayerNorm,
-    bias: Tensor,
-    word_embeddings: Tensor,
-    compute: Kind,
-}
+pub struct RobertaLmHead(TiedLmHead);
 
 impl RobertaLmHead {
     /// Build under `p` (`lm_head.*`); `word_embeddings` `[V, H]` is the
     /// tied decoder weight.
     pub fn new(p: &nn::Path, word_embeddings: Tensor, eps: f64, compute: Kind) -> Self {
-        let (v, h) = word_embeddings.size2().expect("word embeddings are [V, H]");
         let head = p / "lm_head";
-        RobertaLmHead {
-            dense: Linear::new(&(&head / "dense"), h, h, true, compute),
-            layer_norm: LayerNorm::new(&(&head / "layer_norm"), h, eps),
-            bias: head.var("bias", &[v], nn::Init::Const(0.0)),
+        RobertaLmHead(TiedLmHead::new(
+            &(&head / "dense"),
+            &(&head / "layer_norm"),
+            &head,
             word_embeddings,
+            eps,
             compute,
-        }
+        ))
     }
 }
 
 impl Generator for RobertaLmHead {
     fn logits(&self, states: &Encoded, _train: bool) -> Result<Tensor> {
-        let h = self.dense.forward(&states.hidden).gelu("none");
-        let h = self.layer_norm.forward(&h);
-        let logits = if self.compute == Kind::Float {
-            h.matmul(&self.word_embeddings.tr())
-        } else {
-            h.to_kind(self.compute)
-                .matmul(&self.word_embeddings.to_kind(self.compute).tr())
-        };
-        Ok(logits.to_kind(Kind::Float) + &self.bias)
+        Ok(self.0.logits(&states.hidden))
     }
 }
 
