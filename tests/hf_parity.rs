@@ -190,20 +190,12 @@ fn check_fixture(dir: &Path) -> Result<(), String> {
             });
             load(dir, &vs)?;
             let out = tch::no_grad(|| model.forward(ids, mask, false));
-            compare(
+            compare_text(
                 dir,
-                "last_hidden_state",
-                &out,
-                &expected["last_hidden_state"],
-            )?;
-            let Some(head) = head else { return Ok(()) };
-            let states = vlmatch_core::Encoded {
-                hidden: out,
-                mask: mask.shallow_clone(),
-            };
-            let logits = tch::no_grad(|| vlmatch_core::Generator::logits(&head, &states, false))
-                .map_err(|e| e.to_string())?;
-            compare(dir, "logits", &logits, &expected["logits"])
+                &expected,
+                out,
+                head.as_ref().map(|h| h as &dyn vlmatch_core::Generator),
+            )
         }
         Some("vit") => {
             let section = vit::VitSection {
@@ -252,20 +244,12 @@ fn check_fixture(dir: &Path) -> Result<(), String> {
                 (!skip).then(|| n.to_string())
             })?;
             let out = tch::no_grad(|| model.forward(ids, mask, false));
-            compare(
+            compare_text(
                 dir,
-                "last_hidden_state",
-                &out,
-                &expected["last_hidden_state"],
-            )?;
-            let Some(head) = head else { return Ok(()) };
-            let states = vlmatch_core::Encoded {
-                hidden: out,
-                mask: mask.shallow_clone(),
-            };
-            let logits = tch::no_grad(|| vlmatch_core::Generator::logits(&head, &states, false))
-                .map_err(|e| e.to_string())?;
-            compare(dir, "logits", &logits, &expected["logits"])
+                &expected,
+                out,
+                head.as_ref().map(|h| h as &dyn vlmatch_core::Generator),
+            )
         }
         // A CLIPVisionModel, or a CLIPModel's vision tower: the encoder's
         // output before `post_layernorm` is `last_hidden_state`, and
@@ -368,4 +352,27 @@ fn an_altered_expected_output_fails_naming_fixture_tensor_and_difference() {
         (9e-4..1.1e-3).contains(&diff),
         "reports the largest difference: {err}"
     );
+}
+
+/// A text encoder fixture's `last_hidden_state`, then, for a masked-LM
+/// fixture, the `logits` of `head` over those states.
+fn compare_text(
+    dir: &Path,
+    expected: &HashMap<String, Tensor>,
+    out: Tensor,
+    head: Option<&dyn vlmatch_core::Generator>,
+) -> Result<(), String> {
+    compare(
+        dir,
+        "last_hidden_state",
+        &out,
+        &expected["last_hidden_state"],
+    )?;
+    let Some(head) = head else { return Ok(()) };
+    let states = vlmatch_core::Encoded {
+        hidden: out,
+        mask: expected["attention_mask"].shallow_clone(),
+    };
+    let logits = tch::no_grad(|| head.logits(&states, false)).map_err(|e| e.to_string())?;
+    compare(dir, "logits", &logits, &expected["logits"])
 }
