@@ -59,12 +59,14 @@ pub struct Report {
 
 impl Guard {
     pub fn new(tc: &TrainConfig, device: Device) -> Guard {
-        let int = |x: i64| Tensor::from(x).to_device(device);
+        // Scalars filled on the device, not copied from the host (a copy to
+        // a GPU synchronises).
+        let int = |x: i64| Tensor::full([], x, (Kind::Int64, device));
         Guard {
             mode: tc.on_nonfinite,
             max_skipped: i64::from(tc.max_skipped.max(1)),
             device,
-            halted: Tensor::from(false).to_device(device),
+            halted: Tensor::zeros([], (Kind::Bool, device)),
             in_a_row: int(0),
             most_in_a_row: int(0),
             count: int(0),
@@ -121,7 +123,7 @@ impl Guard {
             self.most_in_a_row = self.most_in_a_row.maximum(&self.in_a_row);
             self.count = &self.count + &bad_i;
             let is_first = bad.logical_and(&self.first.lt(0));
-            let here = Tensor::from(step + 1).to_device(d);
+            let here = Tensor::full([], step + 1, (Kind::Int64, d));
             self.first = here.where_self(&is_first, &self.first);
             self.last = here.where_self(&bad, &self.last);
             let norm = grad_norm.to_device(d).to_kind(Kind::Float);
@@ -176,9 +178,10 @@ impl Guard {
             first_values,
         };
         let d = self.device;
-        self.count = Tensor::from(0i64).to_device(d);
-        self.first = Tensor::from(-1i64).to_device(d);
-        self.last = Tensor::from(-1i64).to_device(d);
+        let int = |x: i64| Tensor::full([], x, (Kind::Int64, d));
+        self.count = int(0);
+        self.first = int(-1);
+        self.last = int(-1);
         self.most_in_a_row = self.in_a_row.copy();
         Ok(report)
     }

@@ -99,7 +99,7 @@ impl AdamW {
             self.t += 1;
             return;
         };
-        self.step_masked(lr, &Tensor::from(true).to_device(device));
+        self.step_masked(lr, &Tensor::ones([], (Kind::Bool, device)));
     }
 
     /// [`AdamW::step`] if `ok` (a bool scalar on the parameters' device) is
@@ -127,7 +127,9 @@ impl AdamW {
             // Every factor in double on the device, as the host scalars they
             // replace; a masked step turns each into the identity.
             let pick = |yes: Tensor, no: f64| yes.where_scalarother(&ok, no);
-            let one = |x: f64| Tensor::from(x).to_device(device);
+            // Filled on the device: copying a host scalar to a GPU would
+            // synchronise the step.
+            let one = |x: f64| Tensor::full([], x, (Kind::Double, device));
             let keep_m = pick(one(b1), 1.0);
             let take_m = pick(one(1.0 - b1), 0.0);
             let keep_v = pick(one(b2), 1.0);
