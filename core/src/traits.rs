@@ -30,6 +30,15 @@ pub enum EncoderInput<'a> {
         text: &'a Encoded,
         image: &'a Encoded,
     },
+    /// Text states attending to two images per text (NLVR2: `images[0]`
+    /// the left image's states, `images[1]` the right's, each `[B, N, Dv]`).
+    /// Only a fusion built for two images takes it (ALBEF's doubled
+    /// cross-attention, `cross_attention` with `images = 2`); others return
+    /// an [`crate::Error::Plugin`], as for any input of the wrong kind.
+    FusedPair {
+        text: &'a Encoded,
+        images: [&'a Encoded; 2],
+    },
 }
 
 /// An encoder: image (`E_v`), text (`E_t`) or multimodal fusion (`E_m`).

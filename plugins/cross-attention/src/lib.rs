@@ -5,6 +5,14 @@
 //! `layer.N.output`), so the upper layers of a BERT checkpoint map onto it.
 //!
 //! Registered as encoder `cross_attention`. Width: the text encoder's.
+//!
+//! With `images = 2` it is ALBEF's NLVR2 fusion (`model_nlvr.py`): each of
+//! the `num_hidden_layers` layers becomes two, `layer.2k` cross-attending
+//! to the left image and `layer.2k+1` to the right, the pair's
+//! cross-attention `key` and `value` projections shared (held once, under
+//! `layer.2k`); it takes [`EncoderInput::FusedPair`]. Initialising both
+//! layers of pair `k` from pretrained layer `k` is the caller's (vlmatch's
+//! `finetune --task nlvr2` does).
 
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -39,6 +47,9 @@ pub struct CrossAttentionSection {
     pub hidden_dropout_prob: Option<f64>,
     pub attention_probs_dropout_prob: Option<f64>,
     pub layer_norm_eps: Option<f64>,
+    /// Images per text: 1 (default), or 2 for the NLVR2 fusion.
+    #[serde(default, skip_serializing)]
+    pub images: Option<i64>,
 }
 
 /// The resolved per-layer architecture (also read from BERT's `config.json`).
@@ -109,6 +120,8 @@ impl CrossAttentionConfig {
 pub struct CrossAttentionFusion {
     hidden: i64,
     layers: Vec<BertLayer>,
+    /// Images per text: 1, or 2 (layer `i` attends to image `i % 2`).
+    images: usize,
 }
 
 impl CrossAttentionFusion {
@@ -143,7 +156,59 @@ impl CrossAttentionFusion {
             layers: (0..cfg.num_hidden_layers)
                 .map(|i| BertLayer::new(&(p / "layer" / i), &layer_cfg))
                 .collect(),
+            images: 1,
         })
+    }
+
+    /// ALBEF's NLVR2 fusion: `2 * cfg.num_hidden_layers` layers, layer
+    /// `2k + 1` sharing layer `2k`'s cross-attention key and value.
+    pub fn new_pair(
+        p: &nn::Path,
+        cfg: &CrossAttentionConfig,
+        text_width: i64,
+        image_width: i64,
+        compute: tch::Kind,
+    ) -> Result<Self> {
+        let doubled = CrossAttentionConfig {
+            num_hidden_layers: 0,
+            ..cfg.clone()
+        };
+        let mut f = Self::new(p, &doubled, text_width, image_width, compute)?;
+        let layer_cfg = BertLayerConfig {
+            hidden: text_width,
+            heads: cfg.num_attention_heads,
+            intermediate: cfg.intermediate_size,
+            hidden_dropout: cfg.hidden_dropout_prob,
+            attention_dropout: cfg.attention_probs_dropout_prob,
+            layer_norm_eps: cfg.layer_norm_eps,
+            cross_width: Some(image_width),
+            compute,
+        };
+        for k in 0..cfg.num_hidden_layers {
+            let first = BertLayer::new(&(p / "layer" / (2 * k)), &layer_cfg);
+            let second = BertLayer::sharing_cross_key_value(
+                &(p / "layer" / (2 * k + 1)),
+                &layer_cfg,
+                &first,
+            );
+            f.layers.extend([first, second]);
+        }
+        f.images = 2;
+        Ok(f)
+    }
+
+    /// Images per text (1, or 2 for the NLVR2 fusion).
+    pub fn images(&self) -> usize {
+        self.images
+    }
+
+    /// Each layer's cross-attention `key` and `value` weights (to check
+    /// which are shared).
+    pub fn cross_key_value_weights(&self) -> Vec<[&Tensor; 2]> {
+        self.layers
+            .iter()
+            .filter_map(BertLayer::cross_key_value_weights)
+            .collect()
     }
 }
 
@@ -195,13 +260,30 @@ impl CrossAttentionFusion {
         cls_only: bool,
         train: bool,
     ) -> Result<Encoded> {
-        let EncoderInput::Fused { text, image } = input else {
-            return Err(Error::plugin(
-                "cross_attention",
-                "a fusion encoder takes text and image states",
-            ));
+        let (text, images) = match (input, self.images) {
+            (EncoderInput::Fused { text, image }, 1) => (text, [image, image]),
+            (EncoderInput::FusedPair { text, images }, 2) => (text, images),
+            (EncoderInput::FusedPair { .. }, _) => {
+                return Err(Error::plugin(
+                    "cross_attention",
+                    "this fusion takes one image per text; two (NLVR2) need \
+                     model.fusion.images = 2",
+                ))
+            }
+            (EncoderInput::Fused { .. }, _) => {
+                return Err(Error::plugin(
+                    "cross_attention",
+                    "this fusion was built with images = 2 (NLVR2) and takes two images \
+                     per text",
+                ))
+            }
+            _ => {
+                return Err(Error::plugin(
+                    "cross_attention",
+                    "a fusion encoder takes text and image states",
+                ))
+            }
         };
-        let img = Some((&image.hidden, &image.mask));
         let mut xs = text.hidden.shallow_clone();
         let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
@@ -210,6 +292,8 @@ impl CrossAttentionFusion {
             } else {
                 xs.shallow_clone()
             };
+            let image = images[i % 2];
+            let img = Some((&image.hidden, &image.mask));
             xs = layer.forward_rows_indexed(&rows, &xs, &text.mask, img, image_index, train);
         }
         Ok(if cls_only {
@@ -236,7 +320,17 @@ fn build(ctx: &BuildContext<'_>) -> Result<Rc<dyn Encoder>> {
         "the text encoder's width",
         text_width,
     )?;
-    Ok(Rc::new(CrossAttentionFusion::new(
+    let new = match section.images.unwrap_or(1) {
+        1 => CrossAttentionFusion::new,
+        2 => CrossAttentionFusion::new_pair,
+        n => {
+            return Err(vlmatch_registry::check::invalid(
+                &format!("{}.images", ctx.key),
+                format!("must be 1 or 2 (NLVR2's doubled fusion), got {n}"),
+            ))
+        }
+    };
+    Ok(Rc::new(new(
         &ctx.path,
         &cfg,
         text_width,

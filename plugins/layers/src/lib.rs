@@ -36,6 +36,16 @@ impl Linear {
         }
     }
 
+    /// The same parameters under a second handle (not a copy: both read
+    /// and train one set of tensors), for layers that share a projection.
+    pub fn shared(&self) -> Linear {
+        Linear {
+            weight: self.weight.shallow_clone(),
+            bias: self.bias.as_ref().map(Tensor::shallow_clone),
+            compute: self.compute,
+        }
+    }
+
     /// `[.., in]` -> `[.., out]` in the compute dtype.
     pub fn forward(&self, xs: &Tensor) -> Tensor {
         if self.compute == Kind::Float {
@@ -121,6 +131,31 @@ impl Attention {
             heads,
             dropout,
         }
+    }
+
+    /// An attention with its own `query` under `p` and `with`'s `key` and
+    /// `value` projections, shared ([`Linear::shared`]; ALBEF's NLVR2
+    /// fusion shares them between the two cross-attentions of a layer pair).
+    pub fn sharing_key_value(
+        p: &nn::Path,
+        q_dim: i64,
+        with: &Attention,
+        dropout: f64,
+        compute: Kind,
+    ) -> Self {
+        let dim = with.key.weight.size()[0];
+        Attention {
+            query: Linear::new(&(p / "query"), q_dim, dim, with.key.bias.is_some(), compute),
+            key: with.key.shared(),
+            value: with.value.shared(),
+            heads: with.heads,
+            dropout,
+        }
+    }
+
+    /// The `key` and `value` weights (to check what is shared).
+    pub fn key_value_weights(&self) -> [&Tensor; 2] {
+        [&self.key.weight, &self.value.weight]
     }
 
     /// `xs` `[B, Lq, q_dim]` attends to `kv` `[B, Lk, kv_dim]`; `kv_mask`
@@ -257,28 +292,62 @@ pub struct BertLayer {
 
 impl BertLayer {
     pub fn new(p: &nn::Path, cfg: &BertLayerConfig) -> Self {
+        Self::build(p, cfg, None)
+    }
+
+    /// A fusion layer whose cross-attention `key` and `value` projections
+    /// are `with`'s (shared, not copied; `with` must have cross-attention
+    /// of the same width): the second layer of an ALBEF NLVR2 pair. Its own
+    /// parameters are everything else, under `p`.
+    pub fn sharing_cross_key_value(p: &nn::Path, cfg: &BertLayerConfig, with: &BertLayer) -> Self {
+        let shared = with
+            .cross
+            .as_ref()
+            .map(|(a, _, _)| a)
+            .expect("the layer shared with has cross-attention");
+        Self::build(p, cfg, Some(shared))
+    }
+
+    /// The cross-attention's `key` and `value` weights; `None` for a
+    /// text-only layer.
+    pub fn cross_key_value_weights(&self) -> Option<[&Tensor; 2]> {
+        self.cross.as_ref().map(|(a, _, _)| a.key_value_weights())
+    }
+
+    fn build(p: &nn::Path, cfg: &BertLayerConfig, share_kv: Option<&Attention>) -> Self {
         let h = cfg.hidden;
-        let attn = |p: nn::Path, kv: i64| {
+        let attn = |p: nn::Path, kv: i64, share: Option<&Attention>| {
             (
-                Attention::new(
-                    &(&p / "self"),
-                    h,
-                    kv,
-                    h,
-                    cfg.heads,
-                    cfg.attention_dropout,
-                    cfg.compute,
-                ),
+                match share {
+                    Some(with) => Attention::sharing_key_value(
+                        &(&p / "self"),
+                        h,
+                        with,
+                        cfg.attention_dropout,
+                        cfg.compute,
+                    ),
+                    None => Attention::new(
+                        &(&p / "self"),
+                        h,
+                        kv,
+                        h,
+                        cfg.heads,
+                        cfg.attention_dropout,
+                        cfg.compute,
+                    ),
+                },
                 Linear::new(&(&p / "output" / "dense"), h, h, true, cfg.compute),
                 LayerNorm::new(&(&p / "output" / "LayerNorm"), h, cfg.layer_norm_eps),
             )
         };
-        let (attention, attention_out, attention_ln) = attn(p / "attention", h);
+        let (attention, attention_out, attention_ln) = attn(p / "attention", h, None);
         BertLayer {
             attention,
             attention_out,
             attention_ln,
-            cross: cfg.cross_width.map(|w| attn(p / "crossattention", w)),
+            cross: cfg
+                .cross_width
+                .map(|w| attn(p / "crossattention", w, share_kv)),
             intermediate: Linear::new(
                 &(p / "intermediate" / "dense"),
                 h,
