@@ -262,7 +262,7 @@ fn build(
     answers: Vec<String>,
     with_head: bool,
 ) -> Result<VqaModel> {
-    let loaded = crate::cli::run_config(run_dir, sets)?;
+    let loaded = crate::run::run_config(run_dir, sets)?;
     let tok = Arc::new(crate::setup::tokenizer(&loaded)?);
     let (mut asm, env) = crate::setup::model(&loaded, &tok)?;
     let ckpt = checkpoint::latest(run_dir)?;
@@ -316,7 +316,7 @@ fn vocabulary(set: &VqaSet) -> Vec<String> {
 /// `vlmatch finetune --task vqa`: train the head and the whole model on the
 /// training questions; returns the fine-tuned run directory.
 pub fn finetune(opts: &FinetuneOptions) -> Result<PathBuf> {
-    let pre = crate::cli::run_config(&opts.checkpoint, &opts.sets)?;
+    let pre = crate::run::run_config(&opts.checkpoint, &opts.sets)?;
     let set = load(&opts.data, opts.image_root.as_deref(), &pre.config, true)?;
     let answers = vocabulary(&set);
     if answers.is_empty() {

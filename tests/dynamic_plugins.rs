@@ -33,7 +33,7 @@ fn a_dynamic_sampler_loads_and_trains_from_config() {
         .get(Kind::NegativeSampler, "color_flip", "test")
         .unwrap();
     assert_eq!(entry.origin, format!("library {}", lib.display()));
-    let listing = vlmatch::cli::plugin_listing(std::slice::from_ref(&lib)).unwrap();
+    let listing = vlmatch::commands::plugins::plugin_listing(std::slice::from_ref(&lib)).unwrap();
     assert!(
         listing.contains(&format!("color_flip           library {}", lib.display())),
         "{listing}"

@@ -32,8 +32,8 @@ fn write_data(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf)
     (dir.join("ann.jsonl"), dir.join("triples.jsonl"))
 }
 
-fn data_arg(path: &std::path::Path, images: &std::path::Path) -> vlmatch::cli::DataArg {
-    vlmatch::cli::DataArg {
+fn data_arg(path: &std::path::Path, images: &std::path::Path) -> vlmatch::commands::eval::DataArg {
+    vlmatch::commands::eval::DataArg {
         path: path.to_path_buf(),
         image_root: Some(images.to_path_buf()),
         split: None,
@@ -50,7 +50,7 @@ fn eval_reports_reranked_retrieval_and_matching() {
     let images = dir.join("images");
     let _turn = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
 
-    let r = vlmatch::cli::eval_task(
+    let r = vlmatch::commands::eval::eval_task(
         &run_dir,
         "retrieval",
         &data_arg(&ann, &images),
@@ -72,7 +72,7 @@ fn eval_reports_reranked_retrieval_and_matching() {
     }
     // With k covering every candidate, each query's target is re-ranked
     // among at most 8, so recall at 10 is 1 by construction.
-    let all = vlmatch::cli::eval_task(
+    let all = vlmatch::commands::eval::eval_task(
         &run_dir,
         "retrieval",
         &data_arg(&ann, &images),
@@ -93,7 +93,7 @@ fn eval_reports_reranked_retrieval_and_matching() {
     assert_eq!(r["step"].as_i64(), Some(4));
     assert!(run_dir.join("eval-retrieval.json").is_file());
 
-    let m = vlmatch::cli::eval_task(
+    let m = vlmatch::commands::eval::eval_task(
         &run_dir,
         "matching",
         &data_arg(&triples, &images),
@@ -132,7 +132,8 @@ fn eval_reports_reranked_retrieval_and_matching() {
     let mut arg = data_arg(&zs, &images);
     arg.labels = Some(labels.clone());
     let z =
-        vlmatch::cli::eval_task(&run_dir, "zeroshot", &arg, &["eval.k=4".into()], false).unwrap();
+        vlmatch::commands::eval::eval_task(&run_dir, "zeroshot", &arg, &["eval.k=4".into()], false)
+            .unwrap();
     assert_eq!(
         (z["images"].as_u64(), z["labels"].as_u64(), z["k"].as_u64()),
         (Some(4), Some(4), Some(4))
@@ -149,34 +150,45 @@ fn eval_reports_reranked_retrieval_and_matching() {
     }
     // k = 1: ITM re-ranks nothing, so its top-1 is ITC's.
     let z1 =
-        vlmatch::cli::eval_task(&run_dir, "zeroshot", &arg, &["eval.k=1".into()], false).unwrap();
+        vlmatch::commands::eval::eval_task(&run_dir, "zeroshot", &arg, &["eval.k=1".into()], false)
+            .unwrap();
     assert_eq!(z1["itm_top1"], z1["itc_top1"], "{z1}");
     std::fs::write(&labels, "[\"a red square\"]").unwrap();
-    let err = vlmatch::cli::eval_task(&run_dir, "zeroshot", &arg, &[], false).unwrap_err();
+    let err =
+        vlmatch::commands::eval::eval_task(&run_dir, "zeroshot", &arg, &[], false).unwrap_err();
     assert!(err.to_string().contains("not among the --labels"), "{err}");
     arg.labels = None;
-    let err = vlmatch::cli::eval_task(&run_dir, "zeroshot", &arg, &[], false).unwrap_err();
+    let err =
+        vlmatch::commands::eval::eval_task(&run_dir, "zeroshot", &arg, &[], false).unwrap_err();
     assert!(err.to_string().contains("needs --labels"), "{err}");
 
-    let err = vlmatch::cli::eval_task(&run_dir, "matching", &data_arg(&ann, &images), &[], false)
-        .unwrap_err();
+    let err = vlmatch::commands::eval::eval_task(
+        &run_dir,
+        "matching",
+        &data_arg(&ann, &images),
+        &[],
+        false,
+    )
+    .unwrap_err();
     assert!(
         err.to_string()
             .contains("expected a string field `negative`"),
         "{err}"
     );
-    let err = vlmatch::cli::eval_task(&run_dir, "bogus", &data_arg(&ann, &images), &[], false)
-        .unwrap_err();
+    let err =
+        vlmatch::commands::eval::eval_task(&run_dir, "bogus", &data_arg(&ann, &images), &[], false)
+            .unwrap_err();
     assert!(
         err.to_string()
             .contains("expected `retrieval`, `matching`, `zeroshot`, `vqa` or `heldout`"),
         "{err}"
     );
     let err =
-        vlmatch::cli::eval_task(&run_dir, "vqa", &data_arg(&ann, &images), &[], false).unwrap_err();
+        vlmatch::commands::eval::eval_task(&run_dir, "vqa", &data_arg(&ann, &images), &[], false)
+            .unwrap_err();
     assert!(err.to_string().contains("finetune --task vqa"), "{err}");
     // The run's own held-out set (built-in data), as training reports it.
-    let h = vlmatch::cli::eval_task(
+    let h = vlmatch::commands::eval::eval_task(
         &run_dir,
         "heldout",
         &data_arg(std::path::Path::new(""), &images),
@@ -186,7 +198,7 @@ fn eval_reports_reranked_retrieval_and_matching() {
     .unwrap();
     assert!(h["matching"]["pairs"].as_u64().unwrap() > 0, "{h}");
     assert!(h["retrieval"]["i2t_r1"].as_f64().is_some(), "{h}");
-    let err = vlmatch::cli::eval_task(
+    let err = vlmatch::commands::eval::eval_task(
         &run_dir,
         "retrieval",
         &data_arg(std::path::Path::new(""), &images),
@@ -258,7 +270,7 @@ fn karpathy_splits_select_images_for_training_and_evaluation() {
     let _turn = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
     let mut arg = data_arg(&file, &images);
     arg.split = Some("test".into());
-    let r = vlmatch::cli::eval_task(&run_dir, "retrieval", &arg, &[], false).unwrap();
+    let r = vlmatch::commands::eval::eval_task(&run_dir, "retrieval", &arg, &[], false).unwrap();
     assert_eq!(
         (r["images"].as_u64(), r["captions"].as_u64()),
         (Some(2), Some(4))
@@ -268,7 +280,7 @@ fn karpathy_splits_select_images_for_training_and_evaluation() {
     let (ann_file, _) = write_data(&dir);
     let mut arg = data_arg(&ann_file, &images);
     arg.split = Some("test".into());
-    let err = vlmatch::cli::eval_task(&run_dir, "retrieval", &arg, &[], false)
+    let err = vlmatch::commands::eval::eval_task(&run_dir, "retrieval", &arg, &[], false)
         .unwrap_err()
         .to_string();
     assert!(err.contains("not a Karpathy-format file"), "{err}");

@@ -27,7 +27,8 @@ fn explain_scores_every_word_and_writes_a_page() {
         .unwrap();
     let _turn = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
 
-    let e = vlmatch::cli::explain_cmd(&run_dir, &image, "A blue square, left.", &[]).unwrap();
+    let e = vlmatch::commands::explain::explain_cmd(&run_dir, &image, "A blue square, left.", &[])
+        .unwrap();
     let words: Vec<&str> = e.words.iter().map(|w| w.word.as_str()).collect();
     assert_eq!(words, ["a", "blue", "square", ",", "left", "."]);
     for w in &e.words {
@@ -41,13 +42,15 @@ fn explain_scores_every_word_and_writes_a_page() {
         .unwrap();
     assert_eq!(e.most_suspicious.as_deref(), Some(top.word.as_str()));
     // Deterministic: the same question gives the same answer.
-    let again = vlmatch::cli::explain_cmd(&run_dir, &image, "A blue square, left.", &[]).unwrap();
+    let again =
+        vlmatch::commands::explain::explain_cmd(&run_dir, &image, "A blue square, left.", &[])
+            .unwrap();
     assert_eq!(
         serde_json::to_string(&e).unwrap(),
         serde_json::to_string(&again).unwrap()
     );
     // A multi-piece word is one word, scored by its most suspicious piece.
-    let z = vlmatch::cli::explain_cmd(&run_dir, &image, "a zebra", &[]).unwrap();
+    let z = vlmatch::commands::explain::explain_cmd(&run_dir, &image, "a zebra", &[]).unwrap();
     assert_eq!(z.words.len(), 2);
 
     let text = vlmatch::explain::render_text(&e);
@@ -75,7 +78,7 @@ fn explain_rejects_missing_images_and_empty_text() {
     run(&run_dir, &["train.steps=2", "eval.at_end=false"], None).unwrap();
     let _turn = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
     let missing = dir.join("nope.png");
-    let err = vlmatch::cli::explain_cmd(&run_dir, &missing, "a red square", &[])
+    let err = vlmatch::commands::explain::explain_cmd(&run_dir, &missing, "a red square", &[])
         .unwrap_err()
         .to_string();
     assert!(err.contains("nope.png"), "{err}");
@@ -83,7 +86,7 @@ fn explain_rejects_missing_images_and_empty_text() {
     image::RgbImage::from_pixel(8, 8, image::Rgb([1, 2, 3]))
         .save(&image)
         .unwrap();
-    let err = vlmatch::cli::explain_cmd(&run_dir, &image, "   ", &[])
+    let err = vlmatch::commands::explain::explain_cmd(&run_dir, &image, "   ", &[])
         .unwrap_err()
         .to_string();
     assert!(err.contains("no words"), "{err}");

@@ -13,7 +13,7 @@ fn export_layout_and_transformers_round_trip() {
     run(&run_dir, &["train.steps=3", "eval.at_end=false"], None).unwrap();
     let _turn = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
     let out = dir.join("hf");
-    let e = vlmatch::cli::export_run(&run_dir, &out, &[]).unwrap();
+    let e = vlmatch::commands::export::export_run(&run_dir, &out, &[]).unwrap();
     assert_eq!(e.image.as_deref(), Some(out.join("image").as_path()));
     assert_eq!(e.text.as_deref(), Some(out.join("text").as_path()));
     for f in [
@@ -124,7 +124,7 @@ fn export_layout_and_transformers_round_trip() {
 #[test]
 fn export_of_a_missing_run_names_it() {
     let dir = scratch("export-missing");
-    let err = vlmatch::cli::export_run(&dir.join("nope"), &dir.join("out"), &[])
+    let err = vlmatch::commands::export::export_run(&dir.join("nope"), &dir.join("out"), &[])
         .unwrap_err()
         .to_string();
     assert!(err.contains("nope"), "{err}");

@@ -10,7 +10,7 @@ use vlmatch_registry::ConfigLayers;
 
 fn layers(sets: &[&str]) -> ConfigLayers {
     ConfigLayers {
-        base: Some(vlmatch::cli::preset(fixture("hf-init.toml").to_str().unwrap()).unwrap()),
+        base: Some(vlmatch::run::preset(fixture("hf-init.toml").to_str().unwrap()).unwrap()),
         files: vec![],
         env: false,
         sets: sets.iter().map(|s| s.to_string()).collect(),

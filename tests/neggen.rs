@@ -161,7 +161,7 @@ fn offline_neggen_writes_provenance_and_training_reads_it_back() {
     let _turn = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
     // Threshold 1: the (untrained) ITM filter keeps everything, so each
     // caption with a noun or adjective yields a line.
-    let summary = vlmatch::cli::neggen_offline(
+    let summary = vlmatch::commands::neggen::neggen_offline(
         &run_dir,
         &data,
         Some(&images),
@@ -421,9 +421,15 @@ fn neggen_fills_with_a_separate_masked_lm_online_and_offline() {
         .map(|s| s.to_string())
         .chain(["samplers.neggen.filter_threshold=1.0".to_string()])
         .collect();
-    let summary =
-        vlmatch::cli::neggen_offline(&dir.join("run"), &data, Some(&dir), &out, &sets, false)
-            .unwrap();
+    let summary = vlmatch::commands::neggen::neggen_offline(
+        &dir.join("run"),
+        &data,
+        Some(&dir),
+        &out,
+        &sets,
+        false,
+    )
+    .unwrap();
     drop(_turn);
     let vocab = fill_vocab();
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)

@@ -29,7 +29,7 @@ fn every_builtin_plugin_is_registered() {
         ["hard_negative", "neggen", "neggen_cache", "word_swap"]
     );
     assert_eq!(r.names(Kind::Objective), ["itc", "itm", "mlm", "rtd"]);
-    let listing = vlmatch::cli::plugin_listing(&[]).unwrap();
+    let listing = vlmatch::commands::plugins::plugin_listing(&[]).unwrap();
     assert!(
         listing.contains("vit") && listing.contains("vlmatch-vit"),
         "{listing}"

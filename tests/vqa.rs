@@ -66,10 +66,10 @@ fn vqa_finetuning_beats_the_majority_answer() {
         assert!(r.by_type.contains_key(kind), "{:?}", r.by_type);
     }
     // The CLI path writes the result into the run directory.
-    let v = vlmatch::cli::eval_task(
+    let v = vlmatch::commands::eval::eval_task(
         &out,
         "vqa",
-        &vlmatch::cli::DataArg {
+        &vlmatch::commands::eval::DataArg {
             path: "builtin".into(),
             image_root: None,
             split: None,

@@ -21,7 +21,7 @@ use crate::data::loader::{batches, Loader, LoaderConfig};
 use crate::data::{annotations, ImageRef};
 use crate::optim::AdamW;
 use crate::train::train_step;
-use crate::{cli, setup};
+use crate::{run, setup};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -256,7 +256,7 @@ pub fn bench(opts: &BenchOptions) -> Result<Value> {
         );
     }
     if opts.neggen && neggen_fills {
-        let sampler = cli::neggen_sampler(&loaded, &tok)?;
+        let sampler = run::neggen_sampler(&loaded, &tok)?;
         // Tagging is the loader's work in training (on its worker threads):
         // timed apart, on one thread, and done before the step's part.
         let preps = crate::data::loader::CaptionPreps::new(

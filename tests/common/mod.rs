@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use vlmatch::cli::preset;
+use vlmatch::run::preset;
 use vlmatch::train::{train, TrainOptions, TrainSummary};
 use vlmatch_registry::ConfigLayers;
 

@@ -1,0 +1,80 @@
+//! `vlmatch neggen`: NegGen negatives for a whole annotation file.
+
+use std::path::Path;
+use vlmatch_core::{Error, Result};
+
+/// `vlmatch neggen`: NegGen over a whole annotation file, written as JSON
+/// lines `{image, image_id, caption, negative, masked_words, itm_score}`
+/// (atomically); returns the summary line.
+pub fn neggen_offline(
+    run_dir: &Path,
+    data: &Path,
+    image_root: Option<&Path>,
+    out: &Path,
+    sets: &[String],
+    progress: bool,
+) -> Result<String> {
+    let (loaded, tok, asm, _) = crate::run::load_run(run_dir, sets)?;
+    let c = &loaded.config;
+    tch::manual_seed(c.train.seed as i64);
+    let sampler = crate::run::neggen_sampler(&loaded, &tok)?;
+    let ds = crate::data::load_any_with(
+        &data.display().to_string(),
+        image_root,
+        None,
+        c.data.on_error,
+    )?;
+    let mut loader_cfg = crate::data::loader::LoaderConfig::new(&c.data, c.eval.batch_size, None);
+    loader_cfg.preps = crate::data::loader::CaptionPreps::new(
+        vlmatch_core::NegativeSampler::caption_prep(&sampler),
+    );
+    let all: Vec<usize> = (0..ds.len()).collect();
+    let bar = if progress {
+        indicatif::ProgressBar::new(ds.len() as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let started = std::time::Instant::now();
+    let mut lines = String::new();
+    let mut written = 0usize;
+    for (b, batch) in crate::data::loader::batches(&ds, &tok, &loader_cfg, &all).enumerate() {
+        let batch = batch?.to_device(asm.model.device);
+        let fwd = vlmatch_core::Forward::new(&asm.model, &batch, false);
+        for cand in sampler
+            .candidates(&fwd, i64::MAX)?
+            .into_iter()
+            .filter(|c| c.kept)
+        {
+            let pair = &ds.pairs[all[b * loader_cfg.batch_size + cand.owner]];
+            let image = match &ds.images[pair.image] {
+                crate::data::ImageRef::File { path, .. } => path.display().to_string(),
+                crate::data::ImageRef::Scene(_) => format!("scene:{}", ds.image_ids[pair.image]),
+            };
+            let line = serde_json::json!({
+                "image": image,
+                "image_id": ds.image_ids[pair.image],
+                "caption": pair.caption,
+                "negative": cand.text,
+                "masked_words": cand.masked,
+                "itm_score": cand.itm,
+            });
+            lines.push_str(&format!("{line}\n"));
+            written += 1;
+        }
+        bar.inc(batch.len() as u64);
+    }
+    bar.finish_and_clear();
+    let tmp = out.with_extension("tmp");
+    std::fs::write(&tmp, lines).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+    let n = &sampler.counts;
+    let secs = started.elapsed().as_secs_f64();
+    Ok(format!(
+        "neggen: {} captions, {written} negatives written to {}, {} dropped by the filter, {} without a noun/adjective, {:.1} negatives/s",
+        n.captions.get(),
+        out.display(),
+        n.dropped_by_filter.get(),
+        n.no_candidate.get(),
+        written as f64 / secs.max(1e-9)
+    ))
+}

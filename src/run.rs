@@ -1,0 +1,97 @@
+//! A trained run loaded back: its saved config with overrides on top, its
+//! tokenizer and model with the newest checkpoint's weights; and the
+//! presets that start a new one. Shared by the commands, `bench` and `vqa`.
+
+use crate::PRESETS;
+use std::path::{Path, PathBuf};
+use vlmatch_core::{Error, Result};
+use vlmatch_registry::ConfigLayers;
+
+/// A preset by name: `configs/<name>.toml` in the working directory if
+/// present, else the copy built into the binary; or a path to a TOML file.
+pub fn preset(name: &str) -> Result<(String, Option<PathBuf>, String)> {
+    let file = Path::new("configs").join(format!("{name}.toml"));
+    if file.is_file() {
+        return vlmatch_registry::config::base_from_file(&file);
+    }
+    if let Some((_, text)) = PRESETS.iter().find(|(n, _)| *n == name) {
+        return Ok((format!("preset {name} (built in)"), None, text.to_string()));
+    }
+    if name.ends_with(".toml") && Path::new(name).is_file() {
+        return vlmatch_registry::config::base_from_file(Path::new(name));
+    }
+    let known: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
+    Err(Error::Config(format!(
+        "unknown preset `{name}`; presets: {} (or give a path to a .toml file)",
+        known.join(", ")
+    )))
+}
+
+/// A trained run: its config (with `sets` on top), tokenizer, model with the
+/// newest checkpoint's weights, and that checkpoint's counters.
+pub type LoadedRun = (
+    vlmatch_registry::LoadedConfig,
+    std::sync::Arc<crate::tokenizer::Tokenizer>,
+    vlmatch_registry::Assembly,
+    crate::checkpoint::TrainerState,
+);
+
+/// A run directory's saved config with `sets` (and the environment) on top.
+pub fn run_config(run_dir: &Path, sets: &[String]) -> Result<vlmatch_registry::LoadedConfig> {
+    ConfigLayers {
+        base: Some(vlmatch_registry::config::base_from_file(
+            &run_dir.join("config.toml"),
+        )?),
+        files: vec![],
+        env: true,
+        sets: sets.to_vec(),
+    }
+    .load()
+}
+
+pub fn load_run(run_dir: &Path, sets: &[String]) -> Result<LoadedRun> {
+    load_run_on(run_dir, sets, None)
+}
+
+/// [`load_run`] on `device` (default: the run's `train.device`).
+pub fn load_run_on(
+    run_dir: &Path,
+    sets: &[String],
+    device: Option<tch::Device>,
+) -> Result<LoadedRun> {
+    let loaded = run_config(run_dir, sets)?;
+    let tok = std::sync::Arc::new(crate::setup::tokenizer(&loaded)?);
+    let device = match device {
+        Some(d) => d,
+        None => crate::setup::device(&loaded.config.train.device)?,
+    };
+    let (mut asm, _) = crate::setup::model_on(&loaded, &tok, device)?;
+    let ckpt = crate::checkpoint::latest(run_dir)?;
+    let (_, state) = crate::checkpoint::load(&ckpt, &mut asm.vs)?;
+    Ok((loaded, tok, asm, state))
+}
+
+/// A NegGen sampler with the config's `[samplers.neggen]` keys (defaults
+/// where absent) and the default tagger, for use outside training.
+pub fn neggen_sampler(
+    loaded: &vlmatch_registry::LoadedConfig,
+    tok: &std::sync::Arc<crate::tokenizer::Tokenizer>,
+) -> Result<neggen::NegGen> {
+    let cfg: neggen::NegGenConfig = if loaded.config.samplers.contains_key("neggen") {
+        loaded.section("samplers.neggen")?
+    } else {
+        serde_json::from_str("{}").expect("every NegGen key has a default")
+    };
+    let codec = std::rc::Rc::new(crate::tokenizer::Codec {
+        tokenizer: tok.clone(),
+        max_len: loaded.config.data.max_len as usize,
+    });
+    neggen::NegGen::load(
+        cfg,
+        codec,
+        Some(crate::pretrained::load_masked_lm),
+        crate::setup::device(&loaded.config.train.device)?,
+        tch::Kind::Float,
+        "samplers.neggen",
+    )
+}
