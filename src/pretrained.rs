@@ -1,29 +1,31 @@
 //! Applying HuggingFace hub-layout checkpoints (`model.safetensors`) to an
-//! assembled model, with a report of what was applied, missing, unused and
-//! mismatched.
+//! assembled model, with a report of what was applied, missing, new, unused
+//! and mismatched.
 //!
-//! Roles and their name tables (checkpoint name, after dropping a `bert.`,
-//! `roberta.` or `vit.` prefix and renaming old `LayerNorm.gamma/beta` to `weight/bias`):
+//! The host knows no checkpoint layout itself: each role's plugin
+//! registers a [`CheckpointLayout`] with its factory, and this module asks
+//! the [`Registry`] for it by the role's plugin name.
 //!
-//! | config | checkpoint name | model parameter |
+//! | config | plugin's layout | parameters |
 //! |---|---|---|
-//! | `model.text.init` | `embeddings.*`, `encoder.layer.N.*` (N < text layers) | `text_encoder.*` |
-//! | `model.text.init` | `cls.predictions.*` (MLM head) | `generator.cls.predictions.*` |
-//! | `model.text.init` | RoBERTa: `lm_head.*` (MLM head) | `generator.lm_head.*` |
-//! | `model.fusion.init` | `encoder.layer.N.*`, N >= `init_layer_offset` | `fusion.layer.(N - offset).*` |
-//! | `model.image.init` | `embeddings.*`, `encoder.layer.N.*`, `layernorm.*` | `vision_encoder.*` |
-//! | `model.image.init` | CLIP: `vision_model.*` (text tower, projections skipped) | `vision_encoder.*` |
+//! | `model.image.init` | `model.image.plugin` (encoder) | `vision_encoder.*` |
+//! | `model.text.init` | `model.text.plugin` (encoder) | `text_encoder.*` |
+//! | `model.text.init` | `model.generator.plugin` (generator: the LM head) | `generator.*` |
+//! | `model.fusion.init` | `model.fusion.plugin` (encoder) | `fusion.*` |
 //!
-//! `cls.predictions.decoder.weight` is the word-embedding matrix the head is
-//! tied to, so it is not loaded separately. ALBEF's fusion layers get their
-//! self-attention and feed-forward from the upper BERT layers; their
-//! `crossattention.*` is new and reported as such, not as missing.
+//! A checkpoint whose `model_type` the layout does not load is an error
+//! naming both. When two roles start from one directory (ALBEF's split of a
+//! BERT into text and fusion layers), a tensor one role takes is not unused
+//! in the other's report. A checkpoint without the generator's tensors (a
+//! plain `BertModel`) leaves the head new.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use tch::Tensor;
 use vlmatch_core::{Error, Result};
+use vlmatch_registry::weights::{self, CheckpointLayout, LoadContext};
+use vlmatch_registry::{Kind, LoadedConfig, Registry};
 
 #[derive(Debug, Default)]
 pub struct LoadReport {
@@ -38,8 +40,10 @@ pub struct LoadReport {
     pub unused: Vec<String>,
     /// `(parameter, model shape, checkpoint shape)`.
     pub mismatched: Vec<(String, Vec<i64>, Vec<i64>)>,
-    /// ViT position embeddings resized to the model's resolution.
+    /// Tensors the layout resized (position embeddings at another resolution).
     pub interpolated: Vec<String>,
+    /// Checkpoint tensors applied, by their names in the file.
+    pub used: HashSet<String>,
 }
 
 impl fmt::Display for LoadReport {
@@ -87,65 +91,7 @@ impl fmt::Display for LoadReport {
     }
 }
 
-/// A checkpoint tensor name without the model-class prefix, with old
-/// LayerNorm names updated.
-pub fn canonical(name: &str) -> String {
-    let name = ["bert.", "roberta.", "vit."]
-        .iter()
-        .find_map(|p| name.strip_prefix(p))
-        .unwrap_or(name);
-    if let Some(stem) = name.strip_suffix(".gamma") {
-        format!("{stem}.weight")
-    } else if let Some(stem) = name.strip_suffix(".beta") {
-        format!("{stem}.bias")
-    } else {
-        name.to_string()
-    }
-}
-
-/// A ViT checkpoint's `embeddings.position_embeddings` `[1, 1 + g*g, D]`
-/// resized to the model's `[1, 1 + h*h, D]`: the `[CLS]` position kept, the
-/// patch grid resized bicubically (`align_corners = false`), as timm and
-/// ALBEF do to fine-tune at another resolution. `None` if nothing to do.
-/// CLIP's `embeddings.position_embedding.weight` `[1 + g*g, D]` likewise.
-pub fn interpolate_position_embeddings(name: &str, t: &Tensor, target: &[i64]) -> Option<Tensor> {
-    if name.ends_with("embeddings.position_embedding.weight") && t.dim() == 2 && target.len() == 2 {
-        let target = [1, target[0], target[1]];
-        return interpolate_position_embeddings(
-            "embeddings.position_embeddings",
-            &t.unsqueeze(0),
-            &target,
-        )
-        .map(|t| t.squeeze_dim(0));
-    }
-    if !name.ends_with("embeddings.position_embeddings")
-        || t.size() == target
-        || t.dim() != 3
-        || target.len() != 3
-    {
-        return None;
-    }
-    let (n_old, d) = (t.size()[1] - 1, t.size()[2]);
-    let n_new = target[1] - 1;
-    let side = |n: i64| (1..=n).find(|s| s * s == n);
-    let (g, h) = (side(n_old)?, side(n_new)?);
-    if target[2] != d || target[0] != 1 || t.size()[0] != 1 {
-        return None;
-    }
-    let cls = t.narrow(1, 0, 1);
-    let grid = t
-        .narrow(1, 1, n_old)
-        .reshape([1, g, g, d])
-        .permute([0, 3, 1, 2]);
-    let grid = grid
-        .to_kind(tch::Kind::Float)
-        .upsample_bicubic2d([h, h], false, None, None)
-        .permute([0, 2, 3, 1])
-        .reshape([1, h * h, d]);
-    Some(Tensor::cat(&[cls.to_kind(tch::Kind::Float), grid], 1))
-}
-
-/// Read `DIR/model.safetensors` as canonical name -> tensor.
+/// Read `DIR/model.safetensors` as name (as stored) -> tensor.
 pub fn read_checkpoint(dir: &Path) -> Result<BTreeMap<String, Tensor>> {
     let file = dir.join("model.safetensors");
     let tensors = Tensor::read_safetensors(&file).map_err(|e| Error::Data {
@@ -153,15 +99,15 @@ pub fn read_checkpoint(dir: &Path) -> Result<BTreeMap<String, Tensor>> {
         line: None,
         message: format!("cannot read safetensors: {e}"),
     })?;
-    Ok(tensors
-        .into_iter()
-        .map(|(k, v)| (canonical(&k), v))
-        .collect())
+    Ok(tensors.into_iter().collect())
 }
 
-/// Copy checkpoint tensors into `vars` by `target` (canonical checkpoint
-/// name -> model parameter name, `None` to skip). `role_prefix` selects the
-/// parameters counted as missing; `is_new` marks those that are new by design.
+/// Copy checkpoint tensors into `vars` by `target` (checkpoint name ->
+/// model parameter name, `None` to skip), resizing with `resize`
+/// (parameter, tensor, model shape) where it returns a tensor. `role_prefix`
+/// selects the parameters counted as missing; `is_new` marks those that are
+/// new by design.
+#[allow(clippy::too_many_arguments)]
 pub fn apply(
     role: &str,
     source: &Path,
@@ -169,6 +115,7 @@ pub fn apply(
     vars: &HashMap<String, Tensor>,
     role_prefix: &str,
     target: impl Fn(&str) -> Option<String>,
+    resize: impl Fn(&str, &Tensor, &[i64]) -> Option<Tensor>,
     is_new: impl Fn(&str) -> bool,
 ) -> LoadReport {
     let mut report = LoadReport {
@@ -176,7 +123,7 @@ pub fn apply(
         source: source.to_path_buf(),
         ..Default::default()
     };
-    let mut applied = std::collections::HashSet::new();
+    let mut applied = HashSet::new();
     tch::no_grad(|| {
         for (name, t) in checkpoint {
             let Some(local) = target(name) else { continue };
@@ -184,7 +131,7 @@ pub fn apply(
                 report.unused.push(name.clone());
                 continue;
             };
-            let t = match interpolate_position_embeddings(name, t, &var.size()) {
+            let t = match resize(&local, t, &var.size()) {
                 Some(resized) => {
                     report
                         .interpolated
@@ -200,6 +147,7 @@ pub fn apply(
             var.shallow_clone()
                 .copy_(&t.to_kind(var.kind()).to_device(var.device()));
             applied.insert(local);
+            report.used.insert(name.clone());
         }
     });
     report.applied = applied.len();
@@ -217,180 +165,217 @@ pub fn apply(
     report
 }
 
-/// The checkpoint directories a config names, read from the figment.
-fn init_dir(cfg: &vlmatch_registry::LoadedConfig, role: &str) -> Option<PathBuf> {
+/// [`apply`] through a plugin's registered layout: checkpoint names mapped
+/// by it and put under `prefix` (`text_encoder.`, or `""` for a model built
+/// at the root), its resizing and its new-by-design parameters. `key` and
+/// `section` are the plugin's config section.
+#[allow(clippy::too_many_arguments)]
+pub fn apply_layout(
+    role: &str,
+    source: &Path,
+    checkpoint: &BTreeMap<String, Tensor>,
+    vars: &HashMap<String, Tensor>,
+    prefix: &str,
+    layout: &dyn CheckpointLayout,
+    key: &str,
+    section: &serde_json::Value,
+) -> LoadReport {
+    let model_type = weights::model_type(source);
+    let ctx = LoadContext {
+        key,
+        section,
+        vars,
+        model_type: model_type.as_deref(),
+    };
+    apply(
+        role,
+        source,
+        checkpoint,
+        vars,
+        prefix,
+        |n| layout.map_name(&ctx, n).map(|p| format!("{prefix}{p}")),
+        |p, t, shape| layout.resize(p.strip_prefix(prefix)?, t, shape),
+        |p| p.strip_prefix(prefix).is_some_and(|p| layout.is_new(p)),
+    )
+}
+
+/// The registry of the plugins linked into this binary.
+fn registry() -> Result<Registry> {
+    Registry::from_inventory().map_err(|e| Error::Config(e.to_string()))
+}
+
+fn plugin_of(cfg: &LoadedConfig, key: &str) -> Option<String> {
     cfg.figment
-        .extract_inner::<PathBuf>(&format!("model.{role}.init"))
+        .extract_inner::<String>(&format!("{key}.plugin"))
         .ok()
 }
 
-fn allow_partial(cfg: &vlmatch_registry::LoadedConfig, role: &str) -> bool {
-    cfg.figment
-        .extract_inner::<bool>(&format!("model.{role}.allow_partial_init"))
-        .unwrap_or(false)
-}
+/// Where each role's report is named, in the order roles are loaded.
+const ROLES: [(&str, &str); 3] = [
+    ("text", "text encoder"),
+    ("fusion", "fusion encoder"),
+    ("image", "image encoder"),
+];
 
-/// Number of `text_encoder.encoder.layer.N` blocks in `vars`.
-fn text_layers(vars: &HashMap<String, Tensor>) -> i64 {
-    vars.keys()
-        .filter_map(|k| {
-            k.strip_prefix("text_encoder.encoder.layer.")?
-                .split('.')
-                .next()?
-                .parse::<i64>()
-                .ok()
-        })
-        .map(|n| n + 1)
-        .max()
-        .unwrap_or(0)
-}
-
-/// Apply every `model.<role>.init` of `cfg` to the model's variables.
-/// Missing or mismatched tensors are an error unless the role sets
-/// `allow_partial_init = true`.
-pub fn apply_inits(
-    cfg: &vlmatch_registry::LoadedConfig,
-    vars: &HashMap<String, Tensor>,
-) -> Result<Vec<LoadReport>> {
-    let mut reports = Vec::new();
-    if let Some(dir) = init_dir(cfg, "text") {
-        let ckpt = read_checkpoint(&dir)?;
-        // Upper layers may feed the fusion encoder instead (ALBEF): not unused then.
-        let feeds_fusion = init_dir(cfg, "fusion").as_deref() == Some(dir.as_path());
-        reports.extend(apply_text(
-            &dir,
-            &ckpt,
-            vars,
-            feeds_fusion,
-            allow_partial(cfg, "text"),
-            false,
-        )?);
-    }
-    if let Some(dir) = init_dir(cfg, "fusion") {
-        let ckpt = read_checkpoint(&dir)?;
-        let offset = cfg
+/// Apply every `model.<role>.init` of `cfg` to the model's variables
+/// through the role plugins' layouts (and, from `model.text.init`, the
+/// generator's). Missing or mismatched tensors are an error unless the role
+/// sets `allow_partial_init = true`.
+pub fn apply_inits(cfg: &LoadedConfig, vars: &HashMap<String, Tensor>) -> Result<Vec<LoadReport>> {
+    let registry = registry()?;
+    let mut reports: Vec<(LoadReport, bool)> = Vec::new();
+    let mut checkpoints: BTreeMap<PathBuf, BTreeMap<String, Tensor>> = BTreeMap::new();
+    for (role, what) in ROLES {
+        let key = format!("model.{role}");
+        let Ok(dir) = cfg.figment.extract_inner::<PathBuf>(&format!("{key}.init")) else {
+            continue;
+        };
+        let allow_partial = cfg
             .figment
-            .extract_inner::<i64>("model.fusion.init_layer_offset")
-            .unwrap_or_else(|_| text_layers(vars));
-        let r = apply(
-            "fusion encoder",
-            &dir,
-            &ckpt,
-            vars,
-            "fusion.",
-            |n| {
-                let rest = n.strip_prefix("encoder.layer.")?;
-                let (idx, tail) = rest.split_once('.')?;
-                let i = idx.parse::<i64>().ok()? - offset;
-                (i >= 0).then(|| format!("fusion.layer.{i}.{tail}"))
-            },
-            |k| k.contains(".crossattention."),
-        );
-        check(&r, allow_partial(cfg, "fusion"))?;
-        reports.push(r);
+            .extract_inner::<bool>(&format!("{key}.allow_partial_init"))
+            .unwrap_or(false);
+        let plugin = plugin_of(cfg, &key).unwrap_or_default();
+        let layout = registry.layout(Kind::Encoder, &plugin).ok_or_else(|| {
+            Error::Config(format!(
+                "config key `{key}.init`: plugin `{plugin}` registers no checkpoint layout,                  so it cannot start from {}; remove `init` or pick a plugin that loads                  checkpoints (model types: {})",
+                dir.display(),
+                registry.loadable(Kind::Encoder).join(", ")
+            ))
+        })?;
+        weights::check_model_type(&key, &plugin, Some(&dir), layout.model_types())?;
+        if !checkpoints.contains_key(&dir) {
+            checkpoints.insert(dir.clone(), read_checkpoint(&dir)?);
+        }
+        let ckpt = &checkpoints[&dir];
+        let section: serde_json::Value = cfg.section(&key)?;
+        let prefix = format!("{}.", weights::role_prefix(role).expect("a model role"));
+        let r = apply_layout(what, &dir, ckpt, vars, &prefix, layout, &key, &section);
+        reports.push((r, allow_partial));
+        if role == "text" {
+            if let Some(head) = generator_report(cfg, &registry, &dir, ckpt, vars, false)? {
+                reports.push((head, allow_partial));
+            }
+        }
     }
-    if let Some(dir) = init_dir(cfg, "image") {
-        let ckpt = read_checkpoint(&dir)?;
-        let r = apply(
-            "image encoder",
-            &dir,
-            &ckpt,
-            vars,
-            "vision_encoder.",
-            |n| {
-                // A CLIP checkpoint: its vision tower, not its text tower,
-                // projections or temperature.
-                let n = n.strip_prefix("vision_model.").unwrap_or(n);
-                let skip = [
-                    "pooler.",
-                    "classifier.",
-                    "text_model.",
-                    "text_projection",
-                    "visual_projection",
-                    "logit_scale",
-                ];
-                (!skip.iter().any(|s| n.starts_with(s)) && n != "embeddings.position_ids")
-                    .then(|| format!("vision_encoder.{n}"))
-            },
-            |_| false,
-        );
-        check(&r, allow_partial(cfg, "image"))?;
-        reports.push(r);
+    // A tensor another role took from the same directory is not unused.
+    let mut used: HashMap<PathBuf, HashSet<String>> = HashMap::new();
+    for (r, _) in &reports {
+        used.entry(r.source.clone())
+            .or_default()
+            .extend(r.used.iter().cloned());
     }
-    Ok(reports)
+    let mut out = Vec::new();
+    for (mut r, allow_partial) in reports {
+        let taken = &used[&r.source];
+        r.unused.retain(|n| !taken.contains(n));
+        // A checkpoint without the generator's tensors leaves the head new.
+        if r.role != "MLM head" || r.applied > 0 {
+            check(&r, allow_partial)?;
+        }
+        out.push(r);
+    }
+    Ok(out)
 }
 
-/// Apply a BERT checkpoint to `text_encoder.*` and, where the model has
-/// one, its MLM head to `generator.cls.predictions.*`. A checkpoint without
-/// an MLM head leaves the head new unless `head_required`.
-fn apply_text(
+/// The generator's (LM head's) report from the text checkpoint `dir`, if
+/// the model has a generator with a layout; with `required`, a checkpoint
+/// without its tensors is an error.
+fn generator_report(
+    cfg: &LoadedConfig,
+    registry: &Registry,
     dir: &Path,
     ckpt: &BTreeMap<String, Tensor>,
     vars: &HashMap<String, Tensor>,
-    feeds_fusion: bool,
-    allow_partial: bool,
-    head_required: bool,
-) -> Result<Vec<LoadReport>> {
-    let mut r = apply(
-        "text encoder",
+    required: bool,
+) -> Result<Option<LoadReport>> {
+    let Some(plugin) = plugin_of(cfg, "model.generator") else {
+        return Ok(None);
+    };
+    let Some(layout) = registry.layout(Kind::Generator, &plugin) else {
+        return Ok(None);
+    };
+    let section: serde_json::Value = cfg.section("model.generator")?;
+    head_report(
+        registry,
+        &plugin,
+        layout,
+        "model.generator",
+        &section,
         dir,
         ckpt,
         vars,
-        "text_encoder.",
-        |n| {
-            let buffer = n == "embeddings.position_ids" || n == "embeddings.token_type_ids";
-            let head = n.starts_with("cls.") || n.starts_with("lm_head.");
-            (!head && !n.starts_with("pooler.") && !buffer).then(|| format!("text_encoder.{n}"))
-        },
-        |_| false,
-    );
-    if feeds_fusion {
-        r.unused.retain(|n| !n.starts_with("encoder.layer."));
-    }
-    check(&r, allow_partial)?;
-    let mut reports = vec![r];
-    // The generator's layout: BERT's `cls.predictions.*` (mlm_head) or
-    // RoBERTa's `lm_head.*` (roberta_lm_head); the decoder is tied.
-    let layout = ["cls.predictions.", "lm_head."].into_iter().find(|p| {
-        vars.keys()
-            .any(|k| k.starts_with(&format!("generator.{p}")))
-    });
-    if let Some(layout) = layout {
-        let r = apply(
-            "MLM head",
-            dir,
-            ckpt,
-            vars,
-            "generator.",
-            |n| {
-                let tail = n.strip_prefix(layout)?;
-                (tail != "decoder.weight" && tail != "decoder.bias")
-                    .then(|| format!("generator.{n}"))
-            },
-            |_| false,
-        );
-        if r.applied == 0 && head_required {
-            return Err(Error::Config(format!(
-                "{} has no MLM head (`{layout}*`): a masked language model \
-                 (BertForMaskedLM) is needed to fill masks",
-                dir.join("model.safetensors").display()
-            )));
-        }
-        // A checkpoint without an MLM head (plain BertModel) leaves it new.
-        if r.applied > 0 {
-            check(&r, allow_partial)?;
-        }
-        reports.push(r);
-    }
-    Ok(reports)
+        required,
+    )
+    .map(Some)
 }
 
-/// A HuggingFace `BertForMaskedLM` directory (`config.json`,
-/// `model.safetensors` with `cls.predictions.*`, and `tokenizer.json` or
-/// `vocab.txt`) as a frozen [`vlmatch_registry::MaskedLm`]: NegGen's
-/// `fill_model`. A
-/// `vocab.txt` is lowercased unless `tokenizer_config.json` says
-/// `"do_lower_case": false`. Every tensor must load.
+/// Apply an LM head's layout (`generator.*`) from the text checkpoint `dir`.
+#[allow(clippy::too_many_arguments)]
+fn head_report(
+    registry: &Registry,
+    plugin: &str,
+    layout: &dyn CheckpointLayout,
+    key: &str,
+    section: &serde_json::Value,
+    dir: &Path,
+    ckpt: &BTreeMap<String, Tensor>,
+    vars: &HashMap<String, Tensor>,
+    required: bool,
+) -> Result<LoadReport> {
+    if let Some(t) = weights::model_type(dir) {
+        if !layout.model_types().contains(&t.as_str()) {
+            let loading: Vec<&str> = registry
+                .loading(Kind::Generator, &t)
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect();
+            return Err(Error::Config(format!(
+                "config key `{key}.plugin`: generator `{plugin}` does not load the LM head of \
+                 {}, a `{t}` checkpoint (model.text.init); it loads model_type {}; for `{t}` use \
+                 {}",
+                dir.display(),
+                layout.model_types().join(" or "),
+                if loading.is_empty() {
+                    "no registered generator".to_string()
+                } else {
+                    loading
+                        .iter()
+                        .map(|n| format!("`{n}`"))
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                }
+            )));
+        }
+    }
+    let r = apply_layout(
+        "MLM head",
+        dir,
+        ckpt,
+        vars,
+        "generator.",
+        layout,
+        key,
+        section,
+    );
+    if r.applied == 0 && required {
+        return Err(Error::Config(format!(
+            "{} has no MLM head (no tensor that generator `{plugin}` loads): a masked \
+             language model ({}) is needed to fill masks",
+            dir.join("model.safetensors").display(),
+            layout.architectures().join(" or ")
+        )));
+    }
+    Ok(r)
+}
+
+/// A HuggingFace masked-LM directory (`config.json`, `model.safetensors`
+/// with the LM head, and `tokenizer.json` or `vocab.txt`) as a frozen
+/// [`vlmatch_registry::MaskedLm`]: NegGen's `fill_model`. The text encoder
+/// and LM head are the plugins whose layouts load the directory's
+/// `model_type` (`bert`: `bert` + `mlm_head`; `roberta`: `roberta` +
+/// `roberta_lm_head`). A `vocab.txt` is lowercased unless
+/// `tokenizer_config.json` says `"do_lower_case": false`. Every tensor must
+/// load.
 pub fn load_masked_lm(
     dir: &Path,
     device: tch::Device,
@@ -401,35 +386,24 @@ pub fn load_masked_lm(
             path: dir.into(),
             line: None,
             message: "expected a directory with config.json, model.safetensors and \
-                      tokenizer.json or vocab.txt (a HuggingFace BertForMaskedLM)"
+                      tokenizer.json or vocab.txt (a HuggingFace masked LM such as \
+                      BertForMaskedLM)"
                 .into(),
         });
     }
-    let model_type = std::fs::read_to_string(dir.join("config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v.get("model_type")?.as_str().map(str::to_string));
-    if let Some(t) = model_type.filter(|t| t != "bert") {
-        return Err(Error::Data {
-            path: dir.join("config.json"),
-            line: None,
-            message: format!(
-                "model_type `{t}`: a fill model must be a BERT masked LM (model_type `bert`)"
-            ),
-        });
-    }
+    let registry = registry()?;
+    let plan = weights::plan_masked_lm(&registry, dir)?;
     let lowercase = std::fs::read_to_string(dir.join("tokenizer_config.json"))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .and_then(|v| v.get("do_lower_case").and_then(serde_json::Value::as_bool))
         .unwrap_or(true);
     let tok = std::sync::Arc::new(crate::tokenizer::Tokenizer::from_path(dir, lowercase)?);
-    let section = bert::BertSection {
-        init: Some(dir.to_path_buf()),
-        ..Default::default()
-    };
-    let arch = section.resolve(&format!("fill model {}", dir.display()))?;
-    if let Some(v) = arch.vocab_size.filter(|&v| v != tok.vocab_size()) {
+    if let Some(v) = plan
+        .encoder_arch
+        .vocab_size
+        .filter(|&v| v != tok.vocab_size())
+    {
         return Err(Error::Config(format!(
             "{}: vocab_size {v} differs from its tokenizer's {} ({})",
             dir.join("config.json").display(),
@@ -437,40 +411,63 @@ pub fn load_masked_lm(
             tok.origin()
         )));
     }
-    let max_len = arch.max_position_embeddings;
+    let max_len = plan.encoder_arch.max_text_len.unwrap_or(512);
+    let codec = std::rc::Rc::new(crate::tokenizer::Codec {
+        tokenizer: tok.clone(),
+        max_len: max_len as usize,
+    });
+    let env = vlmatch_registry::ModelEnv {
+        vocab_size: tok.vocab_size(),
+        special: tok.special,
+        text: codec.clone(),
+        image_size: 0,
+        max_text_len: max_len,
+        device,
+        compute,
+        masked_lm: None,
+    };
     let mut store = tch::nn::VarStore::new(device);
-    let root = store.root();
-    let encoder = std::rc::Rc::new(bert::Bert::new(
-        &(&root / "text_encoder"),
-        &arch,
-        tok.vocab_size(),
-        max_len,
-        compute,
-    )?);
-    let emb = vlmatch_core::Encoder::word_embeddings(encoder.as_ref())
-        .expect("BERT exposes its word embeddings");
-    let head = std::rc::Rc::new(mlm_head::MlmHead::new(
-        &(&root / "generator"),
-        emb,
-        arch.layer_norm_eps,
-        compute,
-    ));
+    let (encoder, head) = weights::build_masked_lm(&registry, &plan, &env, &store.root())?;
     let ckpt = read_checkpoint(dir)?;
-    let reports = apply_text(dir, &ckpt, &store.variables(), false, false, true)?;
+    let vars = store.variables();
+    let encoder_layout = registry
+        .layout(Kind::Encoder, &plan.encoder)
+        .expect("planned from its layout");
+    let section = serde_json::Value::Object(plan.encoder_arch.section.clone());
+    let text = apply_layout(
+        "text encoder",
+        dir,
+        &ckpt,
+        &vars,
+        "text_encoder.",
+        encoder_layout,
+        "fill_model.text",
+        &section,
+    );
+    check(&text, false)?;
+    let head_layout = registry
+        .layout(Kind::Generator, &plan.generator)
+        .expect("planned from its layout");
+    let head_section = serde_json::Value::Object(plan.generator_arch.section.clone());
+    let head_r = head_report(
+        &registry,
+        &plan.generator,
+        head_layout,
+        "fill_model.generator",
+        &head_section,
+        dir,
+        &ckpt,
+        &vars,
+        true,
+    )?;
+    check(&head_r, false)?;
     store.freeze();
     Ok(vlmatch_registry::MaskedLm {
         encoder,
         head,
-        codec: std::rc::Rc::new(crate::tokenizer::Codec {
-            tokenizer: tok,
-            max_len: max_len as usize,
-        }),
+        codec,
         max_len: max_len as usize,
-        report: reports
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("\n"),
+        report: format!("{text}\n{head_r}"),
         store,
     })
 }

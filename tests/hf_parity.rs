@@ -14,7 +14,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{nn, Device, Kind, Tensor};
-use vlmatch::pretrained::{apply, read_checkpoint};
+use vlmatch::pretrained::{apply_layout, read_checkpoint};
+use vlmatch_registry::{Kind as PluginKind, Registry};
 
 const TOLERANCE: f64 = 1e-4;
 
@@ -41,24 +42,35 @@ fn fixtures() -> Vec<PathBuf> {
     out
 }
 
-/// Load `dir`'s weights into `vs` (parameters named as in the checkpoint).
-fn load(dir: &Path, vs: &nn::VarStore) -> Result<(), String> {
-    load_mapped(dir, vs, |n| Some(n.to_string()))
-}
-
-/// [`load`] with checkpoint names mapped (`None`: not the model's).
-fn load_mapped(
-    dir: &Path,
-    vs: &nn::VarStore,
-    target: impl Fn(&str) -> Option<String>,
-) -> Result<(), String> {
+/// Load `dir`'s weights into `vs`, where `plugins` (an encoder and maybe
+/// its LM head) are built at the root, through the checkpoint layouts they
+/// registered: every parameter must be loaded by one of them.
+fn load(dir: &Path, vs: &nn::VarStore, plugins: &[(PluginKind, &str)]) -> Result<(), String> {
+    let registry = Registry::from_inventory().unwrap();
     let ckpt = read_checkpoint(dir).map_err(|e| e.to_string())?;
     let vars: HashMap<String, Tensor> = vs.variables();
-    let report = apply("fixture", dir, &ckpt, &vars, "", target, |_| false);
-    if !report.missing.is_empty() || !report.mismatched.is_empty() {
-        return Err(format!("{report}"));
+    let mut missing: Option<std::collections::HashSet<String>> = None;
+    let section = serde_json::json!({});
+    for (kind, name) in plugins {
+        let layout = registry
+            .layout(*kind, name)
+            .ok_or_else(|| format!("{kind} `{name}` registers no checkpoint layout"))?;
+        let r = apply_layout(
+            "fixture", dir, &ckpt, &vars, "", layout, "fixture", &section,
+        );
+        if !r.mismatched.is_empty() {
+            return Err(format!("{r}"));
+        }
+        let m: std::collections::HashSet<String> = r.missing.into_iter().collect();
+        missing = Some(match missing {
+            None => m,
+            Some(before) => before.intersection(&m).cloned().collect(),
+        });
     }
-    Ok(())
+    match missing {
+        Some(m) if !m.is_empty() => Err(format!("{}: not loaded: {m:?}", dir.display())),
+        _ => Ok(()),
+    }
 }
 
 fn compare(dir: &Path, name: &str, got: &Tensor, expected: &Tensor) -> Result<(), String> {
@@ -188,7 +200,11 @@ fn check_fixture(dir: &Path) -> Result<(), String> {
                 let emb = vlmatch_core::Encoder::word_embeddings(&model).unwrap();
                 mlm_head::MlmHead::new(&vs.root(), emb, cfg.layer_norm_eps, Kind::Float)
             });
-            load(dir, &vs)?;
+            let mut plugins = vec![(PluginKind::Encoder, "bert")];
+            if head.is_some() {
+                plugins.push((PluginKind::Generator, "mlm_head"));
+            }
+            load(dir, &vs, &plugins)?;
             let out = tch::no_grad(|| model.forward(ids, mask, false));
             compare_text(
                 dir,
@@ -205,7 +221,7 @@ fn check_fixture(dir: &Path) -> Result<(), String> {
             let cfg = section.resolve("fixture").map_err(|e| e.to_string())?;
             let model = vit::Vit::new(&vs.root(), &cfg, cfg.image_size.unwrap(), Kind::Float)
                 .map_err(|e| e.to_string())?;
-            load(dir, &vs)?;
+            load(dir, &vs, &[(PluginKind::Encoder, "vit")])?;
             let out = tch::no_grad(|| model.forward(&expected["pixel_values"], false))
                 .map_err(|e| e.to_string())?;
             compare(
@@ -236,13 +252,11 @@ fn check_fixture(dir: &Path) -> Result<(), String> {
                 let emb = vlmatch_core::Encoder::word_embeddings(&model).unwrap();
                 roberta::RobertaLmHead::new(&vs.root(), emb, cfg.layer_norm_eps, Kind::Float)
             });
-            load_mapped(dir, &vs, |n| {
-                let skip = n.starts_with("pooler.")
-                    || n == "lm_head.decoder.weight"
-                    || n == "lm_head.decoder.bias"
-                    || n.starts_with("embeddings.token_type_ids");
-                (!skip).then(|| n.to_string())
-            })?;
+            let mut plugins = vec![(PluginKind::Encoder, "roberta")];
+            if head.is_some() {
+                plugins.push((PluginKind::Generator, "roberta_lm_head"));
+            }
+            load(dir, &vs, &plugins)?;
             let out = tch::no_grad(|| model.forward(ids, mask, false));
             compare_text(
                 dir,
@@ -263,17 +277,7 @@ fn check_fixture(dir: &Path) -> Result<(), String> {
             let model =
                 clip_vit::ClipVit::new(&vs.root(), &cfg, cfg.image_size.unwrap(), Kind::Float)
                     .map_err(|e| e.to_string())?;
-            load_mapped(dir, &vs, |n| {
-                let n = n.strip_prefix("vision_model.").unwrap_or(n);
-                let clip_only = [
-                    "text_model.",
-                    "text_projection.",
-                    "visual_projection.",
-                    "logit_scale",
-                ];
-                (!clip_only.iter().any(|p| n.starts_with(p)) && n != "embeddings.position_ids")
-                    .then(|| n.to_string())
-            })?;
+            load(dir, &vs, &[(PluginKind::Encoder, "clip_vit")])?;
             let pixels = &expected["pixel_values"];
             let hidden = tch::no_grad(|| model.forward_unnormed(pixels, false))
                 .map_err(|e| e.to_string())?;

@@ -70,7 +70,7 @@ pub struct BuildContext<'a> {
     pub env: &'a ModelEnv,
     pub widths: Widths,
     registry: &'a Registry,
-    config: &'a LoadedConfig,
+    config: Sections<'a>,
     /// The text encoder, once built (generators tie their decoder to its
     /// word embeddings).
     pub text_encoder: Option<Rc<dyn Encoder>>,
@@ -82,7 +82,33 @@ impl<'a> BuildContext<'a> {
     /// This plugin's config section as `T` (use `#[serde(deny_unknown_fields)]`
     /// so a typo is an error naming the key and file).
     pub fn params<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
-        self.config.section(&self.key)
+        crate::config::section_of(self.config.figment, self.config.stale, &self.key)
+    }
+
+    /// A context for building one plugin outside a run (a frozen fill
+    /// model's text encoder and head, [`crate::weights::build_masked_lm`]):
+    /// its section is `key` in `sections`, and it cannot build generators or
+    /// samplers of a run.
+    pub(crate) fn standalone(
+        path: nn::Path<'a>,
+        plugin: &'a str,
+        key: &str,
+        env: &'a ModelEnv,
+        registry: &'a Registry,
+        sections: Sections<'a>,
+        text_encoder: Option<Rc<dyn Encoder>>,
+    ) -> Self {
+        BuildContext {
+            path,
+            plugin,
+            key: key.to_string(),
+            env,
+            widths: Widths::default(),
+            registry,
+            config: sections,
+            text_encoder,
+            model: None,
+        }
     }
 
     /// The last component of the section key: an objective's loss name.
@@ -155,7 +181,8 @@ impl<'a> BuildContext<'a> {
         text: Rc<dyn Encoder>,
         path: nn::Path<'a>,
     ) -> Result<Rc<dyn Generator>> {
-        let section = self.config.config.model.generator.as_ref().ok_or_else(|| {
+        let generator = self.config.config.and_then(|c| c.model.generator.as_ref());
+        let section = generator.ok_or_else(|| {
             Error::Config(format!(
                 "config key `{}`: needs `[model.generator]` (e.g. plugin = \"mlm_head\")",
                 self.key
@@ -183,8 +210,9 @@ impl<'a> BuildContext<'a> {
 
     /// Build the negative sampler configured as `[samplers.<name>]`.
     pub fn negative_sampler(&self, name: &str) -> Result<Box<dyn NegativeSampler>> {
-        let section = self.config.config.samplers.get(name).ok_or_else(|| {
-            let known: Vec<&String> = self.config.config.samplers.keys().collect();
+        let samplers = self.config.config.map(|c| &c.samplers);
+        let section = samplers.and_then(|s| s.get(name)).ok_or_else(|| {
+            let known: Vec<&String> = samplers.into_iter().flat_map(|s| s.keys()).collect();
             Error::Config(format!(
                 "config key `{}`: sampler `{name}` has no `[samplers.{name}]` section (configured samplers: {known:?})",
                 self.key
@@ -280,9 +308,38 @@ fn context<'a>(
         env,
         widths,
         registry,
-        config,
+        config: Sections::from(config),
         text_encoder: None,
         model: None,
+    }
+}
+
+/// Where a [`BuildContext`] reads plugin sections: a run's config, or
+/// (outside a run) a figment holding only the sections being built.
+#[derive(Clone, Copy)]
+pub(crate) struct Sections<'a> {
+    figment: &'a figment::Figment,
+    stale: Option<&'a std::collections::BTreeSet<String>>,
+    config: Option<&'a crate::Config>,
+}
+
+impl<'a> Sections<'a> {
+    pub(crate) fn standalone(figment: &'a figment::Figment) -> Self {
+        Sections {
+            figment,
+            stale: None,
+            config: None,
+        }
+    }
+}
+
+impl<'a> From<&'a LoadedConfig> for Sections<'a> {
+    fn from(c: &'a LoadedConfig) -> Self {
+        Sections {
+            figment: &c.figment,
+            stale: Some(&c.stale),
+            config: Some(&c.config),
+        }
     }
 }
 

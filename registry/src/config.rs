@@ -837,26 +837,34 @@ impl LoadedConfig {
     /// the role keys (`plugin`; `weight`, `enabled` of objectives) that the
     /// registry itself reads.
     pub fn section<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<T> {
-        let value = self
-            .figment
-            .find_value(key)
-            .map_err(|e| Error::Config(format!("config key `{key}`: {}", e.kind)))?;
-        let Value::Dict(tag, mut dict) = value else {
-            return Err(Error::Config(format!(
-                "config key `{key}`: expected a table"
-            )));
-        };
-        dict.remove("plugin");
-        dict.retain(|k, _| !self.stale.contains(&format!("{key}.{k}")));
-        if key.starts_with("objectives.") {
-            dict.remove("weight");
-            dict.remove("enabled");
-        }
-        let prefix: Vec<&str> = key.split('.').collect();
-        Value::Dict(tag, dict)
-            .deserialize::<T>()
-            .map_err(|e| Error::Config(describe_error(e, &self.figment, &prefix)))
+        section_of(&self.figment, Some(&self.stale), key)
     }
+}
+
+/// [`LoadedConfig::section`] over any figment; `stale`: keys to drop.
+pub(crate) fn section_of<T: serde::de::DeserializeOwned>(
+    figment: &Figment,
+    stale: Option<&std::collections::BTreeSet<String>>,
+    key: &str,
+) -> Result<T> {
+    let value = figment
+        .find_value(key)
+        .map_err(|e| Error::Config(format!("config key `{key}`: {}", e.kind)))?;
+    let Value::Dict(tag, mut dict) = value else {
+        return Err(Error::Config(format!(
+            "config key `{key}`: expected a table"
+        )));
+    };
+    dict.remove("plugin");
+    dict.retain(|k, _| !stale.is_some_and(|s| s.contains(&format!("{key}.{k}"))));
+    if key.starts_with("objectives.") {
+        dict.remove("weight");
+        dict.remove("enabled");
+    }
+    let prefix: Vec<&str> = key.split('.').collect();
+    Value::Dict(tag, dict)
+        .deserialize::<T>()
+        .map_err(|e| Error::Config(describe_error(e, figment, &prefix)))
 }
 
 /// One line naming the key, the layer it came from, and what is wrong.

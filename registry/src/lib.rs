@@ -10,6 +10,7 @@ pub mod check;
 pub mod config;
 pub mod dynamic;
 pub mod registration;
+pub mod weights;
 
 pub use assemble::{
     assemble, Assembly, BuildContext, MaskedLm, MaskedLmLoader, ModelEnv, WeightedObjective,
@@ -29,9 +30,21 @@ pub use inventory;
 /// where `build: fn(&BuildContext) -> vlmatch_core::Result<Rc<dyn Encoder>>`
 /// (`Box<dyn ...>` for negative samplers and objectives). Kinds: `encoder`,
 /// `generator`, `discriminator`, `negative_sampler`, `objective`. The crate
-/// name is recorded as the plugin's origin.
+/// name is recorded as the plugin's origin. An encoder or generator that
+/// loads HuggingFace checkpoints also registers its
+/// [`weights::CheckpointLayout`]:
+///
+/// ```text
+/// vlmatch_registry::register!(encoder "bert" => build, layout = &BertLayout);
+/// ```
 #[macro_export]
 macro_rules! register {
+    (encoder $name:literal => $f:expr, layout = $layout:expr) => {
+        $crate::register!(@submit Encoder $name $f, Some($layout));
+    };
+    (generator $name:literal => $f:expr, layout = $layout:expr) => {
+        $crate::register!(@submit Generator $name $f, Some($layout));
+    };
     (encoder $name:literal => $f:expr) => {
         $crate::register!(@submit Encoder $name $f);
     };
@@ -48,11 +61,15 @@ macro_rules! register {
         $crate::register!(@submit Objective $name $f);
     };
     (@submit $variant:ident $name:literal $f:expr) => {
+        $crate::register!(@submit $variant $name $f, None);
+    };
+    (@submit $variant:ident $name:literal $f:expr, $layout:expr) => {
         $crate::inventory::submit! {
             $crate::Registration {
                 name: $name,
                 origin: env!("CARGO_PKG_NAME"),
                 factory: $crate::Factory::$variant($f),
+                layout: $layout,
             }
         }
     };

@@ -69,6 +69,9 @@ pub struct Registration {
     /// Where the plugin came from: the registering crate's name.
     pub origin: &'static str,
     pub factory: Factory,
+    /// How the plugin loads and exports HuggingFace checkpoints, if it does
+    /// (`register!(encoder "bert" => build, layout = &LAYOUT)`).
+    pub layout: Option<&'static dyn crate::weights::CheckpointLayout>,
 }
 
 inventory::collect!(Registration);
@@ -113,6 +116,8 @@ pub struct Entry {
 /// All plugins linked into this process, by kind and name.
 pub struct Registry {
     entries: BTreeMap<(Kind, String), Entry>,
+    /// Checkpoint layouts by kind and plugin name (`crate::weights`).
+    pub(crate) layouts: BTreeMap<(Kind, String), &'static dyn crate::weights::CheckpointLayout>,
 }
 
 impl Registry {
@@ -122,6 +127,7 @@ impl Registry {
     pub fn from_inventory() -> Result<Self, RegistryError> {
         let mut registry = Registry {
             entries: BTreeMap::new(),
+            layouts: BTreeMap::new(),
         };
         for r in inventory::iter::<Registration> {
             registry.insert(Entry {
@@ -129,6 +135,11 @@ impl Registry {
                 origin: r.origin.to_string(),
                 factory: r.factory,
             })?;
+            if let Some(layout) = r.layout {
+                registry
+                    .layouts
+                    .insert((r.factory.kind(), r.name.to_string()), layout);
+            }
         }
         Ok(registry)
     }

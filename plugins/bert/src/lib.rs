@@ -15,7 +15,10 @@ use vlmatch_layers::hf::resolve_arch;
 use vlmatch_layers::{BertLayer, BertLayerConfig, LayerNorm};
 use vlmatch_registry::BuildContext;
 
-vlmatch_registry::register!(encoder "bert" => build);
+mod layout;
+pub use layout::BertLayout;
+
+vlmatch_registry::register!(encoder "bert" => build, layout = &BertLayout);
 
 /// Keys of `[model.text]` for `plugin = "bert"`. Architecture keys follow
 /// HuggingFace `BertConfig`; with `init = "DIR"` (a hub-layout directory)
@@ -94,7 +97,12 @@ impl BertSection {
                 ("layer_norm_eps", self.layer_norm_eps),
             ],
         )?;
-        vlmatch_layers::hf::check_model_type(key, "bert", self.init.as_deref(), &["bert"])?;
+        vlmatch_registry::weights::check_model_type(
+            key,
+            "bert",
+            self.init.as_deref(),
+            vlmatch_registry::weights::CheckpointLayout::model_types(&BertLayout),
+        )?;
         let mut keys = match serde_json::to_value(self).expect("serialisable") {
             serde_json::Value::Object(m) => m,
             _ => unreachable!("a struct serialises to an object"),

@@ -23,7 +23,10 @@ use vlmatch_core::{Encoded, Encoder, EncoderInput, Error, Modality, Result};
 use vlmatch_layers::{hf_init, LayerNorm, Linear};
 use vlmatch_registry::BuildContext;
 
-vlmatch_registry::register!(encoder "clip_vit" => build);
+mod layout;
+pub use layout::ClipVitLayout;
+
+vlmatch_registry::register!(encoder "clip_vit" => build, layout = &ClipVitLayout);
 
 /// Keys of `[model.image]` for `plugin = "clip_vit"`. Architecture keys
 /// follow HuggingFace `CLIPVisionConfig`; with `init = "DIR"` (a hub-layout
@@ -110,11 +113,11 @@ impl ClipVitSection {
                 ("layer_norm_eps", self.layer_norm_eps),
             ],
         )?;
-        vlmatch_layers::hf::check_model_type(
+        vlmatch_registry::weights::check_model_type(
             key,
             "clip_vit",
             self.init.as_deref(),
-            &["clip", "clip_vision_model"],
+            vlmatch_registry::weights::CheckpointLayout::model_types(&ClipVitLayout),
         )?;
         let serde_json::Value::Object(keys) = serde_json::to_value(self).expect("serialisable")
         else {

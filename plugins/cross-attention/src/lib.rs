@@ -23,7 +23,10 @@ use vlmatch_layers::hf::resolve_section;
 use vlmatch_layers::{BertLayer, BertLayerConfig};
 use vlmatch_registry::BuildContext;
 
-vlmatch_registry::register!(encoder "cross_attention" => build);
+mod layout;
+pub use layout::CrossAttentionLayout;
+
+vlmatch_registry::register!(encoder "cross_attention" => build, layout = &CrossAttentionLayout);
 
 /// Keys of `[model.fusion]` for `plugin = "cross_attention"`. With
 /// `init = "DIR"` (a BERT checkpoint in hub layout) the attention heads,
@@ -85,6 +88,12 @@ impl CrossAttentionSection {
                 ),
                 ("layer_norm_eps", self.layer_norm_eps),
             ],
+        )?;
+        vlmatch_registry::weights::check_model_type(
+            key,
+            "cross_attention",
+            self.init.as_deref(),
+            vlmatch_registry::weights::CheckpointLayout::model_types(&CrossAttentionLayout),
         )?;
         let mut cfg: CrossAttentionConfig = resolve_section(key, self.init.as_deref(), self)?;
         // The checkpoint's layer count is the whole BERT's; the fusion's own

@@ -92,32 +92,41 @@ pub fn resolve_section<T: DeserializeOwned, S: serde::Serialize>(
     resolve_arch(key, init, keys)
 }
 
-/// With `init`, its `config.json`'s `model_type` must be one that `plugin`
-/// loads (`accepted`); one without a `model_type` is let through. The
-/// error names both, e.g. a RoBERTa directory given to `bert`.
-pub fn check_model_type(
-    key: &str,
-    plugin: &str,
-    init: Option<&Path>,
-    accepted: &[&str],
-) -> Result<()> {
-    let Some(dir) = init else { return Ok(()) };
-    let model_type = std::fs::read_to_string(dir.join("config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        .and_then(|v| v.get("model_type")?.as_str().map(str::to_string));
-    match model_type {
-        Some(t) if !accepted.contains(&t.as_str()) => Err(Error::Config(format!(
-            "config key `{key}.init`: {} holds a `{t}` checkpoint (model_type), which \
-             plugin `{plugin}` does not load (it loads model_type {}); pick the plugin \
-             for `{t}` or another checkpoint",
-            dir.display(),
-            accepted
-                .iter()
-                .map(|a| format!("`{a}`"))
-                .collect::<Vec<_>>()
-                .join(" or ")
-        ))),
-        _ => Ok(()),
+/// Learned position embeddings over a square patch grid, `[1, 1 + g*g, D]`
+/// (ViT's `embeddings.position_embeddings`) or `[1 + g*g, D]` (CLIP's
+/// `embeddings.position_embedding.weight`), resized to the model's `target`
+/// shape of the same form: the `[CLS]` position kept, the grid resized
+/// bicubically (`align_corners = false`), as timm and ALBEF do to fine-tune
+/// at another resolution. `None` when the shapes already agree or are not
+/// of that form.
+pub fn interpolate_grid_positions(t: &tch::Tensor, target: &[i64]) -> Option<tch::Tensor> {
+    use tch::{Kind, Tensor};
+    if t.size() == target {
+        return None;
     }
+    if t.dim() == 2 && target.len() == 2 {
+        let target = [1, target[0], target[1]];
+        return interpolate_grid_positions(&t.unsqueeze(0), &target).map(|t| t.squeeze_dim(0));
+    }
+    if t.dim() != 3 || target.len() != 3 {
+        return None;
+    }
+    let (n_old, d) = (t.size()[1] - 1, t.size()[2]);
+    let n_new = target[1] - 1;
+    let side = |n: i64| (1..=n).find(|s| s * s == n);
+    let (g, h) = (side(n_old)?, side(n_new)?);
+    if target[2] != d || target[0] != 1 || t.size()[0] != 1 {
+        return None;
+    }
+    let cls = t.narrow(1, 0, 1);
+    let grid = t
+        .narrow(1, 1, n_old)
+        .reshape([1, g, g, d])
+        .permute([0, 3, 1, 2]);
+    let grid = grid
+        .to_kind(Kind::Float)
+        .upsample_bicubic2d([h, h], false, None, None)
+        .permute([0, 2, 3, 1])
+        .reshape([1, h * h, d]);
+    Some(Tensor::cat(&[cls.to_kind(Kind::Float), grid], 1))
 }

@@ -21,8 +21,11 @@ use vlmatch_layers::hf::resolve_arch;
 use vlmatch_layers::{hf_init, BertLayer, BertLayerConfig, LayerNorm, TiedLmHead};
 use vlmatch_registry::BuildContext;
 
-vlmatch_registry::register!(encoder "roberta" => build);
-vlmatch_registry::register!(generator "roberta_lm_head" => build_head);
+mod layout;
+pub use layout::{RobertaLayout, RobertaLmHeadLayout};
+
+vlmatch_registry::register!(encoder "roberta" => build, layout = &RobertaLayout);
+vlmatch_registry::register!(generator "roberta_lm_head" => build_head, layout = &RobertaLmHeadLayout);
 
 /// Keys of `[model.text]` for `plugin = "roberta"`. Architecture keys
 /// follow HuggingFace `RobertaConfig`; with `init = "DIR"` (a hub-layout
@@ -130,7 +133,12 @@ impl RobertaSection {
                 ("layer_norm_eps", self.layer_norm_eps),
             ],
         )?;
-        vlmatch_layers::hf::check_model_type(key, "roberta", self.init.as_deref(), &["roberta"])?;
+        vlmatch_registry::weights::check_model_type(
+            key,
+            "roberta",
+            self.init.as_deref(),
+            vlmatch_registry::weights::CheckpointLayout::model_types(&RobertaLayout),
+        )?;
         let serde_json::Value::Object(mut keys) = serde_json::to_value(self).expect("serialisable")
         else {
             unreachable!("a struct serialises to an object")

@@ -14,7 +14,10 @@ use vlmatch_layers::hf::resolve_section;
 use vlmatch_layers::{Attention, LayerNorm, Linear};
 use vlmatch_registry::BuildContext;
 
-vlmatch_registry::register!(encoder "vit" => build);
+mod layout;
+pub use layout::VitLayout;
+
+vlmatch_registry::register!(encoder "vit" => build, layout = &VitLayout);
 
 /// Keys of `[model.image]` for `plugin = "vit"`. Architecture keys follow
 /// HuggingFace `ViTConfig`; with `init = "DIR"` (a hub-layout directory)
@@ -88,7 +91,12 @@ impl VitSection {
                 ("layer_norm_eps", self.layer_norm_eps),
             ],
         )?;
-        vlmatch_layers::hf::check_model_type(key, "vit", self.init.as_deref(), &["vit"])?;
+        vlmatch_registry::weights::check_model_type(
+            key,
+            "vit",
+            self.init.as_deref(),
+            vlmatch_registry::weights::CheckpointLayout::model_types(&VitLayout),
+        )?;
         let cfg: VitConfig = resolve_section(key, self.init.as_deref(), self)?;
         cfg.check(key).map_err(|e| match &self.init {
             Some(dir) => Error::Config(format!("{e} (with init {})", dir.display())),

@@ -1,0 +1,407 @@
+//! Checkpoint layouts: what an encoder or head plugin registers next to its
+//! factory so that the host can start it from a HuggingFace hub-layout
+//! directory (`config.json` + `model.safetensors`) and export it back,
+//! without knowing the plugin's types.
+//!
+//! A plugin registers a [`CheckpointLayout`] with
+//! `register!(encoder "name" => build, layout = &LAYOUT)`. The layout says
+//! which `model_type`s it loads, how a checkpoint's tensor names map onto
+//! the plugin's parameters (prefixes, renames, what is new by design), how
+//! to describe the checkpoint's architecture as a config section, and how to
+//! write `config.json` and the weights for `transformers`. The host
+//! (`src/pretrained.rs`, `src/export.rs`) finds the layout through the
+//! [`Registry`] by the role's plugin name and does the rest generically:
+//! reading tensors, copying them, reporting what was applied, missing, new
+//! or unused, writing files.
+//!
+//! Parameter names a layout deals in are relative to the plugin's path (a
+//! text encoder's `embeddings.word_embeddings.weight`, not
+//! `text_encoder.embeddings...`); the host adds the role's prefix
+//! ([`role_prefix`]).
+
+use crate::registration::Kind;
+use crate::{BuildContext, ModelEnv, Registry};
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use tch::Tensor;
+use vlmatch_core::{Encoder, Error, Generator, Modality, Result, SpecialTokens};
+
+/// How a plugin's parameters correspond to a HuggingFace checkpoint.
+/// Only [`model_types`](Self::model_types) and
+/// [`map_name`](Self::map_name) are required; the defaults load nothing new
+/// by design, resize nothing, describe a checkpoint as `init = DIR`, and
+/// export nothing.
+pub trait CheckpointLayout: Sync {
+    /// The `config.json` `model_type`s this plugin loads (`["bert"]`). A
+    /// checkpoint of another type is an error naming both
+    /// ([`check_model_type`]).
+    fn model_types(&self) -> &'static [&'static str];
+
+    /// The `transformers` classes (`architectures` in `config.json`) whose
+    /// checkpoints this plugin loads, for documentation and messages.
+    fn architectures(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// The parameter (relative to the plugin's path) that the checkpoint
+    /// tensor `name` (as stored, prefix included) initialises, or `None`
+    /// when the tensor is not this plugin's (another tower, a pooler, a
+    /// buffer, a tied copy). A name it maps to a parameter the model lacks
+    /// is reported as unused.
+    fn map_name(&self, ctx: &LoadContext<'_>, name: &str) -> Option<String>;
+
+    /// Whether `param` (relative to the plugin's path) is new by design when
+    /// the checkpoint lacks it (ALBEF's cross-attention in fusion layers
+    /// started from BERT layers): reported as new, not as missing.
+    fn is_new(&self, _param: &str) -> bool {
+        false
+    }
+
+    /// A checkpoint tensor for `param` resized to the model's `target`
+    /// shape (position embeddings interpolated to another resolution), or
+    /// `None` to copy as is.
+    fn resize(&self, _param: &str, _tensor: &Tensor, _target: &[i64]) -> Option<Tensor> {
+        None
+    }
+
+    /// The checkpoint in `dir` as this plugin's config section, for
+    /// building the plugin from the directory alone (a frozen fill model),
+    /// with what the host needs to know before it builds it. `None`: the
+    /// plugin cannot be built from a checkpoint alone (a fusion encoder
+    /// that takes only some of a checkpoint's layers). The default: the
+    /// section `init = DIR`, the plugin reading `config.json` itself.
+    fn read_arch(&self, dir: &Path) -> Result<Option<CheckpointArch>> {
+        let mut section = Map::new();
+        section.insert("init".into(), Value::String(dir.display().to_string()));
+        Ok(Some(CheckpointArch {
+            section,
+            max_text_len: None,
+            vocab_size: None,
+        }))
+    }
+
+    /// `config.json`, the tensors and any other JSON files of this plugin
+    /// in the hub layout, or `None` when `transformers` has no class for it
+    /// (the host then says so).
+    fn export(&self, _ctx: &ExportContext<'_>) -> Result<Option<ExportFiles>> {
+        Ok(None)
+    }
+}
+
+/// What a layout sees while a checkpoint is mapped onto its plugin.
+pub struct LoadContext<'a> {
+    /// The plugin's config section key (`model.fusion`).
+    pub key: &'a str,
+    /// The plugin's section (its own keys, as in the config).
+    pub section: &'a Value,
+    /// Every parameter of the model, by full name (`text_encoder....`): a
+    /// fusion encoder counts the text encoder's layers to know where its own
+    /// start in a shared checkpoint.
+    pub vars: &'a HashMap<String, Tensor>,
+    /// The checkpoint's `config.json` `model_type`, if it has one.
+    pub model_type: Option<&'a str>,
+}
+
+/// The architecture a checkpoint directory describes, as a layout reads it
+/// ([`CheckpointLayout::read_arch`]).
+#[derive(Debug, Clone)]
+pub struct CheckpointArch {
+    /// The plugin's config section that builds this architecture.
+    pub section: Map<String, Value>,
+    /// Text encoders: the longest input the position table holds.
+    pub max_text_len: Option<i64>,
+    /// Text encoders: the vocabulary size `config.json` states.
+    pub vocab_size: Option<i64>,
+}
+
+/// What a layout gets to export its plugin ([`CheckpointLayout::export`]).
+pub struct ExportContext<'a> {
+    /// The plugin's config section key (`model.text`).
+    pub key: &'a str,
+    /// The plugin's section (its own keys, as in the run's config).
+    pub section: &'a Value,
+    /// The plugin's parameters, names relative to its path, on the CPU,
+    /// sorted by name.
+    pub tensors: &'a [(String, Tensor)],
+    /// `data.image_size`, `data.mean`, `data.std`, `data.max_len`.
+    pub image_size: i64,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    pub max_len: i64,
+    /// The run's tokenizer: its size and special ids.
+    pub vocab_size: i64,
+    pub special: SpecialTokens,
+}
+
+impl ExportContext<'_> {
+    /// The plugin's section as its own config type.
+    pub fn params<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_value(self.section.clone())
+            .map_err(|e| Error::Config(format!("config key `{}`: {e}", self.key)))
+    }
+
+    /// The tensors with `prefix` put before each name (`vision_model.`).
+    pub fn tensors_prefixed(&self, prefix: &str) -> Vec<(String, Tensor)> {
+        self.tensors
+            .iter()
+            .map(|(k, t)| (format!("{prefix}{k}"), t.shallow_clone()))
+            .collect()
+    }
+}
+
+/// The files of one exported plugin; the host writes them to a directory
+/// (`config.json`, `model.safetensors`, then each of `files`).
+pub struct ExportFiles {
+    pub config: Value,
+    pub tensors: Vec<(String, Tensor)>,
+    /// Other JSON files by name (`preprocessor_config.json`).
+    pub files: Vec<(String, Value)>,
+}
+
+/// The parameter prefix of a model role: `image` -> `vision_encoder`,
+/// `text` -> `text_encoder`, `fusion` -> `fusion`, `generator` ->
+/// `generator`.
+pub fn role_prefix(role: &str) -> Option<&'static str> {
+    match role {
+        "image" => Some("vision_encoder"),
+        "text" => Some("text_encoder"),
+        "fusion" => Some("fusion"),
+        "generator" => Some("generator"),
+        _ => None,
+    }
+}
+
+impl Registry {
+    /// The checkpoint layout the plugin `name` of `kind` registered, if any.
+    pub fn layout(&self, kind: Kind, name: &str) -> Option<&'static dyn CheckpointLayout> {
+        self.layouts.get(&(kind, name.to_string())).copied()
+    }
+
+    /// Plugins of `kind` whose layout loads `model_type`, sorted by name.
+    pub fn loading(
+        &self,
+        kind: Kind,
+        model_type: &str,
+    ) -> Vec<(&str, &'static dyn CheckpointLayout)> {
+        self.layouts
+            .iter()
+            .filter(|((k, _), l)| *k == kind && l.model_types().contains(&model_type))
+            .map(|((_, n), l)| (n.as_str(), *l))
+            .collect()
+    }
+}
+
+/// `dir/config.json`'s `model_type`; `None` without a readable one.
+pub fn model_type(dir: &Path) -> Option<String> {
+    std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .and_then(|v| v.get("model_type")?.as_str().map(str::to_string))
+}
+
+/// With `init`, its `config.json`'s `model_type` must be one that `plugin`
+/// loads (`accepted`, its layout's [`CheckpointLayout::model_types`]); one
+/// without a `model_type` is let through. The error names both, e.g. a
+/// RoBERTa directory given to `bert`.
+pub fn check_model_type(
+    key: &str,
+    plugin: &str,
+    init: Option<&Path>,
+    accepted: &[&str],
+) -> Result<()> {
+    let Some(dir) = init else { return Ok(()) };
+    match model_type(dir) {
+        Some(t) if !accepted.contains(&t.as_str()) => Err(Error::Config(format!(
+            "config key `{key}.init`: {} holds a `{t}` checkpoint (model_type), which \
+             plugin `{plugin}` does not load (it loads model_type {}); pick the plugin \
+             for `{t}` or another checkpoint",
+            dir.display(),
+            accepted
+                .iter()
+                .map(|a| format!("`{a}`"))
+                .collect::<Vec<_>>()
+                .join(" or ")
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// `name` without the first of `prefixes` it starts with (a model class
+/// prefix such as `bert.`), with the LayerNorm names of old checkpoints
+/// (`gamma`, `beta`) updated to `weight`, `bias`.
+pub fn hub_name(name: &str, prefixes: &[&str]) -> String {
+    let name = prefixes
+        .iter()
+        .find_map(|p| name.strip_prefix(p))
+        .unwrap_or(name);
+    if let Some(stem) = name.strip_suffix(".gamma") {
+        format!("{stem}.weight")
+    } else if let Some(stem) = name.strip_suffix(".beta") {
+        format!("{stem}.bias")
+    } else {
+        name.to_string()
+    }
+}
+
+/// `encoder.layer.N.rest` -> `(N, rest)`.
+pub fn layer_index<'n>(name: &'n str, stem: &str) -> Option<(i64, &'n str)> {
+    let (idx, rest) = name.strip_prefix(stem)?.split_once('.')?;
+    Some((idx.parse().ok()?, rest))
+}
+
+/// The plugins that build a masked language model from `dir` alone: the
+/// text encoder and the generator (LM head) whose layouts load its
+/// `model_type`, each with its section ([`CheckpointLayout::read_arch`]).
+pub struct MaskedLmPlan {
+    pub dir: PathBuf,
+    pub model_type: String,
+    pub encoder: String,
+    pub encoder_arch: CheckpointArch,
+    pub generator: String,
+    pub generator_arch: CheckpointArch,
+}
+
+/// Find the plugins for a masked LM directory; errors name the directory,
+/// its `model_type` and the plugins that load it.
+pub fn plan_masked_lm(registry: &Registry, dir: &Path) -> Result<MaskedLmPlan> {
+    let config = dir.join("config.json");
+    let Some(model_type) = model_type(dir) else {
+        return Err(Error::Data {
+            path: config,
+            line: None,
+            message: "no `model_type`: a fill model is a HuggingFace masked LM directory \
+                      whose config.json names its model_type (e.g. `bert`, `roberta`)"
+                .into(),
+        });
+    };
+    let pick = |kind: Kind, what: &str| -> Result<(String, CheckpointArch)> {
+        let mut found = Vec::new();
+        for (name, layout) in registry.loading(kind, &model_type) {
+            if let Some(arch) = layout.read_arch(dir)? {
+                found.push((name.to_string(), arch));
+            }
+        }
+        // Several: the one named after the model type, else ambiguous.
+        if found.len() > 1 {
+            if let Some(i) = found.iter().position(|(n, _)| *n == model_type) {
+                return Ok(found.swap_remove(i));
+            }
+        }
+        match found.len() {
+            1 => Ok(found.remove(0)),
+            0 => Err(Error::Data {
+                path: config.clone(),
+                line: None,
+                message: format!(
+                    "model_type `{model_type}`: no {what} plugin loads it as a masked LM \
+                     (registered {kind} layouts load: {})",
+                    registry.loadable(kind).join(", ")
+                ),
+            }),
+            _ => Err(Error::Data {
+                path: config.clone(),
+                line: None,
+                message: format!(
+                    "model_type `{model_type}`: several {what} plugins load it ({})",
+                    found
+                        .iter()
+                        .map(|f| f.0.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }),
+        }
+    };
+    let (encoder, encoder_arch) = pick(Kind::Encoder, "text encoder")?;
+    let (generator, generator_arch) = pick(Kind::Generator, "generator")?;
+    Ok(MaskedLmPlan {
+        dir: dir.to_path_buf(),
+        model_type,
+        encoder,
+        encoder_arch,
+        generator,
+        generator_arch,
+    })
+}
+
+impl Registry {
+    /// Every `model_type` some layout of `kind` loads, sorted.
+    pub fn loadable(&self, kind: Kind) -> Vec<&'static str> {
+        let mut out: Vec<&'static str> = self
+            .layouts
+            .iter()
+            .filter(|((k, _), _)| *k == kind)
+            .flat_map(|(_, l)| l.model_types().iter().copied())
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+}
+
+/// Build the text encoder (under `root / "text_encoder"`) and the generator
+/// (under `root / "generator"`, tied to it) that `plan` names, from their
+/// checkpoint sections, in `env`.
+pub fn build_masked_lm(
+    registry: &Registry,
+    plan: &MaskedLmPlan,
+    env: &ModelEnv,
+    root: &tch::nn::Path<'_>,
+) -> Result<(Rc<dyn Encoder>, Rc<dyn Generator>)> {
+    let in_dir = |e: Error| match e {
+        Error::Config(m) => Error::Config(format!("fill model {}: {m}", plan.dir.display())),
+        other => other,
+    };
+    let figment = figment::Figment::new()
+        .merge(figment::providers::Serialized::global(
+            "fill_model.text",
+            &plan.encoder_arch.section,
+        ))
+        .merge(figment::providers::Serialized::global(
+            "fill_model.generator",
+            &plan.generator_arch.section,
+        ));
+    let sections = crate::assemble::Sections::standalone(&figment);
+    let entry = registry.get(Kind::Encoder, &plan.encoder, "fill_model.text.plugin")?;
+    let crate::Factory::Encoder(build) = entry.factory else {
+        unreachable!("kind checked")
+    };
+    let ctx = BuildContext::standalone(
+        root / "text_encoder",
+        &entry.name,
+        "fill_model.text",
+        env,
+        registry,
+        sections,
+        None,
+    );
+    let text = build(&ctx).map_err(in_dir)?;
+    if text.modality() != Modality::Text {
+        return Err(Error::Config(format!(
+            "fill model {}: plugin `{}` is not a text encoder",
+            plan.dir.display(),
+            plan.encoder
+        )));
+    }
+    let entry = registry.get(
+        Kind::Generator,
+        &plan.generator,
+        "fill_model.generator.plugin",
+    )?;
+    let crate::Factory::Generator(build) = entry.factory else {
+        unreachable!("kind checked")
+    };
+    let ctx = BuildContext::standalone(
+        root / "generator",
+        &entry.name,
+        "fill_model.generator",
+        env,
+        registry,
+        sections,
+        Some(text.clone()),
+    );
+    let head = build(&ctx).map_err(in_dir)?;
+    Ok((text, head))
+}
