@@ -16,6 +16,11 @@
 //! ([`Layout`]: `state.world_size`, `state.batch_size`), so that a resume
 //! with another rank count can check that the global batch is unchanged.
 //! In data-parallel training only rank 0 writes checkpoints.
+//!
+//! With momentum distillation a checkpoint also holds the momentum model
+//! and the ITC queues (`momentum.*`, [`crate::momentum`]): they have no
+//! gradient and are not in the optimizer, so they are saved by name here,
+//! not found through the optimizer.
 
 use crate::fault::WriteFault;
 use std::collections::HashMap;
@@ -104,14 +109,17 @@ pub fn save(
     state: TrainerState,
     keep: usize,
 ) -> Result<PathBuf> {
-    save_with_layout(dir, vs, optim, state, None, keep, None)
+    save_with_layout(dir, vs, optim, Vec::new(), state, None, keep, None)
 }
 
-/// [`save`], recording the run's [`Layout`].
+/// [`save`], recording the run's [`Layout`] and `extra` tensors under
+/// their own names (the momentum model and queues, `momentum.*`).
+#[allow(clippy::too_many_arguments)]
 pub fn save_with_layout(
     dir: &Path,
     vs: &nn::VarStore,
     optim: Vec<(String, Tensor)>,
+    extra: Vec<(String, Tensor)>,
     state: TrainerState,
     layout: Option<Layout>,
     keep: usize,
@@ -133,6 +141,10 @@ pub fn save_with_layout(
             format!("optim.{k}"),
             v.detach().to_device(Device::Cpu).contiguous(),
         ));
+    }
+    for (k, v) in extra {
+        debug_assert!(k.starts_with(EXTRA_PREFIX));
+        tensors.push((k, v.detach().to_device(Device::Cpu).contiguous()));
     }
     tensors.push(("state.step".into(), Tensor::from(state.step)));
     tensors.push(("state.batches".into(), Tensor::from(state.batches)));
@@ -378,6 +390,23 @@ pub fn load_with_layout(
     path: &Path,
     vs: &mut nn::VarStore,
 ) -> Result<(HashMap<String, Tensor>, TrainerState, Option<Layout>)> {
+    load_full(path, vs).map(|l| (l.optim, l.state, l.layout))
+}
+
+/// The prefix of the extra tensors a checkpoint may hold.
+pub const EXTRA_PREFIX: &str = "momentum.";
+
+/// Everything [`load_full`] reads besides the model.
+pub struct Loaded {
+    pub optim: HashMap<String, Tensor>,
+    pub state: TrainerState,
+    pub layout: Option<Layout>,
+    /// The `momentum.*` tensors, by their full names.
+    pub extra: HashMap<String, Tensor>,
+}
+
+/// [`load_with_layout`], also returning the extra (`momentum.*`) tensors.
+pub fn load_full(path: &Path, vs: &mut nn::VarStore) -> Result<Loaded> {
     let tensors = Tensor::read_safetensors(path).map_err(|e| Error::Data {
         path: path.to_path_buf(),
         line: None,
@@ -386,8 +415,11 @@ pub fn load_with_layout(
     let mut model = HashMap::new();
     let mut optim = HashMap::new();
     let mut state = HashMap::new();
+    let mut extra = HashMap::new();
     for (k, v) in tensors {
-        if let Some(rest) = k.strip_prefix("model.") {
+        if k.starts_with(EXTRA_PREFIX) {
+            extra.insert(k, v);
+        } else if let Some(rest) = k.strip_prefix("model.") {
             model.insert(rest.to_string(), v);
         } else if let Some(rest) = k.strip_prefix("optim.") {
             optim.insert(rest.to_string(), v);
@@ -436,7 +468,12 @@ pub fn load_with_layout(
         }),
         _ => None,
     };
-    Ok((optim, st, layout))
+    Ok(Loaded {
+        optim,
+        state: st,
+        layout,
+        extra,
+    })
 }
 
 #[cfg(test)]

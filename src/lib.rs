@@ -15,6 +15,7 @@ pub mod explain;
 pub mod export;
 pub mod fault;
 pub mod guard;
+pub mod momentum;
 pub mod optim;
 pub mod panics;
 pub mod parallel;

@@ -19,6 +19,7 @@ use crate::data::loader::{CaptionPreps, Loader, LoaderConfig, Source};
 use crate::eval::{self, EvalInputs, HeldOut};
 use crate::fault::{Fault, WriteFault};
 use crate::guard::Guard;
+use crate::momentum::MomentumTrainer;
 use crate::optim::{lr_at, AdamW};
 use crate::parallel::Parallel;
 use crate::rng::mix;
@@ -142,19 +143,33 @@ pub fn train_step(
     guard: &mut Guard,
     next_batch: impl FnMut() -> Result<Batch>,
 ) -> Result<StepOutput> {
-    train_step_with(asm, optim, tc, StepAt { step, lr }, None, guard, next_batch)
+    train_step_with(
+        asm,
+        optim,
+        tc,
+        StepAt { step, lr },
+        None,
+        None,
+        guard,
+        next_batch,
+    )
 }
 
 /// [`train_step`] as one rank of a data-parallel run (`par`): the forward
 /// sees the global batch through the process group, and the gradients are
 /// averaged over ranks (in fp32) before they are clipped, so every rank
-/// takes the step one process holding the global batch would.
+/// takes the step one process holding the global batch would. With
+/// `momentum` (ALBEF's momentum distillation) the objectives see the
+/// momentum model and queues, each batch's momentum features are queued,
+/// and the hook after the optimizer step moves the momentum model.
+#[allow(clippy::too_many_arguments)]
 pub fn train_step_with(
     asm: &Assembly,
     optim: &mut AdamW,
     tc: &TrainConfig,
     StepAt { step, lr }: StepAt,
     par: Option<&Parallel>,
+    momentum: Option<&MomentumTrainer>,
     guard: &mut Guard,
     mut next_batch: impl FnMut() -> Result<Batch>,
 ) -> Result<StepOutput> {
@@ -167,9 +182,15 @@ pub fn train_step_with(
             None => values.insert(k, v),
         };
     };
+    if let Some(m) = momentum {
+        m.before_step(step);
+    }
     for micro in 0..tc.accum_steps {
         let batch = next_batch()?;
         let mut fwd = Forward::new(&asm.model, &batch, true);
+        if let Some(m) = momentum {
+            fwd = fwd.with_momentum(&m.momentum);
+        }
         if let Some(p) = par {
             fwd = fwd.with_collective(p.collective());
             if tc.dist.hard_negatives == HardNegatives::Local {
@@ -196,6 +217,9 @@ pub fn train_step_with(
             }
         }
         let total = total.ok_or_else(|| Error::Config("no objective produced a loss".into()))?;
+        // The queue takes this batch's momentum features after every
+        // objective has read it.
+        fwd.enqueue_momentum();
         let total = guard.poison(total, step);
         add("loss".into(), total.shallow_clone());
         if let Some(p) = par {
@@ -217,6 +241,11 @@ pub fn train_step_with(
         .collect();
     let applied = guard.decide(step, &grad_norm, &losses);
     optim.step_masked(lr, &applied);
+    // The hook after the optimizer step: the momentum model follows the
+    // weights just updated (where the step was applied).
+    if let Some(m) = momentum {
+        m.after_step(&applied);
+    }
     optim.zero_grad();
     Ok(StepOutput {
         values,
@@ -343,6 +372,16 @@ fn train_ranked(
         Source::Pairs(ds) => ds.skipped,
         Source::Shards(_) => 0,
     };
+    // One epoch in optimizer steps (unknown for a shard stream): the
+    // default ramp of momentum distillation's alpha.
+    let epoch_steps = match &train_source {
+        Source::Pairs(ds) => {
+            let per_step = (world * tc.batch_size * tc.accum_steps).max(1);
+            Some(ds.len().div_ceil(per_step) as i64)
+        }
+        Source::Shards(_) => None,
+    };
+    let momentum = MomentumTrainer::build(loaded, &env, &asm, world, epoch_steps)?;
 
     let metrics_path = run_dir.join("metrics.jsonl");
     let eval_path = run_dir.join("eval.jsonl");
@@ -369,11 +408,19 @@ fn train_ranked(
     if opts.resume.is_some() {
         // Rank 0 reads the checkpoint; the others get its counters, then
         // its weights and optimizer moments, by broadcast.
-        let mut header = [0i64; 6];
+        let mut header = [0i64; 7];
         if main {
             let path = checkpoint::newest_intact(run_dir)?;
             resumed_from = Some(path.clone());
-            let (optim_state, st, saved) = checkpoint::load_with_layout(&path, &mut asm.vs)?;
+            let checkpoint::Loaded {
+                optim: optim_state,
+                state: st,
+                layout: saved,
+                extra,
+            } = checkpoint::load_full(&path, &mut asm.vs)?;
+            if let Some(m) = &momentum {
+                m.load(&extra, &path)?;
+            }
             optim.load_state(&optim_state).map_err(|m| Error::Data {
                 path: path.clone(),
                 line: None,
@@ -391,6 +438,7 @@ fn train_ranked(
                 optim.t,
                 saved.world_size,
                 saved.batch_size,
+                momentum.as_ref().map_or(0, MomentumTrainer::queue_ptr),
             ];
             tracing::info!(checkpoint = %path.display(), step = st.step, "resuming");
         }
@@ -399,9 +447,9 @@ fn train_ranked(
             p.broadcast(std::slice::from_mut(&mut h))?;
             header = Vec::<i64>::try_from(h.to_device(Device::Cpu))?
                 .try_into()
-                .expect("six counters");
+                .expect("seven counters");
         }
-        let [step, batches, seed, t, saved_world, saved_batch] = header;
+        let [step, batches, seed, t, saved_world, saved_batch, queue_ptr] = header;
         Layout {
             world_size: saved_world,
             batch_size: saved_batch,
@@ -417,6 +465,10 @@ fn train_ranked(
             p.broadcast(&variables)?;
             p.broadcast(&moments[..moments.len() - 1])?;
             optim.t = t;
+            if let Some(m) = &momentum {
+                p.broadcast(&m.broadcast_tensors())?;
+                m.set_queue_ptr(queue_ptr);
+            }
         }
         if main {
             truncate_metrics(&metrics_path, state.step)?;
@@ -432,6 +484,15 @@ fn train_ranked(
         }
         if let Some(p) = par.as_deref() {
             p.broadcast(&variables)?;
+        }
+        if let Some(m) = &momentum {
+            // The momentum model starts as the (initialised, broadcast)
+            // weights; every rank drew the same initial queue, but take
+            // rank 0's to be sure.
+            m.copy_params();
+            if let Some(p) = par.as_deref() {
+                p.broadcast(&m.broadcast_tensors())?;
+            }
         }
     }
     if let Some(p) = par.as_deref_mut() {
@@ -493,6 +554,10 @@ fn train_ranked(
                     run_dir,
                     &asm.vs,
                     optim.state(),
+                    momentum
+                        .as_ref()
+                        .map(MomentumTrainer::checkpoint_tensors)
+                        .unwrap_or_default(),
                     state,
                     Some(layout),
                     tc.keep_checkpoints,
@@ -515,6 +580,7 @@ fn train_ranked(
             tc,
             StepAt { step, lr },
             par,
+            momentum.as_ref(),
             &mut guard,
             || {
                 state.batches += 1;
@@ -543,6 +609,9 @@ fn train_ranked(
             let mut line = Map::new();
             line.insert("step".into(), json!(state.step));
             line.insert("lr".into(), json!(lr));
+            if let Some(m) = &momentum {
+                line.insert("mod_alpha".into(), json!(m.momentum.alpha()));
+            }
             line.insert("grad_norm".into(), json!(grad_norm.double_value(&[])));
             // Pairs skipped under data.on_error = "skip": dropped at load
             // time, and replaced or skipped by the loader in this invocation

@@ -1,3 +1,4 @@
+use crate::momentum::{against, check_queue_width, Momentum, MomentumContrast};
 use crate::positives::PairKeys;
 use crate::{
     Batch, Collective, Discriminator, Encoded, Encoder, EncoderInput, Error, Generator, Result,
@@ -140,10 +141,16 @@ pub struct Forward<'a> {
     draws: Cell<i64>,
     image: OnceCell<Encoded>,
     text: OnceCell<Encoded>,
+    embeds: OnceCell<(Tensor, Tensor)>,
     similarity: OnceCell<Similarity>,
     global_keys: OnceCell<PairKeys>,
     global_image: OnceCell<Encoded>,
     global_text: OnceCell<Encoded>,
+    /// Momentum distillation ([`crate::momentum`]), when the run has it.
+    momentum: Option<&'a Momentum>,
+    momentum_image: OnceCell<Encoded>,
+    momentum_text: OnceCell<Encoded>,
+    momentum_contrast: OnceCell<MomentumContrast>,
 }
 
 fn cached<T>(cell: &OnceCell<T>, init: impl FnOnce() -> Result<T>) -> Result<&T> {
@@ -168,11 +175,28 @@ impl<'a> Forward<'a> {
             draws: Cell::new(0),
             image: OnceCell::new(),
             text: OnceCell::new(),
+            embeds: OnceCell::new(),
             similarity: OnceCell::new(),
             global_keys: OnceCell::new(),
             global_image: OnceCell::new(),
             global_text: OnceCell::new(),
+            momentum: None,
+            momentum_image: OnceCell::new(),
+            momentum_text: OnceCell::new(),
+            momentum_contrast: OnceCell::new(),
         }
+    }
+
+    /// The same forward with momentum distillation: ITC and MLM read the
+    /// momentum model's targets ([`Forward::momentum_contrast`]).
+    pub fn with_momentum(mut self, momentum: &'a Momentum) -> Self {
+        self.momentum = Some(momentum);
+        self
+    }
+
+    /// The momentum model and queues, when the run distils.
+    pub fn momentum(&self) -> Option<&'a Momentum> {
+        self.momentum
     }
 
     /// The same forward as one rank of a data-parallel group.
@@ -344,11 +368,23 @@ impl<'a> Forward<'a> {
         }
     }
 
+    /// L2-normalised ITC embeddings of the local images and texts, with
+    /// gradient.
+    pub fn embeds(&self) -> Result<&(Tensor, Tensor)> {
+        cached(&self.embeds, || {
+            Ok((
+                self.model.contrastive.embed_image(self.image()?),
+                self.model.contrastive.embed_text(self.text()?),
+            ))
+        })
+    }
+
     /// ITC similarities, with gradient.
     pub fn similarity(&self) -> Result<&Similarity> {
         cached(&self.similarity, || {
-            let image_embeds = self.model.contrastive.embed_image(self.image()?);
-            let text_embeds = self.model.contrastive.embed_text(self.text()?);
+            let (image_embeds, text_embeds) = self.embeds()?;
+            let (image_embeds, text_embeds) =
+                (image_embeds.shallow_clone(), text_embeds.shallow_clone());
             let temp = self.model.contrastive.temperature();
             let (i2t, t2i) = match &self.collective {
                 None => {
@@ -372,6 +408,99 @@ impl<'a> Forward<'a> {
                 t2i,
             })
         })
+    }
+
+    /// The momentum model's `E_v(images)` (no gradient); `None` without
+    /// momentum distillation.
+    pub fn momentum_image(&self) -> Result<Option<&Encoded>> {
+        let Some(m) = self.momentum else {
+            return Ok(None);
+        };
+        cached(&self.momentum_image, || {
+            tch::no_grad(|| {
+                m.model
+                    .image
+                    .forward_t(EncoderInput::Image(&self.batch.images), self.train)
+            })
+        })
+        .map(Some)
+    }
+
+    /// The momentum model's `E_t(text)` of the uncorrupted captions.
+    pub fn momentum_text(&self) -> Result<Option<&Encoded>> {
+        let Some(m) = self.momentum else {
+            return Ok(None);
+        };
+        cached(&self.momentum_text, || {
+            tch::no_grad(|| {
+                m.model
+                    .text
+                    .forward_t(EncoderInput::Text(&self.batch.text), self.train)
+            })
+        })
+        .map(Some)
+    }
+
+    /// ITC of the local rows against `[global momentum batch; queue]`
+    /// ([`MomentumContrast`]); `None` without momentum distillation. The
+    /// momentum features are gathered from every rank (no gradient), so
+    /// `R` ranks see the columns one process of the global batch sees.
+    pub fn momentum_contrast(&self) -> Result<Option<&MomentumContrast>> {
+        let Some(m) = self.momentum else {
+            return Ok(None);
+        };
+        cached(&self.momentum_contrast, || {
+            let (image_embeds, text_embeds) = self.embeds()?;
+            let temp = self.model.contrastive.temperature();
+            let image_m = self.momentum_image()?.expect("momentum");
+            let text_m = self.momentum_text()?.expect("momentum");
+            let (img_m, txt_m) = tch::no_grad(|| {
+                (
+                    m.model.contrastive.embed_image(image_m),
+                    m.model.contrastive.embed_text(text_m),
+                )
+            });
+            let (img_g, txt_g) = match &self.collective {
+                None => (img_m.shallow_clone(), txt_m.shallow_clone()),
+                Some(c) => (c.all_gather(&img_m)?, c.all_gather(&txt_m)?),
+            };
+            let keys = self.global_keys()?.shallow_clone();
+            let queue = m.queue();
+            check_queue_width(&queue, &img_g)?;
+            let image_cols = Tensor::cat(&[&img_g, &queue.image], 0);
+            let text_cols = Tensor::cat(&[&txt_g, &queue.text], 0);
+            let col_keys = PairKeys::cat(&[&keys, &queue.keys]);
+            let positives = self
+                .batch
+                .keys()
+                .relation(&col_keys, self.batch.positive_rule);
+            let (i2t_m, t2i_m) = tch::no_grad(|| {
+                (
+                    against(&img_m, &text_cols, &temp),
+                    against(&txt_m, &image_cols, &temp),
+                )
+            });
+            Ok(MomentumContrast {
+                i2t: against(image_embeds, &text_cols, &temp),
+                t2i: against(text_embeds, &image_cols, &temp),
+                i2t_m,
+                t2i_m,
+                positives,
+                image_feats: img_g,
+                text_feats: txt_g,
+                keys,
+            })
+        })
+        .map(Some)
+    }
+
+    /// Put this batch's momentum features into the queue, if an objective
+    /// computed them (the trainer calls it after the objectives ran).
+    pub fn enqueue_momentum(&self) {
+        if let (Some(m), Some(c)) = (self.momentum, self.momentum_contrast.get()) {
+            m.queue_mut()
+                .enqueue(&c.image_feats, &c.text_feats, &c.keys);
+        }
     }
 
     /// The fused `[CLS]` of the batch's positive pairs (for ITM).

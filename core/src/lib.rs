@@ -18,6 +18,7 @@ mod batch;
 mod collective;
 mod error;
 mod forward;
+pub mod momentum;
 pub mod positives;
 pub mod random;
 pub mod readback;
@@ -27,6 +28,7 @@ pub use batch::{Batch, Encoded, Prepared, TextBatch};
 pub use collective::Collective;
 pub use error::{Error, Result};
 pub use forward::{ContrastiveHead, Forward, Similarity, VlModel};
+pub use momentum::{Momentum, MomentumContrast, Queue};
 pub use positives::{PairKeys, PositiveRule};
 pub use traits::{
     CaptionPrep, Discriminator, Encoder, EncoderInput, FillOptions, Generator, Modality,

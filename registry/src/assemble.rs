@@ -372,8 +372,68 @@ pub fn assemble(registry: &Registry, config: &LoadedConfig, env: &ModelEnv) -> R
         .map_err(|e| crate::config::with_key_source(e, &config.figment))
 }
 
+/// The model alone, without objectives, in a fresh `VarStore` (the
+/// momentum copy of ALBEF's momentum distillation).
+pub fn assemble_model(
+    registry: &Registry,
+    config: &LoadedConfig,
+    env: &ModelEnv,
+) -> Result<(nn::VarStore, VlModel)> {
+    let vs = nn::VarStore::new(env.device);
+    let model = build_model(registry, config, env, &vs)
+        .map_err(|e| crate::config::with_key_source(e, &config.figment))?;
+    Ok((vs, model))
+}
+
 fn assemble_inner(registry: &Registry, config: &LoadedConfig, env: &ModelEnv) -> Result<Assembly> {
     let vs = nn::VarStore::new(env.device);
+    let model = build_model(registry, config, env, &vs)?;
+    let root = vs.root();
+    let widths = Widths {
+        image: Some(model.image.hidden_size()),
+        text: Some(model.text.hidden_size()),
+        fusion: Some(model.fusion.hidden_size()),
+    };
+    let mut objectives = Vec::new();
+    for (name, section) in &config.config.objectives {
+        if !section.enabled {
+            continue;
+        }
+        let plugin = section.plugin.clone().unwrap_or_else(|| name.clone());
+        let key = format!("objectives.{name}");
+        let entry = registry.get(Kind::Objective, &plugin, &format!("{key}.plugin"))?;
+        let Factory::Objective(build) = entry.factory else {
+            unreachable!()
+        };
+        let mut ctx = context(registry, config, env, &root, &key, &entry.name, widths);
+        ctx.path = &root / "objectives" / name.as_str();
+        ctx.model = Some(&model);
+        ctx.text_encoder = Some(model.text.clone());
+        let objective = build(&ctx)?;
+        objectives.push(WeightedObjective {
+            name: name.clone(),
+            weight: section.weight,
+            objective,
+        });
+    }
+    if objectives.is_empty() {
+        return Err(Error::Config(
+            "config: no `[objectives.*]` section; add at least one, e.g. `[objectives.itc]`".into(),
+        ));
+    }
+    Ok(Assembly {
+        vs,
+        model,
+        objectives,
+    })
+}
+
+fn build_model(
+    registry: &Registry,
+    config: &LoadedConfig,
+    env: &ModelEnv,
+    vs: &nn::VarStore,
+) -> Result<VlModel> {
     let root = vs.root();
     let mut widths = Widths::default();
     let image = encoder(
@@ -451,7 +511,7 @@ fn assemble_inner(registry: &Registry, config: &LoadedConfig, env: &ModelEnv) ->
         text.hidden_size(),
         model_cfg.embed_dim,
     );
-    let model = VlModel {
+    Ok(VlModel {
         image,
         text,
         fusion,
@@ -459,38 +519,5 @@ fn assemble_inner(registry: &Registry, config: &LoadedConfig, env: &ModelEnv) ->
         discriminator,
         generator,
         device: env.device,
-    };
-
-    let mut objectives = Vec::new();
-    for (name, section) in &config.config.objectives {
-        if !section.enabled {
-            continue;
-        }
-        let plugin = section.plugin.clone().unwrap_or_else(|| name.clone());
-        let key = format!("objectives.{name}");
-        let entry = registry.get(Kind::Objective, &plugin, &format!("{key}.plugin"))?;
-        let Factory::Objective(build) = entry.factory else {
-            unreachable!()
-        };
-        let mut ctx = context(registry, config, env, &root, &key, &entry.name, widths);
-        ctx.path = &root / "objectives" / name.as_str();
-        ctx.model = Some(&model);
-        ctx.text_encoder = Some(model.text.clone());
-        let objective = build(&ctx)?;
-        objectives.push(WeightedObjective {
-            name: name.clone(),
-            weight: section.weight,
-            objective,
-        });
-    }
-    if objectives.is_empty() {
-        return Err(Error::Config(
-            "config: no `[objectives.*]` section; add at least one, e.g. `[objectives.itc]`".into(),
-        ));
-    }
-    Ok(Assembly {
-        vs,
-        model,
-        objectives,
     })
 }

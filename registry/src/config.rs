@@ -38,6 +38,40 @@ pub struct Config {
     pub eval: EvalConfig,
     #[serde(default)]
     pub plugins: PluginsConfig,
+    /// ALBEF's momentum distillation (off unless `momentum.enabled`).
+    #[serde(default)]
+    pub momentum: MomentumConfig,
+}
+
+/// `[momentum]`: ALBEF's momentum distillation (`configs/mod.toml` turns it
+/// on): an EMA copy of the encoders, the MLM head and the ITC projections,
+/// ITC feature queues and soft targets (`src/momentum.rs`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MomentumConfig {
+    pub enabled: bool,
+    /// EMA rate: `m = mu * m + (1 - mu) * theta` after each optimizer step.
+    pub mu: f64,
+    /// Queued ITC features; a multiple of the global batch.
+    pub queue_size: i64,
+    /// Weight of the momentum model's soft targets (ITC and MLM).
+    pub alpha: f64,
+    /// Steps over which `alpha` ramps up linearly from 0; unset: one epoch
+    /// of the training pairs (`train.warmup_steps` for streamed shards).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alpha_ramp_steps: Option<i64>,
+}
+
+impl Default for MomentumConfig {
+    fn default() -> Self {
+        MomentumConfig {
+            enabled: false,
+            mu: 0.995,
+            queue_size: 65_536,
+            alpha: 0.4,
+            alpha_ramp_steps: None,
+        }
+    }
 }
 
 /// Plugins beyond those linked into the binary.
@@ -516,6 +550,27 @@ impl Config {
         for (name, o) in &self.objectives {
             let key = format!("objectives.{name}.weight");
             at(&key, check::non_negative_f64(&key, o.weight))?;
+        }
+        let m = &self.momentum;
+        if !(0.0..1.0).contains(&m.mu) {
+            return Err((
+                "momentum.mu".into(),
+                format!("must be in [0, 1), got {}", m.mu),
+            ));
+        }
+        at(
+            "momentum.alpha",
+            check::probability("momentum.alpha", m.alpha),
+        )?;
+        at(
+            "momentum.queue_size",
+            check::at_least("momentum.queue_size", m.queue_size, 0),
+        )?;
+        if let Some(r) = m.alpha_ramp_steps {
+            at(
+                "momentum.alpha_ramp_steps",
+                check::at_least("momentum.alpha_ramp_steps", r, 0),
+            )?;
         }
         Ok(())
     }

@@ -13,7 +13,8 @@ pub mod registration;
 pub mod weights;
 
 pub use assemble::{
-    assemble, Assembly, BuildContext, MaskedLm, MaskedLmLoader, ModelEnv, WeightedObjective,
+    assemble, assemble_model, Assembly, BuildContext, MaskedLm, MaskedLmLoader, ModelEnv,
+    WeightedObjective,
 };
 pub use config::{Config, ConfigLayers, LoadedConfig, PluginSection};
 pub use registration::{Factory, Kind, Registration, Registry, RegistryError};

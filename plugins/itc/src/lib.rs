@@ -4,11 +4,16 @@
 //! caption or identical image) is a target and the target mass is spread
 //! evenly over them.
 //!
+//! With momentum distillation (`[momentum]`, ALBEF), the similarities are
+//! taken against `[momentum batch features; queue]` and the targets mix in
+//! the momentum model's (`vlmatch_core::momentum`).
+//!
 //! Registered as objective `itc`. Loss key: the section name (`itc`).
 
 use serde::Deserialize;
 use tch::{Kind, Tensor};
-use vlmatch_core::{Forward, Objective, ObjectiveOutput, Result};
+use vlmatch_core::momentum::soft_targets;
+use vlmatch_core::{Forward, MomentumContrast, Objective, ObjectiveOutput, Result};
 use vlmatch_registry::BuildContext;
 
 vlmatch_registry::register!(objective "itc" => build);
@@ -46,6 +51,19 @@ pub fn itc_loss_global(i2t: &Tensor, t2i: &Tensor, i2t_pos: &Tensor, t2i_pos: &T
     (direction(i2t, i2t_pos) + direction(t2i, t2i_pos)) / 2.0
 }
 
+/// The distilled ITC loss of ALBEF: each direction's cross-entropy against
+/// [`soft_targets`] of the momentum similarities (`[B, C]` each, columns
+/// `[momentum batch; queue]`) and the columns' `positives`.
+pub fn itc_loss_distilled(c: &MomentumContrast, alpha: f64) -> Tensor {
+    let direction = |sim: &Tensor, sim_m: &Tensor| {
+        let targets = soft_targets(sim_m, &c.positives, alpha);
+        -(sim.log_softmax(1, Kind::Float) * targets)
+            .sum_dim_intlist(1, false, Kind::Float)
+            .mean(Kind::Float)
+    };
+    (direction(&c.i2t, &c.i2t_m) + direction(&c.t2i, &c.t2i_m)) / 2.0
+}
+
 impl Objective for Itc {
     fn forward(&self, fwd: &Forward<'_>, _step: i64) -> Result<ObjectiveOutput> {
         let _span = tracing::trace_span!("itc").entered();
@@ -53,7 +71,10 @@ impl Objective for Itc {
         // Local rows against the global batch; the relation is symmetric,
         // so texts' positives among the images are the same matrix.
         let positives = fwd.positives()?;
-        let loss = itc_loss_global(&sim.i2t, &sim.t2i, &positives, &positives);
+        let loss = match (fwd.momentum(), fwd.momentum_contrast()?) {
+            (Some(m), Some(c)) => itc_loss_distilled(c, m.alpha()),
+            _ => itc_loss_global(&sim.i2t, &sim.t2i, &positives, &positives),
+        };
         let top1 = tch::no_grad(|| {
             let best = sim.i2t.argmax(1, true);
             positives

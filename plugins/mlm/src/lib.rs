@@ -4,13 +4,17 @@
 //! encoder's states (text encoder, then cross-attention to the image) by the
 //! model's generator head.
 //!
+//! With momentum distillation (`[momentum]`, ALBEF), the loss is `(1 -
+//! alpha) * CE(hard) + alpha * CE(soft)`, the soft targets the momentum
+//! model's predictions for the same corrupted caption and image.
+//!
 //! Registered as objective `mlm`. Loss key: the section name; metric
 //! `<name>_acc` (accuracy on the chosen positions).
 
 use serde::Deserialize;
-use tch::Kind;
+use tch::{Kind, Tensor};
 use vlmatch_core::{
-    EncoderInput, Forward, Objective, ObjectiveOutput, Result, SpecialTokens, TextBatch,
+    EncoderInput, Error, Forward, Objective, ObjectiveOutput, Result, SpecialTokens, TextBatch,
 };
 use vlmatch_layers::masking;
 use vlmatch_registry::BuildContext;
@@ -79,7 +83,27 @@ impl Objective for Mlm {
         let logits = generator.logits(&fused, fwd.train)?;
         // Averaged over the masked tokens of the global batch.
         let (sum, count) = masking::masked_lm_loss_parts(&logits, &text.ids, &positions);
-        let loss = fwd.global_mean(&sum, &count)?;
+        let mut loss = fwd.global_mean(&sum, &count)?;
+        if let (Some(m), Some(image_m)) = (fwd.momentum(), fwd.momentum_image()?) {
+            let soft = tch::no_grad(|| -> Result<Tensor> {
+                let generator_m = m.model.generator.as_ref().ok_or_else(|| {
+                    Error::plugin(&self.name, "the momentum model has no MLM generator")
+                })?;
+                let states_m = m
+                    .model
+                    .text
+                    .forward_t(EncoderInput::Text(&masked), fwd.train)?;
+                let fused_m = m.model.fuse(&states_m, image_m, fwd.train)?;
+                Ok(generator_m
+                    .logits(&fused_m, fwd.train)?
+                    .softmax(-1, Kind::Float))
+            })?;
+            let per_token = -(logits.to_kind(Kind::Float).log_softmax(-1, Kind::Float) * soft)
+                .sum_dim_intlist(-1, false, Kind::Float);
+            let distill_sum = (per_token * positions.to_kind(Kind::Float)).sum(Kind::Float);
+            let distill = fwd.global_mean(&distill_sum, &count)?;
+            loss = loss * (1.0 - m.alpha()) + distill * m.alpha();
+        }
         let acc = tch::no_grad(|| {
             let w = positions.to_kind(Kind::Float);
             let hit = logits

@@ -1,0 +1,254 @@
+//! The trainer's side of ALBEF's momentum distillation (`[momentum]`,
+//! `configs/mod.toml`; the objectives' side is `vlmatch_core::momentum`).
+//!
+//! [`MomentumTrainer::build`] assembles a second copy of the model in its
+//! own frozen `VarStore` (so it has no gradient and is not in the
+//! optimizer), copies the trained weights into it and allocates the ITC
+//! queues. After every optimizer step the trainer calls
+//! [`MomentumTrainer::after_step`], which moves each momentum parameter as
+//! `m = mu * m + (1 - mu) * theta` where the step was applied (the guard's
+//! device-side verdict; nothing is read back). Which parameters: those of
+//! the image and text encoders, the fusion, the MLM head and the ITC
+//! projections (ALBEF's `model_pairs`); not the temperature (ALBEF's
+//! momentum similarities use the trained one) nor the matching heads.
+//!
+//! Checkpoints hold the momentum parameters (`momentum.model.<name>`), the
+//! queues (`momentum.queue.<image|text|image_ids|image_keys|text_keys>`)
+//! and the queue pointer (`momentum.queue.ptr`), so resume is exact.
+
+use std::collections::HashMap;
+use tch::{nn, Device, Tensor};
+use vlmatch_core::{Error, Momentum, Queue, Result};
+use vlmatch_registry::config::MomentumConfig;
+use vlmatch_registry::{assemble_model, Assembly, LoadedConfig, ModelEnv, Registry};
+
+/// Parameter prefixes the momentum model follows (ALBEF's `model_pairs`).
+const FOLLOWED: [&str; 6] = [
+    "vision_encoder.",
+    "text_encoder.",
+    "fusion.",
+    "generator.",
+    "vision_proj.",
+    "text_proj.",
+];
+
+/// The checkpoint name prefix of everything momentum distillation saves.
+pub const PREFIX: &str = crate::checkpoint::EXTRA_PREFIX;
+
+/// The momentum model, its queues and the schedule of `alpha`.
+pub struct MomentumTrainer {
+    pub momentum: Momentum,
+    /// Owns the momentum model's variables (frozen).
+    pub vs: nn::VarStore,
+    /// `(name, momentum parameter, trained parameter)`, in name order.
+    pairs: Vec<(String, Tensor, Tensor)>,
+    mu: f64,
+    alpha: f64,
+    ramp_steps: i64,
+}
+
+/// Checks that the global batch divides `momentum.queue_size`; the error
+/// names the nearest sizes that it does divide.
+pub fn check_queue_size(queue_size: i64, world: usize, batch_size: usize) -> Result<()> {
+    let g = (world * batch_size) as i64;
+    if g == 0 || queue_size % g == 0 {
+        return Ok(());
+    }
+    let below = queue_size / g * g;
+    let nearest = if below == 0 {
+        format!("{}", below + g)
+    } else {
+        format!("{below} or {}", below + g)
+    };
+    Err(Error::Config(format!(
+        "config key `momentum.queue_size`: the queue takes whole global batches, and {queue_size} \
+         is not a multiple of the global batch {g} ({world} rank{} x train.batch_size \
+         {batch_size}); the nearest valid sizes are {nearest}",
+        if world == 1 { "" } else { "s" }
+    )))
+}
+
+/// `alpha` at optimizer step `step` (counted from 0): ramped linearly from
+/// 0 over `ramp_steps`, as ALBEF does over its first epoch.
+pub fn alpha_at(alpha: f64, ramp_steps: i64, step: i64) -> f64 {
+    if ramp_steps <= 0 {
+        alpha
+    } else {
+        alpha * (step as f64 / ramp_steps as f64).min(1.0)
+    }
+}
+
+impl MomentumTrainer {
+    /// The momentum copy of `asm`'s model, with its weights, when
+    /// `momentum.enabled`. `epoch_steps` is one epoch in optimizer steps
+    /// (`None` for streamed shards: then `train.warmup_steps`).
+    pub fn build(
+        loaded: &LoadedConfig,
+        env: &ModelEnv,
+        asm: &Assembly,
+        world: usize,
+        epoch_steps: Option<i64>,
+    ) -> Result<Option<MomentumTrainer>> {
+        let cfg: &MomentumConfig = &loaded.config.momentum;
+        if !cfg.enabled {
+            return Ok(None);
+        }
+        let tc = &loaded.config.train;
+        check_queue_size(cfg.queue_size, world, tc.batch_size)?;
+        let registry = Registry::from_inventory().map_err(|e| Error::Config(e.to_string()))?;
+        let (mut vs, model) = assemble_model(&registry, loaded, env)?;
+        vs.freeze();
+        let trained: HashMap<String, Tensor> = asm.vs.variables().into_iter().collect();
+        let mut pairs: Vec<(String, Tensor, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .filter(|(name, _)| FOLLOWED.iter().any(|p| name.starts_with(p)))
+            .filter_map(|(name, m)| trained.get(&name).map(|t| (name, m, t.shallow_clone())))
+            .collect();
+        pairs.sort_by(|a, b| a.0.cmp(&b.0));
+        let embed_dim = loaded.config.model.embed_dim;
+        let queue = Queue::new(cfg.queue_size, embed_dim, env.device);
+        let ramp_steps = cfg
+            .alpha_ramp_steps
+            .or(epoch_steps)
+            .unwrap_or(tc.warmup_steps);
+        let this = MomentumTrainer {
+            momentum: Momentum::new(model, queue),
+            vs,
+            pairs,
+            mu: cfg.mu,
+            alpha: cfg.alpha,
+            ramp_steps,
+        };
+        this.copy_params();
+        Ok(Some(this))
+    }
+
+    /// `m = theta` for every followed parameter (ALBEF's `copy_params`).
+    pub fn copy_params(&self) {
+        tch::no_grad(|| {
+            for (_, m, t) in &self.pairs {
+                m.shallow_clone().copy_(t);
+            }
+        });
+    }
+
+    /// Names of the parameters the momentum model follows.
+    pub fn followed(&self) -> impl Iterator<Item = &str> {
+        self.pairs.iter().map(|(n, _, _)| n.as_str())
+    }
+
+    /// Before step `step`'s forward: this step's `alpha`.
+    pub fn before_step(&self, step: i64) {
+        self.momentum
+            .set_alpha(alpha_at(self.alpha, self.ramp_steps, step));
+    }
+
+    /// The hook after the optimizer step: `m = mu * m + (1 - mu) * theta`
+    /// where `applied` (a bool scalar on the device) holds, else unchanged.
+    pub fn after_step(&self, applied: &Tensor) {
+        tch::no_grad(|| {
+            for (_, m, t) in &self.pairs {
+                let moved = m * self.mu + t * (1.0 - self.mu);
+                let next = moved.where_self(applied, m);
+                m.shallow_clone().copy_(&next);
+            }
+        });
+    }
+
+    /// What a checkpoint holds, by name (on the CPU, contiguous).
+    pub fn checkpoint_tensors(&self) -> Vec<(String, Tensor)> {
+        let cpu = |t: &Tensor| t.detach().to_device(Device::Cpu).contiguous();
+        let mut out: Vec<(String, Tensor)> = self
+            .pairs
+            .iter()
+            .map(|(n, m, _)| (format!("{PREFIX}model.{n}"), cpu(m)))
+            .collect();
+        let queue = self.momentum.queue();
+        for (n, t) in queue.named_tensors() {
+            out.push((format!("{PREFIX}queue.{n}"), cpu(&t)));
+        }
+        out.push((format!("{PREFIX}queue.ptr"), Tensor::from(queue.ptr)));
+        out
+    }
+
+    /// Restore what [`MomentumTrainer::checkpoint_tensors`] saved; `saved`
+    /// maps the names (with [`PREFIX`]) to tensors. The error names the
+    /// checkpoint and what is missing or misshapen.
+    pub fn load(&self, saved: &HashMap<String, Tensor>, path: &std::path::Path) -> Result<()> {
+        let bad = |m: String| Error::Data {
+            path: path.to_path_buf(),
+            line: None,
+            message: m,
+        };
+        let get = |name: &str, like: &Tensor| -> Result<Tensor> {
+            let key = format!("{PREFIX}{name}");
+            let t = saved.get(&key).ok_or_else(|| {
+                bad(format!(
+                    "checkpoint lacks `{key}`: it was written without momentum distillation \
+                     (`momentum.enabled`) or with another model"
+                ))
+            })?;
+            if t.size() != like.size() {
+                return Err(bad(format!(
+                    "`{key}` has shape {:?} in the checkpoint but {:?} in this run (another \
+                     `momentum.queue_size` or model?)",
+                    t.size(),
+                    like.size()
+                )));
+            }
+            Ok(t.shallow_clone())
+        };
+        tch::no_grad(|| -> Result<()> {
+            for (n, m, _) in &self.pairs {
+                let t = get(&format!("model.{n}"), m)?;
+                m.shallow_clone().copy_(&t);
+            }
+            let mut queue = self.momentum.queue_mut();
+            for (n, q) in queue.named_tensors() {
+                let t = get(&format!("queue.{n}"), &q)?;
+                q.shallow_clone().copy_(&t);
+            }
+            let ptr = get("queue.ptr", &Tensor::from(0i64))?.int64_value(&[]);
+            if ptr < 0 || (ptr > 0 && ptr >= queue.len()) {
+                return Err(bad(format!(
+                    "`{PREFIX}queue.ptr` is {ptr}, outside the queue of {}",
+                    queue.len()
+                )));
+            }
+            queue.ptr = ptr;
+            Ok(())
+        })
+    }
+
+    /// The tensors ranks broadcast from rank 0 on resume (parameters and
+    /// queues; the pointer travels in the trainer's header).
+    pub fn broadcast_tensors(&self) -> Vec<Tensor> {
+        let mut out: Vec<Tensor> = self
+            .pairs
+            .iter()
+            .map(|(_, m, _)| m.shallow_clone())
+            .collect();
+        out.extend(
+            self.momentum
+                .queue()
+                .named_tensors()
+                .into_iter()
+                .map(|(_, t)| t),
+        );
+        out
+    }
+
+    pub fn queue_ptr(&self) -> i64 {
+        self.momentum.queue().ptr
+    }
+
+    pub fn set_queue_ptr(&self, ptr: i64) {
+        self.momentum.queue_mut().ptr = ptr;
+    }
+
+    /// The number of momentum parameters (elements).
+    pub fn parameters(&self) -> i64 {
+        self.pairs.iter().map(|(_, m, _)| m.numel() as i64).sum()
+    }
+}
