@@ -40,7 +40,10 @@ pub enum Command {
     /// annotation file or tar shards), `matching` (lines {"image", "caption",
     /// "negative"}), `zeroshot` (lines {"image", "label"} and `--labels`),
     /// `vqa` (a run fine-tuned with `finetune --task vqa`; lines {"image",
-    /// "question", "answer"} or `--data builtin`), `heldout` (the run's own
+    /// "question", "answer"} or `--data builtin`), `snli-ve` and `nlvr2`
+    /// (a run fine-tuned with `finetune --task snli-ve|nlvr2`; ALBEF's JSON
+    /// or `--data builtin`, whose `--split` is `val`/`dev`, `test` (default)
+    /// or `train`), `heldout` (the run's own
     /// held-out set: retrieval and color/shape-swap matching, as training
     /// reports them). Prints one JSON object on the last line; writes
     /// RUN_DIR/eval-TASK.json.
@@ -55,7 +58,8 @@ pub enum Command {
         data: Option<PathBuf>,
         #[arg(long)]
         image_root: Option<PathBuf>,
-        /// Karpathy split(s) of a `dataset_coco.json`-style file, e.g. `test`.
+        /// Karpathy split(s) of a `dataset_coco.json`-style file, e.g. `test`;
+        /// for `snli-ve`/`nlvr2` on `--data builtin`: `val`, `dev`, `test`, `train`.
         #[arg(long)]
         split: Option<String>,
         /// Candidate labels for `zeroshot`: a JSON list of strings, or one
@@ -119,17 +123,36 @@ pub enum Command {
     },
     /// Fine-tune a pretrained run on a downstream task (`vqa`: a classifier
     /// over the training answers on the fused [CLS]). `--data builtin` uses
-    /// questions about the built-in scenes. Writes a run directory (default
-    /// CHECKPOINT/vqa) that `eval --task vqa` reads.
+    /// questions about the built-in scenes. `snli-ve` (3-way) and `nlvr2`
+    /// (two images, true/false): ALBEF's heads and JSON files, accuracy on
+    /// `--val`/`--test`, the best checkpoint on `--val` kept; `--data
+    /// builtin` uses statements about the built-in scenes. Writes a run
+    /// directory (default CHECKPOINT/TASK) that `eval --task TASK` reads.
     Finetune {
         #[arg(long)]
         task: String,
         /// The pretrained run directory.
         #[arg(long)]
         checkpoint: PathBuf,
-        /// JSON/JSONL lines {"image", "question", "answer"}, or `builtin`.
+        /// JSON/JSONL lines {"image", "question", "answer"} (vqa),
+        /// {"image", "sentence", "label"} (snli-ve), {"images", "sentence",
+        /// "label"} (nlvr2), or `builtin`.
         #[arg(long)]
         data: PathBuf,
+        /// snli-ve/nlvr2: validation data (SNLI-VE val, NLVR2 dev) that picks
+        /// the checkpoint kept; default with `--data builtin`: built-in.
+        #[arg(long)]
+        val: Option<PathBuf>,
+        /// snli-ve/nlvr2: test data, evaluated with the kept checkpoint.
+        #[arg(long)]
+        test: Option<PathBuf>,
+        /// snli-ve/nlvr2: validate every N steps (default: steps / 5).
+        #[arg(long)]
+        eval_every: Option<i64>,
+        /// snli-ve/nlvr2: train and evaluate with blank images (the
+        /// text-only baseline).
+        #[arg(long)]
+        blank_images: bool,
         #[arg(long)]
         image_root: Option<PathBuf>,
         #[arg(long)]
@@ -418,6 +441,10 @@ pub fn run(cli: Cli) -> Result<()> {
             task,
             checkpoint,
             data,
+            val,
+            test,
+            eval_every,
+            blank_images,
             image_root,
             out,
             steps,
@@ -437,6 +464,12 @@ pub fn run(cli: Cli) -> Result<()> {
                 batch_size,
                 sets,
                 progress: !quiet,
+            },
+            crate::commands::finetune::Classification {
+                val,
+                test,
+                eval_every,
+                blank_images,
             },
         ),
         Command::Export {

@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod commands;
 pub mod data;
+pub mod downstream;
 pub mod eval;
 pub mod explain;
 pub mod export;

@@ -180,7 +180,7 @@ fn eval_reports_reranked_retrieval_and_matching() {
             .unwrap_err();
     assert!(
         err.to_string()
-            .contains("expected `retrieval`, `matching`, `zeroshot`, `vqa` or `heldout`"),
+            .contains("expected `retrieval`, `matching`, `zeroshot`, `vqa`, `snli-ve`, `nlvr2` or `heldout`"),
         "{err}"
     );
     let err =

@@ -100,6 +100,13 @@ fn eval_on(
             "--task {task} needs --data FILE (the evaluation data)"
         )));
     }
+    if let Some(t) = crate::downstream::Task::parse(task) {
+        let r = crate::downstream::evaluate(t, run_dir, data, image_root, split, sets)?;
+        let mut result = serde_json::to_value(r).expect("serialisable");
+        result["task"] = serde_json::json!(task);
+        result["data"] = serde_json::json!(data.display().to_string());
+        return write_eval(run_dir, task, result);
+    }
     if task == "vqa" {
         let r = crate::vqa::evaluate(run_dir, data, image_root, sets)?;
         let mut result = serde_json::to_value(r).expect("serialisable");
@@ -165,7 +172,8 @@ fn eval_on(
         }
         other => {
             return Err(Error::Config(format!(
-                "--task `{other}`: expected `retrieval`, `matching`, `zeroshot`, `vqa` or `heldout`"
+                "--task `{other}`: expected `retrieval`, `matching`, `zeroshot`, `vqa`, \
+                 `snli-ve`, `nlvr2` or `heldout`"
             )))
         }
     };

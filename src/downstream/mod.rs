@@ -1,0 +1,409 @@
+//! Classification tasks fine-tuned on a pretrained run, as ALBEF does them:
+//! SNLI-VE (image premise, text hypothesis: entailment, neutral or
+//! contradiction) and NLVR2 (two images, one sentence: true or false).
+//!
+//! Both put ALBEF's head, `Linear(D, D) -> ReLU -> Linear(D, classes)`
+//! (parameters `cls_head.0.*`, `cls_head.2.*`), on the fused `[CLS]` and
+//! train the whole model with cross-entropy.
+//!
+//! NLVR2 uses ALBEF's doubled fusion: the run is assembled with
+//! `model.fusion.images = 2` (the fusion plugin builds two layers per
+//! layer, the first cross-attending to the left image, the second to the
+//! right), both layers of pair `k` start from pretrained fusion layer `k`
+//! ([`pretrained_source`]), and both images go through the image encoder
+//! in one pass.
+//!
+//! Data: ALBEF's JSON files ([`formats`]) or `builtin` ([`builtin`]):
+//! training items from the run's training scenes, validation and test
+//! items from the first and second half of its held-out scenes.
+//!
+//! A fine-tuned run directory holds `config.toml`, `downstream.json` (the
+//! task, its classes, the training majority class), the best checkpoint on
+//! the validation set, and `finetune.json` (validation curve, best step,
+//! test accuracy); `vlmatch eval --task snli-ve|nlvr2 --checkpoint DIR`
+//! reloads it.
+
+pub mod builtin;
+mod finetune;
+pub mod formats;
+
+pub use finetune::{evaluate, finetune, Accuracy, FinetuneOptions, FinetuneReport};
+
+use crate::data::{Dataset, Pair};
+use crate::rng::mix;
+use crate::tokenizer::Tokenizer;
+use std::path::Path;
+use std::sync::Arc;
+use tch::{nn, Kind, Tensor};
+use vlmatch_core::{Batch, Encoded, EncoderInput, Error, Forward, Result};
+use vlmatch_layers::Linear;
+use vlmatch_registry::{Assembly, LoadedConfig};
+
+/// A downstream classification task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    SnliVe,
+    Nlvr2,
+}
+
+impl Task {
+    /// `snli-ve` or `nlvr2` (as `--task` names them).
+    pub fn parse(name: &str) -> Option<Task> {
+        match name {
+            "snli-ve" => Some(Task::SnliVe),
+            "nlvr2" => Some(Task::Nlvr2),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::SnliVe => "snli-ve",
+            Task::Nlvr2 => "nlvr2",
+        }
+    }
+
+    /// Class names, by class index (ALBEF's numbering).
+    pub fn classes(self) -> &'static [&'static str] {
+        match self {
+            Task::SnliVe => &builtin::SNLI_VE_CLASSES,
+            Task::Nlvr2 => &["False", "True"],
+        }
+    }
+
+    /// Images per item.
+    pub fn images(self) -> usize {
+        match self {
+            Task::SnliVe => 1,
+            Task::Nlvr2 => 2,
+        }
+    }
+
+    /// What the task's data calls its validation split.
+    pub fn val_name(self) -> &'static str {
+        match self {
+            Task::SnliVe => "val",
+            Task::Nlvr2 => "dev",
+        }
+    }
+
+    /// The `--set`s the task adds to the run's config.
+    fn sets(self, sets: &[String]) -> Vec<String> {
+        let mut out = sets.to_vec();
+        if self == Task::Nlvr2 {
+            out.push("model.fusion.images=2".into());
+        }
+        out
+    }
+}
+
+/// Items of a task: item `i` is the sentence of pairs `i * per_item ..
+/// (i + 1) * per_item` of `ds` with their images (left, right for NLVR2).
+pub struct Items {
+    pub ds: Arc<Dataset>,
+    pub per_item: usize,
+    /// Class index of each item.
+    pub labels: Vec<i64>,
+    /// The kind of statement, where known (built-in data).
+    pub kinds: Vec<Option<String>>,
+}
+
+impl Items {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// The pair indices of `items`, in order.
+    fn pairs_of(&self, items: &[usize]) -> Vec<usize> {
+        let k = self.per_item;
+        items.iter().flat_map(|&i| i * k..(i + 1) * k).collect()
+    }
+
+    /// The item each slot of a batch built from [`Items::pairs_of`] holds:
+    /// `None` where `data.on_error = "skip"` replaced one of its images
+    /// with another pair's, which breaks a two-image item.
+    fn slot_items(&self, pairs: &[usize]) -> Vec<Option<usize>> {
+        let k = self.per_item;
+        pairs
+            .chunks(k)
+            .map(|slot| {
+                let first = slot[0];
+                (first % k == 0 && slot.iter().enumerate().all(|(r, &p)| p == first + r))
+                    .then_some(first / k)
+            })
+            .collect()
+    }
+}
+
+/// Which part of the built-in data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Val,
+    Test,
+}
+
+impl Split {
+    /// `train`, `val`/`dev`, `test`.
+    pub fn parse(name: &str) -> Option<Split> {
+        match name {
+            "train" => Some(Split::Train),
+            "val" | "dev" => Some(Split::Val),
+            "test" => Some(Split::Test),
+            _ => None,
+        }
+    }
+}
+
+/// The built-in items of `task` in `split` of the run's scenes.
+pub fn builtin_items(task: Task, cfg: &vlmatch_registry::Config, split: Split) -> Items {
+    let s = &cfg.data.synthetic;
+    let half = s.heldout_scenes / 2;
+    let (first, scenes) = match split {
+        Split::Train => (0, s.train_scenes),
+        Split::Val => (s.train_scenes as u64, half),
+        Split::Test => ((s.train_scenes + half) as u64, s.heldout_scenes - half),
+    };
+    let name = format!("builtin {} ({split:?})", task.name());
+    let mut ds = Dataset::synthetic(&name, s.seed, first, scenes, 1);
+    ds.pairs.clear();
+    let scene = |i: usize| match &ds.images[i] {
+        crate::data::ImageRef::Scene(scene) => scene.clone(),
+        _ => unreachable!("synthetic images are scenes"),
+    };
+    let (mut pairs, mut labels, mut kinds) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..scenes {
+        let seed = mix(&[s.seed, first + i as u64, 0x5EED_D0]);
+        let (images, statements) = match task {
+            Task::SnliVe => (vec![i], builtin::snli_ve_statements(&scene(i), seed)),
+            Task::Nlvr2 if scenes >= 2 => {
+                let mut rng = crate::rng::Rng::new(seed);
+                let right = (i + 1 + rng.below(scenes - 1)) % scenes;
+                let st = builtin::nlvr2_statements(&scene(i), &scene(right), seed);
+                (vec![i, right], st)
+            }
+            Task::Nlvr2 => (vec![], vec![]),
+        };
+        for (sentence, label, kind) in statements {
+            for &image in &images {
+                pairs.push(Pair {
+                    image,
+                    caption: sentence.clone(),
+                });
+            }
+            labels.push(label);
+            kinds.push(Some(kind.to_string()));
+        }
+    }
+    ds.pairs = pairs;
+    Items {
+        ds: Arc::new(ds),
+        per_item: task.images(),
+        labels,
+        kinds,
+    }
+}
+
+/// `builtin` (the `split` of the run's scenes) or an ALBEF file.
+pub fn load_items(
+    task: Task,
+    data: &Path,
+    image_root: Option<&Path>,
+    cfg: &vlmatch_registry::Config,
+    split: Split,
+) -> Result<Items> {
+    if data == Path::new("builtin") {
+        let items = builtin_items(task, cfg, split);
+        if items.is_empty() {
+            return Err(Error::Config(format!(
+                "the built-in {} {split:?} split is empty; raise data.synthetic.train_scenes \
+                 or data.synthetic.heldout_scenes",
+                task.name()
+            )));
+        }
+        return Ok(items);
+    }
+    formats::load(task, data, image_root, cfg.data.on_error)
+}
+
+/// ALBEF's classifier head on the fused `[CLS]`.
+pub struct ClsHead {
+    dense: Linear,
+    out: Linear,
+}
+
+impl ClsHead {
+    pub fn new(p: &nn::Path, width: i64, classes: i64, compute: Kind) -> Self {
+        let p = p / "cls_head";
+        ClsHead {
+            dense: Linear::new(&(&p / "0"), width, width, true, compute),
+            out: Linear::new(&(&p / "2"), width, classes, true, compute),
+        }
+    }
+
+    /// Class logits `[B, classes]` (fp32) from `[CLS]` states `[B, D]`.
+    pub fn forward(&self, cls: &Tensor) -> Tensor {
+        self.out
+            .forward(&self.dense.forward(cls).relu())
+            .to_kind(Kind::Float)
+    }
+}
+
+/// The pretrained parameter a fine-tuning parameter starts from: itself,
+/// except that NLVR2's fusion layers `2k` and `2k + 1` both start from
+/// pretrained fusion layer `k` (ALBEF's `NLVR.py` loading).
+pub fn pretrained_source(task: Task, name: &str) -> String {
+    if task == Task::Nlvr2 {
+        if let Some(rest) = name.strip_prefix("fusion.layer.") {
+            if let Some((n, tail)) = rest.split_once('.') {
+                if let Ok(n) = n.parse::<usize>() {
+                    return format!("fusion.layer.{}.{tail}", n / 2);
+                }
+            }
+        }
+    }
+    name.to_string()
+}
+
+/// A model with its task head.
+pub struct Classifier {
+    pub task: Task,
+    pub loaded: LoadedConfig,
+    pub tok: Arc<Tokenizer>,
+    pub asm: Assembly,
+    pub head: ClsHead,
+    /// Replace every image by a blank one (the text-only baseline).
+    pub blank_images: bool,
+}
+
+impl Classifier {
+    /// Class logits `[B, classes]` of a batch of `B * images` rows (each
+    /// item's images in consecutive rows, all with the item's text).
+    pub fn logits(&self, batch: &Batch, train: bool) -> Result<Tensor> {
+        let model = &self.asm.model;
+        let mut batch = batch.shallow_clone();
+        if self.blank_images {
+            // Zero after normalisation: every pixel the mean colour.
+            batch.images = batch.images.zeros_like();
+        }
+        let fused = match self.task.images() {
+            1 => {
+                let fwd = Forward::new(model, &batch, train);
+                model.fuse_cls(fwd.text()?, fwd.image()?, train)?
+            }
+            _ => {
+                let d = model.device;
+                let n = batch.len();
+                let even = Tensor::arange_start_step(0, n, 2, (Kind::Int64, d));
+                let odd = &even + 1;
+                // Both images of every item through the encoder in one pass.
+                let images = model
+                    .image
+                    .forward_t(EncoderInput::Image(&batch.images), train)?;
+                let (left, right): (Encoded, Encoded) = (images.select(&even), images.select(&odd));
+                let text = model
+                    .text
+                    .forward_t(EncoderInput::Text(&batch.text.select(&even)), train)?;
+                model.fusion.forward_cls(
+                    EncoderInput::FusedPair {
+                        text: &text,
+                        images: [&left, &right],
+                    },
+                    train,
+                )?
+            }
+        };
+        Ok(self.head.forward(&fused.cls()))
+    }
+}
+
+/// The classifier for `task` on the pretrained run `run_dir` (its newest
+/// checkpoint), before any fine-tuning.
+pub fn from_pretrained(task: Task, run_dir: &Path, sets: &[String]) -> Result<Classifier> {
+    let weights = crate::checkpoint::latest(run_dir)?;
+    build(task, run_dir, sets, &weights, false, false)
+}
+
+/// Assemble `run_dir`'s model for `task` (with `sets`), load `weights`
+/// (a pretrained checkpoint without a head, mapped by
+/// [`pretrained_source`]; or a fine-tuned one with its head), and add the
+/// head.
+fn build(
+    task: Task,
+    run_dir: &Path,
+    sets: &[String],
+    weights: &Path,
+    fine_tuned: bool,
+    blank_images: bool,
+) -> Result<Classifier> {
+    let loaded = crate::run::run_config(run_dir, &task.sets(sets))?;
+    let tok = Arc::new(crate::setup::tokenizer(&loaded)?);
+    let (mut asm, env) = crate::setup::model(&loaded, &tok).map_err(|e| match task {
+        Task::Nlvr2 => Error::Config(format!(
+            "{e} (NLVR2 assembles the run with model.fusion.images = 2, ALBEF's doubled \
+             fusion, which the fusion plugin must support: `cross_attention` does)"
+        )),
+        _ => e,
+    })?;
+    if !fine_tuned {
+        load_pretrained(task, weights, &asm.vs)?;
+    }
+    let width = asm.model.fusion.hidden_size();
+    let head = ClsHead::new(
+        &asm.vs.root(),
+        width,
+        task.classes().len() as i64,
+        env.compute,
+    );
+    if fine_tuned {
+        crate::checkpoint::load(weights, &mut asm.vs)?;
+    }
+    Ok(Classifier {
+        task,
+        loaded,
+        tok,
+        asm,
+        head,
+        blank_images,
+    })
+}
+
+/// Fill every variable of `vs` from the pretrained checkpoint `path`, each
+/// from its [`pretrained_source`].
+fn load_pretrained(task: Task, path: &Path, vs: &nn::VarStore) -> Result<()> {
+    let bad = |message: String| Error::Data {
+        path: path.to_path_buf(),
+        line: None,
+        message,
+    };
+    crate::checkpoint::verify(path).map_err(bad)?;
+    let tensors =
+        Tensor::read_safetensors(path).map_err(|e| bad(format!("cannot read checkpoint: {e}")))?;
+    let model: std::collections::HashMap<String, Tensor> = tensors
+        .into_iter()
+        .filter_map(|(k, v)| k.strip_prefix("model.").map(|k| (k.to_string(), v)))
+        .collect();
+    tch::no_grad(|| {
+        for (name, mut var) in vs.variables() {
+            let source = pretrained_source(task, &name);
+            let t = model.get(&source).ok_or_else(|| {
+                bad(format!(
+                    "the pretrained checkpoint lacks `{source}` (for `{name}`); was it \
+                     trained with another model config?"
+                ))
+            })?;
+            if t.size() != var.size() {
+                return Err(bad(format!(
+                    "`{source}` has shape {:?} in the checkpoint but `{name}` {:?} in the model",
+                    t.size(),
+                    var.size()
+                )));
+            }
+            var.copy_(t);
+        }
+        Ok(())
+    })
+}
