@@ -149,6 +149,12 @@ fn training_updates_only_through_the_nonfinite_guard() {
         "src/train.rs calls AdamW::step; use step_masked with the guard's verdict"
     );
     assert!(text.contains("guard.decide(") && text.contains("optim.step_masked(lr,&applied)"));
+    // The hook after the step (momentum distillation's EMA) follows the
+    // same verdict.
+    assert!(
+        text.contains("m.after_step(&applied)"),
+        "src/train.rs: the momentum update must take the guard's verdict"
+    );
 }
 
 /// Plugins read device tensors back to the host only through
