@@ -793,9 +793,12 @@ def main():
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
+    # On batch 0, which vlmatch counts too (batches differ in padded length).
+    k[0] = 0
     with counter:
         step()
     flops = counter.get_total_flops()
+    flops_by_op = {str(op): n for op, n in counter.get_flop_counts().get("Global", {}).items()}
 
     result = {
         "parameters": n_params,
@@ -806,6 +809,7 @@ def main():
         "last_loss": last_loss,
         "peak_memory": peak,
         "flops_per_step": flops,
+        "flops_by_op": flops_by_op,
         "torch": torch.__version__,
         "optimizer": "torch.optim.AdamW (default implementation for the device)",
     }

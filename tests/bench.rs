@@ -48,6 +48,25 @@ fn bench_reports_steps_data_and_neggen() {
         "NegGen tagging captions/s",
     );
     assert!(r["last_loss"].as_f64().unwrap().is_finite());
+    // FLOPs per module: the fused-[CLS] ITM and shared image keys/values
+    // execute less than the plain path in the fusion, nothing more anywhere.
+    let f = &r["flops"];
+    let modules = f["nominal"]["modules"].as_object().unwrap();
+    for m in ["vision_encoder", "text_encoder", "fusion", "itc"] {
+        assert!(modules.contains_key(m), "{m} missing from {f}");
+    }
+    for (m, n) in modules {
+        let e = f["executed"]["modules"][m.as_str()]["total"]
+            .as_f64()
+            .unwrap();
+        assert!(e <= n["total"].as_f64().unwrap() * (1.0 + 1e-9), "{m}: {f}");
+    }
+    let fusion = |k: &str| f[k]["modules"]["fusion"]["total"].as_f64().unwrap();
+    assert!(fusion("executed") < 0.9 * fusion("nominal"), "{f}");
+    assert_eq!(
+        f["executed"]["modules"]["text_encoder"],
+        f["nominal"]["modules"]["text_encoder"]
+    );
     // What a reference needs is on disk, and the JSON matches the return.
     for f in [
         "config.toml",
@@ -129,6 +148,18 @@ fn pytorch_reference_builds_the_same_model() {
         if name == "full" {
             assert!(rf["note"].as_str().unwrap().contains("word_swap"), "{rf}");
         }
+        // vlmatch's nominal count (the plain path) is what PyTorch's
+        // FlopCounterMode counts on the reference's step; on a CPU its
+        // attention kernel has no formula there, so matrix products only.
+        // Exactly, but for the emulated word swaps of "full", whose texts
+        // are not word_swap's (how many, how long).
+        let ours = r["flops"]["nominal"]["matmul"].as_f64().unwrap();
+        let theirs = rf["flops_per_step"].as_f64().unwrap();
+        let tolerance = if name == "full" { 0.03 } else { 1e-9 };
+        assert!(
+            (ours - theirs).abs() <= tolerance * theirs,
+            "{name}: nominal FLOPs {ours} vs the reference's counter {theirs}"
+        );
     }
 }
 

@@ -154,3 +154,94 @@ proptest! {
         prop_assert!(compared > 10, "only {} gradients compared", compared);
     }
 }
+
+/// The cross-attention fusion with its shared keys and values hidden: the
+/// trait's default `forward_cls_indexed` (gather each pair's image, then
+/// `forward_cls`), the plain path.
+struct PlainPairs(std::rc::Rc<dyn vlmatch_core::Encoder>);
+
+impl vlmatch_core::Encoder for PlainPairs {
+    fn modality(&self) -> vlmatch_core::Modality {
+        self.0.modality()
+    }
+    fn hidden_size(&self) -> i64 {
+        self.0.hidden_size()
+    }
+    fn forward_t(
+        &self,
+        input: vlmatch_core::EncoderInput<'_>,
+        train: bool,
+    ) -> vlmatch_core::Result<vlmatch_core::Encoded> {
+        self.0.forward_t(input, train)
+    }
+    fn forward_cls(
+        &self,
+        input: vlmatch_core::EncoderInput<'_>,
+        train: bool,
+    ) -> vlmatch_core::Result<vlmatch_core::Encoded> {
+        self.0.forward_cls(input, train)
+    }
+}
+
+/// Training's ITM groups (hard negatives, whose images are the batch's own,
+/// and FG-ITM's swapped texts) fuse each image's keys and values once per
+/// layer. That is exact: every loss and every parameter's gradient equals
+/// the plain path's within 1e-6 in fp32, with dropout on (both paths draw the
+/// same masks) and with images repeated within the batch.
+#[test]
+fn shared_image_keys_and_values_in_training_are_exact() {
+    let loaded = vlmatch_layers_with(&[]).load().unwrap();
+    let tok = Arc::new(vlmatch::setup::tokenizer(&loaded).unwrap());
+    let _turn = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(11);
+    let (mut asm, _) = vlmatch::setup::model(&loaded, &tok).unwrap();
+    let (ds, _) = vlmatch::setup::datasets(&loaded).unwrap();
+    let cfg = LoaderConfig::new(&loaded.config.data, 8, None);
+    // Two captions of image 0 and of image 1, so images repeat.
+    let batch = make_batch(&ds, &tok, &cfg, &[0, 1, 3, 4, 6, 9, 12, 15]).unwrap();
+    let mut run = |asm: &vlmatch_registry::Assembly| {
+        tch::manual_seed(5);
+        for v in asm.vs.trainable_variables() {
+            let mut g = v.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        let fwd = Forward::new(&asm.model, &batch, true);
+        let mut losses = Vec::new();
+        let mut total = tch::Tensor::zeros([], (tch::Kind::Float, tch::Device::Cpu));
+        for o in &asm.objectives {
+            for (name, loss) in o.objective.forward(&fwd, 0).unwrap().losses {
+                losses.push((name, loss.double_value(&[])));
+                total = total + loss;
+            }
+        }
+        total.backward();
+        let mut grads: Vec<(String, tch::Tensor)> = asm
+            .vs
+            .variables()
+            .into_iter()
+            .filter(|(_, v)| v.grad().defined())
+            .map(|(k, v)| (k, v.grad().copy()))
+            .collect();
+        grads.sort_by(|a, b| a.0.cmp(&b.0));
+        (losses, grads)
+    };
+    let (shared_losses, shared_grads) = run(&asm);
+    let fusion = asm.model.fusion.clone();
+    asm.model.fusion = std::rc::Rc::new(PlainPairs(fusion));
+    let (plain_losses, plain_grads) = run(&asm);
+    assert!(shared_losses.iter().any(|(n, _)| n == "fgitm"));
+    assert_eq!(shared_losses.len(), plain_losses.len());
+    for ((name, a), (_, b)) in shared_losses.iter().zip(&plain_losses) {
+        assert!((a - b).abs() <= 1e-6, "{name}: {a} shared vs {b} plain");
+    }
+    assert_eq!(shared_grads.len(), plain_grads.len());
+    assert!(shared_grads
+        .iter()
+        .any(|(k, _)| k.contains("crossattention")));
+    for ((name, a), (_, b)) in shared_grads.iter().zip(&plain_grads) {
+        let diff = (a - b).abs().max().double_value(&[]);
+        assert!(diff <= 1e-6, "gradient of {name} differs by {diff}");
+    }
+}

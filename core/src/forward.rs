@@ -40,12 +40,18 @@ impl ContrastiveHead {
 
     /// L2-normalised image embeddings `[B, E]` from `[CLS]` states.
     pub fn embed_image(&self, image: &Encoded) -> Tensor {
-        normalize(&image.cls().to_kind(Kind::Float).apply(&self.vision_proj))
+        let cls = image.cls().to_kind(Kind::Float);
+        let out = cls.apply(&self.vision_proj);
+        crate::flops::linear("itc", &cls, &self.vision_proj.ws, &out);
+        normalize(&out)
     }
 
     /// L2-normalised text embeddings `[B, E]` from `[CLS]` states.
     pub fn embed_text(&self, text: &Encoded) -> Tensor {
-        normalize(&text.cls().to_kind(Kind::Float).apply(&self.text_proj))
+        let cls = text.cls().to_kind(Kind::Float);
+        let out = cls.apply(&self.text_proj);
+        crate::flops::linear("itc", &cls, &self.text_proj.ws, &out);
+        normalize(&out)
     }
 
     /// The temperature, clamped in place to `[0.001, 0.5]` first (as ALBEF
@@ -88,6 +94,13 @@ impl VlModel {
     /// [`VlModel::fuse`] for pair-level heads: only the fused `[CLS]`,
     /// `[B, 1, D]` (see [`Encoder::forward_cls`]).
     pub fn fuse_cls(&self, text: &Encoded, image: &Encoded, train: bool) -> Result<Encoded> {
+        if crate::flops::plain() {
+            let full = self.fuse(text, image, train)?;
+            return Ok(Encoded {
+                hidden: full.hidden.narrow(1, 0, 1),
+                mask: full.mask.narrow(1, 0, 1),
+            });
+        }
         self.fusion
             .forward_cls(EncoderInput::Fused { text, image }, train)
     }
@@ -101,6 +114,9 @@ impl VlModel {
         image_index: &Tensor,
         train: bool,
     ) -> Result<Encoded> {
+        if crate::flops::plain() {
+            return self.fuse_cls(text, &image.select(image_index), train);
+        }
         self.fusion
             .forward_cls_indexed(text, image, image_index, train)
     }
@@ -389,16 +405,18 @@ impl<'a> Forward<'a> {
             let (i2t, t2i) = match &self.collective {
                 None => {
                     let i2t = image_embeds.matmul(&text_embeds.tr()) / &temp;
+                    crate::flops::linear("itc", &image_embeds, &text_embeds, &i2t);
                     let t2i = i2t.tr();
                     (i2t, t2i)
                 }
                 Some(c) => {
                     let all_images = c.all_gather_with_grad(&image_embeds)?;
                     let all_texts = c.all_gather_with_grad(&text_embeds)?;
-                    (
-                        image_embeds.matmul(&all_texts.tr()) / &temp,
-                        text_embeds.matmul(&all_images.tr()) / &temp,
-                    )
+                    let i2t = image_embeds.matmul(&all_texts.tr()) / &temp;
+                    let t2i = text_embeds.matmul(&all_images.tr()) / &temp;
+                    crate::flops::linear("itc", &image_embeds, &all_texts, &i2t);
+                    crate::flops::linear("itc", &text_embeds, &all_images, &t2i);
+                    (i2t, t2i)
                 }
             };
             Ok(Similarity {

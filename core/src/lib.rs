@@ -17,6 +17,7 @@
 mod batch;
 mod collective;
 mod error;
+pub mod flops;
 mod forward;
 pub mod momentum;
 pub mod positives;

@@ -16,6 +16,7 @@
 //! files + an annotation file for the data-pipeline comparison).
 
 pub mod eval;
+pub mod flops;
 
 use crate::data::loader::{batches, Loader, LoaderConfig};
 use crate::data::{annotations, ImageRef};
@@ -225,6 +226,13 @@ pub fn bench(opts: &BenchOptions) -> Result<Value> {
     // GPU), counted by vlmatch_core::readback.
     let steps_run = (opts.warmup + opts.repeats * opts.steps).max(1) as f64;
     let readbacks_per_step = (vlmatch_core::readback::count() - reads_before) as f64 / steps_run;
+    // FLOPs of two more steps on batch 0: as executed, and on the plain path.
+    let flop_counts = flops::count(tc.seed as i64, || {
+        train_step(&asm, &mut optim, tc, k as i64, tc.lr, &mut guard, || {
+            Ok(inputs[0].shallow_clone())
+        })
+        .map(|_| ())
+    })?;
     let last_loss = last_loss.double_value(&[]);
     let peak = if matches!(device, Device::Cuda(_)) {
         json!({"gpu_mib": gpu_used_mib(), "rss_mib": peak_rss_mib()})
@@ -240,6 +248,7 @@ pub fn bench(opts: &BenchOptions) -> Result<Value> {
         "last_loss": last_loss,
         "peak_memory": peak,
         "readbacks_per_step": readbacks_per_step,
+        "flops": flop_counts,
     });
     eprintln!(
         "vlmatch: {:.2} ms/step ({:.1} images/s), last loss {last_loss:.4}",
@@ -490,7 +499,13 @@ pub fn table(r: &Value) -> String {
             true,
         );
     }
-    if let Some(f) = get(reference, &["flops_per_step"]) {
+    s += &flops::lines(r);
+    // Model FLOPs by the usual convention: the reference's count when there
+    // is one (both columns, so the ratio is the speed's), else the nominal
+    // count above.
+    let nominal =
+        get(reference, &["flops_per_step"]).or_else(|| get(Some(r), &["flops", "nominal", "total"]));
+    if let Some(f) = nominal {
         let tf = |t: Option<f64>| t.map(|t| f / t / 1e12);
         row_text(
             &mut s,

@@ -213,6 +213,14 @@ impl SelfAttention {
             None::<f64>,
             false,
         );
+        vlmatch_core::flops::attention(
+            self.q.module(),
+            b * self.heads,
+            n,
+            n,
+            h / self.heads,
+            a.requires_grad(),
+        );
         self.out
             .forward(&a.transpose(1, 2).contiguous().view([b, n, h]))
             .to_kind(Kind::Float)
@@ -267,6 +275,8 @@ pub struct ClipVit {
     layers: Vec<ClipLayer>,
     post_layernorm: LayerNorm,
     compute: Kind,
+    /// What its FLOPs count under ([`vlmatch_core::flops`]).
+    module: String,
 }
 
 impl ClipVit {
@@ -290,6 +300,7 @@ impl ClipVit {
         let n = (image_size / ps).pow(2);
         let emb = p / "embeddings";
         Ok(ClipVit {
+            module: vlmatch_core::flops::module_of(p.components()),
             cfg: cfg.clone(),
             image_size,
             class_embedding: emb.var("class_embedding", &[h], hf_init()),
@@ -327,12 +338,12 @@ impl ClipVit {
         } else {
             self.patch_weight.to_kind(self.compute)
         };
-        let patches = images
-            .to_kind(self.compute)
-            .conv2d(&w, None::<&Tensor>, [p, p], [0, 0], [1, 1], 1)
-            .flatten(2, 3)
-            .transpose(1, 2)
-            .to_kind(Kind::Float);
+        let patches =
+            images
+                .to_kind(self.compute)
+                .conv2d(&w, None::<&Tensor>, [p, p], [0, 0], [1, 1], 1);
+        vlmatch_core::flops::patch_embedding(&self.module, images, &self.patch_weight, &patches);
+        let patches = patches.flatten(2, 3).transpose(1, 2).to_kind(Kind::Float);
         let cls = self
             .class_embedding
             .view([1, 1, h])

@@ -72,18 +72,26 @@ impl Itm {
                     image_for_text,
                 } => {
                     // Local image i with a negative text; local text j with a
-                    // negative image; both drawn from the global batch.
+                    // negative image; both drawn from the global batch. The
+                    // images repeat (each local one is also a negative's), so
+                    // they are fused by index into the candidate pool: each
+                    // image's cross-attention keys and values once.
                     let t_idx = text_for_image.clamp_min(0);
                     let i_idx = image_for_text.clamp_min(0);
                     let pool = fwd.negative_texts()?;
                     let len = pool.hidden.size()[1];
                     let texts = pool.select(&t_idx).cat(&text.pad_to(len));
-                    let images = image.cat(&fwd.negative_images()?.select(&i_idx));
+                    let image_index = Tensor::cat(&[fwd.own_candidates(), i_idx], 0);
                     let weight = Tensor::cat(&[text_for_image.ge(0), image_for_text.ge(0)], 0)
                         .to_kind(Kind::Float);
                     groups.push(Group {
                         source: source.clone(),
-                        fused: model.fuse_cls(&texts, &images, fwd.train)?,
+                        fused: model.fuse_cls_indexed(
+                            &texts,
+                            fwd.negative_images()?,
+                            &image_index,
+                            fwd.train,
+                        )?,
                         label: 0,
                         weight,
                     });
@@ -104,7 +112,7 @@ impl Itm {
                     let states = model.text.forward_t(EncoderInput::Text(&text), fwd.train)?;
                     groups.push(Group {
                         source: source.clone(),
-                        fused: model.fuse_cls(&states, &image.select(&image_index), fwd.train)?,
+                        fused: model.fuse_cls_indexed(&states, image, &image_index, fwd.train)?,
                         label: 0,
                         weight,
                     });

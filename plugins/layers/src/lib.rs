@@ -9,6 +9,7 @@ pub mod hf;
 pub mod masking;
 
 use tch::{nn, Kind, Tensor};
+use vlmatch_core::flops;
 
 /// HuggingFace's initialiser: normal(0, 0.02) weights, zero biases.
 pub fn hf_init() -> nn::Init {
@@ -25,6 +26,8 @@ pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     compute: Kind,
+    /// What its FLOPs count under ([`vlmatch_core::flops`]).
+    module: String,
 }
 
 impl Linear {
@@ -33,7 +36,13 @@ impl Linear {
             weight: p.var("weight", &[out_dim, in_dim], hf_init()),
             bias: bias.then(|| p.var("bias", &[out_dim], nn::Init::Const(0.0))),
             compute,
+            module: flops::module_of(p.components()),
         }
+    }
+
+    /// The module its FLOPs count under.
+    pub fn module(&self) -> &str {
+        &self.module
     }
 
     /// The same parameters under a second handle (not a copy: both read
@@ -43,19 +52,22 @@ impl Linear {
             weight: self.weight.shallow_clone(),
             bias: self.bias.as_ref().map(Tensor::shallow_clone),
             compute: self.compute,
+            module: self.module.clone(),
         }
     }
 
     /// `[.., in]` -> `[.., out]` in the compute dtype.
     pub fn forward(&self, xs: &Tensor) -> Tensor {
-        if self.compute == Kind::Float {
+        let out = if self.compute == Kind::Float {
             xs.to_kind(Kind::Float)
                 .linear(&self.weight, self.bias.as_ref())
         } else {
             let w = self.weight.to_kind(self.compute);
             let b = self.bias.as_ref().map(|b| b.to_kind(self.compute));
             xs.to_kind(self.compute).linear(&w, b.as_ref())
-        }
+        };
+        flops::linear(&self.module, xs, &self.weight, &out);
+        out
     }
 }
 
@@ -210,6 +222,15 @@ impl Attention {
             None::<f64>,
             false,
         );
+        let d = q.size()[3];
+        flops::attention(
+            self.query.module(),
+            b * self.heads,
+            lq,
+            lk,
+            d,
+            out.requires_grad(),
+        );
         out.transpose(1, 2).contiguous().view([b, lq, -1])
     }
 }
@@ -257,6 +278,7 @@ impl TiedLmHead {
             h.to_kind(self.compute)
                 .matmul(&self.word_embeddings.to_kind(self.compute).tr())
         };
+        flops::linear(self.dense.module(), &h, &self.word_embeddings, &logits);
         logits.to_kind(Kind::Float) + &self.bias
     }
 }

@@ -213,6 +213,8 @@ pub struct Vit {
     layers: Vec<VitLayer>,
     layernorm: LayerNorm,
     compute: Kind,
+    /// What its FLOPs count under ([`vlmatch_core::flops`]).
+    module: String,
 }
 
 impl Vit {
@@ -239,6 +241,7 @@ impl Vit {
             .map(|i| VitLayer::new(&(p / "encoder" / "layer" / i), cfg, compute))
             .collect();
         Ok(Vit {
+            module: vlmatch_core::flops::module_of(p.components()),
             cfg: cfg.clone(),
             image_size,
             patch_weight: proj.var(
@@ -288,12 +291,12 @@ impl Vit {
             )
         };
         let p = self.cfg.patch_size;
-        let patches = images
-            .to_kind(self.compute)
-            .conv2d(&w, Some(&bias), [p, p], [0, 0], [1, 1], 1)
-            .flatten(2, 3)
-            .transpose(1, 2)
-            .to_kind(Kind::Float);
+        let patches =
+            images
+                .to_kind(self.compute)
+                .conv2d(&w, Some(&bias), [p, p], [0, 0], [1, 1], 1);
+        vlmatch_core::flops::patch_embedding(&self.module, images, &self.patch_weight, &patches);
+        let patches = patches.flatten(2, 3).transpose(1, 2).to_kind(Kind::Float);
         let cls = self.cls_token.expand([b, 1, self.cfg.hidden_size], false);
         let mut xs = Tensor::cat(&[cls, patches], 1) + &self.position_embeddings;
         xs = xs.dropout(self.cfg.hidden_dropout_prob, train);
