@@ -40,9 +40,22 @@ struct Group {
     weight: Tensor,
 }
 
+/// A group before fusion: its texts and, per pair, the row of the image
+/// pool ([`Forward::negative_images`]) it is fused with.
+struct Pairs {
+    source: String,
+    texts: Encoded,
+    image_index: Tensor,
+    label: i64,
+    weight: Tensor,
+}
+
 impl Itm {
     /// The positive group and one group per sampler; the samplers' counters
-    /// go to `stats`.
+    /// go to `stats`. Every group's images are rows of one pool (the batch's
+    /// images, or the global batch's), so all pairs are fused in one call by
+    /// index: each image's cross-attention keys and values once per layer,
+    /// however many groups and pairs use it.
     fn groups(
         &self,
         fwd: &Forward<'_>,
@@ -50,13 +63,16 @@ impl Itm {
         stats: &mut Vec<(String, f64)>,
     ) -> Result<Vec<Group>> {
         let model = fwd.model;
-        let image = fwd.image()?;
         let text = fwd.text()?;
         let b = fwd.batch.len();
-        let device = image.hidden.device();
-        let mut groups = vec![Group {
+        let pool = fwd.negative_images()?;
+        // Local image i is pool row own[i].
+        let own = fwd.own_candidates();
+        let device = pool.hidden.device();
+        let mut pairs = vec![Pairs {
             source: "pos".into(),
-            fused: fwd.fuse_positive_cls()?,
+            texts: text.shallow_clone(),
+            image_index: own.shallow_clone(),
             label: 1,
             weight: Tensor::ones([b], (Kind::Float, device)),
         }];
@@ -72,26 +88,18 @@ impl Itm {
                     image_for_text,
                 } => {
                     // Local image i with a negative text; local text j with a
-                    // negative image; both drawn from the global batch. The
-                    // images repeat (each local one is also a negative's), so
-                    // they are fused by index into the candidate pool: each
-                    // image's cross-attention keys and values once.
+                    // negative image; both drawn from the global batch.
                     let t_idx = text_for_image.clamp_min(0);
                     let i_idx = image_for_text.clamp_min(0);
-                    let pool = fwd.negative_texts()?;
-                    let len = pool.hidden.size()[1];
-                    let texts = pool.select(&t_idx).cat(&text.pad_to(len));
-                    let image_index = Tensor::cat(&[fwd.own_candidates(), i_idx], 0);
+                    let candidates = fwd.negative_texts()?;
+                    let len = candidates.hidden.size()[1].max(text.hidden.size()[1]);
+                    let texts = candidates.select(&t_idx).pad_to(len).cat(&text.pad_to(len));
                     let weight = Tensor::cat(&[text_for_image.ge(0), image_for_text.ge(0)], 0)
                         .to_kind(Kind::Float);
-                    groups.push(Group {
+                    pairs.push(Pairs {
                         source: source.clone(),
-                        fused: model.fuse_cls_indexed(
-                            &texts,
-                            fwd.negative_images()?,
-                            &image_index,
-                            fwd.train,
-                        )?,
+                        texts,
+                        image_index: Tensor::cat(&[&own, &i_idx], 0),
                         label: 0,
                         weight,
                     });
@@ -110,16 +118,47 @@ impl Itm {
                             .to_kind(Kind::Float)
                     });
                     let states = model.text.forward_t(EncoderInput::Text(&text), fwd.train)?;
-                    groups.push(Group {
+                    pairs.push(Pairs {
                         source: source.clone(),
-                        fused: model.fuse_cls_indexed(&states, image, &image_index, fwd.train)?,
+                        texts: states,
+                        image_index: own.index_select(0, &image_index),
                         label: 0,
                         weight,
                     });
                 }
             }
         }
-        Ok(groups)
+        // One fusion call over every group's pairs, padded to the longest text.
+        let len = pairs
+            .iter()
+            .map(|p| p.texts.hidden.size()[1])
+            .max()
+            .unwrap_or(0);
+        let texts: Vec<Encoded> = pairs.iter().map(|p| p.texts.pad_to(len)).collect();
+        let texts = Encoded {
+            hidden: Tensor::cat(&texts.iter().map(|t| &t.hidden).collect::<Vec<_>>(), 0),
+            mask: Tensor::cat(&texts.iter().map(|t| &t.mask).collect::<Vec<_>>(), 0),
+        };
+        let index = Tensor::cat(&pairs.iter().map(|p| &p.image_index).collect::<Vec<_>>(), 0);
+        let fused = model.fuse_cls_indexed(&texts, pool, &index, fwd.train)?;
+        let mut start = 0;
+        Ok(pairs
+            .into_iter()
+            .map(|p| {
+                let n = p.image_index.size()[0];
+                let group = Group {
+                    source: p.source,
+                    fused: Encoded {
+                        hidden: fused.hidden.narrow(0, start, n),
+                        mask: fused.mask.narrow(0, start, n),
+                    },
+                    label: p.label,
+                    weight: p.weight,
+                };
+                start += n;
+                group
+            })
+            .collect())
     }
 }
 

@@ -64,12 +64,14 @@ pub(crate) fn filter(
     if step >= cfg.filter_after_steps {
         let probs = tch::no_grad(|| -> Result<Vec<f64>> {
             let states = model.text.forward_t(EncoderInput::Text(&encoded), false)?;
+            // Each image's candidates share its cross-attention keys and
+            // values (fused by index, not on gathered copies).
             let image = fwd.image()?;
             let image = vlmatch_core::Encoded {
-                hidden: image.hidden.detach().index_select(0, &owner_index),
-                mask: image.mask.index_select(0, &owner_index),
+                hidden: image.hidden.detach(),
+                mask: image.mask.shallow_clone(),
             };
-            let fused = model.fuse_cls(&states, &image, false)?;
+            let fused = model.fuse_cls_indexed(&states, &image, &owner_index, false)?;
             let p = model
                 .discriminator
                 .pair_logits(&fused)?
