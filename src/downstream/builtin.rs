@@ -8,8 +8,8 @@
 //! statements of each class.
 //!
 //! NLVR2: two scenes and a statement about both ("the left image has more
-//! circles than the right image"), true or false. Each pair gets one true
-//! and one false statement.
+//! circles than the right image"), true or false. Each pair gets two true
+//! and two false statements.
 //!
 //! Every statement is drawn as: a template at random, then the truth value
 //! wanted, then one instance of the template with that truth value (a new
@@ -51,6 +51,19 @@ fn snli_instances(scene: &Scene, t: usize) -> Vec<(String, bool)> {
             }
         }
         1 => {
+            for (c, (color, _)) in COLORS.iter().enumerate() {
+                out.push((
+                    format!("there is a {color} shape"),
+                    has(scene, |o| o.color == c),
+                ));
+            }
+        }
+        2 => {
+            for (s, shape) in SHAPES.iter().enumerate() {
+                out.push((format!("there is a {shape}"), has(scene, |o| o.shape == s)));
+            }
+        }
+        3 => {
             for (z, size) in SIZES.iter().enumerate() {
                 for (s, shape) in SHAPES.iter().enumerate() {
                     out.push((
@@ -60,7 +73,7 @@ fn snli_instances(scene: &Scene, t: usize) -> Vec<(String, bool)> {
                 }
             }
         }
-        2 => {
+        4 => {
             for (n, count) in COUNTS.iter().enumerate() {
                 let verb = if n == 0 { "is" } else { "are" };
                 out.push((
@@ -108,7 +121,14 @@ fn draw(
     })
 }
 
-const SNLI_KINDS: [&str; 4] = ["color-shape", "size-shape", "count", "background"];
+const SNLI_KINDS: [&str; 6] = [
+    "color-shape",
+    "color",
+    "shape",
+    "size-shape",
+    "count",
+    "background",
+];
 
 /// Six hypotheses about `scene`: two of each class, as (sentence, label
 /// index into [`SNLI_VE_CLASSES`], statement kind).
@@ -216,15 +236,15 @@ fn nlvr2_instances(left: &Scene, right: &Scene, t: usize) -> Vec<(String, bool)>
     out
 }
 
-/// Two statements about the pair (`left`, `right`), one true and one false
-/// (in a random order), as (sentence, label: 1 true / 0 false, kind).
+/// Four statements about the pair (`left`, `right`), two true and two
+/// false (in a random order), as (sentence, label: 1 true / 0 false, kind).
 pub fn nlvr2_statements(
     left: &Scene,
     right: &Scene,
     seed: u64,
 ) -> Vec<(String, i64, &'static str)> {
     let mut rng = Rng::new(seed);
-    let mut labels = [true, false];
+    let mut labels = [true, false, true, false];
     rng.shuffle(&mut labels);
     labels
         .into_iter()
@@ -287,7 +307,8 @@ mod tests {
         for i in 0..400 {
             let (l, r) = (Scene::generate(9, 2 * i), Scene::generate(9, 2 * i + 1));
             let st = nlvr2_statements(&l, &r, i);
-            assert_eq!(st.iter().map(|s| s.1).sum::<i64>(), 1, "{st:?}");
+            assert_eq!(st.len(), 4);
+            assert_eq!(st.iter().map(|s| s.1).sum::<i64>(), 2, "{st:?}");
             for (s, label, kind) in st {
                 by_kind.entry(kind).or_default()[label as usize] += 1;
                 if s == "the left image has more shapes than the right image" {

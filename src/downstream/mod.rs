@@ -177,25 +177,34 @@ pub fn builtin_items(task: Task, cfg: &vlmatch_registry::Config, split: Split) -
     let (mut pairs, mut labels, mut kinds) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..scenes {
         let seed = mix(&[s.seed, first + i as u64, 0x5EED_D0]);
-        let (images, statements) = match task {
-            Task::SnliVe => (vec![i], builtin::snli_ve_statements(&scene(i), seed)),
+        // Each scene is the left image of two pairs, with right images
+        // drawn from the other scenes of the split.
+        let groups = match task {
+            Task::SnliVe => vec![(vec![i], builtin::snli_ve_statements(&scene(i), seed))],
             Task::Nlvr2 if scenes >= 2 => {
                 let mut rng = crate::rng::Rng::new(seed);
-                let right = (i + 1 + rng.below(scenes - 1)) % scenes;
-                let st = builtin::nlvr2_statements(&scene(i), &scene(right), seed);
-                (vec![i, right], st)
+                (0..2u64)
+                    .map(|n| {
+                        let right = (i + 1 + rng.below(scenes - 1)) % scenes;
+                        let st =
+                            builtin::nlvr2_statements(&scene(i), &scene(right), mix(&[seed, n]));
+                        (vec![i, right], st)
+                    })
+                    .collect()
             }
-            Task::Nlvr2 => (vec![], vec![]),
+            Task::Nlvr2 => vec![],
         };
-        for (sentence, label, kind) in statements {
-            for &image in &images {
-                pairs.push(Pair {
-                    image,
-                    caption: sentence.clone(),
-                });
+        for (images, statements) in groups {
+            for (sentence, label, kind) in statements {
+                for &image in &images {
+                    pairs.push(Pair {
+                        image,
+                        caption: sentence.clone(),
+                    });
+                }
+                labels.push(label);
+                kinds.push(Some(kind.to_string()));
             }
-            labels.push(label);
-            kinds.push(Some(kind.to_string()));
         }
     }
     ds.pairs = pairs;

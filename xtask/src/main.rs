@@ -21,11 +21,12 @@ commands:
                  a rank fails the others get S seconds, default 30, to stop)
   test [args]    run the whole test suite (extra args go to `cargo test`)
   plugins        list registered plugins by kind
-  eval --checkpoint D --task retrieval|matching|zeroshot|vqa --data F [--image-root D]
+  eval --checkpoint D --task retrieval|matching|zeroshot|vqa|snli-ve|nlvr2 --data F [--image-root D]
        [--labels F] [--split S] [--set k=v]...
                  evaluate a trained run
-  finetune --task vqa --checkpoint D --data F|builtin [--steps N] [--lr X]
-                 fine-tune a pretrained run for VQA
+  finetune --task vqa|snli-ve|nlvr2 --checkpoint D --data F|builtin [--steps N] [--lr X]
+       [--val F] [--test F] [--eval-every N] [--blank-images]
+                 fine-tune a pretrained run for VQA, SNLI-VE or NLVR2
   export --checkpoint D --out DIR
                  write the image and text encoders for transformers' from_pretrained
   explain --checkpoint D --image IMG --text \"...\" [--html FILE]
