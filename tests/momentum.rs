@@ -171,6 +171,40 @@ fn queued_copies_of_a_batch_are_its_positives_not_negatives() {
     assert_eq!(m.queue_ptr(), 16, "two batches of 8 queued");
 }
 
+/// With the momentum model a fresh copy, no queue and alpha 0, the
+/// distilled ITC is the plain ITC of the batch: the columns are the batch's
+/// own features and the targets the hard ones.
+#[test]
+fn distilled_itc_reduces_to_plain_itc_for_a_fresh_copy_without_queue_or_alpha() {
+    let _turn = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
+    let (asm, m, tok, loaded) = build(&["momentum.enabled=true", "momentum.queue_size=0"]);
+    let (ds, _) = vlmatch::setup::datasets(&loaded).unwrap();
+    let cfg = LoaderConfig::new(&loaded.config.data, 8, None);
+    // Consecutive pairs are captions of one scene (three each): positives
+    // beyond the diagonal.
+    let idx: Vec<usize> = (0..8).collect();
+    let batch = make_batch(&ds, &tok, &cfg, &idx).unwrap();
+    m.before_step(0);
+    assert_eq!(m.momentum.alpha(), 0.0);
+    let fwd = Forward::new(&asm.model, &batch, false).with_momentum(&m.momentum);
+    let c = fwd.momentum_contrast().unwrap().expect("momentum");
+    assert_eq!(c.i2t.size(), [8, 8]);
+    let sim = fwd.similarity().unwrap();
+    assert!(c.i2t.allclose(&sim.i2t, 1e-5, 1e-6, false));
+    assert!(c.i2t_m.allclose(&sim.i2t, 1e-5, 1e-6, false));
+    let positives = fwd.positives().unwrap();
+    assert!(c.positives.equal(&positives));
+    let plain = itc::itc_loss_global(&sim.i2t, &sim.t2i, &positives, &positives);
+    let distilled = itc::itc_loss_distilled(c, 0.0);
+    assert!(
+        (plain.double_value(&[]) - distilled.double_value(&[])).abs() < 1e-5,
+        "{plain} vs {distilled}"
+    );
+    // With alpha 1 the targets are the momentum softmax alone.
+    let soft = itc::itc_loss_distilled(c, 1.0).double_value(&[]);
+    assert!(soft.is_finite() && soft > 0.0);
+}
+
 #[test]
 fn momentum_model_and_queues_round_trip_through_a_checkpoint() {
     let dir = scratch("mod-roundtrip");
