@@ -145,7 +145,7 @@ impl<'a> BuildContext<'a> {
             .figment
             .extract_inner(&format!("{key}.plugin"))
             .map_err(|e| {
-                Error::Config(crate::config::describe_error(e, &self.config.figment, &[]))
+                Error::Config(crate::config::describe_error(e, self.config.figment, &[]))
             })?;
         let entry = self
             .registry

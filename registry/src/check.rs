@@ -121,6 +121,54 @@ pub fn heads_divide(heads_key: &str, heads: i64, width_what: &str, width: i64) -
     Ok(())
 }
 
+/// The sizes every transformer stack has, checked alike by each encoder
+/// plugin ([`layer_sizes`]).
+#[derive(Debug, Clone)]
+pub struct LayerSizes {
+    /// The width the heads split, when it is the section's own
+    /// (`hidden_size`); `None` when it comes from another encoder and is
+    /// checked where it is known.
+    pub hidden_size: Option<i64>,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub intermediate_size: i64,
+    pub layer_norm_eps: f64,
+    /// `(field, probability)` of each dropout.
+    pub dropouts: Vec<(&'static str, f64)>,
+}
+
+/// Every size positive, the heads dividing `hidden_size`, each dropout in
+/// [0, 1), a positive epsilon; errors name `{key}.<field>`.
+pub fn layer_sizes(key: &str, s: &LayerSizes) -> Result<()> {
+    let k = |field: &str| format!("{key}.{field}");
+    match s.hidden_size {
+        Some(width) => {
+            positive(&k("hidden_size"), width)?;
+            heads_divide(
+                &k("num_attention_heads"),
+                s.num_attention_heads,
+                &format!("`{}`", k("hidden_size")),
+                width,
+            )?;
+        }
+        None => positive(&k("num_attention_heads"), s.num_attention_heads)?,
+    }
+    positive(&k("num_hidden_layers"), s.num_hidden_layers)?;
+    positive(&k("intermediate_size"), s.intermediate_size)?;
+    for (field, p) in &s.dropouts {
+        dropout(&k(field), *p)?;
+    }
+    positive_f64(&k("layer_norm_eps"), s.layer_norm_eps)
+}
+
+/// `result`, its error saying which checkpoint the values came from.
+pub fn with_init<T>(result: Result<T>, init: Option<&std::path::Path>) -> Result<T> {
+    result.map_err(|e| match init {
+        Some(dir) => Error::Config(format!("{e} (with init {})", dir.display())),
+        None => e,
+    })
+}
+
 /// A text file as a string. Invalid UTF-8 is a data error naming the file,
 /// the line and the byte of the line where the bad sequence starts (where
 /// `read_to_string` says only "stream did not contain valid UTF-8").

@@ -6,129 +6,69 @@
 //! Registered as encoder `bert`. The vocabulary size comes from the
 //! tokenizer, the maximum length from `data.max_len`.
 
-use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::rc::Rc;
 use tch::{nn, Kind, Tensor};
 use vlmatch_core::{Encoded, Encoder, EncoderInput, Error, Modality, Result};
-use vlmatch_layers::hf::resolve_arch;
+use vlmatch_layers::hf::ArchSource;
 use vlmatch_layers::{BertLayer, BertLayerConfig, LayerNorm};
-use vlmatch_registry::BuildContext;
+use vlmatch_registry::{check, BuildContext};
 
 mod layout;
 pub use layout::BertLayout;
 
 vlmatch_registry::register!(encoder "bert" => build, layout = &BertLayout);
 
-/// Keys of `[model.text]` for `plugin = "bert"`. Architecture keys follow
-/// HuggingFace `BertConfig`; with `init = "DIR"` (a hub-layout directory)
-/// they come from `DIR/config.json`, and a key set here must agree with it,
-/// except `num_hidden_layers`, which may take only the first layers.
-/// The weights of `DIR/model.safetensors` are applied by the trainer.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct BertSection {
-    #[serde(default, skip_serializing)]
-    pub init: Option<PathBuf>,
-    /// Let `init` leave parameters missing (they keep their random init).
-    #[serde(default, skip_serializing)]
-    pub allow_partial_init: bool,
-    pub hidden_size: Option<i64>,
-    pub num_hidden_layers: Option<i64>,
-    pub num_attention_heads: Option<i64>,
-    pub intermediate_size: Option<i64>,
-    pub hidden_dropout_prob: Option<f64>,
-    pub attention_probs_dropout_prob: Option<f64>,
-    pub layer_norm_eps: Option<f64>,
-    pub max_position_embeddings: Option<i64>,
-    pub type_vocab_size: Option<i64>,
-}
-
-/// A resolved BERT architecture (also read from HuggingFace `config.json`).
-#[derive(Debug, Clone, Deserialize)]
-pub struct BertConfig {
-    pub hidden_size: i64,
-    pub num_hidden_layers: i64,
-    pub num_attention_heads: i64,
-    pub intermediate_size: i64,
-    #[serde(default)]
-    pub hidden_dropout_prob: f64,
-    #[serde(default)]
-    pub attention_probs_dropout_prob: f64,
-    #[serde(default = "eps")]
-    pub layer_norm_eps: f64,
-    #[serde(default = "max_pos")]
-    pub max_position_embeddings: i64,
-    #[serde(default = "type_vocab")]
-    pub type_vocab_size: i64,
-    /// From `config.json` only; checked against the tokenizer.
-    #[serde(default)]
-    pub vocab_size: Option<i64>,
-    #[serde(default = "gelu")]
-    pub hidden_act: String,
-}
-
-fn eps() -> f64 {
-    1e-12
-}
-fn max_pos() -> i64 {
-    512
-}
-fn type_vocab() -> i64 {
-    2
-}
-fn gelu() -> String {
-    "gelu".into()
+vlmatch_layers::hf_arch! {
+    /// Keys of `[model.text]` for `plugin = "bert"`. Architecture keys follow
+    /// HuggingFace `BertConfig`; with `init = "DIR"` (a hub-layout directory)
+    /// they come from `DIR/config.json`, and a key set here must agree with it,
+    /// except `num_hidden_layers`, which may take only the first layers.
+    /// The weights of `DIR/model.safetensors` are applied by the trainer.
+    pub struct BertSection {
+        #[serde(default, skip_serializing)]
+        pub init: Option<PathBuf>,
+        /// Let `init` leave parameters missing (they keep their random init).
+        #[serde(default, skip_serializing)]
+        pub allow_partial_init: bool,
+    }
+    /// A resolved BERT architecture (also read from HuggingFace `config.json`).
+    pub struct BertConfig {
+        pub hidden_size: i64,
+        pub num_hidden_layers: i64,
+        pub num_attention_heads: i64,
+        pub intermediate_size: i64,
+        pub hidden_dropout_prob: f64 = 0.0,
+        pub attention_probs_dropout_prob: f64 = 0.0,
+        pub layer_norm_eps: f64 = 1e-12,
+        pub max_position_embeddings: i64 = 512,
+        pub type_vocab_size: i64 = 2,
+    }
+    from_checkpoint {
+        /// Checked against the tokenizer.
+        pub vocab_size: Option<i64> = None,
+        pub hidden_act: String = "gelu",
+    }
 }
 
 impl BertSection {
     /// The architecture this section describes (see [`BertSection`]).
     pub fn resolve(&self, key: &str) -> Result<BertConfig> {
-        // A NaN would serialise as null, that is as unset, on its way to
-        // the resolved architecture: reject it here.
-        vlmatch_registry::check::finite_options(
-            key,
-            &[
-                ("hidden_dropout_prob", self.hidden_dropout_prob),
-                (
-                    "attention_probs_dropout_prob",
-                    self.attention_probs_dropout_prob,
-                ),
-                ("layer_norm_eps", self.layer_norm_eps),
-            ],
-        )?;
         vlmatch_registry::weights::check_model_type(
             key,
             "bert",
             self.init.as_deref(),
             vlmatch_registry::weights::CheckpointLayout::model_types(&BertLayout),
         )?;
-        let mut keys = match serde_json::to_value(self).expect("serialisable") {
-            serde_json::Value::Object(m) => m,
-            _ => unreachable!("a struct serialises to an object"),
-        };
         // With a checkpoint, fewer layers than it has is ALBEF's split: the
         // first layers are the text encoder, the rest may feed the fusion.
-        let layers = if self.init.is_some() {
-            keys.remove("num_hidden_layers").and_then(|v| v.as_i64())
-        } else {
-            None
+        let source = ArchSource {
+            init: self.init.as_deref(),
+            nested: None,
+            take_first_layers: true,
         };
-        let mut cfg: BertConfig = resolve_arch(key, self.init.as_deref(), keys)?;
-        if let Some(n) = layers {
-            if n > cfg.num_hidden_layers || n < 1 {
-                return Err(Error::Config(format!(
-                    "config key `{key}.num_hidden_layers` = {n}: the checkpoint has {} layers; \
-                     use 1 to {} (the first layers are taken)",
-                    cfg.num_hidden_layers, cfg.num_hidden_layers
-                )));
-            }
-            cfg.num_hidden_layers = n;
-        }
-        cfg.check(key).map_err(|e| match &self.init {
-            Some(dir) => Error::Config(format!("{e} (with init {})", dir.display())),
-            None => e,
-        })?;
+        let cfg = self.resolve_arch(key, source)?;
+        check::with_init(cfg.check(key), self.init.as_deref())?;
         if cfg.hidden_act != "gelu" {
             return Err(Error::plugin(
                 "bert",
@@ -143,28 +83,32 @@ impl BertSection {
 }
 
 impl BertConfig {
-    /// Every size positive, the heads dividing `hidden_size`, dropouts in
-    /// [0, 1), a positive epsilon; errors name `{key}.<field>`.
+    /// The layer sizes ([`check::layer_sizes`]) and a positive number of
+    /// positions and token types; errors name `{key}.<field>`.
     pub fn check(&self, key: &str) -> Result<()> {
-        use vlmatch_registry::check;
-        let k = |field: &str| format!("{key}.{field}");
-        check::positive(&k("hidden_size"), self.hidden_size)?;
-        check::positive(&k("num_hidden_layers"), self.num_hidden_layers)?;
-        check::heads_divide(
-            &k("num_attention_heads"),
-            self.num_attention_heads,
-            &format!("`{}`", k("hidden_size")),
-            self.hidden_size,
+        check::layer_sizes(key, &self.layer_sizes())?;
+        check::positive(
+            &format!("{key}.max_position_embeddings"),
+            self.max_position_embeddings,
         )?;
-        check::positive(&k("intermediate_size"), self.intermediate_size)?;
-        check::dropout(&k("hidden_dropout_prob"), self.hidden_dropout_prob)?;
-        check::dropout(
-            &k("attention_probs_dropout_prob"),
-            self.attention_probs_dropout_prob,
-        )?;
-        check::positive_f64(&k("layer_norm_eps"), self.layer_norm_eps)?;
-        check::positive(&k("max_position_embeddings"), self.max_position_embeddings)?;
-        check::positive(&k("type_vocab_size"), self.type_vocab_size)
+        check::positive(&format!("{key}.type_vocab_size"), self.type_vocab_size)
+    }
+
+    fn layer_sizes(&self) -> check::LayerSizes {
+        check::LayerSizes {
+            hidden_size: Some(self.hidden_size),
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            intermediate_size: self.intermediate_size,
+            layer_norm_eps: self.layer_norm_eps,
+            dropouts: vec![
+                ("hidden_dropout_prob", self.hidden_dropout_prob),
+                (
+                    "attention_probs_dropout_prob",
+                    self.attention_probs_dropout_prob,
+                ),
+            ],
+        }
     }
 }
 
@@ -186,15 +130,7 @@ impl Bert {
         max_len: i64,
         compute: Kind,
     ) -> Result<Self> {
-        if cfg.num_attention_heads <= 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
-            return Err(Error::plugin(
-                "bert",
-                format!(
-                    "hidden_size {} is not divisible by num_attention_heads {}",
-                    cfg.hidden_size, cfg.num_attention_heads
-                ),
-            ));
-        }
+        cfg.check("bert")?;
         if max_len > cfg.max_position_embeddings {
             return Err(Error::plugin(
                 "bert",

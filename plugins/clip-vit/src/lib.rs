@@ -15,147 +15,91 @@
 //! `data.image_size`; a checkpoint at another resolution has its position
 //! embeddings interpolated by the trainer when it loads.
 
-use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::rc::Rc;
 use tch::{nn, Kind, Tensor};
 use vlmatch_core::{Encoded, Encoder, EncoderInput, Error, Modality, Result};
+use vlmatch_layers::hf::ArchSource;
 use vlmatch_layers::{hf_init, LayerNorm, Linear};
-use vlmatch_registry::BuildContext;
+use vlmatch_registry::{check, BuildContext};
 
 mod layout;
 pub use layout::ClipVitLayout;
 
 vlmatch_registry::register!(encoder "clip_vit" => build, layout = &ClipVitLayout);
 
-/// Keys of `[model.image]` for `plugin = "clip_vit"`. Architecture keys
-/// follow HuggingFace `CLIPVisionConfig`; with `init = "DIR"` (a hub-layout
-/// `CLIPVisionModel` or `CLIPModel` directory, whose `vision_config` is
-/// read) they come from `DIR/config.json`, and a key set here must agree
-/// with it. The weights of `DIR/model.safetensors` are applied by the
-/// trainer.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClipVitSection {
-    #[serde(default, skip_serializing)]
-    pub init: Option<PathBuf>,
-    /// Let `init` leave parameters missing (they keep their random init).
-    #[serde(default, skip_serializing)]
-    pub allow_partial_init: bool,
-    pub hidden_size: Option<i64>,
-    pub num_hidden_layers: Option<i64>,
-    pub num_attention_heads: Option<i64>,
-    pub intermediate_size: Option<i64>,
-    pub patch_size: Option<i64>,
-    pub attention_dropout: Option<f64>,
-    pub layer_norm_eps: Option<f64>,
-    /// `quick_gelu` (OpenAI CLIP) or `gelu`.
-    pub hidden_act: Option<String>,
-}
-
-/// A resolved CLIP vision architecture (also read from `config.json`).
-/// Defaults are `CLIPVisionConfig`'s, since `transformers` leaves keys at
-/// their default out of the `config.json` it writes.
-#[derive(Debug, Clone, Deserialize)]
-pub struct ClipVitConfig {
-    #[serde(default = "d768")]
-    pub hidden_size: i64,
-    #[serde(default = "d12")]
-    pub num_hidden_layers: i64,
-    #[serde(default = "d12")]
-    pub num_attention_heads: i64,
-    #[serde(default = "d3072")]
-    pub intermediate_size: i64,
-    #[serde(default = "d32")]
-    pub patch_size: i64,
-    #[serde(default)]
-    pub attention_dropout: f64,
-    #[serde(default = "eps")]
-    pub layer_norm_eps: f64,
-    #[serde(default = "quick_gelu")]
-    pub hidden_act: String,
-    /// From `config.json` only: the checkpoint's resolution.
-    #[serde(default)]
-    pub image_size: Option<i64>,
-    #[serde(default = "d3")]
-    pub num_channels: i64,
-}
-
-fn d3() -> i64 {
-    3
-}
-fn d12() -> i64 {
-    12
-}
-fn d32() -> i64 {
-    32
-}
-fn d768() -> i64 {
-    768
-}
-fn d3072() -> i64 {
-    3072
-}
-fn eps() -> f64 {
-    1e-5
-}
-fn quick_gelu() -> String {
-    "quick_gelu".into()
+vlmatch_layers::hf_arch! {
+    /// Keys of `[model.image]` for `plugin = "clip_vit"`. Architecture keys
+    /// follow HuggingFace `CLIPVisionConfig`; with `init = "DIR"` (a hub-layout
+    /// `CLIPVisionModel` or `CLIPModel` directory, whose `vision_config` is
+    /// read) they come from `DIR/config.json`, and a key set here must agree
+    /// with it. The weights of `DIR/model.safetensors` are applied by the
+    /// trainer.
+    pub struct ClipVitSection {
+        #[serde(default, skip_serializing)]
+        pub init: Option<PathBuf>,
+        /// Let `init` leave parameters missing (they keep their random init).
+        #[serde(default, skip_serializing)]
+        pub allow_partial_init: bool,
+    }
+    /// A resolved CLIP vision architecture (also read from `config.json`).
+    /// Defaults are `CLIPVisionConfig`'s, since `transformers` leaves keys at
+    /// their default out of the `config.json` it writes.
+    pub struct ClipVitConfig {
+        pub hidden_size: i64 = 768,
+        pub num_hidden_layers: i64 = 12,
+        pub num_attention_heads: i64 = 12,
+        pub intermediate_size: i64 = 3072,
+        pub patch_size: i64 = 32,
+        pub attention_dropout: f64 = 0.0,
+        pub layer_norm_eps: f64 = 1e-5,
+        /// `quick_gelu` (OpenAI CLIP) or `gelu`.
+        pub hidden_act: String = "quick_gelu",
+    }
+    from_checkpoint {
+        /// The checkpoint's resolution.
+        pub image_size: Option<i64> = None,
+        pub num_channels: i64 = 3,
+    }
 }
 
 impl ClipVitSection {
     /// The architecture this section describes (see [`ClipVitSection`]).
     pub fn resolve(&self, key: &str) -> Result<ClipVitConfig> {
-        vlmatch_registry::check::finite_options(
-            key,
-            &[
-                ("attention_dropout", self.attention_dropout),
-                ("layer_norm_eps", self.layer_norm_eps),
-            ],
-        )?;
         vlmatch_registry::weights::check_model_type(
             key,
             "clip_vit",
             self.init.as_deref(),
             vlmatch_registry::weights::CheckpointLayout::model_types(&ClipVitLayout),
         )?;
-        let serde_json::Value::Object(keys) = serde_json::to_value(self).expect("serialisable")
-        else {
-            unreachable!("a struct serialises to an object")
+        let source = ArchSource {
+            init: self.init.as_deref(),
+            nested: Some("vision_config"),
+            take_first_layers: false,
         };
-        let cfg: ClipVitConfig = vlmatch_layers::hf::resolve_arch_nested(
-            key,
-            self.init.as_deref(),
-            Some("vision_config"),
-            keys,
-        )?;
-        cfg.check(key).map_err(|e| match &self.init {
-            Some(dir) => Error::Config(format!("{e} (with init {})", dir.display())),
-            None => e,
-        })?;
+        let cfg = self.resolve_arch(key, source)?;
+        check::with_init(cfg.check(key), self.init.as_deref())?;
         Ok(cfg)
     }
 }
 
 impl ClipVitConfig {
-    /// Every size positive, the heads dividing `hidden_size`, the dropout
-    /// in [0, 1), a positive epsilon, a known activation, RGB input; errors
-    /// name `{key}.<field>`.
+    /// The layer sizes ([`check::layer_sizes`]), a positive patch size, a
+    /// known activation, RGB input; errors name `{key}.<field>`.
     pub fn check(&self, key: &str) -> Result<()> {
-        use vlmatch_registry::check;
         let k = |field: &str| format!("{key}.{field}");
-        check::positive(&k("hidden_size"), self.hidden_size)?;
-        check::positive(&k("num_hidden_layers"), self.num_hidden_layers)?;
-        check::heads_divide(
-            &k("num_attention_heads"),
-            self.num_attention_heads,
-            &format!("`{}`", k("hidden_size")),
-            self.hidden_size,
+        check::layer_sizes(
+            key,
+            &check::LayerSizes {
+                hidden_size: Some(self.hidden_size),
+                num_hidden_layers: self.num_hidden_layers,
+                num_attention_heads: self.num_attention_heads,
+                intermediate_size: self.intermediate_size,
+                layer_norm_eps: self.layer_norm_eps,
+                dropouts: vec![("attention_dropout", self.attention_dropout)],
+            },
         )?;
-        check::positive(&k("intermediate_size"), self.intermediate_size)?;
         check::positive(&k("patch_size"), self.patch_size)?;
-        check::dropout(&k("attention_dropout"), self.attention_dropout)?;
-        check::positive_f64(&k("layer_norm_eps"), self.layer_norm_eps)?;
         if self.hidden_act != "quick_gelu" && self.hidden_act != "gelu" {
             return Err(check::invalid(
                 &k("hidden_act"),
@@ -283,19 +227,9 @@ impl ClipVit {
     /// Build under `p` (`embeddings.*`, `pre_layrnorm.*`,
     /// `encoder.layers.N.*`, `post_layernorm.*`).
     pub fn new(p: &nn::Path, cfg: &ClipVitConfig, image_size: i64, compute: Kind) -> Result<Self> {
-        let invalid = |m: String| Error::plugin("clip_vit", m);
-        if cfg.num_attention_heads <= 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
-            return Err(invalid(format!(
-                "hidden_size {} is not divisible by num_attention_heads {}",
-                cfg.hidden_size, cfg.num_attention_heads
-            )));
-        }
-        if cfg.patch_size <= 0 || image_size % cfg.patch_size != 0 {
-            return Err(invalid(format!(
-                "data.image_size {image_size} is not a multiple of patch_size {}",
-                cfg.patch_size
-            )));
-        }
+        // The checks that resolving a section made, for models built directly.
+        cfg.check("clip_vit")?;
+        check::patch_divides("clip_vit.patch_size", cfg.patch_size, image_size)?;
         let (h, ps) = (cfg.hidden_size, cfg.patch_size);
         let n = (image_size / ps).pow(2);
         let emb = p / "embeddings";

@@ -36,7 +36,7 @@ use std::rc::Rc;
 use tch::{nn, Kind, Tensor};
 use vlmatch_core::{Encoded, Encoder, EncoderInput, Error, Modality, Result};
 use vlmatch_layers::{hf_init, BertLayer, BertLayerConfig, Linear};
-use vlmatch_registry::BuildContext;
+use vlmatch_registry::{check, BuildContext};
 
 vlmatch_registry::register!(encoder "co_attention" => build);
 
@@ -82,58 +82,35 @@ impl CoAttentionSection {
     /// Check the section `key` against the text encoder's width; errors name
     /// the offending key.
     pub fn resolve(&self, key: &str, text_width: i64) -> Result<CoAttentionConfig> {
-        let bad =
-            |k: &str, msg: String| Err(Error::Config(format!("config key `{key}.{k}`: {msg}")));
-        if self.num_hidden_layers < 1 {
-            return bad(
-                "num_hidden_layers",
-                format!("must be at least 1, got {}", self.num_hidden_layers),
-            );
-        }
         let hidden = self.hidden_size.unwrap_or(text_width);
         if hidden != text_width {
-            return bad(
-                "hidden_size",
+            return Err(check::invalid(
+                &format!("{key}.hidden_size"),
                 format!(
                     "{hidden} must equal the text encoder's width {text_width}: the fused text \
                      states feed the MLM head, which is tied to the text word embeddings \
                      (leave it unset)"
                 ),
-            );
-        }
-        if self.num_attention_heads < 1 || hidden % self.num_attention_heads != 0 {
-            return bad(
-                "num_attention_heads",
-                format!(
-                    "{} does not divide the fusion width {hidden}",
-                    self.num_attention_heads
-                ),
-            );
+            ));
         }
         let intermediate = self.intermediate_size.unwrap_or(4 * hidden);
-        if intermediate < 1 {
-            return bad(
-                "intermediate_size",
-                format!("must be positive, got {intermediate}"),
-            );
-        }
-        for (k, p) in [
-            ("hidden_dropout_prob", self.hidden_dropout_prob),
-            (
-                "attention_probs_dropout_prob",
-                self.attention_probs_dropout_prob,
-            ),
-        ] {
-            if !(0.0..1.0).contains(&p) {
-                return bad(k, format!("must be in [0, 1), got {p}"));
-            }
-        }
-        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
-            return bad(
-                "layer_norm_eps",
-                format!("must be positive, got {}", self.layer_norm_eps),
-            );
-        }
+        check::layer_sizes(
+            key,
+            &check::LayerSizes {
+                hidden_size: Some(hidden),
+                num_hidden_layers: self.num_hidden_layers,
+                num_attention_heads: self.num_attention_heads,
+                intermediate_size: intermediate,
+                layer_norm_eps: self.layer_norm_eps,
+                dropouts: vec![
+                    ("hidden_dropout_prob", self.hidden_dropout_prob),
+                    (
+                        "attention_probs_dropout_prob",
+                        self.attention_probs_dropout_prob,
+                    ),
+                ],
+            },
+        )?;
         Ok(CoAttentionConfig {
             num_hidden_layers: self.num_hidden_layers,
             hidden_size: hidden,

@@ -14,115 +14,97 @@
 //! layers of pair `k` from pretrained layer `k` is the caller's (vlmatch's
 //! `finetune --task nlvr2` does).
 
-use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::rc::Rc;
 use tch::{nn, Tensor};
 use vlmatch_core::{Encoded, Encoder, EncoderInput, Error, Modality, Result};
-use vlmatch_layers::hf::resolve_section;
+use vlmatch_layers::hf::ArchSource;
 use vlmatch_layers::{BertLayer, BertLayerConfig};
-use vlmatch_registry::BuildContext;
+use vlmatch_registry::{check, BuildContext};
 
 mod layout;
 pub use layout::CrossAttentionLayout;
 
 vlmatch_registry::register!(encoder "cross_attention" => build, layout = &CrossAttentionLayout);
 
-/// Keys of `[model.fusion]` for `plugin = "cross_attention"`. With
-/// `init = "DIR"` (a BERT checkpoint in hub layout) the attention heads,
-/// feed-forward width, epsilon and dropouts come from `DIR/config.json` (a
-/// key set here must agree), and the trainer initialises fusion layer `i`
-/// from the checkpoint's layer `i + init_layer_offset` (default: the number
-/// of text layers), ALBEF's split of one BERT into text and fusion layers.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct CrossAttentionSection {
-    #[serde(skip_serializing)]
-    pub num_hidden_layers: i64,
-    #[serde(default, skip_serializing)]
-    pub init: Option<PathBuf>,
-    #[serde(default, skip_serializing)]
-    pub init_layer_offset: Option<i64>,
-    #[serde(default, skip_serializing)]
-    pub allow_partial_init: bool,
-    pub num_attention_heads: Option<i64>,
-    pub intermediate_size: Option<i64>,
-    pub hidden_dropout_prob: Option<f64>,
-    pub attention_probs_dropout_prob: Option<f64>,
-    pub layer_norm_eps: Option<f64>,
-    /// Images per text: 1 (default), or 2 for the NLVR2 fusion.
-    #[serde(default, skip_serializing)]
-    pub images: Option<i64>,
-}
-
-/// The resolved per-layer architecture (also read from BERT's `config.json`).
-#[derive(Debug, Clone, Deserialize)]
-pub struct CrossAttentionConfig {
-    #[serde(default)]
-    pub num_hidden_layers: i64,
-    pub num_attention_heads: i64,
-    pub intermediate_size: i64,
-    #[serde(default)]
-    pub hidden_dropout_prob: f64,
-    #[serde(default)]
-    pub attention_probs_dropout_prob: f64,
-    #[serde(default = "eps")]
-    pub layer_norm_eps: f64,
-}
-
-fn eps() -> f64 {
-    1e-12
+vlmatch_layers::hf_arch! {
+    /// Keys of `[model.fusion]` for `plugin = "cross_attention"`. With
+    /// `init = "DIR"` (a BERT checkpoint in hub layout) the attention heads,
+    /// feed-forward width, epsilon and dropouts come from `DIR/config.json` (a
+    /// key set here must agree), and the trainer initialises fusion layer `i`
+    /// from the checkpoint's layer `i + init_layer_offset` (default: the number
+    /// of text layers), ALBEF's split of one BERT into text and fusion layers.
+    pub struct CrossAttentionSection {
+        #[serde(skip_serializing)]
+        pub num_hidden_layers: i64,
+        #[serde(default, skip_serializing)]
+        pub init: Option<PathBuf>,
+        #[serde(default, skip_serializing)]
+        pub init_layer_offset: Option<i64>,
+        #[serde(default, skip_serializing)]
+        pub allow_partial_init: bool,
+        /// Images per text: 1 (default), or 2 for the NLVR2 fusion.
+        #[serde(default, skip_serializing)]
+        pub images: Option<i64>,
+    }
+    /// The resolved per-layer architecture (also read from BERT's `config.json`).
+    pub struct CrossAttentionConfig {
+        pub num_attention_heads: i64,
+        pub intermediate_size: i64,
+        pub hidden_dropout_prob: f64 = 0.0,
+        pub attention_probs_dropout_prob: f64 = 0.0,
+        pub layer_norm_eps: f64 = 1e-12,
+    }
+    from_checkpoint {
+        /// The section's `num_hidden_layers` (a checkpoint's counts the
+        /// whole BERT's).
+        pub num_hidden_layers: i64 = 0,
+    }
 }
 
 impl CrossAttentionSection {
     pub fn resolve(&self, key: &str) -> Result<CrossAttentionConfig> {
-        // A NaN would serialise as null, that is as unset, on its way to
-        // the resolved architecture: reject it here.
-        vlmatch_registry::check::finite_options(
-            key,
-            &[
-                ("hidden_dropout_prob", self.hidden_dropout_prob),
-                (
-                    "attention_probs_dropout_prob",
-                    self.attention_probs_dropout_prob,
-                ),
-                ("layer_norm_eps", self.layer_norm_eps),
-            ],
-        )?;
         vlmatch_registry::weights::check_model_type(
             key,
             "cross_attention",
             self.init.as_deref(),
             vlmatch_registry::weights::CheckpointLayout::model_types(&CrossAttentionLayout),
         )?;
-        let mut cfg: CrossAttentionConfig = resolve_section(key, self.init.as_deref(), self)?;
+        let source = ArchSource {
+            init: self.init.as_deref(),
+            ..Default::default()
+        };
+        let mut cfg = self.resolve_arch(key, source)?;
         // The checkpoint's layer count is the whole BERT's; the fusion's own
         // depth is always this section's.
         cfg.num_hidden_layers = self.num_hidden_layers;
-        cfg.check(key).map_err(|e| match &self.init {
-            Some(dir) => Error::Config(format!("{e} (with init {})", dir.display())),
-            None => e,
-        })?;
+        check::with_init(cfg.check(key), self.init.as_deref())?;
         Ok(cfg)
     }
 }
 
 impl CrossAttentionConfig {
-    /// At least one layer, positive sizes and epsilon, dropouts in [0, 1);
-    /// errors name `{key}.<field>`. That the heads divide the text width is
-    /// checked in [`CrossAttentionFusion::new`], which knows the width.
+    /// The layer sizes ([`check::layer_sizes`]); errors name
+    /// `{key}.<field>`. That the heads divide the text width is checked in
+    /// [`CrossAttentionFusion::new`], which knows the width.
     pub fn check(&self, key: &str) -> Result<()> {
-        use vlmatch_registry::check;
-        let k = |field: &str| format!("{key}.{field}");
-        check::positive(&k("num_hidden_layers"), self.num_hidden_layers)?;
-        check::positive(&k("num_attention_heads"), self.num_attention_heads)?;
-        check::positive(&k("intermediate_size"), self.intermediate_size)?;
-        check::dropout(&k("hidden_dropout_prob"), self.hidden_dropout_prob)?;
-        check::dropout(
-            &k("attention_probs_dropout_prob"),
-            self.attention_probs_dropout_prob,
-        )?;
-        check::positive_f64(&k("layer_norm_eps"), self.layer_norm_eps)
+        check::layer_sizes(
+            key,
+            &check::LayerSizes {
+                hidden_size: None,
+                num_hidden_layers: self.num_hidden_layers,
+                num_attention_heads: self.num_attention_heads,
+                intermediate_size: self.intermediate_size,
+                layer_norm_eps: self.layer_norm_eps,
+                dropouts: vec![
+                    ("hidden_dropout_prob", self.hidden_dropout_prob),
+                    (
+                        "attention_probs_dropout_prob",
+                        self.attention_probs_dropout_prob,
+                    ),
+                ],
+            },
+        )
     }
 }
 
@@ -141,15 +123,12 @@ impl CrossAttentionFusion {
         image_width: i64,
         compute: tch::Kind,
     ) -> Result<Self> {
-        if cfg.num_attention_heads <= 0 || text_width % cfg.num_attention_heads != 0 {
-            return Err(Error::plugin(
-                "cross_attention",
-                format!(
-                    "text width {text_width} is not divisible by num_attention_heads {}",
-                    cfg.num_attention_heads
-                ),
-            ));
-        }
+        check::heads_divide(
+            "cross_attention.num_attention_heads",
+            cfg.num_attention_heads,
+            "the text encoder's width",
+            text_width,
+        )?;
         let layer_cfg = BertLayerConfig {
             hidden: text_width,
             heads: cfg.num_attention_heads,

@@ -1,34 +1,48 @@
 //! HuggingFace hub-layout directories (`config.json` + `model.safetensors`):
-//! resolving an architecture from `config.json` against vlmatch's config.
+//! resolving an architecture from `config.json` against vlmatch's config
+//! ([`resolve_arch`]), the [`hf_arch!`](crate::hf_arch) macro that defines an
+//! encoder's config section and resolved architecture from one field list,
+//! and resizing position embeddings to another resolution.
 
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 use std::path::Path;
 use vlmatch_core::{Error, Result};
 
-/// The architecture `T` for the config section `key`: from `init`'s
-/// `config.json` when given, with every key the section also sets required
-/// to agree; otherwise from the section's keys alone. `section` holds the
-/// section's architecture keys that were set (nulls are ignored).
-pub fn resolve_arch<T: DeserializeOwned>(
-    key: &str,
-    init: Option<&Path>,
-    section: Map<String, Value>,
-) -> Result<T> {
-    resolve_arch_nested(key, init, None, section)
+/// Where a section's architecture comes from ([`resolve_arch`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ArchSource<'a> {
+    /// A hub-layout directory whose `config.json` gives the architecture.
+    pub init: Option<&'a Path>,
+    /// The object of `config.json` that holds it, when present (CLIP's
+    /// `vision_config` in a `CLIPModel` directory); else its top level.
+    pub nested: Option<&'a str>,
+    /// With `init`, a `num_hidden_layers` the section sets may be fewer than
+    /// the checkpoint's: the first layers are taken (ALBEF's split of one
+    /// BERT into text and fusion layers).
+    pub take_first_layers: bool,
 }
 
-/// [`resolve_arch`] where `config.json` may hold the architecture in an
-/// object under `nested` (CLIP's `vision_config` in a `CLIPModel`
-/// directory); without that object its top level is used.
-pub fn resolve_arch_nested<T: DeserializeOwned>(
+/// The architecture `T` for the config section `key`: from `init`'s
+/// `config.json` when given, with every key the section also sets required
+/// to agree (see [`ArchSource::take_first_layers`]); otherwise from the
+/// section's keys alone; `defaults` fill what neither sets. `section` holds
+/// the section's architecture keys that were set (nulls are ignored).
+pub fn resolve_arch<T: DeserializeOwned>(
     key: &str,
-    init: Option<&Path>,
-    nested: Option<&str>,
+    source: ArchSource<'_>,
     section: Map<String, Value>,
+    defaults: Map<String, Value>,
 ) -> Result<T> {
-    let section: Map<String, Value> = section.into_iter().filter(|(_, v)| !v.is_null()).collect();
-    let merged = match init {
+    let mut section: Map<String, Value> =
+        section.into_iter().filter(|(_, v)| !v.is_null()).collect();
+    let taken = match source.init {
+        Some(_) if source.take_first_layers => {
+            section.remove("num_hidden_layers").and_then(|v| v.as_i64())
+        }
+        _ => None,
+    };
+    let mut merged = match source.init {
         None => section,
         Some(dir) => {
             let file = dir.join("config.json");
@@ -44,7 +58,7 @@ pub fn resolve_arch_nested<T: DeserializeOwned>(
                     line: Some(e.line()),
                     message: format!("invalid config.json: {e}"),
                 })?;
-            if let Some(Value::Object(inner)) = nested.and_then(|n| base.get(n)) {
+            if let Some(Value::Object(inner)) = source.nested.and_then(|n| base.get(n)) {
                 base = inner.clone();
             }
             for (k, v) in section {
@@ -63,8 +77,27 @@ pub fn resolve_arch_nested<T: DeserializeOwned>(
             base
         }
     };
+    for (k, v) in defaults {
+        if merged.get(&k).is_none_or(Value::is_null) {
+            merged.insert(k, v);
+        }
+    }
+    if let Some(n) = taken {
+        let have = merged
+            .get("num_hidden_layers")
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
+        if n > have || n < 1 {
+            return Err(Error::Config(format!(
+                "config key `{key}.num_hidden_layers` = {n}: the checkpoint has {have} layers; \
+                 use 1 to {have} (the first layers are taken)"
+            )));
+        }
+        merged.insert("num_hidden_layers".into(), n.into());
+    }
     serde_json::from_value(Value::Object(merged)).map_err(|e| {
-        let from = init
+        let from = source
+            .init
             .map(|d| format!(" with {}/config.json", d.display()))
             .unwrap_or_default();
         Error::Config(format!("config key `{key}`{from}: {e}"))
@@ -78,18 +111,153 @@ fn same_number_or_value(a: &Value, b: &Value) -> bool {
     }
 }
 
-/// [`resolve_arch`] for a config section struct whose set architecture keys
-/// serialise as fields (unset ones as nulls, non-architecture ones skipped).
-pub fn resolve_section<T: DeserializeOwned, S: serde::Serialize>(
-    key: &str,
-    init: Option<&Path>,
-    section: &S,
-) -> Result<T> {
-    let Value::Object(keys) = serde_json::to_value(section).expect("a config section serialises")
-    else {
-        unreachable!("a struct serialises to an object")
+/// A value of an architecture key: a number a section sets must be finite
+/// (a NaN would serialise as null, that is as unset, on its way to the
+/// resolved architecture).
+pub trait ArchValue {
+    fn check_finite(&self, key: &str) -> Result<()> {
+        let _ = key;
+        Ok(())
+    }
+}
+
+impl ArchValue for f64 {
+    fn check_finite(&self, key: &str) -> Result<()> {
+        if self.is_finite() {
+            Ok(())
+        } else {
+            Err(Error::Config(format!(
+                "config key `{key}`: must be a finite number, got {self}"
+            )))
+        }
+    }
+}
+impl ArchValue for i64 {}
+impl ArchValue for bool {}
+impl ArchValue for String {}
+impl<T: ArchValue> ArchValue for Option<T> {
+    fn check_finite(&self, key: &str) -> Result<()> {
+        self.as_ref().map_or(Ok(()), |v| v.check_finite(key))
+    }
+}
+
+/// An encoder's config section and its resolved architecture, from one
+/// list of architecture keys (each named, typed, documented and defaulted
+/// once):
+///
+/// ```text
+/// vlmatch_layers::hf_arch! {
+///     /// `[model.text]` for `plugin = "bert"`.
+///     pub struct BertSection {
+///         #[serde(default, skip_serializing)]
+///         pub init: Option<PathBuf>,          // keys of the section only
+///     }
+///     /// A resolved BERT architecture.
+///     pub struct BertConfig {
+///         pub hidden_size: i64,               // required
+///         pub layer_norm_eps: f64 = 1e-12,    // with a default
+///     }
+///     from_checkpoint {
+///         pub vocab_size: Option<i64> = None, // read from config.json only
+///     }
+/// }
+/// ```
+///
+/// The section (`#[serde(deny_unknown_fields)]`, `Default`) holds its own
+/// keys plus each architecture key as an `Option`; the config holds each
+/// architecture and checkpoint key resolved. `Config::defaults()` gives the
+/// defaults as JSON, and `Section::resolve_arch(key, source)` resolves
+/// through [`resolve_arch`] (checkpoint, then section, then defaults). The
+/// calling crate depends on `serde` and `serde_json`.
+#[macro_export]
+macro_rules! hf_arch {
+    (
+        $(#[$smeta:meta])*
+        pub struct $section:ident {
+            $( $(#[$xmeta:meta])* pub $x:ident : $xt:ty, )*
+        }
+        $(#[$cmeta:meta])*
+        pub struct $config:ident {
+            $( $(#[$ameta:meta])* pub $a:ident : $at:ty $(= $ad:expr)? , )*
+        }
+        from_checkpoint {
+            $( $(#[$kmeta:meta])* pub $k:ident : $kt:ty = $kd:expr , )*
+        }
+    ) => {
+        $(#[$smeta])*
+        #[derive(Debug, Clone, Default, serde::Deserialize, serde::Serialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct $section {
+            $( $(#[$xmeta])* pub $x: $xt, )*
+            $( $(#[$ameta])* #[serde(default)] pub $a: Option<$at>, )*
+        }
+
+        $(#[$cmeta])*
+        #[derive(Debug, Clone, serde::Deserialize)]
+        pub struct $config {
+            $( $(#[$ameta])* pub $a: $at, )*
+            $( $(#[$kmeta])* pub $k: $kt, )*
+        }
+
+        impl $config {
+            /// The defaults of the keys that have one, as `config.json`
+            /// would write them.
+            pub fn defaults() -> serde_json::Map<String, serde_json::Value> {
+                #[allow(unused_mut)]
+                let mut m = serde_json::Map::new();
+                $( $(
+                    let v: $at = $ad.into();
+                    m.insert(
+                        stringify!($a).into(),
+                        serde_json::to_value(v).expect("a default serialises"),
+                    );
+                )? )*
+                $(
+                    let v: $kt = $kd.into();
+                    m.insert(
+                        stringify!($k).into(),
+                        serde_json::to_value(v).expect("a default serialises"),
+                    );
+                )*
+                m
+            }
+        }
+
+        impl $section {
+            /// The architecture keys this section sets, each checked to be
+            /// finite where it is a number; errors name `{key}.<field>`.
+            pub fn arch_keys(
+                &self,
+                key: &str,
+            ) -> vlmatch_core::Result<serde_json::Map<String, serde_json::Value>> {
+                #[allow(unused_mut)]
+                let mut m = serde_json::Map::new();
+                $(
+                    if let Some(v) = &self.$a {
+                        $crate::hf::ArchValue::check_finite(
+                            v,
+                            &format!("{key}.{}", stringify!($a)),
+                        )?;
+                        m.insert(
+                            stringify!($a).into(),
+                            serde_json::to_value(v).expect("a config value serialises"),
+                        );
+                    }
+                )*
+                Ok(m)
+            }
+
+            /// The architecture this section describes, from `source`
+            /// ([`$crate::hf::resolve_arch`]).
+            pub fn resolve_arch(
+                &self,
+                key: &str,
+                source: $crate::hf::ArchSource<'_>,
+            ) -> vlmatch_core::Result<$config> {
+                $crate::hf::resolve_arch(key, source, self.arch_keys(key)?, $config::defaults())
+            }
+        }
     };
-    resolve_arch(key, init, keys)
 }
 
 /// Learned position embeddings over a square patch grid, `[1, 1 + g*g, D]`

@@ -12,14 +12,14 @@
 //!
 //! Registered as encoder `roberta` and generator `roberta_lm_head`.
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::path::PathBuf;
 use std::rc::Rc;
 use tch::{nn, Kind, Tensor};
 use vlmatch_core::{Encoded, Encoder, EncoderInput, Error, Generator, Modality, Result};
-use vlmatch_layers::hf::resolve_arch;
+use vlmatch_layers::hf::ArchSource;
 use vlmatch_layers::{hf_init, BertLayer, BertLayerConfig, LayerNorm, TiedLmHead};
-use vlmatch_registry::BuildContext;
+use vlmatch_registry::{check, BuildContext};
 
 mod layout;
 pub use layout::{RobertaLayout, RobertaLmHeadLayout};
@@ -27,169 +27,87 @@ pub use layout::{RobertaLayout, RobertaLmHeadLayout};
 vlmatch_registry::register!(encoder "roberta" => build, layout = &RobertaLayout);
 vlmatch_registry::register!(generator "roberta_lm_head" => build_head, layout = &RobertaLmHeadLayout);
 
-/// Keys of `[model.text]` for `plugin = "roberta"`. Architecture keys
-/// follow HuggingFace `RobertaConfig`; with `init = "DIR"` (a hub-layout
-/// `RobertaModel` or `RobertaForMaskedLM` directory) they come from
-/// `DIR/config.json`, and a key set here must agree with it, except
-/// `num_hidden_layers`, which may take only the first layers. The weights
-/// of `DIR/model.safetensors` are applied by the trainer, and its
-/// `tokenizer.json` is the run's tokenizer unless `data.vocab` is set.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RobertaSection {
-    #[serde(default, skip_serializing)]
-    pub init: Option<PathBuf>,
-    /// Let `init` leave parameters missing (they keep their random init).
-    #[serde(default, skip_serializing)]
-    pub allow_partial_init: bool,
-    pub hidden_size: Option<i64>,
-    pub num_hidden_layers: Option<i64>,
-    pub num_attention_heads: Option<i64>,
-    pub intermediate_size: Option<i64>,
-    pub hidden_dropout_prob: Option<f64>,
-    pub attention_probs_dropout_prob: Option<f64>,
-    pub layer_norm_eps: Option<f64>,
-    pub max_position_embeddings: Option<i64>,
-    pub type_vocab_size: Option<i64>,
-    pub pad_token_id: Option<i64>,
-}
-
-/// A resolved RoBERTa architecture (also read from `config.json`).
-/// Defaults are `RobertaConfig`'s (`roberta-base`'s own `config.json` sets
-/// 514 positions, one token type and `layer_norm_eps` 1e-5).
-#[derive(Debug, Clone, Deserialize)]
-pub struct RobertaConfig {
-    #[serde(default = "d768")]
-    pub hidden_size: i64,
-    #[serde(default = "d12")]
-    pub num_hidden_layers: i64,
-    #[serde(default = "d12")]
-    pub num_attention_heads: i64,
-    #[serde(default = "d3072")]
-    pub intermediate_size: i64,
-    #[serde(default = "dropout")]
-    pub hidden_dropout_prob: f64,
-    #[serde(default = "dropout")]
-    pub attention_probs_dropout_prob: f64,
-    #[serde(default = "eps")]
-    pub layer_norm_eps: f64,
-    #[serde(default = "d512")]
-    pub max_position_embeddings: i64,
-    #[serde(default = "d2")]
-    pub type_vocab_size: i64,
-    #[serde(default = "d1")]
-    pub pad_token_id: i64,
-    /// From `config.json` only; checked against the tokenizer.
-    #[serde(default)]
-    pub vocab_size: Option<i64>,
-    #[serde(default = "gelu")]
-    pub hidden_act: String,
-    #[serde(default = "absolute")]
-    pub position_embedding_type: String,
-}
-
-fn d1() -> i64 {
-    1
-}
-fn d2() -> i64 {
-    2
-}
-fn d12() -> i64 {
-    12
-}
-fn d512() -> i64 {
-    512
-}
-fn d768() -> i64 {
-    768
-}
-fn d3072() -> i64 {
-    3072
-}
-fn dropout() -> f64 {
-    0.1
-}
-fn eps() -> f64 {
-    1e-12
-}
-fn gelu() -> String {
-    "gelu".into()
-}
-fn absolute() -> String {
-    "absolute".into()
+vlmatch_layers::hf_arch! {
+    /// Keys of `[model.text]` for `plugin = "roberta"`. Architecture keys
+    /// follow HuggingFace `RobertaConfig`; with `init = "DIR"` (a hub-layout
+    /// `RobertaModel` or `RobertaForMaskedLM` directory) they come from
+    /// `DIR/config.json`, and a key set here must agree with it, except
+    /// `num_hidden_layers`, which may take only the first layers. The weights
+    /// of `DIR/model.safetensors` are applied by the trainer, and its
+    /// `tokenizer.json` is the run's tokenizer unless `data.vocab` is set.
+    pub struct RobertaSection {
+        #[serde(default, skip_serializing)]
+        pub init: Option<PathBuf>,
+        /// Let `init` leave parameters missing (they keep their random init).
+        #[serde(default, skip_serializing)]
+        pub allow_partial_init: bool,
+    }
+    /// A resolved RoBERTa architecture (also read from `config.json`).
+    /// Defaults are `RobertaConfig`'s (`roberta-base`'s own `config.json` sets
+    /// 514 positions, one token type and `layer_norm_eps` 1e-5).
+    pub struct RobertaConfig {
+        pub hidden_size: i64 = 768,
+        pub num_hidden_layers: i64 = 12,
+        pub num_attention_heads: i64 = 12,
+        pub intermediate_size: i64 = 3072,
+        pub hidden_dropout_prob: f64 = 0.1,
+        pub attention_probs_dropout_prob: f64 = 0.1,
+        pub layer_norm_eps: f64 = 1e-12,
+        pub max_position_embeddings: i64 = 512,
+        pub type_vocab_size: i64 = 2,
+        pub pad_token_id: i64 = 1,
+    }
+    from_checkpoint {
+        /// Checked against the tokenizer.
+        pub vocab_size: Option<i64> = None,
+        pub hidden_act: String = "gelu",
+        pub position_embedding_type: String = "absolute",
+    }
 }
 
 impl RobertaSection {
     /// The architecture this section describes (see [`RobertaSection`]).
     pub fn resolve(&self, key: &str) -> Result<RobertaConfig> {
-        vlmatch_registry::check::finite_options(
-            key,
-            &[
-                ("hidden_dropout_prob", self.hidden_dropout_prob),
-                (
-                    "attention_probs_dropout_prob",
-                    self.attention_probs_dropout_prob,
-                ),
-                ("layer_norm_eps", self.layer_norm_eps),
-            ],
-        )?;
         vlmatch_registry::weights::check_model_type(
             key,
             "roberta",
             self.init.as_deref(),
             vlmatch_registry::weights::CheckpointLayout::model_types(&RobertaLayout),
         )?;
-        let serde_json::Value::Object(mut keys) = serde_json::to_value(self).expect("serialisable")
-        else {
-            unreachable!("a struct serialises to an object")
-        };
         // With a checkpoint, fewer layers than it has takes the first ones.
-        let layers = if self.init.is_some() {
-            keys.remove("num_hidden_layers").and_then(|v| v.as_i64())
-        } else {
-            None
+        let source = ArchSource {
+            init: self.init.as_deref(),
+            nested: None,
+            take_first_layers: true,
         };
-        let mut cfg: RobertaConfig = resolve_arch(key, self.init.as_deref(), keys)?;
-        if let Some(n) = layers {
-            if n > cfg.num_hidden_layers || n < 1 {
-                return Err(Error::Config(format!(
-                    "config key `{key}.num_hidden_layers` = {n}: the checkpoint has {} layers; \
-                     use 1 to {} (the first layers are taken)",
-                    cfg.num_hidden_layers, cfg.num_hidden_layers
-                )));
-            }
-            cfg.num_hidden_layers = n;
-        }
-        cfg.check(key).map_err(|e| match &self.init {
-            Some(dir) => Error::Config(format!("{e} (with init {})", dir.display())),
-            None => e,
-        })?;
+        let cfg = self.resolve_arch(key, source)?;
+        check::with_init(cfg.check(key), self.init.as_deref())?;
         Ok(cfg)
     }
 }
 
 impl RobertaConfig {
-    /// Every size positive, the heads dividing `hidden_size`, dropouts in
-    /// [0, 1), a positive epsilon, room for the padding index, GELU and
-    /// absolute positions; errors name `{key}.<field>`.
+    /// The layer sizes ([`check::layer_sizes`]), room for the padding
+    /// index, GELU and absolute positions; errors name `{key}.<field>`.
     pub fn check(&self, key: &str) -> Result<()> {
-        use vlmatch_registry::check;
         let k = |field: &str| format!("{key}.{field}");
-        check::positive(&k("hidden_size"), self.hidden_size)?;
-        check::positive(&k("num_hidden_layers"), self.num_hidden_layers)?;
-        check::heads_divide(
-            &k("num_attention_heads"),
-            self.num_attention_heads,
-            &format!("`{}`", k("hidden_size")),
-            self.hidden_size,
+        check::layer_sizes(
+            key,
+            &check::LayerSizes {
+                hidden_size: Some(self.hidden_size),
+                num_hidden_layers: self.num_hidden_layers,
+                num_attention_heads: self.num_attention_heads,
+                intermediate_size: self.intermediate_size,
+                layer_norm_eps: self.layer_norm_eps,
+                dropouts: vec![
+                    ("hidden_dropout_prob", self.hidden_dropout_prob),
+                    (
+                        "attention_probs_dropout_prob",
+                        self.attention_probs_dropout_prob,
+                    ),
+                ],
+            },
         )?;
-        check::positive(&k("intermediate_size"), self.intermediate_size)?;
-        check::dropout(&k("hidden_dropout_prob"), self.hidden_dropout_prob)?;
-        check::dropout(
-            &k("attention_probs_dropout_prob"),
-            self.attention_probs_dropout_prob,
-        )?;
-        check::positive_f64(&k("layer_norm_eps"), self.layer_norm_eps)?;
         check::positive(&k("type_vocab_size"), self.type_vocab_size)?;
         check::at_least(&k("pad_token_id"), self.pad_token_id, 0)?;
         if self.max_position_embeddings < self.pad_token_id + 2 {
@@ -245,15 +163,7 @@ impl Roberta {
         max_len: i64,
         compute: Kind,
     ) -> Result<Self> {
-        if cfg.num_attention_heads <= 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
-            return Err(Error::plugin(
-                "roberta",
-                format!(
-                    "hidden_size {} is not divisible by num_attention_heads {}",
-                    cfg.hidden_size, cfg.num_attention_heads
-                ),
-            ));
-        }
+        cfg.check("roberta")?;
         if max_len > cfg.max_len() {
             return Err(Error::plugin(
                 "roberta",

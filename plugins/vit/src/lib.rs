@@ -5,103 +5,65 @@
 //!
 //! Registered as encoder `vit`. Input resolution comes from `data.image_size`.
 
-use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::rc::Rc;
 use tch::{nn, Kind, Tensor};
 use vlmatch_core::{Encoded, Encoder, EncoderInput, Error, Modality, Result};
-use vlmatch_layers::hf::resolve_section;
+use vlmatch_layers::hf::ArchSource;
 use vlmatch_layers::{Attention, LayerNorm, Linear};
-use vlmatch_registry::BuildContext;
+use vlmatch_registry::{check, BuildContext};
 
 mod layout;
 pub use layout::VitLayout;
 
 vlmatch_registry::register!(encoder "vit" => build, layout = &VitLayout);
 
-/// Keys of `[model.image]` for `plugin = "vit"`. Architecture keys follow
-/// HuggingFace `ViTConfig`; with `init = "DIR"` (a hub-layout directory)
-/// they come from `DIR/config.json`, and a key set here must agree with it.
-/// The weights of `DIR/model.safetensors` are applied by the trainer.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct VitSection {
-    #[serde(default, skip_serializing)]
-    pub init: Option<PathBuf>,
-    /// Let `init` leave parameters missing (they keep their random init).
-    #[serde(default, skip_serializing)]
-    pub allow_partial_init: bool,
-    pub hidden_size: Option<i64>,
-    pub num_hidden_layers: Option<i64>,
-    pub num_attention_heads: Option<i64>,
-    pub intermediate_size: Option<i64>,
-    pub patch_size: Option<i64>,
-    pub hidden_dropout_prob: Option<f64>,
-    pub attention_probs_dropout_prob: Option<f64>,
-    pub layer_norm_eps: Option<f64>,
-    pub qkv_bias: Option<bool>,
-}
-
-/// A resolved ViT architecture (also read from HuggingFace `config.json`).
-#[derive(Debug, Clone, Deserialize)]
-pub struct VitConfig {
-    pub hidden_size: i64,
-    pub num_hidden_layers: i64,
-    pub num_attention_heads: i64,
-    pub intermediate_size: i64,
-    pub patch_size: i64,
-    #[serde(default)]
-    pub hidden_dropout_prob: f64,
-    #[serde(default)]
-    pub attention_probs_dropout_prob: f64,
-    #[serde(default = "eps")]
-    pub layer_norm_eps: f64,
-    #[serde(default = "yes")]
-    pub qkv_bias: bool,
-    /// From `config.json` only: the checkpoint's resolution.
-    #[serde(default)]
-    pub image_size: Option<i64>,
-    #[serde(default = "gelu")]
-    pub hidden_act: String,
-}
-
-fn eps() -> f64 {
-    1e-12
-}
-fn yes() -> bool {
-    true
-}
-fn gelu() -> String {
-    "gelu".into()
+vlmatch_layers::hf_arch! {
+    /// Keys of `[model.image]` for `plugin = "vit"`. Architecture keys follow
+    /// HuggingFace `ViTConfig`; with `init = "DIR"` (a hub-layout directory)
+    /// they come from `DIR/config.json`, and a key set here must agree with it.
+    /// The weights of `DIR/model.safetensors` are applied by the trainer.
+    pub struct VitSection {
+        #[serde(default, skip_serializing)]
+        pub init: Option<PathBuf>,
+        /// Let `init` leave parameters missing (they keep their random init).
+        #[serde(default, skip_serializing)]
+        pub allow_partial_init: bool,
+    }
+    /// A resolved ViT architecture (also read from HuggingFace `config.json`).
+    pub struct VitConfig {
+        pub hidden_size: i64,
+        pub num_hidden_layers: i64,
+        pub num_attention_heads: i64,
+        pub intermediate_size: i64,
+        pub patch_size: i64,
+        pub hidden_dropout_prob: f64 = 0.0,
+        pub attention_probs_dropout_prob: f64 = 0.0,
+        pub layer_norm_eps: f64 = 1e-12,
+        pub qkv_bias: bool = true,
+    }
+    from_checkpoint {
+        /// The checkpoint's resolution.
+        pub image_size: Option<i64> = None,
+        pub hidden_act: String = "gelu",
+    }
 }
 
 impl VitSection {
     /// The architecture this section describes (see [`VitSection`]).
     pub fn resolve(&self, key: &str) -> Result<VitConfig> {
-        // A NaN would serialise as null, that is as unset, on its way to
-        // the resolved architecture: reject it here.
-        vlmatch_registry::check::finite_options(
-            key,
-            &[
-                ("hidden_dropout_prob", self.hidden_dropout_prob),
-                (
-                    "attention_probs_dropout_prob",
-                    self.attention_probs_dropout_prob,
-                ),
-                ("layer_norm_eps", self.layer_norm_eps),
-            ],
-        )?;
         vlmatch_registry::weights::check_model_type(
             key,
             "vit",
             self.init.as_deref(),
             vlmatch_registry::weights::CheckpointLayout::model_types(&VitLayout),
         )?;
-        let cfg: VitConfig = resolve_section(key, self.init.as_deref(), self)?;
-        cfg.check(key).map_err(|e| match &self.init {
-            Some(dir) => Error::Config(format!("{e} (with init {})", dir.display())),
-            None => e,
-        })?;
+        let source = ArchSource {
+            init: self.init.as_deref(),
+            ..Default::default()
+        };
+        let cfg = self.resolve_arch(key, source)?;
+        check::with_init(cfg.check(key), self.init.as_deref())?;
         if cfg.hidden_act != "gelu" {
             return Err(Error::plugin(
                 "vit",
@@ -116,27 +78,27 @@ impl VitSection {
 }
 
 impl VitConfig {
-    /// Every size positive, the heads dividing `hidden_size`, dropouts in
-    /// [0, 1), a positive epsilon; errors name `{key}.<field>`.
+    /// The layer sizes ([`check::layer_sizes`]) and a positive patch size;
+    /// errors name `{key}.<field>`.
     pub fn check(&self, key: &str) -> Result<()> {
-        use vlmatch_registry::check;
-        let k = |field: &str| format!("{key}.{field}");
-        check::positive(&k("hidden_size"), self.hidden_size)?;
-        check::positive(&k("num_hidden_layers"), self.num_hidden_layers)?;
-        check::heads_divide(
-            &k("num_attention_heads"),
-            self.num_attention_heads,
-            &format!("`{}`", k("hidden_size")),
-            self.hidden_size,
+        check::layer_sizes(
+            key,
+            &check::LayerSizes {
+                hidden_size: Some(self.hidden_size),
+                num_hidden_layers: self.num_hidden_layers,
+                num_attention_heads: self.num_attention_heads,
+                intermediate_size: self.intermediate_size,
+                layer_norm_eps: self.layer_norm_eps,
+                dropouts: vec![
+                    ("hidden_dropout_prob", self.hidden_dropout_prob),
+                    (
+                        "attention_probs_dropout_prob",
+                        self.attention_probs_dropout_prob,
+                    ),
+                ],
+            },
         )?;
-        check::positive(&k("intermediate_size"), self.intermediate_size)?;
-        check::positive(&k("patch_size"), self.patch_size)?;
-        check::dropout(&k("hidden_dropout_prob"), self.hidden_dropout_prob)?;
-        check::dropout(
-            &k("attention_probs_dropout_prob"),
-            self.attention_probs_dropout_prob,
-        )?;
-        check::positive_f64(&k("layer_norm_eps"), self.layer_norm_eps)
+        check::positive(&format!("{key}.patch_size"), self.patch_size)
     }
 }
 
@@ -220,19 +182,9 @@ pub struct Vit {
 impl Vit {
     /// Build under `p` (`embeddings.*`, `encoder.layer.N.*`, `layernorm.*`).
     pub fn new(p: &nn::Path, cfg: &VitConfig, image_size: i64, compute: Kind) -> Result<Self> {
-        let invalid = |m: String| Error::plugin("vit", m);
-        if cfg.num_attention_heads <= 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
-            return Err(invalid(format!(
-                "hidden_size {} is not divisible by num_attention_heads {}",
-                cfg.hidden_size, cfg.num_attention_heads
-            )));
-        }
-        if cfg.patch_size <= 0 || image_size % cfg.patch_size != 0 {
-            return Err(invalid(format!(
-                "data.image_size {image_size} is not a multiple of patch_size {}",
-                cfg.patch_size
-            )));
-        }
+        // The checks that resolving a section made, for models built directly.
+        cfg.check("vit")?;
+        check::patch_divides("vit.patch_size", cfg.patch_size, image_size)?;
         let h = cfg.hidden_size;
         let n = (image_size / cfg.patch_size).pow(2);
         let emb = p / "embeddings";
