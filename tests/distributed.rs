@@ -366,8 +366,8 @@ fn log_difference(
 /// norm equal to 1e-5 says the averaged gradients are), and the same
 /// weights after 4 steps ([`same_weights`]), for the baseline and the full
 /// VL-Match objectives (global ITC, global hard negatives, MLM, VL-RTD and
-/// FG-ITM keyed by the global sample), and for the baseline with gradient
-/// accumulation. Metrics that are ratios (accuracies) are means of the
+/// FG-ITM keyed by the global sample), for the baseline with gradient
+/// accumulation, and for the baseline with momentum distillation. Metrics that are ratios (accuracies) are means of the
 /// ranks' ratios: reported, not compared.
 #[test]
 fn two_ranks_train_as_one_process_with_the_global_batch() {
@@ -390,6 +390,9 @@ fn two_ranks_train_as_one_process_with_the_global_batch() {
         ("baseline", "configs/baseline.toml", 1, baseline),
         ("vlmatch", "configs/vlmatch.toml", 1, vlmatch),
         ("baseline-accum2", "configs/baseline.toml", 2, baseline),
+        // Momentum distillation: momentum features gathered from every
+        // rank, queued alike on each (the queue of 960 takes 16s).
+        ("baseline-mod", "configs/mod.toml", 1, baseline),
     ] {
         let accum = format!("train.accum_steps={accum}");
         let sets = [
@@ -436,6 +439,26 @@ fn two_ranks_train_as_one_process_with_the_global_batch() {
         }
         if let Err(e) = weights {
             failures.push(format!("{name}: after 4 steps {e}"));
+        }
+        if name == "baseline-mod" {
+            // The momentum model and the queues (features, keys, pointer)
+            // agree too: keys exactly, floats to rounding.
+            let (a, b) = (checkpoint(&one_dir, 4), checkpoint(&two_dir, 4));
+            let saved: Vec<_> = a
+                .iter()
+                .filter(|(k, _)| k.starts_with("momentum."))
+                .collect();
+            assert!(saved.len() > 10, "momentum tensors in the checkpoint");
+            for (k, x) in saved {
+                let y = &b[k];
+                let same = match x.kind() {
+                    tch::Kind::Float => (x - y).abs().max().double_value(&[]) <= 1e-5,
+                    _ => x.equal(y),
+                };
+                if !same {
+                    failures.push(format!("{name}: `{k}` differs between 1x16 and 2x8"));
+                }
+            }
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
