@@ -24,6 +24,7 @@ pub mod plot;
 pub mod pretrained;
 pub mod rng;
 pub mod run;
+pub mod samplers;
 pub mod setup;
 pub mod signals;
 pub mod tokenizer;

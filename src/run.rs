@@ -70,28 +70,3 @@ pub fn load_run_on(
     let (_, state) = crate::checkpoint::load(&ckpt, &mut asm.vs)?;
     Ok((loaded, tok, asm, state))
 }
-
-/// A NegGen sampler with the config's `[samplers.neggen]` keys (defaults
-/// where absent) and the default tagger, for use outside training.
-pub fn neggen_sampler(
-    loaded: &vlmatch_registry::LoadedConfig,
-    tok: &std::sync::Arc<crate::tokenizer::Tokenizer>,
-) -> Result<neggen::NegGen> {
-    let cfg: neggen::NegGenConfig = if loaded.config.samplers.contains_key("neggen") {
-        loaded.section("samplers.neggen")?
-    } else {
-        serde_json::from_str("{}").expect("every NegGen key has a default")
-    };
-    let codec = std::rc::Rc::new(crate::tokenizer::Codec {
-        tokenizer: tok.clone(),
-        max_len: loaded.config.data.max_len as usize,
-    });
-    neggen::NegGen::load(
-        cfg,
-        codec,
-        Some(crate::pretrained::load_masked_lm),
-        crate::setup::device(&loaded.config.train.device)?,
-        tch::Kind::Float,
-        "samplers.neggen",
-    )
-}

@@ -226,11 +226,25 @@ pub fn model_on(
     tok: &Arc<Tokenizer>,
     device: Device,
 ) -> Result<(Assembly, ModelEnv)> {
+    let registry = registry(cfg)?;
+    let env = model_env(cfg, tok, device)?;
+    let assembly = assemble(&registry, cfg, &env)?;
+    Ok((assembly, env))
+}
+
+/// The built-in plugins and the libraries of the config's `plugins.paths`.
+pub fn registry(cfg: &LoadedConfig) -> Result<Registry> {
     let mut registry = Registry::from_inventory().map_err(|e| Error::Config(e.to_string()))?;
     for path in &cfg.config.plugins.paths {
         let names = registry.load_library(path)?;
         tracing::info!(library = %path.display(), samplers = ?names, "loaded plugin library");
     }
+    Ok(registry)
+}
+
+/// What plugins of `cfg` are built with on `device`: the vocabulary, sizes,
+/// compute precision and the host's masked-LM loader.
+pub fn model_env(cfg: &LoadedConfig, tok: &Arc<Tokenizer>, device: Device) -> Result<ModelEnv> {
     let train = &cfg.config.train;
     if let Device::Cuda(n) = device {
         if !tch::Cuda::is_available() || n >= tch::Cuda::device_count() as usize {
@@ -240,7 +254,7 @@ pub fn model_on(
             )));
         }
     }
-    let env = ModelEnv {
+    Ok(ModelEnv {
         vocab_size: tok.vocab_size(),
         special: tok.special,
         text: Rc::new(Codec {
@@ -252,7 +266,5 @@ pub fn model_on(
         device,
         compute: compute_kind(&train.precision, device)?,
         masked_lm: Some(crate::pretrained::load_masked_lm),
-    };
-    let assembly = assemble(&registry, cfg, &env)?;
-    Ok((assembly, env))
+    })
 }

@@ -23,9 +23,11 @@ pub mod momentum;
 pub mod positives;
 pub mod random;
 pub mod readback;
+mod candidates;
 mod traits;
 
 pub use batch::{Batch, Encoded, Prepared, TextBatch};
+pub use candidates::{MaskedWord, NegativeCandidate, WordSwapper};
 pub use collective::Collective;
 pub use error::{Error, Result};
 pub use forward::{ContrastiveHead, Forward, Similarity, VlModel};

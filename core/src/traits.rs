@@ -228,6 +228,22 @@ pub trait NegativeSampler {
     fn caption_prep(&self) -> Option<std::sync::Arc<dyn CaptionPrep>> {
         None
     }
+    /// Every candidate for the batch's captions with its provenance and
+    /// whether the sampler's filters kept it (at `step`, for filters that
+    /// start late), for offline generation (`vlmatch neggen`) and
+    /// benchmarks. Default: `None`, a sampler that lists no candidates.
+    fn candidates(
+        &self,
+        _forward: &Forward<'_>,
+        _step: i64,
+    ) -> Option<Result<Vec<crate::NegativeCandidate>>> {
+        None
+    }
+    /// The sampler as a word swapper on text alone, when it is one
+    /// (`word_swap`; the matching evaluation uses it). Default: `None`.
+    fn word_swapper(&self) -> Option<&dyn crate::WordSwapper> {
+        None
+    }
 }
 
 /// CPU work on each caption, done by the data loader on its worker threads

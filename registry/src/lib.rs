@@ -10,6 +10,7 @@ pub mod check;
 pub mod config;
 pub mod dynamic;
 pub mod registration;
+pub mod samplers;
 pub mod weights;
 
 pub use assemble::{
@@ -18,6 +19,7 @@ pub use assemble::{
 };
 pub use config::{Config, ConfigLayers, LoadedConfig, PluginSection};
 pub use registration::{Factory, Kind, Registration, Registry, RegistryError};
+pub use samplers::{run_sampler, standalone_sampler};
 
 #[doc(hidden)]
 pub use inventory;

@@ -21,8 +21,8 @@ pub mod flops;
 use crate::data::loader::{batches, Loader, LoaderConfig};
 use crate::data::{annotations, ImageRef};
 use crate::optim::AdamW;
+use crate::setup;
 use crate::train::train_step;
-use crate::{run, setup};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -202,11 +202,24 @@ pub fn bench(opts: &BenchOptions) -> Result<Value> {
 
     // A forward check the reference repeats: ITC at initialisation on batch
     // 0 (no sampling involved, so both sides must agree closely).
-    let init_itc = tch::no_grad(|| -> Result<f64> {
-        let fwd = Forward::new(&asm.model, &inputs[0], false);
-        let sim = fwd.similarity()?;
-        Ok(itc::itc_loss(&sim.i2t, &inputs[0].positives()).double_value(&[]))
-    })?;
+    // The config's objective of plugin `itc` gives it (null without one).
+    let itc = cfg
+        .objectives
+        .iter()
+        .find(|(name, o)| o.enabled && o.plugin.as_deref().unwrap_or(name.as_str()) == "itc");
+    let itc = itc.and_then(|(name, _)| asm.objectives.iter().find(|o| &o.name == name));
+    let init_itc = match itc {
+        None => None,
+        Some(o) => Some(tch::no_grad(|| -> Result<f64> {
+            let fwd = Forward::new(&asm.model, &inputs[0], false);
+            let out = o.objective.forward(&fwd, 0)?;
+            let (_, loss) = out
+                .losses
+                .first()
+                .ok_or_else(|| Error::plugin("itc", "its objective returned no loss"))?;
+            Ok(loss.double_value(&[]))
+        })?),
+    };
 
     // Training steps.
     let mut optim = AdamW::new(&asm.vs, tc.betas, tc.eps, tc.weight_decay);
@@ -265,12 +278,13 @@ pub fn bench(opts: &BenchOptions) -> Result<Value> {
         );
     }
     if opts.neggen && neggen_fills {
-        let sampler = run::neggen_sampler(&loaded, &tok)?;
+        // NegGen's keys: the config's `[samplers.neggen]`, else its defaults.
+        let mut layers = opts.layers.clone();
+        layers.sets = crate::samplers::sets_with_section(&loaded, "neggen", &layers.sets);
+        let sampler = crate::samplers::run_sampler(&layers.load()?, &env, &asm.model, "neggen")?;
         // Tagging is the loader's work in training (on its worker threads):
         // timed apart, on one thread, and done before the step's part.
-        let preps = crate::data::loader::CaptionPreps::new(
-            vlmatch_core::NegativeSampler::caption_prep(&sampler),
-        );
+        let preps = crate::data::loader::CaptionPreps::new(sampler.caption_prep());
         // Warm-up: the tagger compiles its patterns on first use.
         preps.run(&inputs[0].captions[..1], 1);
         let t = Instant::now();
@@ -291,7 +305,8 @@ pub fn bench(opts: &BenchOptions) -> Result<Value> {
         for _ in 0..passes {
             for x in &tagged {
                 let fwd = Forward::new(&asm.model, x, false);
-                let cands = tch::no_grad(|| sampler.candidates(&fwd, i64::MAX))?;
+                let cands = tch::no_grad(|| sampler.candidates(&fwd, i64::MAX))
+                    .ok_or_else(|| Error::Config("NegGen lists no candidates".into()))??;
                 generated += cands.len();
                 kept += cands.iter().filter(|c| c.kept).count();
                 captions += x.len() as usize;
@@ -503,8 +518,8 @@ pub fn table(r: &Value) -> String {
     // Model FLOPs by the usual convention: the reference's count when there
     // is one (both columns, so the ratio is the speed's), else the nominal
     // count above.
-    let nominal =
-        get(reference, &["flops_per_step"]).or_else(|| get(Some(r), &["flops", "nominal", "total"]));
+    let nominal = get(reference, &["flops_per_step"])
+        .or_else(|| get(Some(r), &["flops", "nominal", "total"]));
     if let Some(f) = nominal {
         let tf = |t: Option<f64>| t.map(|t| f / t / 1e12);
         row_text(

@@ -14,10 +14,14 @@ pub fn neggen_offline(
     sets: &[String],
     progress: bool,
 ) -> Result<String> {
-    let (loaded, tok, asm, _) = crate::run::load_run(run_dir, sets)?;
+    // NegGen's keys: the run's `[samplers.neggen]`, else its defaults.
+    let sets =
+        crate::samplers::sets_with_section(&crate::run::run_config(run_dir, sets)?, "neggen", sets);
+    let (loaded, tok, asm, _) = crate::run::load_run(run_dir, &sets)?;
     let c = &loaded.config;
     tch::manual_seed(c.train.seed as i64);
-    let sampler = crate::run::neggen_sampler(&loaded, &tok)?;
+    let env = crate::setup::model_env(&loaded, &tok, asm.model.device)?;
+    let sampler = crate::samplers::run_sampler(&loaded, &env, &asm.model, "neggen")?;
     let ds = crate::data::load_any_with(
         &data.display().to_string(),
         image_root,
@@ -25,9 +29,7 @@ pub fn neggen_offline(
         c.data.on_error,
     )?;
     let mut loader_cfg = crate::data::loader::LoaderConfig::new(&c.data, c.eval.batch_size, None);
-    loader_cfg.preps = crate::data::loader::CaptionPreps::new(
-        vlmatch_core::NegativeSampler::caption_prep(&sampler),
-    );
+    loader_cfg.preps = crate::data::loader::CaptionPreps::new(sampler.caption_prep());
     let all: Vec<usize> = (0..ds.len()).collect();
     let bar = if progress {
         indicatif::ProgressBar::new(ds.len() as u64)
@@ -37,14 +39,25 @@ pub fn neggen_offline(
     let started = std::time::Instant::now();
     let mut lines = String::new();
     let mut written = 0usize;
+    // Captions seen, with no candidate (no noun/adjective to replace), and
+    // whose every candidate the filters dropped.
+    let (mut captions, mut no_candidate, mut dropped) = (0usize, 0usize, 0usize);
     for (b, batch) in crate::data::loader::batches(&ds, &tok, &loader_cfg, &all).enumerate() {
         let batch = batch?.to_device(asm.model.device);
         let fwd = vlmatch_core::Forward::new(&asm.model, &batch, false);
-        for cand in sampler
-            .candidates(&fwd, i64::MAX)?
-            .into_iter()
-            .filter(|c| c.kept)
-        {
+        let cands = sampler.candidates(&fwd, i64::MAX).ok_or_else(|| {
+            Error::Config(
+                "config key `samplers.neggen.plugin`: this sampler lists no candidates to write"
+                    .into(),
+            )
+        })??;
+        let owners: std::collections::BTreeSet<usize> = cands.iter().map(|c| c.owner).collect();
+        let kept: std::collections::BTreeSet<usize> =
+            cands.iter().filter(|c| c.kept).map(|c| c.owner).collect();
+        captions += batch.len() as usize;
+        no_candidate += batch.len() as usize - owners.len();
+        dropped += owners.len() - kept.len();
+        for cand in cands.into_iter().filter(|c| c.kept) {
             let pair = &ds.pairs[all[b * loader_cfg.batch_size + cand.owner]];
             let image = match &ds.images[pair.image] {
                 crate::data::ImageRef::File { path, .. } => path.display().to_string(),
@@ -55,7 +68,12 @@ pub fn neggen_offline(
                 "image_id": ds.image_ids[pair.image],
                 "caption": pair.caption,
                 "negative": cand.text,
-                "masked_words": cand.masked,
+                "masked_words": cand.masked.iter().map(|m| serde_json::json!({
+                    "index": m.index,
+                    "original": m.original,
+                    "replacement": m.replacement,
+                    "tag": m.tag,
+                })).collect::<Vec<_>>(),
                 "itm_score": cand.itm,
             });
             lines.push_str(&format!("{line}\n"));
@@ -67,14 +85,13 @@ pub fn neggen_offline(
     let tmp = out.with_extension("tmp");
     std::fs::write(&tmp, lines).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
-    let n = &sampler.counts;
     let secs = started.elapsed().as_secs_f64();
     Ok(format!(
         "neggen: {} captions, {written} negatives written to {}, {} dropped by the filter, {} without a noun/adjective, {:.1} negatives/s",
-        n.captions.get(),
+        captions,
         out.display(),
-        n.dropped_by_filter.get(),
-        n.no_candidate.get(),
+        dropped,
+        no_candidate,
         written as f64 / secs.max(1e-9)
     ))
 }

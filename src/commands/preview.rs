@@ -87,7 +87,7 @@ pub fn preview(layers: ConfigLayers, split: &str, count: Option<usize>, out: &Pa
     let mut n_matching = None;
     if split == "heldout" {
         let mut triples = String::new();
-        let cases = crate::eval::matching_cases(&ds);
+        let cases = crate::eval::matching_cases(&ds)?;
         for (image, caption, negative) in cases.iter().filter(|c| c.0 < n) {
             let line = serde_json::json!({
                 "image": file_name(*image),
@@ -118,7 +118,7 @@ pub fn preview(layers: ConfigLayers, split: &str, count: Option<usize>, out: &Pa
         "tokenizer": tok.origin(),
         "vocab_size": tok.vocab_size(),
         "special": {"pad": sp.pad, "unk": sp.unk, "cls": sp.cls, "sep": sp.sep, "mask": sp.mask},
-        "word_swap_default_groups": word_swap::default_groups(),
+        "word_swap_default_groups": crate::samplers::word_swap_default_groups()?,
     });
     files.push((
         "meta.json",

@@ -13,7 +13,6 @@ use crate::tokenizer::Tokenizer;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 use vlmatch_core::{Encoded, EncoderInput, Result, VlModel};
-use word_swap::WordSwap;
 
 mod rerank;
 pub use rerank::{
@@ -173,32 +172,35 @@ fn changed_words(
     (!changed.is_empty()).then(|| (changed, b.into_iter().map(|(_, r)| r).collect()))
 }
 
-/// The swaps the matching evaluation uses: colors and shapes.
-pub fn color_shape_swapper() -> WordSwap {
-    let groups = word_swap::default_groups().into_iter().take(2).collect();
-    WordSwap::new(groups, None).expect("the default groups are disjoint")
+/// The swaps the matching evaluation uses: `word_swap` within its first two
+/// default groups, colors and shapes.
+pub fn color_shape_swapper() -> Result<Box<dyn vlmatch_core::NegativeSampler>> {
+    let groups = crate::samplers::word_swap_default_groups()?;
+    crate::samplers::word_swap(Some(&groups[..2.min(groups.len())]))
 }
 
 /// The cases [`matching`] scores: `(image, caption, negative)` for every
 /// pair of `ds` with a color or shape word, the negative being the caption
 /// with one such word swapped by a fixed, seeded choice (so every model, and
 /// `vlmatch preview --split heldout` for an outside reference, sees the same).
-pub fn matching_cases(ds: &Dataset) -> Vec<(usize, String, String)> {
-    let swapper = color_shape_swapper();
+pub fn matching_cases(ds: &Dataset) -> Result<Vec<(usize, String, String)>> {
+    let sampler = color_shape_swapper()?;
+    let swapper = crate::samplers::swapper(sampler.as_ref());
     let mut rng = crate::rng::Rng::new(0x3A7C);
-    ds.pairs
+    Ok(ds
+        .pairs
         .iter()
         .filter_map(|p| {
-            let swap = swapper.swap(&p.caption, |n| rng.below(n))?;
-            Some((p.image, p.caption.clone(), swap.text))
+            let text = swapper.swap_word(&p.caption, &mut |n| rng.below(n))?;
+            Some((p.image, p.caption.clone(), text))
         })
-        .collect()
+        .collect())
 }
 
 /// Fine-grained matching accuracy on `ds`: true caption against the same
 /// caption with one color or shape word swapped ([`matching_cases`]).
 pub fn matching(model: &VlModel, ds: &Dataset, inp: &EvalInputs<'_>) -> Result<Matching> {
-    score_cases(model, ds, inp, &matching_cases(ds))
+    score_cases(model, ds, inp, &matching_cases(ds)?)
 }
 
 /// The matching accuracies of `(image, true caption, negative)` cases.

@@ -31,7 +31,7 @@ mod sampler;
 mod tagging;
 
 pub use cache::{NegGenCache, NegGenCacheConfig};
-pub use candidate::{Candidate, Counts, MaskedWord};
+pub use candidate::Counts;
 pub use config::{default_tags_vec, NegGenConfig, DEFAULT_TAGS};
 pub use fill::fill;
 pub use plan::{is_wordpiece, piece_masks, plan, realise, Plan};
@@ -40,3 +40,6 @@ pub use tagging::{
     candidate_words, core, mark_candidates, replacements_keep_their_kind, tagged_candidates,
     BrillTagger, PosTagger, TagPrep, Tagged,
 };
+pub use vlmatch_core::MaskedWord;
+/// One generated candidate and its provenance (the core type).
+pub use vlmatch_core::NegativeCandidate as Candidate;

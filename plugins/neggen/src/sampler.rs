@@ -12,13 +12,14 @@ use vlmatch_core::{
 };
 use vlmatch_registry::BuildContext;
 
-use crate::candidate::{Candidate, Counts, MaskedWord};
+use crate::candidate::Counts;
 use crate::config::NegGenConfig;
 use crate::draw::Draw;
 use crate::fill::fill;
 use crate::filter::{filter, Filled};
 use crate::plan::{is_wordpiece, piece_masks, plan, realise};
 use crate::tagging::{core, tagged_candidates, BrillTagger, PosTagger, TagPrep, Tagged};
+use vlmatch_core::{MaskedWord, NegativeCandidate as Candidate};
 
 vlmatch_registry::register!(negative_sampler "neggen" => build);
 
@@ -336,6 +337,11 @@ impl NegativeSampler for NegGen {
             &texts,
             device,
         ))
+    }
+
+    /// [`NegGen::candidates`], for `vlmatch neggen` and the benchmark.
+    fn candidates(&self, forward: &Forward<'_>, step: i64) -> Option<Result<Vec<Candidate>>> {
+        Some(NegGen::candidates(self, forward, step))
     }
 
     /// POS tagging, for the loader's worker threads.

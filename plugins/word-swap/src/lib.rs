@@ -11,7 +11,9 @@
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::rc::Rc;
-use vlmatch_core::{Error, NegativeSampler, Negatives, Result, SamplerInput, TextCodec};
+use vlmatch_core::{
+    Error, NegativeSampler, Negatives, Result, SamplerInput, TextCodec, WordSwapper,
+};
 use vlmatch_registry::BuildContext;
 
 vlmatch_registry::register!(negative_sampler "word_swap" => build);
@@ -117,7 +119,22 @@ impl WordSwap {
     }
 }
 
+impl WordSwapper for WordSwap {
+    fn groups(&self) -> &[Vec<String>] {
+        &self.groups
+    }
+
+    fn swap_word(&self, caption: &str, draw: &mut dyn FnMut(usize) -> usize) -> Option<String> {
+        self.swap(caption, draw).map(|s| s.text)
+    }
+}
+
 impl NegativeSampler for WordSwap {
+    /// The swapper itself, for the matching evaluation.
+    fn word_swapper(&self) -> Option<&dyn WordSwapper> {
+        Some(self)
+    }
+
     fn sample(&self, input: &SamplerInput<'_, '_>) -> Result<Negatives> {
         let batch = input.forward.batch;
         let device = batch.text.ids.device();
