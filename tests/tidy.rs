@@ -188,3 +188,81 @@ fn plugins_read_back_only_through_the_counted_helper() {
         }
     }
 }
+
+/// The built-in plugin crates the root package depends on, as Rust names
+/// (`cross_attention`), from its `Cargo.toml`.
+fn plugin_crates() -> Vec<String> {
+    let table: toml::Table = read(&root().join("Cargo.toml")).parse().unwrap();
+    let deps = table["dependencies"].as_table().unwrap();
+    deps.iter()
+        .filter(|(_, spec)| {
+            spec.get("path")
+                .and_then(|p| p.as_str())
+                .is_some_and(|p| p.starts_with("plugins/"))
+        })
+        .map(|(name, _)| name.replace('-', "_"))
+        .collect()
+}
+
+/// Where `line` names an item of crate `krate` (`bert::Bert`, `use
+/// neggen::{..}`), not a module of the same name under another path
+/// (`crate::commands::neggen::`).
+fn names_crate(line: &str, krate: &str) -> bool {
+    let path = format!("{krate}::");
+    let mut from = 0;
+    while let Some(i) = line[from..].find(&path) {
+        let at = from + i;
+        let before = line[..at].chars().next_back();
+        if !before.is_some_and(|c| c == ':' || c == '_' || c.is_alphanumeric()) {
+            return true;
+        }
+        from = at + path.len();
+    }
+    let trimmed = line.trim_start();
+    trimmed.starts_with(&format!("use {krate};"))
+        || trimmed.starts_with(&format!("use {krate} as "))
+        || trimmed.starts_with(&format!("extern crate {krate}"))
+}
+
+/// The host names plugins only through the registry, by name and trait
+/// (ARCHITECTURE.md): no source under `src/` uses a type or function of a
+/// built-in plugin crate. `src/lib.rs` only links them (`use bert as _;`).
+/// Checkpoint loading (`pretrained.rs`) and export (`export.rs`) go
+/// through the layouts the plugins register.
+#[test]
+fn the_host_imports_no_concrete_plugin() {
+    let crates = plugin_crates();
+    assert!(
+        crates.contains(&"bert".to_string()) && crates.contains(&"neggen".to_string()),
+        "{crates:?}"
+    );
+    let mut files = Vec::new();
+    rust_files(&root().join("src"), &mut files);
+    assert!(files.contains(&root().join("src/pretrained.rs")));
+    assert!(files.contains(&root().join("src/export.rs")));
+    let mut found = Vec::new();
+    for f in &files {
+        let is_lib = *f == root().join("src/lib.rs");
+        for (n, line) in read(f).lines().enumerate() {
+            if line.trim_start().starts_with("//") {
+                continue;
+            }
+            for krate in &crates {
+                let link_only = is_lib && line.trim() == format!("use {krate} as _;");
+                if names_crate(line, krate) && !link_only {
+                    found.push(format!("{}:{}: {}", f.display(), n + 1, line.trim()));
+                }
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "the host uses plugin crates directly (go through the registry):\n{}",
+        found.join("\n")
+    );
+    // The check itself: it sees a use and ignores a same-named module.
+    assert!(names_crate("    let s = bert::BertSection {", "bert"));
+    assert!(names_crate("use neggen::NegGen;", "neggen"));
+    assert!(!names_crate("crate::commands::neggen::run(", "neggen"));
+    assert!(!names_crate("my_bert::x", "bert"));
+}
