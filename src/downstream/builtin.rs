@@ -59,21 +59,6 @@ fn snli_instances(scene: &Scene, t: usize) -> Vec<(String, bool)> {
             }
         }
         2 => {
-            for (s, shape) in SHAPES.iter().enumerate() {
-                out.push((format!("there is a {shape}"), has(scene, |o| o.shape == s)));
-            }
-        }
-        3 => {
-            for (z, size) in SIZES.iter().enumerate() {
-                for (s, shape) in SHAPES.iter().enumerate() {
-                    out.push((
-                        format!("there is a {size} {shape}"),
-                        has(scene, |o| o.size == z && o.shape == s),
-                    ));
-                }
-            }
-        }
-        4 => {
             for (n, count) in COUNTS.iter().enumerate() {
                 let verb = if n == 0 { "is" } else { "are" };
                 out.push((
@@ -121,14 +106,12 @@ fn draw(
     })
 }
 
-const SNLI_KINDS: [&str; 6] = [
-    "color-shape",
-    "color",
-    "shape",
-    "size-shape",
-    "count",
-    "background",
-];
+/// The SNLI-VE templates, by number in [`snli_instances`]. Each draws as
+/// many statements, so the share of kinds the tiny preset learns to check
+/// against an image within a few hundred steps (backgrounds first) is not
+/// diluted: shape and size statements, tried in 600-step runs, stayed at
+/// chance.
+const SNLI_KINDS: [&str; 4] = ["color-shape", "color", "count", "background"];
 
 /// Six hypotheses about `scene`: two of each class, as (sentence, label
 /// index into [`SNLI_VE_CLASSES`], statement kind).
@@ -149,14 +132,10 @@ pub fn snli_ve_statements(scene: &Scene, seed: u64) -> Vec<(String, i64, &'stati
     out
 }
 
-const NLVR2_KINDS: [&str; 6] = [
-    "color",
-    "shape",
-    "both",
-    "background",
-    "count",
-    "shape-count",
-];
+/// The NLVR2 templates, by number in [`nlvr2_instances`], chosen as the
+/// SNLI-VE ones ("the left image has more shapes than the right image" and
+/// "the left image has a circle", tried in a 600-step run, stayed at chance).
+const NLVR2_KINDS: [&str; 4] = ["color", "both", "background", "shape-count"];
 
 /// Every instance of NLVR2 template `t` with its truth for (`left`, `right`).
 fn nlvr2_instances(left: &Scene, right: &Scene, t: usize) -> Vec<(String, bool)> {
@@ -174,16 +153,6 @@ fn nlvr2_instances(left: &Scene, right: &Scene, t: usize) -> Vec<(String, bool)>
             }
         }
         1 => {
-            for (side, scene) in sides {
-                for (s, shape) in SHAPES.iter().enumerate() {
-                    out.push((
-                        format!("the {side} image has a {shape}"),
-                        has(scene, |o| o.shape == s),
-                    ));
-                }
-            }
-        }
-        2 => {
             for (c, (color, _)) in COLORS.iter().enumerate() {
                 out.push((
                     format!("both images have a {color} shape"),
@@ -197,7 +166,7 @@ fn nlvr2_instances(left: &Scene, right: &Scene, t: usize) -> Vec<(String, bool)>
                 ));
             }
         }
-        3 => {
+        2 => {
             for (side, scene) in sides {
                 for (b, (bg, _)) in BACKGROUNDS.iter().enumerate() {
                     out.push((
@@ -206,18 +175,6 @@ fn nlvr2_instances(left: &Scene, right: &Scene, t: usize) -> Vec<(String, bool)>
                     ));
                 }
             }
-        }
-        4 => {
-            let (l, r) = (left.objects.len(), right.objects.len());
-            out.push((
-                "the left image has more shapes than the right image".into(),
-                l > r,
-            ));
-            out.push((
-                "the left image has fewer shapes than the right image".into(),
-                l < r,
-            ));
-            out.push(("both images have the same number of shapes".into(), l == r));
         }
         _ => {
             for (s, shape) in SHAPES.iter().enumerate() {
@@ -252,7 +209,7 @@ pub fn nlvr2_statements(
             let (s, t) = draw(&mut rng, NLVR2_KINDS.len(), truth, |t| {
                 nlvr2_instances(left, right, t)
             })
-            .expect("the count template always has true and false instances");
+            .expect("the background template always has true and false instances");
             (s, truth as i64, NLVR2_KINDS[t])
         })
         .collect()
@@ -311,8 +268,11 @@ mod tests {
             assert_eq!(st.iter().map(|s| s.1).sum::<i64>(), 2, "{st:?}");
             for (s, label, kind) in st {
                 by_kind.entry(kind).or_default()[label as usize] += 1;
-                if s == "the left image has more shapes than the right image" {
-                    assert_eq!(label == 1, l.objects.len() > r.objects.len());
+                if let Some(bg) = s.strip_prefix("both images have a ") {
+                    if let Some(bg) = bg.strip_suffix(" background") {
+                        let name = |sc: &Scene| BACKGROUNDS[sc.background].0;
+                        assert_eq!(label == 1, name(&l) == bg && name(&r) == bg, "{s}");
+                    }
                 }
                 if s == "the left image has more circles than the right image" {
                     assert_eq!(label == 1, count_of(&l, 0) > count_of(&r, 0));
