@@ -10,21 +10,16 @@ use std::rc::Rc;
 use std::sync::Arc;
 use tch::{Device, Kind};
 use vlmatch_core::{Error, Result};
+use vlmatch_registry::config::{DataSource, Precision, TrainDevice};
 use vlmatch_registry::{assemble, Assembly, LoadedConfig, ModelEnv, Registry};
 
-pub fn device(name: &str) -> Result<Device> {
-    Ok(match name {
-        "auto" => Device::cuda_if_available(),
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
-        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(n) => Device::Cuda(n),
-            None => {
-                return Err(Error::Config(format!(
-                    "config key `train.device`: expected auto, cpu, cuda or cuda:N, got `{other}`"
-                )))
-            }
-        },
+/// The device `train.device` names on one process.
+pub fn device(choice: &TrainDevice) -> Result<Device> {
+    Ok(match *choice {
+        TrainDevice::Auto => Device::cuda_if_available(),
+        TrainDevice::Cpu => Device::Cpu,
+        TrainDevice::Cuda => Device::Cuda(0),
+        TrainDevice::CudaIndex(n) => Device::Cuda(n),
     })
 }
 
@@ -32,14 +27,14 @@ pub fn device(name: &str) -> Result<Device> {
 /// and `cuda` give `cuda:LOCAL_RANK`, or `cuda:0` when the process sees a
 /// single GPU (`CUDA_VISIBLE_DEVICES` already picked it); `auto` is the CPU
 /// where there is no GPU. `cpu` and an explicit `cuda:N` are kept.
-pub fn rank_device(name: &str, local_rank: usize) -> Result<Device> {
+pub fn rank_device(choice: &TrainDevice, local_rank: usize) -> Result<Device> {
     let gpus = if tch::Cuda::is_available() {
         tch::Cuda::device_count().max(0) as usize
     } else {
         0
     };
-    match name {
-        "auto" | "cuda" if gpus > 0 => {
+    match choice {
+        TrainDevice::Auto | TrainDevice::Cuda if gpus > 0 => {
             if gpus == 1 {
                 Ok(Device::Cuda(0))
             } else if local_rank < gpus {
@@ -52,18 +47,16 @@ pub fn rank_device(name: &str, local_rank: usize) -> Result<Device> {
                 )))
             }
         }
-        "auto" => Ok(Device::Cpu),
+        TrainDevice::Auto => Ok(Device::Cpu),
         other => device(other),
     }
 }
 
-pub fn compute_kind(precision: &str, device: Device) -> Result<Kind> {
+/// The compute dtype `train.precision` gives on `device`.
+pub fn compute_kind(precision: Precision, device: Device) -> Kind {
     match (precision, device) {
-        ("auto", Device::Cuda(_)) | ("bf16", _) => Ok(Kind::BFloat16),
-        ("auto", _) | ("fp32", _) => Ok(Kind::Float),
-        (other, _) => Err(Error::Config(format!(
-            "config key `train.precision`: expected auto, fp32 or bf16, got `{other}`"
-        ))),
+        (Precision::Auto, Device::Cuda(_)) | (Precision::Bf16, _) => Kind::BFloat16,
+        (Precision::Auto, _) | (Precision::Fp32, _) => Kind::Float,
     }
 }
 
@@ -97,8 +90,8 @@ const HELDOUT_FIRST_SCENE: u64 = 1 << 40;
 /// The training and (optional) held-out datasets.
 pub fn datasets(cfg: &LoadedConfig) -> Result<(Dataset, Option<Dataset>)> {
     let data = &cfg.config.data;
-    match data.source.as_str() {
-        "synthetic" => {
+    match data.source {
+        DataSource::Synthetic => {
             let s = &data.synthetic;
             let train = Dataset::synthetic(
                 "synthetic-train",
@@ -118,7 +111,7 @@ pub fn datasets(cfg: &LoadedConfig) -> Result<(Dataset, Option<Dataset>)> {
             });
             Ok((train, heldout))
         }
-        "annotations" => {
+        DataSource::Annotations => {
             let path = data.annotations.as_ref().ok_or_else(|| {
                 Error::Config(
                     "config key `data.annotations`: required when data.source = \"annotations\""
@@ -130,15 +123,11 @@ pub fn datasets(cfg: &LoadedConfig) -> Result<(Dataset, Option<Dataset>)> {
                 annotations::load_checked(path, root, data.split.as_deref(), data.on_error)?;
             Ok((train, heldout(cfg)?))
         }
-        "webdataset" => Err(Error::Config(
+        DataSource::Webdataset => Err(Error::Config(
             "config key `data.source`: \"webdataset\" shards are streamed for training; this \
              command needs an in-memory dataset (data.source = \"annotations\")"
                 .into(),
         )),
-        other => Err(Error::Config(format!(
-            "config key `data.source`: expected \"synthetic\", \"annotations\" or \
-             \"webdataset\", got \"{other}\""
-        ))),
     }
 }
 
@@ -168,7 +157,7 @@ fn heldout(cfg: &LoadedConfig) -> Result<Option<Dataset>> {
 /// resolved shards; and the held-out set, if any.
 pub fn train_source(cfg: &LoadedConfig) -> Result<(Source, Option<Dataset>)> {
     let data = &cfg.config.data;
-    if data.source != "webdataset" {
+    if data.source != DataSource::Webdataset {
         let (train, heldout) = datasets(cfg)?;
         return Ok((Source::Pairs(Arc::new(train)), heldout));
     }
@@ -264,7 +253,7 @@ pub fn model_env(cfg: &LoadedConfig, tok: &Arc<Tokenizer>, device: Device) -> Re
         image_size: cfg.config.data.image_size,
         max_text_len: cfg.config.data.max_len,
         device,
-        compute: compute_kind(&train.precision, device)?,
+        compute: compute_kind(train.precision, device),
         masked_lm: Some(crate::pretrained::load_masked_lm),
     })
 }

@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use vlmatch_core::{Error, Result};
 
+mod choices;
 mod sections;
 
 pub use sections::*;

@@ -136,7 +136,7 @@ fn eval_on(
                 &ds,
                 &inp,
                 c.eval.k,
-                &c.eval.rerank,
+                c.eval.rerank.as_str(),
                 collective.as_deref(),
                 &bar,
             )?;
@@ -166,8 +166,14 @@ fn eval_on(
             })?)?;
             let (ds, _) =
                 crate::data::annotations::load_entries(data, image_root, "label", c.data.on_error)?;
-            let z =
-                crate::eval::zeroshot(&asm.model, &ds, &labels, &inp, c.eval.k, &c.eval.rerank)?;
+            let z = crate::eval::zeroshot(
+                &asm.model,
+                &ds,
+                &labels,
+                &inp,
+                c.eval.k,
+                c.eval.rerank.as_str(),
+            )?;
             serde_json::to_value(z).expect("serialisable")
         }
         other => {

@@ -2,11 +2,14 @@
 //! `eval`, `momentum`, `plugins`, and the plugin sections' common keys),
 //! each with its defaults and the checks of its values beyond their types.
 
-use serde::{Deserialize, Serialize};
+use crate::check;
 use figment::value::Value;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use vlmatch_core::Result;
+
+pub use super::choices::{DataSource, Precision, Rerank, TrainDevice};
 
 /// The whole configuration. Every key has one home and one default here or in
 /// a plugin's config type.
@@ -48,6 +51,34 @@ pub struct MomentumConfig {
     /// of the training pairs (`train.warmup_steps` for streamed shards).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub alpha_ramp_steps: Option<i64>,
+}
+
+impl MomentumConfig {
+    /// The values of `[momentum]` beyond their types.
+    pub fn check(&self) -> Checked {
+        let m = self;
+        if !(0.0..1.0).contains(&m.mu) {
+            return Err((
+                "momentum.mu".into(),
+                format!("must be in [0, 1), got {}", m.mu),
+            ));
+        }
+        at(
+            "momentum.alpha",
+            check::probability("momentum.alpha", m.alpha),
+        )?;
+        at(
+            "momentum.queue_size",
+            check::at_least("momentum.queue_size", m.queue_size, 0),
+        )?;
+        if let Some(r) = m.alpha_ramp_steps {
+            at(
+                "momentum.alpha_ramp_steps",
+                check::at_least("momentum.alpha_ramp_steps", r, 0),
+            )?;
+        }
+        Ok(())
+    }
 }
 
 impl Default for MomentumConfig {
@@ -155,11 +186,11 @@ pub struct TrainConfig {
     #[serde(default = "yes")]
     pub tensorboard: bool,
     /// `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`.
-    #[serde(default = "default_device")]
-    pub device: String,
+    #[serde(default)]
+    pub device: TrainDevice,
     /// `auto` (bf16 on CUDA, fp32 on CPU), `fp32` or `bf16`.
-    #[serde(default = "default_auto")]
-    pub precision: String,
+    #[serde(default)]
+    pub precision: Precision,
     /// libtorch intra-op threads (0: all cores).
     #[serde(default)]
     pub threads: usize,
@@ -175,6 +206,71 @@ pub struct TrainConfig {
     /// several ranks; ignored on one process.
     #[serde(default)]
     pub dist: DistConfig,
+}
+
+impl TrainConfig {
+    /// The values of `[train]` beyond their types.
+    pub fn check(&self) -> Checked {
+        let t = self;
+        at("train.steps", check::positive("train.steps", t.steps))?;
+        at(
+            "train.batch_size",
+            check::positive("train.batch_size", count(t.batch_size)),
+        )?;
+        at(
+            "train.accum_steps",
+            check::positive("train.accum_steps", count(t.accum_steps)),
+        )?;
+        at("train.lr", check::positive_f64("train.lr", t.lr))?;
+        at(
+            "train.min_lr",
+            check::non_negative_f64("train.min_lr", t.min_lr),
+        )?;
+        if t.min_lr > t.lr {
+            return Err((
+                "train.min_lr".into(),
+                format!(
+                    "must not exceed train.lr {} (the cosine decays from lr to min_lr), got {}",
+                    t.lr, t.min_lr
+                ),
+            ));
+        }
+        at(
+            "train.warmup_steps",
+            check::at_least("train.warmup_steps", t.warmup_steps, 0),
+        )?;
+        at(
+            "train.weight_decay",
+            check::non_negative_f64("train.weight_decay", t.weight_decay),
+        )?;
+        for (i, beta) in [t.betas.0, t.betas.1].into_iter().enumerate() {
+            if !(0.0..1.0).contains(&beta) {
+                return Err((
+                    "train.betas".into(),
+                    format!("beta{} must be in [0, 1), got {beta}", i + 1),
+                ));
+            }
+        }
+        at("train.eps", check::positive_f64("train.eps", t.eps))?;
+        at(
+            "train.grad_clip",
+            check::non_negative_f64("train.grad_clip", t.grad_clip),
+        )?;
+        at(
+            "train.checkpoint_every",
+            check::at_least("train.checkpoint_every", t.checkpoint_every, 0),
+        )?;
+        at(
+            "train.log_every",
+            check::positive("train.log_every", t.log_every),
+        )?;
+        at(
+            "train.dist.bucket_mb",
+            check::positive_f64("train.dist.bucket_mb", t.dist.bucket_mb),
+        )?;
+
+        Ok(())
+    }
 }
 
 /// `train.on_nonfinite`.
@@ -241,19 +337,13 @@ fn default_eps() -> f64 {
 fn default_keep() -> usize {
     2
 }
-fn default_device() -> String {
-    "auto".into()
-}
-fn default_auto() -> String {
-    "auto".into()
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
     /// `synthetic` (built in, no download), `annotations` (ALBEF/BLIP JSON)
     /// or `webdataset` (tar shards, streamed).
-    pub source: String,
+    pub source: DataSource,
     /// Input resolution (square); the image encoder is built for it.
     pub image_size: i64,
     /// Maximum text length in tokens, `[CLS]` and `[SEP]` included.
@@ -315,6 +405,52 @@ pub struct DataConfig {
     pub std: [f32; 3],
     #[serde(default)]
     pub synthetic: SyntheticConfig,
+}
+
+impl DataConfig {
+    /// The values of `[data]` beyond their types.
+    pub fn check(&self) -> Checked {
+        let d = self;
+        at(
+            "data.image_size",
+            check::positive("data.image_size", d.image_size),
+        )?;
+        if d.max_len < MIN_MAX_LEN {
+            return Err((
+                "data.max_len".into(),
+                format!(
+                    "must be at least {MIN_MAX_LEN} ([CLS], [SEP] and room for one word), got {}",
+                    d.max_len
+                ),
+            ));
+        }
+        for (i, (m, s)) in d.mean.iter().zip(&d.std).enumerate() {
+            at("data.mean", check::finite("data.mean", f64::from(*m)))
+                .map_err(|(k, p)| (k, format!("channel {i}: {p}")))?;
+            at("data.std", check::positive_f64("data.std", f64::from(*s)))
+                .map_err(|(k, p)| (k, format!("channel {i}: {p}")))?;
+        }
+        at(
+            "data.synthetic.captions_per_scene",
+            check::positive(
+                "data.synthetic.captions_per_scene",
+                count(d.synthetic.captions_per_scene),
+            ),
+        )?;
+        let required = |key: &str, source: &str| {
+            Err((
+                key.to_string(),
+                format!("required when data.source = \"{source}\""),
+            ))
+        };
+        match d.source {
+            DataSource::Annotations if d.annotations.is_none() => {
+                required("data.annotations", "annotations")
+            }
+            DataSource::Webdataset if d.shards.is_none() => required("data.shards", "webdataset"),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// What the data pipeline does with a bad entry or image (`data.on_error`).
@@ -401,7 +537,21 @@ pub struct EvalConfig {
     pub k: usize,
     /// Re-ranking score: `itm` (ITM match probability, as ALBEF) or
     /// `itm+itc` (that plus the ITC similarity).
-    pub rerank: String,
+    pub rerank: Rerank,
+}
+
+impl EvalConfig {
+    /// The values of `[eval]` beyond their types.
+    pub fn check(&self) -> Checked {
+        let e = self;
+        at(
+            "eval.batch_size",
+            check::positive("eval.batch_size", count(e.batch_size)),
+        )?;
+        at("eval.every", check::at_least("eval.every", e.every, 0))?;
+        at("eval.k", check::positive("eval.k", count(e.k)))?;
+        Ok(())
+    }
 }
 
 impl Default for EvalConfig {
@@ -411,7 +561,7 @@ impl Default for EvalConfig {
             at_end: true,
             every: 0,
             k: 128,
-            rerank: "itm".into(),
+            rerank: Rerank::Itm,
         }
     }
 }
@@ -420,146 +570,39 @@ impl Default for EvalConfig {
 pub const MIN_MAX_LEN: i64 = 3;
 
 impl Config {
-    /// Check the values of the typed sections (`train`, `data`, `eval`, the
-    /// objectives' weights) beyond their types: counts positive, rates
-    /// finite and in range, room for a word in `data.max_len`. Returns the
-    /// first offending dotted key and what is wrong with it. Run by
-    /// [`ConfigLayers::load`]; plugin sections are checked by their plugins.
-    pub fn check_values(&self) -> std::result::Result<(), (String, String)> {
-        use crate::check;
-        let at = |key: &str, r: Result<()>| {
-            r.map_err(|e| {
-                let msg = e.to_string();
-                let prefix = format!("config key `{key}`: ");
-                let problem = msg.strip_prefix(&prefix).unwrap_or(&msg).to_string();
-                (key.to_string(), problem)
-            })
-        };
-        let count = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
-        let t = &self.train;
-        at("train.steps", check::positive("train.steps", t.steps))?;
-        at(
-            "train.batch_size",
-            check::positive("train.batch_size", count(t.batch_size)),
-        )?;
-        at(
-            "train.accum_steps",
-            check::positive("train.accum_steps", count(t.accum_steps)),
-        )?;
-        at("train.lr", check::positive_f64("train.lr", t.lr))?;
-        at(
-            "train.min_lr",
-            check::non_negative_f64("train.min_lr", t.min_lr),
-        )?;
-        if t.min_lr > t.lr {
-            return Err((
-                "train.min_lr".into(),
-                format!(
-                    "must not exceed train.lr {} (the cosine decays from lr to min_lr), got {}",
-                    t.lr, t.min_lr
-                ),
-            ));
-        }
-        at(
-            "train.warmup_steps",
-            check::at_least("train.warmup_steps", t.warmup_steps, 0),
-        )?;
-        at(
-            "train.weight_decay",
-            check::non_negative_f64("train.weight_decay", t.weight_decay),
-        )?;
-        for (i, beta) in [t.betas.0, t.betas.1].into_iter().enumerate() {
-            if !(0.0..1.0).contains(&beta) {
-                return Err((
-                    "train.betas".into(),
-                    format!("beta{} must be in [0, 1), got {beta}", i + 1),
-                ));
-            }
-        }
-        at("train.eps", check::positive_f64("train.eps", t.eps))?;
-        at(
-            "train.grad_clip",
-            check::non_negative_f64("train.grad_clip", t.grad_clip),
-        )?;
-        at(
-            "train.checkpoint_every",
-            check::at_least("train.checkpoint_every", t.checkpoint_every, 0),
-        )?;
-        at(
-            "train.log_every",
-            check::positive("train.log_every", t.log_every),
-        )?;
-        at(
-            "train.dist.bucket_mb",
-            check::positive_f64("train.dist.bucket_mb", t.dist.bucket_mb),
-        )?;
-
-        let d = &self.data;
-        at(
-            "data.image_size",
-            check::positive("data.image_size", d.image_size),
-        )?;
-        if d.max_len < MIN_MAX_LEN {
-            return Err((
-                "data.max_len".into(),
-                format!(
-                    "must be at least {MIN_MAX_LEN} ([CLS], [SEP] and room for one word), got {}",
-                    d.max_len
-                ),
-            ));
-        }
-        for (i, (m, s)) in d.mean.iter().zip(&d.std).enumerate() {
-            at("data.mean", check::finite("data.mean", f64::from(*m)))
-                .map_err(|(k, p)| (k, format!("channel {i}: {p}")))?;
-            at("data.std", check::positive_f64("data.std", f64::from(*s)))
-                .map_err(|(k, p)| (k, format!("channel {i}: {p}")))?;
-        }
-        at(
-            "data.synthetic.captions_per_scene",
-            check::positive(
-                "data.synthetic.captions_per_scene",
-                count(d.synthetic.captions_per_scene),
-            ),
-        )?;
-
-        let e = &self.eval;
-        at(
-            "eval.batch_size",
-            check::positive("eval.batch_size", count(e.batch_size)),
-        )?;
-        at("eval.every", check::at_least("eval.every", e.every, 0))?;
-        at("eval.k", check::positive("eval.k", count(e.k)))?;
-        if e.rerank != "itm" && e.rerank != "itm+itc" {
-            return Err((
-                "eval.rerank".into(),
-                format!("expected \"itm\" or \"itm+itc\", got \"{}\"", e.rerank),
-            ));
-        }
+    /// Check the values of the typed sections (`train`, `data`, `eval`,
+    /// `momentum`, the objectives' weights) beyond their types, each by its
+    /// own `check`: counts positive, rates finite and in range, room for a
+    /// word in `data.max_len`. Returns the first offending dotted key and
+    /// what is wrong with it. Run by [`super::ConfigLayers::load`]; plugin
+    /// sections are checked by their plugins.
+    pub fn check_values(&self) -> Checked {
+        self.train.check()?;
+        self.data.check()?;
+        self.eval.check()?;
         for (name, o) in &self.objectives {
             let key = format!("objectives.{name}.weight");
             at(&key, check::non_negative_f64(&key, o.weight))?;
         }
-        let m = &self.momentum;
-        if !(0.0..1.0).contains(&m.mu) {
-            return Err((
-                "momentum.mu".into(),
-                format!("must be in [0, 1), got {}", m.mu),
-            ));
-        }
-        at(
-            "momentum.alpha",
-            check::probability("momentum.alpha", m.alpha),
-        )?;
-        at(
-            "momentum.queue_size",
-            check::at_least("momentum.queue_size", m.queue_size, 0),
-        )?;
-        if let Some(r) = m.alpha_ramp_steps {
-            at(
-                "momentum.alpha_ramp_steps",
-                check::at_least("momentum.alpha_ramp_steps", r, 0),
-            )?;
-        }
-        Ok(())
+        self.momentum.check()
     }
+}
+
+/// A section's check: `Err((dotted key, what is wrong))` for the first
+/// offending key.
+pub type Checked = std::result::Result<(), (String, String)>;
+
+/// `r`, a [`crate::check`] result for `key`, as a [`Checked`].
+fn at(key: &str, r: Result<()>) -> Checked {
+    r.map_err(|e| {
+        let msg = e.to_string();
+        let prefix = format!("config key `{key}`: ");
+        let problem = msg.strip_prefix(&prefix).unwrap_or(&msg).to_string();
+        (key.to_string(), problem)
+    })
+}
+
+/// A count as the `i64` the checks take.
+fn count(v: usize) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
