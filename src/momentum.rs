@@ -252,3 +252,49 @@ impl MomentumTrainer {
         self.pairs.iter().map(|(_, m, _)| m.numel() as i64).sum()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// A queue size is accepted exactly when the global batch divides
+        /// it, and the sizes the error offers are multiples of the global
+        /// batch on either side of it (the one above when none is below).
+        #[test]
+        fn queue_size_check_names_the_nearest_multiples(q in 0i64..5000, world in 1usize..5, b in 1usize..100) {
+            let g = (world * b) as i64;
+            match check_queue_size(q, world, b) {
+                Ok(()) => prop_assert_eq!(q % g, 0),
+                Err(e) => {
+                    prop_assert!(q % g != 0);
+                    let msg = e.to_string();
+                    let below = q / g * g;
+                    let want = if below == 0 {
+                        format!("are {}", g)
+                    } else {
+                        format!("are {below} or {}", below + g)
+                    };
+                    prop_assert!(msg.ends_with(&want), "{}", msg);
+                    prop_assert!(msg.contains("`momentum.queue_size`"));
+                }
+            }
+        }
+
+        /// alpha ramps from 0, never decreases, never exceeds its value and
+        /// reaches it at the end of the ramp.
+        #[test]
+        fn alpha_ramps_linearly_to_its_value(alpha in 0.0f64..=1.0, ramp in 0i64..1000, step in 0i64..2000) {
+            let a = alpha_at(alpha, ramp, step);
+            prop_assert!((0.0..=alpha).contains(&a));
+            prop_assert!(alpha_at(alpha, ramp, step + 1) >= a);
+            if step >= ramp {
+                prop_assert_eq!(a, alpha);
+            }
+            if ramp > 0 {
+                prop_assert_eq!(alpha_at(alpha, ramp, 0), 0.0);
+            }
+        }
+    }
+}
