@@ -66,22 +66,19 @@ fn eps() -> f64 {
     1e-12
 }
 
-/// The resolved architecture of a [`CoAttentionFusion`].
+/// The resolved architecture of a [`CoAttentionFusion`]: its depth and
+/// the shared BERT-layer sizes of every text and image block (their
+/// cross-attention reads the other stream, at the same width).
 #[derive(Debug, Clone, Copy)]
 pub struct CoAttentionConfig {
     pub num_hidden_layers: i64,
-    pub hidden_size: i64,
-    pub num_attention_heads: i64,
-    pub intermediate_size: i64,
-    pub hidden_dropout_prob: f64,
-    pub attention_probs_dropout_prob: f64,
-    pub layer_norm_eps: f64,
+    pub layer: BertLayerConfig,
 }
 
 impl CoAttentionSection {
     /// Check the section `key` against the text encoder's width; errors name
-    /// the offending key.
-    pub fn resolve(&self, key: &str, text_width: i64) -> Result<CoAttentionConfig> {
+    /// the offending key. The layers compute in `compute`.
+    pub fn resolve(&self, key: &str, text_width: i64, compute: Kind) -> Result<CoAttentionConfig> {
         let hidden = self.hidden_size.unwrap_or(text_width);
         if hidden != text_width {
             return Err(check::invalid(
@@ -113,12 +110,16 @@ impl CoAttentionSection {
         )?;
         Ok(CoAttentionConfig {
             num_hidden_layers: self.num_hidden_layers,
-            hidden_size: hidden,
-            num_attention_heads: self.num_attention_heads,
-            intermediate_size: intermediate,
-            hidden_dropout_prob: self.hidden_dropout_prob,
-            attention_probs_dropout_prob: self.attention_probs_dropout_prob,
-            layer_norm_eps: self.layer_norm_eps,
+            layer: BertLayerConfig {
+                hidden,
+                heads: self.num_attention_heads,
+                intermediate,
+                hidden_dropout: self.hidden_dropout_prob,
+                attention_dropout: self.attention_probs_dropout_prob,
+                layer_norm_eps: self.layer_norm_eps,
+                cross_width: Some(hidden),
+                compute,
+            },
         })
     }
 }
@@ -137,24 +138,10 @@ pub struct CoAttentionFusion {
 }
 
 impl CoAttentionFusion {
-    pub fn new(
-        p: &nn::Path,
-        cfg: &CoAttentionConfig,
-        text_width: i64,
-        image_width: i64,
-        compute: Kind,
-    ) -> Self {
-        let d = cfg.hidden_size;
-        let layer_cfg = BertLayerConfig {
-            hidden: d,
-            heads: cfg.num_attention_heads,
-            intermediate: cfg.intermediate_size,
-            hidden_dropout: cfg.hidden_dropout_prob,
-            attention_dropout: cfg.attention_probs_dropout_prob,
-            layer_norm_eps: cfg.layer_norm_eps,
-            cross_width: Some(d),
-            compute,
-        };
+    /// Build under `p`; everything computes in `cfg.layer.compute`.
+    pub fn new(p: &nn::Path, cfg: &CoAttentionConfig, text_width: i64, image_width: i64) -> Self {
+        let (d, compute) = (cfg.layer.hidden, cfg.layer.compute);
+        let layer_cfg = cfg.layer;
         let layers = |name: &str| -> Vec<BertLayer> {
             (0..cfg.num_hidden_layers)
                 .map(|i| BertLayer::new(&(p / name / i), &layer_cfg))
@@ -251,13 +238,12 @@ impl Encoder for CoAttentionFusion {
 fn build(ctx: &BuildContext<'_>) -> Result<Rc<dyn Encoder>> {
     let section: CoAttentionSection = ctx.params()?;
     let text_width = ctx.width("text")?;
-    let cfg = section.resolve(&ctx.key, text_width)?;
+    let cfg = section.resolve(&ctx.key, text_width, ctx.env.compute)?;
     Ok(Rc::new(CoAttentionFusion::new(
         &ctx.path,
         &cfg,
         text_width,
         ctx.width("image")?,
-        ctx.env.compute,
     )))
 }
 
@@ -278,9 +264,9 @@ mod tests {
             attention_probs_dropout_prob: 0.0,
             layer_norm_eps: 1e-12,
         };
-        let cfg = section.resolve("model.fusion", 16).unwrap();
-        assert_eq!(cfg.intermediate_size, 64);
-        let fusion = CoAttentionFusion::new(&vs.root(), &cfg, 16, 24, compute);
+        let cfg = section.resolve("model.fusion", 16, compute).unwrap();
+        assert_eq!(cfg.layer.intermediate, 64);
+        let fusion = CoAttentionFusion::new(&vs.root(), &cfg, 16, 24);
         let text = Encoded {
             hidden: Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu)),
             mask: Tensor::from_slice(&[1i64, 1, 1, 1, 1, 1, 1, 1, 0, 0]).view([2, 5]),
