@@ -267,7 +267,7 @@ fn nlvr2_doubles_the_pretrained_fusion() {
         let shared = tail.starts_with("crossattention.self.key")
             || tail.starts_with("crossattention.self.value");
         assert!(
-            !shared || layer % 2 == 0,
+            !shared || layer.is_multiple_of(2),
             "{name}: odd layers share key/value"
         );
         fusion += 1;

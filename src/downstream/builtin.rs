@@ -17,7 +17,7 @@
 //! false, so the text alone does not give the label away: a model must
 //! look at the image(s).
 
-use crate::data::synthetic::{Scene, BACKGROUNDS, COLORS, SHAPES, SIZES};
+use crate::data::synthetic::{Scene, BACKGROUNDS, COLORS, SHAPES};
 use crate::rng::Rng;
 
 const COUNTS: [&str; 3] = ["one shape", "two shapes", "three shapes"];
@@ -259,7 +259,7 @@ mod tests {
     }
 
     #[test]
-    fn nlvr2_statements_are_one_true_one_false_and_right() {
+    fn nlvr2_statements_are_two_true_two_false_and_right() {
         let mut by_kind: std::collections::BTreeMap<&str, [usize; 2]> = Default::default();
         for i in 0..400 {
             let (l, r) = (Scene::generate(9, 2 * i), Scene::generate(9, 2 * i + 1));

@@ -176,7 +176,7 @@ pub fn builtin_items(task: Task, cfg: &vlmatch_registry::Config, split: Split) -
     };
     let (mut pairs, mut labels, mut kinds) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..scenes {
-        let seed = mix(&[s.seed, first + i as u64, 0x5EED_D0]);
+        let seed = mix(&[s.seed, first + i as u64, 0x005E_EDD0]);
         // Each scene is the left image of two pairs, with right images
         // drawn from the other scenes of the split.
         let groups = match task {

@@ -74,12 +74,8 @@ fn layers_double_and_share_cross_attention_keys_and_values() {
     let new = Tensor::randn(key0.size(), (Kind::Float, Device::Cpu));
     tch::no_grad(|| key0.copy_(&new));
     for (first, second) in [(0, 1), (2, 3)] {
-        for kind in 0..2 {
-            assert_eq!(
-                kvs[first][kind].data_ptr(),
-                kvs[second][kind].data_ptr(),
-                "layers {first} and {second}"
-            );
+        for (a, b) in kvs[first].iter().zip(kvs[second]) {
+            assert_eq!(a.data_ptr(), b.data_ptr(), "layers {first} and {second}");
         }
     }
     assert!(kvs[1][0].equal(&new));
