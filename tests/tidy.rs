@@ -266,3 +266,228 @@ fn the_host_imports_no_concrete_plugin() {
     assert!(!names_crate("crate::commands::neggen::run(", "neggen"));
     assert!(!names_crate("my_bert::x", "bert"));
 }
+
+/// The longest a source file may be: past it, a file holds several things
+/// that want modules of their own (ARCHITECTURE.md).
+const MAX_LINES: usize = 800;
+
+/// Whether `path` (under the repository) is test code: under a `tests/` or
+/// `benches/` directory.
+fn is_test_file(path: &Path) -> bool {
+    let rel = path.strip_prefix(root()).unwrap_or(path);
+    rel.components()
+        .any(|c| c.as_os_str() == "tests" || c.as_os_str() == "benches")
+}
+
+/// `path: N lines` for each of `files` (path, text) over `max` lines.
+fn too_long(files: &[(String, String)], max: usize) -> Vec<String> {
+    files
+        .iter()
+        .filter(|(_, text)| text.lines().count() > max)
+        .map(|(path, text)| format!("{path}: {} lines", text.lines().count()))
+        .collect()
+}
+
+#[test]
+fn no_source_file_passes_800_lines() {
+    let mut files = Vec::new();
+    for dir in ["src", "core", "registry", "plugins", "dist", "xtask"] {
+        rust_files(&root().join(dir), &mut files);
+    }
+    let sources: Vec<(String, String)> = files
+        .iter()
+        .filter(|f| !is_test_file(f))
+        .map(|f| (f.display().to_string(), read(f)))
+        .collect();
+    assert!(sources.len() > 50, "found {} source files", sources.len());
+    let long = too_long(&sources, MAX_LINES);
+    assert!(
+        long.is_empty(),
+        "source files over {MAX_LINES} lines (split them into modules):\n{}",
+        long.join("\n")
+    );
+    // The check itself: it counts lines, and test code is exempt.
+    let lines = |n: usize| "x\n".repeat(n);
+    let synthetic = [
+        ("ok.rs".to_string(), lines(MAX_LINES)),
+        ("long.rs".to_string(), lines(MAX_LINES + 1)),
+    ];
+    assert_eq!(too_long(&synthetic, MAX_LINES), ["long.rs: 801 lines"]);
+    assert!(is_test_file(&root().join("tests/tidy.rs")));
+    assert!(is_test_file(&root().join("plugins/itc/tests/x.rs")));
+    assert!(!is_test_file(&root().join("src/cli.rs")));
+}
+
+/// The module of the root crate that `path` (under `src/`) defines:
+/// `src/lib.rs` the crate root (""), `src/a/mod.rs` and `src/a.rs` `a`,
+/// `src/a/b.rs` `a::b`; `None` for the binary's `src/main.rs`.
+fn module_of(path: &Path) -> Option<String> {
+    let rel = path.strip_prefix(root().join("src")).ok()?;
+    let mut parts: Vec<String> = rel
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    let file = parts.pop()?;
+    match file.as_str() {
+        "main.rs" if parts.is_empty() => return None,
+        "lib.rs" if parts.is_empty() => {}
+        "mod.rs" => {}
+        other => parts.push(other.strip_suffix(".rs")?.to_string()),
+    }
+    Some(parts.join("::"))
+}
+
+/// The `crate::` paths `text` names (`use crate::a::b;`, `crate::a::f()`,
+/// `use crate::{a, b::{c, d}}` as `a`, `b::c`, `b::d`), comment lines
+/// apart; `$crate::` in macros is not one.
+fn crate_paths(text: &str) -> Vec<Vec<String>> {
+    fn ident(s: &str) -> (&str, &str) {
+        let end = s
+            .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .unwrap_or(s.len());
+        s.split_at(end)
+    }
+    /// A path after `crate::` (or after a group's opening brace): its
+    /// segments, with a `{..}` group expanded; returns what follows.
+    fn path<'a>(mut s: &'a str, prefix: Vec<String>, out: &mut Vec<Vec<String>>) -> &'a str {
+        let mut segs = prefix;
+        loop {
+            s = s.trim_start();
+            if let Some(rest) = s.strip_prefix('{') {
+                s = rest;
+                loop {
+                    s = path(s, segs.clone(), out).trim_start();
+                    if let Some(rest) = s.strip_prefix(',') {
+                        s = rest;
+                        if let Some(rest) = s.trim_start().strip_prefix('}') {
+                            return rest;
+                        }
+                    } else {
+                        return s.strip_prefix('}').unwrap_or(s);
+                    }
+                }
+            }
+            let (name, rest) = ident(s);
+            if name.is_empty() {
+                break;
+            }
+            segs.push(name.to_string());
+            s = rest;
+            match s.strip_prefix("::") {
+                Some(rest) => s = rest,
+                None => break,
+            }
+        }
+        if !segs.is_empty() {
+            out.push(segs);
+        }
+        s
+    }
+    let code: String = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut out = Vec::new();
+    let mut from = 0;
+    while let Some(i) = code[from..].find("crate::") {
+        let at = from + i;
+        let before = code[..at].chars().next_back();
+        from = at + "crate::".len();
+        if before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '$') {
+            continue;
+        }
+        path(&code[from..], Vec::new(), &mut out);
+    }
+    out
+}
+
+/// `(importer, imported)` for `(module, text)` per file: an import is a
+/// `crate::` path whose longest prefix that is a module is another module.
+fn import_edges(files: &[(String, String)]) -> std::collections::BTreeSet<(String, String)> {
+    let modules: std::collections::BTreeSet<&str> = files.iter().map(|(m, _)| m.as_str()).collect();
+    let mut edges = std::collections::BTreeSet::new();
+    for (module, text) in files {
+        for p in crate_paths(text) {
+            let target = (1..=p.len())
+                .rev()
+                .map(|n| p[..n].join("::"))
+                .find(|m| modules.contains(m.as_str()));
+            if let Some(t) = target.filter(|t| t != module) {
+                edges.insert((module.clone(), t));
+            }
+        }
+    }
+    edges
+}
+
+/// Pairs of modules that import each other ([`import_edges`]).
+fn import_cycles(files: &[(String, String)]) -> Vec<(String, String)> {
+    let edges = import_edges(files);
+    edges
+        .iter()
+        .filter(|(a, b)| a < b && edges.contains(&(b.clone(), a.clone())))
+        .cloned()
+        .collect()
+}
+
+/// No two modules of the root crate import each other: a module that
+/// needs something from the one that uses it holds what should be a third
+/// module (as `run.rs`, shared by the commands, `bench` and `vqa`).
+#[test]
+fn no_two_host_modules_import_each_other() {
+    let mut files = Vec::new();
+    rust_files(&root().join("src"), &mut files);
+    let modules: Vec<(String, String)> = files
+        .iter()
+        .filter_map(|f| Some((module_of(f)?, read(f))))
+        .collect();
+    assert!(modules.iter().any(|(m, _)| m == "commands::eval"));
+    // It sees the real imports: `cli` dispatches to the commands, which load
+    // runs through `run`.
+    let edges = import_edges(&modules);
+    for (a, b) in [
+        ("cli", "commands::neggen"),
+        ("commands::neggen", "run"),
+        ("vqa", "run"),
+    ] {
+        assert!(edges.contains(&(a.into(), b.into())), "no edge {a} -> {b}");
+    }
+    let cycles = import_cycles(&modules);
+    assert!(
+        cycles.is_empty(),
+        "modules that import each other (move what both need into a third):\n{}",
+        cycles
+            .iter()
+            .map(|(a, b)| format!("{a} <-> {b}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // The check itself, on a synthetic crate.
+    let m = |name: &str, text: &str| (name.to_string(), text.to_string());
+    let synthetic = [
+        m("a", "use crate::b::X;\n// crate::c::Y in a comment\n"),
+        m("b", "fn f() { crate::a::g() }"),
+        m("c", "use crate::{\n    a,\n    d::{e::Z, W},\n};"),
+        m("d", "use crate::c as _;"),
+        m("d::e", "macro_rules! m { () => { $crate::d::x } }"),
+    ];
+    assert_eq!(
+        import_cycles(&synthetic),
+        [("a".to_string(), "b".to_string()), ("c".into(), "d".into())]
+    );
+    assert_eq!(
+        crate_paths("use crate::{a, b::{c, d}};"),
+        [vec!["a"], vec!["b", "c"], vec!["b", "d"]]
+    );
+    assert_eq!(module_of(&root().join("src/lib.rs")).as_deref(), Some(""));
+    assert_eq!(
+        module_of(&root().join("src/eval/mod.rs")).as_deref(),
+        Some("eval")
+    );
+    assert_eq!(
+        module_of(&root().join("src/commands/eval.rs")).as_deref(),
+        Some("commands::eval")
+    );
+    assert_eq!(module_of(&root().join("src/main.rs")), None);
+}
