@@ -20,7 +20,7 @@ use crate::checkpoint::{self, TrainerState};
 use crate::data::loader::{Loader, LoaderConfig};
 use crate::data::synthetic::{Scene, BACKGROUNDS, COLORS, SHAPES, SIZES};
 use crate::data::{annotations, Dataset};
-use crate::optim::{lr_at, AdamW};
+use crate::optim::AdamW;
 use crate::tokenizer::Tokenizer;
 use serde::Serialize;
 use serde_json::Value;
@@ -357,40 +357,6 @@ pub fn finetune(opts: &FinetuneOptions) -> Result<PathBuf> {
         LoaderConfig::new(&c.data, bs, Some(c.train.seed)),
         0,
     )?;
-    let mut optim = AdamW::new(&m.asm.vs, c.train.betas, c.train.eps, c.train.weight_decay);
-    let bar = if opts.progress {
-        indicatif::ProgressBar::new(opts.steps as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    let warmup = (opts.steps / 10).min(c.train.warmup_steps);
-    let mut last = f64::NAN;
-    for step in 0..opts.steps {
-        let batch = loader.next_batch()?.to_device(m.asm.model.device);
-        let rows: Vec<i64> = batch.pairs.iter().map(|&i| i as i64).collect();
-        let t = targets
-            .index_select(0, &Tensor::from_slice(&rows))
-            .to_device(m.asm.model.device);
-        let logits = m.logits(&batch, true)?;
-        let loss =
-            logits.binary_cross_entropy_with_logits::<Tensor>(&t, None, None, tch::Reduction::Sum)
-                / bs as f64;
-        loss.backward();
-        let _ = optim.clip_grad_norm(c.train.grad_clip);
-        optim.step(lr_at(step, opts.steps, warmup, opts.lr, opts.lr * 0.02));
-        optim.zero_grad();
-        if step % 20 == 0 || step + 1 == opts.steps {
-            last = loss.double_value(&[]);
-            if !last.is_finite() {
-                return Err(Error::Config(format!(
-                    "the VQA loss became {last} at step {step}; lower --lr"
-                )));
-            }
-            bar.set_message(format!("loss {last:.4}"));
-        }
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
     std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
     let cfg_path = out.join("config.toml");
     std::fs::write(&cfg_path, m.loaded.to_toml()).map_err(|e| Error::io(&cfg_path, e))?;
@@ -400,16 +366,44 @@ pub fn finetune(opts: &FinetuneOptions) -> Result<PathBuf> {
         serde_json::to_string_pretty(&answers).expect("json"),
     )
     .map_err(|e| Error::io(&ans_path, e))?;
-    checkpoint::save(
-        &out,
+    let device = m.asm.model.device;
+    let loss = |_step: i64| -> Result<Tensor> {
+        let batch = loader.next_batch()?.to_device(device);
+        let rows: Vec<i64> = batch.pairs.iter().map(|&i| i as i64).collect();
+        let t = targets
+            .index_select(0, &Tensor::from_slice(&rows))
+            .to_device(device);
+        let logits = m.logits(&batch, true)?;
+        Ok(
+            logits.binary_cross_entropy_with_logits::<Tensor>(&t, None, None, tch::Reduction::Sum)
+                / bs as f64,
+        )
+    };
+    // The last step's weights are kept (VQA has no validation set here).
+    let save = |done: i64, optim: &AdamW| -> Result<()> {
+        if done == opts.steps {
+            checkpoint::save(
+                &out,
+                &m.asm.vs,
+                optim.state(),
+                TrainerState {
+                    step: done,
+                    batches: done,
+                    seed: c.train.seed as i64,
+                },
+                1,
+            )?;
+        }
+        Ok(())
+    };
+    let last = crate::downstream::optimise(
         &m.asm.vs,
-        optim.state(),
-        TrainerState {
-            step: opts.steps,
-            batches: opts.steps,
-            seed: c.train.seed as i64,
-        },
-        1,
+        &c.train,
+        (opts.steps, opts.lr),
+        opts.progress,
+        "VQA",
+        loss,
+        save,
     )?;
     tracing::info!(out = %out.display(), loss = last, answers = n, "fine-tuned");
     Ok(out)

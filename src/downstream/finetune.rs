@@ -114,6 +114,52 @@ fn item_batches(
     rx
 }
 
+/// The optimisation every fine-tuning task shares: `steps` AdamW steps
+/// over all of `vs` (the run's betas, epsilon, weight decay and gradient
+/// clipping; linear warmup over a tenth of the steps, at most
+/// `train.warmup_steps`, then cosine decay from `lr` to 2% of it), each on
+/// `loss(step)`; `after(steps done, optimizer)` runs after every step
+/// (validation, checkpoints). Returns the last loss read back (every 20
+/// steps and the last); a non-finite one stops with an error naming `task`.
+pub(crate) fn optimise(
+    vs: &tch::nn::VarStore,
+    train: &vlmatch_registry::config::TrainConfig,
+    (steps, lr): (i64, f64),
+    progress: bool,
+    task: &str,
+    mut loss: impl FnMut(i64) -> Result<Tensor>,
+    mut after: impl FnMut(i64, &AdamW) -> Result<()>,
+) -> Result<f64> {
+    let mut optim = AdamW::new(vs, train.betas, train.eps, train.weight_decay);
+    let bar = if progress {
+        indicatif::ProgressBar::new(steps as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let warmup = (steps / 10).min(train.warmup_steps);
+    let mut last = f64::NAN;
+    for step in 0..steps {
+        let loss = loss(step)?;
+        optim.zero_grad();
+        loss.backward();
+        let _ = optim.clip_grad_norm(train.grad_clip);
+        optim.step(lr_at(step, steps, warmup, lr, lr * 0.02));
+        if step % 20 == 0 || step + 1 == steps {
+            last = loss.double_value(&[]);
+            if !last.is_finite() {
+                return Err(Error::Config(format!(
+                    "the {task} loss became {last} at step {step}; lower --lr"
+                )));
+            }
+            bar.set_message(format!("loss {last:.4}"));
+        }
+        bar.inc(1);
+        after(step + 1, &optim)?;
+    }
+    bar.finish_and_clear();
+    Ok(last)
+}
+
 fn majority(labels: &[i64], classes: usize) -> i64 {
     let mut counts = vec![0usize; classes];
     for &l in labels {
@@ -188,57 +234,29 @@ pub fn finetune(opts: &FinetuneOptions) -> Result<FinetuneReport> {
         opts.steps,
     );
     let labels = Tensor::from_slice(&train.labels);
-    let mut optim = AdamW::new(&m.asm.vs, c.train.betas, c.train.eps, c.train.weight_decay);
-    let bar = if opts.progress {
-        indicatif::ProgressBar::new(opts.steps as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    let warmup = (opts.steps / 10).min(c.train.warmup_steps);
     let every = opts.eval_every.unwrap_or(opts.steps / 5).max(1);
-    let (mut last, mut curve, mut best) = (f64::NAN, Vec::new(), None::<(i64, f64)>);
+    let (mut curve, mut best) = (Vec::new(), None::<(i64, f64)>);
     let device = m.asm.model.device;
-    for step in 0..opts.steps {
+    let loss = |_step: i64| -> Result<Tensor> {
         let batch = batches.recv().map_err(|_| {
             Error::Config("the data loader stopped after an earlier error".into())
         })??;
         let batch = batch.to_device(device);
-        let slots: Vec<i64> = train
-            .slot_items(&batch.pairs)
-            .into_iter()
-            .enumerate()
-            .filter_map(|(j, item)| item.map(|_| j as i64))
+        let slots = train.slot_items(&batch.pairs);
+        let rows: Vec<i64> = (0..slots.len() as i64)
+            .filter(|&j| slots[j as usize].is_some())
             .collect();
-        let items: Vec<i64> = train
-            .slot_items(&batch.pairs)
-            .into_iter()
-            .flatten()
-            .map(|i| i as i64)
-            .collect();
+        let items: Vec<i64> = slots.into_iter().flatten().map(|i| i as i64).collect();
         let target = labels
             .index_select(0, &Tensor::from_slice(&items))
             .to_device(device);
         let logits = m
             .logits(&batch, true)?
-            .index_select(0, &Tensor::from_slice(&slots).to_device(device));
-        let loss = logits.cross_entropy_for_logits(&target);
-        optim.zero_grad();
-        loss.backward();
-        let _ = optim.clip_grad_norm(c.train.grad_clip);
-        optim.step(lr_at(step, opts.steps, warmup, opts.lr, opts.lr * 0.02));
-        if step % 20 == 0 || step + 1 == opts.steps {
-            last = loss.double_value(&[]);
-            if !last.is_finite() {
-                return Err(Error::Config(format!(
-                    "the {} loss became {last} at step {step}; lower --lr",
-                    task.name()
-                )));
-            }
-            bar.set_message(format!("loss {last:.4}"));
-        }
-        bar.inc(1);
-        let done = step + 1;
-        let save = |m: &Classifier, optim: &AdamW| {
+            .index_select(0, &Tensor::from_slice(&rows).to_device(device));
+        Ok(logits.cross_entropy_for_logits(&target))
+    };
+    let after = |done: i64, optim: &AdamW| -> Result<()> {
+        let save = || {
             checkpoint::save(
                 &out,
                 &m.asm.vs,
@@ -258,16 +276,25 @@ pub fn finetune(opts: &FinetuneOptions) -> Result<FinetuneReport> {
                 curve.push((done, acc));
                 if best.is_none_or(|(_, b)| acc > b) {
                     best = Some((done, acc));
-                    save(&m, &optim)?;
+                    save()?;
                 }
             }
             None if done == opts.steps => {
-                save(&m, &optim)?;
+                save()?;
             }
             _ => {}
         }
-    }
-    bar.finish_and_clear();
+        Ok(())
+    };
+    let last = optimise(
+        &m.asm.vs,
+        &c.train,
+        (opts.steps, opts.lr),
+        opts.progress,
+        task.name(),
+        loss,
+        after,
+    )?;
     let best_step = best.map_or(opts.steps, |(s, _)| s);
     if best_step != opts.steps {
         checkpoint::load(&checkpoint::latest(&out)?, &mut m.asm.vs)?;

@@ -27,6 +27,7 @@ pub mod builtin;
 mod finetune;
 pub mod formats;
 
+pub(crate) use finetune::optimise;
 pub use finetune::{evaluate, finetune, Accuracy, FinetuneOptions, FinetuneReport};
 
 use crate::data::{Dataset, Pair};
