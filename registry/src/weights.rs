@@ -405,3 +405,66 @@ pub fn build_masked_lm(
     let head = build(&ctx).map_err(in_dir)?;
     Ok((text, head))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_names_lose_the_class_prefix_and_old_layer_norm_names() {
+        let p = ["bert.", "roberta."];
+        assert_eq!(
+            hub_name("bert.encoder.layer.0.output.LayerNorm.gamma", &p),
+            "encoder.layer.0.output.LayerNorm.weight"
+        );
+        assert_eq!(
+            hub_name("roberta.embeddings.LayerNorm.beta", &p),
+            "embeddings.LayerNorm.bias"
+        );
+        // Only a leading prefix, only the listed ones.
+        assert_eq!(
+            hub_name("vit.embeddings.cls_token", &p),
+            "vit.embeddings.cls_token"
+        );
+        assert_eq!(hub_name("cls.predictions.bias", &p), "cls.predictions.bias");
+    }
+
+    #[test]
+    fn layer_index_splits_the_block_number() {
+        assert_eq!(
+            layer_index(
+                "encoder.layer.11.attention.self.query.weight",
+                "encoder.layer."
+            ),
+            Some((11, "attention.self.query.weight"))
+        );
+        assert_eq!(layer_index("encoder.layer.x.a", "encoder.layer."), None);
+        assert_eq!(
+            layer_index("embeddings.word_embeddings.weight", "encoder.layer."),
+            None
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_of_another_model_type_is_refused_naming_both() {
+        let dir = std::env::temp_dir().join(format!("weights-mt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), r#"{"model_type": "roberta"}"#).unwrap();
+        let e = check_model_type("model.text", "bert", Some(&dir), &["bert"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("config key `model.text.init`")
+                && e.contains("`roberta` checkpoint")
+                && e.contains("plugin `bert`")
+                && e.contains("model_type `bert`"),
+            "{e}"
+        );
+        assert!(check_model_type("model.text", "roberta", Some(&dir), &["roberta"]).is_ok());
+        // Without a model_type (or without init) nothing is refused.
+        std::fs::write(dir.join("config.json"), "{}").unwrap();
+        assert!(check_model_type("model.text", "bert", Some(&dir), &["bert"]).is_ok());
+        assert!(check_model_type("model.text", "bert", None, &["bert"]).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
