@@ -171,7 +171,14 @@ pub fn bench_eval(opts: &EvalBenchOptions) -> Result<Value> {
             mask: mask.shallow_clone(),
         };
         crate::eval::rerank_encoded(
-            &asm.model, &image_enc, &text_enc, &owner, opts.k, "itm", None, &bar,
+            &asm.model,
+            &image_enc,
+            &text_enc,
+            &owner,
+            opts.k,
+            vlmatch_registry::config::Rerank::Itm,
+            None,
+            &bar,
         )
     })?;
     sync(device);

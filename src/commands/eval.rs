@@ -136,7 +136,7 @@ fn eval_on(
                 &ds,
                 &inp,
                 c.eval.k,
-                c.eval.rerank.as_str(),
+                c.eval.rerank,
                 collective.as_deref(),
                 &bar,
             )?;
@@ -166,14 +166,7 @@ fn eval_on(
             })?)?;
             let (ds, _) =
                 crate::data::annotations::load_entries(data, image_root, "label", c.data.on_error)?;
-            let z = crate::eval::zeroshot(
-                &asm.model,
-                &ds,
-                &labels,
-                &inp,
-                c.eval.k,
-                c.eval.rerank.as_str(),
-            )?;
+            let z = crate::eval::zeroshot(&asm.model, &ds, &labels, &inp, c.eval.k, c.eval.rerank)?;
             serde_json::to_value(z).expect("serialisable")
         }
         other => {

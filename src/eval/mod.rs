@@ -13,6 +13,7 @@ use crate::tokenizer::Tokenizer;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 use vlmatch_core::{Encoded, EncoderInput, Result, VlModel};
+use vlmatch_registry::config::Rerank;
 
 mod rerank;
 pub use rerank::{
@@ -309,15 +310,6 @@ pub(crate) fn rank_of_first_hit(cands: &[i64], scores: &[f64], hit: impl Fn(i64)
         .unwrap_or(usize::MAX)
 }
 
-pub(crate) fn check_rerank(rerank: &str) -> Result<()> {
-    if rerank != "itm" && rerank != "itm+itc" {
-        return Err(vlmatch_core::Error::Config(format!(
-            "config key `eval.rerank`: expected \"itm\" or \"itm+itc\", got \"{rerank}\""
-        )));
-    }
-    Ok(())
-}
-
 /// Zero-shot classification: each image against every candidate label.
 #[derive(Debug, Clone, Serialize)]
 pub struct ZeroShot {
@@ -342,9 +334,8 @@ pub fn zeroshot(
     labels: &[String],
     inp: &EvalInputs<'_>,
     k: usize,
-    rerank: &str,
+    rerank: Rerank,
 ) -> Result<ZeroShot> {
-    check_rerank(rerank)?;
     if labels.is_empty() {
         return Err(vlmatch_core::Error::Config(
             "--labels: no candidate labels".into(),
@@ -409,7 +400,7 @@ pub fn zeroshot(
                     .pair_logits(&model.fuse_cls(&states.select(&idx), &img, false)?)?
                     .softmax(1, Kind::Float)
                     .select(1, 1);
-                let s = if rerank == "itm+itc" {
+                let s = if rerank == Rerank::ItmItc {
                     p + sims.get(b as i64).index_select(0, &idx)
                 } else {
                     p
@@ -427,7 +418,7 @@ pub fn zeroshot(
         images: ds.pairs.len(),
         labels: labels.len(),
         k: kk,
-        rerank: rerank.to_string(),
+        rerank: rerank.as_str().to_string(),
         itc_top1: itc1 as f64 / n,
         itc_top5: itc5 as f64 / n,
         itm_top1: itm1 as f64 / n,

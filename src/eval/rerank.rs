@@ -12,12 +12,13 @@
 //! its candidates by their scores. Memory stays bounded by one batch of
 //! fused pairs and the pairs' scores.
 
-use super::{check_rerank, image_states, rank_of_first_hit, EvalInputs};
+use super::{image_states, rank_of_first_hit, EvalInputs};
 use crate::data::Dataset;
 use serde::Serialize;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 use vlmatch_core::{readback, Collective, Encoded, EncoderInput, Result, VlModel};
+use vlmatch_registry::config::Rerank;
 
 /// Candidate pairs fused per batch.
 pub const RERANK_BATCH: usize = 256;
@@ -53,7 +54,7 @@ pub fn retrieval_reranked(
     ds: &Dataset,
     inp: &EvalInputs<'_>,
     k: usize,
-    rerank: &str,
+    rerank: Rerank,
     progress: &indicatif::ProgressBar,
 ) -> Result<RerankedRetrieval> {
     retrieval_reranked_sharded(model, ds, inp, k, rerank, None, progress)
@@ -68,11 +69,10 @@ pub fn retrieval_reranked_sharded(
     ds: &Dataset,
     inp: &EvalInputs<'_>,
     k: usize,
-    rerank: &str,
+    rerank: Rerank,
     shard: Option<&dyn Collective>,
     progress: &indicatif::ProgressBar,
 ) -> Result<RerankedRetrieval> {
-    check_rerank(rerank)?;
     tch::no_grad(|| {
         let bs = inp.batch_size.max(1);
         let all: Vec<usize> = (0..ds.images.len()).collect();
@@ -123,11 +123,10 @@ pub fn rerank_encoded(
     text: &Encoded,
     owner: &[usize],
     k: usize,
-    rerank: &str,
+    rerank: Rerank,
     shard: Option<&dyn Collective>,
     progress: &indicatif::ProgressBar,
 ) -> Result<RerankedRetrieval> {
-    check_rerank(rerank)?;
     tch::no_grad(|| {
         let image_embeds = model.contrastive.embed_image(images);
         let text_embeds = model.contrastive.embed_text(text);
@@ -158,7 +157,7 @@ pub fn rerank_encoded(
                 .pair_logits(&fused)?
                 .softmax(1, Kind::Float)
                 .select(1, 1);
-            let s = if rerank == "itm+itc" { p + itc } else { p };
+            let s = if rerank == Rerank::ItmItc { p + itc } else { p };
             Ok(Vec::<f64>::try_from(
                 s.to_kind(Kind::Double).to_device(Device::Cpu),
             )?)
@@ -190,7 +189,7 @@ pub fn reranked_recalls(
     text_embeds: &Tensor,
     owner: &[usize],
     k: usize,
-    rerank: &str,
+    rerank: Rerank,
     score: impl FnMut(&Tensor, &Tensor, &Tensor) -> Result<Vec<f64>>,
     progress: &indicatif::ProgressBar,
 ) -> Result<RerankedRetrieval> {
@@ -239,7 +238,7 @@ pub fn reranked_recalls_sharded(
     text_embeds: &Tensor,
     owner: &[usize],
     k: usize,
-    rerank: &str,
+    rerank: Rerank,
     mut score: impl FnMut(&Tensor, &Tensor, &Tensor) -> Result<Vec<f64>>,
     text_lens: Option<&[i64]>,
     shard: Option<&dyn Collective>,
@@ -339,7 +338,7 @@ pub fn reranked_recalls_sharded(
         images: ni,
         captions: nt,
         k: kk,
-        rerank: rerank.to_string(),
+        rerank: rerank.as_str().to_string(),
         tr_r1: recall(&tr_ranks, 1),
         tr_r5: recall(&tr_ranks, 5),
         tr_r10: recall(&tr_ranks, 10),
@@ -419,15 +418,31 @@ mod tests {
                 .collect())
         };
         let bar = indicatif::ProgressBar::hidden();
-        let r =
-            reranked_recalls(&image_embeds, &text_embeds, &owner, 2, "itm", score, &bar).unwrap();
+        let r = reranked_recalls(
+            &image_embeds,
+            &text_embeds,
+            &owner,
+            2,
+            Rerank::Itm,
+            score,
+            &bar,
+        )
+        .unwrap();
         let got = [r.tr_r1, r.tr_r5, r.tr_r10, r.ir_r1, r.ir_r5, r.ir_r10];
         assert_eq!(got, [0.5, 0.75, 0.75, 0.625, 1.0, 1.0]);
         assert!((r.rsum - 462.5).abs() < 1e-9, "{}", r.rsum);
         // k = 1 leaves ITC's first choice alone: of the images only img3
         // (c7) hits; of the captions c1 (i0), c3 (i1), c4 (i2), c7 (i3).
-        let r1 =
-            reranked_recalls(&image_embeds, &text_embeds, &owner, 1, "itm", score, &bar).unwrap();
+        let r1 = reranked_recalls(
+            &image_embeds,
+            &text_embeds,
+            &owner,
+            1,
+            Rerank::Itm,
+            score,
+            &bar,
+        )
+        .unwrap();
         assert_eq!(
             [r1.tr_r1, r1.tr_r10, r1.ir_r1, r1.ir_r10],
             [0.25, 0.25, 0.5, 0.5]
@@ -447,7 +462,7 @@ mod tests {
                     &text_embeds,
                     &owner,
                     2,
-                    "itm",
+                    Rerank::Itm,
                     score,
                     None,
                     Some(&fake),
@@ -466,7 +481,7 @@ mod tests {
             &text_embeds,
             &owner,
             2,
-            "itm",
+            Rerank::Itm,
             score,
             None,
             Some(&all),
@@ -566,13 +581,13 @@ mod tests {
                 Ok(i.iter().zip(&t).map(|(&i, &j)| m[i as usize][j as usize]).collect())
             };
             let bar = indicatif::ProgressBar::hidden();
-            let r = reranked_recalls(&image_embeds, &text_embeds, &owner, k, "itm", score, &bar).unwrap();
+            let r = reranked_recalls(&image_embeds, &text_embeds, &owner, k, Rerank::Itm, score, &bar).unwrap();
             let want = naive(&image_embeds, &text_embeds, &owner, k, &m);
             proptest::prop_assert_eq!(&recalls(&r)[..6], &want[..]);
             // Scoring in order of caption length changes nothing either.
             let lens: Vec<i64> = (0..nt as i64).map(|j| (j * 7 + seed) % 5).collect();
             let by_len = reranked_recalls_sharded(
-                &image_embeds, &text_embeds, &owner, k, "itm", score, Some(&lens), None, &bar,
+                &image_embeds, &text_embeds, &owner, k, Rerank::Itm, score, Some(&lens), None, &bar,
             )
             .unwrap();
             proptest::prop_assert_eq!(&recalls(&by_len)[..6], &want[..]);
