@@ -417,3 +417,50 @@ fn load_pretrained(task: Task, path: &Path, vs: &nn::VarStore) -> Result<()> {
         Ok(())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn items(per_item: usize, n: usize) -> Items {
+        Items {
+            ds: Arc::new(Dataset::synthetic("t", 1, 0, 1, 1)),
+            per_item,
+            labels: vec![0; n],
+            kinds: vec![None; n],
+        }
+    }
+
+    #[test]
+    fn slots_hold_whole_items_or_none() {
+        let two = items(2, 4);
+        assert_eq!(two.pairs_of(&[2, 0]), [4, 5, 0, 1]);
+        // Slot 1's right image was replaced by another pair's
+        // (`data.on_error = "skip"`), slot 2's left image likewise.
+        assert_eq!(
+            two.slot_items(&[6, 7, 2, 4, 4, 5]),
+            [Some(3), None, Some(2)]
+        );
+        assert_eq!(two.slot_items(&[1, 2]), [None]);
+        let one = items(1, 4);
+        assert_eq!(one.slot_items(&[3, 3, 0]), [Some(3), Some(3), Some(0)]);
+    }
+
+    #[test]
+    fn nlvr2_fusion_layers_start_from_their_pair_s_pretrained_layer() {
+        for (layer, from) in [(0, 0), (1, 0), (2, 1), (3, 1), (11, 5)] {
+            let name = format!("fusion.layer.{layer}.crossattention.self.query.weight");
+            assert_eq!(
+                pretrained_source(Task::Nlvr2, &name),
+                format!("fusion.layer.{from}.crossattention.self.query.weight")
+            );
+            assert_eq!(pretrained_source(Task::SnliVe, &name), name);
+        }
+        for other in [
+            "text_encoder.encoder.layer.3.output.dense.weight",
+            "fusion.x",
+        ] {
+            assert_eq!(pretrained_source(Task::Nlvr2, other), other);
+        }
+    }
+}
