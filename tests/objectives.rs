@@ -199,7 +199,7 @@ fn shared_image_keys_and_values_in_training_are_exact() {
     let cfg = LoaderConfig::new(&loaded.config.data, 8, None);
     // Two captions of image 0 and of image 1, so images repeat.
     let batch = make_batch(&ds, &tok, &cfg, &[0, 1, 3, 4, 6, 9, 12, 15]).unwrap();
-    let mut run = |asm: &vlmatch_registry::Assembly| {
+    let run = |asm: &vlmatch_registry::Assembly| {
         tch::manual_seed(5);
         for v in asm.vs.trainable_variables() {
             let mut g = v.grad();
@@ -213,7 +213,7 @@ fn shared_image_keys_and_values_in_training_are_exact() {
         for o in &asm.objectives {
             for (name, loss) in o.objective.forward(&fwd, 0).unwrap().losses {
                 losses.push((name, loss.double_value(&[])));
-                total = total + loss;
+                total += loss;
             }
         }
         total.backward();
