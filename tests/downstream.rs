@@ -402,3 +402,43 @@ fn finetune_and_eval_on_builtin_items() {
     .to_string();
     assert!(err.contains("missing.json"), "{err}");
 }
+
+/// `finetune --task` names the tasks it knows, and the classification
+/// options are refused for VQA rather than ignored.
+#[test]
+fn finetune_command_checks_task_and_options() {
+    use vlmatch::commands::finetune::{finetune as command, Classification};
+    let vqa = vlmatch::vqa::FinetuneOptions {
+        checkpoint: "no-such-run".into(),
+        data: "builtin".into(),
+        image_root: None,
+        out: None,
+        steps: 1,
+        lr: 1e-4,
+        batch_size: None,
+        sets: vec![],
+        progress: false,
+    };
+    let err = command("nlvr", &vqa, Classification::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`vqa`, `snli-ve` and `nlvr2`"), "{err}");
+    let err = command(
+        "vqa",
+        &vqa,
+        Classification {
+            blank_images: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("--blank-images") && err.contains("not `vqa`"),
+        "{err}"
+    );
+    let err = command("snli-ve", &vqa, Classification::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no-such-run"), "{err}");
+}
