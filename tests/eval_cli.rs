@@ -179,8 +179,9 @@ fn eval_reports_reranked_retrieval_and_matching() {
         vlmatch::commands::eval::eval_task(&run_dir, "bogus", &data_arg(&ann, &images), &[], false)
             .unwrap_err();
     assert!(
-        err.to_string()
-            .contains("expected `retrieval`, `matching`, `zeroshot`, `vqa`, `snli-ve`, `nlvr2` or `heldout`"),
+        err.to_string().contains(
+            "expected `retrieval`, `matching`, `zeroshot`, `vqa`, `snli-ve`, `nlvr2` or `heldout`"
+        ),
         "{err}"
     );
     let err =

@@ -15,6 +15,7 @@
 //! dynamic loading: those live in `vlmatch-registry` and the `vlmatch` crate.
 
 mod batch;
+mod candidates;
 mod collective;
 mod error;
 pub mod flops;
@@ -23,7 +24,6 @@ pub mod momentum;
 pub mod positives;
 pub mod random;
 pub mod readback;
-mod candidates;
 mod traits;
 
 pub use batch::{Batch, Encoded, Prepared, TextBatch};
