@@ -48,6 +48,8 @@ fn bench_reports_steps_data_and_neggen() {
         "NegGen tagging captions/s",
     );
     assert!(r["last_loss"].as_f64().unwrap().is_finite());
+    // Nothing in the step reads the device back (each read syncs a GPU).
+    assert_eq!(r["readbacks_per_step"].as_f64(), Some(0.0), "{r}");
     // FLOPs per module: the fused-[CLS] ITM and shared image keys/values
     // execute less than the plain path in the fusion, nothing more anywhere.
     let f = &r["flops"];
@@ -147,6 +149,8 @@ fn pytorch_reference_builds_the_same_model() {
         );
         if name == "full" {
             assert!(rf["note"].as_str().unwrap().contains("word_swap"), "{rf}");
+            // Word swaps draw on the host: no read-back in the step either.
+            assert_eq!(r["readbacks_per_step"].as_f64(), Some(0.0), "{r}");
         }
         // vlmatch's nominal count (the plain path) is what PyTorch's
         // FlopCounterMode counts on the reference's step; on a CPU its

@@ -40,6 +40,7 @@ fn batch(
         image_keys: Tensor::from_slice(keys),
         positive_rule: rule,
         sample_keys: Tensor::arange(b, (Kind::Int64, tch::Device::Cpu)),
+        sample_keys_host: (0..b).collect(),
         captions: vec![String::new(); captions.len()],
         pairs: Vec::new(),
         prepared: BTreeMap::new(),

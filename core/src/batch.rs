@@ -66,6 +66,9 @@ pub struct Batch {
     /// batch `g`, row `k` of it: `g * global_batch + k`), whatever rank
     /// holds it. Random choices are keyed by it ([`crate::random`]).
     pub sample_keys: Tensor,
+    /// [`Batch::sample_keys`] on the host, for draws that a sampler needs
+    /// there ([`crate::Forward::random_keys_host`]) without a read-back.
+    pub sample_keys_host: Vec<i64>,
     /// The captions as text, for samplers that rewrite them (NegGen).
     pub captions: Vec<String>,
     /// The dataset pair each row holds, by index into the dataset the batch
@@ -98,6 +101,7 @@ impl Batch {
             image_keys: self.image_keys.to_device(device),
             positive_rule: self.positive_rule,
             sample_keys: self.sample_keys.to_device(device),
+            sample_keys_host: self.sample_keys_host.clone(),
             captions: self.captions.clone(),
             pairs: self.pairs.clone(),
             prepared: self.prepared.clone(),
@@ -112,6 +116,7 @@ impl Batch {
             image_keys: self.image_keys.shallow_clone(),
             positive_rule: self.positive_rule,
             sample_keys: self.sample_keys.shallow_clone(),
+            sample_keys_host: self.sample_keys_host.clone(),
             captions: self.captions.clone(),
             pairs: self.pairs.clone(),
             prepared: self.prepared.clone(),

@@ -295,13 +295,29 @@ impl<'a> Forward<'a> {
     /// and a row draws the same whichever rank holds it. Use with
     /// [`crate::random::uniform`].
     pub fn random_keys(&self) -> Tensor {
-        let n = self.draws.get();
-        self.draws.set(n + 1);
-        let salt = crate::random::combine_u64(self.draw_seed as u64, n as u64);
+        let salt = self.next_salt();
         crate::random::combine(
             &self.batch.sample_keys,
             &Tensor::from(salt).to_device(self.batch.sample_keys.device()),
         )
+    }
+
+    /// [`Forward::random_keys`] on the host (the same keys, and the same
+    /// place in the sequence of draws), for samplers whose draws are used on
+    /// the host (word swaps): no read-back from the device.
+    pub fn random_keys_host(&self) -> Vec<i64> {
+        let salt = self.next_salt();
+        self.batch
+            .sample_keys_host
+            .iter()
+            .map(|&k| crate::random::combine_host(k, salt))
+            .collect()
+    }
+
+    fn next_salt(&self) -> i64 {
+        let n = self.draws.get();
+        self.draws.set(n + 1);
+        crate::random::combine_u64(self.draw_seed as u64, n as u64)
     }
 
     /// `sum / count` over the global batch: `sum` is this rank's part of a

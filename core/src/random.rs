@@ -31,10 +31,36 @@ pub fn combine(a: &Tensor, b: &Tensor) -> Tensor {
     hash(&(hash(a) * 31 + b))
 }
 
+/// [`hash`] of one integer on the host (the same wrapping arithmetic).
+pub fn hash_host(x: i64) -> i64 {
+    let z = (x as u64).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) as i64
+}
+
+/// [`combine`] of two integers on the host.
+pub fn combine_host(a: i64, b: i64) -> i64 {
+    hash_host(hash_host(a).wrapping_mul(31).wrapping_add(b))
+}
+
 /// The same combination for plain integers, for keys built on the host.
 pub fn combine_u64(a: u64, b: u64) -> i64 {
-    let t = combine(&Tensor::from(a as i64), &Tensor::from(b as i64));
-    t.int64_value(&[])
+    combine_host(a as i64, b as i64)
+}
+
+/// [`uniform`] computed on the host from host keys: the same values, bit
+/// for bit, without reading anything back from the device. Row-major
+/// `[keys.len(), cols]`.
+pub fn uniform_host(keys: &[i64], cols: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(keys.len() * cols);
+    for &k in keys {
+        for c in 0..cols {
+            let top = (combine_host(k, c as i64) >> 40) & ((1i64 << 24) - 1);
+            out.push((top as f32 + 0.5) / (1u64 << 24) as f32);
+        }
+    }
+    out
 }
 
 /// `[N, cols]` f32 uniforms in the open interval (0, 1): entry `(n, c)` a
@@ -85,4 +111,29 @@ pub fn categorical(weights: &Tensor, u: &Tensor) -> Tensor {
 pub fn categorical_logits(logits: &Tensor, temperature: f64, u: &Tensor) -> Tensor {
     let probs = (logits.to_kind(Kind::Float) / temperature.max(1e-6)).softmax(1, Kind::Float);
     categorical(&probs, u)
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The host's uniforms are the device's, bit for bit, for any keys
+        /// (including negative and extreme ones), so a sampler may draw on
+        /// either side and train identically.
+        #[test]
+        fn host_uniforms_equal_the_devices(keys in proptest::collection::vec(any::<i64>(), 1..40), cols in 1usize..4, salt in any::<i64>()) {
+            let t = Tensor::from_slice(&keys);
+            let keyed = combine(&t, &Tensor::from(salt));
+            let host_keyed: Vec<i64> = keys.iter().map(|&k| combine_host(k, salt)).collect();
+            prop_assert_eq!(Vec::<i64>::try_from(&keyed).unwrap(), host_keyed.clone());
+            let device = Vec::<f32>::try_from(uniform(&keyed, cols as i64).reshape([-1])).unwrap();
+            let host = uniform_host(&host_keyed, cols);
+            prop_assert_eq!(
+                device.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                host.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            );
+        }
+    }
 }

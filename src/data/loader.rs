@@ -322,6 +322,7 @@ pub fn make_batch(
         // The dataset's pair indices; a training loader replaces them with
         // global sample positions (`with_sample_keys`).
         sample_keys: Tensor::from_slice(&source.iter().map(|&i| i as i64).collect::<Vec<_>>()),
+        sample_keys_host: source.iter().map(|&i| i as i64).collect(),
         captions,
         pairs: source,
         prepared,
@@ -333,6 +334,7 @@ pub fn make_batch(
 fn with_sample_keys(mut batch: Batch, first: u64) -> Batch {
     let b = batch.len();
     batch.sample_keys = Tensor::arange(b, (Kind::Int64, tch::Device::Cpu)) + first as i64;
+    batch.sample_keys_host = (0..b).map(|k| k + first as i64).collect();
     batch
 }
 

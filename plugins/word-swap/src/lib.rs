@@ -138,9 +138,9 @@ impl NegativeSampler for WordSwap {
     fn sample(&self, input: &SamplerInput<'_, '_>) -> Result<Negatives> {
         let batch = input.forward.batch;
         let device = batch.text.ids.device();
-        // Two draws per caption, keyed by sample (`vlmatch_core::random`).
-        let u = vlmatch_core::random::uniform(&input.forward.random_keys(), 2);
-        let draws: Vec<f32> = vlmatch_core::readback::to_vec(&u)?;
+        // Two draws per caption, keyed by sample (`vlmatch_core::random`),
+        // computed on the host: no read-back from the device.
+        let draws = vlmatch_core::random::uniform_host(&input.forward.random_keys_host(), 2);
         let mut index = Vec::new();
         let mut texts = Vec::new();
         for (i, caption) in batch.captions.iter().enumerate() {
