@@ -12,8 +12,8 @@
 //! `<unk>`, `<s>`, `</s>`, `<mask>`). Truncation and padding saved in the file
 //! are ignored: [`Tokenizer::encode`] truncates to its `max_len`, keeping the
 //! post-processor's final token, and batches pad to the longest with the pad
-//! id. NegGen's masking and refilling assume WordPiece's `##` pieces, which a
-//! byte-level BPE tokenizer does not have.
+//! id. NegGen tells a word's pieces apart by WordPiece's `##` continuations
+//! or byte-level BPE's `Ġ` word starts.
 
 use crate::data::synthetic;
 use std::collections::HashMap;

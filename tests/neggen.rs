@@ -5,8 +5,8 @@
 mod common;
 use common::*;
 use neggen::{
-    candidate_words, default_tags_vec, fill, mark_candidates, piece_masks, plan, realise,
-    BrillTagger,
+    candidate_words, default_tags_vec, fill, mark_candidates, piece_masks, piece_style, plan,
+    realise, BrillTagger, PieceStyle,
 };
 use proptest::prelude::*;
 use std::rc::Rc;
@@ -38,6 +38,17 @@ fn codec() -> Codec {
     }
 }
 
+/// The byte-level BPE (RoBERTa-style) tokenizer of the HF fixtures.
+fn bpe_codec() -> Codec {
+    Codec {
+        tokenizer: Arc::new(
+            Tokenizer::from_path(&fixture("hf/tokenizer-roberta-bpe/tokenizer.json"), false)
+                .unwrap(),
+        ),
+        max_len: 64,
+    }
+}
+
 const WORDS: [&str; 16] = [
     "a", "red", "blue", "small", "circle", "square", "dog", "man", "on", "the", "table", "left",
     "of", "and", "green", "tree",
@@ -52,9 +63,11 @@ proptest! {
     fn negatives_change_only_noun_and_adjective_words(
         picks in prop::collection::vec(0usize..16, 1..10),
         seed in 0i64..10_000,
+        bpe in any::<bool>(),
     ) {
         let caption = picks.iter().map(|&i| WORDS[i]).collect::<Vec<_>>().join(" ");
-        let codec = codec();
+        let codec = if bpe { bpe_codec() } else { codec() };
+        let style = piece_style(&codec).unwrap();
         let tagger = BrillTagger::new();
         let tags = default_tags_vec();
         let cands = candidate_words(&caption, &tagger, &tags);
@@ -62,15 +75,18 @@ proptest! {
         tch::manual_seed(seed);
         let k = 1 + (seed as usize) % cands.len();
         let chosen: Vec<usize> = cands.iter().copied().take(k).collect();
-        let p = plan(&caption, &chosen, &codec).unwrap();
-        let masks = piece_masks(&codec, Device::Cpu);
+        // A byte-level vocabulary never masks the caption's first word.
+        let p = plan(&caption, &chosen, &codec, style);
+        prop_assume!(p.is_some());
+        let p = p.unwrap();
+        let (first, cont) = piece_masks(&codec, Device::Cpu, style);
         let v = codec.vocab_size();
-        let filled = fill(std::slice::from_ref(&p), &[seed], codec.special(), &masks, 1.0, 0, Device::Cpu, |t, pos| {
+        let filled = fill(std::slice::from_ref(&p), &[seed], codec.special(), (&first, &cont), 1.0, 0, Device::Cpu, |t, pos| {
             assert_eq!(pos.size(), [t.ids.size()[0]]);
             Ok(Tensor::randn([t.ids.size()[0], v], (Kind::Float, Device::Cpu)) * 3.0)
         })
         .unwrap();
-        let negative = realise(&p, &filled[0], &codec);
+        let negative = realise(&p, &filled[0], &codec, style);
         let a: Vec<&str> = caption.split(' ').collect();
         let b: Vec<&str> = negative.split(' ').collect();
         prop_assert_eq!(a.len(), b.len(), "`{}` -> `{}`", caption, negative);
@@ -469,28 +485,98 @@ fn neggen_fills_with_a_separate_masked_lm_online_and_offline() {
     }
 }
 
-/// NegGen fills WordPiece vocabularies; a byte-level BPE one (RoBERTa) is
-/// refused with an error that says so, rather than filling garbage.
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    /// A plan encodes the caption as the tokenizer encodes it whole (the
+    /// masks aside), and putting each word's original pieces back realises
+    /// the caption: in a WordPiece and in a byte-level BPE vocabulary.
+    #[test]
+    fn plans_encode_captions_as_the_tokenizer_does(
+        picks in prop::collection::vec(0usize..16, 1..10),
+        bits in any::<u16>(),
+        bpe in any::<bool>(),
+    ) {
+        let caption = picks.iter().map(|&i| WORDS[i]).collect::<Vec<_>>().join(" ");
+        let codec = if bpe { bpe_codec() } else { codec() };
+        let style = piece_style(&codec).unwrap();
+        prop_assert_eq!(style, if bpe { PieceStyle::ByteLevel } else { PieceStyle::WordPiece });
+        let chosen: Vec<usize> = (0..picks.len()).filter(|i| bits >> i & 1 == 1).collect();
+        let p = plan(&caption, &chosen, &codec, style);
+        prop_assume!(p.is_some());
+        let p = p.unwrap();
+        let whole = codec.encode(&[caption.as_str()], Device::Cpu);
+        let whole: Vec<i64> = Vec::try_from(whole.ids.get(0)).unwrap();
+        let whole = &whole[..p.ids.len()];
+        let mut filled = p.ids.clone();
+        for &(w, start, n, first) in &p.spans {
+            prop_assert!(chosen.contains(&w) && !(bpe && w == 0));
+            prop_assert_eq!(first, whole[start]);
+            filled[start..start + n].copy_from_slice(&whole[start..start + n]);
+        }
+        prop_assert_eq!(&filled[..], whole, "`{}`", caption);
+        prop_assert_eq!(realise(&p, &filled, &codec, style), caption);
+    }
+}
+
+/// NegGen takes a byte-level BPE vocabulary (RoBERTa's) as well as a
+/// WordPiece one, with word starts and continuations told apart by `Ġ`; a
+/// vocabulary with neither mark is refused, naming the key.
 #[test]
-fn neggen_refuses_a_byte_level_bpe_vocabulary() {
+fn neggen_fills_byte_level_bpe_and_refuses_unmarked_vocabularies() {
     let cfg = || -> neggen::NegGenConfig { serde_json::from_str("{}").unwrap() };
-    let bpe = Codec {
-        tokenizer: Arc::new(
-            Tokenizer::from_path(&fixture("hf/tokenizer-roberta-bpe/tokenizer.json"), false)
-                .unwrap(),
-        ),
-        max_len: 32,
-    };
+    let bpe = bpe_codec();
     assert!(!neggen::is_wordpiece(&bpe) && neggen::is_wordpiece(&codec()));
-    let Err(e) = neggen::NegGen::configured(cfg(), Rc::new(bpe), None, "samplers.neggen") else {
-        panic!("NegGen accepted a BPE vocabulary")
+    assert!(
+        neggen::NegGen::configured(cfg(), Rc::new(bpe_codec()), None, "samplers.neggen").is_ok()
+    );
+    let (first, cont) = piece_masks(&bpe, Device::Cpu, PieceStyle::ByteLevel);
+    let id = |t: &str| (0..bpe.vocab_size()).find(|&i| bpe.token(i) == t);
+    let starts = Vec::<bool>::try_from(&first).unwrap();
+    let continues = Vec::<bool>::try_from(&cont).unwrap();
+    let marked = (0..bpe.vocab_size())
+        .find(|&i| {
+            bpe.token(i).starts_with('\u{120}')
+                && bpe.token(i).chars().skip(1).all(char::is_alphabetic)
+                && bpe.token(i).chars().count() > 1
+        })
+        .unwrap();
+    assert!(
+        starts[marked as usize] && !continues[marked as usize],
+        "{}",
+        bpe.token(marked)
+    );
+    if let Some(bare) = id("a") {
+        assert!(!starts[bare as usize] && continues[bare as usize]);
+    }
+    /// A vocabulary with neither `##` nor `Ġ` pieces.
+    struct Unmarked(Codec);
+    impl TextCodec for Unmarked {
+        fn special(&self) -> vlmatch_core::SpecialTokens {
+            self.0.special()
+        }
+        fn vocab_size(&self) -> i64 {
+            self.0.vocab_size()
+        }
+        fn encode(&self, texts: &[&str], device: Device) -> vlmatch_core::TextBatch {
+            self.0.encode(texts, device)
+        }
+        fn token(&self, id: i64) -> String {
+            self.0.token(id).replace("##", "")
+        }
+        fn pieces(&self, text: &str) -> Vec<i64> {
+            self.0.pieces(text)
+        }
+    }
+    let Err(e) =
+        neggen::NegGen::configured(cfg(), Rc::new(Unmarked(codec())), None, "samplers.neggen")
+    else {
+        panic!("NegGen accepted a vocabulary without word-piece marks")
     };
     let e = e.to_string();
     assert!(
-        e.contains("samplers.neggen") && e.contains("WordPiece") && e.contains("BPE"),
+        e.contains("samplers.neggen") && e.contains("WordPiece") && e.contains("byte-level BPE"),
         "{e}"
     );
-    assert!(neggen::NegGen::configured(cfg(), Rc::new(codec()), None, "samplers.neggen").is_ok());
 }
 
 /// The committed `configs/neggen.toml` layer puts NegGen into the full

@@ -49,7 +49,8 @@ pub trait TextCodec {
     fn token(&self, id: i64) -> String;
     /// Word-piece ids of `text`, without `[CLS]`/`[SEP]` or truncation.
     /// Whitespace-separated words tokenise independently, so a caption's
-    /// pieces are the concatenation of its words' pieces.
+    /// pieces are the concatenation of its words' pieces, each word after the
+    /// first taken with its leading space (which byte-level BPE marks).
     fn pieces(&self, text: &str) -> Vec<i64>;
 }
 

@@ -15,7 +15,7 @@ pub fn fill(
     plans: &[Plan],
     keys: &[i64],
     special: SpecialTokens,
-    masks: &(Tensor, Tensor),
+    masks: (&Tensor, &Tensor),
     temperature: f64,
     top_k: i64,
     device: Device,

@@ -8,7 +8,8 @@
 //!    from a checkpoint (`fill_model`, in its own tokenizer), piece by piece
 //!    from left to right; a word's first piece never takes its original
 //!    value, so the word always changes; first pieces are whole-word tokens
-//!    and later ones `##` pieces (WordPiece vocabularies only).
+//!    and later ones continuation pieces (WordPiece's `##` pieces, or a
+//!    byte-level BPE's unmarked ones after a `Ġ`-marked first piece).
 //! 4. Filter: a candidate equal to a caption of the same image is dropped,
 //!    and, after `filter_after_steps`, one whose ITM match probability with
 //!    the image is above `filter_threshold` (it may describe the image).
@@ -34,7 +35,7 @@ pub use cache::{NegGenCache, NegGenCacheConfig};
 pub use candidate::Counts;
 pub use config::{default_tags_vec, NegGenConfig, DEFAULT_TAGS};
 pub use fill::fill;
-pub use plan::{is_wordpiece, piece_masks, plan, realise, Plan};
+pub use plan::{is_wordpiece, piece_masks, piece_style, plan, realise, PieceStyle, Plan};
 pub use sampler::NegGen;
 pub use tagging::{
     candidate_words, core, mark_candidates, replacements_keep_their_kind, tagged_candidates,

@@ -5,7 +5,6 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
-use vlmatch_core::readback;
 use vlmatch_core::{
     Batch, CaptionPrep, EncoderInput, Error, Forward, NegativeSampler, Negatives, Result,
     SamplerInput, TextCodec,
@@ -17,7 +16,7 @@ use crate::config::NegGenConfig;
 use crate::draw::Draw;
 use crate::fill::fill;
 use crate::filter::{filter, Filled};
-use crate::plan::{is_wordpiece, piece_masks, plan, realise};
+use crate::plan::{piece_masks, piece_style, plan, realise, PieceStyle};
 use crate::tagging::{core, tagged_candidates, BrillTagger, PosTagger, TagPrep, Tagged};
 use vlmatch_core::{MaskedWord, NegativeCandidate as Candidate};
 
@@ -27,7 +26,7 @@ pub struct NegGen {
     cfg: NegGenConfig,
     tagger: Arc<dyn PosTagger>,
     codec: Rc<dyn TextCodec>,
-    masks: RefCell<Option<(Tensor, Tensor)>>,
+    masks: RefCell<Option<(Tensor, Tensor, PieceStyle)>>,
     prep: Arc<TagPrep>,
     /// `fill_model`, when configured; else the model's generator fills.
     filler: Option<vlmatch_registry::MaskedLm>,
@@ -86,8 +85,8 @@ impl NegGen {
     }
 
     /// NegGen as configured: `filler` fills when given, and the vocabulary
-    /// that fills must be a WordPiece one. `key` names the config section in
-    /// errors.
+    /// that fills must mark word pieces (WordPiece or byte-level BPE). `key`
+    /// names the config section in errors.
     pub fn configured(
         cfg: NegGenConfig,
         codec: Rc<dyn TextCodec>,
@@ -95,16 +94,16 @@ impl NegGen {
         key: &str,
     ) -> Result<Self> {
         let fill_codec = filler.as_ref().map_or(codec.as_ref(), |f| f.codec.as_ref());
-        if !is_wordpiece(fill_codec) {
+        if piece_style(fill_codec).is_none() {
             let what = if filler.is_some() {
                 format!("`{key}.fill_model`'s tokenizer")
             } else {
                 "the run's tokenizer (`data.vocab`)".to_string()
             };
             return Err(Error::Config(format!(
-                "config key `{key}`: NegGen fills whole words piece by piece in a WordPiece \
-                 vocabulary (`##` continuation pieces); {what} has none (byte-level BPE, as \
-                 RoBERTa's, is not supported yet): use a BERT-style vocabulary or `fill_model`"
+                "config key `{key}`: NegGen fills whole words piece by piece, which needs a \
+                 vocabulary that marks word pieces: WordPiece (`##` continuation pieces, as \
+                 BERT's) or byte-level BPE (`Ġ` word starts, as RoBERTa's); {what} has neither"
             )));
         }
         let sampler = NegGen::new(cfg, Arc::new(BrillTagger::new()), codec);
@@ -169,13 +168,16 @@ impl NegGen {
         let max_len = self.filler.as_ref().map_or(usize::MAX, |f| f.max_len);
         let device = batch.text.ids.device();
         if self.masks.borrow().is_none() {
-            *self.masks.borrow_mut() = Some(piece_masks(codec, device));
+            let style = piece_style(codec).unwrap_or(PieceStyle::WordPiece);
+            let (first, cont) = piece_masks(codec, device, style);
+            *self.masks.borrow_mut() = Some((first, cont, style));
         }
         let masks = self.masks.borrow();
         let masks = masks.as_ref().expect("just set");
         // Each caption's choices come from its own stream, keyed by sample
         // (`vlmatch_core::random`), so they do not depend on the batch split.
-        let caption_keys = readback::to_vec::<i64>(&fwd.random_keys())?;
+        // On the host (the device's keys bit for bit): no read-back.
+        let caption_keys = fwd.random_keys_host();
         let mut owners = Vec::new();
         let mut plans = Vec::new();
         let mut plan_keys = Vec::new();
@@ -191,7 +193,7 @@ impl NegGen {
             for c in 0..self.cfg.candidates.max(1) {
                 let chosen = self.choose_among(&tagged[i], &mut draw);
                 if let Some(p) = (!chosen.is_empty())
-                    .then(|| plan(caption, &chosen, codec))
+                    .then(|| plan(caption, &chosen, codec, masks.2))
                     .flatten()
                     .filter(|p| p.ids.len() <= max_len)
                 {
@@ -215,7 +217,7 @@ impl NegGen {
                 &plans,
                 &plan_keys,
                 codec.special(),
-                masks,
+                (&masks.0, &masks.1),
                 self.cfg.temperature,
                 self.cfg.top_k,
                 device,
@@ -237,7 +239,7 @@ impl NegGen {
         let texts: Vec<String> = plans
             .iter()
             .zip(&filled)
-            .map(|(p, f)| realise(p, f, codec))
+            .map(|(p, f)| realise(p, f, codec, masks.2))
             .collect();
 
         // Filter: never a caption of a positive of the image; replacements of
