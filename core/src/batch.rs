@@ -166,6 +166,13 @@ impl Encoded {
     pub fn cls(&self) -> Tensor {
         self.hidden.select(1, 0)
     }
+    /// Position 0 alone, as states: `hidden` `[B, 1, D]`, `mask` `[B, 1]`.
+    pub fn position_zero(&self) -> Encoded {
+        Encoded {
+            hidden: self.hidden.narrow(1, 0, 1),
+            mask: self.mask.narrow(1, 0, 1),
+        }
+    }
     pub fn select(&self, index: &Tensor) -> Encoded {
         Encoded {
             hidden: self.hidden.index_select(0, index),

@@ -95,11 +95,7 @@ impl VlModel {
     /// `[B, 1, D]` (see [`Encoder::forward_cls`]).
     pub fn fuse_cls(&self, text: &Encoded, image: &Encoded, train: bool) -> Result<Encoded> {
         if crate::flops::plain() {
-            let full = self.fuse(text, image, train)?;
-            return Ok(Encoded {
-                hidden: full.hidden.narrow(1, 0, 1),
-                mask: full.mask.narrow(1, 0, 1),
-            });
+            return Ok(self.fuse(text, image, train)?.position_zero());
         }
         self.fusion
             .forward_cls(EncoderInput::Fused { text, image }, train)

@@ -60,11 +60,7 @@ pub trait Encoder {
     /// a fusion encoder overrides it to skip the other positions' work in
     /// its last layer, where nothing reads them.
     fn forward_cls(&self, input: EncoderInput<'_>, train: bool) -> Result<Encoded> {
-        let full = self.forward_t(input, train)?;
-        Ok(Encoded {
-            hidden: full.hidden.narrow(1, 0, 1),
-            mask: full.mask.narrow(1, 0, 1),
-        })
+        Ok(self.forward_t(input, train)?.position_zero())
     }
     /// [`Encoder::forward_cls`] of a fusion encoder for pairs whose images
     /// repeat: `image` holds each distinct image's states once (`[U, N, W]`)

@@ -310,6 +310,7 @@ pub fn make_batch(
         .iter()
         .map(|&i| ds.image_ids[ds.pairs[i].image])
         .collect();
+    let keys: Vec<i64> = source.iter().map(|&i| i as i64).collect();
     Ok(Batch {
         images: Tensor::from_slice(&pixels).view([b, 3, s as i64, s as i64]),
         text: TextBatch::new(
@@ -321,8 +322,8 @@ pub fn make_batch(
         positive_rule: cfg.positive_rule,
         // The dataset's pair indices; a training loader replaces them with
         // global sample positions (`with_sample_keys`).
-        sample_keys: Tensor::from_slice(&source.iter().map(|&i| i as i64).collect::<Vec<_>>()),
-        sample_keys_host: source.iter().map(|&i| i as i64).collect(),
+        sample_keys: Tensor::from_slice(&keys),
+        sample_keys_host: keys,
         captions,
         pairs: source,
         prepared,
@@ -333,8 +334,8 @@ pub fn make_batch(
 /// run's global sample order (random draws are keyed by them).
 fn with_sample_keys(mut batch: Batch, first: u64) -> Batch {
     let b = batch.len();
-    batch.sample_keys = Tensor::arange(b, (Kind::Int64, tch::Device::Cpu)) + first as i64;
     batch.sample_keys_host = (0..b).map(|k| k + first as i64).collect();
+    batch.sample_keys = Tensor::from_slice(&batch.sample_keys_host);
     batch
 }
 
