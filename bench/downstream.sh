@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The SNLI-VE and NLVR2 learning check of bench/DOWNSTREAM.md: fine-tune three
-# pretrained tiny runs (the README's default run, seeds 1-3) on the built-in
+# pretrained tiny runs (the default run of docs/results.md, seeds 1-3) on the built-in
 # items, with images and with blank images, and print one JSON report per run.
 #
 #   bench/downstream.sh BIN PRETRAINED_PREFIX OUT [SNLI_STEPS] [NLVR2_STEPS]
