@@ -17,10 +17,10 @@
 //! with another rank count can check that the global batch is unchanged.
 //! In data-parallel training only rank 0 writes checkpoints.
 //!
-//! With momentum distillation a checkpoint also holds the momentum model
-//! and the ITC queues (`momentum.*`, [`crate::momentum`]): they have no
-//! gradient and are not in the optimizer, so they are saved by name here,
-//! not found through the optimizer.
+//! A checkpoint also holds the state of the run's hooks under each hook's
+//! name (`<hook>.<name>`, [`crate::hooks`]): momentum distillation's
+//! momentum model, ITC queues and queue pointer (`momentum.*`), which have
+//! no gradient and are not in the optimizer.
 
 use crate::fault::WriteFault;
 use std::collections::HashMap;
@@ -109,12 +109,11 @@ pub fn save(
     state: TrainerState,
     keep: usize,
 ) -> Result<PathBuf> {
-    save_with_layout(dir, vs, optim, Vec::new(), state, None, keep, None)
+    save_with_layout(dir, vs, optim, Vec::new(), state, None, keep)
 }
 
 /// [`save`], recording the run's [`Layout`] and `extra` tensors under
-/// their own names (the momentum model and queues, `momentum.*`).
-#[allow(clippy::too_many_arguments)]
+/// their own names (the hooks' state, `<hook>.<name>`).
 pub fn save_with_layout(
     dir: &Path,
     vs: &nn::VarStore,
@@ -123,8 +122,8 @@ pub fn save_with_layout(
     state: TrainerState,
     layout: Option<Layout>,
     keep: usize,
-    fault: Option<WriteFault>,
 ) -> Result<PathBuf> {
+    let fault = WriteFault::from_env().filter(|f| f.step == state.step);
     let ckpt_dir = dir.join("checkpoints");
     std::fs::create_dir_all(&ckpt_dir).map_err(|e| Error::io(&ckpt_dir, e))?;
     let name = format!("step-{:08}.safetensors", state.step);
@@ -143,7 +142,9 @@ pub fn save_with_layout(
         ));
     }
     for (k, v) in extra {
-        debug_assert!(k.starts_with(EXTRA_PREFIX));
+        debug_assert!(!["model.", "optim.", "state."]
+            .iter()
+            .any(|p| k.starts_with(p)));
         tensors.push((k, v.detach().to_device(Device::Cpu).contiguous()));
     }
     tensors.push(("state.step".into(), Tensor::from(state.step)));
@@ -393,19 +394,32 @@ pub fn load_with_layout(
     load_full(path, vs).map(|l| (l.optim, l.state, l.layout))
 }
 
-/// The prefix of the extra tensors a checkpoint may hold.
-pub const EXTRA_PREFIX: &str = "momentum.";
+/// A counter read from a checkpoint: a one-element integer tensor.
+pub fn scalar_i64(t: &Tensor) -> std::result::Result<i64, String> {
+    let integer = matches!(
+        t.kind(),
+        tch::Kind::Int64 | tch::Kind::Int | tch::Kind::Int16 | tch::Kind::Int8 | tch::Kind::Uint8
+    );
+    if t.numel() != 1 || !integer {
+        return Err(format!(
+            "expected one integer, found a {:?} tensor of shape {:?}",
+            t.kind(),
+            t.size()
+        ));
+    }
+    Ok(t.int64_value(&[]))
+}
 
 /// Everything [`load_full`] reads besides the model.
 pub struct Loaded {
     pub optim: HashMap<String, Tensor>,
     pub state: TrainerState,
     pub layout: Option<Layout>,
-    /// The `momentum.*` tensors, by their full names.
+    /// The hooks' tensors and counters (`<hook>.<name>`), by full name.
     pub extra: HashMap<String, Tensor>,
 }
 
-/// [`load_with_layout`], also returning the extra (`momentum.*`) tensors.
+/// [`load_with_layout`], also returning the hooks' (`<hook>.*`) tensors.
 pub fn load_full(path: &Path, vs: &mut nn::VarStore) -> Result<Loaded> {
     let tensors = Tensor::read_safetensors(path).map_err(|e| Error::Data {
         path: path.to_path_buf(),
@@ -416,22 +430,23 @@ pub fn load_full(path: &Path, vs: &mut nn::VarStore) -> Result<Loaded> {
     let mut optim = HashMap::new();
     let mut state = HashMap::new();
     let mut extra = HashMap::new();
-    for (k, v) in tensors {
-        if k.starts_with(EXTRA_PREFIX) {
-            extra.insert(k, v);
-        } else if let Some(rest) = k.strip_prefix("model.") {
-            model.insert(rest.to_string(), v);
-        } else if let Some(rest) = k.strip_prefix("optim.") {
-            optim.insert(rest.to_string(), v);
-        } else if let Some(rest) = k.strip_prefix("state.") {
-            state.insert(rest.to_string(), v.int64_value(&[]));
-        }
-    }
     let bad = |m: String| Error::Data {
         path: path.to_path_buf(),
         line: None,
         message: m,
     };
+    for (k, v) in tensors {
+        if let Some(rest) = k.strip_prefix("model.") {
+            model.insert(rest.to_string(), v);
+        } else if let Some(rest) = k.strip_prefix("optim.") {
+            optim.insert(rest.to_string(), v);
+        } else if let Some(rest) = k.strip_prefix("state.") {
+            let value = scalar_i64(&v).map_err(|m| bad(format!("`{k}`: {m}")))?;
+            state.insert(rest.to_string(), value);
+        } else {
+            extra.insert(k, v);
+        }
+    }
     tch::no_grad(|| -> Result<()> {
         for (name, mut var) in vs.variables() {
             let t = model.get(&name).ok_or_else(|| {

@@ -38,8 +38,6 @@ pub struct Guard {
     last: Tensor,
     /// The losses and the gradient norm of `first`.
     first_values: BTreeMap<String, Tensor>,
-    /// A test fault: this step's loss is made NaN.
-    poison_step: Option<i64>,
 }
 
 /// What the guard saw since its last read.
@@ -73,23 +71,6 @@ impl Guard {
             first: int(-1),
             last: int(-1),
             first_values: BTreeMap::new(),
-            poison_step: None,
-        }
-    }
-
-    /// Make the loss of step `step` (counted from 0) NaN, as a diverging
-    /// step would (the hidden `--fault RANK:STEP:nan`).
-    pub fn poison_at(mut self, step: Option<i64>) -> Guard {
-        self.poison_step = step;
-        self
-    }
-
-    /// The loss of step `step` (counted from 0): `total`, or NaN at the
-    /// injected fault's step.
-    pub fn poison(&self, total: Tensor, step: i64) -> Tensor {
-        match self.poison_step {
-            Some(s) if s == step => total * f64::NAN,
-            _ => total,
         }
     }
 

@@ -12,15 +12,36 @@
 //! projections (ALBEF's `model_pairs`); not the temperature (ALBEF's
 //! momentum similarities use the trained one) nor the matching heads.
 //!
-//! Checkpoints hold the momentum parameters (`momentum.model.<name>`), the
-//! queues (`momentum.queue.<image|text|image_ids|image_keys|text_keys>`)
-//! and the queue pointer (`momentum.queue.ptr`), so resume is exact.
+//! It is the trainer hook `momentum` ([`vlmatch_core::Hook`]), on when
+//! `momentum.enabled` or `[hooks.momentum]`: before each step it sets
+//! `alpha`, it attaches the momentum model and queues to each micro-batch's
+//! `Forward`, queues the batch's momentum features after the objectives,
+//! moves the EMA after the optimizer step and logs `mod_alpha`.
+//!
+//! Checkpoints hold its state under the hook's name: the momentum
+//! parameters (`momentum.model.<name>`), the queues
+//! (`momentum.queue.<image|text|image_ids|image_keys|text_keys>`) and the
+//! queue pointer (`momentum.queue.ptr`), so resume is exact.
 
 use std::collections::HashMap;
-use tch::{nn, Device, Tensor};
-use vlmatch_core::{Error, Momentum, Queue, Result};
+use tch::{nn, Tensor};
+use vlmatch_core::hook::priority;
+use vlmatch_core::{Error, Forward, Hook, HookState, Momentum, Queue, Result, RunStart};
 use vlmatch_registry::config::MomentumConfig;
+use vlmatch_registry::hooks::HookContext;
 use vlmatch_registry::{assemble_model, Assembly, LoadedConfig, ModelEnv, Registry};
+
+vlmatch_registry::register!(hook "momentum" => build_hook);
+
+/// The `momentum` hook: on with `momentum.enabled` (or `[hooks.momentum]`).
+fn build_hook(ctx: &HookContext<'_>) -> Result<Option<Box<dyn Hook>>> {
+    if !ctx.enabled(ctx.loaded.config.momentum.enabled) {
+        return Ok(None);
+    }
+    let m =
+        MomentumTrainer::build_always(ctx.loaded, ctx.env, ctx.asm, ctx.world, ctx.epoch_steps)?;
+    Ok(Some(Box::new(m)))
+}
 
 /// Parameter prefixes the momentum model follows (ALBEF's `model_pairs`).
 const FOLLOWED: [&str; 6] = [
@@ -33,7 +54,7 @@ const FOLLOWED: [&str; 6] = [
 ];
 
 /// The checkpoint name prefix of everything momentum distillation saves.
-pub const PREFIX: &str = crate::checkpoint::EXTRA_PREFIX;
+pub const PREFIX: &str = "momentum.";
 
 /// The momentum model, its queues and the schedule of `alpha`.
 pub struct MomentumTrainer {
@@ -89,10 +110,22 @@ impl MomentumTrainer {
         world: usize,
         epoch_steps: Option<i64>,
     ) -> Result<Option<MomentumTrainer>> {
-        let cfg: &MomentumConfig = &loaded.config.momentum;
-        if !cfg.enabled {
+        if !loaded.config.momentum.enabled {
             return Ok(None);
         }
+        Self::build_always(loaded, env, asm, world, epoch_steps).map(Some)
+    }
+
+    /// [`MomentumTrainer::build`] whether or not `momentum.enabled` says
+    /// so (`[hooks.momentum]` turns it on too).
+    fn build_always(
+        loaded: &LoadedConfig,
+        env: &ModelEnv,
+        asm: &Assembly,
+        world: usize,
+        epoch_steps: Option<i64>,
+    ) -> Result<MomentumTrainer> {
+        let cfg: &MomentumConfig = &loaded.config.momentum;
         let tc = &loaded.config.train;
         check_queue_size(cfg.queue_size, world, tc.batch_size)?;
         let registry = Registry::from_inventory().map_err(|e| Error::Config(e.to_string()))?;
@@ -121,7 +154,7 @@ impl MomentumTrainer {
             ramp_steps,
         };
         this.copy_params();
-        Ok(Some(this))
+        Ok(this)
     }
 
     /// `m = theta` for every followed parameter (ALBEF's `copy_params`).
@@ -156,100 +189,80 @@ impl MomentumTrainer {
         });
     }
 
-    /// What a checkpoint holds, by name (on the CPU, contiguous).
-    pub fn checkpoint_tensors(&self) -> Vec<(String, Tensor)> {
-        let cpu = |t: &Tensor| t.detach().to_device(Device::Cpu).contiguous();
-        let mut out: Vec<(String, Tensor)> = self
+    /// The number of momentum parameters (elements).
+    pub fn parameters(&self) -> i64 {
+        self.pairs.iter().map(|(_, m, _)| m.numel() as i64).sum()
+    }
+}
+
+impl Hook for MomentumTrainer {
+    fn priority(&self) -> i32 {
+        priority::MODEL
+    }
+
+    /// The momentum parameters (`model.<name>`), the queues
+    /// (`queue.<name>`) and the queue pointer (`queue.ptr`).
+    fn state(&self) -> HookState {
+        let mut tensors: Vec<(String, Tensor)> = self
             .pairs
             .iter()
-            .map(|(n, m, _)| (format!("{PREFIX}model.{n}"), cpu(m)))
+            .map(|(n, m, _)| (format!("model.{n}"), m.shallow_clone()))
             .collect();
         let queue = self.momentum.queue();
         for (n, t) in queue.named_tensors() {
-            out.push((format!("{PREFIX}queue.{n}"), cpu(&t)));
+            tensors.push((format!("queue.{n}"), t));
         }
-        out.push((format!("{PREFIX}queue.ptr"), Tensor::from(queue.ptr)));
-        out
+        HookState {
+            tensors,
+            counters: vec![("queue.ptr".into(), queue.ptr)],
+        }
     }
 
-    /// Restore what [`MomentumTrainer::checkpoint_tensors`] saved; `saved`
-    /// maps the names (with [`PREFIX`]) to tensors. The error names the
-    /// checkpoint and what is missing or misshapen.
-    pub fn load(&self, saved: &HashMap<String, Tensor>, path: &std::path::Path) -> Result<()> {
-        let bad = |m: String| Error::Data {
-            path: path.to_path_buf(),
-            line: None,
-            message: m,
-        };
-        let get = |name: &str, like: &Tensor| -> Result<Tensor> {
-            let key = format!("{PREFIX}{name}");
-            let t = saved.get(&key).ok_or_else(|| {
-                bad(format!(
-                    "checkpoint lacks `{key}`: it was written without momentum distillation \
-                     (`momentum.enabled`) or with another model"
-                ))
-            })?;
-            if t.size() != like.size() {
-                return Err(bad(format!(
-                    "`{key}` has shape {:?} in the checkpoint but {:?} in this run (another \
-                     `momentum.queue_size` or model?)",
-                    t.size(),
-                    like.size()
-                )));
+    fn set_counters(&mut self, counters: &[(String, i64)]) -> Result<()> {
+        let mut queue = self.momentum.queue_mut();
+        for (name, &ptr) in counters.iter().map(|(n, v)| (n.as_str(), v)) {
+            if name != "queue.ptr" {
+                continue;
             }
-            Ok(t.shallow_clone())
-        };
-        tch::no_grad(|| -> Result<()> {
-            for (n, m, _) in &self.pairs {
-                let t = get(&format!("model.{n}"), m)?;
-                m.shallow_clone().copy_(&t);
-            }
-            let mut queue = self.momentum.queue_mut();
-            for (n, q) in queue.named_tensors() {
-                let t = get(&format!("queue.{n}"), &q)?;
-                q.shallow_clone().copy_(&t);
-            }
-            let ptr = get("queue.ptr", &Tensor::from(0i64))?.int64_value(&[]);
             if ptr < 0 || (ptr > 0 && ptr >= queue.len()) {
-                return Err(bad(format!(
+                return Err(Error::Config(format!(
                     "`{PREFIX}queue.ptr` is {ptr}, outside the queue of {}",
                     queue.len()
                 )));
             }
             queue.ptr = ptr;
-            Ok(())
-        })
+        }
+        Ok(())
     }
 
-    /// The tensors ranks broadcast from rank 0 on resume (parameters and
-    /// queues; the pointer travels in the trainer's header).
-    pub fn broadcast_tensors(&self) -> Vec<Tensor> {
-        let mut out: Vec<Tensor> = self
-            .pairs
-            .iter()
-            .map(|(_, m, _)| m.shallow_clone())
-            .collect();
-        out.extend(
-            self.momentum
-                .queue()
-                .named_tensors()
-                .into_iter()
-                .map(|(_, t)| t),
-        );
-        out
+    /// A fresh run's momentum model starts as the (initialised) weights.
+    fn on_start(&mut self, start: RunStart) -> Result<()> {
+        if !start.resumed {
+            self.copy_params();
+        }
+        Ok(())
     }
 
-    pub fn queue_ptr(&self) -> i64 {
-        self.momentum.queue().ptr
+    fn before_step(&self, step: i64) {
+        MomentumTrainer::before_step(self, step);
     }
 
-    pub fn set_queue_ptr(&self, ptr: i64) {
-        self.momentum.queue_mut().ptr = ptr;
+    fn before_forward<'a>(&'a self, forward: Forward<'a>) -> Forward<'a> {
+        forward.with_momentum(&self.momentum)
     }
 
-    /// The number of momentum parameters (elements).
-    pub fn parameters(&self) -> i64 {
-        self.pairs.iter().map(|(_, m, _)| m.numel() as i64).sum()
+    /// The queue takes this batch's momentum features after every
+    /// objective has read it.
+    fn after_objectives(&self, forward: &Forward<'_>) {
+        forward.enqueue_momentum();
+    }
+
+    fn after_optimizer_step(&self, applied: &Tensor) {
+        self.after_step(applied);
+    }
+
+    fn on_log(&mut self, _step: i64, line: &mut Vec<(String, f64)>) {
+        line.push(("mod_alpha".into(), self.momentum.alpha()));
     }
 }
 

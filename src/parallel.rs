@@ -190,8 +190,8 @@ impl Parallel {
     }
 
     /// Records a finished step in the heartbeat (what [`Parallel::explain`]
-    /// reports of a rank that stopped progressing).
-    pub fn progress(&self, step: i64) {
+    /// reports of a rank that stopped stepping).
+    pub fn beat(&self, step: i64) {
         if let Some(h) = &self.heartbeat {
             h.progress(step.max(0) as u64);
         }

@@ -978,3 +978,45 @@ fn sigterm_on_one_rank_stops_every_rank_with_a_checkpoint() {
         }
     }
 }
+
+/// The two-rank run directory written by the trainer of 46fa8e6 (before
+/// hooks and the named trainer state; `tests/fixtures/runs-46fa8e6`),
+/// killed after its step-4 checkpoint, resumes on two ranks with today's
+/// trainer and logs exactly what that binary logged uninterrupted.
+#[test]
+fn two_rank_run_directory_from_46fa8e6_resumes_exactly() {
+    let root = scratch("dist-46fa8e6");
+    let dir = root.join("run");
+    copy_dir(&fixture("runs-46fa8e6/two-ranks"), &dir);
+    let args: Vec<String> = ["train", "--quiet", "--resume", &dir.display().to_string()]
+        .map(String::from)
+        .to_vec();
+    launch("resume-46fa8e6", 2, &args, &root).succeed(Duration::from_secs(120));
+    let want: Vec<serde_json::Map<String, serde_json::Value>> =
+        std::fs::read_to_string(dir.join("uninterrupted-metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                let m = v.as_object_mut().unwrap();
+                m.remove("time_s");
+                m.clone()
+            })
+            .collect();
+    let got = metrics(&dir);
+    assert_eq!(got.len(), 8);
+    assert_eq!(got, want, "the resumed run differs from 46fa8e6's");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        let dest = to.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_dir(&p, &dest);
+        } else {
+            std::fs::copy(&p, &dest).unwrap();
+        }
+    }
+}

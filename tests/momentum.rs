@@ -84,7 +84,7 @@ fn momentum_update_is_the_ema_of_applied_steps_only() {
         "the temperature is not an EMA"
     );
     let saved = |m: &MomentumTrainer| -> HashMap<String, Tensor> {
-        m.checkpoint_tensors()
+        vlmatch::hooks::state_tensors("momentum", m)
             .into_iter()
             .map(|(n, t)| (n, t.copy()))
             .collect()
@@ -168,7 +168,7 @@ fn queued_copies_of_a_batch_are_its_positives_not_negatives() {
         assert!(loss.is_finite() && loss > 0.0);
         fwd.enqueue_momentum();
     }
-    assert_eq!(m.queue_ptr(), 16, "two batches of 8 queued");
+    assert_eq!(m.momentum.queue().ptr, 16, "two batches of 8 queued");
 }
 
 /// With the momentum model a fresh copy, no queue and alpha 0, the
@@ -224,19 +224,23 @@ fn momentum_model_and_queues_round_trip_through_a_checkpoint() {
     }
     let saved = checkpoint(&dir, 12);
     let _turn = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
-    let (mut asm, m, _, _) = build(&MOD);
+    let (mut asm, mut m, _, _) = build(&MOD);
     let loaded = vlmatch::checkpoint::load_full(
         &dir.join("checkpoints/step-00000012.safetensors"),
         &mut asm.vs,
     )
     .unwrap();
-    let names: Vec<String> = m.checkpoint_tensors().into_iter().map(|(n, _)| n).collect();
+    let names: Vec<String> = vlmatch::hooks::state_tensors("momentum", &m)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     assert!(names.len() > 10);
     for n in &names {
         assert!(loaded.extra.contains_key(n), "checkpoint lacks {n}");
     }
-    m.load(&loaded.extra, &dir).unwrap();
-    for (n, t) in m.checkpoint_tensors() {
+    let counters = vlmatch::hooks::load_tensors("momentum", &m, &loaded.extra, &dir).unwrap();
+    vlmatch::hooks::set_counters("momentum", &mut m, &counters).unwrap();
+    for (n, t) in vlmatch::hooks::state_tensors("momentum", &m) {
         assert!(t.equal(&saved[&n]), "{n} does not round-trip");
     }
     // 12 steps of 8 pairs filled the queue of 32 three times: no entry is
@@ -253,11 +257,20 @@ fn momentum_model_and_queues_round_trip_through_a_checkpoint() {
     let mom = &saved[&format!("momentum.model.{k}")];
     assert!(!mom.equal(theta));
     // A checkpoint without them is refused by name.
-    let e = m.load(&HashMap::new(), &dir).unwrap_err().to_string();
+    let e = vlmatch::hooks::load_tensors("momentum", &m, &HashMap::new(), &dir)
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("lacks `momentum.model.") && e.contains("momentum.enabled"),
         "{e}"
     );
+    // A queue pointer outside the queue is refused by name.
+    let mut bad = counters.clone();
+    bad.insert("momentum.queue.ptr".into(), 32);
+    let e = vlmatch::hooks::set_counters("momentum", &mut m, &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`momentum.queue.ptr` is 32"), "{e}");
 }
 
 #[test]

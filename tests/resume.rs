@@ -97,3 +97,57 @@ fn checkpoints_are_pruned_and_latest_points_at_newest() {
         "merged config written into the run directory"
     );
 }
+
+/// A copy of a committed run directory (`tests/fixtures/NAME`) in a
+/// scratch directory, so that resuming it writes nothing in the tree.
+fn copy_fixture(name: &str, to: &std::path::Path) {
+    fn copy(from: &std::path::Path, to: &std::path::Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let p = e.unwrap().path();
+            let dest = to.join(p.file_name().unwrap());
+            if p.is_dir() {
+                copy(&p, &dest);
+            } else {
+                std::fs::copy(&p, &dest).unwrap();
+            }
+        }
+    }
+    copy(&fixture(name), to);
+}
+
+/// Run directories written by the trainer of 46fa8e6 (before hooks and the
+/// named trainer state), killed after their step-4 checkpoint, resume with
+/// today's trainer and log exactly what that binary logged uninterrupted:
+/// one process, and with momentum distillation (its momentum model, queues
+/// and queue pointer under `momentum.*`). The two-rank directory is resumed
+/// in `tests/distributed.rs`.
+#[test]
+fn run_directories_from_46fa8e6_resume_exactly() {
+    for name in ["plain", "mod"] {
+        let dir = scratch(&format!("resume-46fa8e6-{name}"));
+        copy_fixture(&format!("runs-46fa8e6/{name}"), &dir);
+        let resumed = train_exclusive(TrainOptions {
+            layers: vlmatch_registry::ConfigLayers::default(),
+            run_dir: None,
+            resume: Some(dir.clone()),
+            halt_after: None,
+            progress: false,
+        })
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!((resumed.start_step, resumed.last_step), (4, 8), "{name}");
+        let want: Vec<serde_json::Value> =
+            std::fs::read_to_string(dir.join("uninterrupted-metrics.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    v.as_object_mut().unwrap().remove("time_s");
+                    v
+                })
+                .collect();
+        let got = metrics(&dir);
+        assert_eq!(got.len(), 8, "{name}");
+        assert_eq!(got, want, "{name}: resumed run differs from 46fa8e6's");
+    }
+}

@@ -1,7 +1,8 @@
 //! vlmatch's core: the traits every plugin implements, the batch and output
 //! types that flow between them, and the error type.
 //!
-//! The five plugin traits mirror the roles of VL-Match (`shared/method.md`):
+//! The plugin traits mirror the roles of VL-Match (`shared/method.md`), and
+//! [`Hook`] lets a plugin act at fixed points of training:
 //!
 //! | trait | role in VL-Match |
 //! |---|---|
@@ -10,6 +11,7 @@
 //! | [`Discriminator`] | per-token (RTD) and per-pair (ITM) matching heads on fused states |
 //! | [`NegativeSampler`] | negatives for a batch: in-batch hard negatives, generated captions |
 //! | [`Objective`] | turns a batch and the model's outputs into named losses |
+//! | [`Hook`] | runs at fixed points of training: momentum distillation, logging, evaluation |
 //!
 //! `core` knows nothing of plugins, configuration files, the file system or
 //! dynamic loading: those live in `vlmatch-registry` and the `vlmatch` crate.
@@ -20,6 +22,7 @@ mod collective;
 mod error;
 pub mod flops;
 mod forward;
+pub mod hook;
 pub mod momentum;
 pub mod positives;
 pub mod random;
@@ -31,6 +34,7 @@ pub use candidates::{MaskedWord, NegativeCandidate, WordSwapper};
 pub use collective::Collective;
 pub use error::{Error, Result};
 pub use forward::{ContrastiveHead, Forward, Similarity, VlModel};
+pub use hook::{Evaluation, Hook, HookState, Record, RunEnd, RunStart};
 pub use momentum::{Momentum, MomentumContrast, Queue};
 pub use positives::{PairKeys, PositiveRule};
 pub use traits::{

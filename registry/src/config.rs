@@ -364,6 +364,10 @@ pub(crate) fn section_of<T: serde::de::DeserializeOwned>(
         dict.remove("weight");
         dict.remove("enabled");
     }
+    if key.starts_with("hooks.") {
+        dict.remove("enabled");
+        dict.remove("priority");
+    }
     let prefix: Vec<&str> = key.split('.').collect();
     Value::Dict(tag, dict)
         .deserialize::<T>()

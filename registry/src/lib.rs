@@ -9,6 +9,7 @@ pub mod assemble;
 pub mod check;
 pub mod config;
 pub mod dynamic;
+pub mod hooks;
 pub mod registration;
 pub mod samplers;
 pub mod weights;
@@ -31,8 +32,10 @@ pub use inventory;
 /// ```
 ///
 /// where `build: fn(&BuildContext) -> vlmatch_core::Result<Rc<dyn Encoder>>`
-/// (`Box<dyn ...>` for negative samplers and objectives). Kinds: `encoder`,
-/// `generator`, `discriminator`, `negative_sampler`, `objective`. The crate
+/// (`Box<dyn ...>` for negative samplers and objectives; `Option<Box<dyn
+/// Hook>>` for hooks, `None` when the run leaves the hook off). Kinds:
+/// `encoder`, `generator`, `discriminator`, `negative_sampler`, `objective`,
+/// `hook`. The crate
 /// name is recorded as the plugin's origin. An encoder or generator that
 /// loads HuggingFace checkpoints also registers its
 /// [`weights::CheckpointLayout`]:
@@ -62,6 +65,9 @@ macro_rules! register {
     };
     (objective $name:literal => $f:expr) => {
         $crate::register!(@submit Objective $name $f);
+    };
+    (hook $name:literal => $f:expr) => {
+        $crate::register!(@submit Hook $name $f);
     };
     (@submit $variant:ident $name:literal $f:expr) => {
         $crate::register!(@submit $variant $name $f, None);

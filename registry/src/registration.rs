@@ -2,9 +2,9 @@ use crate::BuildContext;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::rc::Rc;
-use vlmatch_core::{Discriminator, Encoder, Generator, NegativeSampler, Objective, Result};
+use vlmatch_core::{Discriminator, Encoder, Generator, Hook, NegativeSampler, Objective, Result};
 
-/// The five kinds of plugin, one per core trait.
+/// The six kinds of plugin, one per core trait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
     Encoder,
@@ -12,15 +12,17 @@ pub enum Kind {
     Discriminator,
     NegativeSampler,
     Objective,
+    Hook,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Encoder,
         Kind::Generator,
         Kind::Discriminator,
         Kind::NegativeSampler,
         Kind::Objective,
+        Kind::Hook,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -29,6 +31,7 @@ impl Kind {
             Kind::Discriminator => "discriminator",
             Kind::NegativeSampler => "negative_sampler",
             Kind::Objective => "objective",
+            Kind::Hook => "hook",
         }
     }
 }
@@ -47,6 +50,9 @@ pub enum Factory {
     Discriminator(fn(&BuildContext<'_>) -> Result<Rc<dyn Discriminator>>),
     NegativeSampler(fn(&BuildContext<'_>) -> Result<Box<dyn NegativeSampler>>),
     Objective(fn(&BuildContext<'_>) -> Result<Box<dyn Objective>>),
+    /// A trainer hook; `None` when the run does not turn it on
+    /// ([`crate::hooks::HookContext::enabled`]).
+    Hook(fn(&crate::hooks::HookContext<'_>) -> Result<Option<Box<dyn Hook>>>),
     /// A negative sampler from a dynamic plugin library.
     DynamicSampler(&'static crate::dynamic::DynamicSampler),
 }
@@ -59,6 +65,7 @@ impl Factory {
             Factory::Discriminator(_) => Kind::Discriminator,
             Factory::NegativeSampler(_) | Factory::DynamicSampler(_) => Kind::NegativeSampler,
             Factory::Objective(_) => Kind::Objective,
+            Factory::Hook(_) => Kind::Hook,
         }
     }
 }

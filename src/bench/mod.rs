@@ -3,7 +3,7 @@
 //! PyTorch yardstick `bench/reference.py` run on the same inputs, printed as
 //! a table of ratios and written to `OUT/bench.json`.
 //!
-//! The step timed is [`crate::train::train_step`], the function training
+//! The step timed is [`crate::step::train_step`], the function training
 //! runs. Both sides run `warmup` steps, then `repeats` blocks of `steps`
 //! steps with a device synchronisation at each block's end; the time per
 //! step is the median over blocks. Nothing here asserts a time.
@@ -22,7 +22,7 @@ use crate::data::loader::{batches, Loader, LoaderConfig};
 use crate::data::{annotations, ImageRef};
 use crate::optim::AdamW;
 use crate::setup;
-use crate::train::train_step;
+use crate::step::train_step;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;

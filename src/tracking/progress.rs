@@ -79,12 +79,11 @@ impl Progress {
 
     /// The newest held-out evaluation: on the bar at once, in the plain
     /// lines from the next logging step.
-    pub fn heldout(&mut self, r: &crate::eval::HeldOut) {
+    pub fn heldout(&mut self, step: i64, i2t_r1: f64, itm_acc: f64) {
         self.heldout = Some(format!(
-            " | held-out@{}: i2t R@1 {:.1}% ITM {:.1}%",
-            r.step,
-            100.0 * r.retrieval.i2t_r1,
-            100.0 * r.matching.itm_acc
+            " | held-out@{step}: i2t R@1 {:.1}% ITM {:.1}%",
+            100.0 * i2t_r1,
+            100.0 * itm_acc
         ));
         self.bar.set_message(self.message());
     }

@@ -32,6 +32,24 @@ pub struct Config {
     /// ALBEF's momentum distillation (off unless `momentum.enabled`).
     #[serde(default)]
     pub momentum: MomentumConfig,
+    /// Trainer hooks by registered name (`[hooks.NAME]`): a section turns
+    /// its hook on unless it says `enabled = false`. Hooks with keys of
+    /// their own elsewhere (`[momentum]`, `train.tensorboard`, `eval.every`)
+    /// are also turned on by those.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub hooks: BTreeMap<String, HookSection>,
+}
+
+/// `[hooks.NAME]`: whether the hook runs, where it runs among the others
+/// (lower first; default the hook's own priority), and its own keys.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HookSection {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
+    #[serde(flatten)]
+    pub params: BTreeMap<String, Value>,
 }
 
 /// `[momentum]`: ALBEF's momentum distillation (`configs/mod.toml` turns it

@@ -1,0 +1,121 @@
+//! The run's hooks ([`vlmatch_core::Hook`]): which registered hooks a run
+//! turns on, built in the order they run.
+//!
+//! A hook is on when the config has a `[hooks.NAME]` section (unless it
+//! says `enabled = false`), or when the hook's factory finds its own switch
+//! on ([`HookContext::enabled`]: `[momentum] enabled`, `train.tensorboard`,
+//! `eval.every`, a command-line flag the host passes in
+//! [`HookContext::host`]). A `[hooks.NAME]` naming no registered hook is an
+//! error listing the registered ones.
+
+use crate::config::{HookSection, LoadedConfig};
+use crate::{Assembly, Factory, Kind, ModelEnv, Registry};
+use std::any::Any;
+use std::path::Path;
+use vlmatch_core::{Error, Hook, Result};
+
+/// What a hook factory gets: the run's config, model, layout and the
+/// host's resources.
+pub struct HookContext<'a> {
+    /// The hook's registered name (its config section is `hooks.<name>`).
+    pub name: &'a str,
+    pub loaded: &'a LoadedConfig,
+    pub asm: &'a Assembly,
+    pub env: &'a ModelEnv,
+    pub rank: usize,
+    pub world: usize,
+    /// One epoch in optimizer steps; `None` for a stream of shards.
+    pub epoch_steps: Option<i64>,
+    /// The run directory (rank 0 writes it).
+    pub run_dir: &'a Path,
+    /// What the host crate offers its own hooks (the `vlmatch` trainer's
+    /// resources); other hooks ignore it.
+    pub host: &'a dyn Any,
+}
+
+impl HookContext<'_> {
+    /// This hook's `[hooks.NAME]` section, if the config has one.
+    pub fn section(&self) -> Option<&HookSection> {
+        self.loaded.config.hooks.get(self.name)
+    }
+
+    /// Whether the run turns this hook on: its `[hooks.NAME]` section's
+    /// `enabled` (default true), else `switch`, the hook's own key or flag.
+    pub fn enabled(&self, switch: bool) -> bool {
+        match self.section() {
+            Some(s) => s.enabled.unwrap_or(true),
+            None => switch,
+        }
+    }
+
+    /// The hook's own keys in `[hooks.NAME]` as `T` (without `enabled` and
+    /// `priority`); an absent section gives `T`'s defaults.
+    pub fn params<T: serde::de::DeserializeOwned + Default>(&self) -> Result<T> {
+        if self.section().is_none() {
+            return Ok(T::default());
+        }
+        crate::config::section_of(
+            &self.loaded.figment,
+            Some(&self.loaded.stale),
+            &format!("hooks.{}", self.name),
+        )
+    }
+
+    /// The host's resources as `T`, when the host offers them.
+    pub fn host<T: 'static>(&self) -> Option<&T> {
+        self.host.downcast_ref::<T>()
+    }
+}
+
+/// A hook built for a run, with where it runs among the others.
+pub struct BuiltHook {
+    pub name: String,
+    pub priority: i32,
+    pub hook: Box<dyn Hook>,
+}
+
+/// Every registered hook the run turns on, lowest priority first (ties by
+/// name). `ctx` is the context with any `name`; each factory gets it with
+/// its own.
+pub fn build_hooks(registry: &Registry, ctx: &HookContext<'_>) -> Result<Vec<BuiltHook>> {
+    let names = registry.names(Kind::Hook);
+    for name in ctx.loaded.config.hooks.keys() {
+        if !names.contains(&name.as_str()) {
+            return Err(Error::Config(format!(
+                "config key `hooks.{name}`: unknown hook `{name}`; registered hooks: {}",
+                names.join(", ")
+            )));
+        }
+    }
+    let mut built = Vec::new();
+    for name in names {
+        let entry = registry.get(Kind::Hook, name, &format!("hooks.{name}"))?;
+        let Factory::Hook(build) = entry.factory else {
+            continue;
+        };
+        let own = HookContext {
+            name,
+            loaded: ctx.loaded,
+            asm: ctx.asm,
+            env: ctx.env,
+            rank: ctx.rank,
+            world: ctx.world,
+            epoch_steps: ctx.epoch_steps,
+            run_dir: ctx.run_dir,
+            host: ctx.host,
+        };
+        if let Some(hook) = build(&own)? {
+            let priority = own
+                .section()
+                .and_then(|s| s.priority)
+                .unwrap_or_else(|| hook.priority());
+            built.push(BuiltHook {
+                name: name.to_string(),
+                priority,
+                hook,
+            });
+        }
+    }
+    built.sort_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)));
+    Ok(built)
+}

@@ -1,0 +1,177 @@
+//! How a training run is asked for ([`TrainOptions`]) and what it returns
+//! ([`TrainSummary`]); the entry points that pick the device, connect the
+//! ranks and hand over to the loop ([`super::run`]).
+
+use super::start::Run;
+use crate::fault::Fault;
+use crate::parallel::Parallel;
+use crate::setup;
+use serde_json::{Map, Value};
+use std::path::{Path, PathBuf};
+use vlmatch_core::{Error, Result};
+use vlmatch_dist::LaunchEnv;
+use vlmatch_registry::config::base_from_file;
+use vlmatch_registry::ConfigLayers;
+
+pub struct TrainOptions {
+    pub layers: ConfigLayers,
+    /// Where to write; default `runs/<name>-<UTC time>`.
+    pub run_dir: Option<PathBuf>,
+    /// Continue this run directory from its newest checkpoint.
+    pub resume: Option<PathBuf>,
+    /// Stop abruptly after this step, without a final checkpoint, as a kill
+    /// would (used by the resume tests).
+    pub halt_after: Option<i64>,
+    /// Show the progress display (the `progress` hook).
+    pub progress: bool,
+}
+
+#[derive(Debug)]
+pub struct TrainSummary {
+    pub run_dir: PathBuf,
+    /// Step at which this invocation started (0 unless resumed).
+    pub start_step: i64,
+    pub last_step: i64,
+    /// The logged metrics of this invocation, one object per logged step.
+    pub logged: Vec<Map<String, Value>>,
+    /// The held-out evaluation at the end (retrieval and matching).
+    pub eval: Option<crate::eval::HeldOut>,
+}
+
+pub(super) fn default_run_dir(preset: &str) -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0) as i64;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    PathBuf::from("runs").join(format!(
+        "{preset}-{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    ))
+}
+
+/// Keep the lines of a JSON-lines log (`metrics.jsonl`, `eval.jsonl`) up
+/// to `step`, dropping what a killed run logged after its last checkpoint.
+pub fn truncate_metrics(path: &Path, step: i64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(Value::as_i64))
+                .is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    write_atomic(path, &kept)
+}
+
+/// Write `text` to `path` through a temporary file, so that a reader (a
+/// rank loading the run's config while rank 0 rewrites it) never sees it
+/// half written.
+pub(super) fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Trains as [`TrainOptions`] say; as one rank of a data-parallel run when
+/// a launcher's environment (`torchrun`, `srun`) says so.
+pub fn train(opts: TrainOptions) -> Result<TrainSummary> {
+    let launch =
+        LaunchEnv::from_env().map_err(|e| Error::Config(format!("launcher environment: {e}")))?;
+    train_launched(opts, launch, None)
+}
+
+/// [`train`] with the launch given: `launch` (several ranks when its world
+/// size is above 1), and for the fault tests, a failure to inject (the
+/// `fault` hook).
+pub fn train_launched(
+    mut opts: TrainOptions,
+    launch: Option<LaunchEnv>,
+    fault: Option<Fault>,
+) -> Result<TrainSummary> {
+    let launch = launch.as_ref();
+    let run_dir = if let Some(dir) = &opts.resume {
+        opts.layers.base = Some(base_from_file(&dir.join("config.toml"))?);
+        dir.clone()
+    } else {
+        let preset = opts
+            .layers
+            .base
+            .as_ref()
+            .map(|b| {
+                b.0.rsplit(['/', ' '])
+                    .next()
+                    .unwrap_or("run")
+                    .trim_end_matches(".toml")
+                    .to_string()
+            })
+            .unwrap_or_else(|| "run".into());
+        opts.run_dir
+            .clone()
+            .unwrap_or_else(|| default_run_dir(&preset))
+    };
+    let loaded = opts.layers.load()?;
+    let tc = &loaded.config.train;
+    if tc.steps <= 0 || tc.batch_size == 0 || tc.accum_steps == 0 || tc.log_every <= 0 {
+        return Err(Error::Config(format!(
+            "config keys `train.steps` ({}), `train.batch_size` ({}), `train.accum_steps` ({}) and \
+             `train.log_every` ({}) must be positive",
+            tc.steps, tc.batch_size, tc.accum_steps, tc.log_every
+        )));
+    }
+    // Several ranks: a launcher started this process as one of them.
+    let multi = launch.filter(|l| l.world_size > 1);
+    let device = match launch {
+        Some(l) => setup::rank_device(&tc.device, l.local_rank)?,
+        None => setup::device(&tc.device)?,
+    };
+    let threads = match multi {
+        Some(_) => setup::rank_threads(tc),
+        None => setup::threads(tc),
+    };
+    tch::set_num_threads(threads as i32);
+    tch::manual_seed(super::step_seed(tc.seed, -1));
+
+    let mut par = match multi {
+        Some(l) => Some(Parallel::connect(
+            l,
+            device,
+            std::time::Duration::from_secs(tc.dist.timeout.max(1)),
+        )?),
+        None => None,
+    };
+    let flags = crate::hooks::Flags {
+        progress: opts.progress,
+        fault,
+    };
+    let result = Run::start(&opts, &run_dir, &loaded, device, par.as_mut(), flags)
+        .and_then(|run| super::run(run, opts.halt_after));
+    match (result, par) {
+        (Ok(summary), Some(p)) => {
+            p.leave();
+            Ok(summary)
+        }
+        // A failed collective: what the heartbeats say about the other
+        // ranks. (This rank's heartbeat then stops, so the others learn
+        // that it left.) Its own errors (data, config) it reports as they are.
+        (Err(e), Some(p)) if Parallel::is_communication(&e) => Err(p.explain(e)),
+        (result, _) => result,
+    }
+}
