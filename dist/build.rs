@@ -5,8 +5,10 @@
 //!    an rpath to the libtorch lib dir, and `-ltorch` (plus `-ltorch_cuda`)
 //!    under `--no-as-needed`, or the test binaries cannot start and CUDA
 //!    would silently be unavailable.
-//! 2. Compiles `csrc/c10d_shim.cpp` against libtorch's headers with the `cc`
-//!    crate and links it with `torch`, `torch_cpu` and `c10`.
+//! 2. Compiles the C++ shim over c10d (`csrc/*.cpp`, one file per concern
+//!    with `csrc/shim.h` shared, listed in [`SHIM_SOURCES`]) against
+//!    libtorch's headers with the `cc` crate and links it with `torch`,
+//!    `torch_cpu` and `c10`.
 //! 3. Adds the NCCL backend when nccl.h and the CUDA headers PyPI ships are
 //!    next to the torch package (`nvidia/nccl/include`, `nvidia/cu13/include`
 //!    with `crt/host_config.h` from nvidia-cuda-crt and `nv/target` from
@@ -18,9 +20,24 @@
 
 use std::path::{Path, PathBuf};
 
+/// The shim's translation units, one per concern (mirrored by the modules of
+/// `src/ffi/`).
+const SHIM_SOURCES: [&str; 5] = [
+    "csrc/store.cpp",
+    "csrc/group.cpp",
+    "csrc/autograd.cpp",
+    "csrc/reducer.cpp",
+    "csrc/health.cpp",
+];
+
+/// The shim's headers: what the files share, and the hand-declared Gloo.
+const SHIM_HEADERS: [&str; 2] = ["csrc/shim.h", "csrc/gloo_decl.h"];
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=csrc/c10d_shim.cpp");
+    for file in SHIM_SOURCES.iter().chain(&SHIM_HEADERS) {
+        println!("cargo:rerun-if-changed={file}");
+    }
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rustc-check-cfg=cfg(vlmatch_nccl)");
 
@@ -47,7 +64,7 @@ fn main() {
     let mut build = cc::Build::new();
     build
         .cpp(true)
-        .file("csrc/c10d_shim.cpp")
+        .files(SHIM_SOURCES)
         .flag("-std=c++17")
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         // libtorch's own headers are not ours to warn about.

@@ -175,7 +175,7 @@ impl GradReducer {
         let op = Op::AllReduce;
         let raw = group.handle(op)?;
         self.raw
-            .finish(raw, group.info.timeout)
+            .finish(raw, group.timeout())
             .map_err(|f| group.start_error(op, f))
     }
 

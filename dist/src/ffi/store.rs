@@ -2,6 +2,80 @@
 
 use super::*;
 
+#[repr(C)]
+pub(crate) struct RawStore {
+    _opaque: [u8; 0],
+}
+
+extern "C" {
+    fn vlm_store_tcp_new(
+        host: *const c_char,
+        port: u16,
+        world_size: i32,
+        is_master: i32,
+        timeout_ms: i64,
+        out: *mut *mut RawStore,
+        err: *mut *mut c_char,
+    ) -> i32;
+    fn vlm_store_tcp_client(
+        host: *const c_char,
+        port: u16,
+        timeout_ms: i64,
+        out: *mut *mut RawStore,
+        err: *mut *mut c_char,
+    ) -> i32;
+    fn vlm_store_prefixed(
+        s: *mut RawStore,
+        prefix: *const c_char,
+        out: *mut *mut RawStore,
+        err: *mut *mut c_char,
+    ) -> i32;
+    fn vlm_store_free(s: *mut RawStore);
+    fn vlm_store_set(
+        s: *mut RawStore,
+        key: *const c_char,
+        data: *const u8,
+        len: usize,
+        err: *mut *mut c_char,
+    ) -> i32;
+    fn vlm_store_get(
+        s: *mut RawStore,
+        key: *const c_char,
+        timeout_ms: i64,
+        data: *mut *mut u8,
+        len: *mut usize,
+        err: *mut *mut c_char,
+    ) -> i32;
+    fn vlm_store_add(
+        s: *mut RawStore,
+        key: *const c_char,
+        delta: i64,
+        out: *mut i64,
+        err: *mut *mut c_char,
+    ) -> i32;
+    fn vlm_store_wait(
+        s: *mut RawStore,
+        keys: *const *const c_char,
+        n: usize,
+        timeout_ms: i64,
+        err: *mut *mut c_char,
+    ) -> i32;
+    fn vlm_store_check(
+        s: *mut RawStore,
+        keys: *const *const c_char,
+        n: usize,
+        out: *mut i32,
+        err: *mut *mut c_char,
+    ) -> i32;
+    fn vlm_store_delete(
+        s: *mut RawStore,
+        key: *const c_char,
+        out: *mut i32,
+        err: *mut *mut c_char,
+    ) -> i32;
+    fn vlm_bytes_free(b: *mut u8);
+}
+
 /// An owned `c10::intrusive_ptr<c10d::Store>` (a TCPStore).
 pub(crate) struct StoreHandle(pub(super) NonNull<RawStore>);
 
