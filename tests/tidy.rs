@@ -491,3 +491,64 @@ fn no_two_host_modules_import_each_other() {
     );
     assert_eq!(module_of(&root().join("src/main.rs")), None);
 }
+
+/// Every table of measured results names the command that produced it and
+/// the commit it was measured at; the README stays a short introduction.
+#[test]
+fn results_tables_name_command_and_commit_and_readme_is_short() {
+    /// 1-based lines of the tables (blocks of lines starting with `|`, outside
+    /// code fences) without both a `command:` and a `commit:` line after the
+    /// previous table or heading.
+    fn unlabelled_tables(text: &str) -> Vec<usize> {
+        let (mut command, mut commit, mut table, mut fenced) = (false, false, false, false);
+        let mut bad = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.starts_with("```") {
+                fenced = !fenced;
+            }
+            if !fenced && line.starts_with('|') {
+                if !table && !(command && commit) {
+                    bad.push(i + 1);
+                }
+                table = true;
+                continue;
+            }
+            if table || (!fenced && line.starts_with('#')) {
+                (command, commit) = (false, false);
+            }
+            table = false;
+            command |= line.starts_with("command:");
+            commit |= line.starts_with("commit:");
+        }
+        bad
+    }
+    let results = read(&root().join("docs/results.md"));
+    let bad = unlabelled_tables(&results);
+    assert!(
+        bad.is_empty(),
+        "docs/results.md: {} (write the exact command and the commit hash \
+         between the previous table or heading and the table)",
+        bad.iter()
+            .map(|l| format!("the table at line {l} lacks a `command:` or a `commit:` line"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    // The check itself.
+    let labelled = "# A\ncommand: `x`\ncommit: abc\n\n| a |\n|---|\n";
+    assert!(unlabelled_tables(labelled).is_empty());
+    assert_eq!(unlabelled_tables(&format!("{labelled}\n| b |\n")), [8]);
+    assert_eq!(
+        unlabelled_tables("command: x\n## B\ncommit: y\n| c |\n"),
+        [4]
+    );
+    assert_eq!(
+        unlabelled_tables("command: x\n```\n# y\n```\ncommit: y\n| c |\n"),
+        Vec::<usize>::new()
+    );
+
+    let readme = read(&root().join("README.md")).lines().count();
+    assert!(
+        readme <= 200,
+        "README.md has {readme} lines, over 200: move the detail to docs/"
+    );
+}
