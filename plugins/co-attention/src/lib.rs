@@ -35,7 +35,9 @@ use serde::Deserialize;
 use std::rc::Rc;
 use tch::{nn, Kind, Tensor};
 use vlmatch_core::{Encoded, Encoder, EncoderInput, Error, Modality, Result};
-use vlmatch_layers::{hf_init, BertLayer, BertLayerConfig, Linear};
+use vlmatch_layers::arch::LayerKeys;
+use vlmatch_layers::bert::BertStack;
+use vlmatch_layers::{hf_init, BertLayerConfig, Linear};
 use vlmatch_registry::{check, BuildContext};
 
 vlmatch_registry::register!(encoder "co_attention" => build);
@@ -90,36 +92,20 @@ impl CoAttentionSection {
                 ),
             ));
         }
-        let intermediate = self.intermediate_size.unwrap_or(4 * hidden);
-        check::layer_sizes(
-            key,
-            &check::LayerSizes {
-                hidden_size: Some(hidden),
-                num_hidden_layers: self.num_hidden_layers,
-                num_attention_heads: self.num_attention_heads,
-                intermediate_size: intermediate,
-                layer_norm_eps: self.layer_norm_eps,
-                dropouts: vec![
-                    ("hidden_dropout_prob", self.hidden_dropout_prob),
-                    (
-                        "attention_probs_dropout_prob",
-                        self.attention_probs_dropout_prob,
-                    ),
-                ],
-            },
-        )?;
+        let keys = LayerKeys {
+            hidden_size: Some(hidden),
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            intermediate_size: self.intermediate_size.unwrap_or(4 * hidden),
+            layer_norm_eps: self.layer_norm_eps,
+            hidden_dropout_prob: Some(self.hidden_dropout_prob),
+            attention_probs_dropout_prob: Some(self.attention_probs_dropout_prob),
+            attention_dropout: None,
+        };
+        keys.check(key)?;
         Ok(CoAttentionConfig {
             num_hidden_layers: self.num_hidden_layers,
-            layer: BertLayerConfig {
-                hidden,
-                heads: self.num_attention_heads,
-                intermediate,
-                hidden_dropout: self.hidden_dropout_prob,
-                attention_dropout: self.attention_probs_dropout_prob,
-                layer_norm_eps: self.layer_norm_eps,
-                cross_width: Some(hidden),
-                compute,
-            },
+            layer: keys.bert_layer(None, Some(hidden), compute),
         })
     }
 }
@@ -130,8 +116,8 @@ pub struct CoAttentionFusion {
     image_transform: Linear,
     /// `[2, D]`: row 0 is added to the text stream, row 1 to the image's.
     token_type_embeddings: Tensor,
-    text_layers: Vec<BertLayer>,
-    image_layers: Vec<BertLayer>,
+    text_layers: BertStack,
+    image_layers: BertStack,
     text_pooler: Linear,
     image_pooler: Linear,
     pool_proj: Linear,
@@ -142,11 +128,7 @@ impl CoAttentionFusion {
     pub fn new(p: &nn::Path, cfg: &CoAttentionConfig, text_width: i64, image_width: i64) -> Self {
         let (d, compute) = (cfg.layer.hidden, cfg.layer.compute);
         let layer_cfg = cfg.layer;
-        let layers = |name: &str| -> Vec<BertLayer> {
-            (0..cfg.num_hidden_layers)
-                .map(|i| BertLayer::new(&(p / name / i), &layer_cfg))
-                .collect()
-        };
+        let layers = |name: &str| BertStack::new(&(p / name), cfg.num_hidden_layers, &layer_cfg);
         CoAttentionFusion {
             hidden: d,
             text_transform: Linear::new(&(p / "text_transform"), text_width, d, true, compute),
@@ -181,16 +163,12 @@ impl CoAttentionFusion {
             .forward(&image.hidden)
             .to_kind(Kind::Float)
             + self.token_type_embeddings.get(1);
-        let last = self.text_layers.len().saturating_sub(1);
-        for (i, (tl, vl)) in self.text_layers.iter().zip(&self.image_layers).enumerate() {
+        let (ts, vs) = (&self.text_layers, &self.image_layers);
+        for i in 0..ts.len() {
             // Both streams read the other's states from before this layer.
-            let (t_rows, v_rows) = if cls_only && i == last {
-                (t.narrow(1, 0, 1), v.narrow(1, 0, 1))
-            } else {
-                (t.shallow_clone(), v.shallow_clone())
-            };
-            let t_next = tl.forward_rows(&t_rows, &t, tm, Some((&v, vm)), train);
-            let v_next = vl.forward_rows(&v_rows, &v, vm, Some((&t, tm)), train);
+            let (t_rows, v_rows) = (ts.rows(i, &t, cls_only), vs.rows(i, &v, cls_only));
+            let t_next = ts.layer(i, &t_rows, &t, tm, Some((&v, vm)), None, train);
+            let v_next = vs.layer(i, &v_rows, &v, vm, Some((&t, tm)), None, train);
             (t, v) = (t_next, v_next);
         }
         let pool = |pooler: &Linear, xs: &Tensor| pooler.forward(&xs.select(1, 0)).tanh();

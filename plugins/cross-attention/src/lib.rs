@@ -18,6 +18,8 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use tch::{nn, Tensor};
 use vlmatch_core::{Encoded, Encoder, EncoderInput, Error, Modality, Result};
+use vlmatch_layers::arch::LayerKeys;
+use vlmatch_layers::bert::BertStack;
 use vlmatch_layers::hf::ArchSource;
 use vlmatch_layers::{BertLayer, BertLayerConfig};
 use vlmatch_registry::{check, BuildContext};
@@ -84,33 +86,17 @@ impl CrossAttentionSection {
 }
 
 impl CrossAttentionConfig {
-    /// The layer sizes ([`check::layer_sizes`]); errors name
+    /// The layer sizes ([`LayerKeys::check`]); errors name
     /// `{key}.<field>`. That the heads divide the text width is checked in
     /// [`CrossAttentionFusion::new`], which knows the width.
     pub fn check(&self, key: &str) -> Result<()> {
-        check::layer_sizes(
-            key,
-            &check::LayerSizes {
-                hidden_size: None,
-                num_hidden_layers: self.num_hidden_layers,
-                num_attention_heads: self.num_attention_heads,
-                intermediate_size: self.intermediate_size,
-                layer_norm_eps: self.layer_norm_eps,
-                dropouts: vec![
-                    ("hidden_dropout_prob", self.hidden_dropout_prob),
-                    (
-                        "attention_probs_dropout_prob",
-                        self.attention_probs_dropout_prob,
-                    ),
-                ],
-            },
-        )
+        LayerKeys::of(self).check(key)
     }
 }
 
 pub struct CrossAttentionFusion {
     hidden: i64,
-    layers: Vec<BertLayer>,
+    layers: BertStack,
     /// Images per text: 1, or 2 (layer `i` attends to image `i % 2`).
     images: usize,
 }
@@ -123,29 +109,7 @@ impl CrossAttentionFusion {
         image_width: i64,
         compute: tch::Kind,
     ) -> Result<Self> {
-        check::heads_divide(
-            "cross_attention.num_attention_heads",
-            cfg.num_attention_heads,
-            "the text encoder's width",
-            text_width,
-        )?;
-        let layer_cfg = BertLayerConfig {
-            hidden: text_width,
-            heads: cfg.num_attention_heads,
-            intermediate: cfg.intermediate_size,
-            hidden_dropout: cfg.hidden_dropout_prob,
-            attention_dropout: cfg.attention_probs_dropout_prob,
-            layer_norm_eps: cfg.layer_norm_eps,
-            cross_width: Some(image_width),
-            compute,
-        };
-        Ok(CrossAttentionFusion {
-            hidden: text_width,
-            layers: (0..cfg.num_hidden_layers)
-                .map(|i| BertLayer::new(&(p / "layer" / i), &layer_cfg))
-                .collect(),
-            images: 1,
-        })
+        Self::build(p, cfg, text_width, image_width, compute, BertStack::new, 1)
     }
 
     /// ALBEF's NLVR2 fusion: `2 * cfg.num_hidden_layers` layers, layer
@@ -157,32 +121,38 @@ impl CrossAttentionFusion {
         image_width: i64,
         compute: tch::Kind,
     ) -> Result<Self> {
-        let doubled = CrossAttentionConfig {
-            num_hidden_layers: 0,
-            ..cfg.clone()
-        };
-        let mut f = Self::new(p, &doubled, text_width, image_width, compute)?;
-        let layer_cfg = BertLayerConfig {
-            hidden: text_width,
-            heads: cfg.num_attention_heads,
-            intermediate: cfg.intermediate_size,
-            hidden_dropout: cfg.hidden_dropout_prob,
-            attention_dropout: cfg.attention_probs_dropout_prob,
-            layer_norm_eps: cfg.layer_norm_eps,
-            cross_width: Some(image_width),
+        Self::build(
+            p,
+            cfg,
+            text_width,
+            image_width,
             compute,
-        };
-        for k in 0..cfg.num_hidden_layers {
-            let first = BertLayer::new(&(p / "layer" / (2 * k)), &layer_cfg);
-            let second = BertLayer::sharing_cross_key_value(
-                &(p / "layer" / (2 * k + 1)),
-                &layer_cfg,
-                &first,
-            );
-            f.layers.extend([first, second]);
-        }
-        f.images = 2;
-        Ok(f)
+            BertStack::pairs,
+            2,
+        )
+    }
+
+    fn build(
+        p: &nn::Path,
+        cfg: &CrossAttentionConfig,
+        text_width: i64,
+        image_width: i64,
+        compute: tch::Kind,
+        stack: fn(&nn::Path, i64, &BertLayerConfig) -> BertStack,
+        images: usize,
+    ) -> Result<Self> {
+        check::heads_divide(
+            "cross_attention.num_attention_heads",
+            cfg.num_attention_heads,
+            "the text encoder's width",
+            text_width,
+        )?;
+        let layer_cfg = LayerKeys::of(cfg).bert_layer(Some(text_width), Some(image_width), compute);
+        Ok(CrossAttentionFusion {
+            hidden: text_width,
+            layers: stack(&(p / "layer"), cfg.num_hidden_layers, &layer_cfg),
+            images,
+        })
     }
 
     /// Images per text (1, or 2 for the NLVR2 fusion).
@@ -194,6 +164,7 @@ impl CrossAttentionFusion {
     /// which are shared).
     pub fn cross_key_value_weights(&self) -> Vec<[&Tensor; 2]> {
         self.layers
+            .layers()
             .iter()
             .filter_map(BertLayer::cross_key_value_weights)
             .collect()
@@ -272,18 +243,14 @@ impl CrossAttentionFusion {
                 ))
             }
         };
-        let mut xs = text.hidden.shallow_clone();
-        let last = self.layers.len().saturating_sub(1);
-        for (i, layer) in self.layers.iter().enumerate() {
-            let rows = if cls_only && i == last {
-                xs.narrow(1, 0, 1)
-            } else {
-                xs.shallow_clone()
-            };
-            let image = images[i % 2];
-            let img = Some((&image.hidden, &image.mask));
-            xs = layer.forward_rows_indexed(&rows, &xs, &text.mask, img, image_index, train);
-        }
+        let xs = self.layers.forward(
+            text.hidden.shallow_clone(),
+            &text.mask,
+            |i| Some((&images[i % 2].hidden, &images[i % 2].mask)),
+            image_index,
+            cls_only,
+            train,
+        );
         Ok(if cls_only {
             Encoded {
                 hidden: xs.narrow(1, 0, 1),

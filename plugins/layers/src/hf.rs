@@ -165,7 +165,9 @@ impl<T: ArchValue> ArchValue for Option<T> {
 ///
 /// The section (`#[serde(deny_unknown_fields)]`, `Default`) holds its own
 /// keys plus each architecture key as an `Option`; the config holds each
-/// architecture and checkpoint key resolved. `Config::defaults()` gives the
+/// architecture and checkpoint key resolved, and serialises under the same
+/// names (as [`LayerKeys::of`](crate::arch::LayerKeys::of) reads them).
+/// `Config::defaults()` gives the
 /// defaults as JSON, and `Section::resolve_arch(key, source)` resolves
 /// through [`resolve_arch`] (checkpoint, then section, then defaults). The
 /// calling crate depends on `serde` and `serde_json`.
@@ -193,7 +195,7 @@ macro_rules! hf_arch {
         }
 
         $(#[$cmeta])*
-        #[derive(Debug, Clone, serde::Deserialize)]
+        #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
         pub struct $config {
             $( $(#[$ameta])* pub $a: $at, )*
             $( $(#[$kmeta])* pub $k: $kt, )*

@@ -5,8 +5,14 @@
 //! given at construction (bf16 on CUDA) from fp32 master weights; layer norms
 //! and residual sums stay fp32. Tensors between blocks are fp32.
 
+pub mod arch;
+pub mod bert;
 pub mod hf;
+pub mod lm_head;
 pub mod masking;
+
+pub use bert::{BertLayer, BertLayerConfig};
+pub use lm_head::TiedLmHead;
 
 use tch::{nn, Kind, Tensor};
 use vlmatch_core::flops;
@@ -17,6 +23,11 @@ pub fn hf_init() -> nn::Init {
         mean: 0.0,
         stdev: 0.02,
     }
+}
+
+/// `p / names[0] / names[1] / ...`.
+pub fn path_at<'a>(p: &nn::Path<'a>, names: &[&str]) -> nn::Path<'a> {
+    names.iter().fold(p.clone(), |q, n| &q / *n)
 }
 
 /// A linear layer (`weight` `[out, in]`, `bias` `[out]`) computing in
@@ -232,213 +243,5 @@ impl Attention {
             out.requires_grad(),
         );
         out.transpose(1, 2).contiguous().view([b, lq, -1])
-    }
-}
-
-/// A masked-language-model head whose decoder is tied to the text
-/// encoder's word embeddings: dense + GELU + LayerNorm, then
-/// `states . word_embeddings^T + bias` (BERT's `cls.predictions`, RoBERTa's
-/// `lm_head`; the caller names the parameters as its checkpoints do).
-pub struct TiedLmHead {
-    dense: Linear,
-    layer_norm: LayerNorm,
-    bias: Tensor,
-    word_embeddings: Tensor,
-    compute: Kind,
-}
-
-impl TiedLmHead {
-    /// `dense` and `layer_norm` under the paths given, `bias` `[V]` under
-    /// `bias_at`; `word_embeddings` `[V, H]` is the tied decoder weight.
-    pub fn new(
-        dense: &nn::Path,
-        layer_norm: &nn::Path,
-        bias_at: &nn::Path,
-        word_embeddings: Tensor,
-        eps: f64,
-        compute: Kind,
-    ) -> Self {
-        let (v, h) = word_embeddings.size2().expect("word embeddings are [V, H]");
-        TiedLmHead {
-            dense: Linear::new(dense, h, h, true, compute),
-            layer_norm: LayerNorm::new(layer_norm, h, eps),
-            bias: bias_at.var("bias", &[v], nn::Init::Const(0.0)),
-            word_embeddings,
-            compute,
-        }
-    }
-
-    /// Vocabulary logits `[.., V]` (fp32) of states `[.., H]`.
-    pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        let h = self.dense.forward(hidden).gelu("none");
-        let h = self.layer_norm.forward(&h);
-        let logits = if self.compute == Kind::Float {
-            h.matmul(&self.word_embeddings.tr())
-        } else {
-            h.to_kind(self.compute)
-                .matmul(&self.word_embeddings.to_kind(self.compute).tr())
-        };
-        flops::linear(self.dense.module(), &h, &self.word_embeddings, &logits);
-        logits.to_kind(Kind::Float) + &self.bias
-    }
-}
-
-/// Hyper-parameters of a post-LN BERT layer (HuggingFace `BertLayer`).
-#[derive(Debug, Clone, Copy)]
-pub struct BertLayerConfig {
-    pub hidden: i64,
-    pub heads: i64,
-    pub intermediate: i64,
-    pub hidden_dropout: f64,
-    pub attention_dropout: f64,
-    pub layer_norm_eps: f64,
-    /// Width of the states cross-attended to; `None` for a text-only layer.
-    pub cross_width: Option<i64>,
-    pub compute: Kind,
-}
-
-/// Self-attention, then (fusion layers) cross-attention to the image, then a
-/// feed-forward block; each sub-layer residual + LayerNorm. Parameter names
-/// follow HuggingFace `BertLayer` and ALBEF's `crossattention`.
-#[derive(Debug)]
-pub struct BertLayer {
-    attention: Attention,
-    attention_out: Linear,
-    attention_ln: LayerNorm,
-    cross: Option<(Attention, Linear, LayerNorm)>,
-    intermediate: Linear,
-    output: Linear,
-    output_ln: LayerNorm,
-    dropout: f64,
-}
-
-impl BertLayer {
-    pub fn new(p: &nn::Path, cfg: &BertLayerConfig) -> Self {
-        Self::build(p, cfg, None)
-    }
-
-    /// A fusion layer whose cross-attention `key` and `value` projections
-    /// are `with`'s (shared, not copied; `with` must have cross-attention
-    /// of the same width): the second layer of an ALBEF NLVR2 pair. Its own
-    /// parameters are everything else, under `p`.
-    pub fn sharing_cross_key_value(p: &nn::Path, cfg: &BertLayerConfig, with: &BertLayer) -> Self {
-        let shared = with
-            .cross
-            .as_ref()
-            .map(|(a, _, _)| a)
-            .expect("the layer shared with has cross-attention");
-        Self::build(p, cfg, Some(shared))
-    }
-
-    /// The cross-attention's `key` and `value` weights; `None` for a
-    /// text-only layer.
-    pub fn cross_key_value_weights(&self) -> Option<[&Tensor; 2]> {
-        self.cross.as_ref().map(|(a, _, _)| a.key_value_weights())
-    }
-
-    fn build(p: &nn::Path, cfg: &BertLayerConfig, share_kv: Option<&Attention>) -> Self {
-        let h = cfg.hidden;
-        let attn = |p: nn::Path, kv: i64, share: Option<&Attention>| {
-            (
-                match share {
-                    Some(with) => Attention::sharing_key_value(
-                        &(&p / "self"),
-                        h,
-                        with,
-                        cfg.attention_dropout,
-                        cfg.compute,
-                    ),
-                    None => Attention::new(
-                        &(&p / "self"),
-                        h,
-                        kv,
-                        h,
-                        cfg.heads,
-                        cfg.attention_dropout,
-                        cfg.compute,
-                    ),
-                },
-                Linear::new(&(&p / "output" / "dense"), h, h, true, cfg.compute),
-                LayerNorm::new(&(&p / "output" / "LayerNorm"), h, cfg.layer_norm_eps),
-            )
-        };
-        let (attention, attention_out, attention_ln) = attn(p / "attention", h, None);
-        BertLayer {
-            attention,
-            attention_out,
-            attention_ln,
-            cross: cfg
-                .cross_width
-                .map(|w| attn(p / "crossattention", w, share_kv)),
-            intermediate: Linear::new(
-                &(p / "intermediate" / "dense"),
-                h,
-                cfg.intermediate,
-                true,
-                cfg.compute,
-            ),
-            output: Linear::new(
-                &(p / "output" / "dense"),
-                cfg.intermediate,
-                h,
-                true,
-                cfg.compute,
-            ),
-            output_ln: LayerNorm::new(&(p / "output" / "LayerNorm"), h, cfg.layer_norm_eps),
-            dropout: cfg.hidden_dropout,
-        }
-    }
-
-    /// `xs` `[B, L, H]` with `mask` `[B, L]`; `image` `[B, N, W]` with its
-    /// mask for fusion layers. Returns `[B, L, H]` fp32.
-    pub fn forward(
-        &self,
-        xs: &Tensor,
-        mask: &Tensor,
-        image: Option<(&Tensor, &Tensor)>,
-        train: bool,
-    ) -> Tensor {
-        self.forward_rows(xs, xs, mask, image, train)
-    }
-
-    /// The layer's output at the positions `rows` only (`[B, R, D]`, a slice
-    /// of `xs` along dimension 1): self-attention still reads every position
-    /// of `xs` as keys and values, so each returned row equals that row of
-    /// [`BertLayer::forward`]; the others are not computed.
-    pub fn forward_rows(
-        &self,
-        rows: &Tensor,
-        xs: &Tensor,
-        mask: &Tensor,
-        image: Option<(&Tensor, &Tensor)>,
-        train: bool,
-    ) -> Tensor {
-        self.forward_rows_indexed(rows, xs, mask, image, None, train)
-    }
-
-    /// [`BertLayer::forward_rows`] with `image` `[U, N, W]` holding each
-    /// distinct image once and `image_index` `[B]` naming row `b`'s
-    /// ([`Attention::forward_indexed`]): the cross-attention keys and values
-    /// are computed once per image.
-    pub fn forward_rows_indexed(
-        &self,
-        rows: &Tensor,
-        xs: &Tensor,
-        mask: &Tensor,
-        image: Option<(&Tensor, &Tensor)>,
-        image_index: Option<&Tensor>,
-        train: bool,
-    ) -> Tensor {
-        let a = self.attention.forward(rows, xs, Some(mask), train);
-        let a = self.attention_out.forward(&a).dropout(self.dropout, train);
-        let mut xs = self.attention_ln.forward(&(a + rows));
-        if let (Some((attn, out, ln)), Some((img, img_mask))) = (&self.cross, image) {
-            let c = attn.forward_indexed(&xs, img, Some(img_mask), image_index, train);
-            let c = out.forward(&c).dropout(self.dropout, train);
-            xs = ln.forward(&(c + &xs));
-        }
-        let h = self.intermediate.forward(&xs).gelu("none");
-        let h = self.output.forward(&h).dropout(self.dropout, train);
-        self.output_ln.forward(&(h + xs))
     }
 }

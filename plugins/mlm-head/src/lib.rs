@@ -9,9 +9,8 @@
 use serde::Deserialize;
 use std::path::Path;
 use std::rc::Rc;
-use tch::{nn, Kind, Tensor};
-use vlmatch_core::{Encoded, Error, Generator, Result};
-use vlmatch_layers::TiedLmHead;
+use vlmatch_core::{Generator, Result};
+use vlmatch_layers::lm_head::{build_lm_head, HeadNames, LmHead, LmHeadNames};
 use vlmatch_registry::weights::{hub_name, CheckpointArch, CheckpointLayout, LoadContext};
 use vlmatch_registry::BuildContext;
 
@@ -70,49 +69,21 @@ fn eps() -> f64 {
     1e-12
 }
 
-pub struct MlmHead(TiedLmHead);
+/// `BertForMaskedLM`'s names of its `cls.predictions`.
+pub struct BertHeadNames;
 
-impl MlmHead {
-    /// `word_embeddings` `[V, H]`: the tied decoder weight.
-    pub fn new(p: &nn::Path, word_embeddings: Tensor, eps: f64, compute: Kind) -> Self {
-        let t = p / "cls" / "predictions";
-        MlmHead(TiedLmHead::new(
-            &(&t / "transform" / "dense"),
-            &(&t / "transform" / "LayerNorm"),
-            &t,
-            word_embeddings,
-            eps,
-            compute,
-        ))
-    }
+impl HeadNames for BertHeadNames {
+    const NAMES: LmHeadNames = LmHeadNames {
+        root: &["cls", "predictions"],
+        dense: &["transform", "dense"],
+        layer_norm: &["transform", "LayerNorm"],
+    };
 }
 
-impl Generator for MlmHead {
-    fn logits(&self, states: &Encoded, _train: bool) -> Result<Tensor> {
-        Ok(self.0.logits(&states.hidden))
-    }
-}
+/// BERT's MLM head: an [`LmHead`] under `cls.predictions`.
+pub type MlmHead = LmHead<BertHeadNames>;
 
 fn build(ctx: &BuildContext<'_>) -> Result<Rc<dyn Generator>> {
     let cfg: MlmHeadConfig = ctx.params()?;
-    vlmatch_registry::check::positive_f64(
-        &format!("{}.layer_norm_eps", ctx.key),
-        cfg.layer_norm_eps,
-    )?;
-    let emb = ctx
-        .text_encoder
-        .as_ref()
-        .and_then(|e| e.word_embeddings())
-        .ok_or_else(|| {
-            Error::plugin(
-                "mlm_head",
-                "the text encoder exposes no word embeddings to tie to",
-            )
-        })?;
-    Ok(Rc::new(MlmHead::new(
-        &ctx.path,
-        emb,
-        cfg.layer_norm_eps,
-        ctx.env.compute,
-    )))
+    build_lm_head::<BertHeadNames>(ctx, "mlm_head", cfg.layer_norm_eps)
 }

@@ -15,10 +15,11 @@
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::rc::Rc;
-use tch::{nn, Kind, Tensor};
-use vlmatch_core::{Encoded, Encoder, EncoderInput, Error, Generator, Modality, Result};
+use vlmatch_core::{Encoder, Generator, Result};
+use vlmatch_layers::arch::LayerKeys;
+use vlmatch_layers::bert::{build_text, PositionIds, TextArch, TextEncoder};
 use vlmatch_layers::hf::ArchSource;
-use vlmatch_layers::{hf_init, BertLayer, BertLayerConfig, LayerNorm, TiedLmHead};
+use vlmatch_layers::lm_head::{build_lm_head, HeadNames, LmHead, LmHeadNames};
 use vlmatch_registry::{check, BuildContext};
 
 mod layout;
@@ -87,27 +88,11 @@ impl RobertaSection {
 }
 
 impl RobertaConfig {
-    /// The layer sizes ([`check::layer_sizes`]), room for the padding
+    /// The layer sizes ([`LayerKeys::check`]), room for the padding
     /// index, GELU and absolute positions; errors name `{key}.<field>`.
     pub fn check(&self, key: &str) -> Result<()> {
         let k = |field: &str| format!("{key}.{field}");
-        check::layer_sizes(
-            key,
-            &check::LayerSizes {
-                hidden_size: Some(self.hidden_size),
-                num_hidden_layers: self.num_hidden_layers,
-                num_attention_heads: self.num_attention_heads,
-                intermediate_size: self.intermediate_size,
-                layer_norm_eps: self.layer_norm_eps,
-                dropouts: vec![
-                    ("hidden_dropout_prob", self.hidden_dropout_prob),
-                    (
-                        "attention_probs_dropout_prob",
-                        self.attention_probs_dropout_prob,
-                    ),
-                ],
-            },
-        )?;
+        LayerKeys::of(self).check(key)?;
         check::positive(&k("type_vocab_size"), self.type_vocab_size)?;
         check::at_least(&k("pad_token_id"), self.pad_token_id, 0)?;
         if self.max_position_embeddings < self.pad_token_id + 2 {
@@ -140,156 +125,37 @@ impl RobertaConfig {
     /// The longest text the position table holds: positions run from
     /// `pad_token_id + 1`.
     pub fn max_len(&self) -> i64 {
-        self.max_position_embeddings - self.pad_token_id - 1
+        self.positions().max_len(self.max_position_embeddings)
     }
 }
 
-/// The RoBERTa encoder.
-pub struct Roberta {
-    cfg: RobertaConfig,
-    word_embeddings: Tensor,
-    position_embeddings: Tensor,
-    token_type_embeddings: Tensor,
-    embeddings_ln: LayerNorm,
-    layers: Vec<BertLayer>,
-}
+/// The RoBERTa encoder: a [`TextEncoder`] whose positions start past the
+/// padding index.
+pub type Roberta = TextEncoder;
 
-impl Roberta {
-    /// Build under `p` (`embeddings.*`, `encoder.layer.N.*`).
-    pub fn new(
-        p: &nn::Path,
-        cfg: &RobertaConfig,
-        vocab_size: i64,
-        max_len: i64,
-        compute: Kind,
-    ) -> Result<Self> {
-        cfg.check("roberta")?;
-        if max_len > cfg.max_len() {
-            return Err(Error::plugin(
-                "roberta",
-                format!(
-                    "data.max_len {max_len} exceeds the {} positions past pad_token_id {} \
-                     that max_position_embeddings {} leaves",
-                    cfg.max_len(),
-                    cfg.pad_token_id,
-                    cfg.max_position_embeddings
-                ),
-            ));
+impl TextArch for RobertaConfig {
+    const PLUGIN: &'static str = "roberta";
+    const VOCAB_FILE: &'static str = "tokenizer.json";
+    fn span() -> tracing::Span {
+        tracing::trace_span!("roberta")
+    }
+    fn check(&self, key: &str) -> Result<()> {
+        RobertaConfig::check(self, key)
+    }
+    fn positions(&self) -> PositionIds {
+        PositionIds::PaddingOffset {
+            padding_idx: self.pad_token_id,
         }
-        let h = cfg.hidden_size;
-        let emb = p / "embeddings";
-        let layer_cfg = BertLayerConfig {
-            hidden: h,
-            heads: cfg.num_attention_heads,
-            intermediate: cfg.intermediate_size,
-            hidden_dropout: cfg.hidden_dropout_prob,
-            attention_dropout: cfg.attention_probs_dropout_prob,
-            layer_norm_eps: cfg.layer_norm_eps,
-            cross_width: None,
-            compute,
-        };
-        Ok(Roberta {
-            cfg: cfg.clone(),
-            word_embeddings: (&emb / "word_embeddings").var("weight", &[vocab_size, h], hf_init()),
-            position_embeddings: (&emb / "position_embeddings").var(
-                "weight",
-                &[cfg.max_position_embeddings, h],
-                hf_init(),
-            ),
-            token_type_embeddings: (&emb / "token_type_embeddings").var(
-                "weight",
-                &[cfg.type_vocab_size, h],
-                hf_init(),
-            ),
-            embeddings_ln: LayerNorm::new(&(&emb / "LayerNorm"), h, cfg.layer_norm_eps),
-            layers: (0..cfg.num_hidden_layers)
-                .map(|i| BertLayer::new(&(p / "encoder" / "layer" / i), &layer_cfg))
-                .collect(),
-        })
     }
-
-    /// Position ids `[B, L]`: `pad_token_id + cumsum(mask) * mask`, that is
-    /// `pad_token_id + 1, + 2, ...` over real tokens and `pad_token_id` on
-    /// padding (`transformers`' `create_position_ids_from_input_ids`, with
-    /// the attention mask for "not padding").
-    pub fn position_ids(&self, mask: &Tensor) -> Tensor {
-        let mask = mask.to_kind(Kind::Int64);
-        mask.cumsum(1, Kind::Int64) * &mask + self.cfg.pad_token_id
-    }
-
-    /// `ids`, `mask` `[B, L]` -> `[B, L, H]`.
-    pub fn forward(&self, ids: &Tensor, mask: &Tensor, train: bool) -> Tensor {
-        let embed = |w: &Tensor, i: &Tensor| Tensor::embedding(w, i, -1, false, false);
-        let xs = embed(&self.word_embeddings, ids)
-            + embed(&self.position_embeddings, &self.position_ids(mask))
-            + self.token_type_embeddings.get(0);
-        let mut xs = self
-            .embeddings_ln
-            .forward(&xs)
-            .dropout(self.cfg.hidden_dropout_prob, train);
-        for layer in &self.layers {
-            xs = layer.forward(&xs, mask, None, train);
-        }
-        xs
-    }
-}
-
-impl Encoder for Roberta {
-    fn modality(&self) -> Modality {
-        Modality::Text
-    }
-    fn hidden_size(&self) -> i64 {
-        self.cfg.hidden_size
-    }
-    fn forward_t(&self, input: EncoderInput<'_>, train: bool) -> Result<Encoded> {
-        let _span = tracing::trace_span!("roberta").entered();
-        let EncoderInput::Text(text) = input else {
-            return Err(Error::plugin("roberta", "a text encoder takes token ids"));
-        };
-        Ok(Encoded {
-            hidden: self.forward(&text.ids, &text.mask, train),
-            mask: text.mask.shallow_clone(),
-        })
-    }
-    fn word_embeddings(&self) -> Option<Tensor> {
-        Some(self.word_embeddings.shallow_clone())
+    fn vocab_size(&self) -> Option<i64> {
+        self.vocab_size
     }
 }
 
 fn build(ctx: &BuildContext<'_>) -> Result<Rc<dyn Encoder>> {
     let section: RobertaSection = ctx.params()?;
     let cfg = section.resolve(&ctx.key)?;
-    if ctx.env.max_text_len > cfg.max_len() {
-        return Err(vlmatch_registry::check::invalid(
-            &format!("{}.max_position_embeddings", ctx.key),
-            format!(
-                "{} positions past pad_token_id {} cannot hold data.max_len {} tokens; \
-                 raise it or lower data.max_len",
-                cfg.max_position_embeddings, cfg.pad_token_id, ctx.env.max_text_len
-            ),
-        ));
-    }
-    if let Some(v) = cfg.vocab_size.filter(|&v| v != ctx.env.vocab_size) {
-        return Err(Error::Config(format!(
-            "config key `{}.init`: the checkpoint's vocab_size {v} differs from the tokenizer's {}; \
-             set data.vocab to the checkpoint's tokenizer.json",
-            ctx.key, ctx.env.vocab_size
-        )));
-    }
-    if section.init.is_some() && ctx.env.special.pad != cfg.pad_token_id {
-        return Err(Error::Config(format!(
-            "config key `{}.init`: the checkpoint's pad_token_id {} differs from the \
-             tokenizer's pad id {}; set data.vocab to the checkpoint's tokenizer.json",
-            ctx.key, cfg.pad_token_id, ctx.env.special.pad
-        )));
-    }
-    Ok(Rc::new(Roberta::new(
-        &ctx.path,
-        &cfg,
-        ctx.env.vocab_size,
-        ctx.env.max_text_len,
-        ctx.env.compute,
-    )?))
+    build_text(ctx, &cfg, section.init.as_deref())
 }
 
 /// Keys of `[model.generator]` for `plugin = "roberta_lm_head"`.
@@ -306,53 +172,23 @@ fn head_eps() -> f64 {
     1e-5
 }
 
+/// `RobertaForMaskedLM`'s names of its `lm_head`.
+pub struct RobertaHeadNames;
+
+impl HeadNames for RobertaHeadNames {
+    const NAMES: LmHeadNames = LmHeadNames {
+        root: &["lm_head"],
+        dense: &["dense"],
+        layer_norm: &["layer_norm"],
+    };
+}
+
 /// `RobertaForMaskedLM`'s `lm_head`: dense + GELU + `layer_norm`, then a
 /// decoder whose weight is the text encoder's word embeddings (tied, as
 /// `lm_head.decoder.weight` is in the checkpoint) plus `lm_head.bias`.
-pub struct RobertaLmHead(TiedLmHead);
-
-impl RobertaLmHead {
-    /// Build under `p` (`lm_head.*`); `word_embeddings` `[V, H]` is the
-    /// tied decoder weight.
-    pub fn new(p: &nn::Path, word_embeddings: Tensor, eps: f64, compute: Kind) -> Self {
-        let head = p / "lm_head";
-        RobertaLmHead(TiedLmHead::new(
-            &(&head / "dense"),
-            &(&head / "layer_norm"),
-            &head,
-            word_embeddings,
-            eps,
-            compute,
-        ))
-    }
-}
-
-impl Generator for RobertaLmHead {
-    fn logits(&self, states: &Encoded, _train: bool) -> Result<Tensor> {
-        Ok(self.0.logits(&states.hidden))
-    }
-}
+pub type RobertaLmHead = LmHead<RobertaHeadNames>;
 
 fn build_head(ctx: &BuildContext<'_>) -> Result<Rc<dyn Generator>> {
     let cfg: LmHeadSection = ctx.params()?;
-    vlmatch_registry::check::positive_f64(
-        &format!("{}.layer_norm_eps", ctx.key),
-        cfg.layer_norm_eps,
-    )?;
-    let emb = ctx
-        .text_encoder
-        .as_ref()
-        .and_then(|e| e.word_embeddings())
-        .ok_or_else(|| {
-            Error::plugin(
-                "roberta_lm_head",
-                "the text encoder exposes no word embeddings to tie to",
-            )
-        })?;
-    Ok(Rc::new(RobertaLmHead::new(
-        &ctx.path,
-        emb,
-        cfg.layer_norm_eps,
-        ctx.env.compute,
-    )))
+    build_lm_head::<RobertaHeadNames>(ctx, "roberta_lm_head", cfg.layer_norm_eps)
 }
