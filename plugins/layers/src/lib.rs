@@ -10,6 +10,7 @@ pub mod bert;
 pub mod hf;
 pub mod lm_head;
 pub mod masking;
+pub mod vit;
 
 pub use bert::{BertLayer, BertLayerConfig};
 pub use lm_head::TiedLmHead;
@@ -143,14 +144,38 @@ impl Attention {
         bias: bool,
         compute: Kind,
     ) -> Self {
+        let names = ["query", "key", "value"];
+        Self::named(
+            p,
+            names,
+            [q_dim, kv_dim, dim],
+            heads,
+            dropout,
+            bias,
+            compute,
+        )
+    }
+
+    /// [`Attention::with_bias`] with the query, key and value projections
+    /// under `names` (CLIP's `q_proj`, `k_proj`, `v_proj`); `dims`: the
+    /// query and key/value input widths and the attention width.
+    pub fn named(
+        p: &nn::Path,
+        names: [&str; 3],
+        [q_dim, kv_dim, dim]: [i64; 3],
+        heads: i64,
+        dropout: f64,
+        bias: bool,
+        compute: Kind,
+    ) -> Self {
         assert!(
             dim % heads == 0,
             "attention width {dim} is not divisible by {heads} heads"
         );
         Attention {
-            query: Linear::new(&(p / "query"), q_dim, dim, bias, compute),
-            key: Linear::new(&(p / "key"), kv_dim, dim, bias, compute),
-            value: Linear::new(&(p / "value"), kv_dim, dim, bias, compute),
+            query: Linear::new(&(p / names[0]), q_dim, dim, bias, compute),
+            key: Linear::new(&(p / names[1]), kv_dim, dim, bias, compute),
+            value: Linear::new(&(p / names[2]), kv_dim, dim, bias, compute),
             heads,
             dropout,
         }
