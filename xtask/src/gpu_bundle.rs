@@ -31,7 +31,10 @@ pub fn build(root: &Path) -> Result<(), String> {
         "curve.sh",
         "curve_table.py",
         "gpu-bench.sh",
+        // The PyTorch reference: its entry point and the modules it imports.
         "reference.py",
+        "reference_model.py",
+        "reference_objectives.py",
     ] {
         let src = root.join("bench").join(script);
         std::fs::copy(&src, out.join(script))
