@@ -382,14 +382,14 @@ pub fn latest(run_dir: &Path) -> Result<PathBuf> {
 }
 
 /// Load a checkpoint into `vs`; returns the optimizer state and counters.
-pub fn load(path: &Path, vs: &mut nn::VarStore) -> Result<(HashMap<String, Tensor>, TrainerState)> {
+pub fn load(path: &Path, vs: &nn::VarStore) -> Result<(HashMap<String, Tensor>, TrainerState)> {
     load_with_layout(path, vs).map(|(optim, state, _)| (optim, state))
 }
 
 /// [`load`], also returning the [`Layout`] the checkpoint records.
 pub fn load_with_layout(
     path: &Path,
-    vs: &mut nn::VarStore,
+    vs: &nn::VarStore,
 ) -> Result<(HashMap<String, Tensor>, TrainerState, Option<Layout>)> {
     load_full(path, vs).map(|l| (l.optim, l.state, l.layout))
 }
@@ -420,7 +420,7 @@ pub struct Loaded {
 }
 
 /// [`load_with_layout`], also returning the hooks' (`<hook>.*`) tensors.
-pub fn load_full(path: &Path, vs: &mut nn::VarStore) -> Result<Loaded> {
+pub fn load_full(path: &Path, vs: &nn::VarStore) -> Result<Loaded> {
     let tensors = Tensor::read_safetensors(path).map_err(|e| Error::Data {
         path: path.to_path_buf(),
         line: None,

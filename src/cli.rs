@@ -168,6 +168,13 @@ pub enum Command {
         sets: Vec<String>,
         #[arg(long)]
         quiet: bool,
+        /// Continue the fine-tuned run in `--out` (default CHECKPOINT/TASK)
+        /// from its newest checkpoint.
+        #[arg(long)]
+        resume: bool,
+        /// Inject a failure (fault tests): RANK:STEP:kill|hang|term|nan.
+        #[arg(long, hide = true)]
+        fault: Option<crate::fault::Fault>,
     },
     /// Write a run's image and text encoders in the HuggingFace hub layout
     /// (OUT/image: ViT; OUT/text: BERT with its vocab.txt) for
@@ -452,6 +459,8 @@ pub fn run(cli: Cli) -> Result<()> {
             batch_size,
             sets,
             quiet,
+            resume,
+            fault,
         } => crate::commands::finetune::finetune(
             &task,
             &crate::vqa::FinetuneOptions {
@@ -464,6 +473,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 batch_size,
                 sets,
                 progress: !quiet,
+                resume,
+                fault,
             },
             crate::commands::finetune::Classification {
                 val,

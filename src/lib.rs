@@ -32,7 +32,9 @@ pub mod step;
 pub mod tokenizer;
 pub mod tracking;
 pub mod train;
-pub mod vqa;
+
+/// VQA lives with the other downstream tasks.
+pub use downstream::vqa;
 
 // Link every built-in plugin so its `inventory` registration is present; a
 // crate nothing references is dropped by the linker with its plugins.

@@ -29,6 +29,7 @@ use vlmatch_dist::{
     agree_any, broadcast_parameters, diagnose, to_core_error, Backend, DistCollective, GradReducer,
     Heartbeat, LaunchEnv, ProcessGroup, Store,
 };
+use vlmatch_registry::config::TrainConfig;
 
 /// How often a rank publishes its heartbeat for a collective timeout of
 /// `timeout`: a tenth of it, between 0.2 s and 5 s.
@@ -46,6 +47,54 @@ pub struct Parallel {
     heartbeat: Option<Heartbeat>,
     interval: Duration,
     device: Device,
+}
+
+/// This process's device and, when a launcher (`launch`) started several
+/// ranks, its connection to the others: the device is the rank's
+/// (`LOCAL_RANK`), libtorch's threads are shared among the machine's ranks,
+/// and `train.dist.timeout` bounds the rendezvous and every collective.
+pub fn join(launch: Option<&LaunchEnv>, tc: &TrainConfig) -> Result<(Device, Option<Parallel>)> {
+    let multi = launch.filter(|l| l.world_size > 1);
+    let device = match launch {
+        Some(l) => crate::setup::rank_device(&tc.device, l.local_rank)?,
+        None => crate::setup::device(&tc.device)?,
+    };
+    let threads = match multi {
+        Some(_) => crate::setup::rank_threads(tc),
+        None => crate::setup::threads(tc),
+    };
+    tch::set_num_threads(threads as i32);
+    let par = match multi {
+        Some(l) => Some(Parallel::connect(
+            l,
+            device,
+            Duration::from_secs(tc.dist.timeout.max(1)),
+        )?),
+        None => None,
+    };
+    Ok((device, par))
+}
+
+/// [`join`] with the launcher's environment (`torchrun`, `srun`).
+pub fn join_launched(tc: &TrainConfig) -> Result<(Device, Option<Parallel>)> {
+    let launch =
+        LaunchEnv::from_env().map_err(|e| Error::Config(format!("launcher environment: {e}")))?;
+    join(launch.as_ref(), tc)
+}
+
+/// A rank's outcome: on success it leaves the group; a failed collective
+/// becomes what the heartbeats say about the other ranks (this rank's
+/// heartbeat then stops, so the others learn that it left); its own errors
+/// (data, config) it reports as they are.
+pub fn finish<T>(result: Result<T>, par: Option<Parallel>) -> Result<T> {
+    match (result, par) {
+        (Ok(v), Some(p)) => {
+            p.leave();
+            Ok(v)
+        }
+        (Err(e), Some(p)) if Parallel::is_communication(&e) => Err(p.explain(e)),
+        (result, _) => result,
+    }
 }
 
 impl Parallel {

@@ -309,6 +309,8 @@ fn finetune_options(task: Task, pre: &Path, steps: i64, blank: bool) -> Finetune
         blank_images: blank,
         sets: SCENES.iter().map(|s| s.to_string()).collect(),
         progress: false,
+        resume: false,
+        fault: None,
     }
 }
 
@@ -341,12 +343,20 @@ fn finetune_and_eval_on_builtin_items() {
             .iter()
             .fold((0, -1.0), |b, &(s, a)| if a > b.1 { (s, a) } else { b });
         assert_eq!((r.best_step, r.best_val), (best.0, Some(best.1)), "{r:?}");
-        let ckpts: Vec<_> = std::fs::read_dir(r.out.join("checkpoints"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .filter(|n| n.ends_with(".safetensors"))
-            .collect();
-        assert_eq!(ckpts, [format!("step-{:08}.safetensors", r.best_step)]);
+        let ckpts = |dir: &Path| -> Vec<String> {
+            std::fs::read_dir(dir.join("checkpoints"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|n| n.ends_with(".safetensors"))
+                .collect()
+        };
+        // The best weights on validation are kept in best/, the last
+        // step's checkpoint (to resume from) in checkpoints/.
+        assert_eq!(
+            ckpts(&r.out.join("best")),
+            [format!("step-{:08}.safetensors", r.best_step)]
+        );
+        assert!(ckpts(&r.out).contains(&format!("step-{:08}.safetensors", 60)));
         let test = r.test.clone().unwrap();
         let per_class = task.classes().len();
         assert_eq!(test.items, if per_class == 3 { 20 * 6 } else { 20 * 8 });
@@ -418,6 +428,8 @@ fn finetune_command_checks_task_and_options() {
         batch_size: None,
         sets: vec![],
         progress: false,
+        resume: false,
+        fault: None,
     };
     let err = command("nlvr", &vqa, Classification::default())
         .unwrap_err()

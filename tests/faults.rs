@@ -484,3 +484,95 @@ fn a_lost_latest_pointer_resumes_from_the_newest_checkpoint_file() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(metrics(&dir).len(), 8, "nothing retrained, nothing lost");
 }
+
+/// `vlmatch finetune` of the micro run `pre` for `task` into `out`, 6 steps
+/// with a checkpoint every 2, plus `extra` arguments.
+fn finetune_args(task: &str, pre: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "finetune",
+        "--quiet",
+        "--task",
+        task,
+        "--data",
+        "builtin",
+        "--steps",
+        "6",
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        "8",
+        "--set",
+        "data.synthetic.train_scenes=60",
+        "--set",
+        "data.synthetic.heldout_scenes=20",
+        "--set",
+        "train.checkpoint_every=2",
+        "--set",
+        "train.keep_checkpoints=20",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if task != "vqa" {
+        a.extend(["--eval-every".into(), "3".into()]);
+    }
+    a.extend(["--checkpoint".into(), pre.display().to_string()]);
+    a.extend(["--out".into(), out.display().to_string()]);
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// A fine-tune of each task killed with SIGKILL after step 5 (its newest
+/// checkpoint is step 4) and continued with `--resume` ends with the same
+/// weights, optimizer state, best weights and logged values, bit for bit,
+/// as the same fine-tune run without interruption.
+#[test]
+fn killed_finetunes_resume_to_identical_weights() {
+    let root = scratch("finetune-kill");
+    let pre = root.join("pre");
+    let o = command(
+        &train_args(&pre, &["train.steps=8", "train.checkpoint_every=8"]),
+        &[],
+    )
+    .output()
+    .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    for task in ["snli-ve", "nlvr2", "vqa"] {
+        let full = root.join(format!("{task}-full"));
+        let o = command(&finetune_args(task, &pre, &full, &[]), &[])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{task}: {}", stderr(&o));
+        let cut = root.join(format!("{task}-cut"));
+        let o = command(
+            &finetune_args(task, &pre, &cut, &["--fault", "0:5:kill"]),
+            &[],
+        )
+        .output()
+        .unwrap();
+        assert!(!o.status.success(), "{task}: the fault killed it");
+        assert!(
+            !cut.join("checkpoints/step-00000006.safetensors").exists(),
+            "{task}: killed before the end"
+        );
+        let o = command(&finetune_args(task, &pre, &cut, &["--resume"]), &[])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{task}: {}", stderr(&o));
+        no_backtrace(&o);
+        let (a, b) = (
+            tensors(&checkpoint_path(&full, 6)),
+            tensors(&checkpoint_path(&cut, 6)),
+        );
+        assert_eq!(a.len(), b.len(), "{task}");
+        for (name, t) in &a {
+            assert!(t.equal(&b[name]), "{task}: `{name}` differs after resume");
+        }
+        assert_eq!(metrics(&full), metrics(&cut), "{task}: logged values");
+        assert_eq!(metrics(&full).len(), 6, "{task}");
+        if task != "vqa" {
+            let read = |d: &Path| std::fs::read_to_string(d.join("validation.jsonl")).unwrap();
+            assert_eq!(read(&full), read(&cut), "{task}: validation");
+        }
+    }
+}

@@ -16,6 +16,8 @@ fn options(checkpoint: &std::path::Path, data: &str, steps: i64, sets: &[&str]) 
         batch_size: Some(32),
         sets: sets.iter().map(|s| s.to_string()).collect(),
         progress: false,
+        resume: false,
+        fault: None,
     }
 }
 

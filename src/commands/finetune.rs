@@ -33,6 +33,8 @@ pub fn finetune(task: &str, opts: &crate::vqa::FinetuneOptions, cls: Classificat
             blank_images: cls.blank_images,
             sets: opts.sets.clone(),
             progress: opts.progress,
+            resume: opts.resume,
+            fault: opts.fault,
         })?;
         println!("fine-tuned run: {}", r.out.display());
         println!("{}", serde_json::to_string(&r).expect("serialisable"));

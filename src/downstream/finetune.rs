@@ -1,11 +1,12 @@
-//! The fine-tuning loop (batches of items prepared ahead on a thread,
-//! cross-entropy, AdamW with warmup and decay, validation every
-//! `eval_every` steps keeping the best checkpoint) and accuracy.
+//! Fine-tuning a classification task (batches of items prepared ahead on a
+//! thread, each rank its share of every global batch; cross-entropy;
+//! validation every `eval_every` steps keeping the best weights) through
+//! the shared loop ([`super::fit`]), and accuracy.
 
+use super::fit::{self, FitSpec, Validation};
 use super::{build, load_items, Classifier, Items, Split, Task};
-use crate::checkpoint::{self, TrainerState};
 use crate::data::loader::{epoch_order, make_batch, LoaderConfig};
-use crate::optim::{lr_at, AdamW};
+use crate::step::Micro;
 use crate::tokenizer::Tokenizer;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -39,6 +40,10 @@ pub struct FinetuneOptions {
     pub blank_images: bool,
     pub sets: Vec<String>,
     pub progress: bool,
+    /// Continue the fine-tuned run in `out` from its newest checkpoint.
+    pub resume: bool,
+    /// The fault tests' injected failure (`--fault`, hidden).
+    pub fault: Option<crate::fault::Fault>,
 }
 
 /// What `downstream.json` records of a fine-tuned run.
@@ -84,27 +89,34 @@ pub struct FinetuneReport {
     pub blank_images: bool,
 }
 
-/// Batches of `per_batch` items of `items`, in an order fixed by `seed` and
-/// the epoch, `steps` of them, prepared ahead on a thread.
+/// Rank `rank`'s share (`per_rank` items) of each global batch of
+/// `per_rank * world` items of `items`, in an order fixed by `seed` and the
+/// epoch, from global batch `start` to `end`, prepared ahead on a thread.
 fn item_batches(
     items: Arc<Items>,
     tok: Arc<Tokenizer>,
     cfg: LoaderConfig,
-    per_batch: usize,
+    (per_rank, rank, world): (usize, usize, usize),
     seed: u64,
-    steps: i64,
+    (start, end): (i64, i64),
 ) -> Receiver<Result<Batch>> {
     let (tx, rx) = sync_channel(cfg.prefetch.max(1));
     std::thread::spawn(move || {
-        let per_epoch = (items.len() / per_batch).max(1);
+        let global = per_rank * world;
+        let per_epoch = (items.len() / global).max(1);
         let mut order = Vec::new();
-        for step in 0..steps as usize {
-            let (epoch, k) = (step / per_epoch, step % per_epoch);
-            if k == 0 {
-                order = epoch_order(items.len(), Some(seed), epoch as u64);
+        let mut epoch = usize::MAX;
+        for g in start.max(0) as usize..end.max(0) as usize {
+            let (e, k) = (g / per_epoch, g % per_epoch);
+            if e != epoch {
+                order = epoch_order(items.len(), Some(seed), e as u64);
+                epoch = e;
             }
-            let chosen = &order[k * per_batch..((k + 1) * per_batch).min(order.len())];
-            let batch = make_batch(&items.ds, &tok, &cfg, &items.pairs_of(chosen));
+            let at = |i: usize| i.min(order.len());
+            let chosen = &order[at(k * global)..at((k + 1) * global)];
+            let cut = |i: usize| i.min(chosen.len());
+            let mine = &chosen[cut(rank * per_rank)..cut((rank + 1) * per_rank)];
+            let batch = make_batch(&items.ds, &tok, &cfg, &items.pairs_of(mine));
             let failed = batch.is_err();
             if tx.send(batch).is_err() || failed {
                 return;
@@ -112,52 +124,6 @@ fn item_batches(
         }
     });
     rx
-}
-
-/// The optimisation every fine-tuning task shares: `steps` AdamW steps
-/// over all of `vs` (the run's betas, epsilon, weight decay and gradient
-/// clipping; linear warmup over a tenth of the steps, at most
-/// `train.warmup_steps`, then cosine decay from `lr` to 2% of it), each on
-/// `loss(step)`; `after(steps done, optimizer)` runs after every step
-/// (validation, checkpoints). Returns the last loss read back (every 20
-/// steps and the last); a non-finite one stops with an error naming `task`.
-pub(crate) fn optimise(
-    vs: &tch::nn::VarStore,
-    train: &vlmatch_registry::config::TrainConfig,
-    (steps, lr): (i64, f64),
-    progress: bool,
-    task: &str,
-    mut loss: impl FnMut(i64) -> Result<Tensor>,
-    mut after: impl FnMut(i64, &AdamW) -> Result<()>,
-) -> Result<f64> {
-    let mut optim = AdamW::new(vs, train.betas, train.eps, train.weight_decay);
-    let bar = if progress {
-        indicatif::ProgressBar::new(steps as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    let warmup = (steps / 10).min(train.warmup_steps);
-    let mut last = f64::NAN;
-    for step in 0..steps {
-        let loss = loss(step)?;
-        optim.zero_grad();
-        loss.backward();
-        let _ = optim.clip_grad_norm(train.grad_clip);
-        optim.step(lr_at(step, steps, warmup, lr, lr * 0.02));
-        if step % 20 == 0 || step + 1 == steps {
-            last = loss.double_value(&[]);
-            if !last.is_finite() {
-                return Err(Error::Config(format!(
-                    "the {task} loss became {last} at step {step}; lower --lr"
-                )));
-            }
-            bar.set_message(format!("loss {last:.4}"));
-        }
-        bar.inc(1);
-        after(step + 1, &optim)?;
-    }
-    bar.finish_and_clear();
-    Ok(last)
 }
 
 fn majority(labels: &[i64], classes: usize) -> i64 {
@@ -170,17 +136,37 @@ fn majority(labels: &[i64], classes: usize) -> i64 {
     counts.iter().position(|&c| c == best).unwrap_or(0) as i64
 }
 
-/// `vlmatch finetune --task snli-ve|nlvr2`.
+/// `vlmatch finetune --task snli-ve|nlvr2`: on one process, or as one rank
+/// of a data-parallel run when a launcher started several.
 pub fn finetune(opts: &FinetuneOptions) -> Result<FinetuneReport> {
+    let pre = crate::run::run_config(&opts.checkpoint, &opts.task.sets(&opts.sets))?;
+    let (device, mut par) = crate::parallel::join_launched(&pre.config.train)?;
+    let result = finetune_on(opts, device, par.as_mut());
+    crate::parallel::finish(result, par)
+}
+
+fn finetune_on(
+    opts: &FinetuneOptions,
+    device: tch::Device,
+    mut par: Option<&mut crate::parallel::Parallel>,
+) -> Result<FinetuneReport> {
     let task = opts.task;
-    let ckpt = checkpoint::latest(&opts.checkpoint)?;
-    let mut m = build(
+    let (rank, world) = par.as_ref().map_or((0, 1), |p| (p.rank, p.world));
+    let main = rank == 0;
+    let ckpt = crate::checkpoint::newest_intact(&opts.checkpoint)?;
+    // The head's initial draw is the run's seed's.
+    fit::seed_initialisation(&crate::run::run_config(
+        &opts.checkpoint,
+        &task.sets(&opts.sets),
+    )?);
+    let m = build(
         task,
         &opts.checkpoint,
         &opts.sets,
         &ckpt,
         false,
         opts.blank_images,
+        Some(device),
     )?;
     let c = m.loaded.config.clone();
     let builtin = opts.data == Path::new("builtin");
@@ -202,43 +188,44 @@ pub fn finetune(opts: &FinetuneOptions) -> Result<FinetuneReport> {
         .out
         .clone()
         .unwrap_or_else(|| opts.checkpoint.join(task.name()));
-    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
-    let cfg_path = out.join("config.toml");
-    std::fs::write(&cfg_path, m.loaded.to_toml()).map_err(|e| Error::io(&cfg_path, e))?;
     let info = TaskFile {
         task: task.name().into(),
         classes: task.classes().iter().map(|s| s.to_string()).collect(),
         majority_class: majority(&train.labels, task.classes().len()),
         blank_images: opts.blank_images,
     };
-    let info_path = out.join("downstream.json");
-    std::fs::write(
-        &info_path,
-        serde_json::to_string_pretty(&info).expect("serialisable"),
-    )
-    .map_err(|e| Error::io(&info_path, e))?;
-
-    tch::manual_seed(c.train.seed as i64);
-    let per_batch = opts
+    if main {
+        std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+        let cfg_path = out.join("config.toml");
+        std::fs::write(&cfg_path, m.loaded.to_toml()).map_err(|e| Error::io(&cfg_path, e))?;
+        let info_path = out.join("downstream.json");
+        std::fs::write(
+            &info_path,
+            serde_json::to_string_pretty(&info).expect("serialisable"),
+        )
+        .map_err(|e| Error::io(&info_path, e))?;
+    }
+    let per_rank = opts
         .batch_size
         .unwrap_or(c.train.batch_size)
-        .min(train.len())
+        .min(train.len() / world)
         .max(1);
-    let loader_cfg = LoaderConfig::new(&c.data, per_batch * task.images(), None);
-    let batches = item_batches(
-        train.clone(),
-        m.tok.clone(),
-        loader_cfg,
-        per_batch,
-        c.train.seed,
-        opts.steps,
-    );
+    let loader_cfg = LoaderConfig::new(&c.data, per_rank * task.images(), None);
     let labels = Tensor::from_slice(&train.labels);
     let every = opts.eval_every.unwrap_or(opts.steps / 5).max(1);
-    let (mut curve, mut best) = (Vec::new(), None::<(i64, f64)>);
-    let device = m.asm.model.device;
-    let loss = |_step: i64| -> Result<Tensor> {
-        let batch = batches.recv().map_err(|_| {
+    let mut batches: Option<Receiver<Result<Batch>>> = None;
+    let micro = |g: i64| -> Result<Micro> {
+        let rx = batches.get_or_insert_with(|| {
+            item_batches(
+                train.clone(),
+                m.tok.clone(),
+                loader_cfg.clone(),
+                (per_rank, rank, world),
+                c.train.seed,
+                (g, opts.steps * c.train.accum_steps as i64),
+            )
+        });
+        let batch = rx.recv().map_err(|_| {
             Error::Config("the data loader stopped after an earlier error".into())
         })??;
         let batch = batch.to_device(device);
@@ -253,52 +240,36 @@ pub fn finetune(opts: &FinetuneOptions) -> Result<FinetuneReport> {
         let logits = m
             .logits(&batch, true)?
             .index_select(0, &Tensor::from_slice(&rows).to_device(device));
-        Ok(logits.cross_entropy_for_logits(&target))
+        Ok(Micro {
+            total: logits.cross_entropy_for_logits(&target),
+            values: Vec::new(),
+            losses: Vec::new(),
+        })
     };
-    let after = |done: i64, optim: &AdamW| -> Result<()> {
-        let save = || {
-            checkpoint::save(
-                &out,
-                &m.asm.vs,
-                optim.state(),
-                TrainerState {
-                    step: done,
-                    batches: done,
-                    seed: c.train.seed as i64,
-                },
-                1,
-            )
-        };
+    let mut validate = |_step: i64| -> Result<f64> {
         match &val {
-            Some(v) if done % every == 0 || done == opts.steps => {
-                let acc = accuracy(&m, v, info.majority_class)?.accuracy;
-                tracing::info!(step = done, accuracy = acc, "validation");
-                curve.push((done, acc));
-                if best.is_none_or(|(_, b)| acc > b) {
-                    best = Some((done, acc));
-                    save()?;
-                }
-            }
-            None if done == opts.steps => {
-                save()?;
-            }
-            _ => {}
+            Some(v) => Ok(accuracy(&m, v, info.majority_class)?.accuracy),
+            None => Ok(f64::NAN),
         }
-        Ok(())
     };
-    let last = optimise(
-        &m.asm.vs,
-        &c.train,
-        (opts.steps, opts.lr),
-        opts.progress,
-        task.name(),
-        loss,
-        after,
-    )?;
-    let best_step = best.map_or(opts.steps, |(s, _)| s);
-    if best_step != opts.steps {
-        checkpoint::load(&checkpoint::latest(&out)?, &mut m.asm.vs)?;
-    }
+    let spec = FitSpec {
+        task: task.name(),
+        out: &out,
+        train: &c.train,
+        steps: opts.steps,
+        lr: opts.lr,
+        batch_size: per_rank,
+        resume: opts.resume,
+        progress: opts.progress,
+        device,
+        fault: opts.fault,
+    };
+    let validation = val.is_some().then_some(Validation {
+        every,
+        run: &mut validate,
+    });
+    let fitted = fit::fit(&spec, &m.asm.vs, par.as_deref_mut(), micro, validation)?;
+    let best_step = fitted.best.map_or(opts.steps, |(s, _)| s);
     let test = match &test {
         Some(t) => Some(accuracy(&m, t, info.majority_class)?),
         None => None,
@@ -307,20 +278,22 @@ pub fn finetune(opts: &FinetuneOptions) -> Result<FinetuneReport> {
         out: out.clone(),
         task: task.name().into(),
         train_items: train.len(),
-        val_curve: curve,
+        val_curve: fitted.curve,
         best_step,
-        best_val: best.map(|(_, a)| a),
+        best_val: fitted.best.map(|(_, a)| a),
         test,
-        final_loss: last,
+        final_loss: fitted.last_loss,
         blank_images: opts.blank_images,
     };
-    let path = out.join("finetune.json");
-    std::fs::write(
-        &path,
-        serde_json::to_string_pretty(&report).expect("serialisable"),
-    )
-    .map_err(|e| Error::io(&path, e))?;
-    tracing::info!(out = %out.display(), best_step, "fine-tuned");
+    if main {
+        let path = out.join("finetune.json");
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&report).expect("serialisable"),
+        )
+        .map_err(|e| Error::io(&path, e))?;
+        tracing::info!(out = %out.display(), best_step, "fine-tuned");
+    }
     Ok(report)
 }
 
@@ -437,8 +410,8 @@ pub fn evaluate(
             ))
         })?,
     };
-    let weights = checkpoint::latest(run_dir)?;
-    let m = build(task, run_dir, sets, &weights, true, info.blank_images)?;
+    let weights = fit::kept_weights(run_dir)?;
+    let m = build(task, run_dir, sets, &weights, true, info.blank_images, None)?;
     let items = load_items(task, data, image_root, &m.loaded.config, split)?;
     accuracy(&m, &items, info.majority_class)
 }

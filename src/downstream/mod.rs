@@ -25,9 +25,10 @@
 
 pub mod builtin;
 mod finetune;
+pub mod fit;
 pub mod formats;
+pub mod vqa;
 
-pub(crate) use finetune::optimise;
 pub use finetune::{evaluate, finetune, Accuracy, FinetuneOptions, FinetuneReport};
 
 use crate::data::{Dataset, Pair};
@@ -89,7 +90,7 @@ impl Task {
     }
 
     /// The `--set`s the task adds to the run's config.
-    fn sets(self, sets: &[String]) -> Vec<String> {
+    pub(crate) fn sets(self, sets: &[String]) -> Vec<String> {
         let mut out = sets.to_vec();
         if self == Task::Nlvr2 {
             out.push("model.fusion.images=2".into());
@@ -333,8 +334,8 @@ impl Classifier {
 /// The classifier for `task` on the pretrained run `run_dir` (its newest
 /// checkpoint), before any fine-tuning.
 pub fn from_pretrained(task: Task, run_dir: &Path, sets: &[String]) -> Result<Classifier> {
-    let weights = crate::checkpoint::latest(run_dir)?;
-    build(task, run_dir, sets, &weights, false, false)
+    let weights = crate::checkpoint::newest_intact(run_dir)?;
+    build(task, run_dir, sets, &weights, false, false, None)
 }
 
 /// Assemble `run_dir`'s model for `task` (with `sets`), load `weights`
@@ -348,10 +349,15 @@ fn build(
     weights: &Path,
     fine_tuned: bool,
     blank_images: bool,
+    device: Option<tch::Device>,
 ) -> Result<Classifier> {
     let loaded = crate::run::run_config(run_dir, &task.sets(sets))?;
     let tok = Arc::new(crate::setup::tokenizer(&loaded)?);
-    let (mut asm, env) = crate::setup::model(&loaded, &tok).map_err(|e| match task {
+    let device = match device {
+        Some(d) => d,
+        None => crate::setup::device(&loaded.config.train.device)?,
+    };
+    let (asm, env) = crate::setup::model_on(&loaded, &tok, device).map_err(|e| match task {
         Task::Nlvr2 => Error::Config(format!(
             "{e} (NLVR2 assembles the run with model.fusion.images = 2, ALBEF's doubled \
              fusion, which the fusion plugin must support: `cross_attention` does)"
@@ -369,7 +375,7 @@ fn build(
         env.compute,
     );
     if fine_tuned {
-        crate::checkpoint::load(weights, &mut asm.vs)?;
+        crate::checkpoint::load(weights, &asm.vs)?;
     }
     Ok(Classifier {
         task,

@@ -4,8 +4,6 @@
 
 use super::start::Run;
 use crate::fault::Fault;
-use crate::parallel::Parallel;
-use crate::setup;
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 use vlmatch_core::{Error, Result};
@@ -136,42 +134,13 @@ pub fn train_launched(
             tc.steps, tc.batch_size, tc.accum_steps, tc.log_every
         )));
     }
-    // Several ranks: a launcher started this process as one of them.
-    let multi = launch.filter(|l| l.world_size > 1);
-    let device = match launch {
-        Some(l) => setup::rank_device(&tc.device, l.local_rank)?,
-        None => setup::device(&tc.device)?,
-    };
-    let threads = match multi {
-        Some(_) => setup::rank_threads(tc),
-        None => setup::threads(tc),
-    };
-    tch::set_num_threads(threads as i32);
+    let (device, mut par) = crate::parallel::join(launch, tc)?;
     tch::manual_seed(super::step_seed(tc.seed, -1));
-
-    let mut par = match multi {
-        Some(l) => Some(Parallel::connect(
-            l,
-            device,
-            std::time::Duration::from_secs(tc.dist.timeout.max(1)),
-        )?),
-        None => None,
-    };
     let flags = crate::hooks::Flags {
         progress: opts.progress,
         fault,
     };
     let result = Run::start(&opts, &run_dir, &loaded, device, par.as_mut(), flags)
         .and_then(|run| super::run(run, opts.halt_after));
-    match (result, par) {
-        (Ok(summary), Some(p)) => {
-            p.leave();
-            Ok(summary)
-        }
-        // A failed collective: what the heartbeats say about the other
-        // ranks. (This rank's heartbeat then stops, so the others learn
-        // that it left.) Its own errors (data, config) it reports as they are.
-        (Err(e), Some(p)) if Parallel::is_communication(&e) => Err(p.explain(e)),
-        (result, _) => result,
-    }
+    crate::parallel::finish(result, par)
 }

@@ -16,11 +16,11 @@
 //! `answers.json` (the answer vocabulary) and checkpoints with the head
 //! (`vqa_head.*`), so `vlmatch eval --task vqa --checkpoint DIR` reloads it.
 
-use crate::checkpoint::{self, TrainerState};
+use super::fit::{fit, kept_weights, FitSpec};
 use crate::data::loader::{Loader, LoaderConfig};
 use crate::data::synthetic::{Scene, BACKGROUNDS, COLORS, SHAPES, SIZES};
 use crate::data::{annotations, Dataset};
-use crate::optim::AdamW;
+use crate::step::Micro;
 use crate::tokenizer::Tokenizer;
 use serde::Serialize;
 use serde_json::Value;
@@ -261,13 +261,24 @@ fn build(
     sets: &[String],
     answers: Vec<String>,
     with_head: bool,
+    device: Option<tch::Device>,
 ) -> Result<VqaModel> {
     let loaded = crate::run::run_config(run_dir, sets)?;
     let tok = Arc::new(crate::setup::tokenizer(&loaded)?);
-    let (mut asm, env) = crate::setup::model(&loaded, &tok)?;
-    let ckpt = checkpoint::latest(run_dir)?;
+    let device = match device {
+        Some(d) => d,
+        None => crate::setup::device(&loaded.config.train.device)?,
+    };
+    let (asm, env) = crate::setup::model_on(&loaded, &tok, device)?;
+    // A fine-tuned run's kept weights (with the head); a pretrained run's
+    // newest checkpoint (without).
+    let ckpt = if with_head {
+        kept_weights(run_dir)?
+    } else {
+        crate::checkpoint::newest_intact(run_dir)?
+    };
     if !with_head {
-        checkpoint::load(&ckpt, &mut asm.vs)?;
+        crate::checkpoint::load(&ckpt, &asm.vs)?;
     }
     let width = asm.model.fusion.hidden_size();
     let head = VqaHead::new(
@@ -277,7 +288,7 @@ fn build(
         env.compute,
     );
     if with_head {
-        checkpoint::load(&ckpt, &mut asm.vs)?;
+        crate::checkpoint::load(&ckpt, &asm.vs)?;
     }
     Ok(VqaModel {
         loaded,
@@ -298,6 +309,10 @@ pub struct FinetuneOptions {
     pub batch_size: Option<usize>,
     pub sets: Vec<String>,
     pub progress: bool,
+    /// Continue the fine-tuned run in `out` from its newest checkpoint.
+    pub resume: bool,
+    /// The fault tests' injected failure (`--fault`, hidden).
+    pub fault: Option<crate::fault::Fault>,
 }
 
 /// The answer vocabulary: training answers by frequency (ties by name).
@@ -314,9 +329,22 @@ fn vocabulary(set: &VqaSet) -> Vec<String> {
 }
 
 /// `vlmatch finetune --task vqa`: train the head and the whole model on the
-/// training questions; returns the fine-tuned run directory.
+/// training questions, on one process or as one rank of several; returns
+/// the fine-tuned run directory.
 pub fn finetune(opts: &FinetuneOptions) -> Result<PathBuf> {
     let pre = crate::run::run_config(&opts.checkpoint, &opts.sets)?;
+    let (device, mut par) = crate::parallel::join_launched(&pre.config.train)?;
+    let result = finetune_on(opts, &pre, device, par.as_mut());
+    crate::parallel::finish(result, par)
+}
+
+fn finetune_on(
+    opts: &FinetuneOptions,
+    pre: &LoadedConfig,
+    device: tch::Device,
+    mut par: Option<&mut crate::parallel::Parallel>,
+) -> Result<PathBuf> {
+    let (rank, world) = par.as_ref().map_or((0, 1), |p| (p.rank, p.world));
     let set = load(&opts.data, opts.image_root.as_deref(), &pre.config, true)?;
     let answers = vocabulary(&set);
     if answers.is_empty() {
@@ -326,9 +354,16 @@ pub fn finetune(opts: &FinetuneOptions) -> Result<PathBuf> {
         .out
         .clone()
         .unwrap_or_else(|| opts.checkpoint.join("vqa"));
-    let m = build(&opts.checkpoint, &opts.sets, answers.clone(), false)?;
+    // The head's initial draw is the run's seed's.
+    super::fit::seed_initialisation(pre);
+    let m = build(
+        &opts.checkpoint,
+        &opts.sets,
+        answers.clone(),
+        false,
+        Some(device),
+    )?;
     let c = &m.loaded.config;
-    tch::manual_seed(c.train.seed as i64);
     let index: HashMap<&str, usize> = answers
         .iter()
         .enumerate()
@@ -347,65 +382,63 @@ pub fn finetune(opts: &FinetuneOptions) -> Result<PathBuf> {
     let bs = opts
         .batch_size
         .unwrap_or(c.train.batch_size)
-        .min(set.ds.len())
+        .min(set.ds.len() / world)
         .max(1);
-    // The training loader: batches prepared ahead on its threads; each
-    // row's target is its pair's (a replaced pair's under on_error = skip).
-    let mut loader = Loader::new(
-        set.ds.clone(),
-        m.tok.clone(),
-        LoaderConfig::new(&c.data, bs, Some(c.train.seed)),
-        0,
-    )?;
-    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
-    let cfg_path = out.join("config.toml");
-    std::fs::write(&cfg_path, m.loaded.to_toml()).map_err(|e| Error::io(&cfg_path, e))?;
-    let ans_path = out.join("answers.json");
-    std::fs::write(
-        &ans_path,
-        serde_json::to_string_pretty(&answers).expect("json"),
-    )
-    .map_err(|e| Error::io(&ans_path, e))?;
-    let device = m.asm.model.device;
-    let loss = |_step: i64| -> Result<Tensor> {
-        let batch = loader.next_batch()?.to_device(device);
+    if rank == 0 {
+        std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+        let cfg_path = out.join("config.toml");
+        std::fs::write(&cfg_path, m.loaded.to_toml()).map_err(|e| Error::io(&cfg_path, e))?;
+        let ans_path = out.join("answers.json");
+        std::fs::write(
+            &ans_path,
+            serde_json::to_string_pretty(&answers).expect("json"),
+        )
+        .map_err(|e| Error::io(&ans_path, e))?;
+    }
+    // The training loader, from the global batch the run starts at: each
+    // rank's share of every batch prepared ahead on its threads; each row's
+    // target is its pair's (a replaced pair's under on_error = skip).
+    let mut loader: Option<Loader> = None;
+    let micro = |g: i64| -> Result<Micro> {
+        let l = match &mut loader {
+            Some(l) => l,
+            None => loader.insert(Loader::new(
+                set.ds.clone(),
+                m.tok.clone(),
+                LoaderConfig::new(&c.data, bs, Some(c.train.seed)).shard(rank, world),
+                g as u64,
+            )?),
+        };
+        let batch = l.next_batch()?.to_device(device);
         let rows: Vec<i64> = batch.pairs.iter().map(|&i| i as i64).collect();
         let t = targets
             .index_select(0, &Tensor::from_slice(&rows))
             .to_device(device);
         let logits = m.logits(&batch, true)?;
-        Ok(
+        let total =
             logits.binary_cross_entropy_with_logits::<Tensor>(&t, None, None, tch::Reduction::Sum)
-                / bs as f64,
-        )
+                / bs as f64;
+        Ok(Micro {
+            total,
+            values: Vec::new(),
+            losses: Vec::new(),
+        })
     };
     // The last step's weights are kept (VQA has no validation set here).
-    let save = |done: i64, optim: &AdamW| -> Result<()> {
-        if done == opts.steps {
-            checkpoint::save(
-                &out,
-                &m.asm.vs,
-                optim.state(),
-                TrainerState {
-                    step: done,
-                    batches: done,
-                    seed: c.train.seed as i64,
-                },
-                1,
-            )?;
-        }
-        Ok(())
+    let spec = FitSpec {
+        task: "vqa",
+        out: &out,
+        train: &c.train,
+        steps: opts.steps,
+        lr: opts.lr,
+        batch_size: bs,
+        resume: opts.resume,
+        progress: opts.progress,
+        device,
+        fault: opts.fault,
     };
-    let last = crate::downstream::optimise(
-        &m.asm.vs,
-        &c.train,
-        (opts.steps, opts.lr),
-        opts.progress,
-        "VQA",
-        loss,
-        save,
-    )?;
-    tracing::info!(out = %out.display(), loss = last, answers = n, "fine-tuned");
+    let fitted = fit(&spec, &m.asm.vs, par.as_deref_mut(), micro, None)?;
+    tracing::info!(out = %out.display(), loss = fitted.last_loss, answers = n, "fine-tuned");
     Ok(out)
 }
 
@@ -442,7 +475,7 @@ pub fn evaluate(
     })?;
     let answers: Vec<String> = serde_json::from_str(&text)
         .map_err(|e| bad(&ans_path, Some(e.line()), format!("not a JSON list: {e}")))?;
-    let m = build(run_dir, sets, answers, true)?;
+    let m = build(run_dir, sets, answers, true, None)?;
     let c = &m.loaded.config;
     let set = load(data, image_root, c, false)?;
     let loader = LoaderConfig::new(&c.data, c.eval.batch_size, None);
