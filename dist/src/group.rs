@@ -437,19 +437,6 @@ impl std::fmt::Debug for Work {
 mod tests {
     use super::*;
 
-    fn send<T: Send>() {}
-    fn sync<T: Sync>() {}
-
-    /// A trainer hands works to a communication thread and shares the store;
-    /// a group moves between threads but is used by one at a time.
-    #[test]
-    fn thread_safety_markers() {
-        send::<Store>();
-        sync::<Store>();
-        send::<ProcessGroup>();
-        send::<Work>();
-    }
-
     #[test]
     fn messages_name_rank_op_and_timeout() {
         let info = GroupInfo {

@@ -53,3 +53,21 @@ pub use store::{Store, StoreServer};
 pub fn has_nccl() -> bool {
     ffi::has_nccl()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send<T: Send>() {}
+    fn sync<T: Sync>() {}
+
+    /// A trainer hands works to a communication thread and shares the store;
+    /// a group moves between threads but is used by one at a time.
+    #[test]
+    fn thread_safety_markers() {
+        send::<Store>();
+        sync::<Store>();
+        send::<ProcessGroup>();
+        send::<Work>();
+    }
+}

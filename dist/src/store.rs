@@ -143,7 +143,7 @@ impl Store {
 
     /// A second client connection to the same store, for a thread whose
     /// requests must not queue behind this connection's blocking waits
-    /// (the [`Heartbeat`]). Rank 0's connection still needs the server that
+    /// (the [`Heartbeat`](crate::Heartbeat)). Rank 0's connection still needs the server that
     /// the original connection of rank 0 runs.
     pub fn new_connection(&self, timeout: Duration) -> Result<Store> {
         let inner = StoreHandle::tcp_client(&self.host, self.port, timeout).map_err(|f| {
