@@ -6,18 +6,17 @@
 //! Registered as encoder `bert`. The vocabulary size comes from the
 //! tokenizer, the maximum length from `data.max_len`.
 
-use std::path::PathBuf;
 use std::rc::Rc;
-use vlmatch_core::{Encoder, Error, Result};
+use vlmatch_core::{Encoder, Result};
 use vlmatch_layers::arch::LayerKeys;
-use vlmatch_layers::bert::{build_text, PositionIds, TextArch, TextEncoder};
-use vlmatch_layers::hf::ArchSource;
+use vlmatch_layers::bert::{build_text, TextArch, TextEncoder};
+use vlmatch_layers::hf::{only_gelu, Resolve};
 use vlmatch_registry::{check, BuildContext};
 
 mod layout;
-pub use layout::BertLayout;
+pub use layout::BERT_LAYOUT;
 
-vlmatch_registry::register!(encoder "bert" => build, layout = &BertLayout);
+vlmatch_registry::register!(encoder "bert" => build, layout = &BERT_LAYOUT);
 
 vlmatch_layers::hf_arch! {
     /// Keys of `[model.text]` for `plugin = "bert"`. Architecture keys follow
@@ -25,13 +24,7 @@ vlmatch_layers::hf_arch! {
     /// they come from `DIR/config.json`, and a key set here must agree with it,
     /// except `num_hidden_layers`, which may take only the first layers.
     /// The weights of `DIR/model.safetensors` are applied by the trainer.
-    pub struct BertSection {
-        #[serde(default, skip_serializing)]
-        pub init: Option<PathBuf>,
-        /// Let `init` leave parameters missing (they keep their random init).
-        #[serde(default, skip_serializing)]
-        pub allow_partial_init: bool,
-    }
+    pub struct BertSection: init {}
     /// A resolved BERT architecture (also read from HuggingFace `config.json`).
     pub struct BertConfig {
         pub hidden_size: i64,
@@ -54,30 +47,16 @@ vlmatch_layers::hf_arch! {
 impl BertSection {
     /// The architecture this section describes (see [`BertSection`]).
     pub fn resolve(&self, key: &str) -> Result<BertConfig> {
-        vlmatch_registry::weights::check_model_type(
-            key,
-            "bert",
-            self.init.as_deref(),
-            vlmatch_registry::weights::CheckpointLayout::model_types(&BertLayout),
-        )?;
         // With a checkpoint, fewer layers than it has is ALBEF's split: the
         // first layers are the text encoder, the rest may feed the fusion.
-        let source = ArchSource {
-            init: self.init.as_deref(),
+        let how = Resolve {
+            plugin: "bert",
+            model_types: BERT_LAYOUT.model_types,
             nested: None,
             take_first_layers: true,
         };
-        let cfg = self.resolve_arch(key, source)?;
-        check::with_init(cfg.check(key), self.init.as_deref())?;
-        if cfg.hidden_act != "gelu" {
-            return Err(Error::plugin(
-                "bert",
-                format!(
-                    "hidden_act `{}` is not supported (only `gelu`)",
-                    cfg.hidden_act
-                ),
-            ));
-        }
+        let cfg = self.resolve_checked(key, how, BertConfig::check)?;
+        only_gelu("bert", &cfg.hidden_act)?;
         Ok(cfg)
     }
 }
@@ -106,12 +85,6 @@ impl TextArch for BertConfig {
     }
     fn check(&self, key: &str) -> Result<()> {
         BertConfig::check(self, key)
-    }
-    fn positions(&self) -> PositionIds {
-        PositionIds::Absolute
-    }
-    fn vocab_size(&self) -> Option<i64> {
-        self.vocab_size
     }
 }
 

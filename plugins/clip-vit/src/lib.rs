@@ -15,18 +15,17 @@
 //! `data.image_size`; a checkpoint at another resolution has its position
 //! embeddings interpolated by the trainer when it loads.
 
-use std::path::PathBuf;
 use std::rc::Rc;
 use vlmatch_core::{Encoder, Result};
 use vlmatch_layers::arch::LayerKeys;
-use vlmatch_layers::hf::ArchSource;
+use vlmatch_layers::hf::Resolve;
 use vlmatch_layers::vit::{build_vit, Part, VitArch, VitEncoder, VitLayerNames, VitNames};
 use vlmatch_registry::{check, BuildContext};
 
 mod layout;
-pub use layout::ClipVitLayout;
+pub use layout::CLIP_VIT_LAYOUT;
 
-vlmatch_registry::register!(encoder "clip_vit" => build, layout = &ClipVitLayout);
+vlmatch_registry::register!(encoder "clip_vit" => build, layout = &CLIP_VIT_LAYOUT);
 
 vlmatch_layers::hf_arch! {
     /// Keys of `[model.image]` for `plugin = "clip_vit"`. Architecture keys
@@ -35,13 +34,7 @@ vlmatch_layers::hf_arch! {
     /// read) they come from `DIR/config.json`, and a key set here must agree
     /// with it. The weights of `DIR/model.safetensors` are applied by the
     /// trainer.
-    pub struct ClipVitSection {
-        #[serde(default, skip_serializing)]
-        pub init: Option<PathBuf>,
-        /// Let `init` leave parameters missing (they keep their random init).
-        #[serde(default, skip_serializing)]
-        pub allow_partial_init: bool,
-    }
+    pub struct ClipVitSection: init {}
     /// A resolved CLIP vision architecture (also read from `config.json`).
     /// Defaults are `CLIPVisionConfig`'s, since `transformers` leaves keys at
     /// their default out of the `config.json` it writes.
@@ -66,20 +59,13 @@ vlmatch_layers::hf_arch! {
 impl ClipVitSection {
     /// The architecture this section describes (see [`ClipVitSection`]).
     pub fn resolve(&self, key: &str) -> Result<ClipVitConfig> {
-        vlmatch_registry::weights::check_model_type(
-            key,
-            "clip_vit",
-            self.init.as_deref(),
-            vlmatch_registry::weights::CheckpointLayout::model_types(&ClipVitLayout),
-        )?;
-        let source = ArchSource {
-            init: self.init.as_deref(),
+        let how = Resolve {
+            plugin: "clip_vit",
+            model_types: CLIP_VIT_LAYOUT.model_types,
             nested: Some("vision_config"),
             take_first_layers: false,
         };
-        let cfg = self.resolve_arch(key, source)?;
-        check::with_init(cfg.check(key), self.init.as_deref())?;
-        Ok(cfg)
+        self.resolve_checked(key, how, ClipVitConfig::check)
     }
 }
 

@@ -4,53 +4,40 @@
 //! cross-attention is new. The fusion cannot be built from a checkpoint
 //! alone and has no `transformers` class, so it exports nothing.
 
-use std::path::Path;
-use vlmatch_core::Result;
-use vlmatch_registry::weights::{
-    hub_name, layer_index, CheckpointArch, CheckpointLayout, LoadContext,
+use vlmatch_layers::layout::{HubLayout, NameMap};
+use vlmatch_registry::weights::{hub_name, layer_index, LoadContext};
+
+/// The checkpoint layout registered with encoder `cross_attention`. BERT's
+/// and RoBERTa's layers are the same post-LN blocks under the same names;
+/// the cross-attention is new by design.
+pub static CROSS_ATTENTION_LAYOUT: HubLayout = HubLayout {
+    model_types: &["bert", "roberta"],
+    architectures: &[
+        "BertModel",
+        "BertForMaskedLM",
+        "RobertaModel",
+        "RobertaForMaskedLM",
+    ],
+    names: NameMap::Custom(map_name),
+    new_by_design: Some(".crossattention."),
+    grid_positions: None,
+    read_arch: Some(|_| Ok(None)),
+    export: None,
 };
 
-/// The checkpoint layout registered with encoder `cross_attention`.
-pub struct CrossAttentionLayout;
-
-impl CheckpointLayout for CrossAttentionLayout {
-    /// BERT's and RoBERTa's layers are the same post-LN blocks under the
-    /// same names.
-    fn model_types(&self) -> &'static [&'static str] {
-        &["bert", "roberta"]
-    }
-
-    fn architectures(&self) -> &'static [&'static str] {
-        &[
-            "BertModel",
-            "BertForMaskedLM",
-            "RobertaModel",
-            "RobertaForMaskedLM",
-        ]
-    }
-
-    /// `encoder.layer.N.*` -> `layer.(N - offset).*` for `N >= offset`,
-    /// where the offset is `init_layer_offset`, or else the number of text
-    /// encoder layers the model has (those layers went to the text encoder).
-    fn map_name(&self, ctx: &LoadContext<'_>, name: &str) -> Option<String> {
-        let n = hub_name(name, &["bert.", "roberta."]);
-        let (index, rest) = layer_index(&n, "encoder.layer.")?;
-        let offset = ctx
-            .section
-            .get("init_layer_offset")
-            .and_then(|v| v.as_i64())
-            .unwrap_or_else(|| text_layers(ctx));
-        let i = index - offset;
-        (i >= 0).then(|| format!("layer.{i}.{rest}"))
-    }
-
-    fn is_new(&self, param: &str) -> bool {
-        param.contains(".crossattention.")
-    }
-
-    fn read_arch(&self, _dir: &Path) -> Result<Option<CheckpointArch>> {
-        Ok(None)
-    }
+/// `encoder.layer.N.*` -> `layer.(N - offset).*` for `N >= offset`, where
+/// the offset is `init_layer_offset`, or else the number of text encoder
+/// layers the model has (those layers went to the text encoder).
+fn map_name(ctx: &LoadContext<'_>, name: &str) -> Option<String> {
+    let n = hub_name(name, &["bert.", "roberta."]);
+    let (index, rest) = layer_index(&n, "encoder.layer.")?;
+    let offset = ctx
+        .section
+        .get("init_layer_offset")
+        .and_then(|v| v.as_i64())
+        .unwrap_or_else(|| text_layers(ctx));
+    let i = index - offset;
+    (i >= 0).then(|| format!("layer.{i}.{rest}"))
 }
 
 /// Number of `text_encoder.encoder.layer.N` blocks in the model.

@@ -20,14 +20,14 @@ use tch::{nn, Tensor};
 use vlmatch_core::{Encoded, Encoder, EncoderInput, Error, Modality, Result};
 use vlmatch_layers::arch::LayerKeys;
 use vlmatch_layers::bert::BertStack;
-use vlmatch_layers::hf::ArchSource;
+use vlmatch_layers::hf::{ArchSource, Resolve};
 use vlmatch_layers::{BertLayer, BertLayerConfig};
 use vlmatch_registry::{check, BuildContext};
 
 mod layout;
-pub use layout::CrossAttentionLayout;
+pub use layout::CROSS_ATTENTION_LAYOUT;
 
-vlmatch_registry::register!(encoder "cross_attention" => build, layout = &CrossAttentionLayout);
+vlmatch_registry::register!(encoder "cross_attention" => build, layout = &CROSS_ATTENTION_LAYOUT);
 
 vlmatch_layers::hf_arch! {
     /// Keys of `[model.fusion]` for `plugin = "cross_attention"`. With
@@ -66,22 +66,25 @@ vlmatch_layers::hf_arch! {
 
 impl CrossAttentionSection {
     pub fn resolve(&self, key: &str) -> Result<CrossAttentionConfig> {
-        vlmatch_registry::weights::check_model_type(
-            key,
-            "cross_attention",
-            self.init.as_deref(),
-            vlmatch_registry::weights::CheckpointLayout::model_types(&CrossAttentionLayout),
-        )?;
-        let source = ArchSource {
-            init: self.init.as_deref(),
-            ..Default::default()
+        let how = Resolve {
+            plugin: "cross_attention",
+            model_types: CROSS_ATTENTION_LAYOUT.model_types,
+            nested: None,
+            take_first_layers: false,
         };
-        let mut cfg = self.resolve_arch(key, source)?;
-        // The checkpoint's layer count is the whole BERT's; the fusion's own
-        // depth is always this section's.
-        cfg.num_hidden_layers = self.num_hidden_layers;
-        check::with_init(cfg.check(key), self.init.as_deref())?;
-        Ok(cfg)
+        let resolve = |source: ArchSource<'_>| {
+            let mut cfg = self.resolve_arch(key, source)?;
+            // The checkpoint's layer count is the whole BERT's; the fusion's
+            // own depth is always this section's.
+            cfg.num_hidden_layers = self.num_hidden_layers;
+            Ok(cfg)
+        };
+        how.run(
+            key,
+            self.init.as_deref(),
+            resolve,
+            CrossAttentionConfig::check,
+        )
     }
 }
 

@@ -243,6 +243,9 @@ pub struct EmbeddingKeys {
     pub type_vocab_size: i64,
     pub layer_norm_eps: f64,
     pub hidden_dropout_prob: f64,
+    /// The vocabulary size a checkpoint states, if any.
+    #[serde(default)]
+    pub vocab_size: Option<i64>,
 }
 
 impl EmbeddingKeys {
@@ -407,9 +410,9 @@ pub trait TextArch: Serialize {
     /// The checks resolving a section makes; errors name `{key}.<field>`.
     fn check(&self, key: &str) -> Result<()>;
     /// How the encoder counts positions.
-    fn positions(&self) -> PositionIds;
-    /// The vocabulary size its checkpoint states, if any.
-    fn vocab_size(&self) -> Option<i64>;
+    fn positions(&self) -> PositionIds {
+        PositionIds::Absolute
+    }
 }
 
 /// A BERT-family text encoder: [`BertEmbeddings`] under `embeddings`, then
@@ -510,7 +513,7 @@ pub fn build_text<C: TextArch>(
         ));
     }
     let tokenizer = C::VOCAB_FILE;
-    if let Some(v) = cfg.vocab_size().filter(|&v| v != ctx.env.vocab_size) {
+    if let Some(v) = emb.vocab_size.filter(|&v| v != ctx.env.vocab_size) {
         return Err(Error::Config(format!(
             "config key `{}.init`: the checkpoint's vocab_size {v} differs from the tokenizer's {}; \
              set data.vocab to the checkpoint's {tokenizer}",

@@ -8,6 +8,52 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 use std::path::Path;
 use vlmatch_core::{Error, Result};
+use vlmatch_registry::check;
+use vlmatch_registry::weights::check_model_type;
+
+/// How a plugin resolves a section that may start from a checkpoint: the
+/// checkpoint's `model_type` must be one of `model_types`
+/// ([`check_model_type`]), the architecture comes from [`resolve_arch`]
+/// with `nested` and `take_first_layers` ([`ArchSource`]), and the
+/// plugin's check errors name the checkpoint ([`check::with_init`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Resolve<'a> {
+    pub plugin: &'a str,
+    pub model_types: &'a [&'a str],
+    pub nested: Option<&'a str>,
+    pub take_first_layers: bool,
+}
+
+impl Resolve<'_> {
+    /// `resolve` from the section `key` with checkpoint `init`, then `check`.
+    pub fn run<T>(
+        &self,
+        key: &str,
+        init: Option<&Path>,
+        resolve: impl FnOnce(ArchSource<'_>) -> Result<T>,
+        check: impl FnOnce(&T, &str) -> Result<()>,
+    ) -> Result<T> {
+        check_model_type(key, self.plugin, init, self.model_types)?;
+        let cfg = resolve(ArchSource {
+            init,
+            nested: self.nested,
+            take_first_layers: self.take_first_layers,
+        })?;
+        check::with_init(check(&cfg, key), init)?;
+        Ok(cfg)
+    }
+}
+
+/// `hidden_act` must be `gelu`, the only activation of `plugin`'s layers.
+pub fn only_gelu(plugin: &str, hidden_act: &str) -> Result<()> {
+    if hidden_act == "gelu" {
+        return Ok(());
+    }
+    Err(Error::plugin(
+        plugin,
+        format!("hidden_act `{hidden_act}` is not supported (only `gelu`)"),
+    ))
+}
 
 /// Where a section's architecture comes from ([`resolve_arch`]).
 #[derive(Debug, Clone, Copy, Default)]
@@ -171,8 +217,59 @@ impl<T: ArchValue> ArchValue for Option<T> {
 /// defaults as JSON, and `Section::resolve_arch(key, source)` resolves
 /// through [`resolve_arch`] (checkpoint, then section, then defaults). The
 /// calling crate depends on `serde` and `serde_json`.
+///
+/// `pub struct Section: init { ... }` adds the keys of a section that may
+/// start from a checkpoint: `init` (a hub-layout directory) and
+/// `allow_partial_init` (let `init` leave parameters missing), with
+/// `Section::from_init(dir)` and `Section::resolve_checked` ([`Resolve`]).
 #[macro_export]
 macro_rules! hf_arch {
+    (
+        $(#[$smeta:meta])*
+        pub struct $section:ident : init {
+            $( $(#[$xmeta:meta])* pub $x:ident : $xt:ty, )*
+        }
+        $(#[$cmeta:meta])*
+        pub struct $config:ident { $($cbody:tt)* }
+        from_checkpoint { $($kbody:tt)* }
+    ) => {
+        $crate::hf_arch! {
+            $(#[$smeta])*
+            pub struct $section {
+                #[serde(default, skip_serializing)]
+                pub init: Option<std::path::PathBuf>,
+                /// Let `init` leave parameters missing (they keep their random init).
+                #[serde(default, skip_serializing)]
+                pub allow_partial_init: bool,
+                $( $(#[$xmeta])* pub $x : $xt, )*
+            }
+            $(#[$cmeta])*
+            pub struct $config { $($cbody)* }
+            from_checkpoint { $($kbody)* }
+        }
+
+        impl $section {
+            /// The section `init = dir`, every other key unset.
+            pub fn from_init(dir: &std::path::Path) -> Self {
+                $section {
+                    init: Some(dir.to_path_buf()),
+                    ..Default::default()
+                }
+            }
+
+            /// The architecture this section describes, `init`'s
+            /// `model_type` checked and `check` applied
+            /// ([`$crate::hf::Resolve`]).
+            pub fn resolve_checked(
+                &self,
+                key: &str,
+                how: $crate::hf::Resolve<'_>,
+                check: impl FnOnce(&$config, &str) -> vlmatch_core::Result<()>,
+            ) -> vlmatch_core::Result<$config> {
+                how.run(key, self.init.as_deref(), |source| self.resolve_arch(key, source), check)
+            }
+        }
+    };
     (
         $(#[$smeta:meta])*
         pub struct $section:ident {

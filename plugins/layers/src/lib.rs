@@ -8,6 +8,7 @@
 pub mod arch;
 pub mod bert;
 pub mod hf;
+pub mod layout;
 pub mod lm_head;
 pub mod masking;
 pub mod vit;

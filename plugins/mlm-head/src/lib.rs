@@ -10,44 +10,31 @@ use serde::Deserialize;
 use std::path::Path;
 use std::rc::Rc;
 use vlmatch_core::{Generator, Result};
+use vlmatch_layers::layout::{head_arch, HubLayout, NameMap};
 use vlmatch_layers::lm_head::{build_lm_head, HeadNames, LmHead, LmHeadNames};
-use vlmatch_registry::weights::{hub_name, CheckpointArch, CheckpointLayout, LoadContext};
 use vlmatch_registry::BuildContext;
 
-vlmatch_registry::register!(generator "mlm_head" => build, layout = &MlmHeadLayout);
+vlmatch_registry::register!(generator "mlm_head" => build, layout = &MLM_HEAD_LAYOUT);
 
 /// The checkpoint layout registered with generator `mlm_head`: a
 /// `BertForMaskedLM`'s `cls.predictions.*`, under the same names (the
-/// decoder weight is the tied word-embedding matrix and is not loaded).
-pub struct MlmHeadLayout;
-
-impl CheckpointLayout for MlmHeadLayout {
-    fn model_types(&self) -> &'static [&'static str] {
-        &["bert"]
-    }
-
-    fn architectures(&self) -> &'static [&'static str] {
-        &["BertForMaskedLM", "BertForPreTraining"]
-    }
-
-    fn map_name(&self, _ctx: &LoadContext<'_>, name: &str) -> Option<String> {
-        let n = hub_name(name, &[]);
-        let tail = n.strip_prefix("cls.predictions.")?;
-        (tail != "decoder.weight" && tail != "decoder.bias").then_some(n)
-    }
-
-    /// The head's epsilon is the checkpoint's `layer_norm_eps`.
-    fn read_arch(&self, dir: &Path) -> Result<Option<CheckpointArch>> {
-        let eps = config_eps(dir).unwrap_or_else(eps);
-        let mut section = serde_json::Map::new();
-        section.insert("layer_norm_eps".into(), eps.into());
-        Ok(Some(CheckpointArch {
-            section,
-            max_text_len: None,
-            vocab_size: None,
-        }))
-    }
-}
+/// decoder weight is the tied word-embedding matrix and is not loaded). The
+/// head's epsilon is the checkpoint's `layer_norm_eps`.
+pub static MLM_HEAD_LAYOUT: HubLayout = HubLayout {
+    model_types: &["bert"],
+    architectures: &["BertForMaskedLM", "BertForPreTraining"],
+    names: NameMap::Table {
+        strip: &[],
+        legacy_layer_norms: true,
+        within: "cls.predictions.",
+        skip_prefixes: &[],
+        skip_names: &["decoder.weight", "decoder.bias"],
+    },
+    new_by_design: None,
+    grid_positions: None,
+    read_arch: Some(|dir| head_arch(config_eps(dir).unwrap_or_else(eps))),
+    export: None,
+};
 
 /// `dir/config.json`'s `layer_norm_eps`.
 fn config_eps(dir: &Path) -> Option<f64> {

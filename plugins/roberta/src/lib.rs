@@ -13,20 +13,19 @@
 //! Registered as encoder `roberta` and generator `roberta_lm_head`.
 
 use serde::Deserialize;
-use std::path::PathBuf;
 use std::rc::Rc;
 use vlmatch_core::{Encoder, Generator, Result};
 use vlmatch_layers::arch::LayerKeys;
 use vlmatch_layers::bert::{build_text, PositionIds, TextArch, TextEncoder};
-use vlmatch_layers::hf::ArchSource;
+use vlmatch_layers::hf::Resolve;
 use vlmatch_layers::lm_head::{build_lm_head, HeadNames, LmHead, LmHeadNames};
 use vlmatch_registry::{check, BuildContext};
 
 mod layout;
-pub use layout::{RobertaLayout, RobertaLmHeadLayout};
+pub use layout::{ROBERTA_LAYOUT, ROBERTA_LM_HEAD_LAYOUT};
 
-vlmatch_registry::register!(encoder "roberta" => build, layout = &RobertaLayout);
-vlmatch_registry::register!(generator "roberta_lm_head" => build_head, layout = &RobertaLmHeadLayout);
+vlmatch_registry::register!(encoder "roberta" => build, layout = &ROBERTA_LAYOUT);
+vlmatch_registry::register!(generator "roberta_lm_head" => build_head, layout = &ROBERTA_LM_HEAD_LAYOUT);
 
 vlmatch_layers::hf_arch! {
     /// Keys of `[model.text]` for `plugin = "roberta"`. Architecture keys
@@ -36,13 +35,7 @@ vlmatch_layers::hf_arch! {
     /// `num_hidden_layers`, which may take only the first layers. The weights
     /// of `DIR/model.safetensors` are applied by the trainer, and its
     /// `tokenizer.json` is the run's tokenizer unless `data.vocab` is set.
-    pub struct RobertaSection {
-        #[serde(default, skip_serializing)]
-        pub init: Option<PathBuf>,
-        /// Let `init` leave parameters missing (they keep their random init).
-        #[serde(default, skip_serializing)]
-        pub allow_partial_init: bool,
-    }
+    pub struct RobertaSection: init {}
     /// A resolved RoBERTa architecture (also read from `config.json`).
     /// Defaults are `RobertaConfig`'s (`roberta-base`'s own `config.json` sets
     /// 514 positions, one token type and `layer_norm_eps` 1e-5).
@@ -69,21 +62,14 @@ vlmatch_layers::hf_arch! {
 impl RobertaSection {
     /// The architecture this section describes (see [`RobertaSection`]).
     pub fn resolve(&self, key: &str) -> Result<RobertaConfig> {
-        vlmatch_registry::weights::check_model_type(
-            key,
-            "roberta",
-            self.init.as_deref(),
-            vlmatch_registry::weights::CheckpointLayout::model_types(&RobertaLayout),
-        )?;
         // With a checkpoint, fewer layers than it has takes the first ones.
-        let source = ArchSource {
-            init: self.init.as_deref(),
+        let how = Resolve {
+            plugin: "roberta",
+            model_types: ROBERTA_LAYOUT.model_types,
             nested: None,
             take_first_layers: true,
         };
-        let cfg = self.resolve_arch(key, source)?;
-        check::with_init(cfg.check(key), self.init.as_deref())?;
-        Ok(cfg)
+        self.resolve_checked(key, how, RobertaConfig::check)
     }
 }
 
@@ -146,9 +132,6 @@ impl TextArch for RobertaConfig {
         PositionIds::PaddingOffset {
             padding_idx: self.pad_token_id,
         }
-    }
-    fn vocab_size(&self) -> Option<i64> {
-        self.vocab_size
     }
 }
 

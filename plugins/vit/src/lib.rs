@@ -5,31 +5,24 @@
 //!
 //! Registered as encoder `vit`. Input resolution comes from `data.image_size`.
 
-use std::path::PathBuf;
 use std::rc::Rc;
-use vlmatch_core::{Encoder, Error, Result};
+use vlmatch_core::{Encoder, Result};
 use vlmatch_layers::arch::LayerKeys;
-use vlmatch_layers::hf::ArchSource;
+use vlmatch_layers::hf::{only_gelu, Resolve};
 use vlmatch_layers::vit::{build_vit, Part, VitArch, VitEncoder, VitLayerNames, VitNames};
 use vlmatch_registry::{check, BuildContext};
 
 mod layout;
-pub use layout::VitLayout;
+pub use layout::VIT_LAYOUT;
 
-vlmatch_registry::register!(encoder "vit" => build, layout = &VitLayout);
+vlmatch_registry::register!(encoder "vit" => build, layout = &VIT_LAYOUT);
 
 vlmatch_layers::hf_arch! {
     /// Keys of `[model.image]` for `plugin = "vit"`. Architecture keys follow
     /// HuggingFace `ViTConfig`; with `init = "DIR"` (a hub-layout directory)
     /// they come from `DIR/config.json`, and a key set here must agree with it.
     /// The weights of `DIR/model.safetensors` are applied by the trainer.
-    pub struct VitSection {
-        #[serde(default, skip_serializing)]
-        pub init: Option<PathBuf>,
-        /// Let `init` leave parameters missing (they keep their random init).
-        #[serde(default, skip_serializing)]
-        pub allow_partial_init: bool,
-    }
+    pub struct VitSection: init {}
     /// A resolved ViT architecture (also read from HuggingFace `config.json`).
     pub struct VitConfig {
         pub hidden_size: i64,
@@ -52,27 +45,14 @@ vlmatch_layers::hf_arch! {
 impl VitSection {
     /// The architecture this section describes (see [`VitSection`]).
     pub fn resolve(&self, key: &str) -> Result<VitConfig> {
-        vlmatch_registry::weights::check_model_type(
-            key,
-            "vit",
-            self.init.as_deref(),
-            vlmatch_registry::weights::CheckpointLayout::model_types(&VitLayout),
-        )?;
-        let source = ArchSource {
-            init: self.init.as_deref(),
-            ..Default::default()
+        let how = Resolve {
+            plugin: "vit",
+            model_types: VIT_LAYOUT.model_types,
+            nested: None,
+            take_first_layers: false,
         };
-        let cfg = self.resolve_arch(key, source)?;
-        check::with_init(cfg.check(key), self.init.as_deref())?;
-        if cfg.hidden_act != "gelu" {
-            return Err(Error::plugin(
-                "vit",
-                format!(
-                    "hidden_act `{}` is not supported (only `gelu`)",
-                    cfg.hidden_act
-                ),
-            ));
-        }
+        let cfg = self.resolve_checked(key, how, VitConfig::check)?;
+        only_gelu("vit", &cfg.hidden_act)?;
         Ok(cfg)
     }
 }
