@@ -49,12 +49,7 @@ impl BertSection {
     pub fn resolve(&self, key: &str) -> Result<BertConfig> {
         // With a checkpoint, fewer layers than it has is ALBEF's split: the
         // first layers are the text encoder, the rest may feed the fusion.
-        let how = Resolve {
-            plugin: "bert",
-            model_types: BERT_LAYOUT.model_types,
-            nested: None,
-            take_first_layers: true,
-        };
+        let how = Resolve::new("bert", &BERT_LAYOUT).first_layers();
         let cfg = self.resolve_checked(key, how, BertConfig::check)?;
         only_gelu("bert", &cfg.hidden_act)?;
         Ok(cfg)

@@ -59,12 +59,7 @@ vlmatch_layers::hf_arch! {
 impl ClipVitSection {
     /// The architecture this section describes (see [`ClipVitSection`]).
     pub fn resolve(&self, key: &str) -> Result<ClipVitConfig> {
-        let how = Resolve {
-            plugin: "clip_vit",
-            model_types: CLIP_VIT_LAYOUT.model_types,
-            nested: Some("vision_config"),
-            take_first_layers: false,
-        };
+        let how = Resolve::new("clip_vit", &CLIP_VIT_LAYOUT).nested("vision_config");
         self.resolve_checked(key, how, ClipVitConfig::check)
     }
 }

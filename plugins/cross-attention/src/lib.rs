@@ -66,12 +66,7 @@ vlmatch_layers::hf_arch! {
 
 impl CrossAttentionSection {
     pub fn resolve(&self, key: &str) -> Result<CrossAttentionConfig> {
-        let how = Resolve {
-            plugin: "cross_attention",
-            model_types: CROSS_ATTENTION_LAYOUT.model_types,
-            nested: None,
-            take_first_layers: false,
-        };
+        let how = Resolve::new("cross_attention", &CROSS_ATTENTION_LAYOUT);
         let resolve = |source: ArchSource<'_>| {
             let mut cfg = self.resolve_arch(key, source)?;
             // The checkpoint's layer count is the whole BERT's; the fusion's

@@ -24,7 +24,35 @@ pub struct Resolve<'a> {
     pub take_first_layers: bool,
 }
 
-impl Resolve<'_> {
+impl<'a> Resolve<'a> {
+    /// `plugin`, loading the `model_type`s of `layout`, its architecture at
+    /// the top level of `config.json` with every layer.
+    pub fn new(plugin: &'a str, layout: &'a crate::layout::HubLayout) -> Self {
+        Resolve {
+            plugin,
+            model_types: layout.model_types,
+            nested: None,
+            take_first_layers: false,
+        }
+    }
+
+    /// The architecture is `config.json`'s object `name` (CLIP's
+    /// `vision_config`).
+    pub fn nested(self, name: &'a str) -> Self {
+        Resolve {
+            nested: Some(name),
+            ..self
+        }
+    }
+
+    /// A section may take a checkpoint's first layers (ALBEF's split).
+    pub fn first_layers(self) -> Self {
+        Resolve {
+            take_first_layers: true,
+            ..self
+        }
+    }
+
     /// `resolve` from the section `key` with checkpoint `init`, then `check`.
     pub fn run<T>(
         &self,

@@ -63,12 +63,7 @@ impl RobertaSection {
     /// The architecture this section describes (see [`RobertaSection`]).
     pub fn resolve(&self, key: &str) -> Result<RobertaConfig> {
         // With a checkpoint, fewer layers than it has takes the first ones.
-        let how = Resolve {
-            plugin: "roberta",
-            model_types: ROBERTA_LAYOUT.model_types,
-            nested: None,
-            take_first_layers: true,
-        };
+        let how = Resolve::new("roberta", &ROBERTA_LAYOUT).first_layers();
         self.resolve_checked(key, how, RobertaConfig::check)
     }
 }

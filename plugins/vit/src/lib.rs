@@ -45,12 +45,7 @@ vlmatch_layers::hf_arch! {
 impl VitSection {
     /// The architecture this section describes (see [`VitSection`]).
     pub fn resolve(&self, key: &str) -> Result<VitConfig> {
-        let how = Resolve {
-            plugin: "vit",
-            model_types: VIT_LAYOUT.model_types,
-            nested: None,
-            take_first_layers: false,
-        };
+        let how = Resolve::new("vit", &VIT_LAYOUT);
         let cfg = self.resolve_checked(key, how, VitConfig::check)?;
         only_gelu("vit", &cfg.hidden_act)?;
         Ok(cfg)
