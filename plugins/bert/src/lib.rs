@@ -10,8 +10,8 @@ use std::rc::Rc;
 use vlmatch_core::{Encoder, Result};
 use vlmatch_layers::arch::LayerKeys;
 use vlmatch_layers::bert::{build_text, TextArch, TextEncoder};
-use vlmatch_layers::hf::{only_gelu, Resolve};
-use vlmatch_registry::{check, BuildContext};
+use vlmatch_layers::hf::Resolve;
+use vlmatch_registry::BuildContext;
 
 mod layout;
 pub use layout::BERT_LAYOUT;
@@ -50,9 +50,7 @@ impl BertSection {
         // With a checkpoint, fewer layers than it has is ALBEF's split: the
         // first layers are the text encoder, the rest may feed the fusion.
         let how = Resolve::new("bert", &BERT_LAYOUT).first_layers();
-        let cfg = self.resolve_checked(key, how, BertConfig::check)?;
-        only_gelu("bert", &cfg.hidden_act)?;
-        Ok(cfg)
+        self.resolve_checked(key, how.only_gelu(), BertConfig::check)
     }
 }
 
@@ -60,12 +58,11 @@ impl BertConfig {
     /// The layer sizes ([`LayerKeys::check`]) and a positive number of
     /// positions and token types; errors name `{key}.<field>`.
     pub fn check(&self, key: &str) -> Result<()> {
-        LayerKeys::of(self).check(key)?;
-        check::positive(
-            &format!("{key}.max_position_embeddings"),
-            self.max_position_embeddings,
-        )?;
-        check::positive(&format!("{key}.type_vocab_size"), self.type_vocab_size)
+        let positive = [
+            ("max_position_embeddings", self.max_position_embeddings),
+            ("type_vocab_size", self.type_vocab_size),
+        ];
+        LayerKeys::of(self).check(key, &positive)
     }
 }
 

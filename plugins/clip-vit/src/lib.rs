@@ -69,8 +69,7 @@ impl ClipVitConfig {
     /// known activation, RGB input; errors name `{key}.<field>`.
     pub fn check(&self, key: &str) -> Result<()> {
         let k = |field: &str| format!("{key}.{field}");
-        LayerKeys::of(self).check(key)?;
-        check::positive(&k("patch_size"), self.patch_size)?;
+        LayerKeys::of(self).check(key, &[("patch_size", self.patch_size)])?;
         if self.hidden_act != "quick_gelu" && self.hidden_act != "gelu" {
             return Err(check::invalid(
                 &k("hidden_act"),

@@ -102,7 +102,7 @@ impl CoAttentionSection {
             attention_probs_dropout_prob: Some(self.attention_probs_dropout_prob),
             attention_dropout: None,
         };
-        keys.check(key)?;
+        keys.check(key, &[])?;
         Ok(CoAttentionConfig {
             num_hidden_layers: self.num_hidden_layers,
             layer: keys.bert_layer(None, Some(hidden), compute),

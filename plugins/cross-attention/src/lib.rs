@@ -88,7 +88,7 @@ impl CrossAttentionConfig {
     /// `{key}.<field>`. That the heads divide the text width is checked in
     /// [`CrossAttentionFusion::new`], which knows the width.
     pub fn check(&self, key: &str) -> Result<()> {
-        LayerKeys::of(self).check(key)
+        LayerKeys::of(self).check(key, &[])
     }
 }
 

@@ -40,8 +40,9 @@ impl LayerKeys {
             .expect("a resolved architecture has the layer keys")
     }
 
-    /// [`check::layer_sizes`]; errors name `{key}.<field>`.
-    pub fn check(&self, key: &str) -> Result<()> {
+    /// [`check::layer_sizes`], then each of `positive` (`(field, value)`,
+    /// the family's own sizes) at least 1; errors name `{key}.<field>`.
+    pub fn check(&self, key: &str, positive: &[(&str, i64)]) -> Result<()> {
         let dropouts = [
             ("hidden_dropout_prob", self.hidden_dropout_prob),
             (
@@ -63,7 +64,11 @@ impl LayerKeys {
                 layer_norm_eps: self.layer_norm_eps,
                 dropouts,
             },
-        )
+        )?;
+        for (field, value) in positive {
+            check::positive(&format!("{key}.{field}"), *value)?;
+        }
+        Ok(())
     }
 
     /// The dropout after each sub-layer (0 where the family has none).

@@ -15,13 +15,17 @@ use vlmatch_registry::weights::check_model_type;
 /// checkpoint's `model_type` must be one of `model_types`
 /// ([`check_model_type`]), the architecture comes from [`resolve_arch`]
 /// with `nested` and `take_first_layers` ([`ArchSource`]), and the
-/// plugin's check errors name the checkpoint ([`check::with_init`]).
+/// plugin's check errors name the checkpoint ([`check::with_init`]); with
+/// `only_gelu`, `hidden_act` must be `gelu`.
 #[derive(Debug, Clone, Copy)]
 pub struct Resolve<'a> {
     pub plugin: &'a str,
     pub model_types: &'a [&'a str],
     pub nested: Option<&'a str>,
     pub take_first_layers: bool,
+    /// The layers have no activation but GELU: `hidden_act` must be `gelu`
+    /// ([`only_gelu`], after the plugin's check).
+    pub only_gelu: bool,
 }
 
 impl<'a> Resolve<'a> {
@@ -33,6 +37,7 @@ impl<'a> Resolve<'a> {
             model_types: layout.model_types,
             nested: None,
             take_first_layers: false,
+            only_gelu: false,
         }
     }
 
@@ -53,8 +58,16 @@ impl<'a> Resolve<'a> {
         }
     }
 
+    /// `hidden_act` must be `gelu`.
+    pub fn only_gelu(self) -> Self {
+        Resolve {
+            only_gelu: true,
+            ..self
+        }
+    }
+
     /// `resolve` from the section `key` with checkpoint `init`, then `check`.
-    pub fn run<T>(
+    pub fn run<T: serde::Serialize>(
         &self,
         key: &str,
         init: Option<&Path>,
@@ -68,6 +81,10 @@ impl<'a> Resolve<'a> {
             take_first_layers: self.take_first_layers,
         })?;
         check::with_init(check(&cfg, key), init)?;
+        if self.only_gelu {
+            let keys = serde_json::to_value(&cfg).expect("a resolved architecture serialises");
+            only_gelu(self.plugin, keys["hidden_act"].as_str().unwrap_or_default())?;
+        }
         Ok(cfg)
     }
 }

@@ -73,8 +73,7 @@ impl RobertaConfig {
     /// index, GELU and absolute positions; errors name `{key}.<field>`.
     pub fn check(&self, key: &str) -> Result<()> {
         let k = |field: &str| format!("{key}.{field}");
-        LayerKeys::of(self).check(key)?;
-        check::positive(&k("type_vocab_size"), self.type_vocab_size)?;
+        LayerKeys::of(self).check(key, &[("type_vocab_size", self.type_vocab_size)])?;
         check::at_least(&k("pad_token_id"), self.pad_token_id, 0)?;
         if self.max_position_embeddings < self.pad_token_id + 2 {
             return Err(check::invalid(

@@ -8,9 +8,9 @@
 use std::rc::Rc;
 use vlmatch_core::{Encoder, Result};
 use vlmatch_layers::arch::LayerKeys;
-use vlmatch_layers::hf::{only_gelu, Resolve};
+use vlmatch_layers::hf::Resolve;
 use vlmatch_layers::vit::{build_vit, Part, VitArch, VitEncoder, VitLayerNames, VitNames};
-use vlmatch_registry::{check, BuildContext};
+use vlmatch_registry::BuildContext;
 
 mod layout;
 pub use layout::VIT_LAYOUT;
@@ -45,10 +45,8 @@ vlmatch_layers::hf_arch! {
 impl VitSection {
     /// The architecture this section describes (see [`VitSection`]).
     pub fn resolve(&self, key: &str) -> Result<VitConfig> {
-        let how = Resolve::new("vit", &VIT_LAYOUT);
-        let cfg = self.resolve_checked(key, how, VitConfig::check)?;
-        only_gelu("vit", &cfg.hidden_act)?;
-        Ok(cfg)
+        let how = Resolve::new("vit", &VIT_LAYOUT).only_gelu();
+        self.resolve_checked(key, how, VitConfig::check)
     }
 }
 
@@ -56,8 +54,7 @@ impl VitConfig {
     /// The layer sizes ([`LayerKeys::check`]) and a positive patch size;
     /// errors name `{key}.<field>`.
     pub fn check(&self, key: &str) -> Result<()> {
-        LayerKeys::of(self).check(key)?;
-        check::positive(&format!("{key}.patch_size"), self.patch_size)
+        LayerKeys::of(self).check(key, &[("patch_size", self.patch_size)])
     }
 }
 
