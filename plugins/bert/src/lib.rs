@@ -72,12 +72,8 @@ pub type Bert = TextEncoder;
 impl TextArch for BertConfig {
     const PLUGIN: &'static str = "bert";
     const VOCAB_FILE: &'static str = "vocab.txt";
-    fn span() -> tracing::Span {
-        tracing::trace_span!("bert")
-    }
-    fn check(&self, key: &str) -> Result<()> {
-        BertConfig::check(self, key)
-    }
+    const SPAN: fn() -> tracing::Span = || tracing::trace_span!("bert");
+    const CHECK: fn(&Self, &str) -> Result<()> = BertConfig::check;
 }
 
 fn build(ctx: &BuildContext<'_>) -> Result<Rc<dyn Encoder>> {

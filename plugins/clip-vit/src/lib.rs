@@ -19,7 +19,7 @@ use std::rc::Rc;
 use vlmatch_core::{Encoder, Result};
 use vlmatch_layers::arch::LayerKeys;
 use vlmatch_layers::hf::Resolve;
-use vlmatch_layers::vit::{build_vit, Part, VitArch, VitEncoder, VitLayerNames, VitNames};
+use vlmatch_layers::vit::{build_vit, VitArch, VitEncoder, VitNames, CLIP_NAMES};
 use vlmatch_registry::{check, BuildContext};
 
 mod layout;
@@ -90,45 +90,15 @@ impl ClipVitConfig {
 }
 
 /// The CLIP vision encoder: a [`VitEncoder`] under `CLIPVisionModel`'s
-/// names, with `pre_layrnorm` and no dropout but the attention's.
+/// names ([`CLIP_NAMES`]), with `pre_layrnorm` and no dropout but the
+/// attention's.
 pub type ClipVit = VitEncoder;
 
 impl VitArch for ClipVitConfig {
     const PLUGIN: &'static str = "clip_vit";
-    const NAMES: VitNames = VitNames {
-        class_token: "class_embedding",
-        class_token_3d: false,
-        patch: &["patch_embedding"],
-        patch_bias: false,
-        positions: &["position_embedding", "weight"],
-        positions_3d: false,
-        pre_layernorm: Some("pre_layrnorm"),
-        layers: &["encoder", "layers"],
-        layer: VitLayerNames {
-            layernorm_before: &["layer_norm1"],
-            attention: &["self_attn"],
-            qkv: ["q_proj", "k_proj", "v_proj"],
-            attention_out: &["self_attn", "out_proj"],
-            layernorm_after: &["layer_norm2"],
-            fc1: &["mlp", "fc1"],
-            fc2: &["mlp", "fc2"],
-        },
-        final_layernorm: "post_layernorm",
-        order: &[
-            Part::ClassToken,
-            Part::Patch,
-            Part::Positions,
-            Part::PreLayerNorm,
-            Part::Layers,
-            Part::FinalLayerNorm,
-        ],
-    };
-    fn span() -> tracing::Span {
-        tracing::trace_span!("clip_vit")
-    }
-    fn check(&self, key: &str) -> Result<()> {
-        ClipVitConfig::check(self, key)
-    }
+    const NAMES: &'static VitNames = &CLIP_NAMES;
+    const SPAN: fn() -> tracing::Span = || tracing::trace_span!("clip_vit");
+    const CHECK: fn(&Self, &str) -> Result<()> = ClipVitConfig::check;
 }
 
 fn build(ctx: &BuildContext<'_>) -> Result<Rc<dyn Encoder>> {

@@ -405,10 +405,10 @@ pub trait TextArch: Serialize {
     const PLUGIN: &'static str;
     /// The tokenizer file of its checkpoints (`vocab.txt`), in errors.
     const VOCAB_FILE: &'static str;
-    /// The plugin's trace span (`tracing::trace_span!("bert")`).
-    fn span() -> tracing::Span;
+    /// The plugin's trace span (`|| tracing::trace_span!("bert")`).
+    const SPAN: fn() -> tracing::Span;
     /// The checks resolving a section makes; errors name `{key}.<field>`.
-    fn check(&self, key: &str) -> Result<()>;
+    const CHECK: fn(&Self, &str) -> Result<()>;
     /// How the encoder counts positions.
     fn positions(&self) -> PositionIds {
         PositionIds::Absolute
@@ -435,7 +435,7 @@ impl TextEncoder {
         max_len: i64,
         compute: Kind,
     ) -> Result<Self> {
-        cfg.check(C::PLUGIN)?;
+        (C::CHECK)(cfg, C::PLUGIN)?;
         let emb = EmbeddingKeys::of(cfg);
         let positions = cfg.positions();
         if max_len > positions.max_len(emb.max_position_embeddings) {
@@ -447,7 +447,7 @@ impl TextEncoder {
         let keys = LayerKeys::of(cfg);
         Ok(TextEncoder {
             plugin: C::PLUGIN,
-            span: C::span,
+            span: C::SPAN,
             hidden: emb.hidden_size,
             embeddings: BertEmbeddings::new(&(p / "embeddings"), &emb, vocab_size, positions),
             layers: BertStack::new(

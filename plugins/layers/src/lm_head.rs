@@ -75,6 +75,29 @@ pub trait HeadNames {
     const NAMES: LmHeadNames;
 }
 
+/// `BertForMaskedLM`'s names: `cls.predictions.{transform.dense,
+/// transform.LayerNorm, bias}`.
+pub struct BertHead;
+
+impl HeadNames for BertHead {
+    const NAMES: LmHeadNames = LmHeadNames {
+        root: &["cls", "predictions"],
+        dense: &["transform", "dense"],
+        layer_norm: &["transform", "LayerNorm"],
+    };
+}
+
+/// `RobertaForMaskedLM`'s names: `lm_head.{dense, layer_norm, bias}`.
+pub struct RobertaHead;
+
+impl HeadNames for RobertaHead {
+    const NAMES: LmHeadNames = LmHeadNames {
+        root: &["lm_head"],
+        dense: &["dense"],
+        layer_norm: &["layer_norm"],
+    };
+}
+
 /// A [`TiedLmHead`] under the names of `N`, as a generator.
 pub struct LmHead<N> {
     head: TiedLmHead,

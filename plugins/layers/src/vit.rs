@@ -92,6 +92,69 @@ pub struct VitNames {
     pub order: &'static [Part],
 }
 
+/// `ViTModel`'s names: `cls_token` `[1, 1, H]`, a patch projection with a
+/// bias, `position_embeddings` `[1, 1 + N, H]`, `encoder.layer.N`, a final
+/// `layernorm`; the layers are created first.
+pub const VIT_NAMES: VitNames = VitNames {
+    class_token: "cls_token",
+    class_token_3d: true,
+    patch: &["patch_embeddings", "projection"],
+    patch_bias: true,
+    positions: &["position_embeddings"],
+    positions_3d: true,
+    pre_layernorm: None,
+    layers: &["encoder", "layer"],
+    layer: VitLayerNames {
+        layernorm_before: &["layernorm_before"],
+        attention: &["attention", "attention"],
+        qkv: ["query", "key", "value"],
+        attention_out: &["attention", "output", "dense"],
+        layernorm_after: &["layernorm_after"],
+        fc1: &["intermediate", "dense"],
+        fc2: &["output", "dense"],
+    },
+    final_layernorm: "layernorm",
+    order: &[
+        Part::Layers,
+        Part::Patch,
+        Part::ClassToken,
+        Part::Positions,
+        Part::FinalLayerNorm,
+    ],
+};
+
+/// `CLIPVisionModel`'s names (below `vision_model.`): `class_embedding`
+/// `[H]`, a patch embedding without bias, `position_embedding.weight`
+/// `[1 + N, H]`, `pre_layrnorm`, `encoder.layers.N`, `post_layernorm`.
+pub const CLIP_NAMES: VitNames = VitNames {
+    class_token: "class_embedding",
+    class_token_3d: false,
+    patch: &["patch_embedding"],
+    patch_bias: false,
+    positions: &["position_embedding", "weight"],
+    positions_3d: false,
+    pre_layernorm: Some("pre_layrnorm"),
+    layers: &["encoder", "layers"],
+    layer: VitLayerNames {
+        layernorm_before: &["layer_norm1"],
+        attention: &["self_attn"],
+        qkv: ["q_proj", "k_proj", "v_proj"],
+        attention_out: &["self_attn", "out_proj"],
+        layernorm_after: &["layer_norm2"],
+        fc1: &["mlp", "fc1"],
+        fc2: &["mlp", "fc2"],
+    },
+    final_layernorm: "post_layernorm",
+    order: &[
+        Part::ClassToken,
+        Part::Patch,
+        Part::Positions,
+        Part::PreLayerNorm,
+        Part::Layers,
+        Part::FinalLayerNorm,
+    ],
+};
+
 /// The keys of a ViT-family architecture the stack reads besides the layer
 /// sizes (HuggingFace names).
 #[derive(Debug, Clone, Deserialize)]
@@ -112,12 +175,12 @@ fn yes() -> bool {
 pub trait VitArch: Serialize {
     /// The plugin's name, in errors.
     const PLUGIN: &'static str;
-    /// Its parameter names.
-    const NAMES: VitNames;
-    /// The plugin's trace span (`tracing::trace_span!("vit")`).
-    fn span() -> tracing::Span;
+    /// Its parameter names ([`VIT_NAMES`], [`CLIP_NAMES`]).
+    const NAMES: &'static VitNames;
+    /// The plugin's trace span (`|| tracing::trace_span!("vit")`).
+    const SPAN: fn() -> tracing::Span;
     /// The checks resolving a section makes; errors name `{key}.<field>`.
-    fn check(&self, key: &str) -> Result<()>;
+    const CHECK: fn(&Self, &str) -> Result<()>;
 }
 
 /// A pre-LN layer: LayerNorm, self-attention, residual; LayerNorm, MLP,
@@ -211,14 +274,14 @@ impl VitEncoder {
     /// computing in `compute`.
     pub fn new<C: VitArch>(p: &nn::Path, cfg: &C, image_size: i64, compute: Kind) -> Result<Self> {
         // The checks that resolving a section made, for models built directly.
-        cfg.check(C::PLUGIN)?;
+        (C::CHECK)(cfg, C::PLUGIN)?;
         let keys = LayerKeys::of(cfg);
         let vit: VitKeys = serde_json::to_value(cfg)
             .and_then(serde_json::from_value)
             .expect("a resolved ViT architecture has a patch size and activation");
         let ps = vit.patch_size;
         check::patch_divides(&format!("{}.patch_size", C::PLUGIN), ps, image_size)?;
-        let names = &C::NAMES;
+        let names = C::NAMES;
         let h = keys.hidden_size.expect("a ViT has a width");
         let n = (image_size / ps).pow(2);
         let emb = p / "embeddings";
@@ -273,7 +336,7 @@ impl VitEncoder {
         let (patch_weight, patch_bias) = patch.expect("the order names the patch embedding");
         Ok(VitEncoder {
             plugin: C::PLUGIN,
-            span: C::span,
+            span: C::SPAN,
             hidden: h,
             image_size,
             patch_size: ps,

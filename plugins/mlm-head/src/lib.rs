@@ -11,7 +11,7 @@ use std::path::Path;
 use std::rc::Rc;
 use vlmatch_core::{Generator, Result};
 use vlmatch_layers::layout::{head_arch, HubLayout, NameMap};
-use vlmatch_layers::lm_head::{build_lm_head, HeadNames, LmHead, LmHeadNames};
+use vlmatch_layers::lm_head::{build_lm_head, BertHead, LmHead};
 use vlmatch_registry::BuildContext;
 
 vlmatch_registry::register!(generator "mlm_head" => build, layout = &MLM_HEAD_LAYOUT);
@@ -56,21 +56,10 @@ fn eps() -> f64 {
     1e-12
 }
 
-/// `BertForMaskedLM`'s names of its `cls.predictions`.
-pub struct BertHeadNames;
-
-impl HeadNames for BertHeadNames {
-    const NAMES: LmHeadNames = LmHeadNames {
-        root: &["cls", "predictions"],
-        dense: &["transform", "dense"],
-        layer_norm: &["transform", "LayerNorm"],
-    };
-}
-
 /// BERT's MLM head: an [`LmHead`] under `cls.predictions`.
-pub type MlmHead = LmHead<BertHeadNames>;
+pub type MlmHead = LmHead<BertHead>;
 
 fn build(ctx: &BuildContext<'_>) -> Result<Rc<dyn Generator>> {
     let cfg: MlmHeadConfig = ctx.params()?;
-    build_lm_head::<BertHeadNames>(ctx, "mlm_head", cfg.layer_norm_eps)
+    build_lm_head::<BertHead>(ctx, "mlm_head", cfg.layer_norm_eps)
 }

@@ -18,7 +18,7 @@ use vlmatch_core::{Encoder, Generator, Result};
 use vlmatch_layers::arch::LayerKeys;
 use vlmatch_layers::bert::{build_text, PositionIds, TextArch, TextEncoder};
 use vlmatch_layers::hf::Resolve;
-use vlmatch_layers::lm_head::{build_lm_head, HeadNames, LmHead, LmHeadNames};
+use vlmatch_layers::lm_head::{build_lm_head, LmHead, RobertaHead};
 use vlmatch_registry::{check, BuildContext};
 
 mod layout;
@@ -116,12 +116,8 @@ pub type Roberta = TextEncoder;
 impl TextArch for RobertaConfig {
     const PLUGIN: &'static str = "roberta";
     const VOCAB_FILE: &'static str = "tokenizer.json";
-    fn span() -> tracing::Span {
-        tracing::trace_span!("roberta")
-    }
-    fn check(&self, key: &str) -> Result<()> {
-        RobertaConfig::check(self, key)
-    }
+    const SPAN: fn() -> tracing::Span = || tracing::trace_span!("roberta");
+    const CHECK: fn(&Self, &str) -> Result<()> = RobertaConfig::check;
     fn positions(&self) -> PositionIds {
         PositionIds::PaddingOffset {
             padding_idx: self.pad_token_id,
@@ -149,23 +145,12 @@ fn head_eps() -> f64 {
     1e-5
 }
 
-/// `RobertaForMaskedLM`'s names of its `lm_head`.
-pub struct RobertaHeadNames;
-
-impl HeadNames for RobertaHeadNames {
-    const NAMES: LmHeadNames = LmHeadNames {
-        root: &["lm_head"],
-        dense: &["dense"],
-        layer_norm: &["layer_norm"],
-    };
-}
-
 /// `RobertaForMaskedLM`'s `lm_head`: dense + GELU + `layer_norm`, then a
 /// decoder whose weight is the text encoder's word embeddings (tied, as
 /// `lm_head.decoder.weight` is in the checkpoint) plus `lm_head.bias`.
-pub type RobertaLmHead = LmHead<RobertaHeadNames>;
+pub type RobertaLmHead = LmHead<RobertaHead>;
 
 fn build_head(ctx: &BuildContext<'_>) -> Result<Rc<dyn Generator>> {
     let cfg: LmHeadSection = ctx.params()?;
-    build_lm_head::<RobertaHeadNames>(ctx, "roberta_lm_head", cfg.layer_norm_eps)
+    build_lm_head::<RobertaHead>(ctx, "roberta_lm_head", cfg.layer_norm_eps)
 }

@@ -9,7 +9,7 @@ use std::rc::Rc;
 use vlmatch_core::{Encoder, Result};
 use vlmatch_layers::arch::LayerKeys;
 use vlmatch_layers::hf::Resolve;
-use vlmatch_layers::vit::{build_vit, Part, VitArch, VitEncoder, VitLayerNames, VitNames};
+use vlmatch_layers::vit::{build_vit, VitArch, VitEncoder, VitNames, VIT_NAMES};
 use vlmatch_registry::BuildContext;
 
 mod layout;
@@ -58,44 +58,15 @@ impl VitConfig {
     }
 }
 
-/// The ViT encoder: a [`VitEncoder`] under `ViTModel`'s names.
+/// The ViT encoder: a [`VitEncoder`] under `ViTModel`'s names
+/// ([`VIT_NAMES`]).
 pub type Vit = VitEncoder;
 
 impl VitArch for VitConfig {
     const PLUGIN: &'static str = "vit";
-    const NAMES: VitNames = VitNames {
-        class_token: "cls_token",
-        class_token_3d: true,
-        patch: &["patch_embeddings", "projection"],
-        patch_bias: true,
-        positions: &["position_embeddings"],
-        positions_3d: true,
-        pre_layernorm: None,
-        layers: &["encoder", "layer"],
-        layer: VitLayerNames {
-            layernorm_before: &["layernorm_before"],
-            attention: &["attention", "attention"],
-            qkv: ["query", "key", "value"],
-            attention_out: &["attention", "output", "dense"],
-            layernorm_after: &["layernorm_after"],
-            fc1: &["intermediate", "dense"],
-            fc2: &["output", "dense"],
-        },
-        final_layernorm: "layernorm",
-        order: &[
-            Part::Layers,
-            Part::Patch,
-            Part::ClassToken,
-            Part::Positions,
-            Part::FinalLayerNorm,
-        ],
-    };
-    fn span() -> tracing::Span {
-        tracing::trace_span!("vit")
-    }
-    fn check(&self, key: &str) -> Result<()> {
-        VitConfig::check(self, key)
-    }
+    const NAMES: &'static VitNames = &VIT_NAMES;
+    const SPAN: fn() -> tracing::Span = || tracing::trace_span!("vit");
+    const CHECK: fn(&Self, &str) -> Result<()> = VitConfig::check;
 }
 
 fn build(ctx: &BuildContext<'_>) -> Result<Rc<dyn Encoder>> {
