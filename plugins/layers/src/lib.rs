@@ -1,5 +1,18 @@
 //! Transformer building blocks with HuggingFace parameter names and
-//! initialisation, shared by the encoder plugins.
+//! initialisation, shared by the encoder plugins, and one stack per model
+//! family that the encoder crates configure:
+//!
+//! - [`bert`]: the BERT family (post-LN layers with optional
+//!   cross-attention, embeddings by position-id rule): `bert`, `roberta`,
+//!   `cross_attention`, `co_attention`;
+//! - [`vit`]: the ViT family (pre-LN layers, class token, patch embedding,
+//!   activation choice, CLIP's pre-LayerNorm): `vit`, `clip_vit`;
+//! - [`lm_head`]: the masked-LM head (`mlm_head`, `roberta_lm_head`);
+//! - [`arch`], [`hf`], [`layout`]: HuggingFace config keys, `config.json`
+//!   reading and writing, and checkpoint layouts as tables.
+//!
+//! Each stack calls its layers in one place (`BertStack::layer`,
+//! `VitEncoder`'s `layer`), where activation checkpointing will wrap them.
 //!
 //! Mixed precision: [`Linear`] and attention compute in the `compute` dtype
 //! given at construction (bf16 on CUDA) from fp32 master weights; layer norms
