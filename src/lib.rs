@@ -44,6 +44,7 @@ use co_attention as _;
 use cross_attention as _;
 use discriminator as _;
 use hard_negative as _;
+use heads as _;
 use itc as _;
 use itm as _;
 use mlm as _;

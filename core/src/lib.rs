@@ -12,6 +12,7 @@
 //! | [`NegativeSampler`] | negatives for a batch: in-batch hard negatives, generated captions |
 //! | [`Objective`] | turns a batch and the model's outputs into named losses |
 //! | [`Hook`] | runs at fixed points of training: momentum distillation, logging, evaluation |
+//! | [`Head`] | a downstream task's output layers on fused `[CLS]` states (VQA, SNLI-VE, NLVR2) |
 //!
 //! `core` knows nothing of plugins, configuration files, the file system or
 //! dynamic loading: those live in `vlmatch-registry` and the `vlmatch` crate.
@@ -38,7 +39,7 @@ pub use hook::{Evaluation, Hook, HookState, Record, RunEnd, RunStart};
 pub use momentum::{Momentum, MomentumContrast, Queue};
 pub use positives::{PairKeys, PositiveRule};
 pub use traits::{
-    CaptionPrep, Discriminator, Encoder, EncoderInput, FillOptions, Generator, Modality,
+    CaptionPrep, Discriminator, Encoder, EncoderInput, FillOptions, Generator, Head, Modality,
     NegativeSampler, Negatives, Objective, ObjectiveOutput, SamplerInput,
 };
 

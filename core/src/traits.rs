@@ -275,3 +275,12 @@ pub trait Objective {
         Vec::new()
     }
 }
+
+/// A downstream task's head on fused `[CLS]` states: VQA's answer
+/// classifier, SNLI-VE's and NLVR2's class heads. Built for a task's
+/// output count; its parameters live under the path it is built at, so
+/// they are checkpointed and optimised with the model.
+pub trait Head {
+    /// Logits `[B, outputs]` (fp32) from `[CLS]` states `[B, D]`.
+    fn forward(&self, cls: &Tensor) -> Tensor;
+}

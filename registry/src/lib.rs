@@ -19,7 +19,7 @@ pub use assemble::{
     WeightedObjective,
 };
 pub use config::{Config, ConfigLayers, LoadedConfig, PluginSection};
-pub use registration::{Factory, Kind, Registration, Registry, RegistryError};
+pub use registration::{Factory, HeadSpec, Kind, Registration, Registry, RegistryError};
 pub use samplers::{run_sampler, standalone_sampler};
 
 #[doc(hidden)]
@@ -33,9 +33,10 @@ pub use inventory;
 ///
 /// where `build: fn(&BuildContext) -> vlmatch_core::Result<Rc<dyn Encoder>>`
 /// (`Box<dyn ...>` for negative samplers and objectives; `Option<Box<dyn
-/// Hook>>` for hooks, `None` when the run leaves the hook off). Kinds:
-/// `encoder`, `generator`, `discriminator`, `negative_sampler`, `objective`,
-/// `hook`. The crate
+/// Hook>>` for hooks, `None` when the run leaves the hook off;
+/// `fn(&HeadSpec) -> Result<Box<dyn Head>>` for heads). Kinds: `encoder`,
+/// `generator`, `discriminator`, `negative_sampler`, `objective`, `hook`,
+/// `head`. The crate
 /// name is recorded as the plugin's origin. An encoder or generator that
 /// loads HuggingFace checkpoints also registers its
 /// [`weights::CheckpointLayout`]:
@@ -68,6 +69,9 @@ macro_rules! register {
     };
     (hook $name:literal => $f:expr) => {
         $crate::register!(@submit Hook $name $f);
+    };
+    (head $name:literal => $f:expr) => {
+        $crate::register!(@submit Head $name $f);
     };
     (@submit $variant:ident $name:literal $f:expr) => {
         $crate::register!(@submit $variant $name $f, None);

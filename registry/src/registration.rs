@@ -2,9 +2,11 @@ use crate::BuildContext;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::rc::Rc;
-use vlmatch_core::{Discriminator, Encoder, Generator, Hook, NegativeSampler, Objective, Result};
+use vlmatch_core::{
+    Discriminator, Encoder, Generator, Head, Hook, NegativeSampler, Objective, Result,
+};
 
-/// The six kinds of plugin, one per core trait.
+/// The seven kinds of plugin, one per core trait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
     Encoder,
@@ -13,16 +15,18 @@ pub enum Kind {
     NegativeSampler,
     Objective,
     Hook,
+    Head,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Encoder,
         Kind::Generator,
         Kind::Discriminator,
         Kind::NegativeSampler,
         Kind::Objective,
         Kind::Hook,
+        Kind::Head,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -32,6 +36,7 @@ impl Kind {
             Kind::NegativeSampler => "negative_sampler",
             Kind::Objective => "objective",
             Kind::Hook => "hook",
+            Kind::Head => "head",
         }
     }
 }
@@ -41,6 +46,9 @@ impl fmt::Display for Kind {
         f.write_str(self.as_str())
     }
 }
+
+/// A hook's constructor ([`Factory::Hook`]).
+pub type HookFactory = fn(&crate::hooks::HookContext<'_>) -> Result<Option<Box<dyn Hook>>>;
 
 /// A plugin's constructor, typed by kind.
 #[derive(Clone, Copy)]
@@ -52,7 +60,9 @@ pub enum Factory {
     Objective(fn(&BuildContext<'_>) -> Result<Box<dyn Objective>>),
     /// A trainer hook; `None` when the run does not turn it on
     /// ([`crate::hooks::HookContext::enabled`]).
-    Hook(fn(&crate::hooks::HookContext<'_>) -> Result<Option<Box<dyn Hook>>>),
+    Hook(HookFactory),
+    /// A downstream task's head ([`HeadSpec`]).
+    Head(fn(&HeadSpec<'_>) -> Result<Box<dyn Head>>),
     /// A negative sampler from a dynamic plugin library.
     DynamicSampler(&'static crate::dynamic::DynamicSampler),
 }
@@ -66,6 +76,28 @@ impl Factory {
             Factory::NegativeSampler(_) | Factory::DynamicSampler(_) => Kind::NegativeSampler,
             Factory::Objective(_) => Kind::Objective,
             Factory::Hook(_) => Kind::Hook,
+            Factory::Head(_) => Kind::Head,
+        }
+    }
+}
+
+/// What a head factory gets: where its parameters go, the width of the
+/// `[CLS]` states it reads, how many outputs the task has, and the compute
+/// dtype of its matmuls.
+pub struct HeadSpec<'a> {
+    pub path: tch::nn::Path<'a>,
+    pub width: i64,
+    pub outputs: i64,
+    pub compute: tch::Kind,
+}
+
+impl Registry {
+    /// Build head `name` (the error lists the registered heads).
+    pub fn head(&self, name: &str, spec: &HeadSpec<'_>) -> Result<Box<dyn Head>> {
+        let entry = self.get(Kind::Head, name, "head")?;
+        match entry.factory {
+            Factory::Head(build) => build(spec),
+            _ => unreachable!("an entry of kind head has a head factory"),
         }
     }
 }

@@ -37,8 +37,7 @@ use crate::tokenizer::Tokenizer;
 use std::path::Path;
 use std::sync::Arc;
 use tch::{nn, Kind, Tensor};
-use vlmatch_core::{Batch, Encoded, EncoderInput, Error, Forward, Result};
-use vlmatch_layers::Linear;
+use vlmatch_core::{Batch, Encoded, EncoderInput, Error, Forward, Head, Result};
 use vlmatch_registry::{Assembly, LoadedConfig};
 
 /// A downstream classification task.
@@ -240,27 +239,27 @@ pub fn load_items(
     formats::load(task, data, image_root, cfg.data.on_error)
 }
 
-/// ALBEF's classifier head on the fused `[CLS]`.
-pub struct ClsHead {
-    dense: Linear,
-    out: Linear,
-}
+/// The head every classification task puts on the fused `[CLS]`: ALBEF's
+/// (`albef_classifier` of the `heads` plugin crate), at `cls_head`.
+pub const CLASSIFIER_HEAD: &str = "albef_classifier";
 
-impl ClsHead {
-    pub fn new(p: &nn::Path, width: i64, classes: i64, compute: Kind) -> Self {
-        let p = p / "cls_head";
-        ClsHead {
-            dense: Linear::new(&(&p / "0"), width, width, true, compute),
-            out: Linear::new(&(&p / "2"), width, classes, true, compute),
-        }
-    }
-
-    /// Class logits `[B, classes]` (fp32) from `[CLS]` states `[B, D]`.
-    pub fn forward(&self, cls: &Tensor) -> Tensor {
-        self.out
-            .forward(&self.dense.forward(cls).relu())
-            .to_kind(Kind::Float)
-    }
+/// Build head `name` of the registry at `path` for `outputs` classes.
+pub(crate) fn head(
+    loaded: &LoadedConfig,
+    name: &str,
+    path: nn::Path<'_>,
+    (width, outputs, compute): (i64, i64, Kind),
+) -> Result<Box<dyn Head>> {
+    let registry = crate::setup::registry(loaded)?;
+    registry.head(
+        name,
+        &vlmatch_registry::HeadSpec {
+            path,
+            width,
+            outputs,
+            compute,
+        },
+    )
 }
 
 /// The pretrained parameter a fine-tuning parameter starts from: itself,
@@ -285,7 +284,7 @@ pub struct Classifier {
     pub loaded: LoadedConfig,
     pub tok: Arc<Tokenizer>,
     pub asm: Assembly,
-    pub head: ClsHead,
+    pub head: Box<dyn Head>,
     /// Replace every image by a blank one (the text-only baseline).
     pub blank_images: bool,
 }
@@ -368,12 +367,12 @@ fn build(
         load_pretrained(task, weights, &asm.vs)?;
     }
     let width = asm.model.fusion.hidden_size();
-    let head = ClsHead::new(
-        &asm.vs.root(),
-        width,
-        task.classes().len() as i64,
-        env.compute,
-    );
+    let head = head(
+        &loaded,
+        CLASSIFIER_HEAD,
+        asm.vs.root() / "cls_head",
+        (width, task.classes().len() as i64, env.compute),
+    )?;
     if fine_tuned {
         crate::checkpoint::load(weights, &asm.vs)?;
     }

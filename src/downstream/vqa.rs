@@ -27,9 +27,8 @@ use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tch::{nn, Kind, Tensor};
-use vlmatch_core::{Error, Forward, Result};
-use vlmatch_layers::{LayerNorm, Linear};
+use tch::Tensor;
+use vlmatch_core::{Error, Forward, Head, Result};
 use vlmatch_registry::config::OnError;
 use vlmatch_registry::{Assembly, LoadedConfig};
 
@@ -212,35 +211,15 @@ pub fn load(
     from_file(data, image_root, cfg.data.on_error)
 }
 
-/// The classifier head.
-pub struct VqaHead {
-    dense: Linear,
-    ln: LayerNorm,
-    out: Linear,
-}
-
-impl VqaHead {
-    pub fn new(p: &nn::Path, width: i64, answers: i64, compute: Kind) -> Self {
-        VqaHead {
-            dense: Linear::new(&(p / "dense"), width, 2 * width, true, compute),
-            ln: LayerNorm::new(&(p / "LayerNorm"), 2 * width, 1e-12),
-            out: Linear::new(&(p / "out"), 2 * width, answers, true, compute),
-        }
-    }
-
-    /// Answer logits `[B, answers]` from fused `[CLS]` states `[B, D]`.
-    pub fn forward(&self, cls: &Tensor) -> Tensor {
-        let h = self.ln.forward(&self.dense.forward(cls).gelu("none"));
-        self.out.forward(&h).to_kind(Kind::Float)
-    }
-}
+/// VQA's head (`meter_vqa` of the `heads` plugin crate), at `vqa_head`.
+pub const VQA_HEAD: &str = "meter_vqa";
 
 /// A model with its VQA head.
 pub struct VqaModel {
     pub loaded: LoadedConfig,
     pub tok: Arc<Tokenizer>,
     pub asm: Assembly,
-    pub head: VqaHead,
+    pub head: Box<dyn Head>,
     pub answers: Vec<String>,
 }
 
@@ -281,12 +260,12 @@ fn build(
         crate::checkpoint::load(&ckpt, &asm.vs)?;
     }
     let width = asm.model.fusion.hidden_size();
-    let head = VqaHead::new(
-        &(asm.vs.root() / "vqa_head"),
-        width,
-        answers.len() as i64,
-        env.compute,
-    );
+    let head = super::head(
+        &loaded,
+        VQA_HEAD,
+        asm.vs.root() / "vqa_head",
+        (width, answers.len() as i64, env.compute),
+    )?;
     if with_head {
         crate::checkpoint::load(&ckpt, &asm.vs)?;
     }
