@@ -9,7 +9,6 @@ use vlmatch::data::loader::{Loader, LoaderConfig, Source};
 use vlmatch::data::webdataset::{key_image_id, PairStream, Shards};
 use vlmatch::data::{load_any, load_any_with, Dataset, OnError};
 use vlmatch::tokenizer::Tokenizer;
-use vlmatch::train::TrainOptions;
 use vlmatch_core::Batch;
 
 /// `data.image_size` of the micro config.
@@ -300,14 +299,7 @@ fn training_streams_shards_and_resumes_exactly() {
 
     let cut = made.dir.join("cut");
     run(&cut, &sets, Some(5)).unwrap();
-    let resumed = train_exclusive(TrainOptions {
-        layers: vlmatch_registry::ConfigLayers::default(),
-        run_dir: None,
-        resume: Some(cut.clone()),
-        halt_after: None,
-        progress: false,
-    })
-    .unwrap();
+    let resumed = resume(&cut).unwrap();
     assert_eq!(resumed.start_step, 4);
     assert_eq!(metrics(&made.dir.join("full")), metrics(&cut));
 }

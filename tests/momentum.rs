@@ -9,7 +9,6 @@ use std::sync::Arc;
 use tch::Tensor;
 use vlmatch::data::loader::{make_batch, LoaderConfig};
 use vlmatch::momentum::MomentumTrainer;
-use vlmatch::train::TrainOptions;
 use vlmatch_core::Forward;
 
 /// MoD over the micro model: batch 8, a queue of four batches.
@@ -280,14 +279,7 @@ fn killed_and_resumed_mod_run_matches_uninterrupted_run() {
     run(&full_dir, &with_mod(&["eval.at_end=false"]), None).unwrap();
     let cut_dir = root.join("cut");
     run(&cut_dir, &with_mod(&["eval.at_end=false"]), Some(6)).unwrap();
-    let resumed = train_exclusive(TrainOptions {
-        layers: vlmatch_registry::ConfigLayers::default(),
-        run_dir: None,
-        resume: Some(cut_dir.clone()),
-        halt_after: None,
-        progress: false,
-    })
-    .unwrap();
+    let resumed = resume(&cut_dir).unwrap();
     assert_eq!(resumed.start_step, 4);
     let (a, b) = (metrics(&full_dir), metrics(&cut_dir));
     assert_eq!(a.len(), 12);

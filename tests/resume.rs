@@ -2,7 +2,6 @@
 
 mod common;
 use common::*;
-use vlmatch::train::TrainOptions;
 
 fn metrics(dir: &std::path::Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
@@ -36,14 +35,7 @@ fn killed_and_resumed_run_matches_uninterrupted_run() {
         .join("step-00000012.safetensors")
         .exists());
 
-    let resumed = train_exclusive(TrainOptions {
-        layers: vlmatch_registry::ConfigLayers::default(),
-        run_dir: None,
-        resume: Some(cut_dir.clone()),
-        halt_after: None,
-        progress: false,
-    })
-    .unwrap();
+    let resumed = resume(&cut_dir).unwrap();
     assert_eq!(resumed.start_step, 4, "resumes from the step-4 checkpoint");
     assert_eq!(resumed.last_step, 12);
 
@@ -98,24 +90,6 @@ fn checkpoints_are_pruned_and_latest_points_at_newest() {
     );
 }
 
-/// A copy of a committed run directory (`tests/fixtures/NAME`) in a
-/// scratch directory, so that resuming it writes nothing in the tree.
-fn copy_fixture(name: &str, to: &std::path::Path) {
-    fn copy(from: &std::path::Path, to: &std::path::Path) {
-        std::fs::create_dir_all(to).unwrap();
-        for e in std::fs::read_dir(from).unwrap() {
-            let p = e.unwrap().path();
-            let dest = to.join(p.file_name().unwrap());
-            if p.is_dir() {
-                copy(&p, &dest);
-            } else {
-                std::fs::copy(&p, &dest).unwrap();
-            }
-        }
-    }
-    copy(&fixture(name), to);
-}
-
 /// Run directories written by the trainer of 46fa8e6 (before hooks and the
 /// named trainer state), killed after their step-4 checkpoint, resume with
 /// today's trainer and log exactly what that binary logged uninterrupted:
@@ -126,27 +100,11 @@ fn copy_fixture(name: &str, to: &std::path::Path) {
 fn run_directories_from_46fa8e6_resume_exactly() {
     for name in ["plain", "mod"] {
         let dir = scratch(&format!("resume-46fa8e6-{name}"));
-        copy_fixture(&format!("runs-46fa8e6/{name}"), &dir);
-        let resumed = train_exclusive(TrainOptions {
-            layers: vlmatch_registry::ConfigLayers::default(),
-            run_dir: None,
-            resume: Some(dir.clone()),
-            halt_after: None,
-            progress: false,
-        })
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        copy_dir(&fixture(&format!("runs-46fa8e6/{name}")), &dir);
+        let resumed = resume(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!((resumed.start_step, resumed.last_step), (4, 8), "{name}");
-        let want: Vec<serde_json::Value> =
-            std::fs::read_to_string(dir.join("uninterrupted-metrics.jsonl"))
-                .unwrap()
-                .lines()
-                .map(|l| {
-                    let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-                    v.as_object_mut().unwrap().remove("time_s");
-                    v
-                })
-                .collect();
-        let got = metrics(&dir);
+        let want = jsonl_without_time(&dir.join("uninterrupted-metrics.jsonl"));
+        let got = jsonl_without_time(&dir.join("metrics.jsonl"));
         assert_eq!(got.len(), 8, "{name}");
         assert_eq!(got, want, "{name}: resumed run differs from 46fa8e6's");
     }

@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use vlmatch::tracking::flatten;
-use vlmatch::train::TrainOptions;
 
 type Scalars = BTreeMap<String, Vec<(i64, Option<f32>)>>;
 
@@ -42,14 +41,7 @@ fn tensorboard_reads_what_metrics_jsonl_holds_after_a_resume() {
     // the second.
     let cut = run(&dir, &["eval.every=4"], Some(6)).unwrap();
     assert_eq!(cut.last_step, 6);
-    let resumed = train_exclusive(TrainOptions {
-        layers: vlmatch_registry::ConfigLayers::default(),
-        run_dir: None,
-        resume: Some(dir.clone()),
-        halt_after: None,
-        progress: false,
-    })
-    .unwrap();
+    let resumed = resume(&dir).unwrap();
     assert_eq!(resumed.start_step, 4);
 
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join("tb"))

@@ -25,7 +25,7 @@ use tch::{Device, Tensor};
 use vlmatch_core::{Error, Evaluation, Forward, HookState, Record, Result, RunEnd, RunStart};
 use vlmatch_core::{Hook, VlModel};
 use vlmatch_registry::hooks::{build_hooks, BuiltHook, HookContext};
-use vlmatch_registry::{Assembly, LoadedConfig, ModelEnv, Registry};
+use vlmatch_registry::Registry;
 
 /// Hooks the command line turns on, rather than the config.
 #[derive(Debug, Clone, Copy, Default)]
@@ -47,17 +47,6 @@ pub struct Resources {
     pub final_heldout: Rc<RefCell<Option<crate::eval::HeldOut>>>,
 }
 
-/// The run's facts a hook is built against.
-pub struct RunFacts<'a> {
-    pub loaded: &'a LoadedConfig,
-    pub asm: &'a Assembly,
-    pub env: &'a ModelEnv,
-    pub rank: usize,
-    pub world: usize,
-    pub epoch_steps: Option<i64>,
-    pub run_dir: &'a Path,
-}
-
 /// The run's hooks in the order they run.
 #[derive(Default)]
 pub struct Hooks {
@@ -70,21 +59,11 @@ impl Hooks {
         Hooks::default()
     }
 
-    /// Every registered hook the run turns on.
-    pub fn build(facts: &RunFacts<'_>, resources: &Resources) -> Result<Hooks> {
+    /// Every registered hook the run turns on; `ctx` is the run's
+    /// context (any `name`), whose `host` is this crate's [`Resources`].
+    pub fn build(ctx: &HookContext<'_>) -> Result<Hooks> {
         let registry = Registry::from_inventory().map_err(|e| Error::Config(e.to_string()))?;
-        let ctx = HookContext {
-            name: "",
-            loaded: facts.loaded,
-            asm: facts.asm,
-            env: facts.env,
-            rank: facts.rank,
-            world: facts.world,
-            epoch_steps: facts.epoch_steps,
-            run_dir: facts.run_dir,
-            host: resources,
-        };
-        let list = build_hooks(&registry, &ctx)?;
+        let list = build_hooks(&registry, ctx)?;
         tracing::debug!(hooks = ?list.iter().map(|h| h.name.as_str()).collect::<Vec<_>>(), "hooks");
         Ok(Hooks { list })
     }

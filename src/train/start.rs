@@ -8,7 +8,7 @@ use super::entry::{truncate_metrics, write_atomic, TrainOptions};
 use crate::checkpoint::{self, Layout, TrainerState};
 use crate::data::loader::{CaptionPreps, Loader, LoaderConfig, Source};
 use crate::guard::Guard;
-use crate::hooks::{Flags, Hooks, Resources, RunFacts};
+use crate::hooks::{Flags, Hooks, Resources};
 use crate::optim::AdamW;
 use crate::parallel::Parallel;
 use crate::setup;
@@ -19,6 +19,7 @@ use std::sync::Arc;
 use tch::{Device, Tensor};
 use vlmatch_core::{Error, Result, RunStart};
 use vlmatch_registry::config::TrainConfig;
+use vlmatch_registry::hooks::HookContext;
 use vlmatch_registry::{Assembly, LoadedConfig};
 
 /// A run in progress: what every step reads and writes.
@@ -103,7 +104,8 @@ impl<'a> Run<'a> {
             heldout: heldout.map(Arc::new),
             final_heldout: Default::default(),
         };
-        let facts = RunFacts {
+        let mut hooks = Hooks::build(&HookContext {
+            name: "",
             loaded,
             asm: &asm,
             env: &env,
@@ -111,8 +113,8 @@ impl<'a> Run<'a> {
             world,
             epoch_steps,
             run_dir,
-        };
-        let mut hooks = Hooks::build(&facts, &resources)?;
+            host: &resources,
+        })?;
         let metrics_path = run_dir.join("metrics.jsonl");
         if main {
             std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;

@@ -87,3 +87,42 @@ pub fn tar_entry(out: &mut Vec<u8>, name: &str, data: &[u8]) {
 pub fn tar_end(out: &mut Vec<u8>) {
     out.extend_from_slice(&[0u8; 1024]);
 }
+
+/// Continue the run directory `dir` from its newest checkpoint.
+pub fn resume(dir: &Path) -> vlmatch_core::Result<TrainSummary> {
+    train_exclusive(TrainOptions {
+        layers: ConfigLayers::default(),
+        run_dir: None,
+        resume: Some(dir.to_path_buf()),
+        halt_after: None,
+        progress: false,
+    })
+}
+
+/// A copy of the directory tree `from` at `to`.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        let dest = to.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_dir(&p, &dest);
+        } else {
+            std::fs::copy(&p, &dest).unwrap();
+        }
+    }
+}
+
+/// The objects of a JSON-lines log without their wall time (`time_s`).
+pub fn jsonl_without_time(path: &Path) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let m = v.as_object_mut().unwrap();
+            m.remove("time_s");
+            m.clone()
+        })
+        .collect()
+}
