@@ -272,7 +272,7 @@ pub fn verify(path: &Path) -> std::result::Result<(), String> {
 }
 
 /// The step of a checkpoint file name (`step-00000012.safetensors`).
-fn step_of(path: &Path) -> Option<i64> {
+pub fn step_of(path: &Path) -> Option<i64> {
     path.file_name()?
         .to_str()?
         .strip_prefix("step-")?
@@ -312,7 +312,10 @@ pub fn newest_intact(run_dir: &Path) -> Result<PathBuf> {
     let named = match latest(run_dir) {
         Ok(p) => p,
         Err(e) => match checkpoint_files(&dir).ok().and_then(|f| f.last().cloned()) {
-            Some(p) => p,
+            Some(p) => {
+                tracing::warn!("{e}; taking the newest checkpoint file, {}", p.display());
+                p
+            }
             None => return Err(e),
         },
     };
@@ -378,7 +381,21 @@ pub fn latest(run_dir: &Path) -> Result<PathBuf> {
             pointer.display()
         ))
     })?;
-    Ok(run_dir.join("checkpoints").join(name.trim()))
+    let name = name.trim();
+    // Only a checkpoint's file name in its own directory: never a path
+    // that leads to another run's weights.
+    let path = run_dir.join("checkpoints").join(name);
+    if Path::new(name).components().count() != 1 || step_of(&path).is_none() {
+        return Err(Error::Data {
+            path: pointer,
+            line: Some(1),
+            message: format!(
+                "names `{name}`; expected a checkpoint file name in this directory, such as \
+                 `step-00000012.safetensors`"
+            ),
+        });
+    }
+    Ok(path)
 }
 
 /// Load a checkpoint into `vs`; returns the optimizer state and counters.

@@ -29,6 +29,8 @@ pub struct Exported {
     pub text: Option<PathBuf>,
     /// Roles not exported, and why.
     pub skipped: Vec<String>,
+    /// The checkpoint exported and its step (set by `vlmatch export`).
+    pub checkpoint: Option<(PathBuf, i64)>,
 }
 
 fn tensors_under(vs: &tch::nn::VarStore, prefix: &str) -> Vec<(String, Tensor)> {
@@ -80,6 +82,7 @@ pub fn export(
         skipped: vec![
             "fusion and heads: no transformers class (kept in the run's checkpoint)".into(),
         ],
+        checkpoint: None,
     };
     let data = &loaded.config.data;
     for (role, what) in ROLES {

@@ -28,13 +28,16 @@ pub fn preset(name: &str) -> Result<(String, Option<PathBuf>, String)> {
 }
 
 /// A trained run: its config (with `sets` on top), tokenizer, model with the
-/// newest checkpoint's weights, and that checkpoint's counters.
-pub type LoadedRun = (
-    vlmatch_registry::LoadedConfig,
-    std::sync::Arc<crate::tokenizer::Tokenizer>,
-    vlmatch_registry::Assembly,
-    crate::checkpoint::TrainerState,
-);
+/// newest intact checkpoint's weights, that checkpoint and its counters.
+pub struct LoadedRun {
+    pub loaded: vlmatch_registry::LoadedConfig,
+    pub tok: std::sync::Arc<crate::tokenizer::Tokenizer>,
+    pub asm: vlmatch_registry::Assembly,
+    pub state: crate::checkpoint::TrainerState,
+    /// The checkpoint the weights came from (verified by its checksum; an
+    /// older one, with a warning, when the newest is damaged).
+    pub checkpoint: std::path::PathBuf,
+}
 
 /// A run directory's saved config with `sets` (and the environment) on top.
 pub fn run_config(run_dir: &Path, sets: &[String]) -> Result<vlmatch_registry::LoadedConfig> {
@@ -65,8 +68,15 @@ pub fn load_run_on(
         Some(d) => d,
         None => crate::setup::device(&loaded.config.train.device)?,
     };
-    let (mut asm, _) = crate::setup::model_on(&loaded, &tok, device)?;
-    let ckpt = crate::checkpoint::latest(run_dir)?;
-    let (_, state) = crate::checkpoint::load(&ckpt, &mut asm.vs)?;
-    Ok((loaded, tok, asm, state))
+    let (asm, _) = crate::setup::model_on(&loaded, &tok, device)?;
+    let checkpoint = crate::checkpoint::newest_intact(run_dir)?;
+    let (_, state) = crate::checkpoint::load(&checkpoint, &asm.vs)?;
+    tracing::info!(checkpoint = %checkpoint.display(), step = state.step, "loaded");
+    Ok(LoadedRun {
+        loaded,
+        tok,
+        asm,
+        state,
+        checkpoint,
+    })
 }

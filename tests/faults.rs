@@ -485,6 +485,113 @@ fn a_lost_latest_pointer_resumes_from_the_newest_checkpoint_file() {
     assert_eq!(metrics(&dir).len(), 8, "nothing retrained, nothing lost");
 }
 
+/// A `latest` naming a checkpoint outside its own directory (another
+/// run's, further on) is not followed: `--resume` takes this run's newest
+/// checkpoint file, with a warning naming the pointer, and `eval` records
+/// the checkpoint it used.
+#[test]
+fn a_latest_pointer_out_of_its_directory_is_not_followed() {
+    let root = scratch("faults-latest-escape");
+    let (mine, other) = (root.join("mine"), root.join("other"));
+    for (dir, steps) in [(&mine, "train.steps=4"), (&other, "train.steps=12")] {
+        let o = command(&train_args(dir, &[steps, "train.checkpoint_every=4"]), &[])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    std::fs::write(
+        mine.join("checkpoints/latest"),
+        "../../other/checkpoints/step-00000012.safetensors",
+    )
+    .unwrap();
+    let o = command(&resume_args(&mine), &[])
+        .args(["--set", "train.steps=8"])
+        .output()
+        .unwrap();
+    no_backtrace(&o);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("expected a checkpoint file name in this directory"),
+        "{}",
+        stderr(&o)
+    );
+    let steps: Vec<i64> = metrics(&mine)
+        .iter()
+        .map(|m| m["step"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        (1..=8).collect::<Vec<_>>(),
+        "resumed from its own step 4"
+    );
+    let o = command(
+        &["eval", "--quiet", "--task", "heldout", "--checkpoint"]
+            .map(String::from)
+            .into_iter()
+            .chain([mine.display().to_string()])
+            .collect::<Vec<_>>(),
+        &[],
+    )
+    .output()
+    .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(mine.join("eval-heldout.json")).unwrap())
+            .unwrap();
+    assert_eq!(r["step"], 8, "{r}");
+    assert!(
+        r["checkpoint"]
+            .as_str()
+            .unwrap()
+            .ends_with("mine/checkpoints/step-00000008.safetensors"),
+        "{r}"
+    );
+}
+
+/// A checkpoint whose counter `state.step` holds two numbers (its checksum
+/// recomputed, so it reads as intact) is refused by name, not a panic.
+#[test]
+fn a_checkpoint_counter_that_is_not_one_integer_is_refused_by_name() {
+    let dir = scratch("faults-bad-counter");
+    let o = command(
+        &train_args(&dir, &["train.steps=4", "train.checkpoint_every=4"]),
+        &[],
+    )
+    .output()
+    .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let path = checkpoint_path(&dir, 4);
+    let mut t: Vec<(String, Tensor)> = tensors(&path).into_iter().collect();
+    for (k, v) in t.iter_mut() {
+        if k == "state.step" {
+            *v = Tensor::from_slice(&[4i64, 4]);
+        }
+    }
+    Tensor::write_safetensors(&t, &path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let crc = {
+        let mut h = crc32fast::Hasher::new();
+        h.update(&bytes);
+        h.finalize()
+    };
+    std::fs::write(
+        dir.join("checkpoints/step-00000004.safetensors.crc32"),
+        format!("{crc:08x} {}\n", bytes.len()),
+    )
+    .unwrap();
+    let o = command(&resume_args(&dir), &[])
+        .args(["--set", "train.steps=8"])
+        .output()
+        .unwrap();
+    no_backtrace(&o);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("`state.step`: expected one integer") && e.contains("step-00000004"),
+        "{e}"
+    );
+}
+
 /// `vlmatch finetune` of the micro run `pre` for `task` into `out`, 6 steps
 /// with a checkpoint every 2, plus `extra` arguments.
 fn finetune_args(task: &str, pre: &Path, out: &Path, extra: &[&str]) -> Vec<String> {

@@ -105,6 +105,7 @@ fn eval_on(
         let mut result = serde_json::to_value(r).expect("serialisable");
         result["task"] = serde_json::json!(task);
         result["data"] = serde_json::json!(data.display().to_string());
+        record_checkpoint(&mut result, &crate::downstream::fit::kept_weights(run_dir)?);
         return write_eval(run_dir, task, result);
     }
     if task == "vqa" {
@@ -112,9 +113,16 @@ fn eval_on(
         let mut result = serde_json::to_value(r).expect("serialisable");
         result["task"] = serde_json::json!(task);
         result["data"] = serde_json::json!(data.display().to_string());
+        record_checkpoint(&mut result, &crate::downstream::fit::kept_weights(run_dir)?);
         return write_eval(run_dir, task, result);
     }
-    let (loaded, tok, asm, state) = crate::run::load_run_on(run_dir, sets, par.map(|(_, d)| d))?;
+    let crate::run::LoadedRun {
+        loaded,
+        tok,
+        asm,
+        state,
+        checkpoint,
+    } = crate::run::load_run_on(run_dir, sets, par.map(|(_, d)| d))?;
     let c = &loaded.config;
     let inp = crate::eval::EvalInputs::new(c, &tok);
     let collective = par.map(|(p, _)| p.collective());
@@ -178,13 +186,19 @@ fn eval_on(
     };
     bar.finish_and_clear();
     result["task"] = serde_json::json!(task);
-    result["step"] = serde_json::json!(state.step);
     result["data"] = serde_json::json!(data.display().to_string());
+    record_checkpoint(&mut result, &checkpoint);
     if par.is_some_and(|(p, _)| !p.is_main()) {
         // Rank 0 writes the result.
         return Ok(result);
     }
     write_eval(run_dir, task, result)
+}
+
+/// The checkpoint an evaluation used and its step, in its result.
+fn record_checkpoint(result: &mut serde_json::Value, checkpoint: &Path) {
+    result["checkpoint"] = serde_json::json!(checkpoint.display().to_string());
+    result["step"] = serde_json::json!(crate::checkpoint::step_of(checkpoint));
 }
 
 /// Write RUN_DIR/eval-TASK.json and return the result.

@@ -10,7 +10,9 @@ pub fn explain_cmd(
     text: &str,
     sets: &[String],
 ) -> Result<crate::explain::Explanation> {
-    let (loaded, tok, asm, _) = crate::run::load_run(run_dir, sets)?;
+    let crate::run::LoadedRun {
+        loaded, tok, asm, ..
+    } = crate::run::load_run(run_dir, sets)?;
     let d = &loaded.config.data;
     let pixels = crate::explain::image_tensor(image, d.image_size as usize, d.mean, d.std)?;
     crate::explain::explain(&asm.model, &tok, d.max_len as usize, &pixels, text)

@@ -17,7 +17,9 @@ pub fn neggen_offline(
     // NegGen's keys: the run's `[samplers.neggen]`, else its defaults.
     let sets =
         crate::samplers::sets_with_section(&crate::run::run_config(run_dir, sets)?, "neggen", sets);
-    let (loaded, tok, asm, _) = crate::run::load_run(run_dir, &sets)?;
+    let crate::run::LoadedRun {
+        loaded, tok, asm, ..
+    } = crate::run::load_run(run_dir, &sets)?;
     let c = &loaded.config;
     tch::manual_seed(c.train.seed as i64);
     let env = crate::setup::model_env(&loaded, &tok, asm.model.device)?;
