@@ -14,6 +14,10 @@ use vlmatch_registry::ConfigLayers;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// A dynamic plugin library to load (repeatable). The one way to load a
+    /// library a run directory's config names.
+    #[arg(long = "plugin", value_name = "PATH", global = true)]
+    pub plugins: Vec<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -367,6 +371,7 @@ pub fn main() -> std::process::ExitCode {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    crate::setup::set_plugin_libraries(&cli.plugins)?;
     match cli.command {
         Command::Train {
             config,

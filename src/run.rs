@@ -39,12 +39,45 @@ pub struct LoadedRun {
     pub checkpoint: std::path::PathBuf,
 }
 
+/// A run directory's saved config, as the bottom config layer. Code never
+/// loads because a run directory says so: a saved config naming plugin
+/// libraries (`plugins.paths`) is refused unless this invocation gives each
+/// of them with `--plugin PATH` (compared as canonical paths).
+pub fn saved_config(run_dir: &Path) -> Result<(String, Option<PathBuf>, String)> {
+    let file = run_dir.join("config.toml");
+    let base = vlmatch_registry::config::base_from_file(&file)?;
+    let named: Vec<String> = toml::from_str::<toml::Table>(&base.2)
+        .ok()
+        .and_then(|t| t.get("plugins")?.get("paths")?.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect();
+    let given = crate::setup::plugin_libraries();
+    let unapproved: Vec<&String> = named
+        .iter()
+        .filter(|p| {
+            std::fs::canonicalize(p)
+                .map(|c| !given.contains(&c))
+                .unwrap_or(true)
+        })
+        .collect();
+    if !unapproved.is_empty() {
+        let list: Vec<String> = unapproved.iter().map(|p| format!("`{p}`")).collect();
+        return Err(Error::Config(format!(
+            "{} names plugin libraries (`plugins.paths`: {}); a run directory's config never \
+             loads code by itself: if you trust them, pass each with --plugin PATH",
+            file.display(),
+            list.join(", ")
+        )));
+    }
+    Ok(base)
+}
+
 /// A run directory's saved config with `sets` (and the environment) on top.
 pub fn run_config(run_dir: &Path, sets: &[String]) -> Result<vlmatch_registry::LoadedConfig> {
     ConfigLayers {
-        base: Some(vlmatch_registry::config::base_from_file(
-            &run_dir.join("config.toml"),
-        )?),
+        base: Some(saved_config(run_dir)?),
         files: vec![],
         env: true,
         sets: sets.to_vec(),

@@ -102,3 +102,88 @@ fn mismatched_missing_foreign_and_clashing_libraries_are_refused() {
     let err = registry.load_library(&good).unwrap_err().to_string();
     assert!(err.contains("`color_flip` is registered twice"), "{err}");
 }
+
+/// A run directory's config never loads code by itself: a downloaded run
+/// whose `config.toml` names a library (here one whose initialiser writes a
+/// marker file, as any shared library may on being opened) is refused by
+/// `eval` and `train --resume` with a message naming the library and
+/// `--plugin`, and the library is not opened; given with `--plugin`, it is
+/// loaded (from its canonical path).
+#[test]
+fn a_run_directory_naming_a_library_does_not_load_it() {
+    let root = scratch("dynamic-run-dir");
+    let marker = root.join("marker");
+    let source = root.join("marker.c");
+    std::fs::write(
+        &source,
+        format!(
+            "#include <stdio.h>\n__attribute__((constructor)) static void mark(void) {{ \
+             FILE *f = fopen(\"{}\", \"w\"); if (f) fclose(f); }}\n",
+            marker.display()
+        ),
+    )
+    .unwrap();
+    let lib = root.join("libmarker.so");
+    let cc = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&lib)
+        .arg(&source)
+        .status()
+        .expect("cc runs");
+    assert!(cc.success());
+    let run_dir = root.join("run");
+    copy_dir(&fixture("runs-46fa8e6/plain"), &run_dir);
+    let config = run_dir.join("config.toml");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "[plugins]\npaths = []",
+        &format!("[plugins]\npaths = [\"{}\"]", lib.display()),
+    );
+    std::fs::write(&config, text).unwrap();
+    let vlmatch = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vlmatch"))
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap()
+    };
+    let dir = run_dir.display().to_string();
+    for args in [
+        vec!["eval", "--quiet", "--task", "heldout", "--checkpoint", &dir],
+        vec!["train", "--quiet", "--resume", &dir],
+        vec![
+            "export",
+            "--checkpoint",
+            &dir,
+            "--out",
+            "/nonexistent/export",
+        ],
+    ] {
+        let o = vlmatch(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(
+            err.contains("never loads code by itself")
+                && err.contains("--plugin PATH")
+                && err.contains(&lib.display().to_string()),
+            "{args:?}: {err}"
+        );
+        assert!(!marker.exists(), "{args:?} opened the library");
+    }
+    // Given on the command line, it is opened (and then refused as no
+    // vlmatch plugin: it has no table).
+    let lib_arg = lib.display().to_string();
+    let o = vlmatch(&[
+        "eval",
+        "--quiet",
+        "--task",
+        "heldout",
+        "--checkpoint",
+        &dir,
+        "--plugin",
+        &lib_arg,
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("not a vlmatch plugin"), "{err}");
+    assert!(marker.exists(), "--plugin loads the library");
+}

@@ -8,7 +8,6 @@ use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 use vlmatch_core::{Error, Result};
 use vlmatch_dist::LaunchEnv;
-use vlmatch_registry::config::base_from_file;
 use vlmatch_registry::ConfigLayers;
 
 pub struct TrainOptions {
@@ -106,7 +105,7 @@ pub fn train_launched(
 ) -> Result<TrainSummary> {
     let launch = launch.as_ref();
     let run_dir = if let Some(dir) = &opts.resume {
-        opts.layers.base = Some(base_from_file(&dir.join("config.toml"))?);
+        opts.layers.base = Some(crate::run::saved_config(dir)?);
         dir.clone()
     } else {
         let preset = opts
