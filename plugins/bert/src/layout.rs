@@ -4,30 +4,24 @@
 use crate::{BertConfig, BertSection};
 use serde_json::json;
 use vlmatch_core::Result;
-use vlmatch_layers::layout::{export_files, hub_config, text_arch, HubLayout, NameMap};
+use vlmatch_layers::layout::{
+    export_files, hub_config, text_arch, HubLayout, NameMap, TEXT_ID_BUFFERS,
+};
 use vlmatch_registry::weights::{ExportContext, ExportFiles};
 
 /// The checkpoint layout registered with encoder `bert`: everything below
 /// `bert.` except the pooler, the heads (`cls.*`, the generator's) and the
 /// position and token-type id buffers.
-pub static BERT_LAYOUT: HubLayout = HubLayout {
-    model_types: &["bert"],
-    architectures: &["BertModel", "BertForMaskedLM", "BertForPreTraining"],
-    names: NameMap::Table {
-        strip: &["bert."],
-        legacy_layer_norms: true,
-        within: "",
-        skip_prefixes: &["cls.", "pooler."],
-        skip_names: &["embeddings.position_ids", "embeddings.token_type_ids"],
-    },
-    new_by_design: None,
-    grid_positions: None,
-    read_arch: Some(|dir| {
-        let cfg = BertSection::from_init(dir).resolve("fill_model.text")?;
-        text_arch(dir, cfg.max_position_embeddings, cfg.vocab_size)
-    }),
-    export: Some(export),
-};
+pub static BERT_LAYOUT: HubLayout = HubLayout::new(
+    &["bert"],
+    &["BertModel", "BertForMaskedLM", "BertForPreTraining"],
+    NameMap::below(&["bert."]).skip(&["cls.", "pooler."], TEXT_ID_BUFFERS),
+)
+.with_read_arch(|dir| {
+    let cfg = BertSection::from_init(dir).resolve("fill_model.text")?;
+    text_arch(dir, cfg.max_position_embeddings, cfg.vocab_size)
+})
+.with_export(export);
 
 /// A `BertModel` (`config.json` from the resolved section, weights by
 /// their own names).

@@ -13,26 +13,23 @@ use vlmatch_registry::weights::{ExportContext, ExportFiles};
 /// without `vision_model.` (`transformers` 4 writes it, 5 does not), except
 /// a `CLIPModel`'s other parts and the id buffer; a checkpoint at another
 /// resolution has its position embeddings interpolated.
-pub static CLIP_VIT_LAYOUT: HubLayout = HubLayout {
-    model_types: &["clip", "clip_vision_model"],
-    architectures: &["CLIPVisionModel", "CLIPModel"],
-    names: NameMap::Table {
-        strip: &["vision_model."],
-        legacy_layer_norms: false,
-        within: "",
-        skip_prefixes: &[
-            "text_model.",
-            "text_projection",
-            "visual_projection",
-            "logit_scale",
-        ],
-        skip_names: &["embeddings.position_ids"],
-    },
-    new_by_design: None,
-    grid_positions: Some("embeddings.position_embedding.weight"),
-    read_arch: None,
-    export: Some(export),
-};
+pub static CLIP_VIT_LAYOUT: HubLayout = HubLayout::new(
+    &["clip", "clip_vision_model"],
+    &["CLIPVisionModel", "CLIPModel"],
+    NameMap::below(&["vision_model."])
+        .current_layer_norms()
+        .skip(CLIP_OTHER_PARTS, &["embeddings.position_ids"]),
+)
+.with_grid_positions("embeddings.position_embedding.weight")
+.with_export(export);
+
+/// A `CLIPModel`'s parts that are not its vision tower's.
+const CLIP_OTHER_PARTS: &[&str] = &[
+    "text_model.",
+    "text_projection",
+    "visual_projection",
+    "logit_scale",
+];
 
 /// A `CLIPVisionModel` at the run's resolution, with a
 /// `CLIPImageProcessor` holding the run's normalisation.

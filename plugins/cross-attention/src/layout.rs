@@ -10,20 +10,18 @@ use vlmatch_registry::weights::{hub_name, layer_index, LoadContext};
 /// The checkpoint layout registered with encoder `cross_attention`. BERT's
 /// and RoBERTa's layers are the same post-LN blocks under the same names;
 /// the cross-attention is new by design.
-pub static CROSS_ATTENTION_LAYOUT: HubLayout = HubLayout {
-    model_types: &["bert", "roberta"],
-    architectures: &[
+pub static CROSS_ATTENTION_LAYOUT: HubLayout = HubLayout::new(
+    &["bert", "roberta"],
+    &[
         "BertModel",
         "BertForMaskedLM",
         "RobertaModel",
         "RobertaForMaskedLM",
     ],
-    names: NameMap::Custom(map_name),
-    new_by_design: Some(".crossattention."),
-    grid_positions: None,
-    read_arch: Some(|_| Ok(None)),
-    export: None,
-};
+    NameMap::Custom(map_name),
+)
+.with_new_by_design(".crossattention.")
+.with_read_arch(|_| Ok(None));
 
 /// `encoder.layer.N.*` -> `layer.(N - offset).*` for `N >= offset`, where
 /// the offset is `init_layer_offset`, or else the number of text encoder

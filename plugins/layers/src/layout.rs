@@ -35,6 +35,75 @@ pub enum NameMap {
 }
 
 impl NameMap {
+    /// By name ([`NameMap::Table`]): every name below the first of `strip`
+    /// it starts with (or the whole name), old LayerNorm names renamed.
+    pub const fn below(strip: &'static [&'static str]) -> NameMap {
+        NameMap::Table {
+            strip,
+            legacy_layer_norms: true,
+            within: "",
+            skip_prefixes: &[],
+            skip_names: &[],
+        }
+    }
+
+    /// By name: only the names below `within`, old LayerNorm names
+    /// renamed (a head's, `cls.predictions.`).
+    pub const fn within(within: &'static str) -> NameMap {
+        NameMap::Table {
+            strip: &[],
+            legacy_layer_norms: true,
+            within,
+            skip_prefixes: &[],
+            skip_names: &[],
+        }
+    }
+
+    /// The same, but LayerNorm names are taken as they are (checkpoints
+    /// that never had `gamma`, `beta`).
+    pub const fn current_layer_norms(self) -> NameMap {
+        match self {
+            NameMap::Table {
+                strip,
+                within,
+                skip_prefixes,
+                skip_names,
+                ..
+            } => NameMap::Table {
+                strip,
+                legacy_layer_norms: false,
+                within,
+                skip_prefixes,
+                skip_names,
+            },
+            custom => custom,
+        }
+    }
+
+    /// The same, except names (below `within`) that start with one of
+    /// `prefixes` or are one of `names`.
+    pub const fn skip(
+        self,
+        prefixes: &'static [&'static str],
+        names: &'static [&'static str],
+    ) -> NameMap {
+        match self {
+            NameMap::Table {
+                strip,
+                legacy_layer_norms,
+                within,
+                ..
+            } => NameMap::Table {
+                strip,
+                legacy_layer_norms,
+                within,
+                skip_prefixes: prefixes,
+                skip_names: names,
+            },
+            custom => custom,
+        }
+    }
+
     /// The parameter `name` initialises, if it is the plugin's.
     pub fn map(&self, ctx: &LoadContext<'_>, name: &str) -> Option<String> {
         let (strip, legacy_layer_norms, within, skip_prefixes, skip_names) = match *self {
@@ -58,6 +127,13 @@ impl NameMap {
         (!skip).then_some(n)
     }
 }
+
+/// A BERT-family checkpoint's id buffers, which are not parameters.
+pub const TEXT_ID_BUFFERS: &[&str] = &["embeddings.position_ids", "embeddings.token_type_ids"];
+
+/// An LM head's decoder, the tied word-embedding matrix (and its bias,
+/// which the head holds under its own name): not loaded.
+pub const TIED_DECODER: &[&str] = &["decoder.weight", "decoder.bias"];
 
 /// [`CheckpointLayout::read_arch`] as a function.
 pub type ReadArch = fn(&Path) -> Result<Option<CheckpointArch>>;
@@ -84,6 +160,59 @@ pub struct HubLayout {
     /// The plugin in the hub layout; `None`: `transformers` has no class
     /// for it.
     pub export: Option<Export>,
+}
+
+impl HubLayout {
+    /// A layout loading `model_types` (checkpoints of `architectures`)
+    /// through `names`; nothing new by design, no position grid, the
+    /// default `read_arch`, no export.
+    pub const fn new(
+        model_types: &'static [&'static str],
+        architectures: &'static [&'static str],
+        names: NameMap,
+    ) -> HubLayout {
+        HubLayout {
+            model_types,
+            architectures,
+            names,
+            new_by_design: None,
+            grid_positions: None,
+            read_arch: None,
+            export: None,
+        }
+    }
+
+    /// The same, with parameters whose names contain `part` new by design.
+    pub const fn with_new_by_design(self, part: &'static str) -> HubLayout {
+        HubLayout {
+            new_by_design: Some(part),
+            ..self
+        }
+    }
+
+    /// The same, with `param` the position table over a patch grid.
+    pub const fn with_grid_positions(self, param: &'static str) -> HubLayout {
+        HubLayout {
+            grid_positions: Some(param),
+            ..self
+        }
+    }
+
+    /// The same, describing a checkpoint as the plugin's section by `read`.
+    pub const fn with_read_arch(self, read: ReadArch) -> HubLayout {
+        HubLayout {
+            read_arch: Some(read),
+            ..self
+        }
+    }
+
+    /// The same, exporting by `export`.
+    pub const fn with_export(self, export: Export) -> HubLayout {
+        HubLayout {
+            export: Some(export),
+            ..self
+        }
+    }
 }
 
 /// The trait's defaults, to fall back on.

@@ -6,30 +6,25 @@
 use crate::{RobertaConfig, RobertaSection};
 use serde_json::json;
 use vlmatch_core::Result;
-use vlmatch_layers::layout::{export_files, head_arch, hub_config, text_arch, HubLayout, NameMap};
+use vlmatch_layers::layout::{
+    export_files, head_arch, hub_config, text_arch, HubLayout, NameMap, TEXT_ID_BUFFERS,
+    TIED_DECODER,
+};
 use vlmatch_registry::weights::{ExportContext, ExportFiles};
 
 /// The checkpoint layout registered with encoder `roberta`: everything
 /// below `roberta.` except the pooler, the LM head (the generator's) and
 /// the id buffers.
-pub static ROBERTA_LAYOUT: HubLayout = HubLayout {
-    model_types: &["roberta"],
-    architectures: &["RobertaModel", "RobertaForMaskedLM"],
-    names: NameMap::Table {
-        strip: &["roberta."],
-        legacy_layer_norms: true,
-        within: "",
-        skip_prefixes: &["lm_head.", "pooler."],
-        skip_names: &["embeddings.position_ids", "embeddings.token_type_ids"],
-    },
-    new_by_design: None,
-    grid_positions: None,
-    read_arch: Some(|dir| {
-        let cfg = RobertaSection::from_init(dir).resolve("fill_model.text")?;
-        text_arch(dir, cfg.max_len(), cfg.vocab_size)
-    }),
-    export: Some(export),
-};
+pub static ROBERTA_LAYOUT: HubLayout = HubLayout::new(
+    &["roberta"],
+    &["RobertaModel", "RobertaForMaskedLM"],
+    NameMap::below(&["roberta."]).skip(&["lm_head.", "pooler."], TEXT_ID_BUFFERS),
+)
+.with_read_arch(|dir| {
+    let cfg = RobertaSection::from_init(dir).resolve("fill_model.text")?;
+    text_arch(dir, cfg.max_len(), cfg.vocab_size)
+})
+.with_export(export);
 
 /// A `RobertaModel` (`config.json` from the resolved section, weights by
 /// their own names).
@@ -48,21 +43,14 @@ fn export(ctx: &ExportContext<'_>) -> Result<Option<ExportFiles>> {
 /// weight is the tied word-embedding matrix and is not loaded; its bias is
 /// `lm_head.bias`). The head's epsilon is the checkpoint's
 /// `layer_norm_eps`.
-pub static ROBERTA_LM_HEAD_LAYOUT: HubLayout = HubLayout {
-    model_types: &["roberta"],
-    architectures: &["RobertaForMaskedLM"],
-    names: NameMap::Table {
-        strip: &[],
-        legacy_layer_norms: false,
-        within: "lm_head.",
-        skip_prefixes: &[],
-        skip_names: &["decoder.weight", "decoder.bias"],
-    },
-    new_by_design: None,
-    grid_positions: None,
-    read_arch: Some(|dir| {
-        let cfg = RobertaSection::from_init(dir).resolve("fill_model.text")?;
-        head_arch(cfg.layer_norm_eps)
-    }),
-    export: None,
-};
+pub static ROBERTA_LM_HEAD_LAYOUT: HubLayout = HubLayout::new(
+    &["roberta"],
+    &["RobertaForMaskedLM"],
+    NameMap::within("lm_head.")
+        .current_layer_norms()
+        .skip(&[], TIED_DECODER),
+)
+.with_read_arch(|dir| {
+    let cfg = RobertaSection::from_init(dir).resolve("fill_model.text")?;
+    head_arch(cfg.layer_norm_eps)
+});

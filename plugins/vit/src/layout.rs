@@ -10,21 +10,13 @@ use vlmatch_registry::weights::{ExportContext, ExportFiles};
 /// The checkpoint layout registered with encoder `vit`: everything below
 /// `vit.` except the pooler and a classifier head; a checkpoint at another
 /// resolution has its position embeddings interpolated.
-pub static VIT_LAYOUT: HubLayout = HubLayout {
-    model_types: &["vit"],
-    architectures: &["ViTModel", "ViTForImageClassification"],
-    names: NameMap::Table {
-        strip: &["vit."],
-        legacy_layer_norms: true,
-        within: "",
-        skip_prefixes: &["pooler.", "classifier."],
-        skip_names: &[],
-    },
-    new_by_design: None,
-    grid_positions: Some("embeddings.position_embeddings"),
-    read_arch: None,
-    export: Some(export),
-};
+pub static VIT_LAYOUT: HubLayout = HubLayout::new(
+    &["vit"],
+    &["ViTModel", "ViTForImageClassification"],
+    NameMap::below(&["vit."]).skip(&["pooler.", "classifier."], &[]),
+)
+.with_grid_positions("embeddings.position_embeddings")
+.with_export(export);
 
 /// A `ViTModel` at the run's resolution, with a `ViTImageProcessor`
 /// holding the run's normalisation.
