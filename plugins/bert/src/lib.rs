@@ -6,17 +6,15 @@
 //! Registered as encoder `bert`. The vocabulary size comes from the
 //! tokenizer, the maximum length from `data.max_len`.
 
-use std::rc::Rc;
-use vlmatch_core::{Encoder, Result};
+use vlmatch_core::Result;
 use vlmatch_layers::arch::LayerKeys;
-use vlmatch_layers::bert::{build_text, TextArch, TextEncoder};
+use vlmatch_layers::bert::{text_encoder, TextArch, TextEncoder};
 use vlmatch_layers::hf::Resolve;
-use vlmatch_registry::BuildContext;
 
 mod layout;
 pub use layout::BERT_LAYOUT;
 
-vlmatch_registry::register!(encoder "bert" => build, layout = &BERT_LAYOUT);
+vlmatch_registry::register!(encoder "bert" => text_encoder::<BertSection>, layout = &BERT_LAYOUT);
 
 vlmatch_layers::hf_arch! {
     /// Keys of `[model.text]` for `plugin = "bert"`. Architecture keys follow
@@ -25,12 +23,12 @@ vlmatch_layers::hf_arch! {
     /// except `num_hidden_layers`, which may take only the first layers.
     /// The weights of `DIR/model.safetensors` are applied by the trainer.
     pub struct BertSection: init {}
+    // With a checkpoint, fewer layers than it has is ALBEF's split: the
+    // first layers are the text encoder, the rest may feed the fusion.
+    resolve = Resolve::new("bert", &BERT_LAYOUT).first_layers().only_gelu();
     /// A resolved BERT architecture (also read from HuggingFace `config.json`).
     pub struct BertConfig {
-        pub hidden_size: i64,
-        pub num_hidden_layers: i64,
-        pub num_attention_heads: i64,
-        pub intermediate_size: i64,
+        layer_sizes,
         pub hidden_dropout_prob: f64 = 0.0,
         pub attention_probs_dropout_prob: f64 = 0.0,
         pub layer_norm_eps: f64 = 1e-12,
@@ -41,16 +39,6 @@ vlmatch_layers::hf_arch! {
         /// Checked against the tokenizer.
         pub vocab_size: Option<i64> = None,
         pub hidden_act: String = "gelu",
-    }
-}
-
-impl BertSection {
-    /// The architecture this section describes (see [`BertSection`]).
-    pub fn resolve(&self, key: &str) -> Result<BertConfig> {
-        // With a checkpoint, fewer layers than it has is ALBEF's split: the
-        // first layers are the text encoder, the rest may feed the fusion.
-        let how = Resolve::new("bert", &BERT_LAYOUT).first_layers();
-        self.resolve_checked(key, how.only_gelu(), BertConfig::check)
     }
 }
 
@@ -73,11 +61,4 @@ impl TextArch for BertConfig {
     const PLUGIN: &'static str = "bert";
     const VOCAB_FILE: &'static str = "vocab.txt";
     const SPAN: fn() -> tracing::Span = || tracing::trace_span!("bert");
-    const CHECK: fn(&Self, &str) -> Result<()> = BertConfig::check;
-}
-
-fn build(ctx: &BuildContext<'_>) -> Result<Rc<dyn Encoder>> {
-    let section: BertSection = ctx.params()?;
-    let cfg = section.resolve(&ctx.key)?;
-    build_text(ctx, &cfg, section.init.as_deref())
 }

@@ -15,17 +15,16 @@
 //! `data.image_size`; a checkpoint at another resolution has its position
 //! embeddings interpolated by the trainer when it loads.
 
-use std::rc::Rc;
-use vlmatch_core::{Encoder, Result};
+use vlmatch_core::Result;
 use vlmatch_layers::arch::LayerKeys;
 use vlmatch_layers::hf::Resolve;
-use vlmatch_layers::vit::{build_vit, VitArch, VitEncoder, VitNames, CLIP_NAMES};
-use vlmatch_registry::{check, BuildContext};
+use vlmatch_layers::vit::{vit_encoder, VitArch, VitEncoder, VitNames, CLIP_NAMES};
+use vlmatch_registry::check;
 
 mod layout;
 pub use layout::CLIP_VIT_LAYOUT;
 
-vlmatch_registry::register!(encoder "clip_vit" => build, layout = &CLIP_VIT_LAYOUT);
+vlmatch_registry::register!(encoder "clip_vit" => vit_encoder::<ClipVitSection>, layout = &CLIP_VIT_LAYOUT);
 
 vlmatch_layers::hf_arch! {
     /// Keys of `[model.image]` for `plugin = "clip_vit"`. Architecture keys
@@ -35,14 +34,12 @@ vlmatch_layers::hf_arch! {
     /// with it. The weights of `DIR/model.safetensors` are applied by the
     /// trainer.
     pub struct ClipVitSection: init {}
+    resolve = Resolve::new("clip_vit", &CLIP_VIT_LAYOUT).nested("vision_config");
     /// A resolved CLIP vision architecture (also read from `config.json`).
     /// Defaults are `CLIPVisionConfig`'s, since `transformers` leaves keys at
     /// their default out of the `config.json` it writes.
     pub struct ClipVitConfig {
-        pub hidden_size: i64 = 768,
-        pub num_hidden_layers: i64 = 12,
-        pub num_attention_heads: i64 = 12,
-        pub intermediate_size: i64 = 3072,
+        layer_sizes(768, 12, 12, 3072),
         pub patch_size: i64 = 32,
         pub attention_dropout: f64 = 0.0,
         pub layer_norm_eps: f64 = 1e-5,
@@ -53,14 +50,6 @@ vlmatch_layers::hf_arch! {
         /// The checkpoint's resolution.
         pub image_size: Option<i64> = None,
         pub num_channels: i64 = 3,
-    }
-}
-
-impl ClipVitSection {
-    /// The architecture this section describes (see [`ClipVitSection`]).
-    pub fn resolve(&self, key: &str) -> Result<ClipVitConfig> {
-        let how = Resolve::new("clip_vit", &CLIP_VIT_LAYOUT).nested("vision_config");
-        self.resolve_checked(key, how, ClipVitConfig::check)
     }
 }
 
@@ -98,10 +87,4 @@ impl VitArch for ClipVitConfig {
     const PLUGIN: &'static str = "clip_vit";
     const NAMES: &'static VitNames = &CLIP_NAMES;
     const SPAN: fn() -> tracing::Span = || tracing::trace_span!("clip_vit");
-    const CHECK: fn(&Self, &str) -> Result<()> = ClipVitConfig::check;
-}
-
-fn build(ctx: &BuildContext<'_>) -> Result<Rc<dyn Encoder>> {
-    let section: ClipVitSection = ctx.params()?;
-    build_vit(ctx, &section.resolve(&ctx.key)?)
 }

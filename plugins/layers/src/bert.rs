@@ -6,6 +6,7 @@
 //! ([`TextArch`]). Parameter names follow HuggingFace `BertModel`.
 
 use crate::arch::LayerKeys;
+use crate::hf::{ArchSection, CheckedArch};
 use crate::{hf_init, Attention, LayerNorm, Linear};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -400,15 +401,14 @@ impl BertStack {
 /// A BERT-family text encoder's resolved architecture (a plugin's
 /// [`hf_arch!`](crate::hf_arch) config, serialising under HuggingFace's
 /// key names), as it configures a [`TextEncoder`].
-pub trait TextArch: Serialize {
+/// Its [`CheckedArch`] is the checks resolving a section makes.
+pub trait TextArch: Serialize + CheckedArch {
     /// The plugin's name, in errors.
     const PLUGIN: &'static str;
     /// The tokenizer file of its checkpoints (`vocab.txt`), in errors.
     const VOCAB_FILE: &'static str;
     /// The plugin's trace span (`|| tracing::trace_span!("bert")`).
     const SPAN: fn() -> tracing::Span;
-    /// The checks resolving a section makes; errors name `{key}.<field>`.
-    const CHECK: fn(&Self, &str) -> Result<()>;
     /// How the encoder counts positions.
     fn positions(&self) -> PositionIds {
         PositionIds::Absolute
@@ -435,7 +435,7 @@ impl TextEncoder {
         max_len: i64,
         compute: Kind,
     ) -> Result<Self> {
-        (C::CHECK)(cfg, C::PLUGIN)?;
+        cfg.check_arch(C::PLUGIN)?;
         let emb = EmbeddingKeys::of(cfg);
         let positions = cfg.positions();
         if max_len > positions.max_len(emb.max_position_embeddings) {
@@ -490,6 +490,18 @@ impl Encoder for TextEncoder {
     fn word_embeddings(&self) -> Option<Tensor> {
         Some(self.embeddings.word_embeddings().shallow_clone())
     }
+}
+
+/// The factory of a text encoder plugin whose config section is `S`: the
+/// section resolved, then [`build_text`].
+pub fn text_encoder<S>(ctx: &BuildContext<'_>) -> Result<Rc<dyn Encoder>>
+where
+    S: ArchSection,
+    S::Arch: TextArch,
+{
+    let section: S = ctx.params()?;
+    let cfg = section.resolve(&ctx.key)?;
+    build_text(ctx, &cfg, section.init())
 }
 
 /// The factory of a text encoder plugin: `cfg` (resolved from the section,

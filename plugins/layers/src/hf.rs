@@ -100,6 +100,23 @@ pub fn only_gelu(plugin: &str, hidden_act: &str) -> Result<()> {
     ))
 }
 
+/// A config section an encoder is built from (an [`hf_arch!`](crate::hf_arch)
+/// section with `init`): its resolved architecture and checkpoint.
+pub trait ArchSection: DeserializeOwned {
+    /// The resolved architecture.
+    type Arch;
+    /// The architecture the section `key` describes, checked.
+    fn resolve(&self, key: &str) -> Result<Self::Arch>;
+    /// The checkpoint directory it starts from (`init`).
+    fn init(&self) -> Option<&Path>;
+}
+
+/// A resolved architecture's own checks (its config's `check`); errors
+/// name `{key}.<field>`.
+pub trait CheckedArch {
+    fn check_arch(&self, key: &str) -> Result<()>;
+}
+
 /// Where a section's architecture comes from ([`resolve_arch`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ArchSource<'a> {
@@ -263,10 +280,17 @@ impl<T: ArchValue> ArchValue for Option<T> {
 /// through [`resolve_arch`] (checkpoint, then section, then defaults). The
 /// calling crate depends on `serde` and `serde_json`.
 ///
-/// `pub struct Section: init { ... }` adds the keys of a section that may
-/// start from a checkpoint: `init` (a hub-layout directory) and
-/// `allow_partial_init` (let `init` leave parameters missing), with
-/// `Section::from_init(dir)` and `Section::resolve_checked` ([`Resolve`]).
+/// `pub struct Section: init { ... }` is an encoder's section that may
+/// start from a checkpoint. It adds the keys `init` (a hub-layout
+/// directory) and `allow_partial_init` (let `init` leave parameters
+/// missing), with `Section::from_init(dir)` and `Section::resolve_checked`
+/// ([`Resolve`]); it is followed by `resolve = <a Resolve>;`, which gives
+/// `Section::resolve(key)` (through the config's own `check(&self, key)`)
+/// and the [`ArchSection`] and [`CheckedArch`] impls; and the config's
+/// list starts with `layer_sizes,` (the four sizes every HuggingFace
+/// transformer config has, `hidden_size`, `num_hidden_layers`,
+/// `num_attention_heads`, `intermediate_size`, all required) or
+/// `layer_sizes(768, 12, 12, 3072),` (the same with those defaults).
 #[macro_export]
 macro_rules! hf_arch {
     (
@@ -274,8 +298,12 @@ macro_rules! hf_arch {
         pub struct $section:ident : init {
             $( $(#[$xmeta:meta])* pub $x:ident : $xt:ty, )*
         }
+        resolve = $how:expr;
         $(#[$cmeta:meta])*
-        pub struct $config:ident { $($cbody:tt)* }
+        pub struct $config:ident {
+            layer_sizes $( ($h:expr, $l:expr, $a:expr, $i:expr) )?,
+            $($cbody:tt)*
+        }
         from_checkpoint { $($kbody:tt)* }
     ) => {
         $crate::hf_arch! {
@@ -289,8 +317,38 @@ macro_rules! hf_arch {
                 $( $(#[$xmeta])* pub $x : $xt, )*
             }
             $(#[$cmeta])*
-            pub struct $config { $($cbody)* }
+            pub struct $config {
+                pub hidden_size: i64 $(= $h)?,
+                pub num_hidden_layers: i64 $(= $l)?,
+                pub num_attention_heads: i64 $(= $a)?,
+                pub intermediate_size: i64 $(= $i)?,
+                $($cbody)*
+            }
             from_checkpoint { $($kbody)* }
+        }
+
+        impl $section {
+            /// The architecture this section describes: `init`'s
+            /// `model_type` checked, then the config's `check`.
+            pub fn resolve(&self, key: &str) -> vlmatch_core::Result<$config> {
+                self.resolve_checked(key, $how, $config::check)
+            }
+        }
+
+        impl $crate::hf::ArchSection for $section {
+            type Arch = $config;
+            fn resolve(&self, key: &str) -> vlmatch_core::Result<$config> {
+                $section::resolve(self, key)
+            }
+            fn init(&self) -> Option<&std::path::Path> {
+                self.init.as_deref()
+            }
+        }
+
+        impl $crate::hf::CheckedArch for $config {
+            fn check_arch(&self, key: &str) -> vlmatch_core::Result<()> {
+                $config::check(self, key)
+            }
         }
 
         impl $section {

@@ -4,6 +4,7 @@
 //! ([`LmHeadNames`]).
 
 use crate::{path_at, LayerNorm, Linear};
+use serde::Deserialize;
 use std::marker::PhantomData;
 use std::rc::Rc;
 use tch::{nn, Kind, Tensor};
@@ -73,6 +74,10 @@ pub struct LmHeadNames {
 /// A family's LM head names, as a type ([`LmHead`]'s parameter).
 pub trait HeadNames {
     const NAMES: LmHeadNames;
+    /// The generator plugin it is registered as, in errors.
+    const PLUGIN: &'static str;
+    /// The LayerNorm epsilon where the section sets none.
+    const EPS: f64;
 }
 
 /// `BertForMaskedLM`'s names: `cls.predictions.{transform.dense,
@@ -85,6 +90,8 @@ impl HeadNames for BertHead {
         dense: &["transform", "dense"],
         layer_norm: &["transform", "LayerNorm"],
     };
+    const PLUGIN: &'static str = "mlm_head";
+    const EPS: f64 = 1e-12;
 }
 
 /// `RobertaForMaskedLM`'s names: `lm_head.{dense, layer_norm, bias}`.
@@ -96,6 +103,9 @@ impl HeadNames for RobertaHead {
         dense: &["dense"],
         layer_norm: &["layer_norm"],
     };
+    const PLUGIN: &'static str = "roberta_lm_head";
+    /// `roberta-base`'s.
+    const EPS: f64 = 1e-5;
 }
 
 /// A [`TiedLmHead`] under the names of `N`, as a generator.
@@ -128,6 +138,23 @@ impl<N> Generator for LmHead<N> {
     fn logits(&self, states: &Encoded, _train: bool) -> Result<Tensor> {
         Ok(self.head.logits(&states.hidden))
     }
+}
+
+/// Keys of `[model.generator]` for an LM head plugin.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LmHeadSection {
+    /// The head's LayerNorm epsilon: the text encoder's `layer_norm_eps`
+    /// (default: the head's [`HeadNames::EPS`]).
+    #[serde(default)]
+    pub layer_norm_eps: Option<f64>,
+}
+
+/// The factory of the LM head plugin named as `N` ([`HeadNames::PLUGIN`]):
+/// its section, then [`build_lm_head`].
+pub fn lm_head<N: HeadNames + 'static>(ctx: &BuildContext<'_>) -> Result<Rc<dyn Generator>> {
+    let cfg: LmHeadSection = ctx.params()?;
+    build_lm_head::<N>(ctx, N::PLUGIN, cfg.layer_norm_eps.unwrap_or(N::EPS))
 }
 
 /// The factory of generator `plugin`: a head named as `N` with epsilon

@@ -6,6 +6,7 @@
 //! the keys of the plugin's resolved architecture ([`VitArch`]).
 
 use crate::arch::LayerKeys;
+use crate::hf::{ArchSection, CheckedArch};
 use crate::{hf_init, path_at, Attention, LayerNorm, Linear};
 use serde::{Deserialize, Serialize};
 use std::rc::Rc;
@@ -172,15 +173,14 @@ fn yes() -> bool {
 /// A ViT-family encoder's resolved architecture (a plugin's
 /// [`hf_arch!`](crate::hf_arch) config, serialising under HuggingFace's
 /// key names), as it configures a [`VitEncoder`].
-pub trait VitArch: Serialize {
+/// Its [`CheckedArch`] is the checks resolving a section makes.
+pub trait VitArch: Serialize + CheckedArch {
     /// The plugin's name, in errors.
     const PLUGIN: &'static str;
     /// Its parameter names ([`VIT_NAMES`], [`CLIP_NAMES`]).
     const NAMES: &'static VitNames;
     /// The plugin's trace span (`|| tracing::trace_span!("vit")`).
     const SPAN: fn() -> tracing::Span;
-    /// The checks resolving a section makes; errors name `{key}.<field>`.
-    const CHECK: fn(&Self, &str) -> Result<()>;
 }
 
 /// A pre-LN layer: LayerNorm, self-attention, residual; LayerNorm, MLP,
@@ -274,7 +274,7 @@ impl VitEncoder {
     /// computing in `compute`.
     pub fn new<C: VitArch>(p: &nn::Path, cfg: &C, image_size: i64, compute: Kind) -> Result<Self> {
         // The checks that resolving a section made, for models built directly.
-        (C::CHECK)(cfg, C::PLUGIN)?;
+        cfg.check_arch(C::PLUGIN)?;
         let keys = LayerKeys::of(cfg);
         let vit: VitKeys = serde_json::to_value(cfg)
             .and_then(serde_json::from_value)
@@ -439,6 +439,16 @@ impl Encoder for VitEncoder {
         };
         Ok(Encoded::all_valid(self.forward(images, train)?))
     }
+}
+
+/// The factory of an image encoder plugin whose config section is `S`:
+/// the section resolved, then [`build_vit`].
+pub fn vit_encoder<S>(ctx: &BuildContext<'_>) -> Result<Rc<dyn Encoder>>
+where
+    S: ArchSection,
+    S::Arch: VitArch,
+{
+    build_vit(ctx, &ctx.params::<S>()?.resolve(&ctx.key)?)
 }
 
 /// The factory of an image encoder plugin: `cfg` (resolved from the

@@ -12,20 +12,18 @@
 //!
 //! Registered as encoder `roberta` and generator `roberta_lm_head`.
 
-use serde::Deserialize;
-use std::rc::Rc;
-use vlmatch_core::{Encoder, Generator, Result};
+use vlmatch_core::Result;
 use vlmatch_layers::arch::LayerKeys;
-use vlmatch_layers::bert::{build_text, PositionIds, TextArch, TextEncoder};
+use vlmatch_layers::bert::{text_encoder, PositionIds, TextArch, TextEncoder};
 use vlmatch_layers::hf::Resolve;
-use vlmatch_layers::lm_head::{build_lm_head, LmHead, RobertaHead};
-use vlmatch_registry::{check, BuildContext};
+use vlmatch_layers::lm_head::{lm_head, LmHead, RobertaHead};
+use vlmatch_registry::check;
 
 mod layout;
 pub use layout::{ROBERTA_LAYOUT, ROBERTA_LM_HEAD_LAYOUT};
 
-vlmatch_registry::register!(encoder "roberta" => build, layout = &ROBERTA_LAYOUT);
-vlmatch_registry::register!(generator "roberta_lm_head" => build_head, layout = &ROBERTA_LM_HEAD_LAYOUT);
+vlmatch_registry::register!(encoder "roberta" => text_encoder::<RobertaSection>, layout = &ROBERTA_LAYOUT);
+vlmatch_registry::register!(generator "roberta_lm_head" => lm_head::<RobertaHead>, layout = &ROBERTA_LM_HEAD_LAYOUT);
 
 vlmatch_layers::hf_arch! {
     /// Keys of `[model.text]` for `plugin = "roberta"`. Architecture keys
@@ -36,14 +34,13 @@ vlmatch_layers::hf_arch! {
     /// of `DIR/model.safetensors` are applied by the trainer, and its
     /// `tokenizer.json` is the run's tokenizer unless `data.vocab` is set.
     pub struct RobertaSection: init {}
+    // With a checkpoint, fewer layers than it has takes the first ones.
+    resolve = Resolve::new("roberta", &ROBERTA_LAYOUT).first_layers();
     /// A resolved RoBERTa architecture (also read from `config.json`).
     /// Defaults are `RobertaConfig`'s (`roberta-base`'s own `config.json` sets
     /// 514 positions, one token type and `layer_norm_eps` 1e-5).
     pub struct RobertaConfig {
-        pub hidden_size: i64 = 768,
-        pub num_hidden_layers: i64 = 12,
-        pub num_attention_heads: i64 = 12,
-        pub intermediate_size: i64 = 3072,
+        layer_sizes(768, 12, 12, 3072),
         pub hidden_dropout_prob: f64 = 0.1,
         pub attention_probs_dropout_prob: f64 = 0.1,
         pub layer_norm_eps: f64 = 1e-12,
@@ -56,15 +53,6 @@ vlmatch_layers::hf_arch! {
         pub vocab_size: Option<i64> = None,
         pub hidden_act: String = "gelu",
         pub position_embedding_type: String = "absolute",
-    }
-}
-
-impl RobertaSection {
-    /// The architecture this section describes (see [`RobertaSection`]).
-    pub fn resolve(&self, key: &str) -> Result<RobertaConfig> {
-        // With a checkpoint, fewer layers than it has takes the first ones.
-        let how = Resolve::new("roberta", &ROBERTA_LAYOUT).first_layers();
-        self.resolve_checked(key, how, RobertaConfig::check)
     }
 }
 
@@ -117,7 +105,6 @@ impl TextArch for RobertaConfig {
     const PLUGIN: &'static str = "roberta";
     const VOCAB_FILE: &'static str = "tokenizer.json";
     const SPAN: fn() -> tracing::Span = || tracing::trace_span!("roberta");
-    const CHECK: fn(&Self, &str) -> Result<()> = RobertaConfig::check;
     fn positions(&self) -> PositionIds {
         PositionIds::PaddingOffset {
             padding_idx: self.pad_token_id,
@@ -125,32 +112,10 @@ impl TextArch for RobertaConfig {
     }
 }
 
-fn build(ctx: &BuildContext<'_>) -> Result<Rc<dyn Encoder>> {
-    let section: RobertaSection = ctx.params()?;
-    let cfg = section.resolve(&ctx.key)?;
-    build_text(ctx, &cfg, section.init.as_deref())
-}
-
-/// Keys of `[model.generator]` for `plugin = "roberta_lm_head"`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LmHeadSection {
-    /// The head's LayerNorm epsilon: the text encoder's `layer_norm_eps`
-    /// (`roberta-base`: 1e-5, the default).
-    #[serde(default = "head_eps")]
-    pub layer_norm_eps: f64,
-}
-
-fn head_eps() -> f64 {
-    1e-5
-}
-
 /// `RobertaForMaskedLM`'s `lm_head`: dense + GELU + `layer_norm`, then a
 /// decoder whose weight is the text encoder's word embeddings (tied, as
-/// `lm_head.decoder.weight` is in the checkpoint) plus `lm_head.bias`.
+/// `lm_head.decoder.weight` is in the checkpoint) plus `lm_head.bias`. Its
+/// section is an [`LmHeadSection`](vlmatch_layers::lm_head::LmHeadSection)
+/// whose `layer_norm_eps` is the text encoder's (`roberta-base`: 1e-5, the
+/// default).
 pub type RobertaLmHead = LmHead<RobertaHead>;
-
-fn build_head(ctx: &BuildContext<'_>) -> Result<Rc<dyn Generator>> {
-    let cfg: LmHeadSection = ctx.params()?;
-    build_lm_head::<RobertaHead>(ctx, "roberta_lm_head", cfg.layer_norm_eps)
-}

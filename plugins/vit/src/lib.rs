@@ -5,17 +5,15 @@
 //!
 //! Registered as encoder `vit`. Input resolution comes from `data.image_size`.
 
-use std::rc::Rc;
-use vlmatch_core::{Encoder, Result};
+use vlmatch_core::Result;
 use vlmatch_layers::arch::LayerKeys;
 use vlmatch_layers::hf::Resolve;
-use vlmatch_layers::vit::{build_vit, VitArch, VitEncoder, VitNames, VIT_NAMES};
-use vlmatch_registry::BuildContext;
+use vlmatch_layers::vit::{vit_encoder, VitArch, VitEncoder, VitNames, VIT_NAMES};
 
 mod layout;
 pub use layout::VIT_LAYOUT;
 
-vlmatch_registry::register!(encoder "vit" => build, layout = &VIT_LAYOUT);
+vlmatch_registry::register!(encoder "vit" => vit_encoder::<VitSection>, layout = &VIT_LAYOUT);
 
 vlmatch_layers::hf_arch! {
     /// Keys of `[model.image]` for `plugin = "vit"`. Architecture keys follow
@@ -23,12 +21,10 @@ vlmatch_layers::hf_arch! {
     /// they come from `DIR/config.json`, and a key set here must agree with it.
     /// The weights of `DIR/model.safetensors` are applied by the trainer.
     pub struct VitSection: init {}
+    resolve = Resolve::new("vit", &VIT_LAYOUT).only_gelu();
     /// A resolved ViT architecture (also read from HuggingFace `config.json`).
     pub struct VitConfig {
-        pub hidden_size: i64,
-        pub num_hidden_layers: i64,
-        pub num_attention_heads: i64,
-        pub intermediate_size: i64,
+        layer_sizes,
         pub patch_size: i64,
         pub hidden_dropout_prob: f64 = 0.0,
         pub attention_probs_dropout_prob: f64 = 0.0,
@@ -39,14 +35,6 @@ vlmatch_layers::hf_arch! {
         /// The checkpoint's resolution.
         pub image_size: Option<i64> = None,
         pub hidden_act: String = "gelu",
-    }
-}
-
-impl VitSection {
-    /// The architecture this section describes (see [`VitSection`]).
-    pub fn resolve(&self, key: &str) -> Result<VitConfig> {
-        let how = Resolve::new("vit", &VIT_LAYOUT).only_gelu();
-        self.resolve_checked(key, how, VitConfig::check)
     }
 }
 
@@ -66,10 +54,4 @@ impl VitArch for VitConfig {
     const PLUGIN: &'static str = "vit";
     const NAMES: &'static VitNames = &VIT_NAMES;
     const SPAN: fn() -> tracing::Span = || tracing::trace_span!("vit");
-    const CHECK: fn(&Self, &str) -> Result<()> = VitConfig::check;
-}
-
-fn build(ctx: &BuildContext<'_>) -> Result<Rc<dyn Encoder>> {
-    let section: VitSection = ctx.params()?;
-    build_vit(ctx, &section.resolve(&ctx.key)?)
 }
