@@ -197,12 +197,6 @@ impl CoAttentionFusion {
 }
 
 impl Encoder for CoAttentionFusion {
-    fn modality(&self) -> Modality {
-        Modality::Multimodal
-    }
-    fn hidden_size(&self) -> i64 {
-        self.hidden
-    }
     fn forward_t(&self, input: EncoderInput<'_>, train: bool) -> Result<Encoded> {
         let _span = tracing::trace_span!("co_attention").entered();
         self.run(input, false, train)
@@ -210,6 +204,12 @@ impl Encoder for CoAttentionFusion {
     fn forward_cls(&self, input: EncoderInput<'_>, train: bool) -> Result<Encoded> {
         let _span = tracing::trace_span!("co_attention_cls").entered();
         self.run(input, true, train)
+    }
+    fn modality(&self) -> Modality {
+        Modality::Multimodal
+    }
+    fn hidden_size(&self) -> i64 {
+        self.hidden
     }
 }
 

@@ -100,45 +100,27 @@ pub struct CrossAttentionFusion {
 }
 
 impl CrossAttentionFusion {
+    /// The fusion for `images` images per text: 1, or 2 for ALBEF's NLVR2
+    /// fusion (`2 * cfg.num_hidden_layers` layers, layer `2k + 1` sharing
+    /// layer `2k`'s cross-attention key and value).
     pub fn new(
         p: &nn::Path,
         cfg: &CrossAttentionConfig,
         text_width: i64,
         image_width: i64,
-        compute: tch::Kind,
-    ) -> Result<Self> {
-        Self::build(p, cfg, text_width, image_width, compute, BertStack::new, 1)
-    }
-
-    /// ALBEF's NLVR2 fusion: `2 * cfg.num_hidden_layers` layers, layer
-    /// `2k + 1` sharing layer `2k`'s cross-attention key and value.
-    pub fn new_pair(
-        p: &nn::Path,
-        cfg: &CrossAttentionConfig,
-        text_width: i64,
-        image_width: i64,
-        compute: tch::Kind,
-    ) -> Result<Self> {
-        Self::build(
-            p,
-            cfg,
-            text_width,
-            image_width,
-            compute,
-            BertStack::pairs,
-            2,
-        )
-    }
-
-    fn build(
-        p: &nn::Path,
-        cfg: &CrossAttentionConfig,
-        text_width: i64,
-        image_width: i64,
-        compute: tch::Kind,
-        stack: fn(&nn::Path, i64, &BertLayerConfig) -> BertStack,
         images: usize,
+        compute: tch::Kind,
     ) -> Result<Self> {
+        let stack: fn(&nn::Path, i64, &BertLayerConfig) -> BertStack = match images {
+            1 => BertStack::new,
+            2 => BertStack::pairs,
+            n => {
+                return Err(Error::plugin(
+                    "cross_attention",
+                    format!("images must be 1 or 2 (NLVR2's doubled fusion), got {n}"),
+                ))
+            }
+        };
         check::heads_divide(
             "cross_attention.num_attention_heads",
             cfg.num_attention_heads,
@@ -273,9 +255,8 @@ fn build(ctx: &BuildContext<'_>) -> Result<Rc<dyn Encoder>> {
         "the text encoder's width",
         text_width,
     )?;
-    let new = match section.images.unwrap_or(1) {
-        1 => CrossAttentionFusion::new,
-        2 => CrossAttentionFusion::new_pair,
+    let images = match section.images.unwrap_or(1) {
+        n @ (1 | 2) => n as usize,
         n => {
             return Err(vlmatch_registry::check::invalid(
                 &format!("{}.images", ctx.key),
@@ -283,11 +264,12 @@ fn build(ctx: &BuildContext<'_>) -> Result<Rc<dyn Encoder>> {
             ))
         }
     };
-    Ok(Rc::new(new(
+    Ok(Rc::new(CrossAttentionFusion::new(
         &ctx.path,
         &cfg,
         text_width,
         ctx.width("image")?,
+        images,
         ctx.env.compute,
     )?))
 }

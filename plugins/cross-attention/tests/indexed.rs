@@ -23,7 +23,7 @@ fn shared_image_keys_and_values_are_exact() {
         attention_probs_dropout_prob: 0.0,
         layer_norm_eps: 1e-12,
     };
-    let fusion = CrossAttentionFusion::new(&vs.root(), &cfg, 32, 24, Kind::Float).unwrap();
+    let fusion = CrossAttentionFusion::new(&vs.root(), &cfg, 32, 24, 1, Kind::Float).unwrap();
     let (b, l, u, n) = (9, 7, 4, 5);
     // Pairs re-use images in any order, some not at all in a row.
     let index = Tensor::from_slice(&[0i64, 2, 2, 1, 0, 3, 3, 3, 1]);

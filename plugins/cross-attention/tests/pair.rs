@@ -28,7 +28,7 @@ fn states(b: i64, n: i64, d: i64) -> Encoded {
 fn layers_double_and_share_cross_attention_keys_and_values() {
     tch::manual_seed(3);
     let vs = nn::VarStore::new(Device::Cpu);
-    let fusion = CrossAttentionFusion::new_pair(&vs.root(), &cfg(2), 32, 24, Kind::Float).unwrap();
+    let fusion = CrossAttentionFusion::new(&vs.root(), &cfg(2), 32, 24, 2, Kind::Float).unwrap();
     assert_eq!(fusion.images(), 2);
     let names: Vec<String> = vs.variables().into_keys().collect();
     for layer in 0..4 {
@@ -54,7 +54,7 @@ fn layers_double_and_share_cross_attention_keys_and_values() {
     // One single-image fusion of 2 layers, plus 2 more layers without
     // cross-attention key and value.
     let single = nn::VarStore::new(Device::Cpu);
-    let _ = CrossAttentionFusion::new(&single.root(), &cfg(2), 32, 24, Kind::Float).unwrap();
+    let _ = CrossAttentionFusion::new(&single.root(), &cfg(2), 32, 24, 1, Kind::Float).unwrap();
     let count = |vs: &nn::VarStore| -> i64 {
         vs.trainable_variables()
             .iter()
@@ -86,7 +86,7 @@ fn layers_double_and_share_cross_attention_keys_and_values() {
 fn pair_fusion_reads_both_images_in_order_and_only_pairs() {
     tch::manual_seed(5);
     let vs = nn::VarStore::new(Device::Cpu);
-    let fusion = CrossAttentionFusion::new_pair(&vs.root(), &cfg(1), 32, 24, Kind::Float).unwrap();
+    let fusion = CrossAttentionFusion::new(&vs.root(), &cfg(1), 32, 24, 2, Kind::Float).unwrap();
     let text = states(3, 6, 32);
     let (left, right) = (states(3, 5, 24), states(3, 5, 24));
     let run = |images: [&Encoded; 2]| {
@@ -132,7 +132,7 @@ fn pair_fusion_reads_both_images_in_order_and_only_pairs() {
     assert!(err.contains("two images per text"), "{err}");
     let single_vs = nn::VarStore::new(Device::Cpu);
     let single =
-        CrossAttentionFusion::new(&single_vs.root(), &cfg(1), 32, 24, Kind::Float).unwrap();
+        CrossAttentionFusion::new(&single_vs.root(), &cfg(1), 32, 24, 1, Kind::Float).unwrap();
     let err = single
         .forward_t(
             EncoderInput::FusedPair {

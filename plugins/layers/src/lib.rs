@@ -133,7 +133,8 @@ pub struct Attention {
 
 impl Attention {
     /// `q_dim`: width of the attending states; `kv_dim`: of the attended
-    /// ones (differ for cross-attention); `dim`: the attention width.
+    /// ones (differ for cross-attention); `dim`: the attention width. The
+    /// projections are `query`, `key` and `value`, with biases.
     pub fn new(
         p: &nn::Path,
         q_dim: i64,
@@ -143,21 +144,6 @@ impl Attention {
         dropout: f64,
         compute: Kind,
     ) -> Self {
-        Self::with_bias(p, q_dim, kv_dim, dim, heads, dropout, true, compute)
-    }
-
-    /// [`Attention::new`] with or without `query`/`key`/`value` biases.
-    #[allow(clippy::too_many_arguments)]
-    pub fn with_bias(
-        p: &nn::Path,
-        q_dim: i64,
-        kv_dim: i64,
-        dim: i64,
-        heads: i64,
-        dropout: f64,
-        bias: bool,
-        compute: Kind,
-    ) -> Self {
         let names = ["query", "key", "value"];
         Self::named(
             p,
@@ -165,14 +151,15 @@ impl Attention {
             [q_dim, kv_dim, dim],
             heads,
             dropout,
-            bias,
+            true,
             compute,
         )
     }
 
-    /// [`Attention::with_bias`] with the query, key and value projections
-    /// under `names` (CLIP's `q_proj`, `k_proj`, `v_proj`); `dims`: the
-    /// query and key/value input widths and the attention width.
+    /// An attention whose query, key and value projections are under
+    /// `names` (CLIP's `q_proj`, `k_proj`, `v_proj`), with or without
+    /// biases; `dims`: the query and key/value input widths and the
+    /// attention width.
     pub fn named(
         p: &nn::Path,
         names: [&str; 3],
