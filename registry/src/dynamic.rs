@@ -13,7 +13,6 @@
 //! A plugin crate writes its samplers against [`TextSampler`] and exports
 //! them with [`crate::export_dynamic_samplers!`].
 
-use crate::registration::{Entry, Factory, Registry};
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::path::Path;
 use vlmatch_core::{Error, Result};
@@ -205,94 +204,91 @@ fn refuse(path: &Path, why: String) -> Error {
     Error::Config(format!("plugin library {}: {why}", path.display()))
 }
 
-impl Registry {
-    /// Load a dynamic plugin library and register its samplers (origin:
-    /// `library <path>`). The library is never unloaded.
-    pub fn load_library(&mut self, path: &Path) -> Result<Vec<String>> {
-        if !path.is_file() {
-            return Err(refuse(path, "no such file (check `plugins.paths`)".into()));
-        }
-        // SAFETY: loading runs the library's initialisers; this is the
-        // documented risk of dynamic plugins, which the handshake below then
-        // narrows to libraries built for this vlmatch.
-        let library = unsafe { libloading::Library::new(path) }
-            .map_err(|e| refuse(path, format!("cannot load it as a shared library: {e}")))?;
-        let library: &'static libloading::Library = Box::leak(Box::new(library));
-        // SAFETY: the symbol's type is fixed by the ABI; absent symbols are an error.
-        let entry: libloading::Symbol<'static, extern "C" fn() -> *const PluginTable> = unsafe {
-            library.get(ENTRY_SYMBOL)
-        }
-        .map_err(|_| {
-            refuse(
-                path,
-                format!(
-                    "no `{}` symbol: not a vlmatch plugin (export one with vlmatch_registry::export_dynamic_samplers!)",
-                    String::from_utf8_lossy(ENTRY_SYMBOL)
-                ),
-            )
-        })?;
-        let table = entry();
-        if table.is_null() {
-            return Err(refuse(path, "its plugin table is null".into()));
-        }
-        // SAFETY: non-null, and the first field is a u32 in every ABI version.
-        let abi = unsafe { (*table).abi_version };
-        if abi != ABI_VERSION {
+/// Load the dynamic plugin library at `path` (never unloaded), check its
+/// table, and hand each sampler it provides, in order, to `register` (an
+/// error from it refuses the library with that message); the samplers'
+/// names. `Registry::load_library` registers them.
+pub(crate) fn load(
+    path: &Path,
+    mut register: impl FnMut(String, &'static DynamicSampler) -> std::result::Result<(), String>,
+) -> Result<Vec<String>> {
+    if !path.is_file() {
+        return Err(refuse(path, "no such file (check `plugins.paths`)".into()));
+    }
+    // SAFETY: loading runs the library's initialisers; this is the
+    // documented risk of dynamic plugins, which the handshake below then
+    // narrows to libraries built for this vlmatch.
+    let library = unsafe { libloading::Library::new(path) }
+        .map_err(|e| refuse(path, format!("cannot load it as a shared library: {e}")))?;
+    let library: &'static libloading::Library = Box::leak(Box::new(library));
+    // SAFETY: the symbol's type is fixed by the ABI; absent symbols are an error.
+    let entry: libloading::Symbol<'static, extern "C" fn() -> *const PluginTable> = unsafe {
+        library.get(ENTRY_SYMBOL)
+    }
+    .map_err(|_| {
+        refuse(
+            path,
+            format!(
+                "no `{}` symbol: not a vlmatch plugin (export one with vlmatch_registry::export_dynamic_samplers!)",
+                String::from_utf8_lossy(ENTRY_SYMBOL)
+            ),
+        )
+    })?;
+    let table = entry();
+    if table.is_null() {
+        return Err(refuse(path, "its plugin table is null".into()));
+    }
+    // SAFETY: non-null, and the first field is a u32 in every ABI version.
+    let abi = unsafe { (*table).abi_version };
+    if abi != ABI_VERSION {
+        return Err(refuse(
+            path,
+            format!("built for plugin ABI {abi}, this vlmatch speaks ABI {ABI_VERSION}; rebuild the plugin"),
+        ));
+    }
+    // SAFETY: same ABI version, so the layout is ours.
+    let table: &'static PluginTable = unsafe { &*table };
+    for (what, theirs, ours) in [
+        (
+            "rustc",
+            c_str(table.rustc_version, "rustc version", path)?,
+            RUSTC_VERSION,
+        ),
+        (
+            "vlmatch",
+            c_str(table.vlmatch_version, "vlmatch version", path)?,
+            VLMATCH_VERSION,
+        ),
+        (
+            "tch",
+            c_str(table.tch_version, "tch version", path)?,
+            TCH_VERSION,
+        ),
+    ] {
+        if theirs != ours {
             return Err(refuse(
                 path,
-                format!("built for plugin ABI {abi}, this vlmatch speaks ABI {ABI_VERSION}; rebuild the plugin"),
+                format!("built with {what} `{theirs}`, but this vlmatch uses {what} `{ours}`; rebuild the plugin against it"),
             ));
         }
-        // SAFETY: same ABI version, so the layout is ours.
-        let table: &'static PluginTable = unsafe { &*table };
-        for (what, theirs, ours) in [
-            (
-                "rustc",
-                c_str(table.rustc_version, "rustc version", path)?,
-                RUSTC_VERSION,
-            ),
-            (
-                "vlmatch",
-                c_str(table.vlmatch_version, "vlmatch version", path)?,
-                VLMATCH_VERSION,
-            ),
-            (
-                "tch",
-                c_str(table.tch_version, "tch version", path)?,
-                TCH_VERSION,
-            ),
-        ] {
-            if theirs != ours {
-                return Err(refuse(
-                    path,
-                    format!("built with {what} `{theirs}`, but this vlmatch uses {what} `{ours}`; rebuild the plugin against it"),
-                ));
-            }
-        }
-        let samplers: &'static [SamplerVTable] = if table.n_samplers == 0 {
-            &[]
-        } else {
-            // SAFETY: the table promises `n_samplers` vtables at `samplers`.
-            unsafe { std::slice::from_raw_parts(table.samplers, table.n_samplers) }
-        };
-        let origin = format!("library {}", path.display());
-        let mut names = Vec::new();
-        for vtable in samplers {
-            let name = c_str(vtable.name, "sampler name", path)?;
-            let spec: &'static DynamicSampler = Box::leak(Box::new(DynamicSampler {
-                vtable,
-                library: path.display().to_string(),
-            }));
-            self.insert(Entry {
-                name: name.clone(),
-                origin: origin.clone(),
-                factory: Factory::DynamicSampler(spec),
-            })
-            .map_err(|e| refuse(path, e.to_string()))?;
-            names.push(name);
-        }
-        Ok(names)
     }
+    let samplers: &'static [SamplerVTable] = if table.n_samplers == 0 {
+        &[]
+    } else {
+        // SAFETY: the table promises `n_samplers` vtables at `samplers`.
+        unsafe { std::slice::from_raw_parts(table.samplers, table.n_samplers) }
+    };
+    let mut names = Vec::new();
+    for vtable in samplers {
+        let name = c_str(vtable.name, "sampler name", path)?;
+        let spec: &'static DynamicSampler = Box::leak(Box::new(DynamicSampler {
+            vtable,
+            library: path.display().to_string(),
+        }));
+        register(name.clone(), spec).map_err(|e| refuse(path, e))?;
+        names.push(name);
+    }
+    Ok(names)
 }
 
 /// Export [`TextSampler`] types from a `cdylib` as a vlmatch plugin:

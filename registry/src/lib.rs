@@ -15,11 +15,12 @@ pub mod samplers;
 pub mod weights;
 
 pub use assemble::{
-    assemble, assemble_model, Assembly, BuildContext, MaskedLm, MaskedLmLoader, ModelEnv,
-    WeightedObjective,
+    assemble, assemble_model, Assembly, MaskedLm, MaskedLmLoader, ModelEnv, WeightedObjective,
 };
 pub use config::{Config, ConfigLayers, LoadedConfig, PluginSection};
-pub use registration::{Factory, HeadSpec, Kind, Registration, Registry, RegistryError};
+pub use registration::{
+    BuildContext, Factory, HeadSpec, Kind, Registration, Registry, RegistryError,
+};
 pub use samplers::{run_sampler, standalone_sampler};
 
 #[doc(hidden)]

@@ -1,9 +1,22 @@
-use crate::BuildContext;
+//! What a plugin registers and what it gets back: the [`Registration`]
+//! entries `register!` submits ([`Kind`], [`Factory`]), the [`Registry`]
+//! that collects them (every `impl Registry` is here: lookup by kind and
+//! name, heads, checkpoint layouts, dynamic libraries), and the
+//! [`BuildContext`] a factory is called with, through which it builds
+//! other plugins from the same registry.
+
+use crate::assemble::{ModelEnv, Sections, Widths};
+use crate::dynamic::{DynamicSampler, DynamicSamplerInstance, HostSampler};
+use crate::hooks::HookContext;
+use crate::weights::CheckpointLayout;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::path::Path;
 use std::rc::Rc;
+use tch::nn;
 use vlmatch_core::{
-    Discriminator, Encoder, Generator, Head, Hook, NegativeSampler, Objective, Result,
+    Discriminator, Encoder, Error, Generator, Head, Hook, Modality, NegativeSampler, Objective,
+    Result, VlModel,
 };
 
 /// The seven kinds of plugin, one per core trait.
@@ -48,7 +61,7 @@ impl fmt::Display for Kind {
 }
 
 /// A hook's constructor ([`Factory::Hook`]).
-pub type HookFactory = fn(&crate::hooks::HookContext<'_>) -> Result<Option<Box<dyn Hook>>>;
+pub type HookFactory = fn(&HookContext<'_>) -> Result<Option<Box<dyn Hook>>>;
 
 /// A plugin's constructor, typed by kind.
 #[derive(Clone, Copy)]
@@ -64,7 +77,7 @@ pub enum Factory {
     /// A downstream task's head ([`HeadSpec`]).
     Head(fn(&HeadSpec<'_>) -> Result<Box<dyn Head>>),
     /// A negative sampler from a dynamic plugin library.
-    DynamicSampler(&'static crate::dynamic::DynamicSampler),
+    DynamicSampler(&'static DynamicSampler),
 }
 
 impl Factory {
@@ -91,17 +104,6 @@ pub struct HeadSpec<'a> {
     pub compute: tch::Kind,
 }
 
-impl Registry {
-    /// Build head `name` (the error lists the registered heads).
-    pub fn head(&self, name: &str, spec: &HeadSpec<'_>) -> Result<Box<dyn Head>> {
-        let entry = self.get(Kind::Head, name, "head")?;
-        match entry.factory {
-            Factory::Head(build) => build(spec),
-            _ => unreachable!("an entry of kind head has a head factory"),
-        }
-    }
-}
-
 /// One registered plugin. Submitted with [`crate::register!`].
 pub struct Registration {
     pub name: &'static str,
@@ -110,7 +112,7 @@ pub struct Registration {
     pub factory: Factory,
     /// How the plugin loads and exports HuggingFace checkpoints, if it does
     /// (`register!(encoder "bert" => build, layout = &LAYOUT)`).
-    pub layout: Option<&'static dyn crate::weights::CheckpointLayout>,
+    pub layout: Option<&'static dyn CheckpointLayout>,
 }
 
 inventory::collect!(Registration);
@@ -156,7 +158,7 @@ pub struct Entry {
 pub struct Registry {
     entries: BTreeMap<(Kind, String), Entry>,
     /// Checkpoint layouts by kind and plugin name (`crate::weights`).
-    pub(crate) layouts: BTreeMap<(Kind, String), &'static dyn crate::weights::CheckpointLayout>,
+    layouts: BTreeMap<(Kind, String), &'static dyn CheckpointLayout>,
 }
 
 impl Registry {
@@ -226,5 +228,259 @@ impl Registry {
                  (a plugin crate registers with `vlmatch_registry::register!` and must be linked into the binary)"
             ))
         })
+    }
+
+    /// Build head `name` (the error lists the registered heads).
+    pub fn head(&self, name: &str, spec: &HeadSpec<'_>) -> Result<Box<dyn Head>> {
+        let entry = self.get(Kind::Head, name, "head")?;
+        match entry.factory {
+            Factory::Head(build) => build(spec),
+            _ => unreachable!("an entry of kind head has a head factory"),
+        }
+    }
+
+    /// The checkpoint layout the plugin `name` of `kind` registered, if any.
+    pub fn layout(&self, kind: Kind, name: &str) -> Option<&'static dyn CheckpointLayout> {
+        self.layouts.get(&(kind, name.to_string())).copied()
+    }
+
+    /// Plugins of `kind` whose layout loads `model_type`, sorted by name.
+    pub fn loading(
+        &self,
+        kind: Kind,
+        model_type: &str,
+    ) -> Vec<(&str, &'static dyn CheckpointLayout)> {
+        self.layouts
+            .iter()
+            .filter(|((k, _), l)| *k == kind && l.model_types().contains(&model_type))
+            .map(|((_, n), l)| (n.as_str(), *l))
+            .collect()
+    }
+
+    /// Every `model_type` some layout of `kind` loads, sorted.
+    pub fn loadable(&self, kind: Kind) -> Vec<&'static str> {
+        let mut out: Vec<&'static str> = self
+            .layouts
+            .iter()
+            .filter(|((k, _), _)| *k == kind)
+            .flat_map(|(_, l)| l.model_types().iter().copied())
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// Load a dynamic plugin library and register its samplers (origin:
+    /// `library <path>`). The library is never unloaded. `dynamic::load`
+    /// opens it and checks its table before anything else is called.
+    pub fn load_library(&mut self, path: &Path) -> Result<Vec<String>> {
+        let origin = format!("library {}", path.display());
+        crate::dynamic::load(path, |name, spec| {
+            self.insert(Entry {
+                name,
+                origin: origin.clone(),
+                factory: Factory::DynamicSampler(spec),
+            })
+            .map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// What a plugin factory gets: where to put its parameters, its own config
+/// section, the run facts, and access to other plugins (objectives build
+/// their negative samplers through it).
+pub struct BuildContext<'a> {
+    /// The plugin's parameters go under this path (and so on its device).
+    pub path: nn::Path<'a>,
+    /// The plugin's registered name.
+    pub plugin: &'a str,
+    /// The dotted config key of its section (`model.image`).
+    pub key: String,
+    pub env: &'a ModelEnv,
+    pub widths: Widths,
+    registry: &'a Registry,
+    config: Sections<'a>,
+    /// The text encoder, once built (generators tie their decoder to its
+    /// word embeddings).
+    pub text_encoder: Option<Rc<dyn Encoder>>,
+    /// The model, for objectives and samplers (built after it).
+    pub model: Option<&'a VlModel>,
+}
+
+impl<'a> BuildContext<'a> {
+    /// This plugin's config section as `T` (use `#[serde(deny_unknown_fields)]`
+    /// so a typo is an error naming the key and file).
+    pub fn params<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
+        crate::config::section_of(self.config.figment, self.config.stale, &self.key)
+    }
+
+    /// A context for building plugin `plugin` from its section `key` in
+    /// `sections`, with no widths and no model yet (set them on the result
+    /// where known). Outside a run (a frozen fill model's text encoder and
+    /// head, [`crate::weights::build_masked_lm`]) `sections` holds only the
+    /// sections being built, and it cannot build generators or samplers of
+    /// a run.
+    pub(crate) fn new(
+        path: nn::Path<'a>,
+        plugin: &'a str,
+        key: &str,
+        env: &'a ModelEnv,
+        registry: &'a Registry,
+        sections: Sections<'a>,
+        text_encoder: Option<Rc<dyn Encoder>>,
+    ) -> Self {
+        BuildContext {
+            path,
+            plugin,
+            key: key.to_string(),
+            env,
+            widths: Widths::default(),
+            registry,
+            config: sections,
+            text_encoder,
+            model: None,
+        }
+    }
+
+    /// The last component of the section key: an objective's loss name.
+    pub fn section_name(&self) -> &str {
+        self.key.rsplit('.').next().unwrap_or(&self.key)
+    }
+
+    /// The width of states from a role, or an error saying it is missing.
+    pub fn width(&self, role: &str) -> Result<i64> {
+        let w = match role {
+            "image" => self.widths.image,
+            "text" => self.widths.text,
+            "fusion" => self.widths.fusion,
+            _ => None,
+        };
+        w.ok_or_else(|| {
+            Error::plugin(
+                self.plugin,
+                format!("needs the {role} encoder's width, which is not built yet"),
+            )
+        })
+    }
+
+    /// Build an extra encoder from the plugin section at `key` (for example a
+    /// separate VL-RTD generator encoder), its parameters under `path`.
+    pub fn encoder(
+        &self,
+        key: &str,
+        expected: Modality,
+        path: nn::Path<'a>,
+    ) -> Result<Rc<dyn Encoder>> {
+        let plugin: String = self
+            .config
+            .figment
+            .extract_inner(&format!("{key}.plugin"))
+            .map_err(|e| {
+                Error::Config(crate::config::describe_error(e, self.config.figment, &[]))
+            })?;
+        let entry = self
+            .registry
+            .get(Kind::Encoder, &plugin, &format!("{key}.plugin"))?;
+        let Factory::Encoder(build) = entry.factory else {
+            unreachable!("kind checked")
+        };
+        let ctx = BuildContext {
+            path,
+            plugin: &entry.name,
+            key: key.to_string(),
+            env: self.env,
+            widths: self.widths,
+            registry: self.registry,
+            config: self.config,
+            text_encoder: None,
+            model: None,
+        };
+        let enc = build(&ctx)?;
+        if enc.modality() != expected {
+            return Err(Error::Config(format!(
+                "config key `{key}.plugin`: `{plugin}` is a {:?} encoder, expected a {expected:?} encoder",
+                enc.modality()
+            )));
+        }
+        Ok(enc)
+    }
+
+    /// Build another instance of the model's generator (`[model.generator]`)
+    /// tied to `text`, its parameters under `path`.
+    pub fn generator(
+        &self,
+        text: Rc<dyn Encoder>,
+        path: nn::Path<'a>,
+    ) -> Result<Rc<dyn Generator>> {
+        let generator = self.config.config.and_then(|c| c.model.generator.as_ref());
+        let section = generator.ok_or_else(|| {
+            Error::Config(format!(
+                "config key `{}`: needs `[model.generator]` (e.g. plugin = \"mlm_head\")",
+                self.key
+            ))
+        })?;
+        let entry =
+            self.registry
+                .get(Kind::Generator, &section.plugin, "model.generator.plugin")?;
+        let Factory::Generator(build) = entry.factory else {
+            unreachable!("kind checked")
+        };
+        let ctx = BuildContext {
+            path,
+            plugin: &entry.name,
+            key: "model.generator".to_string(),
+            env: self.env,
+            widths: self.widths,
+            registry: self.registry,
+            config: self.config,
+            text_encoder: Some(text),
+            model: None,
+        };
+        build(&ctx)
+    }
+
+    /// Build the negative sampler configured as `[samplers.<name>]`.
+    pub fn negative_sampler(&self, name: &str) -> Result<Box<dyn NegativeSampler>> {
+        let samplers = self.config.config.map(|c| &c.samplers);
+        let section = samplers.and_then(|s| s.get(name)).ok_or_else(|| {
+            let known: Vec<&String> = samplers.into_iter().flat_map(|s| s.keys()).collect();
+            Error::Config(format!(
+                "config key `{}`: sampler `{name}` has no `[samplers.{name}]` section (configured samplers: {known:?})",
+                self.key
+            ))
+        })?;
+        let key = format!("samplers.{name}");
+        let entry = self.registry.get(
+            Kind::NegativeSampler,
+            &section.plugin,
+            &format!("{key}.plugin"),
+        )?;
+        let build = match entry.factory {
+            Factory::NegativeSampler(build) => build,
+            Factory::DynamicSampler(spec) => {
+                let json = self
+                    .config
+                    .figment
+                    .find_value(&key)
+                    .ok()
+                    .and_then(|v| serde_json::to_string(&v).ok())
+                    .unwrap_or_else(|| "{}".into());
+                let instance = DynamicSamplerInstance::new(spec, &json, &entry.name)?;
+                return Ok(Box::new(HostSampler::new(instance, self.env.text.clone())));
+            }
+            _ => unreachable!("kind checked"),
+        };
+        let ctx = BuildContext {
+            path: &self.path / "samplers" / name,
+            plugin: &entry.name,
+            key,
+            env: self.env,
+            widths: self.widths,
+            registry: self.registry,
+            config: self.config,
+            text_encoder: self.text_encoder.clone(),
+            model: self.model,
+        };
+        build(&ctx)
     }
 }

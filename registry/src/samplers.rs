@@ -5,9 +5,9 @@
 //! of its own and no model (the matching evaluation's word swapper). The
 //! host reaches sampler plugins only this way, never through their types.
 
-use crate::assemble::{BuildContext, ModelEnv, Sections, Widths};
+use crate::assemble::{ModelEnv, Sections, Widths};
 use crate::config::LoadedConfig;
-use crate::{Factory, Kind, Registry};
+use crate::{BuildContext, Factory, Kind, Registry};
 use tch::nn;
 use vlmatch_core::{Error, NegativeSampler, Result, VlModel};
 
@@ -23,7 +23,7 @@ pub fn run_sampler(
 ) -> Result<Box<dyn NegativeSampler>> {
     let vs = nn::VarStore::new(env.device);
     let key = format!("samplers.{name}");
-    let mut ctx = BuildContext::standalone(
+    let mut ctx = BuildContext::new(
         vs.root(),
         "host",
         &key,
@@ -60,7 +60,7 @@ pub fn standalone_sampler(
         )));
     };
     let vs = nn::VarStore::new(env.device);
-    let ctx = BuildContext::standalone(
+    let ctx = BuildContext::new(
         vs.root(),
         &entry.name,
         key,

@@ -10,7 +10,7 @@
 //! to describe the checkpoint's architecture as a config section, and how to
 //! write `config.json` and the weights for `transformers`. The host
 //! (`src/pretrained.rs`, `src/export.rs`) finds the layout through the
-//! [`Registry`] by the role's plugin name and does the rest generically:
+//! [`crate::Registry`] by the role's plugin name and does the rest generically:
 //! reading tensors, copying them, reporting what was applied, missing, new
 //! or unused, writing files.
 //!
@@ -19,14 +19,14 @@
 //! `text_encoder.embeddings...`); the host adds the role's prefix
 //! ([`role_prefix`]).
 
-use crate::registration::Kind;
-use crate::{BuildContext, ModelEnv, Registry};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::rc::Rc;
+use std::path::Path;
 use tch::Tensor;
-use vlmatch_core::{Encoder, Error, Generator, Modality, Result, SpecialTokens};
+use vlmatch_core::{Error, Result, SpecialTokens};
+
+mod masked_lm;
+pub use masked_lm::{build_masked_lm, plan_masked_lm, MaskedLmPlan};
 
 /// How a plugin's parameters correspond to a HuggingFace checkpoint.
 /// Only [`model_types`](Self::model_types) and
@@ -173,26 +173,6 @@ pub fn role_prefix(role: &str) -> Option<&'static str> {
     }
 }
 
-impl Registry {
-    /// The checkpoint layout the plugin `name` of `kind` registered, if any.
-    pub fn layout(&self, kind: Kind, name: &str) -> Option<&'static dyn CheckpointLayout> {
-        self.layouts.get(&(kind, name.to_string())).copied()
-    }
-
-    /// Plugins of `kind` whose layout loads `model_type`, sorted by name.
-    pub fn loading(
-        &self,
-        kind: Kind,
-        model_type: &str,
-    ) -> Vec<(&str, &'static dyn CheckpointLayout)> {
-        self.layouts
-            .iter()
-            .filter(|((k, _), l)| *k == kind && l.model_types().contains(&model_type))
-            .map(|((_, n), l)| (n.as_str(), *l))
-            .collect()
-    }
-}
-
 /// `dir/config.json`'s `model_type`; `None` without a readable one.
 pub fn model_type(dir: &Path) -> Option<String> {
     std::fs::read_to_string(dir.join("config.json"))
@@ -249,161 +229,6 @@ pub fn hub_name(name: &str, prefixes: &[&str]) -> String {
 pub fn layer_index<'n>(name: &'n str, stem: &str) -> Option<(i64, &'n str)> {
     let (idx, rest) = name.strip_prefix(stem)?.split_once('.')?;
     Some((idx.parse().ok()?, rest))
-}
-
-/// The plugins that build a masked language model from `dir` alone: the
-/// text encoder and the generator (LM head) whose layouts load its
-/// `model_type`, each with its section ([`CheckpointLayout::read_arch`]).
-pub struct MaskedLmPlan {
-    pub dir: PathBuf,
-    pub model_type: String,
-    pub encoder: String,
-    pub encoder_arch: CheckpointArch,
-    pub generator: String,
-    pub generator_arch: CheckpointArch,
-}
-
-/// Find the plugins for a masked LM directory; errors name the directory,
-/// its `model_type` and the plugins that load it.
-pub fn plan_masked_lm(registry: &Registry, dir: &Path) -> Result<MaskedLmPlan> {
-    let config = dir.join("config.json");
-    let Some(model_type) = model_type(dir) else {
-        return Err(Error::Data {
-            path: config,
-            line: None,
-            message: "no `model_type`: a fill model is a HuggingFace masked LM directory \
-                      whose config.json names its model_type (e.g. `bert`, `roberta`)"
-                .into(),
-        });
-    };
-    let pick = |kind: Kind, what: &str| -> Result<(String, CheckpointArch)> {
-        let mut found = Vec::new();
-        for (name, layout) in registry.loading(kind, &model_type) {
-            if let Some(arch) = layout.read_arch(dir)? {
-                found.push((name.to_string(), arch));
-            }
-        }
-        // Several: the one named after the model type, else ambiguous.
-        if found.len() > 1 {
-            if let Some(i) = found.iter().position(|(n, _)| *n == model_type) {
-                return Ok(found.swap_remove(i));
-            }
-        }
-        match found.len() {
-            1 => Ok(found.remove(0)),
-            0 => Err(Error::Data {
-                path: config.clone(),
-                line: None,
-                message: format!(
-                    "model_type `{model_type}`: no {what} plugin loads it as a masked LM \
-                     (registered {kind} layouts load: {})",
-                    registry.loadable(kind).join(", ")
-                ),
-            }),
-            _ => Err(Error::Data {
-                path: config.clone(),
-                line: None,
-                message: format!(
-                    "model_type `{model_type}`: several {what} plugins load it ({})",
-                    found
-                        .iter()
-                        .map(|f| f.0.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            }),
-        }
-    };
-    let (encoder, encoder_arch) = pick(Kind::Encoder, "text encoder")?;
-    let (generator, generator_arch) = pick(Kind::Generator, "generator")?;
-    Ok(MaskedLmPlan {
-        dir: dir.to_path_buf(),
-        model_type,
-        encoder,
-        encoder_arch,
-        generator,
-        generator_arch,
-    })
-}
-
-impl Registry {
-    /// Every `model_type` some layout of `kind` loads, sorted.
-    pub fn loadable(&self, kind: Kind) -> Vec<&'static str> {
-        let mut out: Vec<&'static str> = self
-            .layouts
-            .iter()
-            .filter(|((k, _), _)| *k == kind)
-            .flat_map(|(_, l)| l.model_types().iter().copied())
-            .collect();
-        out.sort_unstable();
-        out.dedup();
-        out
-    }
-}
-
-/// Build the text encoder (under `root / "text_encoder"`) and the generator
-/// (under `root / "generator"`, tied to it) that `plan` names, from their
-/// checkpoint sections, in `env`.
-pub fn build_masked_lm(
-    registry: &Registry,
-    plan: &MaskedLmPlan,
-    env: &ModelEnv,
-    root: &tch::nn::Path<'_>,
-) -> Result<(Rc<dyn Encoder>, Rc<dyn Generator>)> {
-    let in_dir = |e: Error| match e {
-        Error::Config(m) => Error::Config(format!("fill model {}: {m}", plan.dir.display())),
-        other => other,
-    };
-    let figment = figment::Figment::new()
-        .merge(figment::providers::Serialized::global(
-            "fill_model.text",
-            &plan.encoder_arch.section,
-        ))
-        .merge(figment::providers::Serialized::global(
-            "fill_model.generator",
-            &plan.generator_arch.section,
-        ));
-    let sections = crate::assemble::Sections::standalone(&figment);
-    let entry = registry.get(Kind::Encoder, &plan.encoder, "fill_model.text.plugin")?;
-    let crate::Factory::Encoder(build) = entry.factory else {
-        unreachable!("kind checked")
-    };
-    let ctx = BuildContext::standalone(
-        root / "text_encoder",
-        &entry.name,
-        "fill_model.text",
-        env,
-        registry,
-        sections,
-        None,
-    );
-    let text = build(&ctx).map_err(in_dir)?;
-    if text.modality() != Modality::Text {
-        return Err(Error::Config(format!(
-            "fill model {}: plugin `{}` is not a text encoder",
-            plan.dir.display(),
-            plan.encoder
-        )));
-    }
-    let entry = registry.get(
-        Kind::Generator,
-        &plan.generator,
-        "fill_model.generator.plugin",
-    )?;
-    let crate::Factory::Generator(build) = entry.factory else {
-        unreachable!("kind checked")
-    };
-    let ctx = BuildContext::standalone(
-        root / "generator",
-        &entry.name,
-        "fill_model.generator",
-        env,
-        registry,
-        sections,
-        Some(text.clone()),
-    );
-    let head = build(&ctx).map_err(in_dir)?;
-    Ok((text, head))
 }
 
 #[cfg(test)]
