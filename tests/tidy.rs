@@ -405,134 +405,694 @@ fn no_source_file_passes_800_lines() {
     assert!(!skipped_dir("bench") && !skipped_dir("dist"));
 }
 
-/// The module of the root crate that `path` (under `src/`) defines:
-/// `src/lib.rs` the crate root (""), `src/a/mod.rs` and `src/a.rs` `a`,
-/// `src/a/b.rs` `a::b`; `None` for the binary's `src/main.rs`.
-fn module_of(path: &Path) -> Option<String> {
-    let rel = path.strip_prefix(root().join("src")).ok()?;
+// Import cycles between the modules of each crate: the rule is in the
+// doc comment of `no_modules_import_each_other_in_any_crate`.
+
+/// The module that `path` defines in the crate whose sources are in `src`:
+/// `lib.rs` the crate root (""), `a/mod.rs` and `a.rs` `a`, `a/b.rs`
+/// `a::b`; `main.rs` is the root only where there is no `lib.rs` (else it
+/// is a binary of one file, as is `bin/*.rs`: `None`).
+fn module_in(src: &Path, path: &Path) -> Option<String> {
+    let rel = path.strip_prefix(src).ok()?;
     let mut parts: Vec<String> = rel
         .components()
         .map(|c| c.as_os_str().to_string_lossy().into_owned())
         .collect();
     let file = parts.pop()?;
+    if parts.first().is_some_and(|p| p == "bin") {
+        return None;
+    }
     match file.as_str() {
-        "main.rs" if parts.is_empty() => return None,
-        "lib.rs" if parts.is_empty() => {}
+        "main.rs" if parts.is_empty() && src.join("lib.rs").is_file() => return None,
+        "main.rs" | "lib.rs" if parts.is_empty() => {}
         "mod.rs" => {}
         other => parts.push(other.strip_suffix(".rs")?.to_string()),
     }
     Some(parts.join("::"))
 }
 
-/// The `crate::` paths `text` names (`use crate::a::b;`, `crate::a::f()`,
-/// `use crate::{a, b::{c, d}}` as `a`, `b::c`, `b::d`), comment lines
-/// apart; `$crate::` in macros is not one.
-fn crate_paths(text: &str) -> Vec<Vec<String>> {
-    fn ident(s: &str) -> (&str, &str) {
-        let end = s
-            .find(|c: char| !(c.is_alphanumeric() || c == '_'))
-            .unwrap_or(s.len());
-        s.split_at(end)
-    }
-    /// A path after `crate::` (or after a group's opening brace): its
-    /// segments, with a `{..}` group expanded; returns what follows.
-    fn path<'a>(mut s: &'a str, prefix: Vec<String>, out: &mut Vec<Vec<String>>) -> &'a str {
-        let mut segs = prefix;
-        loop {
-            s = s.trim_start();
-            if let Some(rest) = s.strip_prefix('{') {
-                s = rest;
-                loop {
-                    s = path(s, segs.clone(), out).trim_start();
-                    if let Some(rest) = s.strip_prefix(',') {
-                        s = rest;
-                        if let Some(rest) = s.trim_start().strip_prefix('}') {
-                            return rest;
-                        }
-                    } else {
-                        return s.strip_prefix('}').unwrap_or(s);
+/// Rust source with comments removed and string and character literals
+/// emptied (`"..."` becomes `""`), so that neither is read as code.
+fn code_of(text: &str) -> String {
+    let b: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    let ident = |c: char| c.is_alphanumeric() || c == '_';
+    while i < b.len() {
+        let (c, next) = (b[i], b.get(i + 1).copied());
+        if c == '/' && next == Some('/') {
+            while i < b.len() && b[i] != '\n' {
+                i += 1;
+            }
+        } else if c == '/' && next == Some('*') {
+            let mut depth = 0;
+            while i < b.len() {
+                if b[i] == '/' && b.get(i + 1) == Some(&'*') {
+                    (depth, i) = (depth + 1, i + 2);
+                } else if b[i] == '*' && b.get(i + 1) == Some(&'/') {
+                    (depth, i) = (depth - 1, i + 2);
+                    if depth == 0 {
+                        break;
                     }
+                } else {
+                    i += 1;
                 }
             }
-            let (name, rest) = ident(s);
-            if name.is_empty() {
-                break;
+            out.push(' ');
+        } else if (c == 'r' || (c == 'b' && next == Some('r'))) && !(i > 0 && ident(b[i - 1])) && {
+            let j = i + if c == 'b' { 2 } else { 1 };
+            let hashes = b[j..].iter().take_while(|&&h| h == '#').count();
+            b.get(j + hashes) == Some(&'"')
+        } {
+            let j = i + if c == 'b' { 2 } else { 1 };
+            let hashes = b[j..].iter().take_while(|&&h| h == '#').count();
+            i = j + hashes + 1;
+            while i < b.len()
+                && !(b[i] == '"'
+                    && b[i + 1..]
+                        .iter()
+                        .take(hashes)
+                        .filter(|&&h| h == '#')
+                        .count()
+                        == hashes)
+            {
+                i += 1;
             }
-            segs.push(name.to_string());
-            s = rest;
-            match s.strip_prefix("::") {
-                Some(rest) => s = rest,
-                None => break,
+            i += 1 + hashes;
+            out.push_str("\"\"");
+        } else if c == '"' {
+            i += 1;
+            while i < b.len() && b[i] != '"' {
+                i += if b[i] == '\\' { 2 } else { 1 };
             }
+            i += 1;
+            out.push_str("\"\"");
+        } else if c == '\'' && next == Some('\\') {
+            i += 3;
+            while i < b.len() && b[i] != '\'' {
+                i += 1;
+            }
+            i += 1;
+            out.push_str("' '");
+        } else if c == '\'' && b.get(i + 2) == Some(&'\'') {
+            i += 3;
+            out.push_str("' '");
+        } else {
+            out.push(c);
+            i += 1;
         }
-        if !segs.is_empty() {
-            out.push(segs);
-        }
-        s
-    }
-    let code: String = text
-        .lines()
-        .filter(|l| !l.trim_start().starts_with("//"))
-        .collect::<Vec<_>>()
-        .join("\n");
-    let mut out = Vec::new();
-    let mut from = 0;
-    while let Some(i) = code[from..].find("crate::") {
-        let at = from + i;
-        let before = code[..at].chars().next_back();
-        from = at + "crate::".len();
-        if before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '$') {
-            continue;
-        }
-        path(&code[from..], Vec::new(), &mut out);
     }
     out
 }
 
-/// `(importer, imported)` for `(module, text)` per file: an import is a
-/// `crate::` path whose longest prefix that is a module is another module.
-fn import_edges(files: &[(String, String)]) -> std::collections::BTreeSet<(String, String)> {
-    let modules: std::collections::BTreeSet<&str> = files.iter().map(|(m, _)| m.as_str()).collect();
-    let mut edges = std::collections::BTreeSet::new();
-    for (module, text) in files {
-        for p in crate_paths(text) {
-            let target = (1..=p.len())
-                .rev()
-                .map(|n| p[..n].join("::"))
-                .find(|m| modules.contains(m.as_str()));
-            if let Some(t) = target.filter(|t| t != module) {
-                edges.insert((module.clone(), t));
+/// Identifiers, `::` and single punctuation characters of `code`.
+fn tokens(code: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let b: Vec<char> = code.chars().collect();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        if c.is_alphanumeric() || c == '_' {
+            let start = i;
+            while i < b.len() && (b[i].is_alphanumeric() || b[i] == '_') {
+                i += 1;
+            }
+            out.push(b[start..i].iter().collect());
+        } else if c == ':' && b.get(i + 1) == Some(&':') {
+            out.push("::".into());
+            i += 2;
+        } else {
+            if !c.is_whitespace() {
+                out.push(c.to_string());
+            }
+            i += 1;
+        }
+    }
+    out
+}
+
+/// A path one module names, with the module (file module plus inline
+/// modules) where it is written.
+#[derive(Debug, Clone)]
+struct NamedPath {
+    /// Where the path is written, as segments (`["a", "tests"]`).
+    scope: Vec<String>,
+    /// The path as written (`["super", "x", "Y"]`).
+    path: Vec<String>,
+    /// Written in a `pub use` (any `pub(..)` too): a re-export.
+    reexport: bool,
+    /// For a `use`: the name it binds (`Y`, an `as` name, `*` for a glob).
+    binds: Option<String>,
+}
+
+/// What one file says about imports: the paths it names and the items it
+/// defines.
+#[derive(Debug, Default)]
+struct Scanned {
+    paths: Vec<NamedPath>,
+    defines: std::collections::BTreeSet<String>,
+    /// Child modules declared `#[cfg(test)] mod name;`: test code.
+    test_children: Vec<String>,
+}
+
+/// The paths of the `use` tree at `t[*i..]` (after `use`), prefix `prefix`.
+fn use_tree(
+    t: &[String],
+    i: &mut usize,
+    prefix: Vec<String>,
+    out: &mut Vec<(Vec<String>, String)>,
+) {
+    let mut segs = prefix;
+    if t.get(*i).is_some_and(|s| s == "::") {
+        *i += 1;
+    }
+    loop {
+        match t.get(*i).map(String::as_str) {
+            Some("{") => {
+                *i += 1;
+                while t.get(*i).is_some_and(|s| s != "}") {
+                    use_tree(t, i, segs.clone(), out);
+                    if t.get(*i).is_some_and(|s| s == ",") {
+                        *i += 1;
+                    }
+                }
+                *i += 1;
+                return;
+            }
+            Some("*") => {
+                *i += 1;
+                out.push((segs, "*".into()));
+                return;
+            }
+            Some(s) if s.chars().all(|c| c.is_alphanumeric() || c == '_') => {
+                let name = s.to_string();
+                *i += 1;
+                if t.get(*i).is_some_and(|s| s == "::") {
+                    *i += 1;
+                    segs.push(name);
+                    continue;
+                }
+                let mut binds = if name == "self" {
+                    segs.last().cloned().unwrap_or_default()
+                } else {
+                    segs.push(name.clone());
+                    name
+                };
+                if t.get(*i).is_some_and(|s| s == "as") {
+                    binds = t.get(*i + 1).cloned().unwrap_or_default();
+                    *i += 2;
+                }
+                out.push((segs, binds));
+                return;
+            }
+            _ => return,
+        }
+    }
+}
+
+/// The paths that `text`, the source of file module `module`, names (as
+/// written, with where), and the items it defines.
+fn scan(module: &str, text: &str) -> Scanned {
+    let t = tokens(&code_of(text));
+    let here: Vec<String> = module
+        .split("::")
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    let mut out = Scanned::default();
+    // Open braces: `Some(name)` for an inline module, `None` otherwise, and
+    // whether their contents are skipped (a `macro_rules!` body, a
+    // `#[cfg(test)]` item); `pending` is what the next `{` opens, and
+    // `test_item` is set from `#[cfg(test)]` to the end of its item.
+    let mut braces: Vec<(Option<String>, bool)> = Vec::new();
+    let mut pending: Option<(Option<String>, bool)> = None;
+    let mut test_item = false;
+    let scope_of = |braces: &[(Option<String>, bool)]| {
+        let mut s = here.clone();
+        s.extend(braces.iter().filter_map(|(m, _)| m.clone()));
+        s
+    };
+    let is_ident = |s: &str| s.chars().all(|c| c.is_alphanumeric() || c == '_') && !s.is_empty();
+    let mut i = 0;
+    while i < t.len() {
+        let in_macro = braces.iter().any(|(_, m)| *m);
+        let tok = t[i].as_str();
+        match tok {
+            "{" => {
+                let opens = pending.take().unwrap_or((None, false));
+                braces.push((opens.0, opens.1 || std::mem::take(&mut test_item)));
+                i += 1;
+                continue;
+            }
+            "}" => {
+                braces.pop();
+                i += 1;
+                continue;
+            }
+            ";" => {
+                if test_item && i >= 2 && t[i - 2] == "mod" && braces.is_empty() {
+                    out.test_children.push(t[i - 1].clone());
+                }
+                (pending, test_item) = (None, false);
+            }
+            _ => {}
+        }
+        if in_macro || test_item {
+            i += 1;
+            continue;
+        }
+        let prev = if i > 0 { t[i - 1].as_str() } else { ";" };
+        let next = t.get(i + 1).map(String::as_str).unwrap_or("");
+        if tok == "#"
+            && t[i + 1..]
+                .iter()
+                .take(6)
+                .eq(["[", "cfg", "(", "test", ")", "]"].iter())
+        {
+            test_item = true;
+            i += 7;
+            continue;
+        }
+        if tok == "macro_rules" && next == "!" {
+            out.defines
+                .insert(t.get(i + 2).cloned().unwrap_or_default());
+            pending = Some((None, true));
+            i += 3;
+            continue;
+        }
+        if tok == "mod" && is_ident(next) && t.get(i + 2).is_some_and(|s| s == "{") {
+            pending = Some((Some(next.to_string()), false));
+            i += 2;
+            continue;
+        }
+        if [
+            "struct", "enum", "fn", "trait", "type", "const", "static", "union", "mod",
+        ]
+        .contains(&tok)
+            && is_ident(next)
+            && prev != "::"
+        {
+            out.defines.insert(next.to_string());
+        }
+        if tok == "use" && [";", "{", "}", "pub", ")", "]"].contains(&prev) {
+            let reexport =
+                prev == "pub" || (prev == ")" && (2..6).any(|k| i >= k && t[i - k] == "pub"));
+            let mut j = i + 1;
+            let mut trees = Vec::new();
+            use_tree(&t, &mut j, Vec::new(), &mut trees);
+            let scope = scope_of(&braces);
+            for (path, binds) in trees {
+                out.paths.push(NamedPath {
+                    scope: scope.clone(),
+                    path,
+                    reexport,
+                    binds: Some(binds),
+                });
+            }
+            i = j;
+            continue;
+        }
+        if is_ident(tok)
+            && next == "::"
+            && prev != "::"
+            && prev != "$"
+            && !tok.chars().next().unwrap().is_ascii_digit()
+        {
+            let mut path = vec![tok.to_string()];
+            let mut j = i + 1;
+            while t.get(j).is_some_and(|s| s == "::") && t.get(j + 1).is_some_and(|s| is_ident(s)) {
+                path.push(t[j + 1].clone());
+                j += 2;
+            }
+            out.paths.push(NamedPath {
+                scope: scope_of(&braces),
+                path,
+                reexport: false,
+                binds: None,
+            });
+            i = j;
+            continue;
+        }
+        i += 1;
+    }
+    out
+}
+
+/// The modules of one crate (`(module, source)` per file) and the imports
+/// between them.
+struct ModuleGraph {
+    scanned: std::collections::BTreeMap<String, Scanned>,
+}
+
+impl ModuleGraph {
+    fn new(files: &[(String, String)]) -> Self {
+        let mut scanned: std::collections::BTreeMap<String, Scanned> = files
+            .iter()
+            .map(|(m, text)| (m.clone(), scan(m, text)))
+            .collect();
+        // Test modules in files of their own (`#[cfg(test)] mod tests;`)
+        // are test code, like `#[cfg(test)]` items within a file.
+        let tests: Vec<String> = scanned
+            .iter()
+            .flat_map(|(m, s)| {
+                s.test_children.iter().map(move |c| {
+                    if m.is_empty() {
+                        c.clone()
+                    } else {
+                        format!("{m}::{c}")
+                    }
+                })
+            })
+            .collect();
+        scanned.retain(|m, _| {
+            !tests
+                .iter()
+                .any(|t| m == t || m.starts_with(&format!("{t}::")))
+        });
+        ModuleGraph { scanned }
+    }
+
+    fn is_module(&self, segs: &[String]) -> bool {
+        self.scanned.contains_key(&segs.join("::"))
+    }
+
+    /// `path` as written in `scope` of file module `file`, from the crate
+    /// root; `None` for another crate's path.
+    fn absolute(
+        &self,
+        file: &str,
+        scope: &[String],
+        path: &[String],
+        depth: usize,
+    ) -> Option<Vec<String>> {
+        let first = path.first()?;
+        let mut base = match first.as_str() {
+            "crate" => Vec::new(),
+            "self" => scope.to_vec(),
+            "super" => {
+                let mut s = scope.to_vec();
+                let mut rest = path;
+                while rest.first().is_some_and(|p| p == "super") {
+                    s.pop();
+                    rest = &rest[1..];
+                }
+                s.extend(rest.iter().cloned());
+                return Some(s);
+            }
+            _ => {
+                let mut child = scope.to_vec();
+                child.push(first.clone());
+                if self.is_module(&child) {
+                    scope.to_vec()
+                } else {
+                    // A name a `use` of this file bound to a module.
+                    if depth > 4 {
+                        return None;
+                    }
+                    let bound = self.scanned[file]
+                        .paths
+                        .iter()
+                        .find(|p| p.binds.as_deref() == Some(first.as_str()) && p.path.len() > 1)?;
+                    let target = self.absolute(file, &bound.scope, &bound.path, depth + 1)?;
+                    if !self.is_module(&target) {
+                        return None;
+                    }
+                    let mut s = target;
+                    s.extend(path[1..].iter().cloned());
+                    return Some(s);
+                }
+            }
+        };
+        if first == "crate" || first == "self" {
+            base.extend(path[1..].iter().cloned());
+        } else {
+            base.extend(path.iter().cloned());
+        }
+        Some(base)
+    }
+
+    /// The file module that defines what `abs` names, through re-exports.
+    fn defining(&self, abs: &[String], depth: usize) -> String {
+        let k = (0..=abs.len())
+            .rev()
+            .find(|&k| self.is_module(&abs[..k]))
+            .unwrap_or(0);
+        let module = abs[..k].join("::");
+        let (Some(name), Some(scanned), true) = (abs.get(k), self.scanned.get(&module), depth < 8)
+        else {
+            return module;
+        };
+        if scanned.defines.contains(name) {
+            return module;
+        }
+        let reexports = scanned
+            .paths
+            .iter()
+            .filter(|p| p.reexport && p.scope.join("::") == module);
+        for p in reexports.clone() {
+            if p.binds.as_deref() == Some(name.as_str()) {
+                if let Some(target) = self.absolute(&module, &p.scope, &p.path, 0) {
+                    return self.defining(&target, depth + 1);
+                }
+            }
+        }
+        // A glob re-export (`pub use z::*`) offers `name` when `z` defines
+        // or re-exports it.
+        for p in reexports.filter(|p| p.binds.as_deref() == Some("*")) {
+            let Some(mut target) = self.absolute(&module, &p.scope, &p.path, 0) else {
+                continue;
+            };
+            let offers = self.scanned.get(&target.join("::")).is_some_and(|z| {
+                z.defines.contains(name)
+                    || z.paths
+                        .iter()
+                        .any(|q| q.reexport && q.binds.as_deref() == Some(name.as_str()))
+            });
+            if offers {
+                target.push(name.clone());
+                return self.defining(&target, depth + 1);
+            }
+        }
+        module
+    }
+
+    /// `(importer, imported)` pairs, by the rule in
+    /// [`no_modules_import_each_other_in_any_crate`].
+    fn edges(&self) -> std::collections::BTreeSet<(String, String)> {
+        let mut edges = std::collections::BTreeSet::new();
+        for (module, scanned) in &self.scanned {
+            for p in &scanned.paths {
+                let Some(abs) = self.absolute(module, &p.scope, &p.path, 0) else {
+                    continue;
+                };
+                let target = self.defining(&abs, 0);
+                let descendant = module.is_empty() || target.starts_with(&format!("{module}::"));
+                if target == *module || (p.reexport && descendant) {
+                    continue;
+                }
+                edges.insert((module.clone(), target));
+            }
+        }
+        edges
+    }
+}
+
+/// Every elementary cycle of `edges`, each as its modules in order from the
+/// smallest (`["a", "b", "c"]` for `a -> b -> c -> a`); at most `limit`.
+fn cycles(edges: &std::collections::BTreeSet<(String, String)>, limit: usize) -> Vec<Vec<String>> {
+    let mut next: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for (a, b) in edges {
+        next.entry(a.as_str()).or_default().push(b.as_str());
+    }
+    fn walk<'a>(
+        start: &'a str,
+        path: &mut Vec<&'a str>,
+        next: &std::collections::BTreeMap<&'a str, Vec<&'a str>>,
+        out: &mut Vec<Vec<String>>,
+        limit: usize,
+    ) {
+        let last = *path.last().unwrap();
+        for &n in next.get(last).into_iter().flatten() {
+            if out.len() >= limit {
+                return;
+            }
+            if n == start {
+                out.push(path.iter().map(|s| s.to_string()).collect());
+            } else if n > start && !path.contains(&n) {
+                path.push(n);
+                walk(start, path, next, out, limit);
+                path.pop();
             }
         }
     }
-    edges
+    let mut out = Vec::new();
+    for &start in next.keys() {
+        walk(start, &mut vec![start], &next, &mut out, limit);
+    }
+    out
 }
 
-/// Pairs of modules that import each other ([`import_edges`]).
-fn import_cycles(files: &[(String, String)]) -> Vec<(String, String)> {
-    let edges = import_edges(files);
-    edges
-        .iter()
-        .filter(|(a, b)| a < b && edges.contains(&(b.clone(), a.clone())))
-        .cloned()
-        .collect()
+/// `a -> b -> a`, the crate root written `crate`.
+fn cycle_text(cycle: &[String]) -> String {
+    let name = |m: &String| {
+        if m.is_empty() {
+            "crate".to_string()
+        } else {
+            m.clone()
+        }
+    };
+    let mut parts: Vec<String> = cycle.iter().map(name).collect();
+    parts.push(name(&cycle[0]));
+    parts.join(" -> ")
 }
 
-/// No two modules of the root crate import each other: a module that
-/// needs something from the one that uses it holds what should be a third
-/// module (as `run.rs`, shared by the commands, `bench` and `vqa`).
+/// The `src` folders of every crate of the workspace: the root package and
+/// each `[workspace] members` entry, as `(label, folder)`.
+fn workspace_sources() -> Vec<(String, PathBuf)> {
+    let table: toml::Table = read(&root().join("Cargo.toml")).parse().unwrap();
+    let members = table["workspace"]["members"].as_array().unwrap();
+    let mut out = vec![("src".to_string(), root().join("src"))];
+    for m in members {
+        let m = m.as_str().unwrap();
+        let src = root().join(m).join("src");
+        if src.is_dir() {
+            out.push((m.to_string(), src));
+        }
+    }
+    out
+}
+
+/// The import cycles that existed outside the registry when the check came
+/// to cover every crate (issue 24, part 4), left for the crates' owners to
+/// break: each `crate folder: a -> b -> a` with what closes it. The check
+/// fails on any cycle not listed here and on a listed one that is gone
+/// (remove it then). The registry crate may have none.
+const KNOWN_CYCLES: &[(&str, &str)] = &[
+    (
+        "src: data -> data::annotations -> data",
+        "data/mod.rs calls annotations::load_checked, which uses the parent's Dataset types",
+    ),
+    (
+        "src: data -> data::loader -> data",
+        "data/mod.rs calls loader::decode_resized, the loader uses the parent's Dataset and OnError",
+    ),
+    (
+        "src: data -> data::loader -> data::webdataset -> data",
+        "the same parent-and-loaders knot, through the loader's use of webdataset's Shards",
+    ),
+    (
+        "src: data -> data::webdataset -> data",
+        "data/mod.rs calls webdataset::load_shards, which uses the parent's Dataset types",
+    ),
+    (
+        "src: downstream -> downstream::formats -> downstream",
+        "downstream/mod.rs calls formats::load, which builds the parent's task types",
+    ),
+    (
+        "src: train::entry -> train::start -> train::entry",
+        "entry uses start::Run, start uses entry's TrainOptions and file helpers",
+    ),
+    (
+        "core: batch -> positives -> batch",
+        "Batch holds PairKeys, positives reads TextBatch",
+    ),
+    (
+        "core: forward -> momentum -> forward",
+        "Forward holds the Momentum, momentum holds the momentum VlModel",
+    ),
+    (
+        "core: forward -> traits -> forward",
+        "Forward calls the encoder traits, whose methods take a Forward",
+    ),
+    (
+        "plugins/layers: arch -> bert -> arch",
+        "arch names BertLayerConfig, bert resolves through arch's LayerKeys",
+    ),
+    (
+        "plugins/layers: hf -> layout -> hf",
+        "hf's Resolve takes a HubLayout, layout calls hf's grid interpolation",
+    ),
+    (
+        "xtask: crate -> gpu_bundle -> crate",
+        "main.rs runs gpu_bundle::build, which uses main.rs's cargo and run_status",
+    ),
+];
+
+/// The import cycles of every crate of the workspace, as `crate folder:
+/// a -> b -> c -> a`.
+fn workspace_cycles() -> Vec<String> {
+    let mut found = Vec::new();
+    for (label, src) in workspace_sources() {
+        let mut files = Vec::new();
+        rust_files(&src, &mut files);
+        let modules: Vec<(String, String)> = files
+            .iter()
+            .filter_map(|f| Some((module_in(&src, f)?, read(f))))
+            .collect();
+        for c in cycles(&ModuleGraph::new(&modules).edges(), 100) {
+            found.push(format!("{label}: {}", cycle_text(&c)));
+        }
+    }
+    found
+}
+
+/// No module of any crate of the workspace imports, through any number of
+/// others, a module that imports it: a module that needs something from
+/// one that uses it holds what should be a third module (as `run.rs`,
+/// shared by the commands, `bench` and `vqa`). Cycles are reported as
+/// `crate folder: a -> b -> c -> a`; [`KNOWN_CYCLES`] lists those left
+/// outside the registry.
+///
+/// The rule for imports:
+///
+/// A crate's modules are its files under `src/` (`lib.rs` the crate root,
+/// `a/mod.rs` and `a.rs` the module `a`, `a/b.rs` `a::b`; a binary's
+/// `main.rs` is the root where there is no `lib.rs`). Inline modules
+/// (`mod tests { .. }`) belong to their file. Module `A` imports module `B`
+/// when `A`'s code names a path into `B`: a `use` declaration or a path in
+/// code, written from `crate::`, `super::` (relative to where it is
+/// written, inline modules included), `self::`, a child module's name, or a
+/// name a `use` bound to a module. A path is followed through re-exports to
+/// the module that defines the item: `crate::x::Y` where `x` says `pub use
+/// z::Y` (or `pub use z::*` and `z` defines `Y`) is an import of `x::z`.
+/// Parent and child: declaring a child (`mod x;`) is not an import, and
+/// neither is re-exporting a descendant's items (`pub use x::Y` in `x`'s
+/// parent): that is how a module presents its children, and it is what the
+/// resolution above sees through. Every other path between them is an
+/// import both ways: a child's `use super::X` imports its parent, a parent
+/// that calls `x::f()` or privately `use`s `x::Y` imports its child. A
+/// re-export of anything else (a sibling's item) is an import too. Macro
+/// bodies (`macro_rules!`) are skipped: their paths resolve where they are
+/// expanded. Test code (`#[cfg(test)]` items, `#[cfg(test)] mod tests;`
+/// files) is skipped: unit tests may reach anywhere in their crate. Names a
+/// glob import brought into scope, used without a path, are not seen.
 #[test]
-fn no_two_host_modules_import_each_other() {
-    let mut files = Vec::new();
-    rust_files(&root().join("src"), &mut files);
-    let modules: Vec<(String, String)> = files
-        .iter()
-        .filter_map(|f| Some((module_of(f)?, read(f))))
-        .collect();
-    assert!(modules.iter().any(|(m, _)| m == "commands::eval"));
+fn no_modules_import_each_other_in_any_crate() {
+    let sources = workspace_sources();
+    for dir in [
+        "src",
+        "core",
+        "registry",
+        "dist",
+        "xtask",
+        "plugins/neggen",
+        "plugins/examples/my-plugins",
+    ] {
+        assert!(
+            sources.iter().any(|(l, _)| l == dir),
+            "no crate {dir}: {sources:?}"
+        );
+    }
     // It sees the real imports: `cli` dispatches to the commands, which load
-    // runs through `run`.
-    let edges = import_edges(&modules);
+    // runs through `run`; the registry's parts build on `config`.
+    let src = root().join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let host: Vec<(String, String)> = files
+        .iter()
+        .filter_map(|f| Some((module_in(&src, f)?, read(f))))
+        .collect();
+    let edges = ModuleGraph::new(&host).edges();
     for (a, b) in [
         ("cli", "commands::neggen"),
         ("commands::neggen", "run"),
@@ -540,43 +1100,149 @@ fn no_two_host_modules_import_each_other() {
     ] {
         assert!(edges.contains(&(a.into(), b.into())), "no edge {a} -> {b}");
     }
-    let cycles = import_cycles(&modules);
+    let src = root().join("registry/src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let registry: Vec<(String, String)> = files
+        .iter()
+        .filter_map(|f| Some((module_in(&src, f)?, read(f))))
+        .collect();
+    let edges = ModuleGraph::new(&registry).edges();
+    for (a, b) in [
+        ("config", "check"),
+        ("config::sections", "config::choices"),
+        ("samplers", "registration"),
+    ] {
+        assert!(
+            edges.contains(&(a.into(), b.into())),
+            "no edge {a} -> {b} in the registry: {edges:?}"
+        );
+    }
+
+    let found = workspace_cycles();
     assert!(
-        cycles.is_empty(),
-        "modules that import each other (move what both need into a third):\n{}",
-        cycles
+        KNOWN_CYCLES
             .iter()
-            .map(|(a, b)| format!("{a} <-> {b}"))
+            .all(|(c, _)| !c.starts_with("registry:")),
+        "the registry crate may have no import cycle"
+    );
+    let new: Vec<&String> = found
+        .iter()
+        .filter(|c| !KNOWN_CYCLES.iter().any(|(k, _)| k == c))
+        .collect();
+    let gone: Vec<&str> = KNOWN_CYCLES
+        .iter()
+        .map(|(k, _)| *k)
+        .filter(|k| !found.iter().any(|c| c == k))
+        .collect();
+    assert!(
+        new.is_empty(),
+        "modules that import each other (move what they share into a module of its own):\n{}",
+        new.iter()
+            .map(|c| c.as_str())
             .collect::<Vec<_>>()
             .join("\n")
     );
+    assert!(
+        gone.is_empty(),
+        "KNOWN_CYCLES lists cycles that are gone; remove them:\n{}",
+        gone.join("\n")
+    );
+
     // The check itself, on a synthetic crate.
     let m = |name: &str, text: &str| (name.to_string(), text.to_string());
-    let synthetic = [
-        m("a", "use crate::b::X;\n// crate::c::Y in a comment\n"),
+    let graph = |files: &[(String, String)]| {
+        cycles(&ModuleGraph::new(files).edges(), 100)
+            .iter()
+            .map(|c| cycle_text(c))
+            .collect::<Vec<_>>()
+    };
+    // Two modules, through `crate::` in code and in a nested `use`; comments,
+    // strings and macro bodies are not code.
+    let two = [
+        m(
+            "a",
+            "use crate::b::X;\n// crate::c::Y in a comment\nconst S: &str = \"crate::c::Y\";",
+        ),
         m("b", "fn f() { crate::a::g() }"),
         m("c", "use crate::{\n    a,\n    d::{e::Z, W},\n};"),
         m("d", "use crate::c as _;"),
-        m("d::e", "macro_rules! m { () => { $crate::d::x } }"),
+        m(
+            "d::e",
+            "macro_rules! m { () => { $crate::d::x; crate::c::y } }",
+        ),
     ];
+    assert_eq!(graph(&two), ["a -> b -> a", "c -> d -> c"]);
+    // Three modules, one through `super::`.
+    let three = [
+        m("p", "pub mod q; pub mod r;"),
+        m("p::q", "use super::r::R;"),
+        m("p::r", "pub struct R; fn f() { crate::s::g() }"),
+        m("s", "use crate::p::q as _;"),
+    ];
+    assert_eq!(graph(&three), ["p::q -> p::r -> s -> p::q"]);
+    // A parent re-exporting its children is no import; a sibling's import
+    // through the re-export is one of the defining child, and a re-export of
+    // a sibling's item is an import of it.
+    let reexports = [
+        m("", "mod x; mod y; pub use x::{X, Z}; pub use y::*;"),
+        m(
+            "x",
+            "pub struct X; pub use crate::y::Y as Z;\nmod tests { use super::*; }",
+        ),
+        m("y", "pub struct Y; fn f(_: crate::X) {}"),
+    ];
+    assert_eq!(graph(&reexports), ["x -> y -> x"]);
+    assert!(graph(&reexports[..2]).is_empty());
+    let glob = [
+        m("", "mod k; mod l; pub use l::*;"),
+        m("k", "use crate::L;"),
+        m("l", "pub enum L {} fn f() { self::g(); super::k::h(); }"),
+    ];
+    assert_eq!(graph(&glob), ["k -> l -> k"]);
+    // A parent using its child's item is an import of it.
+    let parent = [
+        m("u", "mod v; fn f() { v::g() }"),
+        m("u::v", "use super::*;"),
+    ];
+    assert_eq!(graph(&parent), ["u -> u::v -> u"]);
+    // Test code is not an import: `#[cfg(test)]` items and test modules in
+    // files of their own.
+    let tests = [
+        m(
+            "u",
+            "mod v;\n#[cfg(test)]\nmod tests { use super::v::g; }\n#[cfg(test)]\nmod t;",
+        ),
+        m("u::v", "use super::*;\nfn g() { crate::u::t::x() }"),
+        m("u::t", "use crate::u::v::g;"),
+    ];
+    assert!(graph(&tests).is_empty());
+    assert_eq!(graph(&tests[1..]), ["u::t -> u::v -> u::t"]);
+    assert!(graph(&[m("u", "mod v; pub use v::g;"), m("u::v", "use super::*;")]).is_empty());
+
     assert_eq!(
-        import_cycles(&synthetic),
-        [("a".to_string(), "b".to_string()), ("c".into(), "d".into())]
+        module_in(&src, &root().join("registry/src/lib.rs")).as_deref(),
+        Some("")
     );
+    let host_src = root().join("src");
     assert_eq!(
-        crate_paths("use crate::{a, b::{c, d}};"),
-        [vec!["a"], vec!["b", "c"], vec!["b", "d"]]
-    );
-    assert_eq!(module_of(&root().join("src/lib.rs")).as_deref(), Some(""));
-    assert_eq!(
-        module_of(&root().join("src/eval/mod.rs")).as_deref(),
+        module_in(&host_src, &root().join("src/eval/mod.rs")).as_deref(),
         Some("eval")
     );
     assert_eq!(
-        module_of(&root().join("src/commands/eval.rs")).as_deref(),
+        module_in(&host_src, &root().join("src/commands/eval.rs")).as_deref(),
         Some("commands::eval")
     );
-    assert_eq!(module_of(&root().join("src/main.rs")), None);
+    assert_eq!(module_in(&host_src, &root().join("src/main.rs")), None);
+    let xtask = root().join("xtask/src");
+    assert_eq!(
+        module_in(&xtask, &xtask.join("main.rs")).as_deref(),
+        Some("")
+    );
+    assert_eq!(
+        module_in(&xtask, &xtask.join("setup.rs")).as_deref(),
+        Some("setup")
+    );
 }
 
 /// Every table of measured results names the command that produced it and
