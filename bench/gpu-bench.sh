@@ -10,12 +10,7 @@
 set -uo pipefail
 OUT=${OUT:-gpu-bench-out}
 BATCH=${BATCH:-96}
-mkdir -p "$OUT"
-TORCH_LIB=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
-export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-BIN=gpu-bundle/vlmatch
-$BIN env | tee "$OUT/env.txt"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$OUT/env.txt"
+. "$(dirname "$0")/gpu-env.sh"
 COMMON=(--steps 10 --warmup 5 --repeats 5 --data-images 512 --data-image-side 480
   --reference gpu-bundle/reference.py --python python3
   --set "train.batch_size=$BATCH" --set data.workers=12)

@@ -4,12 +4,7 @@
 # Writes everything under ${OUT:-gpu-out}/ and ends with a summary table.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
-mkdir -p "$OUT"
-TORCH_LIB=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
-export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-BIN=gpu-bundle/vlmatch
-$BIN env | tee "$OUT/env.txt"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$OUT/env.txt"
+. "$(dirname "$0")/gpu-env.sh"
 
 run() { # name, then vlmatch train arguments
   local name=$1; shift

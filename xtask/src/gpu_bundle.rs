@@ -28,6 +28,7 @@ pub fn build(root: &Path) -> Result<(), String> {
     run_status(strip)?;
     for script in [
         "gpu-check.sh",
+        "gpu-env.sh",
         "curve.sh",
         "curve_table.py",
         "gpu-bench.sh",
