@@ -92,6 +92,17 @@ pub fn cargo(root: &Path) -> Result<Command, String> {
     Ok(cmd)
 }
 
+/// `cargo build` of the `vlmatch` binary, quietly, with `profile` (none, or
+/// `--release`).
+fn build_vlmatch(root: &Path, profile: &[&str]) -> Result<(), String> {
+    let mut build = cargo(root)?;
+    build
+        .arg("build")
+        .args(profile)
+        .args(["--quiet", "--package", "vlmatch", "--bin", "vlmatch"]);
+    run_status(build)
+}
+
 pub fn run_status(mut cmd: Command) -> Result<(), String> {
     let shown = format!("{cmd:?}");
     let status = cmd
@@ -129,16 +140,7 @@ fn train(root: &Path, rest: &[String]) -> Result<(), String> {
     let Some(nproc) = args.nproc else {
         return run_cli(root, "train", rest);
     };
-    let mut build = cargo(root)?;
-    build.args([
-        "build",
-        "--quiet",
-        "--package",
-        "vlmatch",
-        "--bin",
-        "vlmatch",
-    ]);
-    run_status(build)?;
+    build_vlmatch(root, &[])?;
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .map(|d| if d.is_absolute() { d } else { root.join(d) })
@@ -184,17 +186,7 @@ fn run_tests(root: &Path, rest: &[String]) -> Result<(), String> {
 /// `cargo xtask bench`: a release build of `vlmatch bench`, run with the
 /// PyTorch reference in the same call.
 fn bench(root: &Path, rest: &[String]) -> Result<(), String> {
-    let mut build = cargo(root)?;
-    build.args([
-        "build",
-        "--release",
-        "--quiet",
-        "--package",
-        "vlmatch",
-        "--bin",
-        "vlmatch",
-    ]);
-    run_status(build)?;
+    build_vlmatch(root, &["--release"])?;
     let python = setup::reference_python()?;
     let mut cmd = Command::new(root.join("target/release/vlmatch"));
     cmd.current_dir(root)

@@ -116,16 +116,7 @@ fn ensure_cuda_headers(libtorch: &Path) {
         CUDA_HEADER_PACKAGES.join(" "),
         venv.display()
     );
-    let status = Command::new(venv.join("bin").join("python"))
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-        ])
-        .args(CUDA_HEADER_PACKAGES)
-        .status();
+    let status = pip_install(&venv.join("bin").join("python"), &CUDA_HEADER_PACKAGES).status();
     if !status.is_ok_and(|s| s.success()) {
         eprintln!(
             "xtask: could not install {}; vlmatch builds without the NCCL backend \
@@ -133,6 +124,21 @@ fn ensure_cuda_headers(libtorch: &Path) {
             CUDA_HEADER_PACKAGES.join(" ")
         );
     }
+}
+
+/// `python -m pip install --quiet --disable-pip-version-check` of
+/// `packages`, to run.
+fn pip_install(python: &Path, packages: &[&str]) -> Command {
+    let mut cmd = Command::new(python);
+    cmd.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+    ])
+    .args(packages);
+    cmd
 }
 
 /// The torch package directory of `python`, if it imports torch 2.11.0.
@@ -302,15 +308,7 @@ pub fn reference_python() -> Result<PathBuf, String> {
             "xtask: installing pillow and transformers (the benchmark reference's data pipeline) and tensorboard for {}",
             python.display()
         );
-        let status = Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
-            .args(["pillow", "transformers", "tensorboard"])
+        let status = pip_install(&python, &["pillow", "transformers", "tensorboard"])
             .status()
             .map_err(|e| format!("cannot run {} -m pip: {e}", python.display()))?;
         if !status.success() || !has(&python) {
