@@ -226,14 +226,7 @@ mod tests {
     /// One step equals PyTorch's `torch.optim.AdamW` formula, written out.
     #[test]
     fn adamw_matches_reference_formula() {
-        let vs = nn::VarStore::new(tch::Device::Cpu);
-        let w = vs.root().var_copy(
-            "w",
-            &Tensor::from_slice(&[1.0f32, -2.0, 0.5, 3.0]).view([2, 2]),
-        );
-        let b = vs
-            .root()
-            .var_copy("b", &Tensor::from_slice(&[0.5f32, -0.5]));
+        let (vs, w, b) = two_params();
         let mut opt = AdamW::new(&vs, (0.9, 0.999), 1e-8, 0.1);
         let loss = (&w * &w).sum(Kind::Float) + (&b * 3.0).sum(Kind::Float);
         loss.backward();
