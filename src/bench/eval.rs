@@ -12,7 +12,7 @@
 //! lengths. An untrained model scores them arbitrarily but not in ties,
 //! which is all a timing and agreement check needs.
 
-use super::{run_reference, sync, write_file};
+use super::{run_reference, sync, write_file, write_init};
 use crate::setup;
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -92,13 +92,7 @@ pub fn bench_eval(opts: &EvalBenchOptions) -> Result<Value> {
     let owner: Vec<usize> = (0..ids.size()[0] as usize)
         .map(|j| j / opts.captions_per_image.max(1))
         .collect();
-    let init: Vec<(String, Tensor)> = asm
-        .vs
-        .variables()
-        .into_iter()
-        .map(|(k, v)| (k, v.detach().to_device(Device::Cpu).contiguous()))
-        .collect();
-    Tensor::write_safetensors(&init, out.join("init.safetensors"))?;
+    write_init(&asm.vs, out)?;
     Tensor::write_safetensors(
         &[
             ("images".to_string(), images.shallow_clone()),

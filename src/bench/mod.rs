@@ -121,6 +121,18 @@ fn time_blocks(
     Ok((median(blocks.clone()), blocks))
 }
 
+/// The model's initial parameters, on the CPU, as `out/init.safetensors`
+/// (the reference starts from them).
+fn write_init(vs: &tch::nn::VarStore, out: &Path) -> Result<()> {
+    let init: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .map(|(k, v)| (k, v.detach().to_device(Device::Cpu).contiguous()))
+        .collect();
+    Tensor::write_safetensors(&init, out.join("init.safetensors"))?;
+    Ok(())
+}
+
 fn write_file(path: &Path, contents: impl AsRef<[u8]>) -> Result<()> {
     std::fs::write(path, contents).map_err(|e| Error::io(path, e))
 }
@@ -148,13 +160,7 @@ pub fn bench(opts: &BenchOptions) -> Result<Value> {
         .map(|i| format!("{}\n", tok.token(i)))
         .collect();
     write_file(&out.join("vocab.txt"), vocab)?;
-    let init: Vec<(String, Tensor)> = asm
-        .vs
-        .variables()
-        .into_iter()
-        .map(|(k, v)| (k, v.detach().to_device(Device::Cpu).contiguous()))
-        .collect();
-    Tensor::write_safetensors(&init, out.join("init.safetensors"))?;
+    write_init(&asm.vs, out)?;
     let mut loader_cfg = LoaderConfig::new(&cfg.data, b, Some(tc.seed));
     // As in training: the samplers' caption work is the loader's.
     loader_cfg.preps = crate::data::loader::CaptionPreps::new(asm.caption_preps());
