@@ -418,31 +418,24 @@ mod tests {
                 .collect())
         };
         let bar = indicatif::ProgressBar::hidden();
-        let r = reranked_recalls(
-            &image_embeds,
-            &text_embeds,
-            &owner,
-            2,
-            Rerank::Itm,
-            score,
-            &bar,
-        )
-        .unwrap();
+        let rerank = |k: usize| {
+            let (i, t) = (&image_embeds, &text_embeds);
+            reranked_recalls(i, t, &owner, k, Rerank::Itm, score, &bar).unwrap()
+        };
+        // Over `shard`'s ranks, each keeping the 2 best.
+        let sharded = |shard: &Gather| {
+            let (i, t) = (&image_embeds, &text_embeds);
+            let shard: Option<&dyn Collective> = Some(shard);
+            reranked_recalls_sharded(i, t, &owner, 2, Rerank::Itm, score, None, shard, &bar)
+                .unwrap()
+        };
+        let r = rerank(2);
         let got = [r.tr_r1, r.tr_r5, r.tr_r10, r.ir_r1, r.ir_r5, r.ir_r10];
         assert_eq!(got, [0.5, 0.75, 0.75, 0.625, 1.0, 1.0]);
         assert!((r.rsum - 462.5).abs() < 1e-9, "{}", r.rsum);
         // k = 1 leaves ITC's first choice alone: of the images only img3
         // (c7) hits; of the captions c1 (i0), c3 (i1), c4 (i2), c7 (i3).
-        let r1 = reranked_recalls(
-            &image_embeds,
-            &text_embeds,
-            &owner,
-            1,
-            Rerank::Itm,
-            score,
-            &bar,
-        )
-        .unwrap();
+        let r1 = rerank(1);
         assert_eq!(
             [r1.tr_r1, r1.tr_r10, r1.ir_r1, r1.ir_r10],
             [0.25, 0.25, 0.5, 0.5]
@@ -457,18 +450,7 @@ mod tests {
                     rank,
                     blocks: RefCell::new(None),
                 };
-                reranked_recalls_sharded(
-                    &image_embeds,
-                    &text_embeds,
-                    &owner,
-                    2,
-                    Rerank::Itm,
-                    score,
-                    None,
-                    Some(&fake),
-                    &bar,
-                )
-                .unwrap();
+                sharded(&fake);
                 fake.blocks.into_inner().unwrap()
             })
             .collect();
@@ -476,18 +458,7 @@ mod tests {
             rank: 1,
             blocks: RefCell::new(Some(Tensor::cat(&blocks, 0))),
         };
-        let r2 = reranked_recalls_sharded(
-            &image_embeds,
-            &text_embeds,
-            &owner,
-            2,
-            Rerank::Itm,
-            score,
-            None,
-            Some(&all),
-            &bar,
-        )
-        .unwrap();
+        let r2 = sharded(&all);
         assert_eq!(recalls(&r2), recalls(&r));
         // 12 queries x 2 candidates, of which 8 pairs are in both an image's
         // and a caption's list: 16 distinct pairs fused.
