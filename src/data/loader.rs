@@ -26,7 +26,7 @@ use crate::tokenizer::Tokenizer;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use tch::{Kind, Tensor};
 use vlmatch_core::{Batch, CaptionPrep, Error, PositiveRule, Prepared, Result, TextBatch};
@@ -370,6 +370,31 @@ fn counted(cfg: &LoaderConfig, make: impl FnOnce() -> Result<Batch>) -> (Result<
     (batch, cfg.skipped.load(Ordering::Relaxed) - before)
 }
 
+/// On a loader thread: for `g` from `start`, this rank's part of global
+/// batch `g` (`make(g)`, with its sample keys and the pairs skipped making
+/// it) sent to `tx`, until a batch fails or the receiver is gone.
+fn send_batches(
+    tx: &SyncSender<(Result<Batch>, usize)>,
+    cfg: &LoaderConfig,
+    start: u64,
+    mut make: impl FnMut(u64) -> Result<Batch>,
+) {
+    let global = cfg.global_batch() as u64;
+    for g in start.. {
+        let batch = counted(cfg, || {
+            let batch = make(g)?;
+            Ok(with_sample_keys(
+                batch,
+                g * global + cfg.part().start as u64,
+            ))
+        });
+        let failed = batch.0.is_err();
+        if tx.send(batch).is_err() || failed {
+            return;
+        }
+    }
+}
+
 impl Loader {
     /// Batches from `source`, starting at global batch `start`.
     pub fn from_source(
@@ -413,20 +438,10 @@ impl Loader {
                     return;
                 }
                 let idx: Vec<usize> = (0..bs).collect();
-                for g in start.. {
-                    let batch = counted(&cfg, || {
-                        let ds = stream.next_part(global, cfg.part())?;
-                        let batch = make_batch(&ds, &tok, &cfg, &idx)?;
-                        Ok(with_sample_keys(
-                            batch,
-                            g * global as u64 + cfg.part().start as u64,
-                        ))
-                    });
-                    let failed = batch.0.is_err();
-                    if tx.send(batch).is_err() || failed {
-                        return;
-                    }
-                }
+                send_batches(&tx, &cfg, start, |_| {
+                    let ds = stream.next_part(global, cfg.part())?;
+                    make_batch(&ds, &tok, &cfg, &idx)
+                });
             })
             .map_err(|e| Error::io("loader thread", e))?;
         Ok(Loader {
@@ -471,25 +486,15 @@ impl Loader {
                 crate::panics::test_point("loader");
                 let mut epoch = u64::MAX;
                 let mut order = Vec::new();
-                for g in start.. {
+                send_batches(&tx, &cfg, start, |g| {
                     let e = g / bpe;
                     if e != epoch {
                         epoch = e;
                         order = epoch_order(ds.len(), cfg.shuffle_seed, e);
                     }
                     let idx = &slice(&order, (g % bpe) as usize, global)[cfg.part()];
-                    let batch = counted(&cfg, || {
-                        let batch = make_batch(&ds, &tok, &cfg, idx)?;
-                        Ok(with_sample_keys(
-                            batch,
-                            g * global as u64 + cfg.part().start as u64,
-                        ))
-                    });
-                    let failed = batch.0.is_err();
-                    if tx.send(batch).is_err() || failed {
-                        return;
-                    }
-                }
+                    make_batch(&ds, &tok, &cfg, idx)
+                });
             })
             .map_err(|e| Error::io("loader thread", e))?;
         Ok(Loader {
