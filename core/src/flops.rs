@@ -129,6 +129,20 @@ pub fn attention(module: &str, batch: i64, lq: i64, lk: i64, d: i64, grad: bool)
     );
 }
 
+/// [`matmul`] of `[rows, inner]` by `[inner, cols]` computing `out` from
+/// `input` and `weight`, with the gradient flags read off the tensors.
+fn matmul_of(module: &str, [input, weight, out]: [&Tensor; 3], [rows, inner, cols]: [i64; 3]) {
+    let backward = out.requires_grad();
+    matmul(
+        module,
+        rows,
+        inner,
+        cols,
+        backward && input.requires_grad(),
+        backward && weight.requires_grad(),
+    );
+}
+
 /// [`matmul`] for `out = x . weight^T` (a linear layer; `x` `[.., in]`,
 /// `weight` `[out, in]`), with the gradient flags read off the tensors.
 pub fn linear(module: &str, x: &Tensor, weight: &Tensor, out: &Tensor) {
@@ -137,15 +151,7 @@ pub fn linear(module: &str, x: &Tensor, weight: &Tensor, out: &Tensor) {
     }
     let inner = x.size().last().copied().unwrap_or(1);
     let rows = x.numel() as i64 / inner.max(1);
-    let backward = out.requires_grad();
-    matmul(
-        module,
-        rows,
-        inner,
-        weight.size()[0],
-        backward && x.requires_grad(),
-        backward && weight.requires_grad(),
-    );
+    matmul_of(module, [x, weight, out], [rows, inner, weight.size()[0]]);
 }
 
 /// [`matmul`] for a patch embedding: a convolution of `images` with
@@ -159,15 +165,7 @@ pub fn patch_embedding(module: &str, images: &Tensor, weight: &Tensor, out: &Ten
     let rows = size[0] * size.get(2).copied().unwrap_or(1) * size.get(3).copied().unwrap_or(1);
     let cols = weight.size()[0];
     let inner = weight.numel() as i64 / cols.max(1);
-    let backward = out.requires_grad();
-    matmul(
-        module,
-        rows,
-        inner,
-        cols,
-        backward && images.requires_grad(),
-        backward && weight.requires_grad(),
-    );
+    matmul_of(module, [images, weight, out], [rows, inner, cols]);
 }
 
 /// The module a parameter path names: its first component, or `model`.
