@@ -248,8 +248,12 @@ pub fn plugin_libraries() -> Vec<PathBuf> {
 /// searched on the library path).
 pub fn canonical_library(path: &Path, from: &str) -> Result<PathBuf> {
     let canonical = std::fs::canonicalize(path).map_err(|e| {
+        let why = match e.kind() {
+            std::io::ErrorKind::NotFound => "no such file".to_string(),
+            _ => e.to_string(),
+        };
         Error::Config(format!(
-            "{from} `{}`: {e}; expected the path of a plugin library file",
+            "{from} `{}`: {why}; expected the path of a plugin library file",
             path.display()
         ))
     })?;

@@ -795,12 +795,6 @@ fn bad_checkpoints_name_the_file() {
     let (deeper, _) = trained_copy("deeper");
     let (no_checkpoint, _) = trained_copy("no-checkpoint");
     std::fs::remove_dir_all(no_checkpoint.join("checkpoints")).unwrap();
-    let (dangling, _) = trained_copy("dangling-latest");
-    std::fs::write(
-        dangling.join("checkpoints/latest"),
-        "step-00000099.safetensors\n",
-    )
-    .unwrap();
     let missing = root().join("checkpoints/no-such-run");
     let name = "step-00000002.safetensors";
     check(vec![
@@ -826,13 +820,40 @@ fn bad_checkpoints_name_the_file() {
         Case::eval("checkpoint-none", &no_checkpoint, &[])
             .status_any_error()
             .names_path(&no_checkpoint),
-        Case::eval("checkpoint-dangling-latest", &dangling, &[])
-            .status_any_error()
-            .names(&["step-00000099.safetensors"]),
         Case::eval("checkpoint-run-missing", &missing, &[])
             .status_any_error()
             .names_path(&missing),
     ]);
+}
+
+/// A `latest` naming a checkpoint that is not there is not fatal: `eval`,
+/// like `--resume`, takes the newest intact checkpoint, with a warning
+/// naming both files, and its result names the checkpoint it used.
+#[test]
+fn a_dangling_latest_falls_back_to_the_newest_intact_checkpoint() {
+    let (dangling, _) = trained_copy("dangling-latest-eval");
+    std::fs::write(
+        dangling.join("checkpoints/latest"),
+        "step-00000099.safetensors\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vlmatch"))
+        .args(["eval", "--quiet", "--task", "heldout", "--checkpoint"])
+        .arg(&dangling)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("step-00000099.safetensors")
+            && stderr.contains("step-00000002.safetensors"),
+        "{stderr}"
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dangling.join("eval-heldout.json")).unwrap())
+            .unwrap();
+    assert_eq!(r["step"], 2, "{r}");
 }
 
 impl Case {

@@ -303,7 +303,7 @@ fn load_inner(
         let parsed = entry
             .and_then(|e| parse_entry(&e, text_key, extra, &at))
             .and_then(|p| {
-                let file = root.join(&p.image);
+                let file = super::resolve_under(&root, &p.image).map_err(&at)?;
                 if !by_path.contains_key(&p.image) && !file.is_file() {
                     return Err(at(format!(
                         "image file {} not found (check data.image_root, now {})",

@@ -159,6 +159,45 @@ pub fn load_any_with(
 }
 
 /// `e` with the hint that `data.on_error = "skip"` would have handled it
+/// The file an entry's image path `rel` names under `root`
+/// (`data.image_root`, or the annotation file's folder): `root/rel`, with
+/// `.` and `..` resolved within `rel`. A path that leads out of the root
+/// (`../secret.png`, `a/../../b`) is refused; an absolute one only where
+/// the root is `/`, which allows any. Symbolic links under the root are
+/// followed: the user placed them. `Err` says why, for the caller's error
+/// naming the file and line.
+pub fn resolve_under(root: &Path, rel: &str) -> std::result::Result<PathBuf, String> {
+    use std::path::Component;
+    let p = Path::new(rel);
+    let escape = || {
+        format!(
+            "image path `{rel}` leads outside the image root `{}`; image paths must stay under \
+             data.image_root (set it to \"/\" to allow absolute paths)",
+            root.display()
+        )
+    };
+    if p.has_root() {
+        if root.components().eq([Component::RootDir]) {
+            return Ok(p.to_path_buf());
+        }
+        return Err(escape());
+    }
+    let mut parts: Vec<&std::ffi::OsStr> = Vec::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::Normal(x) => parts.push(x),
+            Component::ParentDir => {
+                if parts.pop().is_none() {
+                    return Err(escape());
+                }
+            }
+            Component::RootDir | Component::Prefix(_) => return Err(escape()),
+        }
+    }
+    Ok(root.join(parts.iter().collect::<PathBuf>()))
+}
+
 /// (`what`: "drops such entries", "replaces such pairs", ...).
 pub(crate) fn with_skip_hint(e: Error, what: &str) -> Error {
     match e {
@@ -186,4 +225,52 @@ pub fn normalize(rgb: &[u8], mean: [f32; 3], std: [f32; 3]) -> Vec<f32> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod resolve_tests {
+    use super::resolve_under;
+    use proptest::prelude::*;
+    use std::path::{Component, Path};
+
+    proptest! {
+        /// Whatever an annotation says, the resolved path stays lexically
+        /// under the root: it starts with the root and nothing after it
+        /// climbs (`..`); and a path without `..` resolves to root/path.
+        #[test]
+        fn image_paths_never_resolve_outside_their_root(
+            root in prop::sample::select(vec!["images", "data/coco", "/srv/images", "", "."]),
+            parts in prop::collection::vec(
+                prop::sample::select(vec!["a", "b.png", "..", ".", "", "/", "c d"]), 0..8),
+        ) {
+            let rel = parts.join("/");
+            let root = Path::new(root);
+            if let Ok(file) = resolve_under(root, &rel) {
+                let rest = file.strip_prefix(root).expect("under the root");
+                prop_assert!(!rest.components().any(|c| c == Component::ParentDir), "{}", file.display());
+                prop_assert!(!rest.has_root(), "{}", file.display());
+            }
+            if !rel.split('/').any(|p| p == "..") && !rel.starts_with('/') {
+                prop_assert!(resolve_under(root, &rel).is_ok());
+            }
+        }
+    }
+
+    #[test]
+    fn escapes_are_refused_and_the_slash_root_allows_absolute_paths() {
+        let images = Path::new("images");
+        assert!(resolve_under(images, "../secret/s.png")
+            .unwrap_err()
+            .contains("leads outside"));
+        assert!(resolve_under(images, "a/../../s.png").is_err());
+        assert!(resolve_under(images, "/etc/passwd").is_err());
+        assert_eq!(
+            resolve_under(images, "a/./b/../c.png").unwrap(),
+            Path::new("images/a/c.png")
+        );
+        assert_eq!(
+            resolve_under(Path::new("/"), "/etc/x.png").unwrap(),
+            Path::new("/etc/x.png")
+        );
+    }
 }

@@ -132,12 +132,12 @@ fn label(task: Task, v: Option<&Value>) -> std::result::Result<i64, String> {
 /// An image named by an entry: `root/name`, or for SNLI-VE's bare ids
 /// `root/name.jpg`.
 fn image_file(root: &Path, name: &str, task: Task) -> std::result::Result<PathBuf, String> {
-    let file = root.join(name);
+    let file = crate::data::resolve_under(root, name)?;
     if file.is_file() {
         return Ok(file);
     }
     if task == Task::SnliVe {
-        let jpg = root.join(format!("{name}.jpg"));
+        let jpg = crate::data::resolve_under(root, &format!("{name}.jpg"))?;
         if jpg.is_file() {
             return Ok(jpg);
         }
