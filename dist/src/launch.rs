@@ -151,6 +151,22 @@ fn check_host(var: &'static str, value: &str) -> Result<String, LaunchError> {
     Ok(host.to_string())
 }
 
+/// The rank, world size and local rank in the variables `vars` (in that
+/// order), each required ([`required`] with `context`), parsed and checked
+/// ([`check_ranks`]).
+fn ranks<F>(get: &F, vars: [&'static str; 3], context: &str) -> Result<[usize; 3], LaunchError>
+where
+    F: Fn(&str) -> Option<String>,
+{
+    let mut values = [0; 3];
+    for (value, var) in values.iter_mut().zip(vars) {
+        *value = parse_usize(var, &required(get, var, context)?)?;
+    }
+    let [rank, world, local] = values;
+    check_ranks((vars[0], rank), (vars[1], world), (vars[2], local))?;
+    Ok(values)
+}
+
 /// Checks the ranks against the world size, naming the variables.
 fn check_ranks(
     (rank_var, rank): (&'static str, usize),
@@ -186,14 +202,7 @@ where
     F: Fn(&str) -> Option<String>,
 {
     let context = "RANK or WORLD_SIZE is (a torchrun-style launch)";
-    let rank = parse_usize("RANK", &required(get, "RANK", context)?)?;
-    let world_size = parse_usize("WORLD_SIZE", &required(get, "WORLD_SIZE", context)?)?;
-    let local_rank = parse_usize("LOCAL_RANK", &required(get, "LOCAL_RANK", context)?)?;
-    check_ranks(
-        ("RANK", rank),
-        ("WORLD_SIZE", world_size),
-        ("LOCAL_RANK", local_rank),
-    )?;
+    let [rank, world_size, local_rank] = ranks(get, ["RANK", "WORLD_SIZE", "LOCAL_RANK"], context)?;
     let master_addr = check_host("MASTER_ADDR", &required(get, "MASTER_ADDR", context)?)?;
     let master_port = parse_port("MASTER_PORT", &required(get, "MASTER_PORT", context)?)?;
     // Python's torch.distributed compares with str(True).
@@ -219,13 +228,10 @@ where
     F: Fn(&str) -> Option<String>,
 {
     let context = "SLURM_PROCID and SLURM_STEP_ID are (an srun job step)";
-    let rank = parse_usize("SLURM_PROCID", &required(get, "SLURM_PROCID", context)?)?;
-    let world_size = parse_usize("SLURM_NTASKS", &required(get, "SLURM_NTASKS", context)?)?;
-    let local_rank = parse_usize("SLURM_LOCALID", &required(get, "SLURM_LOCALID", context)?)?;
-    check_ranks(
-        ("SLURM_PROCID", rank),
-        ("SLURM_NTASKS", world_size),
-        ("SLURM_LOCALID", local_rank),
+    let [rank, world_size, local_rank] = ranks(
+        get,
+        ["SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"],
+        context,
     )?;
     let master_addr = match get("MASTER_ADDR") {
         Some(addr) => check_host("MASTER_ADDR", &addr)?,
