@@ -250,11 +250,7 @@ impl ProcessGroup {
     /// shape `[1]`.
     pub fn all_gather(&self, tensor: &Tensor) -> Result<Tensor> {
         let op = Op::AllGather;
-        let input = if tensor.dim() == 0 {
-            tensor.reshape([1])
-        } else {
-            tensor.contiguous()
-        };
+        let input = gather_input(tensor, Tensor::contiguous);
         let mut shape = input.size();
         shape[0] *= self.info.size as i64;
         let mut output = Tensor::empty(shape.as_slice(), (input.kind(), input.device()));
@@ -279,11 +275,7 @@ impl ProcessGroup {
     /// Shapes as in [`ProcessGroup::all_gather`].
     pub fn all_gather_with_grad(&self, tensor: &Tensor) -> Result<Tensor> {
         let op = Op::AllGather;
-        let input = if tensor.dim() == 0 {
-            tensor.reshape([1])
-        } else {
-            tensor.shallow_clone()
-        };
+        let input = gather_input(tensor, Tensor::shallow_clone);
         self.handle(op)?
             .allgather_with_grad(&input)
             .map_err(|f| self.start_error(op, f))
@@ -349,34 +341,29 @@ fn work_error(info: GroupInfo, op: Op, timeout: Duration, f: Failure) -> DistErr
         size,
         ..
     } = info;
-    match f {
-        Failure::Timeout(detail) => DistError::Timeout {
+    let (timed_out, detail) = match f {
+        Failure::Timeout(detail) => (true, detail),
+        // Gloo's own deadline (the group's timeout) ends the operation with
+        // an error of its own rather than leaving it pending.
+        Failure::Error(detail) => (detail.to_ascii_lowercase().contains("timed out"), detail),
+    };
+    if timed_out {
+        DistError::Timeout {
             backend,
             rank,
             size,
             op,
             timeout,
             detail,
-        },
-        // Gloo's own deadline (the group's timeout) ends the operation with
-        // an error of its own rather than leaving it pending.
-        Failure::Error(detail) if detail.to_ascii_lowercase().contains("timed out") => {
-            DistError::Timeout {
-                backend,
-                rank,
-                size,
-                op,
-                timeout,
-                detail,
-            }
         }
-        Failure::Error(detail) => DistError::Collective {
+    } else {
+        DistError::Collective {
             backend,
             rank,
             size,
             op,
             detail,
-        },
+        }
     }
 }
 
@@ -433,6 +420,16 @@ impl std::fmt::Debug for Work {
     }
 }
 
+/// `tensor` as a gather's input: a 0-dim tensor as shape `[1]`, any other
+/// as `as_is` gives it.
+fn gather_input(tensor: &Tensor, as_is: fn(&Tensor) -> Tensor) -> Tensor {
+    if tensor.dim() == 0 {
+        tensor.reshape([1])
+    } else {
+        as_is(tensor)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -445,46 +442,27 @@ mod tests {
             size: 4,
             timeout: Duration::from_secs(600),
         };
-        let e = work_error(
-            info,
+        let error = |op, failure| work_error(info, op, info.timeout, failure);
+        let e = error(
             Op::AllReduce,
-            info.timeout,
             Failure::Timeout("Operation timed out!".into()),
         );
         let msg = e.to_string();
         assert!(msg.starts_with("rank 1 of 4: all_reduce"), "{msg}");
         assert!(msg.contains("600s"), "{msg}");
         // Gloo's own deadline reads as a timeout too.
-        let e = work_error(
-            info,
-            Op::Broadcast,
-            info.timeout,
-            Failure::Error("Timed out waiting 600000ms for recv operation to complete".into()),
-        );
+        let gloo_deadline = "Timed out waiting 600000ms for recv operation to complete";
+        let e = error(Op::Broadcast, Failure::Error(gloo_deadline.into()));
         assert!(
-            matches!(
-                e,
-                DistError::Timeout {
-                    op: Op::Broadcast,
-                    ..
-                }
-            ),
+            matches!(e, DistError::Timeout { op, .. } if op == Op::Broadcast),
             "{e:?}"
         );
-        let e = work_error(
-            info,
+        let e = error(
             Op::Barrier,
-            info.timeout,
             Failure::Error("Connection closed by peer".into()),
         );
         assert!(
-            matches!(
-                e,
-                DistError::Collective {
-                    op: Op::Barrier,
-                    ..
-                }
-            ),
+            matches!(e, DistError::Collective { op, .. } if op == Op::Barrier),
             "{e:?}"
         );
     }
