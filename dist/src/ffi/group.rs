@@ -14,26 +14,30 @@ pub(crate) struct RawWork {
     _opaque: [u8; 0],
 }
 
+/// The backends' constructors, one signature (`vlm_pg_gloo_new`,
+/// `vlm_pg_nccl_new`).
+macro_rules! pg_constructors {
+    ($($name:ident),*) => {
+        extern "C" {
+            $(
+                fn $name(
+                    s: *mut RawStore,
+                    prefix: *const c_char,
+                    rank: i32,
+                    size: i32,
+                    timeout_ms: i64,
+                    out: *mut *mut RawPg,
+                    err: *mut *mut c_char,
+                ) -> i32;
+            )*
+        }
+    };
+}
+
+pg_constructors!(vlm_pg_gloo_new, vlm_pg_nccl_new);
+
 extern "C" {
     fn vlm_has_nccl() -> i32;
-    fn vlm_pg_gloo_new(
-        s: *mut RawStore,
-        prefix: *const c_char,
-        rank: i32,
-        size: i32,
-        timeout_ms: i64,
-        out: *mut *mut RawPg,
-        err: *mut *mut c_char,
-    ) -> i32;
-    fn vlm_pg_nccl_new(
-        s: *mut RawStore,
-        prefix: *const c_char,
-        rank: i32,
-        size: i32,
-        timeout_ms: i64,
-        out: *mut *mut RawPg,
-        err: *mut *mut c_char,
-    ) -> i32;
     fn vlm_pg_free(pg: *mut RawPg);
     fn vlm_pg_leak(pg: *mut RawPg);
     fn vlm_pg_allreduce_sum(
@@ -77,6 +81,19 @@ pub(crate) enum RawBackend {
 
 /// An owned `c10::intrusive_ptr<c10d::Backend>`.
 pub(crate) struct PgHandle(Option<NonNull<RawPg>>);
+
+/// Starts a collective: `call` (the shim function, given valid
+/// out-pointers for the work and the error message), then its status and
+/// the work it returned.
+fn start_work(
+    call: impl FnOnce(*mut *mut RawWork, *mut *mut c_char) -> i32,
+) -> FfiResult<WorkHandle> {
+    let mut out = ptr::null_mut();
+    let mut err = ptr::null_mut();
+    let code = call(&mut out, &mut err);
+    status(code, err)?;
+    WorkHandle::from_raw(out)
+}
 
 // SAFETY: a c10d backend may be used from another thread than the one that
 // created it (PyTorch's own reducer does). It is not `Sync`: Gloo hands out
@@ -128,18 +145,14 @@ impl PgHandle {
     /// Starts an in-place SUM all-reduce of `tensors`.
     pub(crate) fn allreduce_sum(&self, tensors: &mut [Tensor]) -> FfiResult<WorkHandle> {
         let ptrs: Vec<*mut C_tensor> = tensors.iter_mut().map(|t| t.as_mut_ptr()).collect();
-        let mut out = ptr::null_mut();
-        let mut err = ptr::null_mut();
         // SAFETY: live handle; `ptrs` holds `ptrs.len()` live tensor handles
         // (`at::Tensor*`, tch's `C_tensor`) borrowed mutably for the call.
         // The shim copies each `at::Tensor` (a reference to the same
         // storage), so the storage outlives the operation even if the Rust
         // tensors are dropped before the work completes.
-        let code = unsafe {
-            vlm_pg_allreduce_sum(self.raw(), ptrs.as_ptr(), ptrs.len(), &mut out, &mut err)
-        };
-        status(code, err)?;
-        WorkHandle::from_raw(out)
+        start_work(|out, err| unsafe {
+            vlm_pg_allreduce_sum(self.raw(), ptrs.as_ptr(), ptrs.len(), out, err)
+        })
     }
 
     /// Starts gathering every rank's `input` into `output` (dim 0).
@@ -148,43 +161,32 @@ impl PgHandle {
         output: &mut Tensor,
         input: &Tensor,
     ) -> FfiResult<WorkHandle> {
-        let mut out = ptr::null_mut();
-        let mut err = ptr::null_mut();
         // SAFETY: live handle and two live tensor handles. `input` is only
         // read; the shim takes a `*mut` because c10d's signature does, and
         // copies the `at::Tensor` before use, so the pointer is never
         // written through.
-        let code = unsafe {
+        start_work(|out, err| unsafe {
             vlm_pg_allgather_base(
                 self.raw(),
                 output.as_mut_ptr(),
                 input.as_ptr() as *mut C_tensor,
-                &mut out,
-                &mut err,
+                out,
+                err,
             )
-        };
-        status(code, err)?;
-        WorkHandle::from_raw(out)
+        })
     }
 
     /// Starts an in-place broadcast of `tensor` from `root`.
     pub(crate) fn broadcast(&self, tensor: &mut Tensor, root: i64) -> FfiResult<WorkHandle> {
-        let mut out = ptr::null_mut();
-        let mut err = ptr::null_mut();
         // SAFETY: live handle and a live, mutably borrowed tensor handle.
-        let code =
-            unsafe { vlm_pg_broadcast(self.raw(), tensor.as_mut_ptr(), root, &mut out, &mut err) };
-        status(code, err)?;
-        WorkHandle::from_raw(out)
+        start_work(|out, err| unsafe {
+            vlm_pg_broadcast(self.raw(), tensor.as_mut_ptr(), root, out, err)
+        })
     }
 
     pub(crate) fn barrier(&self) -> FfiResult<WorkHandle> {
-        let mut out = ptr::null_mut();
-        let mut err = ptr::null_mut();
         // SAFETY: live handle; valid out-pointers.
-        let code = unsafe { vlm_pg_barrier(self.raw(), &mut out, &mut err) };
-        status(code, err)?;
-        WorkHandle::from_raw(out)
+        start_work(|out, err| unsafe { vlm_pg_barrier(self.raw(), out, err) })
     }
 
     /// Gives up the handle without running the backend's destructor, which
