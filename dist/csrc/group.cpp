@@ -28,9 +28,15 @@ std::vector<at::Tensor> tensor_list(at::Tensor* const* tensors, size_t n) {
   return out;
 }
 
-int32_t finish_work(const PgState& pg, Launched launched, vlm_work** out) {
+// Starts collective `op` on `pg` (`launch(backend)` issues it, under the
+// launch lock) and hands its work to `out`.
+template <typename F>
+int32_t start_work(vlm_pg* pg, int32_t op, vlm_work** out, F&& launch) {
+  PgState& state = *pg->state;
+  Launched launched =
+      state.start(op, [&] { return launch(*state.backend); });
   *out = new vlm_work{
-      std::move(launched.work), pg.activity, launched.seq, launched.op};
+      std::move(launched.work), state.activity, launched.seq, launched.op};
   return VLM_OK;
 }
 
@@ -45,6 +51,30 @@ vlm_pg* new_pg(
   state->rank = rank;
   state->size = size;
   return new vlm_pg{std::move(state)};
+}
+
+// A process group of type `PG`, built with `opts`, over `prefix`-scoped
+// keys of the store `s` (so several groups can share one store).
+template <typename PG, typename Options>
+vlm_pg* new_prefixed_pg(
+    vlm_store* s,
+    const char* prefix,
+    int32_t rank,
+    int32_t size,
+    int64_t timeout_ms,
+    Options opts) {
+  auto store =
+      c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), s->store);
+  auto pg = c10::make_intrusive<PG>(
+      c10::static_intrusive_pointer_cast<c10d::Store>(store),
+      rank,
+      size,
+      std::move(opts));
+  return new_pg(
+      c10::static_intrusive_pointer_cast<c10d::Backend>(std::move(pg)),
+      timeout_ms,
+      rank,
+      size);
 }
 
 } // namespace
@@ -101,8 +131,7 @@ int32_t vlm_has_nccl(void) {
 #endif
 }
 
-// A Gloo process group over `prefix`-scoped keys of the store, so several
-// groups can share one store.
+// A Gloo process group over `prefix`-scoped keys of the store.
 int32_t vlm_pg_gloo_new(
     vlm_store* s,
     const char* prefix,
@@ -112,20 +141,10 @@ int32_t vlm_pg_gloo_new(
     vlm_pg** out,
     char** err) {
   return guarded(err, [&] {
-    auto store = c10::make_intrusive<c10d::PrefixStore>(
-        std::string(prefix), s->store);
     auto opts = c10d::ProcessGroupGloo::Options::create_default(
         std::chrono::milliseconds(timeout_ms));
-    auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(
-        c10::static_intrusive_pointer_cast<c10d::Store>(store),
-        rank,
-        size,
-        std::move(opts));
-    *out = new_pg(
-        c10::static_intrusive_pointer_cast<c10d::Backend>(std::move(pg)),
-        timeout_ms,
-        rank,
-        size);
+    *out = new_prefixed_pg<c10d::ProcessGroupGloo>(
+        s, prefix, rank, size, timeout_ms, std::move(opts));
     return VLM_OK;
   });
 }
@@ -140,20 +159,10 @@ int32_t vlm_pg_nccl_new(
     char** err) {
 #ifdef VLMATCH_WITH_NCCL
   return guarded(err, [&] {
-    auto store = c10::make_intrusive<c10d::PrefixStore>(
-        std::string(prefix), s->store);
     auto opts = c10d::ProcessGroupNCCL::Options::create();
     opts->timeout = std::chrono::milliseconds(timeout_ms);
-    auto pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(
-        c10::static_intrusive_pointer_cast<c10d::Store>(store),
-        rank,
-        size,
-        std::move(opts));
-    *out = new_pg(
-        c10::static_intrusive_pointer_cast<c10d::Backend>(std::move(pg)),
-        timeout_ms,
-        rank,
-        size);
+    *out = new_prefixed_pg<c10d::ProcessGroupNCCL>(
+        s, prefix, rank, size, timeout_ms, std::move(opts));
     return VLM_OK;
   });
 #else
@@ -202,21 +211,15 @@ int32_t vlm_pg_allreduce_sum(
     if (list.size() == 1) {
       c10d::AllreduceOptions opts;
       opts.reduceOp = c10d::ReduceOp::SUM;
-      return finish_work(
-          *pg->state,
-          pg->state->start(
-              VLM_OP_ALLREDUCE,
-              [&] { return pg->state->backend->allreduce(list, opts); }),
-          out);
+      return start_work(pg, VLM_OP_ALLREDUCE, out, [&](c10d::Backend& b) {
+        return b.allreduce(list, opts);
+      });
     }
     c10d::AllreduceCoalescedOptions opts;
     opts.reduceOp = c10d::ReduceOp::SUM;
-    return finish_work(
-        *pg->state,
-        pg->state->start(
-            VLM_OP_ALLREDUCE,
-            [&] { return pg->state->backend->allreduce_coalesced(list, opts); }),
-        out);
+    return start_work(pg, VLM_OP_ALLREDUCE, out, [&](c10d::Backend& b) {
+      return b.allreduce_coalesced(list, opts);
+    });
   });
 }
 
@@ -231,12 +234,9 @@ int32_t vlm_pg_allgather_base(
   return guarded(err, [&] {
     at::Tensor o = *output;
     at::Tensor i = *input;
-    return finish_work(
-        *pg->state,
-        pg->state->start(
-            VLM_OP_ALLGATHER,
-            [&] { return pg->state->backend->_allgather_base(o, i); }),
-        out);
+    return start_work(pg, VLM_OP_ALLGATHER, out, [&](c10d::Backend& b) {
+      return b._allgather_base(o, i);
+    });
   });
 }
 
@@ -252,23 +252,18 @@ int32_t vlm_pg_broadcast(
     c10d::BroadcastOptions opts;
     opts.rootRank = root;
     opts.rootTensor = 0;
-    return finish_work(
-        *pg->state,
-        pg->state->start(
-            VLM_OP_BROADCAST,
-            [&] { return pg->state->backend->broadcast(list, opts); }),
-        out);
+    return start_work(pg, VLM_OP_BROADCAST, out, [&](c10d::Backend& b) {
+      return b.broadcast(list, opts);
+    });
   });
 }
 
 int32_t vlm_pg_barrier(vlm_pg* pg, vlm_work** out, char** err) {
   return guarded(err, [&] {
     c10d::BarrierOptions opts;
-    return finish_work(
-        *pg->state,
-        pg->state->start(
-            VLM_OP_BARRIER, [&] { return pg->state->backend->barrier(opts); }),
-        out);
+    return start_work(pg, VLM_OP_BARRIER, out, [&](c10d::Backend& b) {
+      return b.barrier(opts);
+    });
   });
 }
 
