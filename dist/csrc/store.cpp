@@ -64,6 +64,26 @@ std::vector<std::string> key_list(const char* const* keys, size_t n) {
   return out;
 }
 
+// `store` as a new handle.
+template <typename S>
+vlm_store* new_store(c10::intrusive_ptr<S> store) {
+  return new vlm_store{
+      c10::static_intrusive_pointer_cast<c10d::Store>(std::move(store))};
+}
+
+// A TCPStore connection to `host:port` with `opts`, whose port and timeout
+// (`timeout_ms`) are set here.
+vlm_store* tcp_store(
+    const char* host,
+    uint16_t port,
+    int64_t timeout_ms,
+    c10d::TCPStoreOptions opts) {
+  opts.port = port;
+  opts.timeout = std::chrono::milliseconds(timeout_ms);
+  return new_store(
+      c10::make_intrusive<c10d::TCPStore>(std::string(host), opts));
+}
+
 } // namespace
 
 extern "C" {
@@ -86,14 +106,10 @@ int32_t vlm_store_tcp_new(
     char** err) {
   return guarded(err, [&] {
     c10d::TCPStoreOptions opts;
-    opts.port = port;
     opts.isServer = is_master != 0;
     opts.numWorkers = static_cast<size_t>(world_size);
     opts.waitWorkers = true;
-    opts.timeout = std::chrono::milliseconds(timeout_ms);
-    auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
-    *out = new vlm_store{c10::static_intrusive_pointer_cast<c10d::Store>(
-        std::move(store))};
+    *out = tcp_store(host, port, timeout_ms, opts);
     return VLM_OK;
   });
 }
@@ -108,13 +124,9 @@ int32_t vlm_store_tcp_client(
     char** err) {
   return guarded(err, [&] {
     c10d::TCPStoreOptions opts;
-    opts.port = port;
     opts.isServer = false;
     opts.waitWorkers = false;
-    opts.timeout = std::chrono::milliseconds(timeout_ms);
-    auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
-    *out = new vlm_store{c10::static_intrusive_pointer_cast<c10d::Store>(
-        std::move(store))};
+    *out = tcp_store(host, port, timeout_ms, opts);
     return VLM_OK;
   });
 }
@@ -127,10 +139,8 @@ int32_t vlm_store_prefixed(
     vlm_store** out,
     char** err) {
   return guarded(err, [&] {
-    auto store = c10::make_intrusive<c10d::PrefixStore>(
-        std::string(prefix), s->store);
-    *out = new vlm_store{c10::static_intrusive_pointer_cast<c10d::Store>(
-        std::move(store))};
+    *out = new_store(
+        c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), s->store));
     return VLM_OK;
   });
 }
