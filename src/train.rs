@@ -23,9 +23,11 @@
 //! directory; logged values are means over ranks.
 
 mod entry;
+mod files;
 mod start;
 
-pub use entry::{train, train_launched, truncate_metrics, TrainOptions, TrainSummary};
+pub use entry::{train, train_launched, TrainOptions, TrainSummary};
+pub use files::truncate_metrics;
 pub use start::Run;
 
 use crate::optim::lr_at;

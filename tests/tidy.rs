@@ -985,14 +985,6 @@ const KNOWN_CYCLES: &[(&str, &str)] = &[
         "data/mod.rs calls webdataset::load_shards, which uses the parent's Dataset types",
     ),
     (
-        "src: downstream -> downstream::formats -> downstream",
-        "downstream/mod.rs calls formats::load, which builds the parent's task types",
-    ),
-    (
-        "src: train::entry -> train::start -> train::entry",
-        "entry uses start::Run, start uses entry's TrainOptions and file helpers",
-    ),
-    (
         "core: batch -> positives -> batch",
         "Batch holds PairKeys, positives reads TextBatch",
     ),

@@ -11,7 +11,7 @@
 //! naming the file, the line the entry starts on and what was expected, or
 //! with `data.on_error = "skip"` a warning, and the entry is dropped.
 
-use super::{Items, Task};
+use super::task::{Items, Task};
 use crate::data::{Dataset, ImageRef, OnError, Pair};
 use serde_json::Value;
 use std::collections::HashMap;

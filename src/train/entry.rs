@@ -5,7 +5,7 @@
 use super::start::Run;
 use crate::fault::Fault;
 use serde_json::{Map, Value};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use vlmatch_core::{Error, Result};
 use vlmatch_dist::LaunchEnv;
 use vlmatch_registry::ConfigLayers;
@@ -57,34 +57,6 @@ pub(super) fn default_run_dir(preset: &str) -> PathBuf {
         rem % 3600 / 60,
         rem % 60
     ))
-}
-
-/// Keep the lines of a JSON-lines log (`metrics.jsonl`, `eval.jsonl`) up
-/// to `step`, dropping what a killed run logged after its last checkpoint.
-pub fn truncate_metrics(path: &Path, step: i64) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Ok(());
-    };
-    let kept: String = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<Value>(l)
-                .ok()
-                .and_then(|v| v.get("step").and_then(Value::as_i64))
-                .is_some_and(|s| s <= step)
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    write_atomic(path, &kept)
-}
-
-/// Write `text` to `path` through a temporary file, so that a reader (a
-/// rank loading the run's config while rank 0 rewrites it) never sees it
-/// half written.
-pub(super) fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 /// Trains as [`TrainOptions`] say; as one rank of a data-parallel run when
@@ -139,7 +111,8 @@ pub fn train_launched(
         progress: opts.progress,
         fault,
     };
-    let result = Run::start(&opts, &run_dir, &loaded, device, par.as_mut(), flags)
+    let resume = opts.resume.is_some();
+    let result = Run::start(resume, &run_dir, &loaded, device, par.as_mut(), flags)
         .and_then(|run| super::run(run, opts.halt_after));
     crate::parallel::finish(result, par)
 }

@@ -4,7 +4,7 @@
 //! then its weights, optimizer moments and hook state, by broadcast) or a
 //! fresh start (pretrained weights, broadcast from rank 0).
 
-use super::entry::{truncate_metrics, write_atomic, TrainOptions};
+use super::files::{truncate_metrics, write_atomic};
 use crate::checkpoint::{self, Layout, TrainerState};
 use crate::data::loader::{CaptionPreps, Loader, LoaderConfig, Source};
 use crate::guard::Guard;
@@ -77,8 +77,10 @@ fn share(par: Option<&Parallel>, device: Device, counters: Counters) -> Result<C
 }
 
 impl<'a> Run<'a> {
+    /// A run in `run_dir`: fresh, or continuing its newest checkpoint when
+    /// `resumed`.
     pub fn start(
-        opts: &TrainOptions,
+        resumed: bool,
         run_dir: &Path,
         loaded: &LoadedConfig,
         device: Device,
@@ -135,7 +137,6 @@ impl<'a> Run<'a> {
             seed: tc.seed as i64,
         };
         let mut last_good = None;
-        let resumed = opts.resume.is_some();
         if resumed {
             let mut counters = counters_of(state, layout, 0, &hooks);
             if main {

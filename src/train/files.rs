@@ -1,0 +1,34 @@
+//! The run directory's files the trainer rewrites: logs cut back to a
+//! checkpoint on resume, and the config written whole or not at all.
+
+use serde_json::Value;
+use std::path::Path;
+use vlmatch_core::{Error, Result};
+
+/// Keep the lines of a JSON-lines log (`metrics.jsonl`, `eval.jsonl`) up
+/// to `step`, dropping what a killed run logged after its last checkpoint.
+pub fn truncate_metrics(path: &Path, step: i64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(Value::as_i64))
+                .is_some_and(|s| s <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    write_atomic(path, &kept)
+}
+
+/// Write `text` to `path` through a temporary file, so that a reader (a
+/// rank loading the run's config while rank 0 rewrites it) never sees it
+/// half written.
+pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
