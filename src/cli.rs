@@ -36,7 +36,9 @@ pub enum Command {
         #[arg(long)]
         quiet: bool,
         /// Test hook: rank RANK kills itself, hangs or is sent SIGTERM right after
-        /// step STEP, or has a NaN loss at step STEP.
+        /// step STEP, or has a NaN loss at step STEP. Only in builds with the
+        /// `fault-injection` feature (`cargo xtask test`).
+        #[cfg(feature = "fault-injection")]
         #[arg(long, value_name = "RANK:STEP:kill|hang|term|nan", hide = true)]
         fault: Option<crate::fault::Fault>,
     },
@@ -176,7 +178,9 @@ pub enum Command {
         /// from its newest checkpoint.
         #[arg(long)]
         resume: bool,
-        /// Inject a failure (fault tests): RANK:STEP:kill|hang|term|nan.
+        /// Inject a failure (fault tests): RANK:STEP:kill|hang|term|nan. Only
+        /// in builds with the `fault-injection` feature.
+        #[cfg(feature = "fault-injection")]
         #[arg(long, hide = true)]
         fault: Option<crate::fault::Fault>,
     },
@@ -370,6 +374,19 @@ pub fn main() -> std::process::ExitCode {
     }
 }
 
+/// The `--fault` of a command, where the build has it (the
+/// `fault-injection` feature, which `cargo xtask test` enables); `None`
+/// in other builds, which lack the flag.
+macro_rules! injected {
+    ($fault:ident) => {{
+        #[cfg(feature = "fault-injection")]
+        let f = $fault;
+        #[cfg(not(feature = "fault-injection"))]
+        let f = None;
+        f
+    }};
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     crate::setup::set_plugin_libraries(&cli.plugins)?;
     match cli.command {
@@ -378,13 +395,14 @@ pub fn run(cli: Cli) -> Result<()> {
             run_dir,
             resume,
             quiet,
+            #[cfg(feature = "fault-injection")]
             fault,
         } => crate::commands::train::train(
             layers_for_train(&config, resume.is_some())?,
             run_dir,
             resume,
             quiet,
-            fault,
+            injected!(fault),
         ),
         Command::Env => crate::commands::env::env(),
         Command::Preview {
@@ -465,6 +483,7 @@ pub fn run(cli: Cli) -> Result<()> {
             sets,
             quiet,
             resume,
+            #[cfg(feature = "fault-injection")]
             fault,
         } => crate::commands::finetune::finetune(
             &task,
@@ -479,7 +498,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 sets,
                 progress: !quiet,
                 resume,
-                fault,
+                fault: injected!(fault),
             },
             crate::commands::finetune::Classification {
                 val,

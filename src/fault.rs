@@ -111,6 +111,9 @@ impl WriteFault {
     /// The fault point's setting, if any; a malformed one is ignored with
     /// a warning (it is not a user setting).
     pub fn from_env() -> Option<WriteFault> {
+        if !cfg!(feature = "fault-injection") {
+            return None;
+        }
         let v = std::env::var(CHECKPOINT_FAULT).ok()?;
         let parsed = (|| {
             let mut it = v.split(':');

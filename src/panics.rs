@@ -160,7 +160,8 @@ pub const TEST_PANIC: &str = "VLMATCH_TEST_PANIC";
 /// step.
 #[track_caller]
 pub fn test_point(point: &str) {
-    if std::env::var_os(TEST_PANIC).is_some_and(|v| v == point) {
+    if cfg!(feature = "fault-injection") && std::env::var_os(TEST_PANIC).is_some_and(|v| v == point)
+    {
         panic!("test panic at `{point}` ({TEST_PANIC})");
     }
 }

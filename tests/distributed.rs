@@ -548,6 +548,10 @@ fn write_shards(dir: &Path, per_shard: usize) -> String {
 /// last checkpoint with 2 ranks and ends exactly as an uninterrupted 2-rank
 /// run.
 #[test]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "needs the fault-injection feature (cargo xtask test enables it)"
+)]
 fn a_killed_rank_stops_the_other_and_the_run_resumes() {
     let root = scratch("dist-kill");
     let sets = [
@@ -619,6 +623,10 @@ fn a_killed_rank_stops_the_other_and_the_run_resumes() {
 /// Rank 0 serves the rendezvous store; when it dies the others cannot read
 /// its heartbeat, and say so.
 #[test]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "needs the fault-injection feature (cargo xtask test enables it)"
+)]
 fn a_killed_rank_0_stops_the_other_and_is_named() {
     let root = scratch("dist-kill0");
     let mut args = train_args(
@@ -651,6 +659,10 @@ fn a_killed_rank_0_stops_the_other_and_is_named() {
 /// A rank that hangs (alive, but stuck in its step) stops the other within
 /// `train.dist.timeout`, with an error that names it.
 #[test]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "needs the fault-injection feature (cargo xtask test enables it)"
+)]
 fn a_hung_rank_stops_the_other_within_the_timeout() {
     let root = scratch("dist-hang");
     let mut args = train_args(
@@ -911,6 +923,10 @@ fn torchrun_launches_two_ranks() {
 /// rank exits with 143, and resuming ends where an uninterrupted run does.
 /// On one process the same, without the agreement.
 #[test]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "needs the fault-injection feature (cargo xtask test enables it)"
+)]
 fn sigterm_on_one_rank_stops_every_rank_with_a_checkpoint() {
     let root = scratch("dist-term");
     let sets = [

@@ -227,6 +227,10 @@ fn a_diverging_run_stops_with_the_step_its_losses_and_no_panic() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "needs the fault-injection feature (cargo xtask test enables it)"
+)]
 fn a_nonfinite_step_stops_the_run_and_names_the_last_good_checkpoint() {
     let dir = scratch("faults-nan-stop");
     let o = command(&train_args(&dir, &[]), &[])
@@ -249,6 +253,10 @@ fn a_nonfinite_step_stops_the_run_and_names_the_last_good_checkpoint() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "needs the fault-injection feature (cargo xtask test enables it)"
+)]
 fn with_skip_a_nonfinite_step_is_dropped_and_training_goes_on() {
     let dir = scratch("faults-nan-skip");
     let o = command(
@@ -355,6 +363,10 @@ fn a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "needs the fault-injection feature (cargo xtask test enables it)"
+)]
 fn a_failed_checkpoint_write_names_the_path_and_keeps_the_previous_one() {
     let dir = scratch("faults-write-fail");
     let fault = [("VLMATCH_TEST_CHECKPOINT_FAULT", "8:1000:fail".to_string())];
@@ -381,6 +393,10 @@ fn a_failed_checkpoint_write_names_the_path_and_keeps_the_previous_one() {
 /// timing almost never lands there): resumed until done, the run ends bit
 /// for bit like an uninterrupted one, every step logged once.
 #[test]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "needs the fault-injection feature (cargo xtask test enables it)"
+)]
 fn killed_at_random_moments_and_inside_a_checkpoint_write_the_run_ends_exactly() {
     let full = reference();
     let dir = scratch("faults-crash");
@@ -634,6 +650,10 @@ fn finetune_args(task: &str, pre: &Path, out: &Path, extra: &[&str]) -> Vec<Stri
 /// weights, optimizer state, best weights and logged values, bit for bit,
 /// as the same fine-tune run without interruption.
 #[test]
+#[cfg_attr(
+    not(feature = "fault-injection"),
+    ignore = "needs the fault-injection feature (cargo xtask test enables it)"
+)]
 fn killed_finetunes_resume_to_identical_weights() {
     let root = scratch("finetune-kill");
     let pre = root.join("pre");

@@ -179,7 +179,14 @@ fn run_tests(root: &Path, rest: &[String]) -> Result<(), String> {
     }
     cmd.env("VLMATCH_HF_FIXTURES", dirs.join(":"));
     cmd.env("BENCH_REFERENCE_PYTHON", python);
-    cmd.args(["test", "--workspace"]).args(rest);
+    // The fault tests' switches exist only in builds with this feature.
+    cmd.args([
+        "test",
+        "--workspace",
+        "--features",
+        "vlmatch/fault-injection",
+    ])
+    .args(rest);
     run_status(cmd)
 }
 
