@@ -96,12 +96,6 @@ impl Layout {
     }
 }
 
-fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    write(&tmp)?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-}
-
 pub fn save(
     dir: &Path,
     vs: &nn::VarStore,
@@ -123,11 +117,18 @@ pub fn save_with_layout(
     layout: Option<Layout>,
     keep: usize,
 ) -> Result<PathBuf> {
-    let fault = WriteFault::from_env().filter(|f| f.step == state.step);
-    let ckpt_dir = dir.join("checkpoints");
-    std::fs::create_dir_all(&ckpt_dir).map_err(|e| Error::io(&ckpt_dir, e))?;
-    let name = format!("step-{:08}.safetensors", state.step);
-    let path = ckpt_dir.join(&name);
+    let tensors = checkpoint_tensors(vs, optim, extra, state, layout);
+    save_tensors(&crate::durable::REAL, dir, &tensors, state.step, keep)
+}
+
+/// Everything a checkpoint holds, by name, on the CPU.
+fn checkpoint_tensors(
+    vs: &nn::VarStore,
+    optim: Vec<(String, Tensor)>,
+    extra: Vec<(String, Tensor)>,
+    state: TrainerState,
+    layout: Option<Layout>,
+) -> Vec<(String, Tensor)> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     for (k, v) in vs.variables() {
         tensors.push((
@@ -154,19 +155,36 @@ pub fn save_with_layout(
         tensors.push(("state.world_size".into(), Tensor::from(l.world_size)));
         tensors.push(("state.batch_size".into(), Tensor::from(l.batch_size)));
     }
-    let tmp = path.with_extension("tmp");
-    let written = write_verified(&tensors, &tmp, &path, fault);
+    tensors
+}
+
+/// Write checkpoint `step` of `dir` on `fs`: the file synced, its checksum
+/// written durably, the file renamed to its name and the directory synced,
+/// then `latest` written durably; only then are old checkpoints pruned, so
+/// a power cut at any point leaves an intact checkpoint `latest` names.
+fn save_tensors(
+    fs: &dyn crate::durable::Fs,
+    dir: &Path,
+    tensors: &[(String, Tensor)],
+    step: i64,
+    keep: usize,
+) -> Result<PathBuf> {
+    let fault = WriteFault::from_env().filter(|f| f.step == step);
+    let ckpt_dir = dir.join("checkpoints");
+    std::fs::create_dir_all(&ckpt_dir).map_err(|e| Error::io(&ckpt_dir, e))?;
+    let name = format!("step-{step:08}.safetensors");
+    let path = ckpt_dir.join(&name);
+    let tmp = crate::durable::temporary(&path);
+    let written = write_verified(fs, tensors, &tmp, &path, fault);
     if written.is_err() {
         // Nothing half-written stays behind; the previous checkpoints and
         // `latest` are untouched.
-        let _ = std::fs::remove_file(&tmp);
-        let _ = std::fs::remove_file(check_path(&path));
+        let _ = fs.remove(&tmp);
+        let _ = fs.remove(&check_path(&path));
     }
     written?;
-    write_atomic(&ckpt_dir.join("latest"), |tmp| {
-        std::fs::write(tmp, &name).map_err(|e| Error::io(tmp, e))
-    })?;
-    prune(&ckpt_dir, keep.max(1))?;
+    crate::durable::write_with(fs, &ckpt_dir.join("latest"), name.as_bytes())?;
+    prune(fs, &ckpt_dir, keep.max(1))?;
     Ok(path)
 }
 
@@ -197,6 +215,7 @@ fn crc32_of(path: &Path) -> std::io::Result<(u32, u64)> {
 /// then rename it to `path`. `fault` (tests only) cuts the written file
 /// at a byte and fails or kills the process there.
 fn write_verified(
+    fs: &dyn crate::durable::Fs,
     tensors: &[(String, Tensor)],
     tmp: &Path,
     path: &Path,
@@ -231,15 +250,16 @@ fn write_verified(
             )),
         ));
     }
-    std::fs::File::open(tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| Error::io(tmp, e))?;
+    fs.sync_file(tmp).map_err(|e| Error::io(tmp, e))?;
     let (crc, len) = crc32_of(tmp).map_err(|e| Error::io(tmp, e))?;
-    let check = check_path(path);
-    write_atomic(&check, |t| {
-        std::fs::write(t, format!("{crc:08x} {len}\n")).map_err(|e| Error::io(t, e))
-    })?;
-    std::fs::rename(tmp, path).map_err(|e| Error::io(path, e))
+    crate::durable::write_with(
+        fs,
+        &check_path(path),
+        format!("{crc:08x} {len}\n").as_bytes(),
+    )?;
+    fs.rename(tmp, path).map_err(|e| Error::io(path, e))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs.sync_dir(dir).map_err(|e| Error::io(dir, e))
 }
 
 /// Whether the checkpoint at `path` is whole: its length and CRC-32 match
@@ -291,12 +311,12 @@ fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-fn prune(dir: &Path, keep: usize) -> Result<()> {
+fn prune(fs: &dyn crate::durable::Fs, dir: &Path, keep: usize) -> Result<()> {
     let files = checkpoint_files(dir)?;
     let excess = files.len().saturating_sub(keep);
     for f in &files[..excess] {
-        std::fs::remove_file(f).map_err(|e| Error::io(f, e))?;
-        let _ = std::fs::remove_file(check_path(f));
+        fs.remove(f).map_err(|e| Error::io(f, e))?;
+        let _ = fs.remove(&check_path(f));
     }
     Ok(())
 }
@@ -511,6 +531,41 @@ pub fn load_full(path: &Path, vs: &nn::VarStore) -> Result<Loaded> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Saving syncs the checkpoint, writes its checksum durably, renames it
+    /// and syncs the directory, writes `latest` durably, and prunes last.
+    #[test]
+    fn a_checkpoint_is_durable_before_latest_names_it_and_pruning_comes_last() {
+        let dir = std::env::temp_dir().join(format!("vlmatch-ckpt-order-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let tensors = vec![("state.step".to_string(), Tensor::from(1i64))];
+        save_tensors(&crate::durable::REAL, &dir, &tensors, 1, 1).unwrap();
+        let fs = crate::durable::Recorder::default();
+        save_tensors(&fs, &dir, &tensors, 2, 1).unwrap();
+        let (c, t) = ("step-00000002.safetensors", "step-00000002.safetensors.tmp");
+        let want: Vec<String> = [
+            format!("sync {t}"),
+            format!("write {c}.crc32.tmp"),
+            format!("sync {c}.crc32.tmp"),
+            format!("rename {c}.crc32.tmp -> {c}.crc32"),
+            "sync dir checkpoints".into(),
+            format!("rename {t} -> {c}"),
+            "sync dir checkpoints".into(),
+            "write latest.tmp".into(),
+            "sync latest.tmp".into(),
+            "rename latest.tmp -> latest".into(),
+            "sync dir checkpoints".into(),
+            "remove step-00000001.safetensors".into(),
+            "remove step-00000001.safetensors.crc32".into(),
+        ]
+        .into();
+        assert_eq!(*fs.calls.borrow(), want);
+        assert_eq!(
+            newest_intact(&dir).unwrap(),
+            dir.join("checkpoints").join(c)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn resume_needs_the_same_global_batch_and_says_what_to_set() {

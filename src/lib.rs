@@ -11,6 +11,7 @@ pub mod cli;
 pub mod commands;
 pub mod data;
 pub mod downstream;
+pub mod durable;
 pub mod eval;
 pub mod explain;
 pub mod export;

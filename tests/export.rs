@@ -146,8 +146,8 @@ fn transformers_round_trip(
     };
     let loaded = layers.load().unwrap();
     let tok = std::sync::Arc::new(vlmatch::setup::tokenizer(&loaded).unwrap());
-    let (mut asm, _) = vlmatch::setup::model(&loaded, &tok).unwrap();
-    vlmatch::checkpoint::load(&vlmatch::checkpoint::latest(run_dir).unwrap(), &mut asm.vs).unwrap();
+    let (asm, _) = vlmatch::setup::model(&loaded, &tok).unwrap();
+    vlmatch::checkpoint::load(&vlmatch::checkpoint::latest(run_dir).unwrap(), &asm.vs).unwrap();
     tch::manual_seed(5);
     let pixels = Tensor::randn(
         [3, 3, image_size, image_size],

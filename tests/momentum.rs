@@ -223,12 +223,10 @@ fn momentum_model_and_queues_round_trip_through_a_checkpoint() {
     }
     let saved = checkpoint(&dir, 12);
     let _turn = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
-    let (mut asm, mut m, _, _) = build(&MOD);
-    let loaded = vlmatch::checkpoint::load_full(
-        &dir.join("checkpoints/step-00000012.safetensors"),
-        &mut asm.vs,
-    )
-    .unwrap();
+    let (asm, mut m, _, _) = build(&MOD);
+    let loaded =
+        vlmatch::checkpoint::load_full(&dir.join("checkpoints/step-00000012.safetensors"), &asm.vs)
+            .unwrap();
     let names: Vec<String> = vlmatch::hooks::state_tensors("momentum", &m)
         .into_iter()
         .map(|(n, _)| n)

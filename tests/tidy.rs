@@ -1252,7 +1252,9 @@ fn results_tables_name_command_and_commit_and_readme_is_short() {
                 fenced = !fenced;
             }
             if !fenced && line.starts_with('|') {
-                if !table && !(command && commit) {
+                // The first row of a table must follow both lines.
+                let labelled = command && commit;
+                if !table && !labelled {
                     bad.push(i + 1);
                 }
                 table = true;

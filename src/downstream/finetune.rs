@@ -148,7 +148,7 @@ pub fn finetune(opts: &FinetuneOptions) -> Result<FinetuneReport> {
 fn finetune_on(
     opts: &FinetuneOptions,
     device: tch::Device,
-    mut par: Option<&mut crate::parallel::Parallel>,
+    par: Option<&mut crate::parallel::Parallel>,
 ) -> Result<FinetuneReport> {
     let task = opts.task;
     let (rank, world) = par.as_ref().map_or((0, 1), |p| (p.rank, p.world));
@@ -268,7 +268,7 @@ fn finetune_on(
         every,
         run: &mut validate,
     });
-    let fitted = fit::fit(&spec, &m.asm.vs, par.as_deref_mut(), micro, validation)?;
+    let fitted = fit::fit(&spec, &m.asm.vs, par, micro, validation)?;
     let best_step = fitted.best.map_or(opts.steps, |(s, _)| s);
     let test = match &test {
         Some(t) => Some(accuracy(&m, t, info.majority_class)?),

@@ -224,7 +224,7 @@ pub fn fit(
         let mut stepper = Stepper {
             optim: &mut optim,
             guard: &mut guard,
-            par: par,
+            par,
             hooks: &hooks,
             accum_steps: tc.accum_steps,
             grad_clip: tc.grad_clip,

@@ -321,7 +321,7 @@ fn finetune_on(
     opts: &FinetuneOptions,
     pre: &LoadedConfig,
     device: tch::Device,
-    mut par: Option<&mut crate::parallel::Parallel>,
+    par: Option<&mut crate::parallel::Parallel>,
 ) -> Result<PathBuf> {
     let (rank, world) = par.as_ref().map_or((0, 1), |p| (p.rank, p.world));
     let set = load(&opts.data, opts.image_root.as_deref(), &pre.config, true)?;
@@ -416,7 +416,7 @@ fn finetune_on(
         device,
         fault: opts.fault,
     };
-    let fitted = fit(&spec, &m.asm.vs, par.as_deref_mut(), micro, None)?;
+    let fitted = fit(&spec, &m.asm.vs, par, micro, None)?;
     tracing::info!(out = %out.display(), loss = fitted.last_loss, answers = n, "fine-tuned");
     Ok(out)
 }

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 use std::path::Path;
-use vlmatch_core::{Error, Result};
+use vlmatch_core::Result;
 
 /// Keep the lines of a JSON-lines log (`metrics.jsonl`, `eval.jsonl`) up
 /// to `step`, dropping what a killed run logged after its last checkpoint.
@@ -21,14 +21,12 @@ pub fn truncate_metrics(path: &Path, step: i64) -> Result<()> {
         })
         .map(|l| format!("{l}\n"))
         .collect();
-    write_atomic(path, &kept)
+    crate::durable::write(path, kept)
 }
 
-/// Write `text` to `path` through a temporary file, so that a reader (a
+/// Write `text` to `path` durably ([`crate::durable`]), so that a reader (a
 /// rank loading the run's config while rank 0 rewrites it) never sees it
-/// half written.
+/// half written and a power cut keeps the old or the new.
 pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    crate::durable::write(path, text)
 }

@@ -91,7 +91,7 @@ impl<'a> Run<'a> {
         let (rank, world) = par.as_ref().map_or((0, 1), |p| (p.rank, p.world));
         let main = rank == 0;
         let tok = Arc::new(setup::tokenizer(loaded)?);
-        let (mut asm, env) = setup::model_on(loaded, &tok, device)?;
+        let (asm, env) = setup::model_on(loaded, &tok, device)?;
         let (train_source, heldout) = setup::train_source(loaded)?;
         let (load_skipped, epoch_steps) = match &train_source {
             Source::Pairs(ds) => {
@@ -141,7 +141,7 @@ impl<'a> Run<'a> {
             let mut counters = counters_of(state, layout, 0, &hooks);
             if main {
                 let path = checkpoint::newest_intact(run_dir)?;
-                let saved = checkpoint::load_full(&path, &mut asm.vs)?;
+                let saved = checkpoint::load_full(&path, &asm.vs)?;
                 let hook_counters = hooks.load(&saved.extra, &path)?;
                 optim.load_state(&saved.optim).map_err(|m| Error::Data {
                     path: path.clone(),
