@@ -373,7 +373,7 @@ fn a_failed_checkpoint_write_names_the_path_and_keeps_the_previous_one() {
     let o = command(&train_args(&dir, &[]), &fault).output().unwrap();
     no_backtrace(&o);
     assert_ne!(o.status.code(), Some(0));
-    let tmp = dir.join("checkpoints/step-00000008.tmp");
+    let tmp = dir.join("checkpoints/step-00000008.safetensors.tmp");
     let e = stderr(&o);
     assert!(
         e.contains(&tmp.display().to_string()) && e.contains("write failed after 1000 bytes"),
@@ -406,7 +406,7 @@ fn killed_at_random_moments_and_inside_a_checkpoint_write_the_run_ends_exactly()
     let mut child = start_or_resume(&dir, &abort);
     let status = wait_with_timeout(&mut child, Duration::from_secs(120));
     assert_eq!(status.code(), None, "killed by SIGKILL inside the write");
-    assert!(dir.join("checkpoints/step-00000008.tmp").exists());
+    assert!(dir.join("checkpoints/step-00000008.safetensors.tmp").exists());
     assert_eq!(latest(&dir), "step-00000004.safetensors");
     // A full run's duration bounds the random moments.
     let span = std::fs::metadata(full.join("metrics.jsonl"))
