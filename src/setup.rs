@@ -292,6 +292,8 @@ pub fn registry(cfg: &LoadedConfig) -> Result<Registry> {
 /// compute precision and the host's masked-LM loader.
 pub fn model_env(cfg: &LoadedConfig, tok: &Arc<Tokenizer>, device: Device) -> Result<ModelEnv> {
     let train = &cfg.config.train;
+    // Every command that decodes images builds a model first.
+    crate::data::loader::set_max_image_pixels(cfg.config.data.max_image_pixels);
     if let Device::Cuda(n) = device {
         if !tch::Cuda::is_available() || n >= tch::Cuda::device_count() as usize {
             return Err(Error::Config(format!(

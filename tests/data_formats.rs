@@ -443,3 +443,38 @@ fn bad_shard_samples_fail_by_default_and_are_skipped_with_skip() {
     // Per epoch (one batch): the captionless sample, and the corrupt image.
     assert_eq!(loader.skipped(), 6);
 }
+
+/// An image whose header claims more pixels than `data.max_image_pixels`
+/// is refused before any pixel is decoded, naming the file, its size and
+/// the key; under `on_error = "skip"` it is dropped and counted.
+#[test]
+fn an_image_over_the_pixel_limit_is_refused_before_decoding() {
+    let dir = scratch("pixel-limit");
+    // A real 64 x 64 PNG, and a PNG header that claims 100000 x 100000 (a
+    // decompression bomb's header; its data would not even decode).
+    let png = dir.join("small.png");
+    image::RgbImage::from_pixel(64, 64, image::Rgb([200, 30, 30]))
+        .save(&png)
+        .unwrap();
+    let mut bomb = std::fs::read(&png).unwrap();
+    bomb[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+    bomb[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+    // The IHDR chunk's CRC over its type and data, as a real header has.
+    let crc = crc32fast::hash(&bomb[12..29]);
+    bomb[29..33].copy_from_slice(&crc.to_be_bytes());
+    let bomb_path = dir.join("bomb.png");
+    std::fs::write(&bomb_path, &bomb).unwrap();
+    use vlmatch::data::loader::decode_resized_within as decode;
+    let pil = 2 * 89_478_485;
+    let e = decode(&bomb_path, "test", 32, pil).unwrap_err().to_string();
+    assert!(
+        e.contains("bomb.png")
+            && e.contains("100000 x 100000")
+            && e.contains("data.max_image_pixels"),
+        "{e}"
+    );
+    assert_eq!(decode(&png, "test", 32, pil).unwrap().len(), 32 * 32 * 3);
+    // The key lowers the limit for real images too.
+    let e = decode(&png, "test", 32, 1000).unwrap_err().to_string();
+    assert!(e.contains("64 x 64 = 4096 pixels"), "{e}");
+}

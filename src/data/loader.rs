@@ -160,12 +160,62 @@ impl LoaderConfig {
 
 /// Decode an image file and resize it to `size` x `size` RGB.
 pub fn decode_resized(path: &Path, origin: &str, size: usize) -> Result<Vec<u8>> {
-    let img = image::open(path).map_err(|e| Error::Data {
+    decode_resized_within(path, origin, size, max_image_pixels())
+}
+
+/// [`decode_resized`] with an image refused above `max_pixels` (from its
+/// header, before decoding).
+pub fn decode_resized_within(
+    path: &Path,
+    origin: &str,
+    size: usize,
+    max_pixels: u64,
+) -> Result<Vec<u8>> {
+    let bad = |e: &dyn std::fmt::Display| Error::Data {
         path: path.to_path_buf(),
         line: None,
-        message: format!("cannot decode image (named at {origin}): {}", one_line(&e)),
-    })?;
+        message: format!("cannot decode image (named at {origin}): {}", one_line(e)),
+    };
+    // The format from the file name, as `image::open` picks it.
+    let open = || image::ImageReader::open(path);
+    let dims = open()
+        .map_err(|e| bad(&e))?
+        .into_dimensions()
+        .map_err(|e| bad(&e))?;
+    check_pixels(dims, max_pixels, path, origin)?;
+    let img = open().map_err(|e| bad(&e))?.decode().map_err(|e| bad(&e))?;
     Ok(resized(img, size))
+}
+
+/// `data.max_image_pixels`, set from the run's config ([`set_max_image_pixels`]).
+static MAX_IMAGE_PIXELS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(2 * 89_478_485);
+
+/// The most pixels an image may have before it is decoded (the config's
+/// `data.max_image_pixels`; every command that builds a model sets it).
+pub fn set_max_image_pixels(n: u64) {
+    MAX_IMAGE_PIXELS.store(n, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn max_image_pixels() -> u64 {
+    MAX_IMAGE_PIXELS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// An image's header dimensions against `data.max_image_pixels`, before
+/// any pixel is decoded: a small file can claim a huge image.
+fn check_pixels((w, h): (u32, u32), max: u64, path: &Path, origin: &str) -> Result<()> {
+    let pixels = u64::from(w) * u64::from(h);
+    if pixels <= max {
+        return Ok(());
+    }
+    Err(Error::Data {
+        path: path.to_path_buf(),
+        line: None,
+        message: format!(
+            "image (at {origin}) is {w} x {h} = {pixels} pixels, over data.max_image_pixels \
+             ({max}): a decompression bomb, or raise the key for a real image this large"
+        ),
+    })
 }
 
 /// Decode an in-memory image (named `path` for messages) and resize it.
@@ -175,11 +225,21 @@ pub fn decode_bytes_resized(
     origin: &str,
     size: usize,
 ) -> Result<Vec<u8>> {
-    let img = image::load_from_memory(bytes).map_err(|e| Error::Data {
+    let bad = |e: &dyn std::fmt::Display| Error::Data {
         path: path.to_path_buf(),
         line: None,
-        message: format!("cannot decode image (in {origin}): {}", one_line(&e)),
-    })?;
+        message: format!("cannot decode image (in {origin}): {}", one_line(e)),
+    };
+    let reader = || image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format();
+    let dims = reader()
+        .map_err(|e| bad(&e))?
+        .into_dimensions()
+        .map_err(|e| bad(&e))?;
+    check_pixels(dims, max_image_pixels(), path, origin)?;
+    let img = reader()
+        .map_err(|e| bad(&e))?
+        .decode()
+        .map_err(|e| bad(&e))?;
     Ok(resized(img, size))
 }
 

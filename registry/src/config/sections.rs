@@ -421,8 +421,18 @@ pub struct DataConfig {
     pub mean: [f32; 3],
     #[serde(default = "default_std")]
     pub std: [f32; 3],
+    /// The most pixels (width x height, read from the image's header before
+    /// decoding) an image may have; larger ones are refused as a
+    /// decompression bomb (skipped and counted under `on_error = "skip"`).
+    /// Default: PIL's limit, 2 x 89,478,485.
+    #[serde(default = "default_max_image_pixels")]
+    pub max_image_pixels: u64,
     #[serde(default)]
     pub synthetic: SyntheticConfig,
+}
+
+fn default_max_image_pixels() -> u64 {
+    2 * 89_478_485
 }
 
 impl DataConfig {
@@ -447,6 +457,12 @@ impl DataConfig {
                 .map_err(|(k, p)| (k, format!("channel {i}: {p}")))?;
             at("data.std", check::positive_f64("data.std", f64::from(*s)))
                 .map_err(|(k, p)| (k, format!("channel {i}: {p}")))?;
+        }
+        if d.max_image_pixels == 0 {
+            return Err((
+                "data.max_image_pixels".into(),
+                "must be positive (the most pixels an image may have)".into(),
+            ));
         }
         at(
             "data.synthetic.captions_per_scene",
