@@ -30,8 +30,10 @@ const SHIM_SOURCES: [&str; 5] = [
     "csrc/health.cpp",
 ];
 
-/// The shim's headers: what the files share, and the hand-declared Gloo.
-const SHIM_HEADERS: [&str; 2] = ["csrc/shim.h", "csrc/gloo_decl.h"];
+/// The shim's headers: what the files share, the hand-declared Gloo, and the
+/// check that refuses to compile against a libtorch other than 2.11.x
+/// (`#error`, then a `static_assert` naming the version found).
+const SHIM_HEADERS: [&str; 3] = ["csrc/shim.h", "csrc/gloo_decl.h", "csrc/version_check.h"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

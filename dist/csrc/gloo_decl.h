@@ -50,6 +50,9 @@
 
 #pragma once
 
+// This layout is 2.11's: refuse any other libtorch (see version_check.h).
+#include "version_check.h"
+
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/Store.hpp>
 #include <torch/csrc/distributed/c10d/Work.hpp>

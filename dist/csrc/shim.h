@@ -21,6 +21,9 @@
 
 #pragma once
 
+// First: refuse any libtorch but 2.11.x, before its other headers.
+#include "version_check.h"
+
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/Store.hpp>
 #include <torch/csrc/distributed/c10d/Work.hpp>
