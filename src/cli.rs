@@ -35,6 +35,10 @@ pub enum Command {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Start a new run in a --run-dir that holds another run's
+        /// checkpoints (they move to checkpoints.old-TIME).
+        #[arg(long, conflicts_with = "resume")]
+        force: bool,
         /// Test hook: rank RANK kills itself, hangs or is sent SIGTERM right after
         /// step STEP, or has a NaN loss at step STEP. Only in builds with the
         /// `fault-injection` feature (`cargo xtask test`).
@@ -395,12 +399,12 @@ pub fn run(cli: Cli) -> Result<()> {
             run_dir,
             resume,
             quiet,
+            force,
             #[cfg(feature = "fault-injection")]
             fault,
         } => crate::commands::train::train(
             layers_for_train(&config, resume.is_some())?,
-            run_dir,
-            resume,
+            (run_dir, resume, force),
             quiet,
             injected!(fault),
         ),

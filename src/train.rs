@@ -24,6 +24,7 @@
 
 mod entry;
 mod files;
+mod owner;
 mod start;
 
 pub use entry::{train, train_launched, TrainOptions, TrainSummary};

@@ -44,6 +44,7 @@ fn train_co(preset: Option<&str>, name: &str) -> TrainSummary {
         resume: None,
         halt_after: None,
         progress: false,
+        force: false,
     })
     .unwrap()
 }

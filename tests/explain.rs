@@ -19,6 +19,7 @@ fn explain_scores_every_word_and_writes_a_page() {
         resume: None,
         halt_after: None,
         progress: false,
+        force: false,
     })
     .unwrap();
     let image = dir.join("red.png");

@@ -97,6 +97,7 @@ fn clip_vit_and_roberta_export_round_trip() {
         resume: None,
         halt_after: None,
         progress: false,
+        force: false,
     })
     .unwrap();
     let _turn = TRAINING.lock().unwrap_or_else(|e| e.into_inner());

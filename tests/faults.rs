@@ -406,7 +406,9 @@ fn killed_at_random_moments_and_inside_a_checkpoint_write_the_run_ends_exactly()
     let mut child = start_or_resume(&dir, &abort);
     let status = wait_with_timeout(&mut child, Duration::from_secs(120));
     assert_eq!(status.code(), None, "killed by SIGKILL inside the write");
-    assert!(dir.join("checkpoints/step-00000008.safetensors.tmp").exists());
+    assert!(dir
+        .join("checkpoints/step-00000008.safetensors.tmp")
+        .exists());
     assert_eq!(latest(&dir), "step-00000004.safetensors");
     // A full run's duration bounds the random moments.
     let span = std::fs::metadata(full.join("metrics.jsonl"))
@@ -702,4 +704,49 @@ fn killed_finetunes_resume_to_identical_weights() {
             assert_eq!(read(&full), read(&cut), "{task}: validation");
         }
     }
+}
+
+/// A run directory has one owner: while one trainer runs in it, a second
+/// (`--resume`) stops naming the first's pid; a new run refuses a
+/// directory holding another run's checkpoints unless `--force`, which
+/// moves them aside and says so.
+#[test]
+fn a_run_directory_has_one_owner() {
+    let dir = scratch("faults-owner");
+    let mut first = command(
+        &train_args(&dir, &["train.steps=100000", "train.checkpoint_every=1"]),
+        &[],
+    )
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let started = Instant::now();
+    while !dir.join("checkpoints/latest").exists() {
+        assert!(started.elapsed() < Duration::from_secs(60), "no checkpoint");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let o = command(&resume_args(&dir), &[]).output().unwrap();
+    let _ = first.kill();
+    let _ = first.wait();
+    no_backtrace(&o);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("in use by another trainer") && e.contains(&format!("pid {}", first.id())),
+        "{e}"
+    );
+    // The first is gone: its lock went with it. A new run there is refused
+    // (its checkpoints would mix with the old ones) unless forced.
+    let o = command(&train_args(&dir, &["train.steps=2"]), &[])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("--resume") && e.contains("--force"), "{e}");
+    let mut forced = train_args(&dir, &["train.steps=2"]);
+    forced.push("--force".into());
+    let o = command(&forced, &[]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("checkpoints.old-"), "{}", stderr(&o));
+    assert_eq!(latest(&dir), "step-00000002.safetensors");
 }

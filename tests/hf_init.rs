@@ -81,6 +81,7 @@ fn a_preset_built_on_checkpoints_trains() {
         resume: None,
         halt_after: None,
         progress: false,
+        force: false,
     })
     .unwrap();
     assert_eq!(s.last_step, 4);

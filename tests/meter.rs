@@ -103,6 +103,7 @@ fn meter_preset_trains_from_clip_and_roberta_checkpoints() {
         resume: None,
         halt_after: None,
         progress: false,
+        force: false,
     })
     .unwrap();
     assert_eq!(s.last_step, 4);

@@ -597,6 +597,7 @@ fn the_neggen_layer_trains_with_the_vlmatch_preset() {
         resume: None,
         halt_after: None,
         progress: false,
+        force: false,
     })
     .unwrap();
     assert_eq!(s.last_step, 3);

@@ -66,6 +66,7 @@ fn rtd_generator_can_have_its_own_text_encoder() {
         resume: None,
         halt_after: None,
         progress: false,
+        force: false,
     })
     .unwrap();
     assert!(s

@@ -31,6 +31,7 @@ fn train_preset(name: &str) -> (Vec<String>, vlmatch::train::TrainSummary) {
         resume: None,
         halt_after: None,
         progress: false,
+        force: false,
     })
     .unwrap();
     (enabled, s)

@@ -10,8 +10,7 @@ use vlmatch_registry::ConfigLayers;
 /// results and the run directory.
 pub fn train(
     mut layers: ConfigLayers,
-    run_dir: Option<PathBuf>,
-    resume: Option<PathBuf>,
+    (run_dir, resume, force): (Option<PathBuf>, Option<PathBuf>, bool),
     quiet: bool,
     fault: Option<crate::fault::Fault>,
 ) -> Result<()> {
@@ -32,6 +31,7 @@ pub fn train(
             resume,
             halt_after: None,
             progress: !quiet,
+            force,
         },
         launch,
         fault,

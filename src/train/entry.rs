@@ -21,6 +21,9 @@ pub struct TrainOptions {
     pub halt_after: Option<i64>,
     /// Show the progress display (the `progress` hook).
     pub progress: bool,
+    /// Start a new run in a `run_dir` that holds another run's checkpoints
+    /// (they move to `checkpoints.old-TIME`).
+    pub force: bool,
 }
 
 #[derive(Debug)]
@@ -111,8 +114,11 @@ pub fn train_launched(
         progress: opts.progress,
         fault,
     };
-    let resume = opts.resume.is_some();
-    let result = Run::start(resume, &run_dir, &loaded, device, par.as_mut(), flags)
+    let how = super::start::Start {
+        resume: opts.resume.is_some(),
+        force: opts.force,
+    };
+    let result = Run::start(how, &run_dir, &loaded, device, par.as_mut(), flags)
         .and_then(|run| super::run(run, opts.halt_after));
     crate::parallel::finish(result, par)
 }

@@ -45,6 +45,16 @@ pub struct Run<'a> {
     /// The newest checkpoint known good: the one resumed from, then each
     /// one written (named when a non-finite step stops the run).
     pub last_good: Option<PathBuf>,
+    /// Rank 0's lock on the run directory, held while the run lives.
+    pub lock: Option<super::owner::RunLock>,
+}
+
+/// How a run starts: continuing its checkpoint, or fresh (over another
+/// run's checkpoints only when forced).
+#[derive(Debug, Clone, Copy)]
+pub struct Start {
+    pub resume: bool,
+    pub force: bool,
 }
 
 /// The trainer's counters and each hook's, by name, as rank 0 read them
@@ -78,9 +88,9 @@ fn share(par: Option<&Parallel>, device: Device, counters: Counters) -> Result<C
 
 impl<'a> Run<'a> {
     /// A run in `run_dir`: fresh, or continuing its newest checkpoint when
-    /// `resumed`.
+    /// `how.resume`. Rank 0 holds the directory's lock for the run's life.
     pub fn start(
-        resumed: bool,
+        how: Start,
         run_dir: &Path,
         loaded: &LoadedConfig,
         device: Device,
@@ -118,10 +128,17 @@ impl<'a> Run<'a> {
             host: &resources,
         })?;
         let metrics_path = run_dir.join("metrics.jsonl");
-        if main {
-            std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
+        let resumed = how.resume;
+        let lock = if main {
+            let lock = super::owner::lock(run_dir)?;
+            if !resumed {
+                super::owner::claim(run_dir, how.force)?;
+            }
             write_atomic(&run_dir.join("config.toml"), &loaded.to_toml())?;
-        }
+            Some(lock)
+        } else {
+            None
+        };
         let mut optim = AdamW::new(&asm.vs, tc.betas, tc.eps, tc.weight_decay);
         let layout = Layout {
             world_size: world as i64,
@@ -254,6 +271,7 @@ impl<'a> Run<'a> {
             load_skipped,
             metrics,
             last_good,
+            lock,
         })
     }
 }

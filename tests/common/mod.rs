@@ -52,6 +52,7 @@ pub fn run(
         resume: None,
         halt_after,
         progress: false,
+        force: false,
     })
 }
 
@@ -96,6 +97,7 @@ pub fn resume(dir: &Path) -> vlmatch_core::Result<TrainSummary> {
         resume: Some(dir.to_path_buf()),
         halt_after: None,
         progress: false,
+        force: false,
     })
 }
 
