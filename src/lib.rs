@@ -33,6 +33,7 @@ pub mod step;
 pub mod tokenizer;
 pub mod tracking;
 pub mod train;
+pub mod version;
 
 /// VQA lives with the other downstream tasks.
 pub use downstream::vqa;
