@@ -31,6 +31,88 @@ fn is_libtorch(dir: &Path) -> bool {
     dir.join("lib").join("libtorch_cpu.so").exists() && dir.join("include").exists()
 }
 
+/// The version a libtorch directory states: `version.py`'s `__version__`
+/// (the PyPI wheel's torch package) or the first line of `build-version`
+/// (the libtorch zip). `None` when neither file is there or readable.
+/// The same files `src/version.rs` reads at the binary's start-up.
+pub fn libtorch_version(dir: &Path) -> Option<String> {
+    if let Ok(text) = std::fs::read_to_string(dir.join("version.py")) {
+        let version = text.lines().find_map(|line| {
+            let value = line.trim().strip_prefix("__version__")?;
+            let value = value.split_once('=')?.1.trim();
+            let quote = value.chars().next().filter(|c| *c == '\'' || *c == '"')?;
+            let inner = &value[1..];
+            Some(inner[..inner.find(quote)?].to_string())
+        });
+        if version.is_some() {
+            return version;
+        }
+    }
+    let text = std::fs::read_to_string(dir.join("build-version")).ok()?;
+    let line = text.lines().next()?.trim();
+    (!line.is_empty()).then(|| line.to_string())
+}
+
+/// The major and minor version of [`TORCH_VERSION`] (`2.11`): any patch
+/// release of it is accepted.
+fn supported_series() -> &'static str {
+    TORCH_VERSION
+        .rsplit_once('.')
+        .map_or(TORCH_VERSION, |(series, _)| series)
+}
+
+/// Whether `version` (`2.11.0`, `2.11.0+cu130`, ...) is any 2.11.x.
+pub fn is_supported_version(version: &str) -> bool {
+    let series = supported_series();
+    let base = version.trim().split(['+', '-']).next().unwrap_or("");
+    base == series
+        || base
+            .strip_prefix(series)
+            .is_some_and(|rest| rest.starts_with('.'))
+}
+
+/// Refuses a libtorch directory of another version than 2.11.x; one whose
+/// version cannot be read is let through with a warning (the binary checks
+/// the library it loads again at start-up). `label` names the directory
+/// (`LIBTORCH=/path`), and `fix` says what to do instead.
+pub fn check_libtorch_version(dir: &Path, label: &str, fix: &str) -> Result<(), String> {
+    match libtorch_version(dir) {
+        Some(v) if is_supported_version(&v) => Ok(()),
+        Some(v) => Err(format!(
+            "{label} is libtorch {v}, but vlmatch needs {}.x (tch 0.24 binds it, and \
+             vlmatch-dist's c10d shim mirrors its ProcessGroupGloo); {fix}",
+            supported_series()
+        )),
+        None => {
+            eprintln!(
+                "xtask: warning: cannot tell the version of the libtorch at {} \
+                 (no version.py or build-version); vlmatch needs {TORCH_VERSION}",
+                dir.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// A `LIBTORCH` the user set: a libtorch directory of version 2.11.x.
+fn user_libtorch(user: PathBuf) -> Result<PathBuf, String> {
+    if !is_libtorch(&user) {
+        return Err(format!(
+            "LIBTORCH={} is not a libtorch directory (no lib/libtorch_cpu.so); \
+             unset it to let xtask provision torch {TORCH_VERSION}",
+            user.display()
+        ));
+    }
+    let label = format!("LIBTORCH={}", user.display());
+    check_libtorch_version(&user, &label, LIBTORCH_FIX)?;
+    Ok(user)
+}
+
+/// What to do about a user's `LIBTORCH` of another version.
+const LIBTORCH_FIX: &str = "unset LIBTORCH to let `cargo xtask setup` provision torch \
+     2.11.0 in its own venv, or point LIBTORCH at a libtorch 2.11 \
+     (e.g. the torch package directory of a `pip install torch==2.11.0`)";
+
 pub fn ensure_libtorch(root: &Path) -> Result<PathBuf, String> {
     repair_cached_venv();
     let link = root.join(".vlmatch").join("libtorch");
@@ -38,19 +120,23 @@ pub fn ensure_libtorch(root: &Path) -> Result<PathBuf, String> {
         // cargo's `[env]` table also sets LIBTORCH (to our link) for xtask
         // itself; only a different value is the user's own choice.
         if user != link {
-            if is_libtorch(&user) {
-                return Ok(user);
-            }
-            return Err(format!(
-                "LIBTORCH={} is not a libtorch directory (no lib/libtorch_cpu.so); \
-                 unset it to let xtask provision torch {TORCH_VERSION}",
-                user.display()
-            ));
+            return user_libtorch(user);
         }
     }
     if is_libtorch(&link) {
-        ensure_cuda_headers(&link);
-        return Ok(link);
+        // A `pip install -U torch` in the linked venv changes the version
+        // under the link: provision 2.11.0 again rather than build on it.
+        match libtorch_version(&link) {
+            Some(v) if !is_supported_version(&v) => eprintln!(
+                "xtask: {} -> {} is libtorch {v}, not {TORCH_VERSION}; provisioning {TORCH_VERSION} again",
+                link.display(),
+                link.canonicalize().unwrap_or_else(|_| link.clone()).display(),
+            ),
+            _ => {
+                ensure_cuda_headers(&link);
+                return Ok(link);
+            }
+        }
     }
     let torch_dir = match python_torch(Path::new("python3")) {
         Some(dir) => dir,
@@ -353,6 +439,71 @@ pub fn real_fixtures(root: &Path, python: &Path) -> Result<PathBuf, String> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    /// A directory laid out as a libtorch zip: `lib/libtorch_cpu.so`,
+    /// `include/`, and `build-version` when given.
+    fn fake_libtorch(name: &str, build_version: Option<&str>) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("xtask-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("lib")).unwrap();
+        std::fs::create_dir_all(dir.join("include")).unwrap();
+        std::fs::write(dir.join("lib/libtorch_cpu.so"), b"").unwrap();
+        if let Some(v) = build_version {
+            std::fs::write(dir.join("build-version"), v).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn a_libtorch_of_another_version_is_refused() {
+        let dir = fake_libtorch("old", Some("2.10.0\n"));
+        let e = user_libtorch(dir.clone()).unwrap_err();
+        assert!(
+            e.contains(&format!("LIBTORCH={} is libtorch 2.10.0", dir.display())),
+            "{e}"
+        );
+        assert!(e.contains("needs 2.11.x"), "{e}");
+        assert!(e.contains("unset LIBTORCH"), "{e}");
+        assert!(e.contains("point LIBTORCH at a libtorch 2.11"), "{e}");
+        assert!(e.contains("cargo xtask setup"), "{e}");
+
+        // The wheel's version.py is read first.
+        std::fs::write(dir.join("version.py"), "__version__ = '2.12.0+cu130'\n").unwrap();
+        let e = user_libtorch(dir.clone()).unwrap_err();
+        assert!(e.contains("is libtorch 2.12.0+cu130"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_libtorch_of_2_11_is_accepted() {
+        let dir = fake_libtorch("zip", Some("2.11.0+cpu\n"));
+        assert_eq!(user_libtorch(dir.clone()).unwrap(), dir);
+        std::fs::write(dir.join("version.py"), "__version__ = '2.11.1+cu130'\n").unwrap();
+        assert_eq!(libtorch_version(&dir).as_deref(), Some("2.11.1+cu130"));
+        assert_eq!(user_libtorch(dir.clone()).unwrap(), dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        // No version file: a warning, not a refusal.
+        let dir = fake_libtorch("unknown", None);
+        assert_eq!(libtorch_version(&dir), None);
+        assert_eq!(user_libtorch(dir.clone()).unwrap(), dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let e = user_libtorch(PathBuf::from("/nonexistent/libtorch")).unwrap_err();
+        assert!(e.contains("is not a libtorch directory"), "{e}");
+    }
+
+    #[test]
+    fn supported_versions() {
+        for ok in ["2.11.0", "2.11.0+cu130", "2.11.3+cpu", "2.11", " 2.11.0\n"] {
+            assert!(is_supported_version(ok), "{ok}");
+        }
+        for bad in [
+            "2.10.0", "2.1.0", "2.110.0", "2.12.0", "3.11.0", "2.11a0", "", "unknown",
+        ] {
+            assert!(!is_supported_version(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn venv_scripts_are_repaired_in_place_once() {
