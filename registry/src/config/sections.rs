@@ -427,6 +427,25 @@ pub struct DataConfig {
     /// Default: PIL's limit, 2 x 89,478,485.
     #[serde(default = "default_max_image_pixels")]
     pub max_image_pixels: u64,
+    /// The most bytes a tar shard's image member may hold, checked from its
+    /// header before it is read. Default 64 MiB.
+    #[serde(default = "default_max_image_bytes")]
+    pub max_image_bytes: u64,
+    /// The most bytes a tar shard's text member (`.txt`, `.json`) may hold,
+    /// checked from its header before it is read. Default 1 MiB.
+    #[serde(default = "default_max_text_bytes")]
+    pub max_text_bytes: u64,
+    /// Captions longer than this many bytes are cut (at a character
+    /// boundary) before tokenising, not rejected. Unset: 64 x `max_len`.
+    #[serde(default)]
+    pub max_caption_bytes: Option<usize>,
+    /// The longest line an annotation file may have, in bytes. Default 1 MiB.
+    #[serde(default = "default_max_line_bytes")]
+    pub max_line_bytes: usize,
+    /// The most captions one annotation entry or shard sample may list.
+    /// Default 1000.
+    #[serde(default = "default_max_captions_per_image")]
+    pub max_captions_per_image: usize,
     #[serde(default)]
     pub synthetic: SyntheticConfig,
 }
@@ -435,7 +454,29 @@ fn default_max_image_pixels() -> u64 {
     2 * 89_478_485
 }
 
+fn default_max_image_bytes() -> u64 {
+    64 << 20
+}
+
+fn default_max_text_bytes() -> u64 {
+    1 << 20
+}
+
+fn default_max_line_bytes() -> usize {
+    1 << 20
+}
+
+fn default_max_captions_per_image() -> usize {
+    1000
+}
+
 impl DataConfig {
+    /// `data.max_caption_bytes`, or its default of 64 x `data.max_len`.
+    pub fn caption_bytes(&self) -> usize {
+        self.max_caption_bytes
+            .unwrap_or_else(|| 64 * usize::try_from(self.max_len).unwrap_or(0))
+    }
+
     /// The values of `[data]` beyond their types.
     pub fn check(&self) -> Checked {
         let d = self;
@@ -463,6 +504,36 @@ impl DataConfig {
                 "data.max_image_pixels".into(),
                 "must be positive (the most pixels an image may have)".into(),
             ));
+        }
+        let limits = [
+            (
+                "data.max_image_bytes",
+                d.max_image_bytes == 0,
+                "bytes of an image tar member",
+            ),
+            (
+                "data.max_text_bytes",
+                d.max_text_bytes == 0,
+                "bytes of a text tar member",
+            ),
+            (
+                "data.max_caption_bytes",
+                d.max_caption_bytes == Some(0),
+                "bytes of a caption",
+            ),
+            (
+                "data.max_line_bytes",
+                d.max_line_bytes == 0,
+                "bytes of an annotation line",
+            ),
+            (
+                "data.max_captions_per_image",
+                d.max_captions_per_image == 0,
+                "captions of one image",
+            ),
+        ];
+        if let Some((key, _, what)) = limits.iter().find(|l| l.1) {
+            return Err(((*key).into(), format!("must be positive (the most {what})")));
         }
         at(
             "data.synthetic.captions_per_scene",
