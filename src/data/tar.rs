@@ -19,6 +19,22 @@ pub struct Member {
     pub offset: u64,
 }
 
+impl Member {
+    /// `Err` naming the member, its size and the config key `key` when its
+    /// header claims more than `cap` bytes: such a member is refused before
+    /// any of it is read, so a header cannot ask for a large allocation.
+    pub fn check_size(&self, cap: u64, key: &str) -> Result<(), String> {
+        if self.size <= cap {
+            return Ok(());
+        }
+        Err(format!(
+            "member {} is {} bytes, over {key} ({cap} bytes); refused before reading it \
+             (raise the key for real members this large)",
+            self.name, self.size
+        ))
+    }
+}
+
 /// Walks the members of an archive in order: [`TarReader::next_member`],
 /// then optionally [`TarReader::read_data`] for that member.
 pub struct TarReader<R> {
@@ -311,6 +327,21 @@ mod tests {
         let c = r.next_member().unwrap().unwrap();
         assert_eq!((c.name.as_str(), c.size), ("p/x.png.png", 700));
         assert!(r.next_member().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_member_over_its_cap_is_refused_naming_it() {
+        let m = Member {
+            name: "k.txt".into(),
+            size: 1 << 40,
+            offset: 512,
+        };
+        let e = m.check_size(1 << 20, "data.max_text_bytes").unwrap_err();
+        assert!(
+            e.contains("k.txt") && e.contains("data.max_text_bytes"),
+            "{e}"
+        );
+        assert!(m.check_size(1 << 40, "data.max_text_bytes").is_ok());
     }
 
     #[test]

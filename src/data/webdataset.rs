@@ -108,6 +108,41 @@ fn alternatives(body: &str) -> std::result::Result<Vec<String>, String> {
     ))
 }
 
+/// What one shard sample may make a reader hold, each checked before the
+/// data is read: a member over its cap, or a caption list over its length,
+/// is a bad sample naming the shard, the member and the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberLimits {
+    /// `data.max_image_bytes`: the largest image member (default 64 MiB).
+    pub image_bytes: u64,
+    /// `data.max_text_bytes`: the largest `.txt` or `.json` member (default
+    /// 1 MiB).
+    pub text_bytes: u64,
+    /// `data.max_captions_per_image`: the longest caption list (default 1000).
+    pub captions: usize,
+}
+
+impl Default for MemberLimits {
+    fn default() -> Self {
+        MemberLimits {
+            image_bytes: 64 << 20,
+            text_bytes: 1 << 20,
+            captions: 1000,
+        }
+    }
+}
+
+impl MemberLimits {
+    /// The caps of a `[data]` section.
+    pub fn from_config(data: &vlmatch_registry::config::DataConfig) -> Self {
+        MemberLimits {
+            image_bytes: data.max_image_bytes,
+            text_bytes: data.max_text_bytes,
+            captions: data.max_captions_per_image,
+        }
+    }
+}
+
 /// A resolved shard set and the stream's shuffle buffer size.
 #[derive(Debug, Clone)]
 pub struct Shards {
@@ -115,6 +150,9 @@ pub struct Shards {
     pub paths: Vec<PathBuf>,
     /// Pairs held in the shuffle buffer (`data.shuffle_buffer`).
     pub shuffle_buffer: usize,
+    /// Caps on members and caption lists ([`MemberLimits::default`] unless
+    /// set with [`Shards::with_limits`]).
+    pub limits: MemberLimits,
 }
 
 impl Shards {
@@ -137,7 +175,15 @@ impl Shards {
             pattern: pattern.to_string(),
             paths,
             shuffle_buffer,
+            limits: MemberLimits::default(),
         })
+    }
+
+    /// These shards read under `limits` (the config's
+    /// [`MemberLimits::from_config`]).
+    pub fn with_limits(mut self, limits: MemberLimits) -> Self {
+        self.limits = limits;
+        self
     }
 }
 
@@ -154,6 +200,8 @@ struct Raw {
     image: Option<(String, ImageData)>,
     txt: Option<(String, Arc<Vec<u8>>)>,
     json: Option<(String, Arc<Vec<u8>>)>,
+    /// Why the sample is refused: a member over its size cap, not read.
+    refused: Option<String>,
 }
 
 /// A complete sample.
@@ -210,11 +258,15 @@ impl Raw {
             image: None,
             txt: None,
             json: None,
+            refused: None,
         }
     }
 
-    fn finish(self, shard: &Path) -> Result<Sample> {
+    fn finish(self, shard: &Path, limits: &MemberLimits) -> Result<Sample> {
         let key = &self.key;
+        if let Some(why) = self.refused {
+            return Err(data_error(shard, why));
+        }
         let Some((member, image)) = self.image else {
             return Err(data_error(
                 shard,
@@ -233,6 +285,13 @@ impl Raw {
             match v.get("caption").or_else(|| v.get("text")) {
                 None => {}
                 Some(Value::String(s)) => captions.push(s.clone()),
+                Some(Value::Array(list)) if list.len() > limits.captions => {
+                    return Err(bad(&format!(
+                        "{} captions, over data.max_captions_per_image ({})",
+                        list.len(),
+                        limits.captions
+                    )))
+                }
                 Some(Value::Array(list)) => {
                     for c in list {
                         let s = c
@@ -293,15 +352,17 @@ struct ShardReader {
     path: PathBuf,
     tar: TarReader<BufReader<File>>,
     pending: Option<Raw>,
+    limits: MemberLimits,
 }
 
 impl ShardReader {
-    fn open(path: &Path) -> Result<ShardReader> {
+    fn open(path: &Path, limits: MemberLimits) -> Result<ShardReader> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         Ok(ShardReader {
             path: path.to_path_buf(),
             tar: TarReader::new(BufReader::with_capacity(1 << 16, file)),
             pending: None,
+            limits,
         })
     }
 
@@ -312,13 +373,24 @@ impl ShardReader {
     }
 
     /// The next sample's members; images are read only when `load_images`
-    /// (else their place is kept).
+    /// (else their place is kept). A member over its size cap is not read
+    /// (whether or not images are loaded, so both passes agree): its sample
+    /// is refused.
     fn next_raw(&mut self, load_images: bool) -> Result<Option<Raw>> {
         loop {
             let m = match self.tar.next_member() {
                 Ok(Some(m)) => m,
                 Ok(None) => return Ok(self.pending.take()),
-                Err(msg) => return Err(data_error(&self.path, format!("corrupt tar: {msg}"))),
+                Err(msg) => {
+                    // A header claiming more than the file holds: the
+                    // refusal of its member says more than the truncation.
+                    let refused = self.pending.take().and_then(|p| p.refused);
+                    let message = match refused {
+                        Some(why) => format!("{why}; the rest of the shard is unreadable ({msg})"),
+                        None => format!("corrupt tar: {msg}"),
+                    };
+                    return Err(data_error(&self.path, message));
+                }
             };
             let Some((key, kind)) = classify(&m.name) else {
                 continue;
@@ -328,6 +400,18 @@ impl ShardReader {
                 _ => None,
             };
             let key = key.to_string();
+            let cap = match kind {
+                Kind::Image => (self.limits.image_bytes, "data.max_image_bytes"),
+                Kind::Txt | Kind::Json => (self.limits.text_bytes, "data.max_text_bytes"),
+            };
+            if let Err(why) = m.check_size(cap.0, cap.1) {
+                let raw = self.pending.get_or_insert_with(|| Raw::new(key));
+                raw.refused.get_or_insert(why);
+                if finished.is_some() {
+                    return Ok(finished);
+                }
+                continue;
+            }
             let data = match kind {
                 Kind::Image if !load_images => ImageData::At {
                     offset: m.offset,
@@ -353,7 +437,12 @@ impl ShardReader {
 /// order into memory, for evaluation. Bad samples fail, or are skipped with a
 /// warning under [`OnError::Skip`].
 pub fn load_shards(pattern: &str, on_error: OnError) -> Result<Dataset> {
-    let shards = Shards::resolve(pattern, "shards", 1)?;
+    load_shards_with(pattern, on_error, MemberLimits::default())
+}
+
+/// [`load_shards`] under the config's member `limits`.
+pub fn load_shards_with(pattern: &str, on_error: OnError, limits: MemberLimits) -> Result<Dataset> {
+    let shards = Shards::resolve(pattern, "shards", 1)?.with_limits(limits);
     let mut ds = Dataset {
         name: pattern.to_string(),
         images: Vec::new(),
@@ -362,12 +451,12 @@ pub fn load_shards(pattern: &str, on_error: OnError) -> Result<Dataset> {
         skipped: 0,
     };
     for path in &shards.paths {
-        let mut reader = ShardReader::open(path)?;
+        let mut reader = ShardReader::open(path, limits)?;
         loop {
             // An unreadable archive ends the shard; a bad sample only itself.
             let (sample, end) = match reader.next_raw(true) {
                 Ok(None) => break,
-                Ok(Some(raw)) => (raw.finish(path), false),
+                Ok(Some(raw)) => (raw.finish(path, &limits), false),
                 Err(e) => (Err(e), true),
             };
             let sample = match (sample, on_error) {
@@ -508,7 +597,7 @@ impl PairStream {
                     return Ok(false);
                 };
                 st.next_shard += 1;
-                match ShardReader::open(&self.shards.paths[shard]) {
+                match ShardReader::open(&self.shards.paths[shard], self.shards.limits) {
                     Ok(r) => st.reader = Some((shard, r)),
                     Err(e) => self.bad(e, load_images)?,
                 }
@@ -521,7 +610,7 @@ impl PairStream {
                     st.reader = None;
                     continue;
                 }
-                Ok(Some(raw)) => raw.finish(&self.shards.paths[shard]),
+                Ok(Some(raw)) => raw.finish(&self.shards.paths[shard], &self.shards.limits),
                 Err(e) => {
                     // The rest of a corrupt shard is unreadable.
                     st.reader = None;
