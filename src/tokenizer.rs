@@ -31,6 +31,32 @@ pub struct Tokenizer {
     /// Where the vocabulary came from: a file, or `builtin vocabulary`.
     origin: String,
     backend: Backend,
+    /// `data.max_caption_bytes`: texts are cut to this many bytes (at a
+    /// character boundary) before tokenising; `None`: 64 x `max_len`.
+    max_caption_bytes: Option<usize>,
+}
+
+/// Bytes of text kept per token of `max_len` when `data.max_caption_bytes`
+/// is unset.
+const CAPTION_BYTES_PER_TOKEN: usize = 64;
+
+/// The bound on a vocabulary's ids for `size` tokens: twice the size, plus
+/// room for small vocabularies, so a few unused ids are fine but an id that
+/// would make the token table and embedding huge is not.
+fn max_token_id(size: usize) -> usize {
+    size.saturating_mul(2).saturating_add(1024)
+}
+
+/// `text` cut to at most `max` bytes, at a character boundary.
+fn cut(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 #[derive(Debug, Clone)]
@@ -71,6 +97,7 @@ impl Tokenizer {
             special,
             origin: origin.to_string(),
             backend: Backend::WordPiece { vocab, lowercase },
+            max_caption_bytes: None,
         })
     }
 
@@ -121,6 +148,18 @@ impl Tokenizer {
                 .map_err(|e| bad(format!("cannot add `{cls} ... {sep}`: {e}")))?;
             hf.with_post_processor(Some(template));
         }
+        // Ids index the token table and the embedding: an id far past the
+        // vocabulary's size would ask for a table that large (an id near
+        // u32::MAX aborted the process). Unused ids (holes) are allowed, up
+        // to as many again as there are tokens.
+        let size = vocab.len();
+        let limit = max_token_id(size);
+        if let Some((t, &i)) = vocab.iter().find(|(_, &i)| i as usize >= limit) {
+            return Err(bad(format!(
+                "token {t:?} has id {i}, beyond the vocabulary's size ({size} tokens; ids must \
+                 be below {limit})"
+            )));
+        }
         let n = vocab.values().max().map_or(0, |&m| m as usize + 1);
         let mut tokens: Vec<String> = (0..n).map(|i| format!("[unused{i}]")).collect();
         for (t, i) in vocab {
@@ -133,6 +172,7 @@ impl Tokenizer {
             special,
             origin,
             backend: Backend::Hf(Box::new(Hf { full: hf, raw })),
+            max_caption_bytes: None,
         };
         // vlmatch reads the text's [CLS] at position 0 and ends it with [SEP].
         let empty = tok.encode("", usize::MAX);
@@ -191,6 +231,23 @@ impl Tokenizer {
         tokens.retain(|t| seen.insert(t.clone()));
         Self::from_tokens(tokens, true, "builtin vocabulary")
             .expect("builtin vocabulary has the special tokens")
+    }
+
+    /// This tokenizer with texts cut to `max` bytes (`data.max_caption_bytes`)
+    /// before tokenising; `None` keeps the default, 64 x `max_len`.
+    pub fn with_max_caption_bytes(mut self, max: Option<usize>) -> Self {
+        self.max_caption_bytes = max;
+        self
+    }
+
+    /// The bytes of a text tokenised for `max_len` tokens: the text cut to
+    /// `data.max_caption_bytes` (default 64 x `max_len`), so a huge caption
+    /// costs no more than a long one.
+    pub fn caption_prefix<'t>(&self, text: &'t str, max_len: usize) -> &'t str {
+        let max = self
+            .max_caption_bytes
+            .unwrap_or_else(|| max_len.saturating_mul(CAPTION_BYTES_PER_TOKEN));
+        cut(text, max)
     }
 
     /// The vocabulary's file, or `builtin vocabulary`.
@@ -269,6 +326,7 @@ impl Tokenizer {
     /// `[CLS] pieces [SEP]`, truncated to `max_len` tokens in all (the final
     /// `[SEP]` kept).
     pub fn encode(&self, text: &str, max_len: usize) -> Vec<i64> {
+        let text = self.caption_prefix(text, max_len);
         match &self.backend {
             Backend::WordPiece { .. } => {
                 let mut ids = vec![self.special.cls];
@@ -294,6 +352,7 @@ impl Tokenizer {
         text: &str,
         max_len: usize,
     ) -> (Vec<i64>, Vec<(String, Range<usize>)>) {
+        let text = self.caption_prefix(text, max_len);
         let (vocab, lowercase) = match &self.backend {
             Backend::WordPiece { vocab, lowercase } => (vocab, *lowercase),
             Backend::Hf(hf) => return self.hf_encode_words(hf, text, max_len),
