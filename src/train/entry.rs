@@ -10,6 +10,9 @@ use vlmatch_core::{Error, Result};
 use vlmatch_dist::LaunchEnv;
 use vlmatch_registry::ConfigLayers;
 
+/// What a run is asked for; `Default` is a fresh run of the default
+/// config layers in `runs/<name>-<time>`, without the progress display.
+#[derive(Default)]
 pub struct TrainOptions {
     pub layers: ConfigLayers,
     /// Where to write; default `runs/<name>-<UTC time>`.

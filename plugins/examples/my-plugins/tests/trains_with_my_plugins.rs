@@ -35,6 +35,7 @@ fn tiny_preset_trains_with_the_plugins_from_config() {
         resume: None,
         halt_after: None,
         progress: false,
+        force: false,
     })
     .unwrap();
     assert_eq!(s.last_step, 5);
