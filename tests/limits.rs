@@ -17,6 +17,7 @@ use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
+use vlmatch::data::annotations::{self, AnnotationLimits};
 use vlmatch::data::webdataset::{load_shards_with, MemberLimits, PairStream, Shards};
 use vlmatch::data::OnError;
 use vlmatch::tokenizer::Tokenizer;
@@ -230,6 +231,44 @@ fn a_caption_list_over_its_cap_is_refused() {
 }
 
 #[test]
+fn annotation_lines_and_caption_lists_over_their_caps_are_refused_naming_the_line() {
+    let dir = scratch("limits-annotations");
+    image::RgbImage::new(4, 4).save(dir.join("a.png")).unwrap();
+    let long = serde_json::json!({"image": "a.png", "caption": "x".repeat(2 << 20)});
+    let many = serde_json::json!({"image": "a.png", "caption": vec!["a cat"; 1001]});
+    let good = serde_json::json!({"image": "a.png", "caption": "a good caption"});
+    let path = dir.join("ann.jsonl");
+    std::fs::write(&path, format!("{long}\n{many}\n{good}\n")).unwrap();
+
+    let e = annotations::load_checked(&path, None, None, OnError::Fail)
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        e.contains("ann.jsonl") && e.contains(":1") && e.contains("data.max_line_bytes"),
+        "{e}"
+    );
+    let ds = annotations::load_checked(&path, None, None, OnError::Skip).unwrap();
+    assert_eq!((ds.pairs.len(), ds.skipped), (1, 2));
+
+    // Raised line cap: the long line loads; the caption list is still over.
+    let limits = AnnotationLimits {
+        line_bytes: 4 << 20,
+        ..AnnotationLimits::default()
+    };
+    let e = annotations::load_checked_within(&path, None, None, OnError::Fail, limits)
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        e.contains(":2")
+            && e.contains("1001 captions")
+            && e.contains("data.max_captions_per_image"),
+        "{e}"
+    );
+    let ds = annotations::load_checked_within(&path, None, None, OnError::Skip, limits).unwrap();
+    assert_eq!((ds.pairs.len(), ds.skipped), (2, 1));
+}
+
+#[test]
 fn a_ten_megabyte_caption_is_cut_and_tokenises() {
     let tok = Tokenizer::builtin();
     let max_len = 30;
@@ -296,7 +335,13 @@ fn data_limit_keys_have_defaults_and_refuse_zero() {
             captions: 1000
         }
     );
-    assert_eq!(cfg.max_line_bytes, 1 << 20);
+    assert_eq!(
+        AnnotationLimits::from_config(&cfg),
+        AnnotationLimits {
+            line_bytes: 1 << 20,
+            captions: 1000
+        }
+    );
     assert_eq!(cfg.caption_bytes(), 64 * cfg.max_len as usize);
     for key in [
         "data.max_image_bytes",

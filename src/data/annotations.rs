@@ -29,6 +29,36 @@ fn bad(path: &Path, line: Option<usize>, message: String) -> Error {
     }
 }
 
+/// What one annotation entry may make the reader hold: a JSON line over
+/// `line_bytes` (`data.max_line_bytes`, default 1 MiB) is not parsed, and an
+/// entry listing more than `captions` captions (`data.max_captions_per_image`,
+/// default 1000) is refused; each a bad entry naming the file and line (a
+/// whole-file JSON document, which may be one line, is not cut by line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnnotationLimits {
+    pub line_bytes: usize,
+    pub captions: usize,
+}
+
+impl Default for AnnotationLimits {
+    fn default() -> Self {
+        AnnotationLimits {
+            line_bytes: 1 << 20,
+            captions: 1000,
+        }
+    }
+}
+
+impl AnnotationLimits {
+    /// The limits of a `[data]` section.
+    pub fn from_config(data: &vlmatch_registry::config::DataConfig) -> Self {
+        AnnotationLimits {
+            line_bytes: data.max_line_bytes,
+            captions: data.max_captions_per_image,
+        }
+    }
+}
+
 /// Read `path`; image paths resolve against `image_root` (default: the
 /// annotation file's directory). A missing image file is an error naming the
 /// annotation line and the path looked for.
@@ -48,7 +78,24 @@ pub fn load_checked(
     split: Option<&str>,
     on_error: OnError,
 ) -> Result<Dataset> {
-    load_inner(path, image_root, "caption", None, split, on_error).map(|(ds, _, _)| ds)
+    load_checked_within(
+        path,
+        image_root,
+        split,
+        on_error,
+        AnnotationLimits::default(),
+    )
+}
+
+/// [`load_checked`] under the config's `limits`.
+pub fn load_checked_within(
+    path: &Path,
+    image_root: Option<&Path>,
+    split: Option<&str>,
+    on_error: OnError,
+    limits: AnnotationLimits,
+) -> Result<Dataset> {
+    load_inner(path, image_root, "caption", None, split, on_error, limits).map(|(ds, _, _)| ds)
 }
 
 /// Entries whose text is in the field `text_key` instead of `caption` (e.g.
@@ -60,7 +107,9 @@ pub fn load_entries(
     text_key: &str,
     on_error: OnError,
 ) -> Result<(Dataset, Vec<Value>)> {
-    load_inner(path, image_root, text_key, None, None, on_error).map(|(ds, _, raw)| (ds, raw))
+    let limits = AnnotationLimits::default();
+    load_inner(path, image_root, text_key, None, None, on_error, limits)
+        .map(|(ds, _, raw)| (ds, raw))
 }
 
 /// One entry: its line (JSON lines), its position, and the entry or why it
@@ -127,8 +176,17 @@ pub fn load_with(
     extra: Option<&str>,
     split: Option<&str>,
 ) -> Result<(Dataset, Vec<String>)> {
-    load_inner(path, image_root, "caption", extra, split, OnError::Fail)
-        .map(|(ds, extras, _)| (ds, extras))
+    let limits = AnnotationLimits::default();
+    load_inner(
+        path,
+        image_root,
+        "caption",
+        extra,
+        split,
+        OnError::Fail,
+        limits,
+    )
+    .map(|(ds, extras, _)| (ds, extras))
 }
 
 /// What one usable entry adds: its image path, captions, id and extra field.
@@ -144,6 +202,7 @@ fn parse_entry(
     entry: &Value,
     text_key: &str,
     extra: Option<&str>,
+    max_captions: usize,
     at: &dyn Fn(String) -> Error,
 ) -> Result<Parsed> {
     let Some(image) = entry.get("image").and_then(Value::as_str) else {
@@ -153,6 +212,12 @@ fn parse_entry(
     };
     let captions: Vec<String> = match entry.get(text_key) {
         Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(list)) if list.len() > max_captions => {
+            return Err(at(format!(
+                "`{text_key}` lists {} captions, over data.max_captions_per_image ({max_captions})",
+                list.len()
+            )))
+        }
         Some(Value::Array(list)) => list
             .iter()
             .map(|c| c.as_str().map(str::to_string))
@@ -200,13 +265,21 @@ fn parse_entry(
 /// The entries of a JSON-lines file, each line decoded on its own: invalid
 /// UTF-8 or JSON is an error of that line alone (which `data.on_error =
 /// "skip"` drops), naming the line and the byte where the bad sequence starts.
-fn json_lines(path: &Path, bytes: &[u8]) -> Vec<Entry> {
+/// A line over `max_line` bytes is such an error too, without being parsed.
+fn json_lines(path: &Path, bytes: &[u8], max_line: usize) -> Vec<Entry> {
     bytes
         .split(|&b| b == b'\n')
         .enumerate()
         .filter_map(|(i, line)| {
             let n = i + 1;
             let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if line.len() > max_line {
+                let message = format!(
+                    "line is {} bytes, over data.max_line_bytes ({max_line})",
+                    line.len()
+                );
+                return Some((Some(n), Err(bad(path, Some(n), message))));
+            }
             let v = match std::str::from_utf8(line) {
                 Ok(text) if text.trim().is_empty() => return None,
                 Ok(text) => serde_json::from_str::<Value>(text)
@@ -235,6 +308,7 @@ fn load_inner(
     extra: Option<&str>,
     split: Option<&str>,
     on_error: OnError,
+    limits: AnnotationLimits,
 ) -> Result<Loaded> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&bytes);
@@ -282,7 +356,7 @@ fn load_inner(
             .map_err(|e| bad(path, Some(e.line()), format!("invalid JSON: {e}")))?;
         values.into_iter().map(|v| (None, Ok(v))).collect()
     } else {
-        json_lines(path, bytes)
+        json_lines(path, bytes, limits.line_bytes)
     };
     let mut ds = Dataset {
         name: path.display().to_string(),
@@ -301,7 +375,7 @@ fn load_inner(
             None => bad(path, None, format!("entry {n}: {m}")),
         };
         let parsed = entry
-            .and_then(|e| parse_entry(&e, text_key, extra, &at))
+            .and_then(|e| parse_entry(&e, text_key, extra, limits.captions, &at))
             .and_then(|p| {
                 let file = super::resolve_under(&root, &p.image).map_err(&at)?;
                 if !by_path.contains_key(&p.image) && !file.is_file() {
