@@ -31,32 +31,8 @@ pub struct Tokenizer {
     /// Where the vocabulary came from: a file, or `builtin vocabulary`.
     origin: String,
     backend: Backend,
-    /// `data.max_caption_bytes`: texts are cut to this many bytes (at a
-    /// character boundary) before tokenising; `None`: 64 x `max_len`.
-    max_caption_bytes: Option<usize>,
-}
-
-/// Bytes of text kept per token of `max_len` when `data.max_caption_bytes`
-/// is unset.
-const CAPTION_BYTES_PER_TOKEN: usize = 64;
-
-/// The bound on a vocabulary's ids for `size` tokens: twice the size, plus
-/// room for small vocabularies, so a few unused ids are fine but an id that
-/// would make the token table and embedding huge is not.
-fn max_token_id(size: usize) -> usize {
-    size.saturating_mul(2).saturating_add(1024)
-}
-
-/// `text` cut to at most `max` bytes, at a character boundary.
-fn cut(text: &str, max: usize) -> &str {
-    if text.len() <= max {
-        return text;
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
+    /// `data.max_caption_bytes` ([`Tokenizer::caption_prefix`]).
+    pub max_caption_bytes: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -148,17 +124,11 @@ impl Tokenizer {
                 .map_err(|e| bad(format!("cannot add `{cls} ... {sep}`: {e}")))?;
             hf.with_post_processor(Some(template));
         }
-        // Ids index the token table and the embedding: an id far past the
-        // vocabulary's size would ask for a table that large (an id near
-        // u32::MAX aborted the process). Unused ids (holes) are allowed, up
-        // to as many again as there are tokens.
-        let size = vocab.len();
-        let limit = max_token_id(size);
+        // An id far past the size would size the token table (u32::MAX aborted).
+        let (size, limit) = (vocab.len(), vocab.len().saturating_mul(2) + 1024);
         if let Some((t, &i)) = vocab.iter().find(|(_, &i)| i as usize >= limit) {
-            return Err(bad(format!(
-                "token {t:?} has id {i}, beyond the vocabulary's size ({size} tokens; ids must \
-                 be below {limit})"
-            )));
+            let m = format!("token {t:?} has id {i}, far past the vocabulary's {size} tokens");
+            return Err(bad(m));
         }
         let n = vocab.values().max().map_or(0, |&m| m as usize + 1);
         let mut tokens: Vec<String> = (0..n).map(|i| format!("[unused{i}]")).collect();
@@ -233,21 +203,14 @@ impl Tokenizer {
             .expect("builtin vocabulary has the special tokens")
     }
 
-    /// This tokenizer with texts cut to `max` bytes (`data.max_caption_bytes`)
-    /// before tokenising; `None` keeps the default, 64 x `max_len`.
-    pub fn with_max_caption_bytes(mut self, max: Option<usize>) -> Self {
-        self.max_caption_bytes = max;
-        self
-    }
-
-    /// The bytes of a text tokenised for `max_len` tokens: the text cut to
-    /// `data.max_caption_bytes` (default 64 x `max_len`), so a huge caption
-    /// costs no more than a long one.
+    /// `text` cut to `max_caption_bytes` (`None`: 64 x `max_len`) at a char boundary.
     pub fn caption_prefix<'t>(&self, text: &'t str, max_len: usize) -> &'t str {
-        let max = self
-            .max_caption_bytes
-            .unwrap_or_else(|| max_len.saturating_mul(CAPTION_BYTES_PER_TOKEN));
-        cut(text, max)
+        let max = self.max_caption_bytes.unwrap_or(max_len.saturating_mul(64));
+        let mut end = max.min(text.len());
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        &text[..end]
     }
 
     /// The vocabulary's file, or `builtin vocabulary`.
