@@ -340,6 +340,13 @@ fn launch_rank() -> Option<usize> {
 /// with `[rank N]`; ranks other than 0 log warnings and errors only (unless
 /// `RUST_LOG` says otherwise).
 pub fn main() -> std::process::ExitCode {
+    // Before anything else: the libtorch this process loaded must be the
+    // 2.11.x this binary was built for (src/version.rs). Here, so that a
+    // third-party binary calling `cli::main` checks it too.
+    if let Err(e) = crate::version::check_or_exit() {
+        eprintln!("error: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     crate::panics::install_hook();
     let rank = launch_rank();
     let default_level = match rank {

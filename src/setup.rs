@@ -3,7 +3,7 @@
 
 use crate::data::loader::Source;
 use crate::data::webdataset::Shards;
-use crate::data::{annotations, load_any_with, Dataset};
+use crate::data::{annotations, Dataset};
 use crate::tokenizer::{Codec, Tokenizer};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -67,15 +67,21 @@ pub fn compute_kind(precision: Precision, device: Device) -> Kind {
 pub fn tokenizer(cfg: &LoadedConfig) -> Result<Tokenizer> {
     let data = &cfg.config.data;
     let init: Option<std::path::PathBuf> = cfg.figment.extract_inner("model.text.init").ok();
-    let tok = if data.vocab == "builtin" {
+    let mut tok = if data.vocab == "builtin" {
         // A text encoder initialised from a checkpoint brings its vocabulary.
         match init.filter(|d| d.join("tokenizer.json").is_file() || d.join("vocab.txt").is_file()) {
             Some(dir) => Tokenizer::from_path(&dir, data.lowercase)?,
-            None => return Ok(Tokenizer::builtin()),
+            None => {
+                let mut tok = Tokenizer::builtin();
+                tok.max_caption_bytes = data.max_caption_bytes;
+                return Ok(tok);
+            }
         }
     } else {
         Tokenizer::from_path(Path::new(&data.vocab), data.lowercase)?
     };
+    // Captions are cut to `data.max_caption_bytes` before tokenising.
+    tok.max_caption_bytes = data.max_caption_bytes;
     tracing::info!(
         tokenizer = tok.origin(),
         vocab_size = tok.vocab_size(),
@@ -119,8 +125,13 @@ pub fn datasets(cfg: &LoadedConfig) -> Result<(Dataset, Option<Dataset>)> {
                 )
             })?;
             let root = data.image_root.as_deref();
-            let train =
-                annotations::load_checked(path, root, data.split.as_deref(), data.on_error)?;
+            let train = annotations::load_checked_within(
+                path,
+                root,
+                data.split.as_deref(),
+                data.on_error,
+                annotations::AnnotationLimits::from_config(data),
+            )?;
             Ok((train, heldout(cfg)?))
         }
         DataSource::Webdataset => Err(Error::Config(
@@ -144,11 +155,11 @@ fn heldout(cfg: &LoadedConfig) -> Result<Option<Dataset>> {
             p.display()
         ))
     })?;
-    load_any_with(
+    crate::data::load_any_within(
         text,
         data.image_root.as_deref(),
         data.heldout_split.as_deref(),
-        data.on_error,
+        data,
     )
     .map(Some)
 }
@@ -164,7 +175,8 @@ pub fn train_source(cfg: &LoadedConfig) -> Result<(Source, Option<Dataset>)> {
     let pattern = data.shards.as_deref().ok_or_else(|| {
         Error::Config("config key `data.shards`: required when data.source = \"webdataset\"".into())
     })?;
-    let shards = Shards::resolve(pattern, "config key `data.shards`", data.shuffle_buffer)?;
+    let shards = Shards::resolve(pattern, "config key `data.shards`", data.shuffle_buffer)?
+        .with_limits(crate::data::webdataset::MemberLimits::from_config(data));
     Ok((Source::Shards(shards), heldout(cfg)?))
 }
 

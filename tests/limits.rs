@@ -400,3 +400,46 @@ proptest! {
         prop_assert!(largest < (1 << 20) + (256 << 10), "largest allocation {largest} bytes");
     }
 }
+
+/// The keys reach the readers a run uses: the training annotations
+/// (`setup::datasets`) with `data.max_line_bytes` and
+/// `data.max_captions_per_image`, and the run's tokenizer with
+/// `data.max_caption_bytes`.
+#[test]
+fn a_runs_config_sets_the_limits_its_readers_use() {
+    let dir = scratch("limits-config");
+    image::RgbImage::new(4, 4).save(dir.join("a.png")).unwrap();
+    let line = serde_json::json!({"image": "a.png", "caption": "a red square on a blue ground"});
+    let path = dir.join("ann.jsonl");
+    std::fs::write(&path, format!("{line}\n{line}\n")).unwrap();
+    let ann = format!("data.annotations=\"{}\"", path.display());
+    let sets = [
+        "data.source=\"annotations\"",
+        ann.as_str(),
+        "data.max_line_bytes=20",
+    ];
+    let loaded = micro_layers(&sets).load().unwrap();
+    let e = vlmatch::setup::datasets(&loaded)
+        .err()
+        .expect("lines over 20 bytes")
+        .to_string();
+    assert!(
+        e.contains("data.max_line_bytes") && e.contains("ann.jsonl"),
+        "{e}"
+    );
+    let sets = [
+        "data.source=\"annotations\"",
+        ann.as_str(),
+        "data.max_caption_bytes=5",
+    ];
+    let loaded = micro_layers(&sets).load().unwrap();
+    let (train, _) = vlmatch::setup::datasets(&loaded).unwrap();
+    assert_eq!(train.pairs.len(), 2);
+    let tok = vlmatch::setup::tokenizer(&loaded).unwrap();
+    assert_eq!(tok.max_caption_bytes, Some(5));
+    assert_eq!(
+        tok.encode("a red square on a blue ground", 32),
+        tok.encode("a red", 32),
+        "cut to 5 bytes before tokenising"
+    );
+}

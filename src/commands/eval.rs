@@ -133,11 +133,11 @@ fn eval_on(
     };
     let mut result = match task {
         "retrieval" => {
-            let ds = crate::data::load_any_with(
+            let ds = crate::data::load_any_within(
                 &data.display().to_string(),
                 image_root,
                 split,
-                c.data.on_error,
+                &c.data,
             )?;
             let r = crate::eval::retrieval_reranked_sharded(
                 &asm.model,

@@ -24,12 +24,7 @@ pub fn neggen_offline(
     tch::manual_seed(c.train.seed as i64);
     let env = crate::setup::model_env(&loaded, &tok, asm.model.device)?;
     let sampler = crate::samplers::run_sampler(&loaded, &env, &asm.model, "neggen")?;
-    let ds = crate::data::load_any_with(
-        &data.display().to_string(),
-        image_root,
-        None,
-        c.data.on_error,
-    )?;
+    let ds = crate::data::load_any_within(&data.display().to_string(), image_root, None, &c.data)?;
     let mut loader_cfg = crate::data::loader::LoaderConfig::new(&c.data, c.eval.batch_size, None);
     loader_cfg.preps = crate::data::loader::CaptionPreps::new(sampler.caption_prep());
     let all: Vec<usize> = (0..ds.len()).collect();

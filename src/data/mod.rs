@@ -158,6 +158,36 @@ pub fn load_any_with(
     }
 }
 
+/// [`load_any_with`] under the `[data]` section's limits on what is read
+/// (tar member sizes, annotation lines, captions per image) and its
+/// `on_error`.
+pub fn load_any_within(
+    path_or_pattern: &str,
+    image_root: Option<&Path>,
+    split: Option<&str>,
+    data: &vlmatch_registry::config::DataConfig,
+) -> Result<Dataset> {
+    if is_shard_pattern(path_or_pattern) {
+        if let Some(split) = split {
+            return Err(vlmatch_core::Error::Config(format!(
+                "split `{split}` given for tar shards `{path_or_pattern}`; splits select \
+                 images of Karpathy-format annotation files"
+            )));
+        }
+        let limits = webdataset::MemberLimits::from_config(data);
+        webdataset::load_shards_with(path_or_pattern, data.on_error, limits)
+    } else {
+        let limits = annotations::AnnotationLimits::from_config(data);
+        annotations::load_checked_within(
+            Path::new(path_or_pattern),
+            image_root,
+            split,
+            data.on_error,
+            limits,
+        )
+    }
+}
+
 /// `e` with the hint that `data.on_error = "skip"` would have handled it
 /// The file an entry's image path `rel` names under `root`
 /// (`data.image_root`, or the annotation file's folder): `root/rel`, with

@@ -10,8 +10,8 @@ use vlmatch_core::{Error, Result};
 use vlmatch_dist::LaunchEnv;
 use vlmatch_registry::ConfigLayers;
 
-/// What a run is asked for; `Default` is a fresh run of the default
-/// config layers in `runs/<name>-<time>`, without the progress display.
+/// What a run is asked for. `Default` sets nothing (no config layers, a
+/// fresh run, no progress display): set `layers` and what else you need.
 #[derive(Default)]
 pub struct TrainOptions {
     pub layers: ConfigLayers,
