@@ -419,10 +419,10 @@ fn a_runs_config_sets_the_limits_its_readers_use() {
         "data.max_line_bytes=20",
     ];
     let loaded = micro_layers(&sets).load().unwrap();
-    let e = vlmatch::setup::datasets(&loaded)
-        .err()
-        .expect("lines over 20 bytes")
-        .to_string();
+    let Err(e) = vlmatch::setup::datasets(&loaded) else {
+        panic!("lines over 20 bytes are refused");
+    };
+    let e = e.to_string();
     assert!(
         e.contains("data.max_line_bytes") && e.contains("ann.jsonl"),
         "{e}"

@@ -145,17 +145,8 @@ pub fn load_any_with(
     split: Option<&str>,
     on_error: OnError,
 ) -> Result<Dataset> {
-    if is_shard_pattern(path_or_pattern) {
-        if let Some(split) = split {
-            return Err(vlmatch_core::Error::Config(format!(
-                "split `{split}` given for tar shards `{path_or_pattern}`; splits select \
-                 images of Karpathy-format annotation files"
-            )));
-        }
-        webdataset::load_shards(path_or_pattern, on_error)
-    } else {
-        annotations::load_checked(Path::new(path_or_pattern), image_root, split, on_error)
-    }
+    let limits = (Default::default(), Default::default());
+    load_any_limited(path_or_pattern, image_root, split, on_error, limits)
 }
 
 /// [`load_any_with`] under the `[data]` section's limits on what is read
@@ -167,6 +158,20 @@ pub fn load_any_within(
     split: Option<&str>,
     data: &vlmatch_registry::config::DataConfig,
 ) -> Result<Dataset> {
+    let limits = (
+        webdataset::MemberLimits::from_config(data),
+        annotations::AnnotationLimits::from_config(data),
+    );
+    load_any_limited(path_or_pattern, image_root, split, data.on_error, limits)
+}
+
+fn load_any_limited(
+    path_or_pattern: &str,
+    image_root: Option<&Path>,
+    split: Option<&str>,
+    on_error: OnError,
+    (members, annotations): (webdataset::MemberLimits, annotations::AnnotationLimits),
+) -> Result<Dataset> {
     if is_shard_pattern(path_or_pattern) {
         if let Some(split) = split {
             return Err(vlmatch_core::Error::Config(format!(
@@ -174,17 +179,10 @@ pub fn load_any_within(
                  images of Karpathy-format annotation files"
             )));
         }
-        let limits = webdataset::MemberLimits::from_config(data);
-        webdataset::load_shards_with(path_or_pattern, data.on_error, limits)
+        webdataset::load_shards_with(path_or_pattern, on_error, members)
     } else {
-        let limits = annotations::AnnotationLimits::from_config(data);
-        annotations::load_checked_within(
-            Path::new(path_or_pattern),
-            image_root,
-            split,
-            data.on_error,
-            limits,
-        )
+        let path = Path::new(path_or_pattern);
+        annotations::load_checked_within(path, image_root, split, on_error, annotations)
     }
 }
 
