@@ -1004,3 +1004,55 @@ fn two_rank_run_directory_from_46fa8e6_resumes_exactly() {
     assert_eq!(got.len(), 8);
     assert_eq!(got, want, "the resumed run differs from 46fa8e6's");
 }
+
+/// Fine-tuning through the one guarded step is data-parallel too: SNLI-VE
+/// on 2 ranks x 4 items trains as 1 process x 8 (the same losses, and the
+/// same weights after 4 steps, to rounding).
+#[test]
+fn two_ranks_finetune_as_one_process_with_the_global_batch() {
+    let root = scratch("dist-finetune");
+    let pre = root.join("pre");
+    let args = train_args(&pre, None, &["train.steps=8"]);
+    launch("pre", 1, &args, &root).succeed(Duration::from_secs(120));
+    let finetune = |out: &Path, batch: usize| -> Vec<String> {
+        [
+            "finetune",
+            "--quiet",
+            "--task",
+            "snli-ve",
+            "--data",
+            "builtin",
+            "--steps",
+            "4",
+            "--lr",
+            "1e-3",
+            "--eval-every",
+            "2",
+            "--set",
+            "data.synthetic.train_scenes=60",
+            "--set",
+            "data.synthetic.heldout_scenes=20",
+            "--set",
+            "train.dist.timeout=60",
+            "--batch-size",
+            &batch.to_string(),
+            "--checkpoint",
+            &pre.display().to_string(),
+            "--out",
+            &out.display().to_string(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let (one_dir, two_dir) = (root.join("1x8"), root.join("2x4"));
+    let one = launch("ft-1x8", 1, &finetune(&one_dir, 8), &root);
+    one.succeed(Duration::from_secs(120));
+    let two = launch("ft-2x4", 2, &finetune(&two_dir, 4), &root);
+    two.succeed(Duration::from_secs(120));
+    let (m1, m2) = (metrics(&one_dir), metrics(&two_dir));
+    assert_eq!(m1.len(), 4);
+    let worst = log_difference(&m1, &m2, &["loss", "grad_norm", "lr"]);
+    assert!(worst.0 <= 1e-5, "losses differ: {}", worst.1);
+    same_weights(&checkpoint(&one_dir, 4), &checkpoint(&two_dir, 4), 1e-5)
+        .unwrap_or_else(|e| panic!("after 4 steps: {e}"));
+}
