@@ -82,6 +82,37 @@ pub fn join_launched(tc: &TrainConfig) -> Result<(Device, Option<Parallel>)> {
     join(launch.as_ref(), tc)
 }
 
+/// A step's logged `values` on the host, with `count` (pairs skipped):
+/// averaged over ranks and summed, in one all-reduce
+/// ([`Parallel::mean_over_ranks`]), or read as they are on one process.
+pub fn logged_values(
+    par: Option<&Parallel>,
+    values: &BTreeMap<String, Tensor>,
+    count: usize,
+) -> Result<(BTreeMap<String, f64>, usize)> {
+    match par {
+        Some(p) => p.mean_over_ranks(values, count),
+        None => Ok((
+            values
+                .iter()
+                .map(|(k, v)| (k.clone(), v.double_value(&[])))
+                .collect(),
+            count,
+        )),
+    }
+}
+
+/// Whether a stop signal (`requested` on this process) stops the run now:
+/// one process acts at once; ranks agree only at `sync_point`s (logging
+/// steps, where they synchronise anyway), so that all stop together.
+pub fn agreed_stop(par: Option<&Parallel>, requested: bool, sync_point: bool) -> Result<bool> {
+    match par {
+        None => Ok(requested),
+        Some(p) if sync_point => p.agree_any(requested),
+        Some(_) => Ok(false),
+    }
+}
+
 /// A rank's outcome: on success it leaves the group; a failed collective
 /// becomes what the heartbeats say about the other ranks (this rank's
 /// heartbeat then stops, so the others learn that it left); its own errors

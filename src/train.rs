@@ -95,14 +95,8 @@ pub(crate) fn run(mut r: Run<'_>, halt_after: Option<i64>) -> Result<TrainSummar
             }
             r.barrier()?;
         }
-        // A stop signal: one process acts at once; ranks agree at logging
-        // steps (where they synchronise anyway), so that all stop together.
-        let requested = stop.requested();
-        let stop_now = match r.par {
-            None => requested,
-            Some(p) if done % tc.log_every == 0 => p.agree_any(requested)?,
-            Some(_) => false,
-        };
+        let stop_now =
+            crate::parallel::agreed_stop(r.par, stop.requested(), done % tc.log_every == 0)?;
         if stop_now && done < tc.steps {
             if last_saved != done {
                 r.save()?;
@@ -191,16 +185,8 @@ impl Run<'_> {
         // Pairs skipped under data.on_error = "skip": dropped at load time,
         // and replaced or skipped by the loader in this invocation (on
         // every rank).
-        let (values, skipped) = match self.par {
-            Some(p) => p.mean_over_ranks(&out.values, self.loader.skipped())?,
-            None => (
-                out.values
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.double_value(&[])))
-                    .collect(),
-                self.loader.skipped(),
-            ),
-        };
+        let (values, skipped) =
+            crate::parallel::logged_values(self.par, &out.values, self.loader.skipped())?;
         line.insert("data_skipped".into(), json!(self.load_skipped + skipped));
         if self.tc.on_nonfinite == OnNonFinite::Skip {
             line.insert("nonfinite_skipped".into(), json!(nonfinite_skipped));

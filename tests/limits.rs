@@ -69,30 +69,6 @@ fn largest_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
     (out, LARGEST.with(Cell::get))
 }
 
-/// A ustar header for a regular file `name` whose size field says `size`
-/// (base-256 when it does not fit the octal field), whatever follows it.
-fn header(name: &str, size: u64) -> [u8; 512] {
-    let mut h = [0u8; 512];
-    h[..name.len()].copy_from_slice(name.as_bytes());
-    h[100..108].copy_from_slice(b"0000644\0");
-    h[108..116].copy_from_slice(b"0000000\0");
-    h[116..124].copy_from_slice(b"0000000\0");
-    if size < 1 << 33 {
-        h[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
-    } else {
-        h[124] = 0x80;
-        h[128..136].copy_from_slice(&size.to_be_bytes());
-    }
-    h[136..148].copy_from_slice(b"00000000000\0");
-    h[156] = b'0';
-    h[257..263].copy_from_slice(b"ustar\0");
-    h[263..265].copy_from_slice(b"00");
-    h[148..156].copy_from_slice(b"        ");
-    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
-    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-    h
-}
-
 fn png() -> Vec<u8> {
     let mut out = std::io::Cursor::new(Vec::new());
     image::RgbImage::from_pixel(8, 8, image::Rgb([10, 200, 30]))
@@ -124,7 +100,7 @@ fn a_member_whose_header_claims_a_tebibyte_is_refused_naming_it() {
     let dir = scratch("limits-tib");
     let mut tail = Vec::new();
     tar_entry(&mut tail, "big.png", &png());
-    tail.extend_from_slice(&header("big.txt", 1 << 40));
+    tail.extend_from_slice(&tar_header("big.txt", 1 << 40));
     tail.extend_from_slice(b"a short caption");
     tail.resize(tail.len().div_ceil(512) * 512, 0);
     let path = shard(&dir, "huge.tar", 2, &tail);
@@ -385,7 +361,7 @@ proptest! {
     ) {
         let dir = scratch("limits-props");
         let mut tail = Vec::new();
-        tail.extend_from_slice(&header(name, size));
+        tail.extend_from_slice(&tar_header(name, size));
         tail.extend_from_slice(&body);
         tail.resize(tail.len().div_ceil(512) * 512, 0);
         let path = shard(&dir, "p.tar", 1, &tail);

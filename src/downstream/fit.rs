@@ -246,17 +246,7 @@ pub fn fit(
             crate::guard::act(&report, &guard, done, last_good.as_deref())?;
         }
         if log_now {
-            let (values, _) = match par {
-                Some(p) => p.mean_over_ranks(&done_out.values, 0)?,
-                None => (
-                    done_out
-                        .values
-                        .iter()
-                        .map(|(k, v)| (k.clone(), v.double_value(&[])))
-                        .collect(),
-                    0,
-                ),
-            };
+            let (values, _) = crate::parallel::logged_values(par, &done_out.values, 0)?;
             last_loss = values.get("loss").copied().unwrap_or(f64::NAN);
             let mut line = Map::new();
             line.insert("step".into(), json!(done));
@@ -291,12 +281,7 @@ pub fn fit(
             save(state, &optim, best, &mut last_good)?;
         }
         bar.set_position(done);
-        let requested = stop.requested();
-        let stop_now = match par {
-            None => requested,
-            Some(p) if log_now => p.agree_any(requested)?,
-            Some(_) => false,
-        };
+        let stop_now = crate::parallel::agreed_stop(par, stop.requested(), log_now)?;
         if stop_now && !last {
             if !save_now {
                 save(state, &optim, best, &mut last_good)?;

@@ -1,5 +1,4 @@
-//! The run directory's files the trainer rewrites: logs cut back to a
-//! checkpoint on resume, and the config written whole or not at all.
+//! The run directory's logs, cut back to a checkpoint on resume.
 
 use serde_json::Value;
 use std::path::Path;
@@ -22,11 +21,4 @@ pub fn truncate_metrics(path: &Path, step: i64) -> Result<()> {
         .map(|l| format!("{l}\n"))
         .collect();
     crate::durable::write(path, kept)
-}
-
-/// Write `text` to `path` durably ([`crate::durable`]), so that a reader (a
-/// rank loading the run's config while rank 0 rewrites it) never sees it
-/// half written and a power cut keeps the old or the new.
-pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    crate::durable::write(path, text)
 }

@@ -4,7 +4,7 @@
 //! then its weights, optimizer moments and hook state, by broadcast) or a
 //! fresh start (pretrained weights, broadcast from rank 0).
 
-use super::files::{truncate_metrics, write_atomic};
+use super::files::truncate_metrics;
 use crate::checkpoint::{self, Layout, TrainerState};
 use crate::data::loader::{CaptionPreps, Loader, LoaderConfig, Source};
 use crate::guard::Guard;
@@ -134,7 +134,8 @@ impl<'a> Run<'a> {
             if !resumed {
                 super::owner::claim(run_dir, how.force)?;
             }
-            write_atomic(&run_dir.join("config.toml"), &loaded.to_toml())?;
+            // Written whole or not at all: another rank may read it.
+            crate::durable::write(&run_dir.join("config.toml"), loaded.to_toml())?;
             Some(lock)
         } else {
             None

@@ -64,14 +64,20 @@ pub fn losses(summary: &TrainSummary) -> Vec<(i64, f64)> {
         .collect()
 }
 
-/// Append a regular file to a ustar archive.
-pub fn tar_entry(out: &mut Vec<u8>, name: &str, data: &[u8]) {
+/// A ustar header for a regular file `name` whose size field says `size`
+/// (base-256 when it does not fit the octal field), whatever follows it.
+pub fn tar_header(name: &str, size: u64) -> [u8; 512] {
     let mut h = [0u8; 512];
     h[..name.len()].copy_from_slice(name.as_bytes());
     h[100..108].copy_from_slice(b"0000644\0");
     h[108..116].copy_from_slice(b"0000000\0");
     h[116..124].copy_from_slice(b"0000000\0");
-    h[124..136].copy_from_slice(format!("{:011o}\0", data.len()).as_bytes());
+    if size < 1 << 33 {
+        h[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
+    } else {
+        h[124] = 0x80;
+        h[128..136].copy_from_slice(&size.to_be_bytes());
+    }
     h[136..148].copy_from_slice(b"00000000000\0");
     h[156] = b'0';
     h[257..263].copy_from_slice(b"ustar\0");
@@ -79,7 +85,12 @@ pub fn tar_entry(out: &mut Vec<u8>, name: &str, data: &[u8]) {
     h[148..156].copy_from_slice(b"        ");
     let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
     h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-    out.extend_from_slice(&h);
+    h
+}
+
+/// Append a regular file to a ustar archive.
+pub fn tar_entry(out: &mut Vec<u8>, name: &str, data: &[u8]) {
+    out.extend_from_slice(&tar_header(name, data.len() as u64));
     out.extend_from_slice(data);
     out.resize(out.len().div_ceil(512) * 512, 0);
 }
