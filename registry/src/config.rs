@@ -20,9 +20,15 @@ use std::path::{Path, PathBuf};
 use vlmatch_core::{Error, Result};
 
 mod choices;
+mod common;
+mod data;
 mod sections;
+mod train;
 
+pub use common::{Checked, MIN_MAX_LEN};
+pub use data::*;
 pub use sections::*;
+pub use train::*;
 
 /// A named TOML text, used for presets and saved run configs.
 #[derive(Clone)]

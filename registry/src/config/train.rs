@@ -1,0 +1,197 @@
+//! `[train]` and `[train.dist]`: the optimisation schedule, checkpointing,
+//! precision and the data-parallel settings, with their defaults and checks.
+
+use super::choices::{Precision, TrainDevice};
+use super::common::{at, count, one_usize, yes, Checked};
+use crate::check;
+use serde::{Deserialize, Serialize};
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Number of optimizer steps.
+    pub steps: i64,
+    /// Pairs per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step (gradient accumulation).
+    #[serde(default = "one_usize")]
+    pub accum_steps: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Learning rate at the end of the cosine decay.
+    #[serde(default)]
+    pub min_lr: f64,
+    /// Linear warm-up steps from 0 to `lr`.
+    #[serde(default)]
+    pub warmup_steps: i64,
+    /// AdamW weight decay; never applied to biases, norms or scalars.
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "default_betas")]
+    pub betas: (f64, f64),
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Clip the global gradient norm to this value (0 disables).
+    #[serde(default)]
+    pub grad_clip: f64,
+    pub seed: u64,
+    /// Checkpoint interval in steps (0: only the final checkpoint).
+    #[serde(default)]
+    pub checkpoint_every: i64,
+    /// Checkpoints kept on disk (the newest ones).
+    #[serde(default = "default_keep")]
+    pub keep_checkpoints: usize,
+    /// Metrics interval in steps.
+    #[serde(default = "one_i64")]
+    pub log_every: i64,
+    /// Also write the metrics as TensorBoard event files under `RUN/tb/`.
+    #[serde(default = "yes")]
+    pub tensorboard: bool,
+    /// `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`.
+    #[serde(default)]
+    pub device: TrainDevice,
+    /// `auto` (bf16 on CUDA, fp32 on CPU), `fp32` or `bf16`.
+    #[serde(default)]
+    pub precision: Precision,
+    /// libtorch intra-op threads (0: all cores).
+    #[serde(default)]
+    pub threads: usize,
+    /// What a step whose loss or gradient norm is not finite does: it is
+    /// never applied; `stop` ends the run, `skip` goes on.
+    #[serde(default)]
+    pub on_nonfinite: OnNonFinite,
+    /// With `on_nonfinite = "skip"`: stop after this many non-finite steps
+    /// in a row.
+    #[serde(default = "default_max_skipped")]
+    pub max_skipped: u32,
+    /// Data-parallel training, when a launcher (`torchrun`, `srun`) starts
+    /// several ranks; ignored on one process.
+    #[serde(default)]
+    pub dist: DistConfig,
+}
+
+impl TrainConfig {
+    /// The values of `[train]` beyond their types.
+    pub fn check(&self) -> Checked {
+        let t = self;
+        at("train.steps", check::positive("train.steps", t.steps))?;
+        at(
+            "train.batch_size",
+            check::positive("train.batch_size", count(t.batch_size)),
+        )?;
+        at(
+            "train.accum_steps",
+            check::positive("train.accum_steps", count(t.accum_steps)),
+        )?;
+        at("train.lr", check::positive_f64("train.lr", t.lr))?;
+        at(
+            "train.min_lr",
+            check::non_negative_f64("train.min_lr", t.min_lr),
+        )?;
+        if t.min_lr > t.lr {
+            return Err((
+                "train.min_lr".into(),
+                format!(
+                    "must not exceed train.lr {} (the cosine decays from lr to min_lr), got {}",
+                    t.lr, t.min_lr
+                ),
+            ));
+        }
+        at(
+            "train.warmup_steps",
+            check::at_least("train.warmup_steps", t.warmup_steps, 0),
+        )?;
+        at(
+            "train.weight_decay",
+            check::non_negative_f64("train.weight_decay", t.weight_decay),
+        )?;
+        for (i, beta) in [t.betas.0, t.betas.1].into_iter().enumerate() {
+            if !(0.0..1.0).contains(&beta) {
+                return Err((
+                    "train.betas".into(),
+                    format!("beta{} must be in [0, 1), got {beta}", i + 1),
+                ));
+            }
+        }
+        at("train.eps", check::positive_f64("train.eps", t.eps))?;
+        at(
+            "train.grad_clip",
+            check::non_negative_f64("train.grad_clip", t.grad_clip),
+        )?;
+        at(
+            "train.checkpoint_every",
+            check::at_least("train.checkpoint_every", t.checkpoint_every, 0),
+        )?;
+        at(
+            "train.log_every",
+            check::positive("train.log_every", t.log_every),
+        )?;
+        at(
+            "train.dist.bucket_mb",
+            check::positive_f64("train.dist.bucket_mb", t.dist.bucket_mb),
+        )?;
+
+        Ok(())
+    }
+}
+
+/// `train.on_nonfinite`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnNonFinite {
+    /// End the run, naming the step, each loss, the gradient norm and the
+    /// last good checkpoint.
+    #[default]
+    Stop,
+    /// Drop the step with a warning; stop after `train.max_skipped` in a row.
+    Skip,
+}
+
+fn default_max_skipped() -> u32 {
+    5
+}
+
+/// `[train.dist]`: how the ranks of a data-parallel run work together.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistConfig {
+    /// Seconds a rank waits for the others (rendezvous, a collective, a
+    /// checkpoint) before it stops with an error naming the rank that did
+    /// not answer.
+    pub timeout: u64,
+    /// Size of the gradient all-reduce buckets in MiB.
+    pub bucket_mb: f64,
+    /// Where ITM's in-batch hard negatives are drawn from: `global` (every
+    /// rank's pairs, as BLIP) or `local` (the rank's own, as ALBEF; cheaper).
+    pub hard_negatives: HardNegatives,
+}
+
+impl Default for DistConfig {
+    fn default() -> Self {
+        DistConfig {
+            timeout: 600,
+            bucket_mb: 25.0,
+            hard_negatives: HardNegatives::Global,
+        }
+    }
+}
+
+/// `train.dist.hard_negatives`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HardNegatives {
+    Global,
+    Local,
+}
+
+fn one_i64() -> i64 {
+    1
+}
+fn default_betas() -> (f64, f64) {
+    (0.9, 0.999)
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_keep() -> usize {
+    2
+}
