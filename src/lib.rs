@@ -18,6 +18,7 @@ pub mod export;
 pub mod fault;
 pub mod guard;
 pub mod hooks;
+pub mod matcher;
 pub mod momentum;
 pub mod optim;
 pub mod panics;
@@ -54,6 +55,7 @@ use mlm_head as _;
 use neggen as _;
 use roberta as _;
 use rtd as _;
+use siglip as _;
 use vit as _;
 use word_swap as _;
 

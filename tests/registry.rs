@@ -28,7 +28,7 @@ fn every_builtin_plugin_is_registered() {
         r.names(Kind::NegativeSampler),
         ["hard_negative", "neggen", "neggen_cache", "word_swap"]
     );
-    assert_eq!(r.names(Kind::Objective), ["itc", "itm", "mlm", "rtd"]);
+    assert_eq!(r.names(Kind::Objective), ["itc", "itm", "mlm", "rtd", "siglip"]);
     let listing = vlmatch::commands::plugins::plugin_listing(&[]).unwrap();
     assert!(
         listing.contains("vit") && listing.contains("vlmatch-vit"),
@@ -78,7 +78,7 @@ fn an_unknown_name_lists_the_names_of_its_kind() {
         .to_string();
     assert!(err.contains("unknown objective plugin `mlm2`"), "{err}");
     assert!(
-        err.contains("registered objective plugins: itc, itm, mlm, rtd"),
+        err.contains("registered objective plugins: itc, itm, mlm, rtd, siglip"),
         "{err}"
     );
 }

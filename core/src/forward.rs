@@ -15,6 +15,10 @@ pub struct ContrastiveHead {
     vision_proj: nn::Linear,
     text_proj: nn::Linear,
     temp: Tensor,
+    /// The log of the scale of the similarities in-batch negatives are
+    /// drawn from, when an objective other than ITC trains the projections
+    /// ([`ContrastiveHead::draw_negatives_with_scale`]).
+    negative_log_scale: OnceCell<Tensor>,
 }
 
 impl ContrastiveHead {
@@ -35,7 +39,32 @@ impl ContrastiveHead {
             vision_proj: nn::linear(p / "vision_proj", image_width, embed_dim, cfg),
             text_proj: nn::linear(p / "text_proj", text_width, embed_dim, cfg),
             temp: p.var("temp", &[], nn::Init::Const(Self::TEMP_INIT)),
+            negative_log_scale: OnceCell::new(),
         }
+    }
+
+    /// Draw in-batch negatives ([`Forward::negative_candidates`]) from the
+    /// similarities `exp(log_scale) * x.y` instead of ITC's `x.y / temp`:
+    /// an objective that replaces ITC (SigLIP) hands in its own learnt
+    /// scale, so hard negatives follow the similarities it trains. Set at
+    /// most once per model; `requester` names the objective in the error.
+    pub fn draw_negatives_with_scale(&self, log_scale: &Tensor, requester: &str) -> Result<()> {
+        self.negative_log_scale
+            .set(log_scale.shallow_clone())
+            .map_err(|_| {
+                Error::Config(format!(
+                    "config key `{requester}`: another objective already sets the scale of the \
+                     similarities hard negatives are drawn from; enable only one of them"
+                ))
+            })
+    }
+
+    /// The scale set by [`ContrastiveHead::draw_negatives_with_scale`], as
+    /// `exp(log_scale)` without gradient.
+    pub fn negative_scale(&self) -> Option<Tensor> {
+        self.negative_log_scale
+            .get()
+            .map(|s| tch::no_grad(|| s.exp()))
     }
 
     /// L2-normalised image embeddings `[B, E]` from `[CLS]` states.
@@ -155,6 +184,7 @@ pub struct Forward<'a> {
     text: OnceCell<Encoded>,
     embeds: OnceCell<(Tensor, Tensor)>,
     similarity: OnceCell<Similarity>,
+    negative_similarity: OnceCell<(Tensor, Tensor)>,
     global_keys: OnceCell<PairKeys>,
     global_image: OnceCell<Encoded>,
     global_text: OnceCell<Encoded>,
@@ -189,6 +219,7 @@ impl<'a> Forward<'a> {
             text: OnceCell::new(),
             embeds: OnceCell::new(),
             similarity: OnceCell::new(),
+            negative_similarity: OnceCell::new(),
             global_keys: OnceCell::new(),
             global_image: OnceCell::new(),
             global_text: OnceCell::new(),
@@ -228,21 +259,49 @@ impl<'a> Forward<'a> {
     /// `(i2t, t2i)` against the candidates and the candidates' positives
     /// (`[B, C]` each); `C` is the global batch, or the local one with
     /// [`Forward::with_local_negatives`] (and on one process).
+    ///
+    /// The similarities are ITC's ([`Forward::similarity`]), or, when an
+    /// objective set a scale of its own
+    /// ([`ContrastiveHead::draw_negatives_with_scale`]), `scale * x.y` of
+    /// the same embeddings, without gradient.
     pub fn negative_candidates(&self) -> Result<(Tensor, Tensor, Tensor)> {
-        let sim = self.similarity()?;
+        let (i2t, t2i) = self.negative_similarity()?;
         let positives = self.positives()?;
         match (&self.collective, self.global_negatives) {
             (Some(c), false) => {
                 let b = self.batch.len();
                 let start = c.rank() as i64 * b;
                 Ok((
-                    sim.i2t.narrow(1, start, b),
-                    sim.t2i.narrow(1, start, b),
+                    i2t.narrow(1, start, b),
+                    t2i.narrow(1, start, b),
                     positives.narrow(1, start, b),
                 ))
             }
-            _ => Ok((sim.i2t.shallow_clone(), sim.t2i.shallow_clone(), positives)),
+            _ => Ok((i2t.shallow_clone(), t2i.shallow_clone(), positives)),
         }
+    }
+
+    /// `(i2t, t2i)` of local rows against the global batch, as in
+    /// [`Similarity`], for drawing negatives (see
+    /// [`Forward::negative_candidates`]).
+    fn negative_similarity(&self) -> Result<&(Tensor, Tensor)> {
+        cached(&self.negative_similarity, || {
+            let Some(scale) = self.model.contrastive.negative_scale() else {
+                let sim = self.similarity()?;
+                return Ok((sim.i2t.shallow_clone(), sim.t2i.shallow_clone()));
+            };
+            let (images, texts) = self.embeds()?;
+            tch::no_grad(|| {
+                let (all_images, all_texts) = match &self.collective {
+                    None => (images.shallow_clone(), texts.shallow_clone()),
+                    Some(c) => (c.all_gather(images)?, c.all_gather(texts)?),
+                };
+                Ok((
+                    images.matmul(&all_texts.tr()) * &scale,
+                    texts.matmul(&all_images.tr()) * &scale,
+                ))
+            })
+        })
     }
 
     /// `[B]` i64: each local row's own pair among the candidates of

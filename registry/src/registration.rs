@@ -342,6 +342,13 @@ impl<'a> BuildContext<'a> {
         }
     }
 
+    /// The run's typed config, when building for a run (`None` outside
+    /// one), for checks across sections: an objective that cannot run with
+    /// `[momentum]` reads `momentum.enabled`.
+    pub fn run_config(&self) -> Option<&'a crate::Config> {
+        self.config.config
+    }
+
     /// The last component of the section key: an objective's loss name.
     pub fn section_name(&self) -> &str {
         self.key.rsplit('.').next().unwrap_or(&self.key)
