@@ -22,12 +22,13 @@ use std::path::{Path, PathBuf};
 
 /// The shim's translation units, one per concern (mirrored by the modules of
 /// `src/ffi/`).
-const SHIM_SOURCES: [&str; 5] = [
+const SHIM_SOURCES: [&str; 6] = [
     "csrc/store.cpp",
     "csrc/group.cpp",
     "csrc/autograd.cpp",
     "csrc/reducer.cpp",
     "csrc/health.cpp",
+    "csrc/checkpoint.cpp",
 ];
 
 /// The shim's headers: what the files share, the hand-declared Gloo, and the

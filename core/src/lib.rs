@@ -19,6 +19,7 @@
 
 mod batch;
 mod candidates;
+pub mod checkpoint;
 mod collective;
 mod error;
 pub mod flops;

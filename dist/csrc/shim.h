@@ -8,6 +8,7 @@
 //   autograd.cpp  the differentiable all-gather            (ffi/autograd.rs)
 //   reducer.cpp   the bucketed gradient reducer            (ffi/reducer.rs)
 //   health.cpp    what groups have done, for heartbeats    (ffi/health.rs)
+//   checkpoint.cpp activation checkpointing, Rust recompute (ffi/checkpoint.rs)
 //
 // gloo_decl.h holds the hand-declared ProcessGroupGloo (only group.cpp
 // includes it); this header holds what several files share: the handle

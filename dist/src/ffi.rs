@@ -3,7 +3,8 @@
 //! per file of the shim, each with its own `extern` block: `store`
 //! (csrc/store.cpp), `group` (process groups and their work,
 //! csrc/group.cpp), `autograd` (csrc/autograd.cpp), `reducer`
-//! (csrc/reducer.cpp), `health` (csrc/health.cpp); this root holds what they
+//! (csrc/reducer.cpp), `health` (csrc/health.cpp), `checkpoint`
+//! (csrc/checkpoint.cpp); this root holds what they
 //! share (csrc/shim.h): status and operation codes, and error messages.
 //!
 //! Every shim function returns a status (`OK`, `TIMEOUT`, `ERROR`) and, on
@@ -94,12 +95,14 @@ pub(crate) fn millis(d: Duration) -> i64 {
 }
 
 mod autograd;
+mod checkpoint;
 mod group;
 mod health;
 mod reducer;
 mod store;
 
 pub(crate) use autograd::set_grad;
+pub(crate) use checkpoint::checkpoint;
 pub(crate) use group::{has_nccl, PgHandle, RawBackend, WorkHandle};
 pub(crate) use health::ActivityHandle;
 pub(crate) use reducer::ReducerHandle;

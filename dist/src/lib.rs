@@ -10,6 +10,9 @@
 //!   trainer can start reducing one gradient bucket while computing the next.
 //! - [`LaunchEnv`]: rank, world size and rendezvous address from `torchrun`'s
 //!   or Slurm's environment.
+//! - [`checkpoint::checkpoint`]: activation checkpointing, a layer
+//!   recomputed in backward (a C++ autograd function that calls back into
+//!   Rust), which the host hands to the layer stacks.
 //!
 //! The C++ side is `csrc/*.cpp` (one file per concern); all `unsafe` is in
 //! the `ffi` module and its submodules, which mirror those files.
@@ -30,6 +33,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod checkpoint;
 mod collective;
 mod error;
 mod ffi;
@@ -42,7 +46,7 @@ mod store;
 pub use collective::{to_core_error, DistCollective};
 pub use error::{Backend, DistError, Op, Result};
 pub use group::{ProcessGroup, Work};
-pub use health::{diagnose, Activity, Entered, Heartbeat};
+pub use health::{diagnose, rank_gone, Activity, Entered, Heartbeat};
 pub use launch::{LaunchEnv, LaunchError, Launcher};
 pub use reducer::{agree_any, broadcast_parameters, set_grad, GradReducer, DEFAULT_BUCKET_MB};
 pub use store::{Store, StoreServer};
