@@ -264,6 +264,19 @@ pub enum Command {
         #[arg(long, default_value_t = 16)]
         eval_k: usize,
     },
+    /// Embed images and/or captions (an image folder, an annotation file,
+    /// tar shards, or `--captions FILE`) into an index directory of ITC
+    /// embeddings with the model's fingerprint; resumable (docs/using.md).
+    Embed(crate::commands::matcher::EmbedArgs),
+    /// Search an index: text -> images, image -> captions; exact top-k by
+    /// ITC, `--rerank R` by ITM. One JSON line per query.
+    Search(crate::commands::matcher::SearchArgs),
+    /// Score every pair of an annotation file or shards: ITC, ITM and with
+    /// `--tokens` each word's mismatch probability. JSON lines; resumable.
+    Score(crate::commands::matcher::ScoreArgs),
+    /// Keep the scored pairs at or above a threshold: a new annotation file
+    /// and a report with a score histogram.
+    Filter(crate::commands::matcher::FilterArgs),
     /// Print the merged configuration that `train` would use.
     Config {
         #[command(flatten)]
@@ -399,6 +412,7 @@ macro_rules! injected {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    use crate::commands::matcher::Matcher;
     crate::setup::set_plugin_libraries(&cli.plugins)?;
     match cli.command {
         Command::Train {
@@ -585,6 +599,10 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Plot(args) => crate::plot::plot(&args.into()),
+        Command::Embed(a) => crate::commands::matcher::main(Matcher::Embed(a)),
+        Command::Search(a) => crate::commands::matcher::main(Matcher::Search(a)),
+        Command::Score(a) => crate::commands::matcher::main(Matcher::Score(a)),
+        Command::Filter(a) => crate::commands::matcher::main(Matcher::Filter(a)),
     }
 }
 

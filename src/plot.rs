@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use vlmatch_core::{Error, Result};
 
 /// DejaVu Sans 2.37 (Bitstream Vera licence: `assets/fonts/LICENSE-DejaVu.txt`).
-const FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
+pub(crate) const FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
 
 /// What to draw.
 #[derive(Debug, Clone)]

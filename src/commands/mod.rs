@@ -7,6 +7,7 @@ pub mod eval;
 pub mod explain;
 pub mod export;
 pub mod finetune;
+pub mod matcher;
 pub mod neggen;
 pub mod plugins;
 pub mod preview;
