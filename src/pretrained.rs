@@ -425,6 +425,7 @@ pub fn load_masked_lm(
         device,
         compute,
         masked_lm: None,
+        checkpointer: None,
     };
     let mut store = tch::nn::VarStore::new(device);
     let (encoder, head) = weights::build_masked_lm(&registry, &plan, &env, &store.root())?;

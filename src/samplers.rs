@@ -58,6 +58,7 @@ pub fn word_swap(groups: Option<&[Vec<String>]>) -> Result<Box<dyn NegativeSampl
         device: tch::Device::Cpu,
         compute: tch::Kind::Float,
         masked_lm: None,
+        checkpointer: None,
     };
     let sampler = vlmatch_registry::standalone_sampler(
         &registry,

@@ -326,5 +326,6 @@ pub fn model_env(cfg: &LoadedConfig, tok: &Arc<Tokenizer>, device: Device) -> Re
         device,
         compute: compute_kind(train.precision, device),
         masked_lm: Some(crate::pretrained::load_masked_lm),
+        checkpointer: Some(vlmatch_dist::checkpoint::checkpoint),
     })
 }

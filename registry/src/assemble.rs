@@ -30,6 +30,12 @@ pub struct ModelEnv {
     /// plugins that fill text with a fixed model (NegGen's `fill_model`).
     /// `None` where the host offers none.
     pub masked_lm: Option<MaskedLmLoader>,
+    /// Activation checkpointing (`vlmatch_core::checkpoint`): the host's
+    /// service for the layer stacks of the roles that
+    /// `train.activation_checkpointing` names
+    /// ([`crate::BuildContext::checkpointer`]). `None` where the host
+    /// offers none.
+    pub checkpointer: Option<vlmatch_core::checkpoint::Checkpointer>,
 }
 
 /// See [`ModelEnv::masked_lm`]: `(directory, device, compute dtype)`.

@@ -349,6 +349,28 @@ impl<'a> BuildContext<'a> {
         self.config.config
     }
 
+    /// The host's activation checkpointing for the layer stacks of the
+    /// encoder this context builds: `Some` where its section is a model
+    /// role (`model.image`, `model.text`, `model.fusion`) that
+    /// `train.activation_checkpointing` names, `None` otherwise; an error
+    /// where it is named and the host offers no mechanism.
+    pub fn checkpointer(&self) -> Result<Option<vlmatch_core::checkpoint::Checkpointer>> {
+        let (Some(role), Some(config)) = (self.key.strip_prefix("model."), self.config.config)
+        else {
+            return Ok(None);
+        };
+        if !config.train.activation_checkpointing.covers(role) {
+            return Ok(None);
+        }
+        self.env.checkpointer.map(Some).ok_or_else(|| {
+            Error::Config(format!(
+                "config key `train.activation_checkpointing`: checkpointing `{}` needs the \
+                 host's mechanism, and this program offers none (ModelEnv::checkpointer)",
+                self.key
+            ))
+        })
+    }
+
     /// The last component of the section key: an objective's loss name.
     pub fn section_name(&self) -> &str {
         self.key.rsplit('.').next().unwrap_or(&self.key)

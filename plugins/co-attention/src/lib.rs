@@ -217,12 +217,11 @@ fn build(ctx: &BuildContext<'_>) -> Result<Rc<dyn Encoder>> {
     let section: CoAttentionSection = ctx.params()?;
     let text_width = ctx.width("text")?;
     let cfg = section.resolve(&ctx.key, text_width, ctx.env.compute)?;
-    Ok(Rc::new(CoAttentionFusion::new(
-        &ctx.path,
-        &cfg,
-        text_width,
-        ctx.width("image")?,
-    )))
+    let mut fusion = CoAttentionFusion::new(&ctx.path, &cfg, text_width, ctx.width("image")?);
+    let checkpointer = ctx.checkpointer()?;
+    fusion.text_layers.set_checkpointing(checkpointer);
+    fusion.image_layers.set_checkpointing(checkpointer);
+    Ok(Rc::new(fusion))
 }
 
 #[cfg(test)]

@@ -264,12 +264,14 @@ fn build(ctx: &BuildContext<'_>) -> Result<Rc<dyn Encoder>> {
             ))
         }
     };
-    Ok(Rc::new(CrossAttentionFusion::new(
+    let mut fusion = CrossAttentionFusion::new(
         &ctx.path,
         &cfg,
         text_width,
         ctx.width("image")?,
         images,
         ctx.env.compute,
-    )?))
+    )?;
+    fusion.layers.set_checkpointing(ctx.checkpointer()?);
+    Ok(Rc::new(fusion))
 }

@@ -7,11 +7,12 @@
 
 use crate::arch::LayerKeys;
 use crate::hf::{ArchSection, CheckedArch};
-use crate::{hf_init, Attention, LayerNorm, Linear};
+use crate::{checkpointed, hf_init, Attention, LayerNorm, Linear};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::rc::Rc;
 use tch::{nn, Kind, Tensor};
+use vlmatch_core::checkpoint::Checkpointer;
 use vlmatch_core::{Encoded, Encoder, EncoderInput, Error, Modality, Result};
 use vlmatch_registry::BuildContext;
 
@@ -60,6 +61,41 @@ impl BertLayer {
             .map(|(a, _, _)| a)
             .expect("the layer shared with has cross-attention");
         Self::build(p, cfg, Some(shared))
+    }
+
+    /// The same layer under a second handle (its tensors shared, not
+    /// copied), which a checkpointed call keeps for backward.
+    pub fn shared(&self) -> BertLayer {
+        BertLayer {
+            attention: self.attention.shared(),
+            attention_out: self.attention_out.shared(),
+            attention_ln: self.attention_ln.shared(),
+            cross: self
+                .cross
+                .as_ref()
+                .map(|(a, o, l)| (a.shared(), o.shared(), l.shared())),
+            intermediate: self.intermediate.shared(),
+            output: self.output.shared(),
+            output_ln: self.output_ln.shared(),
+            dropout: self.dropout,
+        }
+    }
+
+    /// Every parameter the layer reads (shared ones included).
+    pub fn params(&self) -> Vec<Tensor> {
+        let mut out = Vec::new();
+        self.attention.params(&mut out);
+        self.attention_out.params(&mut out);
+        self.attention_ln.params(&mut out);
+        if let Some((a, o, l)) = &self.cross {
+            a.params(&mut out);
+            o.params(&mut out);
+            l.params(&mut out);
+        }
+        self.intermediate.params(&mut out);
+        self.output.params(&mut out);
+        self.output_ln.params(&mut out);
+        out
     }
 
     /// The cross-attention's `key` and `value` weights; `None` for a
@@ -312,6 +348,8 @@ impl BertEmbeddings {
 /// BERT layers `0..n` under one path (`encoder.layer`, a fusion's `layer`).
 pub struct BertStack {
     layers: Vec<BertLayer>,
+    /// Activation checkpointing of every layer, where set.
+    checkpoint: Option<Checkpointer>,
 }
 
 impl BertStack {
@@ -319,6 +357,7 @@ impl BertStack {
     pub fn new(p: &nn::Path, n: i64, cfg: &BertLayerConfig) -> Self {
         BertStack {
             layers: (0..n).map(|i| BertLayer::new(&(p / i), cfg)).collect(),
+            checkpoint: None,
         }
     }
 
@@ -331,7 +370,17 @@ impl BertStack {
             let second = BertLayer::sharing_cross_key_value(&(p / (2 * k + 1)), cfg, &first);
             layers.extend([first, second]);
         }
-        BertStack { layers }
+        BertStack {
+            layers,
+            checkpoint: None,
+        }
+    }
+
+    /// Checkpoint every layer through `checkpointer` (the host's, from
+    /// `BuildContext::checkpointer`), or none with `None`: each layer then
+    /// keeps only its inputs and is computed again in backward.
+    pub fn set_checkpointing(&mut self, checkpointer: Option<Checkpointer>) {
+        self.checkpoint = checkpointer;
     }
 
     /// The number of layers.
@@ -351,7 +400,7 @@ impl BertStack {
 
     /// Layer `i` ([`BertLayer::forward_rows_indexed`]): the one place this
     /// stack calls a layer, whatever the encoder (text, fusion,
-    /// co-attention stream). Activation checkpointing wraps this call.
+    /// co-attention stream), checkpointed where the stack is.
     #[allow(clippy::too_many_arguments)]
     pub fn layer(
         &self,
@@ -363,7 +412,29 @@ impl BertStack {
         cross_index: Option<&Tensor>,
         train: bool,
     ) -> Tensor {
-        self.layers[i].forward_rows_indexed(rows, xs, mask, cross, cross_index, train)
+        let layer = &self.layers[i];
+        let Some(checkpointer) = self.checkpoint else {
+            return layer.forward_rows_indexed(rows, xs, mask, cross, cross_index, train);
+        };
+        // Inputs: rows, xs, mask, then the cross states and mask, then the
+        // index, where present (`rows` is `xs` or a view of it: no copy).
+        let mut inputs = vec![
+            rows.shallow_clone(),
+            xs.shallow_clone(),
+            mask.shallow_clone(),
+        ];
+        let has_cross = cross.is_some();
+        if let Some((c, m)) = cross {
+            inputs.extend([c.shallow_clone(), m.shallow_clone()]);
+        }
+        inputs.extend(cross_index.map(Tensor::shallow_clone));
+        let owned = layer.shared();
+        let run = move |t: &[Tensor]| {
+            let cross = has_cross.then(|| (&t[3], &t[4]));
+            let index = t.get(if has_cross { 5 } else { 3 });
+            owned.forward_rows_indexed(&t[0], &t[1], &t[2], cross, index, train)
+        };
+        checkpointed(checkpointer, &inputs, &layer.params(), Box::new(run))
     }
 
     /// The rows layer `i` computes: all of `xs`, or with `cls_only` in the
@@ -458,6 +529,12 @@ impl TextEncoder {
         })
     }
 
+    /// Checkpoint its layers through `checkpointer`
+    /// ([`BertStack::set_checkpointing`]).
+    pub fn set_checkpointing(&mut self, checkpointer: Option<Checkpointer>) {
+        self.layers.set_checkpointing(checkpointer);
+    }
+
     /// `ids`, `mask` `[B, L]` -> `[B, L, H]`.
     pub fn forward(&self, ids: &Tensor, mask: &Tensor, train: bool) -> Tensor {
         let xs = self.embeddings.forward(ids, mask, train);
@@ -541,11 +618,13 @@ pub fn build_text<C: TextArch>(
             )));
         }
     }
-    Ok(Rc::new(TextEncoder::new(
+    let mut encoder = TextEncoder::new(
         &ctx.path,
         cfg,
         ctx.env.vocab_size,
         ctx.env.max_text_len,
         ctx.env.compute,
-    )?))
+    )?;
+    encoder.set_checkpointing(ctx.checkpointer()?);
+    Ok(Rc::new(encoder))
 }

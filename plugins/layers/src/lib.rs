@@ -12,7 +12,13 @@
 //!   reading and writing, and checkpoint layouts as tables.
 //!
 //! Each stack calls its layers in one place (`BertStack::layer`,
-//! `VitEncoder`'s `layer`), where activation checkpointing will wrap them.
+//! `VitEncoder`'s `layer`), where activation checkpointing wraps them: with
+//! the host's [`Checkpointer`] (given to the factories of the roles that
+//! `train.activation_checkpointing` names), a layer is computed without
+//! keeping its activations and computed again in backward
+//! ([`vlmatch_core::checkpoint`]). Layers hand it a handle on themselves
+//! ([`BertLayer::shared`]; the same tensors, not a copy) and the list of
+//! their parameters.
 //!
 //! Mixed precision: [`Linear`] and attention compute in the `compute` dtype
 //! given at construction (bf16 on CUDA) from fp32 master weights; layer norms
@@ -30,7 +36,22 @@ pub use bert::{BertLayer, BertLayerConfig};
 pub use lm_head::TiedLmHead;
 
 use tch::{nn, Kind, Tensor};
+use vlmatch_core::checkpoint::{Checkpointer, Recompute};
 use vlmatch_core::flops;
+
+/// `run(inputs)` through the host's `checkpointer`: the layer's activations
+/// are not kept, and it runs again in backward. `params`: every tensor `run`
+/// reads that needs a gradient and is not an input.
+pub fn checkpointed(
+    checkpointer: Checkpointer,
+    inputs: &[Tensor],
+    params: &[Tensor],
+    run: Recompute,
+) -> Tensor {
+    // Like a libtorch operation, a layer that cannot run panics (the layer
+    // itself would have); the checkpointer only reports it.
+    checkpointer(inputs, params, run).unwrap_or_else(|e| panic!("activation checkpointing: {e}"))
+}
 
 /// HuggingFace's initialiser: normal(0, 0.02) weights, zero biases.
 pub fn hf_init() -> nn::Init {
@@ -82,6 +103,12 @@ impl Linear {
         }
     }
 
+    /// Its weight and bias, for a checkpointed layer's parameter list.
+    pub fn params(&self, out: &mut Vec<Tensor>) {
+        out.push(self.weight.shallow_clone());
+        out.extend(self.bias.as_ref().map(Tensor::shallow_clone));
+    }
+
     /// `[.., in]` -> `[.., out]` in the compute dtype.
     pub fn forward(&self, xs: &Tensor) -> Tensor {
         let out = if self.compute == Kind::Float {
@@ -99,23 +126,49 @@ impl Linear {
 
 /// Layer norm (`weight`, `bias`) in fp32 with a configurable epsilon
 /// (HuggingFace BERT and ViT use 1e-12; tch's default is 1e-5).
+/// (`nn::layer_norm`'s variables and computation, held so that a layer can
+/// hand out a second handle on them.)
 #[derive(Debug)]
 pub struct LayerNorm {
-    ln: nn::LayerNorm,
+    weight: Tensor,
+    bias: Tensor,
+    dim: i64,
+    eps: f64,
 }
 
 impl LayerNorm {
     pub fn new(p: &nn::Path, dim: i64, eps: f64) -> Self {
-        let cfg = nn::LayerNormConfig {
-            eps,
-            ..Default::default()
-        };
         LayerNorm {
-            ln: nn::layer_norm(p, vec![dim], cfg),
+            weight: p.var("weight", &[dim], nn::Init::Const(1.0)),
+            bias: p.var("bias", &[dim], nn::Init::Const(0.0)),
+            dim,
+            eps,
         }
     }
+
     pub fn forward(&self, xs: &Tensor) -> Tensor {
-        xs.to_kind(Kind::Float).apply(&self.ln)
+        xs.to_kind(Kind::Float).layer_norm(
+            [self.dim],
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            true,
+        )
+    }
+
+    /// The same parameters under a second handle (not a copy).
+    pub fn shared(&self) -> LayerNorm {
+        LayerNorm {
+            weight: self.weight.shallow_clone(),
+            bias: self.bias.shallow_clone(),
+            dim: self.dim,
+            eps: self.eps,
+        }
+    }
+
+    /// Its weight and bias, for a checkpointed layer's parameter list.
+    pub fn params(&self, out: &mut Vec<Tensor>) {
+        out.extend([self.weight.shallow_clone(), self.bias.shallow_clone()]);
     }
 }
 
@@ -199,6 +252,25 @@ impl Attention {
             value: with.value.shared(),
             heads: with.heads,
             dropout,
+        }
+    }
+
+    /// The same parameters under a second handle (not a copy).
+    pub fn shared(&self) -> Attention {
+        Attention {
+            query: self.query.shared(),
+            key: self.key.shared(),
+            value: self.value.shared(),
+            heads: self.heads,
+            dropout: self.dropout,
+        }
+    }
+
+    /// Its projections' weights and biases, for a checkpointed layer's
+    /// parameter list.
+    pub fn params(&self, out: &mut Vec<Tensor>) {
+        for l in [&self.query, &self.key, &self.value] {
+            l.params(out);
         }
     }
 

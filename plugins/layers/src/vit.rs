@@ -7,10 +7,11 @@
 
 use crate::arch::LayerKeys;
 use crate::hf::{ArchSection, CheckedArch};
-use crate::{hf_init, path_at, Attention, LayerNorm, Linear};
+use crate::{checkpointed, hf_init, path_at, Attention, LayerNorm, Linear};
 use serde::{Deserialize, Serialize};
 use std::rc::Rc;
 use tch::{nn, Kind, Tensor};
+use vlmatch_core::checkpoint::Checkpointer;
 use vlmatch_core::{flops, Encoded, Encoder, EncoderInput, Error, Modality, Result};
 use vlmatch_registry::{check, BuildContext};
 
@@ -229,6 +230,33 @@ impl VitLayer {
         }
     }
 
+    /// The same layer under a second handle (its tensors shared, not
+    /// copied), which a checkpointed call keeps for backward.
+    fn shared(&self) -> VitLayer {
+        VitLayer {
+            layernorm_before: self.layernorm_before.shared(),
+            attention: self.attention.shared(),
+            attention_out: self.attention_out.shared(),
+            layernorm_after: self.layernorm_after.shared(),
+            fc1: self.fc1.shared(),
+            fc2: self.fc2.shared(),
+            activation: self.activation,
+            hidden_dropout: self.hidden_dropout,
+        }
+    }
+
+    /// Every parameter the layer reads.
+    fn params(&self) -> Vec<Tensor> {
+        let mut out = Vec::new();
+        self.layernorm_before.params(&mut out);
+        self.attention.params(&mut out);
+        self.attention_out.params(&mut out);
+        self.layernorm_after.params(&mut out);
+        self.fc1.params(&mut out);
+        self.fc2.params(&mut out);
+        out
+    }
+
     /// A sub-layer's output, ready for the residual sum.
     fn residual(&self, out: Tensor, train: bool) -> Tensor {
         match self.hidden_dropout {
@@ -263,6 +291,8 @@ pub struct VitEncoder {
     /// After the embeddings (ViT's `hidden_dropout_prob`; CLIP has none).
     embedding_dropout: Option<f64>,
     layers: Vec<VitLayer>,
+    /// Activation checkpointing of every layer, where set.
+    checkpoint: Option<Checkpointer>,
     final_layernorm: LayerNorm,
     compute: Kind,
     /// What its FLOPs count under ([`vlmatch_core::flops`]).
@@ -347,6 +377,7 @@ impl VitEncoder {
             pre_layernorm: pre_ln,
             embedding_dropout: keys.hidden_dropout_prob,
             layers: layers.expect("the order names the layers"),
+            checkpoint: None,
             final_layernorm: final_ln.expect("the order names the final LayerNorm"),
             compute,
             module: flops::module_of(p.components()),
@@ -411,10 +442,28 @@ impl VitEncoder {
         Ok(xs)
     }
 
-    /// Layer `i`: the one place this stack calls a layer. Activation
-    /// checkpointing wraps this call.
+    /// Checkpoint every layer through `checkpointer` (the host's, from
+    /// `BuildContext::checkpointer`), or none with `None`: each layer then
+    /// keeps only its input and is computed again in backward.
+    pub fn set_checkpointing(&mut self, checkpointer: Option<Checkpointer>) {
+        self.checkpoint = checkpointer;
+    }
+
+    /// Layer `i`: the one place this stack calls a layer, checkpointed
+    /// where the encoder is.
     fn layer(&self, i: usize, xs: &Tensor, train: bool) -> Tensor {
-        self.layers[i].forward(xs, train)
+        let layer = &self.layers[i];
+        let Some(checkpointer) = self.checkpoint else {
+            return layer.forward(xs, train);
+        };
+        let owned = layer.shared();
+        let run = move |t: &[Tensor]| owned.forward(&t[0], train);
+        checkpointed(
+            checkpointer,
+            &[xs.shallow_clone()],
+            &layer.params(),
+            Box::new(run),
+        )
     }
 
     /// `[B, 3, S, S]` -> `[B, 1 + (S/P)^2, H]`, the final LayerNorm applied.
@@ -464,10 +513,7 @@ pub fn build_vit<C: VitArch>(ctx: &BuildContext<'_>, cfg: &C) -> Result<Rc<dyn E
         vit.patch_size,
         ctx.env.image_size,
     )?;
-    Ok(Rc::new(VitEncoder::new(
-        &ctx.path,
-        cfg,
-        ctx.env.image_size,
-        ctx.env.compute,
-    )?))
+    let mut encoder = VitEncoder::new(&ctx.path, cfg, ctx.env.image_size, ctx.env.compute)?;
+    encoder.set_checkpointing(ctx.checkpointer()?);
+    Ok(Rc::new(encoder))
 }

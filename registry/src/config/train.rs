@@ -63,6 +63,11 @@ pub struct TrainConfig {
     /// in a row.
     #[serde(default = "default_max_skipped")]
     pub max_skipped: u32,
+    /// Activation checkpointing: `"none"`, `"all"`, or the roles
+    /// (`"image"`, `"text"`, `"fusion"`) whose layer stacks keep only each
+    /// layer's input and compute the layer again in backward.
+    #[serde(default)]
+    pub activation_checkpointing: ActivationCheckpointing,
     /// Data-parallel training, when a launcher (`torchrun`, `srun`) starts
     /// several ranks; ignored on one process.
     #[serde(default)]
@@ -129,6 +134,16 @@ impl TrainConfig {
             "train.dist.bucket_mb",
             check::positive_f64("train.dist.bucket_mb", t.dist.bucket_mb),
         )?;
+        t.activation_checkpointing
+            .check()
+            .map_err(|e| ("train.activation_checkpointing".to_string(), e))?;
+        at(
+            "train.dist.io_timeout",
+            check::positive(
+                "train.dist.io_timeout",
+                i64::try_from(t.dist.io_timeout).unwrap_or(i64::MAX),
+            ),
+        )?;
 
         Ok(())
     }
@@ -150,14 +165,74 @@ fn default_max_skipped() -> u32 {
     5
 }
 
+/// `train.activation_checkpointing`: `"none"` (the default), `"all"`, or a
+/// list of roles. Read as given and checked by [`TrainConfig::check`], so
+/// that a wrong name is an error naming the key and the layer that set it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "expected \"none\", \"all\" or a list of roles (\"image\", \"text\", \"fusion\")"
+)]
+pub enum ActivationCheckpointing {
+    /// `"none"` or `"all"`.
+    Named(String),
+    /// The roles whose stacks are checkpointed.
+    Roles(Vec<String>),
+}
+
+impl Default for ActivationCheckpointing {
+    fn default() -> Self {
+        ActivationCheckpointing::Named("none".into())
+    }
+}
+
+impl ActivationCheckpointing {
+    /// The roles a list may name: the model's encoders.
+    pub const ROLES: [&'static str; 3] = ["image", "text", "fusion"];
+
+    /// Whether the layer stacks of model role `role` are checkpointed.
+    pub fn covers(&self, role: &str) -> bool {
+        match self {
+            ActivationCheckpointing::Named(n) => n == "all" && Self::ROLES.contains(&role),
+            ActivationCheckpointing::Roles(roles) => roles.iter().any(|r| r == role),
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let roles = || format!("\"{}\"", Self::ROLES.join("\", \""));
+        match self {
+            ActivationCheckpointing::Named(n) if n == "none" || n == "all" => Ok(()),
+            ActivationCheckpointing::Named(n) => Err(format!(
+                "expected \"none\", \"all\" or a list of roles ({}), got \"{n}\"",
+                roles()
+            )),
+            ActivationCheckpointing::Roles(list) => {
+                for (i, r) in list.iter().enumerate() {
+                    if !Self::ROLES.contains(&r.as_str()) {
+                        return Err(format!("unknown role \"{r}\"; the roles are {}", roles()));
+                    }
+                    if list[..i].contains(r) {
+                        return Err(format!("role \"{r}\" is listed twice"));
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// `[train.dist]`: how the ranks of a data-parallel run work together.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DistConfig {
-    /// Seconds a rank waits for the others (rendezvous, a collective, a
-    /// checkpoint) before it stops with an error naming the rank that did
-    /// not answer.
+    /// Seconds a rank waits for the others (rendezvous, a collective)
+    /// before it stops with an error naming the rank that did not answer.
     pub timeout: u64,
+    /// Seconds the other ranks wait for rank 0 to write a checkpoint or
+    /// run an evaluation, which can take far longer than a collective (a
+    /// slow disk, a large held-out set). They stop at once if rank 0 fails
+    /// (with its reason) or dies (its heartbeat stops).
+    pub io_timeout: u64,
     /// Size of the gradient all-reduce buckets in MiB.
     pub bucket_mb: f64,
     /// Where ITM's in-batch hard negatives are drawn from: `global` (every
@@ -169,6 +244,7 @@ impl Default for DistConfig {
     fn default() -> Self {
         DistConfig {
             timeout: 600,
+            io_timeout: 3600,
             bucket_mb: 25.0,
             hard_negatives: HardNegatives::Global,
         }
