@@ -19,8 +19,10 @@
 //! the batch keeps its size and resuming stays exact; the loader counts them.
 //! (Under data parallelism the replacement comes from the rank's own part.)
 
-use super::webdataset::{PairStream, Shards};
-use super::{Dataset, OnError};
+use super::augment::{swap_left_right, AugKey, Augment};
+use super::stall::Reading;
+use super::webdataset::{RankPlace, RankStream, Shards};
+use super::{Dataset, ImageRef, OnError};
 use crate::rng::{mix, Rng};
 use crate::tokenizer::Tokenizer;
 use std::collections::BTreeMap;
@@ -108,6 +110,14 @@ pub struct LoaderConfig {
     /// ([`LoaderConfig::shard`]); 0 and 1 on one process.
     pub rank: usize,
     pub world: usize,
+    /// `[data.augment]` with the run's seed: set on training loaders only
+    /// ([`LoaderConfig::augmented`]); evaluation never augments.
+    pub augment: Option<Arc<Augment>>,
+    /// What the loader's threads read now, for a stall's message.
+    pub reading: Reading,
+    /// `data.stall_timeout`: how long the training step waits on the
+    /// loader without progress before warning (three times: failing).
+    pub stall_timeout: std::time::Duration,
 }
 
 impl LoaderConfig {
@@ -132,6 +142,9 @@ impl LoaderConfig {
             preps: CaptionPreps::default(),
             rank: 0,
             world: 1,
+            augment: None,
+            reading: Reading::default(),
+            stall_timeout: std::time::Duration::from_secs(data.stall_timeout.max(1)),
         }
     }
 
@@ -144,6 +157,17 @@ impl LoaderConfig {
         );
         self.rank = rank;
         self.world = world;
+        self
+    }
+
+    /// A training loader: images augmented as `[data.augment]` says, each
+    /// draw keyed by `seed`, the sample and the epoch.
+    pub fn augmented(
+        mut self,
+        augment: &vlmatch_registry::config::AugmentConfig,
+        seed: u64,
+    ) -> Self {
+        self.augment = Augment::new(augment, seed).map(Arc::new);
         self
     }
 
@@ -171,6 +195,11 @@ pub fn decode_resized_within(
     size: usize,
     max_pixels: u64,
 ) -> Result<Vec<u8>> {
+    Ok(resized(decode_file(path, origin, max_pixels)?, size))
+}
+
+/// An image file decoded at full size, refused above `max_pixels`.
+fn decode_file(path: &Path, origin: &str, max_pixels: u64) -> Result<image::DynamicImage> {
     let bad = |e: &dyn std::fmt::Display| Error::Data {
         path: path.to_path_buf(),
         line: None,
@@ -183,8 +212,7 @@ pub fn decode_resized_within(
         .into_dimensions()
         .map_err(|e| bad(&e))?;
     check_pixels(dims, max_pixels, path, origin)?;
-    let img = open().map_err(|e| bad(&e))?.decode().map_err(|e| bad(&e))?;
-    Ok(resized(img, size))
+    open().map_err(|e| bad(&e))?.decode().map_err(|e| bad(&e))
 }
 
 /// `data.max_image_pixels`, set from the run's config ([`set_max_image_pixels`]).
@@ -225,6 +253,11 @@ pub fn decode_bytes_resized(
     origin: &str,
     size: usize,
 ) -> Result<Vec<u8>> {
+    Ok(resized(decode_bytes(bytes, path, origin)?, size))
+}
+
+/// An in-memory image decoded at full size.
+fn decode_bytes(bytes: &[u8], path: &Path, origin: &str) -> Result<image::DynamicImage> {
     let bad = |e: &dyn std::fmt::Display| Error::Data {
         path: path.to_path_buf(),
         line: None,
@@ -236,11 +269,7 @@ pub fn decode_bytes_resized(
         .into_dimensions()
         .map_err(|e| bad(&e))?;
     check_pixels(dims, max_image_pixels(), path, origin)?;
-    let img = reader()
-        .map_err(|e| bad(&e))?
-        .decode()
-        .map_err(|e| bad(&e))?;
-    Ok(resized(img, size))
+    reader().map_err(|e| bad(&e))?.decode().map_err(|e| bad(&e))
 }
 
 /// A decoder's message on one line (some span several, e.g. JPEG's I/O
@@ -261,6 +290,60 @@ fn resized(img: image::DynamicImage, size: usize) -> Vec<u8> {
         image::imageops::FilterType::CatmullRom,
     );
     resized.into_raw()
+}
+
+/// Image `i` of `ds` decoded at full size (a scene rendered at `size`) and
+/// augmented for `key`: `size` x `size` RGB bytes.
+fn load_augmented(
+    ds: &Dataset,
+    i: usize,
+    size: usize,
+    aug: &Augment,
+    key: AugKey,
+) -> Result<Vec<u8>> {
+    let rgb = match &ds.images[i] {
+        ImageRef::Scene(scene) => {
+            image::RgbImage::from_raw(size as u32, size as u32, scene.render(size))
+                .ok_or_else(|| Error::Config("a rendered scene has the wrong size".into()))?
+        }
+        ImageRef::File {
+            path,
+            origin,
+            bytes: None,
+        } => decode_file(path, origin, max_image_pixels())?.to_rgb8(),
+        ImageRef::File {
+            path,
+            origin,
+            bytes: Some(bytes),
+        } => decode_bytes(&bytes.0, path, origin)?.to_rgb8(),
+    };
+    Ok(aug.apply(&rgb, key, size))
+}
+
+/// Pair `i`'s image, normalised: augmented for `key` by a training loader
+/// that augments, else resized.
+fn pair_image(ds: &Dataset, cfg: &LoaderConfig, i: usize, key: Option<AugKey>) -> Result<Vec<f32>> {
+    let image = ds.pairs[i].image;
+    match (&cfg.augment, key) {
+        (Some(aug), Some(key)) => Ok(super::normalize(
+            &load_augmented(ds, image, cfg.image_size, aug, key)?,
+            cfg.mean,
+            cfg.std,
+        )),
+        _ => ds.load_image(image, cfg.image_size, cfg.mean, cfg.std),
+    }
+}
+
+/// Pair `i`'s caption, "left" and "right" swapped when its image was
+/// flipped and `data.augment.flip_swap_left_right` asks for it.
+fn pair_caption(ds: &Dataset, cfg: &LoaderConfig, i: usize, key: Option<AugKey>) -> String {
+    let caption = &ds.pairs[i].caption;
+    match (&cfg.augment, key) {
+        (Some(aug), Some(key)) if aug.config.flip_swap_left_right && aug.flips(key) => {
+            swap_left_right(caption)
+        }
+        _ => caption.clone(),
+    }
 }
 
 /// A hash of a decoded, normalised image: equal for identical pixels.
@@ -291,6 +374,24 @@ pub fn make_batch(
     cfg: &LoaderConfig,
     idx: &[usize],
 ) -> Result<Batch> {
+    make_batch_keyed(ds, tok, cfg, idx, None)
+}
+
+/// [`make_batch`] with each pair's augmentation key (`keys[k]` for
+/// `idx[k]`): a loader with [`LoaderConfig::augment`] augments the images
+/// (and swaps "left"/"right" in flipped images' captions if asked to).
+pub fn make_batch_keyed(
+    ds: &Dataset,
+    tok: &Tokenizer,
+    cfg: &LoaderConfig,
+    idx: &[usize],
+    keys: Option<&[AugKey]>,
+) -> Result<Batch> {
+    let mut aug_keys: Vec<Option<AugKey>> = match keys {
+        Some(keys) => keys.iter().copied().map(Some).collect(),
+        None => vec![None; idx.len()],
+    };
+    assert_eq!(aug_keys.len(), idx.len(), "one augmentation key per pair");
     let s = cfg.image_size;
     let plane = 3 * s * s;
     let mut pixels = vec![0f32; idx.len() * plane];
@@ -304,14 +405,20 @@ pub fn make_batch(
             .chunks_mut(per * plane)
             .zip(image_keys.chunks_mut(per))
             .zip(idx.chunks(per))
+            .zip(aug_keys.chunks(per))
             .enumerate()
-            .map(|(c, ((out, keys), chunk))| {
+            .map(|(c, (((out, keys), chunk), augs))| {
                 scope.spawn(move || {
                     let mut failed = Vec::new();
-                    for (k, ((dst, key), &i)) in
-                        out.chunks_mut(plane).zip(keys).zip(chunk).enumerate()
+                    for (k, (((dst, key), &i), &aug)) in out
+                        .chunks_mut(plane)
+                        .zip(keys)
+                        .zip(chunk)
+                        .zip(augs)
+                        .enumerate()
                     {
-                        match ds.load_image(ds.pairs[i].image, s, cfg.mean, cfg.std) {
+                        ds.report_image(ds.pairs[i].image, &cfg.reading);
+                        match pair_image(ds, cfg, i, aug) {
                             Ok(img) => {
                                 *key = image_content_key(&img);
                                 dst.copy_from_slice(&img)
@@ -355,12 +462,14 @@ pub fn make_batch(
             cfg.skipped.fetch_add(1, Ordering::Relaxed);
             pixels.copy_within(j * plane..(j + 1) * plane, k * plane);
             image_keys[k] = image_keys[j];
+            aug_keys[k] = aug_keys[j];
             source[k] = idx[j];
         }
     }
     let captions: Vec<String> = source
         .iter()
-        .map(|&i| ds.pairs[i].caption.clone())
+        .zip(&aug_keys)
+        .map(|(&i, &key)| pair_caption(ds, cfg, i, key))
         .collect();
     let prepared = cfg.preps.run(&captions, cfg.workers);
     let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
@@ -418,9 +527,13 @@ impl std::fmt::Display for Source {
 pub struct Loader {
     /// Each batch with the pairs skipped while preparing it.
     rx: Receiver<(Result<Batch>, usize)>,
+    reading: Reading,
+    stall_timeout: std::time::Duration,
     /// Complete batches per epoch; 0 for a shard stream (not known ahead).
     pub batches_per_epoch: u64,
     skipped: usize,
+    /// Bytes this rank has read from shard files (a shard stream).
+    shard_bytes: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// Prepare one batch with `make`, and count what it skipped.
@@ -476,10 +589,19 @@ impl Loader {
         self.skipped
     }
 
-    /// Batches of the shard stream: pairs `g * global_batch..` of the stream
-    /// that `shards` and the seed fix, decoded on the worker threads. Every
-    /// rank walks the whole stream (tar headers and captions) and reads the
-    /// images of its own part only.
+    /// Bytes this rank's loader has read from shard files so far (read
+    /// ahead of the batches handed out); 0 for pairs in memory.
+    pub fn shard_bytes_read(&self) -> u64 {
+        self.shard_bytes
+            .as_ref()
+            .map_or(0, |b| b.load(Ordering::Relaxed))
+    }
+
+    /// Batches of the shard stream, decoded on the worker threads: under
+    /// `data.shard_split = "exact"` pairs `g * global_batch..` of the stream
+    /// that `shards` and the seed fix (every rank walks the whole stream, tar
+    /// headers and captions, and reads the images of its own part only);
+    /// under `"disjoint"` this rank's workers' own shards ([`RankStream`]).
     fn stream(
         shards: Shards,
         tok: Arc<Tokenizer>,
@@ -487,27 +609,50 @@ impl Loader {
         start: u64,
     ) -> Result<Loader> {
         let (tx, rx) = sync_channel(cfg.prefetch.max(1));
-        let mut stream =
-            PairStream::new(shards, cfg.shuffle_seed, cfg.on_error, cfg.skipped.clone());
+        let (reading, stall_timeout) = (cfg.reading.clone(), cfg.stall_timeout);
+        let place = RankPlace {
+            rank: cfg.rank,
+            ranks: cfg.world,
+            workers: cfg.workers,
+            batch_size: cfg.batch_size,
+        };
+        let mut stream = RankStream::new(
+            shards,
+            cfg.shuffle_seed,
+            cfg.on_error,
+            cfg.skipped.clone(),
+            place,
+        )?
+        .reporting_to(cfg.reading.clone());
+        let shard_bytes = Some(stream.bytes_read());
         std::thread::Builder::new()
             .name("vlmatch-loader".into())
             .spawn(move || {
-                let (bs, global) = (cfg.batch_size, cfg.global_batch());
-                if let Err(e) = stream.skip(start * global as u64) {
+                let bs = cfg.batch_size;
+                if let Err(e) = stream.skip_batches(start) {
                     let _ = tx.send((Err(e), 0));
                     return;
                 }
                 let idx: Vec<usize> = (0..bs).collect();
-                send_batches(&tx, &cfg, start, |_| {
-                    let ds = stream.next_part(global, cfg.part())?;
-                    make_batch(&ds, &tok, &cfg, &idx)
+                send_batches(&tx, &cfg, start, |g| {
+                    let ds = stream.next_batch()?;
+                    // A stream's pairs are keyed by their place in it (the
+                    // batch's sample keys), which no epoch repeats.
+                    let first = g * cfg.global_batch() as u64 + cfg.part().start as u64;
+                    let keys: Vec<AugKey> = (first..first + bs as u64)
+                        .map(|sample| AugKey { sample, epoch: 0 })
+                        .collect();
+                    make_batch_keyed(&ds, &tok, &cfg, &idx, Some(&keys))
                 });
             })
             .map_err(|e| Error::io("loader thread", e))?;
         Ok(Loader {
             rx,
+            reading,
+            stall_timeout,
             batches_per_epoch: 0,
             skipped: 0,
+            shard_bytes,
         })
     }
 
@@ -540,6 +685,7 @@ impl Loader {
             }));
         }
         let (tx, rx) = sync_channel(cfg.prefetch.max(1));
+        let (reading, stall_timeout) = (cfg.reading.clone(), cfg.stall_timeout);
         std::thread::Builder::new()
             .name("vlmatch-loader".into())
             .spawn(move || {
@@ -553,22 +699,36 @@ impl Loader {
                         order = epoch_order(ds.len(), cfg.shuffle_seed, e);
                     }
                     let idx = &slice(&order, (g % bpe) as usize, global)[cfg.part()];
-                    make_batch(&ds, &tok, &cfg, idx)
+                    // Pairs in memory are keyed by their index and the epoch.
+                    let keys: Vec<AugKey> = idx
+                        .iter()
+                        .map(|&i| AugKey {
+                            sample: i as u64,
+                            epoch: e,
+                        })
+                        .collect();
+                    make_batch_keyed(&ds, &tok, &cfg, idx, Some(&keys))
                 });
             })
             .map_err(|e| Error::io("loader thread", e))?;
         Ok(Loader {
             rx,
+            reading,
+            stall_timeout,
             batches_per_epoch: bpe,
             skipped: 0,
+            shard_bytes: None,
         })
     }
 
+    /// The next batch; a loader that makes no progress for
+    /// `data.stall_timeout` is named in a warning, and after three times
+    /// that fails the step ([`super::stall::receive`]).
     pub fn next_batch(&mut self) -> Result<Batch> {
-        let (batch, skipped) = self
-            .rx
-            .recv()
-            .map_err(|_| Error::Config("the data loader stopped after an earlier error".into()))?;
+        let (batch, skipped) = super::stall::receive(&self.rx, self.stall_timeout, &self.reading)?
+            .ok_or_else(|| {
+                Error::Config("the data loader stopped after an earlier error".into())
+            })?;
         self.skipped += skipped;
         batch
     }

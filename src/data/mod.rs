@@ -7,7 +7,11 @@
 //! batches. WebDataset tar shards are streamed instead ([`webdataset`]).
 
 pub mod annotations;
+pub mod augment;
 pub mod loader;
+pub mod samples;
+pub mod shards;
+pub mod stall;
 pub mod synthetic;
 pub mod tar;
 pub mod webdataset;
@@ -82,6 +86,15 @@ impl Dataset {
                 origin,
                 bytes: Some(bytes),
             } => loader::decode_bytes_resized(&bytes.0, path, origin, size),
+        }
+    }
+
+    /// Tells `reading` that image `i` is read now (its file, or its shard
+    /// member); a built-in scene is only progress.
+    pub fn report_image(&self, i: usize, reading: &stall::Reading) {
+        match &self.images[i] {
+            ImageRef::File { path, .. } => reading.path(path),
+            ImageRef::Scene(_) => reading.progressed(),
         }
     }
 

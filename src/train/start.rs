@@ -102,7 +102,17 @@ impl<'a> Run<'a> {
         let main = rank == 0;
         let tok = Arc::new(setup::tokenizer(loaded)?);
         let (asm, env) = setup::model_on(loaded, &tok, device)?;
-        let (train_source, heldout) = setup::train_source(loaded)?;
+        let (mut train_source, heldout) = setup::train_source(loaded)?;
+        // `data.shard_split` resolved: recorded in the saved config, and on
+        // resume the one the run began with.
+        let split = crate::data::shards::resolve_split(&loaded.config.data, world, !how.resume);
+        if let (Source::Shards(shards), Some(split)) = (&mut train_source, split) {
+            shards.split = split;
+        }
+        if let (true, Some(split)) = (how.resume, split) {
+            let workers = loaded.config.data.workers;
+            crate::data::shards::check_saved_split(run_dir, split, workers)?;
+        }
         let (load_skipped, epoch_steps) = match &train_source {
             Source::Pairs(ds) => {
                 let per_step = (world * tc.batch_size * tc.accum_steps).max(1);
@@ -135,7 +145,8 @@ impl<'a> Run<'a> {
                 super::owner::claim(run_dir, how.force)?;
             }
             // Written whole or not at all: another rank may read it.
-            crate::durable::write(&run_dir.join("config.toml"), loaded.to_toml())?;
+            let saved = crate::data::shards::config_toml(loaded, split);
+            crate::durable::write(&run_dir.join("config.toml"), saved)?;
             Some(lock)
         } else {
             None
@@ -183,6 +194,7 @@ impl<'a> Run<'a> {
                 batch_size: take("state.batch_size"),
             };
             was.check_resume(layout)?;
+            crate::data::shards::check_resume_ranks(split, was.world_size as usize, world)?;
             state = TrainerState {
                 step: take("state.step"),
                 batches: take("state.batches"),
@@ -239,8 +251,9 @@ impl<'a> Run<'a> {
             hooks = ?hooks.names(),
             "training"
         );
-        let mut loader_cfg =
-            LoaderConfig::new(&loaded.config.data, tc.batch_size, Some(tc.seed)).shard(rank, world);
+        let mut loader_cfg = LoaderConfig::new(&loaded.config.data, tc.batch_size, Some(tc.seed))
+            .shard(rank, world)
+            .augmented(&loaded.config.data.augment, tc.seed);
         loader_cfg.preps = CaptionPreps::new(asm.caption_preps());
         let loader = Loader::from_source(train_source, tok, loader_cfg, state.batches as u64)?;
         let metrics = if main {

@@ -47,6 +47,13 @@ pub struct DataConfig {
     /// Samples in the `webdataset` shuffle buffer.
     #[serde(default = "default_shuffle_buffer")]
     pub shuffle_buffer: usize,
+    /// How a `webdataset` stream is divided among ranks and loader workers:
+    /// `disjoint` (each reads its own shards) or `exact` (every rank walks
+    /// the whole stream, as one process would). Unset: `disjoint` for a new
+    /// run at more than one rank or worker, else `exact`; a run's saved
+    /// config records the resolved value, and one without it means `exact`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard_split: Option<ShardSplit>,
     /// A bad annotation entry or shard sample, a missing image file or an
     /// image that does not decode: `fail` (an error naming file and line or
     /// member) or `skip` (a warning; the pair is dropped or replaced).
@@ -65,6 +72,13 @@ pub struct DataConfig {
     /// Batches prepared ahead of the training step.
     #[serde(default = "default_prefetch")]
     pub prefetch: usize,
+    /// Seconds the data loader may go without progress (no file opened,
+    /// no image decoded, no batch made) before the trainer warns, naming
+    /// the file or shard being read; after three times this it stops with
+    /// an error naming it (a hung network file system, a stuck read).
+    /// Default 300.
+    #[serde(default = "default_stall_timeout")]
+    pub stall_timeout: u64,
     /// Per-channel normalisation (CLIP's, as ALBEF uses). Unset, each comes
     /// from `model.image.init`'s `preprocessor_config.json` where it has one.
     #[serde(default = "default_mean")]
@@ -98,6 +112,9 @@ pub struct DataConfig {
     pub max_captions_per_image: usize,
     #[serde(default)]
     pub synthetic: SyntheticConfig,
+    /// ALBEF's training augmentations, off by default; never in evaluation.
+    #[serde(default)]
+    pub augment: AugmentConfig,
 }
 
 fn default_max_image_pixels() -> u64 {
@@ -133,6 +150,13 @@ impl DataConfig {
         at(
             "data.image_size",
             check::positive("data.image_size", d.image_size),
+        )?;
+        at(
+            "data.stall_timeout",
+            check::positive(
+                "data.stall_timeout",
+                i64::try_from(d.stall_timeout).unwrap_or(i64::MAX),
+            ),
         )?;
         if d.max_len < MIN_MAX_LEN {
             return Err((
@@ -192,12 +216,19 @@ impl DataConfig {
                 count(d.synthetic.captions_per_scene),
             ),
         )?;
+        d.augment.check()?;
         let required = |key: &str, source: &str| {
             Err((
                 key.to_string(),
                 format!("required when data.source = \"{source}\""),
             ))
         };
+        if d.shard_split.is_some() && d.source != DataSource::Webdataset {
+            return Err((
+                "data.shard_split".into(),
+                "applies only to data.source = \"webdataset\" (tar shards); unset it".into(),
+            ));
+        }
         match d.source {
             DataSource::Annotations if d.annotations.is_none() => {
                 required("data.annotations", "annotations")
@@ -215,6 +246,18 @@ pub enum OnError {
     #[default]
     Fail,
     Skip,
+}
+
+/// `data.shard_split`: how ranks and loader workers divide a shard stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShardSplit {
+    /// Each rank and loader worker reads only its own shards, reassigned
+    /// every epoch (webdataset's node and worker splitting).
+    Disjoint,
+    /// Every rank walks the whole stream and keeps its part of each global
+    /// batch: what a run computes does not depend on the rank count.
+    Exact,
 }
 
 /// `data.positives`: see [`vlmatch_core::positives`].
@@ -240,6 +283,9 @@ fn default_shuffle_buffer() -> usize {
 }
 fn default_vocab() -> String {
     "builtin".into()
+}
+fn default_stall_timeout() -> u64 {
+    300
 }
 fn default_prefetch() -> usize {
     4
@@ -273,5 +319,131 @@ impl Default for SyntheticConfig {
             captions_per_scene: 3,
             seed: 1234,
         }
+    }
+}
+
+/// `[data.augment]`: ALBEF's training augmentations, applied to the decoded
+/// RGB image in this order: random resized crop, horizontal flip,
+/// RandAugment. Off by default; evaluation never augments.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AugmentConfig {
+    /// torchvision's `RandomResizedCrop` to `data.image_size` (bicubic);
+    /// off, the whole image is resized.
+    pub crop: bool,
+    /// The crop's area as a fraction of the image's, drawn uniformly.
+    pub crop_scale: [f64; 2],
+    /// The crop's aspect ratio (width / height), drawn log-uniformly.
+    pub crop_ratio: [f64; 2],
+    /// Probability of a horizontal flip; 0 is off.
+    pub flip: f64,
+    /// Swap the words "left" and "right" in a flipped image's caption.
+    pub flip_swap_left_right: bool,
+    /// ALBEF's `RandomAugment` N: ops drawn per image (each then applied
+    /// with probability 0.5); 0 is off.
+    pub randaug_n: usize,
+    /// ALBEF's `RandomAugment` M: the magnitude, 0 to 10.
+    pub randaug_m: f64,
+    /// The ops RandAugment draws from (with replacement).
+    pub randaug_ops: Vec<AugmentOp>,
+}
+
+/// One of ALBEF's RandAugment ops (`data.augment.randaug_ops`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AugmentOp {
+    Identity,
+    Autocontrast,
+    Equalize,
+    Brightness,
+    Sharpness,
+    ShearX,
+    ShearY,
+    TranslateX,
+    TranslateY,
+    Rotate,
+}
+
+impl AugmentOp {
+    /// ALBEF's pretraining list, in its order.
+    pub const ALBEF: [AugmentOp; 10] = [
+        AugmentOp::Identity,
+        AugmentOp::Autocontrast,
+        AugmentOp::Equalize,
+        AugmentOp::Brightness,
+        AugmentOp::Sharpness,
+        AugmentOp::ShearX,
+        AugmentOp::ShearY,
+        AugmentOp::TranslateX,
+        AugmentOp::TranslateY,
+        AugmentOp::Rotate,
+    ];
+}
+
+/// The most ops RandAugment may draw per image (`data.augment.randaug_n`).
+pub const MAX_RANDAUG_N: usize = 16;
+
+impl Default for AugmentConfig {
+    fn default() -> Self {
+        AugmentConfig {
+            crop: false,
+            crop_scale: [0.08, 1.0],
+            crop_ratio: [3.0 / 4.0, 4.0 / 3.0],
+            flip: 0.0,
+            flip_swap_left_right: false,
+            randaug_n: 0,
+            randaug_m: 7.0,
+            randaug_ops: AugmentOp::ALBEF.to_vec(),
+        }
+    }
+}
+
+impl AugmentConfig {
+    /// Whether any augmentation is on.
+    pub fn enabled(&self) -> bool {
+        self.crop || self.flip > 0.0 || self.randaug_n > 0
+    }
+
+    /// The values of `[data.augment]` beyond their types.
+    pub fn check(&self) -> Checked {
+        let bad = |key: &str, problem: String| Err((format!("data.augment.{key}"), problem));
+        let [s0, s1] = self.crop_scale;
+        if !(s0.is_finite() && s1.is_finite() && 0.0 < s0 && s0 <= s1 && s1 <= 1.0) {
+            return bad(
+                "crop_scale",
+                format!("must be [min, max] with 0 < min <= max <= 1, got [{s0}, {s1}]"),
+            );
+        }
+        let [r0, r1] = self.crop_ratio;
+        if !(r0.is_finite() && r1.is_finite() && 0.0 < r0 && r0 <= r1) {
+            return bad(
+                "crop_ratio",
+                format!("must be [min, max] with 0 < min <= max, got [{r0}, {r1}]"),
+            );
+        }
+        at(
+            "data.augment.flip",
+            check::probability("data.augment.flip", self.flip),
+        )?;
+        if self.randaug_n > MAX_RANDAUG_N {
+            return bad(
+                "randaug_n",
+                format!("must be at most {MAX_RANDAUG_N}, got {}", self.randaug_n),
+            );
+        }
+        let m = self.randaug_m;
+        if !(m.is_finite() && (0.0..=10.0).contains(&m)) {
+            return bad(
+                "randaug_m",
+                format!("must be a magnitude from 0 to 10, got {m}"),
+            );
+        }
+        if self.randaug_n > 0 && self.randaug_ops.is_empty() {
+            return bad(
+                "randaug_ops",
+                "must list at least one op when data.augment.randaug_n > 0".into(),
+            );
+        }
+        Ok(())
     }
 }

@@ -1,0 +1,145 @@
+//! ALBEF's colour ops on 8-bit RGB (`dataset/randaugment.py`, written on
+//! OpenCV and NumPy to give Pillow's `ImageOps`/`ImageEnhance` results):
+//! per-channel lookup tables for autocontrast, equalize and brightness, and
+//! a blend with a 3x3 smoothing for sharpness.
+
+use image::RgbImage;
+
+/// Each channel through its own 256-entry table.
+fn map_channels(img: &RgbImage, tables: &[[u8; 256]; 3]) -> RgbImage {
+    let mut out = img.clone();
+    for px in out.pixels_mut() {
+        for c in 0..3 {
+            px.0[c] = tables[c][usize::from(px.0[c])];
+        }
+    }
+    out
+}
+
+/// Counts of each value, per channel.
+fn histograms(img: &RgbImage) -> [[u64; 256]; 3] {
+    let mut h = [[0u64; 256]; 3];
+    for px in img.pixels() {
+        for c in 0..3 {
+            h[c][usize::from(px.0[c])] += 1;
+        }
+    }
+    h
+}
+
+/// Each channel stretched linearly so that its darkest value becomes 0 and
+/// its brightest 255 (no cut-off); a constant channel is kept.
+pub fn autocontrast(img: &RgbImage) -> RgbImage {
+    let hist = histograms(img);
+    let tables = std::array::from_fn(|c| {
+        let low = hist[c].iter().position(|&n| n > 0).unwrap_or(0);
+        let high = hist[c].iter().rposition(|&n| n > 0).unwrap_or(0);
+        std::array::from_fn(|i| {
+            if high <= low {
+                return i as u8;
+            }
+            // In f64 and truncated, as NumPy's table is.
+            let scale = 255.0 / (high - low) as f64;
+            (i as f64 * scale - low as f64 * scale).clamp(0.0, 255.0) as u8
+        })
+    });
+    map_channels(img, &tables)
+}
+
+/// Pillow's histogram equalisation per channel: values spread by their
+/// cumulative count, in steps of (count of all but the last present value)
+/// / 255; a channel with too few values to fill a step is kept.
+pub fn equalize(img: &RgbImage) -> RgbImage {
+    let hist = histograms(img);
+    let tables = std::array::from_fn(|c| {
+        let h = &hist[c];
+        let last = h.iter().rposition(|&n| n > 0).map_or(0, |i| h[i]);
+        let step = (h.iter().sum::<u64>() - last) / 255;
+        let mut table = [0u8; 256];
+        let mut cum = step / 2;
+        for (i, t) in table.iter_mut().enumerate() {
+            *t = if step == 0 {
+                i as u8
+            } else {
+                (cum / step).min(255) as u8
+            };
+            cum += h[i];
+        }
+        table
+    });
+    map_channels(img, &tables)
+}
+
+/// Every value times `factor`, clamped to 255 and truncated (in f32, as
+/// NumPy's table is).
+pub fn brightness(img: &RgbImage, factor: f64) -> RgbImage {
+    let f = factor as f32;
+    let table: [u8; 256] = std::array::from_fn(|i| (i as f32 * f).clamp(0.0, 255.0) as u8);
+    map_channels(img, &[table; 3])
+}
+
+/// `img` smoothed with OpenCV's `filter2D` and the kernel
+/// `[[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13`, borders mirrored without
+/// repeating the edge (`BORDER_REFLECT_101`), rounded to bytes.
+fn smoothed(img: &RgbImage) -> RgbImage {
+    let (w, h) = (img.width() as i64, img.height() as i64);
+    let reflect = |v: i64, n: i64| {
+        if n == 1 {
+            0
+        } else if v < 0 {
+            -v
+        } else if v >= n {
+            2 * n - 2 - v
+        } else {
+            v
+        }
+    };
+    let (side, centre) = (1.0f32 / 13.0, 5.0f32 / 13.0);
+    let mut out = img.clone();
+    for y in 0..h {
+        for x in 0..w {
+            for c in 0..3 {
+                let mut acc = 0f32;
+                for dy in -1..=1 {
+                    for dx in -1..=1 {
+                        let (sx, sy) = (reflect(x + dx, w), reflect(y + dy, h));
+                        let v = f32::from(img.get_pixel(sx as u32, sy as u32).0[c]);
+                        acc += v * if dx == 0 && dy == 0 { centre } else { side };
+                    }
+                }
+                out.get_pixel_mut(x as u32, y as u32).0[c] =
+                    acc.round_ties_even().clamp(0.0, 255.0) as u8;
+            }
+        }
+    }
+    out
+}
+
+/// ALBEF's sharpness: `degenerate + factor * (img - degenerate)` on the
+/// interior (the one-pixel border is kept), with `degenerate` the smoothed
+/// image; factor 0 is the smoothed image, 1 the image. Truncated to bytes
+/// after clamping to [0, 255], where ALBEF's unclamped NumPy cast wraps
+/// values out of range around (an overshoot of 255 became dark); Pillow's
+/// `ImageEnhance.Sharpness`, which ALBEF means to reproduce, clamps.
+pub fn sharpness(img: &RgbImage, factor: f64) -> RgbImage {
+    let degenerate = smoothed(img);
+    if factor == 0.0 {
+        return degenerate;
+    }
+    if factor == 1.0 {
+        return img.clone();
+    }
+    let f = factor as f32;
+    let (w, h) = (img.width(), img.height());
+    let mut out = img.clone();
+    for y in 1..h.saturating_sub(1) {
+        for x in 1..w.saturating_sub(1) {
+            for c in 0..3 {
+                let d = f32::from(degenerate.get_pixel(x, y).0[c]);
+                let v = f32::from(img.get_pixel(x, y).0[c]);
+                out.get_pixel_mut(x, y).0[c] = (d + f * (v - d)).clamp(0.0, 255.0) as u8;
+            }
+        }
+    }
+    out
+}
