@@ -438,7 +438,7 @@ fn start_or_resume(dir: &Path, manifest: &Manifest) -> Result<Progress> {
             diffs.push("the embedding width");
         }
         return Err(Error::Config(format!(
-            "--out {} holds an index made with another {}; give a new folder to make a \
+            "--out {} holds an index that differs in {}; give a new folder to make a \
              new index, or the same arguments to finish this one",
             dir.display(),
             diffs.join(", ")
