@@ -1,11 +1,13 @@
 //! Dynamic plugins: a `cdylib` loaded from `plugins.paths` at run time, its
 //! sampler used by FG-ITM from config alone; a library built for another
-//! vlmatch, a missing file, a non-plugin library and a name clash refused.
+//! vlmatch, a missing file, a non-plugin library and a name clash refused;
+//! the boundary: a panicking sampler, a null table, a null function.
 
 mod common;
 use common::*;
 use std::path::{Path, PathBuf};
-use vlmatch_registry::{Kind, Registry};
+use vlmatch_registry::dynamic::DynamicSamplerInstance;
+use vlmatch_registry::{Factory, Kind, Registry};
 
 /// An example library, (re)built now: `cargo test` does not produce a
 /// `cdylib` of a workspace member by itself.
@@ -186,4 +188,187 @@ fn a_run_directory_naming_a_library_does_not_load_it() {
     assert!(!o.status.success());
     assert!(err.contains("not a vlmatch plugin"), "{err}");
     assert!(marker.exists(), "--plugin loads the library");
+}
+
+/// A shared library compiled now by `cc` from `source` (C).
+fn c_library(dir: &Path, name: &str, source: &str) -> PathBuf {
+    let file = dir.join(format!("{name}.c"));
+    std::fs::write(&file, source).unwrap();
+    let lib = dir.join(format!("lib{name}.so"));
+    let cc = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&lib)
+        .arg(&file)
+        .status()
+        .expect("cc runs");
+    assert!(cc.success(), "compiling {name}.c failed");
+    lib
+}
+
+/// The C declaration of the plugin table (ABI 2) and a table named `table`
+/// with this vlmatch's versions and `n` samplers at `samplers`.
+fn c_table(n: usize, samplers: &str) -> String {
+    use vlmatch_registry::dynamic::{ABI_VERSION, RUSTC_VERSION, TCH_VERSION, VLMATCH_VERSION};
+    format!(
+        "#include <stddef.h>\n#include <stdint.h>\n\
+         typedef struct {{ const char *name; void *create; void *sample; void *free_string; void *destroy; }} VTable;\n\
+         typedef struct {{ uint32_t abi; const char *rustc; const char *vlmatch; const char *tch; size_t n; const VTable *samplers; }} Table;\n\
+         static void *create(const char *json, char **error) {{ return 0; }}\n\
+         static uint32_t free_string(char *p) {{ return 0; }}\n\
+         static char *destroy(void *state) {{ return 0; }}\n\
+         static char *sample(void *s, const char **c, size_t n, uint64_t seed, char **out) {{ return 0; }}\n\
+         {samplers}\n\
+         static const Table table = {{ {ABI_VERSION}, \"{RUSTC_VERSION}\", \"{VLMATCH_VERSION}\", \"{TCH_VERSION}\", {n}, {array} }};\n",
+        array = if n == 0 { "0" } else { "vtables" },
+    )
+}
+
+/// A sampler that panics, in `create` or in `sample`, is an error naming the
+/// sampler, the call, the library and the panic's message: from the
+/// registry, and from a training run, which stops with an error line (exit
+/// status 1), not an abort.
+#[test]
+fn a_panicking_plugin_is_an_error_naming_it_and_the_call() {
+    let lib = library("vlmatch-dyn-sampler-faulty");
+    let mut registry = Registry::from_inventory().unwrap();
+    assert_eq!(registry.load_library(&lib).unwrap(), ["panicky"]);
+    let Factory::DynamicSampler(spec) = registry
+        .get(Kind::NegativeSampler, "panicky", "test")
+        .unwrap()
+        .factory
+    else {
+        panic!("a dynamic sampler")
+    };
+    let canonical = lib.canonicalize().unwrap().display().to_string();
+    let err = match DynamicSamplerInstance::new(spec, r#"{"panic_in": "create"}"#, "panicky") {
+        Ok(_) => panic!("created"),
+        Err(e) => e.to_string(),
+    };
+    for part in [
+        "plugin `panicky`",
+        "`create` failed",
+        canonical.as_str(),
+        "panicked: panicky was told to panic in create",
+    ] {
+        assert!(err.contains(part), "`{part}` not in: {err}");
+    }
+    let instance = DynamicSamplerInstance::new(spec, "{}", "panicky").unwrap();
+    let err = instance
+        .negatives(&["a red circle".to_string()], 7)
+        .unwrap_err()
+        .to_string();
+    for part in [
+        "plugin `panicky`",
+        "`sample` failed",
+        "panicked: panicky cannot negate \"a red circle\"",
+    ] {
+        assert!(err.contains(part), "`{part}` not in: {err}");
+    }
+    // The instance is still usable after the caught panic, and dropping it
+    // (its `destroy`) is clean.
+    assert!(instance.negatives(&[], 0).unwrap().is_empty());
+    drop(instance);
+
+    let dir = scratch("dynamic-panicky");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vlmatch"))
+        .args(["train", "--quiet", "--config"])
+        .arg(fixture("micro.toml"))
+        .arg("--plugin")
+        .arg(&lib)
+        .args([
+            "--set",
+            "objectives.itm.samplers=[\"hard_negative\", \"panicky\"]",
+            "--set",
+            "samplers.panicky.plugin=\"panicky\"",
+            "--set",
+            "train.steps=2",
+            "--set",
+            "eval.at_end=false",
+            "--run-dir",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line: {stderr}"));
+    assert!(
+        line.contains("plugin `panicky`")
+            && line.contains("`sample` failed")
+            && line.contains("panicked"),
+        "{line}"
+    );
+}
+
+/// A library whose entry returns a null table, one whose sampler has a null
+/// function, and one whose sampler array is null are refused when loaded,
+/// with errors naming the library (and the sampler and the function).
+#[test]
+fn a_null_table_and_a_null_function_are_refused_naming_the_plugin() {
+    let dir = scratch("dynamic-null");
+    let null_table = c_library(
+        &dir,
+        "nulltable",
+        "const void *vlmatch_plugin_table(void) { return 0; }\n",
+    );
+    let mut registry = Registry::from_inventory().unwrap();
+    let err = registry.load_library(&null_table).unwrap_err().to_string();
+    let canonical = |p: &Path| p.canonicalize().unwrap().display().to_string();
+    assert!(
+        err.contains(&canonical(&null_table)) && err.contains("its plugin table is null"),
+        "{err}"
+    );
+
+    for (field, vtable) in [
+        ("create", "{ \"nullfn\", 0, sample, free_string, destroy }"),
+        ("sample", "{ \"nullfn\", create, 0, free_string, destroy }"),
+        ("free_string", "{ \"nullfn\", create, sample, 0, destroy }"),
+        ("destroy", "{ \"nullfn\", create, sample, free_string, 0 }"),
+    ] {
+        let source = c_table(
+            1,
+            &format!("static const VTable vtables[] = {{ {vtable} }};"),
+        ) + "const Table *vlmatch_plugin_table(void) { return &table; }\n";
+        let lib = c_library(&dir, &format!("null{}", field.replace('_', "")), &source);
+        let err = registry.load_library(&lib).unwrap_err().to_string();
+        assert!(
+            err.contains(&canonical(&lib))
+                && err.contains(&format!("sampler `nullfn`: its `{field}` function is null")),
+            "{field}: {err}"
+        );
+        assert!(registry
+            .get(Kind::NegativeSampler, "nullfn", "test")
+            .is_err());
+    }
+
+    let source = c_table(0, "").replace(", 0, 0 };", ", 3, 0 };")
+        + "const Table *vlmatch_plugin_table(void) { return &table; }\n";
+    let lib = c_library(&dir, "nullarray", &source);
+    let err = registry.load_library(&lib).unwrap_err().to_string();
+    assert!(
+        err.contains("promises 3 samplers but their array is null"),
+        "{err}"
+    );
+}
+
+/// The library opened is the canonical file that was checked: given
+/// through a symbolic link, the registered origin is the link's target.
+#[test]
+fn the_library_opened_is_the_canonical_file() {
+    let lib = library("vlmatch-dyn-sampler");
+    let dir = scratch("dynamic-link");
+    let link = dir.join("libcolor.so");
+    std::os::unix::fs::symlink(&lib, &link).unwrap();
+    let mut registry = Registry::from_inventory().unwrap();
+    assert_eq!(registry.load_library(&link).unwrap(), ["color_flip"]);
+    let entry = registry
+        .get(Kind::NegativeSampler, "color_flip", "test")
+        .unwrap();
+    assert_eq!(
+        entry.origin,
+        format!("library {}", lib.canonicalize().unwrap().display())
+    );
 }

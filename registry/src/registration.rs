@@ -274,11 +274,11 @@ impl Registry {
     /// `library <path>`). The library is never unloaded. `dynamic::load`
     /// opens it and checks its table before anything else is called.
     pub fn load_library(&mut self, path: &Path) -> Result<Vec<String>> {
-        let origin = format!("library {}", path.display());
         crate::dynamic::load(path, |name, spec| {
             self.insert(Entry {
                 name,
-                origin: origin.clone(),
+                // The canonical path: the file that was opened.
+                origin: format!("library {}", spec.library),
                 factory: Factory::DynamicSampler(spec),
             })
             .map_err(|e| e.to_string())
