@@ -14,11 +14,15 @@
 //! - broadcasts rank 0's weights at the start and after a resume;
 //! - averages logged values over ranks at log time only
 //!   ([`Parallel::mean_over_ranks`]);
-//! - agrees on stop decisions ([`Parallel::agree_any`]) and waits at
-//!   [`Parallel::barrier`] while rank 0 alone writes files;
+//! - agrees on stop decisions ([`Parallel::agree_any`]);
+//! - lets rank 0 alone write checkpoints and evaluate while the others
+//!   wait for its outcome on a store key ([`on_rank0`]), bounded by
+//!   `train.dist.io_timeout` rather than the collective timeout, and stop
+//!   at once with rank 0's reason when it fails;
 //! - turns a failed collective into an error naming the rank that died or
 //!   hung ([`Parallel::explain`], from the heartbeats).
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -26,8 +30,8 @@ use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 use vlmatch_core::{Collective, Error, Result};
 use vlmatch_dist::{
-    agree_any, broadcast_parameters, diagnose, to_core_error, Backend, DistCollective, GradReducer,
-    Heartbeat, LaunchEnv, ProcessGroup, Store,
+    agree_any, broadcast_parameters, diagnose, rank_gone, to_core_error, Backend, DistCollective,
+    GradReducer, Heartbeat, LaunchEnv, ProcessGroup, Store,
 };
 use vlmatch_registry::config::TrainConfig;
 
@@ -46,6 +50,10 @@ pub struct Parallel {
     reducer: Option<GradReducer>,
     heartbeat: Option<Heartbeat>,
     interval: Duration,
+    io_timeout: Duration,
+    /// Waits on rank 0 so far (every rank counts the same ones): the
+    /// store key of the next.
+    io_waits: Cell<u64>,
     device: Device,
 }
 
@@ -65,11 +73,10 @@ pub fn join(launch: Option<&LaunchEnv>, tc: &TrainConfig) -> Result<(Device, Opt
     };
     tch::set_num_threads(threads as i32);
     let par = match multi {
-        Some(l) => Some(Parallel::connect(
-            l,
-            device,
-            Duration::from_secs(tc.dist.timeout.max(1)),
-        )?),
+        Some(l) => Some(
+            Parallel::connect(l, device, Duration::from_secs(tc.dist.timeout.max(1)))?
+                .with_io_timeout(Duration::from_secs(tc.dist.io_timeout.max(1))),
+        ),
         None => None,
     };
     Ok((device, par))
@@ -110,6 +117,25 @@ pub fn agreed_stop(par: Option<&Parallel>, requested: bool, sync_point: bool) ->
         None => Ok(requested),
         Some(p) if sync_point => p.agree_any(requested),
         Some(_) => Ok(false),
+    }
+}
+
+/// Rank 0 alone does `work` (writes a checkpoint, evaluates) and returns
+/// its value; the other ranks wait for its outcome ([`Parallel::after_rank0`])
+/// and return `None`. One process just does it.
+pub fn on_rank0<T>(
+    par: Option<&Parallel>,
+    what: &str,
+    work: impl FnOnce() -> Result<T>,
+) -> Result<Option<T>> {
+    match par {
+        None => work().map(Some),
+        Some(p) if p.is_main() => {
+            let out = work();
+            p.publish_outcome(out.as_ref().err())?;
+            out.map(Some)
+        }
+        Some(p) => p.after_rank0(what).map(|()| None),
     }
 }
 
@@ -159,8 +185,99 @@ impl Parallel {
             reducer: None,
             heartbeat: Some(heartbeat),
             interval,
+            io_timeout: timeout,
+            io_waits: Cell::new(0),
             device,
         })
+    }
+
+    /// How long the other ranks wait for rank 0's files and evaluations
+    /// (`train.dist.io_timeout`; the collective timeout until set).
+    pub fn with_io_timeout(mut self, io_timeout: Duration) -> Parallel {
+        self.io_timeout = io_timeout;
+        self
+    }
+
+    /// The store key of the next wait on rank 0.
+    fn next_io_key(&self) -> String {
+        let n = self.io_waits.get() + 1;
+        self.io_waits.set(n);
+        format!("io/{n}")
+    }
+
+    /// Rank 0, after work the others wait for: its outcome on the store.
+    fn publish_outcome(&self, failed: Option<&Error>) -> Result<()> {
+        let key = self.next_io_key();
+        let value = match failed {
+            None => "ok".to_string(),
+            Some(e) => format!("failed: {e}"),
+        };
+        let published = self.store.set(&key, value.as_bytes());
+        if let (Err(e), None) = (&published, failed) {
+            return Err(to_core_error(e.clone()));
+        }
+        if published.is_ok() {
+            // Rank 0 serves the store: it goes on (or exits, after its last
+            // checkpoint or a failure) once every rank has read the outcome,
+            // or after a bounded while (a rank that died meanwhile is
+            // named by the next collective).
+            let read = format!("{key}/read");
+            let until = Instant::now() + (8 * self.interval).max(Duration::from_secs(5));
+            while Instant::now() < until {
+                match self.store.add(&read, 0) {
+                    Ok(n) if n + 1 >= self.world as i64 => break,
+                    Ok(_) => std::thread::sleep(Duration::from_millis(5)),
+                    Err(_) => break,
+                }
+            }
+        }
+        // On failure, rank 0's own error is the one to report.
+        Ok(())
+    }
+
+    /// Waits until rank 0 finished what it does alone (`what`, for the
+    /// messages): polls the store key rank 0 sets, up to
+    /// `train.dist.io_timeout`. Stops at once with rank 0's reason if it
+    /// failed, or if its heartbeat says it died meanwhile.
+    fn after_rank0(&self, what: &str) -> Result<()> {
+        let key = self.next_io_key();
+        let started = Instant::now();
+        let poll = (self.interval / 4).clamp(Duration::from_millis(20), Duration::from_millis(250));
+        let stale = 3 * self.interval;
+        loop {
+            if self.store.check(&[key.as_str()]).map_err(to_core_error)? {
+                let value = self.store.get(&key, self.interval).map_err(to_core_error)?;
+                let value = String::from_utf8_lossy(&value);
+                // Rank 0 waits for every rank to have read it.
+                self.store
+                    .add(&format!("{key}/read"), 1)
+                    .map_err(to_core_error)?;
+                return match value.strip_prefix("failed: ") {
+                    None => Ok(()),
+                    Some(reason) => Err(Error::Peer {
+                        rank: 0,
+                        message: format!("rank 0 failed to {what}: {reason}"),
+                    }),
+                };
+            }
+            if let Some(why) = rank_gone(&self.store, 0, stale) {
+                return Err(Error::Peer {
+                    rank: 0,
+                    message: format!("{why} while this rank waited for it to {what}"),
+                });
+            }
+            if started.elapsed() >= self.io_timeout {
+                return Err(Error::Peer {
+                    rank: 0,
+                    message: format!(
+                        "rank 0 did not {what} within {} s (`train.dist.io_timeout`; raise \
+                         it for a slow disk or a large held-out set)",
+                        self.io_timeout.as_secs()
+                    ),
+                });
+            }
+            std::thread::sleep(poll);
+        }
     }
 
     /// Whether this rank writes files (rank 0).

@@ -90,10 +90,9 @@ pub(crate) fn run(mut r: Run<'_>, halt_after: Option<i64>) -> Result<TrainSummar
             last_saved = done;
         }
         if eval_now {
-            if r.main {
-                r.hooks.evaluate(&r.asm.model, done, false)?;
-            }
-            r.barrier()?;
+            let (hooks, model) = (&mut r.hooks, &r.asm.model);
+            let what = format!("evaluate at step {done}");
+            crate::parallel::on_rank0(r.par, &what, || hooks.evaluate(model, done, false))?;
         }
         let stop_now =
             crate::parallel::agreed_stop(r.par, stop.requested(), done % tc.log_every == 0)?;
@@ -211,10 +210,12 @@ impl Run<'_> {
         Ok(line)
     }
 
-    /// A checkpoint of the current step (rank 0 writes; the others wait).
+    /// A checkpoint of the current step (rank 0 writes; the others wait
+    /// for it, and stop with its reason if it fails).
     fn save(&mut self) -> Result<()> {
-        if self.main {
-            let path = crate::checkpoint::save_with_layout(
+        let what = format!("write the checkpoint of step {}", self.state.step);
+        let written = crate::parallel::on_rank0(self.par, &what, || {
+            crate::checkpoint::save_with_layout(
                 &self.run_dir,
                 &self.asm.vs,
                 self.optim.state(),
@@ -222,16 +223,13 @@ impl Run<'_> {
                 self.state,
                 Some(self.layout),
                 self.tc.keep_checkpoints,
-            )?;
+            )
+        })?;
+        if let Some(path) = written {
             tracing::debug!(path = %path.display(), "checkpoint");
             self.hooks.on_checkpoint(self.state.step, &path)?;
             self.last_good = Some(path);
         }
-        self.barrier()
-    }
-
-    /// The others wait while rank 0 writes, so that nobody runs ahead.
-    fn barrier(&self) -> Result<()> {
-        self.par.map_or(Ok(()), crate::parallel::Parallel::barrier)
+        Ok(())
     }
 }

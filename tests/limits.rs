@@ -419,3 +419,58 @@ fn a_runs_config_sets_the_limits_its_readers_use() {
         "cut to 5 bytes before tokenising"
     );
 }
+
+/// An image whose read never returns (here a FIFO nobody writes, as a hung
+/// network file system would behave): the loader is named after
+/// `data.stall_timeout` and fails after three times that, naming the file,
+/// instead of waiting forever.
+#[test]
+fn a_loader_stuck_on_a_file_fails_naming_it() {
+    let dir = scratch("limits-stall");
+    image::RgbImage::new(4, 4).save(dir.join("a.png")).unwrap();
+    let fifo = dir.join("stuck.png");
+    std::fs::copy(dir.join("a.png"), &fifo).unwrap();
+    let mut lines = String::new();
+    for image in ["stuck.png", "a.png", "a.png", "a.png"] {
+        let line = serde_json::json!({"image": image, "caption": "a red square"});
+        lines.push_str(&format!("{line}\n"));
+    }
+    let path = dir.join("ann.jsonl");
+    std::fs::write(&path, lines).unwrap();
+    let ds = annotations::load_checked(&path, None, None, OnError::Fail).unwrap();
+    // Listed as a file; by the time the loader reads it, it never answers.
+    std::fs::remove_file(&fifo).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let loaded = micro_layers(&[]).load().unwrap();
+    let mut cfg = vlmatch::data::loader::LoaderConfig::new(&loaded.config.data, 4, Some(1));
+    cfg.stall_timeout = std::time::Duration::from_millis(300);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut loader = vlmatch::data::loader::Loader::new(
+            Arc::new(ds),
+            Arc::new(Tokenizer::builtin()),
+            cfg,
+            0,
+        )
+        .unwrap();
+        let _ = tx.send(loader.next_batch().map(|_| ()).map_err(|e| e.to_string()));
+    });
+    let started = std::time::Instant::now();
+    let outcome = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the loader must give up on a file that never reads");
+    let e = outcome.expect_err("no batch can be made");
+    let waited = started.elapsed().as_secs_f64();
+    assert!(
+        e.contains(&fifo.display().to_string()) && e.contains("data.stall_timeout"),
+        "{e}"
+    );
+    assert!(
+        waited >= 0.9,
+        "failed after {waited:.2} s, before 3 x 0.3 s"
+    );
+}

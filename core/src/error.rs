@@ -33,6 +33,11 @@ pub enum Error {
     /// Training met a non-finite loss or gradient norm.
     #[error("{0}")]
     NonFinite(String),
+    /// Another rank of a data-parallel run failed at work this rank waited
+    /// for (rank 0 writing a checkpoint or evaluating), or stopped while
+    /// this rank waited: `message` names it and says why.
+    #[error("{message}")]
+    Peer { rank: usize, message: String },
 }
 
 impl Error {

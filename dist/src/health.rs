@@ -327,7 +327,7 @@ impl Drop for Heartbeat {
 }
 
 mod diagnosis;
-pub use diagnosis::diagnose;
+pub use diagnosis::{diagnose, rank_gone};
 
 #[cfg(test)]
 mod tests {

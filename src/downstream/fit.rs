@@ -189,13 +189,14 @@ pub fn fit(
                 best: Option<(i64, f64)>,
                 last_good: &mut Option<PathBuf>|
      -> Result<()> {
-        if main {
+        let what = format!("write the checkpoint of step {}", state.step);
+        let written = crate::parallel::on_rank0(par, &what, || {
             let mut extra = Vec::new();
             if let Some((s, a)) = best {
                 extra.push(("fit.best_step".to_string(), Tensor::from(s)));
                 extra.push(("fit.best_accuracy".to_string(), Tensor::from(a)));
             }
-            let path = checkpoint::save_with_layout(
+            checkpoint::save_with_layout(
                 out,
                 vs,
                 optim.state(),
@@ -203,10 +204,12 @@ pub fn fit(
                 state,
                 Some(layout),
                 tc.keep_checkpoints,
-            )?;
+            )
+        })?;
+        if let Some(path) = written {
             *last_good = Some(path);
         }
-        par.map_or(Ok(()), Parallel::barrier)
+        Ok(())
     };
     let mut metrics = main
         .then(|| {

@@ -6,6 +6,41 @@ fn secs(ms: u64) -> String {
     format!("{:.1} s", ms as f64 / 1000.0)
 }
 
+/// Why `rank` is gone, if it is: its heartbeat is missing, unreadable,
+/// stopped (it left) or older than `stale`. `None` while it beats. For a
+/// rank waiting on another outside any collective (rank 0 writing a
+/// checkpoint), so that it stops as soon as the one it waits for dies
+/// rather than at its own timeout.
+pub fn rank_gone(store: &Store, rank: usize, stale: Duration) -> Option<String> {
+    let key = heartbeat_key(rank);
+    match store.check(&[key.as_str()]) {
+        Ok(true) => {}
+        Ok(false) => return Some(format!("rank {rank} never sent a heartbeat")),
+        Err(e) => return Some(unreachable_store(store, &e.to_string())),
+    }
+    let beat = store
+        .get(&key, Duration::from_secs(5))
+        .ok()
+        .and_then(|v| Beat::decode(&String::from_utf8_lossy(&v)));
+    let Some(beat) = beat else {
+        return Some(format!("rank {rank}'s heartbeat is unreadable"));
+    };
+    let age = now_ms().saturating_sub(beat.time_ms);
+    if beat.stopped {
+        Some(format!(
+            "rank {rank} has left (stopped its heartbeat {} ago)",
+            secs(age)
+        ))
+    } else if age > stale.as_millis() as u64 {
+        Some(format!(
+            "rank {rank} stopped responding (last heartbeat {} ago)",
+            secs(age)
+        ))
+    } else {
+        None
+    }
+}
+
 /// Reads every rank's heartbeat and says which ranks are dead or hung: a
 /// heartbeat older than `stale` (or missing, or stopped) names the rank as
 /// dead; a rank alive but behind the others in the collectives of a process
