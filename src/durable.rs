@@ -1,8 +1,10 @@
 //! Durable writes, one helper for every file a crash must not leave half
 //! written or lost: write a temporary file, sync it, rename it over the
 //! target, sync the directory (so the rename itself survives a power cut).
-//! Checkpoints, their `.crc32`, `latest`, the run's `config.toml` and the
-//! logs cut back on resume all go through it.
+//! Checkpoints, their `.crc32`, `latest`, the run's `config.toml`, the
+//! logs cut back on resume, evaluation results, fine-tuning outputs and
+//! NegGen's negatives all go through it; a directory (an export) is
+//! replaced whole by [`replace_dir`].
 //!
 //! The file-system calls go through [`Fs`], so a unit test can record
 //! their order ([`Recorder`]); [`REAL`] does them.
@@ -88,6 +90,50 @@ pub fn write_with(fs: &dyn Fs, path: &Path, bytes: &[u8]) -> Result<()> {
 /// Write `bytes` to `path` durably.
 pub fn write(path: &Path, bytes: impl AsRef<[u8]>) -> Result<()> {
     write_with(&REAL, path, bytes.as_ref())
+}
+
+/// Write the directory `dir` whole, as `write` fills it: into a sibling
+/// `DIR.partial`, every file and the directory synced, then swapped in by
+/// renames. A crash leaves either the old `dir` (a stale `DIR.partial`
+/// beside it is cleared by the next write) or, between the two renames,
+/// the old contents as `DIR.replaced` and the complete new ones as
+/// `DIR.partial`; never a half-written `dir`.
+pub fn replace_dir(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let sibling = |ext: &str| {
+        let mut name = dir.as_os_str().to_owned();
+        name.push(ext);
+        PathBuf::from(name)
+    };
+    let (tmp, old) = (sibling(".partial"), sibling(".replaced"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    write(&tmp)?;
+    sync_tree(&tmp)?;
+    let _ = std::fs::remove_dir_all(&old);
+    if dir.exists() {
+        std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+    let parent = parent(dir);
+    REAL.sync_dir(parent).map_err(|e| Error::io(parent, e))?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+    }
+    Ok(())
+}
+
+/// fsync every file and directory under `dir`, and `dir` itself.
+fn sync_tree(dir: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    for entry in entries {
+        let path = entry.map_err(|e| Error::io(dir, e))?.path();
+        if path.is_dir() {
+            sync_tree(&path)?;
+        } else {
+            REAL.sync_file(&path).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    REAL.sync_dir(dir).map_err(|e| Error::io(dir, e))
 }
 
 /// A file system that records each call (`write a`, `sync a`, `rename a ->

@@ -55,15 +55,6 @@ fn write_json(path: &Path, v: &Value) -> Result<()> {
         .map_err(|e| Error::io(path, e))
 }
 
-/// Write `files` into `dir` through a temporary sibling directory.
-fn write_dir(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let tmp = dir.with_extension("partial");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    write(&tmp)?;
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
-}
 
 /// The roles exported, each to `OUT/<role>`.
 const ROLES: [(&str, &str); 2] = [("image", "image encoder"), ("text", "text encoder")];
@@ -116,7 +107,7 @@ pub fn export(
             continue;
         };
         let dir = out.join(role);
-        write_dir(&dir, |tmp| {
+        crate::durable::replace_dir(&dir, |tmp| {
             write_files(tmp, &files)?;
             if role == "text" {
                 write_tokenizer(tmp, tok, loaded)?;

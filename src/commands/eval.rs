@@ -204,10 +204,9 @@ fn record_checkpoint(result: &mut serde_json::Value, checkpoint: &Path) {
 /// Write RUN_DIR/eval-TASK.json and return the result.
 fn write_eval(run_dir: &Path, task: &str, result: serde_json::Value) -> Result<serde_json::Value> {
     let out = run_dir.join(format!("eval-{task}.json"));
-    std::fs::write(
+    crate::durable::write(
         &out,
         serde_json::to_string_pretty(&result).expect("serialisable"),
-    )
-    .map_err(|e| Error::io(&out, e))?;
+    )?;
     Ok(result)
 }

@@ -79,9 +79,7 @@ pub fn neggen_offline(
         bar.inc(batch.len() as u64);
     }
     bar.finish_and_clear();
-    let tmp = out.with_extension("tmp");
-    std::fs::write(&tmp, lines).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+    crate::durable::write(out, lines)?;
     let secs = started.elapsed().as_secs_f64();
     Ok(format!(
         "neggen: {} captions, {written} negatives written to {}, {} dropped by the filter, {} without a noun/adjective, {:.1} negatives/s",

@@ -197,13 +197,12 @@ fn finetune_on(
     if main {
         std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
         let cfg_path = out.join("config.toml");
-        std::fs::write(&cfg_path, m.loaded.to_toml()).map_err(|e| Error::io(&cfg_path, e))?;
+        crate::durable::write(&cfg_path, m.loaded.to_toml())?;
         let info_path = out.join("downstream.json");
-        std::fs::write(
+        crate::durable::write(
             &info_path,
             serde_json::to_string_pretty(&info).expect("serialisable"),
-        )
-        .map_err(|e| Error::io(&info_path, e))?;
+        )?;
     }
     let per_rank = opts
         .batch_size
@@ -287,11 +286,10 @@ fn finetune_on(
     };
     if main {
         let path = out.join("finetune.json");
-        std::fs::write(
+        crate::durable::write(
             &path,
             serde_json::to_string_pretty(&report).expect("serialisable"),
-        )
-        .map_err(|e| Error::io(&path, e))?;
+        )?;
         tracing::info!(out = %out.display(), best_step, "fine-tuned");
     }
     Ok(report)

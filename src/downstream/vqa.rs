@@ -366,13 +366,12 @@ fn finetune_on(
     if rank == 0 {
         std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
         let cfg_path = out.join("config.toml");
-        std::fs::write(&cfg_path, m.loaded.to_toml()).map_err(|e| Error::io(&cfg_path, e))?;
+        crate::durable::write(&cfg_path, m.loaded.to_toml())?;
         let ans_path = out.join("answers.json");
-        std::fs::write(
+        crate::durable::write(
             &ans_path,
             serde_json::to_string_pretty(&answers).expect("json"),
-        )
-        .map_err(|e| Error::io(&ans_path, e))?;
+        )?;
     }
     // The training loader, from the global batch the run starts at: each
     // rank's share of every batch prepared ahead on its threads; each row's

@@ -86,7 +86,7 @@ impl Hook for HeldOutHook {
         let scalars = crate::tracking::flatten(&serde_json::json!(r));
         if at_end {
             let text = serde_json::to_string_pretty(&r).expect("serialisable");
-            std::fs::write(&self.last, text).map_err(|e| Error::io(&self.last, e))?;
+            crate::durable::write(&self.last, text)?;
             *self.summary.borrow_mut() = Some(r);
             // The periodic evaluation of this step has been recorded already.
             return Ok((!periodic).then(|| ("heldout".to_string(), scalars)));
