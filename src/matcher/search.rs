@@ -44,7 +44,8 @@ pub fn top_k(
             (Some(bv), Some(bi)) => {
                 let v = Tensor::cat(&[bv, v], 1);
                 let i = Tensor::cat(&[bi, i], 1);
-                let (v, at) = v.topk(k, 1, true, true);
+                // Blocks smaller than k leave fewer than k so far.
+                let (v, at) = v.topk(k.min(v.size()[1]), 1, true, true);
                 (v, i.gather(1, &at, false))
             }
             _ => (v, i),
