@@ -58,11 +58,7 @@ pub fn equalize(img: &RgbImage) -> RgbImage {
         let mut table = [0u8; 256];
         let mut cum = step / 2;
         for (i, t) in table.iter_mut().enumerate() {
-            *t = if step == 0 {
-                i as u8
-            } else {
-                (cum / step).min(255) as u8
-            };
+            *t = cum.checked_div(step).map_or(i as u8, |v| v.min(255) as u8);
             cum += h[i];
         }
         table
