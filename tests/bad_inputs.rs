@@ -425,6 +425,8 @@ fn annotation_fixtures() -> &'static AnnotationFixtures {
         std::fs::write(images.join("garbage.png"), b"this is not a PNG file at all").unwrap();
         std::fs::write(images.join("empty.jpg"), b"").unwrap();
         std::fs::write(images.join("bomb.png"), png_bomb()).unwrap();
+        // A real image beside the root, for the cases that try to leave it.
+        std::fs::write(dir.join("outside.png"), png(16, [9, 9, 9])).unwrap();
         AnnotationFixtures { dir, images }
     })
 }
@@ -520,6 +522,29 @@ fn bad_annotation_lines_and_images_name_file_and_line() {
         &|p| vec![format!("{}:2", p.display()), "nope.png".into()],
     );
     add("not-an-object", lines_with(b"[1, 2, 3]", 1), &[], &at(2));
+    // Paths from data stay under data.image_root: `../` out of it and an
+    // absolute path are refused by file and line, though the files exist.
+    add(
+        "image-escapes-root",
+        lines_with(br#"{"image": "../outside.png", "caption": "x"}"#, 1),
+        &[],
+        &|p| {
+            vec![
+                format!("{}:2", p.display()),
+                "leads outside the image root".into(),
+            ]
+        },
+    );
+    let absolute = annotation_fixtures().dir.join("outside.png");
+    add(
+        "image-absolute",
+        lines_with(
+            format!(r#"{{"image": "{}", "caption": "x"}}"#, absolute.display()).as_bytes(),
+            2,
+        ),
+        &[],
+        &|p| vec![format!("{}:3", p.display()), "data.image_root".into()],
+    );
     add("empty-file", Vec::new(), &[], &|p| {
         vec![p.display().to_string()]
     });
