@@ -1199,3 +1199,37 @@ fn two_ranks_train_siglip_as_one_process_with_the_global_batch() {
         );
     }
 }
+
+/// With ALBEF's augmentations on (crop, flip with the caption swap,
+/// RandAugment; `data.augment`), 2 ranks x 8 still train as 1 process x
+/// 16: each image's draws are keyed by its sample and epoch, not by rank.
+#[test]
+fn two_ranks_augment_as_one_process() {
+    let root = scratch("dist-augment");
+    let sets = [
+        "train.steps=3",
+        "train.checkpoint_every=0",
+        "train.dist.timeout=60",
+        "data.augment.crop=true",
+        "data.augment.crop_scale=[0.2, 1.0]",
+        "data.augment.flip=0.5",
+        "data.augment.flip_swap_left_right=true",
+        "data.augment.randaug_n=2",
+    ];
+    let (one_dir, two_dir) = (root.join("1x16"), root.join("2x8"));
+    let mut one_args = train_args(&one_dir, Some("configs/baseline.toml"), &sets);
+    one_args.extend(["--set".into(), "train.batch_size=16".into()]);
+    let mut two_args = train_args(&two_dir, Some("configs/baseline.toml"), &sets);
+    two_args.extend(["--set".into(), "train.batch_size=8".into()]);
+    let two = launch("augment-2x8", 2, &two_args, &root);
+    let one = launch("augment-1x16", 1, &one_args, &root);
+    two.succeed(Duration::from_secs(240));
+    one.succeed(Duration::from_secs(240));
+    let (m1, m2) = (metrics(&one_dir), metrics(&two_dir));
+    assert_eq!(m1.len(), 3, "one line per step");
+    let losses = ["loss", "itc", "itm", "mlm", "grad_norm"];
+    let (d, at) = log_difference(&m1, &m2, &losses);
+    assert!(d <= 1e-5, "losses differ by {d:.3e} (relative) at {at}");
+    let weights = same_weights(&checkpoint(&one_dir, 3), &checkpoint(&two_dir, 3), 1e-5);
+    assert!(weights.is_ok(), "after 3 steps: {weights:?}");
+}
