@@ -470,7 +470,7 @@ enum Readers {
     /// `exact`: the whole stream, of which this rank keeps rows `part` of
     /// each global batch of `global` pairs.
     Whole {
-        stream: PairStream,
+        stream: Box<PairStream>,
         global: usize,
         part: Range<usize>,
     },
@@ -504,7 +504,9 @@ impl RankStream {
         let bytes = Arc::new(AtomicU64::new(0));
         let readers = match shards.split {
             ShardSplit::Exact => Readers::Whole {
-                stream: PairStream::new(shards, seed, on_error, skipped).with_bytes(bytes.clone()),
+                stream: Box::new(
+                    PairStream::new(shards, seed, on_error, skipped).with_bytes(bytes.clone()),
+                ),
                 global: place.batch_size * place.ranks,
                 part: place.rank * place.batch_size..(place.rank + 1) * place.batch_size,
             },
@@ -537,7 +539,7 @@ impl RankStream {
                 global,
                 part,
             } => Readers::Whole {
-                stream: stream.reporting_to(reading),
+                stream: Box::new(stream.reporting_to(reading)),
                 global,
                 part,
             },
