@@ -1,10 +1,11 @@
 //! Geometric ops: the horizontal flip, and ALBEF's shear, translate and
-//! rotate, which are OpenCV `warpAffine` calls. The warp is computed as
-//! OpenCV computes it for 8-bit images with bilinear interpolation: the
-//! forward matrix inverted, each output pixel's source position in fixed
-//! point rounded to 1/32 of a pixel, integer bilinear weights in units of
-//! 2^-15, and neighbours outside the image taking the fill colour
-//! (`BORDER_CONSTANT`).
+//! rotate, which are OpenCV `warpAffine` calls (bilinear, constant border).
+//! The warp is computed as OpenCV 5.1 computes it for 8-bit images: the
+//! forward matrix inverted in double precision, then in single precision
+//! each output pixel's source position, its bilinear interpolation as two
+//! horizontal blends and a vertical one, rounded half to even; neighbours
+//! outside the image take the fill colour. (OpenCV 4's fixed-point path,
+//! positions rounded to 1/32 pixel, differs from it by up to 2/255.)
 
 use image::RgbImage;
 
@@ -12,12 +13,6 @@ use image::RgbImage;
 pub fn hflip(img: &RgbImage) -> RgbImage {
     image::imageops::flip_horizontal(img)
 }
-
-/// Sub-pixel steps per pixel of the source position (OpenCV's
-/// `INTER_TAB_SIZE`), and the fixed-point bits of its computation
-/// (`AB_BITS`).
-const TAB_BITS: u32 = 5;
-const AB_BITS: u32 = 10;
 
 /// `img` warped by the forward affine map `m` (`[a, b, c, d, e, f]`: a
 /// source pixel `(x, y)` lands at `(a x + b y + c, d x + e y + f)`), the
@@ -27,44 +22,32 @@ pub fn warp_affine(img: &RgbImage, m: [f64; 6], fill: [u8; 3]) -> RgbImage {
     let det = if det != 0.0 { 1.0 / det } else { 0.0 };
     let (i0, i1, i3, i4) = (m[4] * det, -m[1] * det, -m[3] * det, m[0] * det);
     let (i2, i5) = (-i0 * m[2] - i1 * m[5], -i3 * m[2] - i4 * m[5]);
-    let scale = f64::from(1u32 << AB_BITS);
-    let fixed = |v: f64| (v * scale).round_ties_even() as i64;
-    let round = 1i64 << (AB_BITS - TAB_BITS - 1);
-    let tab = 1i64 << TAB_BITS;
+    let [i0, i1, i2, i3, i4, i5] = [i0, i1, i2, i3, i4, i5].map(|v| v as f32);
     let (w, h) = (img.width() as i64, img.height() as i64);
     let src = img.as_raw();
-    let at = |x: i64, y: i64, c: usize| -> i64 {
+    let at = |x: i64, y: i64, c: usize| -> f32 {
         if x < 0 || y < 0 || x >= w || y >= h {
-            i64::from(fill[c])
+            f32::from(fill[c])
         } else {
-            i64::from(src[((y * w + x) * 3) as usize + c])
+            f32::from(src[((y * w + x) * 3) as usize + c])
         }
     };
     let mut out = vec![0u8; src.len()];
     for y in 0..h {
-        let (x0, y0) = (
-            fixed(i1 * y as f64 + i2) + round,
-            fixed(i4 * y as f64 + i5) + round,
-        );
+        let (row_x, row_y) = (i1 * y as f32 + i2, i4 * y as f32 + i5);
         for x in 0..w {
-            let sx = (x0 + fixed(i0 * x as f64)) >> (AB_BITS - TAB_BITS);
-            let sy = (y0 + fixed(i3 * x as f64)) >> (AB_BITS - TAB_BITS);
-            let (ix, fx) = (sx >> TAB_BITS, sx & (tab - 1));
-            let (iy, fy) = (sy >> TAB_BITS, sy & (tab - 1));
-            // Weights in units of 2^-15 that sum to exactly 2^15.
-            let unit = (1i64 << 15) / (tab * tab);
-            let wts = [
-                (tab - fx) * (tab - fy) * unit,
-                fx * (tab - fy) * unit,
-                (tab - fx) * fy * unit,
-                fx * fy * unit,
-            ];
+            let sx = i0 * x as f32 + row_x;
+            let sy = i3 * x as f32 + row_y;
+            let (fx0, fy0) = (sx.floor(), sy.floor());
+            let (ax, ay) = (sx - fx0, sy - fy0);
+            let (ix, iy) = (fx0 as i64, fy0 as i64);
             for c in 0..3 {
-                let v = at(ix, iy, c) * wts[0]
-                    + at(ix + 1, iy, c) * wts[1]
-                    + at(ix, iy + 1, c) * wts[2]
-                    + at(ix + 1, iy + 1, c) * wts[3];
-                out[((y * w + x) * 3) as usize + c] = ((v + (1 << 14)) >> 15).clamp(0, 255) as u8;
+                let (p00, p01) = (at(ix, iy, c), at(ix + 1, iy, c));
+                let (p10, p11) = (at(ix, iy + 1, c), at(ix + 1, iy + 1, c));
+                let top = p00 + ax * (p01 - p00);
+                let bottom = p10 + ax * (p11 - p10);
+                let v = top + ay * (bottom - top);
+                out[((y * w + x) * 3) as usize + c] = v.round_ties_even().clamp(0.0, 255.0) as u8;
             }
         }
     }
