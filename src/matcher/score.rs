@@ -72,6 +72,9 @@ fn image_name(r: &ImageRef, root: Option<&Path>, id: i64) -> String {
     }
 }
 
+/// Per pair of a batch: ITC, ITM, and the token probabilities `[B * L]`.
+type Columns = (Vec<f64>, Vec<f64>, Option<Vec<f64>>);
+
 /// Scores of pairs `pairs` of `ds`. Each distinct image is encoded once;
 /// with `on_error = skip` a pair whose image does not decode gets an
 /// `error` instead of scores.
@@ -173,39 +176,38 @@ pub fn score_pairs(
         Tensor::from_slice(&mask).view(shape).to_device(device),
     );
     let model = emb.model;
-    let (itc, itm, token_p) =
-        tch::no_grad(|| -> Result<(Vec<f64>, Vec<f64>, Option<Vec<f64>>)> {
-            let img: Encoded = model
-                .image
-                .forward_t(vlmatch_core::EncoderInput::Image(&pixels), false)?
-                .select(&slot);
-            let txt = model
-                .text
-                .forward_t(vlmatch_core::EncoderInput::Text(&text), false)?;
-            let itc = (model.contrastive.embed_image(&img) * model.contrastive.embed_text(&txt))
-                .sum_dim_intlist(1, false, Kind::Float);
-            let (fused, token_p) = if tokens {
-                let fused = model.fuse(&txt, &img, false)?;
-                let p = model.discriminator.token_logits(&fused)?.sigmoid();
-                (fused, Some(p))
-            } else {
-                (model.fuse_cls(&txt, &img, false)?, None)
-            };
-            let itm = model
-                .discriminator
-                .pair_logits(&fused)?
-                .softmax(1, Kind::Float)
-                .select(1, 1);
-            let host = |t: Tensor| -> Result<Vec<f64>> {
-                Ok(Vec::<f64>::try_from(
-                    t.to_kind(Kind::Double)
-                        .to_device(Device::Cpu)
-                        .contiguous()
-                        .view([-1]),
-                )?)
-            };
-            Ok((host(itc)?, host(itm)?, token_p.map(host).transpose()?))
-        })?;
+    let (itc, itm, token_p) = tch::no_grad(|| -> Result<Columns> {
+        let img: Encoded = model
+            .image
+            .forward_t(vlmatch_core::EncoderInput::Image(&pixels), false)?
+            .select(&slot);
+        let txt = model
+            .text
+            .forward_t(vlmatch_core::EncoderInput::Text(&text), false)?;
+        let itc = (model.contrastive.embed_image(&img) * model.contrastive.embed_text(&txt))
+            .sum_dim_intlist(1, false, Kind::Float);
+        let (fused, token_p) = if tokens {
+            let fused = model.fuse(&txt, &img, false)?;
+            let p = model.discriminator.token_logits(&fused)?.sigmoid();
+            (fused, Some(p))
+        } else {
+            (model.fuse_cls(&txt, &img, false)?, None)
+        };
+        let itm = model
+            .discriminator
+            .pair_logits(&fused)?
+            .softmax(1, Kind::Float)
+            .select(1, 1);
+        let host = |t: Tensor| -> Result<Vec<f64>> {
+            Ok(Vec::<f64>::try_from(
+                t.to_kind(Kind::Double)
+                    .to_device(Device::Cpu)
+                    .contiguous()
+                    .view([-1]),
+            )?)
+        };
+        Ok((host(itc)?, host(itm)?, token_p.map(host).transpose()?))
+    })?;
     for (g, &k) in good.iter().enumerate() {
         out[k].itc = Some(itc[g]);
         out[k].itm = Some(itm[g]);
