@@ -101,11 +101,12 @@ fn the_siglip_layer_replaces_itc_in_every_preset() {
     }
 }
 
-/// `[momentum]` (configs/mod.toml) with SigLIP stops before training with
-/// one message naming both keys; so does a bad `init_scale`.
+/// `[momentum]` (configs/mod.toml, `momentum.enabled`, or the hook's own
+/// `[hooks.momentum]`) with SigLIP stops before training with one message
+/// naming both keys; so does a bad `init_scale`.
 #[test]
 fn siglip_with_momentum_is_a_config_error_naming_the_keys() {
-    let cases: [(&[&str], &[&str], &[&str]); 3] = [
+    let cases: [(&[&str], &[&str], &[&str]); 4] = [
         (
             &["configs/mod.toml"],
             &[],
@@ -115,6 +116,11 @@ fn siglip_with_momentum_is_a_config_error_naming_the_keys() {
             &[],
             &["momentum.enabled=true"],
             &["objectives.siglip", "momentum.enabled"],
+        ),
+        (
+            &[],
+            &["hooks.momentum.priority=10"],
+            &["objectives.siglip", "`[hooks.momentum]`"],
         ),
         (
             &[],

@@ -101,7 +101,10 @@ impl Objective for Siglip {
         if fwd.momentum().is_some() {
             // The config check at build time catches this first; a forward
             // built with momentum by other means still gets a clear error.
-            return Err(momentum_error(&format!("objectives.{}", self.name)));
+            return Err(momentum_error(
+                &format!("objectives.{}", self.name),
+                "the run's `momentum` hook",
+            ));
         }
         let (images, texts) = fwd.embeds()?;
         // Local images against every rank's texts: each (image, text) pair
@@ -134,20 +137,41 @@ impl Objective for Siglip {
     }
 }
 
-fn momentum_error(key: &str) -> vlmatch_core::Error {
+/// `[objectives.<name>]` with momentum distillation on: `switch` is the key
+/// that turned it on.
+fn momentum_error(key: &str, switch: &str) -> vlmatch_core::Error {
     check::invalid(
         key,
-        "SigLIP has no momentum distillation, but `momentum.enabled` is true; \
-         set `momentum.enabled = false` or use `[objectives.itc]` with `[momentum]`",
+        format!(
+            "SigLIP has no momentum distillation, but {switch} turns it on; set \
+             `momentum.enabled = false` (and drop `[hooks.momentum]`), or use \
+             `[objectives.itc]` with `[momentum]`"
+        ),
     )
+}
+
+/// The key that turns the `momentum` hook on, if one does: its own
+/// `[hooks.momentum]` section (unless `enabled = false`), else
+/// `momentum.enabled`, as the hook itself decides.
+fn momentum_switch(config: &vlmatch_registry::Config) -> Option<&'static str> {
+    match config.hooks.get("momentum") {
+        Some(section) => section
+            .enabled
+            .unwrap_or(true)
+            .then_some("`[hooks.momentum]`"),
+        None => config
+            .momentum
+            .enabled
+            .then_some("`momentum.enabled = true`"),
+    }
 }
 
 fn build(ctx: &BuildContext<'_>) -> Result<Box<dyn Objective>> {
     let cfg: SiglipConfig = ctx.params()?;
     check::positive_f64(&format!("{}.init_scale", ctx.key), cfg.init_scale)?;
     check::finite(&format!("{}.init_bias", ctx.key), cfg.init_bias)?;
-    if ctx.run_config().is_some_and(|c| c.momentum.enabled) {
-        return Err(momentum_error(&ctx.key));
+    if let Some(switch) = ctx.run_config().and_then(momentum_switch) {
+        return Err(momentum_error(&ctx.key, switch));
     }
     let log_scale = ctx
         .path
