@@ -414,3 +414,27 @@ fn four_ranks_each_read_a_quarter_of_the_bytes() {
     assert_eq!(read.iter().sum::<u64>(), total, "each byte read once");
     let _: PathBuf = run_dir;
 }
+
+/// The key's values are a closed set, and it applies to shards only: each
+/// mistake is an error naming the key.
+#[test]
+fn bad_shard_split_values_name_the_key() {
+    let e = micro_layers(&["data.shard_split=\"both\""])
+        .load()
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("data.shard_split") && e.contains("disjoint") && e.contains("exact"),
+        "{e}"
+    );
+    let e = micro_layers(&["data.shard_split=\"disjoint\""])
+        .load()
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("data.shard_split") && e.contains("webdataset"),
+        "{e}"
+    );
+}
