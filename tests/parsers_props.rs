@@ -118,7 +118,8 @@ fn mutated(bytes: Vec<u8>) -> impl Strategy<Value = Vec<u8>> {
 fn load_every_way(path: &Path, split: Option<&str>) {
     for on_error in [OnError::Fail, OnError::Skip] {
         let _ = annotations::load_checked(path, Some(images()), split, on_error);
-        let _ = annotations::load_entries(path, Some(images()), "question", on_error);
+        let limits = annotations::AnnotationLimits::default();
+        let _ = annotations::load_entries(path, Some(images()), "question", on_error, limits);
     }
     let _ = annotations::load_with(path, Some(images()), Some("negative"), None);
 }

@@ -172,8 +172,14 @@ fn eval_on(
             let labels = read_labels(labels.ok_or_else(|| {
                 Error::Config("--task zeroshot needs --labels FILE (the candidate labels)".into())
             })?)?;
-            let (ds, _) =
-                crate::data::annotations::load_entries(data, image_root, "label", c.data.on_error)?;
+            let limits = crate::data::annotations::AnnotationLimits::from_config(&c.data);
+            let (ds, _) = crate::data::annotations::load_entries(
+                data,
+                image_root,
+                "label",
+                c.data.on_error,
+                limits,
+            )?;
             let z = crate::eval::zeroshot(&asm.model, &ds, &labels, &inp, c.eval.k, c.eval.rerank)?;
             serde_json::to_value(z).expect("serialisable")
         }

@@ -100,14 +100,15 @@ pub fn load_checked_within(
 
 /// Entries whose text is in the field `text_key` instead of `caption` (e.g.
 /// `question` for VQA, `label` for zero-shot classification), with each
-/// pair's whole entry for the caller's own fields.
+/// pair's whole entry for the caller's own fields; under the run's
+/// `limits` ([`AnnotationLimits::from_config`]).
 pub fn load_entries(
     path: &Path,
     image_root: Option<&Path>,
     text_key: &str,
     on_error: OnError,
+    limits: AnnotationLimits,
 ) -> Result<(Dataset, Vec<Value>)> {
-    let limits = AnnotationLimits::default();
     load_inner(path, image_root, text_key, None, None, on_error, limits)
         .map(|(ds, _, raw)| (ds, raw))
 }

@@ -469,7 +469,13 @@ pub fn make_batch_keyed(
     let captions: Vec<String> = source
         .iter()
         .zip(&aug_keys)
-        .map(|(&i, &key)| pair_caption(ds, cfg, i, key))
+        .map(|(&i, &key)| {
+            // Cut to `data.max_caption_bytes` here, so the samplers' preps
+            // (NegGen's tagging) see no more than the tokenizer does.
+            let mut c = pair_caption(ds, cfg, i, key);
+            c.truncate(tok.caption_prefix(&c, cfg.max_len).len());
+            c
+        })
         .collect();
     let prepared = cfg.preps.run(&captions, cfg.workers);
     let refs: Vec<&str> = captions.iter().map(String::as_str).collect();

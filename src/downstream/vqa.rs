@@ -159,8 +159,13 @@ fn answer_scores(v: &Value) -> Option<BTreeMap<String, f64>> {
 
 /// A VQA file (see the module docs), images resolved against `image_root`
 /// (default: the file's directory).
-fn from_file(path: &Path, image_root: Option<&Path>, on_error: OnError) -> Result<VqaSet> {
-    let (ds, entries) = annotations::load_entries(path, image_root, "question", on_error)?;
+fn from_file(
+    path: &Path,
+    image_root: Option<&Path>,
+    on_error: OnError,
+    limits: annotations::AnnotationLimits,
+) -> Result<VqaSet> {
+    let (ds, entries) = annotations::load_entries(path, image_root, "question", on_error, limits)?;
     let mut answers = Vec::with_capacity(entries.len());
     let mut kinds = Vec::with_capacity(entries.len());
     for (i, e) in entries.iter().enumerate() {
@@ -208,7 +213,12 @@ pub fn load(
             builtin(s.seed, s.train_scenes as u64, s.heldout_scenes)
         });
     }
-    from_file(data, image_root, cfg.data.on_error)
+    from_file(
+        data,
+        image_root,
+        cfg.data.on_error,
+        annotations::AnnotationLimits::from_config(&cfg.data),
+    )
 }
 
 /// VQA's head (`meter_vqa` of the `heads` plugin crate), at `vqa_head`.
