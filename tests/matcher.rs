@@ -246,31 +246,127 @@ fn reranked_search_ranks_as_eval_retrieval() {
     assert_eq!(ours.to_vec(), theirs, "eval: {eval}");
 }
 
+/// Every file of an index directory with its bytes, by relative path.
+fn index_files(d: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut all = Vec::new();
+    for sub in ["", "images", "texts"] {
+        for e in std::fs::read_dir(d.join(sub)).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_file() {
+                all.push((
+                    p.strip_prefix(d).unwrap().to_path_buf(),
+                    std::fs::read(&p).unwrap(),
+                ));
+            }
+        }
+    }
+    all.sort();
+    all
+}
+
+/// `vlmatch embed` of the held-out set in chunks of 6; with `launch =
+/// (rank, world, port)` as that rank of a loopback launch; with `env` set.
+fn embed_process(
+    run: &Path,
+    data: &Path,
+    out: &Path,
+    launch: Option<(usize, usize, u16)>,
+    env: &[(&str, &str)],
+) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vlmatch"));
+    cmd.args([
+        "embed",
+        "--quiet",
+        "--chunk",
+        "6",
+        "--batch",
+        "4",
+        "--checkpoint",
+    ])
+    .arg(run)
+    .arg("--data")
+    .arg(data)
+    .arg("--out")
+    .arg(out)
+    .env("RUST_LOG", "warn")
+    .envs(env.iter().copied());
+    for var in [
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    ] {
+        cmd.env_remove(var);
+    }
+    if let Some((rank, world, port)) = launch {
+        cmd.env("RANK", rank.to_string())
+            .env("WORLD_SIZE", world.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("LOCAL_WORLD_SIZE", world.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string());
+    }
+    cmd
+}
+
+#[test]
+fn two_ranks_embed_the_bytes_of_one_process() {
+    let (run, data) = fixture_run();
+    let dir = scratch("matcher-ranks");
+    let one = dir.join("one");
+    let out = embed_process(run, data, &one, None, &[]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let two = dir.join("two");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let ranks: Vec<_> = (0..2)
+        .map(|r| {
+            embed_process(run, data, &two, Some((r, 2, port)), &[])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<_> = ranks
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    for (r, o) in outs.iter().enumerate() {
+        assert!(
+            o.status.success(),
+            "rank {r}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    // Rank 0 alone prints the summary.
+    assert!(String::from_utf8_lossy(&outs[0].stdout).contains("chunks_written"));
+    assert!(outs[1].stdout.is_empty());
+    assert!(
+        index_files(&one) == index_files(&two),
+        "two ranks wrote other bytes"
+    );
+}
+
 #[test]
 fn a_killed_embed_resumes_to_the_same_index_bytes() {
     let (run, data) = fixture_run();
     let dir = scratch("matcher-kill");
     let embed = |out: &Path, kill: Option<&str>| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vlmatch"));
-        cmd.args([
-            "embed",
-            "--quiet",
-            "--chunk",
-            "6",
-            "--batch",
-            "4",
-            "--checkpoint",
-        ])
-        .arg(run)
-        .arg("--data")
-        .arg(data)
-        .arg("--out")
-        .arg(out)
-        .env("RUST_LOG", "warn");
-        if let Some(n) = kill {
-            cmd.env(vlmatch::matcher::embed::KILL_AFTER_CHUNKS, n);
-        }
-        cmd.output().unwrap()
+        let env: Vec<(&str, &str)> = kill
+            .map(|n| (vlmatch::matcher::embed::KILL_AFTER_CHUNKS, n))
+            .into_iter()
+            .collect();
+        embed_process(run, data, out, None, &env).output().unwrap()
     };
     let whole = dir.join("whole");
     let out = embed(&whole, None);
@@ -307,23 +403,7 @@ fn a_killed_embed_resumes_to_the_same_index_bytes() {
         serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
     assert_eq!(summary["chunks_resumed"], 3, "{summary}");
     assert_eq!(summary["chunks_written"], 8, "{summary}");
-    let files = |d: &Path| {
-        let mut all = Vec::new();
-        for sub in ["", "images", "texts"] {
-            for e in std::fs::read_dir(d.join(sub)).unwrap() {
-                let p = e.unwrap().path();
-                if p.is_file() {
-                    all.push((
-                        p.strip_prefix(d).unwrap().to_path_buf(),
-                        std::fs::read(&p).unwrap(),
-                    ));
-                }
-            }
-        }
-        all.sort();
-        all
-    };
-    let (a, b) = (files(&whole), files(&resumed));
+    let (a, b) = (index_files(&whole), index_files(&resumed));
     let names: Vec<_> = a.iter().map(|f| f.0.display().to_string()).collect();
     assert_eq!(names.len(), 4 + 3 + 8, "{names:?}");
     assert!(

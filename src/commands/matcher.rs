@@ -151,17 +151,16 @@ pub fn embed_cmd(a: &EmbedArgs) -> Result<embed::EmbedSummary> {
         a.image_root.as_deref(),
         a.split.as_deref(),
     )?;
-    let run = crate::run::load_run(&a.checkpoint, &a.sets)?;
-    let c = &run.loaded.config;
-    let ds = embed::load_source(&source, &c.data)?;
-    let fingerprint = Fingerprint::of(c, &run.checkpoint)?;
-    let emb = Embedder::new(&run.asm.model, &run.tok, c);
-    embed::embed(
-        &emb,
-        fingerprint,
-        source,
-        &ds,
-        &EmbedOptions {
+    // Several ranks under a launcher share the chunks.
+    let loaded = crate::run::run_config(&a.checkpoint, &a.sets)?;
+    let (device, par) = crate::parallel::join_launched(&loaded.config.train)?;
+    let result = (|| {
+        let run = crate::run::load_run_on(&a.checkpoint, &a.sets, Some(device))?;
+        let c = &run.loaded.config;
+        let ds = embed::load_source(&source, &c.data)?;
+        let fingerprint = Fingerprint::of(c, &run.checkpoint)?;
+        let emb = Embedder::new(&run.asm.model, &run.tok, c);
+        let opts = EmbedOptions {
             out: a.out.clone(),
             dtype: a.dtype,
             chunk: a.chunk,
@@ -169,8 +168,10 @@ pub fn embed_cmd(a: &EmbedArgs) -> Result<embed::EmbedSummary> {
             images,
             texts,
             progress: !a.quiet,
-        },
-    )
+        };
+        embed::embed(&emb, fingerprint, source, &ds, &opts, par.as_ref())
+    })();
+    crate::parallel::finish(result, par)
 }
 
 /// `vlmatch search`: the answers, one per query (text queries first).
@@ -363,7 +364,14 @@ pub fn main(command: Matcher) -> Result<()> {
         }
         Matcher::Filter(a) => serde_json::to_value(filter_cmd(&a)?),
     };
-    println!("{}", summary.expect("serialisable"));
+    // Ranks other than 0 of a launch print nothing.
+    let rank = vlmatch_dist::LaunchEnv::from_env()
+        .ok()
+        .flatten()
+        .map_or(0, |l| l.rank);
+    if rank == 0 {
+        println!("{}", summary.expect("serialisable"));
+    }
     Ok(())
 }
 

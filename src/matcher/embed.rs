@@ -264,12 +264,15 @@ pub struct EmbedSummary {
 
 /// Embed `ds` into `opts.out` with `emb`'s model (fingerprint `model`),
 /// continuing an unfinished index of the same model, source and settings.
+/// With the ranks of `par`, each embeds every `world`-th chunk and rank 0
+/// alone writes, the same bytes as one process on the CPU.
 pub fn embed(
     emb: &Embedder<'_>,
     model: Fingerprint,
     source: SourceSpec,
     ds: &Dataset,
     opts: &EmbedOptions,
+    par: Option<&crate::parallel::Parallel>,
 ) -> Result<EmbedSummary> {
     let started = Instant::now();
     let (mut images, mut texts) = items_of(ds);
@@ -299,21 +302,31 @@ pub fn embed(
         texts: texts.len(),
     };
     let dir = &opts.out;
-    let mut progress = start_or_resume(dir, &manifest)?;
-    for kind in [Items::Images, Items::Texts] {
-        std::fs::create_dir_all(dir.join(kind.name())).map_err(|e| Error::io(dir, e))?;
-    }
-    crate::durable::write(
-        &index::items_path(dir, Items::Images),
-        index::jsonl(&images),
-    )?;
-    crate::durable::write(&index::items_path(dir, Items::Texts), index::jsonl(&texts))?;
-    index::write_progress(dir, progress)?;
+    // Rank 0 opens or continues the index; every rank learns where it
+    // stands.
+    let opened = crate::parallel::on_rank0(par, "opening the index", || {
+        let progress = start_or_resume(dir, &manifest)?;
+        for kind in [Items::Images, Items::Texts] {
+            std::fs::create_dir_all(dir.join(kind.name())).map_err(|e| Error::io(dir, e))?;
+        }
+        crate::durable::write(
+            &index::items_path(dir, Items::Images),
+            index::jsonl(&images),
+        )?;
+        crate::durable::write(&index::items_path(dir, Items::Texts), index::jsonl(&texts))?;
+        index::write_progress(dir, progress)?;
+        Ok(progress)
+    })?;
+    let mut progress = agree_progress(par, opened, emb.model.device)?;
+    let collective = par.map(|p| p.collective());
+    let (rank, world) = collective
+        .as_ref()
+        .map_or((0, 1), |c| (c.rank(), c.world_size()));
 
     let chunk = manifest.chunk;
     let total = chunks(images.len(), chunk) + chunks(texts.len(), chunk);
     let resumed = progress.images + progress.texts;
-    let bar = if opts.progress && std::io::stderr().is_terminal() {
+    let bar = if opts.progress && rank == 0 && std::io::stderr().is_terminal() {
         indicatif::ProgressBar::new(total as u64)
     } else {
         indicatif::ProgressBar::hidden()
@@ -326,7 +339,7 @@ pub fn embed(
     );
     bar.set_position(resumed as u64);
     bar.reset_eta();
-    if resumed > 0 {
+    if resumed > 0 && rank == 0 {
         tracing::info!(index = %dir.display(), chunks = resumed, of = total, "resuming");
     }
     let kill_after = kill_after();
@@ -342,44 +355,82 @@ pub fn embed(
             Items::Images => progress.images,
             Items::Texts => progress.texts,
         };
+        let n_chunks = chunks(n, chunk);
+        let rows_of = |c: usize| c * chunk..((c + 1) * chunk).min(n);
         bar.set_message(kind.name());
-        for c in done..chunks(n, chunk) {
-            let rows: Vec<usize> = (c * chunk..((c + 1) * chunk).min(n)).collect();
+        // In rounds of one chunk per rank: rank r embeds chunk `first + r`;
+        // rank 0 gathers them and writes them in order.
+        let mut first = done;
+        while first < n_chunks {
+            let mine = first + rank;
             let mut parts = Vec::new();
-            for b in rows.chunks(batch) {
-                parts.push(match kind {
-                    Items::Images => emb.images(ds, b)?,
-                    Items::Texts => {
-                        let t: Vec<&str> = b.iter().map(|&j| caption_refs[j]).collect();
-                        emb.texts(&t)?
-                    }
-                });
-            }
-            let bytes = index::to_bytes(&Tensor::cat(&parts, 0), manifest.dtype)?;
-            crate::durable::write(&chunk_path(dir, kind, c), bytes)?;
-            written += 1;
-            if kill_after == Some(written) {
-                tracing::warn!(chunk = c, "fault injection: SIGKILL after a chunk write");
-                // SAFETY: kill(2) on our own pid; nothing runs after it.
-                unsafe {
-                    libc::kill(libc::getpid(), libc::SIGKILL);
+            if mine < n_chunks {
+                let rows: Vec<usize> = rows_of(mine).collect();
+                for b in rows.chunks(batch) {
+                    parts.push(match kind {
+                        Items::Images => emb.images(ds, b)?,
+                        Items::Texts => {
+                            let t: Vec<&str> = b.iter().map(|&j| caption_refs[j]).collect();
+                            emb.texts(&t)?
+                        }
+                    });
                 }
             }
-            match kind {
-                Items::Images => progress.images = c + 1,
-                Items::Texts => progress.texts = c + 1,
-            }
-            index::write_progress(dir, progress)?;
-            bar.inc(1);
-            if opts.progress && bar.is_hidden() {
-                eprintln!(
-                    "embed {} chunk {}/{} ({} rows)",
-                    kind.name(),
-                    c + 1,
-                    chunks(n, chunk),
-                    rows.len()
-                );
-            }
+            let round: Vec<(usize, Tensor)> = match &collective {
+                None => vec![(mine, Tensor::cat(&parts, 0))],
+                Some(c) => {
+                    // Equal shapes on every rank: `chunk` rows, zeros past
+                    // this rank's own.
+                    let own = if parts.is_empty() {
+                        Tensor::zeros([0, dim as i64], (Kind::Float, emb.model.device))
+                    } else {
+                        Tensor::cat(&parts, 0)
+                    };
+                    let pad = Tensor::zeros(
+                        [chunk as i64 - own.size()[0], dim as i64],
+                        (Kind::Float, emb.model.device),
+                    );
+                    let all = c.all_gather(&Tensor::cat(&[own, pad], 0))?;
+                    (0..world)
+                        .map(|r| first + r)
+                        .filter(|&c| c < n_chunks)
+                        .map(|c| {
+                            let at = ((c - first) * chunk) as i64;
+                            (c, all.narrow(0, at, rows_of(c).len() as i64))
+                        })
+                        .collect()
+                }
+            };
+            crate::parallel::on_rank0(par, "writing index chunks", || {
+                for (c, t) in &round {
+                    let bytes = index::to_bytes(t, manifest.dtype)?;
+                    crate::durable::write(&chunk_path(dir, kind, *c), bytes)?;
+                    written += 1;
+                    if kill_after == Some(written) {
+                        tracing::warn!(chunk = c, "fault injection: SIGKILL after a chunk write");
+                        // SAFETY: kill(2) on our own pid; nothing runs after it.
+                        unsafe {
+                            libc::kill(libc::getpid(), libc::SIGKILL);
+                        }
+                    }
+                    match kind {
+                        Items::Images => progress.images = c + 1,
+                        Items::Texts => progress.texts = c + 1,
+                    }
+                    index::write_progress(dir, progress)?;
+                    bar.inc(1);
+                    if opts.progress && bar.is_hidden() {
+                        eprintln!(
+                            "embed {} chunk {}/{n_chunks} ({} rows)",
+                            kind.name(),
+                            c + 1,
+                            rows_of(*c).len()
+                        );
+                    }
+                }
+                Ok(())
+            })?;
+            first += world;
         }
     }
     bar.finish_and_clear();
@@ -445,6 +496,25 @@ fn start_or_resume(dir: &Path, manifest: &Manifest) -> Result<Progress> {
         )));
     }
     index::read_progress(dir)
+}
+
+/// Rank 0's progress (`opened`) on every rank of `par`.
+fn agree_progress(
+    par: Option<&crate::parallel::Parallel>,
+    opened: Option<Progress>,
+    device: tch::Device,
+) -> Result<Progress> {
+    let Some(p) = par else {
+        return Ok(opened.expect("one process opens the index itself"));
+    };
+    let o = opened.unwrap_or_default();
+    let t = Tensor::from_slice(&[o.images as i64, o.texts as i64]).to_device(device);
+    p.broadcast(&[t.shallow_clone()])?;
+    let v = Vec::<i64>::try_from(t.to_device(tch::Device::Cpu))?;
+    Ok(Progress {
+        images: v[0] as usize,
+        texts: v[1] as usize,
+    })
 }
 
 /// [`KILL_AFTER_CHUNKS`], in builds with the `fault-injection` feature.
