@@ -1,6 +1,7 @@
 //! SigLIP (`objective "siglip"`, `configs/siglip.toml`) in runs: the layer
 //! replaces ITC in every preset, `[momentum]` with it is a config error,
-//! ITM's hard negatives are drawn from its similarities, and it trains.
+//! ITM's hard negatives are drawn from its similarities, and it trains;
+//! its loss is finite and order-free for any batch (proptest).
 //! Its loss and gradients against PyTorch are in `golden_losses.rs`, two
 //! ranks against one process in `distributed.rs`.
 
@@ -253,4 +254,59 @@ fn siglip_trains_with_its_loss_falling() {
         "t and b are learnt"
     );
     assert!(!s.logged[0].contains_key("itc"));
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+    /// For any batch, features, positive relation, scale (t up to e^10)
+    /// and bias, SigLIP's loss is finite and non-negative, its gradients
+    /// are finite (no overflow at large logits), and it does not depend on
+    /// the order of the pairs.
+    #[test]
+    fn siglip_is_finite_and_order_free_for_any_batch(
+        n in 1i64..12,
+        dim in 1i64..8,
+        log_scale in -3.0f64..10.0,
+        bias in -50.0f64..50.0,
+        seed in 0i64..10_000,
+    ) {
+        let _turn = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
+        tch::manual_seed(seed);
+        let unit = |t: Tensor| &t / t.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-12);
+        let x = unit(Tensor::randn([n, dim], (tch::Kind::Float, tch::Device::Cpu)));
+        let y = unit(Tensor::randn([n, dim], (tch::Kind::Float, tch::Device::Cpu)));
+        // A symmetric relation holding the diagonal, with random
+        // off-diagonal positives.
+        let r = Tensor::rand([n, n], (tch::Kind::Float, tch::Device::Cpu)).lt(0.3);
+        let positives = r.logical_or(&r.tr()).logical_or(&Tensor::eye(n, (tch::Kind::Bool, tch::Device::Cpu)));
+        let x = x.set_requires_grad(true);
+        let y = y.set_requires_grad(true);
+        let t = Tensor::from(log_scale as f32).set_requires_grad(true);
+        let b = Tensor::from(bias as f32).set_requires_grad(true);
+        let loss = siglip::siglip_loss(&x, &y, &positives, &t, &b);
+        let value = loss.double_value(&[]);
+        proptest::prop_assert!(value.is_finite() && value >= 0.0, "loss {}", value);
+        loss.backward();
+        for (name, g) in [("x", x.grad()), ("y", y.grad()), ("t'", t.grad()), ("b", b.grad())] {
+            proptest::prop_assert!(
+                g.isfinite().all().int64_value(&[]) == 1,
+                "gradient of {} not finite", name
+            );
+        }
+        let perm = Tensor::randperm(n, (tch::Kind::Int64, tch::Device::Cpu));
+        let permuted = tch::no_grad(|| {
+            siglip::siglip_loss(
+                &x.index_select(0, &perm),
+                &y.index_select(0, &perm),
+                &positives.index_select(0, &perm).index_select(1, &perm),
+                &t,
+                &b,
+            )
+            .double_value(&[])
+        });
+        proptest::prop_assert!(
+            (permuted - value).abs() <= 1e-4 * value.abs().max(1.0),
+            "{} permuted vs {}", permuted, value
+        );
+    }
 }
