@@ -274,22 +274,27 @@ fn embed_process(
     env: &[(&str, &str)],
 ) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vlmatch"));
-    cmd.args([
-        "embed",
-        "--quiet",
-        "--chunk",
-        "6",
-        "--batch",
-        "4",
-        "--checkpoint",
-    ])
-    .arg(run)
-    .arg("--data")
-    .arg(data)
-    .arg("--out")
-    .arg(out)
-    .env("RUST_LOG", "warn")
-    .envs(env.iter().copied());
+    cmd.args(["embed", "--quiet", "--chunk", "6", "--batch", "4"])
+        .arg("--out")
+        .arg(out);
+    launched(cmd, run, data, launch, env)
+}
+
+/// `cmd` on the run and data, as rank `launch = (rank, world, port)` of a
+/// loopback launch or alone, with `env` set.
+fn launched(
+    mut cmd: Command,
+    run: &Path,
+    data: &Path,
+    launch: Option<(usize, usize, u16)>,
+    env: &[(&str, &str)],
+) -> Command {
+    cmd.arg("--checkpoint")
+        .arg(run)
+        .arg("--data")
+        .arg(data)
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied());
     for var in [
         "RANK",
         "WORLD_SIZE",
@@ -323,6 +328,18 @@ fn two_ranks_embed_the_bytes_of_one_process() {
         String::from_utf8_lossy(&out.stderr)
     );
     let two = dir.join("two");
+    let outs = two_ranks(|launch| embed_process(run, data, &two, launch, &[]));
+    // Rank 0 alone prints the summary.
+    assert!(String::from_utf8_lossy(&outs[0].stdout).contains("chunks_written"));
+    assert!(outs[1].stdout.is_empty());
+    assert!(
+        index_files(&one) == index_files(&two),
+        "two ranks wrote other bytes"
+    );
+}
+
+/// Two loopback ranks of `cmd(rank)`; their outputs once both exit.
+fn two_ranks(cmd: impl Fn(Option<(usize, usize, u16)>) -> Command) -> Vec<std::process::Output> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -330,7 +347,7 @@ fn two_ranks_embed_the_bytes_of_one_process() {
         .port();
     let ranks: Vec<_> = (0..2)
         .map(|r| {
-            embed_process(run, data, &two, Some((r, 2, port)), &[])
+            cmd(Some((r, 2, port)))
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
                 .spawn()
@@ -348,13 +365,37 @@ fn two_ranks_embed_the_bytes_of_one_process() {
             String::from_utf8_lossy(&o.stderr)
         );
     }
-    // Rank 0 alone prints the summary.
-    assert!(String::from_utf8_lossy(&outs[0].stdout).contains("chunks_written"));
-    assert!(outs[1].stdout.is_empty());
+    outs
+}
+
+#[test]
+fn two_ranks_score_the_lines_of_one_process() {
+    let (run, data) = fixture_run();
+    let dir = scratch("matcher-score-ranks");
+    let score = |out: &Path, launch| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vlmatch"));
+        cmd.args(["score", "--quiet", "--tokens", "--batch", "5", "--out"])
+            .arg(out);
+        launched(cmd, run, data, launch, &[])
+    };
+    let one = dir.join("one.jsonl");
+    let out = score(&one, None).output().unwrap();
     assert!(
-        index_files(&one) == index_files(&two),
-        "two ranks wrote other bytes"
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    let two = dir.join("two.jsonl");
+    let outs = two_ranks(|launch| score(&two, launch));
+    let summary = String::from_utf8_lossy(&outs[0].stdout).to_string();
+    assert!(summary.contains(r#""scored":48"#), "{summary}");
+    assert!(outs[1].stdout.is_empty());
+    let (a, b) = (
+        std::fs::read_to_string(&one).unwrap(),
+        std::fs::read_to_string(&two).unwrap(),
+    );
+    assert_eq!(a.lines().count(), 48);
+    assert!(a == b, "two ranks wrote other lines");
 }
 
 #[test]

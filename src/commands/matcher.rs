@@ -281,44 +281,51 @@ pub fn score_cmd(a: &ScoreArgs) -> Result<crate::matcher::score::ScoreSummary> {
             a.checkpoint.display()
         )));
     }
-    let run = crate::run::load_run(&a.checkpoint, &a.sets)?;
-    let c = &run.loaded.config;
-    let ds = embed::load_source(&source, &c.data)?;
-    let root = match source.kind.as_str() {
-        "annotations" => Some(match &a.image_root {
-            Some(r) => r.clone(),
-            None => Path::new(&a.data)
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_default(),
-        }),
-        _ => None,
-    };
-    let emb = Embedder::new(&run.asm.model, &run.tok, c);
-    let opts = ScoreOptions {
-        tokens: a.tokens,
-        batch: a.batch.unwrap_or(c.eval.batch_size),
-        on_error: c.data.on_error,
-        root,
-        progress: !a.quiet && a.out.is_some(),
-    };
-    match &a.out {
-        Some(out) => {
-            let record = ScoreProgress {
-                model: Fingerprint::of(c, &run.checkpoint)?,
-                source,
-                tokens: a.tokens,
-                total: ds.pairs.len(),
-                pairs: 0,
-                bytes: 0,
-            };
-            crate::matcher::score::score_to_file(&emb, &ds, &opts, record, out)
+    // Several ranks under a launcher share the blocks of pairs.
+    let (device, par) = crate::parallel::join_launched(&loaded.config.train)?;
+    let result = (|| {
+        let run = crate::run::load_run_on(&a.checkpoint, &a.sets, Some(device))?;
+        let c = &run.loaded.config;
+        let ds = embed::load_source(&source, &c.data)?;
+        let root = match source.kind.as_str() {
+            "annotations" => Some(match &a.image_root {
+                Some(r) => r.clone(),
+                None => Path::new(&a.data)
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default(),
+            }),
+            _ => None,
+        };
+        let emb = Embedder::new(&run.asm.model, &run.tok, c);
+        let opts = ScoreOptions {
+            tokens: a.tokens,
+            batch: a.batch.unwrap_or(c.eval.batch_size),
+            on_error: c.data.on_error,
+            root,
+            progress: !a.quiet && a.out.is_some(),
+        };
+        let par = par.as_ref();
+        match &a.out {
+            Some(out) => {
+                let record = ScoreProgress {
+                    model: Fingerprint::of(c, &run.checkpoint)?,
+                    source: source.clone(),
+                    tokens: a.tokens,
+                    total: ds.pairs.len(),
+                    pairs: 0,
+                    bytes: 0,
+                };
+                crate::matcher::score::score_to_file(&emb, &ds, &opts, record, out, par)
+            }
+            None => {
+                let mut stdout = std::io::stdout().lock();
+                let mut nothing = |_| Ok(());
+                crate::matcher::score::stream(&emb, &ds, &opts, 0, &mut stdout, &mut nothing, par)
+            }
         }
-        None => {
-            let mut stdout = std::io::stdout().lock();
-            crate::matcher::score::stream(&emb, &ds, &opts, 0, &mut stdout, &mut |_| Ok(()))
-        }
-    }
+    })();
+    crate::parallel::finish(result, par)
 }
 
 /// `vlmatch filter`.

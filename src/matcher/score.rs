@@ -134,28 +134,63 @@ pub fn score_pairs(
         .iter()
         .filter_map(|(&i, px)| px.as_ref().map(|_| i))
         .collect();
-    let s = emb.image_size as i64;
     let pixels: Vec<f32> = images
         .iter()
         .flat_map(|i| distinct[i].as_ref().expect("decoded").iter().copied())
         .collect();
-    let device = emb.model.device;
-    let pixels = Tensor::from_slice(&pixels)
-        .view([images.len() as i64, 3, s, s])
-        .to_device(device);
-    let slot: Vec<i64> = good
+    let slot: Vec<usize> = good
         .iter()
         .map(|&k| {
             images
                 .binary_search(&ds.pairs[out[k].pair].image)
-                .expect("decoded") as i64
+                .expect("decoded")
         })
         .collect();
+    let captions: Vec<&str> = good.iter().map(|&k| out[k].caption.as_str()).collect();
+    let scored = score_decoded(emb, &pixels, &slot, &captions, tokens)?;
+    for (s, &k) in scored.into_iter().zip(&good) {
+        out[k].itc = Some(s.itc);
+        out[k].itm = Some(s.itm);
+        out[k].words = s.words;
+    }
+    Ok(out)
+}
+
+/// One caption's scores against its image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scored {
+    pub itc: f64,
+    pub itm: f64,
+    pub words: Option<Vec<WordScore>>,
+}
+
+/// Scores of `captions` against decoded images: `pixels` holds the images
+/// one after the other, each normalised `[3, S, S]` as
+/// [`Dataset::load_image`] gives it, and caption `c` goes with image
+/// `slot[c]`. One forward of each encoder and one of the fusion for all
+/// pairs (`vlmatch serve` batches its requests through here).
+pub fn score_decoded(
+    emb: &Embedder<'_>,
+    pixels: &[f32],
+    slot: &[usize],
+    captions: &[&str],
+    tokens: bool,
+) -> Result<Vec<Scored>> {
+    if captions.is_empty() {
+        return Ok(Vec::new());
+    }
+    let s = emb.image_size as i64;
+    let device = emb.model.device;
+    let n_images = pixels.len() as i64 / (3 * s * s);
+    let pixels = Tensor::from_slice(pixels)
+        .view([n_images, 3, s, s])
+        .to_device(device);
+    let slot: Vec<i64> = slot.iter().map(|&i| i as i64).collect();
     let slot = Tensor::from_slice(&slot).to_device(device);
     // Captions: word-aligned token ids, padded to the longest.
-    let encoded: Vec<_> = good
+    let encoded: Vec<_> = captions
         .iter()
-        .map(|&k| emb.tokenizer.encode_words(&out[k].caption, emb.max_len))
+        .map(|c| emb.tokenizer.encode_words(c, emb.max_len))
         .collect();
     let len = encoded.iter().map(|(ids, _)| ids.len()).max().unwrap_or(2);
     let pad = emb.tokenizer.special.pad;
@@ -170,7 +205,7 @@ pub fn score_pairs(
             std::iter::repeat_n(1i64, e.len()).chain(std::iter::repeat_n(0, len - e.len())),
         );
     }
-    let shape = [good.len() as i64, len as i64];
+    let shape = [captions.len() as i64, len as i64];
     let text = TextBatch::new(
         Tensor::from_slice(&ids).view(shape).to_device(device),
         Tensor::from_slice(&mask).view(shape).to_device(device),
@@ -208,14 +243,14 @@ pub fn score_pairs(
         };
         Ok((host(itc)?, host(itm)?, token_p.map(host).transpose()?))
     })?;
-    for (g, &k) in good.iter().enumerate() {
-        out[k].itc = Some(itc[g]);
-        out[k].itm = Some(itm[g]);
-        if let Some(p) = &token_p {
-            let row = &p[g * len..(g + 1) * len];
-            let words = &encoded[g].1;
-            let spans: Vec<_> = words.iter().map(|(_, r)| r.clone()).collect();
-            out[k].words = Some(
+    Ok((0..captions.len())
+        .map(|g| Scored {
+            itc: itc[g],
+            itm: itm[g],
+            words: token_p.as_ref().map(|p| {
+                let row = &p[g * len..(g + 1) * len];
+                let words = &encoded[g].1;
+                let spans: Vec<_> = words.iter().map(|(_, r)| r.clone()).collect();
                 words
                     .iter()
                     .zip(crate::explain::word_max(row, &spans))
@@ -223,11 +258,10 @@ pub fn score_pairs(
                         word: w.clone(),
                         mismatch,
                     })
-                    .collect(),
-            );
-        }
-    }
-    Ok(out)
+                    .collect()
+            }),
+        })
+        .collect())
 }
 
 /// What a score file is of; a resumed run must match it.
@@ -268,7 +302,10 @@ pub struct ScoreSummary {
 
 /// Score every pair of `ds` in order, each block's lines to `sink` as it
 /// finishes; `resume_at` pairs are already done. `after_block(pairs done)`
-/// runs after each block (a file sink records its progress there).
+/// runs after each block (a file sink records its progress there). With
+/// the ranks of `par`, each scores every `world`-th block of `batch` pairs
+/// and rank 0 alone writes them, in order, the lines of one process on the
+/// CPU; the other ranks' `sink` and `after_block` are not used.
 pub fn stream(
     emb: &Embedder<'_>,
     ds: &Dataset,
@@ -276,63 +313,148 @@ pub fn stream(
     resume_at: usize,
     sink: &mut dyn Write,
     after_block: &mut dyn FnMut(usize) -> Result<()>,
+    par: Option<&crate::parallel::Parallel>,
 ) -> Result<ScoreSummary> {
     let all: Vec<usize> = (resume_at..ds.pairs.len()).collect();
-    let bar = if opts.progress {
+    let blocks: Vec<&[usize]> = all.chunks(opts.batch.max(1)).collect();
+    let collective = par.map(|p| p.collective());
+    let (rank, world) = collective
+        .as_ref()
+        .map_or((0, 1), |c| (c.rank(), c.world_size()));
+    let bar = if opts.progress && rank == 0 {
         indicatif::ProgressBar::new(ds.pairs.len() as u64)
     } else {
         indicatif::ProgressBar::hidden()
     };
     bar.set_position(resume_at as u64);
-    let (mut scored, mut errors) = (0, 0);
-    for block in all.chunks(opts.batch.max(1)) {
-        let scores = score_pairs(
-            emb,
-            ds,
-            block,
-            opts.tokens,
-            opts.on_error,
-            opts.root.as_deref(),
-        )?;
-        let mut text = String::new();
-        for s in &scores {
-            if s.error.is_some() {
-                errors += 1;
-            } else {
-                scored += 1;
+    let (mut scored, mut errors) = (0i64, 0i64);
+    let mut first = 0;
+    while first < blocks.len() {
+        // This rank's block of the round: its lines and counts.
+        let (mut text, mut counts) = (String::new(), [0i64; 2]);
+        if let Some(block) = blocks.get(first + rank) {
+            let scores = score_pairs(
+                emb,
+                ds,
+                block,
+                opts.tokens,
+                opts.on_error,
+                opts.root.as_deref(),
+            )?;
+            for s in &scores {
+                counts[usize::from(s.error.is_some())] += 1;
+                text += &serde_json::to_string(s).expect("serialisable");
+                text.push('\n');
             }
-            text += &serde_json::to_string(s).expect("serialisable");
-            text.push('\n');
         }
-        sink.write_all(text.as_bytes())
-            .map_err(|e| Error::io("score output", e))?;
-        after_block(block[block.len() - 1] + 1)?;
-        bar.inc(block.len() as u64);
+        let round: Vec<(Vec<u8>, [i64; 2])> = match &collective {
+            None => vec![(text.into_bytes(), counts)],
+            Some(c) => gather_lines(c.as_ref(), text, counts, emb.model.device)?
+                .into_iter()
+                .take(blocks.len() - first)
+                .collect(),
+        };
+        crate::parallel::on_rank0(par, "writing scores", || {
+            for (i, (bytes, n)) in round.iter().enumerate() {
+                let block = blocks[first + i];
+                sink.write_all(bytes)
+                    .map_err(|e| Error::io("score output", e))?;
+                after_block(block[block.len() - 1] + 1)?;
+                scored += n[0];
+                errors += n[1];
+                bar.inc(block.len() as u64);
+            }
+            Ok(())
+        })?;
+        first += world;
     }
     bar.finish_and_clear();
     Ok(ScoreSummary {
         pairs: ds.pairs.len(),
-        scored,
-        errors,
+        scored: scored as usize,
+        errors: errors as usize,
         resumed_at: resume_at,
     })
 }
 
+/// Every rank's lines and counts, in rank order: the lengths and counts
+/// first, then the bytes padded to the longest.
+fn gather_lines(
+    c: &dyn vlmatch_core::Collective,
+    text: String,
+    counts: [i64; 2],
+    device: Device,
+) -> Result<Vec<(Vec<u8>, [i64; 2])>> {
+    let meta = Tensor::from_slice(&[text.len() as i64, counts[0], counts[1]]).to_device(device);
+    let meta = Vec::<i64>::try_from(c.all_gather(&meta)?.to_device(Device::Cpu))?;
+    let longest = meta.chunks(3).map(|m| m[0]).max().unwrap_or(0).max(1) as usize;
+    let mut bytes = text.into_bytes();
+    bytes.resize(longest, 0);
+    let all = c.all_gather(&Tensor::from_slice(&bytes).to_device(device))?;
+    let all = Vec::<u8>::try_from(all.to_device(Device::Cpu))?;
+    Ok(meta
+        .chunks(3)
+        .enumerate()
+        .map(|(r, m)| {
+            let at = r * longest;
+            (all[at..at + m[0] as usize].to_vec(), [m[1], m[2]])
+        })
+        .collect())
+}
+
 /// [`stream`] into the file `out`, resumable: continues a run of the same
-/// model, source and `--tokens` from its progress record.
+/// model, source and `--tokens` from its progress record. With `par`, rank
+/// 0 opens and writes the file.
 pub fn score_to_file(
     emb: &Embedder<'_>,
     ds: &Dataset,
     opts: &ScoreOptions,
     record: ScoreProgress,
     out: &Path,
+    par: Option<&crate::parallel::Parallel>,
 ) -> Result<ScoreSummary> {
     let prog = progress_path(out);
     let mut record = record;
+    let opened = crate::parallel::on_rank0(par, "opening the score file", || {
+        open_scores(out, &prog, &mut record)
+    })?;
+    // Where to start, rank 0's word for it.
+    let start = match par {
+        None => opened.as_ref().map_or(0, |o| o.1),
+        Some(p) => {
+            let t = Tensor::from_slice(&[opened.as_ref().map_or(0, |o| o.1 as i64)])
+                .to_device(emb.model.device);
+            p.broadcast(&[t.shallow_clone()])?;
+            t.int64_value(&[0]) as usize
+        }
+    };
+    let mut file = opened.map(|o| o.0);
+    let mut after = |done: usize| -> Result<()> {
+        let f = std::fs::File::open(out).map_err(|e| Error::io(out, e))?;
+        f.sync_all().map_err(|e| Error::io(out, e))?;
+        record.pairs = done;
+        record.bytes = f.metadata().map_err(|e| Error::io(out, e))?.len();
+        write_record(&prog, &record)
+    };
+    let mut nothing = std::io::sink();
+    let sink: &mut dyn Write = match file.as_mut() {
+        Some(f) => f,
+        None => &mut nothing,
+    };
+    stream(emb, ds, opts, start, sink, &mut after, par)
+}
+
+/// The score file `out`, cut back to what its progress record `prog` says
+/// (new when neither exists), and the pairs done; `record` takes them.
+fn open_scores(
+    out: &Path,
+    prog: &Path,
+    record: &mut ScoreProgress,
+) -> Result<(std::fs::File, usize)> {
     let start = if prog.is_file() {
-        let text = std::fs::read_to_string(&prog).map_err(|e| Error::io(&prog, e))?;
+        let text = std::fs::read_to_string(prog).map_err(|e| Error::io(prog, e))?;
         let old: ScoreProgress = serde_json::from_str(&text).map_err(|e| Error::Data {
-            path: prog.clone(),
+            path: prog.to_path_buf(),
             line: Some(e.line()),
             message: format!("not a score progress record: {e}"),
         })?;
@@ -358,7 +480,7 @@ pub fn score_to_file(
     } else {
         (0, 0)
     };
-    let mut file = std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(out)
@@ -367,15 +489,8 @@ pub fn score_to_file(
     file.set_len(start.1).map_err(|e| Error::io(out, e))?;
     record.pairs = start.0;
     record.bytes = start.1;
-    write_record(&prog, &record)?;
-    let mut after = |done: usize| -> Result<()> {
-        let f = std::fs::File::open(out).map_err(|e| Error::io(out, e))?;
-        f.sync_all().map_err(|e| Error::io(out, e))?;
-        record.pairs = done;
-        record.bytes = f.metadata().map_err(|e| Error::io(out, e))?.len();
-        write_record(&prog, &record)
-    };
-    stream(emb, ds, opts, start.0, &mut file, &mut after)
+    write_record(prog, record)?;
+    Ok((file, start.0))
 }
 
 fn write_record(path: &Path, r: &ScoreProgress) -> Result<()> {
