@@ -57,33 +57,54 @@ fn taps(size: usize, out: usize) -> Vec<Taps> {
         .collect()
 }
 
-/// A fixed-point sum back to a byte, clamped.
-fn clip8(acc: i64) -> u8 {
+/// A fixed-point sum back to a byte, clamped. Sums stay within `i32`, as
+/// in Pillow: weights of one tap set add up to `2^22` and their absolute
+/// values to less than `1.3 * 2^22`.
+fn clip8(acc: i32) -> u8 {
     (acc >> BITS).clamp(0, 255) as u8
 }
 
-/// One pass along rows (`horizontal`) or columns of a `w` x `h` RGB
-/// buffer, to `out` pixels along that axis.
-fn pass(src: &[u8], (w, h): (usize, usize), out: usize, horizontal: bool) -> Vec<u8> {
-    let (len, across) = if horizontal { (w, h) } else { (h, w) };
-    let (ow, oh) = if horizontal { (out, h) } else { (w, out) };
-    let half = 1i64 << (BITS - 1);
-    let mut dst = vec![0u8; ow * oh * 3];
-    for (o, t) in taps(len, out).iter().enumerate() {
-        for a in 0..across {
-            for c in 0..3 {
-                let mut acc = half;
-                for (k, &wt) in t.weights.iter().enumerate() {
-                    let (x, y) = if horizontal {
-                        (t.first + k, a)
-                    } else {
-                        (a, t.first + k)
-                    };
-                    acc += i64::from(src[(y * w + x) * 3 + c]) * i64::from(wt);
+/// The rounding half added to every sum.
+const HALF: i32 = 1 << (BITS - 1);
+
+/// A `w` x `h` RGB buffer resampled along its rows to `out_w` pixels.
+fn horizontal(src: &[u8], (w, h): (usize, usize), out_w: usize) -> Vec<u8> {
+    let taps = taps(w, out_w);
+    let mut dst = vec![0u8; out_w * h * 3];
+    for (row, out) in src.chunks_exact(w * 3).zip(dst.chunks_exact_mut(out_w * 3)) {
+        for (t, px) in taps.iter().zip(out.chunks_exact_mut(3)) {
+            let mut acc = [HALF; 3];
+            let from = &row[t.first * 3..(t.first + t.weights.len()) * 3];
+            for (p, &wt) in from.chunks_exact(3).zip(&t.weights) {
+                for c in 0..3 {
+                    acc[c] += i32::from(p[c]) * wt;
                 }
-                let (x, y) = if horizontal { (o, a) } else { (a, o) };
-                dst[(y * ow + x) * 3 + c] = clip8(acc);
             }
+            for c in 0..3 {
+                px[c] = clip8(acc[c]);
+            }
+        }
+    }
+    dst
+}
+
+/// A `w` x `h` RGB buffer resampled along its columns to `out_h` pixels,
+/// a whole row of sums at a time.
+fn vertical(src: &[u8], (w, h): (usize, usize), out_h: usize) -> Vec<u8> {
+    let taps = taps(h, out_h);
+    let stride = w * 3;
+    let mut dst = vec![0u8; stride * out_h];
+    let mut acc = vec![HALF; stride];
+    for (t, out) in taps.iter().zip(dst.chunks_exact_mut(stride)) {
+        acc.fill(HALF);
+        for (k, &wt) in t.weights.iter().enumerate() {
+            let row = &src[(t.first + k) * stride..(t.first + k + 1) * stride];
+            for (a, &p) in acc.iter_mut().zip(row) {
+                *a += i32::from(p) * wt;
+            }
+        }
+        for (o, &a) in out.iter_mut().zip(&acc) {
+            *o = clip8(a);
         }
     }
     dst
@@ -113,19 +134,13 @@ pub fn resized_crop(
         .collect();
     let mut dims = (w, h);
     let vertical_first = out_w > w && out_h < h;
-    for horizontal in [!vertical_first, vertical_first] {
-        let (from, to) = if horizontal {
-            (dims.0, out_w)
-        } else {
-            (dims.1, out_h)
-        };
-        if from != to {
-            buf = pass(&buf, dims, to, horizontal);
-            dims = if horizontal {
-                (to, dims.1)
-            } else {
-                (dims.0, to)
-            };
+    for along_rows in [!vertical_first, vertical_first] {
+        if along_rows && dims.0 != out_w {
+            buf = horizontal(&buf, dims, out_w);
+            dims.0 = out_w;
+        } else if !along_rows && dims.1 != out_h {
+            buf = vertical(&buf, dims, out_h);
+            dims.1 = out_h;
         }
     }
     RgbImage::from_raw(out_w as u32, out_h as u32, buf).expect("sized buffer")
