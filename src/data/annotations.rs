@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use vlmatch_core::{Error, Result};
 
-fn bad(path: &Path, line: Option<usize>, message: String) -> Error {
+pub(super) fn bad(path: &Path, line: Option<usize>, message: String) -> Error {
     Error::Data {
         path: path.to_path_buf(),
         line,
@@ -191,15 +191,15 @@ pub fn load_with(
 }
 
 /// What one usable entry adds: its image path, captions, id and extra field.
-struct Parsed {
-    image: String,
-    captions: Vec<String>,
-    image_id: Option<Value>,
-    extra: Option<String>,
-    raw: Value,
+pub(super) struct Parsed {
+    pub image: String,
+    pub captions: Vec<String>,
+    pub image_id: Option<Value>,
+    pub extra: Option<String>,
+    pub raw: Value,
 }
 
-fn parse_entry(
+pub(super) fn parse_entry(
     entry: &Value,
     text_key: &str,
     extra: Option<&str>,
@@ -271,32 +271,41 @@ fn json_lines(path: &Path, bytes: &[u8], max_line: usize) -> Vec<Entry> {
     bytes
         .split(|&b| b == b'\n')
         .enumerate()
-        .filter_map(|(i, line)| {
-            let n = i + 1;
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            if line.len() > max_line {
-                let message = format!(
-                    "line is {} bytes, over data.max_line_bytes ({max_line})",
-                    line.len()
-                );
-                return Some((Some(n), Err(bad(path, Some(n), message))));
-            }
-            let v = match std::str::from_utf8(line) {
-                Ok(text) if text.trim().is_empty() => return None,
-                Ok(text) => serde_json::from_str::<Value>(text)
-                    .map_err(|e| bad(path, Some(n), format!("invalid JSON line: {e}"))),
-                Err(e) => Err(bad(
-                    path,
-                    Some(n),
-                    format!(
-                        "invalid UTF-8 at byte {} of the line (annotation files must be UTF-8)",
-                        e.valid_up_to() + 1
-                    ),
-                )),
-            };
-            Some((Some(n), v))
-        })
+        .filter_map(|(i, line)| json_line(path, i + 1, line, max_line).map(|v| (Some(i + 1), v)))
         .collect()
+}
+
+/// Line `n` of a JSON-lines file: its entry, why it is unusable, or `None`
+/// for a blank line.
+pub(super) fn json_line(
+    path: &Path,
+    n: usize,
+    line: &[u8],
+    max_line: usize,
+) -> Option<Result<Value>> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.len() > max_line {
+        let message = format!(
+            "line is {} bytes, over data.max_line_bytes ({max_line})",
+            line.len()
+        );
+        return Some(Err(bad(path, Some(n), message)));
+    }
+    match std::str::from_utf8(line) {
+        Ok(text) if text.trim().is_empty() => None,
+        Ok(text) => Some(
+            serde_json::from_str::<Value>(text)
+                .map_err(|e| bad(path, Some(n), format!("invalid JSON line: {e}"))),
+        ),
+        Err(e) => Some(Err(bad(
+            path,
+            Some(n),
+            format!(
+                "invalid UTF-8 at byte {} of the line (annotation files must be UTF-8)",
+                e.valid_up_to() + 1
+            ),
+        ))),
+    }
 }
 
 /// The dataset, the `extra` field of each entry, and each pair's entry.

@@ -7,6 +7,7 @@
 //! batches. WebDataset tar shards are streamed instead ([`webdataset`]).
 
 pub mod annotations;
+pub mod index;
 pub mod augment;
 pub mod loader;
 pub mod samples;

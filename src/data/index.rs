@@ -1,0 +1,667 @@
+//! An index over an ALBEF/BLIP annotation file (JSON lines, or a JSON
+//! array), so that a file of millions of captions is not held in memory:
+//! captions and image paths stay in the file and are read by offset; the
+//! index holds, per caption, where its entry lies, which of the entry's
+//! captions it is and its image, and per image, the entry naming it, its
+//! line and its id (24 bytes each).
+//!
+//! The index is built once, by the same rules as
+//! [`super::annotations::load_checked_within`] (the same entries skipped or
+//! refused, the same image order and ids), and cached beside the file as
+//! `.NAME.vlmatch-index`, or under the per-user cache
+//! (`$XDG_CACHE_HOME/vlmatch/index`, else `~/.cache/vlmatch/index`) when
+//! that directory cannot be written. A cached index is used only while its
+//! key matches: the file's size, modification time and a hash of its first
+//! and last 64 KiB, and the settings it was built under (image root, text
+//! field, `data.on_error`, the annotation limits). It is memory-mapped
+//! read-only, so ranks on one machine share its pages.
+//!
+//! Karpathy-format files (one JSON object) are not indexed: they are small
+//! and loaded whole.
+
+use super::annotations::{bad, json_line, parse_entry, AnnotationLimits};
+use super::{resolve_under, with_skip_hint, Dataset, ImageRef, OnError, Pair};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use vlmatch_core::{Error, Result};
+
+const MAGIC: &[u8; 8] = b"VLMIDX01";
+/// Magic, then ten u64: size, mtime seconds, mtime nanoseconds, the
+/// head-and-tail hash, the settings hash, the format (0 lines, 1 array),
+/// images, pairs, skipped entries, and a reserved zero.
+const HEADER: usize = 8 + 10 * 8;
+const RECORD: usize = 24;
+/// Bytes hashed at each end of the file for the cache key.
+const ENDS: u64 = 64 << 10;
+
+/// FNV-1a over `bytes`, continuing from `h`.
+fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+const FNV0: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// The cache key of the file at `path` as it is now: size, modification
+/// time, and the hash of its first and last 64 KiB.
+fn file_key(path: &Path) -> Result<[u64; 4]> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    let size = meta.len();
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .unwrap_or_default();
+    let mut head = vec![0u8; size.min(ENDS) as usize];
+    file.read_exact_at(&mut head, 0)
+        .map_err(|e| Error::io(path, e))?;
+    let n = size.min(ENDS);
+    let mut tail = vec![0u8; n as usize];
+    file.read_exact_at(&mut tail, size - n)
+        .map_err(|e| Error::io(path, e))?;
+    let hash = fnv(fnv(FNV0, &head), &tail);
+    Ok([size, mtime.as_secs(), u64::from(mtime.subsec_nanos()), hash])
+}
+
+/// A read-only shared mapping of an index file.
+struct Mapped {
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and lives until `Mapped` is dropped.
+unsafe impl Send for Mapped {}
+unsafe impl Sync for Mapped {}
+
+impl Mapped {
+    fn open(path: &Path) -> std::io::Result<Mapped> {
+        use std::os::fd::AsRawFd;
+        let file = File::open(path)?;
+        let len = file.metadata()?.len() as usize;
+        if len == 0 {
+            return Err(std::io::Error::other("empty index"));
+        }
+        // SAFETY: a fresh read-only mapping of a file we opened; the file
+        // is replaced only by rename, never written in place.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Mapped {
+            ptr: ptr as *const u8,
+            len,
+        })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `ptr` maps `len` readable bytes while `self` lives.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what `open` mapped, once.
+        unsafe {
+            libc::munmap(self.ptr as *mut libc::c_void, self.len);
+        }
+    }
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+/// An entry's place: its byte range in the file and its line (JSON lines)
+/// or entry number (JSON array).
+#[derive(Clone, Copy)]
+struct Place {
+    offset: u64,
+    len: u32,
+    number: u32,
+}
+
+/// An annotation file opened through its index.
+pub struct AnnotationIndex {
+    file: PathBuf,
+    root: PathBuf,
+    text_key: String,
+    lines: bool,
+    map: Mapped,
+    images: usize,
+    pairs: usize,
+    /// Entries dropped when the index was built (`data.on_error = "skip"`).
+    pub skipped: usize,
+    /// The index file used.
+    pub cache: PathBuf,
+    /// Whether it was read from the cache rather than built now.
+    pub cached: bool,
+}
+
+/// Where a file's index is cached: beside it, and in the per-user cache.
+fn cache_paths(file: &Path) -> Vec<PathBuf> {
+    let name = file.file_name().unwrap_or_default().to_string_lossy();
+    let mut out = vec![file.with_file_name(format!(".{name}.vlmatch-index"))];
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
+    if let Some(base) = base {
+        let full = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
+        let h = fnv(FNV0, full.to_string_lossy().as_bytes());
+        out.push(
+            base.join("vlmatch")
+                .join("index")
+                .join(format!("{h:016x}-{name}.vlmatch-index")),
+        );
+    }
+    out
+}
+
+impl AnnotationIndex {
+    /// The index of the annotation file `path` (image paths under
+    /// `image_root`, default the file's directory), from the cache when its
+    /// key matches, else built and cached.
+    pub fn open(
+        path: &Path,
+        image_root: Option<&Path>,
+        on_error: OnError,
+        limits: AnnotationLimits,
+    ) -> Result<AnnotationIndex> {
+        let root = image_root
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| path.parent().map(Path::to_path_buf).unwrap_or_default());
+        let text_key = "caption";
+        let settings = fnv(
+            FNV0,
+            format!(
+                "{}\0{text_key}\0{on_error:?}\0{}\0{}",
+                root.display(),
+                limits.line_bytes,
+                limits.captions
+            )
+            .as_bytes(),
+        );
+        let key = file_key(path)?;
+        let want = [key[0], key[1], key[2], key[3], settings];
+        let places = cache_paths(path);
+        for cache in &places {
+            if let Ok(map) = Mapped::open(cache) {
+                if let Some(ix) = Self::from_map(map, &want, path, &root, text_key, cache) {
+                    return Ok(ix);
+                }
+            }
+        }
+        let bytes = build(path, &root, text_key, on_error, limits, &want)?;
+        let mut written = None;
+        for cache in &places {
+            if let Some(dir) = cache.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            if crate::durable::write(cache, &bytes).is_ok() {
+                written = Some(cache.clone());
+                break;
+            }
+        }
+        let cache = written.ok_or_else(|| {
+            Error::Config(format!(
+                "{}: could not write its index beside it or under the per-user cache ({})",
+                path.display(),
+                places
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
+        let map = Mapped::open(&cache).map_err(|e| Error::io(&cache, e))?;
+        let mut ix =
+            Self::from_map(map, &want, path, &root, text_key, &cache).ok_or_else(|| {
+                Error::Config(format!(
+                    "{}: the index just written is unreadable",
+                    cache.display()
+                ))
+            })?;
+        ix.cached = false;
+        Ok(ix)
+    }
+
+    /// The index in `map` if its header matches `want` and its size its
+    /// counts.
+    fn from_map(
+        map: Mapped,
+        want: &[u64; 5],
+        file: &Path,
+        root: &Path,
+        text_key: &str,
+        cache: &Path,
+    ) -> Option<AnnotationIndex> {
+        let b = map.bytes();
+        if b.len() < HEADER || &b[..8] != MAGIC {
+            return None;
+        }
+        let h: Vec<u64> = (0..10).map(|i| u64_at(b, 8 + 8 * i)).collect();
+        if h[..5] != want[..] {
+            return None;
+        }
+        let (images, pairs) = (h[6] as usize, h[7] as usize);
+        if b.len() != HEADER + RECORD * (images + pairs) {
+            return None;
+        }
+        Some(AnnotationIndex {
+            file: file.to_path_buf(),
+            root: root.to_path_buf(),
+            text_key: text_key.to_string(),
+            lines: h[5] == 0,
+            images,
+            pairs,
+            skipped: h[8] as usize,
+            map,
+            cache: cache.to_path_buf(),
+            cached: true,
+        })
+    }
+
+    /// Captions indexed (pairs).
+    pub fn len(&self) -> usize {
+        self.pairs
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pairs == 0
+    }
+
+    /// Distinct images.
+    pub fn image_count(&self) -> usize {
+        self.images
+    }
+
+    fn record(&self, i: usize) -> &[u8] {
+        let at = HEADER + RECORD * i;
+        &self.map.bytes()[at..at + RECORD]
+    }
+
+    fn place(r: &[u8]) -> Place {
+        Place {
+            offset: u64_at(r, 0),
+            len: u32_at(r, 8),
+            number: u32_at(r, 12),
+        }
+    }
+
+    /// Image `image`'s id.
+    pub fn image_id(&self, image: usize) -> i64 {
+        u64_at(self.record(image), 16) as i64
+    }
+
+    /// The image of pair `i`.
+    pub fn pair_image(&self, i: usize) -> usize {
+        u32_at(self.record(self.images + i), 16) as usize
+    }
+
+    /// The entry at `place`, read from the file.
+    fn entry(&self, place: Place) -> Result<Value> {
+        let file = File::open(&self.file).map_err(|e| Error::io(&self.file, e))?;
+        let mut buf = vec![0u8; place.len as usize];
+        file.read_exact_at(&mut buf, place.offset)
+            .map_err(|e| Error::io(&self.file, e))?;
+        serde_json::from_slice(&buf).map_err(|e| {
+            bad(
+                &self.file,
+                self.lines.then_some(place.number as usize),
+                format!("changed since it was indexed: {e}"),
+            )
+        })
+    }
+
+    /// Pair `i`'s caption, read from the file.
+    pub fn caption(&self, i: usize) -> Result<String> {
+        let r = self.record(self.images + i);
+        let k = u32_at(r, 12) as usize;
+        let place = Place {
+            number: 0,
+            ..Self::place(r)
+        };
+        let v = self.entry(place)?;
+        let text = match v.get(&self.text_key) {
+            Some(Value::String(s)) if k == 0 => Some(s.clone()),
+            Some(Value::Array(list)) => list.get(k).and_then(Value::as_str).map(String::from),
+            _ => None,
+        };
+        text.ok_or_else(|| {
+            bad(
+                &self.file,
+                None,
+                format!("changed since it was indexed (caption {k} of pair {i})"),
+            )
+        })
+    }
+
+    /// Image `image`'s file, and where it was named (`FILE:LINE` or `FILE
+    /// entry N`).
+    pub fn image(&self, image: usize) -> Result<(PathBuf, String)> {
+        let place = Self::place(self.record(image));
+        let v = self.entry(place)?;
+        let rel = v.get("image").and_then(Value::as_str).ok_or_else(|| {
+            bad(
+                &self.file,
+                None,
+                format!("changed since it was indexed (image {image})"),
+            )
+        })?;
+        let path = resolve_under(&self.root, rel).map_err(|m| bad(&self.file, None, m))?;
+        Ok((path, origin(&self.file, self.lines, place.number)))
+    }
+
+    /// The whole file as a [`Dataset`], pairs and images in the index's
+    /// order: what [`super::annotations::load_checked_within`] returns.
+    pub fn to_dataset(&self) -> Result<Dataset> {
+        let mut ds = Dataset {
+            name: self.file.display().to_string(),
+            images: Vec::with_capacity(self.images),
+            image_ids: Vec::with_capacity(self.images),
+            pairs: Vec::with_capacity(self.pairs),
+            skipped: self.skipped,
+        };
+        for i in 0..self.images {
+            let (path, origin) = self.image(i)?;
+            ds.images.push(ImageRef::File {
+                path,
+                origin,
+                bytes: None,
+            });
+            ds.image_ids.push(self.image_id(i));
+        }
+        for i in 0..self.pairs {
+            ds.pairs.push(Pair {
+                image: self.pair_image(i),
+                caption: self.caption(i)?,
+            });
+        }
+        Ok(ds)
+    }
+}
+
+fn origin(file: &Path, lines: bool, number: u32) -> String {
+    if lines {
+        format!("{}:{number}", file.display())
+    } else {
+        format!("{} entry {number}", file.display())
+    }
+}
+
+/// Byte ranges of the elements of the top-level JSON array in `b`, which
+/// starts (after white space) with `[` at `start`.
+fn array_elements(b: &[u8], start: usize) -> std::result::Result<Vec<(usize, usize)>, String> {
+    let mut out = Vec::new();
+    let mut i = start + 1;
+    let (mut depth, mut in_str, mut esc) = (0usize, false, false);
+    let mut elem: Option<usize> = None;
+    while i < b.len() {
+        let c = b[i];
+        if in_str {
+            match (esc, c) {
+                (true, _) => esc = false,
+                (false, b'\\') => esc = true,
+                (false, b'"') => in_str = false,
+                _ => {}
+            }
+        } else {
+            match c {
+                b'"' => in_str = true,
+                b'[' | b'{' => depth += 1,
+                b']' | b'}' if depth > 0 => depth -= 1,
+                b',' | b']' if depth == 0 => {
+                    if let Some(s) = elem.take() {
+                        let e = s + b[s..i].trim_ascii_end().len();
+                        out.push((s, e));
+                    } else if c == b',' || !out.is_empty() {
+                        return Err(format!("an empty element at byte {i}"));
+                    }
+                    if c == b']' {
+                        if !b[i + 1..].trim_ascii().is_empty() {
+                            return Err(format!("trailing characters after byte {i}"));
+                        }
+                        return Ok(out);
+                    }
+                    i += 1;
+                    continue;
+                }
+                _ => {}
+            }
+        }
+        if elem.is_none() && !c.is_ascii_whitespace() {
+            elem = Some(i);
+        }
+        i += 1;
+    }
+    Err("the array is not closed".into())
+}
+
+/// What a build has gathered so far.
+struct Builder<'a> {
+    path: &'a Path,
+    root: &'a Path,
+    text_key: &'a str,
+    on_error: OnError,
+    limits: AnnotationLimits,
+    /// Entries seen, blank lines not counted (the JSON loader's numbering).
+    seen: usize,
+    images: Vec<(Place, i64)>,
+    pairs: Vec<(Place, u32, u32)>,
+    skipped: u64,
+    by_path: HashMap<String, usize>,
+    named_ids: HashMap<String, i64>,
+}
+
+impl Builder<'_> {
+    /// One entry at `offset..offset + len` of the file, on `line` (JSON
+    /// lines), checked as the JSON loader checks it.
+    fn add(
+        &mut self,
+        line: Option<usize>,
+        offset: usize,
+        len: usize,
+        entry: Result<Value>,
+    ) -> Result<()> {
+        let (path, root, n) = (self.path, self.root, self.seen);
+        self.seen += 1;
+        let at = |m: String| match line {
+            Some(_) => bad(path, line, m),
+            None => bad(path, None, format!("entry {n}: {m}")),
+        };
+        let by_path = &self.by_path;
+        let parsed = entry
+            .and_then(|e| parse_entry(&e, self.text_key, None, self.limits.captions, &at))
+            .and_then(|p| {
+                let file = resolve_under(root, &p.image).map_err(&at)?;
+                if !by_path.contains_key(&p.image) && !file.is_file() {
+                    return Err(at(format!(
+                        "image file {} not found (check data.image_root, now {})",
+                        file.display(),
+                        root.display()
+                    )));
+                }
+                Ok(p)
+            });
+        let p = match (parsed, self.on_error) {
+            (Ok(p), _) => p,
+            (Err(e), OnError::Fail) => return Err(with_skip_hint(e, "drops such entries")),
+            (Err(e), OnError::Skip) => {
+                tracing::warn!("skipped: {e}");
+                self.skipped += 1;
+                return Ok(());
+            }
+        };
+        let len = u32::try_from(len)
+            .map_err(|_| at("an entry of 4 GiB or more cannot be indexed".into()))?;
+        let place = Place {
+            offset: offset as u64,
+            len,
+            number: line.unwrap_or(n) as u32,
+        };
+        let idx = match self.by_path.get(&p.image) {
+            Some(&i) => i,
+            None => {
+                let next = self.named_ids.len() as i64;
+                let id = match p.image_id {
+                    Some(Value::String(s)) => *self.named_ids.entry(s).or_insert(next),
+                    Some(num) => num.as_i64().expect("checked in parse_entry"),
+                    None => *self.named_ids.entry(p.image.clone()).or_insert(next),
+                };
+                self.images.push((place, id));
+                self.by_path.insert(p.image, self.images.len() - 1);
+                self.images.len() - 1
+            }
+        };
+        for k in 0..p.captions.len() {
+            self.pairs.push((place, k as u32, idx as u32));
+        }
+        Ok(())
+    }
+}
+
+/// Build the index bytes of `path`: header `want`, the images' records,
+/// the pairs'; entries checked as the JSON loader checks them, one at a
+/// time.
+fn build(
+    path: &Path,
+    root: &Path,
+    text_key: &str,
+    on_error: OnError,
+    limits: AnnotationLimits,
+    want: &[u64; 5],
+) -> Result<Vec<u8>> {
+    let all = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bom = if all.starts_with(b"\xef\xbb\xbf") {
+        3
+    } else {
+        0
+    };
+    let bytes = &all[bom..];
+    let first = bytes.iter().position(|b| !b.is_ascii_whitespace());
+    let lines = first.is_none_or(|f| bytes[f] != b'[');
+    let mut b = Builder {
+        path,
+        root,
+        text_key,
+        on_error,
+        limits,
+        seen: 0,
+        images: Vec::new(),
+        pairs: Vec::new(),
+        skipped: 0,
+        by_path: HashMap::new(),
+        named_ids: HashMap::new(),
+    };
+    if lines {
+        if let Some(f) = first.filter(|&f| bytes[f] == b'{') {
+            let mut de = serde_json::Deserializer::from_slice(&bytes[f..]).into_iter::<Value>();
+            let karpathy = matches!(de.next(), Some(Ok(v)) if v.get("images").is_some())
+                && de.next().is_none();
+            if karpathy {
+                return Err(bad(
+                    path,
+                    None,
+                    "a Karpathy-format file is not indexed; it is loaded whole".into(),
+                ));
+            }
+        }
+        let mut at = bom;
+        for (i, line) in bytes.split(|&c| c == b'\n').enumerate() {
+            let len = line.strip_suffix(b"\r").unwrap_or(line).len();
+            if let Some(v) = json_line(path, i + 1, line, limits.line_bytes) {
+                b.add(Some(i + 1), at, len, v)?;
+            }
+            at += line.len() + 1;
+        }
+    } else {
+        std::str::from_utf8(bytes).map_err(|e| {
+            bad(
+                path,
+                None,
+                format!("invalid UTF-8 at byte {} of the file", e.valid_up_to()),
+            )
+        })?;
+        let ranges = array_elements(bytes, first.expect("an array"))
+            .map_err(|m| bad(path, None, format!("invalid JSON: {m}")))?;
+        for (s, e) in ranges {
+            let v = serde_json::from_slice::<Value>(&bytes[s..e])
+                .map_err(|err| bad(path, None, format!("invalid JSON: {err}")))?;
+            b.add(None, bom + s, e - s, Ok(v))?;
+        }
+    }
+    if b.skipped > 0 {
+        tracing::warn!(
+            "{}: skipped {} bad entries (data.on_error = \"skip\")",
+            path.display(),
+            b.skipped
+        );
+    }
+    if b.pairs.is_empty() {
+        return Err(bad(path, None, "no image-caption pairs".into()));
+    }
+    let mut out = Vec::with_capacity(HEADER + RECORD * (b.images.len() + b.pairs.len()));
+    out.extend_from_slice(MAGIC);
+    let format = u64::from(!lines);
+    let counts = [b.images.len() as u64, b.pairs.len() as u64, b.skipped, 0];
+    for v in want.iter().chain([format].iter()).chain(counts.iter()) {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    for (p, id) in &b.images {
+        out.extend_from_slice(&p.offset.to_le_bytes());
+        out.extend_from_slice(&p.len.to_le_bytes());
+        out.extend_from_slice(&p.number.to_le_bytes());
+        out.extend_from_slice(&id.to_le_bytes());
+    }
+    for (p, k, image) in &b.pairs {
+        out.extend_from_slice(&p.offset.to_le_bytes());
+        out.extend_from_slice(&p.len.to_le_bytes());
+        out.extend_from_slice(&k.to_le_bytes());
+        out.extend_from_slice(&image.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn array_elements_are_found_with_strings_and_nesting() {
+        let text = br#" [ {"a": "x,]y", "b": [1, {"c": 2}]} , "q\"]" ,3 ] "#;
+        let got: Vec<&str> = array_elements(text, 1)
+            .unwrap()
+            .into_iter()
+            .map(|(s, e)| std::str::from_utf8(&text[s..e]).unwrap())
+            .collect();
+        assert_eq!(
+            got,
+            [r#"{"a": "x,]y", "b": [1, {"c": 2}]}"#, r#""q\"]""#, "3"]
+        );
+        assert_eq!(array_elements(b"[]", 0).unwrap(), []);
+        for bad in [&b"[1,,2]"[..], b"[1, 2", b"[1] x", b"[,]"] {
+            assert!(array_elements(bad, 0).is_err(), "{bad:?}");
+        }
+    }
+}
