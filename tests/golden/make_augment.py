@@ -184,6 +184,10 @@ def main():
         f = level_args("sharpness", m)
         case(f"sharpness-m{m}", "a", "sharpness", {"factor": f}, albef_sharpness(a, f),
              tolerance="color")
+    # Factor 0 (not reachable from a magnitude) is the smoothed image itself,
+    # its border mirrored as OpenCV's filter2D mirrors it.
+    case("sharpness-f0", "a", "sharpness", {"factor": 0.0}, albef_sharpness(a, 0.0),
+         tolerance="color")
     ops = {"shear_x": albef_shear_x, "shear_y": albef_shear_y,
            "translate_x": albef_translate_x, "translate_y": albef_translate_y,
            "rotate": albef_rotate}

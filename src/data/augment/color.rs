@@ -78,37 +78,40 @@ pub fn brightness(img: &RgbImage, factor: f64) -> RgbImage {
 /// `[[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13`, borders mirrored without
 /// repeating the edge (`BORDER_REFLECT_101`), rounded to bytes.
 fn smoothed(img: &RgbImage) -> RgbImage {
-    let (w, h) = (img.width() as i64, img.height() as i64);
-    let reflect = |v: i64, n: i64| {
-        if n == 1 {
-            0
-        } else if v < 0 {
-            -v
-        } else if v >= n {
-            2 * n - 2 - v
-        } else {
-            v
-        }
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let reflect = |v: usize, d: usize, n: usize| match (v + d).checked_sub(1) {
+        _ if n == 1 => 0,
+        None => 1,
+        Some(i) if i >= n => n - 2,
+        Some(i) => i,
     };
     let (side, centre) = (1.0f32 / 13.0, 5.0f32 / 13.0);
-    let mut out = img.clone();
+    let src = img.as_raw();
+    let mut out = vec![0u8; src.len()];
     for y in 0..h {
         for x in 0..w {
+            let interior = x > 0 && y > 0 && x + 1 < w && y + 1 < h;
+            // The 3 x 3 neighbourhood's pixel offsets, row by row.
+            let mut at = [0usize; 9];
+            for (k, a) in at.iter_mut().enumerate() {
+                let (dx, dy) = (k % 3, k / 3);
+                let (sx, sy) = if interior {
+                    (x + dx - 1, y + dy - 1)
+                } else {
+                    (reflect(x, dx, w), reflect(y, dy, h))
+                };
+                *a = (sy * w + sx) * 3;
+            }
             for c in 0..3 {
                 let mut acc = 0f32;
-                for dy in -1..=1 {
-                    for dx in -1..=1 {
-                        let (sx, sy) = (reflect(x + dx, w), reflect(y + dy, h));
-                        let v = f32::from(img.get_pixel(sx as u32, sy as u32).0[c]);
-                        acc += v * if dx == 0 && dy == 0 { centre } else { side };
-                    }
+                for (k, &a) in at.iter().enumerate() {
+                    acc += f32::from(src[a + c]) * if k == 4 { centre } else { side };
                 }
-                out.get_pixel_mut(x as u32, y as u32).0[c] =
-                    acc.round_ties_even().clamp(0.0, 255.0) as u8;
+                out[(y * w + x) * 3 + c] = acc.round_ties_even().clamp(0.0, 255.0) as u8;
             }
         }
     }
-    out
+    RgbImage::from_raw(w as u32, h as u32, out).expect("sized buffer")
 }
 
 /// ALBEF's sharpness: `degenerate + factor * (img - degenerate)` on the

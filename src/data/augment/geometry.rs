@@ -41,13 +41,25 @@ pub fn warp_affine(img: &RgbImage, m: [f64; 6], fill: [u8; 3]) -> RgbImage {
             let (fx0, fy0) = (sx.floor(), sy.floor());
             let (ax, ay) = (sx - fx0, sy - fy0);
             let (ix, iy) = (fx0 as i64, fy0 as i64);
+            let inside = ix >= 0 && iy >= 0 && ix + 1 < w && iy + 1 < h;
+            let o = ((y * w + x) * 3) as usize;
             for c in 0..3 {
-                let (p00, p01) = (at(ix, iy, c), at(ix + 1, iy, c));
-                let (p10, p11) = (at(ix, iy + 1, c), at(ix + 1, iy + 1, c));
+                let [p00, p01, p10, p11] = if inside {
+                    let i = ((iy * w + ix) * 3) as usize + c;
+                    let j = i + (w * 3) as usize;
+                    [src[i], src[i + 3], src[j], src[j + 3]].map(f32::from)
+                } else {
+                    [
+                        at(ix, iy, c),
+                        at(ix + 1, iy, c),
+                        at(ix, iy + 1, c),
+                        at(ix + 1, iy + 1, c),
+                    ]
+                };
                 let top = p00 + ax * (p01 - p00);
                 let bottom = p10 + ax * (p11 - p10);
                 let v = top + ay * (bottom - top);
-                out[((y * w + x) * 3) as usize + c] = v.round_ties_even().clamp(0.0, 255.0) as u8;
+                out[o + c] = v.round_ties_even().clamp(0.0, 255.0) as u8;
             }
         }
     }
