@@ -621,3 +621,116 @@ fn a_mismatched_index_and_model_are_refused() {
     .to_string();
     assert!(err.contains("without a VL-RTD objective"), "{err}");
 }
+
+#[test]
+fn filter_of_shard_scores_writes_a_shard_of_the_kept_pairs() {
+    let (run, data) = fixture_run();
+    let dir = scratch("matcher-shards");
+    // The held-out set as one shard: KEY.png and KEY.json per image.
+    let mut tar = Vec::new();
+    let annotations = std::fs::read_to_string(data).unwrap();
+    for line in annotations.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let image = v["image"].as_str().unwrap();
+        let key = image.trim_end_matches(".png");
+        tar_entry(
+            &mut tar,
+            image,
+            &std::fs::read(data.with_file_name(image)).unwrap(),
+        );
+        let json = serde_json::json!({"caption": v["caption"], "image_id": v["image_id"]});
+        tar_entry(
+            &mut tar,
+            &format!("{key}.json"),
+            json.to_string().as_bytes(),
+        );
+    }
+    tar_end(&mut tar);
+    let shard = dir.join("heldout-000.tar");
+    std::fs::write(&shard, tar).unwrap();
+    let scores = dir.join("scores.jsonl");
+    {
+        let _turn = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
+        score_cmd(&ScoreArgs {
+            checkpoint: run.clone(),
+            data: shard.display().to_string(),
+            image_root: None,
+            split: None,
+            out: Some(scores.clone()),
+            tokens: false,
+            batch: None,
+            sets: vec![],
+            quiet: true,
+        })
+        .unwrap();
+    }
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&scores)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut itc: Vec<f64> = lines.iter().map(|l| l["itc"].as_f64().unwrap()).collect();
+    itc.sort_by(f64::total_cmp);
+    let threshold = itc[itc.len() / 3];
+    let filter = |out: &Path| {
+        filter_cmd(&FilterArgs {
+            scores: scores.clone(),
+            out: out.to_path_buf(),
+            by: By::Itc,
+            threshold,
+            report: None,
+            png: None,
+            bins: 10,
+        })
+    };
+    // Shard scores go to a shard, not an annotation file.
+    let err = filter(&dir.join("kept.jsonl")).err().unwrap().to_string();
+    assert!(err.contains("ending in .tar"), "{err}");
+    let report = filter(&dir.join("kept.tar")).unwrap();
+    let kept =
+        vlmatch::data::load_any(&dir.join("kept.tar").display().to_string(), None, None).unwrap();
+    let original = vlmatch::data::load_any(&shard.display().to_string(), None, None).unwrap();
+    let want: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["itc"].as_f64().unwrap() >= threshold)
+        .collect();
+    assert_eq!(report.kept, want.len());
+    assert!(want.len() < lines.len() && !want.is_empty());
+    assert_eq!(kept.pairs.len(), want.len());
+    let bytes = |ds: &vlmatch::data::Dataset, i: usize| match &ds.images[i] {
+        vlmatch::data::ImageRef::File { bytes: Some(b), .. } => b.0.clone(),
+        _ => panic!("shard images are in memory"),
+    };
+    // The same pairs (captions with their image ids), each with its
+    // image's original bytes.
+    let mut got: Vec<(String, i64)> = kept
+        .pairs
+        .iter()
+        .map(|p| (p.caption.clone(), kept.image_ids[p.image]))
+        .collect();
+    let mut expected: Vec<(String, i64)> = want
+        .iter()
+        .map(|l| {
+            (
+                l["caption"].as_str().unwrap().to_string(),
+                l["image_id"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    got.sort();
+    expected.sort();
+    assert_eq!(got, expected);
+    for p in &kept.pairs {
+        let j = original
+            .pairs
+            .iter()
+            .position(|o| {
+                o.caption == p.caption && original.image_ids[o.image] == kept.image_ids[p.image]
+            })
+            .unwrap();
+        assert_eq!(
+            bytes(&kept, p.image),
+            bytes(&original, original.pairs[j].image)
+        );
+    }
+}

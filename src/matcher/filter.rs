@@ -1,5 +1,6 @@
 //! `vlmatch filter`: a new annotation file of the pairs whose chosen score
-//! (from `vlmatch score`'s lines) is at or above a threshold, and a report:
+//! (from `vlmatch score`'s lines) is at or above a threshold (a tar shard
+//! when the pairs came from shards), and a report:
 //! pairs kept, pairs dropped per reason, and a histogram of the score, as
 //! JSON and optionally as a PNG.
 
@@ -125,6 +126,9 @@ pub struct FilterOptions {
 /// scored source named them).
 pub fn filter(scores: &Path, out: &Path, opts: &FilterOptions) -> Result<FilterReport> {
     let record = progress_path(scores);
+    // From shards (known by `score --out`'s record), kept pairs go to a
+    // new shard.
+    let mut shards: Option<super::index::SourceSpec> = None;
     if record.is_file() {
         let text = std::fs::read_to_string(&record).map_err(|e| Error::io(&record, e))?;
         if let Ok(r) = serde_json::from_str::<ScoreProgress>(&text) {
@@ -138,13 +142,22 @@ pub fn filter(scores: &Path, out: &Path, opts: &FilterOptions) -> Result<FilterR
                 )));
             }
             if r.source.kind == "shards" {
-                return Err(Error::Config(format!(
-                    "--scores {}: the pairs come from tar shards; filter writes annotation files \
-                     only (writing shards is not implemented)",
-                    scores.display()
-                )));
+                shards = Some(r.source);
             }
         }
+    }
+    let to_tar = out.extension().is_some_and(|e| e == "tar");
+    if to_tar != shards.is_some() {
+        return Err(Error::Config(format!(
+            "--out {}: {}",
+            out.display(),
+            if to_tar {
+                "a .tar shard is written from the scores of tar shards (`score --out` of \
+                 shards); these scores are of an annotation file: give an annotation file name"
+            } else {
+                "these scores are of tar shards: give a shard name ending in .tar"
+            }
+        )));
     }
     let text = vlmatch_registry::check::read_utf8(scores)?;
     let (lo, hi) = opts.by.range();
@@ -159,6 +172,7 @@ pub fn filter(scores: &Path, out: &Path, opts: &FilterOptions) -> Result<FilterR
         histogram: Histogram::new(lo, hi, opts.bins),
     };
     let mut kept = String::new();
+    let mut kept_pairs: Vec<(usize, String)> = Vec::new();
     for (n, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -174,6 +188,7 @@ pub fn filter(scores: &Path, out: &Path, opts: &FilterOptions) -> Result<FilterR
                 report.histogram.add(v);
                 if v >= opts.threshold {
                     report.kept += 1;
+                    kept_pairs.push((s.pair, s.caption.clone()));
                     kept += &serde_json::to_string(&serde_json::json!({
                         "image": s.image,
                         "caption": s.caption,
@@ -188,7 +203,26 @@ pub fn filter(scores: &Path, out: &Path, opts: &FilterOptions) -> Result<FilterR
             Err(why) => *report.dropped.entry(why.into()).or_default() += 1,
         }
     }
-    crate::durable::write(out, kept)?;
+    match &shards {
+        None => crate::durable::write(out, kept)?,
+        Some(source) => {
+            let ds =
+                crate::data::load_any_with(&source.data, None, None, crate::data::OnError::Skip)?;
+            if let Some((p, _)) = kept_pairs
+                .iter()
+                .find(|(p, c)| !matches!(ds.pairs.get(*p), Some(x) if &x.caption == c))
+            {
+                return Err(Error::Config(format!(
+                    "--scores {}: pair {p} is not the pair the shards `{}` hold now; score \
+                     them again",
+                    scores.display(),
+                    source.data
+                )));
+            }
+            let pairs: Vec<usize> = kept_pairs.iter().map(|(p, _)| *p).collect();
+            super::shards_out::write_shard(&ds, &pairs, out)?;
+        }
+    }
     let report_path = opts.report.clone().unwrap_or_else(|| {
         let mut p = out.as_os_str().to_owned();
         p.push(".report.json");

@@ -4,7 +4,8 @@
 //! optionally re-ranked by ITM ([`search`]); per-pair ITC, ITM and
 //! per-word mismatch scores of a dataset, streamed and resumable, and the
 //! filter that keeps the pairs at or above a threshold ([`score`],
-//! [`filter`]).
+//! [`filter`], writing a tar shard through [`shards_out`] when the pairs
+//! came from shards).
 //!
 //! Nothing here reads command-line arguments; `crate::commands::matcher`
 //! does, and calls these.
@@ -14,3 +15,4 @@ pub mod filter;
 pub mod index;
 pub mod score;
 pub mod search;
+pub mod shards_out;
