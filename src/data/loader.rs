@@ -583,7 +583,15 @@ impl Loader {
         start: u64,
     ) -> Result<Loader> {
         match source {
-            Source::Pairs(ds) => Loader::new(ds, tok, cfg, start),
+            Source::Pairs(ds) => {
+                if cfg.augment.is_some() && matches!(ds.images.first(), Some(ImageRef::Scene(_))) {
+                    tracing::warn!(
+                        "data.augment is on over the built-in scenes, whose captions name \
+                         positions and counts that crops and flips change (docs/data.md)"
+                    );
+                }
+                Loader::new(ds, tok, cfg, start)
+            }
             Source::Shards(shards) => Loader::stream(shards, tok, cfg, start),
         }
     }
