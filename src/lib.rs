@@ -16,6 +16,7 @@ pub mod eval;
 pub mod explain;
 pub mod export;
 pub mod fault;
+pub mod grad_cache;
 pub mod guard;
 pub mod hooks;
 pub mod matcher;

@@ -43,6 +43,11 @@ pub struct Micro {
     pub total: Tensor,
     pub values: Vec<(String, Tensor)>,
     pub losses: Vec<String>,
+    /// Back-propagated with the micro-batch but neither averaged over the
+    /// micro-batches nor logged: GradCache's surrogate, whose gradient is
+    /// the cached gradient of the whole batch's contrastive loss
+    /// ([`crate::grad_cache`]).
+    pub surrogate: Option<Tensor>,
 }
 
 /// What every step of a run shares: the optimizer, the guard, the ranks
@@ -62,6 +67,19 @@ impl Stepper<'_> {
     pub fn step(
         &mut self,
         at: StepAt,
+        micro: impl FnMut(usize) -> Result<Micro>,
+    ) -> Result<StepOutput> {
+        self.step_with(at, || Ok(None), micro)
+    }
+
+    /// [`Stepper::step`], with a loss over the whole accumulated batch
+    /// first (`whole`: GradCache's contrastive loss), back-propagated and
+    /// logged as it is (not averaged over micro-batches) before the
+    /// micro-batches run.
+    pub fn step_with(
+        &mut self,
+        at: StepAt,
+        whole: impl FnOnce() -> Result<Option<Micro>>,
         mut micro: impl FnMut(usize) -> Result<Micro>,
     ) -> Result<StepOutput> {
         let accum = self.accum_steps;
@@ -75,6 +93,18 @@ impl Stepper<'_> {
             };
         };
         self.hooks.before_step(at.step);
+        if let Some(w) = whole()? {
+            loss_keys.extend(w.losses);
+            for (k, v) in w.values {
+                add(k, v * accum as f64);
+            }
+            let total = self.hooks.before_backward(at.step, w.total);
+            add("loss".into(), &total * accum as f64);
+            if let Some(p) = self.par {
+                p.sync_gradients(false);
+            }
+            self.guard.gate(&total).f_backward()?;
+        }
         for m in 0..accum {
             let out = micro(m)?;
             for k in out.losses {
@@ -130,6 +160,21 @@ pub fn objectives(
     step: i64,
     batch: &Batch,
 ) -> Result<Micro> {
+    let fwd = forward(asm, tc, par, hooks, batch);
+    let micro = run_objectives(asm, &fwd, step, |_| true)?;
+    hooks.after_objectives(&fwd);
+    micro.ok_or_else(|| Error::Config("no objective produced a loss".into()))
+}
+
+/// The training [`Forward`] of `batch`: the hooks' attachments, and as one
+/// rank of several the global batch through the process group.
+pub fn forward<'a>(
+    asm: &'a Assembly,
+    tc: &TrainConfig,
+    par: Option<&Parallel>,
+    hooks: &'a Hooks,
+    batch: &'a Batch,
+) -> Forward<'a> {
     let mut fwd = hooks.before_forward(Forward::new(&asm.model, batch, true));
     if let Some(p) = par {
         fwd = fwd.with_collective(p.collective());
@@ -137,11 +182,22 @@ pub fn objectives(
             fwd = fwd.with_local_negatives();
         }
     }
+    fwd
+}
+
+/// The objectives that `pick` selects on `fwd`, their losses weighted and
+/// summed; `None` when none produced a loss.
+pub fn run_objectives(
+    asm: &Assembly,
+    fwd: &Forward<'_>,
+    step: i64,
+    pick: impl Fn(&dyn vlmatch_core::Objective) -> bool,
+) -> Result<Option<Micro>> {
     let mut total: Option<Tensor> = None;
     let (mut values, mut losses) = (Vec::new(), Vec::new());
-    for o in &asm.objectives {
+    for o in asm.objectives.iter().filter(|o| pick(o.objective.as_ref())) {
         let _span = tracing::trace_span!("objective", name = %o.name).entered();
-        let out = o.objective.forward(&fwd, step)?;
+        let out = o.objective.forward(fwd, step)?;
         for (k, l) in out.losses {
             let weighted = &l * o.weight;
             losses.push(k.clone());
@@ -153,13 +209,12 @@ pub fn objectives(
         }
         values.extend(out.metrics);
     }
-    let total = total.ok_or_else(|| Error::Config("no objective produced a loss".into()))?;
-    hooks.after_objectives(&fwd);
-    Ok(Micro {
+    Ok(total.map(|total| Micro {
         total,
         values,
         losses,
-    })
+        surrogate: None,
+    }))
 }
 
 /// One pretraining step without hooks or ranks (the benchmark's): see

@@ -31,13 +31,14 @@ pub use entry::{train, train_launched, TrainOptions, TrainSummary};
 pub use files::truncate_metrics;
 pub use start::Run;
 
+use crate::grad_cache::GradCache;
 use crate::optim::lr_at;
 use crate::rng::mix;
 use crate::step::{objectives, StepAt, StepOutput, Stepper};
 use serde_json::{json, Map, Value};
 use std::io::Write;
 use vlmatch_core::{Error, Record, Result, RunEnd};
-use vlmatch_registry::config::OnNonFinite;
+use vlmatch_registry::config::{ContrastiveAccum, OnNonFinite};
 
 fn step_seed(seed: u64, step: i64) -> i64 {
     (mix(&[seed, step as u64, 0x5EED]) >> 1) as i64
@@ -156,6 +157,16 @@ impl Run<'_> {
             accum_steps: tc.accum_steps,
             grad_clip: tc.grad_clip,
         };
+        if tc.contrastive_accum == ContrastiveAccum::Cached {
+            let batches = (0..tc.accum_steps)
+                .map(|_| {
+                    state.batches += 1;
+                    Ok(loader.next_batch()?.to_device(*device))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let cache = GradCache::new(asm, tc, *par, hooks, at.step, batches);
+            return stepper.step_with(at, || cache.whole().map(Some), |m| cache.micro(m));
+        }
         stepper.step(at, |_| {
             state.batches += 1;
             let batch = loader.next_batch()?.to_device(*device);

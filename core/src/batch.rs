@@ -122,6 +122,48 @@ impl Batch {
             prepared: self.prepared.clone(),
         }
     }
+    /// The rows of `batches` in order, as one batch (text padded to the
+    /// longest with id 0 and mask 0, which changes no key and no encoder
+    /// output): the accumulated batch of GradCache. `None` for no batches.
+    pub fn cat(batches: &[Batch]) -> Option<Batch> {
+        let first = batches.first()?;
+        let len = batches.iter().map(|b| b.text.ids.size()[1]).max()?;
+        let pad = |t: &Tensor| {
+            let n = t.size()[1];
+            if n == len {
+                t.shallow_clone()
+            } else {
+                t.constant_pad_nd([0, len - n])
+            }
+        };
+        let cat = |f: &dyn Fn(&Batch) -> Tensor| {
+            Tensor::cat(&batches.iter().map(f).collect::<Vec<_>>(), 0)
+        };
+        let mut prepared: BTreeMap<String, Vec<Prepared>> = BTreeMap::new();
+        for b in batches {
+            for (k, v) in &b.prepared {
+                prepared
+                    .entry(k.clone())
+                    .or_default()
+                    .extend(v.iter().cloned());
+            }
+        }
+        Some(Batch {
+            images: cat(&|b| b.images.shallow_clone()),
+            text: TextBatch::new(cat(&|b| pad(&b.text.ids)), cat(&|b| pad(&b.text.mask))),
+            image_ids: cat(&|b| b.image_ids.shallow_clone()),
+            image_keys: cat(&|b| b.image_keys.shallow_clone()),
+            positive_rule: first.positive_rule,
+            sample_keys: cat(&|b| b.sample_keys.shallow_clone()),
+            sample_keys_host: batches
+                .iter()
+                .flat_map(|b| b.sample_keys_host.clone())
+                .collect(),
+            captions: batches.iter().flat_map(|b| b.captions.clone()).collect(),
+            pairs: batches.iter().flat_map(|b| b.pairs.clone()).collect(),
+            prepared,
+        })
+    }
     /// The identity keys of the batch's pairs (image ids, image hashes,
     /// caption hashes), for relating them to pairs of other batches.
     pub fn keys(&self) -> PairKeys {

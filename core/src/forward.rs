@@ -237,6 +237,15 @@ impl<'a> Forward<'a> {
         self
     }
 
+    /// The same forward with its ITC embeddings given (`[B, D]` each,
+    /// L2-normalised, in batch order): GradCache's accumulated batch, whose
+    /// embeddings were computed micro-batch by micro-batch. Encoders then
+    /// run only if an objective asks for their states.
+    pub fn with_embeds(self, image: Tensor, text: Tensor) -> Self {
+        let _ = self.embeds.set((image, text));
+        self
+    }
+
     /// The momentum model and queues, when the run distils.
     pub fn momentum(&self) -> Option<&'a Momentum> {
         self.momentum

@@ -269,6 +269,14 @@ pub struct ObjectiveOutput {
 /// `metrics.jsonl`, so they must be unique across objectives.
 pub trait Objective {
     fn forward(&self, forward: &Forward<'_>, step: i64) -> Result<ObjectiveOutput>;
+    /// Whether this objective reads only the ITC embeddings of the batch
+    /// ([`Forward::embeds`], [`Forward::similarity`], [`Forward::positives`]
+    /// and the contrastive head's parameters), no encoder states: such an
+    /// objective can run once over a whole accumulated batch from cached
+    /// embeddings (`train.contrastive_accum = "cached"`). Default: no.
+    fn contrastive(&self) -> bool {
+        false
+    }
     /// The [`CaptionPrep`]s of the samplers this objective uses, for the
     /// loader. Default: none.
     fn caption_preps(&self) -> Vec<std::sync::Arc<dyn CaptionPrep>> {

@@ -243,6 +243,7 @@ fn finetune_on(
             total: logits.cross_entropy_for_logits(&target),
             values: Vec::new(),
             losses: Vec::new(),
+            surrogate: None,
         })
     };
     let mut validate = |_step: i64| -> Result<f64> {

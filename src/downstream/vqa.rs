@@ -410,6 +410,7 @@ fn finetune_on(
             total,
             values: Vec::new(),
             losses: Vec::new(),
+            surrogate: None,
         })
     };
     // The last step's weights are kept (VQA has no validation set here).

@@ -65,6 +65,13 @@ pub fn itc_loss_distilled(c: &MomentumContrast, alpha: f64) -> Tensor {
 }
 
 impl Objective for Itc {
+    /// Reads only the embeddings, their similarities and the positives
+    /// (momentum distillation, which is per micro-batch, is refused with
+    /// `train.contrastive_accum = "cached"` by the config check).
+    fn contrastive(&self) -> bool {
+        true
+    }
+
     fn forward(&self, fwd: &Forward<'_>, _step: i64) -> Result<ObjectiveOutput> {
         let _span = tracing::trace_span!("itc").entered();
         let sim = fwd.similarity()?;

@@ -96,6 +96,13 @@ pub fn siglip_loss(
 }
 
 impl Objective for Siglip {
+    /// Reads only the embeddings, the positives and its own scale and
+    /// bias: with `train.contrastive_accum = "cached"` it runs once over
+    /// the whole accumulated batch (`src/grad_cache.rs`).
+    fn contrastive(&self) -> bool {
+        true
+    }
+
     fn forward(&self, fwd: &Forward<'_>, _step: i64) -> Result<ObjectiveOutput> {
         let _span = tracing::trace_span!("siglip").entered();
         if fwd.momentum().is_some() {

@@ -221,6 +221,17 @@ impl Config {
             let key = format!("objectives.{name}.weight");
             at(&key, check::non_negative_f64(&key, o.weight))?;
         }
+        if self.train.contrastive_accum == super::train::ContrastiveAccum::Cached
+            && self.momentum.enabled
+        {
+            return Err((
+                "train.contrastive_accum".into(),
+                "\"cached\" does not combine with momentum distillation (`momentum.enabled = \
+                 true`): its queues and soft targets are per micro-batch. Use \"local\", or \
+                 turn momentum off"
+                    .into(),
+            ));
+        }
         self.momentum.check()
     }
 }

@@ -72,6 +72,12 @@ pub struct TrainConfig {
     /// several ranks; ignored on one process.
     #[serde(default)]
     pub dist: DistConfig,
+    /// What the contrastive objectives (ITC) of an accumulated step see:
+    /// `local` (each micro-batch's pairs, summed gradients) or `cached`
+    /// (GradCache: the whole accumulated batch of every rank, at the
+    /// memory of one micro-batch and the cost of a second forward).
+    #[serde(default)]
+    pub contrastive_accum: ContrastiveAccum,
 }
 
 impl TrainConfig {
@@ -147,6 +153,19 @@ impl TrainConfig {
 
         Ok(())
     }
+}
+
+/// `train.contrastive_accum`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContrastiveAccum {
+    /// Each micro-batch contrasts its own pairs (of every rank).
+    #[default]
+    Local,
+    /// Features of every micro-batch first (no gradient), the contrastive
+    /// loss over all of them, then each micro-batch again with gradient
+    /// from the cached feature gradients.
+    Cached,
 }
 
 /// `train.on_nonfinite`.
