@@ -668,6 +668,50 @@ fn a_killed_rank_0_stops_the_other_and_is_named() {
     );
 }
 
+/// GradCache on two ranks: ITC over 2 ranks x 4 micro-batches of 2
+/// (`train.contrastive_accum = "cached"`) contrasts the whole global batch
+/// of 16, as one process with a batch of 16 does.
+#[test]
+fn cached_contrastive_accumulation_on_two_ranks_equals_one_batch() {
+    let root = scratch("dist-grad-cache");
+    let sets = [
+        "train.steps=3",
+        "train.checkpoint_every=0",
+        "train.dist.timeout=60",
+        "objectives.itm.enabled=false",
+        "objectives.mlm.enabled=false",
+    ];
+    let one_dir = root.join("one");
+    let two_dir = root.join("two");
+    let mut one_args = train_args(&one_dir, None, &sets);
+    one_args.extend(["--set".into(), "train.batch_size=16".into()]);
+    let mut two_args = train_args(&two_dir, None, &sets);
+    for s in [
+        "train.batch_size=2",
+        "train.accum_steps=4",
+        "train.contrastive_accum=\"cached\"",
+    ] {
+        two_args.extend(["--set".into(), s.into()]);
+    }
+    let one = launch("grad-cache-1x16", 1, &one_args, &root);
+    let two = launch("grad-cache-2x4x2", 2, &two_args, &root);
+    two.succeed(Duration::from_secs(240));
+    one.succeed(Duration::from_secs(240));
+    let (m1, m2) = (metrics(&one_dir), metrics(&two_dir));
+    assert_eq!(m1.len(), 3);
+    assert_eq!(m2.len(), 3);
+    for (a, b) in m1.iter().zip(&m2) {
+        for key in ["itc", "loss", "grad_norm"] {
+            let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
+            assert!(
+                (x - y).abs() <= 1e-4 * x.abs().max(1e-6),
+                "step {}: {key} {x} on one process vs {y} cached on two ranks",
+                a["step"]
+            );
+        }
+    }
+}
+
 /// Rank 0 alone writes checkpoints; when that write fails (a full disk),
 /// the other rank does not sit out `train.dist.timeout` or
 /// `train.dist.io_timeout`: it stops at once, with rank 0's reason.
