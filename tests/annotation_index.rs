@@ -151,3 +151,81 @@ fn json_array_index_gives_the_loaders_pairs_and_batches() {
         "{e}"
     );
 }
+
+/// One entry of a random file: a kind of good or bad entry, an image, a
+/// caption word.
+fn entry_text(kind: u8, image: u8, word: &str) -> String {
+    let img = format!("{}.png", image % 4);
+    match kind % 9 {
+        0 => format!(r#"{{"image": "{img}", "caption": "{word}"}}"#),
+        1 => format!(r#"{{"image": "{img}", "caption": ["{word}", "{word} two"]}}"#),
+        2 => format!(r#"{{"image": "{img}", "caption": "{word}", "image_id": {image}}}"#),
+        3 => format!(r#"{{"image": "{img}", "caption": "{word}", "image_id": "n{image}"}}"#),
+        4 => format!(r#"{{"image": "gone-{image}.png", "caption": "{word}"}}"#),
+        5 => format!(r#"{{"image": "{img}", "text": "{word}"}}"#),
+        6 => format!(r#"{{"image": "{img}", "caption": [1, 2]}}"#),
+        7 => format!(r#"{{"image": "{img}", "caption": "{word}", "image_id": 0.5}}"#),
+        _ => format!(r#"{{"image": "{img}", "caption": "{word} \"with\" [a, {{brace}}]"}}"#),
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+    /// For any mix of good and bad entries, as JSON lines (with blank,
+    /// unparsable and non-UTF-8 lines, CRLF endings) or as a JSON array, the
+    /// index gives what the JSON loader gives, under "skip" and "fail".
+    #[test]
+    fn the_index_agrees_with_the_loader_on_any_file(
+        entries in proptest::collection::vec((0u8..12, 0u8..6, "[a-z]{1,8}"), 1..24),
+        array in proptest::bool::ANY,
+        crlf in proptest::bool::ANY,
+    ) {
+        static CASE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = CASE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = scratch(&format!("index-prop-{n}"));
+        let root = images(&dir);
+        let eol: &[u8] = if crlf { b"\r\n" } else { b"\n" };
+        let mut text = Vec::new();
+        let path = if array {
+            let items: Vec<String> = entries
+                .iter()
+                .map(|(k, i, w)| entry_text(*k, *i, w))
+                .collect();
+            text.extend_from_slice(format!("[{}]", items.join(",\n")).as_bytes());
+            dir.join("a.json")
+        } else {
+            for (k, i, w) in &entries {
+                match k {
+                    9 => text.extend_from_slice(b"{broken"),
+                    10 => text.extend_from_slice(b"\xff\xfe"),
+                    11 => {}
+                    _ => text.extend_from_slice(entry_text(*k, *i, w).as_bytes()),
+                }
+                text.extend_from_slice(eol);
+            }
+            dir.join("a.jsonl")
+        };
+        std::fs::write(&path, &text).unwrap();
+        for on_error in [OnError::Skip, OnError::Fail] {
+            let want = load_checked_within(&path, Some(&root), None, on_error, limits());
+            let got = AnnotationIndex::open(&path, Some(&root), on_error, limits())
+                .and_then(|ix| ix.to_dataset());
+            match (want, got) {
+                (Ok(a), Ok(b)) => same(&a, &b),
+                (Err(a), Err(b)) => {
+                    if !array {
+                        proptest::prop_assert_eq!(a.to_string(), b.to_string());
+                    }
+                }
+                (a, b) => proptest::prop_assert!(
+                    false,
+                    "loader {:?} vs index {:?}",
+                    a.map(|d| d.len()),
+                    b.map(|d| d.len())
+                ),
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
