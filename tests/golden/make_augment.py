@@ -21,8 +21,10 @@ Environment (never the torch venv): a venv of its own with
     ~/.cache/vlmatch/golden-augment/bin/pip install opencv-python-headless numpy pillow torchvision
 then
     ~/.cache/vlmatch/golden-augment/bin/python tests/golden/make_augment.py
-(Generated with opencv-python-headless, numpy, pillow and torchvision
-versions recorded in manifest.json.)
+The committed fixtures record the versions used in manifest.json. (They
+were made with torchvision installed `--no-deps` and torch read, never
+modified, from the torch 2.11.0 venv through a `.pth` file; torchvision's
+crop and flip on PIL images call only Pillow.)
 """
 import json
 import math
