@@ -432,3 +432,51 @@ fn a_resumed_augmented_run_matches_the_uninterrupted_one() {
         "augmentation changes the batches"
     );
 }
+
+/// Image files named by an annotation file go through the same augmented
+/// decode path: batches of the configured size, other pixels than plain
+/// ones, the same for a loader resumed there; a file that no longer
+/// decodes is still an error naming it.
+#[test]
+fn annotation_images_are_augmented_and_errors_name_the_file() {
+    let dir = scratch("augment-files");
+    let scenes = vlmatch::data::Dataset::synthetic("scenes", 3, 0, 8, 1);
+    let mut lines = String::new();
+    for s in 0..8 {
+        RgbImage::from_raw(40, 30, {
+            let big = scenes.load_rgb(s, 40).unwrap();
+            big[..40 * 30 * 3].to_vec()
+        })
+        .unwrap()
+        .save(dir.join(format!("{s}.png")))
+        .unwrap();
+        let caption = &scenes.pairs[s].caption;
+        lines += &format!("{{\"image\": \"{s}.png\", \"caption\": {caption:?}}}\n");
+    }
+    let ann = dir.join("train.jsonl");
+    std::fs::write(&ann, lines).unwrap();
+    let ds = Arc::new(vlmatch::data::load_any(ann.to_str().unwrap(), None, None).unwrap());
+    let loaded = micro_layers(&[]).load().unwrap();
+    let tok = Arc::new(Tokenizer::builtin());
+    let plain = |b: usize| LoaderConfig::new(&loaded.config.data, b, Some(3));
+    let cfg = |b: usize| plain(b).augmented(&albef(), 3);
+    let batches = |c: LoaderConfig, start: u64, n: usize| {
+        let mut l = Loader::from_source(Source::Pairs(ds.clone()), tok.clone(), c, start).unwrap();
+        (0..n).map(|_| l.next_batch().unwrap()).collect::<Vec<_>>()
+    };
+    let (aug, base) = (batches(cfg(4), 0, 3), batches(plain(4), 0, 3));
+    for (a, p) in aug.iter().zip(&base) {
+        assert_eq!(a.images.size(), vec![4, 3, 16, 16]);
+        assert_eq!(a.pairs, p.pairs);
+        assert!(!a.images.equal(&p.images), "augmented");
+    }
+    let resumed = batches(cfg(4), 2, 1);
+    assert!(
+        resumed[0].images.equal(&aug[2].images),
+        "resumed at batch 2"
+    );
+    std::fs::write(dir.join("5.png"), b"not a png").unwrap();
+    let mut l = Loader::from_source(Source::Pairs(ds.clone()), tok.clone(), cfg(8), 0).unwrap();
+    let e = l.next_batch().unwrap_err().to_string();
+    assert!(e.contains("5.png"), "{e}");
+}
