@@ -36,6 +36,7 @@ pub mod tokenizer;
 pub mod tracking;
 pub mod train;
 pub mod version;
+pub mod zero;
 
 /// VQA lives with the other downstream tasks.
 pub use downstream::vqa;

@@ -10,12 +10,89 @@ struct Param {
     name: String,
     value: Tensor,
     decay: bool,
+}
+
+/// Moments of one parameter, or of this rank's part of it (`part`: first
+/// element and length in the flattened parameter) when sharded.
+struct Slot {
+    param: usize,
+    part: Option<(i64, i64)>,
     m: Tensor,
     v: Tensor,
 }
 
+/// Where each parameter lies in the concatenation of all of them, each
+/// flattened, in the optimizer's order (parameter names sorted), and which
+/// contiguous range of it each of `world` ranks owns: rank `r` owns
+/// `[total * r / world, total * (r + 1) / world)`, so parts differ by at
+/// most one element.
+#[derive(Debug, Clone)]
+pub struct FlatLayout {
+    offsets: Vec<i64>,
+    pub world: usize,
+}
+
+impl FlatLayout {
+    pub fn new(numels: impl IntoIterator<Item = i64>, world: usize) -> FlatLayout {
+        let mut offsets = vec![0];
+        for n in numels {
+            offsets.push(offsets.last().copied().unwrap_or(0) + n);
+        }
+        FlatLayout { offsets, world }
+    }
+
+    /// Elements of all parameters together.
+    pub fn total(&self) -> i64 {
+        self.offsets.last().copied().unwrap_or(0)
+    }
+
+    /// Rank `rank`'s range `[lo, hi)`.
+    pub fn range(&self, rank: usize) -> (i64, i64) {
+        let (t, w) = (self.total() as i128, self.world as i128);
+        let at = |r: usize| (t * r as i128 / w) as i64;
+        (at(rank), at(rank + 1))
+    }
+
+    /// The largest part a rank owns.
+    pub fn max_part(&self) -> i64 {
+        (0..self.world)
+            .map(|r| {
+                let (lo, hi) = self.range(r);
+                hi - lo
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The parameters' pieces in `[a, b)`: (parameter, first element in
+    /// it, length), in order.
+    pub fn pieces(&self, a: i64, b: i64) -> Vec<(usize, i64, i64)> {
+        let mut out = Vec::new();
+        for i in 0..self.offsets.len().saturating_sub(1) {
+            let (lo, hi) = (self.offsets[i].max(a), self.offsets[i + 1].min(b));
+            if lo < hi {
+                out.push((i, lo - self.offsets[i], hi - lo));
+            }
+        }
+        out
+    }
+}
+
+/// This rank's share of a sharded optimizer.
+struct Shard {
+    rank: usize,
+    layout: FlatLayout,
+    /// The moments of this rank's range, flat; each slot's are views.
+    m: Tensor,
+    v: Tensor,
+    /// Elements per rank and all-gather when parameters or moments travel.
+    chunk: i64,
+}
+
 pub struct AdamW {
     params: Vec<Param>,
+    slots: Vec<Slot>,
+    shard: Option<Shard>,
     betas: (f64, f64),
     eps: f64,
     weight_decay: f64,
@@ -28,29 +105,138 @@ pub struct AdamW {
     skipped: Option<Tensor>,
 }
 
+/// `t`'s flattened elements `[start, start + len)`, sharing its storage.
+fn flat_part(t: &Tensor, part: Option<(i64, i64)>) -> Tensor {
+    match part {
+        None => t.shallow_clone(),
+        Some((start, len)) => t.view([-1]).narrow(0, start, len),
+    }
+}
+
 impl AdamW {
     pub fn new(vs: &nn::VarStore, betas: (f64, f64), eps: f64, weight_decay: f64) -> Self {
         let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let params = vars
+        let params: Vec<Param> = vars
             .into_iter()
             .filter(|(_, t)| t.requires_grad())
             .map(|(name, value)| Param {
                 decay: value.dim() >= 2,
-                m: value.zeros_like(),
-                v: value.zeros_like(),
                 name,
                 value,
             })
             .collect();
+        let slots = params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Slot {
+                param: i,
+                part: None,
+                m: p.value.zeros_like(),
+                v: p.value.zeros_like(),
+            })
+            .collect();
         AdamW {
             params,
+            slots,
+            shard: None,
             betas,
             eps,
             weight_decay,
             t: 0,
             skipped: None,
         }
+    }
+
+    /// ZeRO stage 1: from now on this optimizer keeps the moments of rank
+    /// `rank`'s part of the parameters only ([`FlatLayout`]; zero, as
+    /// fresh) and steps only that part; the caller all-gathers the updated
+    /// parameters after each step (`crate::zero`). `chunk_bytes` bounds
+    /// what travels per collective. Needs contiguous parameters of one
+    /// dtype, none sharing storage with another.
+    pub fn shard(&mut self, rank: usize, world: usize, chunk_bytes: usize) -> Result<(), String> {
+        let Some(first) = self.params.first() else {
+            return Ok(());
+        };
+        let (kind, device) = (first.value.kind(), first.value.device());
+        let mut seen = HashMap::new();
+        for p in &self.params {
+            if p.value.kind() != kind || p.value.device() != device {
+                return Err(format!(
+                    "parameter `{}` is {:?} on {:?}, `{}` {kind:?} on {device:?}: a sharded \
+                     optimizer needs one dtype and device",
+                    p.name,
+                    p.value.kind(),
+                    p.value.device(),
+                    first.name
+                ));
+            }
+            if !p.value.is_contiguous() {
+                return Err(format!("parameter `{}` is not contiguous", p.name));
+            }
+            if p.value.numel() > 0 {
+                if let Some(other) = seen.insert(p.value.data_ptr() as usize, &p.name) {
+                    return Err(format!(
+                        "parameters `{other}` and `{}` share storage",
+                        p.name
+                    ));
+                }
+            }
+        }
+        let layout = FlatLayout::new(self.params.iter().map(|p| p.value.numel() as i64), world);
+        let (lo, hi) = layout.range(rank);
+        let m = Tensor::zeros([hi - lo], (kind, device));
+        let v = Tensor::zeros([hi - lo], (kind, device));
+        let mut at = 0;
+        self.slots = layout
+            .pieces(lo, hi)
+            .into_iter()
+            .map(|(param, start, len)| {
+                let slot = Slot {
+                    param,
+                    part: Some((start, len)),
+                    m: m.narrow(0, at, len),
+                    v: v.narrow(0, at, len),
+                };
+                at += len;
+                slot
+            })
+            .collect();
+        let chunk = (chunk_bytes / kind.elt_size_in_bytes()).max(1) as i64;
+        self.shard = Some(Shard {
+            rank,
+            layout,
+            m,
+            v,
+            chunk,
+        });
+        Ok(())
+    }
+
+    /// Whether [`AdamW::shard`] split the state over ranks.
+    pub fn is_sharded(&self) -> bool {
+        self.shard.is_some()
+    }
+
+    /// When sharded: the layout, this rank, its flat moments `(m, v)` and
+    /// the elements per collective.
+    pub fn shard_parts(&self) -> Option<(&FlatLayout, usize, (&Tensor, &Tensor), i64)> {
+        self.shard
+            .as_ref()
+            .map(|s| (&s.layout, s.rank, (&s.m, &s.v), s.chunk))
+    }
+
+    /// The parameters, in the optimizer's (and [`FlatLayout`]'s) order.
+    pub fn parameters(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+        self.params.iter().map(|p| (p.name.as_str(), &p.value))
+    }
+
+    /// Bytes of optimizer moments this rank holds.
+    pub fn state_bytes(&self) -> usize {
+        self.slots
+            .iter()
+            .map(|s| 2 * s.m.numel() * s.m.kind().elt_size_in_bytes())
+            .sum()
     }
 
     pub fn zero_grad(&mut self) {
@@ -65,6 +251,16 @@ impl AdamW {
     /// Scale gradients so their global L2 norm is at most `max_norm`; returns
     /// the norm before clipping as a scalar tensor (no host sync).
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> Tensor {
+        match self.shard {
+            None => self.clip_whole(max_norm),
+            // Sharded over one rank: its sum is the sum over ranks.
+            Some(_) => self
+                .clip_grad_norm_over(max_norm, Ok::<_, ()>)
+                .unwrap_or_else(|()| Tensor::from(f32::NAN)),
+        }
+    }
+
+    fn clip_whole(&mut self, max_norm: f64) -> Tensor {
         tch::no_grad(|| {
             let grads: Vec<Tensor> = self
                 .params
@@ -93,6 +289,60 @@ impl AdamW {
         })
     }
 
+    /// [`AdamW::clip_grad_norm`] of a sharded optimizer, the parameters'
+    /// squared norms summed over ranks by `sum_over_ranks` (an all-reduce
+    /// of a vector with one entry per parameter that has a gradient, the
+    /// same parameters on every rank). Each parameter's entry comes from
+    /// the rank that owns its first element (which reads that gradient
+    /// whole: in stage 1 every rank has the averaged gradients) and is 0
+    /// on the others, so the sum is exact and the norm bit for bit the
+    /// unsharded one; each rank then scales its own part. Unsharded,
+    /// `sum_over_ranks` is not called.
+    pub fn clip_grad_norm_over<E>(
+        &mut self,
+        max_norm: f64,
+        sum_over_ranks: impl FnOnce(Tensor) -> Result<Tensor, E>,
+    ) -> Result<Tensor, E> {
+        if self.shard.is_none() {
+            return Ok(self.clip_whole(max_norm));
+        }
+        tch::no_grad(|| {
+            let grads: Vec<(usize, Tensor)> = (self.params.iter().enumerate())
+                .map(|(i, p)| (i, p.value.grad()))
+                .filter(|(_, g)| g.defined())
+                .collect();
+            let Some(device) = grads.first().map(|(_, g)| g.device()) else {
+                return Ok(Tensor::from(0f32));
+            };
+            let first_owned = |i: usize| {
+                self.slots
+                    .iter()
+                    .any(|s| s.param == i && s.part.is_some_and(|(start, _)| start == 0))
+            };
+            let sq: Vec<Tensor> = grads
+                .iter()
+                .map(|(i, g)| match first_owned(*i) {
+                    true => g.to_kind(Kind::Float).square().sum(Kind::Float),
+                    false => Tensor::zeros([], (Kind::Float, g.device())),
+                })
+                .collect();
+            let norm = sum_over_ranks(Tensor::stack(&sq, 0))?
+                .sum(Kind::Float)
+                .sqrt()
+                .to_device(device);
+            if max_norm > 0.0 {
+                let coef = (max_norm / (&norm + 1e-6)).clamp_max(1.0);
+                for s in &self.slots {
+                    let g = self.params[s.param].value.grad();
+                    if g.defined() {
+                        let _ = flat_part(&g, s.part).g_mul_(&coef);
+                    }
+                }
+            }
+            Ok(norm)
+        })
+    }
+
     /// One AdamW update at learning rate `lr`.
     pub fn step(&mut self, lr: f64) {
         let Some(device) = self.params.first().map(|p| p.value.device()) else {
@@ -105,7 +355,8 @@ impl AdamW {
     /// [`AdamW::step`] if `ok` (a bool scalar on the parameters' device) is
     /// true; otherwise nothing changes, not the weights, not the moments,
     /// not the bias correction, whatever the gradients hold (NaN and inf
-    /// included). Decided on the device: no host synchronisation.
+    /// included). Decided on the device: no host synchronisation. Sharded,
+    /// only this rank's part changes.
     pub fn step_masked(&mut self, lr: f64, ok: &Tensor) {
         self.t += 1;
         let Some(device) = self.params.first().map(|p| p.value.device()) else {
@@ -136,64 +387,100 @@ impl AdamW {
             let take_v = pick(one(1.0 - b2), 0.0);
             let step_size = pick(one(lr) / &bc1, 0.0);
             let decay = pick(one(1.0 - lr * self.weight_decay), 1.0);
-            for p in &mut self.params {
+            for s in &mut self.slots {
+                let p = &self.params[s.param];
                 let g = p.value.grad();
                 if !g.defined() {
                     continue;
                 }
+                let (mut value, g) = match s.part {
+                    None => (p.value.shallow_clone(), g),
+                    part => (flat_part(&p.value.detach(), part), flat_part(&g, part)),
+                };
                 // Non-finite gradients of a masked step must not reach the
                 // moments (0 * NaN is NaN).
                 let g = g.where_scalarother(&ok, 0.0);
                 if p.decay && self.weight_decay > 0.0 {
-                    let _ = p.value.g_mul_(&decay);
+                    let _ = value.g_mul_(&decay);
                 }
-                let _ = p.m.g_mul_(&keep_m);
-                let _ = p.m.g_add_(&(&g * &take_m));
-                let _ = p.v.g_mul_(&keep_v);
-                let _ = p.v.g_add_(&(g.square() * &take_v));
-                let denom = p.v.sqrt() / &bc2_sqrt + self.eps;
-                let update = &p.m / denom * &step_size;
-                let _ = p.value.g_sub_(&update);
+                let _ = s.m.g_mul_(&keep_m);
+                let _ = s.m.g_add_(&(&g * &take_m));
+                let _ = s.v.g_mul_(&keep_v);
+                let _ = s.v.g_add_(&(g.square() * &take_v));
+                let denom = s.v.sqrt() / &bc2_sqrt + self.eps;
+                let update = &s.m / denom * &step_size;
+                let _ = value.g_sub_(&update);
             }
         });
     }
 
-    /// The optimizer state as named tensors (`m.<param>`, `v.<param>`, `t`).
-    pub fn state(&self) -> Vec<(String, Tensor)> {
-        let mut out = Vec::with_capacity(2 * self.params.len() + 1);
-        for p in &self.params {
-            out.push((format!("m.{}", p.name), p.m.shallow_clone()));
-            out.push((format!("v.{}", p.name), p.v.shallow_clone()));
-        }
-        // Updates applied: masked steps do not count (reading the device
-        // counter synchronises, as saving a checkpoint does anyway).
+    /// Updates applied so far: masked steps do not count (reading the
+    /// device counter synchronises, as saving a checkpoint does anyway).
+    pub fn applied_steps(&self) -> i64 {
         let skipped = self.skipped.as_ref().map_or(0, |s| s.int64_value(&[]));
-        out.push(("t".to_string(), Tensor::from(self.t - skipped)));
+        self.t - skipped
+    }
+
+    /// The optimizer state as named tensors (`m.<param>`, `v.<param>`, `t`)
+    /// of an unsharded optimizer; a sharded one's is gathered from the
+    /// ranks by `crate::zero::full_state`.
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        assert!(
+            self.shard.is_none(),
+            "a sharded optimizer's state is gathered by zero::full_state"
+        );
+        let mut out = Vec::with_capacity(2 * self.slots.len() + 1);
+        for s in &self.slots {
+            let name = &self.params[s.param].name;
+            out.push((format!("m.{name}"), s.m.shallow_clone()));
+            out.push((format!("v.{name}"), s.v.shallow_clone()));
+        }
+        out.push(("t".to_string(), Tensor::from(self.applied_steps())));
         out
     }
 
-    /// Restore [`AdamW::state`]; every moment must be present.
+    /// Restore [`AdamW::state`] (whole tensors; sharded, this rank takes
+    /// its part of each); every moment must be present.
     pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<(), String> {
+        self.load_moments(state, true)?;
+        let t = state.get("t").ok_or("optimizer state lacks `t`")?;
+        self.t = t.int64_value(&[]);
+        self.skipped = None;
+        Ok(())
+    }
+
+    /// Copies the moments `state` holds (whole tensors, by name) into this
+    /// optimizer's, or its part of them; with `all`, each must be there.
+    pub fn load_moments(
+        &mut self,
+        state: &HashMap<String, Tensor>,
+        all: bool,
+    ) -> Result<(), String> {
         tch::no_grad(|| {
-            for p in &mut self.params {
-                for (prefix, slot) in [("m", &mut p.m), ("v", &mut p.v)] {
+            for s in &mut self.slots {
+                let p = &self.params[s.param];
+                for (prefix, slot) in [("m", &mut s.m), ("v", &mut s.v)] {
                     let key = format!("{prefix}.{}", p.name);
-                    let t = state
-                        .get(&key)
-                        .ok_or_else(|| format!("optimizer state lacks `{key}`"))?;
-                    if t.size() != slot.size() {
+                    let Some(t) = state.get(&key) else {
+                        if all {
+                            return Err(format!("optimizer state lacks `{key}`"));
+                        }
+                        continue;
+                    };
+                    if t.size() != p.value.size() {
                         return Err(format!(
                             "optimizer state `{key}` has shape {:?}, expected {:?}",
                             t.size(),
-                            slot.size()
+                            p.value.size()
                         ));
                     }
-                    slot.copy_(t);
+                    let source = match s.part {
+                        None => t.shallow_clone(),
+                        part => flat_part(&t.contiguous(), part),
+                    };
+                    slot.copy_(&source);
                 }
             }
-            let t = state.get("t").ok_or("optimizer state lacks `t`")?;
-            self.t = t.int64_value(&[]);
-            self.skipped = None;
             Ok(())
         })
     }
@@ -250,6 +537,89 @@ mod tests {
             .root()
             .var_copy("b", &Tensor::from_slice(&[0.5f32, -0.5]));
         (vs, w, b)
+    }
+
+    /// Two optimizers sharded as ranks 0 and 1 of 2, each stepping its
+    /// part of its own copy of the parameters with the same gradients,
+    /// the parts exchanged after each step (the all-gather), hold what one
+    /// unsharded optimizer holds: weights and moments (clipped by the norm
+    /// over both parts), with half the state bytes each.
+    #[test]
+    fn sharded_parts_step_as_the_whole() {
+        let new = |shard: Option<usize>| {
+            let (vs, w, b) = two_params();
+            let mut opt = AdamW::new(&vs, (0.9, 0.999), 1e-8, 0.1);
+            if let Some(rank) = shard {
+                opt.shard(rank, 2, 1 << 20).unwrap();
+            }
+            (vs, w, b, opt)
+        };
+        let mut runs = [new(None), new(Some(0)), new(Some(1))];
+        for lr in [0.01, 0.02, 0.03] {
+            for (k, (_, w, b, opt)) in runs.iter_mut().enumerate() {
+                backward(w, b, 1.0);
+                let sq = |g: Tensor| g.square().sum(Kind::Float);
+                // Parameters in name order: `b`, `w`; rank 0 owns both
+                // first elements, so its entries are the norms, rank 1's 0.
+                let whole = Tensor::stack(&[sq(b.grad()), sq(w.grad())], 0);
+                let norm = opt
+                    .clip_grad_norm_over(1.0, |own| {
+                        let expected = match k {
+                            2 => whole.zeros_like(),
+                            _ => whole.shallow_clone(),
+                        };
+                        assert!(own.equal(&expected), "rank {}", k - 1);
+                        // The all-reduce: the two ranks' entries summed.
+                        Ok::<_, ()>(whole.shallow_clone())
+                    })
+                    .unwrap();
+                let expected = whole.sum(Kind::Float).sqrt();
+                assert!(norm.equal(&expected));
+                opt.step(lr);
+                opt.zero_grad();
+            }
+            // Six elements: `b` (2) sorts first, then `w` (4); rank 0 owns
+            // `b` and `w`'s first element, rank 1 the rest.
+            tch::no_grad(|| {
+                let w = Tensor::cat(
+                    &[
+                        runs[1].1.view([-1]).narrow(0, 0, 1),
+                        runs[2].1.view([-1]).narrow(0, 1, 3),
+                    ],
+                    0,
+                );
+                let b = runs[1].2.copy();
+                for r in &mut runs[1..] {
+                    r.1.view([-1]).copy_(&w);
+                    r.2.copy_(&b);
+                }
+            });
+        }
+        // Bit for bit, the clipping norm included.
+        let close = |x: &Tensor, y: &Tensor| x.equal(y);
+        let [whole, part0, part1] = runs;
+        assert!(close(&part0.1, &whole.1) && close(&part0.2, &whole.2));
+        let (whole, part0, part1) = (whole.3, part0.3, part1.3);
+        assert_eq!(
+            part0.state_bytes() + part1.state_bytes(),
+            whole.state_bytes()
+        );
+        assert_eq!(part0.state_bytes(), part1.state_bytes());
+        let s: HashMap<String, Tensor> = whole.state().into_iter().collect();
+        for (i, key) in ["m", "v"].into_iter().enumerate() {
+            let part = |o: &AdamW| {
+                let (m, v) = o.shard_parts().unwrap().2;
+                [m, v][i].shallow_clone()
+            };
+            let flat = Tensor::cat(
+                &[
+                    s[&format!("{key}.b")].view([-1]),
+                    s[&format!("{key}.w")].view([-1]),
+                ],
+                0,
+            );
+            assert!(close(&Tensor::cat(&[part(&part0), part(&part1)], 0), &flat));
+        }
     }
 
     fn backward(w: &Tensor, b: &Tensor, poison: f64) {

@@ -128,7 +128,8 @@ impl Stepper<'_> {
         if let Some(p) = self.par {
             p.reduce_gradients()?;
         }
-        let grad_norm = self.optim.clip_grad_norm(self.grad_clip);
+        // Sharded (ZeRO-1), the norm is summed over every rank's part.
+        let grad_norm = crate::zero::clip_grad_norm(self.par, self.optim, self.grad_clip)?;
         let losses: BTreeMap<String, Tensor> = values
             .iter()
             .filter(|(k, _)| loss_keys.contains(k))
@@ -136,6 +137,9 @@ impl Stepper<'_> {
             .collect();
         let applied = self.guard.decide(at.step, &grad_norm, &losses);
         self.optim.step_masked(at.lr, &applied);
+        // Sharded, each rank stepped its part: every part to every rank
+        // before anything reads the weights.
+        crate::zero::gather_parameters(self.par, self.optim)?;
         // The momentum model, for one, follows the weights just updated
         // (where the step was applied).
         self.hooks.after_optimizer_step(&applied);

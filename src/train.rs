@@ -225,11 +225,13 @@ impl Run<'_> {
     /// for it, and stop with its reason if it fails).
     fn save(&mut self) -> Result<()> {
         let what = format!("write the checkpoint of step {}", self.state.step);
+        // A sharded optimizer's parts gathered onto rank 0 (every rank).
+        let optim_state = crate::zero::full_state(self.par, &self.optim)?;
         let written = crate::parallel::on_rank0(self.par, &what, || {
             crate::checkpoint::save_with_layout(
                 &self.run_dir,
                 &self.asm.vs,
-                self.optim.state(),
+                optim_state.unwrap_or_default(),
                 self.hooks.checkpoint_tensors(),
                 self.state,
                 Some(self.layout),

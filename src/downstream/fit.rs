@@ -111,6 +111,7 @@ pub fn fit(
     let main = rank == 0;
     let out = spec.out;
     let mut optim = AdamW::new(vs, tc.betas, tc.eps, tc.weight_decay);
+    crate::zero::shard(par.as_deref(), &mut optim, tc)?;
     let layout = Layout {
         world_size: world as i64,
         batch_size: spec.batch_size as i64,
@@ -190,6 +191,7 @@ pub fn fit(
                 last_good: &mut Option<PathBuf>|
      -> Result<()> {
         let what = format!("write the checkpoint of step {}", state.step);
+        let optim_state = crate::zero::full_state(par, optim)?;
         let written = crate::parallel::on_rank0(par, &what, || {
             let mut extra = Vec::new();
             if let Some((s, a)) = best {
@@ -199,7 +201,7 @@ pub fn fit(
             checkpoint::save_with_layout(
                 out,
                 vs,
-                optim.state(),
+                optim_state.unwrap_or_default(),
                 extra,
                 state,
                 Some(layout),

@@ -152,6 +152,7 @@ impl<'a> Run<'a> {
             None
         };
         let mut optim = AdamW::new(&asm.vs, tc.betas, tc.eps, tc.weight_decay);
+        crate::zero::shard(par.as_deref(), &mut optim, &tc)?;
         let layout = Layout {
             world_size: world as i64,
             batch_size: tc.batch_size as i64,
@@ -166,6 +167,8 @@ impl<'a> Run<'a> {
             seed: tc.seed as i64,
         };
         let mut last_good = None;
+        // Rank 0's whole optimizer state, for the other ranks' parts.
+        let mut saved_optim = None;
         if resumed {
             let mut counters = counters_of(state, layout, 0, &hooks);
             if main {
@@ -186,6 +189,7 @@ impl<'a> Run<'a> {
                 counters.extend(hook_counters);
                 tracing::info!(checkpoint = %path.display(), step = saved.state.step, "resuming");
                 last_good = Some(path);
+                saved_optim = Some(saved.optim);
             }
             let mut c = share(par.as_deref(), device, counters)?;
             let mut take = |k: &str| c.remove(k).unwrap_or_default();
@@ -202,9 +206,13 @@ impl<'a> Run<'a> {
             };
             let t = take("optim.t");
             if let Some(p) = par.as_deref() {
-                let moments: Vec<Tensor> = optim.state().into_iter().map(|(_, t)| t).collect();
                 p.broadcast(&variables)?;
-                p.broadcast(&moments[..moments.len() - 1])?;
+                if optim.is_sharded() {
+                    crate::zero::share_state(p, &mut optim, saved_optim.as_ref(), device)?;
+                } else {
+                    let moments: Vec<Tensor> = optim.state().into_iter().map(|(_, t)| t).collect();
+                    p.broadcast(&moments[..moments.len() - 1])?;
+                }
                 optim.t = t;
                 p.broadcast(&hooks.broadcast_tensors())?;
             }

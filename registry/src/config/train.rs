@@ -257,6 +257,11 @@ pub struct DistConfig {
     /// Where ITM's in-batch hard negatives are drawn from: `global` (every
     /// rank's pairs, as BLIP) or `local` (the rank's own, as ALBEF; cheaper).
     pub hard_negatives: HardNegatives,
+    /// ZeRO stage 1: each rank keeps AdamW's moments of its own part of
+    /// the parameters (a contiguous range of their concatenation), steps
+    /// that part and all-gathers the updated parameters; checkpoints hold
+    /// the whole state, gathered on save.
+    pub shard_optimizer: bool,
 }
 
 impl Default for DistConfig {
@@ -266,6 +271,7 @@ impl Default for DistConfig {
             io_timeout: 3600,
             bucket_mb: 25.0,
             hard_negatives: HardNegatives::Global,
+            shard_optimizer: false,
         }
     }
 }
