@@ -277,6 +277,10 @@ pub enum Command {
     /// Keep the scored pairs at or above a threshold: a new annotation file
     /// and a report with a score histogram.
     Filter(crate::commands::matcher::FilterArgs),
+    /// Serve a trained run over HTTP: `/match`, `/search`, `/health` and a
+    /// web page at `/` (docs/using.md). Loopback only unless `--addr` says
+    /// otherwise; SIGTERM finishes the requests in flight and exits 0.
+    Serve(crate::commands::serve::ServeArgs),
     /// Print the merged configuration that `train` would use.
     Config {
         #[command(flatten)]
@@ -603,6 +607,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Search(a) => crate::commands::matcher::main(Matcher::Search(a)),
         Command::Score(a) => crate::commands::matcher::main(Matcher::Score(a)),
         Command::Filter(a) => crate::commands::matcher::main(Matcher::Filter(a)),
+        Command::Serve(a) => crate::commands::serve::serve_cmd(&a),
     }
 }
 

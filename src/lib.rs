@@ -29,6 +29,7 @@ pub mod pretrained;
 pub mod rng;
 pub mod run;
 pub mod samplers;
+pub mod serve;
 pub mod setup;
 pub mod signals;
 pub mod step;

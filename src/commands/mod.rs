@@ -11,4 +11,5 @@ pub mod matcher;
 pub mod neggen;
 pub mod plugins;
 pub mod preview;
+pub mod serve;
 pub mod train;

@@ -44,8 +44,7 @@ pub struct ServeArgs {
 
 impl ServeArgs {
     pub fn options(&self) -> Result<ServeOptions> {
-        if !(self.batch_window_ms.is_finite() && (0.0..=10_000.0).contains(&self.batch_window_ms))
-        {
+        if !(self.batch_window_ms.is_finite() && (0.0..=10_000.0).contains(&self.batch_window_ms)) {
             return Err(Error::Config(format!(
                 "--batch-window-ms {}: expected 0 to 10000",
                 self.batch_window_ms

@@ -126,11 +126,7 @@ pub fn spawn(
     sets: Vec<String>,
     batching: Batching,
     threads: usize,
-) -> Result<(
-    SyncSender<Job>,
-    Arc<ModelInfo>,
-    std::thread::JoinHandle<()>,
-)> {
+) -> Result<(SyncSender<Job>, Arc<ModelInfo>, std::thread::JoinHandle<()>)> {
     let (jobs_tx, jobs_rx) = mpsc::sync_channel::<Job>(batching.queue.max(1));
     let (ready_tx, ready_rx) = mpsc::channel::<Result<Arc<ModelInfo>>>();
     let thread = std::thread::Builder::new()
@@ -195,7 +191,9 @@ fn load(
                     dir.display()
                 )));
             }
-            let keys = ix.embeddings(Items::Images)?.to_device(run.asm.model.device);
+            let keys = ix
+                .embeddings(Items::Images)?
+                .to_device(run.asm.model.device);
             let dataset = index_images(&ix, &c.data)?;
             let info = IndexInfo {
                 dir: dir.to_path_buf(),
@@ -250,14 +248,15 @@ fn work(loaded: &Loaded, info: &ModelInfo, rx: Receiver<Job>) {
     let c = &loaded.run.loaded.config;
     let emb = Embedder::new(&loaded.run.asm.model, &loaded.run.tok, c);
     while let Some(jobs) = next_batch(&rx, info.batching, info) {
-        let n = jobs.len() as u64;
+        // Counted before any reply goes, so a client that has its answer
+        // sees it counted.
+        info.batches.fetch_add(1, Ordering::SeqCst);
+        info.jobs.fetch_add(jobs.len() as u64, Ordering::SeqCst);
         // A panic in a forward fails this batch's requests (their reply
         // senders drop), not the server.
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             run_batch(&emb, loaded, info.discriminator, jobs)
         }));
-        info.batches.fetch_add(1, Ordering::Relaxed);
-        info.jobs.fetch_add(n, Ordering::Relaxed);
     }
 }
 

@@ -86,7 +86,10 @@ fn too_large(data: &vlmatch_registry::config::DataConfig, what: String) -> ApiEr
 pub fn router(state: AppState) -> Router {
     let limit = body_limit(&state.info.data);
     Router::new()
-        .route("/", get(|| async { static_file(PAGE, "text/html; charset=utf-8") }))
+        .route(
+            "/",
+            get(|| async { static_file(PAGE, "text/html; charset=utf-8") }),
+        )
         .route(
             "/app.js",
             get(|| async { static_file(SCRIPT, "text/javascript; charset=utf-8") }),
@@ -124,8 +127,8 @@ async fn health(State(st): State<AppState>) -> Json<serde_json::Value> {
             "max_batch": i.batching.max_batch,
         },
         "served": {
-            "batches": i.batches.load(Ordering::Relaxed),
-            "requests": i.jobs.load(Ordering::Relaxed),
+            "batches": i.batches.load(Ordering::SeqCst),
+            "requests": i.jobs.load(Ordering::SeqCst),
         },
     }))
 }
@@ -305,7 +308,10 @@ async fn match_pair(
     let (image, caption) = match_input(req, &st).await?;
     let data = &st.info.data;
     if image.len() as u64 > data.max_image_bytes {
-        return Err(too_large(data, format!("an image of {} bytes", image.len())));
+        return Err(too_large(
+            data,
+            format!("an image of {} bytes", image.len()),
+        ));
     }
     check_caption(&caption, &st, "caption")?;
     let (size, mean, std) = (data.image_size as usize, data.mean, data.std);

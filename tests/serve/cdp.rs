@@ -91,7 +91,10 @@ impl Browser {
             Ok(Ok(url)) => url,
             other => {
                 let _ = child.kill();
-                panic!("{} did not open its DevTools port: {other:?}", bin.display())
+                panic!(
+                    "{} did not open its DevTools port: {other:?}",
+                    bin.display()
+                )
             }
         };
         let host = url
