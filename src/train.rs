@@ -231,7 +231,7 @@ impl Run<'_> {
             crate::checkpoint::save_with_layout(
                 &self.run_dir,
                 &self.asm.vs,
-                optim_state.unwrap_or_default(),
+                optim_state.unwrap_or_else(Vec::new),
                 self.hooks.checkpoint_tensors(),
                 self.state,
                 Some(self.layout),
