@@ -3,6 +3,7 @@
 //! xtask has no dependencies and never links libtorch. It provisions libtorch
 //! (see [`setup`]), then runs cargo with the right package and arguments.
 
+mod browser;
 mod gpu_bundle;
 mod launch;
 mod setup;
@@ -36,7 +37,8 @@ commands:
   bench [--preset P] [--config F]... [--set k=v]... [--out D] [--steps N] [--repeats R]
                  time training steps, the data pipeline and NegGen against the
                  PyTorch reference (bench/reference.py); prints ratios, writes D/bench.json
-  setup          provision libtorch 2.11.0 and print where it is
+  setup          provision libtorch 2.11.0 and a headless Chromium (apt-get) for
+                 tests/serve.rs, and print where they are
   gpu-bundle     build a stripped release binary into gpu-bundle/ for a GPU machine
   vlmatch ARGS   run the vlmatch CLI with any arguments";
 
@@ -49,7 +51,10 @@ fn main() -> ExitCode {
     let rest: Vec<String> = args.collect();
     let root = project_root();
     let result = match cmd.as_str() {
-        "setup" => setup::ensure_libtorch(&root).map(|p| println!("libtorch: {}", p.display())),
+        "setup" => setup::ensure_libtorch(&root).and_then(|p| {
+            println!("libtorch: {}", p.display());
+            browser::ensure().map(|b| println!("headless browser: {}", b.display()))
+        }),
         "train" => train(&root, &rest),
         "plugins" => run_cli(&root, "plugins", &rest),
         "eval" => run_cli(&root, "eval", &rest),
@@ -179,6 +184,8 @@ fn run_tests(root: &Path, rest: &[String]) -> Result<(), String> {
     }
     cmd.env("VLMATCH_HF_FIXTURES", dirs.join(":"));
     cmd.env("BENCH_REFERENCE_PYTHON", python);
+    // tests/serve.rs drives this browser; it fails without one.
+    cmd.env("VLMATCH_CHROMIUM", browser::ensure()?);
     // The fault tests' switches exist only in builds with this feature.
     cmd.args([
         "test",
