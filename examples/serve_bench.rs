@@ -27,14 +27,14 @@ fn arg(args: &[String], name: &str) -> Option<String> {
 
 /// One server with `batching`, measured at each concurrency.
 fn measure(
-    run: &PathBuf,
+    run: &std::path::Path,
     batching: Batching,
     body: &(String, Vec<u8>),
     total: usize,
     workers: usize,
 ) -> vlmatch_core::Result<Vec<load::LoadResult>> {
     let opts = ServeOptions {
-        run: run.clone(),
+        run: run.to_path_buf(),
         index: None,
         addr: "127.0.0.1:0".parse().expect("an address"),
         sets: vec![],
