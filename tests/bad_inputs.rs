@@ -251,6 +251,15 @@ fn bad_config_values_name_their_key() {
     std::fs::write(&not_utf8, b"[train]\n# caf\xe9\nsteps = 2\n").unwrap();
     let vocab = root().join("vocab.txt");
     std::fs::write(&vocab, b"[PAD]\n[UNK]\ncaf\xe9\n").unwrap();
+    // A tokenizer.json whose vocabulary holds an id near u32::MAX (it once
+    // aborted the process).
+    let mut tok: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(fixture("hf/bert-h48-3heads-vocab/tokenizer.json")).unwrap(),
+    )
+    .unwrap();
+    tok["model"]["vocab"]["zzzz"] = serde_json::json!(u32::MAX - 3);
+    let huge_id = root().join("huge-id-tokenizer.json");
+    std::fs::write(&huge_id, tok.to_string()).unwrap();
     let cache_utf8 = root().join("neggen-cache-latin1.jsonl");
     std::fs::write(
         &cache_utf8,
@@ -344,6 +353,11 @@ fn bad_config_values_name_their_key() {
             &[&format!("data.vocab=\"{}\"", vocab.display())],
         )
         .names(&[&format!("{}:3", vocab.display()), "invalid UTF-8"]),
+        Case::train(
+            "tokenizer-id-out-of-range",
+            &[&format!("data.vocab=\"{}\"", huge_id.display())],
+        )
+        .names(&[&huge_id.display().to_string(), "4294967292"]),
         Case::train("neggen-cache-not-utf8", &neggen_cache(&cache_utf8))
             .names(&[&format!("{}:2", cache_utf8.display()), "invalid UTF-8"]),
         Case::train("neggen-cache-bad-line", &neggen_cache(&cache_json))
@@ -722,6 +736,20 @@ fn bad_shards_name_the_shard_and_member() {
             ("001", vec![("txt", b"x".to_vec())]),
         ],
     );
+    let big_text = shard(
+        "big-text.tar",
+        &[
+            ("000", good_sample(1)),
+            (
+                "001",
+                vec![("png", png(16, [1, 2, 3])), ("txt", vec![b'a'; 300])],
+            ),
+        ],
+    );
+    let mut over_cap = shard_case("shard-member-over-cap", &big_text);
+    over_cap
+        .args
+        .extend(["--set".into(), "data.max_text_bytes=100".into()]);
     let none = root().join("shards/none-{000..001}.tar");
     check(vec![
         shard_case("shard-garbage", &garbage).names_path(&garbage),
@@ -747,6 +775,9 @@ fn bad_shards_name_the_shard_and_member() {
             .names(&["`001`", "image"])
             .names_path(&no_image),
         shard_case("shard-none-match", &none).names(&["data.shards"]),
+        over_cap
+            .names(&["001.txt", "data.max_text_bytes"])
+            .names_path(&big_text),
     ]);
 }
 
