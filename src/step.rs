@@ -123,7 +123,11 @@ impl Stepper<'_> {
             }
             // A collective in backward (gathered ITC features) reports its
             // failure as an error here rather than a panic.
-            self.guard.gate(&(total / accum as f64)).f_backward()?;
+            let mut back = total / accum as f64;
+            if let Some(s) = out.surrogate {
+                back += s;
+            }
+            self.guard.gate(&back).f_backward()?;
         }
         if let Some(p) = self.par {
             p.reduce_gradients()?;
