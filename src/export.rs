@@ -55,7 +55,6 @@ fn write_json(path: &Path, v: &Value) -> Result<()> {
         .map_err(|e| Error::io(path, e))
 }
 
-
 /// The roles exported, each to `OUT/<role>`.
 const ROLES: [(&str, &str); 2] = [("image", "image encoder"), ("text", "text encoder")];
 

@@ -28,7 +28,10 @@ fn every_builtin_plugin_is_registered() {
         r.names(Kind::NegativeSampler),
         ["hard_negative", "neggen", "neggen_cache", "word_swap"]
     );
-    assert_eq!(r.names(Kind::Objective), ["itc", "itm", "mlm", "rtd", "siglip"]);
+    assert_eq!(
+        r.names(Kind::Objective),
+        ["itc", "itm", "mlm", "rtd", "siglip"]
+    );
     let listing = vlmatch::commands::plugins::plugin_listing(&[]).unwrap();
     assert!(
         listing.contains("vit") && listing.contains("vlmatch-vit"),

@@ -7,8 +7,8 @@
 //! batches. WebDataset tar shards are streamed instead ([`webdataset`]).
 
 pub mod annotations;
-pub mod index;
 pub mod augment;
+pub mod index;
 pub mod loader;
 pub mod samples;
 pub mod shards;
