@@ -14,18 +14,18 @@ use tungstenite::{Message, WebSocket};
 /// The command that installs a browser, for the failure message.
 pub const INSTALL: &str = "cargo xtask setup (as root it runs `apt-get install -y \
     chromium-headless-shell`), or install Debian's chromium-headless-shell or chromium yourself, \
-    or point VLMATCH_CHROMIUM at a Chromium binary";
+    or point VLMATCH_TEST_CHROMIUM at a Chromium binary";
 
-/// The browser binary: `VLMATCH_CHROMIUM`, else the first of
+/// The browser binary: `VLMATCH_TEST_CHROMIUM`, else the first of
 /// `chromium-headless-shell`, `chromium`, `chromium-browser` on `PATH`.
 pub fn find_chromium() -> Result<PathBuf, String> {
-    if let Some(p) = std::env::var_os("VLMATCH_CHROMIUM") {
+    if let Some(p) = std::env::var_os("VLMATCH_TEST_CHROMIUM") {
         let p = PathBuf::from(p);
         return if p.is_file() {
             Ok(p)
         } else {
             Err(format!(
-                "VLMATCH_CHROMIUM={} is not a file; {INSTALL}",
+                "VLMATCH_TEST_CHROMIUM={} is not a file; {INSTALL}",
                 p.display()
             ))
         };
@@ -40,7 +40,7 @@ pub fn find_chromium() -> Result<PathBuf, String> {
         }
     }
     Err(format!(
-        "no headless Chromium on this machine (looked for VLMATCH_CHROMIUM, then \
+        "no headless Chromium on this machine (looked for VLMATCH_TEST_CHROMIUM, then \
          chromium-headless-shell, chromium, chromium-browser on PATH); install one: {INSTALL}"
     ))
 }

@@ -8,9 +8,9 @@ use std::process::Command;
 
 const NAMES: [&str; 3] = ["chromium-headless-shell", "chromium", "chromium-browser"];
 
-/// `VLMATCH_CHROMIUM`, or the first browser of [`NAMES`] on `PATH`.
+/// `VLMATCH_TEST_CHROMIUM`, or the first browser of [`NAMES`] on `PATH`.
 pub fn find() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("VLMATCH_CHROMIUM") {
+    if let Some(p) = std::env::var_os("VLMATCH_TEST_CHROMIUM") {
         return Some(PathBuf::from(p)).filter(|p| p.is_file());
     }
     let path = std::env::var_os("PATH")?;
@@ -36,7 +36,7 @@ pub fn ensure() -> Result<PathBuf, String> {
     let how = "apt-get install -y chromium-headless-shell (or chromium), as root";
     if !is_root() || Command::new("apt-get").arg("--version").output().is_err() {
         return Err(format!(
-            "no headless Chromium for tests/serve.rs; install one: {how}, or set VLMATCH_CHROMIUM"
+            "no headless Chromium for tests/serve.rs; install one: {how}, or set VLMATCH_TEST_CHROMIUM"
         ));
     }
     eprintln!("xtask: installing a headless Chromium for tests/serve.rs (apt-get)");

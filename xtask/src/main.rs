@@ -185,7 +185,7 @@ fn run_tests(root: &Path, rest: &[String]) -> Result<(), String> {
     cmd.env("VLMATCH_HF_FIXTURES", dirs.join(":"));
     cmd.env("BENCH_REFERENCE_PYTHON", python);
     // tests/serve.rs drives this browser; it fails without one.
-    cmd.env("VLMATCH_CHROMIUM", browser::ensure()?);
+    cmd.env("VLMATCH_TEST_CHROMIUM", browser::ensure()?);
     // The fault tests' switches exist only in builds with this feature.
     cmd.args([
         "test",
