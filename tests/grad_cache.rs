@@ -81,25 +81,43 @@ fn take_grads(asm: &Assembly) -> BTreeMap<String, Tensor> {
 }
 
 /// The cached path as the trainer runs it: the whole loss back-propagated,
-/// then each micro-batch's share. Returns the ITC loss and the gradients.
-fn cached(s: &Setup, hooks: &Hooks) -> (f64, BTreeMap<String, Tensor>) {
+/// then each micro-batch's share. Returns the loss `key` and the gradients.
+fn cached_loss(s: &Setup, hooks: &Hooks, key: &str) -> (f64, BTreeMap<String, Tensor>) {
     let tc = &s.loaded.config.train;
     let batches = s.micro.iter().map(Batch::shallow_clone).collect();
     let cache = GradCache::new(&s.asm, tc, None, hooks, 0, batches);
     let whole = cache.whole().unwrap();
-    let itc = whole
-        .values
-        .iter()
-        .find(|(k, _)| k == "itc")
-        .unwrap()
-        .1
-        .double_value(&[]);
+    let loss = value(&whole.values, key);
     whole.total.backward();
     for m in 0..ACCUM {
         let micro = cache.micro(m).unwrap();
         (micro.total / ACCUM as f64 + micro.surrogate.unwrap()).backward();
     }
-    (itc, take_grads(&s.asm))
+    (loss, take_grads(&s.asm))
+}
+
+fn cached(s: &Setup, hooks: &Hooks) -> (f64, BTreeMap<String, Tensor>) {
+    cached_loss(s, hooks, "itc")
+}
+
+/// The logged value `key`.
+fn value(values: &[(String, Tensor)], key: &str) -> f64 {
+    values
+        .iter()
+        .find(|(k, _)| k == key)
+        .unwrap()
+        .1
+        .double_value(&[])
+}
+
+/// The loss `key` and the gradients of every objective over the batch the
+/// micro-batches make, in one forward.
+fn whole_batch(s: &Setup, hooks: &Hooks, key: &str) -> (f64, BTreeMap<String, Tensor>) {
+    let whole = Batch::cat(&s.micro).unwrap();
+    let out = objectives(&s.asm, &s.loaded.config.train, None, hooks, 0, &whole).unwrap();
+    let loss = value(&out.values, key);
+    out.total.backward();
+    (loss, take_grads(&s.asm))
 }
 
 fn assert_close(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>, rel: f64) {
@@ -133,18 +151,7 @@ fn cached_itc_over_micro_batches_equals_itc_over_their_whole_batch() {
     let s = setup(&[]);
     let hooks = Hooks::none();
     let (itc, grads) = cached(&s, &hooks);
-    let whole = Batch::cat(&s.micro).unwrap();
-    let tc = &s.loaded.config.train;
-    let out = objectives(&s.asm, tc, None, &hooks, 0, &whole).unwrap();
-    let expected = out
-        .values
-        .iter()
-        .find(|(k, _)| k == "itc")
-        .unwrap()
-        .1
-        .double_value(&[]);
-    out.total.backward();
-    let reference = take_grads(&s.asm);
+    let (expected, reference) = whole_batch(&s, &hooks, "itc");
     assert!(
         (itc - expected).abs() <= 1e-6 * expected.abs(),
         "ITC {itc} cached vs {expected} whole"
@@ -163,38 +170,13 @@ fn cached_siglip_equals_siglip_over_the_whole_batch() {
         .push(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/siglip.toml"));
     let s = setup_with(layers);
     let hooks = Hooks::none();
-    let tc = &s.loaded.config.train;
-    let batches = s.micro.iter().map(Batch::shallow_clone).collect();
-    let cache = GradCache::new(&s.asm, tc, None, &hooks, 0, batches);
-    let whole = cache.whole().unwrap();
-    let loss = whole
-        .values
-        .iter()
-        .find(|(k, _)| k == "siglip")
-        .unwrap()
-        .1
-        .double_value(&[]);
-    whole.total.backward();
-    for m in 0..ACCUM {
-        let micro = cache.micro(m).unwrap();
-        (micro.total / ACCUM as f64 + micro.surrogate.unwrap()).backward();
-    }
-    let grads = take_grads(&s.asm);
-    let all = Batch::cat(&s.micro).unwrap();
-    let out = objectives(&s.asm, tc, None, &hooks, 0, &all).unwrap();
-    let expected = out
-        .values
-        .iter()
-        .find(|(k, _)| k == "siglip")
-        .unwrap()
-        .1
-        .double_value(&[]);
-    out.total.backward();
+    let (loss, grads) = cached_loss(&s, &hooks, "siglip");
+    let (expected, reference) = whole_batch(&s, &hooks, "siglip");
     assert!(
         (loss - expected).abs() <= 1e-6 * expected.abs(),
         "{loss} vs {expected}"
     );
-    assert_close(&grads, &take_grads(&s.asm), 1e-5);
+    assert_close(&grads, &reference, 1e-5);
 }
 
 /// With dropout 0.1 the cached path equals the same micro-batches
