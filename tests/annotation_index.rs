@@ -229,3 +229,40 @@ proptest::proptest! {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// A cache is read, never believed: records damaged in place (offsets past
+/// the file, an image number past the images, counts that overflow) make
+/// the index rebuild from the file, with the loader's pairs, not panic.
+#[test]
+fn a_damaged_cache_is_rebuilt_not_believed() {
+    let dir = scratch("index-damaged-cache");
+    let root = images(&dir);
+    let path = dir.join("train.jsonl");
+    std::fs::write(&path, entries().join("\n") + "\n").unwrap();
+    let expected = load_checked_within(&path, Some(&root), None, OnError::Skip, limits()).unwrap();
+    let ix = AnnotationIndex::open(&path, Some(&root), OnError::Skip, limits()).unwrap();
+    let cache = ix.cache.clone();
+    drop(ix);
+    let good = std::fs::read(&cache).unwrap();
+    let header = good.len() - 24 * (expected.images.len() + expected.pairs.len());
+    let mut damaged = Vec::new();
+    // Every byte of the first image and first pair records set high.
+    for record in [header, header + 24 * expected.images.len()] {
+        for at in 0..24 {
+            let mut b = good.clone();
+            b[record + at] = 0xff;
+            damaged.push(b);
+        }
+    }
+    // The image and pair counts (header words 6 and 7) made huge.
+    for word in [6, 7] {
+        let mut b = good.clone();
+        b[8 + 8 * word..16 + 8 * word].copy_from_slice(&u64::MAX.to_le_bytes());
+        damaged.push(b);
+    }
+    for b in damaged {
+        std::fs::write(&cache, &b).unwrap();
+        let ix = AnnotationIndex::open(&path, Some(&root), OnError::Skip, limits()).unwrap();
+        same(&ix.to_dataset().unwrap(), &expected);
+    }
+}

@@ -28,10 +28,11 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use vlmatch_core::{Error, Result};
 
-const MAGIC: &[u8; 8] = b"VLMIDX01";
+const MAGIC: &[u8; 8] = b"VLMIDX02";
 /// Magic, then ten u64: size, mtime seconds, mtime nanoseconds, the
 /// head-and-tail hash, the settings hash, the format (0 lines, 1 array),
-/// images, pairs, skipped entries, and a reserved zero.
+/// images, pairs, skipped entries, and a hash of the records (a cache that
+/// does not match it, or whose records leave the file, is rebuilt).
 const HEADER: usize = 8 + 10 * 8;
 const RECORD: usize = 24;
 /// Bytes hashed at each end of the file for the cache key.
@@ -263,8 +264,30 @@ impl AnnotationIndex {
         if h[..5] != want[..] {
             return None;
         }
-        let (images, pairs) = (h[6] as usize, h[7] as usize);
-        if b.len() != HEADER + RECORD * (images + pairs) {
+        // Nothing in the cache is believed: its counts must fit its size
+        // (checked arithmetic), and every record must lie in the file
+        // indexed (whose size is `want[0]`) and name an image it has.
+        let (images, pairs) = (usize::try_from(h[6]).ok()?, usize::try_from(h[7]).ok()?);
+        let records = images.checked_add(pairs)?;
+        if b.len() != RECORD.checked_mul(records)?.checked_add(HEADER)? {
+            return None;
+        }
+        if fnv(FNV0, &b[HEADER..]) != h[9] {
+            return None;
+        }
+        let size = want[0];
+        let within = |r: &[u8]| {
+            let place = Self::place(r);
+            place
+                .offset
+                .checked_add(u64::from(place.len))
+                .is_some_and(|end| end <= size)
+        };
+        let record = |i: usize| &b[HEADER + RECORD * i..HEADER + RECORD * (i + 1)];
+        let images_ok = (0..images).all(|i| within(record(i)));
+        let pairs_ok = (images..records)
+            .all(|i| within(record(i)) && (u32_at(record(i), 16) as usize) < images);
+        if !(images_ok && pairs_ok) {
             return None;
         }
         Some(AnnotationIndex {
@@ -640,6 +663,9 @@ fn build(
         out.extend_from_slice(&image.to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
     }
+    // The last header word: a hash of the records, checked on every open.
+    let body = fnv(FNV0, &out[HEADER..]);
+    out[HEADER - 8..HEADER].copy_from_slice(&body.to_le_bytes());
     Ok(out)
 }
 
