@@ -55,8 +55,13 @@ impl Fs for RealFs {
 
 /// The temporary name a durable write of `path` uses.
 pub fn temporary(path: &Path) -> PathBuf {
+    suffixed(path, ".tmp")
+}
+
+/// `path` with `suffix` appended to its name.
+fn suffixed(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
-    name.push(".tmp");
+    name.push(suffix);
     PathBuf::from(name)
 }
 
@@ -99,12 +104,7 @@ pub fn write(path: &Path, bytes: impl AsRef<[u8]>) -> Result<()> {
 /// the old contents as `DIR.replaced` and the complete new ones as
 /// `DIR.partial`; never a half-written `dir`.
 pub fn replace_dir(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let sibling = |ext: &str| {
-        let mut name = dir.as_os_str().to_owned();
-        name.push(ext);
-        PathBuf::from(name)
-    };
-    let (tmp, old) = (sibling(".partial"), sibling(".replaced"));
+    let (tmp, old) = (suffixed(dir, ".partial"), suffixed(dir, ".replaced"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     write(&tmp)?;

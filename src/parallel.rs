@@ -338,12 +338,6 @@ impl Parallel {
         agree_any(self.group(), flag).map_err(to_core_error)
     }
 
-    /// Waits until every rank gets here (while rank 0 writes a checkpoint
-    /// or evaluates, the others wait here rather than run ahead).
-    pub fn barrier(&self) -> Result<()> {
-        self.group().barrier().map_err(to_core_error)
-    }
-
     /// `values` averaged over ranks and `count` summed, in one all-reduce.
     /// Every rank must pass the same keys; checked first (a second, tiny
     /// collective), so a mismatch is an error rather than a hang.

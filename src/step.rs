@@ -85,8 +85,11 @@ impl Stepper<'_> {
         let accum = self.accum_steps;
         let mut values: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut loss_keys: Vec<String> = vec!["loss".into()];
-        let mut add = |k: String, v: Tensor| {
-            let v = v.detach().to_kind(Kind::Float) / accum as f64;
+        // A value's share of the step's logged value: a micro-batch's is
+        // divided by `accum` (the mean over micro-batches), the whole
+        // batch's is taken as it is (divided by 1).
+        let mut add = |k: String, v: Tensor, parts: usize| {
+            let v = v.detach().to_kind(Kind::Float) / parts as f64;
             match values.remove(&k) {
                 Some(old) => values.insert(k, old + v),
                 None => values.insert(k, v),
@@ -96,10 +99,10 @@ impl Stepper<'_> {
         if let Some(w) = whole()? {
             loss_keys.extend(w.losses);
             for (k, v) in w.values {
-                add(k, v * accum as f64);
+                add(k, v, 1);
             }
             let total = self.hooks.before_backward(at.step, w.total);
-            add("loss".into(), &total * accum as f64);
+            add("loss".into(), total.shallow_clone(), 1);
             if let Some(p) = self.par {
                 p.sync_gradients(false);
             }
@@ -113,10 +116,10 @@ impl Stepper<'_> {
                 }
             }
             for (k, v) in out.values {
-                add(k, v);
+                add(k, v, accum);
             }
             let total = self.hooks.before_backward(at.step, out.total);
-            add("loss".into(), total.shallow_clone());
+            add("loss".into(), total.shallow_clone(), accum);
             if let Some(p) = self.par {
                 // Only the last micro-batch's backward reduces (DDP's no_sync).
                 p.sync_gradients(m + 1 == accum);
