@@ -973,14 +973,6 @@ const KNOWN_CYCLES: &[(&str, &str)] = &[
         "data/mod.rs calls annotations::load_checked, which uses the parent's Dataset types",
     ),
     (
-        "src: data -> data::loader -> data",
-        "data/mod.rs calls loader::decode_resized, the loader uses the parent's Dataset and OnError",
-    ),
-    (
-        "src: data -> data::loader -> data::webdataset -> data",
-        "the same parent-and-loaders knot, through the loader's use of webdataset's Shards",
-    ),
-    (
         "src: data -> data::webdataset -> data",
         "data/mod.rs calls webdataset::load_shards, which uses the parent's Dataset types",
     ),
