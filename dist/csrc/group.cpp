@@ -240,6 +240,47 @@ int32_t vlm_pg_allgather_base(
   });
 }
 
+// SUM reduce-scatter: `input` holds world_size equal parts along dim 0
+// (part r for rank r); every rank's inputs are summed and this rank's part of
+// the sum lands in `output` (the size of one part). `_reduce_scatter_base` is
+// NCCL's ncclReduceScatter, each rank receiving only its part. libtorch
+// 2.11's Gloo has no reduce-scatter of its own: its `_reduce_scatter_base`
+// clones the input, all-reduces the clone and copies this rank's part when
+// the work is waited on, so on Gloo it costs an all-reduce of the whole
+// input, and the work reports completion only through `wait`.
+int32_t vlm_pg_reduce_scatter_sum(
+    vlm_pg* pg,
+    at::Tensor* output,
+    at::Tensor* input,
+    vlm_work** out,
+    char** err) {
+  return guarded(err, [&] {
+    at::Tensor o = *output;
+    at::Tensor i = *input;
+    TORCH_CHECK(
+        o.is_contiguous() && i.is_contiguous(),
+        "reduce_scatter needs contiguous tensors");
+    TORCH_CHECK(
+        o.scalar_type() == i.scalar_type() && o.device() == i.device(),
+        "reduce_scatter's input and output differ in dtype or device");
+    TORCH_CHECK(
+        i.dim() >= 1 && o.dim() == i.dim() &&
+            i.size(0) == o.size(0) * pg->state->size &&
+            i.numel() == o.numel() * pg->state->size,
+        "reduce_scatter's input must be world_size (",
+        pg->state->size,
+        ") times its output along dim 0, got input ",
+        i.sizes(),
+        " and output ",
+        o.sizes());
+    c10d::ReduceScatterOptions opts;
+    opts.reduceOp = c10d::ReduceOp::SUM;
+    return start_work(pg, VLM_OP_REDUCESCATTER, out, [&](c10d::Backend& b) {
+      return b._reduce_scatter_base(o, i, opts);
+    });
+  });
+}
+
 // In-place broadcast of `tensor` from `root`.
 int32_t vlm_pg_broadcast(
     vlm_pg* pg,

@@ -56,6 +56,7 @@ enum : int32_t {
   VLM_OP_ALLGATHER = 2,
   VLM_OP_BROADCAST = 3,
   VLM_OP_BARRIER = 4,
+  VLM_OP_REDUCESCATTER = 5,
 };
 
 // ---------------------------------------------------------------------------

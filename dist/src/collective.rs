@@ -30,6 +30,33 @@ impl DistCollective {
     pub fn into_inner(self) -> ProcessGroup {
         self.group
     }
+
+    /// This rank's part of the element-wise sum of every rank's `t`, without
+    /// gradient: `t` is `world_size` equal parts along dim 0, part `r` for
+    /// rank `r` (see [`ProcessGroup::reduce_scatter_sum`]: a true
+    /// reduce-scatter on NCCL, an all-reduce of `t` on Gloo). Waits for it.
+    /// Not in the core's [`Collective`]: objectives never need it; ZeRO
+    /// stage 1's gradient reduction does.
+    pub fn reduce_scatter_sum(&self, t: &Tensor) -> vlmatch_core::Result<Tensor> {
+        let input = t.detach().contiguous();
+        let mut shape = input.size();
+        let n = self.group.size() as i64;
+        if !shape.first().is_some_and(|rows| rows % n == 0) {
+            return Err(vlmatch_core::Error::plugin(
+                "distributed",
+                format!(
+                    "reduce_scatter: {shape:?} does not split into {n} equal parts along dim 0"
+                ),
+            ));
+        }
+        shape[0] /= n;
+        let mut out = Tensor::empty(shape.as_slice(), (input.kind(), input.device()));
+        self.group
+            .reduce_scatter_sum(&mut out, &input)
+            .and_then(|w| w.wait())
+            .map_err(to_core_error)?;
+        Ok(out)
+    }
 }
 
 /// The core has no distributed error variant; a failed collective is

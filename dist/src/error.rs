@@ -30,6 +30,7 @@ pub enum Op {
     AllGather,
     Broadcast,
     Barrier,
+    ReduceScatter,
 }
 
 impl fmt::Display for Op {
@@ -39,6 +40,7 @@ impl fmt::Display for Op {
             Op::AllGather => "all_gather",
             Op::Broadcast => "broadcast",
             Op::Barrier => "barrier",
+            Op::ReduceScatter => "reduce_scatter",
         })
     }
 }

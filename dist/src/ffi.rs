@@ -26,6 +26,7 @@ const OP_ALLREDUCE: i32 = 1;
 const OP_ALLGATHER: i32 = 2;
 const OP_BROADCAST: i32 = 3;
 const OP_BARRIER: i32 = 4;
+const OP_REDUCESCATTER: i32 = 5;
 
 fn op_of_code(code: i32) -> Option<crate::Op> {
     match code {
@@ -33,6 +34,7 @@ fn op_of_code(code: i32) -> Option<crate::Op> {
         OP_ALLGATHER => Some(crate::Op::AllGather),
         OP_BROADCAST => Some(crate::Op::Broadcast),
         OP_BARRIER => Some(crate::Op::Barrier),
+        OP_REDUCESCATTER => Some(crate::Op::ReduceScatter),
         _ => None,
     }
 }

@@ -281,6 +281,56 @@ impl ProcessGroup {
             .map_err(|f| self.start_error(op, f))
     }
 
+    /// Starts a SUM reduce-scatter: `input` is `size` equal parts along dim
+    /// 0, part `r` meant for rank `r`; afterwards `output` (the shape of
+    /// one part, same dtype and device, contiguous) holds this rank's part
+    /// summed over every rank's input. On NCCL each rank receives only its
+    /// part (`ncclReduceScatter`: `(size - 1) / size` of the input's bytes
+    /// travel per rank, half an all-reduce's). libtorch 2.11's Gloo has no
+    /// reduce-scatter: it all-reduces a copy of the whole input and hands
+    /// out the part on [`Work::wait`], so on CPUs it costs an all-reduce of
+    /// `input` and completes only through `wait` ([`Work::is_completed`]
+    /// stays false). Until the work is waited on, both tensors belong to
+    /// the backend. Every rank must pass the same shapes.
+    pub fn reduce_scatter_sum(&self, output: &mut Tensor, input: &Tensor) -> Result<Work> {
+        let op = Op::ReduceScatter;
+        let n = self.info.size as i64;
+        let (out_shape, in_shape) = (output.size(), input.size());
+        let fits = !in_shape.is_empty()
+            && out_shape.len() == in_shape.len()
+            && out_shape[0] * n == in_shape[0]
+            && out_shape[1..] == in_shape[1..];
+        if !fits {
+            return Err(self.invalid(
+                op,
+                format!(
+                    "the input must be {n} (the group size) times the output along dim 0: \
+                     input {in_shape:?}, output {out_shape:?}"
+                ),
+            ));
+        }
+        if output.kind() != input.kind() || output.device() != input.device() {
+            return Err(self.invalid(
+                op,
+                format!(
+                    "input is {:?} on {:?}, output {:?} on {:?}",
+                    input.kind(),
+                    input.device(),
+                    output.kind(),
+                    output.device()
+                ),
+            ));
+        }
+        if !output.is_contiguous() || !input.is_contiguous() {
+            return Err(self.invalid(op, "input and output must be contiguous".into()));
+        }
+        let raw = self
+            .handle(op)?
+            .reduce_scatter_sum(output, input)
+            .map_err(|f| self.start_error(op, f))?;
+        Ok(self.work(op, raw))
+    }
+
     /// Starts an in-place broadcast of `tensor` from rank `root`: afterwards
     /// every rank's tensor holds root's values. Returns at once.
     pub fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<Work> {

@@ -101,9 +101,15 @@ pub fn activities() -> Vec<Activity> {
 }
 
 fn op_named(name: &str) -> Option<Op> {
-    [Op::AllReduce, Op::AllGather, Op::Broadcast, Op::Barrier]
-        .into_iter()
-        .find(|op| op.to_string() == name)
+    [
+        Op::AllReduce,
+        Op::AllGather,
+        Op::Broadcast,
+        Op::Barrier,
+        Op::ReduceScatter,
+    ]
+    .into_iter()
+    .find(|op| op.to_string() == name)
 }
 
 impl Activity {

@@ -690,6 +690,29 @@ fn role_collectives(env: &LaunchEnv) -> Result<(), String> {
     let scalars = pg.all_gather(&Tensor::from(r)).map_err(err)?;
     expect_eq("all_gather of scalars", i64s(&scalars), (0..n).collect())?;
 
+    // Reduce-scatter: rank r's input is n parts of 3 rows x 2, element i
+    // of the whole input being i + 100r; rank r gets part r of the sum.
+    let input = (Tensor::arange(n * 6, cpu(Kind::Float)) + 100.0 * r as f64).reshape([3 * n, 2]);
+    let mut part = Tensor::zeros([3, 2], cpu(Kind::Float));
+    pg.reduce_scatter_sum(&mut part, &input)
+        .map_err(err)?
+        .wait()
+        .map_err(err)?;
+    let want: Vec<f32> = (0..6)
+        .map(|i| (n * (6 * r + i) + 100 * n * (n - 1) / 2) as f32)
+        .collect();
+    expect_eq("reduce_scatter part", f32s(&part), want)?;
+    expect_eq(
+        "reduce_scatter leaves its input alone",
+        f32s(&input)[0],
+        100.0 * r as f32,
+    )?;
+    let mut wrong = Tensor::zeros([2, 2], cpu(Kind::Float));
+    match pg.reduce_scatter_sum(&mut wrong, &input) {
+        Err(DistError::InvalidArgument { detail, .. }) if detail.contains("group size") => {}
+        other => return Err(format!("a misshapen reduce_scatter gave {other:?}")),
+    }
+
     // Broadcast from the last rank: rank r holds arange * (r + 1).
     let root = env.world_size - 1;
     let mut b = Tensor::arange(3, cpu(Kind::Float)) * (r + 1) as f64;
@@ -919,7 +942,17 @@ fn role_nccl(env: &LaunchEnv) -> Result<(), String> {
     )?;
     let g = pg.all_gather(&t[0]).map_err(|e| e.to_string())?;
     expect_eq("nccl all_gather shape", g.size(), vec![5])?;
-    println!("nccl: one-rank all_reduce and all_gather on cuda:0 ok");
+    let mut part = Tensor::zeros([5], (Kind::Float, dev));
+    pg.reduce_scatter_sum(&mut part, &t[0])
+        .map_err(|e| e.to_string())?
+        .wait()
+        .map_err(|e| e.to_string())?;
+    expect_eq(
+        "nccl reduce_scatter",
+        f32s(&part.to_device(Device::Cpu)),
+        vec![0., 1., 2., 3., 4.],
+    )?;
+    println!("nccl: one-rank all_reduce, all_gather and reduce_scatter on cuda:0 ok");
     Ok(())
 }
 

@@ -54,6 +54,13 @@ extern "C" {
         out: *mut *mut RawWork,
         err: *mut *mut c_char,
     ) -> i32;
+    fn vlm_pg_reduce_scatter_sum(
+        pg: *mut RawPg,
+        output: *mut C_tensor,
+        input: *mut C_tensor,
+        out: *mut *mut RawWork,
+        err: *mut *mut c_char,
+    ) -> i32;
     fn vlm_pg_broadcast(
         pg: *mut RawPg,
         tensor: *mut C_tensor,
@@ -167,6 +174,28 @@ impl PgHandle {
         // written through.
         start_work(|out, err| unsafe {
             vlm_pg_allgather_base(
+                self.raw(),
+                output.as_mut_ptr(),
+                input.as_ptr() as *mut C_tensor,
+                out,
+                err,
+            )
+        })
+    }
+
+    /// Starts a SUM reduce-scatter of `input` (world size parts along dim
+    /// 0) into `output` (this rank's part).
+    pub(crate) fn reduce_scatter_sum(
+        &self,
+        output: &mut Tensor,
+        input: &Tensor,
+    ) -> FfiResult<WorkHandle> {
+        // SAFETY: live handle and two live tensor handles. `input` is only
+        // read (c10d's signature takes it mutably; the shim copies the
+        // `at::Tensor`, a reference to the same storage, before use), so
+        // the pointer is never written through.
+        start_work(|out, err| unsafe {
+            vlm_pg_reduce_scatter_sum(
                 self.raw(),
                 output.as_mut_ptr(),
                 input.as_ptr() as *mut C_tensor,
