@@ -579,8 +579,9 @@ fn neggen_fills_byte_level_bpe_and_refuses_unmarked_vocabularies() {
     );
 }
 
-/// The committed `configs/neggen.toml` layer puts NegGen into the full
-/// method's FG-ITM (filling with its VL-RTD generator) and trains.
+/// The committed `configs/neggen.toml` layer puts NegGen back into the full
+/// method's FG-ITM (filling with its VL-RTD generator) over
+/// `configs/wordswap.toml`, and trains.
 #[test]
 fn the_neggen_layer_trains_with_the_vlmatch_preset() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -590,6 +591,7 @@ fn the_neggen_layer_trains_with_the_vlmatch_preset() {
         "train.checkpoint_every=0",
     ]);
     layers.files.insert(0, root.join("configs/neggen.toml"));
+    layers.files.insert(0, root.join("configs/wordswap.toml"));
     layers.files.insert(0, root.join("configs/vlmatch.toml"));
     let s = train_exclusive(vlmatch::train::TrainOptions {
         layers,
