@@ -168,6 +168,9 @@ fn heldout(cfg: &LoadedConfig) -> Result<Option<Dataset>> {
 /// resolved shards; and the held-out set, if any.
 pub fn train_source(cfg: &LoadedConfig) -> Result<(Source, Option<Dataset>)> {
     let data = &cfg.config.data;
+    if let Some(train) = indexed_train(data)? {
+        return Ok((Source::Pairs(Arc::new(train)), heldout(cfg)?));
+    }
     if data.source != DataSource::Webdataset {
         let (train, heldout) = datasets(cfg)?;
         return Ok((Source::Pairs(Arc::new(train)), heldout));
@@ -178,6 +181,25 @@ pub fn train_source(cfg: &LoadedConfig) -> Result<(Source, Option<Dataset>)> {
     let shards = Shards::resolve(pattern, "config key `data.shards`", data.shuffle_buffer)?
         .with_limits(crate::data::webdataset::MemberLimits::from_config(data));
     Ok((Source::Shards(shards), heldout(cfg)?))
+}
+
+/// The training annotation file read through its index
+/// (`crate::data::index`), unless `data.index = "off"`, a Karpathy split
+/// is asked for, or the file is in Karpathy format (then `None`: it is
+/// loaded whole, as [`datasets`] does).
+fn indexed_train(data: &vlmatch_registry::config::DataConfig) -> Result<Option<Dataset>> {
+    use vlmatch_registry::config::AnnotationIndexMode;
+    let (DataSource::Annotations, AnnotationIndexMode::Auto, None, Some(path)) =
+        (data.source, data.index, &data.split, &data.annotations)
+    else {
+        return Ok(None);
+    };
+    crate::data::index::open_dataset(
+        path,
+        data.image_root.as_deref(),
+        data.on_error,
+        annotations::AnnotationLimits::from_config(data),
+    )
 }
 
 /// libtorch intra-op threads: `train.threads`, or every core when 0.

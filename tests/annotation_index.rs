@@ -76,14 +76,15 @@ fn json_lines_index_gives_the_loaders_pairs_skipped_lines_included() {
     assert_eq!(want.skipped, 6, "the bad lines are skipped by the loader");
     let ix = AnnotationIndex::open(&path, Some(&root), OnError::Skip, limits()).unwrap();
     assert!(!ix.cached);
-    assert_eq!(ix.cache, dir.join(".train.jsonl.vlmatch-index"));
+    assert_eq!(ix.cache, Some(dir.join(".train.jsonl.vlmatch-index")));
     let got = ix.to_dataset().unwrap();
     same(&want, &got);
     assert_eq!(
         (ix.len(), ix.image_count()),
         (want.len(), want.images.len())
     );
-    let per_caption = std::fs::metadata(&ix.cache).unwrap().len() as f64 / ix.len() as f64;
+    let per_caption =
+        std::fs::metadata(ix.cache.as_ref().unwrap()).unwrap().len() as f64 / ix.len() as f64;
     eprintln!("index: {per_caption:.1} bytes per caption on this small file");
 
     // From the cache, the same again.
@@ -241,7 +242,7 @@ fn a_damaged_cache_is_rebuilt_not_believed() {
     std::fs::write(&path, entries().join("\n") + "\n").unwrap();
     let expected = load_checked_within(&path, Some(&root), None, OnError::Skip, limits()).unwrap();
     let ix = AnnotationIndex::open(&path, Some(&root), OnError::Skip, limits()).unwrap();
-    let cache = ix.cache.clone();
+    let cache = ix.cache.clone().unwrap();
     drop(ix);
     let good = std::fs::read(&cache).unwrap();
     let header = good.len() - 24 * (expected.images.len() + expected.pairs.len());

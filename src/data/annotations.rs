@@ -374,6 +374,7 @@ fn load_inner(
         image_ids: Vec::new(),
         pairs: Vec::new(),
         skipped: 0,
+        store: None,
     };
     let mut extras = Vec::new();
     let mut raws = Vec::new();

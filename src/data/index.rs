@@ -14,18 +14,21 @@
 //! key matches: the file's size, modification time and a hash of its first
 //! and last 64 KiB, and the settings it was built under (image root, text
 //! field, `data.on_error`, the annotation limits). It is memory-mapped
-//! read-only, so ranks on one machine share its pages.
+//! read-only, so ranks on one machine share its pages. Where neither place
+//! can be written, the index is built in this process's memory (a warning
+//! says so; 24 bytes per caption, not shared, built again at each start).
 //!
 //! Karpathy-format files (one JSON object) are not indexed: they are small
-//! and loaded whole.
+//! and loaded whole ([`AnnotationIndex::open_indexable`] says `None`).
 
 use super::annotations::{bad, json_line, parse_entry, AnnotationLimits};
-use super::{resolve_under, with_skip_hint, Dataset, ImageRef, OnError, Pair};
+use super::{resolve_under, with_skip_hint, Dataset, ImageRef, OnError, Pair, PairStore};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use vlmatch_core::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"VLMIDX02";
@@ -48,9 +51,9 @@ fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
 }
 const FNV0: u64 = 0xcbf2_9ce4_8422_2325;
 
-/// The cache key of the file at `path` as it is now: size, modification
-/// time, and the hash of its first and last 64 KiB.
-fn file_key(path: &Path) -> Result<[u64; 4]> {
+/// The file at `path`, open, and its cache key as it is now: size,
+/// modification time, and the hash of its first and last 64 KiB.
+fn file_key(path: &Path) -> Result<(File, [u64; 4])> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let meta = file.metadata().map_err(|e| Error::io(path, e))?;
     let size = meta.len();
@@ -67,7 +70,24 @@ fn file_key(path: &Path) -> Result<[u64; 4]> {
     file.read_exact_at(&mut tail, size - n)
         .map_err(|e| Error::io(path, e))?;
     let hash = fnv(fnv(FNV0, &head), &tail);
-    Ok([size, mtime.as_secs(), u64::from(mtime.subsec_nanos()), hash])
+    let key = [size, mtime.as_secs(), u64::from(mtime.subsec_nanos()), hash];
+    Ok((file, key))
+}
+
+/// The index's bytes: a read-only shared mapping of its cache file, or
+/// built in memory where no cache could be written.
+enum Bytes {
+    Mapped(Mapped),
+    Owned(Vec<u8>),
+}
+
+impl Bytes {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m.bytes(),
+            Bytes::Owned(v) => v,
+        }
+    }
 }
 
 /// A read-only shared mapping of an index file.
@@ -144,18 +164,33 @@ struct Place {
 /// An annotation file opened through its index.
 pub struct AnnotationIndex {
     file: PathBuf,
+    /// The annotation file, open for reading by offset (the file as it was
+    /// opened, should it be replaced later).
+    reader: File,
     root: PathBuf,
     text_key: String,
     lines: bool,
-    map: Mapped,
+    map: Bytes,
     images: usize,
     pairs: usize,
     /// Entries dropped when the index was built (`data.on_error = "skip"`).
     pub skipped: usize,
-    /// The index file used.
-    pub cache: PathBuf,
+    /// The index file used; `None` when no cache could be written and the
+    /// index is held in memory.
+    pub cache: Option<PathBuf>,
     /// Whether it was read from the cache rather than built now.
     pub cached: bool,
+}
+
+impl std::fmt::Debug for AnnotationIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AnnotationIndex")
+            .field("file", &self.file)
+            .field("pairs", &self.pairs)
+            .field("images", &self.images)
+            .field("cache", &self.cache)
+            .finish()
+    }
 }
 
 /// Where a file's index is cached: beside it, and in the per-user cache.
@@ -181,13 +216,30 @@ fn cache_paths(file: &Path) -> Vec<PathBuf> {
 impl AnnotationIndex {
     /// The index of the annotation file `path` (image paths under
     /// `image_root`, default the file's directory), from the cache when its
-    /// key matches, else built and cached.
+    /// key matches, else built and cached. A Karpathy-format file is an
+    /// error (it is loaded whole).
     pub fn open(
         path: &Path,
         image_root: Option<&Path>,
         on_error: OnError,
         limits: AnnotationLimits,
     ) -> Result<AnnotationIndex> {
+        Self::open_indexable(path, image_root, on_error, limits)?.ok_or_else(|| {
+            bad(
+                path,
+                None,
+                "a Karpathy-format file is not indexed; it is loaded whole".into(),
+            )
+        })
+    }
+
+    /// [`AnnotationIndex::open`], or `None` for a Karpathy-format file.
+    pub fn open_indexable(
+        path: &Path,
+        image_root: Option<&Path>,
+        on_error: OnError,
+        limits: AnnotationLimits,
+    ) -> Result<Option<AnnotationIndex>> {
         let root = image_root
             .map(Path::to_path_buf)
             .unwrap_or_else(|| path.parent().map(Path::to_path_buf).unwrap_or_default());
@@ -202,59 +254,69 @@ impl AnnotationIndex {
             )
             .as_bytes(),
         );
-        let key = file_key(path)?;
+        let (reader, key) = file_key(path)?;
         let want = [key[0], key[1], key[2], key[3], settings];
         let places = cache_paths(path);
+        let open = |bytes: Bytes, cache: Option<&Path>, reader: File| {
+            Self::from_map(bytes, &want, path, &root, text_key, cache, reader)
+        };
         for cache in &places {
             if let Ok(map) = Mapped::open(cache) {
-                if let Some(ix) = Self::from_map(map, &want, path, &root, text_key, cache) {
-                    return Ok(ix);
+                let reader = reader.try_clone().map_err(|e| Error::io(path, e))?;
+                if let Some(ix) = open(Bytes::Mapped(map), Some(cache), reader) {
+                    return Ok(Some(ix));
                 }
             }
         }
-        let bytes = build(path, &root, text_key, on_error, limits, &want)?;
-        let mut written = None;
+        let Some(bytes) = build(path, &root, text_key, on_error, limits, &want)? else {
+            return Ok(None);
+        };
+        let unreadable = |what: &str| {
+            Error::Config(format!(
+                "{}: the index just built is unreadable ({what})",
+                path.display()
+            ))
+        };
         for cache in &places {
             if let Some(dir) = cache.parent() {
                 let _ = std::fs::create_dir_all(dir);
             }
             if crate::durable::write(cache, &bytes).is_ok() {
-                written = Some(cache.clone());
-                break;
+                let map = Mapped::open(cache).map_err(|e| Error::io(cache, e))?;
+                let reader = reader.try_clone().map_err(|e| Error::io(path, e))?;
+                let mut ix = open(Bytes::Mapped(map), Some(cache), reader)
+                    .ok_or_else(|| unreadable(&cache.display().to_string()))?;
+                ix.cached = false;
+                return Ok(Some(ix));
             }
         }
-        let cache = written.ok_or_else(|| {
-            Error::Config(format!(
-                "{}: could not write its index beside it or under the per-user cache ({})",
-                path.display(),
-                places
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
-        })?;
-        let map = Mapped::open(&cache).map_err(|e| Error::io(&cache, e))?;
+        tracing::warn!(
+            "{}: could not write its index beside it or under the per-user cache ({}); \
+             it is held in memory (24 bytes per caption, built again at each start, not \
+             shared between ranks)",
+            path.display(),
+            places
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         let mut ix =
-            Self::from_map(map, &want, path, &root, text_key, &cache).ok_or_else(|| {
-                Error::Config(format!(
-                    "{}: the index just written is unreadable",
-                    cache.display()
-                ))
-            })?;
+            open(Bytes::Owned(bytes), None, reader).ok_or_else(|| unreadable("in memory"))?;
         ix.cached = false;
-        Ok(ix)
+        Ok(Some(ix))
     }
 
     /// The index in `map` if its header matches `want` and its size its
     /// counts.
     fn from_map(
-        map: Mapped,
+        map: Bytes,
         want: &[u64; 5],
         file: &Path,
         root: &Path,
         text_key: &str,
-        cache: &Path,
+        cache: Option<&Path>,
+        reader: File,
     ) -> Option<AnnotationIndex> {
         let b = map.bytes();
         if b.len() < HEADER || &b[..8] != MAGIC {
@@ -292,6 +354,7 @@ impl AnnotationIndex {
         }
         Some(AnnotationIndex {
             file: file.to_path_buf(),
+            reader,
             root: root.to_path_buf(),
             text_key: text_key.to_string(),
             lines: h[5] == 0,
@@ -299,7 +362,7 @@ impl AnnotationIndex {
             pairs,
             skipped: h[8] as usize,
             map,
-            cache: cache.to_path_buf(),
+            cache: cache.map(Path::to_path_buf),
             cached: true,
         })
     }
@@ -343,9 +406,9 @@ impl AnnotationIndex {
 
     /// The entry at `place`, read from the file.
     fn entry(&self, place: Place) -> Result<Value> {
-        let file = File::open(&self.file).map_err(|e| Error::io(&self.file, e))?;
         let mut buf = vec![0u8; place.len as usize];
-        file.read_exact_at(&mut buf, place.offset)
+        self.reader
+            .read_exact_at(&mut buf, place.offset)
             .map_err(|e| Error::io(&self.file, e))?;
         serde_json::from_slice(&buf).map_err(|e| {
             bad(
@@ -404,6 +467,7 @@ impl AnnotationIndex {
             image_ids: Vec::with_capacity(self.images),
             pairs: Vec::with_capacity(self.pairs),
             skipped: self.skipped,
+            store: None,
         };
         for i in 0..self.images {
             let (path, origin) = self.image(i)?;
@@ -422,6 +486,58 @@ impl AnnotationIndex {
         }
         Ok(ds)
     }
+}
+
+impl PairStore for AnnotationIndex {
+    fn len(&self) -> usize {
+        self.pairs
+    }
+    fn image_count(&self) -> usize {
+        self.images
+    }
+    fn pair_image(&self, pair: usize) -> usize {
+        AnnotationIndex::pair_image(self, pair)
+    }
+    fn image_id(&self, image: usize) -> i64 {
+        AnnotationIndex::image_id(self, image)
+    }
+    fn caption(&self, pair: usize) -> Result<String> {
+        AnnotationIndex::caption(self, pair)
+    }
+    fn image(&self, image: usize) -> Result<ImageRef> {
+        let (path, origin) = AnnotationIndex::image(self, image)?;
+        Ok(ImageRef::File {
+            path,
+            origin,
+            bytes: None,
+        })
+    }
+}
+
+/// The annotation file `path` as a [`Dataset`] read through its index
+/// (pairs and images read from the file on demand), with the same pairs,
+/// images, ids and skipped entries as
+/// [`super::annotations::load_checked_within`]; `None` for a
+/// Karpathy-format file, which is loaded whole.
+pub fn open_dataset(
+    path: &Path,
+    image_root: Option<&Path>,
+    on_error: OnError,
+    limits: AnnotationLimits,
+) -> Result<Option<Dataset>> {
+    let Some(ix) = AnnotationIndex::open_indexable(path, image_root, on_error, limits)? else {
+        return Ok(None);
+    };
+    let skipped = ix.skipped;
+    if skipped > 0 && ix.cached {
+        tracing::warn!(
+            "{}: skipped {skipped} bad entries (data.on_error = \"skip\"; counted when \
+             its index was built)",
+            path.display()
+        );
+    }
+    let name = path.display().to_string();
+    Ok(Some(Dataset::stored(name, Arc::new(ix), skipped)))
 }
 
 fn origin(file: &Path, lines: bool, number: u32) -> String {
@@ -565,7 +681,7 @@ impl Builder<'_> {
 
 /// Build the index bytes of `path`: header `want`, the images' records,
 /// the pairs'; entries checked as the JSON loader checks them, one at a
-/// time.
+/// time. `None` for a Karpathy-format file, which is not indexed.
 fn build(
     path: &Path,
     root: &Path,
@@ -573,7 +689,7 @@ fn build(
     on_error: OnError,
     limits: AnnotationLimits,
     want: &[u64; 5],
-) -> Result<Vec<u8>> {
+) -> Result<Option<Vec<u8>>> {
     let all = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let bom = if all.starts_with(b"\xef\xbb\xbf") {
         3
@@ -602,11 +718,7 @@ fn build(
             let karpathy = matches!(de.next(), Some(Ok(v)) if v.get("images").is_some())
                 && de.next().is_none();
             if karpathy {
-                return Err(bad(
-                    path,
-                    None,
-                    "a Karpathy-format file is not indexed; it is loaded whole".into(),
-                ));
+                return Ok(None);
             }
         }
         let mut at = bom;
@@ -666,7 +778,7 @@ fn build(
     // The last header word: a hash of the records, checked on every open.
     let body = fnv(FNV0, &out[HEADER..]);
     out[HEADER - 8..HEADER].copy_from_slice(&body.to_le_bytes());
-    Ok(out)
+    Ok(Some(out))
 }
 
 #[cfg(test)]

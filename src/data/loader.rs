@@ -194,7 +194,7 @@ fn load_augmented(
     aug: &Augment,
     key: AugKey,
 ) -> Result<Vec<u8>> {
-    let rgb = match &ds.images[i] {
+    let rgb = match &*ds.image_ref(i)? {
         ImageRef::Scene(scene) => {
             image::RgbImage::from_raw(size as u32, size as u32, scene.render(size))
                 .ok_or_else(|| Error::Config("a rendered scene has the wrong size".into()))?
@@ -216,7 +216,7 @@ fn load_augmented(
 /// Pair `i`'s image, normalised: augmented for `key` by a training loader
 /// that augments, else resized.
 fn pair_image(ds: &Dataset, cfg: &LoaderConfig, i: usize, key: Option<AugKey>) -> Result<Vec<f32>> {
-    let image = ds.pairs[i].image;
+    let image = ds.pair_image(i);
     match (&cfg.augment, key) {
         (Some(aug), Some(key)) => Ok(super::normalize(
             &load_augmented(ds, image, cfg.image_size, aug, key)?,
@@ -229,14 +229,19 @@ fn pair_image(ds: &Dataset, cfg: &LoaderConfig, i: usize, key: Option<AugKey>) -
 
 /// Pair `i`'s caption, "left" and "right" swapped when its image was
 /// flipped and `data.augment.flip_swap_left_right` asks for it.
-fn pair_caption(ds: &Dataset, cfg: &LoaderConfig, i: usize, key: Option<AugKey>) -> String {
-    let caption = &ds.pairs[i].caption;
-    match (&cfg.augment, key) {
+fn pair_caption(
+    ds: &Dataset,
+    cfg: &LoaderConfig,
+    i: usize,
+    key: Option<AugKey>,
+) -> Result<String> {
+    let caption = ds.caption(i)?;
+    Ok(match (&cfg.augment, key) {
         (Some(aug), Some(key)) if aug.config.flip_swap_left_right && aug.flips(key) => {
-            swap_left_right(caption)
+            swap_left_right(&caption)
         }
-        _ => caption.clone(),
-    }
+        _ => caption.into_owned(),
+    })
 }
 
 /// A hash of a decoded, normalised image: equal for identical pixels.
@@ -310,7 +315,7 @@ pub fn make_batch_keyed(
                         .zip(augs)
                         .enumerate()
                     {
-                        ds.report_image(ds.pairs[i].image, &cfg.reading);
+                        ds.report_image(ds.pair_image(i), &cfg.reading);
                         match pair_image(ds, cfg, i, aug) {
                             Ok(img) => {
                                 *key = image_content_key(&img);
@@ -365,18 +370,18 @@ pub fn make_batch_keyed(
         .map(|(&i, &key)| {
             // Cut to `data.max_caption_bytes` here, so the samplers' preps
             // (NegGen's tagging) see no more than the tokenizer does.
-            let mut c = pair_caption(ds, cfg, i, key);
+            let mut c = pair_caption(ds, cfg, i, key)?;
             c.truncate(tok.caption_prefix(&c, cfg.max_len).len());
-            c
+            Ok(c)
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let prepared = cfg.preps.run(&captions, cfg.workers);
     let refs: Vec<&str> = captions.iter().map(String::as_str).collect();
     let (ids, mask, l) = tok.encode_batch(&refs, cfg.max_len);
     let b = idx.len() as i64;
     let image_ids: Vec<i64> = source
         .iter()
-        .map(|&i| ds.image_ids[ds.pairs[i].image])
+        .map(|&i| ds.image_id(ds.pair_image(i)))
         .collect();
     let keys: Vec<i64> = source.iter().map(|&i| i as i64).collect();
     Ok(Batch {

@@ -55,7 +55,33 @@ pub struct Pair {
     pub caption: String,
 }
 
+/// Pairs and images kept out of memory and read on demand: an annotation
+/// file through its index (`index::AnnotationIndex`).
+pub trait PairStore: Send + Sync + std::fmt::Debug {
+    /// Pairs (captions).
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Distinct images.
+    fn image_count(&self) -> usize;
+    /// The image of pair `pair`.
+    fn pair_image(&self, pair: usize) -> usize;
+    /// Image `image`'s id.
+    fn image_id(&self, image: usize) -> i64;
+    /// Pair `pair`'s caption.
+    fn caption(&self, pair: usize) -> Result<String>;
+    /// Where image `image` comes from.
+    fn image(&self, image: usize) -> Result<ImageRef>;
+}
+
 /// A list of pairs over a list of images; pairs of one image share its id.
+///
+/// Held in memory (`images`, `image_ids`, `pairs`), or, with `store` set,
+/// read from a [`PairStore`] on demand, those three then empty: code that
+/// may get either reads through the methods ([`Dataset::len`],
+/// [`Dataset::pair_image`], [`Dataset::caption`], [`Dataset::image_id`],
+/// [`Dataset::image_ref`]); only the training loader gets a stored one.
 #[derive(Debug, Clone)]
 pub struct Dataset {
     pub name: String,
@@ -64,19 +90,86 @@ pub struct Dataset {
     pub pairs: Vec<Pair>,
     /// Entries dropped while loading (`data.on_error = "skip"`).
     pub skipped: usize,
+    /// Where pairs and images are read instead of the three lists.
+    pub store: Option<Arc<dyn PairStore>>,
 }
 
 impl Dataset {
+    /// `images`, `image_ids` and `pairs` held in memory.
+    pub fn in_memory(
+        name: String,
+        images: Vec<ImageRef>,
+        image_ids: Vec<i64>,
+        pairs: Vec<Pair>,
+        skipped: usize,
+    ) -> Dataset {
+        Dataset {
+            name,
+            images,
+            image_ids,
+            pairs,
+            skipped,
+            store: None,
+        }
+    }
+
+    /// Pairs and images read from `store` on demand.
+    pub fn stored(name: String, store: Arc<dyn PairStore>, skipped: usize) -> Dataset {
+        Dataset {
+            store: Some(store),
+            ..Dataset::in_memory(name, Vec::new(), Vec::new(), Vec::new(), skipped)
+        }
+    }
+
     pub fn len(&self) -> usize {
-        self.pairs.len()
+        self.store.as_ref().map_or(self.pairs.len(), |s| s.len())
     }
     pub fn is_empty(&self) -> bool {
-        self.pairs.is_empty()
+        self.len() == 0
+    }
+
+    /// Distinct images.
+    pub fn image_count(&self) -> usize {
+        self.store
+            .as_ref()
+            .map_or(self.images.len(), |s| s.image_count())
+    }
+
+    /// The image of pair `i`.
+    pub fn pair_image(&self, i: usize) -> usize {
+        match &self.store {
+            Some(s) => s.pair_image(i),
+            None => self.pairs[i].image,
+        }
+    }
+
+    /// Pair `i`'s caption (read from the store, or borrowed).
+    pub fn caption(&self, i: usize) -> Result<std::borrow::Cow<'_, str>> {
+        match &self.store {
+            Some(s) => s.caption(i).map(std::borrow::Cow::Owned),
+            None => Ok(std::borrow::Cow::Borrowed(&self.pairs[i].caption)),
+        }
+    }
+
+    /// Image `image`'s id.
+    pub fn image_id(&self, image: usize) -> i64 {
+        match &self.store {
+            Some(s) => s.image_id(image),
+            None => self.image_ids[image],
+        }
+    }
+
+    /// Where image `image` comes from (read from the store, or borrowed).
+    pub fn image_ref(&self, image: usize) -> Result<std::borrow::Cow<'_, ImageRef>> {
+        match &self.store {
+            Some(s) => s.image(image).map(std::borrow::Cow::Owned),
+            None => Ok(std::borrow::Cow::Borrowed(&self.images[image])),
+        }
     }
 
     /// Image `i` as `size` x `size` RGB bytes, row-major (rendered or decoded).
     pub fn load_rgb(&self, i: usize, size: usize) -> Result<Vec<u8>> {
-        match &self.images[i] {
+        match &*self.image_ref(i)? {
             ImageRef::Scene(scene) => Ok(scene.render(size)),
             ImageRef::File {
                 path,
@@ -94,9 +187,10 @@ impl Dataset {
     /// Tells `reading` that image `i` is read now (its file, or its shard
     /// member); a built-in scene is only progress.
     pub fn report_image(&self, i: usize, reading: &stall::Reading) {
-        match &self.images[i] {
-            ImageRef::File { path, .. } => reading.path(path),
-            ImageRef::Scene(_) => reading.progressed(),
+        match self.image_ref(i).as_deref() {
+            Ok(ImageRef::File { path, .. }) => reading.path(path),
+            // A stored image that cannot be read fails when it is loaded.
+            Ok(ImageRef::Scene(_)) | Err(_) => reading.progressed(),
         }
     }
 
@@ -126,13 +220,7 @@ impl Dataset {
             images.push(ImageRef::Scene(scene));
             image_ids.push(index as i64);
         }
-        Dataset {
-            name: name.to_string(),
-            images,
-            image_ids,
-            pairs,
-            skipped: 0,
-        }
+        Dataset::in_memory(name.to_string(), images, image_ids, pairs, 0)
     }
 }
 

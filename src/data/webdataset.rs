@@ -53,6 +53,7 @@ pub fn load_shards_with(pattern: &str, on_error: OnError, limits: MemberLimits) 
         image_ids: Vec::new(),
         pairs: Vec::new(),
         skipped: 0,
+        store: None,
     };
     let bytes = Arc::new(AtomicU64::new(0));
     for path in &shards.paths {
@@ -398,6 +399,7 @@ impl PairStream {
             image_ids: Vec::with_capacity(keep.len()),
             pairs: Vec::with_capacity(keep.len()),
             skipped: 0,
+            store: None,
         };
         for k in 0..n {
             if !keep.contains(&k) {

@@ -198,6 +198,7 @@ pub fn load(
         image_ids: Vec::new(),
         pairs: Vec::new(),
         skipped: 0,
+        store: None,
     };
     let mut labels = Vec::new();
     let mut by_name: HashMap<String, usize> = HashMap::new();

@@ -128,6 +128,7 @@ pub fn folder_dataset(dir: &Path) -> Result<Dataset> {
             .collect(),
         pairs: Vec::new(),
         skipped: 0,
+        store: None,
     })
 }
 
@@ -157,6 +158,7 @@ pub fn captions_dataset(path: &Path) -> Result<Dataset> {
         image_ids: Vec::new(),
         pairs,
         skipped: 0,
+        store: None,
     })
 }
 

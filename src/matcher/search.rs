@@ -179,6 +179,7 @@ pub fn files_dataset<'a>(paths: impl Iterator<Item = &'a Path>, origin: &str) ->
         images,
         pairs: Vec::new(),
         skipped: 0,
+        store: None,
     }
 }
 

@@ -31,6 +31,12 @@ pub struct DataConfig {
     /// (Karpathy-format files only).
     #[serde(default)]
     pub split: Option<String>,
+    /// How training reads `annotations`: `auto` (default) through an
+    /// index cached beside the file (or under the per-user cache), captions
+    /// and paths read by offset on demand, the same batches; `off` holds
+    /// every pair in memory. Karpathy-format files are always held whole.
+    #[serde(default)]
+    pub index: AnnotationIndexMode,
     /// Held-out annotation file for the end-of-training evaluation.
     #[serde(default)]
     pub heldout_annotations: Option<PathBuf>,
@@ -258,6 +264,16 @@ pub enum ShardSplit {
     /// Every rank walks the whole stream and keeps its part of each global
     /// batch: what a run computes does not depend on the rank count.
     Exact,
+}
+
+/// `data.index`: whether training reads an annotation file through its
+/// index or holds it in memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnnotationIndexMode {
+    #[default]
+    Auto,
+    Off,
 }
 
 /// `data.positives`: see [`vlmatch_core::positives`].
