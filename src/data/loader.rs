@@ -20,7 +20,6 @@
 //! (Under data parallelism the replacement comes from the rank's own part.)
 
 use super::augment::{swap_left_right, AugKey, Augment};
-use super::image::{decode_bytes, decode_file, max_image_pixels};
 pub use super::image::{
     decode_bytes_resized, decode_resized, decode_resized_within, set_max_image_pixels,
 };
@@ -185,56 +184,60 @@ impl LoaderConfig {
     }
 }
 
-/// Image `i` of `ds` decoded at full size (a scene rendered at `size`) and
-/// augmented for `key`: `size` x `size` RGB bytes.
+/// Image `i` of `ds` decoded at full size (a scene rendered at `size`),
+/// augmented for `key` and normalised into `out`, in a worker's reused
+/// buffers ([`super::image::with_scratch`]).
 fn load_augmented(
     ds: &Dataset,
     i: usize,
-    size: usize,
+    cfg: &LoaderConfig,
     aug: &Augment,
     key: AugKey,
-) -> Result<Vec<u8>> {
-    let rgb = match &*ds.image_ref(i)? {
-        ImageRef::Scene(scene) => {
-            image::RgbImage::from_raw(size as u32, size as u32, scene.render(size))
-                .ok_or_else(|| Error::Config("a rendered scene has the wrong size".into()))?
-        }
-        ImageRef::File {
-            path,
-            origin,
-            bytes: None,
-        } => decode_file(path, origin, max_image_pixels())?.to_rgb8(),
-        ImageRef::File {
-            path,
-            origin,
-            bytes: Some(bytes),
-        } => decode_bytes(&bytes.0, path, origin)?.to_rgb8(),
-    };
-    Ok(aug.apply(&rgb, key, size))
+    out: &mut [f32],
+) -> Result<()> {
+    let size = cfg.image_size;
+    let image = ds.image_ref(i)?;
+    super::image::with_scratch(|s| {
+        match &*image {
+            ImageRef::Scene(scene) => s.set_rgb(&scene.render(size), size),
+            ImageRef::File {
+                path,
+                origin,
+                bytes: None,
+            } => s.decode_file(path, origin)?,
+            ImageRef::File {
+                path,
+                origin,
+                bytes: Some(bytes),
+            } => s.decode_member(&bytes.0, path, origin)?,
+        };
+        s.augment_into(aug, key, size, (cfg.mean, cfg.std), out);
+        Ok(())
+    })
 }
 
-/// Pair `i`'s image, normalised: augmented for `key` by a training loader
-/// that augments, else resized.
-fn pair_image(ds: &Dataset, cfg: &LoaderConfig, i: usize, key: Option<AugKey>) -> Result<Vec<f32>> {
+/// Pair `i`'s image, normalised into `out`: augmented for `key` by a
+/// training loader that augments, else resized.
+fn pair_image(
+    ds: &Dataset,
+    cfg: &LoaderConfig,
+    i: usize,
+    key: Option<AugKey>,
+    out: &mut [f32],
+) -> Result<()> {
     let image = ds.pair_image(i);
     match (&cfg.augment, key) {
-        (Some(aug), Some(key)) => Ok(super::normalize(
-            &load_augmented(ds, image, cfg.image_size, aug, key)?,
-            cfg.mean,
-            cfg.std,
-        )),
-        _ => ds.load_image(image, cfg.image_size, cfg.mean, cfg.std),
+        (Some(aug), Some(key)) => load_augmented(ds, image, cfg, aug, key, out),
+        _ => {
+            out.copy_from_slice(&ds.load_image(image, cfg.image_size, cfg.mean, cfg.std)?);
+            Ok(())
+        }
     }
 }
 
 /// Pair `i`'s caption, "left" and "right" swapped when its image was
 /// flipped and `data.augment.flip_swap_left_right` asks for it.
-fn pair_caption(
-    ds: &Dataset,
-    cfg: &LoaderConfig,
-    i: usize,
-    key: Option<AugKey>,
-) -> Result<String> {
+fn pair_caption(ds: &Dataset, cfg: &LoaderConfig, i: usize, key: Option<AugKey>) -> Result<String> {
     let caption = ds.caption(i)?;
     Ok(match (&cfg.augment, key) {
         (Some(aug), Some(key)) if aug.config.flip_swap_left_right && aug.flips(key) => {
@@ -316,11 +319,8 @@ pub fn make_batch_keyed(
                         .enumerate()
                     {
                         ds.report_image(ds.pair_image(i), &cfg.reading);
-                        match pair_image(ds, cfg, i, aug) {
-                            Ok(img) => {
-                                *key = image_content_key(&img);
-                                dst.copy_from_slice(&img)
-                            }
+                        match pair_image(ds, cfg, i, aug, dst) {
+                            Ok(()) => *key = image_content_key(dst),
                             Err(e) if cfg.on_error == OnError::Skip => {
                                 failed.push((c * per + k, e))
                             }

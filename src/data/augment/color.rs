@@ -5,23 +5,28 @@
 
 use image::RgbImage;
 
-/// Each channel through its own 256-entry table.
-fn map_channels(img: &RgbImage, tables: &[[u8; 256]; 3]) -> RgbImage {
-    let mut out = img.clone();
-    for px in out.pixels_mut() {
+/// Each channel of RGB bytes through its own 256-entry table, in place.
+fn map_channels(rgb: &mut [u8], tables: &[[u8; 256]; 3]) {
+    for px in rgb.chunks_exact_mut(3) {
         for c in 0..3 {
-            px.0[c] = tables[c][usize::from(px.0[c])];
+            px[c] = tables[c][usize::from(px[c])];
         }
     }
+}
+
+/// `img` with each channel through its table.
+fn mapped(img: &RgbImage, f: fn(&mut [u8])) -> RgbImage {
+    let mut out = img.clone();
+    f(&mut out);
     out
 }
 
 /// Counts of each value, per channel.
-fn histograms(img: &RgbImage) -> [[u64; 256]; 3] {
+fn histograms(rgb: &[u8]) -> [[u64; 256]; 3] {
     let mut h = [[0u64; 256]; 3];
-    for px in img.pixels() {
+    for px in rgb.chunks_exact(3) {
         for c in 0..3 {
-            h[c][usize::from(px.0[c])] += 1;
+            h[c][usize::from(px[c])] += 1;
         }
     }
     h
@@ -30,7 +35,12 @@ fn histograms(img: &RgbImage) -> [[u64; 256]; 3] {
 /// Each channel stretched linearly so that its darkest value becomes 0 and
 /// its brightest 255 (no cut-off); a constant channel is kept.
 pub fn autocontrast(img: &RgbImage) -> RgbImage {
-    let hist = histograms(img);
+    mapped(img, autocontrast_in_place)
+}
+
+/// [`autocontrast`] on RGB bytes, in place.
+pub fn autocontrast_in_place(rgb: &mut [u8]) {
+    let hist = histograms(rgb);
     let tables = std::array::from_fn(|c| {
         let low = hist[c].iter().position(|&n| n > 0).unwrap_or(0);
         let high = hist[c].iter().rposition(|&n| n > 0).unwrap_or(0);
@@ -43,14 +53,19 @@ pub fn autocontrast(img: &RgbImage) -> RgbImage {
             (i as f64 * scale - low as f64 * scale).clamp(0.0, 255.0) as u8
         })
     });
-    map_channels(img, &tables)
+    map_channels(rgb, &tables)
 }
 
 /// Pillow's histogram equalisation per channel: values spread by their
 /// cumulative count, in steps of (count of all but the last present value)
 /// / 255; a channel with too few values to fill a step is kept.
 pub fn equalize(img: &RgbImage) -> RgbImage {
-    let hist = histograms(img);
+    mapped(img, equalize_in_place)
+}
+
+/// [`equalize`] on RGB bytes, in place.
+pub fn equalize_in_place(rgb: &mut [u8]) {
+    let hist = histograms(rgb);
     let tables = std::array::from_fn(|c| {
         let h = &hist[c];
         let last = h.iter().rposition(|&n| n > 0).map_or(0, |i| h[i]);
@@ -63,22 +78,28 @@ pub fn equalize(img: &RgbImage) -> RgbImage {
         }
         table
     });
-    map_channels(img, &tables)
+    map_channels(rgb, &tables)
 }
 
 /// Every value times `factor`, clamped to 255 and truncated (in f32, as
 /// NumPy's table is).
 pub fn brightness(img: &RgbImage, factor: f64) -> RgbImage {
-    let f = factor as f32;
-    let table: [u8; 256] = std::array::from_fn(|i| (i as f32 * f).clamp(0.0, 255.0) as u8);
-    map_channels(img, &[table; 3])
+    let mut out = img.clone();
+    brightness_in_place(&mut out, factor);
+    out
 }
 
-/// `img` smoothed with OpenCV's `filter2D` and the kernel
+/// [`brightness`] on RGB bytes, in place.
+pub fn brightness_in_place(rgb: &mut [u8], factor: f64) {
+    let f = factor as f32;
+    let table: [u8; 256] = std::array::from_fn(|i| (i as f32 * f).clamp(0.0, 255.0) as u8);
+    map_channels(rgb, &[table; 3])
+}
+
+/// `w` x `h` RGB bytes smoothed with OpenCV's `filter2D` and the kernel
 /// `[[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13`, borders mirrored without
-/// repeating the edge (`BORDER_REFLECT_101`), rounded to bytes.
-fn smoothed(img: &RgbImage) -> RgbImage {
-    let (w, h) = (img.width() as usize, img.height() as usize);
+/// repeating the edge (`BORDER_REFLECT_101`), rounded to bytes, into `out`.
+fn smoothed(src: &[u8], (w, h): (usize, usize), out: &mut Vec<u8>) {
     let reflect = |v: usize, d: usize, n: usize| match (v + d).checked_sub(1) {
         _ if n == 1 => 0,
         None => 1,
@@ -86,8 +107,8 @@ fn smoothed(img: &RgbImage) -> RgbImage {
         Some(i) => i,
     };
     let (side, centre) = (1.0f32 / 13.0, 5.0f32 / 13.0);
-    let src = img.as_raw();
-    let mut out = vec![0u8; src.len()];
+    out.clear();
+    out.resize(src.len(), 0);
     for y in 0..h {
         for x in 0..w {
             let interior = x > 0 && y > 0 && x + 1 < w && y + 1 < h;
@@ -111,7 +132,6 @@ fn smoothed(img: &RgbImage) -> RgbImage {
             }
         }
     }
-    RgbImage::from_raw(w as u32, h as u32, out).expect("sized buffer")
 }
 
 /// ALBEF's sharpness: `degenerate + factor * (img - degenerate)` on the
@@ -121,24 +141,42 @@ fn smoothed(img: &RgbImage) -> RgbImage {
 /// values out of range around (an overshoot of 255 became dark); Pillow's
 /// `ImageEnhance.Sharpness`, which ALBEF means to reproduce, clamps.
 pub fn sharpness(img: &RgbImage, factor: f64) -> RgbImage {
-    let degenerate = smoothed(img);
-    if factor == 0.0 {
-        return degenerate;
-    }
+    let (w, h) = (img.width(), img.height());
+    let mut out = Vec::new();
+    sharpness_into(img, (w as usize, h as usize), factor, &mut out);
+    RgbImage::from_raw(w, h, out).expect("sized buffer")
+}
+
+/// [`sharpness`] of `w` x `h` RGB bytes into `out`.
+pub fn sharpness_into(src: &[u8], (w, h): (usize, usize), factor: f64, out: &mut Vec<u8>) {
     if factor == 1.0 {
-        return img.clone();
+        out.clear();
+        out.extend_from_slice(src);
+        return;
+    }
+    // The smoothed image; then, unless the factor is 0, the border from
+    // the image and the interior blended.
+    smoothed(src, (w, h), out);
+    if factor == 0.0 {
+        return;
     }
     let f = factor as f32;
-    let (w, h) = (img.width(), img.height());
-    let mut out = img.clone();
-    for y in 1..h.saturating_sub(1) {
-        for x in 1..w.saturating_sub(1) {
-            for c in 0..3 {
-                let d = f32::from(degenerate.get_pixel(x, y).0[c]);
-                let v = f32::from(img.get_pixel(x, y).0[c]);
-                out.get_pixel_mut(x, y).0[c] = (d + f * (v - d)).clamp(0.0, 255.0) as u8;
-            }
+    for y in 0..h {
+        let row = y * w * 3..(y + 1) * w * 3;
+        let (s, o) = (&src[row.clone()], &mut out[row]);
+        if y == 0 || y + 1 >= h {
+            o.copy_from_slice(s);
+            continue;
+        }
+        o[..3].copy_from_slice(&s[..3]);
+        let last = (w - 1) * 3;
+        if w > 1 {
+            o[last..].copy_from_slice(&s[last..]);
+        }
+        for i in 3..last {
+            let d = f32::from(o[i]);
+            let v = f32::from(s[i]);
+            o[i] = (d + f * (v - d)).clamp(0.0, 255.0) as u8;
         }
     }
-    out
 }

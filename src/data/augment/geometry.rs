@@ -14,17 +14,42 @@ pub fn hflip(img: &RgbImage) -> RgbImage {
     image::imageops::flip_horizontal(img)
 }
 
+/// `w` x `h` RGB bytes mirrored left to right, in place.
+pub fn hflip_in_place(rgb: &mut [u8], w: usize) {
+    for row in rgb.chunks_exact_mut(w * 3) {
+        for x in 0..w / 2 {
+            let (a, b) = (x * 3, (w - 1 - x) * 3);
+            for c in 0..3 {
+                row.swap(a + c, b + c);
+            }
+        }
+    }
+}
+
 /// `img` warped by the forward affine map `m` (`[a, b, c, d, e, f]`: a
 /// source pixel `(x, y)` lands at `(a x + b y + c, d x + e y + f)`), the
 /// same size, uncovered pixels `fill`.
 pub fn warp_affine(img: &RgbImage, m: [f64; 6], fill: [u8; 3]) -> RgbImage {
+    let (w, h) = (img.width(), img.height());
+    let mut out = Vec::new();
+    warp_affine_into(img, (w as usize, h as usize), m, fill, &mut out);
+    RgbImage::from_raw(w, h, out).expect("sized buffer")
+}
+
+/// [`warp_affine`] of `w` x `h` RGB bytes into `out`.
+pub fn warp_affine_into(
+    src: &[u8],
+    (w, h): (usize, usize),
+    m: [f64; 6],
+    fill: [u8; 3],
+    out: &mut Vec<u8>,
+) {
     let det = m[0] * m[4] - m[1] * m[3];
     let det = if det != 0.0 { 1.0 / det } else { 0.0 };
     let (i0, i1, i3, i4) = (m[4] * det, -m[1] * det, -m[3] * det, m[0] * det);
     let (i2, i5) = (-i0 * m[2] - i1 * m[5], -i3 * m[2] - i4 * m[5]);
     let [i0, i1, i2, i3, i4, i5] = [i0, i1, i2, i3, i4, i5].map(|v| v as f32);
-    let (w, h) = (img.width() as i64, img.height() as i64);
-    let src = img.as_raw();
+    let (w, h) = (w as i64, h as i64);
     let at = |x: i64, y: i64, c: usize| -> f32 {
         if x < 0 || y < 0 || x >= w || y >= h {
             f32::from(fill[c])
@@ -32,7 +57,8 @@ pub fn warp_affine(img: &RgbImage, m: [f64; 6], fill: [u8; 3]) -> RgbImage {
             f32::from(src[((y * w + x) * 3) as usize + c])
         }
     };
-    let mut out = vec![0u8; src.len()];
+    out.clear();
+    out.resize(src.len(), 0);
     for y in 0..h {
         let (row_x, row_y) = (i1 * y as f32 + i2, i4 * y as f32 + i5);
         for x in 0..w {
@@ -63,7 +89,6 @@ pub fn warp_affine(img: &RgbImage, m: [f64; 6], fill: [u8; 3]) -> RgbImage {
             }
         }
     }
-    RgbImage::from_raw(w as u32, h as u32, out).expect("sized buffer")
 }
 
 /// A single-precision matrix entry, as ALBEF builds its shear and
@@ -74,40 +99,62 @@ fn f32_entry(v: f64) -> f64 {
 
 /// ALBEF's `ShearX`: `x' = x + factor * y`, about the top-left corner.
 pub fn shear_x(img: &RgbImage, factor: f64, fill: [u8; 3]) -> RgbImage {
-    warp_affine(img, [1.0, f32_entry(factor), 0.0, 0.0, 1.0, 0.0], fill)
+    warp_affine(img, shear_x_matrix(factor), fill)
 }
 
 /// ALBEF's `ShearY`: `y' = y + factor * x`.
 pub fn shear_y(img: &RgbImage, factor: f64, fill: [u8; 3]) -> RgbImage {
-    warp_affine(img, [1.0, 0.0, 0.0, f32_entry(factor), 1.0, 0.0], fill)
+    warp_affine(img, shear_y_matrix(factor), fill)
 }
 
 /// ALBEF's `TranslateX`: the content moves `offset` pixels left
 /// (`x' = x - offset`).
 pub fn translate_x(img: &RgbImage, offset: f64, fill: [u8; 3]) -> RgbImage {
-    warp_affine(img, [1.0, 0.0, f32_entry(-offset), 0.0, 1.0, 0.0], fill)
+    warp_affine(img, translate_x_matrix(offset), fill)
 }
 
 /// ALBEF's `TranslateY`: the content moves `offset` pixels up.
 pub fn translate_y(img: &RgbImage, offset: f64, fill: [u8; 3]) -> RgbImage {
-    warp_affine(img, [1.0, 0.0, 0.0, 0.0, 1.0, f32_entry(-offset)], fill)
+    warp_affine(img, translate_y_matrix(offset), fill)
 }
 
 /// ALBEF's `Rotate`: `degrees` counter-clockwise about `(W / 2, H / 2)`
 /// (OpenCV's `getRotationMatrix2D`).
 pub fn rotate(img: &RgbImage, degrees: f64, fill: [u8; 3]) -> RgbImage {
-    let (cx, cy) = (f64::from(img.width()) / 2.0, f64::from(img.height()) / 2.0);
+    let size = (img.width() as usize, img.height() as usize);
+    warp_affine(img, rotate_matrix(degrees, size), fill)
+}
+
+/// The forward matrix of [`shear_x`].
+pub fn shear_x_matrix(factor: f64) -> [f64; 6] {
+    [1.0, f32_entry(factor), 0.0, 0.0, 1.0, 0.0]
+}
+
+/// The forward matrix of [`shear_y`].
+pub fn shear_y_matrix(factor: f64) -> [f64; 6] {
+    [1.0, 0.0, 0.0, f32_entry(factor), 1.0, 0.0]
+}
+
+/// The forward matrix of [`translate_x`].
+pub fn translate_x_matrix(offset: f64) -> [f64; 6] {
+    [1.0, 0.0, f32_entry(-offset), 0.0, 1.0, 0.0]
+}
+
+/// The forward matrix of [`translate_y`].
+pub fn translate_y_matrix(offset: f64) -> [f64; 6] {
+    [1.0, 0.0, 0.0, 0.0, 1.0, f32_entry(-offset)]
+}
+
+/// The forward matrix of [`rotate`] on a `w` x `h` image.
+pub fn rotate_matrix(degrees: f64, (w, h): (usize, usize)) -> [f64; 6] {
+    let (cx, cy) = (w as f64 / 2.0, h as f64 / 2.0);
     let (sin, cos) = degrees.to_radians().sin_cos();
-    warp_affine(
-        img,
-        [
-            cos,
-            sin,
-            (1.0 - cos) * cx - sin * cy,
-            -sin,
-            cos,
-            sin * cx + (1.0 - cos) * cy,
-        ],
-        fill,
-    )
+    [
+        cos,
+        sin,
+        (1.0 - cos) * cx - sin * cy,
+        -sin,
+        cos,
+        sin * cx + (1.0 - cos) * cy,
+    ]
 }

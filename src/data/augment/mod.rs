@@ -45,7 +45,7 @@ pub struct AppliedOp {
 }
 
 /// Every random choice for one image.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Draws {
     /// The crop box, or `None` for the whole image.
     pub crop: Option<CropBox>,
@@ -136,10 +136,17 @@ impl Augment {
     /// a translation of `M` pixels, a rotation of `3 M` degrees, the last
     /// three of either sign with equal probability.
     pub fn ops(&self, key: AugKey) -> Vec<AppliedOp> {
+        let mut out = Vec::new();
+        self.ops_into(key, &mut out);
+        out
+    }
+
+    /// [`Augment::ops`] into `out` (cleared first).
+    pub fn ops_into(&self, key: AugKey, out: &mut Vec<AppliedOp>) {
         let c = &self.config;
         let mut rng = self.stream(key, RANDAUG);
         let level = c.randaug_m / 10.0;
-        let mut out = Vec::new();
+        out.clear();
         for _ in 0..c.randaug_n {
             let op = *rng.pick(&c.randaug_ops);
             let applied = uniform(&mut rng, 0.0, 1.0) < 0.5;
@@ -159,56 +166,142 @@ impl Augment {
                 out.push(AppliedOp { op, arg });
             }
         }
-        out
     }
 
     /// Every draw for the image of `key`, `w` x `h` before cropping.
     pub fn draws(&self, key: AugKey, w: usize, h: usize) -> Draws {
-        Draws {
-            crop: self.config.crop.then(|| self.crop_box(key, w, h)),
-            flip: self.flips(key),
-            ops: self.ops(key),
-        }
+        let mut d = Draws::default();
+        self.draws_into(key, w, h, &mut d);
+        d
+    }
+
+    /// [`Augment::draws`] into `d`, reusing its list of ops.
+    pub fn draws_into(&self, key: AugKey, w: usize, h: usize, d: &mut Draws) {
+        d.crop = self.config.crop.then(|| self.crop_box(key, w, h));
+        d.flip = self.flips(key);
+        self.ops_into(key, &mut d.ops);
     }
 
     /// `img` augmented for `key` at `size` x `size`: row-major RGB bytes.
     /// Without a crop, the whole image is resized (Pillow's bicubic too).
     pub fn apply(&self, img: &RgbImage, key: AugKey, size: usize) -> Vec<u8> {
+        let mut bufs = Buffers::default();
         let (w, h) = (img.width() as usize, img.height() as usize);
-        let d = self.draws(key, w, h);
-        apply_draws(img, &d, size).into_raw()
+        self.apply_into(img.as_raw(), (w, h), key, size, &mut bufs);
+        bufs.take()
+    }
+
+    /// [`Augment::apply`] on `w` x `h` RGB bytes, the result left in
+    /// `bufs` ([`Buffers::image`]): bit for bit the same, and no
+    /// allocation once `bufs` has grown to the sizes seen.
+    pub fn apply_into(
+        &self,
+        src: &[u8],
+        (w, h): (usize, usize),
+        key: AugKey,
+        size: usize,
+        bufs: &mut Buffers,
+    ) {
+        let mut d = std::mem::take(&mut bufs.draws);
+        self.draws_into(key, w, h, &mut d);
+        bufs.crop_resize(src, (w, h), &d, size);
+        bufs.flip_and_ops(&d, size);
+        bufs.draws = d;
+    }
+}
+
+/// The work buffers of [`Augment::apply_into`], one set per loader
+/// worker, reused from image to image; the image the last call left is
+/// [`Buffers::image`].
+#[derive(Debug, Default)]
+pub struct Buffers {
+    resample: resample::Resample,
+    /// The current image.
+    image: Vec<u8>,
+    /// A geometric or sharpness op's output, swapped with `image`.
+    other: Vec<u8>,
+    draws: Draws,
+}
+
+impl Buffers {
+    /// The image the last step left: `size` x `size` RGB bytes.
+    pub fn image(&self) -> &[u8] {
+        &self.image
+    }
+
+    /// The image, leaving an empty buffer.
+    pub fn take(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.image)
+    }
+
+    /// The crop of `d` (else the whole `w` x `h` image) resized to `size`
+    /// x `size`: the first step of [`apply_draws`].
+    pub fn crop_resize(&mut self, src: &[u8], (w, h): (usize, usize), d: &Draws, size: usize) {
+        let crop = d.crop.unwrap_or((0, 0, w, h));
+        resample::resized_crop_into(
+            src,
+            (w, h),
+            crop,
+            (size, size),
+            &mut self.resample,
+            &mut self.image,
+        );
+    }
+
+    /// The flip and the ops of `d` on the `size` x `size` image: the rest
+    /// of [`apply_draws`].
+    pub fn flip_and_ops(&mut self, d: &Draws, size: usize) {
+        if d.flip {
+            geometry::hflip_in_place(&mut self.image, size);
+        }
+        for a in &d.ops {
+            self.op(*a, (size, size));
+        }
+    }
+
+    /// One RandAugment op on the `w` x `h` image.
+    fn op(&mut self, a: AppliedOp, (w, h): (usize, usize)) {
+        let warp = |m: [f64; 6], this: &mut Buffers| {
+            geometry::warp_affine_into(&this.image, (w, h), m, FILL, &mut this.other);
+            std::mem::swap(&mut this.image, &mut this.other);
+        };
+        match a.op {
+            AugmentOp::Identity => {}
+            AugmentOp::Autocontrast => color::autocontrast_in_place(&mut self.image),
+            AugmentOp::Equalize => color::equalize_in_place(&mut self.image),
+            AugmentOp::Brightness => color::brightness_in_place(&mut self.image, a.arg),
+            AugmentOp::Sharpness => {
+                color::sharpness_into(&self.image, (w, h), a.arg, &mut self.other);
+                std::mem::swap(&mut self.image, &mut self.other);
+            }
+            AugmentOp::ShearX => warp(geometry::shear_x_matrix(a.arg), self),
+            AugmentOp::ShearY => warp(geometry::shear_y_matrix(a.arg), self),
+            AugmentOp::TranslateX => warp(geometry::translate_x_matrix(a.arg), self),
+            AugmentOp::TranslateY => warp(geometry::translate_y_matrix(a.arg), self),
+            AugmentOp::Rotate => warp(geometry::rotate_matrix(a.arg, (w, h)), self),
+        }
     }
 }
 
 /// `img` through the choices `d`: crop and resize to `size` x `size`, flip,
 /// then each op in order.
 pub fn apply_draws(img: &RgbImage, d: &Draws, size: usize) -> RgbImage {
+    let mut bufs = Buffers::default();
     let (w, h) = (img.width() as usize, img.height() as usize);
-    let crop = d.crop.unwrap_or((0, 0, w, h));
-    let mut out = resample::resized_crop(img, crop, size, size);
-    if d.flip {
-        out = geometry::hflip(&out);
-    }
-    for a in &d.ops {
-        out = apply_op(&out, *a);
-    }
-    out
+    bufs.crop_resize(img.as_raw(), (w, h), d, size);
+    bufs.flip_and_ops(d, size);
+    RgbImage::from_raw(size as u32, size as u32, bufs.take()).expect("sized buffer")
 }
 
 /// One RandAugment op with its argument.
 pub fn apply_op(img: &RgbImage, a: AppliedOp) -> RgbImage {
-    match a.op {
-        AugmentOp::Identity => img.clone(),
-        AugmentOp::Autocontrast => color::autocontrast(img),
-        AugmentOp::Equalize => color::equalize(img),
-        AugmentOp::Brightness => color::brightness(img, a.arg),
-        AugmentOp::Sharpness => color::sharpness(img, a.arg),
-        AugmentOp::ShearX => geometry::shear_x(img, a.arg, FILL),
-        AugmentOp::ShearY => geometry::shear_y(img, a.arg, FILL),
-        AugmentOp::TranslateX => geometry::translate_x(img, a.arg, FILL),
-        AugmentOp::TranslateY => geometry::translate_y(img, a.arg, FILL),
-        AugmentOp::Rotate => geometry::rotate(img, a.arg, FILL),
-    }
+    let (w, h) = (img.width(), img.height());
+    let mut bufs = Buffers {
+        image: img.as_raw().clone(),
+        ..Buffers::default()
+    };
+    bufs.op(a, (w as usize, h as usize));
+    RgbImage::from_raw(w, h, bufs.take()).expect("sized buffer")
 }
 
 /// `caption` with the words "left" and "right" swapped (whole words, any
