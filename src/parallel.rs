@@ -48,6 +48,9 @@ pub struct Parallel {
     store: Store,
     collective: Rc<DistCollective>,
     reducer: Option<GradReducer>,
+    /// ZeRO stage 1 reduces the gradients itself, by reduce-scatter
+    /// ([`Parallel::shard_gradients`]): no reducer then.
+    grads_sharded: Cell<bool>,
     heartbeat: Option<Heartbeat>,
     interval: Duration,
     io_timeout: Duration,
@@ -183,6 +186,7 @@ impl Parallel {
             store,
             collective: Rc::new(DistCollective::new(group)),
             reducer: None,
+            grads_sharded: Cell::new(false),
             heartbeat: Some(heartbeat),
             interval,
             io_timeout: timeout,
@@ -294,10 +298,29 @@ impl Parallel {
         self.collective.clone()
     }
 
+    /// From now on the gradients are left as backward computed them:
+    /// ZeRO stage 1 (`crate::zero`) reduce-scatters them after backward,
+    /// each rank receiving the mean of its own range only. No reducer is
+    /// built (one built before stays idle), so nothing all-reduces them.
+    pub fn shard_gradients(&self) {
+        self.grads_sharded.set(true);
+    }
+
+    /// [`DistCollective::reduce_scatter_sum`]: this rank's part of the sum
+    /// over ranks of `t` (world-size equal parts along dim 0).
+    pub fn reduce_scatter_sum(&self, t: &Tensor) -> Result<Tensor> {
+        self.collective.reduce_scatter_sum(t)
+    }
+
     /// Builds the gradient reducer for `params` (the trainable parameters,
     /// in the same order on every rank) with buckets of `bucket_mb` MiB,
-    /// and attaches it to backward where libtorch allows.
+    /// and attaches it to backward where libtorch allows. Nothing to do
+    /// when ZeRO stage 1 reduces the gradients ([`Parallel::shard_gradients`]).
     pub fn init_reducer(&mut self, params: &[Tensor], bucket_mb: f64) -> Result<()> {
+        if self.grads_sharded.get() {
+            tracing::debug!("gradients are reduce-scattered after backward (ZeRO stage 1)");
+            return Ok(());
+        }
         let mut reducer = GradReducer::new(params, bucket_mb).map_err(to_core_error)?;
         match reducer.overlap_with_backward(self.group()) {
             Ok(()) => tracing::debug!(
@@ -314,13 +337,18 @@ impl Parallel {
     /// reduced (the last micro-batch of a step) or only accumulated.
     pub fn sync_gradients(&self, sync: bool) {
         if let Some(r) = &self.reducer {
-            r.set_sync(sync);
+            r.set_sync(sync && !self.grads_sharded.get());
         }
     }
 
     /// After the step's last backward: every gradient becomes its mean
-    /// over ranks.
+    /// over ranks. Under ZeRO stage 1 nothing happens here: the gradients
+    /// are reduce-scattered by `crate::zero::clip_grad_norm`, which comes
+    /// next in the step.
     pub fn reduce_gradients(&self) -> Result<()> {
+        if self.grads_sharded.get() {
+            return Ok(());
+        }
         let r = self
             .reducer
             .as_ref()

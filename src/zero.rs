@@ -3,15 +3,32 @@
 //!
 //! Each rank owns a contiguous range of the parameters' concatenation
 //! ([`crate::optim::FlatLayout`]) and holds AdamW's moments for it alone.
-//! A step is then: gradients averaged over ranks by the bucketed reducer
-//! (Gloo in libtorch 2.11 has no native reduce-scatter and emulates it with
-//! an all-reduce, which is what the reducer issues; every rank then reads
-//! only its range), the squared gradient norm of each rank's range summed
-//! over ranks (one scalar all-reduce: the global norm the guard and
-//! clipping see), the masked AdamW step on the rank's range, and the
-//! updated ranges all-gathered into every rank's parameters, in chunks of
-//! `train.dist.bucket_mb`, before the hooks after the step (the momentum
-//! model's EMA) read them.
+//! A step is then, after backward:
+//!
+//! 1. the gradients reduce-scattered in buckets ([`clip_grad_norm`], first
+//!    thing after backward in `step.rs`; the DDP reducer stands aside,
+//!    [`Parallel::shard_gradients`]): round `k` packs every rank's `k`-th
+//!    chunk of `train.dist.bucket_mb` of its range into one buffer of
+//!    `world` chunks, and one reduce-scatter leaves each rank the sum of
+//!    its own chunk, divided by the world size into its range of `.grad`
+//!    (the rest of `.grad` keeps this rank's own gradients, which nothing
+//!    reads). On NCCL that is `ncclReduceScatter`: half an all-reduce's
+//!    traffic. libtorch 2.11's Gloo emulates it with an all-reduce of the
+//!    buffer, so on CPUs it works but costs what the reducer's all-reduce
+//!    costs. It runs after backward, not overlapped with it: the ranges
+//!    are contiguous in parameter order, so every round needs gradients
+//!    from the whole model (ARCHITECTURE.md, `dist/`, says why);
+//! 2. the squared gradient norm of each rank's range summed over ranks (one
+//!    small all-reduce: the global norm the guard and clipping see), and
+//!    each rank's range clipped;
+//! 3. the masked AdamW step on the rank's range, and the updated ranges
+//!    all-gathered into every rank's parameters in the same chunks, before
+//!    the hooks after the step (the momentum model's EMA) read them.
+//!
+//! Parameters without a gradient are treated as the reducer treats them:
+//! one all-reduce of a flag per parameter says which ranks had one; where
+//! none had, `.grad` stays undefined (AdamW leaves the parameter alone),
+//! where some had, the others count as zeros.
 //!
 //! Checkpoints hold the whole state: [`full_state`] gathers every rank's
 //! moments onto rank 0 before it writes, and on resume rank 0's whole
@@ -26,6 +43,7 @@ use vlmatch_registry::config::TrainConfig;
 
 use crate::optim::{AdamW, FlatLayout};
 use crate::parallel::Parallel;
+use vlmatch_dist::to_core_error;
 
 /// Shards `optim` over the ranks of `par` when `train.dist.shard_optimizer`
 /// is on (one process keeps it whole).
@@ -37,30 +55,157 @@ pub fn shard(par: Option<&Parallel>, optim: &mut AdamW, tc: &TrainConfig) -> Res
     optim
         .shard(p.rank, p.world, chunk)
         .map_err(|e| Error::Config(format!("train.dist.shard_optimizer: {e}")))?;
+    p.shard_gradients();
+    let rounds = optim
+        .shard_parts()
+        .map_or(0, |(layout, _, _, chunk)| rounds(layout, chunk));
     tracing::info!(
         rank = p.rank,
         world = p.world,
         optimizer_bytes = optim.state_bytes(),
+        gradient_rounds = rounds,
         "optimizer state sharded"
     );
     Ok(())
 }
 
+/// Collectives per reduce-scatter or all-gather of the flat space: `chunk`
+/// elements of each rank's range at a time.
+fn rounds(layout: &FlatLayout, chunk: i64) -> i64 {
+    (layout.max_part() + chunk - 1) / chunk
+}
+
+/// Elements per rank in round `k`: `chunk`, or what is left of the
+/// largest range in the last round (ranges differ by at most one element,
+/// so a round pads at most one per rank).
+fn width(layout: &FlatLayout, chunk: i64, k: i64) -> i64 {
+    (layout.max_part() - k * chunk).clamp(0, chunk)
+}
+
+/// Rank `rank`'s piece of round `k`: `[a, b)` in the flat space.
+fn piece(layout: &FlatLayout, chunk: i64, k: i64, rank: usize) -> (i64, i64) {
+    let (lo, hi) = layout.range(rank);
+    let a = (lo + k * chunk).min(hi);
+    (a, (a + chunk).min(hi))
+}
+
 /// Clips the gradients to `max_norm` and returns their norm before
-/// clipping: over ranks when `optim` is sharded (each rank's squared norm
-/// of its range, summed by an all-reduce), else as [`AdamW::clip_grad_norm`].
+/// clipping, as [`AdamW::clip_grad_norm`]. Sharded, the gradients are
+/// first reduce-scattered here ([`Parallel::reduce_gradients`] left them
+/// as backward computed them), then the norm is summed over the ranks'
+/// ranges and each rank clips its range.
 pub fn clip_grad_norm(par: Option<&Parallel>, optim: &mut AdamW, max_norm: f64) -> Result<Tensor> {
     match par.filter(|_| optim.is_sharded()) {
         None => Ok(optim.clip_grad_norm(max_norm)),
-        Some(p) => optim.clip_grad_norm_over(max_norm, |sq| p.collective().all_reduce_sum(&sq)),
+        Some(p) => {
+            reduce_scatter_gradients(p, optim)?;
+            clip_range(p, optim, max_norm)
+        }
     }
 }
 
-/// `f(param)`'s elements in the flat range `[a, b)`, packed and padded
-/// with zeros to `width`.
+/// Step 1 of the module: each rank's range of every `.grad` becomes its
+/// mean over ranks.
+fn reduce_scatter_gradients(p: &Parallel, optim: &AdamW) -> Result<()> {
+    let Some((layout, rank, _, chunk)) = optim.shard_parts() else {
+        return Ok(());
+    };
+    let params: Vec<&Tensor> = optim.parameters().map(|(_, t)| t).collect();
+    let Some(like) = params.first().copied() else {
+        return Ok(());
+    };
+    // Which parameters have a gradient on some rank (the reducer's flags).
+    let local: Vec<f32> = params
+        .iter()
+        .map(|t| f32::from(u8::from(t.grad().defined())))
+        .collect();
+    let counts = p
+        .collective()
+        .all_reduce_sum(&Tensor::from_slice(&local).to_device(like.device()))?;
+    if local.contains(&0.0) {
+        let counts = Vec::<f32>::try_from(counts.to_device(Device::Cpu))?;
+        for ((t, have), ranks) in params.iter().zip(&local).zip(&counts) {
+            if *have == 0.0 && *ranks > 0.5 {
+                // Another rank used it: this rank's zeros join the mean.
+                vlmatch_dist::set_grad(t, &t.detach().zeros_like()).map_err(to_core_error)?;
+            }
+        }
+    }
+    let grads: Vec<Tensor> = params.iter().map(|t| t.grad()).collect();
+    let flat = |i: usize| {
+        Some(&grads[i])
+            .filter(|g| g.defined())
+            .map(|g| g.view([-1]))
+    };
+    let world = layout.world as f64;
+    tch::no_grad(|| {
+        for k in 0..rounds(layout, chunk) {
+            let w = width(layout, chunk, k);
+            let buffer: Vec<Tensor> = (0..layout.world)
+                .map(|q| pack(layout, &flat, piece(layout, chunk, k, q), w, like))
+                .collect();
+            let mine = p.reduce_scatter_sum(&Tensor::cat(&buffer, 0))? / world;
+            unpack(layout, &flat, piece(layout, chunk, k, rank), &mine);
+        }
+        Ok::<_, Error>(())
+    })
+}
+
+/// Step 2 of the module: the global gradient norm from each rank's range
+/// (a vector of one squared norm per parameter with a gradient, summed
+/// over ranks: a parameter inside one rank's range gets exactly its
+/// unsharded entry, one split between ranks the sum of its parts'), and
+/// this rank's range clipped to `max_norm`.
+fn clip_range(p: &Parallel, optim: &AdamW, max_norm: f64) -> Result<Tensor> {
+    let Some((layout, rank, _, _)) = optim.shard_parts() else {
+        return Err(Error::Config("clip_range needs a sharded optimizer".into()));
+    };
+    let (lo, hi) = layout.range(rank);
+    let mine = layout.pieces(lo, hi);
+    // After the reduce-scatter every rank has the same gradients defined.
+    let grads: Vec<(usize, Tensor)> = (optim.parameters().enumerate())
+        .map(|(i, (_, t))| (i, t.grad()))
+        .filter(|(_, g)| g.defined())
+        .collect();
+    let Some(device) = grads.first().map(|(_, g)| g.device()) else {
+        return Ok(Tensor::from(0f32));
+    };
+    let part = |i: usize, g: &Tensor| {
+        (mine.iter().find(|(j, _, _)| *j == i))
+            .map(|&(_, start, len)| g.view([-1]).narrow(0, start, len))
+    };
+    tch::no_grad(|| {
+        let sq: Vec<Tensor> = grads
+            .iter()
+            .map(|(i, g)| match part(*i, g) {
+                Some(own) => own.to_kind(Kind::Float).square().sum(Kind::Float),
+                None => Tensor::zeros([], (Kind::Float, device)),
+            })
+            .collect();
+        let norm = p
+            .collective()
+            .all_reduce_sum(&Tensor::stack(&sq, 0))?
+            .sum(Kind::Float)
+            .sqrt()
+            .to_device(device);
+        if max_norm > 0.0 {
+            let coef = (max_norm / (&norm + 1e-6)).clamp_max(1.0);
+            for (i, g) in &grads {
+                if let Some(mut own) = part(*i, g) {
+                    let _ = own.g_mul_(&coef);
+                }
+            }
+        }
+        Ok::<_, Error>(norm)
+    })
+}
+
+/// The elements of the flat range `[a, b)`, packed and padded with zeros
+/// to `width`; `flat(i)` is parameter `i`'s tensor flattened (`None`:
+/// zeros).
 fn pack(
     layout: &FlatLayout,
-    params: &[&Tensor],
+    flat: &dyn Fn(usize) -> Option<Tensor>,
     (a, b): (i64, i64),
     width: i64,
     like: &Tensor,
@@ -68,7 +213,10 @@ fn pack(
     let mut parts: Vec<Tensor> = layout
         .pieces(a, b)
         .into_iter()
-        .map(|(i, start, len)| params[i].detach().view([-1]).narrow(0, start, len))
+        .map(|(i, start, len)| match flat(i) {
+            Some(t) => t.narrow(0, start, len),
+            None => Tensor::zeros([len], (like.kind(), like.device())),
+        })
         .collect();
     if b - a < width {
         parts.push(Tensor::zeros(
@@ -79,42 +227,50 @@ fn pack(
     Tensor::cat(&parts, 0)
 }
 
-/// Copies `values` (the flat range `[a, b)`) into `params`.
-fn unpack(layout: &FlatLayout, params: &[&Tensor], (a, b): (i64, i64), values: &Tensor) {
+/// Copies `values` (the flat range `[a, b)`) into the tensors `flat`
+/// gives (skipping `None`).
+fn unpack(
+    layout: &FlatLayout,
+    flat: &dyn Fn(usize) -> Option<Tensor>,
+    (a, b): (i64, i64),
+    values: &Tensor,
+) {
     let mut at = 0;
     for (i, start, len) in layout.pieces(a, b) {
-        let mut target = params[i].detach().view([-1]).narrow(0, start, len);
-        target.copy_(&values.narrow(0, at, len));
+        if let Some(t) = flat(i) {
+            t.narrow(0, start, len).copy_(&values.narrow(0, at, len));
+        }
         at += len;
     }
 }
 
+/// Parameter `i` of `params`, detached and flattened (a view).
+fn flat_param<'a>(params: &'a [&'a Tensor]) -> impl Fn(usize) -> Option<Tensor> + 'a {
+    |i| Some(params[i].detach().view([-1]))
+}
+
 /// All-gathers what each rank holds of the flat space, in rounds of
-/// `chunk` elements per rank: `local(offset, len)` gives this rank's
-/// elements from `offset` in its range; `sink(rank, (a, b), values)`
+/// `chunk` elements per rank (the last round fewer, [`width`]):
+/// `local(offset, len, width)` gives this rank's `len` elements from
+/// `offset` in its range, padded to `width`; `sink(rank, (a, b), values)`
 /// receives every rank's elements of the flat range `[a, b)`.
 fn gather_ranges(
     p: &Parallel,
     layout: &FlatLayout,
     chunk: i64,
-    local: impl Fn(i64, i64) -> Tensor,
+    local: impl Fn(i64, i64, i64) -> Tensor,
     mut sink: impl FnMut(usize, (i64, i64), &Tensor),
 ) -> Result<()> {
-    let rounds = (layout.max_part() + chunk - 1) / chunk;
     let collective = p.collective();
-    for k in 0..rounds {
-        let piece = |rank: usize| {
-            let (lo, hi) = layout.range(rank);
-            let a = (lo + k * chunk).min(hi);
-            (a, (a + chunk).min(hi))
-        };
+    for k in 0..rounds(layout, chunk) {
+        let w = width(layout, chunk, k);
         let (lo, _) = layout.range(p.rank);
-        let (a, b) = piece(p.rank);
-        let mine = local(a - lo, b - a);
+        let (a, b) = piece(layout, chunk, k, p.rank);
+        let mine = local(a - lo, b - a, w);
         let all = collective.all_gather(&mine)?;
         for rank in 0..layout.world {
-            let (a, b) = piece(rank);
-            sink(rank, (a, b), &all.narrow(0, rank as i64 * chunk, b - a));
+            let (a, b) = piece(layout, chunk, k, rank);
+            sink(rank, (a, b), &all.narrow(0, rank as i64 * w, b - a));
         }
     }
     Ok(())
@@ -128,16 +284,17 @@ pub fn gather_parameters(par: Option<&Parallel>, optim: &AdamW) -> Result<()> {
     };
     let params: Vec<&Tensor> = optim.parameters().map(|(_, t)| t).collect();
     let like = params[0];
+    let flat = flat_param(&params);
     tch::no_grad(|| {
         let (lo, _) = layout.range(rank);
         gather_ranges(
             p,
             layout,
             chunk,
-            |off, len| pack(layout, &params, (lo + off, lo + off + len), chunk, like),
+            |off, len, w| pack(layout, &flat, (lo + off, lo + off + len), w, like),
             |from, range, values| {
                 if from != rank {
-                    unpack(layout, &params, range, values);
+                    unpack(layout, &flat, range, values);
                 }
             },
         )
@@ -166,13 +323,14 @@ pub fn full_state(par: Option<&Parallel>, optim: &AdamW) -> Result<Option<Vec<(S
     tch::no_grad(|| {
         for (flat, full) in [(m, &full_m), (v, &full_v)] {
             let targets: Vec<&Tensor> = full.iter().collect();
+            let targets = flat_param(&targets);
             gather_ranges(
                 p,
                 layout,
                 chunk,
-                |off, len| {
+                |off, len, w| {
                     let own = flat.narrow(0, off, len);
-                    match chunk - len {
+                    match w - len {
                         0 => own.contiguous(),
                         pad => Tensor::cat(
                             &[own, flat.new_zeros([pad], (flat.kind(), flat.device()))],

@@ -210,10 +210,18 @@ fn reference() -> &'static Reference {
         let root = scratch("zero");
         let (unsharded, sharded) = (root.join("unsharded"), root.join("sharded"));
         launch("unsharded", 2, &train_args(&unsharded, &[]), &root);
+        // Small buckets: the gradients are reduce-scattered (and the
+        // parameters all-gathered) in several rounds.
         let logs = launch(
             "sharded",
             2,
-            &train_args(&sharded, &["train.dist.shard_optimizer=true"]),
+            &train_args(
+                &sharded,
+                &[
+                    "train.dist.shard_optimizer=true",
+                    "train.dist.bucket_mb=0.02",
+                ],
+            ),
             &root,
         );
         // Each rank holds half the moments (to an element): the whole
@@ -225,12 +233,17 @@ fn reference() -> &'static Reference {
             .sum();
         let mut held = 0;
         for (rank, log) in logs.iter().enumerate() {
-            let bytes = plain(log)
-                .lines()
-                .find(|l| l.contains("optimizer state sharded"))
-                .and_then(|l| l.split("optimizer_bytes=").nth(1))
-                .and_then(|b| b.split_whitespace().next()?.parse::<i64>().ok())
-                .unwrap_or_else(|| panic!("rank {rank} did not shard its optimizer:\n{log}"));
+            let log = plain(log);
+            let field = |name: &str| {
+                log.lines()
+                    .find(|l| l.contains("optimizer state sharded"))
+                    .and_then(|l| l.split(&format!("{name}=")).nth(1))
+                    .and_then(|b| b.split_whitespace().next()?.parse::<i64>().ok())
+                    .unwrap_or_else(|| panic!("rank {rank} did not shard its optimizer:\n{log}"))
+            };
+            let bytes = field("optimizer_bytes");
+            let rounds = field("gradient_rounds");
+            assert!(rounds >= 3, "rank {rank}: {rounds} reduce-scatter rounds");
             assert!(
                 (bytes - whole / 2).abs() <= 8,
                 "rank {rank}: {bytes} of {whole} bytes"
@@ -416,4 +429,40 @@ fn a_non_finite_step_is_skipped_by_every_sharded_rank() {
     for end in &ends {
         assert_eq!(end["optim.t"].int64_value(&[]), 7);
     }
+}
+
+/// Parameters no objective uses (ITM and MLM off: the ITM head, the
+/// fusion, the MLM head) get no gradient on any rank: sharded as
+/// unsharded their `.grad` stays undefined after the reduce-scatter, so
+/// AdamW leaves them alone (no weight decay, no moments), and the runs
+/// end alike.
+#[test]
+fn parameters_without_gradients_stay_untouched_when_sharded() {
+    let root = scratch("zero-unused");
+    let mut ends = Vec::new();
+    for (name, shard) in [("itc-unsharded", "false"), ("itc-sharded", "true")] {
+        let dir = root.join(name);
+        let shard = format!("train.dist.shard_optimizer={shard}");
+        let sets = [
+            "objectives.itm.enabled=false",
+            "objectives.mlm.enabled=false",
+            "train.weight_decay=0.5",
+            "train.dist.bucket_mb=0.02",
+            &shard,
+        ];
+        launch(name, 2, &train_args(&dir, &sets), &root);
+        ends.push(checkpoint(&dir, 8));
+    }
+    let d = distance(&ends[0], &ends[1], "model.");
+    eprintln!("ITC alone: weights differ by {d:.2e}");
+    assert!(d <= 1e-6, "{d:e}");
+    // Some parameter really had no gradient: its moments are zero.
+    let unused: Vec<&String> = ends[1]
+        .iter()
+        .filter(|(k, t)| k.starts_with("optim.v.") && t.abs().max().double_value(&[]) == 0.0)
+        .map(|(k, _)| k)
+        .collect();
+    assert!(!unused.is_empty(), "every parameter got a gradient");
+    let d = distance(&ends[0], &ends[1], "optim.");
+    assert!(d <= 1e-6, "moments: {d:e}");
 }
