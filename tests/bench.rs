@@ -93,6 +93,61 @@ fn bench_reports_steps_data_and_neggen() {
         t.contains("train step (ms)") && t.contains("data pipeline"),
         "{t}"
     );
+    // The augmented loader rows: both variants timed, every stage measured.
+    let l = &r["loader"];
+    assert_eq!(l["image_size"], 256);
+    for v in ["plain", "randaug"] {
+        positive(&l["variants"][v]["images_per_s"], "loader images/s");
+        let st = &l["variants"][v]["stages"];
+        assert_eq!(st["images"], 16, "{st}");
+        for k in vlmatch::bench::loader::STAGES {
+            assert!(st["s_per_image"][k].as_f64().unwrap() >= 0.0, "{k}: {st}");
+        }
+        // This test binary does not count allocations: none reported.
+        assert!(st["allocations_per_image"].is_null(), "{st}");
+    }
+    assert!(
+        t.contains("augmented loader") && t.contains("+ RandomAugment(2, 7)"),
+        "{t}"
+    );
+}
+
+/// The PIL/torchvision side of the loader rows (bench/reference_loader.py)
+/// runs ALBEF's transform on the same files and reports its rate and stages.
+/// Needs torchvision and OpenCV: the golden-augment venv, or
+/// VLMATCH_LOADER_PYTHON; skipped without either.
+#[test]
+fn pil_loader_reference_runs_on_the_same_files() {
+    let venv = std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".cache/vlmatch/golden-augment/bin/python"));
+    if std::env::var_os("VLMATCH_LOADER_PYTHON").is_none() && !venv.is_some_and(|v| v.exists()) {
+        eprintln!("skipped: no Python with torchvision and OpenCV (VLMATCH_LOADER_PYTHON)");
+        return;
+    }
+    let out = scratch("bench-loader-reference");
+    let mut o = options(out, None, &[]);
+    o.neggen = false;
+    {
+        let _turn = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
+        bench(&o).unwrap();
+    }
+    // The reference script's directory is what `rows` looks in.
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/reference.py");
+    o.reference = Some((PathBuf::from("python3"), script));
+    let loaded = o.layers.load().unwrap();
+    let tok = std::sync::Arc::new(vlmatch::setup::tokenizer(&loaded).unwrap());
+    let l = vlmatch::bench::loader::rows(&o, &loaded.config, &tok).unwrap();
+    let rf = &l["reference"];
+    assert!(rf.get("error").is_none(), "{rf}");
+    for v in ["plain", "randaug"] {
+        positive(&rf["variants"][v]["images_per_s"], "PIL loader images/s");
+        for k in vlmatch::bench::loader::STAGES {
+            let x = rf["variants"][v]["stage_s_per_image"][k].as_f64();
+            assert!(x.is_some_and(|x| x >= 0.0), "{k}: {rf}");
+        }
+    }
+    let t = vlmatch::bench::loader::lines(&serde_json::json!({ "loader": l }));
+    assert!(t.contains("PIL stages"), "{t}");
 }
 
 /// The PyTorch reference (bench/reference.py) builds the same model: it loads

@@ -15,8 +15,11 @@
 //! `inputs.safetensors` (the fixed batches), `vocab.txt`, and `data/` (JPEG
 //! files + an annotation file for the data-pipeline comparison).
 
+pub mod annotation_index;
+pub mod alloc;
 pub mod eval;
 pub mod flops;
+pub mod loader;
 
 use crate::data::loader::{batches, Loader, LoaderConfig};
 use crate::data::{annotations, ImageRef};
@@ -335,6 +338,7 @@ pub fn bench(opts: &BenchOptions) -> Result<Value> {
 
     if opts.data_images > 0 {
         result["data"] = data_pipeline(opts, &cfg, &train_ds, &tok)?;
+        result["loader"] = loader::rows(opts, &cfg, &tok)?;
     }
 
     if let Some((python, script)) = &opts.reference {
@@ -553,6 +557,7 @@ pub fn table(r: &Value) -> String {
             false,
         );
     }
+    s += &loader::lines(r);
     for (name, key) in [
         ("NegGen candidates/s", "candidates_per_s"),
         ("NegGen negatives kept/s", "negatives_per_s"),
