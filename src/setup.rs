@@ -316,7 +316,7 @@ pub fn registry(cfg: &LoadedConfig) -> Result<Registry> {
             continue;
         }
         let names = registry.load_library(&path)?;
-        tracing::info!(library = %path.display(), samplers = ?names, "loaded plugin library");
+        tracing::info!(library = %path.display(), plugins = ?names, "loaded plugin library");
         loaded.push(path);
     }
     Ok(registry)

@@ -207,6 +207,32 @@ impl<'a> Forward<'a> {
     pub fn new(model: &'a VlModel, batch: &'a Batch, train: bool) -> Self {
         let draw_seed =
             Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]);
+        Self::continuing(model, batch, train, (draw_seed, 0))
+    }
+
+    /// Where this forward's keyed draws stand: the step's seed and how many
+    /// draws ([`Forward::random_keys`]) it made so far.
+    pub fn draw_state(&self) -> (i64, i64) {
+        (self.draw_seed, self.draws.get())
+    }
+
+    /// Set how many keyed draws this forward made (a view of it made
+    /// draws on its behalf: [`Forward::continuing`]).
+    pub fn set_draws(&self, draws: i64) {
+        self.draws.set(draws);
+    }
+
+    /// A forward whose keyed draws continue `draw_state` (from
+    /// [`Forward::draw_state`] of another forward over the same batch),
+    /// drawing nothing from libtorch's generator: a view of a forward held
+    /// elsewhere, as a dynamic plugin's objective gets, draws what that
+    /// forward would.
+    pub fn continuing(
+        model: &'a VlModel,
+        batch: &'a Batch,
+        train: bool,
+        (draw_seed, draws): (i64, i64),
+    ) -> Self {
         Forward {
             model,
             batch,
@@ -214,7 +240,7 @@ impl<'a> Forward<'a> {
             collective: None,
             global_negatives: true,
             draw_seed,
-            draws: Cell::new(0),
+            draws: Cell::new(draws),
             image: OnceCell::new(),
             text: OnceCell::new(),
             embeds: OnceCell::new(),

@@ -6,12 +6,11 @@
 //! other plugins from the same registry.
 
 use crate::assemble::{ModelEnv, Sections, Widths};
-use crate::dynamic::{DynamicSampler, DynamicSamplerInstance, HostSampler};
+use crate::dynamic::sampler::{DynamicSampler, DynamicSamplerInstance, HostSampler};
 use crate::hooks::HookContext;
 use crate::weights::CheckpointLayout;
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::Path;
 use std::rc::Rc;
 use tch::nn;
 use vlmatch_core::{
@@ -270,20 +269,8 @@ impl Registry {
         out
     }
 
-    /// Load a dynamic plugin library and register its samplers (origin:
-    /// `library <path>`). The library is never unloaded. `dynamic::load`
-    /// opens it and checks its table before anything else is called.
-    pub fn load_library(&mut self, path: &Path) -> Result<Vec<String>> {
-        crate::dynamic::load(path, |name, spec| {
-            self.insert(Entry {
-                name,
-                // The canonical path: the file that was opened.
-                origin: format!("library {}", spec.library),
-                factory: Factory::DynamicSampler(spec),
-            })
-            .map_err(|e| e.to_string())
-        })
-    }
+    // `load_library`, which registers a dynamic library's plugins, is in
+    // `crate::dynamic::host`.
 }
 
 /// What a plugin factory gets: where to put its parameters, its own config
@@ -369,6 +356,22 @@ impl<'a> BuildContext<'a> {
                 self.key
             ))
         })
+    }
+
+    /// This plugin's config section as JSON, without the keys a lower
+    /// layer set for another plugin (what a plugin in a library reads).
+    pub(crate) fn section_json(&self) -> serde_json::Value {
+        let mut value = self
+            .config
+            .figment
+            .find_value(&self.key)
+            .ok()
+            .and_then(|v| serde_json::to_value(v).ok())
+            .unwrap_or_else(|| serde_json::json!({}));
+        if let (Some(stale), Some(map)) = (self.config.stale, value.as_object_mut()) {
+            map.retain(|k, _| !stale.contains(&format!("{}.{k}", self.key)));
+        }
+        value
     }
 
     /// The last component of the section key: an objective's loss name.

@@ -1,13 +1,21 @@
-//! Sampler `panicky`, which panics on purpose: in `create` when its section
-//! says `panic_in = "create"`, otherwise in `sample` on the first caption.
-//! The export macro catches both, so the host gets errors, not an abort.
+//! Plugins that fail on purpose, for the boundary's tests: sampler
+//! `panicky`, which panics in `create` when its section says `panic_in =
+//! "create"`, otherwise in `sample` on the first caption; encoder
+//! `panicky_stem`, which panics in `forward`; objective `bad_matmul`,
+//! whose tch call fails (a product of mismatched shapes). The export
+//! catches every panic, so the host gets errors, not an abort.
 
-use vlmatch_registry::dynamic::TextSampler;
+use std::rc::Rc;
+use vlmatch_plugin_sdk::core::{
+    Encoded, Encoder, EncoderInput, Forward, Modality, Objective, ObjectiveOutput, Result,
+};
+use vlmatch_plugin_sdk::tch::{Device, Kind, Tensor};
+use vlmatch_plugin_sdk::{register, BuildContext, TextSampler};
 
 pub struct Panicky;
 
 impl TextSampler for Panicky {
-    fn from_config(json: &str) -> Result<Self, String> {
+    fn from_config(json: &str) -> std::result::Result<Self, String> {
         if json.replace(' ', "").contains(r#""panic_in":"create""#) {
             panic!("panicky was told to panic in create");
         }
@@ -18,4 +26,41 @@ impl TextSampler for Panicky {
     }
 }
 
-vlmatch_registry::export_dynamic_samplers!("panicky" => Panicky);
+struct PanickyStem;
+
+impl Encoder for PanickyStem {
+    fn modality(&self) -> Modality {
+        Modality::Image
+    }
+    fn hidden_size(&self) -> i64 {
+        32
+    }
+    fn forward_t(&self, _: EncoderInput<'_>, _: bool) -> Result<Encoded> {
+        panic!("panicky_stem was told to panic in forward");
+    }
+}
+
+fn build_stem(_: &BuildContext<'_>) -> Result<Rc<dyn Encoder>> {
+    Ok(Rc::new(PanickyStem))
+}
+
+struct BadMatmul;
+
+impl Objective for BadMatmul {
+    fn forward(&self, _: &Forward<'_>, _: i64) -> Result<ObjectiveOutput> {
+        let a = Tensor::ones([2, 3], (Kind::Float, Device::Cpu));
+        let b = Tensor::ones([4, 5], (Kind::Float, Device::Cpu));
+        Ok(ObjectiveOutput {
+            losses: vec![("bad".into(), a.matmul(&b).sum(Kind::Float))],
+            metrics: Vec::new(),
+        })
+    }
+}
+
+fn build_bad(_: &BuildContext<'_>) -> Result<Box<dyn Objective>> {
+    Ok(Box::new(BadMatmul))
+}
+
+register!(encoder "panicky_stem" => build_stem);
+register!(objective "bad_matmul" => build_bad);
+vlmatch_plugin_sdk::export!("panicky" => Panicky);

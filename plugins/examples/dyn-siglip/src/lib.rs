@@ -1,0 +1,169 @@
+//! Two plugins written once with the SDK, for static or dynamic linking:
+//!
+//! - encoder `conv_stem`: an image stem with the parameter names of
+//!   HuggingFace's `CLIPVisionEmbeddings` (`embeddings.patch_embedding`,
+//!   `embeddings.class_embedding`, `embeddings.position_embedding`) and a
+//!   `post_layernorm`: patches by a strided convolution, a class token,
+//!   learnt positions, layer norm. No transformer layers: small on purpose.
+//! - objective `sigmoid_pairs`: SigLIP's pairwise sigmoid loss (Zhai et al.
+//!   2023), `-1/N sum_ij log sigmoid(z_ij (t x_i.y_j + b))` over the global
+//!   batch, `z_ij = 1` for positives (the batch's positive relation) and
+//!   `-1` otherwise; `t = exp(logit_scale)` and `b = logit_bias` learnt.
+
+use std::rc::Rc;
+use vlmatch_plugin_sdk::core::{
+    Encoded, Encoder, EncoderInput, Error, Forward, Modality, Objective, ObjectiveOutput, Result,
+};
+use vlmatch_plugin_sdk::tch::{nn, nn::Module, Kind, Tensor};
+use vlmatch_plugin_sdk::{export, register, BuildContext};
+
+register!(encoder "conv_stem" => build_stem);
+register!(objective "sigmoid_pairs" => build_pairs);
+export!();
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StemConfig {
+    hidden_size: i64,
+    patch_size: i64,
+}
+
+/// The convolutional image stem.
+pub struct ConvStem {
+    patch: nn::Conv2D,
+    class: Tensor,
+    positions: nn::Embedding,
+    norm: nn::LayerNorm,
+    hidden_size: i64,
+}
+
+fn build_stem(ctx: &BuildContext<'_>) -> Result<Rc<dyn Encoder>> {
+    let c: StemConfig = ctx.params()?;
+    let size = ctx.env.image_size;
+    if c.hidden_size <= 0 || c.patch_size <= 0 || size % c.patch_size != 0 {
+        return Err(Error::Config(format!(
+            "config key `{}`: hidden_size and patch_size must be positive and patch_size must divide data.image_size ({size}); got {} and {}",
+            ctx.key, c.hidden_size, c.patch_size
+        )));
+    }
+    let p = &ctx.path / "embeddings";
+    let conv = nn::ConvConfig {
+        stride: c.patch_size,
+        bias: false,
+        ..Default::default()
+    };
+    let patches = (size / c.patch_size) * (size / c.patch_size);
+    let init = nn::Init::Randn {
+        mean: 0.0,
+        stdev: 0.02,
+    };
+    Ok(Rc::new(ConvStem {
+        patch: nn::conv2d(&p / "patch_embedding", 3, c.hidden_size, c.patch_size, conv),
+        class: p.var("class_embedding", &[c.hidden_size], init),
+        positions: nn::embedding(
+            &p / "position_embedding",
+            patches + 1,
+            c.hidden_size,
+            nn::EmbeddingConfig {
+                ws_init: init,
+                ..Default::default()
+            },
+        ),
+        norm: nn::layer_norm(
+            &ctx.path / "post_layernorm",
+            vec![c.hidden_size],
+            Default::default(),
+        ),
+        hidden_size: c.hidden_size,
+    }))
+}
+
+impl Encoder for ConvStem {
+    fn modality(&self) -> Modality {
+        Modality::Image
+    }
+    fn hidden_size(&self) -> i64 {
+        self.hidden_size
+    }
+    fn forward_t(&self, input: EncoderInput<'_>, _train: bool) -> Result<Encoded> {
+        let EncoderInput::Image(images) = input else {
+            return Err(Error::plugin("conv_stem", "takes images"));
+        };
+        let x = images.apply(&self.patch).flatten(2, 3).transpose(1, 2);
+        let b = x.size()[0];
+        let class = self.class.view([1, 1, -1]).expand([b, 1, -1], false);
+        let x = Tensor::cat(&[class, x], 1);
+        let n = x.size()[1];
+        let positions = Tensor::arange(n, (Kind::Int64, x.device()));
+        let x = x + self.positions.forward(&positions).unsqueeze(0);
+        Ok(Encoded::all_valid(x.apply(&self.norm)))
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PairsConfig {
+    #[serde(default = "ten")]
+    init_scale: f64,
+    #[serde(default = "minus_ten")]
+    init_bias: f64,
+}
+
+fn ten() -> f64 {
+    10.0
+}
+
+fn minus_ten() -> f64 {
+    -10.0
+}
+
+/// SigLIP-style sigmoid loss over every image-text pair of the global batch.
+pub struct SigmoidPairs {
+    logit_scale: Tensor,
+    logit_bias: Tensor,
+    name: String,
+}
+
+fn build_pairs(ctx: &BuildContext<'_>) -> Result<Box<dyn Objective>> {
+    let c: PairsConfig = ctx.params()?;
+    if c.init_scale <= 0.0 || !c.init_bias.is_finite() {
+        return Err(Error::Config(format!(
+            "config key `{}.init_scale`: expected a positive scale and a finite bias, got {} and {}",
+            ctx.key, c.init_scale, c.init_bias
+        )));
+    }
+    Ok(Box::new(SigmoidPairs {
+        logit_scale: ctx
+            .path
+            .var("logit_scale", &[], nn::Init::Const(c.init_scale.ln())),
+        logit_bias: ctx
+            .path
+            .var("logit_bias", &[], nn::Init::Const(c.init_bias)),
+        name: ctx.section_name().to_string(),
+    }))
+}
+
+impl Objective for SigmoidPairs {
+    fn forward(&self, forward: &Forward<'_>, _step: i64) -> Result<ObjectiveOutput> {
+        let (images, texts) = forward.embeds()?;
+        let all_texts = match forward.collective() {
+            Some(c) => c.all_gather_with_grad(texts)?,
+            None => texts.shallow_clone(),
+        };
+        let positives = forward.positives()?.to_kind(Kind::Float);
+        let logits = images.matmul(&all_texts.tr()) * self.logit_scale.exp() + &self.logit_bias;
+        let signs = positives * 2.0 - 1.0;
+        let rows = images.size()[0] as f64;
+        let loss = -(signs * logits).log_sigmoid().sum(Kind::Float) / rows;
+        Ok(ObjectiveOutput {
+            losses: vec![(self.name.clone(), loss)],
+            metrics: vec![(
+                format!("{}_scale", self.name),
+                self.logit_scale.exp().detach(),
+            )],
+        })
+    }
+    fn contrastive(&self) -> bool {
+        true
+    }
+}

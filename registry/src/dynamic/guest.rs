@@ -1,0 +1,732 @@
+//! The plugin side of encoders and objectives in a library, compiled into
+//! the library (its copy of this crate): the table of every encoder and
+//! objective the library registers with [`crate::register!`], each behind
+//! C functions that catch panics, and what those functions hand the
+//! plugin's own factory and trait methods: a [`BuildContext`] over its
+//! section, a `VarStore` whose variables then join the host's, and, for
+//! objectives, a [`Forward`] over the host's batch whose model calls back
+//! into the host.
+
+use super::abi::{
+    catch_panics, free_own_string, give, lend, static_c, status, take, text, BuildHost,
+    EncoderCall, EncoderVTable, ForwardHost, ObjectiveVTable, PluginInfo, PluginTable,
+    SamplerVTable, TensorHandle, LIBTORCH_VERSION, RUSTC_VERSION, TCH_VERSION,
+};
+use super::calls::{
+    give_encoded, lend_input, modality_code, modality_of, take_encoded, OwnedInput,
+};
+use crate::assemble::{ModelEnv, Sections, Widths};
+use crate::{BuildContext, Factory, Registry};
+use std::cell::Cell;
+use std::ffi::{c_char, c_void, CString};
+use std::rc::Rc;
+use std::sync::OnceLock;
+use tch::{nn, Device, Tensor};
+use vlmatch_core::positives::PositiveRule;
+use vlmatch_core::{
+    Batch, Collective, ContrastiveHead, Discriminator, Encoded, Encoder, EncoderInput, Forward,
+    Modality, Objective, SpecialTokens, TextBatch, TextCodec, VlModel,
+};
+
+type EncoderFactory = fn(&BuildContext<'_>) -> vlmatch_core::Result<Rc<dyn Encoder>>;
+type ObjectiveFactory = fn(&BuildContext<'_>) -> vlmatch_core::Result<Box<dyn Objective>>;
+
+struct Tables {
+    table: PluginTable,
+    _samplers: Vec<SamplerVTable>,
+    _encoders: Vec<EncoderVTable>,
+    _objectives: Vec<ObjectiveVTable>,
+}
+
+// SAFETY: built once, then only read (see the vtables' impls).
+unsafe impl Sync for Tables {}
+unsafe impl Send for Tables {}
+
+static TABLES: OnceLock<Tables> = OnceLock::new();
+
+/// The library's plugin table (the export macro's entry calls it): the
+/// `samplers` given and every encoder and objective registered in the
+/// library; null if building it failed or panicked.
+pub fn table(
+    vlmatch_version: &'static str,
+    abi: u32,
+    samplers: impl FnOnce() -> Vec<SamplerVTable>,
+) -> *const PluginTable {
+    let built = catch_panics(|| {
+        if let Some(t) = TABLES.get() {
+            return Ok(&t.table as *const PluginTable);
+        }
+        let registry = Registry::from_inventory().map_err(|e| e.to_string())?;
+        let (mut encoders, mut objectives) = (Vec::new(), Vec::new());
+        for e in registry.entries() {
+            match e.factory {
+                Factory::Encoder(f) => encoders.push(EncoderVTable {
+                    name: static_c(&e.name),
+                    data: Box::leak(Box::new(f)) as *const EncoderFactory as *const c_void,
+                    create: Some(create_encoder),
+                    forward: Some(encoder_forward),
+                    word_embeddings: Some(encoder_word_embeddings),
+                    destroy: Some(destroy_encoder),
+                }),
+                Factory::Objective(f) => objectives.push(ObjectiveVTable {
+                    name: static_c(&e.name),
+                    data: Box::leak(Box::new(f)) as *const ObjectiveFactory as *const c_void,
+                    create: Some(create_objective),
+                    forward: Some(objective_forward),
+                    destroy: Some(destroy_objective),
+                }),
+                _ => {}
+            }
+        }
+        let samplers = samplers();
+        let table = PluginTable {
+            abi_version: abi,
+            rustc_version: static_c(RUSTC_VERSION),
+            vlmatch_version: static_c(vlmatch_version),
+            tch_version: static_c(TCH_VERSION),
+            libtorch_version: static_c(LIBTORCH_VERSION),
+            free_string: Some(free_own_string),
+            n_samplers: samplers.len(),
+            samplers: samplers.as_ptr(),
+            n_encoders: encoders.len(),
+            encoders: encoders.as_ptr(),
+            n_objectives: objectives.len(),
+            objectives: objectives.as_ptr(),
+        };
+        let tables = TABLES.get_or_init(|| Tables {
+            table,
+            _samplers: samplers,
+            _encoders: encoders,
+            _objectives: objectives,
+        });
+        Ok(&tables.table as *const PluginTable)
+    });
+    built.unwrap_or(std::ptr::null())
+}
+
+/// What `create` gets from the host (see `host::request`).
+#[derive(serde::Deserialize)]
+struct Request {
+    plugin: String,
+    key: String,
+    section: serde_json::Value,
+    device: String,
+    compute: String,
+    vocab_size: i64,
+    special: [i64; 5],
+    image_size: i64,
+    max_text_len: i64,
+    widths: [Option<i64>; 3],
+    model: Option<ModelFacts>,
+}
+
+/// Modality and width of the model's encoders.
+#[derive(serde::Deserialize)]
+struct ModelFacts {
+    image: (u32, i64),
+    text: (u32, i64),
+    fusion: (u32, i64),
+}
+
+fn device(name: &str) -> Result<Device, String> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "mps" => Ok(Device::Mps),
+        _ => name
+            .strip_prefix("cuda:")
+            .and_then(|i| i.parse().ok())
+            .map(Device::Cuda)
+            .ok_or_else(|| format!("unknown device `{name}`")),
+    }
+}
+
+/// The run's tokenizer is not exposed to libraries: its special ids and
+/// vocabulary size are; encoding text is an error (a caught panic).
+struct NoCodec {
+    special: SpecialTokens,
+    vocab_size: i64,
+}
+
+impl TextCodec for NoCodec {
+    fn special(&self) -> SpecialTokens {
+        self.special
+    }
+    fn vocab_size(&self) -> i64 {
+        self.vocab_size
+    }
+    fn encode(&self, _: &[&str], _: Device) -> TextBatch {
+        panic!("the run's tokenizer is not exposed to plugins in a library (ABI 3)")
+    }
+    fn token(&self, _: i64) -> String {
+        panic!("the run's tokenizer is not exposed to plugins in a library (ABI 3)")
+    }
+    fn pieces(&self, _: &str) -> Vec<i64> {
+        panic!("the run's tokenizer is not exposed to plugins in a library (ABI 3)")
+    }
+}
+
+/// Call a host function's result: its error string as text, freed by the host.
+fn host_result(
+    p: *mut c_char,
+    free: Option<unsafe extern "C" fn(*mut c_char)>,
+) -> Result<(), String> {
+    // SAFETY: a host string or null.
+    match unsafe { text(p) } {
+        None => Ok(()),
+        Some(message) => {
+            if let Some(free) = free {
+                // SAFETY: the host's string, freed once.
+                unsafe { free(p) };
+            }
+            Err(message)
+        }
+    }
+}
+
+/// Read the request, build with `build` in a fresh `VarStore`, and add its
+/// variables to the host's under the plugin's path, in the order they were
+/// created (trainable first).
+///
+/// # Safety
+/// `request` is a NUL-terminated string; `host` a valid table.
+unsafe fn build<T>(
+    request: *const c_char,
+    host: *const BuildHost,
+    model: impl FnOnce(
+        &Request,
+        &Rc<Cell<*const ForwardHost>>,
+        Device,
+    ) -> Result<Option<VlModel>, String>,
+    build: impl FnOnce(&BuildContext<'_>) -> vlmatch_core::Result<T>,
+) -> Result<
+    (
+        T,
+        nn::VarStore,
+        Option<VlModel>,
+        Rc<Cell<*const ForwardHost>>,
+    ),
+    String,
+> {
+    // SAFETY: as the caller promises.
+    let request = unsafe { text(request) }.ok_or("no request")?;
+    let host = unsafe { host.as_ref() }.ok_or("no host table")?;
+    let req: Request = serde_json::from_str(&request).map_err(|e| format!("bad request: {e}"))?;
+    let dev = device(&req.device)?;
+    let s = req.special;
+    let special = SpecialTokens {
+        pad: s[0],
+        unk: s[1],
+        cls: s[2],
+        sep: s[3],
+        mask: s[4],
+    };
+    let env = ModelEnv {
+        vocab_size: req.vocab_size,
+        special,
+        text: Rc::new(NoCodec {
+            special,
+            vocab_size: req.vocab_size,
+        }),
+        image_size: req.image_size,
+        max_text_len: req.max_text_len,
+        device: dev,
+        compute: match req.compute.as_str() {
+            "bfloat16" => tch::Kind::BFloat16,
+            "half" => tch::Kind::Half,
+            _ => tch::Kind::Float,
+        },
+        masked_lm: None,
+        checkpointer: None,
+    };
+    let mut nested = req.section.clone();
+    for part in req.key.rsplit('.') {
+        nested = serde_json::json!({ part: nested });
+    }
+    let figment = figment::Figment::from(figment::providers::Serialized::defaults(nested));
+    let registry = Registry::from_inventory().map_err(|e| e.to_string())?;
+    let view = Rc::new(Cell::new(std::ptr::null::<ForwardHost>()));
+    let proxy = model(&req, &view, dev)?;
+    let vs = nn::VarStore::new(dev);
+    let mut ctx = BuildContext::new(
+        vs.root(),
+        &req.plugin,
+        &req.key,
+        &env,
+        &registry,
+        Sections::standalone(&figment),
+        proxy.as_ref().map(|m| m.text.clone()),
+    );
+    ctx.widths = Widths {
+        image: req.widths[0],
+        text: req.widths[1],
+        fusion: req.widths[2],
+    };
+    ctx.model = proxy.as_ref();
+    let built = build(&ctx).map_err(|e| e.to_string())?;
+    drop(ctx);
+    let add = host
+        .add_parameter
+        .ok_or("the host's `add_parameter` is null")?;
+    for (name, t, trainable) in variables(&vs) {
+        let c_name = CString::new(name).map_err(|e| e.to_string())?;
+        // SAFETY: the host's function with its context, a name and a lent tensor.
+        let error = unsafe { add(host.ctx, c_name.as_ptr(), lend(&t), u8::from(trainable)) };
+        host_result(error, host.free_string)?;
+    }
+    Ok((built, vs, proxy, view))
+}
+
+/// `vs`'s variables: trainable ones in creation order, then the others by name.
+fn variables(vs: &nn::VarStore) -> Vec<(String, Tensor, bool)> {
+    let vars = vs.variables_.lock().unwrap_or_else(|e| e.into_inner());
+    let name_of = |t: &Tensor| {
+        vars.named_variables
+            .iter()
+            .find(|(_, v)| v.data_ptr() == t.data_ptr() && v.size() == t.size())
+            .map(|(n, _)| n.clone())
+    };
+    let mut out: Vec<(String, Tensor, bool)> = vars
+        .trainable_variables
+        .iter()
+        .filter_map(|v| Some((name_of(&v.tensor)?, v.tensor.shallow_clone(), true)))
+        .collect();
+    let mut rest: Vec<(String, Tensor, bool)> = vars
+        .named_variables
+        .iter()
+        .filter(|(n, _)| !out.iter().any(|(m, _, _)| m == *n))
+        .map(|(n, t)| (n.clone(), t.shallow_clone(), false))
+        .collect();
+    rest.sort_by(|a, b| a.0.cmp(&b.0));
+    out.extend(rest);
+    out
+}
+
+struct EncoderState {
+    encoder: Rc<dyn Encoder>,
+    _vs: nn::VarStore,
+}
+
+unsafe extern "C" fn create_encoder(
+    data: *const c_void,
+    request: *const c_char,
+    host: *const BuildHost,
+    state: *mut *mut c_void,
+    info: *mut PluginInfo,
+) -> *mut c_char {
+    status(|| {
+        // SAFETY: `data` is the factory this vtable was made with.
+        let factory = unsafe { *(data as *const EncoderFactory) };
+        // SAFETY: the host's request and table.
+        let (encoder, vs, _, _) = unsafe { build(request, host, |_, _, _| Ok(None), factory) }?;
+        let summary = PluginInfo {
+            modality: modality_code(encoder.modality()),
+            hidden_size: encoder.hidden_size(),
+            contrastive: 0,
+        };
+        // SAFETY: valid out-pointers from the host.
+        unsafe {
+            *info = summary;
+            *state = Box::into_raw(Box::new(EncoderState { encoder, _vs: vs })) as *mut c_void;
+        }
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn encoder_forward(
+    state: *mut c_void,
+    call: *const EncoderCall,
+    out: *mut TensorHandle,
+) -> *mut c_char {
+    status(|| {
+        // SAFETY: our state; the host's call and out-array of two.
+        let s = unsafe { &*(state as *const EncoderState) };
+        let call = unsafe { call.as_ref() }.ok_or("no call")?;
+        let input = unsafe { OwnedInput::read(call) }?;
+        let train = call.train != 0;
+        let e = if call.cls != 0 {
+            s.encoder.forward_cls(input.input(), train)
+        } else {
+            s.encoder.forward_t(input.input(), train)
+        }
+        .map_err(|e| e.to_string())?;
+        unsafe { give_encoded(e, out) };
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn encoder_word_embeddings(
+    state: *mut c_void,
+    out: *mut TensorHandle,
+) -> *mut c_char {
+    status(|| {
+        // SAFETY: our state and the host's out-pointer.
+        let s = unsafe { &*(state as *const EncoderState) };
+        let h = s
+            .encoder
+            .word_embeddings()
+            .map(give)
+            .unwrap_or(std::ptr::null_mut());
+        unsafe { *out = h };
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn destroy_encoder(state: *mut c_void) -> *mut c_char {
+    status(|| {
+        if !state.is_null() {
+            // SAFETY: from `create_encoder`, destroyed once.
+            drop(unsafe { Box::from_raw(state as *mut EncoderState) });
+        }
+        Ok(())
+    })
+}
+
+/// The current forward's host table, or an error outside one.
+fn current<'x>(view: &Cell<*const ForwardHost>) -> vlmatch_core::Result<&'x ForwardHost> {
+    // SAFETY: set only for the duration of `objective_forward`, whose table
+    // outlives every call made meanwhile.
+    unsafe { view.get().as_ref() }.ok_or_else(|| {
+        vlmatch_core::Error::Config(
+            "the model is available to an objective in a library only during its forward".into(),
+        )
+    })
+}
+
+fn plugin_err(m: String) -> vlmatch_core::Error {
+    vlmatch_core::Error::Config(m)
+}
+
+/// The host's encoder of a model role.
+struct ProxyEncoder {
+    role: u32,
+    modality: Modality,
+    hidden_size: i64,
+    view: Rc<Cell<*const ForwardHost>>,
+}
+
+impl ProxyEncoder {
+    fn call(
+        &self,
+        input: EncoderInput<'_>,
+        train: bool,
+        cls: bool,
+    ) -> vlmatch_core::Result<Encoded> {
+        let host = current(&self.view)?;
+        let (kind, handles) = lend_input(&input);
+        let call = EncoderCall {
+            kind,
+            cls: u8::from(cls),
+            train: u8::from(train),
+            n: handles.len(),
+            tensors: handles.as_ptr(),
+        };
+        let mut out: [TensorHandle; 2] = [std::ptr::null_mut(); 2];
+        let encode = host
+            .encode
+            .ok_or_else(|| plugin_err("the host's `encode` is null".into()))?;
+        // SAFETY: the host's function with its context; handles live through it.
+        let error = unsafe { encode(host.ctx, self.role, &call, out.as_mut_ptr()) };
+        host_result(error, host.free_string).map_err(plugin_err)?;
+        // SAFETY: the host gave two handles.
+        unsafe { take_encoded(out) }.map_err(plugin_err)
+    }
+}
+
+impl Encoder for ProxyEncoder {
+    fn modality(&self) -> Modality {
+        self.modality
+    }
+    fn hidden_size(&self) -> i64 {
+        self.hidden_size
+    }
+    fn forward_t(&self, input: EncoderInput<'_>, train: bool) -> vlmatch_core::Result<Encoded> {
+        self.call(input, train, false)
+    }
+    fn forward_cls(&self, input: EncoderInput<'_>, train: bool) -> vlmatch_core::Result<Encoded> {
+        self.call(input, train, true)
+    }
+}
+
+/// One tensor from a host function that writes one.
+fn one(
+    host: &ForwardHost,
+    call: impl FnOnce(*mut TensorHandle) -> *mut c_char,
+) -> vlmatch_core::Result<Tensor> {
+    let mut out: TensorHandle = std::ptr::null_mut();
+    host_result(call(&mut out), host.free_string).map_err(plugin_err)?;
+    if out.is_null() {
+        return Err(plugin_err("the host returned no tensor".into()));
+    }
+    // SAFETY: a handle the host gave.
+    Ok(unsafe { take(out) })
+}
+
+/// The host's discriminator.
+struct ProxyDiscriminator {
+    view: Rc<Cell<*const ForwardHost>>,
+}
+
+impl ProxyDiscriminator {
+    fn call(&self, which: u32, fused: &Encoded) -> vlmatch_core::Result<Tensor> {
+        let host = current(&self.view)?;
+        let f = host
+            .discriminate
+            .ok_or_else(|| plugin_err("the host's `discriminate` is null".into()))?;
+        // SAFETY: the host's function, lent handles, one out-pointer.
+        one(host, |out| unsafe {
+            f(host.ctx, which, lend(&fused.hidden), lend(&fused.mask), out)
+        })
+    }
+}
+
+impl Discriminator for ProxyDiscriminator {
+    fn pair_logits(&self, fused: &Encoded) -> vlmatch_core::Result<Tensor> {
+        self.call(0, fused)
+    }
+    fn token_logits(&self, fused: &Encoded) -> vlmatch_core::Result<Tensor> {
+        self.call(1, fused)
+    }
+}
+
+/// The host's process group.
+struct ProxyCollective {
+    view: Rc<Cell<*const ForwardHost>>,
+}
+
+impl ProxyCollective {
+    fn op(&self, op: u32, t: &Tensor) -> vlmatch_core::Result<Tensor> {
+        let host = current(&self.view)?;
+        let f = host
+            .collective
+            .ok_or_else(|| plugin_err("the host's `collective` is null".into()))?;
+        // SAFETY: the host's function, a lent handle, one out-pointer.
+        one(host, |out| unsafe { f(host.ctx, op, lend(t), out) })
+    }
+    fn facts(&self) -> (usize, usize) {
+        current(&self.view).map_or((0, 1), |h| {
+            (h.facts.rank as usize, h.facts.world_size as usize)
+        })
+    }
+}
+
+impl Collective for ProxyCollective {
+    fn rank(&self) -> usize {
+        self.facts().0
+    }
+    fn world_size(&self) -> usize {
+        self.facts().1
+    }
+    fn all_gather_with_grad(&self, t: &Tensor) -> vlmatch_core::Result<Tensor> {
+        self.op(0, t)
+    }
+    fn all_gather(&self, t: &Tensor) -> vlmatch_core::Result<Tensor> {
+        self.op(1, t)
+    }
+    fn all_reduce_sum(&self, t: &Tensor) -> vlmatch_core::Result<Tensor> {
+        self.op(2, t)
+    }
+}
+
+struct ObjectiveState {
+    objective: Box<dyn Objective>,
+    model: VlModel,
+    view: Rc<Cell<*const ForwardHost>>,
+    _vs: nn::VarStore,
+    _head: nn::VarStore,
+}
+
+/// The model an objective in a library sees: the host's encoders and
+/// discriminator behind callbacks; no generator; an ITC head of width 0
+/// whose temperature is NaN (ITC logits are not exposed: the ITC
+/// embeddings come from the host).
+fn proxy_model(
+    req: &Request,
+    view: &Rc<Cell<*const ForwardHost>>,
+    dev: Device,
+    head: &nn::VarStore,
+) -> Result<VlModel, String> {
+    let facts = req
+        .model
+        .as_ref()
+        .ok_or("an objective is built after the model, which the host did not describe")?;
+    let encoder = |role: u32, (m, w): (u32, i64)| -> Result<Rc<dyn Encoder>, String> {
+        Ok(Rc::new(ProxyEncoder {
+            role,
+            modality: modality_of(m).ok_or("unknown modality")?,
+            hidden_size: w,
+            view: view.clone(),
+        }))
+    };
+    let contrastive = ContrastiveHead::new(&head.root(), 0, 0, 0);
+    tch::no_grad(|| {
+        for (_, mut t) in head.variables() {
+            let _ = t.fill_(f64::NAN);
+        }
+    });
+    Ok(VlModel {
+        image: encoder(0, facts.image)?,
+        text: encoder(1, facts.text)?,
+        fusion: encoder(2, facts.fusion)?,
+        contrastive,
+        discriminator: Rc::new(ProxyDiscriminator { view: view.clone() }),
+        generator: None,
+        device: dev,
+    })
+}
+
+unsafe extern "C" fn create_objective(
+    data: *const c_void,
+    request: *const c_char,
+    host: *const BuildHost,
+    state: *mut *mut c_void,
+    info: *mut PluginInfo,
+) -> *mut c_char {
+    status(|| {
+        // SAFETY: `data` is the factory this vtable was made with.
+        let factory = unsafe { *(data as *const ObjectiveFactory) };
+        let head = nn::VarStore::new(Device::Cpu);
+        let model = |req: &Request, view: &Rc<Cell<*const ForwardHost>>, dev| {
+            proxy_model(req, view, dev, &head).map(Some)
+        };
+        // SAFETY: the host's request and table.
+        let (objective, vs, model, view) = unsafe { build(request, host, model, factory) }?;
+        let summary = PluginInfo {
+            modality: 0,
+            hidden_size: 0,
+            contrastive: u8::from(objective.contrastive()),
+        };
+        let s = ObjectiveState {
+            objective,
+            model: model.expect("built"),
+            view,
+            _vs: vs,
+            _head: head,
+        };
+        // SAFETY: valid out-pointers from the host.
+        unsafe {
+            *info = summary;
+            *state = Box::into_raw(Box::new(s)) as *mut c_void;
+        }
+        Ok(())
+    })
+}
+
+/// Clears the current forward when the call ends, however it ends.
+struct Current<'s>(&'s Cell<*const ForwardHost>);
+
+impl Drop for Current<'_> {
+    fn drop(&mut self) {
+        self.0.set(std::ptr::null());
+    }
+}
+
+/// The host's batch, as our own references.
+fn batch(host: &ForwardHost) -> Result<Batch, String> {
+    let f = host.batch.ok_or("the host's `batch` is null")?;
+    let mut out: [TensorHandle; 6] = [std::ptr::null_mut(); 6];
+    // SAFETY: the host's function; six out-handles.
+    host_result(unsafe { f(host.ctx, out.as_mut_ptr()) }, host.free_string)?;
+    if out.iter().any(|h| h.is_null()) {
+        return Err("the host's batch has a null tensor".into());
+    }
+    // SAFETY: handles the host gave.
+    let [images, ids, mask, image_ids, image_keys, sample_keys] = out.map(|h| unsafe { take(h) });
+    let j = host.batch_json.ok_or("the host's `batch_json` is null")?;
+    let mut json: *mut c_char = std::ptr::null_mut();
+    // SAFETY: the host's function and an out-pointer.
+    host_result(unsafe { j(host.ctx, &mut json) }, host.free_string)?;
+    // SAFETY: a host string (our `free_string` convention: the host frees it).
+    let text_json = unsafe { text(json) }.ok_or("the host's batch has no captions")?;
+    if let Some(free) = host.free_string {
+        // SAFETY: the host's string, freed once.
+        unsafe { free(json) };
+    }
+    #[derive(serde::Deserialize)]
+    struct Texts {
+        captions: Vec<String>,
+        sample_keys_host: Vec<i64>,
+    }
+    let texts: Texts = serde_json::from_str(&text_json).map_err(|e| e.to_string())?;
+    Ok(Batch {
+        images,
+        text: TextBatch::new(ids, mask),
+        image_ids,
+        image_keys,
+        positive_rule: if host.facts.positive_rule == 1 {
+            PositiveRule::ImageId
+        } else {
+            PositiveRule::Identical
+        },
+        sample_keys,
+        sample_keys_host: texts.sample_keys_host,
+        captions: texts.captions,
+        pairs: Vec::new(),
+        prepared: Default::default(),
+    })
+}
+
+unsafe extern "C" fn objective_forward(
+    state: *mut c_void,
+    view: *const ForwardHost,
+    step: i64,
+) -> *mut c_char {
+    status(|| {
+        // SAFETY: our state and the host's table for this call.
+        let s = unsafe { &*(state as *const ObjectiveState) };
+        let host = unsafe { view.as_ref() }.ok_or("no forward table")?;
+        s.view.set(view);
+        let _current = Current(&s.view);
+        let batch = batch(host)?;
+        let e = host.embeds.ok_or("the host's `embeds` is null")?;
+        let mut out: [TensorHandle; 2] = [std::ptr::null_mut(); 2];
+        // SAFETY: the host's function; two out-handles.
+        host_result(unsafe { e(host.ctx, out.as_mut_ptr()) }, host.free_string)?;
+        // SAFETY: handles the host gave.
+        let embeds = unsafe { take_encoded(out) }?;
+        let facts = host.facts;
+        let mut forward = Forward::continuing(
+            &s.model,
+            &batch,
+            facts.train != 0,
+            (facts.draw_seed, facts.draws),
+        )
+        .with_embeds(embeds.hidden, embeds.mask);
+        if facts.world_size > 0 {
+            forward = forward.with_collective(Rc::new(ProxyCollective {
+                view: s.view.clone(),
+            }));
+        }
+        let output = s
+            .objective
+            .forward(&forward, step)
+            .map_err(|e| e.to_string())?;
+        let set_draws = host.set_draws.ok_or("the host's `set_draws` is null")?;
+        // SAFETY: the host's function.
+        host_result(
+            unsafe { set_draws(host.ctx, forward.draw_state().1) },
+            host.free_string,
+        )?;
+        let emit = host.emit.ok_or("the host's `emit` is null")?;
+        for (metric, list) in [(0u8, &output.losses), (1, &output.metrics)] {
+            for (name, t) in list {
+                let name = CString::new(name.as_str()).map_err(|e| e.to_string())?;
+                // SAFETY: the host's function, a name and a lent tensor.
+                host_result(
+                    unsafe { emit(host.ctx, metric, name.as_ptr(), lend(t)) },
+                    host.free_string,
+                )?;
+            }
+        }
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn destroy_objective(state: *mut c_void) -> *mut c_char {
+    status(|| {
+        if !state.is_null() {
+            // SAFETY: from `create_objective`, destroyed once.
+            drop(unsafe { Box::from_raw(state as *mut ObjectiveState) });
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,632 @@
+//! The host side of encoders and objectives in a library: loading a
+//! library into a [`Registry`] (its plugins become entries whose factories
+//! are [`build_encoder`] and [`build_objective`]), the [`Encoder`] and
+//! [`Objective`] that call into the library, and the callbacks the library
+//! calls back: adding its parameters under its `nn::Path`, and reading the
+//! per-batch [`Forward`] cache.
+
+use super::abi::{
+    borrow, free_host_string, give, status, take, text, BuildHost, EncoderCall, ForwardFacts,
+    ForwardHost, PluginInfo, TensorHandle,
+};
+use super::calls::{lend_input, modality_code, modality_of, take_encoded, OwnedInput};
+use super::load::{load, EncoderSpec, ObjectiveSpec};
+use crate::registration::Entry;
+use crate::{BuildContext, Factory, Kind, Registry};
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::ffi::{c_char, c_void, CString};
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::Mutex;
+use tch::{nn, Tensor};
+use vlmatch_core::{
+    Encoded, Encoder, EncoderInput, Error, Forward, Modality, Objective, ObjectiveOutput, Result,
+};
+
+/// Encoders and objectives of the libraries loaded in this process, by
+/// kind and name: what [`build_encoder`] and [`build_objective`] find.
+static LOADED: Mutex<BTreeMap<(Kind, String), Loaded>> = Mutex::new(BTreeMap::new());
+
+#[derive(Clone, Copy)]
+enum Loaded {
+    Encoder(&'static EncoderSpec),
+    Objective(&'static ObjectiveSpec),
+}
+
+impl Loaded {
+    fn library(&self) -> &str {
+        match self {
+            Loaded::Encoder(s) => &s.library,
+            Loaded::Objective(s) => &s.library,
+        }
+    }
+}
+
+fn loaded(kind: Kind, name: &str) -> Result<Loaded> {
+    let map = LOADED.lock().unwrap_or_else(|e| e.into_inner());
+    map.get(&(kind, name.to_string())).copied().ok_or_else(|| {
+        Error::plugin(
+            name,
+            format!("no loaded plugin library provides {kind} `{name}`"),
+        )
+    })
+}
+
+impl Registry {
+    /// Load a dynamic plugin library and register its samplers, encoders
+    /// and objectives (origin: `library <canonical path>`); their names. The
+    /// library is never unloaded and is opened and checked before anything
+    /// else of it is called ([`super::load`]).
+    pub fn load_library(&mut self, path: &Path) -> Result<Vec<String>> {
+        let library = load(path)?;
+        let origin = format!("library {}", library.path.display());
+        let mut entries: Vec<(String, Factory, Option<Loaded>)> = Vec::new();
+        for s in &library.samplers {
+            entries.push((s.name.clone(), Factory::DynamicSampler(s), None));
+        }
+        for s in &library.encoders {
+            entries.push((
+                s.name.clone(),
+                Factory::Encoder(build_encoder),
+                Some(Loaded::Encoder(s)),
+            ));
+        }
+        for s in &library.objectives {
+            let factory = Factory::Objective(build_objective);
+            entries.push((s.name.clone(), factory, Some(Loaded::Objective(s))));
+        }
+        let refuse = |e: String| super::abi::refuse(&library.path, e);
+        let mut names = Vec::new();
+        for (name, factory, spec) in entries {
+            if let Some(spec) = spec {
+                let key = (factory.kind(), name.clone());
+                let mut map = LOADED.lock().unwrap_or_else(|e| e.into_inner());
+                match map.get(&key) {
+                    Some(other) if other.library() != spec.library() => {
+                        return Err(refuse(format!(
+                            "{} `{name}` is already loaded in this process from library {}; rename one of them",
+                            factory.kind(),
+                            other.library()
+                        )))
+                    }
+                    _ => map.insert(key, spec),
+                };
+            }
+            self.insert(Entry {
+                name: name.clone(),
+                origin: origin.clone(),
+                factory,
+            })
+            .map_err(|e| refuse(e.to_string()))?;
+            names.push(name);
+        }
+        Ok(names)
+    }
+}
+
+/// An error of call `call` of plugin `name` in `library`.
+fn failed(name: &str, library: &str, call: &str, message: &str) -> Error {
+    Error::plugin(
+        name,
+        format!("`{call}` failed in library {library}: {message}"),
+    )
+}
+
+/// A library's error string as text, freed by the library.
+///
+/// # Safety
+/// `p` is null or a string of the library whose `free_string` is given.
+unsafe fn library_error(p: *mut c_char, free: super::abi::FreeStringFn) -> Option<String> {
+    // SAFETY: as the caller promises; freed once, here.
+    let message = unsafe { text(p) }?;
+    unsafe { free(p) };
+    Some(message)
+}
+
+fn device_name(d: tch::Device) -> String {
+    match d {
+        tch::Device::Cuda(i) => format!("cuda:{i}"),
+        tch::Device::Mps => "mps".into(),
+        _ => "cpu".into(),
+    }
+}
+
+fn kind_name(k: tch::Kind) -> &'static str {
+    match k {
+        tch::Kind::BFloat16 => "bfloat16",
+        tch::Kind::Half => "half",
+        _ => "float",
+    }
+}
+
+/// What `create` gets (see [`super::guest::Request`]).
+fn request(ctx: &BuildContext<'_>) -> String {
+    let env = ctx.env;
+    let s = env.special;
+    let model = ctx.model.map(|m| {
+        serde_json::json!({
+            "image": [modality_code(m.image.modality()), m.image.hidden_size()],
+            "text": [modality_code(m.text.modality()), m.text.hidden_size()],
+            "fusion": [modality_code(m.fusion.modality()), m.fusion.hidden_size()],
+        })
+    });
+    serde_json::json!({
+        "plugin": ctx.plugin,
+        "key": ctx.key,
+        "section": ctx.section_json(),
+        "device": device_name(env.device),
+        "compute": kind_name(env.compute),
+        "vocab_size": env.vocab_size,
+        "special": [s.pad, s.unk, s.cls, s.sep, s.mask],
+        "image_size": env.image_size,
+        "max_text_len": env.max_text_len,
+        "widths": [ctx.widths.image, ctx.widths.text, ctx.widths.fusion],
+        "model": model,
+    })
+    .to_string()
+}
+
+/// `add_parameter`: `tensor` joins the run's variables at `name` (dotted,
+/// relative to the plugin's path).
+unsafe extern "C" fn add_parameter(
+    ctx: *mut c_void,
+    name: *const c_char,
+    tensor: TensorHandle,
+    trainable: u8,
+) -> *mut c_char {
+    status(|| {
+        // SAFETY: `ctx` is the path `create_in` lends for the call.
+        let path = unsafe { &*(ctx as *const nn::Path<'static>) };
+        // SAFETY: the library passes a NUL-terminated name and a live handle.
+        let name = unsafe { text(name) }.ok_or("a parameter without a name")?;
+        if tensor.is_null() {
+            return Err(format!("parameter `{name}` has no tensor"));
+        }
+        let parts: Vec<&str> = name.split('.').collect();
+        if parts.iter().any(|p| p.is_empty()) {
+            return Err(format!("parameter name `{name}` has an empty component"));
+        }
+        let mut p = path.clone();
+        for part in &parts[..parts.len() - 1] {
+            p = &p / *part;
+        }
+        // SAFETY: a live handle, lent.
+        let t = unsafe { borrow(tensor) };
+        let _ = p.add(parts[parts.len() - 1], t, trainable != 0);
+        Ok(())
+    })
+}
+
+/// Call `create` with the host's build services; the state and summary.
+fn create_in(
+    ctx: &BuildContext<'_>,
+    name: &str,
+    library: &str,
+    create: super::abi::CreatePluginFn,
+    data: *const c_void,
+    free: super::abi::FreeStringFn,
+) -> Result<(*mut c_void, PluginInfo)> {
+    let json = CString::new(request(ctx)).map_err(|e| Error::plugin(name, e.to_string()))?;
+    let path: nn::Path<'_> = ctx.path.clone();
+    let host = BuildHost {
+        ctx: &path as *const nn::Path<'_> as *mut c_void,
+        add_parameter: Some(add_parameter),
+        free_string: Some(free_host_string),
+    };
+    let (mut state, mut info) = (std::ptr::null_mut(), PluginInfo::default());
+    // SAFETY: valid strings and out-pointers; `host` lives for the call.
+    let error = unsafe { create(data, json.as_ptr(), &host, &mut state, &mut info) };
+    // SAFETY: an error string of this library.
+    if let Some(message) = unsafe { library_error(error, free) } {
+        return Err(failed(name, library, "create", &message));
+    }
+    if state.is_null() {
+        return Err(failed(name, library, "create", "it returned no state"));
+    }
+    Ok((state, info))
+}
+
+/// The factory of every encoder from a library.
+pub fn build_encoder(ctx: &BuildContext<'_>) -> Result<Rc<dyn Encoder>> {
+    let Loaded::Encoder(spec) = loaded(Kind::Encoder, ctx.plugin)? else {
+        unreachable!("an encoder entry")
+    };
+    let (state, info) = create_in(
+        ctx,
+        &spec.name,
+        &spec.library,
+        spec.create,
+        spec.data,
+        spec.free_string,
+    )?;
+    // The state is the library's from here: destroyed by `HostEncoder`'s
+    // drop, or now, when the summary is bad.
+    let encoder = HostEncoder {
+        spec,
+        state,
+        modality: Modality::Image,
+        hidden_size: info.hidden_size,
+    };
+    let modality = modality_of(info.modality).ok_or_else(|| {
+        failed(
+            &spec.name,
+            &spec.library,
+            "create",
+            &format!("unknown modality {}", info.modality),
+        )
+    })?;
+    let mut encoder = encoder;
+    encoder.modality = modality;
+    Ok(Rc::new(encoder))
+}
+
+/// An encoder of a library, as the host uses it.
+struct HostEncoder {
+    spec: &'static EncoderSpec,
+    state: *mut c_void,
+    modality: Modality,
+    hidden_size: i64,
+}
+
+impl HostEncoder {
+    fn call(&self, input: EncoderInput<'_>, train: bool, cls: bool) -> Result<Encoded> {
+        let (kind, handles) = lend_input(&input);
+        let call = EncoderCall {
+            kind,
+            cls: u8::from(cls),
+            train: u8::from(train),
+            n: handles.len(),
+            tensors: handles.as_ptr(),
+        };
+        let mut out: [TensorHandle; 2] = [std::ptr::null_mut(); 2];
+        // SAFETY: the state is ours, the call's handles live through it.
+        let error = unsafe { (self.spec.forward)(self.state, &call, out.as_mut_ptr()) };
+        // SAFETY: an error string of this library.
+        if let Some(message) = unsafe { library_error(error, self.spec.free_string) } {
+            return Err(failed(
+                &self.spec.name,
+                &self.spec.library,
+                "forward",
+                &message,
+            ));
+        }
+        // SAFETY: on success the library gave two handles.
+        unsafe { take_encoded(out) }
+            .map_err(|m| failed(&self.spec.name, &self.spec.library, "forward", &m))
+    }
+}
+
+impl Encoder for HostEncoder {
+    fn modality(&self) -> Modality {
+        self.modality
+    }
+    fn hidden_size(&self) -> i64 {
+        self.hidden_size
+    }
+    fn forward_t(&self, input: EncoderInput<'_>, train: bool) -> Result<Encoded> {
+        self.call(input, train, false)
+    }
+    fn forward_cls(&self, input: EncoderInput<'_>, train: bool) -> Result<Encoded> {
+        self.call(input, train, true)
+    }
+    fn word_embeddings(&self) -> Option<Tensor> {
+        let mut out: TensorHandle = std::ptr::null_mut();
+        // SAFETY: the state is ours; `out` is a valid out-pointer.
+        let error = unsafe { (self.spec.word_embeddings)(self.state, &mut out) };
+        // SAFETY: an error string of this library.
+        if let Some(message) = unsafe { library_error(error, self.spec.free_string) } {
+            let e = failed(
+                &self.spec.name,
+                &self.spec.library,
+                "word_embeddings",
+                &message,
+            );
+            tracing::error!("{e}");
+            return None;
+        }
+        // SAFETY: a non-null handle is given.
+        (!out.is_null()).then(|| unsafe { take(out) })
+    }
+}
+
+fn destroy(
+    state: *mut c_void,
+    destroy: super::abi::DestroyFn,
+    free: super::abi::FreeStringFn,
+    name: &str,
+    library: &str,
+) {
+    // SAFETY: `state` came from `create` and is destroyed once, here.
+    let error = unsafe { destroy(state) };
+    // SAFETY: an error string of this library.
+    if let Some(message) = unsafe { library_error(error, free) } {
+        // Drop cannot fail: the failure is reported, not returned.
+        tracing::error!("{}", failed(name, library, "destroy", &message));
+    }
+}
+
+impl Drop for HostEncoder {
+    fn drop(&mut self) {
+        let s = self.spec;
+        destroy(self.state, s.destroy, s.free_string, &s.name, &s.library);
+    }
+}
+
+/// The factory of every objective from a library.
+pub fn build_objective(ctx: &BuildContext<'_>) -> Result<Box<dyn Objective>> {
+    let Loaded::Objective(spec) = loaded(Kind::Objective, ctx.plugin)? else {
+        unreachable!("an objective entry")
+    };
+    let (state, info) = create_in(
+        ctx,
+        &spec.name,
+        &spec.library,
+        spec.create,
+        spec.data,
+        spec.free_string,
+    )?;
+    Ok(Box::new(HostObjective {
+        spec,
+        state,
+        contrastive: info.contrastive != 0,
+    }))
+}
+
+/// An objective of a library, as the host uses it.
+struct HostObjective {
+    spec: &'static ObjectiveSpec,
+    state: *mut c_void,
+    contrastive: bool,
+}
+
+impl Drop for HostObjective {
+    fn drop(&mut self) {
+        let s = self.spec;
+        destroy(self.state, s.destroy, s.free_string, &s.name, &s.library);
+    }
+}
+
+/// What the callbacks of one objective call see.
+struct View<'f, 'a> {
+    forward: &'f Forward<'a>,
+    output: RefCell<ObjectiveOutput>,
+}
+
+/// # Safety
+/// `ctx` is the [`View`] lent for the current call.
+unsafe fn view<'x>(ctx: *mut c_void) -> &'x View<'x, 'x> {
+    // SAFETY: as the caller promises.
+    unsafe { &*(ctx as *const View<'x, 'x>) }
+}
+
+fn str_err(e: Error) -> String {
+    e.to_string()
+}
+
+/// # Safety
+/// `out` has room for `tensors.len()` handles.
+unsafe fn give_all(
+    tensors: Vec<Tensor>,
+    out: *mut TensorHandle,
+) -> std::result::Result<(), String> {
+    if out.is_null() {
+        return Err("no out-array".into());
+    }
+    for (i, t) in tensors.into_iter().enumerate() {
+        // SAFETY: as the caller promises.
+        unsafe { *out.add(i) = give(t) };
+    }
+    Ok(())
+}
+
+unsafe extern "C" fn cb_batch(ctx: *mut c_void, out: *mut TensorHandle) -> *mut c_char {
+    status(|| {
+        // SAFETY: the lent view; `out` holds six handles (the ABI).
+        let b = unsafe { view(ctx) }.forward.batch;
+        let t = [
+            &b.images,
+            &b.text.ids,
+            &b.text.mask,
+            &b.image_ids,
+            &b.image_keys,
+            &b.sample_keys,
+        ];
+        unsafe { give_all(t.iter().map(|t| t.shallow_clone()).collect(), out) }
+    })
+}
+
+unsafe extern "C" fn cb_batch_json(ctx: *mut c_void, out: *mut *mut c_char) -> *mut c_char {
+    status(|| {
+        // SAFETY: the lent view and a valid out-pointer.
+        let b = unsafe { view(ctx) }.forward.batch;
+        let json =
+            serde_json::json!({"captions": b.captions, "sample_keys_host": b.sample_keys_host});
+        unsafe { *out = super::abi::error_string(&json.to_string()) };
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn cb_embeds(ctx: *mut c_void, out: *mut TensorHandle) -> *mut c_char {
+    status(|| {
+        // SAFETY: the lent view; `out` holds two handles.
+        let (i, t) = unsafe { view(ctx) }.forward.embeds().map_err(str_err)?;
+        unsafe { give_all(vec![i.shallow_clone(), t.shallow_clone()], out) }
+    })
+}
+
+/// Whether `a` is `b` (the same storage, shape and strides).
+fn same(a: &Tensor, b: &Tensor) -> bool {
+    a.data_ptr() == b.data_ptr() && a.size() == b.size() && a.stride() == b.stride()
+}
+
+unsafe extern "C" fn cb_encode(
+    ctx: *mut c_void,
+    role: u32,
+    call: *const EncoderCall,
+    out: *mut TensorHandle,
+) -> *mut c_char {
+    status(|| {
+        // SAFETY: the lent view and call.
+        let f = unsafe { view(ctx) }.forward;
+        let call = unsafe { call.as_ref() }.ok_or("no call")?;
+        let input = unsafe { OwnedInput::read(call) }?;
+        let (cls, train) = (call.cls != 0, call.train != 0);
+        let cached = match (&input, role) {
+            (OwnedInput::Image(t), 0) if same(t, &f.batch.images) && train == f.train => {
+                Some(f.image().map_err(str_err)?)
+            }
+            (OwnedInput::Text(t), 1) if same(&t.ids, &f.batch.text.ids) && train == f.train => {
+                Some(f.text().map_err(str_err)?)
+            }
+            _ => None,
+        };
+        let encoded = match cached {
+            Some(e) if cls => e.position_zero(),
+            Some(e) => e.shallow_clone(),
+            None => {
+                let encoder = match role {
+                    0 => &f.model.image,
+                    1 => &f.model.text,
+                    2 => &f.model.fusion,
+                    r => return Err(format!("unknown model role {r}")),
+                };
+                let run = if cls {
+                    Encoder::forward_cls
+                } else {
+                    Encoder::forward_t
+                };
+                run(encoder.as_ref(), input.input(), train).map_err(str_err)?
+            }
+        };
+        unsafe { give_all(vec![encoded.hidden, encoded.mask], out) }
+    })
+}
+
+unsafe extern "C" fn cb_discriminate(
+    ctx: *mut c_void,
+    which: u32,
+    hidden: TensorHandle,
+    mask: TensorHandle,
+    out: *mut TensorHandle,
+) -> *mut c_char {
+    status(|| {
+        // SAFETY: the lent view and handles.
+        let f = unsafe { view(ctx) }.forward;
+        let fused = unsafe {
+            Encoded {
+                hidden: borrow(hidden),
+                mask: borrow(mask),
+            }
+        };
+        let d = &f.model.discriminator;
+        let t = match which {
+            0 => d.pair_logits(&fused),
+            _ => d.token_logits(&fused),
+        }
+        .map_err(str_err)?;
+        unsafe { give_all(vec![t], out) }
+    })
+}
+
+unsafe extern "C" fn cb_collective(
+    ctx: *mut c_void,
+    op: u32,
+    tensor: TensorHandle,
+    out: *mut TensorHandle,
+) -> *mut c_char {
+    status(|| {
+        // SAFETY: the lent view and handle.
+        let f = unsafe { view(ctx) }.forward;
+        let t = unsafe { borrow(tensor) };
+        let c = f
+            .collective()
+            .ok_or("no process group: training on one process")?;
+        let r = match op {
+            0 => c.all_gather_with_grad(&t),
+            1 => c.all_gather(&t),
+            _ => c.all_reduce_sum(&t),
+        }
+        .map_err(str_err)?;
+        unsafe { give_all(vec![r], out) }
+    })
+}
+
+unsafe extern "C" fn cb_set_draws(ctx: *mut c_void, draws: i64) -> *mut c_char {
+    status(|| {
+        // SAFETY: the lent view.
+        unsafe { view(ctx) }.forward.set_draws(draws);
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn cb_emit(
+    ctx: *mut c_void,
+    metric: u8,
+    name: *const c_char,
+    tensor: TensorHandle,
+) -> *mut c_char {
+    status(|| {
+        // SAFETY: the lent view, a NUL-terminated name and a live handle.
+        let v = unsafe { view(ctx) };
+        let name = unsafe { text(name) }.ok_or("an output without a name")?;
+        let t = unsafe { borrow(tensor) };
+        let mut out = v.output.borrow_mut();
+        let list = if metric == 0 {
+            &mut out.losses
+        } else {
+            &mut out.metrics
+        };
+        list.push((name, t));
+        Ok(())
+    })
+}
+
+impl Objective for HostObjective {
+    fn forward(&self, forward: &Forward<'_>, step: i64) -> Result<ObjectiveOutput> {
+        let (draw_seed, draws) = forward.draw_state();
+        let facts = ForwardFacts {
+            train: u8::from(forward.train),
+            world_size: forward.collective().map_or(0, |c| c.world_size() as u64),
+            rank: forward.collective().map_or(0, |c| c.rank() as u64),
+            draw_seed,
+            draws,
+            positive_rule: match forward.batch.positive_rule {
+                vlmatch_core::positives::PositiveRule::Identical => 0,
+                vlmatch_core::positives::PositiveRule::ImageId => 1,
+            },
+        };
+        let v = View {
+            forward,
+            output: RefCell::new(ObjectiveOutput::default()),
+        };
+        let host = ForwardHost {
+            ctx: &v as *const View<'_, '_> as *mut c_void,
+            facts,
+            batch: Some(cb_batch),
+            batch_json: Some(cb_batch_json),
+            embeds: Some(cb_embeds),
+            encode: Some(cb_encode),
+            discriminate: Some(cb_discriminate),
+            collective: Some(cb_collective),
+            set_draws: Some(cb_set_draws),
+            emit: Some(cb_emit),
+            free_string: Some(free_host_string),
+        };
+        // SAFETY: our state; `host` and the view live through the call.
+        let error = unsafe { (self.spec.forward)(self.state, &host, step) };
+        // SAFETY: an error string of this library.
+        if let Some(message) = unsafe { library_error(error, self.spec.free_string) } {
+            return Err(failed(
+                &self.spec.name,
+                &self.spec.library,
+                "forward",
+                &message,
+            ));
+        }
+        Ok(v.output.into_inner())
+    }
+    fn contrastive(&self) -> bool {
+        self.contrastive
+    }
+}
