@@ -48,13 +48,13 @@ pub enum Command {
     },
     /// Evaluate a trained run: `retrieval` (ITC top-k re-ranked by ITM, on an
     /// annotation file or tar shards), `matching` (lines {"image", "caption",
-    /// "negative"}), `zeroshot` (lines {"image", "label"} and `--labels`),
+    /// "negative"} and an optional "kind"), `zeroshot` (lines {"image", "label"} and `--labels`),
     /// `vqa` (a run fine-tuned with `finetune --task vqa`; lines {"image",
     /// "question", "answer"} or `--data builtin`), `snli-ve` and `nlvr2`
     /// (a run fine-tuned with `finetune --task snli-ve|nlvr2`; ALBEF's JSON
     /// or `--data builtin`, whose `--split` is `val`/`dev`, `test` (default)
     /// or `train`), `heldout` (the run's own
-    /// held-out set: retrieval and color/shape-swap matching, as training
+    /// held-out set: retrieval and fine-grained matching by kind, as training
     /// reports them). Prints one JSON object on the last line; writes
     /// RUN_DIR/eval-TASK.json.
     Eval {
@@ -263,6 +263,22 @@ pub enum Command {
         /// With --eval: candidates per query re-ranked by ITM.
         #[arg(long, default_value_t = 16)]
         eval_k: usize,
+        /// Instead: open a generated annotation file of this many captions
+        /// held in memory and through its index (time, peak and resident
+        /// memory, PSS of two processes; bench/NOTES.md).
+        #[arg(long)]
+        annotations: Option<usize>,
+        /// With --annotations: skip the in-memory loader (about 1 KB per
+        /// caption).
+        #[arg(long)]
+        annotations_index_only: bool,
+        /// One measurement of --annotations, in its own process.
+        #[arg(long, hide = true, requires = "annotation_file")]
+        annotation_probe: Option<String>,
+        #[arg(long, hide = true)]
+        annotation_file: Option<PathBuf>,
+        #[arg(long, hide = true)]
+        annotation_hold: bool,
     },
     /// Embed images and/or captions (an image folder, an annotation file,
     /// tar shards, or `--captions FILE`) into an index directory of ITC
@@ -570,7 +586,24 @@ pub fn run(cli: Cli) -> Result<()> {
             eval_images,
             eval_captions_per_image,
             eval_k,
+            annotations,
+            annotations_index_only,
+            annotation_probe,
+            annotation_file,
+            annotation_hold,
         } => {
+            if let (Some(mode), Some(file)) = (&annotation_probe, &annotation_file) {
+                return crate::bench::annotation_index::probe(file, mode, annotation_hold);
+            }
+            if let Some(captions) = annotations {
+                use crate::bench::annotation_index::{bench_annotations, AnnotationBenchOptions};
+                bench_annotations(&AnnotationBenchOptions {
+                    captions,
+                    out,
+                    in_memory: !annotations_index_only,
+                })?;
+                return Ok(());
+            }
             if eval {
                 crate::bench::eval::bench_eval(&crate::bench::eval::EvalBenchOptions {
                     layers: config.layers()?,

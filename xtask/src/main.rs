@@ -36,7 +36,9 @@ commands:
                  write NegGen negatives for a dataset with a trained run
   bench [--preset P] [--config F]... [--set k=v]... [--out D] [--steps N] [--repeats R]
                  time training steps, the data pipeline and NegGen against the
-                 PyTorch reference (bench/reference.py); prints ratios, writes D/bench.json
+                 PyTorch reference (bench/reference.py); prints ratios, writes D/bench.json;
+                 with --annotations N [--annotations-index-only]: open a generated annotation
+                 file of N captions in memory and through its index (bench/NOTES.md)
   setup          provision libtorch 2.11.0 and a headless Chromium (apt-get) for
                  tests/serve.rs, and print where they are
   gpu-bundle     build a stripped release binary into gpu-bundle/ for a GPU machine
@@ -201,8 +203,16 @@ fn run_tests(root: &Path, rest: &[String]) -> Result<(), String> {
 /// PyTorch reference in the same call.
 fn bench(root: &Path, rest: &[String]) -> Result<(), String> {
     build_vlmatch(root, &["--release"])?;
-    let python = setup::reference_python()?;
     let mut cmd = Command::new(root.join("target/release/vlmatch"));
+    if rest
+        .iter()
+        .any(|a| a == "--annotations" || a.starts_with("--annotations="))
+    {
+        // Annotation files held in memory against their index: no reference.
+        cmd.current_dir(root).arg("bench").args(rest);
+        return run_status(cmd);
+    }
+    let python = setup::reference_python()?;
     cmd.current_dir(root)
         .arg("bench")
         .arg("--reference")
