@@ -101,7 +101,8 @@ pub enum Command {
         quiet: bool,
     },
     /// List registered plugins by kind, with where each comes from (built
-    /// in, a linked crate, or a library from the config's `plugins.paths`).
+    /// in, a linked crate, or a library from `--plugin` or the config's
+    /// `plugins.paths`).
     Plugins {
         #[command(flatten)]
         config: ConfigArgs,
@@ -506,9 +507,11 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Plugins { config } => {
             let loaded = config.layers()?.load()?;
+            let mut libraries = loaded.config.plugins.paths.clone();
+            libraries.extend(crate::setup::plugin_libraries());
             print!(
                 "{}",
-                crate::commands::plugins::plugin_listing(&loaded.config.plugins.paths)?
+                crate::commands::plugins::plugin_listing(&libraries)?
             );
             Ok(())
         }

@@ -36,8 +36,15 @@ fn micro_training_lowers_the_loss_and_logs_every_objective() {
     let e = &held.retrieval;
     assert_eq!((e.images, e.captions), (16, 48));
     assert!((0.0..=1.0).contains(&e.i2t_r1) && (0.0..=1.0).contains(&e.t2i_r1));
-    // Every built-in caption names a color or a shape, so each gets a swap.
-    assert_eq!(held.matching.pairs, 48);
+    // On built-in data the fine-grained suite: one case per held-out scene
+    // and kind it can make (tests/finegrained.rs checks the suite).
+    let loaded = micro_layers(&[]).load().unwrap();
+    let suite = vlmatch::setup::datasets(&loaded).unwrap().1.unwrap();
+    let cases = vlmatch::eval::matching_cases(&suite).unwrap();
+    assert_eq!(held.matching.pairs, cases.cases.len());
+    assert!(held.matching.pairs > 16, "{:?}", held.matching);
+    let by_kind: usize = held.matching_by_kind.values().map(|m| m.pairs).sum();
+    assert_eq!(by_kind, held.matching.pairs);
     assert!((0.0..=1.0).contains(&held.matching.itm_acc));
     assert!(dir.join("eval-heldout.json").is_file());
 }
@@ -84,6 +91,10 @@ fn annotation_files_with_real_images_train_and_evaluate() {
     let e = s.eval.unwrap();
     assert_eq!((e.retrieval.images, e.retrieval.captions), (4, 8));
     assert_eq!(e.matching.pairs, 8, "every caption names a color");
+    // No scene model here: the color swaps, as one kind.
+    assert_eq!(e.matching_by_kind.keys().collect::<Vec<_>>(), ["color"]);
+    assert_eq!(e.matching_by_kind["color"].pairs, 8);
+    assert!(e.matching_skipped_scenes.is_empty());
 }
 
 #[test]
@@ -125,4 +136,5 @@ fn periodic_evaluation_writes_eval_jsonl() {
     assert!(
         lines[0]["matching"]["itm_acc"].is_number() && lines[0]["retrieval"]["i2t_r1"].is_number()
     );
+    assert!(lines[0]["matching_by_kind"]["count"]["itm_acc"].is_number());
 }

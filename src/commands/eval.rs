@@ -151,10 +151,18 @@ fn eval_on(
             serde_json::to_value(r).expect("serialisable")
         }
         "matching" => {
-            let (ds, negatives) =
-                crate::data::annotations::load_with(data, image_root, Some("negative"), split)?;
-            let m = crate::eval::matching_triples(&asm.model, &ds, &negatives, &inp)?;
-            serde_json::to_value(m).expect("serialisable")
+            let (ds, negatives, entries) = crate::data::annotations::load_with_located(
+                data,
+                image_root,
+                Some("negative"),
+                split,
+            )?;
+            let kinds = crate::eval::kinds_of(data, &entries)?;
+            let m = crate::eval::matching_triples(&asm.model, &ds, &negatives, &kinds, &inp)?;
+            let mut v = serde_json::to_value(&m.matching).expect("serialisable");
+            v["matching_by_kind"] =
+                serde_json::to_value(&m.matching_by_kind).expect("serialisable");
+            v
         }
         "heldout" => {
             let (_, heldout) = crate::setup::datasets(&loaded)?;

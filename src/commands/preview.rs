@@ -26,6 +26,8 @@ pub fn preview(layers: ConfigLayers, split: &str, count: Option<usize>, out: &Pa
         }
     };
     let tok = crate::setup::tokenizer(&loaded)?;
+    // NegGen's tagger, for each caption's `pos_tags` (bench/reference_neggen.py).
+    let tagger = neggen::BrillTagger::new();
     let data = &loaded.config.data;
     let size = data.image_size as usize;
     let max_len = data.max_len as usize;
@@ -70,6 +72,7 @@ pub fn preview(layers: ConfigLayers, split: &str, count: Option<usize>, out: &Pa
                 "image_id": ds.image_ids[i],
                 "caption": caption,
                 "ids": tok.encode(caption, max_len),
+                "pos_tags": pos_tags(&tagger, caption),
             });
             pairs.push_str(&format!("{line}\n"));
             n_pairs += 1;
@@ -88,18 +91,21 @@ pub fn preview(layers: ConfigLayers, split: &str, count: Option<usize>, out: &Pa
     if split == "heldout" {
         let mut triples = String::new();
         let cases = crate::eval::matching_cases(&ds)?;
-        for (image, caption, negative) in cases.iter().filter(|c| c.0 < n) {
-            let line = serde_json::json!({
-                "image": file_name(*image),
-                "image_index": image,
-                "caption": caption,
-                "negative": negative,
-                "caption_ids": tok.encode(caption, max_len),
-                "negative_ids": tok.encode(negative, max_len),
+        for c in cases.cases.iter().filter(|c| c.image < n) {
+            let mut line = serde_json::json!({
+                "image": file_name(c.image),
+                "image_index": c.image,
+                "caption": c.caption,
+                "negative": c.negative,
+                "caption_ids": tok.encode(&c.caption, max_len),
+                "negative_ids": tok.encode(&c.negative, max_len),
             });
+            if let Some(kind) = c.kind {
+                line["kind"] = serde_json::json!(kind.as_str());
+            }
             triples.push_str(&format!("{line}\n"));
         }
-        n_matching = Some(cases.iter().filter(|c| c.0 < n).count());
+        n_matching = Some(cases.cases.iter().filter(|c| c.image < n).count());
         files.push(("matching.jsonl", triples));
     }
     let sp = tok.special;
@@ -119,6 +125,16 @@ pub fn preview(layers: ConfigLayers, split: &str, count: Option<usize>, out: &Pa
         "vocab_size": tok.vocab_size(),
         "special": {"pad": sp.pad, "unk": sp.unk, "cls": sp.cls, "sep": sp.sep, "mask": sp.mask},
         "word_swap_default_groups": crate::samplers::word_swap_default_groups()?,
+        // Each vocabulary entry's tag by NegGen's tagger after a
+        // determiner (in `a WORD`: alone, a word is tagged as a sentence's
+        // first word, unknown words as proper nouns).
+        "pos_tags_after_a": (0..tok.vocab_size())
+            .map(|i| {
+                let t = tok.token(i);
+                let tag = pos_tags(&tagger, &format!("a {t}")).pop().unwrap_or_default();
+                (t.to_string(), serde_json::Value::from(tag))
+            })
+            .collect::<serde_json::Map<String, serde_json::Value>>(),
     });
     files.push((
         "meta.json",
@@ -140,4 +156,20 @@ pub fn preview(layers: ConfigLayers, split: &str, count: Option<usize>, out: &Pa
         }
     );
     Ok(())
+}
+
+/// NegGen's tag of each word of `caption.split(' ')`, as NegGen tags a
+/// caption (`neggen::tagged_candidates`: the words' cores, those with a
+/// letter, tagged as one sequence); `""` for a word without a letter.
+fn pos_tags(tagger: &dyn neggen::PosTagger, caption: &str) -> Vec<String> {
+    let cores: Vec<&str> = caption.split(' ').map(neggen::core).collect();
+    let lettered: Vec<usize> = (0..cores.len())
+        .filter(|&i| cores[i].chars().any(char::is_alphabetic))
+        .collect();
+    let tags = tagger.tag_words(&lettered.iter().map(|&i| cores[i]).collect::<Vec<_>>());
+    let mut out = vec![String::new(); cores.len()];
+    for (i, t) in lettered.into_iter().zip(tags) {
+        out[i] = t;
+    }
+    out
 }

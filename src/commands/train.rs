@@ -71,11 +71,19 @@ pub fn train(
         );
         let m = &e.matching;
         println!(
-            "held-out matching, caption vs one color/shape word swapped ({} pairs): ITM {:.1}% | ITC {:.1}% (chance 50%)",
+            "held-out fine-grained matching, caption vs negative ({} pairs): ITM {:.1}% | ITC {:.1}% (chance 50%)",
             m.pairs,
             100.0 * m.itm_acc,
             100.0 * m.itc_acc
         );
+        let kinds: Vec<String> = e
+            .matching_by_kind
+            .iter()
+            .map(|(k, m)| format!("{k} {:.1}% ({})", 100.0 * m.itm_acc, m.pairs))
+            .collect();
+        if !kinds.is_empty() {
+            println!("  ITM by kind: {}", kinds.join(" | "));
+        }
     }
     println!("run directory: {}", summary.run_dir.display());
     Ok(())

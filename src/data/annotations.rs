@@ -110,7 +110,46 @@ pub fn load_entries(
     limits: AnnotationLimits,
 ) -> Result<(Dataset, Vec<Value>)> {
     load_inner(path, image_root, text_key, None, None, on_error, limits)
-        .map(|(ds, _, raw)| (ds, raw))
+        .map(|(ds, _, raw)| (ds, raw.into_iter().map(|l| l.entry).collect()))
+}
+
+/// A pair's whole entry and where it is in its file.
+#[derive(Debug, Clone)]
+pub struct Located {
+    pub entry: Value,
+    /// Its line, in a JSON-lines file.
+    pub line: Option<usize>,
+    /// Its position among the file's entries.
+    pub index: usize,
+}
+
+impl Located {
+    /// An error about this entry of `path`, naming its line (or entry).
+    pub fn error(&self, path: &Path, message: String) -> Error {
+        match self.line {
+            Some(_) => bad(path, self.line, message),
+            None => bad(path, None, format!("entry {}: {message}", self.index)),
+        }
+    }
+}
+
+/// [`load_with`], also returning each pair's entry and where it is, for the
+/// caller's own optional fields (such as a matching file's `kind`).
+pub fn load_with_located(
+    path: &Path,
+    image_root: Option<&Path>,
+    extra: Option<&str>,
+    split: Option<&str>,
+) -> Result<(Dataset, Vec<String>, Vec<Located>)> {
+    load_inner(
+        path,
+        image_root,
+        "caption",
+        extra,
+        split,
+        OnError::Fail,
+        AnnotationLimits::default(),
+    )
 }
 
 /// One entry: its line (JSON lines), its position, and the entry or why it
@@ -309,7 +348,7 @@ pub(super) fn json_line(
 }
 
 /// The dataset, the `extra` field of each entry, and each pair's entry.
-type Loaded = (Dataset, Vec<String>, Vec<Value>);
+type Loaded = (Dataset, Vec<String>, Vec<Located>);
 
 fn load_inner(
     path: &Path,
@@ -436,7 +475,11 @@ fn load_inner(
                 image: idx,
                 caption,
             });
-            raws.push(p.raw.clone());
+            raws.push(Located {
+                entry: p.raw.clone(),
+                line,
+                index: n,
+            });
         }
     }
     if ds.skipped > 0 {

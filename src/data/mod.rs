@@ -8,6 +8,7 @@
 
 pub mod annotations;
 pub mod augment;
+pub mod finegrained;
 pub mod image;
 pub mod index;
 pub mod loader;

@@ -3,10 +3,12 @@
 //! - ITC retrieval recall (image-to-text and text-to-image R@1/R@5). Every
 //!   caption of an image is a correct text for it; a text query is correct
 //!   when its own image ranks in the top k.
-//! - Fine-grained matching (`shared/method.md`, Downstream): for each
-//!   held-out caption, the same caption with one color or shape word swapped;
-//!   the share of pairs where the image scores higher with the true caption,
-//!   by ITM probability and by ITC similarity.
+//! - Fine-grained matching (`shared/method.md`, Downstream,
+//!   [`matching`]): on built-in data the fine-grained suite's cases (color,
+//!   size, shape, binding, relation, count, absent), elsewhere each held-out
+//!   caption against itself with one color or shape word swapped; the share
+//!   of pairs where the image scores higher with the true caption, by ITM
+//!   probability and by ITC similarity, overall and per kind.
 
 use crate::data::Dataset;
 use crate::tokenizer::Tokenizer;
@@ -15,7 +17,12 @@ use tch::{Device, Kind, Tensor};
 use vlmatch_core::{Encoded, EncoderInput, Result, VlModel};
 use vlmatch_registry::config::Rerank;
 
+mod matching;
 mod rerank;
+pub use matching::{
+    color_shape_swapper, kinds_of, matching, matching_cases, matching_triples, score_cases,
+    Matching, MatchingByKind, MatchingCase, MatchingCases,
+};
 pub use rerank::{
     rerank_encoded, reranked_recalls, reranked_recalls_sharded, retrieval_reranked,
     retrieval_reranked_sharded, RerankedRetrieval,
@@ -141,160 +148,31 @@ pub fn retrieval(model: &VlModel, ds: &Dataset, inp: &EvalInputs<'_>) -> Result<
     })
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct Matching {
-    /// Caption pairs compared (captions with a color or shape word).
-    pub pairs: usize,
-    pub itm_acc: f64,
-    pub itc_acc: f64,
-    /// Token-level localisation (VL-RTD): of the negatives that differ from
-    /// their caption in single words at the same positions, the share whose
-    /// word with the highest replaced-probability is one of the changed
-    /// words, and that share for a random pick (mean changed / words).
-    pub rtd_top1: f64,
-    pub rtd_chance: f64,
-    pub rtd_pairs: usize,
-}
-
-/// Word indices where `negative` differs from `caption`, when both have the
-/// same number of words (else `None`).
-fn changed_words(
-    tok: &Tokenizer,
-    caption: &str,
-    negative: &str,
-    max_len: usize,
-) -> Option<(Vec<usize>, Vec<std::ops::Range<usize>>)> {
-    let (_, a) = tok.encode_words(caption, max_len);
-    let (_, b) = tok.encode_words(negative, max_len);
-    if a.len() != b.len() || b.is_empty() {
-        return None;
-    }
-    let changed: Vec<usize> = (0..a.len()).filter(|&i| a[i].0 != b[i].0).collect();
-    (!changed.is_empty()).then(|| (changed, b.into_iter().map(|(_, r)| r).collect()))
-}
-
-/// The swaps the matching evaluation uses: `word_swap` within its first two
-/// default groups, colors and shapes.
-pub fn color_shape_swapper() -> Result<Box<dyn vlmatch_core::NegativeSampler>> {
-    let groups = crate::samplers::word_swap_default_groups()?;
-    crate::samplers::word_swap(Some(&groups[..2.min(groups.len())]))
-}
-
-/// The cases [`matching`] scores: `(image, caption, negative)` for every
-/// pair of `ds` with a color or shape word, the negative being the caption
-/// with one such word swapped by a fixed, seeded choice (so every model, and
-/// `vlmatch preview --split heldout` for an outside reference, sees the same).
-pub fn matching_cases(ds: &Dataset) -> Result<Vec<(usize, String, String)>> {
-    let sampler = color_shape_swapper()?;
-    let swapper = crate::samplers::swapper(sampler.as_ref());
-    let mut rng = crate::rng::Rng::new(0x3A7C);
-    Ok(ds
-        .pairs
-        .iter()
-        .filter_map(|p| {
-            let text = swapper.swap_word(&p.caption, &mut |n| rng.below(n))?;
-            Some((p.image, p.caption.clone(), text))
-        })
-        .collect())
-}
-
-/// Fine-grained matching accuracy on `ds`: true caption against the same
-/// caption with one color or shape word swapped ([`matching_cases`]).
-pub fn matching(model: &VlModel, ds: &Dataset, inp: &EvalInputs<'_>) -> Result<Matching> {
-    score_cases(model, ds, inp, &matching_cases(ds)?)
-}
-
-/// The matching accuracies of `(image, true caption, negative)` cases.
-fn score_cases(
-    model: &VlModel,
-    ds: &Dataset,
-    inp: &EvalInputs<'_>,
-    cases: &[(usize, String, String)],
-) -> Result<Matching> {
-    let (mut itm_hits, mut itc_hits) = (0.0, 0.0);
-    let (mut rtd_hits, mut rtd_chance, mut rtd_pairs) = (0.0, 0.0, 0usize);
-    tch::no_grad(|| -> Result<()> {
-        for chunk in cases.chunks(inp.batch_size.max(1)) {
-            let images: Vec<usize> = chunk.iter().map(|c| c.0).collect();
-            let image = image_states(model, ds, inp, &images)?;
-            let pos: Vec<&str> = chunk.iter().map(|c| c.1.as_str()).collect();
-            let neg: Vec<&str> = chunk.iter().map(|c| c.2.as_str()).collect();
-            let (tp, tn) = (
-                text_states(model, inp, &pos)?,
-                text_states(model, inp, &neg)?,
-            );
-            // The negatives are fused in full once: ITM reads their [CLS],
-            // the RTD localisation every token.
-            let fused_neg = model.fuse(&tn, &image, false)?;
-            let itm = |fused: &Encoded| -> Result<Tensor> {
-                Ok(model
-                    .discriminator
-                    .pair_logits(fused)?
-                    .softmax(1, Kind::Float)
-                    .select(1, 1))
-            };
-            itm_hits += itm(&model.fuse_cls(&tp, &image, false)?)?
-                .gt_tensor(&itm(&fused_neg)?)
-                .to_kind(Kind::Float)
-                .sum(Kind::Float)
-                .double_value(&[]);
-            let iv = model.contrastive.embed_image(&image);
-            let sp =
-                (&iv * model.contrastive.embed_text(&tp)).sum_dim_intlist(1, false, Kind::Float);
-            let sn =
-                (&iv * model.contrastive.embed_text(&tn)).sum_dim_intlist(1, false, Kind::Float);
-            itc_hits += sp
-                .gt_tensor(&sn)
-                .to_kind(Kind::Float)
-                .sum(Kind::Float)
-                .double_value(&[]);
-            let token_p = model
-                .discriminator
-                .token_logits(&fused_neg)?
-                .to_kind(Kind::Double)
-                .to_device(Device::Cpu);
-            for (b, c) in chunk.iter().enumerate() {
-                let Some((changed, spans)) = changed_words(inp.tokenizer, &c.1, &c.2, inp.max_len)
-                else {
-                    continue;
-                };
-                let row = Vec::<f64>::try_from(token_p.get(b as i64))?;
-                let word_p = crate::explain::word_max(&row, &spans);
-                let top = (0..word_p.len())
-                    .max_by(|&x, &y| word_p[x].total_cmp(&word_p[y]))
-                    .expect("non-empty");
-                rtd_hits += f64::from(u8::from(changed.contains(&top)));
-                rtd_chance += changed.len() as f64 / word_p.len() as f64;
-                rtd_pairs += 1;
-            }
-        }
-        Ok(())
-    })?;
-    let n = cases.len().max(1) as f64;
-    let m = rtd_pairs.max(1) as f64;
-    Ok(Matching {
-        pairs: cases.len(),
-        itm_acc: itm_hits / n,
-        itc_acc: itc_hits / n,
-        rtd_top1: rtd_hits / m,
-        rtd_chance: rtd_chance / m,
-        rtd_pairs,
-    })
-}
-
 /// Retrieval and matching on one held-out set.
 #[derive(Debug, Clone, Serialize)]
 pub struct HeldOut {
     pub step: i64,
     pub retrieval: Retrieval,
+    /// Over every held-out case ([`matching_cases`]).
     pub matching: Matching,
+    /// `matching` over the cases of each kind of mismatch, for the kinds
+    /// with cases.
+    pub matching_by_kind: std::collections::BTreeMap<String, Matching>,
+    /// On built-in data, for every kind, the held-out scenes the
+    /// fine-grained suite made no case of that kind for (absent otherwise).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub matching_skipped_scenes: std::collections::BTreeMap<String, usize>,
 }
 
 pub fn held_out(model: &VlModel, ds: &Dataset, inp: &EvalInputs<'_>, step: i64) -> Result<HeldOut> {
+    let retrieval = retrieval(model, ds, inp)?;
+    let (m, skipped) = matching(model, ds, inp)?;
     Ok(HeldOut {
         step,
-        retrieval: retrieval(model, ds, inp)?,
-        matching: matching(model, ds, inp)?,
+        retrieval,
+        matching: m.matching,
+        matching_by_kind: m.matching_by_kind,
+        matching_skipped_scenes: skipped,
     })
 }
 
@@ -424,21 +302,4 @@ pub fn zeroshot(
         itm_top1: itm1 as f64 / n,
         itm_top5: itm5 as f64 / n,
     })
-}
-
-/// Matching accuracy on explicit triples: for each `(image, caption,
-/// negative)`, whether the image scores higher with `caption`, by ITM and ITC.
-pub fn matching_triples(
-    model: &VlModel,
-    ds: &Dataset,
-    negatives: &[String],
-    inp: &EvalInputs<'_>,
-) -> Result<Matching> {
-    let cases: Vec<(usize, String, String)> = ds
-        .pairs
-        .iter()
-        .zip(negatives)
-        .map(|(p, n)| (p.image, p.caption.clone(), n.clone()))
-        .collect();
-    score_cases(model, ds, inp, &cases)
 }
