@@ -1,7 +1,10 @@
 //! Dynamic plugins: a `cdylib` loaded from `plugins.paths` at run time, its
 //! sampler used by FG-ITM from config alone; a library built for another
 //! vlmatch, a missing file, a non-plugin library and a name clash refused;
-//! the boundary: a panicking sampler, a null table, a null function.
+//! the boundary: a panicking sampler, a null table, a null function. ABI 3:
+//! an encoder and an objective from a library train; each version field of
+//! the handshake refused; a panicking encoder and a failing tch call in an
+//! objective are errors naming the plugin; null functions of every kind.
 
 mod common;
 use common::*;
@@ -9,19 +12,33 @@ use std::path::{Path, PathBuf};
 use vlmatch_registry::dynamic::DynamicSamplerInstance;
 use vlmatch_registry::{Factory, Kind, Registry};
 
-/// An example library, (re)built now: `cargo test` does not produce a
-/// `cdylib` of a workspace member by itself.
+/// The example plugin libraries, built once per test binary in one cargo
+/// call (`cargo test` does not produce a `cdylib` of a workspace member by
+/// itself), with the workspace's target directory and lock file.
+const LIBRARIES: [&str; 4] = [
+    "vlmatch-dyn-sampler",
+    "vlmatch-dyn-sampler-mismatched",
+    "vlmatch-dyn-sampler-faulty",
+    "vlmatch-dyn-siglip",
+];
+
+/// Example library `package`, built (once) now.
 fn library(package: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    BUILT.get_or_init(|| {
+        let mut cargo = std::process::Command::new(env!("CARGO"));
+        cargo.args(["build", "--quiet", "--locked"]);
+        for p in LIBRARIES {
+            cargo.args(["-p", p]);
+        }
+        let status = cargo.current_dir(root).status().expect("cargo runs");
+        assert!(status.success(), "building the example libraries failed");
+    });
+    assert!(LIBRARIES.contains(&package), "{package} is not built here");
     let file = root
         .join("target/debug")
         .join(format!("lib{}.so", package.replace('-', "_")));
-    let status = std::process::Command::new(env!("CARGO"))
-        .args(["build", "--quiet", "-p", package])
-        .current_dir(root)
-        .status()
-        .expect("cargo runs");
-    assert!(status.success(), "building {package} failed");
     assert!(file.is_file(), "{} was not built", file.display());
     file
 }
@@ -205,22 +222,48 @@ fn c_library(dir: &Path, name: &str, source: &str) -> PathBuf {
     lib
 }
 
-/// The C declaration of the plugin table (ABI 2) and a table named `table`
-/// with this vlmatch's versions and `n` samplers at `samplers`.
-fn c_table(n: usize, samplers: &str) -> String {
-    use vlmatch_registry::dynamic::{ABI_VERSION, RUSTC_VERSION, TCH_VERSION, VLMATCH_VERSION};
+/// The C declarations of the plugin table (ABI 3), stub functions, and a
+/// table named `table` with `fields` after the ABI version, the versions
+/// and `free_string` (see [`versions`]).
+fn c_table(
+    abi: u32,
+    versions: [String; 4],
+    free_string: &str,
+    decls: &str,
+    fields: &str,
+) -> String {
+    let [rustc, vlmatch, tch, libtorch] = versions;
     format!(
         "#include <stddef.h>\n#include <stdint.h>\n\
          typedef struct {{ const char *name; void *create; void *sample; void *free_string; void *destroy; }} VTable;\n\
-         typedef struct {{ uint32_t abi; const char *rustc; const char *vlmatch; const char *tch; size_t n; const VTable *samplers; }} Table;\n\
+         typedef struct {{ const char *name; const void *data; void *create; void *forward; void *word_embeddings; void *destroy; }} EncoderVTable;\n\
+         typedef struct {{ const char *name; const void *data; void *create; void *forward; void *destroy; }} ObjectiveVTable;\n\
+         typedef struct {{ uint32_t abi; const char *rustc; const char *vlmatch; const char *tch; const char *libtorch; void *free_string;\n\
+           size_t n_samplers; const VTable *samplers; size_t n_encoders; const EncoderVTable *encoders;\n\
+           size_t n_objectives; const ObjectiveVTable *objectives; }} Table;\n\
          static void *create(const char *json, char **error) {{ return 0; }}\n\
          static uint32_t free_string(char *p) {{ return 0; }}\n\
          static char *destroy(void *state) {{ return 0; }}\n\
          static char *sample(void *s, const char **c, size_t n, uint64_t seed, char **out) {{ return 0; }}\n\
-         {samplers}\n\
-         static const Table table = {{ {ABI_VERSION}, \"{RUSTC_VERSION}\", \"{VLMATCH_VERSION}\", \"{TCH_VERSION}\", {n}, {array} }};\n",
-        array = if n == 0 { "0" } else { "vtables" },
+         static char *stub(void) {{ return 0; }}\n\
+         {decls}\n\
+         static const Table table = {{ {abi}, \"{rustc}\", \"{vlmatch}\", \"{tch}\", \"{libtorch}\", {free_string}, {fields} }};\n\
+         const Table *vlmatch_plugin_table(void) {{ return &table; }}\n",
     )
+}
+
+/// This vlmatch's rustc, vlmatch, tch and libtorch versions.
+fn versions() -> [String; 4] {
+    use vlmatch_registry::dynamic::{
+        LIBTORCH_VERSION, RUSTC_VERSION, TCH_VERSION, VLMATCH_VERSION,
+    };
+    [
+        RUSTC_VERSION,
+        VLMATCH_VERSION,
+        TCH_VERSION,
+        LIBTORCH_VERSION,
+    ]
+    .map(String::from)
 }
 
 /// A sampler that panics, in `create` or in `sample`, is an error naming the
@@ -231,7 +274,10 @@ fn c_table(n: usize, samplers: &str) -> String {
 fn a_panicking_plugin_is_an_error_naming_it_and_the_call() {
     let lib = library("vlmatch-dyn-sampler-faulty");
     let mut registry = Registry::from_inventory().unwrap();
-    assert_eq!(registry.load_library(&lib).unwrap(), ["panicky"]);
+    assert_eq!(
+        registry.load_library(&lib).unwrap(),
+        ["panicky", "panicky_stem", "bad_matmul"]
+    );
     let Factory::DynamicSampler(spec) = registry
         .get(Kind::NegativeSampler, "panicky", "test")
         .unwrap()
@@ -322,36 +368,137 @@ fn a_null_table_and_a_null_function_are_refused_naming_the_plugin() {
         "{err}"
     );
 
-    for (field, vtable) in [
-        ("create", "{ \"nullfn\", 0, sample, free_string, destroy }"),
-        ("sample", "{ \"nullfn\", create, 0, free_string, destroy }"),
-        ("free_string", "{ \"nullfn\", create, sample, 0, destroy }"),
-        ("destroy", "{ \"nullfn\", create, sample, free_string, 0 }"),
-    ] {
-        let source = c_table(
-            1,
-            &format!("static const VTable vtables[] = {{ {vtable} }};"),
-        ) + "const Table *vlmatch_plugin_table(void) { return &table; }\n";
-        let lib = c_library(&dir, &format!("null{}", field.replace('_', "")), &source);
+    let abi = vlmatch_registry::dynamic::ABI_VERSION;
+    let cases = [
+        (
+            "sampler",
+            "create",
+            "{ \"nullfn\", 0, sample, free_string, destroy }",
+        ),
+        (
+            "sampler",
+            "sample",
+            "{ \"nullfn\", create, 0, free_string, destroy }",
+        ),
+        (
+            "sampler",
+            "free_string",
+            "{ \"nullfn\", create, sample, 0, destroy }",
+        ),
+        (
+            "sampler",
+            "destroy",
+            "{ \"nullfn\", create, sample, free_string, 0 }",
+        ),
+        (
+            "encoder",
+            "create",
+            "{ \"nullfn\", 0, 0, stub, stub, stub }",
+        ),
+        (
+            "encoder",
+            "forward",
+            "{ \"nullfn\", 0, stub, 0, stub, stub }",
+        ),
+        (
+            "encoder",
+            "word_embeddings",
+            "{ \"nullfn\", 0, stub, stub, 0, stub }",
+        ),
+        (
+            "encoder",
+            "destroy",
+            "{ \"nullfn\", 0, stub, stub, stub, 0 }",
+        ),
+        ("objective", "create", "{ \"nullfn\", 0, 0, stub, stub }"),
+        ("objective", "forward", "{ \"nullfn\", 0, stub, 0, stub }"),
+        ("objective", "destroy", "{ \"nullfn\", 0, stub, stub, 0 }"),
+    ];
+    for (kind, field, vtable) in cases {
+        let (ty, fields) = match kind {
+            "sampler" => ("VTable", "1, vtables, 0, 0, 0, 0"),
+            "encoder" => ("EncoderVTable", "0, 0, 1, vtables, 0, 0"),
+            _ => ("ObjectiveVTable", "0, 0, 0, 0, 1, vtables"),
+        };
+        let decls = format!("static const {ty} vtables[] = {{ {vtable} }};");
+        let source = c_table(abi, versions(), "free_string", &decls, fields);
+        let name = format!("null{kind}{}", field.replace('_', ""));
+        let lib = c_library(&dir, &name, &source);
         let err = registry.load_library(&lib).unwrap_err().to_string();
         assert!(
             err.contains(&canonical(&lib))
-                && err.contains(&format!("sampler `nullfn`: its `{field}` function is null")),
-            "{field}: {err}"
+                && err.contains(&format!("{kind} `nullfn`: its `{field}` function is null")),
+            "{kind} {field}: {err}"
         );
-        assert!(registry
-            .get(Kind::NegativeSampler, "nullfn", "test")
-            .is_err());
+        assert!(registry.entries().all(|e| e.name != "nullfn"));
     }
 
-    let source = c_table(0, "").replace(", 0, 0 };", ", 3, 0 };")
-        + "const Table *vlmatch_plugin_table(void) { return &table; }\n";
-    let lib = c_library(&dir, "nullarray", &source);
+    let decls =
+        "static const EncoderVTable vtables[] = { { \"enc\", 0, stub, stub, stub, stub } };";
+    let source = c_table(abi, versions(), "0", decls, "0, 0, 1, vtables, 0, 0");
+    let lib = c_library(&dir, "nullfree", &source);
     let err = registry.load_library(&lib).unwrap_err().to_string();
     assert!(
-        err.contains("promises 3 samplers but their array is null"),
+        err.contains("its table's `free_string` function is null"),
         "{err}"
     );
+
+    for (what, fields) in [
+        ("3 samplers", "3, 0, 0, 0, 0, 0"),
+        ("2 encoders", "0, 0, 2, 0, 0, 0"),
+        ("4 objectives", "0, 0, 0, 0, 4, 0"),
+    ] {
+        let source = c_table(abi, versions(), "free_string", "", fields);
+        let lib = c_library(&dir, &format!("nullarray{}", &what[..1]), &source);
+        let err = registry.load_library(&lib).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("promises {what} but their array is null")),
+            "{err}"
+        );
+    }
+}
+
+/// The handshake refuses a library built for another ABI (an ABI-2 sampler
+/// library: rebuild it) or with another rustc, vlmatch, tch or libtorch,
+/// naming both sides' versions, before calling anything of it.
+#[test]
+fn each_mismatched_version_is_refused_naming_both_sides() {
+    use vlmatch_registry::dynamic::ABI_VERSION;
+    let dir = scratch("dynamic-versions");
+    let mut registry = Registry::from_inventory().unwrap();
+    let decls =
+        "static const EncoderVTable vtables[] = { { \"enc\", 0, stub, stub, stub, stub } };";
+    let fields = "0, 0, 1, vtables, 0, 0";
+    let lib = c_library(
+        &dir,
+        "abi2",
+        &c_table(2, versions(), "free_string", decls, fields),
+    );
+    let err = registry.load_library(&lib).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!(
+            "built for plugin ABI 2, but this vlmatch speaks plugin ABI {ABI_VERSION}; rebuild the plugin"
+        )),
+        "{err}"
+    );
+    for (i, what) in ["rustc", "vlmatch", "tch", "libtorch"]
+        .into_iter()
+        .enumerate()
+    {
+        let mut theirs = versions();
+        let ours = theirs[i].clone();
+        theirs[i] = format!("9.9.9-other-{what}");
+        let source = c_table(ABI_VERSION, theirs, "free_string", decls, fields);
+        let lib = c_library(&dir, &format!("other{what}"), &source);
+        let err = registry.load_library(&lib).unwrap_err().to_string();
+        assert!(
+            err.contains(&lib.canonicalize().unwrap().display().to_string())
+                && err.contains(&format!("built with {what} `9.9.9-other-{what}`"))
+                && err.contains(&format!("this vlmatch uses {what} `{ours}`")),
+            "{what}: {err}"
+        );
+        assert!(registry.get(Kind::Encoder, "enc", "test").is_err());
+    }
 }
 
 /// The library opened is the canonical file that was checked: given
@@ -371,4 +518,137 @@ fn the_library_opened_is_the_canonical_file() {
         entry.origin,
         format!("library {}", lib.canonicalize().unwrap().display())
     );
+}
+
+/// A training run over micro with the example library's config on top and
+/// its library in `plugins.paths`, plus `sets`.
+fn run_with_library(
+    dir: &Path,
+    libs: &[&Path],
+    sets: &[&str],
+) -> vlmatch_core::Result<Vec<serde_json::Map<String, serde_json::Value>>> {
+    let mut layers = micro_layers(sets);
+    layers.files.push(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/examples/dyn-siglip/dyn-siglip.toml"),
+    );
+    let paths: Vec<String> = libs
+        .iter()
+        .map(|l| format!("\"{}\"", l.display()))
+        .collect();
+    layers
+        .sets
+        .push(format!("plugins.paths=[{}]", paths.join(", ")));
+    let summary = train_exclusive(vlmatch::train::TrainOptions {
+        layers,
+        run_dir: Some(dir.to_path_buf()),
+        resume: None,
+        halt_after: None,
+        progress: false,
+        force: false,
+    })?;
+    Ok(summary.logged)
+}
+
+/// ABI 3's kinds: an encoder and an objective come from a library, are
+/// listed with it as their origin, are picked by name in the config
+/// (`model.image.plugin`, `objectives.<name>.plugin`) and train: the
+/// objective's loss is logged at every step and its own parameter (the
+/// learnt scale, created in the library) is optimised by the host.
+#[test]
+fn an_encoder_and_an_objective_from_a_library_train() {
+    let lib = library("vlmatch-dyn-siglip");
+    let mut registry = Registry::from_inventory().unwrap();
+    assert_eq!(
+        registry.load_library(&lib).unwrap(),
+        ["conv_stem", "sigmoid_pairs"]
+    );
+    let origin = format!("library {}", lib.canonicalize().unwrap().display());
+    assert_eq!(
+        registry
+            .get(Kind::Encoder, "conv_stem", "t")
+            .unwrap()
+            .origin,
+        origin
+    );
+    assert_eq!(
+        registry
+            .get(Kind::Objective, "sigmoid_pairs", "t")
+            .unwrap()
+            .origin,
+        origin
+    );
+    let listing = vlmatch::commands::plugins::plugin_listing(std::slice::from_ref(&lib)).unwrap();
+    let (encoders, objectives) = listing.split_once("objective:").unwrap();
+    assert!(
+        encoders.contains(&format!("conv_stem            {origin}")),
+        "{listing}"
+    );
+    assert!(
+        objectives.contains(&format!("sigmoid_pairs        {origin}")),
+        "{listing}"
+    );
+
+    let logged = run_with_library(
+        &scratch("dynamic-kinds"),
+        &[&lib],
+        &["train.steps=4", "eval.at_end=false"],
+    )
+    .unwrap();
+    assert_eq!(logged.len(), 4);
+    for m in &logged {
+        assert!(m["sigmoid"].as_f64().is_some_and(f64::is_finite), "{m:?}");
+    }
+    let scale = |m: &serde_json::Map<String, serde_json::Value>| m["sigmoid_scale"].as_f64().unwrap();
+    assert_eq!(scale(&logged[0]), 10.0, "the configured initial scale");
+    assert_ne!(
+        scale(&logged[3]),
+        scale(&logged[0]),
+        "the library's parameter is optimised"
+    );
+}
+
+/// An encoder in a library that panics in `forward`, and an objective whose
+/// tch call fails (a product of mismatched shapes, libtorch's error), stop
+/// training with an error naming the plugin, the call, the library and the
+/// cause: the process goes on (no abort).
+#[test]
+fn a_panicking_encoder_and_a_failing_tch_call_are_errors_naming_the_plugin() {
+    let lib = library("vlmatch-dyn-sampler-faulty");
+    let siglip = library("vlmatch-dyn-siglip");
+    let canonical = lib.canonicalize().unwrap().display().to_string();
+    let dir = scratch("dynamic-faulty-kinds");
+    let err = run_with_library(
+        &dir.join("stem"),
+        &[&siglip, &lib],
+        &["model.image.plugin=\"panicky_stem\"", "train.steps=1"],
+    )
+    .unwrap_err()
+    .to_string();
+    for part in [
+        "plugin `panicky_stem`",
+        "`forward` failed in library",
+        canonical.as_str(),
+        "panicked: panicky_stem was told to panic in forward",
+    ] {
+        assert!(err.contains(part), "`{part}` not in: {err}");
+    }
+    let err = run_with_library(
+        &dir.join("matmul"),
+        &[&siglip, &lib],
+        &[
+            "objectives.bad.plugin=\"bad_matmul\"",
+            "objectives.bad.weight=1.0",
+            "train.steps=1",
+        ],
+    )
+    .unwrap_err()
+    .to_string();
+    for part in [
+        "plugin `bad_matmul`",
+        "`forward` failed in library",
+        "panicked",
+        "cannot be multiplied",
+    ] {
+        assert!(err.contains(part), "`{part}` not in: {err}");
+    }
 }

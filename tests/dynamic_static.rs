@@ -1,0 +1,202 @@
+//! One plugin source, two builds: `plugins/examples/dyn-siglip` linked into
+//! this test binary (static, `inventory`) and built as a library loaded by
+//! the `vlmatch` binary with `--plugin` (dynamic) train bit-identically for
+//! 20 steps; the dynamic run's checkpoint resumes exactly, evaluates and
+//! exports when `--plugin` is given again; `vlmatch plugins --plugin`
+//! lists the library's encoder and objective.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+// Linked for its `inventory` registrations: the static build.
+use vlmatch_dyn_siglip as _;
+
+/// The example library, built once per test binary with the workspace's
+/// target directory and lock file.
+fn library() -> PathBuf {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    BUILT.get_or_init(|| {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "--locked", "-p", "vlmatch-dyn-siglip"])
+            .current_dir(root)
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building vlmatch-dyn-siglip failed");
+    });
+    let file = root.join("target/debug/libvlmatch_dyn_siglip.so");
+    assert!(file.is_file(), "{} was not built", file.display());
+    file
+}
+
+fn example_config() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/examples/dyn-siglip/dyn-siglip.toml")
+}
+
+const SETS: [&str; 3] = [
+    "train.steps=20",
+    "train.checkpoint_every=10",
+    "eval.at_end=false",
+];
+
+/// `vlmatch ARGS --plugin LIB`.
+fn vlmatch(args: &[&str], lib: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vlmatch"))
+        .args(args)
+        .arg("--plugin")
+        .arg(lib)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap()
+}
+
+/// `vlmatch train` with the library over micro and the example's config.
+fn train_dynamic(dir: &Path, lib: &Path, extra: &[&str]) -> Output {
+    let (micro, example) = (fixture("micro.toml"), example_config());
+    let mut args = vec!["train", "--quiet", "--config"];
+    args.push(micro.to_str().unwrap());
+    args.extend(["--config", example.to_str().unwrap()]);
+    for s in SETS {
+        args.extend(["--set", s]);
+    }
+    args.extend(["--run-dir", dir.to_str().unwrap()]);
+    args.extend(extra);
+    vlmatch(&args, lib)
+}
+
+/// Every logged value but the wall time, step by step.
+fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("time_s");
+            v
+        })
+        .collect()
+}
+
+fn weights(dir: &Path, step: i64) -> Vec<(String, tch::Tensor)> {
+    let mut w =
+        tch::Tensor::read_safetensors(dir.join(format!("checkpoints/step-{step:08}.safetensors")))
+            .unwrap();
+    w.sort_by(|a, b| a.0.cmp(&b.0));
+    w
+}
+
+fn ok(o: &Output, what: &str) -> String {
+    let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{what}: {stderr}");
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+#[test]
+fn static_and_dynamic_builds_train_alike_and_the_dynamic_run_resumes_evaluates_and_exports() {
+    let lib = library();
+    let root = scratch("dynamic-static");
+
+    // Static: this binary's registrations.
+    let static_dir = root.join("static");
+    let mut layers = micro_layers(&SETS);
+    layers.files.push(example_config());
+    train_exclusive(vlmatch::train::TrainOptions {
+        layers,
+        run_dir: Some(static_dir.clone()),
+        resume: None,
+        halt_after: None,
+        progress: false,
+        force: false,
+    })
+    .unwrap();
+
+    // Dynamic: the same source as a library in the vlmatch binary.
+    let dynamic_dir = root.join("dynamic");
+    ok(&train_dynamic(&dynamic_dir, &lib, &[]), "dynamic train");
+    let (s, d) = (metrics(&static_dir), metrics(&dynamic_dir));
+    assert_eq!(s.len(), 20);
+    assert!(s.iter().all(|m| m["sigmoid"].is_number()), "{:?}", s[0]);
+    for (x, y) in s.iter().zip(&d) {
+        assert_eq!(x, y, "step {} differs between the builds", x["step"]);
+    }
+    let (ws, wd) = (weights(&static_dir, 20), weights(&dynamic_dir, 20));
+    assert_eq!(ws.len(), wd.len());
+    for ((n, a), (m, b)) in ws.iter().zip(&wd) {
+        assert_eq!(n, m);
+        assert!(a.equal(b), "{n} differs between the builds");
+    }
+    for name in [
+        "model.vision_encoder.embeddings.patch_embedding.weight",
+        "model.vision_encoder.post_layernorm.bias",
+        "model.objectives.sigmoid.logit_scale",
+        "optim.m.vision_encoder.embeddings.class_embedding",
+    ] {
+        assert!(
+            wd.iter().any(|(n, _)| n == name),
+            "{name} is not checkpointed"
+        );
+    }
+
+    // Killed after step 12 and resumed with --plugin: from step 10, ending
+    // as the uninterrupted run.
+    let cut = root.join("cut");
+    let o = train_dynamic(&cut, &lib, &["--fault", "0:12:kill"]);
+    assert!(!o.status.success(), "the fault kills the run");
+    ok(
+        &vlmatch(
+            &["train", "--quiet", "--resume", cut.to_str().unwrap()],
+            &lib,
+        ),
+        "resume",
+    );
+    assert_eq!(
+        metrics(&cut),
+        d,
+        "the resumed run logs what the uninterrupted one did"
+    );
+
+    // Evaluation and export need the library again; without it the encoder
+    // is unknown.
+    let run = dynamic_dir.to_str().unwrap();
+    let eval = ["eval", "--quiet", "--task", "heldout", "--checkpoint", run];
+    let out = ok(&vlmatch(&eval, &lib), "eval");
+    assert!(
+        out.lines().last().is_some_and(|l| l.starts_with('{')),
+        "{out}"
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_vlmatch"))
+        .args(eval)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("conv_stem"), "{err}");
+    let export = root.join("export");
+    let out = ok(
+        &vlmatch(
+            &[
+                "export",
+                "--checkpoint",
+                run,
+                "--out",
+                export.to_str().unwrap(),
+            ],
+            &lib,
+        ),
+        "export",
+    );
+    assert!(export.join("text/model.safetensors").is_file(), "{out}");
+
+    // The library's plugins, listed by kind with their origin.
+    let listing = ok(&vlmatch(&["plugins"], &lib), "plugins");
+    let origin = format!("library {}", lib.canonicalize().unwrap().display());
+    let (encoders, objectives) = listing.split_once("objective:").unwrap();
+    assert!(
+        encoders.contains(&format!("conv_stem            {origin}")),
+        "{listing}"
+    );
+    assert!(
+        objectives.contains(&format!("sigmoid_pairs        {origin}")),
+        "{listing}"
+    );
+}
