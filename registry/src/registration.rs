@@ -1,7 +1,8 @@
 //! What a plugin registers and what it gets back: the [`Registration`]
 //! entries `register!` submits ([`Kind`], [`Factory`]), the [`Registry`]
-//! that collects them (every `impl Registry` is here: lookup by kind and
-//! name, heads, checkpoint layouts, dynamic libraries), and the
+//! that collects them (lookup by kind and name, heads, checkpoint layouts;
+//! `load_library` is in `crate::dynamic::host`, which builds plugins of a
+//! library through a `BuildContext`), and the
 //! [`BuildContext`] a factory is called with, through which it builds
 //! other plugins from the same registry.
 
