@@ -116,23 +116,66 @@ def itm_name(cfg):
     return names[0]
 
 
+def binary(args):
+    if not os.path.exists(args.vlmatch):
+        raise SystemExit(f"{args.vlmatch}: no vlmatch binary; `cargo build --release`, or pass another "
+                         "with --vlmatch (e.g. target/debug/vlmatch)")
+    return args.vlmatch
+
+
+def neggen_sections(cfg):
+    return [sec for sec in cfg.get("samplers", {}).values() if sec.get("plugin") == "neggen"]
+
+
+def dumped(out, cfg):
+    """Whether `out` holds a dump with everything the reference reads for
+    `cfg` (NegGen's caption preparations came to the dump later)."""
+    try:
+        with open(os.path.join(out, "meta.json")) as f:
+            meta = json.load(f)
+    except OSError:
+        return False
+    return not neggen_sections(cfg) or "caption_preps_after_a" in meta
+
+
 def data_dump(args, config_toml, cfg):
-    """`vlmatch preview --all` of both splits for this [data] section (once)."""
-    key = hashlib.sha256(json.dumps(cfg["data"], sort_keys=True).encode()).hexdigest()[:12]
+    """`vlmatch preview --all` of both splits for this [data] section and
+    NegGen's tags (once)."""
+    what = [cfg["data"], sorted(json.dumps(sec.get("tags")) for sec in neggen_sections(cfg))]
+    key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
     d = os.path.join(args.work, "data", key)
     for split in ("train", "heldout"):
         out = os.path.join(d, split)
-        if not os.path.exists(os.path.join(out, "meta.json")):
-            run([args.vlmatch, "preview", "--preset", config_toml, "--all", "--split", split, "--out", out],
+        if not dumped(out, cfg):
+            run([binary(args), "preview", "--preset", config_toml, "--all", "--split", split, "--out", out],
                 stdout=subprocess.DEVNULL, env=dict(os.environ, RUST_LOG="warn"))
     return os.path.join(d, "train"), os.path.join(d, "heldout")
 
 
-def window_mean(metrics, key, end, width):
+def generated(cfg, itm):
+    """The ITM objective's generated-negative samplers: name -> plugin."""
+    out = {}
+    for s in cfg["objectives"][itm].get("samplers", []):
+        plugin = cfg.get("samplers", {}).get(s, {}).get("plugin") or s
+        if plugin in ("word_swap", "neggen"):
+            out[s] = plugin
+    return out
+
+
+def window_mean(metrics, key, end, width, required=True):
     xs = [m[key] for m in metrics if end - width < m["step"] <= end and key in m]
     if not xs:
+        if not required:
+            return None
         raise SystemExit(f"no `{key}` logged in steps ({end - width}, {end}]")
     return sum(xs) / len(xs)
+
+
+def share(metrics, num, den, end, width):
+    """sum(num) / sum(den) over the logged steps of the window, or None."""
+    rows = [m for m in metrics if end - width < m["step"] <= end and num in m and den in m]
+    d = sum(m[den] for m in rows)
+    return sum(m[num] for m in rows) / d if d else None
 
 
 def eval_at(evals, step, key):
@@ -171,7 +214,11 @@ def main():
     ap.add_argument("--name", default="{preset}-s{seed}",
                     help="run directory name, a pattern of {preset} and {seed} (default: %(default)s)")
     ap.add_argument("--work", default=os.path.join(ROOT, "target", "parity"))
-    ap.add_argument("--vlmatch", default=os.path.join(ROOT, "target", "release", "vlmatch"))
+    ap.add_argument("--vlmatch", default=os.path.join(ROOT, "target", "release", "vlmatch"),
+                    help="the vlmatch binary (default: %(default)s; target/debug/vlmatch works too)")
+    ap.add_argument("--layer", action="append", default=[], metavar="FILE",
+                    help="config files layered over configs/<preset>.toml for vlmatch train (repeatable; "
+                         "e.g. configs/wordswap.toml, with a --name that tells the runs apart)")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--set", dest="sets", action="append", default=[],
                     help="extra `--set KEY=VALUE` for vlmatch train (and so the reference)")
@@ -202,7 +249,9 @@ def main():
                     sets = [f"train.steps={args.steps}", f"train.seed={seed}",
                             f"eval.every={args.eval_every}", "train.threads=1",
                             "train.checkpoint_every=0", "eval.at_end=false", *args.sets]
-                    cmd = [args.vlmatch, "train", "--config", f"configs/{preset}.toml"]
+                    cmd = [binary(args), "train", "--config", f"configs/{preset}.toml"]
+                    for layer in args.layer:
+                        cmd += ["--config", layer]
                     for s in sets:
                         cmd += ["--set", s]
                     run(cmd + ["--run-dir", vdir, "--quiet"], stdout=subprocess.DEVNULL,
@@ -230,6 +279,7 @@ def main():
                      "--heldout", held_dir], check=True, capture_output=True, text=True, cwd=ROOT).stdout
                 checks[name] = json.loads(out.strip().splitlines()[-1])
             key = itm_name(cfg)
+            gen = generated(cfg, key)
             for side, d in (("vlmatch", vdir), ("reference", rdir)):
                 m = read_jsonl(os.path.join(d, "metrics.jsonl"))
                 e = read_jsonl(os.path.join(d, "eval.jsonl"))
@@ -246,6 +296,19 @@ def main():
                         row = r.setdefault(label, {"kind": kind, "order": (group, end),
                                                    "vlmatch": [], "reference": []})
                         row[side].append(value)
+                    # Generated negatives: how many, and how well the ITM
+                    # head tells them apart (steps without any log none).
+                    for s, plugin in gen.items():
+                        extra = [(f"{key}_acc_{s} (%), steps {lo + 1}-{end}",
+                                  window_mean(m, f"{key}_acc_{s}", end, window, required=False))]
+                        if plugin == "neggen":
+                            extra.append((f"{key}_{s}_produced per caption (%), steps {lo + 1}-{end}",
+                                          share(m, f"{key}_{s}_produced", f"{key}_{s}_captions", end, window)))
+                        for j, (label, value) in enumerate(extra):
+                            row = r.setdefault(label, {"kind": "acc", "order": (1.5 + j / 10, end),
+                                                       "vlmatch": [], "reference": []})
+                            if value is not None:
+                                row[side].append(100 * value)
 
     # Table: training rows first (by window), then the held-out rows.
     commit = git("rev-parse", "--short", "HEAD")
@@ -271,6 +334,11 @@ def main():
                   "|---|---|---|---|---|---|---|---|"]
         for label, row in sorted(res["rows"].items(), key=lambda kv: kv[1]["order"]):
             v, r = row["vlmatch"], row["reference"]
+            if not v or not r:
+                lines.append(f"| {label} | " + " | ".join(
+                    "(none logged)" if not xs else " ".join(f"{x:.1f}" for x in xs) for xs in (v, r))
+                    + " | | | n/a | | |")
+                continue
             diff, tol, ok = verdict(v, r, row["kind"])
             all_agree &= ok
             (mv, sv), (mr, sr) = summary(v), summary(r)

@@ -87,14 +87,22 @@ class Step:
         self.guard = {k: v.get("similarity_guard", False) for k, v in cfg.get("samplers", {}).items()}
         self.rule = cfg.get("data", {}).get("positives", "identical")
         self.emulated = set()
+        # Stand in for `word_swap` with random-token replacements when no
+        # swaps are given (the timing yardstick, bench/reference.py);
+        # reference_train.py turns this off, so a missing sampler is an error.
+        self.emulate_word_swap = True
         # The last call's losses and metrics (detached), by vlmatch's names.
         self.values = {}
 
-    def __call__(self, images, ids, mask, image_ids, positives=None, swaps=None):
+    def __call__(self, images, ids, mask, image_ids, positives=None, swaps=None, generated=None):
         """The weighted sum of the objectives' losses on one batch.
         `positives`: [B, B] bool (default: `batch_positives` under
         data.positives). `swaps`: the `word_swap` sampler's negatives,
-        `(image_index [K], ids [K, L'], mask [K, L'])`; None emulates them."""
+        `(image_index [K], ids [K, L'], mask [K, L'])`; None emulates them
+        (while `emulate_word_swap`). `generated`: by sampler name, the
+        generated negatives of `word_swap` or `neggen` samplers, each such a
+        tuple or a callable of (image states, positives) giving one (with
+        its counters in `.stats`, logged as `<itm>_<sampler>_<counter>`)."""
         m = self.model
         self.values = {}
         image = m.vision_encoder(images)
@@ -111,7 +119,7 @@ class Step:
             if plugin == "itc":
                 loss = self.itc(i2t, positives)
             elif plugin == "itm":
-                loss = self.itm(name, sec, image, text, ids, mask, i2t, positives, swaps)
+                loss = self.itm(name, sec, image, text, ids, mask, i2t, positives, swaps, generated)
             elif plugin == "mlm":
                 loss = self.mlm(sec, image, ids, mask)
             else:
@@ -130,7 +138,7 @@ class Step:
         b = -(F.log_softmax(i2t.t(), 1) * pos.t() / pos.t().sum(1, keepdim=True)).sum(1).mean()
         return (a + b) / 2
 
-    def itm(self, name, sec, image, text, ids, mask, i2t, positives, swaps=None):
+    def itm(self, name, sec, image, text, ids, mask, i2t, positives, swaps=None, generated=None):
         m = self.model
         b = ids.shape[0]
         logits = [m.itm_head(m.fuse(text, mask, image)[:, 0])]
@@ -147,7 +155,9 @@ class Step:
                 imgs = torch.cat([image, image[i_for_t.clamp_min(0)]])
                 w = torch.cat([t_for_i >= 0, i_for_t >= 0]).float()
                 logits.append(m.itm_head(m.fuse(texts, tmask, imgs)[:, 0]))
-            elif plugin == "word_swap" and swaps is None:
+            elif plugin == "word_swap" and swaps is None and s not in (generated or {}):
+                if not self.emulate_word_swap:
+                    raise SystemExit(f"reference: no word swaps given for sampler {s!r}")
                 self.emulated.add("word_swap")
                 swap = torch.rand(ids.shape, device=ids.device) * maskable(ids, mask, self.sp)
                 pos = swap.argmax(1, keepdim=True)
@@ -155,8 +165,16 @@ class Step:
                 states = m.text_encoder(neg, mask)
                 logits.append(m.itm_head(m.fuse(states, mask, image)[:, 0]))
                 w = torch.ones(b, device=ids.device)
-            elif plugin == "word_swap":
-                rows, neg, neg_mask = swaps
+            elif plugin in ("word_swap", "neggen"):
+                given = (generated or {}).get(s, swaps if plugin == "word_swap" else None)
+                if given is None:
+                    raise SystemExit(f"reference: no negatives given for sampler {s!r} ({plugin})")
+                if callable(given):
+                    out = given(image, positives)
+                    for k, v in getattr(given, "stats", {}).items():
+                        self.values[f"{name}_{s}_{k}"] = torch.tensor(float(v))
+                    given = out
+                rows, neg, neg_mask = given
                 if rows.numel() == 0:
                     continue
                 # A swap identical to a caption of one of the image's

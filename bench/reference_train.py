@@ -22,6 +22,10 @@ with everything that makes a training run its own:
   and tokenised by a WordPiece tokenizer written here over the dumped
   vocab.txt, which is checked to reproduce vlmatch's ids for every dumped
   caption and matching negative;
+- NegGen (`neggen` sampler): bench/reference_neggen.py, the same positions
+  (NegGen's own POS tagging, dumped) masked and filled online by this model's
+  generator, filtered by its ITM head; any other sampler plugin, or a key
+  it does not emulate, stops the run with an error;
 - optimisation: torch.optim.AdamW with vlmatch's groups (decay on tensors
   with two or more dimensions), linear warm-up then cosine decay to
   train.min_lr (src/optim.rs `lr_at`), clip_grad_norm_ at train.grad_clip;
@@ -63,6 +67,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from reference import Model, Step, batch_positives, load_file, param_groups  # noqa: E402
+import reference_neggen  # noqa: E402
 
 
 # --------------------------------------------------------------------------
@@ -381,16 +386,51 @@ def check_tokenizer(tok, splits, max_len):
 
 
 def check_matching_swaps(split, groups):
-    """Each held-out negative is its caption with one color or shape word
-    swapped (the groups this port reads), a check of the port's rules."""
+    """Each held-out negative without a `kind` (the colour/shape swaps of
+    the held-out evaluation before the fine-grained suite) is its caption
+    with one color or shape word swapped (the groups this port reads), a
+    check of the port's rules."""
     swap = WordSwap(groups[:2])
     for t in split.matching:
+        if "kind" in t:
+            continue
         a, b = t["caption"].split(" "), t["negative"].split(" ")
         diff = [i for i in range(len(a)) if a[i] != b[i]] if len(a) == len(b) else None
         assert diff is not None and len(diff) == 1, t
         i = diff[0]
         ca, cb = a[i].rstrip(string.punctuation), b[i].rstrip(string.punctuation)
         assert swap.group_of.get(ca.lower()) == swap.group_of.get(cb.lower()) is not None, t
+
+
+GENERATED = ("word_swap", "neggen")
+
+
+def generated_samplers(cfg):
+    """The samplers the enabled objectives use, by name: their plugin;
+    anything the reference does not emulate stops here."""
+    out = {}
+    for oname, sec in cfg.get("objectives", {}).items():
+        if not sec.get("enabled", True):
+            continue
+        for s in sec.get("samplers", []):
+            ssec = cfg.get("samplers", {}).get(s)
+            if ssec is None:
+                raise SystemExit(f"reference trainer: objectives.{oname}.samplers names {s!r}, "
+                                 f"but the config has no [samplers.{s}]")
+            plugin = ssec.get("plugin") or s
+            if plugin == "hard_negative":
+                extra = sorted(set(ssec) - {"plugin", "similarity_guard"})
+            elif plugin == "word_swap":
+                extra = sorted(set(ssec) - {"plugin", "groups"})
+            elif plugin == "neggen":
+                extra = []  # reference_neggen.settings checks its keys
+            else:
+                raise SystemExit(f"reference trainer: sampler `samplers.{s}` (plugin {plugin!r}) is not "
+                                 "emulated; the reference has hard_negative, word_swap and neggen")
+            if extra:
+                raise SystemExit(f"reference trainer: config key `samplers.{s}.{extra[0]}` is not emulated")
+            out[s] = plugin
+    return out
 
 
 def check_eval(run_dir, heldout, threads):
@@ -467,6 +507,7 @@ def main():
     tok = WordPiece(os.path.join(args.train, "vocab.txt"), cfg["data"].get("lowercase", True), sp)
     checked = check_tokenizer(tok, [s for s in (train, held) if s is not None], cfg["data"]["max_len"])
     groups = word_swap_groups(cfg, meta)
+    samplers = generated_samplers(cfg)
     if held is not None:
         check_matching_swaps(held, meta["word_swap_default_groups"])
     swapper = WordSwap(groups) if groups is not None else None
@@ -483,6 +524,12 @@ def main():
     init_weights(model)
     model.train()
     step_fn = Step(model, cfg, {"special": sp, "vocab_size": tok.size})
+    step_fn.emulate_word_swap = False
+    neggens = {}
+    if "neggen" in samplers.values():
+        for s, plugin in samplers.items():
+            if plugin == "neggen":
+                neggens[s] = reference_neggen.NegGen(cfg["samplers"][s], f"samplers.{s}", tok, train, model, seed)
     opt = torch.optim.AdamW(
         param_groups(model, tc.get("weight_decay", 0.0)), lr=tc["lr"],
         betas=tuple(tc.get("betas", (0.9, 0.999))), eps=tc.get("eps", 1e-8),
@@ -497,7 +544,8 @@ def main():
         g.write(f.read())
     info = {"seed": seed, "steps": steps, "eval_every": eval_every, "train": os.path.abspath(args.train),
             "heldout": args.heldout and os.path.abspath(args.heldout), "torch": torch.__version__,
-            "threads": args.threads, "swap_draws": args.swap_draws, "complete": False}
+            "threads": args.threads, "swap_draws": args.swap_draws, "samplers": samplers,
+            "complete": False}
     metrics = open(os.path.join(args.out, "metrics.jsonl"), "w")
     evals = open(os.path.join(args.out, "eval.jsonl"), "w")
     print(f"reference: {len(train.pairs)} pairs, {checked} texts tokenised as vlmatch does, "
@@ -528,7 +576,10 @@ def main():
                 swaps = (torch.tensor(rows),) + padded(texts, sp["pad"])
             else:
                 swaps = (torch.zeros(0, dtype=torch.long), None, None)
-        loss = step_fn(images, ids, mask, image_ids, positives, swaps)
+        generated = {s: swaps for s, plugin in samplers.items() if plugin == "word_swap" and swaps is not None}
+        for s, ng in neggens.items():
+            generated[s] = reference_neggen.Bound(ng, pairs, ids, step, cfg["data"]["max_len"], padded)
+        loss = step_fn(images, ids, mask, image_ids, positives, generated=generated)
         loss.backward()
         if clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)

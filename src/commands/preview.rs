@@ -1,8 +1,9 @@
 //! `vlmatch preview`: a split's images and captions as files.
 
 use std::path::Path;
-use vlmatch_core::{Error, Result};
-use vlmatch_registry::ConfigLayers;
+use std::sync::Arc;
+use vlmatch_core::{CaptionPrep, Error, Result};
+use vlmatch_registry::{ConfigLayers, LoadedConfig};
 
 /// `vlmatch preview`: the first `count` images (all with `None`) of a split,
 /// at the configured resolution (before normalisation), with their captions,
@@ -26,8 +27,7 @@ pub fn preview(layers: ConfigLayers, split: &str, count: Option<usize>, out: &Pa
         }
     };
     let tok = crate::setup::tokenizer(&loaded)?;
-    // NegGen's tagger, for each caption's `pos_tags` (bench/reference_neggen.py).
-    let tagger = neggen::BrillTagger::new();
+    let preps = tag_preps(&loaded)?;
     let data = &loaded.config.data;
     let size = data.image_size as usize;
     let max_len = data.max_len as usize;
@@ -65,15 +65,17 @@ pub fn preview(layers: ConfigLayers, split: &str, count: Option<usize>, out: &Pa
         ann.push_str(&format!("{entry}\n"));
         for &k in ks {
             let caption = &ds.pairs[k].caption;
-            let line = serde_json::json!({
+            let mut line = serde_json::json!({
                 "pair": k,
                 "image": file_name(i),
                 "image_index": i,
                 "image_id": ds.image_ids[i],
                 "caption": caption,
                 "ids": tok.encode(caption, max_len),
-                "pos_tags": pos_tags(&tagger, caption),
             });
+            if !preps.is_empty() {
+                line["caption_preps"] = tagged(&preps, caption).into();
+            }
             pairs.push_str(&format!("{line}\n"));
             n_pairs += 1;
         }
@@ -109,7 +111,7 @@ pub fn preview(layers: ConfigLayers, split: &str, count: Option<usize>, out: &Pa
         files.push(("matching.jsonl", triples));
     }
     let sp = tok.special;
-    let meta = serde_json::json!({
+    let mut meta = serde_json::json!({
         "split": split,
         "dataset": ds.name,
         "images": n,
@@ -125,17 +127,18 @@ pub fn preview(layers: ConfigLayers, split: &str, count: Option<usize>, out: &Pa
         "vocab_size": tok.vocab_size(),
         "special": {"pad": sp.pad, "unk": sp.unk, "cls": sp.cls, "sep": sp.sep, "mask": sp.mask},
         "word_swap_default_groups": crate::samplers::word_swap_default_groups()?,
-        // Each vocabulary entry's tag by NegGen's tagger after a
-        // determiner (in `a WORD`: alone, a word is tagged as a sentence's
-        // first word, unknown words as proper nouns).
-        "pos_tags_after_a": (0..tok.vocab_size())
+    });
+    if !preps.is_empty() {
+        // Each vocabulary entry prepared after a determiner, as `a ENTRY`
+        // (alone, a word would be tagged as a sentence's first word).
+        meta["caption_preps_after_a"] = (0..tok.vocab_size())
             .map(|i| {
                 let t = tok.token(i);
-                let tag = pos_tags(&tagger, &format!("a {t}")).pop().unwrap_or_default();
-                (t.to_string(), serde_json::Value::from(tag))
+                (t.to_string(), tagged(&preps, &format!("a {t}")).into())
             })
-            .collect::<serde_json::Map<String, serde_json::Value>>(),
-    });
+            .collect::<serde_json::Map<String, serde_json::Value>>()
+            .into();
+    }
     files.push((
         "meta.json",
         serde_json::to_string_pretty(&meta).expect("serialisable"),
@@ -158,18 +161,35 @@ pub fn preview(layers: ConfigLayers, split: &str, count: Option<usize>, out: &Pa
     Ok(())
 }
 
-/// NegGen's tag of each word of `caption.split(' ')`, as NegGen tags a
-/// caption (`neggen::tagged_candidates`: the words' cores, those with a
-/// letter, tagged as one sequence); `""` for a word without a letter.
-fn pos_tags(tagger: &dyn neggen::PosTagger, caption: &str) -> Vec<String> {
-    let cores: Vec<&str> = caption.split(' ').map(neggen::core).collect();
-    let lettered: Vec<usize> = (0..cores.len())
-        .filter(|&i| cores[i].chars().any(char::is_alphabetic))
-        .collect();
-    let tags = tagger.tag_words(&lettered.iter().map(|&i| cores[i]).collect::<Vec<_>>());
-    let mut out = vec![String::new(); cores.len()];
-    for (i, t) in lettered.into_iter().zip(tags) {
-        out[i] = t;
+/// The training objectives' per-caption preparations (NegGen's POS
+/// tagging), built when a sampler is `neggen`, so that an outside reference
+/// (bench/reference_neggen.py) masks the words NegGen masks.
+fn tag_preps(loaded: &LoadedConfig) -> Result<Vec<Arc<dyn CaptionPrep>>> {
+    if !loaded
+        .config
+        .samplers
+        .values()
+        .any(|s| s.plugin == "neggen")
+    {
+        return Ok(Vec::new());
     }
-    out
+    let tok = Arc::new(crate::setup::tokenizer(loaded)?);
+    let (asm, _) = crate::setup::model_on(loaded, &tok, tch::Device::Cpu)?;
+    Ok(asm.caption_preps())
+}
+
+/// `caption` through each of `preps` whose result is word indices (into
+/// `caption.split(' ')`) with tags, by the prep's key.
+fn tagged(
+    preps: &[Arc<dyn CaptionPrep>],
+    caption: &str,
+) -> serde_json::Map<String, serde_json::Value> {
+    preps
+        .iter()
+        .filter_map(|p| {
+            let prepared = p.prepare(caption);
+            let words = prepared.downcast_ref::<Vec<(usize, String)>>()?;
+            Some((p.key(), serde_json::json!(words)))
+        })
+        .collect()
 }
