@@ -560,7 +560,7 @@ fn an_encoder_and_an_objective_from_a_library_train() {
     let mut registry = Registry::from_inventory().unwrap();
     assert_eq!(
         registry.load_library(&lib).unwrap(),
-        ["conv_stem", "sigmoid_pairs"]
+        ["conv_stem", "pair_match", "sigmoid_pairs"]
     );
     let origin = format!("library {}", lib.canonicalize().unwrap().display());
     assert_eq!(
@@ -597,6 +597,7 @@ fn an_encoder_and_an_objective_from_a_library_train() {
     assert_eq!(logged.len(), 4);
     for m in &logged {
         assert!(m["sigmoid"].as_f64().is_some_and(f64::is_finite), "{m:?}");
+        assert!(m["pair"].as_f64().is_some_and(f64::is_finite), "{m:?}");
     }
     let scale = |m: &serde_json::Map<String, serde_json::Value>| m["sigmoid_scale"].as_f64().unwrap();
     assert_eq!(scale(&logged[0]), 10.0, "the configured initial scale");

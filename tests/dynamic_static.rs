@@ -1,7 +1,9 @@
 //! One plugin source, two builds: `plugins/examples/dyn-siglip` linked into
 //! this test binary (static, `inventory`) and built as a library loaded by
 //! the `vlmatch` binary with `--plugin` (dynamic) train bit-identically for
-//! 20 steps; the dynamic run's checkpoint resumes exactly, evaluates and
+//! 20 steps (its objectives read the embeddings, the cached states, the
+//! fusion, the discriminator, keyed draws and the positive relation through
+//! the host's forward); the dynamic run's checkpoint resumes exactly, evaluates and
 //! exports when `--plugin` is given again; `vlmatch plugins --plugin`
 //! lists the library's encoder and objective.
 
@@ -116,7 +118,11 @@ fn static_and_dynamic_builds_train_alike_and_the_dynamic_run_resumes_evaluates_a
     ok(&train_dynamic(&dynamic_dir, &lib, &[]), "dynamic train");
     let (s, d) = (metrics(&static_dir), metrics(&dynamic_dir));
     assert_eq!(s.len(), 20);
-    assert!(s.iter().all(|m| m["sigmoid"].is_number()), "{:?}", s[0]);
+    assert!(
+        s.iter().all(|m| m["sigmoid"].is_number() && m["pair"].is_number()),
+        "{:?}",
+        s[0]
+    );
     for (x, y) in s.iter().zip(&d) {
         assert_eq!(x, y, "step {} differs between the builds", x["step"]);
     }

@@ -9,16 +9,24 @@
 //!   2023), `-1/N sum_ij log sigmoid(z_ij (t x_i.y_j + b))` over the global
 //!   batch, `z_ij = 1` for positives (the batch's positive relation) and
 //!   `-1` otherwise; `t = exp(logit_scale)` and `b = logit_bias` learnt.
+//! - objective `pair_match`: a small matching loss that reads what the
+//!   host's forward offers besides embeddings: the cached image and text
+//!   states, the fusion encoder and the discriminator, keyed random draws,
+//!   the positive relation and the global mean. Each image is fused with
+//!   its caption and with a caption drawn at random from the batch; the
+//!   pair logits are trained to say which match (a drawn positive counts as
+//!   a match).
 
 use std::rc::Rc;
 use vlmatch_plugin_sdk::core::{
     Encoded, Encoder, EncoderInput, Error, Forward, Modality, Objective, ObjectiveOutput, Result,
 };
-use vlmatch_plugin_sdk::tch::{nn, nn::Module, Kind, Tensor};
+use vlmatch_plugin_sdk::tch::{self as tch, nn, nn::Module, Kind, Tensor};
 use vlmatch_plugin_sdk::{export, register, BuildContext};
 
 register!(encoder "conv_stem" => build_stem);
 register!(objective "sigmoid_pairs" => build_pairs);
+register!(objective "pair_match" => build_match);
 export!();
 
 #[derive(serde::Deserialize)]
@@ -165,5 +173,73 @@ impl Objective for SigmoidPairs {
     }
     fn contrastive(&self) -> bool {
         true
+    }
+}
+
+/// See the crate's documentation.
+pub struct PairMatch {
+    name: String,
+}
+
+fn build_match(ctx: &BuildContext<'_>) -> Result<Box<dyn Objective>> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct NoKeys {}
+    let _: NoKeys = ctx.params()?;
+    Ok(Box::new(PairMatch {
+        name: ctx.section_name().to_string(),
+    }))
+}
+
+impl Objective for PairMatch {
+    fn forward(&self, forward: &Forward<'_>, _step: i64) -> Result<ObjectiveOutput> {
+        let (image, text) = (forward.image()?, forward.text()?);
+        let b = forward.batch.len();
+        let device = image.hidden.device();
+        // Caption `(i + 1 + k) % b` for image `i`, `k` below `b - 1` drawn
+        // from the row's keyed uniform.
+        let u = vlmatch_plugin_sdk::core::random::uniform(&forward.random_keys(), 1).view([b]);
+        let offset = (u * (b - 1).max(1) as f64)
+            .floor()
+            .to_kind(Kind::Int64)
+            .clamp(0, (b - 2).max(0))
+            + 1;
+        let drawn = (Tensor::arange(b, (Kind::Int64, device)) + offset).remainder(b);
+        let drawn_text = text.select(&drawn);
+        let model = forward.model;
+        let fused = [
+            model.fuse_cls(text, image, forward.train)?,
+            model.fuse_cls(&drawn_text, image, forward.train)?,
+        ];
+        let logits = Tensor::cat(
+            &[
+                model.discriminator.pair_logits(&fused[0])?,
+                model.discriminator.pair_logits(&fused[1])?,
+            ],
+            0,
+        );
+        let drawn_positive = forward
+            .positives()?
+            .gather(1, &drawn.unsqueeze(1), false)
+            .view([b])
+            .to_kind(Kind::Int64);
+        let labels = Tensor::cat(
+            &[Tensor::ones([b], (Kind::Int64, device)), drawn_positive],
+            0,
+        );
+        let sum = logits.to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
+            &labels,
+            None,
+            tch::Reduction::Sum,
+            -100,
+            0.0,
+        );
+        let count = Tensor::from(2 * b as i64)
+            .to_kind(Kind::Float)
+            .to_device(device);
+        Ok(ObjectiveOutput {
+            losses: vec![(self.name.clone(), forward.global_mean(&sum, &count)?)],
+            metrics: Vec::new(),
+        })
     }
 }
