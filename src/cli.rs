@@ -112,7 +112,8 @@ pub enum Command {
     /// Write the first training images as PNG files plus `captions.txt`, to
     /// look at what the model sees, and `annotations.jsonl` (ALBEF format)
     /// to evaluate on or run `neggen` over. Also `pairs.jsonl` (each pair of
-    /// those images with its token ids), `vocab.txt` and `meta.json` (special
+    /// those images with its token ids and, when a sampler is `neggen`, the
+    /// words NegGen may replace), `vocab.txt` and `meta.json` (special
     /// token ids, data settings), and for `--split heldout` `matching.jsonl`
     /// (the held-out matching triples, tokenised): with `--all`, what an
     /// outside implementation (bench/reference.py) needs to train and

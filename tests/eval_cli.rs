@@ -310,3 +310,58 @@ fn preview_writes_an_annotation_file_that_loads() {
     assert_eq!(lines.lines().count(), ds.pairs.len());
     assert!(lines.starts_with(&format!("0000.png\t{}", ds.pairs[0].caption)));
 }
+
+/// With a `neggen` sampler, `preview` dumps per pair the words NegGen's own
+/// tagging may replace (for bench/reference_neggen.py), exactly as NegGen
+/// tags the caption, and each vocabulary entry after a determiner; without
+/// one, neither.
+#[test]
+fn preview_dumps_neggen_candidates_when_a_sampler_is_neggen() {
+    use clap::Parser;
+    use neggen::{default_tags_vec, tagged_candidates, BrillTagger};
+    let _turn = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch("preview-neggen");
+    let key = format!("neggen.pos_tags:{}", default_tags_vec().join(","));
+    let tagger = BrillTagger::new();
+    for (config, with) in [(Some("configs/vlmatch.toml"), true), (None, false)] {
+        let out = dir.join(if with { "neggen" } else { "plain" });
+        let mut args = vec![
+            "vlmatch",
+            "preview",
+            "--count",
+            "4",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        if let Some(c) = config {
+            args.extend(["--config", c]);
+        }
+        vlmatch::cli::run(vlmatch::cli::Cli::parse_from(args)).unwrap();
+        let pairs = std::fs::read_to_string(out.join("pairs.jsonl")).unwrap();
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("meta.json")).unwrap()).unwrap();
+        assert_eq!(meta.get("caption_preps_after_a").is_some(), with);
+        let mut candidates = 0;
+        for line in pairs.lines() {
+            let p: serde_json::Value = serde_json::from_str(line).unwrap();
+            let Some(preps) = p.get("caption_preps") else {
+                assert!(!with, "{line}");
+                continue;
+            };
+            assert!(with, "{line}");
+            let caption = p["caption"].as_str().unwrap();
+            let want: Vec<(usize, String)> =
+                tagged_candidates(caption, &tagger, &default_tags_vec());
+            let got: Vec<(usize, String)> = serde_json::from_value(preps[&key].clone()).unwrap();
+            assert_eq!(got, want, "{caption}");
+            candidates += got.len();
+        }
+        assert_eq!(candidates > 0, with);
+        if with {
+            // "circle" is a noun after a determiner; "on" is not.
+            let after_a = &meta["caption_preps_after_a"];
+            assert_eq!(after_a["circle"][&key], serde_json::json!([[1, "NN"]]));
+            assert_eq!(after_a["on"][&key], serde_json::json!([]));
+        }
+    }
+}
