@@ -41,7 +41,7 @@ impl DistCollective {
         let input = t.detach().contiguous();
         let mut shape = input.size();
         let n = self.group.size() as i64;
-        if !shape.first().is_some_and(|rows| rows % n == 0) {
+        if shape.first().is_none_or(|rows| rows % n != 0) {
             return Err(vlmatch_core::Error::plugin(
                 "distributed",
                 format!(
