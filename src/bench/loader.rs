@@ -77,6 +77,23 @@ pub fn rows(
         line: Some(e.line()),
         message: format!("not JSON: {e}"),
     })?;
+    // One torch thread, as the reference's DataLoader worker has.
+    let threads = tch::get_num_threads();
+    tch::set_num_threads(1);
+    let out = measure(opts, cfg, tok, &dir, ds, items);
+    tch::set_num_threads(threads);
+    out
+}
+
+/// [`rows`] on one torch thread.
+fn measure(
+    opts: &super::BenchOptions,
+    cfg: &vlmatch_registry::Config,
+    tok: &Arc<Tokenizer>,
+    dir: &Path,
+    ds: Arc<crate::data::Dataset>,
+    items: Vec<Value>,
+) -> Result<Value> {
     let b = cfg.train.batch_size.min(ds.len()).max(1);
     let per_pass = ds.len() / b;
     let seed = cfg.train.seed;

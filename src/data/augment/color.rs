@@ -99,7 +99,25 @@ pub fn brightness_in_place(rgb: &mut [u8], factor: f64) {
 /// `w` x `h` RGB bytes smoothed with OpenCV's `filter2D` and the kernel
 /// `[[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13`, borders mirrored without
 /// repeating the edge (`BORDER_REFLECT_101`), rounded to bytes, into `out`.
-fn smoothed(src: &[u8], (w, h): (usize, usize), out: &mut Vec<u8>) {
+/// Compiled a second time for AVX2 (SSE4.1's rounding instruction, not a
+/// call to `rintf`), used where the CPU has it.
+fn smoothed(src: &[u8], size: (usize, usize), out: &mut Vec<u8>) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { smoothed_avx2(src, size, out) };
+    }
+    smoothed_body(src, size, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn smoothed_avx2(src: &[u8], size: (usize, usize), out: &mut Vec<u8>) {
+    smoothed_body(src, size, out)
+}
+
+#[inline(always)]
+fn smoothed_body(src: &[u8], (w, h): (usize, usize), out: &mut Vec<u8>) {
     let reflect = |v: usize, d: usize, n: usize| match (v + d).checked_sub(1) {
         _ if n == 1 => 0,
         None => 1,

@@ -147,6 +147,8 @@ impl Augment {
         let mut rng = self.stream(key, RANDAUG);
         let level = c.randaug_m / 10.0;
         out.clear();
+        // Room for every op once, so a later image never grows the list.
+        out.reserve(c.randaug_n);
         for _ in 0..c.randaug_n {
             let op = *rng.pick(&c.randaug_ops);
             let applied = uniform(&mut rng, 0.0, 1.0) < 0.5;
@@ -238,6 +240,9 @@ impl Buffers {
     /// x `size`: the first step of [`apply_draws`].
     pub fn crop_resize(&mut self, src: &[u8], (w, h): (usize, usize), d: &Draws, size: usize) {
         let crop = d.crop.unwrap_or((0, 0, w, h));
+        // The ops' second buffer at its size now, not at the first op.
+        self.other
+            .reserve((size * size * 3).saturating_sub(self.other.len()));
         resample::resized_crop_into(
             src,
             (w, h),

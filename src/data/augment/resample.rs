@@ -31,6 +31,10 @@ struct Taps {
     len: Vec<usize>,
     weights: Vec<i32>,
     width: usize,
+    /// The weights in pairs of taps, each spread over four lanes
+    /// (`[w0; 4]`, `[w1; 4]`), a missing second tap weighing 0: the SIMD
+    /// horizontal pass's operands, `pairs()` pairs per output.
+    paired: Vec<i32>,
 }
 
 impl Taps {
@@ -65,6 +69,34 @@ impl Taps {
             self.first.push(lo);
             self.len.push(hi - lo);
         }
+        let pairs = self.pairs();
+        self.paired.clear();
+        self.paired.resize(out * pairs * 8, 0);
+        for o in 0..out {
+            let w = &self.weights[o * self.width..o * self.width + self.len[o]];
+            let dst = &mut self.paired[o * pairs * 8..(o + 1) * pairs * 8];
+            for (k, &wt) in w.iter().enumerate() {
+                let at = (k / 2) * 8 + (k % 2) * 4;
+                dst[at..at + 4].fill(wt);
+            }
+        }
+    }
+
+    /// Room for the taps of any axis up to `size` long resampled to
+    /// `least` to `out` pixels (a crop's taps never outgrow its image's).
+    fn reserve(&mut self, size: usize, least: usize, out: usize) {
+        let support = 2.0 * (size as f64 / least.max(1) as f64).max(1.0);
+        let width = (support.ceil() as usize) * 2 + 1;
+        let grow = |v: &mut Vec<i32>, n: usize| v.reserve(n.saturating_sub(v.len()));
+        grow(&mut self.weights, out * width);
+        grow(&mut self.paired, out * width.div_ceil(2) * 8);
+        self.first.reserve(out.saturating_sub(self.first.len()));
+        self.len.reserve(out.saturating_sub(self.len.len()));
+    }
+
+    /// Pairs of taps per output in `paired`.
+    fn pairs(&self) -> usize {
+        self.width.div_ceil(2)
     }
 
     fn of(&self, o: usize) -> (usize, &[i32]) {
@@ -107,21 +139,85 @@ fn horizontal(v: View, taps: &Taps, dst: &mut Vec<u8>) {
     let out_w = taps.first.len();
     dst.clear();
     dst.resize(out_w * v.h * 3, 0);
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = std::arch::is_x86_feature_detected!("avx2");
     for (y, out) in dst.chunks_exact_mut(out_w * 3).enumerate() {
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // The row with the rest of the buffer after it, which the
+            // SIMD loads may read past the row's end (at weight 0).
+            let at = (v.y0 + y) * v.stride + v.x0 * 3;
+            // SAFETY: the CPU has AVX2 (checked above).
+            unsafe { horizontal_row_avx2(&v.src[at..], v.w, taps, out) };
+            continue;
+        }
         let row = v.row(y);
         for (o, px) in out.chunks_exact_mut(3).enumerate() {
-            let (first, weights) = taps.of(o);
-            let (mut r, mut g, mut b) = (HALF, HALF, HALF);
-            let from = &row[first * 3..(first + weights.len()) * 3];
-            for (p, &wt) in from.chunks_exact(3).zip(weights) {
-                r += i32::from(p[0]) * wt;
-                g += i32::from(p[1]) * wt;
-                b += i32::from(p[2]) * wt;
-            }
-            px[0] = clip8(r);
-            px[1] = clip8(g);
-            px[2] = clip8(b);
+            horizontal_pixel(row, taps, o, px);
         }
+    }
+}
+
+/// Output pixel `o` of one row, one tap at a time.
+#[inline(always)]
+fn horizontal_pixel(row: &[u8], taps: &Taps, o: usize, px: &mut [u8]) {
+    let (first, weights) = taps.of(o);
+    let (mut r, mut g, mut b) = (HALF, HALF, HALF);
+    let from = &row[first * 3..(first + weights.len()) * 3];
+    for (p, &wt) in from.chunks_exact(3).zip(weights) {
+        r += i32::from(p[0]) * wt;
+        g += i32::from(p[1]) * wt;
+        b += i32::from(p[2]) * wt;
+    }
+    px[0] = clip8(r);
+    px[1] = clip8(g);
+    px[2] = clip8(b);
+}
+
+/// One row of the horizontal pass, two taps per step in eight 32-bit
+/// lanes (the first tap's R, G, B and a zero, then the second's). The
+/// same integer sums as [`horizontal_pixel`], added in another order,
+/// which integers (that never overflow here) do not notice. `src` starts
+/// at the row (`w` pixels) and runs on to the buffer's end; an output
+/// whose last load would pass that end is summed one tap at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn horizontal_row_avx2(src: &[u8], w: usize, taps: &Taps, out: &mut [u8]) {
+    use std::arch::x86_64::*;
+    let pairs = taps.pairs();
+    // Bytes 0-2 and 3-5 of an 8-byte load into lanes 0-2 and 4-6.
+    let spread = _mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    for (o, px) in out.chunks_exact_mut(3).enumerate() {
+        let first = taps.first[o];
+        let n = taps.len[o].div_ceil(2);
+        // The last pair's load: 8 bytes from its first tap.
+        if first * 3 + (n.max(1) - 1) * 6 + 8 > src.len() {
+            horizontal_pixel(&src[..w * 3], taps, o, px);
+            continue;
+        }
+        let weights = &taps.paired[o * pairs * 8..(o * pairs + n) * 8];
+        let mut acc = _mm256_setzero_si256();
+        for (k, wt) in weights.chunks_exact(8).enumerate() {
+            let at = (first + 2 * k) * 3;
+            let bytes: &[u8; 8] = src[at..at + 8].try_into().expect("8 bytes");
+            // SAFETY: an unaligned load of the 8 bytes of `bytes`.
+            let v = unsafe { _mm_loadl_epi64(bytes.as_ptr().cast()) };
+            let v = _mm_shuffle_epi8(v, spread);
+            let wt: &[i32; 8] = wt.try_into().expect("8 weights");
+            // SAFETY: an unaligned load of 8 in-bounds i32s.
+            let wv = unsafe { _mm256_loadu_si256(wt.as_ptr().cast()) };
+            acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(_mm256_cvtepu8_epi32(v), wv));
+        }
+        let sum = _mm_add_epi32(
+            _mm256_castsi256_si128(acc),
+            _mm256_extracti128_si256(acc, 1),
+        );
+        let mut lanes = [0i32; 4];
+        // SAFETY: an unaligned store of 4 i32s into `lanes`.
+        unsafe { _mm_storeu_si128(lanes.as_mut_ptr().cast(), sum) };
+        px[0] = clip8(HALF + lanes[0]);
+        px[1] = clip8(HALF + lanes[1]);
+        px[2] = clip8(HALF + lanes[2]);
     }
 }
 
@@ -235,6 +331,14 @@ pub fn resized_crop_into(
         w,
         h,
     };
+    // Room for any crop of this image, so that a later, larger crop of an
+    // image no larger does not grow a buffer.
+    r.taps
+        .reserve(iw.max(ih), out_w.min(out_h), out_w.max(out_h));
+    let grow = |v: &mut Vec<u8>, n: usize| v.reserve(n.saturating_sub(v.len()));
+    grow(&mut r.tmp, 3 * (out_w * ih).max(iw * out_h));
+    r.acc
+        .reserve((3 * iw.max(out_w)).saturating_sub(r.acc.len()));
     let rows = w != out_w;
     let cols = h != out_h;
     let vertical_first = out_w > w && out_h < h;
