@@ -125,7 +125,8 @@ def main():
             "--set", f"data.image_root={json.dumps(os.path.abspath(args.data))}",
             "--set", f"data.vocab={json.dumps(os.path.abspath(os.path.join(args.data, 'vocab.txt')))}",
             "--all", "--out", tags_dir)
-    tagged = {p["caption"]: set(rn.candidates_of(p, ng.prep)) for p in read_jsonl(os.path.join(tags_dir, "pairs.jsonl"))}
+    tagged = {p["caption"]: set(rn.candidates_of(p, ng.prep))
+              for p in read_jsonl(os.path.join(tags_dir, "pairs.jsonl"))}
     verdicts = Counter()
     for n in theirs:
         masked = [m["index"] for m in n["masked_words"]]
