@@ -466,3 +466,59 @@ fn parameters_without_gradients_stay_untouched_when_sharded() {
     let d = distance(&ends[0], &ends[1], "optim.");
     assert!(d <= 1e-6, "moments: {d:e}");
 }
+
+/// Fine-tuning shards through the same step: SNLI-VE on 2 ranks from the
+/// unsharded reference run, sharded and unsharded, ends with the same
+/// weights and moments after 4 steps (the pretraining heads it does not
+/// use get no gradient on either).
+#[test]
+fn sharded_fine_tuning_trains_as_unsharded() {
+    let r = reference();
+    let mut ends = Vec::new();
+    for (name, shard) in [("ft-unsharded", "false"), ("ft-sharded", "true")] {
+        let out = r.root.join(name);
+        let mut args: Vec<String> = [
+            "finetune",
+            "--quiet",
+            "--task",
+            "snli-ve",
+            "--data",
+            "builtin",
+            "--steps",
+            "4",
+            "--lr",
+            "1e-3",
+            "--eval-every",
+            "4",
+            "--batch-size",
+            "4",
+        ]
+        .map(String::from)
+        .to_vec();
+        for s in [
+            "data.synthetic.train_scenes=60",
+            "data.synthetic.heldout_scenes=20",
+            "train.dist.timeout=60",
+            "train.dist.bucket_mb=0.02",
+            &format!("train.dist.shard_optimizer={shard}"),
+        ] {
+            args.extend(["--set".to_string(), s.to_string()]);
+        }
+        args.extend([
+            "--checkpoint".to_string(),
+            r.unsharded.display().to_string(),
+        ]);
+        args.extend(["--out".to_string(), out.display().to_string()]);
+        let logs = launch(name, 2, &args, &r.root);
+        let sharded = logs
+            .iter()
+            .all(|l| plain(l).contains("optimizer state sharded"));
+        assert_eq!(sharded, shard == "true", "{name}:\n{}", logs[0]);
+        ends.push(checkpoint(&out, 4));
+    }
+    for prefix in ["model.", "optim."] {
+        let d = distance(&ends[0], &ends[1], prefix);
+        eprintln!("fine-tuned, `{prefix}*` differ by {d:.2e}");
+        assert!(d <= 1e-6, "`{prefix}*`: {d:e}");
+    }
+}
