@@ -293,3 +293,20 @@ fn an_unwritable_cache_leaves_the_index_in_memory() {
     train("off", "off");
     assert_eq!(metrics(&dir.join("auto")), metrics(&dir.join("off")));
 }
+
+/// `data.index` takes `auto` or `off`; anything else is an error naming
+/// the key and both values.
+#[test]
+fn a_bad_data_index_names_the_key() {
+    let e = micro_layers(&["data.index=\"always\""])
+        .load()
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        e.contains("data.index") && e.contains("auto") && e.contains("off"),
+        "{e}"
+    );
+    let loaded = micro_layers(&["data.index=\"off\""]).load().unwrap();
+    assert!(loaded.to_toml().contains("index = \"off\""));
+}
