@@ -292,9 +292,22 @@ fn heldout_and_eval_matching_report_per_kind() {
         );
     }
 
-    // A kind that is not one, or not a string, names the file and line.
     let text = std::fs::read_to_string(dump.join("matching.jsonl")).unwrap();
     let lines: Vec<&str> = text.lines().take(2).collect();
+    // A line without a kind counts in the overall numbers only.
+    let mut first: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    first.as_object_mut().unwrap().remove("kind");
+    let second: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
+    let mixed = dir.join("mixed.jsonl");
+    std::fs::write(&mixed, format!("{first}\n{second}\n")).unwrap();
+    let m = vlmatch::commands::eval::eval_task(&run_dir, "matching", &data(&mixed), &[], false)
+        .unwrap();
+    assert_eq!(m["pairs"], 2, "{m}");
+    let kinds = m["matching_by_kind"].as_object().unwrap();
+    assert_eq!(kinds.len(), 1, "{m}");
+    assert_eq!(kinds[second["kind"].as_str().unwrap()]["pairs"], 1, "{m}");
+
+    // A kind that is not one, or not a string, names the file and line.
     for (bad, says) in [
         (
             "\"colour\"",
