@@ -289,15 +289,16 @@ impl AdamW {
         })
     }
 
-    /// [`AdamW::clip_grad_norm`] of a sharded optimizer, the parameters'
-    /// squared norms summed over ranks by `sum_over_ranks` (an all-reduce
-    /// of a vector with one entry per parameter that has a gradient, the
-    /// same parameters on every rank). Each parameter's entry comes from
-    /// the rank that owns its first element (which reads that gradient
-    /// whole: in stage 1 every rank has the averaged gradients) and is 0
-    /// on the others, so the sum is exact and the norm bit for bit the
-    /// unsharded one; each rank then scales its own part. Unsharded,
-    /// `sum_over_ranks` is not called.
+    /// [`AdamW::clip_grad_norm`] of a sharded optimizer whose every rank
+    /// holds the whole averaged gradients (one process, and this module's
+    /// tests; a multi-rank ZeRO-1 run reduce-scatters them instead and
+    /// clips in `zero::clip_grad_norm`), the parameters' squared norms
+    /// summed over ranks by `sum_over_ranks` (an all-reduce of a vector
+    /// with one entry per parameter that has a gradient, the same
+    /// parameters on every rank). Each parameter's entry comes from the
+    /// rank that owns its first element and is 0 on the others, so the sum
+    /// is exact and the norm bit for bit the unsharded one; each rank then
+    /// scales its own part. Unsharded, `sum_over_ranks` is not called.
     pub fn clip_grad_norm_over<E>(
         &mut self,
         max_norm: f64,
