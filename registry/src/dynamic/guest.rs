@@ -56,6 +56,15 @@ pub fn table(
         if let Some(t) = TABLES.get() {
             return Ok(&t.table as *const PluginTable);
         }
+        // The library's copy of std has its own panic hook: its panics are
+        // caught and returned as errors, so one line each is enough.
+        std::panic::set_hook(Box::new(|info| {
+            let at = info
+                .location()
+                .map(|l| format!(" at {l}"))
+                .unwrap_or_default();
+            eprintln!("a plugin library panicked{at} (caught; the host reports it)");
+        }));
         let registry = Registry::from_inventory().map_err(|e| e.to_string())?;
         let (mut encoders, mut objectives) = (Vec::new(), Vec::new());
         for e in registry.entries() {
@@ -183,6 +192,15 @@ fn host_result(
     }
 }
 
+/// What [`build`] made: the plugin, its `VarStore`, the model an objective
+/// sees and the slot of the current forward's host table.
+type Built<T> = (
+    T,
+    nn::VarStore,
+    Option<VlModel>,
+    Rc<Cell<*const ForwardHost>>,
+);
+
 /// Read the request, build with `build` in a fresh `VarStore`, and add its
 /// variables to the host's under the plugin's path, in the order they were
 /// created (trainable first).
@@ -198,15 +216,7 @@ unsafe fn build<T>(
         Device,
     ) -> Result<Option<VlModel>, String>,
     build: impl FnOnce(&BuildContext<'_>) -> vlmatch_core::Result<T>,
-) -> Result<
-    (
-        T,
-        nn::VarStore,
-        Option<VlModel>,
-        Rc<Cell<*const ForwardHost>>,
-    ),
-    String,
-> {
+) -> Result<Built<T>, String> {
     // SAFETY: as the caller promises.
     let request = unsafe { text(request) }.ok_or("no request")?;
     let host = unsafe { host.as_ref() }.ok_or("no host table")?;

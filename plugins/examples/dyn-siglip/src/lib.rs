@@ -234,7 +234,7 @@ impl Objective for PairMatch {
             -100,
             0.0,
         );
-        let count = Tensor::from(2 * b as i64)
+        let count = Tensor::from(2 * b)
             .to_kind(Kind::Float)
             .to_device(device);
         Ok(ObjectiveOutput {
