@@ -386,13 +386,13 @@ def check_tokenizer(tok, splits, max_len):
 
 
 def check_matching_swaps(split, groups):
-    """Each held-out negative without a `kind` (the colour/shape swaps of
-    the held-out evaluation before the fine-grained suite) is its caption
-    with one color or shape word swapped (the groups this port reads), a
-    check of the port's rules."""
+    """Each held-out negative of kind `color` or `shape` (or without a
+    kind, as dumps before the fine-grained suite) is its caption with one
+    color or shape word swapped (the groups this port reads), a check of
+    the port's rules; the other kinds change other words or more than one."""
     swap = WordSwap(groups[:2])
     for t in split.matching:
-        if "kind" in t:
+        if t.get("kind", "color") not in ("color", "shape"):
             continue
         a, b = t["caption"].split(" "), t["negative"].split(" ")
         diff = [i for i in range(len(a)) if a[i] != b[i]] if len(a) == len(b) else None
