@@ -15,7 +15,7 @@
 //! allocations ([`super::alloc`]), its allocations per image.
 
 use crate::data::augment::{AugKey, Augment, Draws};
-use crate::data::image::{normalize_into, Scratch};
+use crate::data::image::{normalize_into, Scratch, TensorBuf};
 use crate::data::loader::{Loader, LoaderConfig};
 use crate::tokenizer::Tokenizer;
 use serde_json::{json, Value};
@@ -182,7 +182,7 @@ fn stage_loop(
     let plane = 3 * SIZE * SIZE;
     let mut scratch = Scratch::default();
     let mut draws = Draws::default();
-    let mut pixels = vec![0f32; b * plane];
+    let mut pixels = TensorBuf::zeros(b * plane);
     let mut secs = [0f64; 5];
     let mut allocs = [0u64; 5];
     let counted = super::alloc::allocations().is_some();
@@ -215,7 +215,11 @@ fn stage_loop(
             let (t, a) = (Instant::now(), count());
             let (ids, mask, l) =
                 tok.encode_batch(&captions[first..first + b], data.max_len as usize);
-            let images = Tensor::from_slice(&pixels).view([b as i64, 3, SIZE as i64, SIZE as i64]);
+            // As the loader hands a batch on: its tensor, a new one to fill.
+            let filled = std::mem::replace(&mut pixels, TensorBuf::zeros(b * plane));
+            let images = filled
+                .into_tensor()
+                .view([b as i64, 3, SIZE as i64, SIZE as i64]);
             let text = (
                 Tensor::from_slice(&ids).view([b as i64, l as i64]),
                 Tensor::from_slice(&mask).view([b as i64, l as i64]),

@@ -292,3 +292,39 @@ pub fn normalize_into(rgb: &[u8], mean: [f32; 3], std: [f32; 3], out: &mut [f32]
         b[p] = (px[2] as f32 / 255.0 - mean[2]) / std[2];
     }
 }
+
+/// A new zeroed f32 CPU tensor of `len` values that the loader's workers
+/// write the batch's images into as a slice, handed on as the batch's
+/// tensor without a copy ([`TensorBuf::into_tensor`]).
+pub struct TensorBuf {
+    tensor: tch::Tensor,
+    len: usize,
+}
+
+impl TensorBuf {
+    pub fn zeros(len: usize) -> TensorBuf {
+        let tensor = tch::Tensor::zeros([len as i64], (tch::Kind::Float, tch::Device::Cpu));
+        TensorBuf { tensor, len }
+    }
+
+    /// The tensor (1-D, `len` values) with what was written.
+    pub fn into_tensor(self) -> tch::Tensor {
+        self.tensor
+    }
+}
+
+impl std::ops::Deref for TensorBuf {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        // SAFETY: a contiguous f32 CPU tensor of `len` initialised (zeroed)
+        // values that only this value holds, alive as long as the borrow.
+        unsafe { std::slice::from_raw_parts(self.tensor.data_ptr() as *const f32, self.len) }
+    }
+}
+
+impl std::ops::DerefMut for TensorBuf {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        // SAFETY: as for `deref`; the borrow of `self` is exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.tensor.data_ptr() as *mut f32, self.len) }
+    }
+}

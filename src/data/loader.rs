@@ -295,7 +295,8 @@ pub fn make_batch_keyed(
     assert_eq!(aug_keys.len(), idx.len(), "one augmentation key per pair");
     let s = cfg.image_size;
     let plane = 3 * s * s;
-    let mut pixels = vec![0f32; idx.len() * plane];
+    // Written by the workers straight into the batch's tensor.
+    let mut pixels = super::image::TensorBuf::zeros(idx.len() * plane);
     let workers = cfg.workers.max(1).min(idx.len().max(1));
     let per = idx.len().div_ceil(workers).max(1);
     // Each image's content hash, so identical images under different ids
@@ -385,7 +386,7 @@ pub fn make_batch_keyed(
         .collect();
     let keys: Vec<i64> = source.iter().map(|&i| i as i64).collect();
     Ok(Batch {
-        images: Tensor::from_slice(&pixels).view([b, 3, s as i64, s as i64]),
+        images: pixels.into_tensor().view([b, 3, s as i64, s as i64]),
         text: TextBatch::new(
             Tensor::from_slice(&ids).view([b, l as i64]),
             Tensor::from_slice(&mask).view([b, l as i64]),

@@ -78,33 +78,41 @@ fn warp(src: &[u8], (w, h): (usize, usize), m: [f64; 6], fill: [u8; 3], out: &mu
     };
     out.clear();
     out.resize(src.len(), 0);
-    for y in 0..h {
+    let stride = (w * 3) as usize;
+    for (y, row) in out.chunks_exact_mut(stride.max(1)).enumerate() {
+        let y = y as i64;
         let (row_x, row_y) = (i1 * y as f32 + i2, i4 * y as f32 + i5);
-        for x in 0..w {
+        for (x, px) in row.chunks_exact_mut(3).enumerate() {
             let sx = i0 * x as f32 + row_x;
             let sy = i3 * x as f32 + row_y;
             let (fx0, fy0) = (sx.floor(), sy.floor());
             let (ax, ay) = (sx - fx0, sy - fy0);
             let (ix, iy) = (fx0 as i64, fy0 as i64);
             let inside = ix >= 0 && iy >= 0 && ix + 1 < w && iy + 1 < h;
-            let o = ((y * w + x) * 3) as usize;
+            // The four neighbours' channels: two 6-byte runs inside the
+            // image, else pixel by pixel with the fill outside.
+            let (mut top, mut bottom) = ([0f32; 6], [0f32; 6]);
+            if inside {
+                let i = ((iy * w + ix) * 3) as usize;
+                let (a, b) = (&src[i..i + 6], &src[i + stride..i + stride + 6]);
+                for k in 0..6 {
+                    top[k] = f32::from(a[k]);
+                    bottom[k] = f32::from(b[k]);
+                }
+            } else {
+                for c in 0..3 {
+                    top[c] = at(ix, iy, c);
+                    top[c + 3] = at(ix + 1, iy, c);
+                    bottom[c] = at(ix, iy + 1, c);
+                    bottom[c + 3] = at(ix + 1, iy + 1, c);
+                }
+            }
             for c in 0..3 {
-                let [p00, p01, p10, p11] = if inside {
-                    let i = ((iy * w + ix) * 3) as usize + c;
-                    let j = i + (w * 3) as usize;
-                    [src[i], src[i + 3], src[j], src[j + 3]].map(f32::from)
-                } else {
-                    [
-                        at(ix, iy, c),
-                        at(ix + 1, iy, c),
-                        at(ix, iy + 1, c),
-                        at(ix + 1, iy + 1, c),
-                    ]
-                };
-                let top = p00 + ax * (p01 - p00);
-                let bottom = p10 + ax * (p11 - p10);
-                let v = top + ay * (bottom - top);
-                out[o + c] = v.round_ties_even().clamp(0.0, 255.0) as u8;
+                let (p00, p01, p10, p11) = (top[c], top[c + 3], bottom[c], bottom[c + 3]);
+                let t = p00 + ax * (p01 - p00);
+                let b = p10 + ax * (p11 - p10);
+                let v = t + ay * (b - t);
+                px[c] = v.round_ties_even().clamp(0.0, 255.0) as u8;
             }
         }
     }
