@@ -119,7 +119,8 @@ fn static_and_dynamic_builds_train_alike_and_the_dynamic_run_resumes_evaluates_a
     let (s, d) = (metrics(&static_dir), metrics(&dynamic_dir));
     assert_eq!(s.len(), 20);
     assert!(
-        s.iter().all(|m| m["sigmoid"].is_number() && m["pair"].is_number()),
+        s.iter()
+            .all(|m| m["sigmoid"].is_number() && m["pair"].is_number()),
         "{:?}",
         s[0]
     );
@@ -205,4 +206,102 @@ fn static_and_dynamic_builds_train_alike_and_the_dynamic_run_resumes_evaluates_a
         objectives.contains(&format!("sigmoid_pairs        {origin}")),
         "{listing}"
     );
+}
+
+/// `vlmatch train` with the library on `world` ranks on loopback (as
+/// torchrun starts them) over micro, the example's config and `sets`; each
+/// rank's output under `dir`.
+fn train_ranks(dir: &Path, lib: &Path, world: usize, sets: &[&str]) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (micro, example) = (fixture("micro.toml"), example_config());
+    let mut children = Vec::new();
+    for rank in 0..world {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vlmatch"));
+        cmd.args(["train", "--quiet", "--config"])
+            .arg(&micro)
+            .arg("--config")
+            .arg(&example)
+            .arg("--plugin")
+            .arg(lib)
+            .arg("--run-dir")
+            .arg(dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        for s in sets {
+            cmd.args(["--set", s]);
+        }
+        for v in [
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "LOCAL_WORLD_SIZE",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+        ] {
+            cmd.env_remove(v);
+        }
+        if world > 1 {
+            cmd.env("RANK", rank.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("LOCAL_WORLD_SIZE", world.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string());
+        }
+        let log = dir.with_extension(format!("rank{rank}.err"));
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        children.push((log, cmd.spawn().expect("vlmatch starts")));
+    }
+    for (log, mut child) in children {
+        let status = child.wait().unwrap();
+        let err = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(status.success(), "{}: {err}", log.display());
+    }
+}
+
+/// What crosses the boundary for data-parallel training: an objective in a
+/// library gathers the texts of every rank through the host's collective
+/// (with gradient) and reads the positive relation of the global batch, so
+/// 2 ranks of 8 train as one process of 16 (the library's encoder too).
+#[test]
+fn a_library_objective_on_two_ranks_trains_as_one_process_with_the_global_batch() {
+    let lib = library();
+    let root = scratch("dynamic-ranks");
+    let sets = [
+        "train.steps=4",
+        "train.checkpoint_every=0",
+        "train.dist.timeout=60",
+        "eval.at_end=false",
+        // pair_match draws its captions from the local batch.
+        "objectives.pair.enabled=false",
+    ];
+    let (one, two) = (root.join("1x16"), root.join("2x8"));
+    train_ranks(
+        &one,
+        &lib,
+        1,
+        &[&sets[..], &["train.batch_size=16"]].concat(),
+    );
+    train_ranks(
+        &two,
+        &lib,
+        2,
+        &[&sets[..], &["train.batch_size=8"]].concat(),
+    );
+    let (m1, m2) = (metrics(&one), metrics(&two));
+    assert_eq!(m1.len(), 4);
+    for (a, b) in m1.iter().zip(&m2) {
+        for key in ["loss", "sigmoid", "itm", "mlm"] {
+            let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
+            assert!(
+                (x - y).abs() <= 1e-5 * x.abs().max(1.0),
+                "step {}: {key} {x} on one process, {y} on 2 ranks",
+                a["step"]
+            );
+        }
+    }
 }
