@@ -510,10 +510,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let loaded = config.layers()?.load()?;
             let mut libraries = loaded.config.plugins.paths.clone();
             libraries.extend(crate::setup::plugin_libraries());
-            print!(
-                "{}",
-                crate::commands::plugins::plugin_listing(&libraries)?
-            );
+            print!("{}", crate::commands::plugins::plugin_listing(&libraries)?);
             Ok(())
         }
         Command::Finetune {

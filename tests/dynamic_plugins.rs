@@ -599,7 +599,8 @@ fn an_encoder_and_an_objective_from_a_library_train() {
         assert!(m["sigmoid"].as_f64().is_some_and(f64::is_finite), "{m:?}");
         assert!(m["pair"].as_f64().is_some_and(f64::is_finite), "{m:?}");
     }
-    let scale = |m: &serde_json::Map<String, serde_json::Value>| m["sigmoid_scale"].as_f64().unwrap();
+    let scale =
+        |m: &serde_json::Map<String, serde_json::Value>| m["sigmoid_scale"].as_f64().unwrap();
     assert_eq!(scale(&logged[0]), 10.0, "the configured initial scale");
     assert_ne!(
         scale(&logged[3]),

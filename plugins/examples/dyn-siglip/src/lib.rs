@@ -234,9 +234,7 @@ impl Objective for PairMatch {
             -100,
             0.0,
         );
-        let count = Tensor::from(2 * b)
-            .to_kind(Kind::Float)
-            .to_device(device);
+        let count = Tensor::from(2 * b).to_kind(Kind::Float).to_device(device);
         Ok(ObjectiveOutput {
             losses: vec![(self.name.clone(), forward.global_mean(&sum, &count)?)],
             metrics: Vec::new(),
