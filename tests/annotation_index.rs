@@ -140,17 +140,22 @@ fn json_array_index_gives_the_loaders_pairs_and_batches() {
         assert!(x.text.ids.equal(&y.text.ids));
     }
 
-    // A file that is not JSON at all is refused by both.
-    std::fs::write(&path, "[{\"image\": \"0.png\", \"caption\": \"x\"},, ]").unwrap();
-    assert!(load_checked_within(&path, Some(&root), None, OnError::Skip, limits()).is_err());
-    let e = AnnotationIndex::open(&path, Some(&root), OnError::Skip, limits())
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(
-        e.contains("invalid JSON") && e.contains("train.json"),
-        "{e}"
-    );
+    // A document that is not JSON, or not UTF-8, is refused by both with
+    // the same error, naming the file and line.
+    let not_json = b"[{\"image\": \"0.png\", \"caption\": \"x\"},\n, ]".to_vec();
+    let not_utf8 = b"[{\"image\": \"0.png\",\n \"caption\": \"\xc3\x28\"}]".to_vec();
+    for (text, what) in [(not_json, "invalid JSON"), (not_utf8, "invalid UTF-8")] {
+        std::fs::write(&path, text).unwrap();
+        let want = load_checked_within(&path, Some(&root), None, OnError::Skip, limits())
+            .unwrap_err()
+            .to_string();
+        let e = AnnotationIndex::open(&path, Some(&root), OnError::Skip, limits())
+            .err()
+            .unwrap()
+            .to_string();
+        assert_eq!(e, want);
+        assert!(e.contains(what) && e.contains("train.json:2"), "{e}");
+    }
 }
 
 /// One entry of a random file: a kind of good or bad entry, an image, a
@@ -214,11 +219,7 @@ proptest::proptest! {
                 .and_then(|ix| ix.to_dataset());
             match (want, got) {
                 (Ok(a), Ok(b)) => same(&a, &b),
-                (Err(a), Err(b)) => {
-                    if !array {
-                        proptest::prop_assert_eq!(a.to_string(), b.to_string());
-                    }
-                }
+                (Err(a), Err(b)) => proptest::prop_assert_eq!(a.to_string(), b.to_string()),
                 (a, b) => proptest::prop_assert!(
                     false,
                     "loader {:?} vs index {:?}",

@@ -347,6 +347,33 @@ pub(super) fn json_line(
     }
 }
 
+/// `bytes`, a whole-file JSON document (its byte-order mark removed), as
+/// text; invalid UTF-8 is an error naming its line and byte.
+pub(super) fn document<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a str> {
+    std::str::from_utf8(bytes).map_err(|e| {
+        let line = bytes[..e.valid_up_to()]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1;
+        bad(
+            path,
+            Some(line),
+            format!(
+                "invalid UTF-8 at byte {} of the file; a JSON document must be UTF-8 \
+                 throughout (re-encode it, e.g. `iconv -t utf-8`)",
+                e.valid_up_to()
+            ),
+        )
+    })
+}
+
+/// The elements of the JSON array `text`; invalid JSON is an error naming
+/// its line.
+pub(super) fn array_document(path: &Path, text: &str) -> Result<Vec<Value>> {
+    serde_json::from_str(text).map_err(|e| bad(path, Some(e.line()), format!("invalid JSON: {e}")))
+}
+
 /// The dataset, the `extra` field of each entry, and each pair's entry.
 type Loaded = (Dataset, Vec<String>, Vec<Located>);
 
@@ -367,24 +394,7 @@ fn load_inner(
     let first = bytes.iter().copied().find(|b| !b.is_ascii_whitespace());
     // A whole-file JSON document must be UTF-8 throughout; JSON lines are
     // decoded line by line below, so one bad line is one bad entry.
-    let document = || {
-        std::str::from_utf8(bytes).map_err(|e| {
-            let line = bytes[..e.valid_up_to()]
-                .iter()
-                .filter(|&&b| b == b'\n')
-                .count()
-                + 1;
-            bad(
-                path,
-                Some(line),
-                format!(
-                    "invalid UTF-8 at byte {} of the file; a JSON document must be UTF-8 \
-                     throughout (re-encode it, e.g. `iconv -t utf-8`)",
-                    e.valid_up_to()
-                ),
-            )
-        })
-    };
+    let document = || document(path, bytes);
     let karpathy = (first == Some(b'{'))
         .then(|| document().ok())
         .flatten()
@@ -401,8 +411,7 @@ fn load_inner(
     let entries: Vec<Entry> = if let Some(doc) = &karpathy {
         karpathy_entries(path, doc, split)?
     } else if first == Some(b'[') {
-        let values: Vec<Value> = serde_json::from_str(document()?)
-            .map_err(|e| bad(path, Some(e.line()), format!("invalid JSON: {e}")))?;
+        let values = array_document(path, document()?)?;
         values.into_iter().map(|v| (None, Ok(v))).collect()
     } else {
         json_lines(path, bytes, limits.line_bytes)

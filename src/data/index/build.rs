@@ -3,7 +3,9 @@
 //! and the index bytes laid out (the header, then 24 bytes per image and per
 //! caption).
 
-use crate::data::annotations::{bad, json_line, parse_entry, AnnotationLimits};
+use crate::data::annotations::{
+    array_document, bad, document, json_line, parse_entry, AnnotationLimits,
+};
 use crate::data::{resolve_under, with_skip_hint, OnError};
 use serde_json::Value;
 use std::collections::HashMap;
@@ -221,18 +223,18 @@ pub(super) fn build(
             at += line.len() + 1;
         }
     } else {
-        std::str::from_utf8(bytes).map_err(|e| {
-            bad(
-                path,
-                None,
-                format!("invalid UTF-8 at byte {} of the file", e.valid_up_to()),
-            )
-        })?;
-        let ranges = array_elements(bytes, first.expect("an array"))
-            .map_err(|m| bad(path, None, format!("invalid JSON: {m}")))?;
+        // Errors of the whole document are the JSON loader's own, naming
+        // the line: the document is parsed whole only to find it.
+        let text = document(path, bytes)?;
+        let invalid = |m: String| {
+            array_document(path, text)
+                .err()
+                .unwrap_or_else(|| bad(path, None, format!("invalid JSON: {m}")))
+        };
+        let ranges = array_elements(bytes, first.expect("an array")).map_err(invalid)?;
         for (s, e) in ranges {
             let v = serde_json::from_slice::<Value>(&bytes[s..e])
-                .map_err(|err| bad(path, None, format!("invalid JSON: {err}")))?;
+                .map_err(|err| invalid(err.to_string()))?;
             b.add(None, bom + s, e - s, Ok(v))?;
         }
     }
