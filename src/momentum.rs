@@ -29,7 +29,7 @@ use vlmatch_core::hook::priority;
 use vlmatch_core::{Error, Forward, Hook, HookState, Momentum, Queue, Result, RunStart};
 use vlmatch_registry::config::MomentumConfig;
 use vlmatch_registry::hooks::HookContext;
-use vlmatch_registry::{assemble_model, Assembly, LoadedConfig, ModelEnv, Registry};
+use vlmatch_registry::{assemble_model, Assembly, LoadedConfig, ModelEnv};
 
 vlmatch_registry::register!(hook "momentum" => build_hook);
 
@@ -128,7 +128,9 @@ impl MomentumTrainer {
         let cfg: &MomentumConfig = &loaded.config.momentum;
         let tc = &loaded.config.train;
         check_queue_size(cfg.queue_size, world, tc.batch_size)?;
-        let registry = Registry::from_inventory().map_err(|e| Error::Config(e.to_string()))?;
+        // The run's registry: its plugin libraries too, whose encoders the
+        // momentum model is built with as well.
+        let registry = crate::setup::registry(loaded)?;
         let (mut vs, model) = assemble_model(&registry, loaded, env)?;
         vs.freeze();
         let trained: HashMap<String, Tensor> = asm.vs.variables().into_iter().collect();

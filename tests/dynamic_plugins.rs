@@ -609,6 +609,47 @@ fn an_encoder_and_an_objective_from_a_library_train() {
     );
 }
 
+/// Momentum distillation builds its momentum model with the library's
+/// encoder too (the run's registry, libraries included): it trains, and
+/// the momentum copy of the library's parameters is checkpointed.
+#[test]
+fn momentum_distillation_copies_a_library_encoder() {
+    let lib = library("vlmatch-dyn-siglip");
+    let dir = scratch("dynamic-momentum");
+    let mod_toml = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/mod.toml");
+    let sets = [
+        format!("plugins.paths=[\"{}\"]", lib.display()),
+        "objectives.itc.enabled=true".into(),
+        "train.steps=2".into(),
+        "train.checkpoint_every=2".into(),
+        "eval.at_end=false".into(),
+    ];
+    let mut layers = micro_layers(&sets.iter().map(String::as_str).collect::<Vec<_>>());
+    layers.files.push(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("plugins/examples/dyn-siglip/dyn-siglip.toml"),
+    );
+    layers.files.push(mod_toml);
+    let summary = train_exclusive(vlmatch::train::TrainOptions {
+        layers,
+        run_dir: Some(dir.clone()),
+        resume: None,
+        halt_after: None,
+        progress: false,
+        force: false,
+    })
+    .unwrap();
+    assert_eq!(summary.last_step, 2);
+    let saved =
+        tch::Tensor::read_safetensors(dir.join("checkpoints/step-00000002.safetensors")).unwrap();
+    let name = "vision_encoder.embeddings.patch_embedding.weight";
+    assert!(
+        saved
+            .iter()
+            .any(|(n, _)| n.starts_with("momentum.") && n.ends_with(name)),
+        "the momentum copy of {name} is not in the checkpoint"
+    );
+}
+
 /// An encoder in a library that panics in `forward`, and an objective whose
 /// tch call fails (a product of mismatched shapes, libtorch's error), stop
 /// training with an error naming the plugin, the call, the library and the
