@@ -276,7 +276,7 @@ fn a_panicking_plugin_is_an_error_naming_it_and_the_call() {
     let mut registry = Registry::from_inventory().unwrap();
     assert_eq!(
         registry.load_library(&lib).unwrap(),
-        ["panicky", "panicky_stem", "bad_matmul"]
+        ["panicky", "panicky_stem", "bad_matmul", "reads_itc_logits"]
     );
     let Factory::DynamicSampler(spec) = registry
         .get(Kind::NegativeSampler, "panicky", "test")
@@ -694,4 +694,32 @@ fn a_panicking_encoder_and_a_failing_tch_call_are_errors_naming_the_plugin() {
     ] {
         assert!(err.contains(part), "`{part}` not in: {err}");
     }
+}
+
+/// ITC's logits are not exposed to a library (PLUGINS.md): an objective
+/// that reads `Forward::similarity` there gets NaN, never values computed
+/// with another temperature.
+#[test]
+fn itc_logits_read_in_a_library_are_nan() {
+    let lib = library("vlmatch-dyn-sampler-faulty");
+    let siglip = library("vlmatch-dyn-siglip");
+    let logged = run_with_library(
+        &scratch("dynamic-itc-logits"),
+        &[&siglip, &lib],
+        &[
+            "objectives.probe.plugin=\"reads_itc_logits\"",
+            "train.steps=1",
+            "eval.at_end=false",
+        ],
+    )
+    .unwrap();
+    assert!(logged[0]["sigmoid"].as_f64().is_some_and(f64::is_finite));
+    assert!(
+        logged[0]["itc_logits_sum"].is_null()
+            || logged[0]["itc_logits_sum"]
+                .as_f64()
+                .is_some_and(f64::is_nan),
+        "{:?}",
+        logged[0]
+    );
 }

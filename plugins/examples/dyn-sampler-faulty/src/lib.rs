@@ -2,7 +2,9 @@
 //! `panicky`, which panics in `create` when its section says `panic_in =
 //! "create"`, otherwise in `sample` on the first caption; encoder
 //! `panicky_stem`, which panics in `forward`; objective `bad_matmul`,
-//! whose tch call fails (a product of mismatched shapes). The export
+//! whose tch call fails (a product of mismatched shapes); objective
+//! `reads_itc_logits`, which reads what a library is not given (ITC's
+//! logits) and logs their sum as a metric (NaN by design). The export
 //! catches every panic, so the host gets errors, not an abort.
 
 use std::rc::Rc;
@@ -63,4 +65,21 @@ fn build_bad(_: &BuildContext<'_>) -> Result<Box<dyn Objective>> {
 
 register!(encoder "panicky_stem" => build_stem);
 register!(objective "bad_matmul" => build_bad);
+register!(objective "reads_itc_logits" => build_reads_itc);
 vlmatch_plugin_sdk::export!("panicky" => Panicky);
+
+struct ReadsItcLogits;
+
+impl Objective for ReadsItcLogits {
+    fn forward(&self, forward: &Forward<'_>, _: i64) -> Result<ObjectiveOutput> {
+        let logits = forward.similarity()?.i2t.sum(Kind::Float).detach();
+        Ok(ObjectiveOutput {
+            losses: Vec::new(),
+            metrics: vec![("itc_logits_sum".into(), logits)],
+        })
+    }
+}
+
+fn build_reads_itc(_: &BuildContext<'_>) -> Result<Box<dyn Objective>> {
+    Ok(Box::new(ReadsItcLogits))
+}
