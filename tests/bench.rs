@@ -133,10 +133,16 @@ fn pil_loader_reference_runs_on_the_same_files() {
     }
     // The reference script's directory is what `rows` looks in.
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/reference.py");
-    o.reference = Some((PathBuf::from("python3"), script));
+    let python = PathBuf::from("python3");
     let loaded = o.layers.load().unwrap();
     let tok = std::sync::Arc::new(vlmatch::setup::tokenizer(&loaded).unwrap());
-    let l = vlmatch::bench::loader::rows(&o, &loaded.config, &tok).unwrap();
+    let lo = vlmatch::bench::loader::Options {
+        out: &o.out,
+        data_image_side: o.data_image_side,
+        repeats: o.repeats,
+        reference: Some((&python, &script)),
+    };
+    let l = vlmatch::bench::loader::rows(&lo, &loaded.config, &tok).unwrap();
     let rf = &l["reference"];
     assert!(rf.get("error").is_none(), "{rf}");
     for v in ["plain", "randaug"] {

@@ -12,7 +12,7 @@
 //! on this thread, one stage at a time (decode, crop/resize, flip and
 //! RandAugment, normalise, collate: tokenising and the batch tensors),
 //! giving each stage's share of the time and, where the binary counts
-//! allocations ([`super::alloc`]), its allocations per image.
+//! allocations ([`crate::bench::alloc`]), its allocations per image.
 
 use crate::data::augment::{AugKey, Augment, Draws};
 use crate::data::image::{normalize_into, Scratch, TensorBuf};
@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
-use tch::{Device, Tensor};
+use tch::Tensor;
 use vlmatch_core::{Error, Result};
 use vlmatch_registry::config::{AugmentConfig, AugmentOp};
 
@@ -34,6 +34,63 @@ pub const STAGES: [&str; 5] = ["decode", "crop_resize", "augment", "normalize", 
 
 /// The variants: name and RandAugment's N.
 const VARIANTS: [(&str, usize); 2] = [("plain", 0), ("randaug", 2)];
+
+/// What the rows take from `vlmatch bench`'s options.
+pub struct Options<'a> {
+    /// The bench's output directory, with `data/` and `vocab.txt` written.
+    pub out: &'a Path,
+    /// Side of the JPEG files in `data/`.
+    pub data_image_side: usize,
+    /// Timed passes.
+    pub repeats: usize,
+    /// `(python, script)` of the PyTorch reference: `reference_loader.py`
+    /// is looked for beside `script`.
+    pub reference: Option<(&'a Path, &'a Path)>,
+}
+
+/// `f` over `warmup` calls, then `repeats` blocks of `per_block` calls:
+/// the median seconds per call.
+fn median_per_call(
+    warmup: usize,
+    repeats: usize,
+    per_block: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut blocks = Vec::with_capacity(repeats);
+    for _ in 0..repeats.max(1) {
+        let t = Instant::now();
+        for _ in 0..per_block {
+            f()?;
+        }
+        blocks.push(t.elapsed().as_secs_f64() / per_block.max(1) as f64);
+    }
+    blocks.sort_by(f64::total_cmp);
+    let n = blocks.len();
+    Ok(if n % 2 == 1 {
+        blocks[n / 2]
+    } else {
+        (blocks[n / 2 - 1] + blocks[n / 2]) / 2.0
+    })
+}
+
+/// `python script --dir out`, then the JSON it wrote, or why not.
+fn run_reference(python: &Path, script: &Path, out: &Path) -> std::result::Result<Value, String> {
+    let mut cmd = std::process::Command::new(python);
+    cmd.arg(script).arg("--dir").arg(out);
+    let shown = format!("{cmd:?}");
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot start {shown}: {e}"))?;
+    if !status.success() {
+        return Err(format!("{shown} failed ({status})"));
+    }
+    let path = out.join("loader-reference.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))
+}
 
 /// ALBEF's pretraining transform with RandAugment's N = `n`.
 fn albef(n: usize) -> AugmentConfig {
@@ -62,12 +119,10 @@ fn loader_python(python: &Path) -> PathBuf {
 }
 
 /// Both variants on the files of the data row (`OUT/data/`), with the PIL
-/// reference when `opts.reference` names one.
-pub fn rows(
-    opts: &super::BenchOptions,
-    cfg: &vlmatch_registry::Config,
-    tok: &Arc<Tokenizer>,
-) -> Result<Value> {
+/// reference when `opts.reference` names one. (What it needs of
+/// `vlmatch bench` comes in [`Options`], so that `bench` and this module do
+/// not import each other.)
+pub fn rows(opts: &Options, cfg: &vlmatch_registry::Config, tok: &Arc<Tokenizer>) -> Result<Value> {
     let dir = opts.out.join("data");
     let ann = dir.join("annotations.json");
     let ds = Arc::new(crate::data::annotations::load(&ann, Some(&dir))?);
@@ -87,7 +142,7 @@ pub fn rows(
 
 /// [`rows`] on one torch thread.
 fn measure(
-    opts: &super::BenchOptions,
+    opts: &Options,
     cfg: &vlmatch_registry::Config,
     tok: &Arc<Tokenizer>,
     dir: &Path,
@@ -112,7 +167,7 @@ fn measure(
         let aug = albef(n);
         let lc = LoaderConfig::new(&data, b, Some(seed)).augmented(&aug, seed);
         let mut loader = Loader::new(ds.clone(), tok.clone(), lc, 0)?;
-        let (s, _) = super::time_blocks(Device::Cpu, per_pass, opts.repeats, per_pass, || {
+        let s = median_per_call(per_pass, opts.repeats, per_pass, || {
             loader.next_batch().map(drop)
         })?;
         drop(loader);
@@ -132,7 +187,7 @@ fn measure(
             "stages": stages,
         });
     }
-    if let Some((python, script)) = &opts.reference {
+    if let Some((python, script)) = opts.reference {
         let spec = json!({
             "root": dir,
             "items": items,
@@ -155,15 +210,13 @@ fn measure(
                 }).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         });
-        super::write_file(
-            &opts.out.join("loader-spec.json"),
-            serde_json::to_string_pretty(&spec).expect("json"),
-        )?;
+        let path = opts.out.join("loader-spec.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&spec).expect("json"))
+            .map_err(|e| Error::io(&path, e))?;
         let script = script.with_file_name("reference_loader.py");
         let python = loader_python(python);
         out["reference"] =
-            super::run_reference(&python, &script, &opts.out, &[], "loader-reference.json")
-                .unwrap_or_else(|e| json!({ "error": e.to_string() }));
+            run_reference(&python, &script, &opts.out).unwrap_or_else(|e| json!({ "error": e }));
     }
     Ok(out)
 }
@@ -185,8 +238,8 @@ fn stage_loop(
     let mut pixels = TensorBuf::zeros(b * plane);
     let mut secs = [0f64; 5];
     let mut allocs = [0u64; 5];
-    let counted = super::alloc::allocations().is_some();
-    let count = || super::alloc::allocations().unwrap_or(0);
+    let counted = crate::bench::alloc::allocations().is_some();
+    let count = || crate::bench::alloc::allocations().unwrap_or(0);
     for timed in [false, true] {
         for first in (0..n).step_by(b) {
             for (k, i) in (first..first + b).enumerate() {

@@ -15,8 +15,8 @@
 //! `inputs.safetensors` (the fixed batches), `vocab.txt`, and `data/` (JPEG
 //! files + an annotation file for the data-pipeline comparison).
 
-pub mod annotation_index;
 pub mod alloc;
+pub mod annotation_index;
 pub mod eval;
 pub mod flops;
 pub mod loader;
@@ -338,7 +338,14 @@ pub fn bench(opts: &BenchOptions) -> Result<Value> {
 
     if opts.data_images > 0 {
         result["data"] = data_pipeline(opts, &cfg, &train_ds, &tok)?;
-        result["loader"] = loader::rows(opts, &cfg, &tok)?;
+        let reference = opts.reference.as_ref();
+        let loader_opts = loader::Options {
+            out: &opts.out,
+            data_image_side: opts.data_image_side,
+            repeats: opts.repeats,
+            reference: reference.map(|(p, s)| (p.as_path(), s.as_path())),
+        };
+        result["loader"] = loader::rows(&loader_opts, &cfg, &tok)?;
     }
 
     if let Some((python, script)) = &opts.reference {
