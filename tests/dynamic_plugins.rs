@@ -238,9 +238,11 @@ fn c_table(
          typedef struct {{ const char *name; void *create; void *sample; void *free_string; void *destroy; }} VTable;\n\
          typedef struct {{ const char *name; const void *data; void *create; void *forward; void *word_embeddings; void *destroy; }} EncoderVTable;\n\
          typedef struct {{ const char *name; const void *data; void *create; void *forward; void *destroy; }} ObjectiveVTable;\n\
+         typedef struct {{ const char *name; const void *data; void *create; void *sample; void *destroy; }} NegativeSamplerVTable;\n\
          typedef struct {{ uint32_t abi; const char *rustc; const char *vlmatch; const char *tch; const char *libtorch; void *free_string;\n\
            size_t n_samplers; const VTable *samplers; size_t n_encoders; const EncoderVTable *encoders;\n\
-           size_t n_objectives; const ObjectiveVTable *objectives; }} Table;\n\
+           size_t n_objectives; const ObjectiveVTable *objectives;\n\
+           size_t n_negative_samplers; const NegativeSamplerVTable *negative_samplers; }} Table;\n\
          static void *create(const char *json, char **error) {{ return 0; }}\n\
          static uint32_t free_string(char *p) {{ return 0; }}\n\
          static char *destroy(void *state) {{ return 0; }}\n\
@@ -413,16 +415,32 @@ fn a_null_table_and_a_null_function_are_refused_naming_the_plugin() {
         ("objective", "create", "{ \"nullfn\", 0, 0, stub, stub }"),
         ("objective", "forward", "{ \"nullfn\", 0, stub, 0, stub }"),
         ("objective", "destroy", "{ \"nullfn\", 0, stub, stub, 0 }"),
+        (
+            "negative sampler",
+            "create",
+            "{ \"nullfn\", 0, 0, stub, stub }",
+        ),
+        (
+            "negative sampler",
+            "sample",
+            "{ \"nullfn\", 0, stub, 0, stub }",
+        ),
+        (
+            "negative sampler",
+            "destroy",
+            "{ \"nullfn\", 0, stub, stub, 0 }",
+        ),
     ];
     for (kind, field, vtable) in cases {
         let (ty, fields) = match kind {
             "sampler" => ("VTable", "1, vtables, 0, 0, 0, 0"),
             "encoder" => ("EncoderVTable", "0, 0, 1, vtables, 0, 0"),
-            _ => ("ObjectiveVTable", "0, 0, 0, 0, 1, vtables"),
+            "objective" => ("ObjectiveVTable", "0, 0, 0, 0, 1, vtables"),
+            _ => ("NegativeSamplerVTable", "0, 0, 0, 0, 0, 0, 1, vtables"),
         };
         let decls = format!("static const {ty} vtables[] = {{ {vtable} }};");
         let source = c_table(abi, versions(), "free_string", &decls, fields);
-        let name = format!("null{kind}{}", field.replace('_', ""));
+        let name = format!("null{}{}", kind.replace(' ', ""), field.replace('_', ""));
         let lib = c_library(&dir, &name, &source);
         let err = registry.load_library(&lib).unwrap_err().to_string();
         assert!(
@@ -447,6 +465,7 @@ fn a_null_table_and_a_null_function_are_refused_naming_the_plugin() {
         ("3 samplers", "3, 0, 0, 0, 0, 0"),
         ("2 encoders", "0, 0, 2, 0, 0, 0"),
         ("4 objectives", "0, 0, 0, 0, 4, 0"),
+        ("5 negative samplers", "0, 0, 0, 0, 0, 0, 5, 0"),
     ] {
         let source = c_table(abi, versions(), "free_string", "", fields);
         let lib = c_library(&dir, &format!("nullarray{}", &what[..1]), &source);
@@ -549,7 +568,8 @@ fn run_with_library(
     Ok(summary.logged)
 }
 
-/// ABI 3's kinds: an encoder and an objective come from a library, are
+/// ABI 3's kinds: an encoder, objectives and a negative sampler (the core
+/// trait, used by ITM) come from a library, are
 /// listed with it as their origin, are picked by name in the config
 /// (`model.image.plugin`, `objectives.<name>.plugin`) and train: the
 /// objective's loss is logged at every step and its own parameter (the
@@ -560,7 +580,7 @@ fn an_encoder_and_an_objective_from_a_library_train() {
     let mut registry = Registry::from_inventory().unwrap();
     assert_eq!(
         registry.load_library(&lib).unwrap(),
-        ["conv_stem", "pair_match", "sigmoid_pairs"]
+        ["conv_stem", "pair_match", "sigmoid_pairs", "next_caption"]
     );
     let origin = format!("library {}", lib.canonicalize().unwrap().display());
     assert_eq!(
@@ -577,8 +597,19 @@ fn an_encoder_and_an_objective_from_a_library_train() {
             .origin,
         origin
     );
+    assert_eq!(
+        registry
+            .get(Kind::NegativeSampler, "next_caption", "t")
+            .unwrap()
+            .origin,
+        origin
+    );
     let listing = vlmatch::commands::plugins::plugin_listing(std::slice::from_ref(&lib)).unwrap();
     let (encoders, objectives) = listing.split_once("objective:").unwrap();
+    assert!(
+        encoders.contains(&format!("next_caption         {origin}")),
+        "{listing}"
+    );
     assert!(
         encoders.contains(&format!("conv_stem            {origin}")),
         "{listing}"
@@ -598,6 +629,7 @@ fn an_encoder_and_an_objective_from_a_library_train() {
     for m in &logged {
         assert!(m["sigmoid"].as_f64().is_some_and(f64::is_finite), "{m:?}");
         assert!(m["pair"].as_f64().is_some_and(f64::is_finite), "{m:?}");
+        assert!(m["itm_acc_next_caption"].is_number(), "{m:?}");
     }
     let scale =
         |m: &serde_json::Map<String, serde_json::Value>| m["sigmoid_scale"].as_f64().unwrap();

@@ -1,9 +1,10 @@
 //! One plugin source, two builds: `plugins/examples/dyn-siglip` linked into
 //! this test binary (static, `inventory`) and built as a library loaded by
 //! the `vlmatch` binary with `--plugin` (dynamic) train bit-identically for
-//! 20 steps (its objectives read the embeddings, the cached states, the
-//! fusion, the discriminator, keyed draws and the positive relation through
-//! the host's forward); the dynamic run's checkpoint resumes exactly, evaluates and
+//! 20 steps (its objectives and ITM's negative sampler read the embeddings,
+//! the cached states, the fusion, the discriminator, keyed draws, the
+//! in-batch candidates and the positive relation through the host's
+//! forward); the dynamic run's checkpoint resumes exactly, evaluates and
 //! exports when `--plugin` is given again; `vlmatch plugins --plugin`
 //! lists the library's encoder and objective.
 
@@ -119,8 +120,9 @@ fn static_and_dynamic_builds_train_alike_and_the_dynamic_run_resumes_evaluates_a
     let (s, d) = (metrics(&static_dir), metrics(&dynamic_dir));
     assert_eq!(s.len(), 20);
     assert!(
-        s.iter()
-            .all(|m| m["sigmoid"].is_number() && m["pair"].is_number()),
+        s.iter().all(|m| m["sigmoid"].is_number()
+            && m["pair"].is_number()
+            && m["itm_acc_next_caption"].is_number()),
         "{:?}",
         s[0]
     );

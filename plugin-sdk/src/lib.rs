@@ -1,5 +1,5 @@
 //! The vlmatch plugin SDK: write a plugin once against the traits of
-//! `vlmatch-core` (`Encoder`, `Objective`, ...), register it with
+//! `vlmatch-core` (`Encoder`, `Objective`, `NegativeSampler`), register it with
 //! [`register!`], and call [`export!`] once in the crate. The same source
 //! then works both ways:
 //!
@@ -27,7 +27,8 @@ pub use vlmatch_registry as registry;
 pub use vlmatch_registry::dynamic::TextSampler;
 pub use vlmatch_registry::{register, BuildContext};
 
-/// Export the crate's registered encoders and objectives (and the
+/// Export the crate's registered encoders, objectives and negative
+/// samplers (and the
 /// [`TextSampler`] types listed, if any) as a plugin library. Call it once
 /// per crate; it defines the library's entry symbol
 /// (`vlmatch_plugin_table`), unused when the crate is linked statically.

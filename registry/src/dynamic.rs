@@ -37,6 +37,7 @@ pub mod guest;
 pub mod host;
 pub mod load;
 pub mod sampler;
+pub mod view;
 
 pub use abi::{
     catch_panics, error_string, PluginTable, SamplerVTable, ABI_VERSION, ENTRY_SYMBOL,

@@ -48,6 +48,8 @@ pub struct PluginTable {
     pub encoders: *const EncoderVTable,
     pub n_objectives: usize,
     pub objectives: *const ObjectiveVTable,
+    pub n_negative_samplers: usize,
+    pub negative_samplers: *const NegativeSamplerVTable,
 }
 
 /// `free_string`: free a string the library handed out; 0, or non-zero
@@ -172,6 +174,33 @@ pub struct ObjectiveVTable {
     pub destroy: Option<DestroyFn>,
 }
 
+/// Negatives a sampler returns (`vlmatch_core::Negatives`): `kind` 0
+/// in-batch (`text_for_image`, `image_for_text`), 1 texts (`image_index`,
+/// `ids`, `mask`); the handles given.
+#[repr(C)]
+pub struct NegativesOut {
+    pub kind: u32,
+    pub tensors: [TensorHandle; 3],
+}
+
+/// A `NegativeSampler` (the core trait): `sample` reads the host's forward
+/// cache through `view` (its `emit` unused) and writes its negatives.
+#[repr(C)]
+pub struct NegativeSamplerVTable {
+    pub name: *const c_char,
+    pub data: *const c_void,
+    pub create: Option<CreatePluginFn>,
+    pub sample: Option<
+        unsafe extern "C" fn(
+            state: *mut c_void,
+            view: *const ForwardHost,
+            step: i64,
+            out: *mut NegativesOut,
+        ) -> *mut c_char,
+    >,
+    pub destroy: Option<DestroyFn>,
+}
+
 /// Facts of one forward the host gives with [`ForwardHost`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -185,6 +214,9 @@ pub struct ForwardFacts {
     pub draws: i64,
     /// 0 `Identical`, 1 `ImageId`.
     pub positive_rule: u32,
+    /// In-batch negatives from this rank's pairs only
+    /// (`Forward::with_local_negatives`).
+    pub local_negatives: u8,
 }
 
 /// The host's per-batch forward cache as an objective in a library sees it
@@ -260,6 +292,8 @@ unsafe impl Sync for EncoderVTable {}
 unsafe impl Send for EncoderVTable {}
 unsafe impl Sync for ObjectiveVTable {}
 unsafe impl Send for ObjectiveVTable {}
+unsafe impl Sync for NegativeSamplerVTable {}
+unsafe impl Send for NegativeSamplerVTable {}
 
 /// Lend `t` for the duration of a call.
 pub fn lend(t: &Tensor) -> TensorHandle {

@@ -1,4 +1,4 @@
-//! The plugin side of encoders and objectives in a library, compiled into
+//! The plugin side of encoders, objectives and negative samplers in a library, compiled into
 //! the library (its copy of this crate): the table of every encoder and
 //! objective the library registers with [`crate::register!`], each behind
 //! C functions that catch panics, and what those functions hand the
@@ -8,13 +8,12 @@
 //! into the host.
 
 use super::abi::{
-    catch_panics, free_own_string, give, lend, static_c, status, take, text, BuildHost,
-    EncoderCall, EncoderVTable, ForwardHost, ObjectiveVTable, PluginInfo, PluginTable,
-    SamplerVTable, TensorHandle, LIBTORCH_VERSION, RUSTC_VERSION, TCH_VERSION,
+    catch_panics, free_own_string, give, lend, static_c, status, text, BuildHost, EncoderCall,
+    EncoderVTable, ForwardHost, NegativeSamplerVTable, NegativesOut, ObjectiveVTable, PluginInfo,
+    PluginTable, SamplerVTable, TensorHandle, LIBTORCH_VERSION, RUSTC_VERSION, TCH_VERSION,
 };
-use super::calls::{
-    give_encoded, lend_input, modality_code, modality_of, take_encoded, OwnedInput,
-};
+use super::calls::{give_encoded, modality_code, OwnedInput};
+use super::view::{host_result, proxy_model, with_forward, ModelFacts};
 use crate::assemble::{ModelEnv, Sections, Widths};
 use crate::{BuildContext, Factory, Registry};
 use std::cell::Cell;
@@ -22,20 +21,22 @@ use std::ffi::{c_char, c_void, CString};
 use std::rc::Rc;
 use std::sync::OnceLock;
 use tch::{nn, Device, Tensor};
-use vlmatch_core::positives::PositiveRule;
 use vlmatch_core::{
-    Batch, Collective, ContrastiveHead, Discriminator, Encoded, Encoder, EncoderInput, Forward,
-    Modality, Objective, SpecialTokens, TextBatch, TextCodec, VlModel,
+    Encoder, NegativeSampler, Negatives, Objective, SamplerInput, SpecialTokens, TextBatch,
+    TextCodec, VlModel,
 };
 
 type EncoderFactory = fn(&BuildContext<'_>) -> vlmatch_core::Result<Rc<dyn Encoder>>;
 type ObjectiveFactory = fn(&BuildContext<'_>) -> vlmatch_core::Result<Box<dyn Objective>>;
+type NegativeSamplerFactory =
+    fn(&BuildContext<'_>) -> vlmatch_core::Result<Box<dyn NegativeSampler>>;
 
 struct Tables {
     table: PluginTable,
     _samplers: Vec<SamplerVTable>,
     _encoders: Vec<EncoderVTable>,
     _objectives: Vec<ObjectiveVTable>,
+    _negative_samplers: Vec<NegativeSamplerVTable>,
 }
 
 // SAFETY: built once, then only read (see the vtables' impls).
@@ -66,7 +67,7 @@ pub fn table(
             eprintln!("a plugin library panicked{at} (caught; the host reports it)");
         }));
         let registry = Registry::from_inventory().map_err(|e| e.to_string())?;
-        let (mut encoders, mut objectives) = (Vec::new(), Vec::new());
+        let (mut encoders, mut objectives, mut negative) = (Vec::new(), Vec::new(), Vec::new());
         for e in registry.entries() {
             match e.factory {
                 Factory::Encoder(f) => encoders.push(EncoderVTable {
@@ -83,6 +84,13 @@ pub fn table(
                     create: Some(create_objective),
                     forward: Some(objective_forward),
                     destroy: Some(destroy_objective),
+                }),
+                Factory::NegativeSampler(f) => negative.push(NegativeSamplerVTable {
+                    name: static_c(&e.name),
+                    data: Box::leak(Box::new(f)) as *const NegativeSamplerFactory as *const c_void,
+                    create: Some(create_negative_sampler),
+                    sample: Some(negative_sample),
+                    destroy: Some(destroy_negative_sampler),
                 }),
                 _ => {}
             }
@@ -101,12 +109,15 @@ pub fn table(
             encoders: encoders.as_ptr(),
             n_objectives: objectives.len(),
             objectives: objectives.as_ptr(),
+            n_negative_samplers: negative.len(),
+            negative_samplers: negative.as_ptr(),
         };
         let tables = TABLES.get_or_init(|| Tables {
             table,
             _samplers: samplers,
             _encoders: encoders,
             _objectives: objectives,
+            _negative_samplers: negative,
         });
         Ok(&tables.table as *const PluginTable)
     });
@@ -127,14 +138,6 @@ struct Request {
     max_text_len: i64,
     widths: [Option<i64>; 3],
     model: Option<ModelFacts>,
-}
-
-/// Modality and width of the model's encoders.
-#[derive(serde::Deserialize)]
-struct ModelFacts {
-    image: (u32, i64),
-    text: (u32, i64),
-    fusion: (u32, i64),
 }
 
 fn device(name: &str) -> Result<Device, String> {
@@ -171,24 +174,6 @@ impl TextCodec for NoCodec {
     }
     fn pieces(&self, _: &str) -> Vec<i64> {
         panic!("the run's tokenizer is not exposed to plugins in a library (ABI 3)")
-    }
-}
-
-/// Call a host function's result: its error string as text, freed by the host.
-fn host_result(
-    p: *mut c_char,
-    free: Option<unsafe extern "C" fn(*mut c_char)>,
-) -> Result<(), String> {
-    // SAFETY: a host string or null.
-    match unsafe { text(p) } {
-        None => Ok(()),
-        Some(message) => {
-            if let Some(free) = free {
-                // SAFETY: the host's string, freed once.
-                unsafe { free(p) };
-            }
-            Err(message)
-        }
     }
 }
 
@@ -391,197 +376,12 @@ unsafe extern "C" fn destroy_encoder(state: *mut c_void) -> *mut c_char {
     })
 }
 
-/// The current forward's host table, or an error outside one.
-fn current<'x>(view: &Cell<*const ForwardHost>) -> vlmatch_core::Result<&'x ForwardHost> {
-    // SAFETY: set only for the duration of `objective_forward`, whose table
-    // outlives every call made meanwhile.
-    unsafe { view.get().as_ref() }.ok_or_else(|| {
-        vlmatch_core::Error::Config(
-            "the model is available to an objective in a library only during its forward".into(),
-        )
-    })
-}
-
-fn plugin_err(m: String) -> vlmatch_core::Error {
-    vlmatch_core::Error::Config(m)
-}
-
-/// The host's encoder of a model role.
-struct ProxyEncoder {
-    role: u32,
-    modality: Modality,
-    hidden_size: i64,
-    view: Rc<Cell<*const ForwardHost>>,
-}
-
-impl ProxyEncoder {
-    fn call(
-        &self,
-        input: EncoderInput<'_>,
-        train: bool,
-        cls: bool,
-    ) -> vlmatch_core::Result<Encoded> {
-        let host = current(&self.view)?;
-        let (kind, handles) = lend_input(&input);
-        let call = EncoderCall {
-            kind,
-            cls: u8::from(cls),
-            train: u8::from(train),
-            n: handles.len(),
-            tensors: handles.as_ptr(),
-        };
-        let mut out: [TensorHandle; 2] = [std::ptr::null_mut(); 2];
-        let encode = host
-            .encode
-            .ok_or_else(|| plugin_err("the host's `encode` is null".into()))?;
-        // SAFETY: the host's function with its context; handles live through it.
-        let error = unsafe { encode(host.ctx, self.role, &call, out.as_mut_ptr()) };
-        host_result(error, host.free_string).map_err(plugin_err)?;
-        // SAFETY: the host gave two handles.
-        unsafe { take_encoded(out) }.map_err(plugin_err)
-    }
-}
-
-impl Encoder for ProxyEncoder {
-    fn modality(&self) -> Modality {
-        self.modality
-    }
-    fn hidden_size(&self) -> i64 {
-        self.hidden_size
-    }
-    fn forward_t(&self, input: EncoderInput<'_>, train: bool) -> vlmatch_core::Result<Encoded> {
-        self.call(input, train, false)
-    }
-    fn forward_cls(&self, input: EncoderInput<'_>, train: bool) -> vlmatch_core::Result<Encoded> {
-        self.call(input, train, true)
-    }
-}
-
-/// One tensor from a host function that writes one.
-fn one(
-    host: &ForwardHost,
-    call: impl FnOnce(*mut TensorHandle) -> *mut c_char,
-) -> vlmatch_core::Result<Tensor> {
-    let mut out: TensorHandle = std::ptr::null_mut();
-    host_result(call(&mut out), host.free_string).map_err(plugin_err)?;
-    if out.is_null() {
-        return Err(plugin_err("the host returned no tensor".into()));
-    }
-    // SAFETY: a handle the host gave.
-    Ok(unsafe { take(out) })
-}
-
-/// The host's discriminator.
-struct ProxyDiscriminator {
-    view: Rc<Cell<*const ForwardHost>>,
-}
-
-impl ProxyDiscriminator {
-    fn call(&self, which: u32, fused: &Encoded) -> vlmatch_core::Result<Tensor> {
-        let host = current(&self.view)?;
-        let f = host
-            .discriminate
-            .ok_or_else(|| plugin_err("the host's `discriminate` is null".into()))?;
-        // SAFETY: the host's function, lent handles, one out-pointer.
-        one(host, |out| unsafe {
-            f(host.ctx, which, lend(&fused.hidden), lend(&fused.mask), out)
-        })
-    }
-}
-
-impl Discriminator for ProxyDiscriminator {
-    fn pair_logits(&self, fused: &Encoded) -> vlmatch_core::Result<Tensor> {
-        self.call(0, fused)
-    }
-    fn token_logits(&self, fused: &Encoded) -> vlmatch_core::Result<Tensor> {
-        self.call(1, fused)
-    }
-}
-
-/// The host's process group.
-struct ProxyCollective {
-    view: Rc<Cell<*const ForwardHost>>,
-}
-
-impl ProxyCollective {
-    fn op(&self, op: u32, t: &Tensor) -> vlmatch_core::Result<Tensor> {
-        let host = current(&self.view)?;
-        let f = host
-            .collective
-            .ok_or_else(|| plugin_err("the host's `collective` is null".into()))?;
-        // SAFETY: the host's function, a lent handle, one out-pointer.
-        one(host, |out| unsafe { f(host.ctx, op, lend(t), out) })
-    }
-    fn facts(&self) -> (usize, usize) {
-        current(&self.view).map_or((0, 1), |h| {
-            (h.facts.rank as usize, h.facts.world_size as usize)
-        })
-    }
-}
-
-impl Collective for ProxyCollective {
-    fn rank(&self) -> usize {
-        self.facts().0
-    }
-    fn world_size(&self) -> usize {
-        self.facts().1
-    }
-    fn all_gather_with_grad(&self, t: &Tensor) -> vlmatch_core::Result<Tensor> {
-        self.op(0, t)
-    }
-    fn all_gather(&self, t: &Tensor) -> vlmatch_core::Result<Tensor> {
-        self.op(1, t)
-    }
-    fn all_reduce_sum(&self, t: &Tensor) -> vlmatch_core::Result<Tensor> {
-        self.op(2, t)
-    }
-}
-
 struct ObjectiveState {
     objective: Box<dyn Objective>,
     model: VlModel,
     view: Rc<Cell<*const ForwardHost>>,
     _vs: nn::VarStore,
     _head: nn::VarStore,
-}
-
-/// The model an objective in a library sees: the host's encoders and
-/// discriminator behind callbacks; no generator; an ITC head of width 0
-/// whose temperature is NaN (ITC logits are not exposed: the ITC
-/// embeddings come from the host).
-fn proxy_model(
-    req: &Request,
-    view: &Rc<Cell<*const ForwardHost>>,
-    dev: Device,
-    head: &nn::VarStore,
-) -> Result<VlModel, String> {
-    let facts = req
-        .model
-        .as_ref()
-        .ok_or("an objective is built after the model, which the host did not describe")?;
-    let encoder = |role: u32, (m, w): (u32, i64)| -> Result<Rc<dyn Encoder>, String> {
-        Ok(Rc::new(ProxyEncoder {
-            role,
-            modality: modality_of(m).ok_or("unknown modality")?,
-            hidden_size: w,
-            view: view.clone(),
-        }))
-    };
-    let contrastive = ContrastiveHead::new(&head.root(), 0, 0, 0);
-    tch::no_grad(|| {
-        for (_, mut t) in head.variables() {
-            let _ = t.fill_(f64::NAN);
-        }
-    });
-    Ok(VlModel {
-        image: encoder(0, facts.image)?,
-        text: encoder(1, facts.text)?,
-        fusion: encoder(2, facts.fusion)?,
-        contrastive,
-        discriminator: Rc::new(ProxyDiscriminator { view: view.clone() }),
-        generator: None,
-        device: dev,
-    })
 }
 
 unsafe extern "C" fn create_objective(
@@ -596,7 +396,7 @@ unsafe extern "C" fn create_objective(
         let factory = unsafe { *(data as *const ObjectiveFactory) };
         let head = nn::VarStore::new(Device::Cpu);
         let model = |req: &Request, view: &Rc<Cell<*const ForwardHost>>, dev| {
-            proxy_model(req, view, dev, &head).map(Some)
+            proxy_model(req.model.as_ref(), view, dev, &head).map(Some)
         };
         // SAFETY: the host's request and table.
         let (objective, vs, model, view) = unsafe { build(request, host, model, factory) }?;
@@ -621,60 +421,6 @@ unsafe extern "C" fn create_objective(
     })
 }
 
-/// Clears the current forward when the call ends, however it ends.
-struct Current<'s>(&'s Cell<*const ForwardHost>);
-
-impl Drop for Current<'_> {
-    fn drop(&mut self) {
-        self.0.set(std::ptr::null());
-    }
-}
-
-/// The host's batch, as our own references.
-fn batch(host: &ForwardHost) -> Result<Batch, String> {
-    let f = host.batch.ok_or("the host's `batch` is null")?;
-    let mut out: [TensorHandle; 6] = [std::ptr::null_mut(); 6];
-    // SAFETY: the host's function; six out-handles.
-    host_result(unsafe { f(host.ctx, out.as_mut_ptr()) }, host.free_string)?;
-    if out.iter().any(|h| h.is_null()) {
-        return Err("the host's batch has a null tensor".into());
-    }
-    // SAFETY: handles the host gave.
-    let [images, ids, mask, image_ids, image_keys, sample_keys] = out.map(|h| unsafe { take(h) });
-    let j = host.batch_json.ok_or("the host's `batch_json` is null")?;
-    let mut json: *mut c_char = std::ptr::null_mut();
-    // SAFETY: the host's function and an out-pointer.
-    host_result(unsafe { j(host.ctx, &mut json) }, host.free_string)?;
-    // SAFETY: a host string (our `free_string` convention: the host frees it).
-    let text_json = unsafe { text(json) }.ok_or("the host's batch has no captions")?;
-    if let Some(free) = host.free_string {
-        // SAFETY: the host's string, freed once.
-        unsafe { free(json) };
-    }
-    #[derive(serde::Deserialize)]
-    struct Texts {
-        captions: Vec<String>,
-        sample_keys_host: Vec<i64>,
-    }
-    let texts: Texts = serde_json::from_str(&text_json).map_err(|e| e.to_string())?;
-    Ok(Batch {
-        images,
-        text: TextBatch::new(ids, mask),
-        image_ids,
-        image_keys,
-        positive_rule: if host.facts.positive_rule == 1 {
-            PositiveRule::ImageId
-        } else {
-            PositiveRule::Identical
-        },
-        sample_keys,
-        sample_keys_host: texts.sample_keys_host,
-        captions: texts.captions,
-        pairs: Vec::new(),
-        prepared: Default::default(),
-    })
-}
-
 unsafe extern "C" fn objective_forward(
     state: *mut c_void,
     view: *const ForwardHost,
@@ -684,38 +430,7 @@ unsafe extern "C" fn objective_forward(
         // SAFETY: our state and the host's table for this call.
         let s = unsafe { &*(state as *const ObjectiveState) };
         let host = unsafe { view.as_ref() }.ok_or("no forward table")?;
-        s.view.set(view);
-        let _current = Current(&s.view);
-        let batch = batch(host)?;
-        let e = host.embeds.ok_or("the host's `embeds` is null")?;
-        let mut out: [TensorHandle; 2] = [std::ptr::null_mut(); 2];
-        // SAFETY: the host's function; two out-handles.
-        host_result(unsafe { e(host.ctx, out.as_mut_ptr()) }, host.free_string)?;
-        // SAFETY: handles the host gave.
-        let embeds = unsafe { take_encoded(out) }?;
-        let facts = host.facts;
-        let mut forward = Forward::continuing(
-            &s.model,
-            &batch,
-            facts.train != 0,
-            (facts.draw_seed, facts.draws),
-        )
-        .with_embeds(embeds.hidden, embeds.mask);
-        if facts.world_size > 0 {
-            forward = forward.with_collective(Rc::new(ProxyCollective {
-                view: s.view.clone(),
-            }));
-        }
-        let output = s
-            .objective
-            .forward(&forward, step)
-            .map_err(|e| e.to_string())?;
-        let set_draws = host.set_draws.ok_or("the host's `set_draws` is null")?;
-        // SAFETY: the host's function.
-        host_result(
-            unsafe { set_draws(host.ctx, forward.draw_state().1) },
-            host.free_string,
-        )?;
+        let output = with_forward(&s.model, &s.view, host, |f| s.objective.forward(f, step))?;
         let emit = host.emit.ok_or("the host's `emit` is null")?;
         for (metric, list) in [(0u8, &output.losses), (1, &output.metrics)] {
             for (name, t) in list {
@@ -736,6 +451,85 @@ unsafe extern "C" fn destroy_objective(state: *mut c_void) -> *mut c_char {
         if !state.is_null() {
             // SAFETY: from `create_objective`, destroyed once.
             drop(unsafe { Box::from_raw(state as *mut ObjectiveState) });
+        }
+        Ok(())
+    })
+}
+
+struct NegativeSamplerState {
+    sampler: Box<dyn NegativeSampler>,
+    model: VlModel,
+    view: Rc<Cell<*const ForwardHost>>,
+    _vs: nn::VarStore,
+    _head: nn::VarStore,
+}
+
+unsafe extern "C" fn create_negative_sampler(
+    data: *const c_void,
+    request: *const c_char,
+    host: *const BuildHost,
+    state: *mut *mut c_void,
+    info: *mut PluginInfo,
+) -> *mut c_char {
+    status(|| {
+        // SAFETY: `data` is the factory this vtable was made with.
+        let factory = unsafe { *(data as *const NegativeSamplerFactory) };
+        let head = nn::VarStore::new(Device::Cpu);
+        let model = |req: &Request, view: &Rc<Cell<*const ForwardHost>>, dev| {
+            proxy_model(req.model.as_ref(), view, dev, &head).map(Some)
+        };
+        // SAFETY: the host's request and table.
+        let (sampler, vs, model, view) = unsafe { build(request, host, model, factory) }?;
+        let s = NegativeSamplerState {
+            sampler,
+            model: model.expect("built"),
+            view,
+            _vs: vs,
+            _head: head,
+        };
+        // SAFETY: valid out-pointers from the host.
+        unsafe {
+            *info = PluginInfo::default();
+            *state = Box::into_raw(Box::new(s)) as *mut c_void;
+        }
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn negative_sample(
+    state: *mut c_void,
+    view: *const ForwardHost,
+    step: i64,
+    out: *mut NegativesOut,
+) -> *mut c_char {
+    status(|| {
+        // SAFETY: our state, the host's table and out-pointer for this call.
+        let s = unsafe { &*(state as *const NegativeSamplerState) };
+        let host = unsafe { view.as_ref() }.ok_or("no forward table")?;
+        let out = unsafe { out.as_mut() }.ok_or("no out-pointer")?;
+        let negatives = with_forward(&s.model, &s.view, host, |forward| {
+            s.sampler.sample(&SamplerInput { forward, step })
+        })?;
+        let (kind, tensors) = match negatives {
+            Negatives::InBatch {
+                text_for_image,
+                image_for_text,
+            } => (0, vec![text_for_image, image_for_text]),
+            Negatives::Texts { image_index, text } => (1, vec![image_index, text.ids, text.mask]),
+        };
+        out.kind = kind;
+        for (slot, t) in out.tensors.iter_mut().zip(tensors) {
+            *slot = give(t);
+        }
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn destroy_negative_sampler(state: *mut c_void) -> *mut c_char {
+    status(|| {
+        if !state.is_null() {
+            // SAFETY: from `create_negative_sampler`, destroyed once.
+            drop(unsafe { Box::from_raw(state as *mut NegativeSamplerState) });
         }
         Ok(())
     })

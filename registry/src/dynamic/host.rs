@@ -1,16 +1,17 @@
-//! The host side of encoders and objectives in a library: loading a
-//! library into a [`Registry`] (its plugins become entries whose factories
-//! are [`build_encoder`] and [`build_objective`]), the [`Encoder`] and
-//! [`Objective`] that call into the library, and the callbacks the library
-//! calls back: adding its parameters under its `nn::Path`, and reading the
-//! per-batch [`Forward`] cache.
+//! The host side of encoders, objectives and negative samplers in a
+//! library: loading a library into a [`Registry`] (its plugins become
+//! entries whose factories are [`build_encoder`], [`build_objective`] and
+//! [`build_negative_sampler`]), the [`Encoder`], [`Objective`] and
+//! [`NegativeSampler`] that call into the library, and the callbacks the
+//! library calls back: adding its parameters under its `nn::Path`, and
+//! reading the per-batch [`Forward`] cache.
 
 use super::abi::{
     borrow, free_host_string, give, status, take, text, BuildHost, EncoderCall, ForwardFacts,
-    ForwardHost, PluginInfo, TensorHandle,
+    ForwardHost, NegativesOut, PluginInfo, TensorHandle,
 };
 use super::calls::{lend_input, modality_code, modality_of, take_encoded, OwnedInput};
-use super::load::{load, EncoderSpec, ObjectiveSpec};
+use super::load::{load, EncoderSpec, NegativeSamplerSpec, ObjectiveSpec};
 use crate::registration::Entry;
 use crate::{BuildContext, Factory, Kind, Registry};
 use std::cell::RefCell;
@@ -21,7 +22,8 @@ use std::rc::Rc;
 use std::sync::Mutex;
 use tch::{nn, Tensor};
 use vlmatch_core::{
-    Encoded, Encoder, EncoderInput, Error, Forward, Modality, Objective, ObjectiveOutput, Result,
+    Encoded, Encoder, EncoderInput, Error, Forward, Modality, NegativeSampler, Negatives,
+    Objective, ObjectiveOutput, Result, SamplerInput,
 };
 
 /// Encoders and objectives of the libraries loaded in this process, by
@@ -32,6 +34,7 @@ static LOADED: Mutex<BTreeMap<(Kind, String), Loaded>> = Mutex::new(BTreeMap::ne
 enum Loaded {
     Encoder(&'static EncoderSpec),
     Objective(&'static ObjectiveSpec),
+    NegativeSampler(&'static NegativeSamplerSpec),
 }
 
 impl Loaded {
@@ -39,6 +42,7 @@ impl Loaded {
         match self {
             Loaded::Encoder(s) => &s.library,
             Loaded::Objective(s) => &s.library,
+            Loaded::NegativeSampler(s) => &s.library,
         }
     }
 }
@@ -75,6 +79,10 @@ impl Registry {
         for s in &library.objectives {
             let factory = Factory::Objective(build_objective);
             entries.push((s.name.clone(), factory, Some(Loaded::Objective(s))));
+        }
+        for s in &library.negative_samplers {
+            let factory = Factory::NegativeSampler(build_negative_sampler);
+            entries.push((s.name.clone(), factory, Some(Loaded::NegativeSampler(s))));
         }
         let refuse = |e: String| super::abi::refuse(&library.path, e);
         let mut names = Vec::new();
@@ -370,7 +378,16 @@ pub fn build_objective(ctx: &BuildContext<'_>) -> Result<Box<dyn Objective>> {
         spec,
         state,
         contrastive: info.contrastive != 0,
+        local_negatives: local_negatives(ctx),
     }))
+}
+
+/// Whether the run draws in-batch negatives from each rank's own pairs
+/// (`train.dist.hard_negatives = "local"`, `Forward::with_local_negatives`).
+fn local_negatives(ctx: &BuildContext<'_>) -> bool {
+    use crate::config::HardNegatives;
+    ctx.run_config()
+        .is_some_and(|c| c.train.dist.hard_negatives == HardNegatives::Local)
 }
 
 /// An objective of a library, as the host uses it.
@@ -378,6 +395,7 @@ struct HostObjective {
     spec: &'static ObjectiveSpec,
     state: *mut c_void,
     contrastive: bool,
+    local_negatives: bool,
 }
 
 impl Drop for HostObjective {
@@ -582,37 +600,44 @@ unsafe extern "C" fn cb_emit(
     })
 }
 
+/// The callback table over `v` for one call.
+fn forward_table(v: &View<'_, '_>, local_negatives: bool) -> ForwardHost {
+    let forward = v.forward;
+    let (draw_seed, draws) = forward.draw_state();
+    let facts = ForwardFacts {
+        train: u8::from(forward.train),
+        world_size: forward.collective().map_or(0, |c| c.world_size() as u64),
+        rank: forward.collective().map_or(0, |c| c.rank() as u64),
+        draw_seed,
+        draws,
+        positive_rule: match forward.batch.positive_rule {
+            vlmatch_core::positives::PositiveRule::Identical => 0,
+            vlmatch_core::positives::PositiveRule::ImageId => 1,
+        },
+        local_negatives: u8::from(local_negatives && forward.collective().is_some()),
+    };
+    ForwardHost {
+        ctx: v as *const View<'_, '_> as *mut c_void,
+        facts,
+        batch: Some(cb_batch),
+        batch_json: Some(cb_batch_json),
+        embeds: Some(cb_embeds),
+        encode: Some(cb_encode),
+        discriminate: Some(cb_discriminate),
+        collective: Some(cb_collective),
+        set_draws: Some(cb_set_draws),
+        emit: Some(cb_emit),
+        free_string: Some(free_host_string),
+    }
+}
+
 impl Objective for HostObjective {
     fn forward(&self, forward: &Forward<'_>, step: i64) -> Result<ObjectiveOutput> {
-        let (draw_seed, draws) = forward.draw_state();
-        let facts = ForwardFacts {
-            train: u8::from(forward.train),
-            world_size: forward.collective().map_or(0, |c| c.world_size() as u64),
-            rank: forward.collective().map_or(0, |c| c.rank() as u64),
-            draw_seed,
-            draws,
-            positive_rule: match forward.batch.positive_rule {
-                vlmatch_core::positives::PositiveRule::Identical => 0,
-                vlmatch_core::positives::PositiveRule::ImageId => 1,
-            },
-        };
         let v = View {
             forward,
             output: RefCell::new(ObjectiveOutput::default()),
         };
-        let host = ForwardHost {
-            ctx: &v as *const View<'_, '_> as *mut c_void,
-            facts,
-            batch: Some(cb_batch),
-            batch_json: Some(cb_batch_json),
-            embeds: Some(cb_embeds),
-            encode: Some(cb_encode),
-            discriminate: Some(cb_discriminate),
-            collective: Some(cb_collective),
-            set_draws: Some(cb_set_draws),
-            emit: Some(cb_emit),
-            free_string: Some(free_host_string),
-        };
+        let host = forward_table(&v, self.local_negatives);
         // SAFETY: our state; `host` and the view live through the call.
         let error = unsafe { (self.spec.forward)(self.state, &host, step) };
         // SAFETY: an error string of this library.
@@ -628,5 +653,86 @@ impl Objective for HostObjective {
     }
     fn contrastive(&self) -> bool {
         self.contrastive
+    }
+}
+
+/// The factory of every negative sampler (the core trait) from a library.
+pub fn build_negative_sampler(ctx: &BuildContext<'_>) -> Result<Box<dyn NegativeSampler>> {
+    let Loaded::NegativeSampler(spec) = loaded(Kind::NegativeSampler, ctx.plugin)? else {
+        unreachable!("a negative sampler entry")
+    };
+    let (state, _) = create_in(
+        ctx,
+        &spec.name,
+        &spec.library,
+        spec.create,
+        spec.data,
+        spec.free_string,
+    )?;
+    Ok(Box::new(HostNegativeSampler {
+        spec,
+        state,
+        local_negatives: local_negatives(ctx),
+    }))
+}
+
+/// A negative sampler of a library, as the host uses it.
+struct HostNegativeSampler {
+    spec: &'static NegativeSamplerSpec,
+    state: *mut c_void,
+    local_negatives: bool,
+}
+
+impl Drop for HostNegativeSampler {
+    fn drop(&mut self) {
+        let s = self.spec;
+        destroy(self.state, s.destroy, s.free_string, &s.name, &s.library);
+    }
+}
+
+impl NegativeSampler for HostNegativeSampler {
+    fn sample(&self, input: &SamplerInput<'_, '_>) -> Result<Negatives> {
+        let v = View {
+            forward: input.forward,
+            output: RefCell::new(ObjectiveOutput::default()),
+        };
+        let host = forward_table(&v, self.local_negatives);
+        let mut out = NegativesOut {
+            kind: 0,
+            tensors: [std::ptr::null_mut(); 3],
+        };
+        let (name, library) = (&self.spec.name, &self.spec.library);
+        // SAFETY: our state; `host`, the view and `out` live through the call.
+        let error = unsafe { (self.spec.sample)(self.state, &host, input.step, &mut out) };
+        // SAFETY: an error string of this library.
+        if let Some(message) = unsafe { library_error(error, self.spec.free_string) } {
+            return Err(failed(name, library, "sample", &message));
+        }
+        let n = if out.kind == 0 { 2 } else { 3 };
+        if out.kind > 1 || out.tensors[..n].iter().any(|h| h.is_null()) {
+            return Err(failed(name, library, "sample", "it returned no negatives"));
+        }
+        // SAFETY: on success the library gave `n` handles.
+        let [a, b, c] = out
+            .tensors
+            .map(|h| (!h.is_null()).then(|| unsafe { take(h) }));
+        Ok(match (a, b, c) {
+            (Some(text_for_image), Some(image_for_text), None) => Negatives::InBatch {
+                text_for_image,
+                image_for_text,
+            },
+            (Some(image_index), Some(ids), Some(mask)) => Negatives::Texts {
+                image_index,
+                text: vlmatch_core::TextBatch::new(ids, mask),
+            },
+            _ => {
+                return Err(failed(
+                    name,
+                    library,
+                    "sample",
+                    "its negatives do not match their kind",
+                ))
+            }
+        })
     }
 }

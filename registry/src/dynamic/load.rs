@@ -43,12 +43,30 @@ pub struct ObjectiveSpec {
     pub(crate) free_string: FreeStringFn,
 }
 
+/// A negative sampler (the core trait) found in a loaded library.
+pub struct NegativeSamplerSpec {
+    pub name: String,
+    pub library: String,
+    pub(crate) data: *const c_void,
+    pub(crate) create: CreatePluginFn,
+    pub(crate) sample: unsafe extern "C" fn(
+        *mut c_void,
+        *const super::abi::ForwardHost,
+        i64,
+        *mut super::abi::NegativesOut,
+    ) -> *mut c_char,
+    pub(crate) destroy: DestroyFn,
+    pub(crate) free_string: FreeStringFn,
+}
+
 // SAFETY: the specs hold pointers to the library's static data and
 // functions, which stay loaded for the process and are only read.
 unsafe impl Sync for EncoderSpec {}
 unsafe impl Send for EncoderSpec {}
 unsafe impl Sync for ObjectiveSpec {}
 unsafe impl Send for ObjectiveSpec {}
+unsafe impl Sync for NegativeSamplerSpec {}
+unsafe impl Send for NegativeSamplerSpec {}
 
 /// What a library provides, checked.
 pub struct Library {
@@ -56,6 +74,7 @@ pub struct Library {
     pub samplers: Vec<&'static DynamicSampler>,
     pub encoders: Vec<&'static EncoderSpec>,
     pub objectives: Vec<&'static ObjectiveSpec>,
+    pub negative_samplers: Vec<&'static NegativeSamplerSpec>,
 }
 
 fn c_str(p: *const c_char, what: &str, path: &Path) -> Result<String> {
@@ -152,7 +171,16 @@ pub(crate) fn load(path: &Path) -> Result<Library> {
     let samplers = unsafe { array(table.n_samplers, table.samplers, "samplers", path)? };
     let encoders = unsafe { array(table.n_encoders, table.encoders, "encoders", path)? };
     let objectives = unsafe { array(table.n_objectives, table.objectives, "objectives", path)? };
-    let free_string = match (encoders.len() + objectives.len(), table.free_string) {
+    let negative_samplers = unsafe {
+        array(
+            table.n_negative_samplers,
+            table.negative_samplers,
+            "negative samplers",
+            path,
+        )?
+    };
+    let with_state = encoders.len() + objectives.len() + negative_samplers.len();
+    let free_string = match (with_state, table.free_string) {
         (_, Some(f)) => Some(f),
         (0, None) => None,
         (_, None) => {
@@ -167,6 +195,7 @@ pub(crate) fn load(path: &Path) -> Result<Library> {
         samplers: Vec::new(),
         encoders: Vec::new(),
         objectives: Vec::new(),
+        negative_samplers: Vec::new(),
     };
     let library_name = path.display().to_string();
     for vtable in samplers {
@@ -189,6 +218,10 @@ pub(crate) fn load(path: &Path) -> Result<Library> {
             &library_name,
             free_string,
         )?)));
+    }
+    for v in negative_samplers {
+        let spec = negative_sampler(v, path, &library_name, free_string)?;
+        out.negative_samplers.push(Box::leak(Box::new(spec)));
     }
     Ok(out)
 }
@@ -232,6 +265,25 @@ fn objective(
         data: v.data,
         create: v.create.ok_or_else(|| null("create"))?,
         forward: v.forward.ok_or_else(|| null("forward"))?,
+        destroy: v.destroy.ok_or_else(|| null("destroy"))?,
+        free_string: free_string.expect("checked with the table"),
+        library: library.to_string(),
+        name,
+    })
+}
+
+fn negative_sampler(
+    v: &super::abi::NegativeSamplerVTable,
+    path: &Path,
+    library: &str,
+    free_string: Option<FreeStringFn>,
+) -> Result<NegativeSamplerSpec> {
+    let name = c_str(v.name, "negative sampler name", path)?;
+    let null = |what| null(path, "negative sampler", &name, what);
+    Ok(NegativeSamplerSpec {
+        data: v.data,
+        create: v.create.ok_or_else(|| null("create"))?,
+        sample: v.sample.ok_or_else(|| null("sample"))?,
         destroy: v.destroy.ok_or_else(|| null("destroy"))?,
         free_string: free_string.expect("checked with the table"),
         library: library.to_string(),

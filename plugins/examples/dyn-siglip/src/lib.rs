@@ -16,10 +16,13 @@
 //!   its caption and with a caption drawn at random from the batch; the
 //!   pair logits are trained to say which match (a drawn positive counts as
 //!   a match).
+//! - negative sampler `next_caption`: for each pair, the next candidate of
+//!   the in-batch candidates (ITM's), unless it is a positive.
 
 use std::rc::Rc;
 use vlmatch_plugin_sdk::core::{
-    Encoded, Encoder, EncoderInput, Error, Forward, Modality, Objective, ObjectiveOutput, Result,
+    Encoded, Encoder, EncoderInput, Error, Forward, Modality, NegativeSampler, Negatives,
+    Objective, ObjectiveOutput, Result, SamplerInput,
 };
 use vlmatch_plugin_sdk::tch::{self as tch, nn, nn::Module, Kind, Tensor};
 use vlmatch_plugin_sdk::{export, register, BuildContext};
@@ -27,6 +30,7 @@ use vlmatch_plugin_sdk::{export, register, BuildContext};
 register!(encoder "conv_stem" => build_stem);
 register!(objective "sigmoid_pairs" => build_pairs);
 register!(objective "pair_match" => build_match);
+register!(negative_sampler "next_caption" => build_next);
 export!();
 
 #[derive(serde::Deserialize)]
@@ -238,6 +242,41 @@ impl Objective for PairMatch {
         Ok(ObjectiveOutput {
             losses: vec![(self.name.clone(), forward.global_mean(&sum, &count)?)],
             metrics: Vec::new(),
+        })
+    }
+}
+
+/// See the crate's documentation.
+pub struct NextCaption;
+
+fn build_next(ctx: &BuildContext<'_>) -> Result<Box<dyn NegativeSampler>> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct NoKeys {}
+    let _: NoKeys = ctx.params()?;
+    Ok(Box::new(NextCaption))
+}
+
+impl NegativeSampler for NextCaption {
+    fn sample(&self, input: &SamplerInput<'_, '_>) -> Result<Negatives> {
+        let f = input.forward;
+        let candidates = f.negative_texts()?.hidden.size()[0];
+        tch::no_grad(|| {
+            // The candidates are the global batch, or this rank's pairs.
+            let positives = if candidates == f.batch.len() {
+                f.batch.positives()
+            } else {
+                f.positives()?
+            };
+            let next = (f.own_candidates() + 1).remainder(candidates);
+            let is_positive = positives
+                .gather(1, &next.unsqueeze(1), false)
+                .squeeze_dim(1);
+            let next = next.masked_fill(&is_positive, -1);
+            Ok(Negatives::InBatch {
+                text_for_image: next.shallow_clone(),
+                image_for_text: next,
+            })
         })
     }
 }
