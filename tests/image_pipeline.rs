@@ -163,7 +163,7 @@ fn image_of(w: usize, h: usize, seed: u64) -> RgbImage {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            if seed % 2 == 0 {
+            if seed.is_multiple_of(2) {
                 (x >> 56) as u8
             } else {
                 ((i / 3) % 251) as u8 ^ ((x >> 60) as u8)

@@ -216,7 +216,7 @@ fn measure(
         let script = script.with_file_name("reference_loader.py");
         let python = loader_python(python);
         out["reference"] =
-            run_reference(&python, &script, &opts.out).unwrap_or_else(|e| json!({ "error": e }));
+            run_reference(&python, &script, opts.out).unwrap_or_else(|e| json!({ "error": e }));
     }
     Ok(out)
 }
