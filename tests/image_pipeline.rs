@@ -230,6 +230,28 @@ proptest! {
         prop_assert_eq!(g::warp_affine(&img, m, fill).into_raw(), reference_warp(&img, m, fill));
     }
 
+    /// Whole-pixel translations (ALBEF's translate ops, which take a
+    /// shortcut) equal the per-channel code too, offsets past the image
+    /// included.
+    #[test]
+    fn whole_pixel_translations_equal_the_per_channel_code(
+        w in 1usize..40, h in 1usize..40, seed in any::<u64>(),
+        dx in -45i32..45, dy in -45i32..45, along_x in any::<bool>(),
+    ) {
+        use vlmatch::data::augment::geometry as g;
+        let img = image_of(w, h, seed);
+        let m = if along_x {
+            g::translate_x_matrix(f64::from(dx))
+        } else {
+            g::translate_y_matrix(f64::from(dy))
+        };
+        let both = [1.0, 0.0, f64::from(dx), 0.0, 1.0, f64::from(dy)];
+        let fill = [128, 7, 250];
+        for m in [m, both] {
+            prop_assert_eq!(g::warp_affine(&img, m, fill).into_raw(), reference_warp(&img, m, fill));
+        }
+    }
+
     /// One set of buffers carried through images of any sizes and draws
     /// gives each image what fresh buffers give (nothing left over leaks).
     #[test]

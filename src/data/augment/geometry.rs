@@ -68,6 +68,12 @@ fn warp(src: &[u8], (w, h): (usize, usize), m: [f64; 6], fill: [u8; 3], out: &mu
     let (i0, i1, i3, i4) = (m[4] * det, -m[1] * det, -m[3] * det, m[0] * det);
     let (i2, i5) = (-i0 * m[2] - i1 * m[5], -i3 * m[2] - i4 * m[5]);
     let [i0, i1, i2, i3, i4, i5] = [i0, i1, i2, i3, i4, i5].map(|v| v as f32);
+    if [i0, i1, i3, i4] == [1.0, 0.0, 0.0, 1.0] && i2.fract() == 0.0 && i5.fract() == 0.0 {
+        // A whole-pixel translation (ALBEF's translate at any magnitude):
+        // every blend weight is 0, so each pixel is its source pixel, or
+        // the fill outside the image.
+        return shifted(src, (w, h), (i2, i5), fill, out);
+    }
     let (w, h) = (w as i64, h as i64);
     let at = |x: i64, y: i64, c: usize| -> f32 {
         if x < 0 || y < 0 || x >= w || y >= h {
@@ -115,6 +121,40 @@ fn warp(src: &[u8], (w, h): (usize, usize), m: [f64; 6], fill: [u8; 3], out: &mu
                 px[c] = v.round_ties_even().clamp(0.0, 255.0) as u8;
             }
         }
+    }
+}
+
+/// `w` x `h` RGB bytes moved by whole pixels: output `(x, y)` is source
+/// `(x + dx, y + dy)`, or `fill` where that is outside.
+fn shifted(
+    src: &[u8],
+    (w, h): (usize, usize),
+    (dx, dy): (f32, f32),
+    fill: [u8; 3],
+    out: &mut Vec<u8>,
+) {
+    out.clear();
+    out.resize(src.len(), 0);
+    // Offsets beyond the image only fill; clamped so the casts are exact.
+    let limit = (w.max(h) + 1) as f32;
+    let (dx, dy) = (
+        dx.clamp(-limit, limit) as i64,
+        dy.clamp(-limit, limit) as i64,
+    );
+    let (wi, hi) = (w as i64, h as i64);
+    // The output columns whose source column is inside.
+    let (x0, x1) = ((-dx).clamp(0, wi), (wi - dx).clamp(0, wi));
+    for (y, row) in out.chunks_exact_mut(w * 3).enumerate() {
+        let sy = y as i64 + dy;
+        for px in row.chunks_exact_mut(3) {
+            px.copy_from_slice(&fill);
+        }
+        if sy < 0 || sy >= hi || x0 >= x1 {
+            continue;
+        }
+        let from = ((sy * wi + x0 + dx) * 3) as usize;
+        let n = ((x1 - x0) * 3) as usize;
+        row[(x0 * 3) as usize..(x0 * 3) as usize + n].copy_from_slice(&src[from..from + n]);
     }
 }
 
