@@ -376,12 +376,67 @@ unsafe extern "C" fn destroy_encoder(state: *mut c_void) -> *mut c_char {
     })
 }
 
-struct ObjectiveState {
-    objective: Box<dyn Objective>,
+/// The state of a library's objective or negative sampler: the plugin, and
+/// the model proxy through which it reads the host's forward.
+struct Modelled<T: ?Sized> {
+    plugin: Box<T>,
     model: VlModel,
     view: Rc<Cell<*const ForwardHost>>,
     _vs: nn::VarStore,
     _head: nn::VarStore,
+}
+
+type ObjectiveState = Modelled<dyn Objective>;
+type NegativeSamplerState = Modelled<dyn NegativeSampler>;
+
+/// Builds a plugin that reads the host's forward through a model proxy
+/// (objectives and negative samplers) into `state`, with `info(&plugin)`.
+///
+/// # Safety
+/// The host's request, table and out-pointers, valid for this call.
+unsafe fn create_modelled<T: ?Sized + 'static>(
+    request: *const c_char,
+    host: *const BuildHost,
+    state: *mut *mut c_void,
+    info: *mut PluginInfo,
+    factory: impl FnOnce(&BuildContext<'_>) -> vlmatch_core::Result<Box<T>>,
+    summary: impl FnOnce(&T) -> PluginInfo,
+) -> Result<(), String> {
+    let head = nn::VarStore::new(Device::Cpu);
+    let model = |req: &Request, view: &Rc<Cell<*const ForwardHost>>, dev| {
+        proxy_model(req.model.as_ref(), view, dev, &head).map(Some)
+    };
+    // SAFETY: the host's request and table.
+    let (plugin, vs, model, view) = unsafe { build(request, host, model, factory) }?;
+    let summary = summary(&plugin);
+    let s = Modelled {
+        plugin,
+        model: model.ok_or("the model proxy was not built")?,
+        view,
+        _vs: vs,
+        _head: head,
+    };
+    // SAFETY: valid out-pointers from the host.
+    unsafe {
+        *info = summary;
+        *state = Box::into_raw(Box::new(s)) as *mut c_void;
+    }
+    Ok(())
+}
+
+/// Drops a [`Modelled`] state made by [`create_modelled`].
+///
+/// # Safety
+/// `state` is null or came from `create_modelled` with the same `T`, and
+/// is destroyed once.
+unsafe fn destroy_modelled<T: ?Sized>(state: *mut c_void) -> *mut c_char {
+    status(|| {
+        if !state.is_null() {
+            // SAFETY: as the caller promises.
+            drop(unsafe { Box::from_raw(state as *mut Modelled<T>) });
+        }
+        Ok(())
+    })
 }
 
 unsafe extern "C" fn create_objective(
@@ -394,30 +449,21 @@ unsafe extern "C" fn create_objective(
     status(|| {
         // SAFETY: `data` is the factory this vtable was made with.
         let factory = unsafe { *(data as *const ObjectiveFactory) };
-        let head = nn::VarStore::new(Device::Cpu);
-        let model = |req: &Request, view: &Rc<Cell<*const ForwardHost>>, dev| {
-            proxy_model(req.model.as_ref(), view, dev, &head).map(Some)
-        };
-        // SAFETY: the host's request and table.
-        let (objective, vs, model, view) = unsafe { build(request, host, model, factory) }?;
-        let summary = PluginInfo {
-            modality: 0,
-            hidden_size: 0,
-            contrastive: u8::from(objective.contrastive()),
-        };
-        let s = ObjectiveState {
-            objective,
-            model: model.expect("built"),
-            view,
-            _vs: vs,
-            _head: head,
-        };
-        // SAFETY: valid out-pointers from the host.
+        // SAFETY: the host's request, table and out-pointers.
         unsafe {
-            *info = summary;
-            *state = Box::into_raw(Box::new(s)) as *mut c_void;
+            create_modelled(
+                request,
+                host,
+                state,
+                info,
+                factory,
+                |o: &(dyn Objective + 'static)| PluginInfo {
+                    modality: 0,
+                    hidden_size: 0,
+                    contrastive: u8::from(o.contrastive()),
+                },
+            )
         }
-        Ok(())
     })
 }
 
@@ -430,7 +476,7 @@ unsafe extern "C" fn objective_forward(
         // SAFETY: our state and the host's table for this call.
         let s = unsafe { &*(state as *const ObjectiveState) };
         let host = unsafe { view.as_ref() }.ok_or("no forward table")?;
-        let output = with_forward(&s.model, &s.view, host, |f| s.objective.forward(f, step))?;
+        let output = with_forward(&s.model, &s.view, host, |f| s.plugin.forward(f, step))?;
         let emit = host.emit.ok_or("the host's `emit` is null")?;
         for (metric, list) in [(0u8, &output.losses), (1, &output.metrics)] {
             for (name, t) in list {
@@ -447,21 +493,8 @@ unsafe extern "C" fn objective_forward(
 }
 
 unsafe extern "C" fn destroy_objective(state: *mut c_void) -> *mut c_char {
-    status(|| {
-        if !state.is_null() {
-            // SAFETY: from `create_objective`, destroyed once.
-            drop(unsafe { Box::from_raw(state as *mut ObjectiveState) });
-        }
-        Ok(())
-    })
-}
-
-struct NegativeSamplerState {
-    sampler: Box<dyn NegativeSampler>,
-    model: VlModel,
-    view: Rc<Cell<*const ForwardHost>>,
-    _vs: nn::VarStore,
-    _head: nn::VarStore,
+    // SAFETY: from `create_objective`, destroyed once by the host.
+    unsafe { destroy_modelled::<dyn Objective>(state) }
 }
 
 unsafe extern "C" fn create_negative_sampler(
@@ -474,25 +507,17 @@ unsafe extern "C" fn create_negative_sampler(
     status(|| {
         // SAFETY: `data` is the factory this vtable was made with.
         let factory = unsafe { *(data as *const NegativeSamplerFactory) };
-        let head = nn::VarStore::new(Device::Cpu);
-        let model = |req: &Request, view: &Rc<Cell<*const ForwardHost>>, dev| {
-            proxy_model(req.model.as_ref(), view, dev, &head).map(Some)
-        };
-        // SAFETY: the host's request and table.
-        let (sampler, vs, model, view) = unsafe { build(request, host, model, factory) }?;
-        let s = NegativeSamplerState {
-            sampler,
-            model: model.expect("built"),
-            view,
-            _vs: vs,
-            _head: head,
-        };
-        // SAFETY: valid out-pointers from the host.
+        // SAFETY: the host's request, table and out-pointers.
         unsafe {
-            *info = PluginInfo::default();
-            *state = Box::into_raw(Box::new(s)) as *mut c_void;
+            create_modelled(
+                request,
+                host,
+                state,
+                info,
+                factory,
+                |_: &(dyn NegativeSampler + 'static)| PluginInfo::default(),
+            )
         }
-        Ok(())
     })
 }
 
@@ -508,7 +533,7 @@ unsafe extern "C" fn negative_sample(
         let host = unsafe { view.as_ref() }.ok_or("no forward table")?;
         let out = unsafe { out.as_mut() }.ok_or("no out-pointer")?;
         let negatives = with_forward(&s.model, &s.view, host, |forward| {
-            s.sampler.sample(&SamplerInput { forward, step })
+            s.plugin.sample(&SamplerInput { forward, step })
         })?;
         let (kind, tensors) = match negatives {
             Negatives::InBatch {
@@ -526,11 +551,6 @@ unsafe extern "C" fn negative_sample(
 }
 
 unsafe extern "C" fn destroy_negative_sampler(state: *mut c_void) -> *mut c_char {
-    status(|| {
-        if !state.is_null() {
-            // SAFETY: from `create_negative_sampler`, destroyed once.
-            drop(unsafe { Box::from_raw(state as *mut NegativeSamplerState) });
-        }
-        Ok(())
-    })
+    // SAFETY: from `create_negative_sampler`, destroyed once by the host.
+    unsafe { destroy_modelled::<dyn NegativeSampler>(state) }
 }
