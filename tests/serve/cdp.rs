@@ -5,6 +5,7 @@
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -45,7 +46,10 @@ pub fn find_chromium() -> Result<PathBuf, String> {
     ))
 }
 
-/// A running headless Chromium, killed on drop.
+/// A running headless Chromium, killed on drop with every process it
+/// started. Debian's `/usr/bin/chromium-headless-shell` is a shell script
+/// that runs the browser as its child (no `exec`), so the browser gets its
+/// own process group and the whole group is killed.
 pub struct Browser {
     child: Child,
     devtools: SocketAddr,
@@ -71,6 +75,7 @@ impl Browser {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
+            .process_group(0)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
         // "DevTools listening on ws://127.0.0.1:PORT/devtools/browser/ID"
@@ -90,7 +95,7 @@ impl Browser {
         let url = match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(Ok(url)) => url,
             other => {
-                let _ = child.kill();
+                kill_group(&mut child);
                 panic!(
                     "{} did not open its DevTools port: {other:?}",
                     bin.display()
@@ -129,10 +134,20 @@ impl Browser {
     }
 }
 
+/// SIGKILL to the process group `child` leads (its own, from
+/// `process_group(0)`), then reaps `child`.
+fn kill_group(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{}", child.id())])
+        .stderr(Stdio::null())
+        .status();
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 impl Drop for Browser {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        kill_group(&mut self.child);
     }
 }
 
