@@ -22,24 +22,7 @@ use vlmatch::matcher::index::Dtype;
 fn fixture_run() -> &'static (PathBuf, PathBuf) {
     static RUN: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     RUN.get_or_init(|| {
-        let dir = scratch("matcher");
-        let run_dir = dir.join("run");
-        let vlmatch_toml = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/vlmatch.toml");
-        let mut layers = micro_layers(&["train.steps=4", "eval.at_end=false"]);
-        layers.files.insert(0, vlmatch_toml.clone());
-        train_exclusive(vlmatch::train::TrainOptions {
-            layers,
-            run_dir: Some(run_dir.clone()),
-            resume: None,
-            halt_after: None,
-            progress: false,
-            force: false,
-        })
-        .unwrap();
-        let mut layers = micro_layers(&[]);
-        layers.files.insert(0, vlmatch_toml);
-        let data = dir.join("heldout");
-        vlmatch::commands::preview::preview(layers, "heldout", None, &data).unwrap();
+        let (run_dir, data) = vlmatch_run_and_heldout(&scratch("matcher"));
         (run_dir, data.join("annotations.jsonl"))
     })
 }

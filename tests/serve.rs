@@ -34,23 +34,7 @@ fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
         let dir = scratch("serve-fixture");
-        let run = dir.join("run");
-        let vlmatch_toml = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/vlmatch.toml");
-        let mut layers = micro_layers(&["train.steps=4", "eval.at_end=false"]);
-        layers.files.insert(0, vlmatch_toml.clone());
-        train_exclusive(vlmatch::train::TrainOptions {
-            layers,
-            run_dir: Some(run.clone()),
-            resume: None,
-            halt_after: None,
-            progress: false,
-            force: false,
-        })
-        .unwrap();
-        let mut layers = micro_layers(&[]);
-        layers.files.insert(0, vlmatch_toml);
-        let heldout = dir.join("heldout");
-        vlmatch::commands::preview::preview(layers, "heldout", None, &heldout).unwrap();
+        let (run, heldout) = vlmatch_run_and_heldout(&dir);
         let index = dir.join("index");
         vlmatch::commands::matcher::embed_cmd(&vlmatch::commands::matcher::EmbedArgs {
             checkpoint: run.clone(),

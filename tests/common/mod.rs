@@ -139,3 +139,28 @@ pub fn jsonl_without_time(path: &Path) -> Vec<serde_json::Map<String, serde_json
         })
         .collect()
 }
+
+/// A micro run of `configs/vlmatch.toml` (4 steps, so the VL-RTD
+/// discriminator exists) in `dir/run`, and the held-out split `preview`
+/// writes for it in `dir/heldout` (16 PNG images, 48 captions,
+/// `annotations.jsonl`): the trained model the matcher and serve tests use.
+pub fn vlmatch_run_and_heldout(dir: &Path) -> (PathBuf, PathBuf) {
+    let run = dir.join("run");
+    let vlmatch_toml = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/vlmatch.toml");
+    let mut layers = micro_layers(&["train.steps=4", "eval.at_end=false"]);
+    layers.files.insert(0, vlmatch_toml.clone());
+    train_exclusive(TrainOptions {
+        layers,
+        run_dir: Some(run.clone()),
+        resume: None,
+        halt_after: None,
+        progress: false,
+        force: false,
+    })
+    .unwrap();
+    let mut layers = micro_layers(&[]);
+    layers.files.insert(0, vlmatch_toml);
+    let heldout = dir.join("heldout");
+    vlmatch::commands::preview::preview(layers, "heldout", None, &heldout).unwrap();
+    (run, heldout)
+}
