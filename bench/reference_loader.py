@@ -37,29 +37,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def albef_ops():
-    import cv2
     import make_augment as m
-
-    def sharpness(img, factor):
-        kernel = np.ones((3, 3), dtype=np.float32)
-        kernel[1][1] = 5
-        kernel /= 13
-        smooth = cv2.filter2D(img, -1, kernel)
-        if factor == 0.0:
-            return smooth
-        if factor == 1.0:
-            return img
-        out = img.astype(np.float32)
-        inner = smooth.astype(np.float32)[1:-1, 1:-1, :]
-        out[1:-1, 1:-1, :] = inner + factor * (out[1:-1, 1:-1, :] - inner)
-        return out.astype(np.uint8)
 
     return {
         "identity": lambda img, v: img,
         "autocontrast": lambda img, v: m.albef_autocontrast(img),
         "equalize": lambda img, v: m.albef_equalize(img),
         "brightness": m.albef_brightness,
-        "sharpness": sharpness,
+        "sharpness": lambda img, v: m.albef_sharpness(img, v, check_range=False),
         "shear_x": m.albef_shear_x,
         "shear_y": m.albef_shear_y,
         "translate_x": m.albef_translate_x,
