@@ -13,6 +13,8 @@ STEPS=${STEPS:-1600}
 EVERY=${EVERY:-200}
 SEEDS=${SEEDS:-"1 2 3"}
 LIMIT=${LIMIT:-420}
+# Checkpoint every CKPT steps (0: none) so that a stopped sweep resumes.
+CKPT=${CKPT:-$EVERY}
 BIN=${BIN:-gpu-bundle/vlmatch}
 JOBS=${JOBS:-1000}
 mkdir -p "$OUT"
@@ -32,10 +34,20 @@ for seed in $SEEDS; do
     [ -z "$name" ] && continue
     [ "$seed" = "$(echo $SEEDS | cut -d' ' -f1)" ] && names+=("$name")
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
-    $BIN train --quiet $args --run-dir "$OUT/$name-s$seed" \
-      --set train.seed=$seed --set train.steps=$STEPS --set eval.every=$EVERY \
-      --set train.checkpoint_every=0 --set eval.at_end=false \
-      --set train.threads=1 --set data.workers=1 > "$OUT/$name-s$seed.log" 2>&1 &
+    dir="$OUT/$name-s$seed"
+    # A run that evaluated its last step is done; one with a checkpoint
+    # continues from it (a stopped sweep picks up where it was).
+    if grep -qs "\"step\":$STEPS[,}]" "$dir/eval.jsonl"; then
+      echo "$dir: done, skipped"
+      continue
+    elif ls "$dir"/checkpoints/step-* > /dev/null 2>&1; then
+      $BIN train --quiet --resume "$dir" >> "$dir.log" 2>&1 &
+    else
+      $BIN train --quiet $args --run-dir "$dir" \
+        --set train.seed=$seed --set train.steps=$STEPS --set eval.every=$EVERY \
+        --set train.checkpoint_every=$CKPT --set eval.at_end=false \
+        --set train.threads=1 --set data.workers=1 > "$dir.log" 2>&1 &
+    fi
     pids+=($!)
   done <<< "$VARIANTS"
 done
