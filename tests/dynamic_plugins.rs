@@ -1,8 +1,9 @@
 //! Dynamic plugins: a `cdylib` loaded from `plugins.paths` at run time, its
 //! sampler used by FG-ITM from config alone; a library built for another
 //! vlmatch, a missing file, a non-plugin library and a name clash refused;
-//! the boundary: a panicking sampler, a null table, a null function. ABI 3:
-//! an encoder and an objective from a library train; each version field of
+//! the boundary: a panicking sampler, a null table, a null function. ABI 4:
+//! an encoder, objectives, a generator and a discriminator from a library
+//! train; each version field of
 //! the handshake refused; a panicking encoder and a failing tch call in an
 //! objective are errors naming the plugin; null functions of every kind.
 
@@ -222,7 +223,7 @@ fn c_library(dir: &Path, name: &str, source: &str) -> PathBuf {
     lib
 }
 
-/// The C declarations of the plugin table (ABI 3), stub functions, and a
+/// The C declarations of the plugin table (ABI 4), stub functions, and a
 /// table named `table` with `fields` after the ABI version, the versions
 /// and `free_string` (see [`versions`]).
 fn c_table(
@@ -239,10 +240,14 @@ fn c_table(
          typedef struct {{ const char *name; const void *data; void *create; void *forward; void *word_embeddings; void *destroy; }} EncoderVTable;\n\
          typedef struct {{ const char *name; const void *data; void *create; void *forward; void *destroy; }} ObjectiveVTable;\n\
          typedef struct {{ const char *name; const void *data; void *create; void *sample; void *destroy; }} NegativeSamplerVTable;\n\
+         typedef struct {{ const char *name; const void *data; void *create; void *logits; void *fill; void *destroy; }} GeneratorVTable;\n\
+         typedef struct {{ const char *name; const void *data; void *create; void *logits; void *destroy; }} DiscriminatorVTable;\n\
          typedef struct {{ uint32_t abi; const char *rustc; const char *vlmatch; const char *tch; const char *libtorch; void *free_string;\n\
            size_t n_samplers; const VTable *samplers; size_t n_encoders; const EncoderVTable *encoders;\n\
            size_t n_objectives; const ObjectiveVTable *objectives;\n\
-           size_t n_negative_samplers; const NegativeSamplerVTable *negative_samplers; }} Table;\n\
+           size_t n_negative_samplers; const NegativeSamplerVTable *negative_samplers;\n\
+           size_t n_generators; const GeneratorVTable *generators;\n\
+           size_t n_discriminators; const DiscriminatorVTable *discriminators; }} Table;\n\
          static void *create(const char *json, char **error) {{ return 0; }}\n\
          static uint32_t free_string(char *p) {{ return 0; }}\n\
          static char *destroy(void *state) {{ return 0; }}\n\
@@ -430,12 +435,52 @@ fn a_null_table_and_a_null_function_are_refused_naming_the_plugin() {
             "destroy",
             "{ \"nullfn\", 0, stub, stub, 0 }",
         ),
+        (
+            "generator",
+            "create",
+            "{ \"nullfn\", 0, 0, stub, stub, stub }",
+        ),
+        (
+            "generator",
+            "logits",
+            "{ \"nullfn\", 0, stub, 0, stub, stub }",
+        ),
+        (
+            "generator",
+            "fill",
+            "{ \"nullfn\", 0, stub, stub, 0, stub }",
+        ),
+        (
+            "generator",
+            "destroy",
+            "{ \"nullfn\", 0, stub, stub, stub, 0 }",
+        ),
+        (
+            "discriminator",
+            "create",
+            "{ \"nullfn\", 0, 0, stub, stub }",
+        ),
+        (
+            "discriminator",
+            "logits",
+            "{ \"nullfn\", 0, stub, 0, stub }",
+        ),
+        (
+            "discriminator",
+            "destroy",
+            "{ \"nullfn\", 0, stub, stub, 0 }",
+        ),
     ];
     for (kind, field, vtable) in cases {
         let (ty, fields) = match kind {
             "sampler" => ("VTable", "1, vtables, 0, 0, 0, 0"),
             "encoder" => ("EncoderVTable", "0, 0, 1, vtables, 0, 0"),
             "objective" => ("ObjectiveVTable", "0, 0, 0, 0, 1, vtables"),
+            "generator" => ("GeneratorVTable", "0, 0, 0, 0, 0, 0, 0, 0, 1, vtables"),
+            "discriminator" => (
+                "DiscriminatorVTable",
+                "0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, vtables",
+            ),
             _ => ("NegativeSamplerVTable", "0, 0, 0, 0, 0, 0, 1, vtables"),
         };
         let decls = format!("static const {ty} vtables[] = {{ {vtable} }};");
@@ -466,6 +511,8 @@ fn a_null_table_and_a_null_function_are_refused_naming_the_plugin() {
         ("2 encoders", "0, 0, 2, 0, 0, 0"),
         ("4 objectives", "0, 0, 0, 0, 4, 0"),
         ("5 negative samplers", "0, 0, 0, 0, 0, 0, 5, 0"),
+        ("6 generators", "0, 0, 0, 0, 0, 0, 0, 0, 6, 0"),
+        ("7 discriminators", "0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7, 0"),
     ] {
         let source = c_table(abi, versions(), "free_string", "", fields);
         let lib = c_library(&dir, &format!("nullarray{}", &what[..1]), &source);
@@ -568,10 +615,11 @@ fn run_with_library(
     Ok(summary.logged)
 }
 
-/// ABI 3's kinds: an encoder, objectives and a negative sampler (the core
-/// trait, used by ITM) come from a library, are
+/// ABI 4's kinds: an encoder, objectives, a negative sampler (the core
+/// trait, used by ITM), a generator (MLM's head, tied to the host's word
+/// embeddings) and a discriminator (ITM's head) come from a library, are
 /// listed with it as their origin, are picked by name in the config
-/// (`model.image.plugin`, `objectives.<name>.plugin`) and train: the
+/// (`model.image.plugin`, `objectives.<name>.plugin`, ...) and train: the
 /// objective's loss is logged at every step and its own parameter (the
 /// learnt scale, created in the library) is optimised by the host.
 #[test]
@@ -580,9 +628,22 @@ fn an_encoder_and_an_objective_from_a_library_train() {
     let mut registry = Registry::from_inventory().unwrap();
     assert_eq!(
         registry.load_library(&lib).unwrap(),
-        ["conv_stem", "pair_match", "sigmoid_pairs", "next_caption"]
+        [
+            "conv_stem",
+            "pair_match",
+            "sigmoid_pairs",
+            "next_caption",
+            "tied_decoder",
+            "mlp_heads"
+        ]
     );
     let origin = format!("library {}", lib.canonicalize().unwrap().display());
+    for (kind, name) in [
+        (Kind::Generator, "tied_decoder"),
+        (Kind::Discriminator, "mlp_heads"),
+    ] {
+        assert_eq!(registry.get(kind, name, "t").unwrap().origin, origin);
+    }
     assert_eq!(
         registry
             .get(Kind::Encoder, "conv_stem", "t")
@@ -630,6 +691,7 @@ fn an_encoder_and_an_objective_from_a_library_train() {
         assert!(m["sigmoid"].as_f64().is_some_and(f64::is_finite), "{m:?}");
         assert!(m["pair"].as_f64().is_some_and(f64::is_finite), "{m:?}");
         assert!(m["itm_acc_next_caption"].is_number(), "{m:?}");
+        assert!(m["mlm"].as_f64().is_some_and(f64::is_finite), "{m:?}");
     }
     let scale =
         |m: &serde_json::Map<String, serde_json::Value>| m["sigmoid_scale"].as_f64().unwrap();

@@ -122,6 +122,8 @@ fn static_and_dynamic_builds_train_alike_and_the_dynamic_run_resumes_evaluates_a
     assert!(
         s.iter().all(|m| m["sigmoid"].is_number()
             && m["pair"].is_number()
+            && m["mlm"].is_number()
+            && m["itm"].is_number()
             && m["itm_acc_next_caption"].is_number()),
         "{:?}",
         s[0]
@@ -140,6 +142,13 @@ fn static_and_dynamic_builds_train_alike_and_the_dynamic_run_resumes_evaluates_a
         "model.vision_encoder.post_layernorm.bias",
         "model.objectives.sigmoid.logit_scale",
         "optim.m.vision_encoder.embeddings.class_embedding",
+        // The library's generator and discriminator (ITM's and RTD's heads
+        // sit at the model's root, as the built-in `linear`'s do).
+        "model.generator.norm.weight",
+        "model.generator.bias",
+        "model.pooler.weight",
+        "model.pair.bias",
+        "optim.v.token.weight",
     ] {
         assert!(
             wd.iter().any(|(n, _)| n == name),
@@ -208,6 +217,17 @@ fn static_and_dynamic_builds_train_alike_and_the_dynamic_run_resumes_evaluates_a
         objectives.contains(&format!("sigmoid_pairs        {origin}")),
         "{listing}"
     );
+    for (kind, name) in [
+        ("generator", "tied_decoder"),
+        ("discriminator", "mlp_heads"),
+    ] {
+        let section = listing.split_once(&format!("{kind}:\n")).unwrap().1;
+        let section = &section[..section.find(":\n").unwrap_or(section.len())];
+        assert!(
+            section.contains(&format!("{name:<20} {origin}")),
+            "{kind} {name} from the library: {listing}"
+        );
+    }
 }
 
 /// `vlmatch train` with the library on `world` ranks on loopback (as

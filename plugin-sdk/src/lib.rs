@@ -1,13 +1,14 @@
 //! The vlmatch plugin SDK: write a plugin once against the traits of
-//! `vlmatch-core` (`Encoder`, `Objective`, `NegativeSampler`), register it with
+//! `vlmatch-core` (`Encoder`, `Objective`, `NegativeSampler`, `Generator`,
+//! `Discriminator`), register it with
 //! [`register!`], and call [`export!`] once in the crate. The same source
 //! then works both ways:
 //!
 //! - statically: a binary that links the crate (`use my_plugin as _;`) finds
 //!   its plugins through `inventory`, as vlmatch's own;
 //! - dynamically: built as a `cdylib`, it is a plugin library that any
-//!   vlmatch of the same versions loads with `--plugin PATH`; its encoders,
-//!   objectives and text samplers are picked by name in the config.
+//!   vlmatch of the same versions loads with `--plugin PATH`; its plugins
+//!   are picked by name in the config.
 //!
 //! ```text
 //! use vlmatch_plugin_sdk::{register, export, BuildContext};
@@ -27,8 +28,8 @@ pub use vlmatch_registry as registry;
 pub use vlmatch_registry::dynamic::TextSampler;
 pub use vlmatch_registry::{register, BuildContext};
 
-/// Export the crate's registered encoders, objectives and negative
-/// samplers (and the
+/// Export the crate's registered encoders, objectives, negative samplers,
+/// generators and discriminators (and the
 /// [`TextSampler`] types listed, if any) as a plugin library. Call it once
 /// per crate; it defines the library's entry symbol
 /// (`vlmatch_plugin_table`), unused when the crate is linked statically.

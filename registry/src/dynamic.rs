@@ -1,10 +1,11 @@
-//! Dynamic plugins: encoders, objectives and negative samplers in a shared
+//! Dynamic plugins: encoders, objectives, negative samplers, generators and
+//! discriminators in a shared
 //! library (`cdylib`) loaded at run time (`--plugin PATH`, or
 //! `plugins.paths` of a config given on the command line), without
 //! rebuilding vlmatch, and picked by name in the config like any plugin.
 //!
 //! Rust has no stable ABI, so nothing Rust-specific crosses the boundary
-//! ([`abi`], ABI 3): the library exports one `extern "C"` function,
+//! ([`abi`], ABI 4): the library exports one `extern "C"` function,
 //! [`ENTRY_SYMBOL`], returning a `#[repr(C)]` [`PluginTable`]: the ABI
 //! version, the rustc, vlmatch, tch and libtorch versions it was built
 //! with, and C vtables of its plugins. The loader ([`load`]) checks every
@@ -18,8 +19,8 @@
 //! `vlmatch_plugin_sdk::export!()` ([`crate::export_dynamic_samplers!`]):
 //! the library's side ([`guest`]) builds each plugin with its own factory
 //! in a `VarStore` whose variables then join the host's under the plugin's
-//! path; the host's side ([`host`]) wraps each in an `Encoder` or
-//! `Objective` that calls the library. Text-level samplers
+//! path; the host's side ([`host`]) wraps each in the core trait's
+//! implementation (`Encoder`, `Objective`, ...) that calls the library. Text-level samplers
 //! ([`TextSampler`], [`sampler`]) exchange C strings.
 //!
 //! The boundary's contract: nothing unwinds across it. Every function

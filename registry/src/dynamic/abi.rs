@@ -1,4 +1,4 @@
-//! The C side of the plugin boundary (ABI 3): the versions both sides
+//! The C side of the plugin boundary (ABI 4): the versions both sides
 //! compare, the `#[repr(C)]` tables a library exports and the host's
 //! callback tables, and the helpers both sides use to keep panics and
 //! tensor handles on their own side of it.
@@ -15,10 +15,11 @@ use std::ffi::{c_char, c_void, CStr, CString};
 use tch::Tensor;
 
 /// Bumped whenever a table or callback signature of this module changes.
-/// 3: encoders and objectives beside samplers, the libtorch version in the
+/// 4: generators and discriminators, the text encoder's word embeddings
+/// offered at build; 3: encoders and objectives beside samplers, the libtorch version in the
 /// handshake, tensors crossing as handles; 2: fallible callbacks, nullable
 /// pointers; 1: samplers only.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 pub const RUSTC_VERSION: &str = env!("BUILD_RUSTC_VERSION");
 pub const VLMATCH_VERSION: &str = env!("CARGO_PKG_VERSION");
 pub const TCH_VERSION: &str = "0.24.0";
@@ -50,6 +51,10 @@ pub struct PluginTable {
     pub objectives: *const ObjectiveVTable,
     pub n_negative_samplers: usize,
     pub negative_samplers: *const NegativeSamplerVTable,
+    pub n_generators: usize,
+    pub generators: *const GeneratorVTable,
+    pub n_discriminators: usize,
+    pub discriminators: *const DiscriminatorVTable,
 }
 
 /// `free_string`: free a string the library handed out; 0, or non-zero
@@ -87,7 +92,10 @@ pub struct SamplerVTable {
 /// on the plugin's side, are added to the run's variables under the
 /// plugin's `nn::Path` (`add_parameter`, the tensor lent), so they are
 /// checkpointed, optimised, reduced over ranks, exported and moved with
-/// the model. Errors are host strings, freed with `free_string`.
+/// the model; a generator gets the text encoder's word-embedding matrix
+/// to tie its decoder to (`word_embeddings`: one handle given, or null
+/// when the text encoder has none or the plugin is not a generator).
+/// Errors are host strings, freed with `free_string`.
 #[repr(C)]
 pub struct BuildHost {
     pub ctx: *mut c_void,
@@ -99,6 +107,8 @@ pub struct BuildHost {
             trainable: u8,
         ) -> *mut c_char,
     >,
+    pub word_embeddings:
+        Option<unsafe extern "C" fn(ctx: *mut c_void, out: *mut TensorHandle) -> *mut c_char>,
     pub free_string: Option<unsafe extern "C" fn(*mut c_char)>,
 }
 
@@ -169,6 +179,62 @@ pub struct ObjectiveVTable {
             state: *mut c_void,
             view: *const ForwardHost,
             step: i64,
+        ) -> *mut c_char,
+    >,
+    pub destroy: Option<DestroyFn>,
+}
+
+/// The arguments of `Generator::fill`, the tensors lent.
+#[repr(C)]
+pub struct FillCall {
+    pub logits: TensorHandle,
+    pub original: TensorHandle,
+    pub positions: TensorHandle,
+    pub keys: TensorHandle,
+    pub temperature: f64,
+    pub forbid_original: u8,
+}
+
+/// A generator (`vlmatch_core::Generator`): `logits` on lent states
+/// (hidden, mask) writes one given handle; so does `fill`.
+#[repr(C)]
+pub struct GeneratorVTable {
+    pub name: *const c_char,
+    pub data: *const c_void,
+    pub create: Option<CreatePluginFn>,
+    pub logits: Option<
+        unsafe extern "C" fn(
+            state: *mut c_void,
+            hidden: TensorHandle,
+            mask: TensorHandle,
+            train: u8,
+            out: *mut TensorHandle,
+        ) -> *mut c_char,
+    >,
+    pub fill: Option<
+        unsafe extern "C" fn(
+            state: *mut c_void,
+            call: *const FillCall,
+            out: *mut TensorHandle,
+        ) -> *mut c_char,
+    >,
+    pub destroy: Option<DestroyFn>,
+}
+
+/// A discriminator (`vlmatch_core::Discriminator`) on lent fused states
+/// (hidden, mask): `which` 0 pair logits, 1 token logits; one given handle.
+#[repr(C)]
+pub struct DiscriminatorVTable {
+    pub name: *const c_char,
+    pub data: *const c_void,
+    pub create: Option<CreatePluginFn>,
+    pub logits: Option<
+        unsafe extern "C" fn(
+            state: *mut c_void,
+            which: u32,
+            hidden: TensorHandle,
+            mask: TensorHandle,
+            out: *mut TensorHandle,
         ) -> *mut c_char,
     >,
     pub destroy: Option<DestroyFn>,
@@ -294,6 +360,10 @@ unsafe impl Sync for ObjectiveVTable {}
 unsafe impl Send for ObjectiveVTable {}
 unsafe impl Sync for NegativeSamplerVTable {}
 unsafe impl Send for NegativeSamplerVTable {}
+unsafe impl Sync for GeneratorVTable {}
+unsafe impl Send for GeneratorVTable {}
+unsafe impl Sync for DiscriminatorVTable {}
+unsafe impl Send for DiscriminatorVTable {}
 
 /// Lend `t` for the duration of a call.
 pub fn lend(t: &Tensor) -> TensorHandle {

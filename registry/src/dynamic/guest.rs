@@ -5,12 +5,15 @@
 //! plugin's own factory and trait methods: a [`BuildContext`] over its
 //! section, a `VarStore` whose variables then join the host's, and, for
 //! objectives, a [`Forward`] over the host's batch whose model calls back
-//! into the host.
+//! into the host. Generators and discriminators: [`heads`].
+
+mod heads;
 
 use super::abi::{
-    catch_panics, free_own_string, give, lend, static_c, status, text, BuildHost, EncoderCall,
-    EncoderVTable, ForwardHost, NegativeSamplerVTable, NegativesOut, ObjectiveVTable, PluginInfo,
-    PluginTable, SamplerVTable, TensorHandle, LIBTORCH_VERSION, RUSTC_VERSION, TCH_VERSION,
+    catch_panics, free_own_string, give, lend, static_c, status, take, text, BuildHost,
+    EncoderCall, EncoderVTable, ForwardHost, NegativeSamplerVTable, NegativesOut, ObjectiveVTable,
+    PluginInfo, PluginTable, SamplerVTable, TensorHandle, LIBTORCH_VERSION, RUSTC_VERSION,
+    TCH_VERSION,
 };
 use super::calls::{give_encoded, modality_code, OwnedInput};
 use super::view::{host_result, proxy_model, with_forward, ModelFacts};
@@ -37,6 +40,8 @@ struct Tables {
     _encoders: Vec<EncoderVTable>,
     _objectives: Vec<ObjectiveVTable>,
     _negative_samplers: Vec<NegativeSamplerVTable>,
+    _generators: Vec<super::abi::GeneratorVTable>,
+    _discriminators: Vec<super::abi::DiscriminatorVTable>,
 }
 
 // SAFETY: built once, then only read (see the vtables' impls).
@@ -68,6 +73,7 @@ pub fn table(
         }));
         let registry = Registry::from_inventory().map_err(|e| e.to_string())?;
         let (mut encoders, mut objectives, mut negative) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut generators, mut discriminators) = (Vec::new(), Vec::new());
         for e in registry.entries() {
             match e.factory {
                 Factory::Encoder(f) => encoders.push(EncoderVTable {
@@ -92,6 +98,10 @@ pub fn table(
                     sample: Some(negative_sample),
                     destroy: Some(destroy_negative_sampler),
                 }),
+                Factory::Generator(f) => generators.push(heads::generator_vtable(&e.name, f)),
+                Factory::Discriminator(f) => {
+                    discriminators.push(heads::discriminator_vtable(&e.name, f))
+                }
                 _ => {}
             }
         }
@@ -111,6 +121,10 @@ pub fn table(
             objectives: objectives.as_ptr(),
             n_negative_samplers: negative.len(),
             negative_samplers: negative.as_ptr(),
+            n_generators: generators.len(),
+            generators: generators.as_ptr(),
+            n_discriminators: discriminators.len(),
+            discriminators: discriminators.as_ptr(),
         };
         let tables = TABLES.get_or_init(|| Tables {
             table,
@@ -118,6 +132,8 @@ pub fn table(
             _encoders: encoders,
             _objectives: objectives,
             _negative_samplers: negative,
+            _generators: generators,
+            _discriminators: discriminators,
         });
         Ok(&tables.table as *const PluginTable)
     });
@@ -167,13 +183,13 @@ impl TextCodec for NoCodec {
         self.vocab_size
     }
     fn encode(&self, _: &[&str], _: Device) -> TextBatch {
-        panic!("the run's tokenizer is not exposed to plugins in a library (ABI 3)")
+        panic!("the run's tokenizer is not exposed to plugins in a library (ABI 4)")
     }
     fn token(&self, _: i64) -> String {
-        panic!("the run's tokenizer is not exposed to plugins in a library (ABI 3)")
+        panic!("the run's tokenizer is not exposed to plugins in a library (ABI 4)")
     }
     fn pieces(&self, _: &str) -> Vec<i64> {
-        panic!("the run's tokenizer is not exposed to plugins in a library (ABI 3)")
+        panic!("the run's tokenizer is not exposed to plugins in a library (ABI 4)")
     }
 }
 
@@ -241,6 +257,11 @@ unsafe fn build<T>(
     let registry = Registry::from_inventory().map_err(|e| e.to_string())?;
     let view = Rc::new(Cell::new(std::ptr::null::<ForwardHost>()));
     let proxy = model(&req, &view, dev)?;
+    let text_encoder = match &proxy {
+        Some(m) => Some(m.text.clone()),
+        // SAFETY: the host's table, valid for this call.
+        None => unsafe { tied_text(host) }?,
+    };
     let vs = nn::VarStore::new(dev);
     let mut ctx = BuildContext::new(
         vs.root(),
@@ -249,7 +270,7 @@ unsafe fn build<T>(
         &env,
         &registry,
         Sections::standalone(&figment),
-        proxy.as_ref().map(|m| m.text.clone()),
+        text_encoder,
     );
     ctx.widths = Widths {
         image: req.widths[0],
@@ -269,6 +290,47 @@ unsafe fn build<T>(
         host_result(error, host.free_string)?;
     }
     Ok((built, vs, proxy, view))
+}
+
+/// The host's text encoder as a generator sees it while it builds: its
+/// word-embedding matrix (shared with the host, so a tied decoder trains
+/// the host's embeddings), or `None` when the host offers none.
+///
+/// # Safety
+/// `host` is the host's valid table.
+unsafe fn tied_text(host: &BuildHost) -> Result<Option<Rc<dyn Encoder>>, String> {
+    let Some(get) = host.word_embeddings else {
+        return Ok(None);
+    };
+    let mut out: TensorHandle = std::ptr::null_mut();
+    // SAFETY: the host's function with its context and an out-pointer.
+    host_result(unsafe { get(host.ctx, &mut out) }, host.free_string)?;
+    // SAFETY: a non-null handle is given.
+    Ok((!out.is_null()).then(|| Rc::new(TiedText(unsafe { take(out) })) as Rc<dyn Encoder>))
+}
+
+/// See [`tied_text`]: only `word_embeddings` answers.
+struct TiedText(Tensor);
+
+impl Encoder for TiedText {
+    fn modality(&self) -> vlmatch_core::Modality {
+        vlmatch_core::Modality::Text
+    }
+    fn hidden_size(&self) -> i64 {
+        self.0.size().last().copied().unwrap_or(0)
+    }
+    fn forward_t(
+        &self,
+        _: vlmatch_core::EncoderInput<'_>,
+        _: bool,
+    ) -> vlmatch_core::Result<vlmatch_core::Encoded> {
+        Err(vlmatch_core::Error::Config(
+            "a plugin in a library sees the text encoder only through its word embeddings".into(),
+        ))
+    }
+    fn word_embeddings(&self) -> Option<Tensor> {
+        Some(self.0.shallow_clone())
+    }
 }
 
 /// `vs`'s variables: trainable ones in creation order, then the others by name.

@@ -1,17 +1,23 @@
 //! The host side of encoders, objectives and negative samplers in a
 //! library: loading a library into a [`Registry`] (its plugins become
 //! entries whose factories are [`build_encoder`], [`build_objective`] and
-//! [`build_negative_sampler`]), the [`Encoder`], [`Objective`] and
+//! [`build_negative_sampler`], and [`heads`]' for generators and
+//! discriminators), the [`Encoder`], [`Objective`] and
 //! [`NegativeSampler`] that call into the library, and the callbacks the
 //! library calls back: adding its parameters under its `nn::Path`, and
 //! reading the per-batch [`Forward`] cache.
+
+mod heads;
+pub use heads::{build_discriminator, build_generator};
 
 use super::abi::{
     borrow, free_host_string, give, status, take, text, BuildHost, EncoderCall, ForwardFacts,
     ForwardHost, NegativesOut, PluginInfo, TensorHandle,
 };
 use super::calls::{lend_input, modality_code, modality_of, take_encoded, OwnedInput};
-use super::load::{load, EncoderSpec, NegativeSamplerSpec, ObjectiveSpec};
+use super::load::{
+    load, DiscriminatorSpec, EncoderSpec, GeneratorSpec, NegativeSamplerSpec, ObjectiveSpec,
+};
 use crate::registration::Entry;
 use crate::{BuildContext, Factory, Kind, Registry};
 use std::cell::RefCell;
@@ -35,6 +41,8 @@ enum Loaded {
     Encoder(&'static EncoderSpec),
     Objective(&'static ObjectiveSpec),
     NegativeSampler(&'static NegativeSamplerSpec),
+    Generator(&'static GeneratorSpec),
+    Discriminator(&'static DiscriminatorSpec),
 }
 
 impl Loaded {
@@ -43,6 +51,8 @@ impl Loaded {
             Loaded::Encoder(s) => &s.library,
             Loaded::Objective(s) => &s.library,
             Loaded::NegativeSampler(s) => &s.library,
+            Loaded::Generator(s) => &s.library,
+            Loaded::Discriminator(s) => &s.library,
         }
     }
 }
@@ -58,8 +68,8 @@ fn loaded(kind: Kind, name: &str) -> Result<Loaded> {
 }
 
 impl Registry {
-    /// Load a dynamic plugin library and register its samplers, encoders
-    /// and objectives (origin: `library <canonical path>`); their names. The
+    /// Load a dynamic plugin library and register its samplers, encoders,
+    /// objectives, negative samplers, generators and discriminators (origin: `library <canonical path>`); their names. The
     /// library is never unloaded and is opened and checked before anything
     /// else of it is called ([`super::load`]).
     pub fn load_library(&mut self, path: &Path) -> Result<Vec<String>> {
@@ -83,6 +93,14 @@ impl Registry {
         for s in &library.negative_samplers {
             let factory = Factory::NegativeSampler(build_negative_sampler);
             entries.push((s.name.clone(), factory, Some(Loaded::NegativeSampler(s))));
+        }
+        for s in &library.generators {
+            let factory = Factory::Generator(build_generator);
+            entries.push((s.name.clone(), factory, Some(Loaded::Generator(s))));
+        }
+        for s in &library.discriminators {
+            let factory = Factory::Discriminator(build_discriminator);
+            entries.push((s.name.clone(), factory, Some(Loaded::Discriminator(s))));
         }
         let refuse = |e: String| super::abi::refuse(&library.path, e);
         let mut names = Vec::new();
@@ -184,8 +202,8 @@ unsafe extern "C" fn add_parameter(
     trainable: u8,
 ) -> *mut c_char {
     status(|| {
-        // SAFETY: `ctx` is the path `create_in` lends for the call.
-        let path = unsafe { &*(ctx as *const nn::Path<'static>) };
+        // SAFETY: `ctx` is the `Building` `create_in` lends for the call.
+        let path = &unsafe { &*(ctx as *const Building<'static>) }.path;
         // SAFETY: the library passes a NUL-terminated name and a live handle.
         let name = unsafe { text(name) }.ok_or("a parameter without a name")?;
         if tensor.is_null() {
@@ -206,6 +224,31 @@ unsafe extern "C" fn add_parameter(
     })
 }
 
+/// What the build callbacks see: the plugin's path and the text encoder
+/// (generators tie to its word embeddings).
+struct Building<'p> {
+    path: nn::Path<'p>,
+    text: Option<Rc<dyn Encoder>>,
+}
+
+/// `word_embeddings`: the text encoder's matrix, or null.
+unsafe extern "C" fn build_word_embeddings(
+    ctx: *mut c_void,
+    out: *mut TensorHandle,
+) -> *mut c_char {
+    status(|| {
+        // SAFETY: `ctx` is the `Building` `create_in` lends for the call.
+        let b = unsafe { &*(ctx as *const Building<'static>) };
+        let t = b.text.as_ref().and_then(|t| t.word_embeddings());
+        if out.is_null() {
+            return Err("no out-pointer".into());
+        }
+        // SAFETY: a valid out-pointer.
+        unsafe { *out = t.map(give).unwrap_or(std::ptr::null_mut()) };
+        Ok(())
+    })
+}
+
 /// Call `create` with the host's build services; the state and summary.
 fn create_in(
     ctx: &BuildContext<'_>,
@@ -216,10 +259,14 @@ fn create_in(
     free: super::abi::FreeStringFn,
 ) -> Result<(*mut c_void, PluginInfo)> {
     let json = CString::new(request(ctx)).map_err(|e| Error::plugin(name, e.to_string()))?;
-    let path: nn::Path<'_> = ctx.path.clone();
+    let building = Building {
+        path: ctx.path.clone(),
+        text: ctx.text_encoder.clone(),
+    };
     let host = BuildHost {
-        ctx: &path as *const nn::Path<'_> as *mut c_void,
+        ctx: &building as *const Building<'_> as *mut c_void,
         add_parameter: Some(add_parameter),
+        word_embeddings: Some(build_word_embeddings),
         free_string: Some(free_host_string),
     };
     let (mut state, mut info) = (std::ptr::null_mut(), PluginInfo::default());

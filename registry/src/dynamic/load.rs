@@ -4,9 +4,9 @@
 //! of the library is called but its entry.
 
 use super::abi::{
-    refuse, text, CreatePluginFn, DestroyFn, EncoderVTable, FreeStringFn, ObjectiveVTable,
-    PluginTable, ABI_VERSION, ENTRY_SYMBOL, LIBTORCH_VERSION, RUSTC_VERSION, TCH_VERSION,
-    VLMATCH_VERSION,
+    refuse, text, CreatePluginFn, DestroyFn, DiscriminatorVTable, EncoderVTable, FillCall,
+    FreeStringFn, GeneratorVTable, ObjectiveVTable, PluginTable, TensorHandle, ABI_VERSION,
+    ENTRY_SYMBOL, LIBTORCH_VERSION, RUSTC_VERSION, TCH_VERSION, VLMATCH_VERSION,
 };
 use super::sampler::{checked, DynamicSampler};
 use std::ffi::{c_char, c_void};
@@ -59,6 +59,42 @@ pub struct NegativeSamplerSpec {
     pub(crate) free_string: FreeStringFn,
 }
 
+/// A generator found in a loaded library, its functions checked non-null.
+pub struct GeneratorSpec {
+    pub name: String,
+    pub library: String,
+    pub(crate) data: *const c_void,
+    pub(crate) create: CreatePluginFn,
+    pub(crate) logits: unsafe extern "C" fn(
+        *mut c_void,
+        TensorHandle,
+        TensorHandle,
+        u8,
+        *mut TensorHandle,
+    ) -> *mut c_char,
+    pub(crate) fill:
+        unsafe extern "C" fn(*mut c_void, *const FillCall, *mut TensorHandle) -> *mut c_char,
+    pub(crate) destroy: DestroyFn,
+    pub(crate) free_string: FreeStringFn,
+}
+
+/// A discriminator found in a loaded library, its functions checked non-null.
+pub struct DiscriminatorSpec {
+    pub name: String,
+    pub library: String,
+    pub(crate) data: *const c_void,
+    pub(crate) create: CreatePluginFn,
+    pub(crate) logits: unsafe extern "C" fn(
+        *mut c_void,
+        u32,
+        TensorHandle,
+        TensorHandle,
+        *mut TensorHandle,
+    ) -> *mut c_char,
+    pub(crate) destroy: DestroyFn,
+    pub(crate) free_string: FreeStringFn,
+}
+
 // SAFETY: the specs hold pointers to the library's static data and
 // functions, which stay loaded for the process and are only read.
 unsafe impl Sync for EncoderSpec {}
@@ -67,6 +103,10 @@ unsafe impl Sync for ObjectiveSpec {}
 unsafe impl Send for ObjectiveSpec {}
 unsafe impl Sync for NegativeSamplerSpec {}
 unsafe impl Send for NegativeSamplerSpec {}
+unsafe impl Sync for GeneratorSpec {}
+unsafe impl Send for GeneratorSpec {}
+unsafe impl Sync for DiscriminatorSpec {}
+unsafe impl Send for DiscriminatorSpec {}
 
 /// What a library provides, checked.
 pub struct Library {
@@ -75,6 +115,8 @@ pub struct Library {
     pub encoders: Vec<&'static EncoderSpec>,
     pub objectives: Vec<&'static ObjectiveSpec>,
     pub negative_samplers: Vec<&'static NegativeSamplerSpec>,
+    pub generators: Vec<&'static GeneratorSpec>,
+    pub discriminators: Vec<&'static DiscriminatorSpec>,
 }
 
 fn c_str(p: *const c_char, what: &str, path: &Path) -> Result<String> {
@@ -179,7 +221,20 @@ pub(crate) fn load(path: &Path) -> Result<Library> {
             path,
         )?
     };
-    let with_state = encoders.len() + objectives.len() + negative_samplers.len();
+    let generators = unsafe { array(table.n_generators, table.generators, "generators", path)? };
+    let discriminators = unsafe {
+        array(
+            table.n_discriminators,
+            table.discriminators,
+            "discriminators",
+            path,
+        )?
+    };
+    let with_state = encoders.len()
+        + objectives.len()
+        + negative_samplers.len()
+        + generators.len()
+        + discriminators.len();
     let free_string = match (with_state, table.free_string) {
         (_, Some(f)) => Some(f),
         (0, None) => None,
@@ -196,6 +251,8 @@ pub(crate) fn load(path: &Path) -> Result<Library> {
         encoders: Vec::new(),
         objectives: Vec::new(),
         negative_samplers: Vec::new(),
+        generators: Vec::new(),
+        discriminators: Vec::new(),
     };
     let library_name = path.display().to_string();
     for vtable in samplers {
@@ -222,6 +279,14 @@ pub(crate) fn load(path: &Path) -> Result<Library> {
     for v in negative_samplers {
         let spec = negative_sampler(v, path, &library_name, free_string)?;
         out.negative_samplers.push(Box::leak(Box::new(spec)));
+    }
+    for v in generators {
+        let spec = generator(v, path, &library_name, free_string)?;
+        out.generators.push(Box::leak(Box::new(spec)));
+    }
+    for v in discriminators {
+        let spec = discriminator(v, path, &library_name, free_string)?;
+        out.discriminators.push(Box::leak(Box::new(spec)));
     }
     Ok(out)
 }
@@ -284,6 +349,45 @@ fn negative_sampler(
         data: v.data,
         create: v.create.ok_or_else(|| null("create"))?,
         sample: v.sample.ok_or_else(|| null("sample"))?,
+        destroy: v.destroy.ok_or_else(|| null("destroy"))?,
+        free_string: free_string.expect("checked with the table"),
+        library: library.to_string(),
+        name,
+    })
+}
+
+fn generator(
+    v: &GeneratorVTable,
+    path: &Path,
+    library: &str,
+    free_string: Option<FreeStringFn>,
+) -> Result<GeneratorSpec> {
+    let name = c_str(v.name, "generator name", path)?;
+    let null = |what| null(path, "generator", &name, what);
+    Ok(GeneratorSpec {
+        data: v.data,
+        create: v.create.ok_or_else(|| null("create"))?,
+        logits: v.logits.ok_or_else(|| null("logits"))?,
+        fill: v.fill.ok_or_else(|| null("fill"))?,
+        destroy: v.destroy.ok_or_else(|| null("destroy"))?,
+        free_string: free_string.expect("checked with the table"),
+        library: library.to_string(),
+        name,
+    })
+}
+
+fn discriminator(
+    v: &DiscriminatorVTable,
+    path: &Path,
+    library: &str,
+    free_string: Option<FreeStringFn>,
+) -> Result<DiscriminatorSpec> {
+    let name = c_str(v.name, "discriminator name", path)?;
+    let null = |what| null(path, "discriminator", &name, what);
+    Ok(DiscriminatorSpec {
+        data: v.data,
+        create: v.create.ok_or_else(|| null("create"))?,
+        logits: v.logits.ok_or_else(|| null("logits"))?,
         destroy: v.destroy.ok_or_else(|| null("destroy"))?,
         free_string: free_string.expect("checked with the table"),
         library: library.to_string(),

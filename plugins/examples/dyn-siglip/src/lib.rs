@@ -18,11 +18,17 @@
 //!   a match).
 //! - negative sampler `next_caption`: for each pair, the next candidate of
 //!   the in-batch candidates (ITM's), unless it is a positive.
+//! - generator `tied_decoder`: a masked-LM head without a transform: layer
+//!   norm, then the text encoder's word embeddings (tied: the decoder
+//!   trains the host's embedding matrix) plus a bias.
+//! - discriminator `mlp_heads`: ITM's pair head as dense + tanh + 2-way
+//!   linear on the fused `[CLS]` (a pooler, as BERT's), and a per-token
+//!   linear RTD head.
 
 use std::rc::Rc;
 use vlmatch_plugin_sdk::core::{
-    Encoded, Encoder, EncoderInput, Error, Forward, Modality, NegativeSampler, Negatives,
-    Objective, ObjectiveOutput, Result, SamplerInput,
+    Discriminator, Encoded, Encoder, EncoderInput, Error, Forward, Generator, Modality,
+    NegativeSampler, Negatives, Objective, ObjectiveOutput, Result, SamplerInput,
 };
 use vlmatch_plugin_sdk::tch::{self as tch, nn, nn::Module, Kind, Tensor};
 use vlmatch_plugin_sdk::{export, register, BuildContext};
@@ -31,6 +37,8 @@ register!(encoder "conv_stem" => build_stem);
 register!(objective "sigmoid_pairs" => build_pairs);
 register!(objective "pair_match" => build_match);
 register!(negative_sampler "next_caption" => build_next);
+register!(generator "tied_decoder" => build_decoder);
+register!(discriminator "mlp_heads" => build_heads);
 export!();
 
 #[derive(serde::Deserialize)]
@@ -278,5 +286,72 @@ impl NegativeSampler for NextCaption {
                 image_for_text: next,
             })
         })
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoKeys {}
+
+/// See the crate's documentation.
+pub struct TiedDecoder {
+    norm: nn::LayerNorm,
+    embeddings: Tensor,
+    bias: Tensor,
+}
+
+fn build_decoder(ctx: &BuildContext<'_>) -> Result<Rc<dyn Generator>> {
+    let _: NoKeys = ctx.params()?;
+    let tied = ctx
+        .text_encoder
+        .as_ref()
+        .and_then(|t| t.word_embeddings())
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "config key `{}`: tied_decoder needs a text encoder with word embeddings",
+                ctx.key
+            ))
+        })?;
+    let (vocab, width) = tied.size2()?;
+    Ok(Rc::new(TiedDecoder {
+        norm: nn::layer_norm(&ctx.path / "norm", vec![width], Default::default()),
+        embeddings: tied,
+        bias: ctx.path.zeros("bias", &[vocab]),
+    }))
+}
+
+impl Generator for TiedDecoder {
+    fn logits(&self, states: &Encoded, _train: bool) -> Result<Tensor> {
+        let h = states.hidden.to_kind(Kind::Float).apply(&self.norm);
+        Ok(h.matmul(&self.embeddings.tr()) + &self.bias)
+    }
+}
+
+/// See the crate's documentation.
+pub struct MlpHeads {
+    pooler: nn::Linear,
+    pair: nn::Linear,
+    token: nn::Linear,
+}
+
+fn build_heads(ctx: &BuildContext<'_>) -> Result<Rc<dyn Discriminator>> {
+    let _: NoKeys = ctx.params()?;
+    let w = ctx.width("fusion")?;
+    let p = &ctx.path;
+    Ok(Rc::new(MlpHeads {
+        pooler: nn::linear(p / "pooler", w, w, Default::default()),
+        pair: nn::linear(p / "pair", w, 2, Default::default()),
+        token: nn::linear(p / "token", w, 1, Default::default()),
+    }))
+}
+
+impl Discriminator for MlpHeads {
+    fn token_logits(&self, fused: &Encoded) -> Result<Tensor> {
+        let h = fused.hidden.to_kind(Kind::Float);
+        Ok(h.apply(&self.token).squeeze_dim(-1))
+    }
+    fn pair_logits(&self, fused: &Encoded) -> Result<Tensor> {
+        let cls = fused.cls().to_kind(Kind::Float);
+        Ok(cls.apply(&self.pooler).tanh().apply(&self.pair))
     }
 }

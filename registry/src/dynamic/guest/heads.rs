@@ -1,0 +1,208 @@
+//! The library side of generators and discriminators: their vtables, and
+//! the C functions behind them, which build the plugin with its own
+//! factory (a generator sees the host's word embeddings to tie to) and run
+//! it on the host's lent states, panics caught.
+
+use super::super::abi::{
+    borrow, give, static_c, status, BuildHost, DiscriminatorVTable, FillCall, GeneratorVTable,
+    PluginInfo, TensorHandle,
+};
+use super::build;
+use crate::BuildContext;
+use std::ffi::{c_char, c_void};
+use std::rc::Rc;
+use tch::nn;
+use vlmatch_core::{Discriminator, Encoded, FillOptions, Generator};
+
+type GeneratorFactory = fn(&BuildContext<'_>) -> vlmatch_core::Result<Rc<dyn Generator>>;
+type DiscriminatorFactory = fn(&BuildContext<'_>) -> vlmatch_core::Result<Rc<dyn Discriminator>>;
+
+/// The vtable of generator `name`, built by `factory`.
+pub(super) fn generator_vtable(name: &str, factory: GeneratorFactory) -> GeneratorVTable {
+    GeneratorVTable {
+        name: static_c(name),
+        data: Box::leak(Box::new(factory)) as *const GeneratorFactory as *const c_void,
+        create: Some(create_generator),
+        logits: Some(generator_logits),
+        fill: Some(generator_fill),
+        destroy: Some(destroy_head::<dyn Generator>),
+    }
+}
+
+/// The vtable of discriminator `name`, built by `factory`.
+pub(super) fn discriminator_vtable(
+    name: &str,
+    factory: DiscriminatorFactory,
+) -> DiscriminatorVTable {
+    DiscriminatorVTable {
+        name: static_c(name),
+        data: Box::leak(Box::new(factory)) as *const DiscriminatorFactory as *const c_void,
+        create: Some(create_discriminator),
+        logits: Some(discriminator_logits),
+        destroy: Some(destroy_head::<dyn Discriminator>),
+    }
+}
+
+/// A generator's or discriminator's state: the plugin and its `VarStore`
+/// (whose variables the host holds too).
+struct Head<T: ?Sized> {
+    plugin: Rc<T>,
+    _vs: nn::VarStore,
+}
+
+/// Build with `factory` into `state`.
+///
+/// # Safety
+/// The host's request, table and out-pointer, valid for this call.
+unsafe fn create_head<T: ?Sized + 'static>(
+    request: *const c_char,
+    host: *const BuildHost,
+    state: *mut *mut c_void,
+    factory: impl FnOnce(&BuildContext<'_>) -> vlmatch_core::Result<Rc<T>>,
+) -> Result<(), String> {
+    // SAFETY: as the caller promises.
+    let (plugin, vs, _, _) = unsafe { build(request, host, |_, _, _| Ok(None), factory) }?;
+    let head = Head { plugin, _vs: vs };
+    if state.is_null() {
+        return Err("no out-pointer for the state".into());
+    }
+    // SAFETY: a valid out-pointer from the host.
+    unsafe { *state = Box::into_raw(Box::new(head)) as *mut c_void };
+    Ok(())
+}
+
+unsafe extern "C" fn destroy_head<T: ?Sized>(state: *mut c_void) -> *mut c_char {
+    status(|| {
+        if !state.is_null() {
+            // SAFETY: from `create_head` with the same `T`, destroyed once.
+            drop(unsafe { Box::from_raw(state as *mut Head<T>) });
+        }
+        Ok(())
+    })
+}
+
+/// Our own references to lent states.
+///
+/// # Safety
+/// Both handles are live.
+unsafe fn states(hidden: TensorHandle, mask: TensorHandle) -> Result<Encoded, String> {
+    if hidden.is_null() || mask.is_null() {
+        return Err("null states".into());
+    }
+    // SAFETY: as the caller promises.
+    Ok(unsafe {
+        Encoded {
+            hidden: borrow(hidden),
+            mask: borrow(mask),
+        }
+    })
+}
+
+/// Write `t` to the host's out-pointer.
+///
+/// # Safety
+/// `out` is null or a valid out-pointer.
+unsafe fn write(out: *mut TensorHandle, t: tch::Tensor) -> Result<(), String> {
+    if out.is_null() {
+        return Err("no out-pointer".into());
+    }
+    // SAFETY: as the caller promises.
+    unsafe { *out = give(t) };
+    Ok(())
+}
+
+unsafe extern "C" fn create_generator(
+    data: *const c_void,
+    request: *const c_char,
+    host: *const BuildHost,
+    state: *mut *mut c_void,
+    _info: *mut PluginInfo,
+) -> *mut c_char {
+    status(|| {
+        // SAFETY: `data` is the factory this vtable was made with.
+        let factory = unsafe { *(data as *const GeneratorFactory) };
+        // SAFETY: the host's request, table and out-pointer.
+        unsafe { create_head(request, host, state, factory) }
+    })
+}
+
+unsafe extern "C" fn generator_logits(
+    state: *mut c_void,
+    hidden: TensorHandle,
+    mask: TensorHandle,
+    train: u8,
+    out: *mut TensorHandle,
+) -> *mut c_char {
+    status(|| {
+        // SAFETY: our state; the host's lent states and out-pointer.
+        let s = unsafe { &*(state as *const Head<dyn Generator>) };
+        let states = unsafe { states(hidden, mask) }?;
+        let t = s
+            .plugin
+            .logits(&states, train != 0)
+            .map_err(|e| e.to_string())?;
+        unsafe { write(out, t) }
+    })
+}
+
+unsafe extern "C" fn generator_fill(
+    state: *mut c_void,
+    call: *const FillCall,
+    out: *mut TensorHandle,
+) -> *mut c_char {
+    status(|| {
+        // SAFETY: our state; the host's call (lent tensors) and out-pointer.
+        let s = unsafe { &*(state as *const Head<dyn Generator>) };
+        let c = unsafe { call.as_ref() }.ok_or("no call")?;
+        let handles = [c.logits, c.original, c.positions, c.keys];
+        if handles.iter().any(|h| h.is_null()) {
+            return Err("a null tensor in the call".into());
+        }
+        let [logits, original, positions, keys] = handles.map(|h| unsafe { borrow(h) });
+        let opts = FillOptions {
+            temperature: c.temperature,
+            forbid_original: c.forbid_original != 0,
+        };
+        let t = s
+            .plugin
+            .fill(&logits, &original, &positions, opts, &keys)
+            .map_err(|e| e.to_string())?;
+        unsafe { write(out, t) }
+    })
+}
+
+unsafe extern "C" fn create_discriminator(
+    data: *const c_void,
+    request: *const c_char,
+    host: *const BuildHost,
+    state: *mut *mut c_void,
+    _info: *mut PluginInfo,
+) -> *mut c_char {
+    status(|| {
+        // SAFETY: `data` is the factory this vtable was made with.
+        let factory = unsafe { *(data as *const DiscriminatorFactory) };
+        // SAFETY: the host's request, table and out-pointer.
+        unsafe { create_head(request, host, state, factory) }
+    })
+}
+
+unsafe extern "C" fn discriminator_logits(
+    state: *mut c_void,
+    which: u32,
+    hidden: TensorHandle,
+    mask: TensorHandle,
+    out: *mut TensorHandle,
+) -> *mut c_char {
+    status(|| {
+        // SAFETY: our state; the host's lent states and out-pointer.
+        let s = unsafe { &*(state as *const Head<dyn Discriminator>) };
+        let fused = unsafe { states(hidden, mask) }?;
+        let t = match which {
+            0 => s.plugin.pair_logits(&fused),
+            1 => s.plugin.token_logits(&fused),
+            w => return Err(format!("unknown discriminator call {w}")),
+        }
+        .map_err(|e| e.to_string())?;
+        unsafe { write(out, t) }
+    })
+}
