@@ -1,77 +1,40 @@
-//! The host side of encoders, objectives and negative samplers in a
-//! library: loading a library into a [`Registry`] (its plugins become
-//! entries whose factories are [`build_encoder`], [`build_objective`] and
-//! [`build_negative_sampler`], and [`heads`]' for generators and
-//! discriminators), the [`Encoder`], [`Objective`] and
-//! [`NegativeSampler`] that call into the library, and the callbacks the
-//! library calls back: adding its parameters under its `nn::Path`, and
-//! reading the per-batch [`Forward`] cache.
+//! The host side of a library's plugins: loading a library into a
+//! [`Registry`] (its plugins become entries whose factories are
+//! [`build_encoder`], [`build_objective`], [`build_negative_sampler`],
+//! [`build_generator`] and [`build_discriminator`]), the [`Encoder`],
+//! [`Objective`] and [`NegativeSampler`] that call into the library (the
+//! generator and discriminator: `host/heads.rs`), and the callbacks of an
+//! objective's or sampler's forward, reading the per-batch [`Forward`]
+//! cache. Creating a plugin and its build callbacks: `host/create.rs`.
 
+mod create;
 mod heads;
+use create::{create_in, destroy, failed, library_error, loaded, Loaded, LOADED};
 pub use heads::{build_discriminator, build_generator};
 
 use super::abi::{
-    borrow, free_host_string, give, status, take, text, BuildHost, EncoderCall, ForwardFacts,
-    ForwardHost, NegativesOut, PluginInfo, TensorHandle,
+    borrow, free_host_string, give, status, take, text, EncoderCall, ForwardFacts, ForwardHost,
+    NegativesOut, TensorHandle,
 };
-use super::calls::{lend_input, modality_code, modality_of, take_encoded, OwnedInput};
-use super::load::{
-    load, DiscriminatorSpec, EncoderSpec, GeneratorSpec, NegativeSamplerSpec, ObjectiveSpec,
-};
+use super::calls::{lend_input, modality_of, take_encoded, OwnedInput};
+use super::load::{load, EncoderSpec, NegativeSamplerSpec, ObjectiveSpec};
 use crate::registration::Entry;
 use crate::{BuildContext, Factory, Kind, Registry};
 use std::cell::RefCell;
-use std::collections::BTreeMap;
-use std::ffi::{c_char, c_void, CString};
+use std::ffi::{c_char, c_void};
 use std::path::Path;
 use std::rc::Rc;
-use std::sync::Mutex;
-use tch::{nn, Tensor};
+use tch::Tensor;
 use vlmatch_core::{
     Encoded, Encoder, EncoderInput, Error, Forward, Modality, NegativeSampler, Negatives,
     Objective, ObjectiveOutput, Result, SamplerInput,
 };
 
-/// Encoders and objectives of the libraries loaded in this process, by
-/// kind and name: what [`build_encoder`] and [`build_objective`] find.
-static LOADED: Mutex<BTreeMap<(Kind, String), Loaded>> = Mutex::new(BTreeMap::new());
-
-#[derive(Clone, Copy)]
-enum Loaded {
-    Encoder(&'static EncoderSpec),
-    Objective(&'static ObjectiveSpec),
-    NegativeSampler(&'static NegativeSamplerSpec),
-    Generator(&'static GeneratorSpec),
-    Discriminator(&'static DiscriminatorSpec),
-}
-
-impl Loaded {
-    fn library(&self) -> &str {
-        match self {
-            Loaded::Encoder(s) => &s.library,
-            Loaded::Objective(s) => &s.library,
-            Loaded::NegativeSampler(s) => &s.library,
-            Loaded::Generator(s) => &s.library,
-            Loaded::Discriminator(s) => &s.library,
-        }
-    }
-}
-
-fn loaded(kind: Kind, name: &str) -> Result<Loaded> {
-    let map = LOADED.lock().unwrap_or_else(|e| e.into_inner());
-    map.get(&(kind, name.to_string())).copied().ok_or_else(|| {
-        Error::plugin(
-            name,
-            format!("no loaded plugin library provides {kind} `{name}`"),
-        )
-    })
-}
-
 impl Registry {
-    /// Load a dynamic plugin library and register its samplers, encoders,
-    /// objectives, negative samplers, generators and discriminators (origin: `library <canonical path>`); their names. The
-    /// library is never unloaded and is opened and checked before anything
-    /// else of it is called ([`super::load`]).
+    /// Load a dynamic plugin library and register its plugins (origin:
+    /// `library <canonical path>`); their names. The library is never
+    /// unloaded and is opened and checked before anything else of it is
+    /// called ([`super::load`]).
     pub fn load_library(&mut self, path: &Path) -> Result<Vec<String>> {
         let library = load(path)?;
         let origin = format!("library {}", library.path.display());
@@ -129,157 +92,6 @@ impl Registry {
         }
         Ok(names)
     }
-}
-
-/// An error of call `call` of plugin `name` in `library`.
-fn failed(name: &str, library: &str, call: &str, message: &str) -> Error {
-    Error::plugin(
-        name,
-        format!("`{call}` failed in library {library}: {message}"),
-    )
-}
-
-/// A library's error string as text, freed by the library.
-///
-/// # Safety
-/// `p` is null or a string of the library whose `free_string` is given.
-unsafe fn library_error(p: *mut c_char, free: super::abi::FreeStringFn) -> Option<String> {
-    // SAFETY: as the caller promises; freed once, here.
-    let message = unsafe { text(p) }?;
-    unsafe { free(p) };
-    Some(message)
-}
-
-fn device_name(d: tch::Device) -> String {
-    match d {
-        tch::Device::Cuda(i) => format!("cuda:{i}"),
-        tch::Device::Mps => "mps".into(),
-        _ => "cpu".into(),
-    }
-}
-
-fn kind_name(k: tch::Kind) -> &'static str {
-    match k {
-        tch::Kind::BFloat16 => "bfloat16",
-        tch::Kind::Half => "half",
-        _ => "float",
-    }
-}
-
-/// What `create` gets (see [`super::guest::Request`]).
-fn request(ctx: &BuildContext<'_>) -> String {
-    let env = ctx.env;
-    let s = env.special;
-    let model = ctx.model.map(|m| {
-        serde_json::json!({
-            "image": [modality_code(m.image.modality()), m.image.hidden_size()],
-            "text": [modality_code(m.text.modality()), m.text.hidden_size()],
-            "fusion": [modality_code(m.fusion.modality()), m.fusion.hidden_size()],
-        })
-    });
-    serde_json::json!({
-        "plugin": ctx.plugin,
-        "key": ctx.key,
-        "section": ctx.section_json(),
-        "device": device_name(env.device),
-        "compute": kind_name(env.compute),
-        "vocab_size": env.vocab_size,
-        "special": [s.pad, s.unk, s.cls, s.sep, s.mask],
-        "image_size": env.image_size,
-        "max_text_len": env.max_text_len,
-        "widths": [ctx.widths.image, ctx.widths.text, ctx.widths.fusion],
-        "model": model,
-    })
-    .to_string()
-}
-
-/// `add_parameter`: `tensor` joins the run's variables at `name` (dotted,
-/// relative to the plugin's path).
-unsafe extern "C" fn add_parameter(
-    ctx: *mut c_void,
-    name: *const c_char,
-    tensor: TensorHandle,
-    trainable: u8,
-) -> *mut c_char {
-    status(|| {
-        // SAFETY: `ctx` is the `Building` `create_in` lends for the call.
-        let path = &unsafe { &*(ctx as *const Building<'static>) }.path;
-        // SAFETY: the library passes a NUL-terminated name and a live handle.
-        let name = unsafe { text(name) }.ok_or("a parameter without a name")?;
-        if tensor.is_null() {
-            return Err(format!("parameter `{name}` has no tensor"));
-        }
-        let parts: Vec<&str> = name.split('.').collect();
-        if parts.iter().any(|p| p.is_empty()) {
-            return Err(format!("parameter name `{name}` has an empty component"));
-        }
-        let mut p = path.clone();
-        for part in &parts[..parts.len() - 1] {
-            p = &p / *part;
-        }
-        // SAFETY: a live handle, lent.
-        let t = unsafe { borrow(tensor) };
-        let _ = p.add(parts[parts.len() - 1], t, trainable != 0);
-        Ok(())
-    })
-}
-
-/// What the build callbacks see: the plugin's path and the text encoder
-/// (generators tie to its word embeddings).
-struct Building<'p> {
-    path: nn::Path<'p>,
-    text: Option<Rc<dyn Encoder>>,
-}
-
-/// `word_embeddings`: the text encoder's matrix, or null.
-unsafe extern "C" fn build_word_embeddings(
-    ctx: *mut c_void,
-    out: *mut TensorHandle,
-) -> *mut c_char {
-    status(|| {
-        // SAFETY: `ctx` is the `Building` `create_in` lends for the call.
-        let b = unsafe { &*(ctx as *const Building<'static>) };
-        let t = b.text.as_ref().and_then(|t| t.word_embeddings());
-        if out.is_null() {
-            return Err("no out-pointer".into());
-        }
-        // SAFETY: a valid out-pointer.
-        unsafe { *out = t.map(give).unwrap_or(std::ptr::null_mut()) };
-        Ok(())
-    })
-}
-
-/// Call `create` with the host's build services; the state and summary.
-fn create_in(
-    ctx: &BuildContext<'_>,
-    name: &str,
-    library: &str,
-    create: super::abi::CreatePluginFn,
-    data: *const c_void,
-    free: super::abi::FreeStringFn,
-) -> Result<(*mut c_void, PluginInfo)> {
-    let json = CString::new(request(ctx)).map_err(|e| Error::plugin(name, e.to_string()))?;
-    let building = Building {
-        path: ctx.path.clone(),
-        text: ctx.text_encoder.clone(),
-    };
-    let host = BuildHost {
-        ctx: &building as *const Building<'_> as *mut c_void,
-        add_parameter: Some(add_parameter),
-        word_embeddings: Some(build_word_embeddings),
-        free_string: Some(free_host_string),
-    };
-    let (mut state, mut info) = (std::ptr::null_mut(), PluginInfo::default());
-    // SAFETY: valid strings and out-pointers; `host` lives for the call.
-    let error = unsafe { create(data, json.as_ptr(), &host, &mut state, &mut info) };
-    // SAFETY: an error string of this library.
-    if let Some(message) = unsafe { library_error(error, free) } {
-        return Err(failed(name, library, "create", &message));
-    }
-    if state.is_null() {
-        return Err(failed(name, library, "create", "it returned no state"));
-    }
-    Ok((state, info))
 }
 
 /// The factory of every encoder from a library.
@@ -382,22 +194,6 @@ impl Encoder for HostEncoder {
         }
         // SAFETY: a non-null handle is given.
         (!out.is_null()).then(|| unsafe { take(out) })
-    }
-}
-
-fn destroy(
-    state: *mut c_void,
-    destroy: super::abi::DestroyFn,
-    free: super::abi::FreeStringFn,
-    name: &str,
-    library: &str,
-) {
-    // SAFETY: `state` came from `create` and is destroyed once, here.
-    let error = unsafe { destroy(state) };
-    // SAFETY: an error string of this library.
-    if let Some(message) = unsafe { library_error(error, free) } {
-        // Drop cannot fail: the failure is reported, not returned.
-        tracing::error!("{}", failed(name, library, "destroy", &message));
     }
 }
 

@@ -7,7 +7,7 @@ use super::super::abi::{
     borrow, give, static_c, status, BuildHost, DiscriminatorVTable, FillCall, GeneratorVTable,
     PluginInfo, TensorHandle,
 };
-use super::build;
+use super::request::build;
 use crate::BuildContext;
 use std::ffi::{c_char, c_void};
 use std::rc::Rc;

@@ -4,7 +4,7 @@
 
 use super::super::abi::{lend, take, FillCall, TensorHandle};
 use super::super::load::{DiscriminatorSpec, GeneratorSpec};
-use super::{create_in, destroy, failed, library_error, loaded, Loaded};
+use super::create::{create_in, destroy, failed, library_error, loaded, Loaded};
 use crate::{BuildContext, Kind};
 use std::ffi::{c_char, c_void};
 use std::rc::Rc;
