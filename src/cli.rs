@@ -435,7 +435,7 @@ macro_rules! injected {
 
 pub fn run(cli: Cli) -> Result<()> {
     use crate::commands::matcher::Matcher;
-    crate::setup::set_plugin_libraries(&cli.plugins)?;
+    crate::libraries::set_plugin_libraries(&cli.plugins)?;
     match cli.command {
         Command::Train {
             config,
@@ -509,7 +509,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Plugins { config } => {
             let loaded = config.layers()?.load()?;
             let mut libraries = loaded.config.plugins.paths.clone();
-            libraries.extend(crate::setup::plugin_libraries());
+            libraries.extend(crate::libraries::plugin_libraries());
             print!("{}", crate::commands::plugins::plugin_listing(&libraries)?);
             Ok(())
         }

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use tch::{Device, Tensor};
 use vlmatch_core::{Error, Result};
 use vlmatch_registry::weights::{role_prefix, ExportContext, ExportFiles};
-use vlmatch_registry::{Kind, LoadedConfig, Registry};
+use vlmatch_registry::{Kind, LoadedConfig};
 
 /// What was written.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -65,7 +65,7 @@ pub fn export(
     out: &Path,
 ) -> Result<Exported> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let registry = Registry::from_inventory().map_err(|e| Error::Config(e.to_string()))?;
+    let registry = crate::libraries::registry(loaded)?;
     let mut done = Exported {
         image: None,
         text: None,

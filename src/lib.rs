@@ -19,6 +19,7 @@ pub mod fault;
 pub mod grad_cache;
 pub mod guard;
 pub mod hooks;
+pub mod libraries;
 pub mod matcher;
 pub mod momentum;
 pub mod optim;

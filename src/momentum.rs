@@ -130,7 +130,7 @@ impl MomentumTrainer {
         check_queue_size(cfg.queue_size, world, tc.batch_size)?;
         // The run's registry: its plugin libraries too, whose encoders the
         // momentum model is built with as well.
-        let registry = crate::setup::registry(loaded)?;
+        let registry = crate::libraries::registry(loaded)?;
         let (mut vs, model) = assemble_model(&registry, loaded, env)?;
         vs.freeze();
         let trained: HashMap<String, Tensor> = asm.vs.variables().into_iter().collect();

@@ -222,7 +222,7 @@ const ROLES: [(&str, &str); 3] = [
 /// generator's). Missing or mismatched tensors are an error unless the role
 /// sets `allow_partial_init = true`.
 pub fn apply_inits(cfg: &LoadedConfig, vars: &HashMap<String, Tensor>) -> Result<Vec<LoadReport>> {
-    let registry = registry()?;
+    let registry = crate::libraries::registry(cfg)?;
     let mut reports: Vec<(LoadReport, bool)> = Vec::new();
     let mut checkpoints: BTreeMap<PathBuf, BTreeMap<String, Tensor>> = BTreeMap::new();
     for (role, what) in ROLES {

@@ -53,7 +53,7 @@ pub fn saved_config(run_dir: &Path) -> Result<(String, Option<PathBuf>, String)>
         .iter()
         .filter_map(|v| v.as_str().map(String::from))
         .collect();
-    let given = crate::setup::plugin_libraries();
+    let given = crate::libraries::plugin_libraries();
     let unapproved: Vec<&String> = named
         .iter()
         .filter(|p| {

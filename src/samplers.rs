@@ -28,7 +28,7 @@ pub fn run_sampler(
     model: &VlModel,
     name: &str,
 ) -> Result<Box<dyn NegativeSampler>> {
-    let registry = crate::setup::registry(config)?;
+    let registry = crate::libraries::registry(config)?;
     vlmatch_registry::run_sampler(&registry, config, env, model, name)
 }
 

@@ -5,13 +5,13 @@ use crate::data::loader::Source;
 use crate::data::webdataset::Shards;
 use crate::data::{annotations, Dataset};
 use crate::tokenizer::{Codec, Tokenizer};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
 use tch::{Device, Kind};
 use vlmatch_core::{Error, Result};
 use vlmatch_registry::config::{DataSource, Precision, TrainDevice};
-use vlmatch_registry::{assemble, Assembly, LoadedConfig, ModelEnv, Registry};
+use vlmatch_registry::{assemble, Assembly, LoadedConfig, ModelEnv};
 
 /// The device `train.device` names on one process.
 pub fn device(choice: &TrainDevice) -> Result<Device> {
@@ -249,77 +249,10 @@ pub fn model_on(
     tok: &Arc<Tokenizer>,
     device: Device,
 ) -> Result<(Assembly, ModelEnv)> {
-    let registry = registry(cfg)?;
+    let registry = crate::libraries::registry(cfg)?;
     let env = model_env(cfg, tok, device)?;
     let assembly = assemble(&registry, cfg, &env)?;
     Ok((assembly, env))
-}
-
-/// The dynamic plugin libraries given on the command line (`--plugin
-/// PATH`), canonical.
-static PLUGIN_LIBRARIES: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
-
-/// Record the `--plugin` libraries of this invocation; each must be a file.
-pub fn set_plugin_libraries(paths: &[PathBuf]) -> Result<()> {
-    let mut canonical = Vec::new();
-    for p in paths {
-        canonical.push(canonical_library(p, "--plugin")?);
-    }
-    *PLUGIN_LIBRARIES.lock().unwrap_or_else(|e| e.into_inner()) = canonical;
-    Ok(())
-}
-
-/// The `--plugin` libraries of this invocation, canonical.
-pub fn plugin_libraries() -> Vec<PathBuf> {
-    PLUGIN_LIBRARIES
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
-}
-
-/// `path` made absolute with every link resolved: the exact file that is
-/// checked is the file that is loaded (a bare name would otherwise be
-/// searched on the library path).
-pub fn canonical_library(path: &Path, from: &str) -> Result<PathBuf> {
-    let canonical = std::fs::canonicalize(path).map_err(|e| {
-        let why = match e.kind() {
-            std::io::ErrorKind::NotFound => "no such file".to_string(),
-            _ => e.to_string(),
-        };
-        Error::Config(format!(
-            "{from} `{}`: {why}; expected the path of a plugin library file",
-            path.display()
-        ))
-    })?;
-    if !canonical.is_file() {
-        return Err(Error::Config(format!(
-            "{from} `{}`: not a file; expected the path of a plugin library file",
-            path.display()
-        )));
-    }
-    Ok(canonical)
-}
-
-/// The built-in plugins, the libraries of the config's `plugins.paths`
-/// (from a layer the user gave in this invocation; a run directory's are
-/// refused unless given with `--plugin`, see `run::saved_config`) and the
-/// `--plugin` libraries, each loaded once from its canonical path.
-pub fn registry(cfg: &LoadedConfig) -> Result<Registry> {
-    let mut registry = Registry::from_inventory().map_err(|e| Error::Config(e.to_string()))?;
-    let mut loaded: Vec<PathBuf> = Vec::new();
-    let from_config = cfg.config.plugins.paths.iter();
-    let configured: Vec<PathBuf> = from_config
-        .map(|p| canonical_library(p, "config key `plugins.paths`"))
-        .collect::<Result<_>>()?;
-    for path in configured.into_iter().chain(plugin_libraries()) {
-        if loaded.contains(&path) {
-            continue;
-        }
-        let names = registry.load_library(&path)?;
-        tracing::info!(library = %path.display(), plugins = ?names, "loaded plugin library");
-        loaded.push(path);
-    }
-    Ok(registry)
 }
 
 /// What plugins of `cfg` are built with on `device`: the vocabulary, sizes,

@@ -237,10 +237,11 @@ fn c_table(
     format!(
         "#include <stddef.h>\n#include <stdint.h>\n\
          typedef struct {{ const char *name; void *create; void *sample; void *free_string; void *destroy; }} VTable;\n\
-         typedef struct {{ const char *name; const void *data; void *create; void *forward; void *word_embeddings; void *destroy; }} EncoderVTable;\n\
+         typedef struct {{ const void *data; const char *model_types; const char *architectures; void *call; }} Layout;\n\
+         typedef struct {{ const char *name; const void *data; void *create; void *forward; void *word_embeddings; void *destroy; const Layout *layout; }} EncoderVTable;\n\
          typedef struct {{ const char *name; const void *data; void *create; void *forward; void *destroy; }} ObjectiveVTable;\n\
          typedef struct {{ const char *name; const void *data; void *create; void *sample; void *destroy; }} NegativeSamplerVTable;\n\
-         typedef struct {{ const char *name; const void *data; void *create; void *logits; void *fill; void *destroy; }} GeneratorVTable;\n\
+         typedef struct {{ const char *name; const void *data; void *create; void *logits; void *fill; void *destroy; const Layout *layout; }} GeneratorVTable;\n\
          typedef struct {{ const char *name; const void *data; void *create; void *logits; void *destroy; }} DiscriminatorVTable;\n\
          typedef struct {{ uint32_t abi; const char *rustc; const char *vlmatch; const char *tch; const char *libtorch; void *free_string;\n\
            size_t n_samplers; const VTable *samplers; size_t n_encoders; const EncoderVTable *encoders;\n\
@@ -470,6 +471,11 @@ fn a_null_table_and_a_null_function_are_refused_naming_the_plugin() {
             "destroy",
             "{ \"nullfn\", 0, stub, stub, 0 }",
         ),
+        (
+            "encoder",
+            "layout.call",
+            "{ \"nullfn\", 0, stub, stub, stub, stub, &layout }",
+        ),
     ];
     for (kind, field, vtable) in cases {
         let (ty, fields) = match kind {
@@ -483,7 +489,8 @@ fn a_null_table_and_a_null_function_are_refused_naming_the_plugin() {
             ),
             _ => ("NegativeSamplerVTable", "0, 0, 0, 0, 0, 0, 1, vtables"),
         };
-        let decls = format!("static const {ty} vtables[] = {{ {vtable} }};");
+        let layout = "static const Layout layout = { 0, \"[]\", \"[]\", 0 };";
+        let decls = format!("{layout}\nstatic const {ty} vtables[] = {{ {vtable} }};");
         let source = c_table(abi, versions(), "free_string", &decls, fields);
         let name = format!("null{}{}", kind.replace(' ', ""), field.replace('_', ""));
         let lib = c_library(&dir, &name, &source);

@@ -205,6 +205,33 @@ fn static_and_dynamic_builds_train_alike_and_the_dynamic_run_resumes_evaluates_a
     );
     assert!(export.join("text/model.safetensors").is_file(), "{out}");
 
+    // The library's encoder exported through its layout, across the
+    // boundary (the trained tensors, under the stem's own names), and a new
+    // run starts from the export with every tensor applied.
+    let image = export.join("image");
+    let config = std::fs::read_to_string(image.join("config.json")).unwrap();
+    assert!(config.contains("\"vlmatch_conv_stem\""), "{config}");
+    let exported = tch::Tensor::read_safetensors(image.join("model.safetensors")).unwrap();
+    let trained = weights(&dynamic_dir, 20);
+    assert_eq!(exported.len(), 5);
+    for (name, t) in &exported {
+        let full = format!("model.vision_encoder.{name}");
+        let (_, w) = trained.iter().find(|(n, _)| *n == full).unwrap();
+        assert!(t.equal(w), "{name} is not the trained tensor");
+    }
+    let init = format!("model.image.init={:?}", image.to_str().unwrap());
+    let started = root.join("started");
+    let o = train_dynamic(&started, &lib, &["--set", &init, "--set", "train.steps=1"]);
+    let log = ok(&o, "train from the export");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "image encoder from {}: 5 applied, 0 missing, 0 new, 0 unused, 0 shape mismatches",
+            image.display()
+        )),
+        "{log}{stderr}"
+    );
+
     // The library's plugins, listed by kind with their origin.
     let listing = ok(&vlmatch(&["plugins"], &lib), "plugins");
     let origin = format!("library {}", lib.canonicalize().unwrap().display());

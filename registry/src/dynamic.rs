@@ -36,6 +36,7 @@ pub mod abi;
 pub mod calls;
 pub mod guest;
 pub mod host;
+pub mod layout;
 pub mod load;
 pub mod sampler;
 pub mod view;

@@ -270,6 +270,11 @@ impl Registry {
         out
     }
 
+    /// Add the checkpoint layout of plugin `name` of `kind` (a library's).
+    pub fn insert_layout(&mut self, kind: Kind, name: &str, layout: &'static dyn CheckpointLayout) {
+        self.layouts.insert((kind, name.to_string()), layout);
+    }
+
     // `load_library`, which registers a dynamic library's plugins, is in
     // `crate::dynamic::host`.
 }

@@ -133,7 +133,7 @@ pub(crate) fn head(
     path: nn::Path<'_>,
     (width, outputs, compute): (i64, i64, Kind),
 ) -> Result<Box<dyn Head>> {
-    let registry = crate::setup::registry(loaded)?;
+    let registry = crate::libraries::registry(loaded)?;
     registry.head(
         name,
         &vlmatch_registry::HeadSpec {

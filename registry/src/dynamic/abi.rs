@@ -16,7 +16,8 @@ use tch::Tensor;
 
 /// Bumped whenever a table or callback signature of this module changes.
 /// 4: generators and discriminators, the text encoder's word embeddings
-/// offered at build; 3: encoders and objectives beside samplers, the libtorch version in the
+/// offered at build, checkpoint layouts of encoders and generators; 3:
+/// encoders and objectives beside samplers, the libtorch version in the
 /// handshake, tensors crossing as handles; 2: fallible callbacks, nullable
 /// pointers; 1: samplers only.
 pub const ABI_VERSION: u32 = 4;
@@ -165,6 +166,40 @@ pub struct EncoderVTable {
     pub word_embeddings:
         Option<unsafe extern "C" fn(state: *mut c_void, out: *mut TensorHandle) -> *mut c_char>,
     pub destroy: Option<DestroyFn>,
+    /// The encoder's checkpoint layout, or null for none.
+    pub layout: *const LayoutVTable,
+}
+
+/// Where a library hands the tensors of an answer: `push` takes each one
+/// lent (the host takes its own reference); null, or a host error string.
+#[repr(C)]
+pub struct TensorSink {
+    pub ctx: *mut c_void,
+    pub push: Option<unsafe extern "C" fn(ctx: *mut c_void, tensor: TensorHandle) -> *mut c_char>,
+    pub free_string: Option<unsafe extern "C" fn(*mut c_char)>,
+}
+
+/// A plugin's checkpoint layout (`crate::weights::CheckpointLayout`):
+/// the `model_type`s and `transformers` classes it names (JSON arrays of
+/// strings), and one `call` for its methods: `request` is JSON
+/// (`dynamic::layout::Request`), `tensors` the `n` tensors it refers to,
+/// lent; the answer is JSON in `out_json` (a library string, freed with
+/// its `free_string`) and its tensors go to `sink`, in order.
+#[repr(C)]
+pub struct LayoutVTable {
+    pub data: *const c_void,
+    pub model_types: *const c_char,
+    pub architectures: *const c_char,
+    pub call: Option<
+        unsafe extern "C" fn(
+            data: *const c_void,
+            request: *const c_char,
+            n: usize,
+            tensors: *const TensorHandle,
+            sink: *const TensorSink,
+            out_json: *mut *mut c_char,
+        ) -> *mut c_char,
+    >,
 }
 
 /// An objective: `forward` reads the host's forward cache through `view`
@@ -219,6 +254,8 @@ pub struct GeneratorVTable {
         ) -> *mut c_char,
     >,
     pub destroy: Option<DestroyFn>,
+    /// The generator's checkpoint layout, or null for none.
+    pub layout: *const LayoutVTable,
 }
 
 /// A discriminator (`vlmatch_core::Discriminator`) on lent fused states
@@ -364,6 +401,8 @@ unsafe impl Sync for GeneratorVTable {}
 unsafe impl Send for GeneratorVTable {}
 unsafe impl Sync for DiscriminatorVTable {}
 unsafe impl Send for DiscriminatorVTable {}
+unsafe impl Sync for LayoutVTable {}
+unsafe impl Send for LayoutVTable {}
 
 /// Lend `t` for the duration of a call.
 pub fn lend(t: &Tensor) -> TensorHandle {

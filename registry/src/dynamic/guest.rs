@@ -18,7 +18,7 @@ use super::abi::{
 };
 use super::calls::{give_encoded, modality_code, OwnedInput};
 use super::view::{host_result, proxy_model, with_forward};
-use crate::{BuildContext, Factory, Registry};
+use crate::{BuildContext, Factory, Kind, Registry};
 use request::{build, Request};
 use std::cell::Cell;
 use std::ffi::{c_char, c_void, CString};
@@ -81,6 +81,7 @@ pub fn table(
                     forward: Some(encoder_forward),
                     word_embeddings: Some(encoder_word_embeddings),
                     destroy: Some(destroy_encoder),
+                    layout: layout_of(&registry, Kind::Encoder, &e.name),
                 }),
                 Factory::Objective(f) => objectives.push(ObjectiveVTable {
                     name: static_c(&e.name),
@@ -96,7 +97,11 @@ pub fn table(
                     sample: Some(negative_sample),
                     destroy: Some(destroy_negative_sampler),
                 }),
-                Factory::Generator(f) => generators.push(heads::generator_vtable(&e.name, f)),
+                Factory::Generator(f) => generators.push(heads::generator_vtable(
+                    &e.name,
+                    f,
+                    layout_of(&registry, Kind::Generator, &e.name),
+                )),
                 Factory::Discriminator(f) => {
                     discriminators.push(heads::discriminator_vtable(&e.name, f))
                 }
@@ -136,6 +141,13 @@ pub fn table(
         Ok(&tables.table as *const PluginTable)
     });
     built.unwrap_or(std::ptr::null())
+}
+
+/// The vtable of the layout `name` registered, leaked; null for none.
+fn layout_of(registry: &Registry, kind: Kind, name: &str) -> *const super::abi::LayoutVTable {
+    registry.layout(kind, name).map_or(std::ptr::null(), |l| {
+        Box::leak(Box::new(super::layout::layout_vtable(l))) as *const _
+    })
 }
 
 struct EncoderState {

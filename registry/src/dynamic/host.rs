@@ -90,6 +90,17 @@ impl Registry {
             .map_err(|e| refuse(e.to_string()))?;
             names.push(name);
         }
+        // Layouts once every entry is in (a clash above leaves none).
+        for s in &library.encoders {
+            if let Some(layout) = s.layout {
+                self.insert_layout(Kind::Encoder, &s.name, layout);
+            }
+        }
+        for s in &library.generators {
+            if let Some(layout) = s.layout {
+                self.insert_layout(Kind::Generator, &s.name, layout);
+            }
+        }
         Ok(names)
     }
 }

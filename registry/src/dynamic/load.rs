@@ -8,6 +8,7 @@ use super::abi::{
     FreeStringFn, GeneratorVTable, ObjectiveVTable, PluginTable, TensorHandle, ABI_VERSION,
     ENTRY_SYMBOL, LIBTORCH_VERSION, RUSTC_VERSION, TCH_VERSION, VLMATCH_VERSION,
 };
+use super::layout::{host_layout, HostLayout};
 use super::sampler::{checked, DynamicSampler};
 use std::ffi::{c_char, c_void};
 use std::path::{Path, PathBuf};
@@ -29,6 +30,7 @@ pub struct EncoderSpec {
         unsafe extern "C" fn(*mut c_void, *mut super::abi::TensorHandle) -> *mut c_char,
     pub(crate) destroy: DestroyFn,
     pub(crate) free_string: FreeStringFn,
+    pub(crate) layout: Option<&'static HostLayout>,
 }
 
 /// An objective found in a loaded library, its functions checked non-null.
@@ -76,6 +78,7 @@ pub struct GeneratorSpec {
         unsafe extern "C" fn(*mut c_void, *const FillCall, *mut TensorHandle) -> *mut c_char,
     pub(crate) destroy: DestroyFn,
     pub(crate) free_string: FreeStringFn,
+    pub(crate) layout: Option<&'static HostLayout>,
 }
 
 /// A discriminator found in a loaded library, its functions checked non-null.
@@ -306,13 +309,18 @@ fn encoder(
 ) -> Result<EncoderSpec> {
     let name = c_str(v.name, "encoder name", path)?;
     let null = |what| null(path, "encoder", &name, what);
+    let free_string = free_string.expect("checked with the table");
+    // SAFETY: the vtable's layout pointer, null or the library's static data.
+    let layout = unsafe { host_layout(v.layout, &name, library, free_string) }
+        .map_err(|e| refuse(path, format!("encoder `{name}`: {e}")))?;
     Ok(EncoderSpec {
+        layout,
         data: v.data,
         create: v.create.ok_or_else(|| null("create"))?,
         forward: v.forward.ok_or_else(|| null("forward"))?,
         word_embeddings: v.word_embeddings.ok_or_else(|| null("word_embeddings"))?,
         destroy: v.destroy.ok_or_else(|| null("destroy"))?,
-        free_string: free_string.expect("checked with the table"),
+        free_string,
         library: library.to_string(),
         name,
     })
@@ -364,13 +372,18 @@ fn generator(
 ) -> Result<GeneratorSpec> {
     let name = c_str(v.name, "generator name", path)?;
     let null = |what| null(path, "generator", &name, what);
+    let free_string = free_string.expect("checked with the table");
+    // SAFETY: the vtable's layout pointer, null or the library's static data.
+    let layout = unsafe { host_layout(v.layout, &name, library, free_string) }
+        .map_err(|e| refuse(path, format!("generator `{name}`: {e}")))?;
     Ok(GeneratorSpec {
+        layout,
         data: v.data,
         create: v.create.ok_or_else(|| null("create"))?,
         logits: v.logits.ok_or_else(|| null("logits"))?,
         fill: v.fill.ok_or_else(|| null("fill"))?,
         destroy: v.destroy.ok_or_else(|| null("destroy"))?,
-        free_string: free_string.expect("checked with the table"),
+        free_string,
         library: library.to_string(),
         name,
     })

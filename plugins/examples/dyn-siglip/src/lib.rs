@@ -5,6 +5,8 @@
 //!   `embeddings.class_embedding`, `embeddings.position_embedding`) and a
 //!   `post_layernorm`: patches by a strided convolution, a class token,
 //!   learnt positions, layer norm. No transformer layers: small on purpose.
+//!   Its checkpoint layout ([`StemLayout`]) exports it and starts it from
+//!   an export, through the library boundary.
 //! - objective `sigmoid_pairs`: SigLIP's pairwise sigmoid loss (Zhai et al.
 //!   2023), `-1/N sum_ij log sigmoid(z_ij (t x_i.y_j + b))` over the global
 //!   batch, `z_ij = 1` for positives (the batch's positive relation) and
@@ -30,10 +32,13 @@ use vlmatch_plugin_sdk::core::{
     Discriminator, Encoded, Encoder, EncoderInput, Error, Forward, Generator, Modality,
     NegativeSampler, Negatives, Objective, ObjectiveOutput, Result, SamplerInput,
 };
+use vlmatch_plugin_sdk::registry::weights::{
+    CheckpointLayout, ExportContext, ExportFiles, LoadContext,
+};
 use vlmatch_plugin_sdk::tch::{self as tch, nn, nn::Module, Kind, Tensor};
 use vlmatch_plugin_sdk::{export, register, BuildContext};
 
-register!(encoder "conv_stem" => build_stem);
+register!(encoder "conv_stem" => build_stem, layout = &CONV_STEM_LAYOUT);
 register!(objective "sigmoid_pairs" => build_pairs);
 register!(objective "pair_match" => build_match);
 register!(negative_sampler "next_caption" => build_next);
@@ -46,6 +51,48 @@ export!();
 struct StemConfig {
     hidden_size: i64,
     patch_size: i64,
+    /// A directory `vlmatch export` wrote for this stem (its layout).
+    #[serde(default)]
+    #[allow(dead_code)]
+    init: Option<String>,
+}
+
+/// The stem's checkpoint layout: its own `model_type`, the parameters
+/// under their own names, and `config.json` with its two sizes. So a
+/// trained stem exports (`vlmatch export`) and another run starts from
+/// the export (`model.image.init`).
+pub struct StemLayout;
+
+pub static CONV_STEM_LAYOUT: StemLayout = StemLayout;
+
+impl CheckpointLayout for StemLayout {
+    fn model_types(&self) -> &'static [&'static str] {
+        &["vlmatch_conv_stem"]
+    }
+    fn map_name(&self, _ctx: &LoadContext<'_>, name: &str) -> Option<String> {
+        (name.starts_with("embeddings.") || name.starts_with("post_layernorm."))
+            .then(|| name.to_string())
+    }
+    fn export(&self, ctx: &ExportContext<'_>) -> Result<Option<ExportFiles>> {
+        let size = |k: &str| {
+            ctx.section[k].as_i64().ok_or_else(|| {
+                Error::Config(format!("config key `{}.{k}`: expected an integer", ctx.key))
+            })
+        };
+        let config = format!(
+            r#"{{"model_type": "vlmatch_conv_stem", "hidden_size": {}, "patch_size": {}, "image_size": {}}}"#,
+            size("hidden_size")?,
+            size("patch_size")?,
+            ctx.image_size
+        );
+        Ok(Some(ExportFiles {
+            config: config
+                .parse()
+                .map_err(|e| Error::Config(format!("stem config: {e}")))?,
+            tensors: ctx.tensors_prefixed(""),
+            files: Vec::new(),
+        }))
+    }
 }
 
 /// The convolutional image stem.

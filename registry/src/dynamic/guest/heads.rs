@@ -18,7 +18,11 @@ type GeneratorFactory = fn(&BuildContext<'_>) -> vlmatch_core::Result<Rc<dyn Gen
 type DiscriminatorFactory = fn(&BuildContext<'_>) -> vlmatch_core::Result<Rc<dyn Discriminator>>;
 
 /// The vtable of generator `name`, built by `factory`.
-pub(super) fn generator_vtable(name: &str, factory: GeneratorFactory) -> GeneratorVTable {
+pub(super) fn generator_vtable(
+    name: &str,
+    factory: GeneratorFactory,
+    layout: *const super::super::abi::LayoutVTable,
+) -> GeneratorVTable {
     GeneratorVTable {
         name: static_c(name),
         data: Box::leak(Box::new(factory)) as *const GeneratorFactory as *const c_void,
@@ -26,6 +30,7 @@ pub(super) fn generator_vtable(name: &str, factory: GeneratorFactory) -> Generat
         logits: Some(generator_logits),
         fill: Some(generator_fill),
         destroy: Some(destroy_head::<dyn Generator>),
+        layout,
     }
 }
 
