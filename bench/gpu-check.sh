@@ -29,8 +29,12 @@ run_with() { # name, number of launcher words, launcher..., train arguments...
 }
 run() { run_with "$1" 0 "${@:2}"; }
 
-# 1. The default tiny run on CUDA (bf16 matmuls, fp32 weights).
+# 1. The default tiny run on CUDA (bf16 matmuls, fp32 weights), and the
+#    same with pageable batches copied synchronously (`data.pin_memory`
+#    off): seconds per step with and without pinned memory and
+#    asynchronous copies (issue 26).
 run tiny --preset tiny
+run tiny-pageable --preset tiny --set data.pin_memory=false
 # 2. ALBEF-size model, short: step time and memory at batch 64.
 BASE=(--preset base --set train.steps=60 --set train.log_every=10 --set train.warmup_steps=10
   --set train.checkpoint_every=0 --set eval.at_end=false --set data.workers=12)

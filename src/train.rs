@@ -161,7 +161,7 @@ impl Run<'_> {
             let batches = (0..tc.accum_steps)
                 .map(|_| {
                     state.batches += 1;
-                    Ok(loader.next_batch()?.to_device(*device))
+                    Ok(loader.next_batch()?.to_device_async(*device))
                 })
                 .collect::<Result<Vec<_>>>()?;
             let cache = GradCache::new(asm, tc, *par, hooks, at.step, batches);
@@ -169,7 +169,7 @@ impl Run<'_> {
         }
         stepper.step(at, |_| {
             state.batches += 1;
-            let batch = loader.next_batch()?.to_device(*device);
+            let batch = loader.next_batch()?.to_device_async(*device);
             objectives(asm, tc, *par, hooks, at.step, &batch)
         })
     }

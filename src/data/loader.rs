@@ -120,6 +120,9 @@ pub struct LoaderConfig {
     /// `data.stall_timeout`: how long the training step waits on the
     /// loader without progress before warning (three times: failing).
     pub stall_timeout: std::time::Duration,
+    /// The CUDA device whose page-locked memory the loader thread puts
+    /// each batch in (`data.pin_memory` when training on CUDA).
+    pub pin_memory: Option<tch::Device>,
 }
 
 impl LoaderConfig {
@@ -147,6 +150,7 @@ impl LoaderConfig {
             augment: None,
             reading: Reading::default(),
             stall_timeout: std::time::Duration::from_secs(data.stall_timeout.max(1)),
+            pin_memory: None,
         }
     }
 
@@ -461,10 +465,13 @@ fn send_batches(
     for g in start.. {
         let batch = counted(cfg, || {
             let batch = make(g)?;
-            Ok(with_sample_keys(
-                batch,
-                g * global + cfg.part().start as u64,
-            ))
+            let batch = with_sample_keys(batch, g * global + cfg.part().start as u64);
+            match cfg.pin_memory {
+                Some(device) => batch
+                    .pinned(device)
+                    .map_err(|e| Error::Config(format!("data.pin_memory: {e}"))),
+                None => Ok(batch),
+            }
         });
         let failed = batch.0.is_err();
         if tx.send(batch).is_err() || failed {

@@ -263,6 +263,8 @@ impl<'a> Run<'a> {
             .shard(rank, world)
             .augmented(&loaded.config.data.augment, tc.seed);
         loader_cfg.preps = CaptionPreps::new(asm.caption_preps());
+        loader_cfg.pin_memory =
+            (loaded.config.data.pin_memory && env.device.is_cuda()).then_some(env.device);
         let loader = Loader::from_source(train_source, tok, loader_cfg, state.batches as u64)?;
         let metrics = if main {
             let f = std::fs::OpenOptions::new()

@@ -78,6 +78,12 @@ pub struct DataConfig {
     /// Batches prepared ahead of the training step.
     #[serde(default = "default_prefetch")]
     pub prefetch: usize,
+    /// Training on CUDA: the loader thread puts each batch in page-locked
+    /// host memory and the step copies it to the GPU without waiting
+    /// (PyTorch's `pin_memory=True` with `non_blocking=True`). No effect
+    /// on the CPU. Default true.
+    #[serde(default = "yes")]
+    pub pin_memory: bool,
     /// Seconds the data loader may go without progress (no file opened,
     /// no image decoded, no batch made) before the trainer warns, naming
     /// the file or shard being read; after three times this it stops with
