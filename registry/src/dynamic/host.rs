@@ -110,14 +110,7 @@ pub fn build_encoder(ctx: &BuildContext<'_>) -> Result<Rc<dyn Encoder>> {
     let Loaded::Encoder(spec) = loaded(Kind::Encoder, ctx.plugin)? else {
         unreachable!("an encoder entry")
     };
-    let (state, info) = create_in(
-        ctx,
-        &spec.name,
-        &spec.library,
-        spec.create,
-        spec.data,
-        spec.free_string,
-    )?;
+    let (state, info) = create_in(ctx, spec)?;
     // The state is the library's from here: destroyed by `HostEncoder`'s
     // drop, or now, when the summary is bad.
     let encoder = HostEncoder {
@@ -220,14 +213,7 @@ pub fn build_objective(ctx: &BuildContext<'_>) -> Result<Box<dyn Objective>> {
     let Loaded::Objective(spec) = loaded(Kind::Objective, ctx.plugin)? else {
         unreachable!("an objective entry")
     };
-    let (state, info) = create_in(
-        ctx,
-        &spec.name,
-        &spec.library,
-        spec.create,
-        spec.data,
-        spec.free_string,
-    )?;
+    let (state, info) = create_in(ctx, spec)?;
     Ok(Box::new(HostObjective {
         spec,
         state,
@@ -515,14 +501,7 @@ pub fn build_negative_sampler(ctx: &BuildContext<'_>) -> Result<Box<dyn Negative
     let Loaded::NegativeSampler(spec) = loaded(Kind::NegativeSampler, ctx.plugin)? else {
         unreachable!("a negative sampler entry")
     };
-    let (state, _) = create_in(
-        ctx,
-        &spec.name,
-        &spec.library,
-        spec.create,
-        spec.data,
-        spec.free_string,
-    )?;
+    let (state, _) = create_in(ctx, spec)?;
     Ok(Box::new(HostNegativeSampler {
         spec,
         state,

@@ -111,6 +111,44 @@ unsafe impl Send for GeneratorSpec {}
 unsafe impl Sync for DiscriminatorSpec {}
 unsafe impl Send for DiscriminatorSpec {}
 
+/// What creating a library's plugin needs of its spec (every kind but
+/// text samplers).
+pub(crate) struct Creation<'a> {
+    pub name: &'a str,
+    pub library: &'a str,
+    pub create: CreatePluginFn,
+    pub data: *const c_void,
+    pub free_string: FreeStringFn,
+}
+
+pub(crate) trait Creatable {
+    fn creation(&self) -> Creation<'_>;
+}
+
+macro_rules! creatable {
+    ($($spec:ty),*) => {$(
+        impl Creatable for $spec {
+            fn creation(&self) -> Creation<'_> {
+                Creation {
+                    name: &self.name,
+                    library: &self.library,
+                    create: self.create,
+                    data: self.data,
+                    free_string: self.free_string,
+                }
+            }
+        }
+    )*};
+}
+
+creatable!(
+    EncoderSpec,
+    ObjectiveSpec,
+    NegativeSamplerSpec,
+    GeneratorSpec,
+    DiscriminatorSpec
+);
+
 /// What a library provides, checked.
 pub struct Library {
     pub path: PathBuf,

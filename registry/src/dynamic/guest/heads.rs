@@ -14,8 +14,9 @@ use std::rc::Rc;
 use tch::nn;
 use vlmatch_core::{Discriminator, Encoded, FillOptions, Generator};
 
-type GeneratorFactory = fn(&BuildContext<'_>) -> vlmatch_core::Result<Rc<dyn Generator>>;
-type DiscriminatorFactory = fn(&BuildContext<'_>) -> vlmatch_core::Result<Rc<dyn Discriminator>>;
+type Factory<T> = fn(&BuildContext<'_>) -> vlmatch_core::Result<Rc<T>>;
+type GeneratorFactory = Factory<dyn Generator>;
+type DiscriminatorFactory = Factory<dyn Discriminator>;
 
 /// The vtable of generator `name`, built by `factory`.
 pub(super) fn generator_vtable(
@@ -26,7 +27,7 @@ pub(super) fn generator_vtable(
     GeneratorVTable {
         name: static_c(name),
         data: Box::leak(Box::new(factory)) as *const GeneratorFactory as *const c_void,
-        create: Some(create_generator),
+        create: Some(create_head::<dyn Generator>),
         logits: Some(generator_logits),
         fill: Some(generator_fill),
         destroy: Some(destroy_head::<dyn Generator>),
@@ -42,7 +43,7 @@ pub(super) fn discriminator_vtable(
     DiscriminatorVTable {
         name: static_c(name),
         data: Box::leak(Box::new(factory)) as *const DiscriminatorFactory as *const c_void,
-        create: Some(create_discriminator),
+        create: Some(create_head::<dyn Discriminator>),
         logits: Some(discriminator_logits),
         destroy: Some(destroy_head::<dyn Discriminator>),
     }
@@ -55,25 +56,28 @@ struct Head<T: ?Sized> {
     _vs: nn::VarStore,
 }
 
-/// Build with `factory` into `state`.
-///
-/// # Safety
-/// The host's request, table and out-pointer, valid for this call.
-unsafe fn create_head<T: ?Sized + 'static>(
+/// `create` of a generator (`T = dyn Generator`) or a discriminator:
+/// build with the factory the vtable was made with (`data`) into `state`.
+unsafe extern "C" fn create_head<T: ?Sized + 'static>(
+    data: *const c_void,
     request: *const c_char,
     host: *const BuildHost,
     state: *mut *mut c_void,
-    factory: impl FnOnce(&BuildContext<'_>) -> vlmatch_core::Result<Rc<T>>,
-) -> Result<(), String> {
-    // SAFETY: as the caller promises.
-    let (plugin, vs, _, _) = unsafe { build(request, host, |_, _, _| Ok(None), factory) }?;
-    let head = Head { plugin, _vs: vs };
-    if state.is_null() {
-        return Err("no out-pointer for the state".into());
-    }
-    // SAFETY: a valid out-pointer from the host.
-    unsafe { *state = Box::into_raw(Box::new(head)) as *mut c_void };
-    Ok(())
+    _info: *mut PluginInfo,
+) -> *mut c_char {
+    status(|| {
+        // SAFETY: `data` is the factory this vtable was made with.
+        let factory = unsafe { *(data as *const Factory<T>) };
+        // SAFETY: the host's request and table.
+        let (plugin, vs, _, _) = unsafe { build(request, host, |_, _, _| Ok(None), factory) }?;
+        let head = Head { plugin, _vs: vs };
+        if state.is_null() {
+            return Err("no out-pointer for the state".into());
+        }
+        // SAFETY: a valid out-pointer from the host.
+        unsafe { *state = Box::into_raw(Box::new(head)) as *mut c_void };
+        Ok(())
+    })
 }
 
 unsafe extern "C" fn destroy_head<T: ?Sized>(state: *mut c_void) -> *mut c_char {
@@ -114,21 +118,6 @@ unsafe fn write(out: *mut TensorHandle, t: tch::Tensor) -> Result<(), String> {
     // SAFETY: as the caller promises.
     unsafe { *out = give(t) };
     Ok(())
-}
-
-unsafe extern "C" fn create_generator(
-    data: *const c_void,
-    request: *const c_char,
-    host: *const BuildHost,
-    state: *mut *mut c_void,
-    _info: *mut PluginInfo,
-) -> *mut c_char {
-    status(|| {
-        // SAFETY: `data` is the factory this vtable was made with.
-        let factory = unsafe { *(data as *const GeneratorFactory) };
-        // SAFETY: the host's request, table and out-pointer.
-        unsafe { create_head(request, host, state, factory) }
-    })
 }
 
 unsafe extern "C" fn generator_logits(
@@ -173,21 +162,6 @@ unsafe extern "C" fn generator_fill(
             .fill(&logits, &original, &positions, opts, &keys)
             .map_err(|e| e.to_string())?;
         unsafe { write(out, t) }
-    })
-}
-
-unsafe extern "C" fn create_discriminator(
-    data: *const c_void,
-    request: *const c_char,
-    host: *const BuildHost,
-    state: *mut *mut c_void,
-    _info: *mut PluginInfo,
-) -> *mut c_char {
-    status(|| {
-        // SAFETY: `data` is the factory this vtable was made with.
-        let factory = unsafe { *(data as *const DiscriminatorFactory) };
-        // SAFETY: the host's request, table and out-pointer.
-        unsafe { create_head(request, host, state, factory) }
     })
 }
 

@@ -9,7 +9,8 @@ use super::super::abi::{
 };
 use super::super::calls::modality_code;
 use super::super::load::{
-    DiscriminatorSpec, EncoderSpec, GeneratorSpec, NegativeSamplerSpec, ObjectiveSpec,
+    Creatable, Creation, DiscriminatorSpec, EncoderSpec, GeneratorSpec, NegativeSamplerSpec,
+    ObjectiveSpec,
 };
 use crate::{BuildContext, Kind};
 use std::collections::BTreeMap;
@@ -178,12 +179,15 @@ unsafe extern "C" fn build_word_embeddings(
 /// Call `create` with the host's build services; the state and summary.
 pub(super) fn create_in(
     ctx: &BuildContext<'_>,
-    name: &str,
-    library: &str,
-    create: super::super::abi::CreatePluginFn,
-    data: *const c_void,
-    free: super::super::abi::FreeStringFn,
+    spec: &impl Creatable,
 ) -> Result<(*mut c_void, PluginInfo)> {
+    let Creation {
+        name,
+        library,
+        create,
+        data,
+        free_string: free,
+    } = spec.creation();
     let json = CString::new(request(ctx)).map_err(|e| Error::plugin(name, e.to_string()))?;
     let building = Building {
         path: ctx.path.clone(),

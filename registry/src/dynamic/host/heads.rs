@@ -38,14 +38,7 @@ pub fn build_generator(ctx: &BuildContext<'_>) -> Result<Rc<dyn Generator>> {
     let Loaded::Generator(spec) = loaded(Kind::Generator, ctx.plugin)? else {
         unreachable!("a generator entry")
     };
-    let (state, _) = create_in(
-        ctx,
-        &spec.name,
-        &spec.library,
-        spec.create,
-        spec.data,
-        spec.free_string,
-    )?;
+    let (state, _) = create_in(ctx, spec)?;
     Ok(Rc::new(HostGenerator { spec, state }))
 }
 
@@ -109,14 +102,7 @@ pub fn build_discriminator(ctx: &BuildContext<'_>) -> Result<Rc<dyn Discriminato
     let Loaded::Discriminator(spec) = loaded(Kind::Discriminator, ctx.plugin)? else {
         unreachable!("a discriminator entry")
     };
-    let (state, _) = create_in(
-        ctx,
-        &spec.name,
-        &spec.library,
-        spec.create,
-        spec.data,
-        spec.free_string,
-    )?;
+    let (state, _) = create_in(ctx, spec)?;
     Ok(Rc::new(HostDiscriminator { spec, state }))
 }
 
