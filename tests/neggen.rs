@@ -318,10 +318,10 @@ fn the_loader_tags_captions_for_neggen_on_its_worker_threads() {
         let want = neggen::tagged_candidates(caption, &BrillTagger::new(), &default_tags_vec());
         assert_eq!(got, &want, "{caption}");
     }
-    // A forward's draws are keyed by a seed it takes from libtorch's
-    // generator when it is made.
-    tch::manual_seed(3);
-    let fwd = vlmatch_core::Forward::new(&asm.model, &prepared, false);
+    // The same draw state for both forwards (`Forward::new` would take its
+    // seed from libtorch's global generator, which a test running beside
+    // this one may reseed).
+    let fwd = vlmatch_core::Forward::continuing(&asm.model, &prepared, false, (3, 0));
     let with_prep = sampler.candidates(&fwd, -1).unwrap();
     assert_eq!(count(), 7, "NegGen tagged again what the loader tagged");
     assert!(!with_prep.is_empty());
@@ -330,8 +330,7 @@ fn the_loader_tags_captions_for_neggen_on_its_worker_threads() {
     lc.preps = CaptionPreps::default();
     let plain = make_batch(&ds, &tok, &lc, &idx).unwrap();
     assert!(plain.prepared.is_empty());
-    tch::manual_seed(3);
-    let fwd = vlmatch_core::Forward::new(&asm.model, &plain, false);
+    let fwd = vlmatch_core::Forward::continuing(&asm.model, &plain, false, (3, 0));
     let without = sampler.candidates(&fwd, -1).unwrap();
     assert_eq!(count(), 14);
     let texts = |c: &[neggen::Candidate]| c.iter().map(|c| c.text.clone()).collect::<Vec<_>>();
