@@ -13,7 +13,7 @@ use std::rc::Rc;
 use tch::{nn, Device, Tensor};
 use vlmatch_core::{Encoder, SpecialTokens, TextBatch, TextCodec, VlModel};
 
-/// What `create` gets from the host (see `host::request`).
+/// What `create` gets from the host (written by `request` in `host/create.rs`).
 #[derive(serde::Deserialize)]
 pub(super) struct Request {
     plugin: String,
