@@ -8,8 +8,8 @@
 //! [`TensorSink`].
 
 use super::abi::{
-    borrow, catch_panics, error_string, lend, static_c, status, text, FreeStringFn, LayoutVTable,
-    TensorHandle, TensorSink,
+    borrow, error_string, lend, static_c, status, text, FreeStringFn, LayoutVTable, TensorHandle,
+    TensorSink,
 };
 use crate::weights::{CheckpointArch, CheckpointLayout, ExportContext, ExportFiles, LoadContext};
 use serde::{Deserialize, Serialize};
@@ -327,7 +327,7 @@ unsafe extern "C" fn layout_call(
         }
         let tensors: Vec<Tensor> = (0..n).map(|i| unsafe { borrow(*tensors.add(i)) }).collect();
         let sink = unsafe { sink.as_ref() }.ok_or("no sink")?;
-        let (answer, out) = catch_panics(|| answer(layout, request, tensors))?;
+        let (answer, out) = answer(layout, request, tensors)?;
         let push = sink.push.ok_or("the host's `push` is null")?;
         for t in &out {
             let error = unsafe { push(sink.ctx, lend(t)) };
