@@ -38,8 +38,8 @@ fn build_hook(ctx: &HookContext<'_>) -> Result<Option<Box<dyn Hook>>> {
     if !ctx.enabled(ctx.loaded.config.momentum.enabled) {
         return Ok(None);
     }
-    let m =
-        MomentumTrainer::build_always(ctx.loaded, ctx.env, ctx.asm, ctx.world, ctx.epoch_steps)?;
+    let (asm, env) = ctx.model()?;
+    let m = MomentumTrainer::build_always(ctx.loaded, env, asm, ctx.world, ctx.epoch_steps)?;
     Ok(Some(Box::new(m)))
 }
 

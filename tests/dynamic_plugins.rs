@@ -1,11 +1,11 @@
 //! Dynamic plugins: a `cdylib` loaded from `plugins.paths` at run time, its
 //! sampler used by FG-ITM from config alone; a library built for another
 //! vlmatch, a missing file, a non-plugin library and a name clash refused;
-//! the boundary: a panicking sampler, a null table, a null function. ABI 4:
-//! an encoder, objectives, a generator and a discriminator from a library
-//! train; each version field of
-//! the handshake refused; a panicking encoder and a failing tch call in an
-//! objective are errors naming the plugin; null functions of every kind.
+//! the boundary: a panicking sampler, a null table, a null function. ABI 5:
+//! an encoder, objectives, a generator, a discriminator and a hook from a
+//! library train; each version field of the handshake refused; a panicking
+//! encoder and a failing tch call in an objective or a hook are errors
+//! naming the plugin; null functions of every kind.
 
 mod common;
 use common::*;
@@ -223,7 +223,7 @@ fn c_library(dir: &Path, name: &str, source: &str) -> PathBuf {
     lib
 }
 
-/// The C declarations of the plugin table (ABI 4), stub functions, and a
+/// The C declarations of the plugin table (ABI 5), stub functions, and a
 /// table named `table` with `fields` after the ABI version, the versions
 /// and `free_string` (see [`versions`]).
 fn c_table(
@@ -243,12 +243,14 @@ fn c_table(
          typedef struct {{ const char *name; const void *data; void *create; void *sample; void *destroy; }} NegativeSamplerVTable;\n\
          typedef struct {{ const char *name; const void *data; void *create; void *logits; void *fill; void *destroy; const Layout *layout; }} GeneratorVTable;\n\
          typedef struct {{ const char *name; const void *data; void *create; void *logits; void *destroy; }} DiscriminatorVTable;\n\
+         typedef struct {{ const char *name; const void *data; void *create; void *call; void *destroy; }} HookVTable;\n\
          typedef struct {{ uint32_t abi; const char *rustc; const char *vlmatch; const char *tch; const char *libtorch; void *free_string;\n\
            size_t n_samplers; const VTable *samplers; size_t n_encoders; const EncoderVTable *encoders;\n\
            size_t n_objectives; const ObjectiveVTable *objectives;\n\
            size_t n_negative_samplers; const NegativeSamplerVTable *negative_samplers;\n\
            size_t n_generators; const GeneratorVTable *generators;\n\
-           size_t n_discriminators; const DiscriminatorVTable *discriminators; }} Table;\n\
+           size_t n_discriminators; const DiscriminatorVTable *discriminators;\n\
+           size_t n_hooks; const HookVTable *hooks; }} Table;\n\
          static void *create(const char *json, char **error) {{ return 0; }}\n\
          static uint32_t free_string(char *p) {{ return 0; }}\n\
          static char *destroy(void *state) {{ return 0; }}\n\
@@ -284,7 +286,13 @@ fn a_panicking_plugin_is_an_error_naming_it_and_the_call() {
     let mut registry = Registry::from_inventory().unwrap();
     assert_eq!(
         registry.load_library(&lib).unwrap(),
-        ["panicky", "panicky_stem", "bad_matmul", "reads_itc_logits"]
+        [
+            "panicky",
+            "panicky_stem",
+            "bad_matmul",
+            "reads_itc_logits",
+            "faulty_hook"
+        ]
     );
     let Factory::DynamicSampler(spec) = registry
         .get(Kind::NegativeSampler, "panicky", "test")
@@ -471,6 +479,9 @@ fn a_null_table_and_a_null_function_are_refused_naming_the_plugin() {
             "destroy",
             "{ \"nullfn\", 0, stub, stub, 0 }",
         ),
+        ("hook", "create", "{ \"nullfn\", 0, 0, stub, stub }"),
+        ("hook", "call", "{ \"nullfn\", 0, stub, 0, stub }"),
+        ("hook", "destroy", "{ \"nullfn\", 0, stub, stub, 0 }"),
         (
             "encoder",
             "layout.call",
@@ -486,6 +497,10 @@ fn a_null_table_and_a_null_function_are_refused_naming_the_plugin() {
             "discriminator" => (
                 "DiscriminatorVTable",
                 "0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, vtables",
+            ),
+            "hook" => (
+                "HookVTable",
+                "0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, vtables",
             ),
             _ => ("NegativeSamplerVTable", "0, 0, 0, 0, 0, 0, 1, vtables"),
         };
@@ -520,6 +535,7 @@ fn a_null_table_and_a_null_function_are_refused_naming_the_plugin() {
         ("5 negative samplers", "0, 0, 0, 0, 0, 0, 5, 0"),
         ("6 generators", "0, 0, 0, 0, 0, 0, 0, 0, 6, 0"),
         ("7 discriminators", "0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7, 0"),
+        ("8 hooks", "0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 8, 0"),
     ] {
         let source = c_table(abi, versions(), "free_string", "", fields);
         let lib = c_library(&dir, &format!("nullarray{}", &what[..1]), &source);
@@ -622,9 +638,9 @@ fn run_with_library(
     Ok(summary.logged)
 }
 
-/// ABI 4's kinds: an encoder, objectives, a negative sampler (the core
+/// ABI 5's kinds: an encoder, objectives, a negative sampler (the core
 /// trait, used by ITM), a generator (MLM's head, tied to the host's word
-/// embeddings) and a discriminator (ITM's head) come from a library, are
+/// embeddings), a discriminator (ITM's head) and a hook come from a library, are
 /// listed with it as their origin, are picked by name in the config
 /// (`model.image.plugin`, `objectives.<name>.plugin`, ...) and train: the
 /// objective's loss is logged at every step and its own parameter (the
@@ -641,13 +657,15 @@ fn an_encoder_and_an_objective_from_a_library_train() {
             "sigmoid_pairs",
             "next_caption",
             "tied_decoder",
-            "mlp_heads"
+            "mlp_heads",
+            "loss_ema"
         ]
     );
     let origin = format!("library {}", lib.canonicalize().unwrap().display());
     for (kind, name) in [
         (Kind::Generator, "tied_decoder"),
         (Kind::Discriminator, "mlp_heads"),
+        (Kind::Hook, "loss_ema"),
     ] {
         assert_eq!(registry.get(kind, name, "t").unwrap().origin, origin);
     }
@@ -751,10 +769,11 @@ fn momentum_distillation_copies_a_library_encoder() {
     );
 }
 
-/// An encoder in a library that panics in `forward`, and an objective whose
-/// tch call fails (a product of mismatched shapes, libtorch's error), stop
-/// training with an error naming the plugin, the call, the library and the
-/// cause: the process goes on (no abort).
+/// An encoder in a library that panics in `forward`, an objective and a
+/// hook whose tch call fails (a product of mismatched shapes, libtorch's
+/// error), and a hook that asks for the model stop training with an error
+/// naming the plugin, the call, the library and the cause: the process goes
+/// on (no abort).
 #[test]
 fn a_panicking_encoder_and_a_failing_tch_call_are_errors_naming_the_plugin() {
     let lib = library("vlmatch-dyn-sampler-faulty");
@@ -792,6 +811,44 @@ fn a_panicking_encoder_and_a_failing_tch_call_are_errors_naming_the_plugin() {
         "`forward` failed in library",
         "panicked",
         "cannot be multiplied",
+    ] {
+        assert!(err.contains(part), "`{part}` not in: {err}");
+    }
+
+    // A hook: its tch call fails in `before_backward`, which cannot return
+    // an error; the failure stops the run at the end of that step.
+    let err = run_with_library(
+        &dir.join("hook"),
+        &[&siglip, &lib],
+        &["hooks.faulty_hook.at=\"before_backward\"", "train.steps=3"],
+    )
+    .unwrap_err()
+    .to_string();
+    for part in [
+        "plugin `faulty_hook`",
+        "`before_backward` failed in library",
+        canonical.as_str(),
+        "cannot be multiplied",
+    ] {
+        assert!(err.contains(part), "`{part}` not in: {err}");
+    }
+    let logged = std::fs::read_to_string(dir.join("hook/metrics.jsonl")).unwrap_or_default();
+    assert!(
+        logged.lines().count() <= 1,
+        "the run goes no further than the failing step: {logged}"
+    );
+    // A hook in a library asking for the model, which it does not see.
+    let err = run_with_library(
+        &dir.join("hook-model"),
+        &[&siglip, &lib],
+        &["hooks.faulty_hook.at=\"model\"", "train.steps=1"],
+    )
+    .unwrap_err()
+    .to_string();
+    for part in [
+        "plugin `faulty_hook`",
+        "`create` failed in library",
+        "a hook in a plugin library does not see",
     ] {
         assert!(err.contains(part), "`{part}` not in: {err}");
     }

@@ -6,7 +6,8 @@
 //! in-batch candidates and the positive relation through the host's
 //! forward); the dynamic run's checkpoint resumes exactly, evaluates and
 //! exports when `--plugin` is given again; `vlmatch plugins --plugin`
-//! lists the library's encoder and objective.
+//! lists the library's plugins of every kind. The library's hook keeps
+//! state across the resume and scales the loss before backward.
 
 mod common;
 use common::*;
@@ -124,7 +125,10 @@ fn static_and_dynamic_builds_train_alike_and_the_dynamic_run_resumes_evaluates_a
             && m["pair"].is_number()
             && m["mlm"].is_number()
             && m["itm"].is_number()
-            && m["itm_acc_next_caption"].is_number()),
+            && m["itm_acc_next_caption"].is_number()
+            && m["loss_ema"].is_number()
+            // The library's hook counts optimizer steps in its state.
+            && m["loss_ema_steps"].as_f64() == m["step"].as_f64()),
         "{:?}",
         s[0]
     );
@@ -155,9 +159,18 @@ fn static_and_dynamic_builds_train_alike_and_the_dynamic_run_resumes_evaluates_a
             "{name} is not checkpointed"
         );
     }
+    // The library hook's state, under `<hook>.<name>`.
+    for name in ["loss_ema.ema", "loss_ema.steps"] {
+        assert!(
+            wd.iter().any(|(n, _)| n.ends_with(name)),
+            "{name} is not checkpointed: {:?}",
+            wd.iter().map(|(n, _)| n).collect::<Vec<_>>()
+        );
+    }
 
     // Killed after step 12 and resumed with --plugin: from step 10, ending
-    // as the uninterrupted run.
+    // as the uninterrupted run (the library hook's average and counter
+    // restored across the boundary; its `on_start` checks the counter).
     let cut = root.join("cut");
     let o = train_dynamic(&cut, &lib, &["--fault", "0:12:kill"]);
     assert!(!o.status.success(), "the fault kills the run");
@@ -247,6 +260,7 @@ fn static_and_dynamic_builds_train_alike_and_the_dynamic_run_resumes_evaluates_a
     for (kind, name) in [
         ("generator", "tied_decoder"),
         ("discriminator", "mlp_heads"),
+        ("hook", "loss_ema"),
     ] {
         let section = listing.split_once(&format!("{kind}:\n")).unwrap().1;
         let section = &section[..section.find(":\n").unwrap_or(section.len())];

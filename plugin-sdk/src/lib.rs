@@ -1,6 +1,6 @@
 //! The vlmatch plugin SDK: write a plugin once against the traits of
 //! `vlmatch-core` (`Encoder`, `Objective`, `NegativeSampler`, `Generator`,
-//! `Discriminator`), register it with
+//! `Discriminator`, `Hook`), register it with
 //! [`register!`], and call [`export!`] once in the crate. The same source
 //! then works both ways:
 //!
@@ -29,7 +29,7 @@ pub use vlmatch_registry::dynamic::TextSampler;
 pub use vlmatch_registry::{register, BuildContext};
 
 /// Export the crate's registered encoders, objectives, negative samplers,
-/// generators and discriminators (and the
+/// generators, discriminators and hooks (and the
 /// [`TextSampler`] types listed, if any) as a plugin library. Call it once
 /// per crate; it defines the library's entry symbol
 /// (`vlmatch_plugin_table`), unused when the crate is linked statically.

@@ -1,11 +1,11 @@
-//! Dynamic plugins: encoders, objectives, negative samplers, generators and
-//! discriminators in a shared
-//! library (`cdylib`) loaded at run time (`--plugin PATH`, or
-//! `plugins.paths` of a config given on the command line), without
+//! Dynamic plugins: encoders, objectives, negative samplers, generators,
+//! discriminators and hooks in a shared library (`cdylib`) loaded at run
+//! time (`--plugin PATH`, or `plugins.paths` of a config given on the
+//! command line), without
 //! rebuilding vlmatch, and picked by name in the config like any plugin.
 //!
 //! Rust has no stable ABI, so nothing Rust-specific crosses the boundary
-//! ([`abi`], ABI 4): the library exports one `extern "C"` function,
+//! ([`abi`], ABI 5): the library exports one `extern "C"` function,
 //! [`ENTRY_SYMBOL`], returning a `#[repr(C)]` [`PluginTable`]: the ABI
 //! version, the rustc, vlmatch, tch and libtorch versions it was built
 //! with, and C vtables of its plugins. The loader ([`load`]) checks every
@@ -35,7 +35,9 @@
 pub mod abi;
 pub mod calls;
 pub mod guest;
+pub mod hook_points;
 pub mod host;
+pub(crate) mod json_call;
 pub mod layout;
 pub mod load;
 pub mod sampler;

@@ -18,13 +18,15 @@ mod build;
 pub use build::{build_hooks, BuiltHook};
 
 /// What a hook factory gets: the run's config, model, layout and the
-/// host's resources.
+/// host's resources (in a plugin library: the config and layout only).
 pub struct HookContext<'a> {
     /// The hook's registered name (its config section is `hooks.<name>`).
     pub name: &'a str,
     pub loaded: &'a LoadedConfig,
-    pub asm: &'a Assembly,
-    pub env: &'a ModelEnv,
+    /// The model and what it was built with: `None` for a hook in a plugin
+    /// library, which does not see them ([`HookContext::model`]).
+    pub asm: Option<&'a Assembly>,
+    pub env: Option<&'a ModelEnv>,
     pub rank: usize,
     pub world: usize,
     /// One epoch in optimizer steps; `None` for a stream of shards.
@@ -36,7 +38,7 @@ pub struct HookContext<'a> {
     pub host: &'a dyn Any,
 }
 
-impl HookContext<'_> {
+impl<'a> HookContext<'a> {
     /// This hook's `[hooks.NAME]` section, if the config has one.
     pub fn section(&self) -> Option<&HookSection> {
         self.loaded.config.hooks.get(self.name)
@@ -62,6 +64,19 @@ impl HookContext<'_> {
             Some(&self.loaded.stale),
             &format!("hooks.{}", self.name),
         )
+    }
+
+    /// The model and its environment, or an error saying that this hook
+    /// needs them and, in a plugin library, cannot see them.
+    pub fn model(&self) -> Result<(&'a Assembly, &'a ModelEnv)> {
+        match (self.asm, self.env) {
+            (Some(a), Some(e)) => Ok((a, e)),
+            _ => Err(vlmatch_core::Error::plugin(
+                self.name,
+                "this hook needs the model, which a hook in a plugin library does not see \
+                 (plugin ABI 5); link it statically",
+            )),
+        }
     }
 
     /// The host's resources as `T`, when the host offers them.

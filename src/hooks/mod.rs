@@ -25,7 +25,6 @@ use tch::{Device, Tensor};
 use vlmatch_core::{Error, Evaluation, Forward, HookState, Record, Result, RunEnd, RunStart};
 use vlmatch_core::{Hook, VlModel};
 use vlmatch_registry::hooks::{build_hooks, BuiltHook, HookContext};
-use vlmatch_registry::Registry;
 
 /// Hooks the command line turns on, rather than the config.
 #[derive(Debug, Clone, Copy, Default)]
@@ -59,10 +58,11 @@ impl Hooks {
         Hooks::default()
     }
 
-    /// Every registered hook the run turns on; `ctx` is the run's
-    /// context (any `name`), whose `host` is this crate's [`Resources`].
+    /// Every registered hook the run turns on, built-in or from a plugin
+    /// library; `ctx` is the run's context (any `name`), whose `host` is
+    /// this crate's [`Resources`].
     pub fn build(ctx: &HookContext<'_>) -> Result<Hooks> {
-        let registry = Registry::from_inventory().map_err(|e| Error::Config(e.to_string()))?;
+        let registry = crate::libraries::registry(ctx.loaded)?;
         let list = build_hooks(&registry, ctx)?;
         tracing::debug!(hooks = ?list.iter().map(|h| h.name.as_str()).collect::<Vec<_>>(), "hooks");
         Ok(Hooks { list })

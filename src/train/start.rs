@@ -129,8 +129,8 @@ impl<'a> Run<'a> {
         let mut hooks = Hooks::build(&HookContext {
             name: "",
             loaded,
-            asm: &asm,
-            env: &env,
+            asm: Some(&asm),
+            env: Some(&env),
             rank,
             world,
             epoch_steps,

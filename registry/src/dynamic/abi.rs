@@ -1,4 +1,4 @@
-//! The C side of the plugin boundary (ABI 4): the versions both sides
+//! The C side of the plugin boundary (ABI 5): the versions both sides
 //! compare, the `#[repr(C)]` tables a library exports and the host's
 //! callback tables, and the helpers both sides use to keep panics and
 //! tensor handles on their own side of it.
@@ -15,12 +15,12 @@ use std::ffi::{c_char, c_void, CStr, CString};
 use tch::Tensor;
 
 /// Bumped whenever a table or callback signature of this module changes.
-/// 4: generators and discriminators, the text encoder's word embeddings
+/// 5: hooks; 4: generators and discriminators, the text encoder's word embeddings
 /// offered at build, checkpoint layouts of encoders and generators; 3:
 /// encoders and objectives beside samplers, the libtorch version in the
 /// handshake, tensors crossing as handles; 2: fallible callbacks, nullable
 /// pointers; 1: samplers only.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 pub const RUSTC_VERSION: &str = env!("BUILD_RUSTC_VERSION");
 pub const VLMATCH_VERSION: &str = env!("CARGO_PKG_VERSION");
 pub const TCH_VERSION: &str = "0.24.0";
@@ -56,6 +56,8 @@ pub struct PluginTable {
     pub generators: *const GeneratorVTable,
     pub n_discriminators: usize,
     pub discriminators: *const DiscriminatorVTable,
+    pub n_hooks: usize,
+    pub hooks: *const HookVTable,
 }
 
 /// `free_string`: free a string the library handed out; 0, or non-zero
@@ -277,6 +279,40 @@ pub struct DiscriminatorVTable {
     pub destroy: Option<DestroyFn>,
 }
 
+/// A hook (`vlmatch_core::Hook`). `create`: `data` from the vtable, the
+/// request (JSON: the hook's name, the run's merged config, rank, world,
+/// one epoch in steps, the run directory); writes the state, or null when
+/// the hook is off for this run, and `info_json` (a library string:
+/// `{"priority": P}`). `call`: one point of the hook's run (`request` is
+/// JSON, `dynamic::hooks::Point`), the `n` tensors it refers to lent; the
+/// answer is JSON in `out_json` (a library string, or null for none) and
+/// its tensors go to `sink`, in order.
+#[repr(C)]
+pub struct HookVTable {
+    pub name: *const c_char,
+    pub data: *const c_void,
+    pub create: Option<
+        unsafe extern "C" fn(
+            data: *const c_void,
+            request_json: *const c_char,
+            state: *mut *mut c_void,
+            info_json: *mut *mut c_char,
+        ) -> *mut c_char,
+    >,
+    pub call: Option<HookCallFn>,
+    pub destroy: Option<DestroyFn>,
+}
+
+/// `call` of a [`HookVTable`].
+pub type HookCallFn = unsafe extern "C" fn(
+    state: *mut c_void,
+    request: *const c_char,
+    n: usize,
+    tensors: *const TensorHandle,
+    sink: *const TensorSink,
+    out_json: *mut *mut c_char,
+) -> *mut c_char;
+
 /// Negatives a sampler returns (`vlmatch_core::Negatives`): `kind` 0
 /// in-batch (`text_for_image`, `image_for_text`), 1 texts (`image_index`,
 /// `ids`, `mask`); the handles given.
@@ -403,6 +439,8 @@ unsafe impl Sync for DiscriminatorVTable {}
 unsafe impl Send for DiscriminatorVTable {}
 unsafe impl Sync for LayoutVTable {}
 unsafe impl Send for LayoutVTable {}
+unsafe impl Sync for HookVTable {}
+unsafe impl Send for HookVTable {}
 
 /// Lend `t` for the duration of a call.
 pub fn lend(t: &Tensor) -> TensorHandle {

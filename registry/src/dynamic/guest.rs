@@ -6,9 +6,10 @@
 //! section, a `VarStore` whose variables then join the host's, and, for
 //! objectives, a [`Forward`] over the host's batch whose model calls back
 //! into the host. Reading the request and building: [`request`];
-//! generators and discriminators: [`heads`].
+//! generators and discriminators: [`heads`]; hooks: [`hooks`].
 
 mod heads;
+mod hooks;
 mod request;
 
 use super::abi::{
@@ -40,6 +41,7 @@ struct Tables {
     _negative_samplers: Vec<NegativeSamplerVTable>,
     _generators: Vec<super::abi::GeneratorVTable>,
     _discriminators: Vec<super::abi::DiscriminatorVTable>,
+    _hooks: Vec<super::abi::HookVTable>,
 }
 
 // SAFETY: built once, then only read (see the vtables' impls).
@@ -71,7 +73,7 @@ pub fn table(
         }));
         let registry = Registry::from_inventory().map_err(|e| e.to_string())?;
         let (mut encoders, mut objectives, mut negative) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut generators, mut discriminators) = (Vec::new(), Vec::new());
+        let (mut generators, mut discriminators, mut hooks) = (Vec::new(), Vec::new(), Vec::new());
         for e in registry.entries() {
             match e.factory {
                 Factory::Encoder(f) => encoders.push(EncoderVTable {
@@ -105,6 +107,7 @@ pub fn table(
                 Factory::Discriminator(f) => {
                     discriminators.push(heads::discriminator_vtable(&e.name, f))
                 }
+                Factory::Hook(f) => hooks.push(hooks::hook_vtable(&e.name, f)),
                 _ => {}
             }
         }
@@ -128,6 +131,8 @@ pub fn table(
             generators: generators.as_ptr(),
             n_discriminators: discriminators.len(),
             discriminators: discriminators.as_ptr(),
+            n_hooks: hooks.len(),
+            hooks: hooks.as_ptr(),
         };
         let tables = TABLES.get_or_init(|| Tables {
             table,
@@ -137,6 +142,7 @@ pub fn table(
             _negative_samplers: negative,
             _generators: generators,
             _discriminators: discriminators,
+            _hooks: hooks,
         });
         Ok(&tables.table as *const PluginTable)
     });

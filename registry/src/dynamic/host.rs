@@ -1,16 +1,18 @@
 //! The host side of a library's plugins: loading a library into a
 //! [`Registry`] (its plugins become entries whose factories are
 //! [`build_encoder`], [`build_objective`], [`build_negative_sampler`],
-//! [`build_generator`] and [`build_discriminator`]), the [`Encoder`],
+//! [`build_generator`], [`build_discriminator`] and [`build_hook`]), the [`Encoder`],
 //! [`Objective`] and [`NegativeSampler`] that call into the library (the
-//! generator and discriminator: `host/heads.rs`), and the callbacks of an
+//! generator and discriminator: `host/heads.rs`; hooks: `host/hooks.rs`), and the callbacks of an
 //! objective's or sampler's forward, reading the per-batch [`Forward`]
 //! cache. Creating a plugin and its build callbacks: `host/create.rs`.
 
 mod create;
 mod heads;
+mod hooks;
 use create::{create_in, destroy, failed, library_error, loaded, Loaded, LOADED};
 pub use heads::{build_discriminator, build_generator};
+pub use hooks::build_hook;
 
 use super::abi::{
     borrow, free_host_string, give, status, take, text, EncoderCall, ForwardFacts, ForwardHost,
@@ -64,6 +66,10 @@ impl Registry {
         for s in &library.discriminators {
             let factory = Factory::Discriminator(build_discriminator);
             entries.push((s.name.clone(), factory, Some(Loaded::Discriminator(s))));
+        }
+        for s in &library.hooks {
+            let factory = Factory::Hook(build_hook);
+            entries.push((s.name.clone(), factory, Some(Loaded::Hook(s))));
         }
         let refuse = |e: String| super::abi::refuse(&library.path, e);
         let mut names = Vec::new();

@@ -5,18 +5,15 @@
 //! from a checkpoint directory and `vlmatch export` writes it, as for a
 //! built-in plugin. Each method is one JSON [`Request`] to the library's
 //! [`layout_call`], tensors lent alongside and answered through a
-//! [`TensorSink`].
+//! [`TensorSink`] ([`json_call`]).
 
-use super::abi::{
-    borrow, error_string, lend, static_c, status, text, FreeStringFn, LayoutVTable, TensorHandle,
-    TensorSink,
-};
+use super::abi::{static_c, text, FreeStringFn, LayoutVTable, TensorHandle, TensorSink};
+use super::json_call;
 use crate::weights::{CheckpointArch, CheckpointLayout, ExportContext, ExportFiles, LoadContext};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use std::cell::RefCell;
 use std::collections::HashMap;
-use std::ffi::{c_char, c_void, CString};
+use std::ffi::{c_char, c_void};
 use std::path::Path;
 use tch::Tensor;
 use vlmatch_core::{Error, Result, SpecialTokens};
@@ -134,22 +131,16 @@ pub(crate) unsafe fn host_layout(
     }))))
 }
 
-unsafe extern "C" fn sink_push(ctx: *mut c_void, tensor: TensorHandle) -> *mut c_char {
-    status(|| {
-        if tensor.is_null() {
-            return Err("a null tensor".into());
-        }
-        // SAFETY: `ctx` is the list `HostLayout::request` lends; the handle is lent.
-        let list = unsafe { &*(ctx as *const RefCell<Vec<Tensor>>) };
-        list.borrow_mut().push(unsafe { borrow(tensor) });
-        Ok(())
-    })
-}
-
 impl HostLayout {
     /// Send `request` with `tensors`; the answer and its tensors.
     fn request(&self, request: &Request, tensors: &[&Tensor]) -> Result<(Value, Vec<Tensor>)> {
-        let fail = |m: String| {
+        let call = self.call;
+        let data = self.data;
+        let raw = Box::new(move |req, n, handles, sink, out| {
+            // SAFETY: the library's function; everything lent lives through the call.
+            unsafe { call(data, req, n, handles, sink, out) }
+        });
+        json_call::send(raw, self.free_string, request, tensors).map_err(|m| {
             Error::plugin(
                 &self.plugin,
                 format!(
@@ -157,43 +148,7 @@ impl HostLayout {
                     self.library
                 ),
             )
-        };
-        let json = serde_json::to_string(request).map_err(|e| fail(e.to_string()))?;
-        let json = CString::new(json).map_err(|e| fail(e.to_string()))?;
-        let handles: Vec<TensorHandle> = tensors.iter().map(|t| lend(t)).collect();
-        let received = RefCell::new(Vec::new());
-        let sink = TensorSink {
-            ctx: &received as *const RefCell<Vec<Tensor>> as *mut c_void,
-            push: Some(sink_push),
-            free_string: Some(super::abi::free_host_string),
-        };
-        let mut out: *mut c_char = std::ptr::null_mut();
-        // SAFETY: the library's function; everything lent lives through the call.
-        let error = unsafe {
-            (self.call)(
-                self.data,
-                json.as_ptr(),
-                handles.len(),
-                handles.as_ptr(),
-                &sink,
-                &mut out,
-            )
-        };
-        let free = |p: *mut c_char| {
-            // SAFETY: a library string or null, freed once, here.
-            let t = unsafe { text(p) };
-            if !p.is_null() {
-                unsafe { (self.free_string)(p) };
-            }
-            t
-        };
-        if let Some(message) = free(error) {
-            free(out);
-            return Err(fail(message));
-        }
-        let answer = free(out).ok_or_else(|| fail("no answer".into()))?;
-        let answer: Value = serde_json::from_str(&answer).map_err(|e| fail(e.to_string()))?;
-        Ok((answer, received.into_inner()))
+        })
     }
 
     /// For the methods that cannot fail: the failure is logged.
@@ -315,30 +270,14 @@ unsafe extern "C" fn layout_call(
     sink: *const TensorSink,
     out_json: *mut *mut c_char,
 ) -> *mut c_char {
-    status(|| {
-        // SAFETY: `data` is the layout this vtable was made with; the
-        // host's request, `n` lent handles, sink and out-pointer.
-        let layout = unsafe { *(data as *const &'static dyn CheckpointLayout) };
-        let request = unsafe { text(request) }.ok_or("no request")?;
-        let request: Request =
-            serde_json::from_str(&request).map_err(|e| format!("bad request: {e}"))?;
-        if n > 0 && tensors.is_null() {
-            return Err("a null tensor array".into());
-        }
-        let tensors: Vec<Tensor> = (0..n).map(|i| unsafe { borrow(*tensors.add(i)) }).collect();
-        let sink = unsafe { sink.as_ref() }.ok_or("no sink")?;
-        let (answer, out) = answer(layout, request, tensors)?;
-        let push = sink.push.ok_or("the host's `push` is null")?;
-        for t in &out {
-            let error = unsafe { push(sink.ctx, lend(t)) };
-            super::view::host_result(error, sink.free_string)?;
-        }
-        if out_json.is_null() {
-            return Err("no out-pointer".into());
-        }
-        unsafe { *out_json = error_string(&answer.to_string()) };
-        Ok(())
-    })
+    // SAFETY: `data` is the layout this vtable was made with; the rest
+    // the host's, as `json_call::send` passes them.
+    let layout = unsafe { *(data as *const &'static dyn CheckpointLayout) };
+    unsafe {
+        json_call::answer(request, n, tensors, sink, out_json, |r, t| {
+            answer(layout, r, t)
+        })
+    }
 }
 
 fn answer(

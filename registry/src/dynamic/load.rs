@@ -5,8 +5,9 @@
 
 use super::abi::{
     refuse, text, CreatePluginFn, DestroyFn, DiscriminatorVTable, EncoderVTable, FillCall,
-    FreeStringFn, GeneratorVTable, ObjectiveVTable, PluginTable, TensorHandle, ABI_VERSION,
-    ENTRY_SYMBOL, LIBTORCH_VERSION, RUSTC_VERSION, TCH_VERSION, VLMATCH_VERSION,
+    FreeStringFn, GeneratorVTable, HookCallFn, HookVTable, ObjectiveVTable, PluginTable,
+    TensorHandle, ABI_VERSION, ENTRY_SYMBOL, LIBTORCH_VERSION, RUSTC_VERSION, TCH_VERSION,
+    VLMATCH_VERSION,
 };
 use super::layout::{host_layout, HostLayout};
 use super::sampler::{checked, DynamicSampler};
@@ -98,6 +99,22 @@ pub struct DiscriminatorSpec {
     pub(crate) free_string: FreeStringFn,
 }
 
+/// A hook of a library, checked.
+pub struct HookSpec {
+    pub name: String,
+    pub library: String,
+    pub(crate) data: *const c_void,
+    pub(crate) create: unsafe extern "C" fn(
+        *const c_void,
+        *const c_char,
+        *mut *mut c_void,
+        *mut *mut c_char,
+    ) -> *mut c_char,
+    pub(crate) call: HookCallFn,
+    pub(crate) destroy: DestroyFn,
+    pub(crate) free_string: FreeStringFn,
+}
+
 // SAFETY: the specs hold pointers to the library's static data and
 // functions, which stay loaded for the process and are only read.
 unsafe impl Sync for EncoderSpec {}
@@ -110,6 +127,8 @@ unsafe impl Sync for GeneratorSpec {}
 unsafe impl Send for GeneratorSpec {}
 unsafe impl Sync for DiscriminatorSpec {}
 unsafe impl Send for DiscriminatorSpec {}
+unsafe impl Sync for HookSpec {}
+unsafe impl Send for HookSpec {}
 
 /// What creating a library's plugin needs of its spec (every kind but
 /// text samplers).
@@ -158,6 +177,7 @@ pub struct Library {
     pub negative_samplers: Vec<&'static NegativeSamplerSpec>,
     pub generators: Vec<&'static GeneratorSpec>,
     pub discriminators: Vec<&'static DiscriminatorSpec>,
+    pub hooks: Vec<&'static HookSpec>,
 }
 
 fn c_str(p: *const c_char, what: &str, path: &Path) -> Result<String> {
@@ -271,11 +291,13 @@ pub(crate) fn load(path: &Path) -> Result<Library> {
             path,
         )?
     };
+    let hooks = unsafe { array(table.n_hooks, table.hooks, "hooks", path)? };
     let with_state = encoders.len()
         + objectives.len()
         + negative_samplers.len()
         + generators.len()
-        + discriminators.len();
+        + discriminators.len()
+        + hooks.len();
     let free_string = match (with_state, table.free_string) {
         (_, Some(f)) => Some(f),
         (0, None) => None,
@@ -294,6 +316,7 @@ pub(crate) fn load(path: &Path) -> Result<Library> {
         negative_samplers: Vec::new(),
         generators: Vec::new(),
         discriminators: Vec::new(),
+        hooks: Vec::new(),
     };
     let library_name = path.display().to_string();
     for vtable in samplers {
@@ -328,6 +351,10 @@ pub(crate) fn load(path: &Path) -> Result<Library> {
     for v in discriminators {
         let spec = discriminator(v, path, &library_name, free_string)?;
         out.discriminators.push(Box::leak(Box::new(spec)));
+    }
+    for v in hooks {
+        let spec = hook(v, path, &library_name, free_string)?;
+        out.hooks.push(Box::leak(Box::new(spec)));
     }
     Ok(out)
 }
@@ -439,6 +466,25 @@ fn discriminator(
         data: v.data,
         create: v.create.ok_or_else(|| null("create"))?,
         logits: v.logits.ok_or_else(|| null("logits"))?,
+        destroy: v.destroy.ok_or_else(|| null("destroy"))?,
+        free_string: free_string.expect("checked with the table"),
+        library: library.to_string(),
+        name,
+    })
+}
+
+fn hook(
+    v: &HookVTable,
+    path: &Path,
+    library: &str,
+    free_string: Option<FreeStringFn>,
+) -> Result<HookSpec> {
+    let name = c_str(v.name, "hook name", path)?;
+    let null = |what| null(path, "hook", &name, what);
+    Ok(HookSpec {
+        data: v.data,
+        create: v.create.ok_or_else(|| null("create"))?,
+        call: v.call.ok_or_else(|| null("call"))?,
         destroy: v.destroy.ok_or_else(|| null("destroy"))?,
         free_string: free_string.expect("checked with the table"),
         library: library.to_string(),

@@ -9,8 +9,9 @@
 
 use std::rc::Rc;
 use vlmatch_plugin_sdk::core::{
-    Encoded, Encoder, EncoderInput, Forward, Modality, Objective, ObjectiveOutput, Result,
+    Encoded, Encoder, EncoderInput, Forward, Hook, Modality, Objective, ObjectiveOutput, Result,
 };
+use vlmatch_plugin_sdk::registry::hooks::HookContext;
 use vlmatch_plugin_sdk::tch::{Device, Kind, Tensor};
 use vlmatch_plugin_sdk::{register, BuildContext, TextSampler};
 
@@ -66,6 +67,7 @@ fn build_bad(_: &BuildContext<'_>) -> Result<Box<dyn Objective>> {
 register!(encoder "panicky_stem" => build_stem);
 register!(objective "bad_matmul" => build_bad);
 register!(objective "reads_itc_logits" => build_reads_itc);
+register!(hook "faulty_hook" => build_faulty_hook);
 vlmatch_plugin_sdk::export!("panicky" => Panicky);
 
 struct ReadsItcLogits;
@@ -82,4 +84,32 @@ impl Objective for ReadsItcLogits {
 
 fn build_reads_itc(_: &BuildContext<'_>) -> Result<Box<dyn Objective>> {
     Ok(Box::new(ReadsItcLogits))
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct FaultyHookConfig {
+    at: String,
+}
+
+struct FaultyHook;
+
+impl Hook for FaultyHook {
+    fn before_backward(&self, _step: i64, loss: Tensor) -> Tensor {
+        let a = Tensor::ones([2, 3], (Kind::Float, Device::Cpu));
+        loss * a
+            .matmul(&Tensor::ones([4, 5], (Kind::Float, Device::Cpu)))
+            .sum(Kind::Float)
+    }
+}
+
+fn build_faulty_hook(ctx: &HookContext<'_>) -> Result<Option<Box<dyn Hook>>> {
+    if !ctx.enabled(false) {
+        return Ok(None);
+    }
+    let c: FaultyHookConfig = ctx.params()?;
+    if c.at == "model" {
+        ctx.model()?;
+    }
+    Ok(Some(Box::new(FaultyHook)))
 }

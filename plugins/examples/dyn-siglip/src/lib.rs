@@ -26,12 +26,21 @@
 //! - discriminator `mlp_heads`: ITM's pair head as dense + tanh + 2-way
 //!   linear on the fused `[CLS]` (a pooler, as BERT's), and a per-token
 //!   linear RTD head.
+//! - hook `loss_ema` (on with a `[hooks.loss_ema]` section): an average of
+//!   the loss over micro-batches, kept across a resume (a tensor and a
+//!   step counter in the hook's state), logged as `loss_ema` and
+//!   `loss_ema_steps`; the loss is multiplied by `scale` before it is
+//!   back-propagated. A hook in a library does not see the model.
 
 use std::rc::Rc;
+use vlmatch_plugin_sdk::core::hook::priority;
+use vlmatch_plugin_sdk::core::readback;
 use vlmatch_plugin_sdk::core::{
-    Discriminator, Encoded, Encoder, EncoderInput, Error, Forward, Generator, Modality,
-    NegativeSampler, Negatives, Objective, ObjectiveOutput, Result, SamplerInput,
+    Discriminator, Encoded, Encoder, EncoderInput, Error, Forward, Generator, Hook, HookState,
+    Modality, NegativeSampler, Negatives, Objective, ObjectiveOutput, Result, RunStart,
+    SamplerInput,
 };
+use vlmatch_plugin_sdk::registry::hooks::HookContext;
 use vlmatch_plugin_sdk::registry::weights::{
     CheckpointLayout, ExportContext, ExportFiles, LoadContext,
 };
@@ -44,6 +53,7 @@ register!(objective "pair_match" => build_match);
 register!(negative_sampler "next_caption" => build_next);
 register!(generator "tied_decoder" => build_decoder);
 register!(discriminator "mlp_heads" => build_heads);
+register!(hook "loss_ema" => build_ema);
 export!();
 
 #[derive(serde::Deserialize)]
@@ -400,5 +410,112 @@ impl Discriminator for MlpHeads {
     fn pair_logits(&self, fused: &Encoded) -> Result<Tensor> {
         let cls = fused.cls().to_kind(Kind::Float);
         Ok(cls.apply(&self.pooler).tanh().apply(&self.pair))
+    }
+}
+
+/// `[hooks.loss_ema]`: the hook's keys.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct EmaConfig {
+    /// The average's decay per micro-batch.
+    decay: f64,
+    /// A factor on the loss before it is back-propagated.
+    scale: f64,
+}
+
+impl Default for EmaConfig {
+    fn default() -> Self {
+        EmaConfig {
+            decay: 0.9,
+            scale: 1.0,
+        }
+    }
+}
+
+/// See the crate's documentation.
+pub struct LossEma {
+    decay: f64,
+    scale: f64,
+    /// The average (a CPU scalar; saved and restored with the run).
+    /// Reading the loss synchronises a GPU each micro-batch.
+    ema: Tensor,
+    /// Optimizer steps taken (saved and restored with the run; counted
+    /// after each optimizer step, so a checkpoint of step N holds N).
+    steps: std::cell::Cell<i64>,
+}
+
+fn build_ema(ctx: &HookContext<'_>) -> Result<Option<Box<dyn Hook>>> {
+    if !ctx.enabled(false) {
+        return Ok(None);
+    }
+    let c: EmaConfig = ctx.params()?;
+    if !(0.0..1.0).contains(&c.decay) || !c.scale.is_finite() {
+        return Err(Error::Config(format!(
+            "config key `hooks.{}`: expected 0 <= decay < 1 and a finite scale, got {} and {}",
+            ctx.name, c.decay, c.scale
+        )));
+    }
+    Ok(Some(Box::new(LossEma {
+        decay: c.decay,
+        scale: c.scale,
+        ema: Tensor::zeros([], (Kind::Float, tch::Device::Cpu)),
+        steps: Default::default(),
+    })))
+}
+
+impl Hook for LossEma {
+    fn priority(&self) -> i32 {
+        priority::LOGGING
+    }
+    fn state(&self) -> HookState {
+        HookState {
+            tensors: vec![("ema".into(), self.ema.shallow_clone())],
+            counters: vec![("steps".into(), self.steps.get())],
+        }
+    }
+    fn set_counters(&mut self, counters: &[(String, i64)]) -> Result<()> {
+        for (name, value) in counters {
+            match name.as_str() {
+                "steps" if *value >= 0 => self.steps.set(*value),
+                _ => {
+                    return Err(Error::Config(format!(
+                        "loss_ema: counter `{name}` = {value} is not one of its own"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+    fn on_start(&mut self, start: RunStart) -> Result<()> {
+        // The counter restored with the checkpoint says where the run is.
+        if self.steps.get() != start.step {
+            return Err(Error::Config(format!(
+                "loss_ema: restored at {} steps, but the run starts at step {}",
+                self.steps.get(),
+                start.step
+            )));
+        }
+        Ok(())
+    }
+    fn before_backward(&self, _step: i64, loss: Tensor) -> Tensor {
+        // One counted read-back per micro-batch: an example, not for speed.
+        let value = readback::to_vec::<f32>(&loss.detach().to_kind(Kind::Float));
+        if let Some(v) = value.ok().and_then(|v| v.first().copied()) {
+            let next = &self.ema * self.decay + f64::from(v) * (1.0 - self.decay);
+            let mut ema = self.ema.shallow_clone();
+            tch::no_grad(|| ema.copy_(&next));
+        }
+        loss * self.scale
+    }
+    fn on_log(&mut self, _step: i64, line: &mut Vec<(String, f64)>) {
+        let ema = readback::to_vec::<f32>(&self.ema).ok();
+        let ema = ema
+            .and_then(|v| v.first().copied())
+            .map_or(f64::NAN, f64::from);
+        line.push(("loss_ema".into(), ema));
+        line.push(("loss_ema_steps".into(), self.steps.get() as f64));
+    }
+    fn after_optimizer_step(&self, _applied: &Tensor) {
+        self.steps.set(self.steps.get() + 1);
     }
 }

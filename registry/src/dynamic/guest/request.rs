@@ -56,13 +56,13 @@ impl TextCodec for NoCodec {
         self.vocab_size
     }
     fn encode(&self, _: &[&str], _: Device) -> TextBatch {
-        panic!("the run's tokenizer is not exposed to plugins in a library (ABI 4)")
+        panic!("the run's tokenizer is not exposed to plugins in a library (ABI 5)")
     }
     fn token(&self, _: i64) -> String {
-        panic!("the run's tokenizer is not exposed to plugins in a library (ABI 4)")
+        panic!("the run's tokenizer is not exposed to plugins in a library (ABI 5)")
     }
     fn pieces(&self, _: &str) -> Vec<i64> {
-        panic!("the run's tokenizer is not exposed to plugins in a library (ABI 4)")
+        panic!("the run's tokenizer is not exposed to plugins in a library (ABI 5)")
     }
 }
 

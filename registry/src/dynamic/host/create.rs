@@ -9,8 +9,8 @@ use super::super::abi::{
 };
 use super::super::calls::modality_code;
 use super::super::load::{
-    Creatable, Creation, DiscriminatorSpec, EncoderSpec, GeneratorSpec, NegativeSamplerSpec,
-    ObjectiveSpec,
+    Creatable, Creation, DiscriminatorSpec, EncoderSpec, GeneratorSpec, HookSpec,
+    NegativeSamplerSpec, ObjectiveSpec,
 };
 use crate::{BuildContext, Kind};
 use std::collections::BTreeMap;
@@ -31,6 +31,7 @@ pub(super) enum Loaded {
     NegativeSampler(&'static NegativeSamplerSpec),
     Generator(&'static GeneratorSpec),
     Discriminator(&'static DiscriminatorSpec),
+    Hook(&'static HookSpec),
 }
 
 impl Loaded {
@@ -41,6 +42,7 @@ impl Loaded {
             Loaded::NegativeSampler(s) => &s.library,
             Loaded::Generator(s) => &s.library,
             Loaded::Discriminator(s) => &s.library,
+            Loaded::Hook(s) => &s.library,
         }
     }
 }
