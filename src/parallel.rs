@@ -356,9 +356,30 @@ impl Parallel {
         r.reduce(self.group()).map_err(to_core_error)
     }
 
-    /// Gives every rank rank 0's values of `tensors` (in place).
+    /// Gives every rank rank 0's values of `tensors` (in place). A tensor
+    /// off the run's device (a hook's CPU state in a CUDA run, which NCCL
+    /// cannot send) travels through a copy on the device.
     pub fn broadcast(&self, tensors: &[Tensor]) -> Result<()> {
-        broadcast_parameters(self.group(), tensors).map_err(to_core_error)
+        let staged: Vec<(usize, Tensor)> = tensors
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.device() != self.device)
+            .map(|(i, t)| (i, t.detach().to_device(self.device)))
+            .collect();
+        if staged.is_empty() {
+            return broadcast_parameters(self.group(), tensors).map_err(to_core_error);
+        }
+        let mut sent: Vec<Tensor> = tensors.iter().map(Tensor::shallow_clone).collect();
+        for (i, t) in &staged {
+            sent[*i] = t.shallow_clone();
+        }
+        broadcast_parameters(self.group(), &sent).map_err(to_core_error)?;
+        tch::no_grad(|| {
+            for (i, t) in staged {
+                tensors[i].shallow_clone().copy_(&t);
+            }
+        });
+        Ok(())
     }
 
     /// Whether `flag` holds on any rank, agreed by all.

@@ -1,11 +1,12 @@
 //! The host side of a library's plugins: loading a library into a
 //! [`Registry`] (its plugins become entries whose factories are
 //! [`build_encoder`], [`build_objective`], [`build_negative_sampler`],
-//! [`build_generator`], [`build_discriminator`] and [`build_hook`]), the [`Encoder`],
-//! [`Objective`] and [`NegativeSampler`] that call into the library (the
-//! generator and discriminator: `host/heads.rs`; hooks: `host/hooks.rs`), and the callbacks of an
-//! objective's or sampler's forward, reading the per-batch [`Forward`]
-//! cache. Creating a plugin and its build callbacks: `host/create.rs`.
+//! [`build_generator`], [`build_discriminator`] and [`build_hook`]), the
+//! [`Encoder`], [`Objective`] and [`NegativeSampler`] that call into the
+//! library (the generator and discriminator: `host/heads.rs`; hooks:
+//! `host/hooks.rs`), and the callbacks of an objective's or sampler's
+//! forward, reading the per-batch [`Forward`] cache. Creating a plugin and
+//! its build callbacks: `host/create.rs`.
 
 mod create;
 mod heads;
