@@ -243,7 +243,7 @@ fn c_table(
          typedef struct {{ const char *name; const void *data; void *create; void *sample; void *destroy; }} NegativeSamplerVTable;\n\
          typedef struct {{ const char *name; const void *data; void *create; void *logits; void *fill; void *destroy; const Layout *layout; }} GeneratorVTable;\n\
          typedef struct {{ const char *name; const void *data; void *create; void *logits; void *destroy; }} DiscriminatorVTable;\n\
-         typedef struct {{ const char *name; const void *data; void *create; void *call; void *destroy; }} HookVTable;\n\
+         typedef struct {{ const char *name; const void *data; void *create; void *call; void *after_objectives; void *destroy; }} HookVTable;\n\
          typedef struct {{ uint32_t abi; const char *rustc; const char *vlmatch; const char *tch; const char *libtorch; void *free_string;\n\
            size_t n_samplers; const VTable *samplers; size_t n_encoders; const EncoderVTable *encoders;\n\
            size_t n_objectives; const ObjectiveVTable *objectives;\n\
@@ -479,9 +479,14 @@ fn a_null_table_and_a_null_function_are_refused_naming_the_plugin() {
             "destroy",
             "{ \"nullfn\", 0, stub, stub, 0 }",
         ),
-        ("hook", "create", "{ \"nullfn\", 0, 0, stub, stub }"),
-        ("hook", "call", "{ \"nullfn\", 0, stub, 0, stub }"),
-        ("hook", "destroy", "{ \"nullfn\", 0, stub, stub, 0 }"),
+        ("hook", "create", "{ \"nullfn\", 0, 0, stub, stub, stub }"),
+        ("hook", "call", "{ \"nullfn\", 0, stub, 0, stub, stub }"),
+        (
+            "hook",
+            "after_objectives",
+            "{ \"nullfn\", 0, stub, stub, 0, stub }",
+        ),
+        ("hook", "destroy", "{ \"nullfn\", 0, stub, stub, stub, 0 }"),
         (
             "encoder",
             "layout.call",

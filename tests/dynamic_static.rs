@@ -127,6 +127,7 @@ fn static_and_dynamic_builds_train_alike_and_the_dynamic_run_resumes_evaluates_a
             && m["itm"].is_number()
             && m["itm_acc_next_caption"].is_number()
             && m["loss_ema"].is_number()
+            && m["pair_similarity"].is_number()
             // The library's hook counts optimizer steps in its state.
             && m["loss_ema_steps"].as_f64() == m["step"].as_f64()),
         "{:?}",

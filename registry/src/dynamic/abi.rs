@@ -280,13 +280,15 @@ pub struct DiscriminatorVTable {
 }
 
 /// A hook (`vlmatch_core::Hook`). `create`: `data` from the vtable, the
-/// request (JSON: the hook's name, the run's merged config, rank, world,
-/// one epoch in steps, the run directory); writes the state, or null when
+/// request (JSON, `dynamic::hook_points::HookRequest`: the hook's name, the
+/// run's merged config, rank, world, one epoch in steps, the run directory,
+/// the device and the model's encoders); writes the state, or null when
 /// the hook is off for this run, and `info_json` (a library string:
 /// `{"priority": P}`). `call`: one point of the hook's run (`request` is
-/// JSON, `dynamic::hooks::Point`), the `n` tensors it refers to lent; the
-/// answer is JSON in `out_json` (a library string, or null for none) and
-/// its tensors go to `sink`, in order.
+/// JSON, `dynamic::hook_points::Point`), the `n` tensors it refers to lent;
+/// the answer is JSON in `out_json` (a library string, or null for none)
+/// and its tensors go to `sink`, in order. `after_objectives`: the
+/// micro-batch's forward cache through `view`, as an objective's.
 #[repr(C)]
 pub struct HookVTable {
     pub name: *const c_char,
@@ -300,6 +302,8 @@ pub struct HookVTable {
         ) -> *mut c_char,
     >,
     pub call: Option<HookCallFn>,
+    pub after_objectives:
+        Option<unsafe extern "C" fn(state: *mut c_void, view: *const ForwardHost) -> *mut c_char>,
     pub destroy: Option<DestroyFn>,
 }
 

@@ -17,6 +17,11 @@ pub struct HookRequest {
     pub world: usize,
     pub epoch_steps: Option<i64>,
     pub run_dir: String,
+    /// The run's device (`cpu`, `cuda:N`, `mps`).
+    pub device: String,
+    /// The model's encoders (`dynamic::view::ModelFacts`), for the proxy
+    /// model `after_objectives` sees; `None` outside a training run.
+    pub model: Option<Value>,
 }
 
 /// What `create` answers besides the state.

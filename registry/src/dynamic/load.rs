@@ -111,6 +111,8 @@ pub struct HookSpec {
         *mut *mut c_char,
     ) -> *mut c_char,
     pub(crate) call: HookCallFn,
+    pub(crate) after_objectives:
+        unsafe extern "C" fn(*mut c_void, *const super::abi::ForwardHost) -> *mut c_char,
     pub(crate) destroy: DestroyFn,
     pub(crate) free_string: FreeStringFn,
 }
@@ -485,6 +487,7 @@ fn hook(
         data: v.data,
         create: v.create.ok_or_else(|| null("create"))?,
         call: v.call.ok_or_else(|| null("call"))?,
+        after_objectives: v.after_objectives.ok_or_else(|| null("after_objectives"))?,
         destroy: v.destroy.ok_or_else(|| null("destroy"))?,
         free_string: free_string.expect("checked with the table"),
         library: library.to_string(),

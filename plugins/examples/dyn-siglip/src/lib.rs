@@ -30,7 +30,10 @@
 //!   the loss over micro-batches, kept across a resume (a tensor and a
 //!   step counter in the hook's state), logged as `loss_ema` and
 //!   `loss_ema_steps`; the loss is multiplied by `scale` before it is
-//!   back-propagated. A hook in a library does not see the model.
+//!   back-propagated; after the objectives it reads the host's ITC
+//!   embeddings through the forward cache and logs the micro-batch's mean
+//!   similarity of its own pairs (`pair_similarity`). A hook in a library
+//!   does not see the model at build time.
 
 use std::rc::Rc;
 use vlmatch_plugin_sdk::core::hook::priority;
@@ -442,6 +445,8 @@ pub struct LossEma {
     /// Optimizer steps taken (saved and restored with the run; counted
     /// after each optimizer step, so a checkpoint of step N holds N).
     steps: std::cell::Cell<i64>,
+    /// The last micro-batch's mean ITC similarity of its own pairs.
+    pair_similarity: std::cell::RefCell<Option<Tensor>>,
 }
 
 fn build_ema(ctx: &HookContext<'_>) -> Result<Option<Box<dyn Hook>>> {
@@ -460,6 +465,7 @@ fn build_ema(ctx: &HookContext<'_>) -> Result<Option<Box<dyn Hook>>> {
         scale: c.scale,
         ema: Tensor::zeros([], (Kind::Float, tch::Device::Cpu)),
         steps: Default::default(),
+        pair_similarity: Default::default(),
     })))
 }
 
@@ -497,6 +503,13 @@ impl Hook for LossEma {
         }
         Ok(())
     }
+    fn after_objectives(&self, forward: &Forward<'_>) {
+        // The host's ITC embeddings, read through the forward cache.
+        if let Ok((images, texts)) = forward.embeds() {
+            let s = (images * texts).sum_dim_intlist(1, false, Kind::Float);
+            *self.pair_similarity.borrow_mut() = Some(s.mean(Kind::Float).detach());
+        }
+    }
     fn before_backward(&self, _step: i64, loss: Tensor) -> Tensor {
         // One counted read-back per micro-batch: an example, not for speed.
         let value = readback::to_vec::<f32>(&loss.detach().to_kind(Kind::Float));
@@ -514,6 +527,12 @@ impl Hook for LossEma {
             .map_or(f64::NAN, f64::from);
         line.push(("loss_ema".into(), ema));
         line.push(("loss_ema_steps".into(), self.steps.get() as f64));
+        if let Some(s) = self.pair_similarity.borrow().as_ref() {
+            let s = readback::to_vec::<f32>(s)
+                .ok()
+                .and_then(|v| v.first().copied());
+            line.push(("pair_similarity".into(), s.map_or(f64::NAN, f64::from)));
+        }
     }
     fn after_optimizer_step(&self, _applied: &Tensor) {
         self.steps.set(self.steps.get() + 1);

@@ -1,19 +1,26 @@
 //! The library side of hooks: their vtables, `create` (the hook's own
 //! factory on a [`HookContext`] rebuilt from the run's merged config,
-//! without the model) and `call` (one [`Point`] of the run), panics caught.
+//! without the model), `call` (one [`Point`] of the run) and
+//! `after_objectives` (a `Forward` over the host's micro-batch whose model
+//! calls back into the host, as an objective's), panics caught.
 
 use super::super::abi::TensorSink;
-use super::super::abi::{error_string, static_c, status, text, HookVTable, TensorHandle};
+use super::super::abi::{
+    error_string, static_c, status, text, ForwardHost, HookVTable, TensorHandle,
+};
 use super::super::hook_points::{scalars_in, scalars_out, HookInfo, HookRequest, Point};
 use super::super::json_call;
+use super::super::view::{proxy_model, with_forward, ModelFacts};
 use crate::config::{Config, LoadedConfig};
 use crate::hooks::HookContext;
 use crate::registration::HookFactory;
 use serde_json::{json, Value};
+use std::cell::Cell;
 use std::ffi::{c_char, c_void};
 use std::path::Path;
-use tch::Tensor;
-use vlmatch_core::{Hook, Record, RunEnd, RunStart};
+use std::rc::Rc;
+use tch::{nn, Tensor};
+use vlmatch_core::{Hook, Record, RunEnd, RunStart, VlModel};
 
 /// The vtable of hook `name`, built by `factory`.
 pub(super) fn hook_vtable(name: &str, factory: HookFactory) -> HookVTable {
@@ -22,13 +29,18 @@ pub(super) fn hook_vtable(name: &str, factory: HookFactory) -> HookVTable {
         data: Box::leak(Box::new(factory)) as *const HookFactory as *const c_void,
         create: Some(create_hook),
         call: Some(hook_call),
+        after_objectives: Some(hook_after_objectives),
         destroy: Some(destroy_hook),
     }
 }
 
-/// A hook's state: the hook and the config its context borrowed.
+/// A hook's state: the hook, and the proxy model its `after_objectives`
+/// sees (with the slot of the current forward's host table).
 struct GuestHook {
     hook: Box<dyn Hook>,
+    model: Option<VlModel>,
+    view: Rc<Cell<*const ForwardHost>>,
+    _head: nn::VarStore,
 }
 
 unsafe extern "C" fn create_hook(
@@ -72,10 +84,24 @@ unsafe extern "C" fn create_hook(
             None => (std::ptr::null_mut(), 0),
             Some(hook) => {
                 let priority = hook.priority();
-                (
-                    Box::into_raw(Box::new(GuestHook { hook })) as *mut c_void,
-                    priority,
-                )
+                let view = Rc::new(Cell::new(std::ptr::null::<ForwardHost>()));
+                let head = nn::VarStore::new(tch::Device::Cpu);
+                let model = match &req.model {
+                    None => None,
+                    Some(facts) => {
+                        let facts: ModelFacts = serde_json::from_value(facts.clone())
+                            .map_err(|e| format!("bad model facts: {e}"))?;
+                        let dev = super::request::device(&req.device)?;
+                        Some(proxy_model(Some(&facts), &view, dev, &head)?)
+                    }
+                };
+                let g = GuestHook {
+                    hook,
+                    model,
+                    view,
+                    _head: head,
+                };
+                (Box::into_raw(Box::new(g)) as *mut c_void, priority)
             }
         };
         let info = serde_json::to_string(&HookInfo { priority }).map_err(|e| e.to_string())?;
@@ -95,6 +121,25 @@ unsafe extern "C" fn destroy_hook(state: *mut c_void) -> *mut c_char {
             drop(unsafe { Box::from_raw(state as *mut GuestHook) });
         }
         Ok(())
+    })
+}
+
+unsafe extern "C" fn hook_after_objectives(
+    state: *mut c_void,
+    view: *const ForwardHost,
+) -> *mut c_char {
+    status(|| {
+        // SAFETY: our state from `create_hook`; the host's table for this call.
+        let g = unsafe { (state as *const GuestHook).as_ref() }.ok_or("no state")?;
+        let host = unsafe { view.as_ref() }.ok_or("no forward table")?;
+        let model = g
+            .model
+            .as_ref()
+            .ok_or("the host did not describe the model")?;
+        with_forward(model, &g.view, host, |f| {
+            g.hook.after_objectives(f);
+            Ok(())
+        })
     })
 }
 

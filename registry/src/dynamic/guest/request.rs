@@ -29,7 +29,7 @@ pub(super) struct Request {
     pub(super) model: Option<ModelFacts>,
 }
 
-fn device(name: &str) -> Result<Device, String> {
+pub(super) fn device(name: &str) -> Result<Device, String> {
     match name {
         "cpu" => Ok(Device::Cpu),
         "mps" => Ok(Device::Mps),

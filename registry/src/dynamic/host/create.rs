@@ -79,7 +79,7 @@ pub(super) unsafe fn library_error(
     Some(message)
 }
 
-fn device_name(d: tch::Device) -> String {
+pub(super) fn device_name(d: tch::Device) -> String {
     match d {
         tch::Device::Cuda(i) => format!("cuda:{i}"),
         tch::Device::Mps => "mps".into(),
@@ -95,17 +95,21 @@ fn kind_name(k: tch::Kind) -> &'static str {
     }
 }
 
+/// The model's encoders as a library's proxy model is built from them
+/// (`dynamic::view::ModelFacts`): modality code and width of each.
+pub(super) fn model_facts(m: &vlmatch_core::VlModel) -> serde_json::Value {
+    serde_json::json!({
+        "image": [modality_code(m.image.modality()), m.image.hidden_size()],
+        "text": [modality_code(m.text.modality()), m.text.hidden_size()],
+        "fusion": [modality_code(m.fusion.modality()), m.fusion.hidden_size()],
+    })
+}
+
 /// What `create` gets (read back by the library in `guest/request.rs`).
 fn request(ctx: &BuildContext<'_>) -> String {
     let env = ctx.env;
     let s = env.special;
-    let model = ctx.model.map(|m| {
-        serde_json::json!({
-            "image": [modality_code(m.image.modality()), m.image.hidden_size()],
-            "text": [modality_code(m.text.modality()), m.text.hidden_size()],
-            "fusion": [modality_code(m.fusion.modality()), m.fusion.hidden_size()],
-        })
-    });
+    let model = ctx.model.map(model_facts);
     serde_json::json!({
         "plugin": ctx.plugin,
         "key": ctx.key,

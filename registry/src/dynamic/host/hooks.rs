@@ -1,14 +1,16 @@
 //! The host side of hooks in a library: the factory the registry's entry
 //! points to, and the [`Hook`] that sends each point of the run to the
-//! library ([`Point`]). A failure at a point that cannot return one
-//! (`before_step`, `before_backward`, `after_optimizer_step`, `on_log`,
-//! `state`) is kept and returned by the next point that can (at the
+//! library ([`Point`]; `after_objectives` with the micro-batch's forward
+//! cache, as an objective's). A failure at a point that cannot return one
+//! (`before_step`, `after_objectives`, `before_backward`,
+//! `after_optimizer_step`, `on_log`, `state`) is kept and returned by the next point that can (at the
 //! latest the step's `on_step_end`), so it stops the run within the step.
 
 use super::super::hook_points::{scalars_in, scalars_out, HookInfo, HookRequest, Point};
 use super::super::json_call;
 use super::super::load::HookSpec;
-use super::create::{destroy, failed, library_error, loaded, Loaded};
+use super::create::{destroy, device_name, failed, library_error, loaded, model_facts, Loaded};
+use super::forward::{forward_table, View};
 use crate::hooks::HookContext;
 use crate::Kind;
 use serde_json::Value;
@@ -16,7 +18,9 @@ use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CString};
 use std::path::Path;
 use tch::Tensor;
-use vlmatch_core::{Error, Hook, HookState, Record, Result, RunEnd, RunStart};
+use vlmatch_core::{
+    Error, Forward, Hook, HookState, ObjectiveOutput, Record, Result, RunEnd, RunStart,
+};
 
 /// The factory of every hook from a library: the library's factory
 /// decides, from the run's config, whether the hook is on.
@@ -37,6 +41,10 @@ pub fn build_hook(ctx: &HookContext<'_>) -> Result<Option<Box<dyn Hook>>> {
         world: ctx.world,
         epoch_steps: ctx.epoch_steps,
         run_dir: ctx.run_dir.display().to_string(),
+        device: ctx
+            .asm
+            .map_or_else(|| "cpu".into(), |a| device_name(a.model.device)),
+        model: ctx.asm.map(|a| model_facts(&a.model)),
     };
     let request = serde_json::to_string(&request).map_err(|e| fail(&e.to_string()))?;
     let request = CString::new(request).map_err(|e| fail(&e.to_string()))?;
@@ -60,6 +68,8 @@ pub fn build_hook(ctx: &HookContext<'_>) -> Result<Option<Box<dyn Hook>>> {
         state,
         priority: 0,
         pending: RefCell::new(None),
+        local_negatives: ctx.loaded.config.train.dist.hard_negatives
+            == crate::config::HardNegatives::Local,
     };
     let info: HookInfo = info
         .as_deref()
@@ -77,6 +87,9 @@ struct HostHook {
     priority: i32,
     /// The first failure at a point that could not return it.
     pending: RefCell<Option<Error>>,
+    /// In-batch negatives from each rank's own pairs
+    /// (`train.dist.hard_negatives = "local"`), as the forward cache says.
+    local_negatives: bool,
 }
 
 impl Drop for HostHook {
@@ -190,6 +203,22 @@ impl Hook for HostHook {
 
     fn before_step(&self, step: i64) {
         self.kept(&Point::BeforeStep { step }, &[]);
+    }
+
+    fn after_objectives(&self, forward: &Forward<'_>) {
+        let v = View {
+            forward,
+            output: RefCell::new(ObjectiveOutput::default()),
+        };
+        let host = forward_table(&v, self.local_negatives);
+        let s = self.spec;
+        // SAFETY: our state; `host` and the view live through the call.
+        let error = unsafe { (s.after_objectives)(self.state, &host) };
+        // SAFETY: an error string of this library.
+        if let Some(message) = unsafe { library_error(error, s.free_string) } {
+            let e = failed(&s.name, &s.library, "after_objectives", &message);
+            self.pending.borrow_mut().get_or_insert(e);
+        }
     }
 
     fn before_backward(&self, step: i64, loss: Tensor) -> Tensor {
