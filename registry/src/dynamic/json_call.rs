@@ -4,8 +4,10 @@
 //! side, [`answer`] the library's; each method is one variant of a request
 //! enum both sides share, so a new method needs no new C function.
 
-use super::abi::{borrow, error_string, free_host_string, lend, status, text, TensorHandle};
-use super::abi::{FreeStringFn, TensorSink};
+use super::abi::{
+    borrow, error_string, free_host_string, lend, status, text, FreeStringFn, TensorHandle,
+    TensorSink,
+};
 use super::view::host_result;
 use serde_json::Value;
 use std::cell::RefCell;

@@ -4,9 +4,8 @@
 //! `after_objectives` (a `Forward` over the host's micro-batch whose model
 //! calls back into the host, as an objective's), panics caught.
 
-use super::super::abi::TensorSink;
 use super::super::abi::{
-    error_string, static_c, status, text, ForwardHost, HookVTable, TensorHandle,
+    error_string, static_c, status, text, ForwardHost, HookVTable, TensorHandle, TensorSink,
 };
 use super::super::hook_points::{scalars_in, scalars_out, HookInfo, HookRequest, Point};
 use super::super::json_call;

@@ -3,8 +3,9 @@
 //! library ([`Point`]; `after_objectives` with the micro-batch's forward
 //! cache, as an objective's). A failure at a point that cannot return one
 //! (`before_step`, `after_objectives`, `before_backward`,
-//! `after_optimizer_step`, `on_log`, `state`) is kept and returned by the next point that can (at the
-//! latest the step's `on_step_end`), so it stops the run within the step.
+//! `after_optimizer_step`, `on_log`, `state`) is kept and returned by the
+//! next point that can (at the latest the step's `on_step_end`), so it
+//! stops the run within the step.
 
 use super::super::hook_points::{scalars_in, scalars_out, HookInfo, HookRequest, Point};
 use super::super::json_call;
