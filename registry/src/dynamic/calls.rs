@@ -89,6 +89,38 @@ pub unsafe fn give_encoded(e: Encoded, out: *mut TensorHandle) {
     }
 }
 
+/// Give `tensors` to the out-array `out` (`out[i]`, in order).
+///
+/// # Safety
+/// `out` is null or has room for `tensors.len()` handles.
+pub unsafe fn give_all(tensors: Vec<Tensor>, out: *mut TensorHandle) -> Result<(), String> {
+    if out.is_null() {
+        return Err("no out-pointer".into());
+    }
+    for (i, t) in tensors.into_iter().enumerate() {
+        // SAFETY: as the caller promises.
+        unsafe { *out.add(i) = give(t) };
+    }
+    Ok(())
+}
+
+/// Our own references to lent states (`hidden`, `mask`).
+///
+/// # Safety
+/// Each handle is null or live.
+pub unsafe fn borrow_encoded(hidden: TensorHandle, mask: TensorHandle) -> Result<Encoded, String> {
+    if hidden.is_null() || mask.is_null() {
+        return Err("null states".into());
+    }
+    // SAFETY: as the caller promises.
+    Ok(unsafe {
+        Encoded {
+            hidden: borrow(hidden),
+            mask: borrow(mask),
+        }
+    })
+}
+
 /// Own the two handles written to `out`.
 ///
 /// # Safety

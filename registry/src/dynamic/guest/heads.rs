@@ -4,15 +4,16 @@
 //! it on the host's lent states, panics caught.
 
 use super::super::abi::{
-    borrow, give, static_c, status, BuildHost, DiscriminatorVTable, FillCall, GeneratorVTable,
+    borrow, static_c, status, BuildHost, DiscriminatorVTable, FillCall, GeneratorVTable,
     PluginInfo, TensorHandle,
 };
+use super::super::calls::{borrow_encoded, give_all};
 use super::request::build;
 use crate::BuildContext;
 use std::ffi::{c_char, c_void};
 use std::rc::Rc;
 use tch::nn;
-use vlmatch_core::{Discriminator, Encoded, FillOptions, Generator};
+use vlmatch_core::{Discriminator, FillOptions, Generator};
 
 type Factory<T> = fn(&BuildContext<'_>) -> vlmatch_core::Result<Rc<T>>;
 type GeneratorFactory = Factory<dyn Generator>;
@@ -90,36 +91,6 @@ unsafe extern "C" fn destroy_head<T: ?Sized>(state: *mut c_void) -> *mut c_char 
     })
 }
 
-/// Our own references to lent states.
-///
-/// # Safety
-/// Both handles are live.
-unsafe fn states(hidden: TensorHandle, mask: TensorHandle) -> Result<Encoded, String> {
-    if hidden.is_null() || mask.is_null() {
-        return Err("null states".into());
-    }
-    // SAFETY: as the caller promises.
-    Ok(unsafe {
-        Encoded {
-            hidden: borrow(hidden),
-            mask: borrow(mask),
-        }
-    })
-}
-
-/// Write `t` to the host's out-pointer.
-///
-/// # Safety
-/// `out` is null or a valid out-pointer.
-unsafe fn write(out: *mut TensorHandle, t: tch::Tensor) -> Result<(), String> {
-    if out.is_null() {
-        return Err("no out-pointer".into());
-    }
-    // SAFETY: as the caller promises.
-    unsafe { *out = give(t) };
-    Ok(())
-}
-
 unsafe extern "C" fn generator_logits(
     state: *mut c_void,
     hidden: TensorHandle,
@@ -130,12 +101,12 @@ unsafe extern "C" fn generator_logits(
     status(|| {
         // SAFETY: our state; the host's lent states and out-pointer.
         let s = unsafe { &*(state as *const Head<dyn Generator>) };
-        let states = unsafe { states(hidden, mask) }?;
+        let states = unsafe { borrow_encoded(hidden, mask) }?;
         let t = s
             .plugin
             .logits(&states, train != 0)
             .map_err(|e| e.to_string())?;
-        unsafe { write(out, t) }
+        unsafe { give_all(vec![t], out) }
     })
 }
 
@@ -161,7 +132,7 @@ unsafe extern "C" fn generator_fill(
             .plugin
             .fill(&logits, &original, &positions, opts, &keys)
             .map_err(|e| e.to_string())?;
-        unsafe { write(out, t) }
+        unsafe { give_all(vec![t], out) }
     })
 }
 
@@ -175,13 +146,13 @@ unsafe extern "C" fn discriminator_logits(
     status(|| {
         // SAFETY: our state; the host's lent states and out-pointer.
         let s = unsafe { &*(state as *const Head<dyn Discriminator>) };
-        let fused = unsafe { states(hidden, mask) }?;
+        let fused = unsafe { borrow_encoded(hidden, mask) }?;
         let t = match which {
             0 => s.plugin.pair_logits(&fused),
             1 => s.plugin.token_logits(&fused),
             w => return Err(format!("unknown discriminator call {w}")),
         }
         .map_err(|e| e.to_string())?;
-        unsafe { write(out, t) }
+        unsafe { give_all(vec![t], out) }
     })
 }

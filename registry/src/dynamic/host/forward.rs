@@ -4,14 +4,13 @@
 //! encoders and discriminator, the collective, the draw count, `emit`).
 
 use super::super::abi::{
-    borrow, free_host_string, give, status, text, EncoderCall, ForwardFacts, ForwardHost,
-    TensorHandle,
+    borrow, free_host_string, status, text, EncoderCall, ForwardFacts, ForwardHost, TensorHandle,
 };
-use super::super::calls::OwnedInput;
+use super::super::calls::{borrow_encoded, give_all, OwnedInput};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void};
 use tch::Tensor;
-use vlmatch_core::{Encoded, Encoder, Error, Forward, ObjectiveOutput};
+use vlmatch_core::{Encoder, Error, Forward, ObjectiveOutput};
 
 /// What the callbacks of one objective call see.
 pub(super) struct View<'f, 'a> {
@@ -28,22 +27,6 @@ unsafe fn view<'x>(ctx: *mut c_void) -> &'x View<'x, 'x> {
 
 fn str_err(e: Error) -> String {
     e.to_string()
-}
-
-/// # Safety
-/// `out` has room for `tensors.len()` handles.
-unsafe fn give_all(
-    tensors: Vec<Tensor>,
-    out: *mut TensorHandle,
-) -> std::result::Result<(), String> {
-    if out.is_null() {
-        return Err("no out-array".into());
-    }
-    for (i, t) in tensors.into_iter().enumerate() {
-        // SAFETY: as the caller promises.
-        unsafe { *out.add(i) = give(t) };
-    }
-    Ok(())
 }
 
 unsafe extern "C" fn cb_batch(ctx: *mut c_void, out: *mut TensorHandle) -> *mut c_char {
@@ -139,12 +122,7 @@ unsafe extern "C" fn cb_discriminate(
     status(|| {
         // SAFETY: the lent view and handles.
         let f = unsafe { view(ctx) }.forward;
-        let fused = unsafe {
-            Encoded {
-                hidden: borrow(hidden),
-                mask: borrow(mask),
-            }
-        };
+        let fused = unsafe { borrow_encoded(hidden, mask) }?;
         let d = &f.model.discriminator;
         let t = match which {
             0 => d.pair_logits(&fused),
