@@ -130,16 +130,15 @@ impl HostHook {
             .map_err(|m| failed(&s.name, &s.library, point_name(point), &m))
     }
 
-    /// `send` at a point that cannot return an error: the first one is
-    /// kept for [`HostHook::pending`].
+    /// Keep `e` for [`HostHook::pending`], unless an earlier failure is
+    /// kept already (the first one is reported).
+    fn keep(&self, e: Error) {
+        self.pending.borrow_mut().get_or_insert(e);
+    }
+
+    /// `send` at a point that cannot return an error; its failure kept.
     fn kept(&self, point: &Point, tensors: &[&Tensor]) -> Option<(Value, Vec<Tensor>)> {
-        match self.send(point, tensors) {
-            Ok(answer) => Some(answer),
-            Err(e) => {
-                self.pending.borrow_mut().get_or_insert(e);
-                None
-            }
-        }
+        self.send(point, tensors).map_err(|e| self.keep(e)).ok()
     }
 
     /// A kept failure, or `Ok`.
@@ -181,8 +180,7 @@ impl Hook for HostHook {
                 counters: a.counters,
             },
             _ => {
-                let e = self.bad_answer("state", "its answer does not name each tensor once");
-                self.pending.borrow_mut().get_or_insert(e);
+                self.keep(self.bad_answer("state", "its answer does not name each tensor once"));
                 HookState::default()
             }
         }
@@ -217,8 +215,7 @@ impl Hook for HostHook {
         let error = unsafe { (s.after_objectives)(self.state, &host) };
         // SAFETY: an error string of this library.
         if let Some(message) = unsafe { library_error(error, s.free_string) } {
-            let e = failed(&s.name, &s.library, "after_objectives", &message);
-            self.pending.borrow_mut().get_or_insert(e);
+            self.keep(failed(&s.name, &s.library, "after_objectives", &message));
         }
     }
 
@@ -226,8 +223,7 @@ impl Hook for HostHook {
         match self.kept(&Point::BeforeBackward { step }, &[&loss]) {
             Some((_, mut out)) if out.len() == 1 => out.remove(0),
             Some(_) => {
-                let e = self.bad_answer("before_backward", "it did not answer one loss tensor");
-                self.pending.borrow_mut().get_or_insert(e);
+                self.keep(self.bad_answer("before_backward", "it did not answer one loss tensor"));
                 loss
             }
             None => loss,
@@ -246,10 +242,7 @@ impl Hook for HostHook {
         if let Some((answer, _)) = self.kept(&point, &[]) {
             match serde_json::from_value(answer) {
                 Ok(l) => *line = scalars_in(l),
-                Err(e) => {
-                    let e = self.bad_answer("on_log", &format!("its line: {e}"));
-                    self.pending.borrow_mut().get_or_insert(e);
-                }
+                Err(e) => self.keep(self.bad_answer("on_log", &format!("its line: {e}"))),
             }
         }
     }
