@@ -52,6 +52,10 @@ pub fn canonical_library(path: &Path, from: &str) -> Result<PathBuf> {
     Ok(canonical)
 }
 
+/// The libraries [`registry`] has reported as loaded in this process.
+static ANNOUNCED: std::sync::Mutex<std::collections::BTreeSet<PathBuf>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
 /// The built-in plugins, the libraries of the config's `plugins.paths`
 /// (from a layer the user gave in this invocation; a run directory's are
 /// refused unless given with `--plugin`, see `run::saved_config`) and the
@@ -68,7 +72,15 @@ pub fn registry(cfg: &LoadedConfig) -> Result<Registry> {
             continue;
         }
         let names = registry.load_library(&path)?;
-        tracing::info!(library = %path.display(), plugins = ?names, "loaded plugin library");
+        // A command builds the registry more than once (model, samplers,
+        // hooks); the library is reported the first time.
+        let first = ANNOUNCED
+            .lock()
+            .map(|mut seen| seen.insert(path.clone()))
+            .unwrap_or(true);
+        if first {
+            tracing::info!(library = %path.display(), plugins = ?names, "loaded plugin library");
+        }
         loaded.push(path);
     }
     Ok(registry)
