@@ -9,9 +9,9 @@
 //! ```
 //!
 //! The server runs in this process (its model thread and tokio workers, as
-//! `vlmatch serve` runs them) and the clients on threads beside it, each
-//! with one keep-alive connection; every level sends about `N` requests in
-//! all (default 384), after a warm-up.
+//! `vlmatch serve` runs them) and the clients on one event-loop thread
+//! beside it, each with one keep-alive connection; every level sends about
+//! `N` requests in all (default 384), after a warm-up.
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -193,6 +193,15 @@ fn match_search_and_health_answer_and_bad_requests_get_4xx() {
         )
         .unwrap();
     assert_eq!(r.json(), g);
+    // A large image (over the pixels decoded on the HTTP worker) is decoded
+    // on a blocking thread and answered as well.
+    let small = ::image::load_from_memory(&image(0)).unwrap();
+    let large = small.resize_exact(320, 320, ::image::imageops::FilterType::Nearest);
+    let mut png = std::io::Cursor::new(Vec::new());
+    large.write_to(&mut png, ::image::ImageFormat::Png).unwrap();
+    let r = post_match(&mut c, png.get_ref(), &caption0());
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!((0.0..=1.0).contains(&r.json()["itm"].as_f64().unwrap()));
 
     let hits = c
         .request(

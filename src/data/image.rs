@@ -100,6 +100,17 @@ pub(crate) fn decode_bytes(bytes: &[u8], path: &Path, origin: &str) -> Result<im
     reader().map_err(|e| bad(&e))?.decode().map_err(|e| bad(&e))
 }
 
+/// An in-memory image's pixel count from its header, without decoding;
+/// `None` when the format or header is not recognised.
+pub fn header_pixels(bytes: &[u8]) -> Option<u64> {
+    let (w, h) = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .ok()?
+        .into_dimensions()
+        .ok()?;
+    Some(u64::from(w) * u64::from(h))
+}
+
 /// A decoder's message on one line (some span several, e.g. JPEG's I/O
 /// errors), for the CLI's one-line errors.
 fn one_line(e: &dyn std::fmt::Display) -> String {

@@ -299,6 +299,10 @@ async fn ask<T>(
     }
 }
 
+/// Images of at most this many pixels (by their header) are decoded on the
+/// HTTP worker; larger ones on tokio's blocking threads.
+const INLINE_PIXELS: u64 = 256 * 256;
+
 async fn match_pair(
     State(st): State<AppState>,
     req: Request,
@@ -315,7 +319,11 @@ async fn match_pair(
     }
     check_caption(&caption, &st, "caption")?;
     let (size, mean, std) = (data.image_size as usize, data.mean, data.std);
-    let pixels = tokio::task::spawn_blocking(move || {
+    // A small image decodes in less time than handing it to a blocking
+    // thread takes (tens of microseconds and two context switches); a
+    // large one would hold up this worker's other connections.
+    let small = crate::data::image::header_pixels(&image).is_some_and(|n| n <= INLINE_PIXELS);
+    let decode = move || {
         crate::data::loader::decode_bytes_resized(
             &image,
             std::path::Path::new("image"),
@@ -323,9 +331,14 @@ async fn match_pair(
             size,
         )
         .map(|rgb| crate::data::normalize(&rgb, mean, std))
-    })
-    .await
-    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    };
+    let pixels = if small {
+        decode()
+    } else {
+        tokio::task::spawn_blocking(decode)
+            .await
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    }
     .map_err(|e| bad(format!("not a usable image: {e}")))?;
     let result = ask(&st, pending, |reply| Job::Match {
         pixels,
