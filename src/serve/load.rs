@@ -1,7 +1,8 @@
 //! A load generator for `vlmatch serve`, shared by its load test
 //! (`tests/serve.rs`) and its benchmark (`examples/serve_bench.rs`): a
 //! small HTTP/1.1 client over one keep-alive connection, and clients on
-//! threads sending a fixed number of requests each, every latency kept.
+//! one event loop sending a fixed number of requests each, every latency
+//! kept.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
