@@ -1,6 +1,7 @@
 //! The HTTP side of `vlmatch serve`: the page and its two static files, and
 //! the JSON API. Requests are checked here against the run's `[data]`
-//! limits and decoded on tokio's blocking threads; the model thread
+//! limits and decoded (a small image on the HTTP worker, a large one on
+//! tokio's blocking threads); the model thread
 //! ([`super::batcher`]) sees only valid pixels and captions. Every refusal
 //! is a 4xx with `{"error": "..."}`.
 
