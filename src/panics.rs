@@ -89,7 +89,8 @@ impl PanicReport {
     }
 }
 
-fn payload_text(payload: &(dyn std::any::Any + Send)) -> String {
+/// A panic payload's message.
+pub fn payload_text(payload: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         s.to_string()
     } else if let Some(s) = payload.downcast_ref::<String>() {

@@ -334,7 +334,17 @@ async fn match_pair(
         .map(|rgb| crate::data::normalize(&rgb, mean, std))
     };
     let pixels = if small {
-        decode()
+        // A decoder panic fails this request (500), as it does on a
+        // blocking thread, not the connection's task.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode)).map_err(|p| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!(
+                    "the image decoder panicked on this image: {}",
+                    crate::panics::payload_text(p.as_ref())
+                ),
+            )
+        })?
     } else {
         tokio::task::spawn_blocking(decode)
             .await
