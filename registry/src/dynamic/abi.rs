@@ -509,6 +509,22 @@ pub fn status(body: impl FnOnce() -> std::result::Result<(), String>) -> *mut c_
     }
 }
 
+/// The `destroy` of every vtable whose state is a `Box<S>` given out with
+/// `Box::into_raw`: drops it (a null state is nothing to drop).
+///
+/// # Safety
+/// `state` is null or came from `Box::<S>::into_raw` with this `S`, and is
+/// destroyed once.
+pub unsafe extern "C" fn destroy_boxed<S>(state: *mut c_void) -> *mut c_char {
+    status(|| {
+        if !state.is_null() {
+            // SAFETY: as the caller promises.
+            drop(unsafe { Box::from_raw(state as *mut S) });
+        }
+        Ok(())
+    })
+}
+
 /// Free a string made by [`error_string`] (this side's `free_string`).
 ///
 /// # Safety

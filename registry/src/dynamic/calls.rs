@@ -4,7 +4,7 @@
 
 use super::abi::{borrow, give, lend, take, EncoderCall, TensorHandle};
 use tch::Tensor;
-use vlmatch_core::{Encoded, EncoderInput, Modality, TextBatch};
+use vlmatch_core::{Discriminator, Encoded, EncoderInput, Modality, TextBatch};
 
 /// The lent handles of `input` and its kind (see [`EncoderCall`]).
 pub fn lend_input(input: &EncoderInput<'_>) -> (u32, Vec<TensorHandle>) {
@@ -136,6 +136,18 @@ pub unsafe fn take_encoded(out: [TensorHandle; 2]) -> Result<Encoded, String> {
             mask: take(out[1]),
         }
     })
+}
+
+/// A discriminator's logits by the ABI's call code (`which` of
+/// `DiscriminatorVTable::logits` and of the host's `discriminate`): 0 pair
+/// logits, 1 token logits; any other code is refused.
+pub fn discriminate(d: &dyn Discriminator, which: u32, fused: &Encoded) -> Result<Tensor, String> {
+    match which {
+        0 => d.pair_logits(fused),
+        1 => d.token_logits(fused),
+        w => return Err(format!("unknown discriminator call {w}")),
+    }
+    .map_err(|e| e.to_string())
 }
 
 pub fn modality_code(m: Modality) -> u32 {

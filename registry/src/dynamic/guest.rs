@@ -13,9 +13,10 @@ mod hooks;
 mod request;
 
 use super::abi::{
-    catch_panics, free_own_string, give, lend, static_c, status, BuildHost, EncoderCall,
-    EncoderVTable, ForwardHost, NegativeSamplerVTable, NegativesOut, ObjectiveVTable, PluginInfo,
-    PluginTable, SamplerVTable, TensorHandle, LIBTORCH_VERSION, RUSTC_VERSION, TCH_VERSION,
+    catch_panics, destroy_boxed, free_own_string, give, lend, static_c, status, BuildHost,
+    EncoderCall, EncoderVTable, ForwardHost, NegativeSamplerVTable, NegativesOut, ObjectiveVTable,
+    PluginInfo, PluginTable, SamplerVTable, TensorHandle, LIBTORCH_VERSION, RUSTC_VERSION,
+    TCH_VERSION,
 };
 use super::calls::{give_encoded, modality_code, OwnedInput};
 use super::view::{host_result, proxy_model, with_forward};
@@ -82,7 +83,7 @@ pub fn table(
                     create: Some(create_encoder),
                     forward: Some(encoder_forward),
                     word_embeddings: Some(encoder_word_embeddings),
-                    destroy: Some(destroy_encoder),
+                    destroy: Some(destroy_boxed::<EncoderState>),
                     layout: layout_of(&registry, Kind::Encoder, &e.name),
                 }),
                 Factory::Objective(f) => objectives.push(ObjectiveVTable {
@@ -90,14 +91,14 @@ pub fn table(
                     data: Box::leak(Box::new(f)) as *const ObjectiveFactory as *const c_void,
                     create: Some(create_objective),
                     forward: Some(objective_forward),
-                    destroy: Some(destroy_objective),
+                    destroy: Some(destroy_boxed::<ObjectiveState>),
                 }),
                 Factory::NegativeSampler(f) => negative.push(NegativeSamplerVTable {
                     name: static_c(&e.name),
                     data: Box::leak(Box::new(f)) as *const NegativeSamplerFactory as *const c_void,
                     create: Some(create_negative_sampler),
                     sample: Some(negative_sample),
-                    destroy: Some(destroy_negative_sampler),
+                    destroy: Some(destroy_boxed::<NegativeSamplerState>),
                 }),
                 Factory::Generator(f) => generators.push(heads::generator_vtable(
                     &e.name,
@@ -226,16 +227,6 @@ unsafe extern "C" fn encoder_word_embeddings(
     })
 }
 
-unsafe extern "C" fn destroy_encoder(state: *mut c_void) -> *mut c_char {
-    status(|| {
-        if !state.is_null() {
-            // SAFETY: from `create_encoder`, destroyed once.
-            drop(unsafe { Box::from_raw(state as *mut EncoderState) });
-        }
-        Ok(())
-    })
-}
-
 /// The state of a library's objective or negative sampler: the plugin, and
 /// the model proxy through which it reads the host's forward.
 struct Modelled<T: ?Sized> {
@@ -282,21 +273,6 @@ unsafe fn create_modelled<T: ?Sized + 'static>(
         *state = Box::into_raw(Box::new(s)) as *mut c_void;
     }
     Ok(())
-}
-
-/// Drops a [`Modelled`] state made by [`create_modelled`].
-///
-/// # Safety
-/// `state` is null or came from `create_modelled` with the same `T`, and
-/// is destroyed once.
-unsafe fn destroy_modelled<T: ?Sized>(state: *mut c_void) -> *mut c_char {
-    status(|| {
-        if !state.is_null() {
-            // SAFETY: as the caller promises.
-            drop(unsafe { Box::from_raw(state as *mut Modelled<T>) });
-        }
-        Ok(())
-    })
 }
 
 unsafe extern "C" fn create_objective(
@@ -352,11 +328,6 @@ unsafe extern "C" fn objective_forward(
     })
 }
 
-unsafe extern "C" fn destroy_objective(state: *mut c_void) -> *mut c_char {
-    // SAFETY: from `create_objective`, destroyed once by the host.
-    unsafe { destroy_modelled::<dyn Objective>(state) }
-}
-
 unsafe extern "C" fn create_negative_sampler(
     data: *const c_void,
     request: *const c_char,
@@ -408,9 +379,4 @@ unsafe extern "C" fn negative_sample(
         }
         Ok(())
     })
-}
-
-unsafe extern "C" fn destroy_negative_sampler(state: *mut c_void) -> *mut c_char {
-    // SAFETY: from `create_negative_sampler`, destroyed once by the host.
-    unsafe { destroy_modelled::<dyn NegativeSampler>(state) }
 }

@@ -5,8 +5,8 @@
 //! ([`super::guest`]).
 
 use super::abi::{
-    catch_panics, error_string, free_own_string, static_c, status, CreateFn, DestroyFn,
-    FreeStringFn, SampleFn, SamplerVTable,
+    catch_panics, destroy_boxed, error_string, free_own_string, static_c, status, CreateFn,
+    DestroyFn, FreeStringFn, SampleFn, SamplerVTable,
 };
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::path::Path;
@@ -287,20 +287,11 @@ pub fn vtable_for<T: TextSampler>(name: &str) -> SamplerVTable {
             Ok(())
         })
     }
-    unsafe extern "C" fn destroy<T: TextSampler>(state: *mut c_void) -> *mut c_char {
-        status(|| {
-            if !state.is_null() {
-                // SAFETY: `state` came from `create::<T>` and is destroyed once.
-                drop(unsafe { Box::from_raw(state as *mut T) });
-            }
-            Ok(())
-        })
-    }
     SamplerVTable {
         name: static_c(name),
         create: Some(create::<T>),
         sample: Some(sample::<T>),
         free_string: Some(free_own_string),
-        destroy: Some(destroy::<T>),
+        destroy: Some(destroy_boxed::<T>),
     }
 }

@@ -4,10 +4,10 @@
 //! it on the host's lent states, panics caught.
 
 use super::super::abi::{
-    borrow, static_c, status, BuildHost, DiscriminatorVTable, FillCall, GeneratorVTable,
-    PluginInfo, TensorHandle,
+    borrow, destroy_boxed, static_c, status, BuildHost, DiscriminatorVTable, FillCall,
+    GeneratorVTable, PluginInfo, TensorHandle,
 };
-use super::super::calls::{borrow_encoded, give_all};
+use super::super::calls::{borrow_encoded, discriminate, give_all};
 use super::request::build;
 use crate::BuildContext;
 use std::ffi::{c_char, c_void};
@@ -31,7 +31,7 @@ pub(super) fn generator_vtable(
         create: Some(create_head::<dyn Generator>),
         logits: Some(generator_logits),
         fill: Some(generator_fill),
-        destroy: Some(destroy_head::<dyn Generator>),
+        destroy: Some(destroy_boxed::<Head<dyn Generator>>),
         layout,
     }
 }
@@ -46,7 +46,7 @@ pub(super) fn discriminator_vtable(
         data: Box::leak(Box::new(factory)) as *const DiscriminatorFactory as *const c_void,
         create: Some(create_head::<dyn Discriminator>),
         logits: Some(discriminator_logits),
-        destroy: Some(destroy_head::<dyn Discriminator>),
+        destroy: Some(destroy_boxed::<Head<dyn Discriminator>>),
     }
 }
 
@@ -77,16 +77,6 @@ unsafe extern "C" fn create_head<T: ?Sized + 'static>(
         }
         // SAFETY: a valid out-pointer from the host.
         unsafe { *state = Box::into_raw(Box::new(head)) as *mut c_void };
-        Ok(())
-    })
-}
-
-unsafe extern "C" fn destroy_head<T: ?Sized>(state: *mut c_void) -> *mut c_char {
-    status(|| {
-        if !state.is_null() {
-            // SAFETY: from `create_head` with the same `T`, destroyed once.
-            drop(unsafe { Box::from_raw(state as *mut Head<T>) });
-        }
         Ok(())
     })
 }
@@ -147,12 +137,7 @@ unsafe extern "C" fn discriminator_logits(
         // SAFETY: our state; the host's lent states and out-pointer.
         let s = unsafe { &*(state as *const Head<dyn Discriminator>) };
         let fused = unsafe { borrow_encoded(hidden, mask) }?;
-        let t = match which {
-            0 => s.plugin.pair_logits(&fused),
-            1 => s.plugin.token_logits(&fused),
-            w => return Err(format!("unknown discriminator call {w}")),
-        }
-        .map_err(|e| e.to_string())?;
+        let t = discriminate(s.plugin.as_ref(), which, &fused)?;
         unsafe { give_all(vec![t], out) }
     })
 }

@@ -5,7 +5,8 @@
 //! calls back into the host, as an objective's), panics caught.
 
 use super::super::abi::{
-    error_string, static_c, status, text, ForwardHost, HookVTable, TensorHandle, TensorSink,
+    destroy_boxed, error_string, static_c, status, text, ForwardHost, HookVTable, TensorHandle,
+    TensorSink,
 };
 use super::super::hook_points::{scalars_in, scalars_out, HookInfo, HookRequest, Point};
 use super::super::json_call;
@@ -29,7 +30,7 @@ pub(super) fn hook_vtable(name: &str, factory: HookFactory) -> HookVTable {
         create: Some(create_hook),
         call: Some(hook_call),
         after_objectives: Some(hook_after_objectives),
-        destroy: Some(destroy_hook),
+        destroy: Some(destroy_boxed::<GuestHook>),
     }
 }
 
@@ -108,16 +109,6 @@ unsafe extern "C" fn create_hook(
         unsafe {
             *state = out;
             *info_json = error_string(&info);
-        }
-        Ok(())
-    })
-}
-
-unsafe extern "C" fn destroy_hook(state: *mut c_void) -> *mut c_char {
-    status(|| {
-        if !state.is_null() {
-            // SAFETY: from `create_hook`, destroyed once.
-            drop(unsafe { Box::from_raw(state as *mut GuestHook) });
         }
         Ok(())
     })

@@ -6,7 +6,7 @@
 use super::super::abi::{
     borrow, free_host_string, status, text, EncoderCall, ForwardFacts, ForwardHost, TensorHandle,
 };
-use super::super::calls::{borrow_encoded, give_all, OwnedInput};
+use super::super::calls::{borrow_encoded, discriminate, give_all, OwnedInput};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void};
 use tch::Tensor;
@@ -123,12 +123,7 @@ unsafe extern "C" fn cb_discriminate(
         // SAFETY: the lent view and handles.
         let f = unsafe { view(ctx) }.forward;
         let fused = unsafe { borrow_encoded(hidden, mask) }?;
-        let d = &f.model.discriminator;
-        let t = match which {
-            0 => d.pair_logits(&fused),
-            _ => d.token_logits(&fused),
-        }
-        .map_err(str_err)?;
+        let t = discriminate(f.model.discriminator.as_ref(), which, &fused)?;
         unsafe { give_all(vec![t], out) }
     })
 }
