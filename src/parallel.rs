@@ -360,23 +360,23 @@ impl Parallel {
     /// off the run's device (a hook's CPU state in a CUDA run, which NCCL
     /// cannot send) travels through a copy on the device.
     pub fn broadcast(&self, tensors: &[Tensor]) -> Result<()> {
-        let staged: Vec<(usize, Tensor)> = tensors
+        let off = |t: &Tensor| t.device() != self.device;
+        let sent: Vec<Tensor> = tensors
             .iter()
-            .enumerate()
-            .filter(|(_, t)| t.device() != self.device)
-            .map(|(i, t)| (i, t.detach().to_device(self.device)))
+            .map(|t| {
+                if off(t) {
+                    t.detach().to_device(self.device)
+                } else {
+                    t.shallow_clone()
+                }
+            })
             .collect();
-        if staged.is_empty() {
-            return broadcast_parameters(self.group(), tensors).map_err(to_core_error);
-        }
-        let mut sent: Vec<Tensor> = tensors.iter().map(Tensor::shallow_clone).collect();
-        for (i, t) in &staged {
-            sent[*i] = t.shallow_clone();
-        }
         broadcast_parameters(self.group(), &sent).map_err(to_core_error)?;
         tch::no_grad(|| {
-            for (i, t) in staged {
-                tensors[i].shallow_clone().copy_(&t);
+            for (t, s) in tensors.iter().zip(&sent) {
+                if off(t) {
+                    t.shallow_clone().copy_(s);
+                }
             }
         });
         Ok(())
