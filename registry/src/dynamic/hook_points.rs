@@ -94,3 +94,14 @@ pub enum Point {
         step: i64,
     },
 }
+
+impl Point {
+    /// The point's name as it crosses (its JSON's `point`: `on_start`,
+    /// `before_backward`, ...), for messages.
+    pub fn name(&self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v["point"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+}

@@ -100,22 +100,6 @@ impl Drop for HostHook {
     }
 }
 
-fn point_name(p: &Point) -> &'static str {
-    match p {
-        Point::State => "state",
-        Point::SetCounters { .. } => "set_counters",
-        Point::OnStart { .. } => "on_start",
-        Point::BeforeStep { .. } => "before_step",
-        Point::BeforeBackward { .. } => "before_backward",
-        Point::AfterOptimizerStep => "after_optimizer_step",
-        Point::OnLog { .. } => "on_log",
-        Point::OnRecord { .. } => "on_record",
-        Point::OnCheckpoint { .. } => "on_checkpoint",
-        Point::OnStepEnd { .. } => "on_step_end",
-        Point::OnEnd { .. } => "on_end",
-    }
-}
-
 impl HostHook {
     /// Send `point` with `tensors` lent; the answer and its tensors.
     fn send(&self, point: &Point, tensors: &[&Tensor]) -> Result<(Value, Vec<Tensor>)> {
@@ -127,7 +111,7 @@ impl HostHook {
             unsafe { call(state, req, n, handles, sink, out) }
         });
         json_call::send(raw, s.free_string, point, tensors)
-            .map_err(|m| failed(&s.name, &s.library, point_name(point), &m))
+            .map_err(|m| failed(&s.name, &s.library, &point.name(), &m))
     }
 
     /// Keep `e` for [`HostHook::pending`], unless an earlier failure is
