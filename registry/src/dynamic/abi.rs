@@ -293,19 +293,23 @@ pub struct DiscriminatorVTable {
 pub struct HookVTable {
     pub name: *const c_char,
     pub data: *const c_void,
-    pub create: Option<
-        unsafe extern "C" fn(
-            data: *const c_void,
-            request_json: *const c_char,
-            state: *mut *mut c_void,
-            info_json: *mut *mut c_char,
-        ) -> *mut c_char,
-    >,
+    pub create: Option<HookCreateFn>,
     pub call: Option<HookCallFn>,
-    pub after_objectives:
-        Option<unsafe extern "C" fn(state: *mut c_void, view: *const ForwardHost) -> *mut c_char>,
+    pub after_objectives: Option<HookAfterObjectivesFn>,
     pub destroy: Option<DestroyFn>,
 }
+
+/// `create` of a [`HookVTable`].
+pub type HookCreateFn = unsafe extern "C" fn(
+    data: *const c_void,
+    request_json: *const c_char,
+    state: *mut *mut c_void,
+    info_json: *mut *mut c_char,
+) -> *mut c_char;
+
+/// `after_objectives` of a [`HookVTable`].
+pub type HookAfterObjectivesFn =
+    unsafe extern "C" fn(state: *mut c_void, view: *const ForwardHost) -> *mut c_char;
 
 /// `call` of a [`HookVTable`].
 pub type HookCallFn = unsafe extern "C" fn(

@@ -5,9 +5,9 @@
 
 use super::abi::{
     refuse, text, CreatePluginFn, DestroyFn, DiscriminatorVTable, EncoderVTable, FillCall,
-    FreeStringFn, GeneratorVTable, HookCallFn, HookVTable, ObjectiveVTable, PluginTable,
-    TensorHandle, ABI_VERSION, ENTRY_SYMBOL, LIBTORCH_VERSION, RUSTC_VERSION, TCH_VERSION,
-    VLMATCH_VERSION,
+    FreeStringFn, GeneratorVTable, HookAfterObjectivesFn, HookCallFn, HookCreateFn, HookVTable,
+    ObjectiveVTable, PluginTable, TensorHandle, ABI_VERSION, ENTRY_SYMBOL, LIBTORCH_VERSION,
+    RUSTC_VERSION, TCH_VERSION, VLMATCH_VERSION,
 };
 use super::layout::{host_layout, HostLayout};
 use super::sampler::{checked, DynamicSampler};
@@ -104,15 +104,9 @@ pub struct HookSpec {
     pub name: String,
     pub library: String,
     pub(crate) data: *const c_void,
-    pub(crate) create: unsafe extern "C" fn(
-        *const c_void,
-        *const c_char,
-        *mut *mut c_void,
-        *mut *mut c_char,
-    ) -> *mut c_char,
+    pub(crate) create: HookCreateFn,
     pub(crate) call: HookCallFn,
-    pub(crate) after_objectives:
-        unsafe extern "C" fn(*mut c_void, *const super::abi::ForwardHost) -> *mut c_char,
+    pub(crate) after_objectives: HookAfterObjectivesFn,
     pub(crate) destroy: DestroyFn,
     pub(crate) free_string: FreeStringFn,
 }
