@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use vlmatch_core::RunEnd;
 
 /// What a hook's `create` gets.
 #[derive(Serialize, Deserialize)]
@@ -95,6 +96,29 @@ pub enum Point {
     },
 }
 
+/// `on_end`'s point for `end`.
+pub fn end_out(end: RunEnd) -> Point {
+    let (how, step) = match end {
+        RunEnd::Finished { step } => ("finished", step),
+        RunEnd::Stopped { step } => ("stopped", step),
+        RunEnd::Halted { step } => ("halted", step),
+    };
+    Point::OnEnd {
+        how: how.into(),
+        step,
+    }
+}
+
+/// The inverse of [`end_out`], from `OnEnd`'s fields.
+pub fn end_in(how: &str, step: i64) -> Result<RunEnd, String> {
+    match how {
+        "finished" => Ok(RunEnd::Finished { step }),
+        "stopped" => Ok(RunEnd::Stopped { step }),
+        "halted" => Ok(RunEnd::Halted { step }),
+        other => Err(format!("unknown end `{other}`")),
+    }
+}
+
 impl Point {
     /// The point's name as it crosses (its JSON's `point`: `on_start`,
     /// `before_backward`, ...), for messages.
@@ -103,5 +127,32 @@ impl Point {
             .ok()
             .and_then(|v| v["point"].as_str().map(str::to_string))
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_end_and_a_point_name_cross_and_come_back() {
+        for end in [
+            RunEnd::Finished { step: 7 },
+            RunEnd::Stopped { step: 0 },
+            RunEnd::Halted { step: -1 },
+        ] {
+            let point = end_out(end);
+            assert_eq!(point.name(), "on_end");
+            // Through JSON, as it crosses.
+            let wire: Point =
+                serde_json::from_str(&serde_json::to_string(&point).unwrap()).unwrap();
+            let Point::OnEnd { how, step } = wire else {
+                panic!("not on_end")
+            };
+            assert_eq!(end_in(&how, step), Ok(end));
+        }
+        assert_eq!(end_in("crashed", 3), Err("unknown end `crashed`".into()));
+        assert_eq!(Point::BeforeBackward { step: 1 }.name(), "before_backward");
+        assert_eq!(Point::AfterOptimizerStep.name(), "after_optimizer_step");
     }
 }

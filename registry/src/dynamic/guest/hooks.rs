@@ -8,7 +8,7 @@ use super::super::abi::{
     destroy_boxed, error_string, static_c, status, text, ForwardHost, HookVTable, TensorHandle,
     TensorSink,
 };
-use super::super::hook_points::{scalars_in, scalars_out, HookInfo, HookRequest, Point};
+use super::super::hook_points::{end_in, scalars_in, scalars_out, HookInfo, HookRequest, Point};
 use super::super::json_call;
 use super::super::view::{proxy_model, with_forward, ModelFacts};
 use crate::config::{Config, LoadedConfig};
@@ -20,7 +20,7 @@ use std::ffi::{c_char, c_void};
 use std::path::Path;
 use std::rc::Rc;
 use tch::{nn, Tensor};
-use vlmatch_core::{Hook, Record, RunEnd, RunStart, VlModel};
+use vlmatch_core::{Hook, Record, RunStart, VlModel};
 
 /// The vtable of hook `name`, built by `factory`.
 pub(super) fn hook_vtable(name: &str, factory: HookFactory) -> HookVTable {
@@ -224,14 +224,6 @@ fn point(
             .map_err(e)
             .and(none),
         Point::OnStepEnd { step } => hook.on_step_end(step).map_err(e).and(none),
-        Point::OnEnd { how, step } => {
-            let end = match how.as_str() {
-                "finished" => RunEnd::Finished { step },
-                "stopped" => RunEnd::Stopped { step },
-                "halted" => RunEnd::Halted { step },
-                other => return Err(format!("unknown end `{other}`")),
-            };
-            hook.on_end(end).map_err(e).and(none)
-        }
+        Point::OnEnd { how, step } => hook.on_end(end_in(&how, step)?).map_err(e).and(none),
     }
 }

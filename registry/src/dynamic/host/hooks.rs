@@ -7,7 +7,7 @@
 //! next point that can (at the latest the step's `on_step_end`), so it
 //! stops the run within the step.
 
-use super::super::hook_points::{scalars_in, scalars_out, HookInfo, HookRequest, Point};
+use super::super::hook_points::{end_out, scalars_in, scalars_out, HookInfo, HookRequest, Point};
 use super::super::json_call;
 use super::super::load::HookSpec;
 use super::create::{destroy, device_name, failed, library_error, loaded, model_facts, Loaded};
@@ -251,14 +251,6 @@ impl Hook for HostHook {
     }
 
     fn on_end(&mut self, end: RunEnd) -> Result<()> {
-        let (how, step) = match end {
-            RunEnd::Finished { step } => ("finished", step),
-            RunEnd::Stopped { step } => ("stopped", step),
-            RunEnd::Halted { step } => ("halted", step),
-        };
-        self.checked(&Point::OnEnd {
-            how: how.into(),
-            step,
-        })
+        self.checked(&end_out(end))
     }
 }
